@@ -1,0 +1,49 @@
+# install: system servers (redis-server, prometheus) and the package with its dev and local-llm extras.
+# test:    the whole suite (unit + integration on both local brokers + chaos), after install.
+# demo:    the service on embedded servers, processing sample tasks.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# llama.cpp's default build picks CPU paths some machines cannot run: build a portable AVX2 one.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps python-deps lint test test-unit test-integration chaos demo run bench
+
+install: system-deps python-deps
+
+system-deps:
+	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus; \
+	fi
+	@# the packages start system services: the tests start their own servers on free ports
+	@-$(SUDO) service redis-server stop >/dev/null 2>&1; $(SUDO) service prometheus stop >/dev/null 2>&1; true
+
+python-deps:
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev,local-llm]'
+
+lint:
+	ruff check service consumers dedup tests
+	mypy
+
+test: install
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-unit:
+	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration:
+	$(PYTHON) -m pytest tests/integration $(PYTEST_ARGS)
+
+chaos:
+	$(PYTHON) -m pytest tests/chaos $(PYTEST_ARGS)
+
+demo: install
+	agent-service demo
+
+run:
+	agent-service run --embedded
+
+bench:
+	$(PYTHON) -m benchmarks

@@ -1,0 +1,38 @@
+"""Every Redis key the ledger uses, in one place.
+
+A task's keys share the hash tag ``{<task key>}`` so that all of them live in one slot and the
+Lua scripts run unchanged on Redis Cluster. Task keys are validated before they get here
+(:data:`TASK_KEY_PATTERN`): no braces, no whitespace, so a task cannot leave its hash tag or
+choose another prefix.
+"""
+
+from __future__ import annotations
+
+import re
+
+TASK_KEY_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
+_TASK_KEY_RE = re.compile(TASK_KEY_PATTERN)
+
+
+def is_valid_task_key(task_key: str) -> bool:
+    return bool(_TASK_KEY_RE.match(task_key))
+
+
+class Keys:
+    """Key names under one prefix (``agent`` by default)."""
+
+    def __init__(self, prefix: str = "agent") -> None:
+        self.prefix = prefix
+
+    def _tagged(self, task_key: str, suffix: str) -> str:
+        if not is_valid_task_key(task_key):
+            raise ValueError(f"invalid task key {task_key!r}")
+        return f"{self.prefix}:{{{task_key}}}:{suffix}"
+
+    def task(self, task_key: str) -> str:
+        """Hash: state, fence, owner, lease_until, fingerprint, attempts, result, ..."""
+        return self._tagged(task_key, "task")
+
+    def steps(self, task_key: str) -> str:
+        """Hash: step name -> JSON ``{"output", "digest", "prompt_version", "fence"}``."""
+        return self._tagged(task_key, "steps")

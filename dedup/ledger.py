@@ -1,0 +1,233 @@
+"""The dedup ledger: one record per unit of work, guarded by leases and fencing tokens.
+
+States: ``running(fence, lease_until, owner)`` -> ``succeeded(result, digest, fence)`` |
+``failed(error)`` (reclaimable) -> ``dead(reason)``.
+
+A claim on a new task, or on a ``running`` task whose lease expired, or on a ``failed`` one, hands
+out a fence one higher than any before it. Every later write carries that fence and is refused
+when a newer claim exists: a stale worker can never overwrite a newer result, and the first
+completion wins. Redis errors are translated to :class:`LedgerUnavailable` here.
+
+This module knows nothing of Kafka or of models.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from dedup import scripts
+from dedup.keys import Keys
+
+Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead"]
+T = TypeVar("T")
+
+
+class LedgerError(Exception):
+    """Root of the ledger's exceptions."""
+
+
+class LedgerUnavailable(LedgerError):
+    """Redis did not answer; the outcome of the operation is unknown."""
+
+
+class StaleFence(LedgerError):
+    """A newer claim holds the task: this worker's write was refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    decision: Decision
+    fence: int
+    attempts: int
+    lease_remaining_ms: int
+    published: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    status: Literal["ok", "stale", "already"]
+    fence: int
+    digest: str
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    task_key: str
+    state: str
+    fence: int
+    attempts: int
+    fingerprint: str
+    fields: dict[str, str]
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def event(self) -> bytes | None:
+        value = self.fields.get("event")
+        return value.encode() if value is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        f = self.fields
+        result = f.get("result")
+        return {
+            "task_id": self.task_key,
+            "state": self.state,
+            "kind": f.get("kind"),
+            "fence": self.fence,
+            "attempts": self.attempts,
+            "claims": int(f.get("claims", "0")),
+            "fingerprint": self.fingerprint,
+            "owner": f.get("owner"),
+            "lease_until_ms": int(f["lease_until"]) if f.get("lease_until") else None,
+            "result": json.loads(result) if result is not None else None,
+            "result_digest": f.get("result_digest"),
+            "model": f.get("model"),
+            "prompt_version": f.get("prompt_version"),
+            "published": f.get("published") == "1",
+            "error": f.get("error"),
+            "dead_reason": f.get("dead_reason"),
+            "created_at_ms": int(f["created_at"]) if f.get("created_at") else None,
+            "completed_at_ms": int(f["completed_at"]) if f.get("completed_at") else None,
+            "steps": self.steps,
+        }
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Ledger:
+    """Async ledger over one Redis client (standalone or cluster: keys are hash-tagged)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        keys: Keys | None = None,
+        lease_ms: int = 30_000,
+        ttl_s: int = 7 * 24 * 3600,
+    ) -> None:
+        self.client = client
+        self.keys = keys or Keys()
+        self.lease_ms = lease_ms
+        self.ttl_s = ttl_s
+        self._claim = client.register_script(scripts.CLAIM)
+        self._heartbeat = client.register_script(scripts.HEARTBEAT)
+        self._attempt = client.register_script(scripts.ATTEMPT)
+        self._step = client.register_script(scripts.STEP)
+        self._complete = client.register_script(scripts.COMPLETE)
+        self._fail = client.register_script(scripts.FAIL)
+        self._published = client.register_script(scripts.PUBLISHED)
+        self._revive = client.register_script(scripts.REVIVE)
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except RedisError as exc:
+            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    def _both(self, task_key: str) -> list[str]:
+        return [self.keys.task(task_key), self.keys.steps(task_key)]
+
+    async def ping(self) -> bool:
+        return bool(await self._call(self.client.ping))
+
+    async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
+        raw = await self._call(lambda: self._claim(
+            keys=self._both(task_key),
+            args=[fingerprint, owner, self.lease_ms, kind, self.ttl_s],
+        ))
+        return Claim(
+            decision=_s(raw[0]),  # type: ignore[arg-type]
+            fence=int(raw[1]),
+            attempts=int(raw[2]),
+            lease_remaining_ms=int(raw[3]),
+            published=int(raw[4]) == 1,
+        )
+
+    async def heartbeat(self, task_key: str, fence: int) -> bool:
+        raw = await self._call(lambda: self._heartbeat(
+            keys=[self.keys.task(task_key)], args=[fence, self.lease_ms]
+        ))
+        return int(raw) == 1
+
+    async def begin_attempt(self, task_key: str, fence: int) -> int:
+        """Count one model call against the task before making it; returns the new count."""
+        raw = await self._call(lambda: self._attempt(
+            keys=[self.keys.task(task_key)], args=[fence, self.lease_ms]
+        ))
+        if int(raw) < 0:
+            raise StaleFence(f"task {task_key}: fence {fence} no longer holds the task")
+        return int(raw)
+
+    async def record_step(self, task_key: str, fence: int, name: str, record: dict[str, Any]) -> None:
+        raw = await self._call(lambda: self._step(
+            keys=self._both(task_key),
+            args=[fence, name, json.dumps(record, sort_keys=True, separators=(",", ":"))],
+        ))
+        if _s(raw) != "ok":
+            raise StaleFence(f"task {task_key}: step {name} refused for fence {fence}")
+
+    async def steps(self, task_key: str) -> dict[str, dict[str, Any]]:
+        raw = await self._call(lambda: self.client.hgetall(self.keys.steps(task_key)))
+        return {_s(k): json.loads(_s(v)) for k, v in raw.items()}
+
+    async def complete(
+        self,
+        task_key: str,
+        fence: int,
+        *,
+        result: str,
+        digest: str,
+        event: bytes,
+        model: str,
+        prompt_version: str,
+    ) -> Completion:
+        """First writer wins; a write under an older fence is refused (``stale``)."""
+        raw = await self._call(lambda: self._complete(
+            keys=self._both(task_key),
+            args=[fence, result, digest, event, model, prompt_version, self.ttl_s],
+        ))
+        return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
+
+    async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:
+        """Release the claim as ``failed`` (reclaimable) or, with a reason, mark it ``dead``."""
+        raw = await self._call(lambda: self._fail(
+            keys=[self.keys.task(task_key)], args=[fence, error[:2000], dead_reason]
+        ))
+        return _s(raw) == "ok"
+
+    async def mark_published(self, task_key: str, state: str) -> bool:
+        raw = await self._call(lambda: self._published(keys=[self.keys.task(task_key)], args=[state]))
+        return int(raw) == 1
+
+    async def revive(self, task_key: str) -> bool:
+        raw = await self._call(lambda: self._revive(keys=[self.keys.task(task_key)], args=[]))
+        return int(raw) == 1
+
+    async def get(self, task_key: str) -> TaskRecord | None:
+        async def read() -> tuple[dict[Any, Any], dict[Any, Any]]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self.keys.task(task_key))
+                pipe.hgetall(self.keys.steps(task_key))
+                task, steps = await pipe.execute()
+            return task, steps
+
+        task, steps = await self._call(read)
+        if not task:
+            return None
+        fields = {_s(k): _s(v) for k, v in task.items()}
+        return TaskRecord(
+            task_key=task_key,
+            state=fields.get("state", ""),
+            fence=int(fields.get("fence", "0")),
+            attempts=int(fields.get("attempts", "0")),
+            fingerprint=fields.get("fingerprint", ""),
+            fields=fields,
+            steps={_s(k): json.loads(_s(v)) for k, v in steps.items()},
+        )

@@ -1,0 +1,147 @@
+"""Lua scripts of the ledger. Each runs atomically on the Redis server.
+
+Time comes from the server (``TIME``), never from the workers, so leases do not depend on the
+workers' clocks agreeing. Every write that a worker makes under a claim carries the fence it was
+given; a write with an older fence is refused (the script answers ``stale``).
+
+Task hash fields: state, fence, owner, lease_until (ms), fingerprint, kind, attempts, claims,
+result, result_digest, event, published, error, dead_reason, model, prompt_version, created_at,
+updated_at, completed_at.
+"""
+
+from __future__ import annotations
+
+NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS[1] task hash, KEYS[2] steps hash
+# ARGV fingerprint, owner, lease_ms, kind, ttl_s
+# -> {decision, fence, attempts, lease_remaining_ms, published}
+CLAIM = NOW + """
+local fp = ARGV[1]
+local lease = tonumber(ARGV[3])
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'fence', 1, 'owner', ARGV[2],
+             'lease_until', now + lease, 'fingerprint', fp, 'kind', ARGV[4],
+             'attempts', 0, 'claims', 1, 'published', 0, 'created_at', now, 'updated_at', now)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+  return {'claimed', 1, 0, lease, 0}
+end
+local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'fence', 'attempts', 'lease_until', 'published')
+local fence = tonumber(h[2])
+local attempts = tonumber(h[3]) or 0
+local published = tonumber(h[5]) or 0
+if h[1] ~= fp then
+  return {'conflict', fence, attempts, 0, published}
+end
+if state == 'succeeded' or state == 'dead' then
+  return {state, fence, attempts, 0, published}
+end
+local lease_until = tonumber(h[4]) or 0
+if state == 'running' and lease_until > now then
+  return {'busy', fence, attempts, lease_until - now, published}
+end
+fence = fence + 1
+redis.call('HSET', KEYS[1], 'state', 'running', 'fence', fence, 'owner', ARGV[2],
+           'lease_until', now + lease, 'updated_at', now)
+redis.call('HINCRBY', KEYS[1], 'claims', 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return {'claimed', fence, attempts, lease, published}
+"""
+
+# KEYS[1] task; ARGV fence, lease_ms -> 1 extended, 0 lost
+HEARTBEAT = NOW + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
+if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]), 'updated_at', now)
+return 1
+"""
+
+# KEYS[1] task; ARGV fence, lease_ms -> attempts after increment, or -1 when the fence is stale.
+# Counts one model call against the task, durably, before it is made: a redelivery or a
+# restart does not reset the count.
+ATTEMPT = NOW + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
+if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]), 'updated_at', now)
+return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+"""
+
+# KEYS[1] task, KEYS[2] steps; ARGV fence, step name, step record (JSON) -> 'ok' | 'stale'
+STEP = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
+if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  return 'stale'
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
+return 'ok'
+"""
+
+# KEYS[1] task, KEYS[2] steps
+# ARGV fence, result, digest, event, model, prompt_version, ttl_s
+# -> {'ok'|'stale'|'already', current fence, current digest}
+COMPLETE = NOW + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence', 'result_digest')
+if not h[1] then
+  return {'stale', 0, ''}
+end
+if h[1] == 'succeeded' then
+  return {'already', tonumber(h[2]), h[3]}
+end
+if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  return {'stale', tonumber(h[2]), ''}
+end
+redis.call('HSET', KEYS[1], 'state', 'succeeded', 'result', ARGV[2], 'result_digest', ARGV[3],
+           'event', ARGV[4], 'model', ARGV[5], 'prompt_version', ARGV[6], 'completed_at', now,
+           'updated_at', now, 'lease_until', 0, 'published', 0)
+redis.call('HDEL', KEYS[1], 'error', 'dead_reason')
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
+end
+return {'ok', tonumber(ARGV[1]), ARGV[3]}
+"""
+
+# KEYS[1] task; ARGV fence, error, dead_reason ('' = failed and reclaimable) -> 'ok' | 'stale'
+FAIL = NOW + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
+if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  return 'stale'
+end
+if ARGV[3] == '' then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[2], 'lease_until', 0,
+             'updated_at', now)
+else
+  redis.call('HSET', KEYS[1], 'state', 'dead', 'error', ARGV[2], 'dead_reason', ARGV[3],
+             'lease_until', 0, 'published', 0, 'updated_at', now)
+end
+return 'ok'
+"""
+
+# KEYS[1] task; ARGV state expected ('succeeded' or 'dead') -> 1 marked, 0 not in that state
+PUBLISHED = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'published', 1)
+return 1
+"""
+
+# KEYS[1] task; -> 1 revived, 0 not dead. A dead task becomes claimable again, with a fresh
+# attempt budget, after an operator redrives its dead letter.
+REVIVE = NOW + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'attempts', 0, 'lease_until', 0, 'updated_at', now)
+redis.call('HDEL', KEYS[1], 'dead_reason')
+return 1
+"""

@@ -1,0 +1,63 @@
+"""The service's exceptions.
+
+    AgentError
+    ├── PoisonError(reason)            the record can never succeed: dead-letter it now
+    │                                  (decode, schema, oversize, expired)
+    ├── PermanentError                 the endpoint refused the request for good: dead-letter
+    │                                  as ``permanent`` (HTTP 4xx other than 408/409/429)
+    ├── InvalidOutput(kind)            the model answered, but the answer is not a result:
+    │                                  truncated, refused, empty, not JSON, fails its schema;
+    │                                  retried within the attempt budget, then ``invalid_output``
+    ├── RetryableError(delay)          try again after ``delay`` (None: the policy's backoff)
+    │   ├── LLMTimeout                 the outcome is unknown: the call may have finished
+    │   ├── LLMRateLimited             429, with the endpoint's Retry-After
+    │   └── LLMUnavailable             5xx, connection refused or reset
+    └── InfrastructureError            Redis or Kafka did not answer: never dead-letter, retry
+                                       the record until they are back
+
+Library exceptions (httpx, redis, confluent-kafka) are translated where they enter.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every exception the service raises on purpose."""
+
+
+class PoisonError(AgentError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PermanentError(AgentError):
+    pass
+
+
+class InvalidOutput(AgentError):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # truncated | refused | empty | not_json | schema
+
+
+class RetryableError(AgentError):
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class LLMTimeout(RetryableError):
+    pass
+
+
+class LLMRateLimited(RetryableError):
+    pass
+
+
+class LLMUnavailable(RetryableError):
+    pass
+
+
+class InfrastructureError(AgentError):
+    pass

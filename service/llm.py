@@ -1,0 +1,389 @@
+"""Client for an OpenAI-compatible ``/chat/completions`` endpoint.
+
+One :meth:`LLMClient.chat` call is exactly one HTTP attempt. Retries, backoff and attempt
+budgets belong to the caller; this module only translates what happened on the wire into
+the exceptions of :mod:`service.errors`:
+
+    timeout                          LLMTimeout        (outcome unknown)
+    connect refused / reset / proto  LLMUnavailable
+    429                              LLMRateLimited    (delay from retry-after-ms / Retry-After)
+    408, 409, 5xx                    LLMUnavailable
+    other 4xx (and 3xx)              PermanentError
+    2xx with a malformed body        LLMUnavailable
+    finish_reason "length"           InvalidOutput("truncated")
+    content filter / refusal         InvalidOutput("refused")
+    empty content                    InvalidOutput("empty")
+
+Every attempt increments ``agent_llm_requests_total`` exactly once, with one of
+:data:`service.metrics.LLM_OUTCOMES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from service.errors import (
+    AgentError,
+    InvalidOutput,
+    LLMRateLimited,
+    LLMTimeout,
+    LLMUnavailable,
+    PermanentError,
+)
+from service.metrics import Metrics
+from service.settings import LLMSettings
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_ERROR_CHARS = 300
+_MAX_CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One chat completion to ask for."""
+
+    messages: list[dict[str, str]]
+    schema: dict[str, Any] | None  # JSON schema of the expected output
+    schema_name: str  # [A-Za-z0-9_-]{1,64}
+    idempotency_key: str  # stable for the work: sent as header Idempotency-Key
+    timeout_s: float | None = None  # overrides settings.timeout_s (a deadline may shorten it)
+    max_tokens: int | None = None
+    traceparent: str | None = None  # forwarded as the `traceparent` header when set
+
+    def __post_init__(self) -> None:
+        if not _SCHEMA_NAME.fullmatch(self.schema_name):
+            raise ValueError(f"schema_name must match [A-Za-z0-9_-]{{1,64}}: {self.schema_name!r}")
+        if not self.idempotency_key:
+            raise ValueError("idempotency_key must not be empty")
+        timeout_s = self.timeout_s
+        if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a positive number of seconds: {self.timeout_s!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1: {self.max_tokens!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """The model's answer to one :class:`ChatRequest`."""
+
+    content: str
+    finish_reason: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+
+
+class LLMClient:
+    """Async client for ``{base_url}/chat/completions``; one HTTP attempt per :meth:`chat`."""
+
+    def __init__(
+        self,
+        settings: LLMSettings,
+        base_url: str,
+        metrics: Metrics,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._url = f"{base_url.rstrip('/')}/chat/completions"
+        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        limits = httpx.Limits(
+            max_connections=settings.max_concurrency,
+            max_keepalive_connections=settings.max_concurrency,
+        )
+        self._client = httpx.AsyncClient(
+            limits=limits,
+            timeout=_timeout(settings.timeout_s),
+            transport=transport,
+            follow_redirects=False,
+            headers={"Accept": "application/json"},
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool. Safe to call more than once."""
+        await self._client.aclose()
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Send one chat completion request and return the answer.
+
+        Raises the :mod:`service.errors` exception that matches the failure; never retries.
+        """
+        timeout_s = request.timeout_s if request.timeout_s is not None else self._settings.timeout_s
+        payload = self._payload(request)
+        headers = self._headers(request)
+        logger.debug(
+            "LLM request schema=%s idempotency_key=%s timeout=%.3fs",
+            request.schema_name, request.idempotency_key, timeout_s,
+        )
+        async with self._semaphore:
+            started = time.perf_counter()
+            try:
+                response = await self._client.post(
+                    self._url, json=payload, headers=headers, timeout=_timeout(timeout_s)
+                )
+            except httpx.TimeoutException as exc:
+                latency = time.perf_counter() - started
+                self._metrics.llm_latency.observe(latency)
+                self._count("timeout")
+                logger.debug(
+                    "LLM request timed out schema=%s idempotency_key=%s after %.3fs (%s)",
+                    request.schema_name, request.idempotency_key, latency, type(exc).__name__,
+                )
+                raise LLMTimeout(
+                    f"LLM request timed out after {latency:.3f}s ({type(exc).__name__}); "
+                    "the outcome is unknown: the endpoint may have completed it"
+                ) from exc
+            except httpx.TransportError as exc:
+                self._count("connection_error")
+                logger.debug(
+                    "LLM connection failed schema=%s idempotency_key=%s: %s",
+                    request.schema_name, request.idempotency_key, type(exc).__name__,
+                )
+                raise LLMUnavailable(f"LLM endpoint unreachable: {type(exc).__name__}") from exc
+            except httpx.RequestError as exc:
+                # e.g. DecodingError: the response arrived but could not be decoded
+                self._count("server_error")
+                raise LLMUnavailable(
+                    f"LLM endpoint sent an unreadable response: {type(exc).__name__}"
+                ) from exc
+            latency = time.perf_counter() - started
+
+        self._metrics.llm_latency.observe(latency)
+        try:
+            result = self._interpret(response, latency)
+        except AgentError as exc:
+            self._count(_outcome_of(exc))
+            logger.debug(
+                "LLM request failed schema=%s idempotency_key=%s status=%d latency=%.3fs: %s",
+                request.schema_name, request.idempotency_key, response.status_code, latency,
+                type(exc).__name__,
+            )
+            raise
+        self._count("ok")
+        logger.debug(
+            "LLM request ok schema=%s idempotency_key=%s latency=%.3fs tokens=%d/%d",
+            request.schema_name, request.idempotency_key, latency,
+            result.prompt_tokens, result.completion_tokens,
+        )
+        return result
+
+    # -- request ------------------------------------------------------------------------------
+
+    def _payload(self, request: ChatRequest) -> dict[str, Any]:
+        settings = self._settings
+        payload: dict[str, Any] = {
+            "model": settings.model,
+            "messages": request.messages,
+            "temperature": settings.temperature,
+            "max_tokens": (
+                request.max_tokens if request.max_tokens is not None else settings.max_tokens
+            ),
+        }
+        if request.schema is not None:
+            if settings.response_format == "json_schema":
+                payload["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": request.schema_name,
+                        "schema": request.schema,
+                        "strict": True,
+                    },
+                }
+            else:
+                payload["response_format"] = {"type": "json_object", "schema": request.schema}
+        return payload
+
+    def _headers(self, request: ChatRequest) -> dict[str, str]:
+        headers = {
+            "Authorization": f"Bearer {self._settings.api_key.get_secret_value()}",
+            "Idempotency-Key": request.idempotency_key,
+        }
+        if request.traceparent:
+            headers["traceparent"] = request.traceparent
+        return headers
+
+    # -- response -----------------------------------------------------------------------------
+
+    def _interpret(self, response: httpx.Response, latency: float) -> ChatResult:
+        """Turn one HTTP response into a result, or raise the matching error."""
+        status = response.status_code
+        if status == 429:
+            delay = retry_after(response.headers)
+            raise LLMRateLimited("LLM endpoint rate-limited the request (HTTP 429)", delay=delay)
+        if status in (408, 409) or status >= 500:
+            raise LLMUnavailable(
+                f"LLM endpoint failed (HTTP {status}): {_error_message(response)}",
+                delay=retry_after(response.headers),
+            )
+        if not 200 <= status < 300:
+            raise PermanentError(
+                f"LLM endpoint refused the request (HTTP {status}): {_error_message(response)}"
+            )
+
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise LLMUnavailable(
+                f"malformed LLM response (HTTP {status}): body is not JSON"
+            ) from exc
+        if not isinstance(body, dict):
+            raise LLMUnavailable(f"malformed LLM response (HTTP {status}): body is not an object")
+
+        prompt_tokens, completion_tokens = self._count_tokens(body.get("usage"))
+
+        choices = body.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict) or not isinstance(message, dict):
+            raise LLMUnavailable(
+                f"malformed LLM response (HTTP {status}): missing choices[0].message"
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise LLMUnavailable(
+                f"malformed LLM response (HTTP {status}): message content is not a string"
+            )
+        raw_reason = choice.get("finish_reason")
+        finish_reason = raw_reason if isinstance(raw_reason, str) and raw_reason else "unknown"
+        model = body.get("model")
+
+        if finish_reason == "length":
+            raise InvalidOutput(
+                "truncated",
+                f"LLM answer truncated at {completion_tokens} completion tokens "
+                "(finish_reason=length)",
+            )
+        if finish_reason == "content_filter" or message.get("refusal"):
+            raise InvalidOutput("refused", f"LLM refused to answer (finish_reason={finish_reason})")
+        if content is None or not content.strip():
+            raise InvalidOutput("empty", f"LLM answer is empty (finish_reason={finish_reason})")
+
+        return ChatResult(
+            content=content,
+            finish_reason=finish_reason,
+            model=model if isinstance(model, str) and model else self._settings.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_s=latency,
+        )
+
+    def _count_tokens(self, usage: object) -> tuple[int, int]:
+        """Record the tokens the endpoint reports spending; missing counts are zero."""
+        if not isinstance(usage, dict):
+            return 0, 0
+        prompt_tokens = _token_count(usage.get("prompt_tokens"))
+        completion_tokens = _token_count(usage.get("completion_tokens"))
+        if prompt_tokens:
+            self._metrics.llm_tokens.labels(direction="input").inc(prompt_tokens)
+        if completion_tokens:
+            self._metrics.llm_tokens.labels(direction="output").inc(completion_tokens)
+        return prompt_tokens, completion_tokens
+
+    def _count(self, outcome: str) -> None:
+        self._metrics.llm_requests.labels(outcome=outcome).inc()
+
+
+def retry_after(headers: httpx.Headers, now: datetime | None = None) -> float | None:
+    """Seconds the endpoint asks us to wait, or None when it does not say (or says nonsense).
+
+    ``retry-after-ms`` (milliseconds) wins over ``Retry-After``, which is either a number of
+    seconds or an HTTP-date.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value / 1000.0
+
+    header = headers.get("retry-after")
+    if header is None:
+        return None
+    header = header.strip()
+    try:
+        value = float(header)
+    except ValueError:
+        pass
+    else:
+        return value if math.isfinite(value) and value >= 0 else None
+    try:
+        when = parsedate_to_datetime(header)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    reference = now or datetime.now(UTC)
+    return max(0.0, (when - reference).total_seconds())
+
+
+def _timeout(timeout_s: float) -> httpx.Timeout:
+    return httpx.Timeout(timeout_s, connect=min(_MAX_CONNECT_TIMEOUT_S, timeout_s))
+
+
+def _token_count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The endpoint's own error message, at most 300 characters."""
+    text = response.text
+    message: object = text
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error", body.get("detail", body.get("message")))
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        if error is not None:
+            message = error
+    rendered = message if isinstance(message, str) else str(message)
+    rendered = " ".join(rendered.split())
+    if len(rendered) > _MAX_ERROR_CHARS:
+        rendered = rendered[: _MAX_ERROR_CHARS - 3] + "..."
+    return rendered or "(no error message)"
+
+
+def _outcome_of(exc: AgentError) -> str:
+    """The ``agent_llm_requests`` outcome label for an error raised from a response."""
+    if isinstance(exc, LLMRateLimited):
+        return "rate_limited"
+    if isinstance(exc, LLMUnavailable):
+        return "server_error"
+    if isinstance(exc, PermanentError):
+        return "client_error"
+    if isinstance(exc, InvalidOutput):
+        if exc.kind in ("truncated", "refused"):
+            return exc.kind
+        return "invalid_output"
+    return "server_error"

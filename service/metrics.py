@@ -1,0 +1,78 @@
+"""Prometheus metrics on an explicit registry (never the global one).
+
+Labels are bounded: outcomes, reasons, directions, topic and partition numbers; never a task id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict")
+DLQ_REASONS = (
+    "decode", "schema", "oversize", "conflict", "expired", "permanent", "exhausted", "invalid_output",
+)
+LLM_OUTCOMES = (
+    "ok", "timeout", "rate_limited", "server_error", "client_error", "connection_error",
+    "truncated", "refused", "invalid_output",
+)
+
+
+class Metrics:
+    """Every metric the service exports. One instance per process, handed in where needed."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages_consumed = Counter(
+            "agent_messages_consumed", "Records read from the input topic.", registry=r
+        )
+        self.tasks = Counter(
+            "agent_tasks", "Tasks finished, by outcome.", ["outcome"], registry=r
+        )
+        self.llm_requests = Counter(
+            "agent_llm_requests", "LLM HTTP attempts, by outcome.", ["outcome"], registry=r
+        )
+        self.llm_tokens = Counter(
+            "agent_llm_tokens", "LLM tokens reported by the endpoint.", ["direction"], registry=r
+        )
+        self.retries = Counter("agent_retries", "LLM calls retried after a failure.", registry=r)
+        self.dead_letters = Counter(
+            "agent_dead_letters", "Records written to the dead-letter topic.", ["reason"], registry=r
+        )
+        self.stale_fence_writes = Counter(
+            "agent_stale_fence_writes", "Ledger writes refused because a newer fence holds the task.",
+            registry=r,
+        )
+        self.results_published = Counter(
+            "agent_results_published", "Result events acknowledged by the broker.", registry=r
+        )
+        self.inflight = Gauge("agent_inflight_tasks", "Records held in flight.", registry=r)
+        self.paused_partitions = Gauge(
+            "agent_paused_partitions", "Assigned partitions paused for backpressure.", registry=r
+        )
+        self.assigned_partitions = Gauge(
+            "agent_assigned_partitions", "Partitions assigned to this worker.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "agent_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"],
+            registry=r,
+        )
+        self.committed_offsets = Counter(
+            "agent_offset_commits", "Offset commits sent to the broker.", registry=r
+        )
+        self.task_duration = Histogram(
+            "agent_task_duration_seconds", "Time from record receipt to durable outcome.",
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )
+        self.llm_latency = Histogram(
+            "agent_llm_latency_seconds", "Latency of one LLM HTTP attempt.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+        )
+        for outcome in TASK_OUTCOMES:
+            self.tasks.labels(outcome=outcome)
+        for reason in DLQ_REASONS:
+            self.dead_letters.labels(reason=reason)
+        for outcome in LLM_OUTCOMES:
+            self.llm_requests.labels(outcome=outcome)
+        for direction in ("input", "output"):
+            self.llm_tokens.labels(direction=direction)

@@ -1,0 +1,139 @@
+"""Service settings: one model, read from ``AGENT_*`` environment variables.
+
+Nested groups use ``__``: ``AGENT_KAFKA__BOOTSTRAP_SERVERS``, ``AGENT_LLM__MODEL``.
+Built once in the entry point (:func:`service.wiring.build`), never at import time.
+Secrets are :class:`~pydantic.SecretStr` and render as ``**********``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "agent-workers"
+    input_topic: str = "agent.tasks"
+    results_topic: str = "agent.results"
+    dlq_topic: str = "agent.tasks.dlq"
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(1_000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    partition_assignment_strategy: str = "cooperative-sticky"
+    client_id: str = "agent-service"
+    # security: passed through to librdkafka as typed fields
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: SecretStr | None = None
+    create_topics: bool = True
+    topic_partitions: int = Field(6, ge=1)
+    topic_replication_factor: int = Field(1, ge=1)
+
+    def common_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by the consumer, producers and admin client."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password.get_secret_value() if self.ssl_key_password else None,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        return conf
+
+    def consumer_config(self) -> dict[str, Any]:
+        return {
+            **self.common_config(),
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": self.auto_offset_reset,
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": self.heartbeat_interval_ms,
+            "max.poll.interval.ms": self.max_poll_interval_ms,
+            "partition.assignment.strategy": self.partition_assignment_strategy,
+        }
+
+    def producer_config(self) -> dict[str, Any]:
+        return {
+            **self.common_config(),
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+
+
+class RedisSettings(BaseModel):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    username: str | None = None
+    password: SecretStr | None = None
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    socket_timeout_s: float = Field(5.0, gt=0)
+    key_prefix: str = Field("agent", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class LLMSettings(BaseModel):
+    base_url: str | None = None  # None: the embedded local model
+    api_key: SecretStr = SecretStr("not-needed")
+    model: str = "smollm2"
+    timeout_s: float = Field(30.0, gt=0)
+    response_format: Literal["json_schema", "json_object"] = "json_object"
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(512, ge=1)
+    max_attempts: int = Field(4, ge=1)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    max_concurrency: int = Field(64, ge=1)
+    local_gguf: str | None = None  # path to a GGUF file for the embedded model
+
+
+class HttpSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    enabled: bool = True
+
+
+class LedgerSettings(BaseModel):
+    lease_ms: int = Field(30_000, ge=100)
+    busy_poll_s: float = Field(0.5, gt=0)
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    llm: LLMSettings = LLMSettings()
+    http: HttpSettings = HttpSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    max_task_bytes: int = Field(262_144, ge=64)
+    max_in_flight: int = Field(256, ge=1)
+    max_in_flight_per_partition: int = Field(256, ge=1)
+    commit_interval_s: float = Field(1.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    admin_token: SecretStr | None = None
+    worker_id: str | None = None
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "text"

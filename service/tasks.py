@@ -1,0 +1,129 @@
+"""Task events: decoded and validated at the edge, plain typed objects inside.
+
+The task key is the producer's ``task_id`` or, when absent, a digest of ``(kind, canonical input)``;
+either way it names the work, not the attempt. The fingerprint of ``(kind, input)`` is kept with
+the ledger record so that the same ``task_id`` with another input is a conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from dedup.keys import TASK_KEY_PATTERN
+from service.errors import PoisonError
+
+KIND_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class TaskEvent(BaseModel):
+    """The value of a record on the input topic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str | None = Field(None, pattern=TASK_KEY_PATTERN)
+    kind: str = Field(pattern=KIND_PATTERN)
+    input: dict[str, Any]
+    deadline: AwareDatetime | None = None
+    priority: Literal["interactive", "batch"] = "batch"
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace, UTF-8 kept: the same data always gives the same text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def digest(text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(kind: str, task_input: dict[str, Any]) -> str:
+    return digest(canonical_json({"kind": kind, "input": task_input}))
+
+
+def task_key(event: TaskEvent) -> str:
+    if event.task_id is not None:
+        return event.task_id
+    return "auto-" + fingerprint(event.kind, event.input).removeprefix("sha256:")[:40]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    key: str
+    fingerprint: str
+    event: TaskEvent
+    deadline: datetime | None
+    traceparent: str | None
+
+    @property
+    def kind(self) -> str:
+        return self.event.kind
+
+    def expired(self, now: datetime) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def remaining_s(self, now: datetime) -> float | None:
+        return None if self.deadline is None else (self.deadline - now).total_seconds()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def header(headers: list[tuple[str, bytes]] | None, name: str) -> str | None:
+    for key, value in headers or ():
+        if key == name and value is not None:
+            try:
+                return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, max_bytes: int) -> Task:
+    """Turn a record value into a :class:`Task`, or raise :class:`PoisonError` with its reason.
+
+    The size limit is checked before any parsing.
+    """
+    if value is None:
+        raise PoisonError("decode", "record has no value")
+    if len(value) > max_bytes:
+        raise PoisonError("oversize", f"value is {len(value)} bytes, limit is {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+        data = json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise PoisonError("decode", f"value is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise PoisonError("decode", f"value is not JSON: {str(exc)[:200]}") from exc
+    if not isinstance(data, dict):
+        raise PoisonError("schema", f"task must be a JSON object, got {type(data).__name__}")
+    if data.get("deadline") is None and (hdr := header(headers, "deadline")):
+        data["deadline"] = hdr
+    try:
+        event = TaskEvent.model_validate(data)
+    except ValidationError as exc:
+        raise PoisonError("schema", describe_validation(exc)) from exc
+    except RecursionError as exc:  # pragma: no cover - pydantic guards depth itself
+        raise PoisonError("schema", "task nests too deeply") from exc
+    return Task(
+        key=task_key(event),
+        fingerprint=fingerprint(event.kind, event.input),
+        event=event,
+        deadline=event.deadline.astimezone(timezone.utc) if event.deadline else None,
+        traceparent=header(headers, "traceparent"),
+    )
+
+
+def describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "task"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)[:500]

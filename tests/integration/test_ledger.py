@@ -1,0 +1,135 @@
+"""The ledger's Lua scripts against a real redis-server: claims, leases, fences, first writer wins."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from dedup.keys import Keys
+from dedup.ledger import Ledger, StaleFence
+
+pytestmark = pytest.mark.integration
+
+FP = "sha256:aaa"
+
+
+def with_ledger(redis_url: str, body: Callable[[Ledger], Awaitable[None]], lease_ms: int = 300) -> None:
+    async def main() -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            await body(Ledger(client, keys=Keys(f"t{uuid.uuid4().hex[:8]}"), lease_ms=lease_ms, ttl_s=600))
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+async def complete(ledger: Ledger, key: str, fence: int, result: str = '{"a":1}') -> Any:
+    return await ledger.complete(key, fence, result=result, digest=f"d-{result}", event=result.encode(),
+                                 model="m", prompt_version="p1")
+
+
+def test_claim_lifecycle(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        first = await ledger.claim("t1", FP, "w1", "classify")
+        assert (first.decision, first.fence) == ("claimed", 1)
+        busy = await ledger.claim("t1", FP, "w2", "classify")
+        assert busy.decision == "busy" and 0 < busy.lease_remaining_ms <= 300
+        assert (await ledger.claim("t1", "sha256:other", "w2", "classify")).decision == "conflict"
+        assert await ledger.begin_attempt("t1", 1) == 1
+        done = await complete(ledger, "t1", 1)
+        assert done.status == "ok"
+        again = await ledger.claim("t1", FP, "w2", "classify")
+        assert again.decision == "succeeded" and not again.published
+        assert await ledger.mark_published("t1", "succeeded")
+        assert (await ledger.claim("t1", FP, "w3", "classify")).published
+        rec = await ledger.get("t1")
+        assert rec is not None and rec.state == "succeeded" and rec.event == b'{"a":1}'
+        assert rec.to_json()["result"] == {"a": 1}
+        assert await ledger.get("nope") is None
+
+    with_ledger(redis_url, body)
+
+
+def test_expired_lease_is_reclaimed_with_a_higher_fence_and_the_stale_write_is_refused(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        a = await ledger.claim("t2", FP, "wa", "classify")
+        await asyncio.sleep(0.4)  # a's lease (300 ms) runs out
+        b = await ledger.claim("t2", FP, "wb", "classify")
+        assert (b.decision, b.fence) == ("claimed", a.fence + 1)
+        assert not await ledger.heartbeat("t2", a.fence)
+        with pytest.raises(StaleFence):
+            await ledger.begin_attempt("t2", a.fence)
+        with pytest.raises(StaleFence):
+            await ledger.record_step("t2", a.fence, "s", {"output": 1})
+        assert (await complete(ledger, "t2", a.fence, '{"a":"old"}')).status == "stale"
+        assert (await complete(ledger, "t2", b.fence, '{"b":"new"}')).status == "ok"
+        late = await complete(ledger, "t2", b.fence, '{"b":"again"}')
+        assert late.status == "already" and late.digest == 'd-{"b":"new"}'  # first writer wins
+        rec = await ledger.get("t2")
+        assert rec is not None and rec.fields["result"] == '{"b":"new"}' and rec.fence == 2
+
+    with_ledger(redis_url, body)
+
+
+def test_heartbeat_keeps_the_lease(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        a = await ledger.claim("t3", FP, "wa", "classify")
+        for _ in range(4):
+            await asyncio.sleep(0.15)
+            assert await ledger.heartbeat("t3", a.fence)
+        assert (await ledger.claim("t3", FP, "wb", "classify")).decision == "busy"
+
+    with_ledger(redis_url, body)
+
+
+def test_attempts_survive_reclaims_and_failures(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        a = await ledger.claim("t4", FP, "wa", "classify")
+        assert await ledger.begin_attempt("t4", a.fence) == 1
+        assert await ledger.begin_attempt("t4", a.fence) == 2
+        assert await ledger.fail("t4", a.fence, "gave up for now")
+        b = await ledger.claim("t4", FP, "wb", "classify")
+        assert (b.decision, b.fence, b.attempts) == ("claimed", 2, 2)  # a redelivery does not reset it
+        assert await ledger.fail("t4", b.fence, "boom", dead_reason="exhausted")
+        dead = await ledger.claim("t4", FP, "wc", "classify")
+        assert dead.decision == "dead"
+        assert not await ledger.fail("t4", b.fence, "again", dead_reason="exhausted")  # not running
+        assert await ledger.revive("t4")
+        c = await ledger.claim("t4", FP, "wc", "classify")
+        assert (c.decision, c.fence, c.attempts) == ("claimed", 3, 0)
+
+    with_ledger(redis_url, body)
+
+
+def test_steps_are_journaled_under_the_fence(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        a = await ledger.claim("t5", FP, "wa", "prior_auth")
+        await ledger.record_step("t5", a.fence, "extract", {"output": {"x": 1}, "digest": "d"})
+        assert await ledger.steps("t5") == {"extract": {"output": {"x": 1}, "digest": "d"}}
+        rec = await ledger.get("t5")
+        assert rec is not None and rec.to_json()["steps"]["extract"]["digest"] == "d"
+
+    with_ledger(redis_url, body)
+
+
+def test_keys_are_hash_tagged_and_refuse_escapes() -> None:
+    keys = Keys("agent")
+    assert keys.task("t-1") == "agent:{t-1}:task" and keys.steps("t-1") == "agent:{t-1}:steps"
+    for bad in ("a}b", "a{b", "", "a b", "x" * 201):
+        with pytest.raises(ValueError):
+            keys.task(bad)
+
+
+def test_concurrent_claims_hand_out_one_fence(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        claims = await asyncio.gather(*(ledger.claim("t6", FP, f"w{i}", "classify") for i in range(20)))
+        assert sum(c.decision == "claimed" for c in claims) == 1
+        assert {c.decision for c in claims} == {"claimed", "busy"}
+
+    with_ledger(redis_url, body, lease_ms=5000)

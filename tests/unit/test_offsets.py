@@ -1,0 +1,66 @@
+"""The offset tracker commits only contiguous prefixes of finished records, in any finish order."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumers.offsets import OffsetTracker
+
+
+@st.composite
+def offsets_and_order(draw: st.DrawFn) -> tuple[list[int], list[int]]:
+    gaps = draw(st.lists(st.integers(1, 3), min_size=1, max_size=60))
+    start = draw(st.integers(0, 1000))
+    offsets, o = [], start
+    for g in gaps:
+        offsets.append(o)
+        o += g  # compaction and transaction markers leave gaps
+    order = draw(st.permutations(offsets))
+    return offsets, list(order)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(offsets_and_order())
+def test_commit_is_always_the_first_unfinished_offset(case: tuple[list[int], list[int]]) -> None:
+    offsets, order = case
+    tracker = OffsetTracker()
+    for o in offsets:
+        tracker.add(o)
+    finished: set[int] = set()
+    last_commit = -1
+    for o in order:
+        tracker.finish(o)
+        finished.add(o)
+        unfinished = [x for x in offsets if x not in finished]
+        expected = unfinished[0] if unfinished else offsets[-1] + 1
+        got = tracker.committable()
+        assert got == expected
+        assert all(x in finished for x in offsets if x < got)  # everything below is durable
+        assert got >= last_commit  # never moves backwards
+        last_commit = got
+    assert len(tracker) == 0
+
+
+def test_take_commit_reports_each_new_position_once() -> None:
+    t = OffsetTracker()
+    assert t.take_commit() is None
+    t.add(5)
+    t.add(6)
+    assert t.take_commit() == 5
+    assert t.take_commit() is None
+    t.finish(6)
+    assert t.take_commit() is None
+    t.finish(5)
+    assert t.take_commit() == 7
+
+
+def test_offsets_out_of_order_are_refused() -> None:
+    t = OffsetTracker()
+    t.add(10)
+    with pytest.raises(ValueError):
+        t.add(9)
+    t.finish(10)
+    with pytest.raises(ValueError):
+        t.add(3)

@@ -1,0 +1,101 @@
+"""Decoding at the edge: every bad input becomes a PoisonError with a reason, never a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.errors import PoisonError
+from service.kinds import default_agents
+from service.tasks import decode_task, fingerprint, task_key
+
+LIMIT = 262_144
+
+
+def value(**body: object) -> bytes:
+    return json.dumps(body).encode()
+
+
+def test_task_key_is_the_task_id_or_a_digest_of_the_work() -> None:
+    a = decode_task(value(kind="classify", input={"text": "x", "labels": ["a", "b"]}), [], LIMIT)
+    b = decode_task(value(input={"labels": ["a", "b"], "text": "x"}, kind="classify"), [], LIMIT)
+    assert a.key == b.key and a.key.startswith("auto-")  # key order of the JSON does not matter
+    c = decode_task(value(task_id="t-1", kind="classify", input={"text": "x", "labels": ["a", "b"]}), [], LIMIT)
+    assert c.key == "t-1" and c.fingerprint == a.fingerprint
+    d = decode_task(value(kind="classify", input={"text": "y", "labels": ["a", "b"]}), [], LIMIT)
+    assert d.key != a.key and d.fingerprint != a.fingerprint
+    assert task_key(c.event) == "t-1"
+    assert fingerprint("k", {"a": 1}) != fingerprint("j", {"a": 1})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "decode"),
+        (b"\xff\xfe", "decode"),
+        (b"{not json", "decode"),
+        (b'{"kind": "x", "input": {"v": NaN}}', "decode"),
+        (b"[" * 100_000 + b"]" * 100_000, "decode"),
+        (b"[1, 2]", "schema"),
+        (b'"a string"', "schema"),
+        (value(kind="classify"), "schema"),
+        (value(kind="Bad Kind", input={}), "schema"),
+        (value(kind="classify", input={}, extra=1), "schema"),
+        (value(kind="classify", input={}, task_id="a}b"), "schema"),
+        (value(kind="classify", input={}, task_id="a{b"), "schema"),
+        (value(kind="classify", input={}, task_id=""), "schema"),
+        (value(kind="classify", input={}, deadline="tomorrow"), "schema"),
+        (value(kind="classify", input={}, deadline="2030-01-01T00:00:00"), "schema"),  # no zone
+        (value(kind="classify", input={}, priority="urgent"), "schema"),
+        (b" " * (LIMIT + 1), "oversize"),
+    ],
+)
+def test_bad_values_are_poison_with_a_reason(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(PoisonError) as err:
+        decode_task(raw, [], LIMIT)
+    assert err.value.reason == reason
+    assert str(err.value)
+
+
+def test_size_limit_is_checked_before_parsing() -> None:
+    huge = b"\xff" * (LIMIT + 1)  # would be a decode error if it were parsed
+    with pytest.raises(PoisonError) as err:
+        decode_task(huge, [], LIMIT)
+    assert err.value.reason == "oversize"
+
+
+def test_deadline_and_traceparent_come_from_headers() -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    t = decode_task(value(kind="classify", input={}), [("deadline", b"2030-01-01T00:00:00Z"), ("traceparent", tp.encode())], LIMIT)
+    assert t.deadline is not None and t.deadline.year == 2030
+    assert t.traceparent == tp
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_never_crash(raw: bytes) -> None:
+    try:
+        decode_task(raw, [], LIMIT)
+    except PoisonError as exc:
+        assert exc.reason in {"decode", "schema", "oversize"}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["task_id", "kind", "input", "deadline", "priority", "x"]), json_values))
+def test_arbitrary_json_objects_never_crash(body: dict[str, object]) -> None:
+    agents = default_agents()
+    try:
+        task = decode_task(json.dumps(body).encode(), [], LIMIT)
+        agents.get(task.kind).parse_input(task.event.input)
+    except PoisonError as exc:
+        assert exc.reason in {"decode", "schema"}
