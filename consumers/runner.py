@@ -1,0 +1,396 @@
+"""The consumer-group runner: key-ordered concurrency, backpressure and safe offset commits.
+
+- Every call on the confluent-kafka consumer goes through one single-thread executor, so calls
+  never overlap; rebalance callbacks run on that thread and hop to the event loop for state.
+- Records with the same key run one after another in offset order; different keys run
+  concurrently, inside one partition too.
+- A partition commits only the first offset whose record is not finished (:class:`OffsetTracker`):
+  the outcome of every earlier record is durable before its offset is.
+- When the in-flight window is full the runner pauses its partitions and keeps polling (so it
+  stays in the group), and resumes them below the low-water mark.
+- On revoke it stops starting that partition's records and commits what finished; records still
+  running finish under their ledger fences, and the new owner takes what is left.
+- ``stop()`` drains: no new records, in-flight ones finish (bounded by ``drain_timeout_s``), final
+  commit, leave the group.
+
+The handler owns each record's outcome (result or dead letter) and returns when it is durable.
+If it raises, the record is retried after a backoff: an outage of Redis or the broker never
+loses a record and never commits past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from time import monotonic
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from consumers.offsets import OffsetTracker
+from consumers.records import Record
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Record], Awaitable[None]]
+TP = tuple[str, int]
+
+
+@dataclass(slots=True)
+class RunnerConfig:
+    topic: str
+    max_in_flight: int = 256
+    max_in_flight_per_partition: int = 256
+    resume_ratio: float = 0.5
+    commit_interval_s: float = 1.0
+    lag_interval_s: float = 5.0
+    poll_timeout_s: float = 0.1
+    max_batch: int = 500
+    drain_timeout_s: float = 30.0
+    retry_base_s: float = 0.2
+    retry_max_s: float = 10.0
+
+
+@dataclass(slots=True)
+class _Partition:
+    tracker: OffsetTracker = field(default_factory=OffsetTracker)
+    held: int = 0
+    paused: bool = False
+    revoked: bool = False
+
+
+class RunnerMetrics:
+    """The gauges and counters the runner moves; a no-op by default."""
+
+    def consumed(self, n: int) -> None: ...
+    def inflight(self, n: int) -> None: ...
+    def paused(self, n: int) -> None: ...
+    def assigned(self, n: int) -> None: ...
+    def committed(self) -> None: ...
+    def lag(self, topic: str, partition: int, lag: int | None) -> None: ...
+
+
+class Runner:
+    def __init__(
+        self,
+        consumer_config: dict[str, Any],
+        handler: Handler,
+        config: RunnerConfig,
+        metrics: RunnerMetrics | None = None,
+    ) -> None:
+        self._conf = dict(consumer_config)
+        self._handler = handler
+        self.config = config
+        self.metrics = metrics or RunnerMetrics()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-consumer")
+        self._consumer: Consumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._partitions: dict[TP, _Partition] = {}
+        self._keys: dict[tuple[TP, bytes | int], deque[Record]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._held = 0
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._all_paused = False
+        self.started = asyncio.Event()
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def assignment(self) -> list[TP]:
+        return [tp for tp, p in self._partitions.items() if not p.revoked]
+
+    @property
+    def in_flight(self) -> int:
+        return self._held
+
+    def stop(self) -> None:
+        """Begin a graceful drain; ``run()`` returns when it is done."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # ------------------------------------------------------------------ consumer thread
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._assigned(partitions), self._loop).result()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assert self._loop is not None
+        offsets = asyncio.run_coroutine_threadsafe(self._revoked(partitions), self._loop).result()
+        self._commit_now(consumer, offsets, "revoke")
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._revoked(partitions), self._loop).result()
+        log.warning("partitions lost without a clean revoke: %s", _fmt(partitions))
+
+    def _commit_now(self, consumer: Consumer, offsets: list[TopicPartition], why: str) -> None:
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+            self.metrics.committed()
+            log.info("committed on %s: %s", why, _fmt(offsets))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
+                return
+            log.warning("commit on %s failed: %s", why, exc)
+
+    # ------------------------------------------------------------------ loop-side state
+
+    async def _assigned(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._partitions[(tp.topic, tp.partition)] = _Partition()
+        self.metrics.assigned(len(self.assignment))
+        log.info("assigned: %s", _fmt(partitions))
+        self._all_paused = False
+
+    async def _revoked(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        offsets = []
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            part = self._partitions.pop(key, None)
+            if part is None:
+                continue
+            part.revoked = True
+            offset = part.tracker.take_commit()
+            if offset is not None:
+                offsets.append(TopicPartition(tp.topic, tp.partition, offset))
+            self.metrics.lag(tp.topic, tp.partition, None)
+        # Queued records of revoked partitions are not started: the new owner reads them again.
+        for k in [k for k in self._keys if k[0] not in self._partitions]:
+            queue = self._keys[k]
+            while len(queue) > 1:
+                queue.pop()
+                self._release(1)
+        self.metrics.assigned(len(self.assignment))
+        self._update_paused_metric()
+        log.info("revoked: %s", _fmt(partitions))
+        return offsets
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        conf = dict(self._conf)
+        self._consumer = await self._call(Consumer, conf)
+        await self._call(
+            self._consumer.subscribe, [self.config.topic],
+            on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
+        )
+        self.started.set()
+        next_commit = monotonic() + self.config.commit_interval_s
+        next_lag = monotonic() + self.config.lag_interval_s
+        try:
+            while not self._stopping.is_set():
+                await self._backpressure()
+                room = max(1, min(self.config.max_batch, self.config.max_in_flight - self._held))
+                msgs = await self._call(self._consumer.consume, room, self.config.poll_timeout_s)
+                self._dispatch(msgs)
+                now = monotonic()
+                if now >= next_commit:
+                    await self.commit()
+                    next_commit = now + self.config.commit_interval_s
+                if now >= next_lag:
+                    await self._report_lag()
+                    next_lag = now + self.config.lag_interval_s
+                if not msgs:
+                    await asyncio.sleep(0)
+        finally:
+            await self._drain()
+
+    def _dispatch(self, msgs: list[Any]) -> None:
+        consumed = 0
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.last_error = err.str()
+                    log.warning("consumer error: %s", err.str())
+                continue
+            record = Record.from_message(msg)
+            tp = (record.topic, record.partition)
+            part = self._partitions.get(tp)
+            if part is None:  # a record fetched before its partition was revoked
+                continue
+            consumed += 1
+            try:
+                part.tracker.add(record.offset)
+            except ValueError:  # already held: a re-fetch after a position reset
+                log.warning("record %s is already in flight; not started twice", record.coordinates)
+                continue
+            part.held += 1
+            self._held += 1
+            self._idle.clear()
+            key = (tp, record.key if record.key is not None else record.offset)
+            queue = self._keys.get(key)
+            if queue is not None:
+                queue.append(record)
+            else:
+                self._keys[key] = deque([record])
+                self._start(key, record)
+        if consumed:
+            self.metrics.consumed(consumed)
+            self.metrics.inflight(self._held)
+
+    def _start(self, key: tuple[TP, bytes | int], record: Record) -> None:
+        task = asyncio.create_task(self._process(key, record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, key: tuple[TP, bytes | int], record: Record) -> None:
+        tp = key[0]
+        delay = self.config.retry_base_s
+        while True:
+            part = self._partitions.get(tp)
+            if part is None or part.revoked:
+                break
+            try:
+                await self._handler(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the handler could not make the outcome durable
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "record %s not finished, retrying in %.1fs: %s", record.coordinates, delay, exc
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.config.retry_max_s)
+                continue
+            current = self._partitions.get(tp)
+            if current is part:
+                part.tracker.finish(record.offset)
+            break
+        self._finish(key, part)
+
+    def _finish(self, key: tuple[TP, bytes | int], part: _Partition | None) -> None:
+        queue = self._keys.get(key)
+        if queue is not None:
+            queue.popleft()
+            if queue:
+                self._start(key, queue[0])
+            else:
+                del self._keys[key]
+        if part is not None:
+            part.held -= 1
+        self._release(1)
+
+    def _release(self, n: int) -> None:
+        self._held -= n
+        self.metrics.inflight(self._held)
+        if self._held == 0:
+            self._idle.set()
+
+    # ------------------------------------------------------------------ backpressure
+
+    async def _backpressure(self) -> None:
+        assert self._consumer is not None
+        cfg = self.config
+        low_total = int(cfg.max_in_flight * cfg.resume_ratio)
+        low_part = int(cfg.max_in_flight_per_partition * cfg.resume_ratio)
+        to_pause, to_resume = [], []
+        full = self._held >= cfg.max_in_flight
+        for (topic, partition), part in self._partitions.items():
+            should_pause = full or part.held >= cfg.max_in_flight_per_partition
+            may_resume = self._held <= low_total and part.held <= low_part
+            if should_pause and not part.paused:
+                part.paused = True
+                to_pause.append(TopicPartition(topic, partition))
+            elif part.paused and may_resume:
+                part.paused = False
+                to_resume.append(TopicPartition(topic, partition))
+        if to_pause:
+            await self._call(self._consumer.pause, to_pause)
+            log.debug("paused %d partitions (in flight %d)", len(to_pause), self._held)
+        if to_resume:
+            await self._call(self._consumer.resume, to_resume)
+            log.debug("resumed %d partitions (in flight %d)", len(to_resume), self._held)
+        if to_pause or to_resume:
+            self._update_paused_metric()
+
+    def _update_paused_metric(self) -> None:
+        self.metrics.paused(sum(1 for p in self._partitions.values() if p.paused))
+
+    # ------------------------------------------------------------------ commits and lag
+
+    def _pending_commits(self) -> list[TopicPartition]:
+        offsets = []
+        for (topic, partition), part in self._partitions.items():
+            offset = part.tracker.take_commit()
+            if offset is not None:
+                offsets.append(TopicPartition(topic, partition, offset))
+        return offsets
+
+    async def commit(self) -> None:
+        offsets = self._pending_commits()
+        if offsets and self._consumer is not None:
+            await self._call(self._commit_now, self._consumer, offsets, "interval")
+
+    async def _report_lag(self) -> None:
+        if self._consumer is None:
+            return
+        consumer = self._consumer
+        parts = {tp: p.tracker.committable() for tp, p in self._partitions.items()}
+
+        def read() -> list[tuple[TP, int | None]]:
+            out = []
+            for (topic, partition), position in parts.items():
+                try:
+                    _low, high = consumer.get_watermark_offsets(
+                        TopicPartition(topic, partition), timeout=1.0, cached=False
+                    )
+                except KafkaException:
+                    continue
+                if position is None:
+                    committed = consumer.committed([TopicPartition(topic, partition)], timeout=1.0)
+                    position = committed[0].offset if committed and committed[0].offset >= 0 else None
+                out.append(((topic, partition), None if position is None else max(0, high - position)))
+            return out
+
+        for (topic, partition), lag in await self._call(read):
+            self.metrics.lag(topic, partition, lag)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def _drain(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        try:
+            if self._partitions:
+                await self._call(consumer.pause, [TopicPartition(t, p) for t, p in self._partitions])
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=self.config.drain_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("drain timed out with %d records in flight; they stay uncommitted", self._held)
+            await self.commit()
+            await self._call(consumer.close)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._executor.shutdown(wait=False)
+            log.info("consumer closed")
+
+
+def _fmt(partitions: list[TopicPartition]) -> str:
+    return ", ".join(
+        f"{tp.topic}[{tp.partition}]" + (f"@{tp.offset}" if tp.offset >= 0 else "") for tp in partitions
+    ) or "-"

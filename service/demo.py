@@ -1,0 +1,177 @@
+"""``agent-service demo``: the whole pipeline on embedded servers, in one command.
+
+Starts a local broker, redis-server and the embedded model (or the fake one with ``--fake-llm``),
+runs the service, produces sample tasks (every one of them twice, as a redelivery would, plus a
+poison record and a conflicting one) and prints what happened: model calls, results, duplicates
+skipped and dead letters, read back from the topics and the ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from service import local
+from service.settings import Settings
+from service.wiring import build, ensure_topics, install_signal_handlers, start_embedded
+
+SAMPLES: list[dict[str, Any]] = [
+    {"kind": "classify", "input": {"text": "The parcel arrived crushed and two cups were broken.",
+                                   "labels": ["complaint", "praise", "question"]}},
+    {"kind": "classify", "input": {"text": "Thank you, the support team solved it in minutes!",
+                                   "labels": ["complaint", "praise", "question"]}},
+    {"kind": "classify", "input": {"text": "Do you ship to Norway?", "labels": ["complaint", "praise", "question"]}},
+    {"kind": "extract", "input": {"document": "Invoice 2291 from Acme Ltd, due 2026-12-01, total 1,250.00 EUR.",
+                                  "fields": ["invoice_number", "vendor", "due_date"]}},
+    {"kind": "extract", "input": {"document": "Patient: Jane Roe, born 1980-04-02, seen by Dr. Liu.",
+                                  "fields": ["patient_name", "doctor"]}},
+    {"kind": "summarize", "input": {"text": "Kafka delivers each record at least once. A model answers "
+                                            "differently each time. The service keys every task to its work, "
+                                            "so a redelivery finds the stored result instead of a new answer.",
+                                    "max_words": 25}},
+    {"kind": "summarize", "input": {"text": "The meeting moved to Thursday at ten because the room was booked; "
+                                            "bring the quarterly figures.", "max_words": 15}},
+    {"kind": "classify", "input": {"text": "Where is my refund? It has been three weeks.",
+                                   "labels": ["complaint", "praise", "question"]}},
+]
+
+
+def _tasks(n: int) -> list[dict[str, Any]]:
+    out = []
+    for i in range(n):
+        body = dict(SAMPLES[i % len(SAMPLES)])
+        body["task_id"] = f"demo-{i + 1:03d}"
+        out.append(body)
+    return out
+
+
+def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
+    producer.flush(30)
+
+
+def _read(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list[Any]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-reader-{time.time_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out, idle_since = [], time.monotonic()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is None:
+            if out and time.monotonic() - idle_since > 1.0:
+                break
+            continue
+        if not msg.error():
+            out.append(msg)
+            idle_since = time.monotonic()
+    consumer.close()
+    return out
+
+
+def _sum(svc: Any, name: str, label: str, values: tuple[str, ...]) -> int:
+    reg = svc.metrics.registry
+    return int(sum(reg.get_sample_value(name, {label: v}) or 0 for v in values))
+
+
+async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> int:
+    from service.metrics import DLQ_REASONS, LLM_OUTCOMES
+
+    svc = build(settings, llm_base_url=base_url)
+    install_signal_handlers(svc)
+    serving = asyncio.create_task(svc.run())
+    k = settings.kafka
+    while not svc.runner.assignment and not serving.done():
+        await asyncio.sleep(0.1)
+    tasks = _tasks(n)
+    records = [(t["task_id"].encode(), json.dumps(t).encode()) for t in tasks]
+    conflicting = dict(tasks[0], input={**tasks[0]["input"], "text": "A different text under the same task id."})
+    extra = [(b"poison-1", b"{this is not json"), (conflicting["task_id"].encode(), json.dumps(conflicting).encode())]
+    print(f"producing {n} tasks, each twice (a redelivery), one poison record and one conflicting task ...")
+    started = time.monotonic()
+    await asyncio.to_thread(_produce, k.bootstrap_servers, k.input_topic, records + records + extra)
+    expected = 2 * n + len(extra)
+
+    def finished() -> int:
+        return _sum(svc, "agent_tasks_total", "outcome", ("succeeded", "duplicate", "dead_lettered", "conflict"))
+
+    last = -1
+    while finished() < expected and time.monotonic() - started < timeout_s and not serving.done():
+        if finished() != last:
+            last = finished()
+            print(f"  {last}/{expected} records finished", flush=True)
+        await asyncio.sleep(0.5)
+    elapsed = time.monotonic() - started
+    svc.runner.stop()
+    await serving
+    results = await asyncio.to_thread(_read, k.bootstrap_servers, k.results_topic)
+    dead = await asyncio.to_thread(_read, k.bootstrap_servers, k.dlq_topic)
+    reg = svc.metrics.registry
+
+    def val(name: str, **labels: str) -> int:
+        return int(reg.get_sample_value(name, labels) or 0)
+
+    print()
+    print(f"{'records produced':<28}{expected}")
+    print(f"{'distinct tasks':<28}{n + 1}  (+1 poison)")
+    print(f"{'LLM calls':<28}{_sum(svc, 'agent_llm_requests_total', 'outcome', LLM_OUTCOMES)}"
+          f"  (retries {val('agent_retries_total')})")
+    print(f"{'results published':<28}{len(results)}")
+    print(f"{'duplicates skipped':<28}{val('agent_tasks_total', outcome='duplicate')}")
+    print(f"{'dead letters':<28}{len(dead)}  " + ", ".join(
+        f"{r}={val('agent_dead_letters_total', reason=r)}" for r in DLQ_REASONS
+        if val("agent_dead_letters_total", reason=r)))
+    print(f"{'stale fence writes':<28}{val('agent_stale_fence_writes_total')}")
+    print(f"{'wall time':<28}{elapsed:.1f}s")
+    print("\nresults:")
+    for m in results:
+        body = json.loads(m.value())
+        print(f"  {body['task_id']:<10} {body['kind']:<10} fence={body['fence']} attempts={body['attempts']} "
+              f"{json.dumps(body['result'])[:90]}")
+    print("\ndead letters:")
+    for m in dead:
+        h = {key: v.decode("utf-8", "replace") for key, v in (m.headers() or [])}
+        print(f"  {h.get('dlq.task_id') or '-':<10} {h['dlq.reason']:<15} "
+              f"from {h['dlq.original.topic']}[{h['dlq.original.partition']}]@{h['dlq.original.offset']}: "
+              f"{h['dlq.error'][:70]}")
+    unaccounted = expected - finished()
+    if unaccounted:
+        print(f"\n{unaccounted} records were still in flight when the demo stopped (timeout {timeout_s:.0f}s)")
+        return 1
+    return 0
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else local.default_data_dir() / "demo"
+    with local.Embedded(data_dir / str(time.time_ns())) as emb:
+        settings = start_embedded(settings, emb, broker=getattr(args, "broker", "noida"))
+        base_url = settings.llm.base_url
+        if getattr(args, "fake_llm", False):
+            from service.fakellm import FakeLLM
+
+            fake = FakeLLM(latency_s=0.05)
+            emb.callback(fake.stop)
+            base_url = fake.start()
+            settings = settings.model_copy(update={"llm": settings.llm.model_copy(update={"model": "fake"})})
+        elif base_url is None:
+            print("starting the embedded model (SmolLM2-135M on llama.cpp) ...", flush=True)
+            server = emb.start("llm", local.start_local_model(emb.data_dir / "llm", gguf=settings.llm.local_gguf))
+            base_url = f"http://{server.address}/v1"
+        ensure_topics(settings)
+        print(f"broker {settings.kafka.bootstrap_servers}, redis {emb.servers['redis'].address}, model {base_url}")
+        print(f"admin API and metrics on http://{settings.http.host}:{settings.http.port} while it runs")
+        timeout = float(getattr(args, "timeout", 0) or 600)
+        try:
+            return asyncio.run(_run(settings, base_url, int(args.tasks), timeout))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130

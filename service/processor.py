@@ -1,0 +1,372 @@
+"""The per-record pipeline: decode -> claim -> run the agent -> fenced complete -> publish.
+
+It is the one writer of durable state for a record: the ledger, the results topic and the
+dead-letter topic. It returns only when the record's outcome is durable (a result in the ledger and
+on the results topic, or an acknowledged dead letter); the runner then lets its offset be committed.
+It raises only when Redis or the broker did not answer, and the runner retries the record.
+
+Decisions on a claim:
+- ``claimed``: this worker holds the task under a fresh fence; run it.
+- ``succeeded``: done before (a redelivery, a replay, a retry after a timeout): never call the model
+  again; re-emit the stored result event, byte for byte, if it was not acknowledged yet.
+- ``busy``: another worker holds a live lease: wait until it finishes or its lease expires.
+- ``conflict``: the same key with a different input: dead-letter, the first result stays.
+- ``dead``: dead-lettered before: re-emit the dead letter if it was not acknowledged yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from time import monotonic
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from consumers.producers import Outputs, ProduceFailed
+from consumers.records import Record
+from dedup.ledger import Claim, Ledger, LedgerUnavailable, StaleFence
+from service.errors import (
+    InfrastructureError,
+    InvalidOutput,
+    PermanentError,
+    PoisonError,
+    RetryableError,
+)
+from service.kinds import Agent, AgentRegistry, Step
+from service.llm import ChatRequest, ChatResult
+from service.metrics import Metrics
+from service.tasks import Task, canonical_json, decode_task, digest
+
+log = logging.getLogger(__name__)
+
+
+class ChatClient(Protocol):
+    async def chat(self, request: ChatRequest) -> ChatResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorConfig:
+    max_task_bytes: int = 262_144
+    max_attempts: int = 4
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    llm_timeout_s: float = 30.0
+    busy_poll_s: float = 0.5
+    lease_ms: int = 30_000
+
+
+class _DeadLetter(Exception):
+    def __init__(self, reason: str, error: str, attempts: int) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+        self.attempts = attempts
+
+
+class _LostFence(Exception):
+    pass
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TaskProcessor:
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        agents: AgentRegistry,
+        llm: ChatClient,
+        outputs: Outputs,
+        metrics: Metrics,
+        config: ProcessorConfig,
+        worker_id: str,
+        model_name: str,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.ledger = ledger
+        self.agents = agents
+        self.llm = llm
+        self.outputs = outputs
+        self.metrics = metrics
+        self.config = config
+        self.worker_id = worker_id
+        self.model_name = model_name
+        self.clock = clock
+
+    async def __call__(self, record: Record) -> None:
+        started = monotonic()
+        try:
+            await self._process(record)
+        except (LedgerUnavailable, ProduceFailed) as exc:
+            raise InfrastructureError(str(exc)) from exc
+        finally:
+            self.metrics.task_duration.observe(monotonic() - started)
+
+    # ------------------------------------------------------------------ steps of a record
+
+    async def _process(self, record: Record) -> None:
+        try:
+            task = decode_task(record.value, record.headers, self.config.max_task_bytes)
+            agent = self.agents.get(task.kind)
+            task_input = agent.parse_input(task.event.input)
+        except PoisonError as exc:
+            await self._dead_letter(record, None, exc.reason, str(exc), 0)
+            return
+        ctx = f"task_id={task.key} {record.coordinates}"
+        if task.expired(self.clock()):
+            await self._dead_letter(record, task.key, "expired", "deadline passed before the task started", 0)
+            return
+        claim = await self._claim(record, task, ctx)
+        if claim is None:
+            return
+        try:
+            async with self._heartbeat(task.key, claim.fence):
+                outputs, attempts = await self._run(task, agent, task_input, claim)
+        except _DeadLetter as dl:
+            await self._dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx)
+            return
+        except _LostFence:
+            self.metrics.stale_fence_writes.inc()
+            self.metrics.tasks.labels(outcome="duplicate").inc()
+            log.warning("%s: lost the task to a newer fence; the new holder finishes it", ctx)
+            return
+        await self._complete(record, task, agent, claim.fence, outputs, attempts, ctx)
+
+    async def _claim(self, record: Record, task: Task, ctx: str) -> Claim | None:
+        while True:
+            claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind)
+            decision = claim.decision
+            if decision == "claimed":
+                log.debug("%s: claimed with fence %d", ctx, claim.fence)
+                return claim
+            if decision == "conflict":
+                self.metrics.tasks.labels(outcome="conflict").inc()
+                await self._dead_letter(
+                    record, task.key, "conflict",
+                    f"task {task.key} exists with another input (fingerprint {task.fingerprint} differs)",
+                    claim.attempts, count_outcome=False,
+                )
+                return None
+            if decision in ("succeeded", "dead"):
+                await self._duplicate(record, task, decision, claim, ctx)
+                return None
+            # busy: another worker holds a live lease
+            if task.expired(self.clock()):
+                await self._dead_letter(record, task.key, "expired", "deadline passed while another worker held the task", claim.attempts)
+                return None
+            wait_s = min(self.config.busy_poll_s, max(claim.lease_remaining_ms, 10) / 1000)
+            await asyncio.sleep(wait_s)
+
+    async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
+        self.metrics.tasks.labels(outcome="duplicate").inc()
+        if claim.published:
+            log.info("%s: %s before; skipped", ctx, state)
+            return
+        stored = await self.ledger.get(task.key)
+        if stored is None:  # expired from the ledger between the two reads: run it as new
+            raise LedgerUnavailable(f"task {task.key} vanished between claim and read")
+        if state == "succeeded" and stored.event is not None:
+            await self.outputs.result(task.key, stored.event, task.traceparent)
+            self.metrics.results_published.inc()
+        elif state == "dead":
+            reason = stored.fields.get("dead_reason", "permanent")
+            await self.outputs.dead_letter(
+                record, reason=reason, error=stored.fields.get("error", ""),
+                attempts=stored.attempts, task_id=task.key,
+            )
+            self.metrics.dead_letters.labels(reason=reason).inc()
+        await self.ledger.mark_published(task.key, state)
+        log.info("%s: %s before; re-emitted the stored outcome", ctx, state)
+
+    # ------------------------------------------------------------------ the agent
+
+    async def _run(
+        self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim
+    ) -> tuple[dict[str, dict[str, Any]], int]:
+        journal = await self.ledger.steps(task.key) if len(agent.steps) > 1 else {}
+        outputs: dict[str, dict[str, Any]] = {}
+        attempts = claim.attempts
+        for step in agent.steps:
+            recorded = journal.get(step.name)
+            if (
+                recorded is not None
+                and recorded.get("prompt_version") == step.prompt_version
+                and recorded.get("digest") == digest(canonical_json(recorded.get("output")))
+            ):
+                outputs[step.name] = recorded["output"]
+                continue
+            output, attempts = await self._call_step(task, step, task_input, outputs, claim.fence, attempts)
+            outputs[step.name] = output
+            if len(agent.steps) > 1:
+                record = {
+                    "output": output, "digest": digest(canonical_json(output)),
+                    "prompt_version": step.prompt_version, "fence": claim.fence,
+                }
+                try:
+                    await self.ledger.record_step(task.key, claim.fence, step.name, record)
+                except StaleFence as exc:
+                    raise _LostFence(str(exc)) from exc
+        return outputs, attempts
+
+    async def _call_step(
+        self,
+        task: Task,
+        step: Step,
+        task_input: BaseModel,
+        previous: dict[str, dict[str, Any]],
+        fence: int,
+        attempts: int,
+    ) -> tuple[dict[str, Any], int]:
+        cfg = self.config
+        last: Exception | None = None
+        while True:
+            remaining = task.remaining_s(self.clock())
+            if remaining is not None and remaining <= 0:
+                raise _DeadLetter("expired", f"deadline passed after {attempts} attempts", attempts)
+            if attempts >= cfg.max_attempts:
+                if isinstance(last, InvalidOutput):
+                    raise _DeadLetter("invalid_output", str(last), attempts)
+                raise _DeadLetter("exhausted", f"{attempts} attempts: {last or 'no attempt left'}", attempts)
+            try:
+                attempts = await self.ledger.begin_attempt(task.key, fence)
+            except StaleFence as exc:
+                raise _LostFence(str(exc)) from exc
+            timeout = cfg.llm_timeout_s if remaining is None else max(0.05, min(cfg.llm_timeout_s, remaining))
+            request = ChatRequest(
+                messages=step.messages(task_input, previous),
+                schema=step.schema(task_input, previous),
+                schema_name=f"{task.kind}_{step.name}",
+                idempotency_key=f"{task.key}:{step.name}",
+                timeout_s=timeout,
+                traceparent=task.traceparent,
+            )
+            try:
+                answer = await self.llm.chat(request)
+                output = step.parse(task_input, answer.content)
+                return output, attempts
+            except PermanentError as exc:
+                raise _DeadLetter("permanent", str(exc), attempts) from exc
+            except InvalidOutput as exc:
+                last = exc
+                delay: float | None = None
+            except RetryableError as exc:
+                last = exc
+                delay = exc.delay
+            if attempts >= cfg.max_attempts:
+                continue  # the check at the top dead-letters it
+            self.metrics.retries.inc()
+            if delay is None:  # full jitter
+                delay = random.uniform(0, min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempts - 1)))
+            log.info("task_id=%s step=%s attempt %d failed (%s); retry in %.2fs",
+                     task.key, step.name, attempts, last, delay)
+            await asyncio.sleep(delay)
+
+    @contextlib.asynccontextmanager
+    async def _heartbeat(self, task_key: str, fence: int) -> AsyncIterator[None]:
+        interval = self.config.lease_ms / 3000
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    if not await self.ledger.heartbeat(task_key, fence):
+                        log.warning("task_id=%s: lease lost (fence %d)", task_key, fence)
+                        return
+                except LedgerUnavailable as exc:
+                    log.warning("task_id=%s: heartbeat failed: %s", task_key, exc)
+
+        beating = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+
+    # ------------------------------------------------------------------ outcomes
+
+    async def _complete(
+        self,
+        record: Record,
+        task: Task,
+        agent: Agent,
+        fence: int,
+        outputs: dict[str, dict[str, Any]],
+        attempts: int,
+        ctx: str,
+    ) -> None:
+        result = agent.result(outputs)
+        result_text = canonical_json(result)
+        result_digest = digest(result_text)
+        event = canonical_json({
+            "task_id": task.key,
+            "kind": task.kind,
+            "status": "succeeded",
+            "result": result,
+            "result_digest": result_digest,
+            "fence": fence,
+            "attempts": attempts,
+            "model": self.model_name,
+            "prompt_version": agent.prompt_version,
+            "completed_at": _iso(self.clock()),
+        }).encode()
+        done = await self.ledger.complete(
+            task.key, fence, result=result_text, digest=result_digest, event=event,
+            model=self.model_name, prompt_version=agent.prompt_version,
+        )
+        if done.status != "ok":
+            self.metrics.stale_fence_writes.inc()
+            self.metrics.tasks.labels(outcome="duplicate").inc()
+            log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
+            return
+        await self.outputs.result(task.key, event, task.traceparent)
+        self.metrics.results_published.inc()
+        await self.ledger.mark_published(task.key, "succeeded")
+        self.metrics.tasks.labels(outcome="succeeded").inc()
+        log.info("%s: succeeded (fence %d, attempts %d)", ctx, fence, attempts)
+
+    async def _dead(
+        self, record: Record, task: Task, fence: int, reason: str, error: str, attempts: int, ctx: str
+    ) -> None:
+        if not await self.ledger.fail(task.key, fence, error, dead_reason=reason):
+            self.metrics.stale_fence_writes.inc()
+            self.metrics.tasks.labels(outcome="duplicate").inc()
+            log.warning("%s: dead-letter of fence %d refused: a newer fence holds the task", ctx, fence)
+            return
+        await self._dead_letter(record, task.key, reason, error, attempts)
+        await self.ledger.mark_published(task.key, "dead")
+
+    async def _dead_letter(
+        self,
+        record: Record,
+        task_key: str | None,
+        reason: str,
+        error: str,
+        attempts: int,
+        *,
+        count_outcome: bool = True,
+    ) -> None:
+        await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts, task_id=task_key)
+        self.metrics.dead_letters.labels(reason=reason).inc()
+        if count_outcome:
+            self.metrics.tasks.labels(outcome="dead_lettered").inc()
+        log.warning("task_id=%s %s: dead-lettered as %s: %s", task_key or "-", record.coordinates, reason, error)
+
+
+def result_event(value: bytes) -> dict[str, Any]:
+    """Parse a result event (for tools and tests)."""
+    data: dict[str, Any] = json.loads(value)
+    return data

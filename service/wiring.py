@@ -1,0 +1,257 @@
+"""The composition root: builds every part from one :class:`Settings` and hands them in.
+
+Nothing here runs at import. ``Service.run()`` serves the consumer and the HTTP app in one event
+loop; ``run_service()`` is what ``agent-service run`` calls, with embedded servers for whatever
+the settings leave unconfigured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from consumers.producers import Outputs, Publisher
+from consumers.runner import Runner, RunnerConfig, RunnerMetrics
+from dedup.keys import Keys
+from dedup.ledger import Ledger
+from service.kinds import AgentRegistry, default_agents
+from service.llm import LLMClient
+from service.metrics import Metrics
+from service.processor import ChatClient, ProcessorConfig, TaskProcessor
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _RunnerMetrics(RunnerMetrics):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def consumed(self, n: int) -> None:
+        self.m.messages_consumed.inc(n)
+
+    def inflight(self, n: int) -> None:
+        self.m.inflight.set(n)
+
+    def paused(self, n: int) -> None:
+        self.m.paused_partitions.set(n)
+
+    def assigned(self, n: int) -> None:
+        self.m.assigned_partitions.set(n)
+
+    def committed(self) -> None:
+        self.m.committed_offsets.inc()
+
+    def lag(self, topic: str, partition: int, lag: int | None) -> None:
+        labels = {"topic": topic, "partition": str(partition)}
+        if lag is None:
+            with contextlib.suppress(KeyError):
+                self.m.consumer_lag.remove(*labels.values())
+        else:
+            self.m.consumer_lag.labels(**labels).set(lag)
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    r = settings.redis
+    kwargs: dict[str, Any] = {
+        "socket_timeout": r.socket_timeout_s,
+        "socket_connect_timeout": r.socket_timeout_s,
+        "health_check_interval": 10,
+    }
+    if r.username:
+        kwargs["username"] = r.username
+    if r.password is not None:
+        kwargs["password"] = r.password.get_secret_value()
+    if r.ssl_ca_certs:
+        kwargs["ssl_ca_certs"] = r.ssl_ca_certs
+    if r.ssl_certfile:
+        kwargs["ssl_certfile"] = r.ssl_certfile
+    if r.ssl_keyfile:
+        kwargs["ssl_keyfile"] = r.ssl_keyfile
+    return aioredis.from_url(r.url.get_secret_value(), **kwargs)
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
+    k = settings.kafka
+    admin = AdminClient(k.common_config())
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = [k.input_topic, k.results_topic, k.dlq_topic]
+    new = [
+        NewTopic(t, num_partitions=k.topic_partitions, replication_factor=k.topic_replication_factor)
+        for t in wanted if t not in existing
+    ]
+    if not new:
+        return
+    for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout_s)
+            log.info("created topic %s", topic)
+        except Exception as exc:  # noqa: BLE001 - "already exists" from a racing replica is fine
+            if "exist" not in str(exc).lower():
+                raise
+
+
+def worker_id(settings: Settings) -> str:
+    return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Service:
+    settings: Settings
+    metrics: Metrics
+    redis: aioredis.Redis
+    ledger: Ledger
+    llm: ChatClient
+    publisher: Publisher
+    outputs: Outputs
+    agents: AgentRegistry
+    processor: TaskProcessor
+    runner: Runner
+    llm_base_url: str
+    _closers: list[Any] = field(default_factory=list)
+
+    async def run(self, *, http: bool | None = None) -> None:
+        serve_http = self.settings.http.enabled if http is None else http
+        server = None
+        tasks = [asyncio.create_task(self.runner.run(), name="consumer")]
+        if serve_http:
+            import uvicorn
+
+            from service.app import create_app
+
+            app = create_app(self)
+            config = uvicorn.Config(
+                app, host=self.settings.http.host, port=self.settings.http.port,
+                log_level="warning", access_log=False, lifespan="off",
+            )
+            server = uvicorn.Server(config)
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            tasks.append(asyncio.create_task(server.serve(), name="http"))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            self.runner.stop()
+            if server is not None:
+                server.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        self.publisher.close()
+        for closer in self._closers:
+            await closer()
+        await self.redis.aclose()
+
+
+def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = None,
+          agents: AgentRegistry | None = None, metrics: Metrics | None = None) -> Service:
+    metrics = metrics or Metrics()
+    client = redis_client(settings)
+    ledger = Ledger(
+        client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
+        ttl_s=settings.ledger.result_ttl_s,
+    )
+    closers = []
+    if llm is None:
+        real = LLMClient(settings.llm, llm_base_url, metrics)
+        closers.append(real.aclose)
+        llm = real
+    publisher = Publisher(settings.kafka.producer_config())
+    outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
+    agents = agents or default_agents()
+    s = settings
+    processor = TaskProcessor(
+        ledger=ledger, agents=agents, llm=llm, outputs=outputs, metrics=metrics,
+        config=ProcessorConfig(
+            max_task_bytes=s.max_task_bytes, max_attempts=s.llm.max_attempts,
+            backoff_base_s=s.llm.backoff_base_s, backoff_max_s=s.llm.backoff_max_s,
+            llm_timeout_s=s.llm.timeout_s, busy_poll_s=s.ledger.busy_poll_s, lease_ms=s.ledger.lease_ms,
+        ),
+        worker_id=worker_id(s), model_name=s.llm.model,
+    )
+    consumer_conf = s.kafka.consumer_config()
+    # A record may wait its turn behind others of its key: librdkafka must not drop it for size.
+    consumer_conf.setdefault("fetch.max.bytes", max(52428800, s.max_task_bytes * 4))
+    runner = Runner(
+        consumer_conf, processor,
+        RunnerConfig(
+            topic=s.kafka.input_topic, max_in_flight=s.max_in_flight,
+            max_in_flight_per_partition=s.max_in_flight_per_partition,
+            commit_interval_s=s.commit_interval_s, drain_timeout_s=s.drain_timeout_s,
+        ),
+        _RunnerMetrics(metrics),
+    )
+    return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
+                   llm_base_url, closers)
+
+
+def install_signal_handlers(service: Service) -> None:
+    """First SIGTERM/SIGINT drains; a second one exits at once."""
+    loop = asyncio.get_running_loop()
+    seen = {"n": 0}
+
+    def handle(signum: int) -> None:
+        seen["n"] += 1
+        if seen["n"] == 1:
+            log.warning("signal %s: draining (send it again to exit now)", signal.Signals(signum).name)
+            service.runner.stop()
+        else:
+            log.error("second signal: exiting without draining")
+            os._exit(130)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
+
+
+def run_service(settings: Settings, *, embedded: bool, data_dir: Path | None = None,
+                broker: str = "noida") -> None:
+    """``agent-service run``: embedded servers for what is unconfigured, then serve until signalled."""
+    from service import local
+
+    with local.Embedded(data_dir or local.default_data_dir()) as emb:
+        if embedded:
+            settings = start_embedded(settings, emb, broker=broker)
+        base_url = settings.llm.base_url
+        if base_url is None:
+            server = emb.start("llm", local.start_local_model(emb.data_dir / "llm", gguf=settings.llm.local_gguf))
+            base_url = f"http://{server.address}/v1"
+        ensure_topics(settings)
+
+        async def main() -> None:
+            service = build(settings, llm_base_url=base_url)
+            install_signal_handlers(service)
+            log.info("serving: input=%s group=%s http=%s:%d llm=%s", settings.kafka.input_topic,
+                     settings.kafka.group_id, settings.http.host, settings.http.port, base_url)
+            await service.run()
+
+        asyncio.run(main())
+
+
+def start_embedded(settings: Settings, emb: Any, *, broker: str = "noida") -> Settings:
+    """Start a local broker and redis-server and return settings that point at them."""
+    from service import local
+
+    b = emb.start("broker", local.start_broker(broker, emb.data_dir / broker))
+    r = emb.start("redis", local.start_redis(emb.data_dir / "redis"))
+    kafka = settings.kafka.model_copy(update={
+        "bootstrap_servers": b.address,
+        # noida-db never hands over cooperatively revoked partitions: use an eager protocol there
+        "partition_assignment_strategy": "roundrobin" if broker == "noida" else settings.kafka.partition_assignment_strategy,
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 500,
+    })
+    redis = settings.redis.model_copy(update={"url": type(settings.redis.url)(f"redis://{r.address}/0")})
+    return settings.model_copy(update={"kafka": kafka, "redis": redis})

@@ -1,0 +1,191 @@
+"""Helpers shared by the integration and chaos tests: produce, read topics back, run a service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from service import local
+from service.settings import Settings
+from service.wiring import Service, build, ensure_topics
+
+
+@dataclass
+class Broker:
+    name: str
+    bootstrap: str
+    server: local.Server | None
+
+    @property
+    def assignment_strategy(self) -> str:
+        # noida-db never hands cooperatively revoked partitions over (see BROKERS.md)
+        return "roundrobin" if self.name == "noida" else "cooperative-sticky"
+
+
+@dataclass
+class Msg:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+    def json(self) -> Any:
+        assert self.value is not None
+        return json.loads(self.value)
+
+
+def task_value(kind: str, task_input: dict[str, Any], task_id: str | None = None, **extra: Any) -> bytes:
+    body: dict[str, Any] = {"kind": kind, "input": task_input, **extra}
+    if task_id is not None:
+        body["task_id"] = task_id
+    return json.dumps(body).encode()
+
+
+def classify(task_id: str | None, text: str = "the parcel arrived broken", **extra: Any) -> bytes:
+    return task_value("classify", {"text": text, "labels": ["complaint", "praise", "question"]}, task_id, **extra)
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]], partition: int | None = None) -> int:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+    n = 0
+    for rec in records:
+        key, value = rec[0], rec[1]
+        headers = rec[2] if len(rec) > 2 else None  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers}
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        n += 1
+    remaining = producer.flush(30)
+    assert remaining == 0, f"{remaining} records not delivered"
+    return n
+
+
+def read_topic(bootstrap: str, topic: str, *, expect: int | None = None, timeout_s: float = 30.0,
+               idle_s: float = 1.5) -> list[Msg]:
+    """Read a topic from the beginning with a throwaway group.
+
+    Returns once ``expect`` records arrived and then nothing more for ``idle_s`` (so extras are
+    seen too), or when ``timeout_s`` passes.
+    """
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+        "auto.offset.reset": "earliest", "enable.auto.commit": False,
+        "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+    })
+    consumer.subscribe([topic])
+    out: list[Msg] = []
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            now = time.monotonic()
+            if msg is None:
+                if expect is not None and len(out) >= expect and now - last >= idle_s:
+                    break
+                if expect is None and out and now - last >= idle_s:
+                    break
+                continue
+            if msg.error():
+                continue
+            last = now
+            out.append(Msg(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                           dict(msg.headers() or [])))
+    finally:
+        consumer.close()
+    return out
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        consumer.close()
+
+
+async def wait_for(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, llm_base_url: str, **kwargs: Any) -> AsyncIterator[Service]:
+    """Build a service, start its consumer, wait for an assignment; drain and close on exit."""
+    await asyncio.to_thread(ensure_topics, settings)
+    service = build(settings, llm_base_url=llm_base_url, **kwargs)
+    task = asyncio.create_task(service.runner.run())
+    try:
+        await wait_for(lambda: service.runner.assignment or task.done(), 60, what="partition assignment")
+        if task.done():
+            task.result()
+        yield service
+    finally:
+        service.runner.stop()
+        await asyncio.wait_for(task, 60)
+        await service.aclose()
+
+
+def metric(service: Service, name: str, labels: dict[str, str] | None = None) -> float:
+    value = service.metrics.registry.get_sample_value(name, labels or {})
+    return float(value or 0.0)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``AGENT_*`` environment that rebuilds ``settings`` in another process."""
+    from pydantic import BaseModel, SecretStr
+
+    env: dict[str, str] = {}
+
+    def put(prefix: str, model: BaseModel) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            key = f"{prefix}{name.upper()}"
+            if isinstance(value, BaseModel):
+                put(key + "__", value)
+            elif isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
+            elif isinstance(value, bool):
+                env[key] = "true" if value else "false"
+            elif value is not None:
+                env[key] = str(value)
+
+    put("AGENT_", settings)
+    return env
+
+
+def spawn_worker(settings: Settings, log_path: str, *extra: str) -> Any:
+    """``agent-service run`` in a child process of its own (its own process group)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    env.update(settings_env(settings))
+    with open(log_path, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "service.cli", "run", *extra], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
