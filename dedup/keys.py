@@ -15,7 +15,7 @@ _TASK_KEY_RE = re.compile(TASK_KEY_PATTERN)
 
 
 def is_valid_task_key(task_key: str) -> bool:
-    return bool(_TASK_KEY_RE.match(task_key))
+    return bool(_TASK_KEY_RE.fullmatch(task_key))
 
 
 class Keys:

@@ -40,6 +40,20 @@ class StaleFence(LedgerError):
     """A newer claim holds the task: this worker's write was refused."""
 
 
+class AttemptsExhausted(LedgerError):
+    """The step has used every attempt it is allowed."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(f"no attempt left ({total} made for the task)")
+        self.total = total
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    step: int  # attempts of this step, this one included
+    total: int  # model calls made for the task, this one included
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     decision: Decision
@@ -156,14 +170,21 @@ class Ledger:
         ))
         return int(raw) == 1
 
-    async def begin_attempt(self, task_key: str, fence: int) -> int:
-        """Count one model call against the task before making it; returns the new count."""
+    async def begin_attempt(self, task_key: str, fence: int, step: str, max_attempts: int) -> Attempt:
+        """Count one model call against the task and step before making it.
+
+        Raises :class:`StaleFence` when a newer claim holds the task, and :class:`AttemptsExhausted`
+        when the step already used ``max_attempts`` (then nothing is counted).
+        """
         raw = await self._call(lambda: self._attempt(
-            keys=[self.keys.task(task_key)], args=[fence, self.lease_ms]
+            keys=[self.keys.task(task_key)], args=[fence, self.lease_ms, step, max_attempts]
         ))
-        if int(raw) < 0:
+        step_attempts, total = int(raw[0]), int(raw[1])
+        if step_attempts == -1:
             raise StaleFence(f"task {task_key}: fence {fence} no longer holds the task")
-        return int(raw)
+        if step_attempts == -2:
+            raise AttemptsExhausted(total)
+        return Attempt(step=step_attempts, total=total)
 
     async def record_step(self, task_key: str, fence: int, name: str, record: dict[str, Any]) -> None:
         raw = await self._call(lambda: self._step(

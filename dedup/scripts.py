@@ -62,16 +62,22 @@ redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]), 'updated_at'
 return 1
 """
 
-# KEYS[1] task; ARGV fence, lease_ms -> attempts after increment, or -1 when the fence is stale.
-# Counts one model call against the task, durably, before it is made: a redelivery or a
-# restart does not reset the count.
+# KEYS[1] task; ARGV fence, lease_ms, step, max_attempts
+# -> {step attempts after increment, task attempts}; {-1, n} when the fence is stale;
+#    {-2, n} when the step has used all of its attempts (nothing is counted then).
+# Counts one model call against the task and its step, durably, before it is made: a redelivery
+# or a restart does not reset the count.
 ATTEMPT = NOW + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence', 'attempts:' .. ARGV[3], 'attempts')
 if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
-  return -1
+  return {-1, tonumber(h[4]) or 0}
+end
+if (tonumber(h[3]) or 0) >= tonumber(ARGV[4]) then
+  return {-2, tonumber(h[4]) or 0}
 end
 redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]), 'updated_at', now)
-return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local total = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return {redis.call('HINCRBY', KEYS[1], 'attempts:' .. ARGV[3], 1), total}
 """
 
 # KEYS[1] task, KEYS[2] steps; ARGV fence, step name, step record (JSON) -> 'ok' | 'stale'
@@ -135,13 +141,18 @@ redis.call('HSET', KEYS[1], 'published', 1)
 return 1
 """
 
-# KEYS[1] task; -> 1 revived, 0 not dead. A dead task becomes claimable again, with a fresh
-# attempt budget, after an operator redrives its dead letter.
+# KEYS[1] task; -> 1 revived, 0 not dead. A dead task becomes claimable again, each step with a
+# fresh attempt budget (the task's total count stays), after an operator redrives its dead letter.
 REVIVE = NOW + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'state', 'failed', 'attempts', 0, 'lease_until', 0, 'updated_at', now)
+redis.call('HSET', KEYS[1], 'state', 'failed', 'lease_until', 0, 'updated_at', now)
 redis.call('HDEL', KEYS[1], 'dead_reason')
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 9) == 'attempts:' then
+    redis.call('HDEL', KEYS[1], f)
+  end
+end
 return 1
 """

@@ -248,8 +248,11 @@ class SummarizeStep(Step):
 
 
 def default_agents() -> AgentRegistry:
+    from service.prior_auth import prior_auth_agent
+
     return AgentRegistry([
         Agent("extract", ExtractInput, (ExtractStep(),)),
         Agent("classify", ClassifyInput, (ClassifyStep(),)),
         Agent("summarize", SummarizeInput, (SummarizeStep(),)),
+        prior_auth_agent(),
     ])

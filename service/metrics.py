@@ -46,6 +46,10 @@ class Metrics:
         self.results_published = Counter(
             "agent_results_published", "Result events acknowledged by the broker.", registry=r
         )
+        self.steps_reused = Counter(
+            "agent_steps_reused", "Journaled agent steps re-used instead of calling the model again.",
+            registry=r,
+        )
         self.inflight = Gauge("agent_inflight_tasks", "Records held in flight.", registry=r)
         self.paused_partitions = Gauge(
             "agent_paused_partitions", "Assigned partitions paused for backpressure.", registry=r

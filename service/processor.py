@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from consumers.producers import Outputs, ProduceFailed
 from consumers.records import Record
-from dedup.ledger import Claim, Ledger, LedgerUnavailable, StaleFence
+from dedup.ledger import AttemptsExhausted, Claim, Ledger, LedgerUnavailable, StaleFence
 from service.errors import (
     InfrastructureError,
     InvalidOutput,
@@ -196,29 +196,49 @@ class TaskProcessor:
     async def _run(
         self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim
     ) -> tuple[dict[str, dict[str, Any]], int]:
-        journal = await self.ledger.steps(task.key) if len(agent.steps) > 1 else {}
+        """Run the agent's steps; a multi-step agent journals each step and resumes from the journal.
+
+        A step sees the task input and only the recorded output of the step before, after its
+        digest is checked. A journaled step is re-used only when its prompt version is current,
+        its digest matches its output and it was computed from the current output of the step
+        before (a chain of digests); otherwise it runs again.
+        """
+        journaled = len(agent.steps) > 1
+        journal = await self.ledger.steps(task.key) if journaled else {}
         outputs: dict[str, dict[str, Any]] = {}
         attempts = claim.attempts
+        prev_name: str | None = None
+        prev: dict[str, Any] | None = None
         for step in agent.steps:
+            input_digest = prev["digest"] if prev is not None else ""
             recorded = journal.get(step.name)
             if (
                 recorded is not None
                 and recorded.get("prompt_version") == step.prompt_version
+                and recorded.get("input_digest", "") == input_digest
                 and recorded.get("digest") == digest(canonical_json(recorded.get("output")))
             ):
+                self.metrics.steps_reused.inc()
                 outputs[step.name] = recorded["output"]
+                prev_name, prev = step.name, recorded
                 continue
-            output, attempts = await self._call_step(task, step, task_input, outputs, claim.fence, attempts)
+            previous: dict[str, Any] = {}
+            if prev is not None and prev_name is not None:
+                if prev.get("digest") != digest(canonical_json(prev.get("output"))):
+                    raise _DeadLetter("permanent", f"step {prev_name}: recorded output does not match its digest", attempts)
+                previous = {prev_name: prev["output"]}
+            output, attempts = await self._call_step(task, step, task_input, previous, claim.fence, attempts)
             outputs[step.name] = output
-            if len(agent.steps) > 1:
-                record = {
-                    "output": output, "digest": digest(canonical_json(output)),
-                    "prompt_version": step.prompt_version, "fence": claim.fence,
-                }
+            record = {
+                "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
+                "prompt_version": step.prompt_version, "fence": claim.fence, "attempt": attempts,
+            }
+            if journaled:
                 try:
                     await self.ledger.record_step(task.key, claim.fence, step.name, record)
                 except StaleFence as exc:
                     raise _LostFence(str(exc)) from exc
+            prev_name, prev = step.name, record
         return outputs, attempts
 
     async def _call_step(
@@ -236,14 +256,13 @@ class TaskProcessor:
             remaining = task.remaining_s(self.clock())
             if remaining is not None and remaining <= 0:
                 raise _DeadLetter("expired", f"deadline passed after {attempts} attempts", attempts)
-            if attempts >= cfg.max_attempts:
-                if isinstance(last, InvalidOutput):
-                    raise _DeadLetter("invalid_output", str(last), attempts)
-                raise _DeadLetter("exhausted", f"{attempts} attempts: {last or 'no attempt left'}", attempts)
             try:
-                attempts = await self.ledger.begin_attempt(task.key, fence)
+                attempt = await self.ledger.begin_attempt(task.key, fence, step.name, cfg.max_attempts)
             except StaleFence as exc:
                 raise _LostFence(str(exc)) from exc
+            except AttemptsExhausted as exc:  # used up before a crash or a redelivery
+                raise _DeadLetter("exhausted", f"step {step.name}: {exc}", exc.total) from exc
+            attempts = attempt.total
             timeout = cfg.llm_timeout_s if remaining is None else max(0.05, min(cfg.llm_timeout_s, remaining))
             request = ChatRequest(
                 messages=step.messages(task_input, previous),
@@ -253,6 +272,7 @@ class TaskProcessor:
                 timeout_s=timeout,
                 traceparent=task.traceparent,
             )
+            delay: float | None = None
             try:
                 answer = await self.llm.chat(request)
                 output = step.parse(task_input, answer.content)
@@ -261,17 +281,17 @@ class TaskProcessor:
                 raise _DeadLetter("permanent", str(exc), attempts) from exc
             except InvalidOutput as exc:
                 last = exc
-                delay: float | None = None
             except RetryableError as exc:
-                last = exc
-                delay = exc.delay
-            if attempts >= cfg.max_attempts:
-                continue  # the check at the top dead-letters it
+                last, delay = exc, exc.delay
+            if attempt.step >= cfg.max_attempts:
+                reason = "invalid_output" if isinstance(last, InvalidOutput) else "exhausted"
+                raise _DeadLetter(reason, f"step {step.name}, {attempt.step} attempts: {last}", attempts)
             self.metrics.retries.inc()
             if delay is None:  # full jitter
-                delay = random.uniform(0, min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempts - 1)))
+                delay = random.uniform(0, min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt.step - 1)))
+            delay = min(delay, cfg.backoff_max_s)
             log.info("task_id=%s step=%s attempt %d failed (%s); retry in %.2fs",
-                     task.key, step.name, attempts, last, delay)
+                     task.key, step.name, attempt.step, last, delay)
             await asyncio.sleep(delay)
 
     @contextlib.asynccontextmanager

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from dedup.keys import Keys
-from dedup.ledger import Ledger, StaleFence
+from dedup.ledger import Attempt, AttemptsExhausted, Ledger, StaleFence
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def test_claim_lifecycle(redis_url: str) -> None:
         busy = await ledger.claim("t1", FP, "w2", "classify")
         assert busy.decision == "busy" and 0 < busy.lease_remaining_ms <= 300
         assert (await ledger.claim("t1", "sha256:other", "w2", "classify")).decision == "conflict"
-        assert await ledger.begin_attempt("t1", 1) == 1
+        assert (await ledger.begin_attempt("t1", 1, "s", 3)).step == 1
         done = await complete(ledger, "t1", 1)
         assert done.status == "ok"
         again = await ledger.claim("t1", FP, "w2", "classify")
@@ -64,7 +64,7 @@ def test_expired_lease_is_reclaimed_with_a_higher_fence_and_the_stale_write_is_r
         assert (b.decision, b.fence) == ("claimed", a.fence + 1)
         assert not await ledger.heartbeat("t2", a.fence)
         with pytest.raises(StaleFence):
-            await ledger.begin_attempt("t2", a.fence)
+            await ledger.begin_attempt("t2", a.fence, "s", 3)
         with pytest.raises(StaleFence):
             await ledger.record_step("t2", a.fence, "s", {"output": 1})
         assert (await complete(ledger, "t2", a.fence, '{"a":"old"}')).status == "stale"
@@ -91,18 +91,24 @@ def test_heartbeat_keeps_the_lease(redis_url: str) -> None:
 def test_attempts_survive_reclaims_and_failures(redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         a = await ledger.claim("t4", FP, "wa", "classify")
-        assert await ledger.begin_attempt("t4", a.fence) == 1
-        assert await ledger.begin_attempt("t4", a.fence) == 2
+        assert await ledger.begin_attempt("t4", a.fence, "s1", 2) == Attempt(step=1, total=1)
+        assert await ledger.begin_attempt("t4", a.fence, "s1", 2) == Attempt(step=2, total=2)
+        with pytest.raises(AttemptsExhausted):
+            await ledger.begin_attempt("t4", a.fence, "s1", 2)
+        assert await ledger.begin_attempt("t4", a.fence, "s2", 2) == Attempt(step=1, total=3)
         assert await ledger.fail("t4", a.fence, "gave up for now")
         b = await ledger.claim("t4", FP, "wb", "classify")
-        assert (b.decision, b.fence, b.attempts) == ("claimed", 2, 2)  # a redelivery does not reset it
+        assert (b.decision, b.fence, b.attempts) == ("claimed", 2, 3)  # a redelivery does not reset it
+        with pytest.raises(AttemptsExhausted):
+            await ledger.begin_attempt("t4", b.fence, "s1", 2)
         assert await ledger.fail("t4", b.fence, "boom", dead_reason="exhausted")
         dead = await ledger.claim("t4", FP, "wc", "classify")
         assert dead.decision == "dead"
         assert not await ledger.fail("t4", b.fence, "again", dead_reason="exhausted")  # not running
         assert await ledger.revive("t4")
         c = await ledger.claim("t4", FP, "wc", "classify")
-        assert (c.decision, c.fence, c.attempts) == ("claimed", 3, 0)
+        assert (c.decision, c.fence, c.attempts) == ("claimed", 3, 3)
+        assert await ledger.begin_attempt("t4", c.fence, "s1", 2) == Attempt(step=1, total=4)  # fresh budget
 
     with_ledger(redis_url, body)
 
