@@ -62,6 +62,19 @@ class _RunnerMetrics(RunnerMetrics):
             self.m.consumer_lag.labels(**labels).set(lag)
 
 
+def _http_server(config: Any) -> Any:
+    """A uvicorn server without its own signal handling: the service drains on signals itself
+    (uvicorn would otherwise re-raise the signal it caught, which reads as a second one)."""
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            yield
+
+    return QuietServer(config)
+
+
 def redis_client(settings: Settings) -> aioredis.Redis:
     r = settings.redis
     kwargs: dict[str, Any] = {
@@ -135,8 +148,7 @@ class Service:
                 app, host=self.settings.http.host, port=self.settings.http.port,
                 log_level="warning", access_log=False, lifespan="off",
             )
-            server = uvicorn.Server(config)
-            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            server = _http_server(config)
             tasks.append(asyncio.create_task(server.serve(), name="http"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

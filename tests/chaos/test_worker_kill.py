@@ -73,3 +73,30 @@ def test_killed_worker_leaves_its_task_to_be_finished_once_by_another(
         if body["fence"] == 1:
             assert fake_llm.calls_for(body["task_id"] + ":") == 1, body["task_id"]
     assert calls_before >= 1
+
+
+def test_sigterm_drains_in_flight_work_and_commits(make_settings: Any, fake_llm: FakeLLM, tmp_path: Path) -> None:
+    s: Settings = make_settings(kafka={"topic_partitions": 1})
+    fake_llm.add_fault(FaultRule("latency", match="drain-", delay_s=2.0))
+    records = [(f"drain-{i}".encode(), classify(f"drain-{i}", f"t{i}")) for i in range(5)]
+    from service.wiring import ensure_topics
+    from tests.support import committed
+
+    ensure_topics(s)
+    worker = spawn_worker(s, str(tmp_path / "worker.log"))
+    try:
+        produce(s.kafka.bootstrap_servers, s.kafka.input_topic, records)
+
+        async def in_flight() -> None:
+            await wait_for(lambda: fake_llm.stats()["requests"] == len(records), 60, what="all tasks in flight")
+
+        asyncio.run(in_flight())
+        os.killpg(worker.pid, signal.SIGTERM)
+        assert worker.wait(30) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(records))
+    assert sorted(m.key for m in results) == sorted(k for k, _ in records)
+    assert committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, 1)[0] == len(records)

@@ -1,0 +1,367 @@
+"""The HTTP app: health, readiness, metrics and the admin API.
+
+Reads (task records, dead letters) are open; writes (producing a task, replaying dead letters)
+need ``Authorization: Bearer <AGENT_ADMIN_TOKEN>`` and are refused outright when no token is set.
+Every error answers with JSON; Redis or broker outages answer 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+from importlib.metadata import PackageNotFoundError, version
+from time import monotonic
+from typing import Annotated, Any, Literal, cast
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from consumers.producers import Headers, ProduceFailed
+from dedup.keys import TASK_KEY_PATTERN
+from dedup.ledger import LedgerUnavailable
+from service import dlq
+from service.errors import PoisonError
+from service.kinds import AgentRegistry
+from service.metrics import DLQ_REASONS
+from service.settings import KafkaSettings
+from service.tasks import TaskEvent, canonical_json, task_key
+from service.wiring import Service
+
+log = logging.getLogger(__name__)
+
+TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+ADMIN_DISABLED = "admin writes are disabled: set AGENT_ADMIN_TOKEN"
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    detail: list[ValidationIssue]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, bool]
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    topic: str
+
+
+class TaskView(BaseModel):
+    """A ledger record (:meth:`dedup.ledger.TaskRecord.to_json`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task_id: str
+    state: str = Field(description="running, succeeded, failed or dead")
+    kind: str | None = None
+    fence: int
+    attempts: int
+    claims: int = 0
+    fingerprint: str
+    owner: str | None = None
+    lease_until_ms: int | None = None
+    result: Any = None
+    result_digest: str | None = None
+    model: str | None = None
+    prompt_version: str | None = None
+    published: bool = False
+    error: str | None = None
+    dead_reason: str | None = None
+    created_at_ms: int | None = None
+    completed_at_ms: int | None = None
+    steps: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeadLetterCoordinates(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    partition: int = Field(ge=0, le=2**31 - 1)
+    offset: int = Field(ge=0, le=2**63 - 1)
+
+
+class ReplayRequest(BaseModel):
+    """Either ``items`` (exact dead letters) or ``reason`` (up to ``limit`` with that reason)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[DeadLetterCoordinates] | None = Field(None, min_length=1, max_length=1000)
+    reason: str | None = Field(None, json_schema_extra={"enum": list(DLQ_REASONS)})
+    limit: int = Field(100, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> ReplayRequest:
+        if (self.items is None) == (self.reason is None):
+            raise ValueError("give either items or reason")
+        if self.reason is not None and self.reason not in DLQ_REASONS:
+            raise ValueError(f"reason must be one of {', '.join(DLQ_REASONS)}")
+        return self
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+# ---------------------------------------------------------------------------- dependencies
+
+
+class BrokerProbe:
+    """Answers whether broker metadata is reachable; one probe per ``ttl_s`` at most."""
+
+    def __init__(self, kafka: KafkaSettings, *, ttl_s: float = 5.0, timeout_s: float = 2.0) -> None:
+        self._kafka = kafka
+        self._ttl_s = ttl_s
+        self._timeout_s = timeout_s
+        self._admin: AdminClient | None = None
+        self._checked_at: float | None = None
+        self._ok = False
+        self._lock = asyncio.Lock()
+
+    async def ok(self) -> bool:
+        async with self._lock:
+            now = monotonic()
+            if self._checked_at is None or now - self._checked_at >= self._ttl_s:
+                self._ok = await asyncio.to_thread(self._probe)
+                self._checked_at = monotonic()
+            return self._ok
+
+    def _probe(self) -> bool:
+        try:
+            if self._admin is None:
+                self._admin = AdminClient(self._kafka.common_config())
+            self._admin.list_topics(timeout=self._timeout_s)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            log.warning("readiness: broker metadata failed: %s", exc)
+            return False
+
+
+def get_service(request: Request) -> Service:
+    return cast(Service, request.app.state.service)
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+bearer = HTTPBearer(auto_error=False, description="The value of AGENT_ADMIN_TOKEN.")
+
+
+async def require_admin(
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    token = service.settings.admin_token
+    expected = token.get_secret_value() if token is not None else ""
+    if not expected:
+        raise HTTPException(403, ADMIN_DISABLED)
+    given = credentials.credentials if credentials is not None else ""
+    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, "missing or invalid admin token", headers={"WWW-Authenticate": "Bearer"})
+
+
+Admin = [Depends(require_admin)]
+
+
+# ---------------------------------------------------------------------------- routes
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, tags=["ops"])
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["ops"])
+async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
+    probe = cast(BrokerProbe, request.app.state.broker_probe)
+    try:
+        redis_ok = bool(await asyncio.wait_for(service.ledger.ping(), timeout=2.0))
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        log.warning("readiness: redis ping failed: %s", exc)
+        redis_ok = False
+    checks = {
+        "assigned": bool(service.runner.assignment),
+        "consuming": not service.runner.stopping,
+        "redis": redis_ok,
+        "kafka": await probe.ok(),
+    }
+    ready = all(checks.values())
+    body = Readiness(ready=ready, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get(
+    "/metrics", response_class=Response, tags=["ops"],
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+)
+async def metrics(service: ServiceDep) -> Response:
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+_TASK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": TaskEvent.model_json_schema(ref_template="#/components/schemas/{model}")}},
+    }
+}
+
+
+@router.post(
+    "/tasks", status_code=202, response_model=TaskAccepted, dependencies=Admin, tags=["tasks"],
+    openapi_extra=_TASK_BODY, responses={**_errors(401, 403, 413, 503), 422: {"model": ValidationErrorBody}},
+)
+async def produce_task(request: Request, service: ServiceDep) -> TaskAccepted:
+    settings = service.settings
+    body = await _read_body(request, settings.max_task_bytes)
+    try:
+        key, value = prepare_task(_parse_event(body), service.agents, settings.max_task_bytes)
+    except PoisonError as exc:
+        if exc.reason == "oversize":
+            raise HTTPException(413, str(exc)) from exc
+        raise _invalid(("body",), str(exc)) from exc
+    headers: Headers = []
+    traceparent = request.headers.get("traceparent")
+    if traceparent and TRACEPARENT_RE.match(traceparent):
+        headers.append(("traceparent", traceparent.encode()))
+    topic = settings.kafka.input_topic
+    await service.publisher.send(topic, key.encode(), value, headers)
+    log.info("task_id=%s produced to %s", key, topic)
+    return TaskAccepted(task_id=key, topic=topic)
+
+
+@router.get("/tasks/{task_id:path}", response_model=TaskView, responses=_errors(404, 503), tags=["tasks"])
+async def get_task(
+    service: ServiceDep,
+    task_id: Annotated[str, Path(pattern=TASK_KEY_PATTERN, max_length=200)],
+) -> TaskView:
+    record = await service.ledger.get(task_id)
+    if record is None:
+        raise HTTPException(404, "unknown task")
+    return TaskView.model_validate(record.to_json())
+
+
+@router.get("/dlq", response_model=list[dlq.DeadLetter], responses=_errors(503), tags=["dead letters"])
+async def list_dead_letters(
+    service: ServiceDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    partition: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+) -> list[dlq.DeadLetter]:
+    return await asyncio.to_thread(dlq.peek, service.settings.kafka, limit, partition)
+
+
+@router.post(
+    "/dlq/replay", response_model=dlq.ReplayReport, dependencies=Admin, tags=["dead letters"],
+    responses=_errors(401, 403, 503),
+)
+async def replay_dead_letters(service: ServiceDep, body: ReplayRequest) -> dlq.ReplayReport:
+    selection = [(i.partition, i.offset) for i in body.items] if body.items is not None else None
+    reasons = {body.reason} if body.reason is not None else None
+    report = await dlq.replay(service.settings.kafka, service.ledger, selection, reasons, body.limit)
+    log.info("dlq replay: replayed=%d already_succeeded=%d not_found=%d failed=%d",
+             report.replayed, report.already_succeeded, report.not_found, report.failed)
+    return report
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = HTTPException(413, f"body is larger than {limit} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _invalid(loc: tuple[str | int, ...], msg: str, kind: str = "value_error") -> RequestValidationError:
+    return RequestValidationError([{"type": kind, "loc": loc, "msg": msg}])
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_event(body: bytes) -> TaskEvent:
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _invalid(("body",), f"body is not JSON: {str(exc)[:200]}", "json_invalid") from exc
+    try:
+        return TaskEvent.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([
+            {"type": e["type"], "loc": ("body", *e["loc"]), "msg": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]) from exc
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    what = "redis" if isinstance(exc, LedgerUnavailable) else "kafka"
+    log.warning("%s %s: %s unavailable: %s", request.method, request.url.path, what, exc)
+    return JSONResponse({"detail": f"{what} is unavailable"}, status_code=503)
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def prepare_task(event: TaskEvent, agents: AgentRegistry, max_bytes: int) -> tuple[str, bytes]:
+    """The record key and value for a task, after the checks the consumer would make.
+
+    Raises :class:`PoisonError` for an unknown kind, an input its agent refuses, or a value over
+    ``max_bytes`` (reason ``oversize``).
+    """
+    agents.get(event.kind).parse_input(event.input)
+    value = canonical_json(event.model_dump(mode="json", exclude_none=True)).encode()
+    if len(value) > max_bytes:
+        raise PoisonError("oversize", f"task is {len(value)} bytes, limit is {max_bytes}")
+    return task_key(event), value
+
+
+def _version() -> str:
+    try:
+        return version("agent-service")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="agent-service", version=_version())
+    app.state.service = service
+    app.state.broker_probe = BrokerProbe(service.settings.kafka)
+    app.include_router(router)
+    for exc_type in (LedgerUnavailable, KafkaException, ProduceFailed):
+        app.add_exception_handler(exc_type, _unavailable)
+    app.add_exception_handler(Exception, _internal)
+    return app
