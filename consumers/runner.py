@@ -265,7 +265,7 @@ class Runner:
                 await self._handler(record)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the handler could not make the outcome durable
+            except Exception as exc:  # noqa: BLE001 - the handler could not make the outcome durable
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "record %s not finished, retrying in %.1fs: %s", record.coordinates, delay, exc
@@ -377,7 +377,7 @@ class Runner:
                 await self._call(consumer.pause, [TopicPartition(t, p) for t, p in self._partitions])
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout=self.config.drain_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("drain timed out with %d records in flight; they stay uncommitted", self._held)
             await self.commit()
             await self._call(consumer.close)

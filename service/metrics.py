@@ -46,6 +46,16 @@ class Metrics:
         self.results_published = Counter(
             "agent_results_published", "Result events acknowledged by the broker.", registry=r
         )
+        self.breaker_open = Gauge(
+            "agent_llm_breaker_open", "1 while the circuit breaker of an LLM endpoint is open.", ["endpoint"],
+            registry=r,
+        )
+        self.breaker_opens = Counter(
+            "agent_llm_breaker_opens", "Times an LLM endpoint's circuit breaker opened.", registry=r
+        )
+        self.retry_budget_refusals = Counter(
+            "agent_retry_budget_refusals", "Retries held back because the retry budget was spent.", registry=r
+        )
         self.steps_reused = Counter(
             "agent_steps_reused", "Journaled agent steps re-used instead of calling the model again.",
             registry=r,

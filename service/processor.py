@@ -23,7 +23,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from time import monotonic
 from typing import Any, Protocol
 
@@ -35,10 +35,12 @@ from dedup.ledger import AttemptsExhausted, Claim, Ledger, LedgerUnavailable, St
 from service.errors import (
     InfrastructureError,
     InvalidOutput,
+    LLMRateLimited,
     PermanentError,
     PoisonError,
     RetryableError,
 )
+from service.guard import EndpointGuard
 from service.kinds import Agent, AgentRegistry, Step
 from service.llm import ChatRequest, ChatResult
 from service.metrics import Metrics
@@ -75,7 +77,7 @@ class _LostFence(Exception):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _iso(ts: datetime) -> str:
@@ -95,6 +97,7 @@ class TaskProcessor:
         worker_id: str,
         model_name: str,
         clock: Callable[[], datetime] = utcnow,
+        guard: EndpointGuard | None = None,
     ) -> None:
         self.ledger = ledger
         self.agents = agents
@@ -105,6 +108,7 @@ class TaskProcessor:
         self.worker_id = worker_id
         self.model_name = model_name
         self.clock = clock
+        self.guard = guard
 
     async def __call__(self, record: Record) -> None:
         started = monotonic()
@@ -256,6 +260,8 @@ class TaskProcessor:
             remaining = task.remaining_s(self.clock())
             if remaining is not None and remaining <= 0:
                 raise _DeadLetter("expired", f"deadline passed after {attempts} attempts", attempts)
+            if self.guard is not None:
+                await self.guard.acquire(retry=last is not None)
             try:
                 attempt = await self.ledger.begin_attempt(task.key, fence, step.name, cfg.max_attempts)
             except StaleFence as exc:
@@ -275,14 +281,21 @@ class TaskProcessor:
             delay: float | None = None
             try:
                 answer = await self.llm.chat(request)
-                output = step.parse(task_input, answer.content)
-                return output, attempts
             except PermanentError as exc:
+                self._endpoint_answered()
                 raise _DeadLetter("permanent", str(exc), attempts) from exc
             except InvalidOutput as exc:
+                self._endpoint_answered()
                 last = exc
             except RetryableError as exc:
                 last, delay = exc, exc.delay
+                await self._endpoint_failed(exc)
+            else:
+                self._endpoint_answered()
+                try:
+                    return step.parse(task_input, answer.content), attempts
+                except InvalidOutput as exc:
+                    last = exc
             if attempt.step >= cfg.max_attempts:
                 reason = "invalid_output" if isinstance(last, InvalidOutput) else "exhausted"
                 raise _DeadLetter(reason, f"step {step.name}, {attempt.step} attempts: {last}", attempts)
@@ -293,6 +306,18 @@ class TaskProcessor:
             log.info("task_id=%s step=%s attempt %d failed (%s); retry in %.2fs",
                      task.key, step.name, attempt.step, last, delay)
             await asyncio.sleep(delay)
+
+    def _endpoint_answered(self) -> None:
+        if self.guard is not None:
+            self.guard.success()
+
+    async def _endpoint_failed(self, exc: RetryableError) -> None:
+        if self.guard is None:
+            return
+        if isinstance(exc, LLMRateLimited) and exc.delay:
+            await self.guard.retry_after(exc.delay)  # a rate limit is not a broken endpoint
+        else:
+            self.guard.failure()
 
     @contextlib.asynccontextmanager
     async def _heartbeat(self, task_key: str, fence: int) -> AsyncIterator[None]:

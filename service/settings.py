@@ -103,6 +103,9 @@ class LLMSettings(BaseModel):
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     max_concurrency: int = Field(64, ge=1)
+    breaker_failures: int = Field(5, ge=1)  # consecutive retryable failures that open the breaker
+    breaker_open_s: float = Field(10.0, gt=0)
+    retry_budget_ratio: float = Field(0.2, ge=0, le=1)  # retries per first call, over 10 s
     local_gguf: str | None = None  # path to a GGUF file for the embedded model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -116,7 +116,7 @@ def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, ma
         key=task_key(event),
         fingerprint=fingerprint(event.kind, event.input),
         event=event,
-        deadline=event.deadline.astimezone(timezone.utc) if event.deadline else None,
+        deadline=event.deadline.astimezone(UTC) if event.deadline else None,
         traceparent=header(headers, "traceparent"),
     )
 

@@ -25,6 +25,7 @@ from consumers.producers import Outputs, Publisher
 from consumers.runner import Runner, RunnerConfig, RunnerMetrics
 from dedup.keys import Keys
 from dedup.ledger import Ledger
+from service.guard import EndpointGuard, GuardConfig
 from service.kinds import AgentRegistry, default_agents
 from service.llm import LLMClient
 from service.metrics import Metrics
@@ -193,6 +194,13 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             llm_timeout_s=s.llm.timeout_s, busy_poll_s=s.ledger.busy_poll_s, lease_ms=s.ledger.lease_ms,
         ),
         worker_id=worker_id(s), model_name=s.llm.model,
+        guard=EndpointGuard(
+            llm_base_url, metrics, GuardConfig(
+                failure_threshold=s.llm.breaker_failures, open_s=s.llm.breaker_open_s,
+                retry_ratio=s.llm.retry_budget_ratio,
+            ),
+            redis=client, key_prefix=s.redis.key_prefix,
+        ),
     )
     consumer_conf = s.kafka.consumer_config()
     # A record may wait its turn behind others of its key: librdkafka must not drop it for size.

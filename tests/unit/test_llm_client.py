@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -314,10 +315,8 @@ def test_outcome_counted_once_per_attempt_across_calls() -> None:
             transport=httpx.MockTransport(lambda request: next(responses)),
         ) as client:
             for _ in range(4):
-                try:
+                with contextlib.suppress(RetryableError):
                     await client.chat(make_request())
-                except RetryableError:
-                    pass
 
     asyncio.run(main())
     counts = outcome_counts(metrics)

@@ -1,0 +1,171 @@
+"""Protection of the model endpoint: a circuit breaker, a retry budget and a shared Retry-After.
+
+- **Circuit breaker** (per endpoint): after ``failure_threshold`` consecutive retryable failures it
+  opens for ``open_s``; then one probe call is let through (half-open); its success closes it.
+  While it is open, tasks wait instead of spending attempts, so the in-flight window fills and the
+  consumer pauses its partitions rather than spinning.
+- **Retry budget**: retries may be at most ``ratio`` of first calls over a sliding window (plus a
+  small floor), so a steady error rate cannot turn into a retry storm. A retry over budget waits.
+- **Retry-After is a fact about the endpoint**, not the task: a 429's delay is stored in Redis
+  (``<prefix>:endpoint:{<digest>}:blocked_until``) and every replica waits it out before calling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    failure_threshold: int = 5
+    open_s: float = 10.0
+    retry_ratio: float = 0.2
+    retry_floor: int = 10
+    window_s: float = 10.0
+    shared_refresh_s: float = 0.5
+    max_wait_s: float = 300.0
+
+
+class EndpointGuard:
+    def __init__(
+        self,
+        endpoint: str,
+        metrics: Metrics,
+        config: GuardConfig | None = None,
+        redis: aioredis.Redis | None = None,
+        key_prefix: str = "agent",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoint = endpoint
+        self.metrics = metrics
+        self.config = config or GuardConfig()
+        self.redis = redis
+        self.clock = clock
+        tag = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
+        self.shared_key = f"{key_prefix}:endpoint:{{{tag}}}:blocked_until"
+        self.label = _label(endpoint)
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+        self._probe_started = 0.0
+        self._blocked_until = 0.0  # monotonic, from Retry-After (local or shared)
+        self._shared_checked = -1e9
+        self._calls: deque[float] = deque()
+        self._retries: deque[float] = deque()
+        self.metrics.breaker_open.labels(endpoint=self.label).set(0)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def is_open(self) -> bool:
+        return self.clock() < self._open_until
+
+    def _trim(self, now: float) -> None:
+        edge = now - self.config.window_s
+        for q in (self._calls, self._retries):
+            while q and q[0] < edge:
+                q.popleft()
+
+    def retry_allowed(self) -> bool:
+        now = self.clock()
+        self._trim(now)
+        budget = self.config.retry_floor + self.config.retry_ratio * len(self._calls)
+        return len(self._retries) < budget
+
+    # ------------------------------------------------------------------ before a call
+
+    async def acquire(self, *, retry: bool) -> None:
+        """Wait until a call may be made: no shared Retry-After, breaker not open, budget left."""
+        waited_from = self.clock()
+        while True:
+            now = self.clock()
+            await self._refresh_shared(now)
+            delay = max(self._blocked_until - now, 0.0)
+            if self.is_open:
+                delay = max(delay, self._open_until - now)
+            elif self._probing and now - self._probe_started < self.config.open_s:
+                delay = max(delay, 0.05)  # one probe at a time while half-open
+            elif now >= self._open_until > 0 and self._failures >= self.config.failure_threshold:
+                self._probing = True  # half-open: this caller is the probe (a lost probe is replaced)
+                self._probe_started = now
+                log.info("endpoint %s half-open: probing", self.label)
+            if delay <= 0 and retry and not self.retry_allowed():
+                self.metrics.retry_budget_refusals.inc()
+                delay = min(1.0, self.config.window_s / 10)
+            if delay <= 0:
+                if retry:
+                    self._retries.append(now)
+                else:
+                    self._calls.append(now)
+                return
+            if now - waited_from > self.config.max_wait_s:
+                return  # do not wait forever; the call's own failure handling takes over
+            await asyncio.sleep(min(delay, 1.0))
+
+    async def _refresh_shared(self, now: float) -> None:
+        if self.redis is None or now - self._shared_checked < self.config.shared_refresh_s:
+            return
+        self._shared_checked = now
+        try:
+            ttl_ms = await self.redis.pttl(self.shared_key)
+        except RedisError as exc:
+            log.debug("shared Retry-After not readable: %s", exc)
+            return
+        if ttl_ms and ttl_ms > 0:
+            self._blocked_until = max(self._blocked_until, now + ttl_ms / 1000)
+
+    # ------------------------------------------------------------------ after a call
+
+    def success(self) -> None:
+        if self._failures or self._probing:
+            log.info("endpoint %s closed after a successful call", self.label)
+        self._failures = 0
+        self._probing = False
+        self._open_until = 0.0
+        self.metrics.breaker_open.labels(endpoint=self.label).set(0)
+
+    def failure(self) -> None:
+        """A retryable failure (timeout, 5xx, connection, 429)."""
+        self._failures += 1
+        if self._probing or self._failures == self.config.failure_threshold:
+            self._open_until = self.clock() + self.config.open_s
+            self._probing = False
+            self.metrics.breaker_opens.inc()
+            self.metrics.breaker_open.labels(endpoint=self.label).set(1)
+            log.warning("endpoint %s open for %.1fs after %d failures", self.label, self.config.open_s, self._failures)
+
+    async def retry_after(self, delay_s: float) -> None:
+        """The endpoint asked every caller to wait ``delay_s``: remember it here and in Redis."""
+        delay_s = min(max(delay_s, 0.0), self.config.max_wait_s)
+        now = self.clock()
+        self._blocked_until = max(self._blocked_until, now + delay_s)
+        if self.redis is None or delay_s <= 0:
+            return
+        try:
+            # keep the later of the two deadlines: never shorten another replica's wait
+            current = await self.redis.pttl(self.shared_key)
+            if current is None or current < delay_s * 1000:
+                await self.redis.set(self.shared_key, "1", px=max(1, int(delay_s * 1000)))
+        except RedisError as exc:
+            log.debug("shared Retry-After not written: %s", exc)
+
+
+def _label(endpoint: str) -> str:
+    """host:port of the endpoint, a bounded label (never a path with secrets)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    return parts.netloc.rsplit("@", 1)[-1] or "default"

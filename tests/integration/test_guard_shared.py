@@ -1,0 +1,37 @@
+"""A 429's Retry-After is shared through Redis: another replica waits it out without being told."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from service.guard import EndpointGuard
+from service.metrics import Metrics
+
+pytestmark = pytest.mark.integration
+
+
+def test_retry_after_reaches_other_replicas_through_redis(redis_url: str) -> None:
+    async def scenario() -> float:
+        client = aioredis.from_url(redis_url)
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+        try:
+            a = EndpointGuard("http://llm:8080/v1", Metrics(), redis=client, key_prefix=prefix)
+            b = EndpointGuard("http://llm:8080/v1", Metrics(), redis=client, key_prefix=prefix)
+            other = EndpointGuard("http://other:8080/v1", Metrics(), redis=client, key_prefix=prefix)
+            await a.retry_after(1.0)  # replica A got a 429 with Retry-After: 1
+            await a.retry_after(0.2)  # a shorter one later never shortens the wait
+            start = time.monotonic()
+            await other.acquire(retry=False)  # another endpoint is not held back
+            assert time.monotonic() - start < 0.2
+            await b.acquire(retry=False)  # replica B never saw the 429
+            return time.monotonic() - start
+        finally:
+            await client.aclose()
+
+    waited = asyncio.run(scenario())
+    assert 0.8 <= waited < 3.0
