@@ -98,6 +98,7 @@ class Runner:
         self._idle = asyncio.Event()
         self._idle.set()
         self._all_paused = False
+        self._unhealthy_until = 0.0  # a dependency failed: take no new records until then
         self.started = asyncio.Event()
         self.last_error: str | None = None
 
@@ -114,6 +115,11 @@ class Runner:
     def stop(self) -> None:
         """Begin a graceful drain; ``run()`` returns when it is done."""
         self._stopping.set()
+
+    @property
+    def healthy(self) -> bool:
+        """False while records cannot be finished because a dependency does not answer."""
+        return monotonic() >= self._unhealthy_until
 
     @property
     def stopping(self) -> bool:
@@ -267,12 +273,17 @@ class Runner:
                 raise
             except Exception as exc:  # noqa: BLE001 - the handler could not make the outcome durable
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                # Redis or the broker is down: stop taking records until a retry goes through
+                self._unhealthy_until = monotonic() + max(delay * 2, 1.0)
                 log.warning(
                     "record %s not finished, retrying in %.1fs: %s", record.coordinates, delay, exc
                 )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.config.retry_max_s)
                 continue
+            if self._unhealthy_until:
+                self._unhealthy_until = 0.0
+                self.last_error = None
             current = self._partitions.get(tp)
             if current is part:
                 part.tracker.finish(record.offset)
@@ -305,10 +316,10 @@ class Runner:
         low_total = int(cfg.max_in_flight * cfg.resume_ratio)
         low_part = int(cfg.max_in_flight_per_partition * cfg.resume_ratio)
         to_pause, to_resume = [], []
-        full = self._held >= cfg.max_in_flight
+        full = self._held >= cfg.max_in_flight or monotonic() < self._unhealthy_until
         for (topic, partition), part in self._partitions.items():
             should_pause = full or part.held >= cfg.max_in_flight_per_partition
-            may_resume = self._held <= low_total and part.held <= low_part
+            may_resume = self._held <= low_total and part.held <= low_part and not full
             if should_pause and not part.paused:
                 part.paused = True
                 to_pause.append(TopicPartition(topic, partition))

@@ -207,6 +207,7 @@ async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
     checks = {
         "assigned": bool(service.runner.assignment),
         "consuming": not service.runner.stopping,
+        "records_finishing": service.runner.healthy,
         "redis": redis_ok,
         "kafka": await probe.ok(),
     }
