@@ -105,8 +105,13 @@ class Outputs:
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
 
-    async def result(self, task_key: str, event: bytes, traceparent: str | None) -> None:
+    async def result(
+        self, task_key: str, event: bytes, traceparent: str | None, deadline: str | None = None
+    ) -> None:
+        """``deadline`` passes the task's time budget on to whoever consumes the result."""
         headers: Headers = [("traceparent", traceparent.encode())] if traceparent else []
+        if deadline:
+            headers.append(("deadline", deadline.encode()))
         await self.publisher.send(self.results_topic, task_key.encode(), event, headers)
 
     async def dead_letter(

@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, Producer
 
 from service import local
 from service.settings import Settings
-from service.wiring import build, ensure_topics, install_signal_handlers, start_embedded
+from service.wiring import build, ensure_topics, install_signal_handlers, start_embedded, with_local_model
 
 SAMPLES: list[dict[str, Any]] = [
     {"kind": "classify", "input": {"text": "The parcel arrived crushed and two cups were broken.",
@@ -166,6 +166,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             print("starting the embedded model (SmolLM2-135M on llama.cpp) ...", flush=True)
             server = emb.start("llm", local.start_local_model(emb.data_dir / "llm", gguf=settings.llm.local_gguf))
             base_url = f"http://{server.address}/v1"
+            settings = with_local_model(settings)
         ensure_topics(settings)
         print(f"broker {settings.kafka.bootstrap_servers}, redis {emb.servers['redis'].address}, model {base_url}")
         print(f"admin API and metrics on http://{settings.http.host}:{settings.http.port} while it runs")

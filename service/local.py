@@ -24,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BROKERS = ("noida", "tansu")
+LOCAL_MODEL_CONTEXT = 2048
 
 
 class EmbeddedError(RuntimeError):
@@ -177,7 +178,7 @@ def start_local_model(data_dir: Path, port: int | None = None, gguf: str | None 
     data_dir.mkdir(parents=True, exist_ok=True)
     model = gguf or str(local_model_path())
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "smollm2",
-            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "False"]
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(LOCAL_MODEL_CONTEXT), "--verbose", "False"]
     log_path = data_dir / "llama.log"
     proc = _spawn(argv, log_path)
     wait_for_port(port, 120, proc)

@@ -62,6 +62,8 @@ class ProcessorConfig:
     llm_timeout_s: float = 30.0
     busy_poll_s: float = 0.5
     lease_ms: int = 30_000
+    context_tokens: int = 8192
+    max_output_tokens: int = 512
 
 
 class _DeadLetter(Exception):
@@ -183,7 +185,7 @@ class TaskProcessor:
         if stored is None:  # expired from the ledger between the two reads: run it as new
             raise LedgerUnavailable(f"task {task.key} vanished between claim and read")
         if state == "succeeded" and stored.event is not None:
-            await self.outputs.result(task.key, stored.event, task.traceparent)
+            await self.outputs.result(task.key, stored.event, task.traceparent, _deadline(task))
             self.metrics.results_published.inc()
         elif state == "dead":
             reason = stored.fields.get("dead_reason", "permanent")
@@ -270,9 +272,15 @@ class TaskProcessor:
                 raise _DeadLetter("exhausted", f"step {step.name}: {exc}", exc.total) from exc
             attempts = attempt.total
             timeout = cfg.llm_timeout_s if remaining is None else max(0.05, min(cfg.llm_timeout_s, remaining))
+            messages = step.messages(task_input, previous)
+            schema = step.schema(task_input, previous)
+            needed = estimate_tokens(messages, schema) + cfg.max_output_tokens
+            if needed > cfg.context_tokens:  # never truncated silently
+                raise _DeadLetter("oversize", f"step {step.name}: about {needed} tokens with the answer, "
+                                  f"the model's window is {cfg.context_tokens}", attempts)
             request = ChatRequest(
-                messages=step.messages(task_input, previous),
-                schema=step.schema(task_input, previous),
+                messages=messages,
+                schema=schema,
                 schema_name=f"{task.kind}_{step.name}",
                 idempotency_key=f"{task.key}:{step.name}",
                 timeout_s=timeout,
@@ -377,7 +385,7 @@ class TaskProcessor:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
             return
-        await self.outputs.result(task.key, event, task.traceparent)
+        await self.outputs.result(task.key, event, task.traceparent, _deadline(task))
         self.metrics.results_published.inc()
         await self.ledger.mark_published(task.key, "succeeded")
         self.metrics.tasks.labels(outcome="succeeded").inc()
@@ -409,6 +417,18 @@ class TaskProcessor:
         if count_outcome:
             self.metrics.tasks.labels(outcome="dead_lettered").inc()
         log.warning("task_id=%s %s: dead-lettered as %s: %s", task_key or "-", record.coordinates, reason, error)
+
+
+def _deadline(task: Task) -> str | None:
+    return _iso(task.deadline) if task.deadline is not None else None
+
+
+def estimate_tokens(messages: list[dict[str, str]], schema: dict[str, Any] | None) -> int:
+    """A conservative token estimate (three characters a token) of a request's prompt."""
+    chars = sum(len(m.get("content", "")) + 8 for m in messages)
+    if schema is not None:
+        chars += len(canonical_json(schema))
+    return chars // 3 + 1
 
 
 def result_event(value: bytes) -> dict[str, Any]:

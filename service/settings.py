@@ -99,6 +99,9 @@ class LLMSettings(BaseModel):
     response_format: Literal["json_schema", "json_object"] = "json_object"
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(512, ge=1)
+    # the model's context window: a prompt that would not fit with room for the answer is
+    # dead-lettered as oversize, never truncated (the embedded model runs with 2048)
+    context_tokens: int = Field(8192, ge=256)
     max_attempts: int = Field(4, ge=1)
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)

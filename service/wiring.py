@@ -25,6 +25,7 @@ from consumers.producers import Outputs, Publisher
 from consumers.runner import Runner, RunnerConfig, RunnerMetrics
 from dedup.keys import Keys
 from dedup.ledger import Ledger
+from service import local
 from service.guard import EndpointGuard, GuardConfig
 from service.kinds import AgentRegistry, default_agents
 from service.llm import LLMClient
@@ -192,6 +193,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             max_task_bytes=s.max_task_bytes, max_attempts=s.llm.max_attempts,
             backoff_base_s=s.llm.backoff_base_s, backoff_max_s=s.llm.backoff_max_s,
             llm_timeout_s=s.llm.timeout_s, busy_poll_s=s.ledger.busy_poll_s, lease_ms=s.ledger.lease_ms,
+            context_tokens=s.llm.context_tokens, max_output_tokens=s.llm.max_tokens,
         ),
         worker_id=worker_id(s), model_name=s.llm.model,
         guard=EndpointGuard(
@@ -239,8 +241,6 @@ def install_signal_handlers(service: Service) -> None:
 def run_service(settings: Settings, *, embedded: bool, data_dir: Path | None = None,
                 broker: str = "noida") -> None:
     """``agent-service run``: embedded servers for what is unconfigured, then serve until signalled."""
-    from service import local
-
     with local.Embedded(data_dir or local.default_data_dir()) as emb:
         if embedded:
             settings = start_embedded(settings, emb, broker=broker)
@@ -248,6 +248,7 @@ def run_service(settings: Settings, *, embedded: bool, data_dir: Path | None = N
         if base_url is None:
             server = emb.start("llm", local.start_local_model(emb.data_dir / "llm", gguf=settings.llm.local_gguf))
             base_url = f"http://{server.address}/v1"
+            settings = with_local_model(settings)
         ensure_topics(settings)
 
         async def main() -> None:
@@ -260,10 +261,17 @@ def run_service(settings: Settings, *, embedded: bool, data_dir: Path | None = N
         asyncio.run(main())
 
 
+def with_local_model(settings: Settings) -> Settings:
+    """The embedded model's name and window."""
+    llm = settings.llm.model_copy(update={
+        "model": "smollm2", "context_tokens": min(settings.llm.context_tokens, local.LOCAL_MODEL_CONTEXT),
+        "response_format": "json_object",
+    })
+    return settings.model_copy(update={"llm": llm})
+
+
 def start_embedded(settings: Settings, emb: Any, *, broker: str = "noida") -> Settings:
     """Start a local broker and redis-server and return settings that point at them."""
-    from service import local
-
     b = emb.start("broker", local.start_broker(broker, emb.data_dir / broker))
     r = emb.start("redis", local.start_redis(emb.data_dir / "redis"))
     kafka = settings.kafka.model_copy(update={

@@ -224,3 +224,25 @@ def test_after_a_restart_nothing_is_lost_and_nothing_is_rerun(make_settings: Any
     assert fake_llm.stats()["requests"] == calls
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n)
     assert len(results) == n and len({r.key for r in results}) == n
+
+
+def test_context_budget_and_deadline_pass_through(make_settings: Any, fake_llm: FakeLLM) -> None:
+    s: Settings = make_settings(llm={"context_tokens": 1024, "max_tokens": 256})
+    long_text = "word " * 2000  # fits the byte limit, not the model's window
+    records = [
+        (b"long-1", task_value("summarize", {"text": long_text, "max_words": 10}, "long-1")),
+        (b"due-1", classify("due-1", deadline="2099-01-01T00:00:00Z")),
+    ]
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, records)
+            await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "oversize"}) == 1
+                           and metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1, what="both")
+
+    asyncio.run(scenario())
+    assert fake_llm.calls_for("long-1") == 0  # rejected before any call, never truncated
+    dlq = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)
+    assert dlq[0].key == b"long-1" and b"window" in dlq[0].headers["dlq.error"]
+    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    assert results[0].headers["deadline"] == b"2099-01-01T00:00:00.000Z"  # the budget travels on
