@@ -329,11 +329,20 @@ class TaskProcessor:
 
     @contextlib.asynccontextmanager
     async def _heartbeat(self, task_key: str, fence: int) -> AsyncIterator[None]:
+        """Renew the lease every third of it while the body runs.
+
+        It stops on an event rather than on cancellation alone: a Redis call can swallow a
+        cancellation, and the task waiting for the heartbeat must never hang on it.
+        """
         interval = self.config.lease_ms / 3000
+        stop = asyncio.Event()
 
         async def beat() -> None:
-            while True:
-                await asyncio.sleep(interval)
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=interval)
+                if stop.is_set():
+                    return
                 try:
                     if not await self.ledger.heartbeat(task_key, fence):
                         log.warning("task_id=%s: lease lost (fence %d)", task_key, fence)
@@ -345,9 +354,9 @@ class TaskProcessor:
         try:
             yield
         finally:
+            stop.set()
             beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
+            await asyncio.wait({beating}, timeout=2.0)
 
     # ------------------------------------------------------------------ outcomes
 

@@ -88,6 +88,7 @@ class RedisSettings(BaseModel):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     socket_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(64, ge=2)
     key_prefix: str = Field("agent", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
 

@@ -94,7 +94,11 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         kwargs["ssl_certfile"] = r.ssl_certfile
     if r.ssl_keyfile:
         kwargs["ssl_keyfile"] = r.ssl_keyfile
-    return aioredis.from_url(r.url.get_secret_value(), **kwargs)
+    # A bounded pool that waits for a free connection instead of failing when every one is busy.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        r.url.get_secret_value(), max_connections=r.max_connections, timeout=r.socket_timeout_s, **kwargs
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
@@ -167,7 +171,7 @@ class Service:
         self.publisher.close()
         for closer in self._closers:
             await closer()
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
 
 
 def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = None,

@@ -217,7 +217,7 @@ def _fresh(fake: FakeLLM) -> None:
     fake.idempotent = False
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(fake: FakeLLM) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=fake.base_url, timeout=5.0) as http:
         yield http
@@ -786,7 +786,7 @@ _SCHEMAS = st.recursive(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(schema=_object_schemas(_SCHEMAS), seed=st.integers(0, 2**32))
 def test_generated_instances_always_conform(schema: dict[str, Any], seed: int) -> None:
     value = random_instance(schema, random.Random(seed))
