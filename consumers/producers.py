@@ -81,10 +81,17 @@ def _now_iso() -> str:
 
 
 def dead_letter_headers(
-    record: Record, *, reason: str, error: str, attempts: int, task_id: str | None
+    record: Record, *, reason: str, error: str, attempts: int, task_id: str | None,
+    traceparent: str | None = None,
 ) -> Headers:
-    """The original headers (earlier ``dlq.*`` ones dropped) plus the contract's ``dlq.*`` headers."""
-    kept = [(k, v) for k, v in record.headers if not k.startswith(DLQ_HEADER_PREFIX)]
+    """The original headers (earlier ``dlq.*`` ones dropped) plus the contract's ``dlq.*`` headers.
+
+    With ``traceparent`` the dead letter joins the task's trace (the original one is replaced).
+    """
+    kept = [(k, v) for k, v in record.headers
+            if not k.startswith(DLQ_HEADER_PREFIX) and not (traceparent and k == "traceparent")]
+    if traceparent:
+        kept.append(("traceparent", traceparent.encode()))
     return kept + [
         ("dlq.reason", reason.encode()),
         ("dlq.error", error[:1000].encode("utf-8", "replace")),
@@ -115,7 +122,9 @@ class Outputs:
         await self.publisher.send(self.results_topic, task_key.encode(), event, headers)
 
     async def dead_letter(
-        self, record: Record, *, reason: str, error: str, attempts: int, task_id: str | None
+        self, record: Record, *, reason: str, error: str, attempts: int, task_id: str | None,
+        traceparent: str | None = None,
     ) -> None:
-        headers = dead_letter_headers(record, reason=reason, error=error, attempts=attempts, task_id=task_id)
+        headers = dead_letter_headers(record, reason=reason, error=error, attempts=attempts, task_id=task_id,
+                                      traceparent=traceparent)
         await self.publisher.send(self.dlq_topic, record.key, record.value, headers)

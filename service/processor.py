@@ -22,6 +22,7 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from time import monotonic
@@ -44,9 +45,11 @@ from service.guard import EndpointGuard
 from service.kinds import Agent, AgentRegistry, Step
 from service.llm import ChatRequest, ChatResult
 from service.metrics import Metrics
-from service.tasks import Task, canonical_json, decode_task, digest
+from service.tasks import Task, canonical_json, decode_task, digest, header
+from service.tracing import TaskSpan, Tracing
 
 log = logging.getLogger(__name__)
+_span: ContextVar[TaskSpan] = ContextVar("task_span", default=TaskSpan())
 
 
 class ChatClient(Protocol):
@@ -100,6 +103,7 @@ class TaskProcessor:
         model_name: str,
         clock: Callable[[], datetime] = utcnow,
         guard: EndpointGuard | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.ledger = ledger
         self.agents = agents
@@ -111,15 +115,20 @@ class TaskProcessor:
         self.model_name = model_name
         self.clock = clock
         self.guard = guard
+        self.tracing = tracing or Tracing.disabled()
 
     async def __call__(self, record: Record) -> None:
         started = monotonic()
-        try:
-            await self._process(record)
-        except (LedgerUnavailable, ProduceFailed) as exc:
-            raise InfrastructureError(str(exc)) from exc
-        finally:
-            self.metrics.task_duration.observe(monotonic() - started)
+        coordinates = (record.topic, record.partition, record.offset)
+        with self.tracing.task_span(None, None, coordinates, header(record.headers, "traceparent")) as span:
+            token = _span.set(span)
+            try:
+                await self._process(record)
+            except (LedgerUnavailable, ProduceFailed) as exc:
+                raise InfrastructureError(str(exc)) from exc
+            finally:
+                _span.reset(token)
+                self.metrics.task_duration.observe(monotonic() - started)
 
     # ------------------------------------------------------------------ steps of a record
 
@@ -132,6 +141,9 @@ class TaskProcessor:
             await self._dead_letter(record, None, exc.reason, str(exc), 0)
             return
         ctx = f"task_id={task.key} {record.coordinates}"
+        span = _span.get()
+        span.set_task(task.key, task.kind)
+        span.set_input_digest(task.fingerprint)
         if task.expired(self.clock()):
             await self._dead_letter(record, task.key, "expired", "deadline passed before the task started", 0)
             return
@@ -155,6 +167,9 @@ class TaskProcessor:
         while True:
             claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind)
             decision = claim.decision
+            span = _span.get()
+            span.set_decision(decision)
+            span.set_fence(claim.fence)
             if decision == "claimed":
                 log.debug("%s: claimed with fence %d", ctx, claim.fence)
                 return claim
@@ -178,6 +193,7 @@ class TaskProcessor:
 
     async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
         self.metrics.tasks.labels(outcome="duplicate").inc()
+        _span.get().set_outcome("duplicate")
         if claim.published:
             log.info("%s: %s before; skipped", ctx, state)
             return
@@ -185,7 +201,7 @@ class TaskProcessor:
         if stored is None:  # expired from the ledger between the two reads: run it as new
             raise LedgerUnavailable(f"task {task.key} vanished between claim and read")
         if state == "succeeded" and stored.event is not None:
-            await self.outputs.result(task.key, stored.event, task.traceparent, _deadline(task))
+            await self.outputs.result(task.key, stored.event, self._traceparent(task.traceparent), _deadline(task))
             self.metrics.results_published.inc()
         elif state == "dead":
             reason = stored.fields.get("dead_reason", "permanent")
@@ -284,11 +300,14 @@ class TaskProcessor:
                 schema_name=f"{task.kind}_{step.name}",
                 idempotency_key=f"{task.key}:{step.name}",
                 timeout_s=timeout,
-                traceparent=task.traceparent,
+                traceparent=self.tracing.current_traceparent() or task.traceparent,
             )
             delay: float | None = None
             try:
-                answer = await self.llm.chat(request)
+                with self.tracing.llm_span(self.model_name, step=step.name, attempt=attempt.step) as call:
+                    answer = await self.llm.chat(request)
+                    call.set_response(answer.model, answer.finish_reason, answer.prompt_tokens,
+                                      answer.completion_tokens)
             except PermanentError as exc:
                 self._endpoint_answered()
                 raise _DeadLetter("permanent", str(exc), attempts) from exc
@@ -314,6 +333,9 @@ class TaskProcessor:
             log.info("task_id=%s step=%s attempt %d failed (%s); retry in %.2fs",
                      task.key, step.name, attempt.step, last, delay)
             await asyncio.sleep(delay)
+
+    def _traceparent(self, incoming: str | None) -> str | None:
+        return self.tracing.current_traceparent() or incoming
 
     def _endpoint_answered(self) -> None:
         if self.guard is not None:
@@ -394,10 +416,14 @@ class TaskProcessor:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
             return
-        await self.outputs.result(task.key, event, task.traceparent, _deadline(task))
+        span = _span.get()
+        span.set_attempts(attempts)
+        span.set_output_digest(result_digest)
+        await self.outputs.result(task.key, event, self._traceparent(task.traceparent), _deadline(task))
         self.metrics.results_published.inc()
         await self.ledger.mark_published(task.key, "succeeded")
         self.metrics.tasks.labels(outcome="succeeded").inc()
+        span.set_outcome("succeeded")
         log.info("%s: succeeded (fence %d, attempts %d)", ctx, fence, attempts)
 
     async def _dead(
@@ -421,8 +447,10 @@ class TaskProcessor:
         *,
         count_outcome: bool = True,
     ) -> None:
-        await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts, task_id=task_key)
+        await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts, task_id=task_key,
+                                       traceparent=self.tracing.current_traceparent())
         self.metrics.dead_letters.labels(reason=reason).inc()
+        _span.get().set_outcome(f"dead_lettered:{reason}")
         if count_outcome:
             self.metrics.tasks.labels(outcome="dead_lettered").inc()
         log.warning("task_id=%s %s: dead-lettered as %s: %s", task_key or "-", record.coordinates, reason, error)

@@ -32,6 +32,7 @@ from service.llm import LLMClient
 from service.metrics import Metrics
 from service.processor import ChatClient, ProcessorConfig, TaskProcessor
 from service.settings import Settings
+from service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +176,17 @@ class Service:
 
 
 def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = None,
-          agents: AgentRegistry | None = None, metrics: Metrics | None = None) -> Service:
+          agents: AgentRegistry | None = None, metrics: Metrics | None = None,
+          tracing: Tracing | None = None) -> Service:
+    """Every part, from one settings object. Tracing follows the standard ``OTEL_*`` variables."""
     metrics = metrics or Metrics()
+    tracing = tracing or Tracing.from_env()
     client = redis_client(settings)
     ledger = Ledger(
         client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
         ttl_s=settings.ledger.result_ttl_s,
     )
-    closers = []
+    closers: list[Any] = [lambda: asyncio.to_thread(tracing.shutdown)]
     if llm is None:
         real = LLMClient(settings.llm, llm_base_url, metrics)
         closers.append(real.aclose)
@@ -207,6 +211,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             ),
             redis=client, key_prefix=s.redis.key_prefix,
         ),
+        tracing=tracing,
     )
     consumer_conf = s.kafka.consumer_config()
     # A record may wait its turn behind others of its key: librdkafka must not drop it for size.
