@@ -33,6 +33,10 @@ class Keys:
         """Hash: state, fence, owner, lease_until, fingerprint, attempts, result, ..."""
         return self._tagged(task_key, "task")
 
+    def endpoint(self, endpoint_tag: str, suffix: str) -> str:
+        """Per-endpoint state shared by every replica (rate limits, Retry-After)."""
+        return f"{self.prefix}:endpoint:{{{endpoint_tag}}}:{suffix}"
+
     def steps(self, task_key: str) -> str:
         """Hash: step name -> JSON ``{"output", "digest", "prompt_version", "fence"}``."""
         return self._tagged(task_key, "steps")

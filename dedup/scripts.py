@@ -156,3 +156,34 @@ for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
 end
 return 1
 """
+
+# KEYS[1] rate-limit hash of one endpoint
+# ARGV rpm, tpm (0 = no limit), estimated tokens, reserved share for interactive work, priority
+# -> 0 when the call may go now (and it is counted), else milliseconds until the next window.
+# Fixed one-minute windows on the server's clock; batch work may use only the unreserved share,
+# so interactive work always finds room.
+RATE = NOW + """
+local window = math.floor(now / 60000)
+local rpm, tpm, est = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local share = 1.0
+if ARGV[5] ~= 'interactive' then share = 1.0 - tonumber(ARGV[4]) end
+local req = tonumber(redis.call('HGET', KEYS[1], 'req:' .. window) or '0')
+local tok = tonumber(redis.call('HGET', KEYS[1], 'tok:' .. window) or '0')
+local wait = (window + 1) * 60000 - now
+if rpm > 0 and req + 1 > math.floor(rpm * share) then return wait end
+if tpm > 0 and tok + est > math.floor(tpm * share) and tok > 0 then return wait end
+redis.call('HINCRBY', KEYS[1], 'req:' .. window, 1)
+redis.call('HINCRBY', KEYS[1], 'tok:' .. window, est)
+redis.call('HDEL', KEYS[1], 'req:' .. (window - 2), 'tok:' .. (window - 2))
+redis.call('PEXPIRE', KEYS[1], 180000)
+return 0
+"""
+
+# KEYS[1] rate-limit hash; ARGV token correction (actual - estimated) -> tokens now counted
+RATE_RECONCILE = NOW + """
+local window = math.floor(now / 60000)
+local v = redis.call('HINCRBY', KEYS[1], 'tok:' .. window, tonumber(ARGV[1]))
+if v < 0 then redis.call('HSET', KEYS[1], 'tok:' .. window, 0); v = 0 end
+redis.call('PEXPIRE', KEYS[1], 180000)
+return v
+"""

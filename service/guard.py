@@ -8,6 +8,8 @@
   small floor), so a steady error rate cannot turn into a retry storm. A retry over budget waits.
 - **Retry-After is a fact about the endpoint**, not the task: a 429's delay is stored in Redis
   (``<prefix>:endpoint:{<digest>}:blocked_until``) and every replica waits it out before calling.
+- **Rate limits** (:class:`RateLimiter`): requests and tokens per minute across replicas, with a
+  share reserved for interactive work.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from dedup import scripts
+from dedup.keys import Keys
+from dedup.ledger import LedgerUnavailable
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -54,8 +59,7 @@ class EndpointGuard:
         self.config = config or GuardConfig()
         self.redis = redis
         self.clock = clock
-        tag = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
-        self.shared_key = f"{key_prefix}:endpoint:{{{tag}}}:blocked_until"
+        self.shared_key = Keys(key_prefix).endpoint(endpoint_tag(endpoint), "blocked_until")
         self.label = _label(endpoint)
         self._failures = 0
         self._open_until = 0.0
@@ -161,6 +165,72 @@ class EndpointGuard:
                 await self.redis.set(self.shared_key, "1", px=max(1, int(delay_s * 1000)))
         except RedisError as exc:
             log.debug("shared Retry-After not written: %s", exc)
+
+
+def endpoint_tag(endpoint: str) -> str:
+    return hashlib.sha256(endpoint.encode()).hexdigest()[:16]
+
+
+class RateLimiter:
+    """Requests and tokens per minute for one endpoint, shared by every replica through Redis.
+
+    Each call is counted before it is made with an estimate of its tokens, and the count is
+    corrected with the usage the endpoint reports. ``batch`` work may use only the share not
+    reserved for ``interactive`` work. A caller over the limit waits for the next window, so
+    tasks stay in flight, the in-flight window fills and the consumer pauses its partitions.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        endpoint: str,
+        metrics: Metrics,
+        *,
+        rpm: int = 0,
+        tpm: int = 0,
+        interactive_reserve: float = 0.2,
+        key_prefix: str = "agent",
+    ) -> None:
+        self.redis = redis
+        self.metrics = metrics
+        self.rpm = rpm
+        self.tpm = tpm
+        self.reserve = interactive_reserve
+        self.key = Keys(key_prefix).endpoint(endpoint_tag(endpoint), "rate")
+        self._acquire = redis.register_script(scripts.RATE)
+        self._reconcile = redis.register_script(scripts.RATE_RECONCILE)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rpm > 0 or self.tpm > 0
+
+    async def try_acquire(self, priority: str, tokens: int) -> float:
+        """0 when the call may go now (it is counted), else seconds until it may be tried again."""
+        wait_ms = await self._acquire(
+            keys=[self.key], args=[self.rpm, self.tpm, tokens, self.reserve, priority]
+        )
+        return int(wait_ms) / 1000
+
+    async def acquire(self, priority: str, tokens: int) -> None:
+        if not self.enabled:
+            return
+        while True:
+            try:
+                wait_s = await self.try_acquire(priority, tokens)
+            except RedisError as exc:
+                raise LedgerUnavailable(f"rate limiter: {exc}") from exc
+            if wait_s <= 0:
+                return
+            self.metrics.rate_limited.labels(priority=priority).inc()
+            await asyncio.sleep(min(wait_s, 1.0))
+
+    async def reconcile(self, estimated: int, actual: int) -> None:
+        if not self.enabled or actual == estimated:
+            return
+        try:
+            await self._reconcile(keys=[self.key], args=[actual - estimated])
+        except RedisError as exc:
+            log.debug("token count not corrected: %s", exc)
 
 
 def _label(endpoint: str) -> str:

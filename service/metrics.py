@@ -56,6 +56,14 @@ class Metrics:
         self.retry_budget_refusals = Counter(
             "agent_retry_budget_refusals", "Retries held back because the retry budget was spent.", registry=r
         )
+        self.rate_limited = Counter(
+            "agent_rate_limit_waits", "Times a call waited for the shared requests/tokens per minute budget.",
+            ["priority"], registry=r,
+        )
+        self.shadow_runs = Counter(
+            "agent_shadow_runs", "Duplicates re-run in shadow (never written), by whether the answer differed.",
+            ["outcome"], registry=r,
+        )
         self.steps_reused = Counter(
             "agent_steps_reused", "Journaled agent steps re-used instead of calling the model again.",
             registry=r,
@@ -88,5 +96,9 @@ class Metrics:
             self.dead_letters.labels(reason=reason)
         for outcome in LLM_OUTCOMES:
             self.llm_requests.labels(outcome=outcome)
+        for priority in ("interactive", "batch"):
+            self.rate_limited.labels(priority=priority)
+        for outcome in ("same", "different", "failed"):
+            self.shadow_runs.labels(outcome=outcome)
         for direction in ("input", "output"):
             self.llm_tokens.labels(direction=direction)

@@ -41,7 +41,7 @@ from service.errors import (
     PoisonError,
     RetryableError,
 )
-from service.guard import EndpointGuard
+from service.guard import EndpointGuard, RateLimiter
 from service.kinds import Agent, AgentRegistry, Step
 from service.llm import ChatRequest, ChatResult
 from service.metrics import Metrics
@@ -67,6 +67,7 @@ class ProcessorConfig:
     lease_ms: int = 30_000
     context_tokens: int = 8192
     max_output_tokens: int = 512
+    shadow_sample_rate: float = 0.0
 
 
 class _DeadLetter(Exception):
@@ -104,6 +105,7 @@ class TaskProcessor:
         clock: Callable[[], datetime] = utcnow,
         guard: EndpointGuard | None = None,
         tracing: Tracing | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.ledger = ledger
         self.agents = agents
@@ -116,6 +118,7 @@ class TaskProcessor:
         self.clock = clock
         self.guard = guard
         self.tracing = tracing or Tracing.disabled()
+        self.limiter = limiter
 
     async def __call__(self, record: Record) -> None:
         started = monotonic()
@@ -149,6 +152,8 @@ class TaskProcessor:
             return
         claim = await self._claim(record, task, ctx)
         if claim is None:
+            if self.config.shadow_sample_rate:
+                await self._maybe_shadow(task, agent, task_input)
             return
         try:
             async with self._heartbeat(task.key, claim.fence):
@@ -213,6 +218,35 @@ class TaskProcessor:
         await self.ledger.mark_published(task.key, state)
         log.info("%s: %s before; re-emitted the stored outcome", ctx, state)
 
+    async def _maybe_shadow(self, task: Task, agent: Agent, task_input: BaseModel) -> None:
+        """Re-run a sample of duplicates in shadow and count how often the answer would differ.
+
+        Nothing is written: no ledger step, no result. One attempt per step, no retries.
+        """
+        if random.random() >= self.config.shadow_sample_rate:
+            return
+        stored = await self.ledger.get(task.key)
+        if stored is None or stored.state != "succeeded" or stored.fingerprint != task.fingerprint:
+            return  # only a true duplicate of a stored result
+        outputs: dict[str, dict[str, Any]] = {}
+        prev: str | None = None
+        try:
+            for step in agent.steps:
+                previous = {prev: outputs[prev]} if prev is not None else {}
+                answer = await self.llm.chat(ChatRequest(
+                    messages=step.messages(task_input, previous), schema=step.schema(task_input, previous),
+                    schema_name=f"{task.kind}_{step.name}", idempotency_key=f"{task.key}:{step.name}:shadow",
+                    timeout_s=self.config.llm_timeout_s,
+                ))
+                outputs[step.name] = step.parse(task_input, answer.content)
+                prev = step.name
+        except (RetryableError, PermanentError, InvalidOutput) as exc:
+            self.metrics.shadow_runs.labels(outcome="failed").inc()
+            log.info("task_id=%s: shadow run failed: %s", task.key, exc)
+            return
+        same = digest(canonical_json(agent.result(outputs))) == stored.fields.get("result_digest")
+        self.metrics.shadow_runs.labels(outcome="same" if same else "different").inc()
+
     # ------------------------------------------------------------------ the agent
 
     async def _run(
@@ -274,12 +308,20 @@ class TaskProcessor:
     ) -> tuple[dict[str, Any], int]:
         cfg = self.config
         last: Exception | None = None
+        messages = step.messages(task_input, previous)
+        schema = step.schema(task_input, previous)
+        needed = estimate_tokens(messages, schema) + cfg.max_output_tokens
+        if needed > cfg.context_tokens:  # never truncated silently
+            raise _DeadLetter("oversize", f"step {step.name}: about {needed} tokens with the answer, "
+                              f"the model's window is {cfg.context_tokens}", attempts)
         while True:
             remaining = task.remaining_s(self.clock())
             if remaining is not None and remaining <= 0:
                 raise _DeadLetter("expired", f"deadline passed after {attempts} attempts", attempts)
             if self.guard is not None:
                 await self.guard.acquire(retry=last is not None)
+            if self.limiter is not None:
+                await self.limiter.acquire(task.event.priority, needed)
             try:
                 attempt = await self.ledger.begin_attempt(task.key, fence, step.name, cfg.max_attempts)
             except StaleFence as exc:
@@ -288,12 +330,6 @@ class TaskProcessor:
                 raise _DeadLetter("exhausted", f"step {step.name}: {exc}", exc.total) from exc
             attempts = attempt.total
             timeout = cfg.llm_timeout_s if remaining is None else max(0.05, min(cfg.llm_timeout_s, remaining))
-            messages = step.messages(task_input, previous)
-            schema = step.schema(task_input, previous)
-            needed = estimate_tokens(messages, schema) + cfg.max_output_tokens
-            if needed > cfg.context_tokens:  # never truncated silently
-                raise _DeadLetter("oversize", f"step {step.name}: about {needed} tokens with the answer, "
-                                  f"the model's window is {cfg.context_tokens}", attempts)
             request = ChatRequest(
                 messages=messages,
                 schema=schema,
@@ -308,6 +344,8 @@ class TaskProcessor:
                     answer = await self.llm.chat(request)
                     call.set_response(answer.model, answer.finish_reason, answer.prompt_tokens,
                                       answer.completion_tokens)
+                if self.limiter is not None:
+                    await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
             except PermanentError as exc:
                 self._endpoint_answered()
                 raise _DeadLetter("permanent", str(exc), attempts) from exc

@@ -110,6 +110,10 @@ class LLMSettings(BaseModel):
     breaker_failures: int = Field(5, ge=1)  # consecutive retryable failures that open the breaker
     breaker_open_s: float = Field(10.0, gt=0)
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)  # retries per first call, over 10 s
+    rpm: int = Field(0, ge=0)  # requests per minute across replicas (0: no limit)
+    tpm: int = Field(0, ge=0)  # tokens per minute across replicas (0: no limit)
+    interactive_reserve: float = Field(0.2, ge=0, le=1)  # share of rpm/tpm batch work cannot use
+    shadow_sample_rate: float = Field(0.0, ge=0, le=1)  # duplicates re-run in shadow to measure divergence
     local_gguf: str | None = None  # path to a GGUF file for the embedded model
 
 

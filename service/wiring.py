@@ -26,7 +26,7 @@ from consumers.runner import Runner, RunnerConfig, RunnerMetrics
 from dedup.keys import Keys
 from dedup.ledger import Ledger
 from service import local
-from service.guard import EndpointGuard, GuardConfig
+from service.guard import EndpointGuard, GuardConfig, RateLimiter
 from service.kinds import AgentRegistry, default_agents
 from service.llm import LLMClient
 from service.metrics import Metrics
@@ -202,6 +202,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             backoff_base_s=s.llm.backoff_base_s, backoff_max_s=s.llm.backoff_max_s,
             llm_timeout_s=s.llm.timeout_s, busy_poll_s=s.ledger.busy_poll_s, lease_ms=s.ledger.lease_ms,
             context_tokens=s.llm.context_tokens, max_output_tokens=s.llm.max_tokens,
+            shadow_sample_rate=s.llm.shadow_sample_rate,
         ),
         worker_id=worker_id(s), model_name=s.llm.model,
         guard=EndpointGuard(
@@ -212,6 +213,10 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             redis=client, key_prefix=s.redis.key_prefix,
         ),
         tracing=tracing,
+        limiter=RateLimiter(
+            client, llm_base_url, metrics, rpm=s.llm.rpm, tpm=s.llm.tpm,
+            interactive_reserve=s.llm.interactive_reserve, key_prefix=s.redis.key_prefix,
+        ),
     )
     consumer_conf = s.kafka.consumer_config()
     # A record may wait its turn behind others of its key: librdkafka must not drop it for size.
