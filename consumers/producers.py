@@ -19,7 +19,7 @@ from consumers.records import Record
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 DLQ_HEADER_PREFIX = "dlq."
 
 
@@ -88,8 +88,8 @@ def dead_letter_headers(
 
     With ``traceparent`` the dead letter joins the task's trace (the original one is replaced).
     """
-    kept = [(k, v) for k, v in record.headers
-            if not k.startswith(DLQ_HEADER_PREFIX) and not (traceparent and k == "traceparent")]
+    kept: Headers = [(k, v) for k, v in record.headers
+                     if not k.startswith(DLQ_HEADER_PREFIX) and not (traceparent and k == "traceparent")]
     if traceparent:
         kept.append(("traceparent", traceparent.encode()))
     return kept + [

@@ -63,7 +63,8 @@ def _read(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list[Any]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-reader-{time.time_ns()}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([topic])
-    out, idle_since = [], time.monotonic()
+    out: list[Any] = []
+    idle_since = time.monotonic()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         msg = consumer.poll(0.2)

@@ -49,7 +49,12 @@ from service.tasks import Task, canonical_json, decode_task, digest, header
 from service.tracing import TaskSpan, Tracing
 
 log = logging.getLogger(__name__)
-_span: ContextVar[TaskSpan] = ContextVar("task_span", default=TaskSpan())
+_NO_SPAN = TaskSpan()
+_span: ContextVar[TaskSpan | None] = ContextVar("task_span", default=None)
+
+
+def _current_span() -> TaskSpan:
+    return _span.get() or _NO_SPAN
 
 
 class ChatClient(Protocol):
@@ -144,7 +149,7 @@ class TaskProcessor:
             await self._dead_letter(record, None, exc.reason, str(exc), 0)
             return
         ctx = f"task_id={task.key} {record.coordinates}"
-        span = _span.get()
+        span = _current_span()
         span.set_task(task.key, task.kind)
         span.set_input_digest(task.fingerprint)
         if task.expired(self.clock()):
@@ -172,7 +177,7 @@ class TaskProcessor:
         while True:
             claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind)
             decision = claim.decision
-            span = _span.get()
+            span = _current_span()
             span.set_decision(decision)
             span.set_fence(claim.fence)
             if decision == "claimed":
@@ -198,7 +203,7 @@ class TaskProcessor:
 
     async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
         self.metrics.tasks.labels(outcome="duplicate").inc()
-        _span.get().set_outcome("duplicate")
+        _current_span().set_outcome("duplicate")
         if claim.published:
             log.info("%s: %s before; skipped", ctx, state)
             return
@@ -318,10 +323,7 @@ class TaskProcessor:
             remaining = task.remaining_s(self.clock())
             if remaining is not None and remaining <= 0:
                 raise _DeadLetter("expired", f"deadline passed after {attempts} attempts", attempts)
-            if self.guard is not None:
-                await self.guard.acquire(retry=last is not None)
-            if self.limiter is not None:
-                await self.limiter.acquire(task.event.priority, needed)
+            await self._capacity(task, needed, retry=last is not None)
             try:
                 attempt = await self.ledger.begin_attempt(task.key, fence, step.name, cfg.max_attempts)
             except StaleFence as exc:
@@ -371,6 +373,13 @@ class TaskProcessor:
             log.info("task_id=%s step=%s attempt %d failed (%s); retry in %.2fs",
                      task.key, step.name, attempt.step, last, delay)
             await asyncio.sleep(delay)
+
+    async def _capacity(self, task: Task, tokens: int, *, retry: bool) -> None:
+        """Wait until the endpoint may be called: breaker, retry budget, Retry-After, rate limits."""
+        if self.guard is not None:
+            await self.guard.acquire(retry=retry)
+        if self.limiter is not None:
+            await self.limiter.acquire(task.event.priority, tokens)
 
     def _traceparent(self, incoming: str | None) -> str | None:
         return self.tracing.current_traceparent() or incoming
@@ -454,7 +463,7 @@ class TaskProcessor:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
             return
-        span = _span.get()
+        span = _current_span()
         span.set_attempts(attempts)
         span.set_output_digest(result_digest)
         await self.outputs.result(task.key, event, self._traceparent(task.traceparent), _deadline(task))
@@ -488,7 +497,7 @@ class TaskProcessor:
         await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts, task_id=task_key,
                                        traceparent=self.tracing.current_traceparent())
         self.metrics.dead_letters.labels(reason=reason).inc()
-        _span.get().set_outcome(f"dead_lettered:{reason}")
+        _current_span().set_outcome(f"dead_lettered:{reason}")
         if count_outcome:
             self.metrics.tasks.labels(outcome="dead_lettered").inc()
         log.warning("task_id=%s %s: dead-lettered as %s: %s", task_key or "-", record.coordinates, reason, error)

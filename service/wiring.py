@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from consumers.producers import Outputs, Publisher
 from consumers.runner import Runner, RunnerConfig, RunnerMetrics
