@@ -37,7 +37,7 @@ test-integration:
 	$(PYTHON) -m pytest tests/integration $(PYTEST_ARGS)
 
 chaos:
-	$(PYTHON) -m pytest tests/chaos $(PYTEST_ARGS)
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-120} AGENT_TEST_BROKERS=tansu $(PYTHON) -m pytest tests/chaos -s $(PYTEST_ARGS)
 
 demo: install
 	agent-service demo
