@@ -523,7 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"{PROG}: invalid settings: {describe_validation(exc)}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format, quiet_kafka=args.command != "run")
+    level = settings.log_level
+    if args.command == "demo" and "AGENT_LOG_LEVEL" not in os.environ:
+        level = "WARNING"  # the demo prints its own story; AGENT_LOG_LEVEL=INFO shows every record
+    configure_logging(level, settings.log_format, quiet_kafka=args.command != "run")
     handler: Handler = args.handler
     try:
         return handler(settings, args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -151,6 +152,15 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> i
     return 0
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def main(settings: Settings, args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else local.default_data_dir() / "demo"
     with local.Embedded(data_dir / str(time.time_ns())) as emb:
@@ -169,6 +179,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             base_url = f"http://{server.address}/v1"
             settings = with_local_model(settings)
         ensure_topics(settings)
+        if not _port_free(settings.http.host, settings.http.port):
+            http = settings.http.model_copy(update={"port": local.free_port()})
+            settings = settings.model_copy(update={"http": http})
         print(f"broker {settings.kafka.bootstrap_servers}, redis {emb.servers['redis'].address}, model {base_url}")
         print(f"admin API and metrics on http://{settings.http.host}:{settings.http.port} while it runs")
         timeout = float(getattr(args, "timeout", 0) or 600)
