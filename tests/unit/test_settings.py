@@ -1,0 +1,46 @@
+"""Settings from AGENT_* variables; security options reach librdkafka and Redis; secrets stay hidden."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from service.settings import Settings
+
+
+def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("AGENT_"):
+            monkeypatch.delenv(name)
+    s = Settings()
+    assert s.kafka.bootstrap_servers == "127.0.0.1:9092" and s.kafka.group_id == "agent-workers"
+    assert (s.kafka.input_topic, s.kafka.results_topic, s.kafka.dlq_topic) == (
+        "agent.tasks", "agent.results", "agent.tasks.dlq")
+    assert s.kafka.session_timeout_ms == 10000 and s.max_task_bytes == 262144 and s.max_in_flight == 256
+    assert s.redis.url.get_secret_value() == "redis://127.0.0.1:6379/0"
+    assert s.llm.base_url is None and (s.http.host, s.http.port) == ("127.0.0.1", 8000)
+    assert s.admin_token is None
+
+
+def test_nested_variables_and_kafka_security_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_KAFKA__BOOTSTRAP_SERVERS", "k1:9093,k2:9093")
+    monkeypatch.setenv("AGENT_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("AGENT_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("AGENT_KAFKA__SASL_USERNAME", "svc")
+    monkeypatch.setenv("AGENT_KAFKA__SASL_PASSWORD", "kafka-secret-1")
+    monkeypatch.setenv("AGENT_KAFKA__SSL_CA_LOCATION", "/etc/ca.pem")
+    monkeypatch.setenv("AGENT_ADMIN_TOKEN", "tok-2")
+    monkeypatch.setenv("AGENT_LLM__API_KEY", "sk-3")
+    s = Settings()
+    conf = s.kafka.consumer_config()
+    assert conf["bootstrap.servers"] == "k1:9093,k2:9093"
+    assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert conf["sasl.username"] == "svc" and conf["sasl.password"] == "kafka-secret-1"
+    assert conf["ssl.ca.location"] == "/etc/ca.pem"
+    assert conf["enable.auto.commit"] is False and conf["enable.auto.offset.store"] is False
+    producer = s.kafka.producer_config()
+    assert producer["enable.idempotence"] is True and producer["acks"] == "all"
+    assert producer["sasl.password"] == "kafka-secret-1"
+    for secret in ("kafka-secret-1", "tok-2", "sk-3"):
+        assert secret not in repr(s) and secret not in str(s.model_dump())
