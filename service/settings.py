@@ -148,3 +148,24 @@ class Settings(BaseSettings):
     worker_id: str | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
+
+
+def to_env(settings: BaseSettings) -> dict[str, str]:
+    """The ``AGENT_*`` environment that rebuilds ``settings`` in another process (secrets included)."""
+    env: dict[str, str] = {}
+
+    def put(prefix: str, model: BaseModel) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            key = f"{prefix}{name.upper()}"
+            if isinstance(value, BaseModel):
+                put(key + "__", value)
+            elif isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
+            elif isinstance(value, bool):
+                env[key] = "true" if value else "false"
+            elif value is not None:
+                env[key] = str(value)
+
+    put("AGENT_", settings)
+    return env

@@ -14,7 +14,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from service import local
-from service.settings import Settings
+from service.settings import Settings, to_env
 from service.wiring import Service, build, ensure_topics
 
 
@@ -157,25 +157,7 @@ def metric(service: Service, name: str, labels: dict[str, str] | None = None) ->
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ``AGENT_*`` environment that rebuilds ``settings`` in another process."""
-    from pydantic import BaseModel, SecretStr
-
-    env: dict[str, str] = {}
-
-    def put(prefix: str, model: BaseModel) -> None:
-        for name in type(model).model_fields:
-            value = getattr(model, name)
-            key = f"{prefix}{name.upper()}"
-            if isinstance(value, BaseModel):
-                put(key + "__", value)
-            elif isinstance(value, SecretStr):
-                env[key] = value.get_secret_value()
-            elif isinstance(value, bool):
-                env[key] = "true" if value else "false"
-            elif value is not None:
-                env[key] = str(value)
-
-    put("AGENT_", settings)
-    return env
+    return to_env(settings)
 
 
 def spawn_worker(settings: Settings, log_path: str, *extra: str) -> Any:
