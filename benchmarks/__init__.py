@@ -1,0 +1,1 @@
+"""Benchmarks of agent-service, run side by side on one machine: ``python -m benchmarks``."""

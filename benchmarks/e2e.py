@@ -1,0 +1,174 @@
+"""``e2e``: tasks/s through the whole service with a zero-latency fake model, next to a raw pipe.
+
+All tasks are produced first. The service is then started and timed until every task succeeded
+(result in the ledger, result event acknowledged, marked published). The baseline is a raw
+confluent-kafka pipe over the same records on the same broker: one consumer and one idempotent
+producer (the service's producer settings), no Redis and no model, timed from its start until
+every copy is acknowledged. A third figure is the fake model's own ceiling on this machine: the
+same requests sent over raw keep-alive HTTP with no service in the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer
+
+from benchmarks.env import Env, FakeModel, assignment_strategy, progress, task_records
+from benchmarks.inproc import CpuMeter, ServiceRun
+from benchmarks.report import Figure
+
+BENCH = "e2e"
+PARTITIONS = 6
+
+
+def pipe(env: Env, topic: str, out_topic: str, n: int, group: str) -> tuple[float, float]:
+    """Consume ``n`` records and produce each to ``out_topic``; (seconds, seconds to join)."""
+    started = time.monotonic()
+    consumer = Consumer({
+        "bootstrap.servers": env.bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+        "partition.assignment.strategy": assignment_strategy(env.broker_kind),
+    })
+    producer = Producer({"bootstrap.servers": env.bootstrap, "enable.idempotence": True, "acks": "all",
+                         "linger.ms": 5, "compression.type": "lz4"})
+    acked = [0]
+    failed = [0]
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is None:
+            acked[0] += 1
+        else:
+            failed[0] += 1
+
+    consumer.subscribe([topic])
+    first: float | None = None
+    next_commit = time.monotonic() + 1.0
+    deadline = time.monotonic() + 600
+    try:
+        while acked[0] < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pipe stalled at {acked[0]}/{n}")
+            for msg in consumer.consume(500, 0.05):
+                if msg.error():
+                    continue
+                if first is None:
+                    first = time.monotonic()
+                while True:
+                    try:
+                        producer.produce(out_topic, msg.value(), msg.key(), on_delivery=delivered)
+                        break
+                    except BufferError:
+                        producer.poll(0.01)
+            producer.poll(0)
+            if time.monotonic() >= next_commit:
+                consumer.commit(asynchronous=True)
+                next_commit = time.monotonic() + 1.0
+            if failed[0]:
+                raise RuntimeError(f"pipe: {failed[0]} records not delivered")
+        elapsed = time.monotonic() - started
+        with contextlib.suppress(KafkaException):  # nothing new since the last commit
+            consumer.commit(asynchronous=False)
+    finally:
+        consumer.close()
+        producer.flush(30)
+    return elapsed, (first or started) - started
+
+
+async def _fake_ceiling(fake: FakeModel, total: int, connections: int) -> float:
+    """Requests/s the fake model answers over raw keep-alive HTTP/1.1 (no client library)."""
+    from service.kinds import default_agents
+
+    agent = default_agents().get("classify")
+    step = agent.steps[0]
+    task_input = agent.parse_input({"text": "parcel arrived broken", "labels": ["complaint", "praise"]})
+    body = json.dumps({
+        "model": "fake", "messages": step.messages(task_input, {}), "temperature": 0.7, "max_tokens": 512,
+        "response_format": {"type": "json_object", "schema": step.schema(task_input, {})},
+    }).encode()
+    host, port = fake.base_url.split("//")[1].split("/")[0].split(":")
+    per_conn = max(1, total // connections)
+
+    async def client(c: int) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in range(per_conn):
+                head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                        f"Idempotency-Key: ceiling-{c}-{i}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                writer.write(head + body)
+                await writer.drain()
+                headers = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in headers.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                await reader.readexactly(length)
+        finally:
+            writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(c) for c in range(connections)))
+    return per_conn * connections / (time.monotonic() - started)
+
+
+def run(env: Env, quick: bool) -> list[Figure]:
+    n = 10_000 if quick else 100_000
+    names = env.names(BENCH)
+    fake = env.fake_model(0.0)
+    settings = env.settings(names, fake.base_url, partitions=PARTITIONS)
+    figures: list[Figure] = []
+    try:
+        from service.wiring import ensure_topics
+
+        ensure_topics(settings)
+        pipe_out = f"{names.input_topic}.pipe"
+        env.create_topics([pipe_out], PARTITIONS)
+        env.wait_for_topics([names.input_topic, names.results_topic, names.dlq_topic])
+        progress(f"e2e: producing {n:,} tasks to {PARTITIONS} partitions")
+        env.produce(names.input_topic, task_records(names.run, n), what="tasks")
+
+        progress("e2e: raw consume->produce pipe")
+        pipe_s, pipe_join = pipe(env, names.input_topic, pipe_out, n, f"{names.group}-pipe")
+        pipe_rate = n / pipe_s
+        progress(f"  pipe: {n:,} in {pipe_s:.2f}s = {pipe_rate:,.0f}/s")
+        figures.append(Figure(BENCH, "raw pipe (consume->produce)", pipe_rate, "rec/s",
+                              detail=f"{n:,} records in {pipe_s:.2f}s incl. {pipe_join:.2f}s group join"))
+
+        progress("e2e: fake model ceiling over raw HTTP")
+        ceiling = asyncio.run(_fake_ceiling(fake, 4_000 if quick else 10_000, 32))
+        fake.reset()
+        figures.append(Figure(BENCH, "fake model alone (raw HTTP)", ceiling, "req/s",
+                              detail="32 keep-alive connections, no service: an upper bound for any "
+                                     "figure that calls the fake model on this machine"))
+
+        progress(f"e2e: the service on {n:,} tasks")
+        meter = CpuMeter({"service": None, "fake model": fake.proc.pid,
+                          "broker": env.broker.proc.pid if env.broker else None,
+                          "redis": env.redis.proc.pid if env.redis else None})
+
+        async def go() -> Any:
+            meter.start()
+            async with ServiceRun(settings, fake.base_url, BENCH) as svc:
+                timing = await svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n,
+                                        progress_key="succeeded", interval_s=0.02)
+            meter.stop()
+            return timing
+
+        timing = asyncio.run(go())
+        rate = n / timing.total_s
+        results = env.count(names.results_topic)
+        dlq = env.count(names.dlq_topic)
+        stats = fake.stats()
+        progress(f"  service: {n:,} in {timing.total_s:.2f}s = {rate:,.0f}/s")
+        detail = (f"{n:,} tasks in {timing.total_s:.2f}s incl. {timing.join_s:.2f}s group join; "
+                  f"{timing.counts['succeeded']:,.0f} succeeded, {results:,} result events, {dlq} dead letters, "
+                  f"{stats['requests']:,} model calls; {meter.per_item_ms(n)}")
+        figures.append(Figure(BENCH, "service end to end", rate, "tasks/s", baseline=f"pipe {pipe_rate:,.0f}/s",
+                              target=(">=", 5000.0), detail=detail))
+        figures.append(Figure(BENCH, "service / pipe", 100 * rate / pipe_rate, "%",
+                              baseline=f"pipe {pipe_rate:,.0f}/s", target=(">=", 50.0)))
+    finally:
+        env.release(fake)
+    return figures

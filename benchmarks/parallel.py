@@ -1,0 +1,307 @@
+"""``parallel_consumer``: the workload of Confluent Parallel Consumer's README.
+
+10,000 records on one partition with 1,000 keys; the work of a record is a wait drawn uniformly
+from 0-5 ms (the same delay for the same offset in every consumer, from one seeded generator).
+Three consumers read the same topic, each with its own group:
+
+- the service's :class:`consumers.runner.Runner` with the handler doing the wait, no ledger;
+- pyrallel-consumer (PyPI), key-ordered with its asyncio engine, in a Python >= 3.12 virtual
+  environment of its own (``.agent-local/bench/pyrallel-venv``, made on first use);
+- a sequential consumer: one record at a time, a synchronous commit after each.
+
+The wall time runs from the first record handed to the work to the last one finished; the time
+to join the group is reported next to it. A full run measures the Runner and pyrallel-consumer
+three times each and reports the medians; a fourth Runner run with a window as large as the topic
+(it never pauses) shows what the window's pause/resume cycles cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import random
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from confluent_kafka import Consumer
+
+from benchmarks.env import REPO, Env, assignment_strategy, progress
+from benchmarks.report import Figure
+from consumers.records import Record
+from consumers.runner import Runner, RunnerConfig
+
+BENCH = "parallel_consumer"
+RECORDS = 10_000
+KEYS = 1_000
+MAX_WORK_S = 0.005
+SEED = 20_240_601
+VENV = REPO / ".agent-local" / "bench" / "pyrallel-venv"
+
+
+def delays(seed: int, n: int) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.uniform(0, MAX_WORK_S) for _ in range(n)]
+
+
+class Tally:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.count = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.violations = 0
+        self._last_offset: dict[bytes | None, int] = {}
+        self.done = asyncio.Event()
+
+    def begin(self, key: bytes | None, offset: int) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        previous = self._last_offset.get(key)
+        if previous is not None and offset < previous:
+            self.violations += 1
+        self._last_offset[key] = offset
+
+    def end(self) -> None:
+        self.count += 1
+        self.last = time.monotonic()
+        if self.count >= self.n:
+            self.done.set()
+
+    @property
+    def wall_s(self) -> float:
+        assert self.first is not None and self.last is not None
+        return self.last - self.first
+
+
+def consumer_config(env: Env, group: str) -> dict[str, object]:
+    return {
+        "bootstrap.servers": env.bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "enable.auto.offset.store": False,
+        "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+        "partition.assignment.strategy": assignment_strategy(env.broker_kind),
+    }
+
+
+async def run_runner(env: Env, topic: str, group: str, work: list[float],
+                     window: int | None = None) -> tuple[Tally, float, RunnerConfig]:
+    tally = Tally(len(work))
+
+    async def handler(record: Record) -> None:
+        tally.begin(record.key, record.offset)
+        await asyncio.sleep(work[record.offset])
+        tally.end()
+
+    config = RunnerConfig(topic=topic)  # the service's defaults
+    if window is not None:
+        config.max_in_flight = config.max_in_flight_per_partition = window
+    runner = Runner(consumer_config(env, group), handler, config)
+    started = time.monotonic()
+    task = asyncio.create_task(runner.run())
+    try:
+        await asyncio.wait_for(tally.done.wait(), timeout=300)
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 60)
+    return tally, (tally.first or started) - started, config
+
+
+def run_sequential(env: Env, topic: str, group: str, work: list[float], limit: int) -> tuple[int, float, float]:
+    """(records, wall seconds, join seconds) of a poll-one, work, commit-one consumer."""
+    consumer = Consumer(consumer_config(env, group))
+    consumer.subscribe([topic])
+    started = time.monotonic()
+    first: float | None = None
+    n = 0
+    deadline = started + 600
+    try:
+        while n < limit and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            if first is None:
+                first = time.monotonic()
+            time.sleep(work[msg.offset() or 0])
+            consumer.commit(message=msg, asynchronous=False)
+            n += 1
+        last = time.monotonic()
+    finally:
+        consumer.close()
+    return n, last - (first or started), (first or started) - started
+
+
+# ---------------------------------------------------------------------------- pyrallel-consumer
+
+
+def _version(python: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([python, "-c", "import sys; print(sys.version_info[0], sys.version_info[1])"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    major, minor = out.stdout.split()
+    return int(major), int(minor)
+
+
+def _find_python312() -> str | None:
+    candidates = [os.environ.get("BENCH_PYTHON312", "")]
+    candidates += [f"python3.{minor}" for minor in (14, 13, 12)]
+    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
+    candidates += sorted(glob.glob(f"{pyenv_root}/versions/3.1[2-9]*/bin/python3"), reverse=True)
+    for candidate in filter(None, candidates):
+        version = _version(candidate)
+        if version is not None and version >= (3, 12):
+            return candidate
+    return None
+
+
+def _has_pyrallel(python: Path) -> bool:
+    if not python.exists():
+        return False
+    check = subprocess.run([str(python), "-c", "import pyrallel_consumer"], capture_output=True, timeout=60)
+    return check.returncode == 0
+
+
+def pyrallel_python() -> tuple[str | None, str]:
+    """An interpreter with pyrallel-consumer installed, or None and why not."""
+    python = VENV / "bin" / "python"
+    if _has_pyrallel(python):
+        return str(python), "cached virtual environment"
+    base = _find_python312()
+    if base is None:
+        return None, ("pyrallel-consumer needs Python >= 3.12 and none was found "
+                      "(set BENCH_PYTHON312 to one)")
+    progress(f"parallel_consumer: installing pyrallel-consumer into {VENV} (Python from {base})")
+    try:
+        subprocess.run([base, "-m", "venv", str(VENV)], check=True, capture_output=True, timeout=300)
+        install = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "pyrallel-consumer"],
+            capture_output=True, text=True, timeout=600,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"could not make a virtual environment: {exc}"
+    if install.returncode != 0:
+        lines = [line for line in install.stderr.splitlines() if line.startswith("ERROR")]
+        return None, "pip install pyrallel-consumer failed: " + (lines[-1] if lines else install.stderr[-300:])
+    if not _has_pyrallel(python):
+        return None, "pyrallel-consumer installed but does not import"
+    return str(python), "installed now"
+
+
+def run_pyrallel(env: Env, topic: str, group: str, n: int) -> tuple[dict[str, object] | None, str]:
+    python, why = pyrallel_python()
+    if python is None:
+        return None, why
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("KAFKA_", "EXECUTION_", "PARALLEL_CONSUMER_", "PROCESS_", "METRICS_"))}
+    scratch = env.dir / "pyrallel"
+    scratch.mkdir(exist_ok=True)  # its settings read a .env file from the working directory
+    proc = subprocess.run(
+        [python, str(Path(__file__).with_name("pyrallel_probe.py")), "--bootstrap", env.bootstrap,
+         "--topic", topic, "--group", group, "--records", str(n), "--seed", str(SEED),
+         "--max-work-s", str(MAX_WORK_S)],
+        capture_output=True, text=True, timeout=400, env=clean, cwd=scratch,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return None, f"pyrallel-consumer run failed (exit {proc.returncode}): {tail[0][:200]}"
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1]), why
+    except (ValueError, IndexError):
+        return None, f"pyrallel-consumer printed no result: {proc.stdout[-200:]!r}"
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+def _runs(walls: list[float]) -> str:
+    return ", ".join(f"{w:.2f}" for w in walls) + " s"
+
+
+def run(env: Env, quick: bool) -> list[Figure]:
+    reps = 1 if quick else 3
+    names = env.names(BENCH)
+    topic = names.input_topic
+    env.create_topics([topic], 1)
+    records = ((f"key-{i % KEYS}".encode(), f"record-{i}".encode()) for i in range(RECORDS))
+    progress(f"parallel_consumer: {RECORDS:,} records, 1 partition, {KEYS:,} keys, work 0-5 ms")
+    env.produce(topic, records, partition=0)
+    work = delays(SEED, RECORDS)
+    figures: list[Figure] = []
+
+    walls: list[float] = []
+    joins: list[float] = []
+    violations = 0
+    config = RunnerConfig(topic=topic)
+    for rep in range(reps):
+        progress(f"parallel_consumer: the service's Runner, run {rep + 1}/{reps}")
+        tally, join_s, config = asyncio.run(run_runner(env, topic, f"{names.group}-runner{rep}", work))
+        walls.append(tally.wall_s)
+        joins.append(join_s)
+        violations += tally.violations
+        progress(f"  Runner: {tally.wall_s:.2f}s ({RECORDS / tally.wall_s:,.0f}/s)")
+    runner_wall = statistics.median(walls)
+    runner_rate = RECORDS / runner_wall
+
+    wide, _, _ = asyncio.run(run_runner(env, topic, f"{names.group}-wide", work, window=RECORDS))
+    progress(f"  Runner, window {RECORDS:,}: {wide.wall_s:.2f}s ({RECORDS / wide.wall_s:,.0f}/s)")
+
+    pyr_walls: list[float] = []
+    pyr: dict[str, object] | None = None
+    pyr_why = ""
+    for rep in range(reps):
+        progress(f"parallel_consumer: pyrallel-consumer, run {rep + 1}/{reps}")
+        result, pyr_why = run_pyrallel(env, topic, f"{names.group}-pyrallel{rep}", RECORDS)
+        if result is None:
+            progress(f"  pyrallel-consumer unavailable: {pyr_why}")
+            break
+        pyr = result
+        pyr_walls.append(float(result["wall_s"]))  # type: ignore[arg-type]
+        progress(f"  pyrallel-consumer: {pyr_walls[-1]:.2f}s ({RECORDS / pyr_walls[-1]:,.0f}/s)")
+    pyr_wall = statistics.median(pyr_walls) if pyr_walls else None
+    pyr_rate = RECORDS / pyr_wall if pyr_wall else None
+
+    seq_limit = 2_000 if quick else RECORDS
+    progress(f"parallel_consumer: sequential consumer ({seq_limit:,} records)")
+    seq_n, seq_wall, seq_join = run_sequential(env, topic, f"{names.group}-seq", work, seq_limit)
+    seq_rate = seq_n / seq_wall
+    progress(f"  sequential: {seq_n:,} in {seq_wall:.2f}s ({seq_rate:,.0f}/s)")
+
+    median = "median of " if reps > 1 else ""
+    expected_work = sum(work) / RECORDS * 1000
+    baseline = f"pyrallel {pyr_rate:,.0f}/s" if pyr_rate else "pyrallel n/a"
+    figures.append(Figure(
+        BENCH, "Runner wall time", runner_wall, "s", baseline=baseline, target=("<=", 2.0),
+        detail=(f"{median}{_runs(walls)}; {RECORDS:,} records, {runner_rate:,.0f}/s, max_in_flight "
+                f"{config.max_in_flight} (the service's default), {violations} key-order violations, "
+                f"{statistics.median(joins):.2f}s group join before the first record; "
+                f"mean work {expected_work:.2f} ms/record"),
+    ))
+    figures.append(Figure(
+        BENCH, f"Runner, max_in_flight {RECORDS:,}", wide.wall_s, "s",
+        detail=(f"the same Runner with a window that never fills (no pause/resume): {RECORDS / wide.wall_s:,.0f}/s, "
+                f"{wide.violations} key-order violations"),
+    ))
+    if pyr is not None and pyr_wall is not None and pyr_rate is not None:
+        figures.append(Figure(
+            BENCH, "pyrallel-consumer wall time", pyr_wall, "s",
+            detail=(f"{median}{_runs(pyr_walls)}; {pyr_rate:,.0f}/s, key_hash ordering, async engine, "
+                    f"max_in_flight {pyr['max_in_flight']} (its default), {pyr['order_violations']} key-order "
+                    f"violations, {float(pyr['join_s']):.2f}s to the first record ({pyr_why})"),  # type: ignore[arg-type]
+        ))
+        figures.append(Figure(BENCH, "Runner / pyrallel-consumer", runner_rate / pyr_rate, "x",
+                              baseline=baseline, target=(">=", 1.5)))
+    else:
+        figures.append(Figure(BENCH, "Runner / pyrallel-consumer", None, "x", target=(">=", 1.5),
+                              error="unavailable", unavailable=True, detail=pyr_why))
+    figures.append(Figure(
+        BENCH, "sequential consumer", seq_rate, "rec/s",
+        detail=(f"{seq_n:,} records in {seq_wall:.2f}s, a synchronous commit after each "
+                f"({seq_join:.2f}s group join); the Runner's {median}rate is {runner_rate / seq_rate:.1f}x this"),
+    ))
+    return figures
