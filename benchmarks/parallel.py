@@ -302,6 +302,7 @@ def run(env: Env, quick: bool) -> list[Figure]:
     figures.append(Figure(
         BENCH, "sequential consumer", seq_rate, "rec/s",
         detail=(f"{seq_n:,} records in {seq_wall:.2f}s, a synchronous commit after each "
-                f"({seq_join:.2f}s group join); the Runner's {median}rate is {runner_rate / seq_rate:.1f}x this"),
+                f"({seq_join:.2f}s group join); the Runner's {'median ' if reps > 1 else ''}rate is "
+                f"{runner_rate / seq_rate:.1f}x this"),
     ))
     return figures
