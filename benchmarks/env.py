@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from service import local
-from service.settings import Settings
+from service.settings import Settings, to_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -322,22 +322,6 @@ def task_records(prefix: str, n: int) -> Iterator[tuple[bytes, bytes]]:
 
 def child_env(settings: Settings) -> dict[str, str]:
     """The environment of a ``python -m service.cli run`` child that rebuilds ``settings``."""
-    from pydantic import BaseModel, SecretStr
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
-
-    def put(prefix: str, model: BaseModel) -> None:
-        for name in type(model).model_fields:
-            value = getattr(model, name)
-            key = f"{prefix}{name.upper()}"
-            if isinstance(value, BaseModel):
-                put(key + "__", value)
-            elif isinstance(value, SecretStr):
-                env[key] = value.get_secret_value()
-            elif isinstance(value, bool):
-                env[key] = "true" if value else "false"
-            elif value is not None:
-                env[key] = str(value)
-
-    put("AGENT_", settings)
+    env.update(to_env(settings))
     return env

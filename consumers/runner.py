@@ -97,7 +97,6 @@ class Runner:
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._all_paused = False
         self._unhealthy_until = 0.0  # a dependency failed: take no new records until then
         self.started = asyncio.Event()
         self.last_error: str | None = None
@@ -165,7 +164,6 @@ class Runner:
             self._partitions[(tp.topic, tp.partition)] = _Partition()
         self.metrics.assigned(len(self.assignment))
         log.info("assigned: %s", _fmt(partitions))
-        self._all_paused = False
 
     async def _revoked(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         offsets = []

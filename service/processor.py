@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -513,9 +512,3 @@ def estimate_tokens(messages: list[dict[str, str]], schema: dict[str, Any] | Non
     if schema is not None:
         chars += len(canonical_json(schema))
     return chars // 3 + 1
-
-
-def result_event(value: bytes) -> dict[str, Any]:
-    """Parse a result event (for tools and tests)."""
-    data: dict[str, Any] = json.loads(value)
-    return data
