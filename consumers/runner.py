@@ -6,8 +6,14 @@
   concurrently, inside one partition too.
 - A partition commits only the first offset whose record is not finished (:class:`OffsetTracker`):
   the outcome of every earlier record is durable before its offset is.
-- When the in-flight window is full the runner pauses its partitions and keeps polling (so it
-  stays in the group), and resumes them below the low-water mark.
+- When the in-flight window is full the runner stops taking records and waits for room; librdkafka
+  keeps what it prefetched (bounded by ``queued.max.messages.kbytes``). If the window stays full
+  for ``pause_after_s`` it pauses its partitions and keeps polling (so it stays in the group and
+  serves rebalances), and resumes them below the low-water mark. Pausing at once on every fill
+  would throw the prefetched records away: librdkafka purges a paused partition's queue and
+  fetches it again only after the resume, a gap of 0.5-1 s each time.
+- A partition over its own limit is paused at once while others still have room (its records
+  would otherwise keep arriving).
 - On revoke it stops starting that partition's records and commits what finished; records still
   running finish under their ledger fences, and the new owner takes what is left.
 - ``stop()`` drains: no new records, in-flight ones finish (bounded by ``drain_timeout_s``), final
@@ -21,6 +27,7 @@ loses a record and never commits past it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import deque
@@ -47,6 +54,7 @@ class RunnerConfig:
     max_in_flight: int = 256
     max_in_flight_per_partition: int = 256
     resume_ratio: float = 0.5
+    pause_after_s: float = 1.0
     commit_interval_s: float = 1.0
     lag_interval_s: float = 5.0
     poll_timeout_s: float = 0.1
@@ -95,9 +103,11 @@ class Runner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = 0
         self._stopping = asyncio.Event()
+        self._room = asyncio.Event()  # set whenever a record leaves the window
         self._idle = asyncio.Event()
         self._idle.set()
         self._unhealthy_until = 0.0  # a dependency failed: take no new records until then
+        self._full_since: float | None = None
         self.started = asyncio.Event()
         self.last_error: str | None = None
 
@@ -114,6 +124,7 @@ class Runner:
     def stop(self) -> None:
         """Begin a graceful drain; ``run()`` returns when it is done."""
         self._stopping.set()
+        self._room.set()
 
     @property
     def healthy(self) -> bool:
@@ -203,10 +214,13 @@ class Runner:
         next_lag = monotonic() + self.config.lag_interval_s
         try:
             while not self._stopping.is_set():
-                await self._backpressure()
-                room = max(1, min(self.config.max_batch, self.config.max_in_flight - self._held))
-                msgs = await self._call(self._consumer.consume, room, self.config.poll_timeout_s)
-                self._dispatch(msgs)
+                room = await self._backpressure()
+                if room > 0:
+                    msgs = await self._call(self._fetch, min(room, self.config.max_batch))
+                    self._dispatch(msgs)
+                else:  # full, not yet paused: wait for room, keeping librdkafka's prefetched records
+                    msgs = []
+                    await self._wait_for_room()
                 now = monotonic()
                 if now >= next_commit:
                     await self.commit()
@@ -218,6 +232,29 @@ class Runner:
                     await asyncio.sleep(0)
         finally:
             await self._drain()
+
+    def _fetch(self, n: int) -> list[Any]:
+        """Up to ``n`` records: what is ready at once, else wait (``poll_timeout_s``) for the first.
+
+        ``consume(n, timeout)`` alone would wait the whole timeout whenever fewer than ``n`` are
+        ready; this returns as soon as there is anything to start.
+        """
+        assert self._consumer is not None
+        msgs: list[Any] = self._consumer.consume(n, 0)
+        if msgs:
+            return msgs
+        msgs = self._consumer.consume(1, self.config.poll_timeout_s)
+        if msgs and n > 1:
+            msgs.extend(self._consumer.consume(n - 1, 0))
+        return msgs
+
+    async def _wait_for_room(self) -> None:
+        self._room.clear()
+        since = self._full_since if self._full_since is not None else monotonic()
+        timeout = max(0.0, since + self.config.pause_after_s - monotonic()) + 0.001
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._room.wait()
 
     def _dispatch(self, msgs: list[Any]) -> None:
         consumed = 0
@@ -302,28 +339,44 @@ class Runner:
 
     def _release(self, n: int) -> None:
         self._held -= n
+        self._room.set()
         self.metrics.inflight(self._held)
         if self._held == 0:
             self._idle.set()
 
     # ------------------------------------------------------------------ backpressure
 
-    async def _backpressure(self) -> None:
+    async def _backpressure(self) -> int:
+        """Pause and resume partitions; returns how many records may be taken now (0: wait).
+
+        A full window first waits for room (``pause_after_s``) before it pauses: see the module
+        docstring. An unhealthy dependency pauses at once.
+        """
         assert self._consumer is not None
         cfg = self.config
+        now = monotonic()
+        unhealthy = now < self._unhealthy_until
+        room = cfg.max_in_flight - self._held
+        if room > 0:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = now
+        full_for = 0.0 if self._full_since is None else now - self._full_since
+        pause_all = unhealthy or (room <= 0 and full_for >= cfg.pause_after_s)
         low_total = int(cfg.max_in_flight * cfg.resume_ratio)
         low_part = int(cfg.max_in_flight_per_partition * cfg.resume_ratio)
         to_pause, to_resume = [], []
-        full = self._held >= cfg.max_in_flight or monotonic() < self._unhealthy_until
+        open_partitions = 0
         for (topic, partition), part in self._partitions.items():
-            should_pause = full or part.held >= cfg.max_in_flight_per_partition
-            may_resume = self._held <= low_total and part.held <= low_part and not full
-            if should_pause and not part.paused:
+            part_full = part.held >= cfg.max_in_flight_per_partition
+            if (pause_all or (part_full and room > 0)) and not part.paused:
                 part.paused = True
                 to_pause.append(TopicPartition(topic, partition))
-            elif part.paused and may_resume:
+            elif part.paused and not unhealthy and self._held <= low_total and part.held <= low_part:
                 part.paused = False
                 to_resume.append(TopicPartition(topic, partition))
+            if not part.paused and not part_full:
+                open_partitions += 1
         if to_pause:
             await self._call(self._consumer.pause, to_pause)
             log.debug("paused %d partitions (in flight %d)", len(to_pause), self._held)
@@ -332,6 +385,11 @@ class Runner:
             log.debug("resumed %d partitions (in flight %d)", len(to_resume), self._held)
         if to_pause or to_resume:
             self._update_paused_metric()
+        if room > 0 and (open_partitions or not self._partitions):
+            return room
+        if all(p.paused for p in self._partitions.values()):
+            return 1  # nothing will arrive: poll to serve rebalances and stay in the group
+        return 0
 
     def _update_paused_metric(self) -> None:
         self.metrics.paused(sum(1 for p in self._partitions.values() if p.paused))

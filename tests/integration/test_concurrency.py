@@ -86,18 +86,19 @@ def test_same_key_in_offset_order_other_keys_concurrently(broker: Broker, seed: 
 
 def test_full_window_pauses_and_resumes_with_bounded_memory(broker: Broker) -> None:
     topic = new_topic(broker.bootstrap, 2)
-    n = 300
+    n = 200
     produce(broker.bootstrap, topic, [(f"k{i}".encode(), b"x") for i in range(n)])
     gauges = Gauges()
     done: list[int] = []
 
-    async def handler(record: Record) -> None:
-        await asyncio.sleep(0.02)
+    async def handler(record: Record) -> None:  # slow enough that the window stays full
+        await asyncio.sleep(0.2)
         done.append(record.offset)
 
     async def scenario() -> None:
         runner = Runner(consumer_conf(broker), handler,
-                        RunnerConfig(topic=topic, max_in_flight=20, max_in_flight_per_partition=15, max_batch=500),
+                        RunnerConfig(topic=topic, max_in_flight=20, max_in_flight_per_partition=15, max_batch=500,
+                                     pause_after_s=0.05),
                         gauges)
         task = asyncio.create_task(runner.run())
         await wait_for(lambda: len(done) == n or task.done(), 60, what="every record")
