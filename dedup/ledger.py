@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from dedup import scripts
+from dedup.batch import ScriptBatcher
 from dedup.keys import Keys
 
 Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead"]
@@ -138,10 +140,18 @@ class Ledger:
         self._fail = client.register_script(scripts.FAIL)
         self._published = client.register_script(scripts.PUBLISHED)
         self._revive = client.register_script(scripts.REVIVE)
+        self.batcher = ScriptBatcher(client)
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
+        except RedisError as exc:
+            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """Run one ledger script, pipelined with the others issued in this loop turn."""
+        try:
+            return await self.batcher.run(script, keys, args)
         except RedisError as exc:
             raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
@@ -152,10 +162,9 @@ class Ledger:
         return bool(await self._call(self.client.ping))
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
-        raw = await self._call(lambda: self._claim(
-            keys=self._both(task_key),
-            args=[fingerprint, owner, self.lease_ms, kind, self.ttl_s],
-        ))
+        raw = await self._script(
+            self._claim, self._both(task_key), [fingerprint, owner, self.lease_ms, kind, self.ttl_s]
+        )
         return Claim(
             decision=_s(raw[0]),  # type: ignore[arg-type]
             fence=int(raw[1]),
@@ -165,9 +174,7 @@ class Ledger:
         )
 
     async def heartbeat(self, task_key: str, fence: int) -> bool:
-        raw = await self._call(lambda: self._heartbeat(
-            keys=[self.keys.task(task_key)], args=[fence, self.lease_ms]
-        ))
+        raw = await self._script(self._heartbeat, [self.keys.task(task_key)], [fence, self.lease_ms])
         return int(raw) == 1
 
     async def begin_attempt(self, task_key: str, fence: int, step: str, max_attempts: int) -> Attempt:
@@ -176,9 +183,9 @@ class Ledger:
         Raises :class:`StaleFence` when a newer claim holds the task, and :class:`AttemptsExhausted`
         when the step already used ``max_attempts`` (then nothing is counted).
         """
-        raw = await self._call(lambda: self._attempt(
-            keys=[self.keys.task(task_key)], args=[fence, self.lease_ms, step, max_attempts]
-        ))
+        raw = await self._script(
+            self._attempt, [self.keys.task(task_key)], [fence, self.lease_ms, step, max_attempts]
+        )
         step_attempts, total = int(raw[0]), int(raw[1])
         if step_attempts == -1:
             raise StaleFence(f"task {task_key}: fence {fence} no longer holds the task")
@@ -187,10 +194,8 @@ class Ledger:
         return Attempt(step=step_attempts, total=total)
 
     async def record_step(self, task_key: str, fence: int, name: str, record: dict[str, Any]) -> None:
-        raw = await self._call(lambda: self._step(
-            keys=self._both(task_key),
-            args=[fence, name, json.dumps(record, sort_keys=True, separators=(",", ":"))],
-        ))
+        record_json = json.dumps(record, sort_keys=True, separators=(",", ":"))
+        raw = await self._script(self._step, self._both(task_key), [fence, name, record_json])
         if _s(raw) != "ok":
             raise StaleFence(f"task {task_key}: step {name} refused for fence {fence}")
 
@@ -210,25 +215,22 @@ class Ledger:
         prompt_version: str,
     ) -> Completion:
         """First writer wins; a write under an older fence is refused (``stale``)."""
-        raw = await self._call(lambda: self._complete(
-            keys=self._both(task_key),
-            args=[fence, result, digest, event, model, prompt_version, self.ttl_s],
-        ))
+        raw = await self._script(
+            self._complete, self._both(task_key), [fence, result, digest, event, model, prompt_version, self.ttl_s]
+        )
         return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
 
     async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:
         """Release the claim as ``failed`` (reclaimable) or, with a reason, mark it ``dead``."""
-        raw = await self._call(lambda: self._fail(
-            keys=[self.keys.task(task_key)], args=[fence, error[:2000], dead_reason]
-        ))
+        raw = await self._script(self._fail, [self.keys.task(task_key)], [fence, error[:2000], dead_reason])
         return _s(raw) == "ok"
 
     async def mark_published(self, task_key: str, state: str) -> bool:
-        raw = await self._call(lambda: self._published(keys=[self.keys.task(task_key)], args=[state]))
+        raw = await self._script(self._published, [self.keys.task(task_key)], [state])
         return int(raw) == 1
 
     async def revive(self, task_key: str) -> bool:
-        raw = await self._call(lambda: self._revive(keys=[self.keys.task(task_key)], args=[]))
+        raw = await self._script(self._revive, [self.keys.task(task_key)], [])
         return int(raw) == 1
 
     async def get(self, task_key: str) -> TaskRecord | None:

@@ -139,3 +139,32 @@ def test_concurrent_claims_hand_out_one_fence(redis_url: str) -> None:
         assert {c.decision for c in claims} == {"claimed", "busy"}
 
     with_ledger(redis_url, body, lease_ms=5000)
+
+
+def test_calls_made_together_share_one_pipeline_and_keep_their_own_outcomes(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        n = 100
+        claims = await asyncio.gather(*(ledger.claim(f"b{i}", FP, "w1", "classify") for i in range(n)))
+        assert [c.decision for c in claims] == ["claimed"] * n
+        assert ledger.batcher.batches == 1 and ledger.batcher.calls == n  # one round trip for all
+        # a refused write (stale fence) fails only its own call in a shared pipeline
+        outcomes = await asyncio.gather(
+            *(ledger.begin_attempt(f"b{i}", 1 if i % 2 else 99, "s", 3) for i in range(n)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, StaleFence) for o in outcomes[0::2])
+        assert all(isinstance(o, Attempt) and o.step == 1 for o in outcomes[1::2])
+
+    with_ledger(redis_url, body)
+
+
+def test_scripts_flushed_by_a_redis_restart_are_loaded_again(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        assert (await ledger.claim("f0", FP, "w1", "classify")).decision == "claimed"
+        await ledger.client.script_flush()
+        claims = await asyncio.gather(*(ledger.claim(f"f{i}", FP, "w1", "classify") for i in range(1, 5)))
+        assert [c.decision for c in claims] == ["claimed"] * 4
+        await ledger.client.script_flush()
+        assert (await ledger.claim("f0", FP, "w2", "classify")).decision == "busy"
+
+    with_ledger(redis_url, body)
