@@ -17,10 +17,9 @@ Decisions on a claim:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from pydantic import BaseModel
 
 from consumers.producers import Outputs, ProduceFailed
 from consumers.records import Record
+from dedup.leases import LeaseKeeper
 from dedup.ledger import AttemptsExhausted, Claim, Ledger, LedgerUnavailable, StaleFence
 from service.errors import (
     InfrastructureError,
@@ -112,6 +112,7 @@ class TaskProcessor:
         limiter: RateLimiter | None = None,
     ) -> None:
         self.ledger = ledger
+        self.leases = LeaseKeeper(ledger)
         self.agents = agents
         self.llm = llm
         self.outputs = outputs
@@ -160,7 +161,7 @@ class TaskProcessor:
                 await self._maybe_shadow(task, agent, task_input)
             return
         try:
-            async with self._heartbeat(task.key, claim.fence):
+            with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):
                 outputs, attempts = await self._run(task, agent, task_input, claim)
         except _DeadLetter as dl:
             await self._dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx)
@@ -394,37 +395,6 @@ class TaskProcessor:
             await self.guard.retry_after(exc.delay)  # a rate limit is not a broken endpoint
         else:
             self.guard.failure()
-
-    @contextlib.asynccontextmanager
-    async def _heartbeat(self, task_key: str, fence: int) -> AsyncIterator[None]:
-        """Renew the lease every third of it while the body runs.
-
-        It stops on an event rather than on cancellation alone: a Redis call can swallow a
-        cancellation, and the task waiting for the heartbeat must never hang on it.
-        """
-        interval = self.config.lease_ms / 3000
-        stop = asyncio.Event()
-
-        async def beat() -> None:
-            while not stop.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=interval)
-                if stop.is_set():
-                    return
-                try:
-                    if not await self.ledger.heartbeat(task_key, fence):
-                        log.warning("task_id=%s: lease lost (fence %d)", task_key, fence)
-                        return
-                except LedgerUnavailable as exc:
-                    log.warning("task_id=%s: heartbeat failed: %s", task_key, exc)
-
-        beating = asyncio.create_task(beat())
-        try:
-            yield
-        finally:
-            stop.set()
-            beating.cancel()
-            await asyncio.wait({beating}, timeout=2.0)
 
     # ------------------------------------------------------------------ outcomes
 

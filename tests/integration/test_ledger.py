@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from dedup.keys import Keys
+from dedup.leases import LeaseKeeper
 from dedup.ledger import Attempt, AttemptsExhausted, Ledger, StaleFence
 
 pytestmark = pytest.mark.integration
@@ -166,5 +168,30 @@ def test_scripts_flushed_by_a_redis_restart_are_loaded_again(redis_url: str) -> 
         assert [c.decision for c in claims] == ["claimed"] * 4
         await ledger.client.script_flush()
         assert (await ledger.claim("f0", FP, "w2", "classify")).decision == "busy"
+
+    with_ledger(redis_url, body)
+
+
+def test_lease_keeper_renews_every_held_task_and_stops_on_release(redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:  # leases of 300 ms
+        keeper = LeaseKeeper(ledger)
+        for i in range(20):
+            assert (await ledger.claim(f"l{i}", FP, "w1", "classify")).fence == 1
+        with contextlib.ExitStack() as held:
+            for i in range(20):
+                held.enter_context(keeper.hold(f"l{i}", 1, 0.1))
+            await asyncio.sleep(1.0)  # three leases long: only renewals keep the tasks
+            busy = await asyncio.gather(*(ledger.claim(f"l{i}", FP, "w2", "classify") for i in range(20)))
+            assert {c.decision for c in busy} == {"busy"}
+            assert keeper.renewals >= 20 * 5
+        assert len(keeper) == 0
+        await asyncio.sleep(0.5)  # released: the leases run out and another worker reclaims
+        again = await ledger.claim("l0", FP, "w2", "classify")
+        assert (again.decision, again.fence) == ("claimed", 2)
+        with keeper.hold("l1", 1, 0.05):  # a newer fence holds l1 now: its renewal is refused
+            assert (await ledger.claim("l1", FP, "w2", "classify")).fence == 2
+            renewed = keeper.renewals
+            await asyncio.sleep(0.3)
+            assert keeper.renewals == renewed
 
     with_ledger(redis_url, body)
