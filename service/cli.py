@@ -155,7 +155,6 @@ def configure_logging(level: str, fmt: str, *, quiet_kafka: bool = False) -> Non
         )
         root.addHandler(handler)
     root.setLevel(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
-    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
     if quiet_kafka and root.level > logging.DEBUG:
         logging.getLogger(KAFKA_LOGGER).setLevel(logging.CRITICAL)
 

@@ -15,7 +15,7 @@
     └── InfrastructureError            Redis or Kafka did not answer: never dead-letter, retry
                                        the record until they are back
 
-Library exceptions (httpx, redis, confluent-kafka) are translated where they enter.
+Library exceptions (aiohttp, redis, confluent-kafka) are translated where they enter.
 """
 
 from __future__ import annotations

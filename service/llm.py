@@ -21,17 +21,19 @@ Every attempt increments ``agent_llm_requests_total`` exactly once, with one of
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self
 
-import httpx
+import aiohttp
 
 from service.errors import (
     AgentError,
@@ -87,31 +89,52 @@ class ChatResult:
     latency_s: float
 
 
-class LLMClient:
-    """Async client for ``{base_url}/chat/completions``; one HTTP attempt per :meth:`chat`."""
+@dataclass(frozen=True, slots=True)
+class HTTPResponse:
+    """What came back on the wire: the status, the headers and the whole body."""
 
-    def __init__(
-        self,
-        settings: LLMSettings,
-        base_url: str,
-        metrics: Metrics,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+class LLMClient:
+    """Async client for ``{base_url}/chat/completions``; one HTTP attempt per :meth:`chat`.
+
+    The HTTP client is aiohttp: its connection pool hands out a free keep-alive connection in
+    constant time, where httpx/httpcore checks every pooled connection on each request (a
+    ``getpeername`` and a readability probe per connection), which cost the service most of its
+    CPU at a few hundred requests a second.
+    """
+
+    def __init__(self, settings: LLMSettings, base_url: str, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
         self._url = f"{base_url.rstrip('/')}/chat/completions"
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
-        limits = httpx.Limits(
-            max_connections=settings.max_concurrency,
-            max_keepalive_connections=settings.max_concurrency,
-        )
-        self._client = httpx.AsyncClient(
-            limits=limits,
-            timeout=_timeout(settings.timeout_s),
-            transport=transport,
-            follow_redirects=False,
-            headers={"Accept": "application/json"},
-        )
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The session, made on first use: aiohttp binds it to the running event loop."""
+        if self._closed:
+            raise RuntimeError("LLMClient is closed")
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._settings.max_concurrency, limit_per_host=0)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers={"Accept": "application/json", "Content-Type": "application/json"},
+                raise_for_status=False,
+                auto_decompress=True,
+            )
+        return self._session
 
     async def __aenter__(self) -> Self:
         return self
@@ -126,7 +149,10 @@ class LLMClient:
 
     async def aclose(self) -> None:
         """Close the connection pool. Safe to call more than once."""
-        await self._client.aclose()
+        self._closed = True
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         """Send one chat completion request and return the answer.
@@ -134,7 +160,7 @@ class LLMClient:
         Raises the :mod:`service.errors` exception that matches the failure; never retries.
         """
         timeout_s = request.timeout_s if request.timeout_s is not None else self._settings.timeout_s
-        payload = self._payload(request)
+        payload = json.dumps(self._payload(request), ensure_ascii=False).encode()
         headers = self._headers(request)
         logger.debug(
             "LLM request schema=%s idempotency_key=%s timeout=%.3fs",
@@ -143,10 +169,8 @@ class LLMClient:
         async with self._semaphore:
             started = time.perf_counter()
             try:
-                response = await self._client.post(
-                    self._url, json=payload, headers=headers, timeout=_timeout(timeout_s)
-                )
-            except httpx.TimeoutException as exc:
+                response = await self._post(payload, headers, timeout_s)
+            except TimeoutError as exc:  # aiohttp's own timeouts subclass it too
                 latency = time.perf_counter() - started
                 self._metrics.llm_latency.observe(latency)
                 self._count("timeout")
@@ -158,15 +182,15 @@ class LLMClient:
                     f"LLM request timed out after {latency:.3f}s ({type(exc).__name__}); "
                     "the outcome is unknown: the endpoint may have completed it"
                 ) from exc
-            except httpx.TransportError as exc:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
                 self._count("connection_error")
                 logger.debug(
                     "LLM connection failed schema=%s idempotency_key=%s: %s",
                     request.schema_name, request.idempotency_key, type(exc).__name__,
                 )
                 raise LLMUnavailable(f"LLM endpoint unreachable: {type(exc).__name__}") from exc
-            except httpx.RequestError as exc:
-                # e.g. DecodingError: the response arrived but could not be decoded
+            except aiohttp.ClientError as exc:
+                # e.g. a malformed status line or headers: a response arrived but is unreadable
                 self._count("server_error")
                 raise LLMUnavailable(
                     f"LLM endpoint sent an unreadable response: {type(exc).__name__}"
@@ -180,7 +204,7 @@ class LLMClient:
             self._count(_outcome_of(exc))
             logger.debug(
                 "LLM request failed schema=%s idempotency_key=%s status=%d latency=%.3fs: %s",
-                request.schema_name, request.idempotency_key, response.status_code, latency,
+                request.schema_name, request.idempotency_key, response.status, latency,
                 type(exc).__name__,
             )
             raise
@@ -191,6 +215,14 @@ class LLMClient:
             result.prompt_tokens, result.completion_tokens,
         )
         return result
+
+    async def _post(self, payload: bytes, headers: dict[str, str], timeout_s: float) -> HTTPResponse:
+        """One POST; the whole exchange, body included, within ``timeout_s``."""
+        async with self._client().post(
+            self._url, data=payload, headers=headers, timeout=_timeout(timeout_s), allow_redirects=False,
+        ) as response:
+            body = await response.read()
+            return HTTPResponse(response.status, response.headers, body)
 
     # -- request ------------------------------------------------------------------------------
 
@@ -229,9 +261,9 @@ class LLMClient:
 
     # -- response -----------------------------------------------------------------------------
 
-    def _interpret(self, response: httpx.Response, latency: float) -> ChatResult:
+    def _interpret(self, response: HTTPResponse, latency: float) -> ChatResult:
         """Turn one HTTP response into a result, or raise the matching error."""
-        status = response.status_code
+        status = response.status
         if status == 429:
             delay = retry_after(response.headers)
             raise LLMRateLimited("LLM endpoint rate-limited the request (HTTP 429)", delay=delay)
@@ -308,11 +340,12 @@ class LLMClient:
         self._metrics.llm_requests.labels(outcome=outcome).inc()
 
 
-def retry_after(headers: httpx.Headers, now: datetime | None = None) -> float | None:
+def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
     """Seconds the endpoint asks us to wait, or None when it does not say (or says nonsense).
 
     ``retry-after-ms`` (milliseconds) wins over ``Retry-After``, which is either a number of
-    seconds or an HTTP-date.
+    seconds or an HTTP-date. ``headers`` must look names up case-insensitively, as every HTTP
+    library's header map does.
     """
     ms = headers.get("retry-after-ms")
     if ms is not None:
@@ -343,8 +376,9 @@ def retry_after(headers: httpx.Headers, now: datetime | None = None) -> float | 
     return max(0.0, (when - reference).total_seconds())
 
 
-def _timeout(timeout_s: float) -> httpx.Timeout:
-    return httpx.Timeout(timeout_s, connect=min(_MAX_CONNECT_TIMEOUT_S, timeout_s))
+def _timeout(timeout_s: float) -> aiohttp.ClientTimeout:
+    """The whole exchange within ``timeout_s``; connecting within at most 5 s of it."""
+    return aiohttp.ClientTimeout(total=timeout_s, connect=min(_MAX_CONNECT_TIMEOUT_S, timeout_s))
 
 
 def _token_count(value: object) -> int:
@@ -353,7 +387,7 @@ def _token_count(value: object) -> int:
     return value
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(response: HTTPResponse) -> str:
     """The endpoint's own error message, at most 300 characters."""
     text = response.text
     message: object = text

@@ -1,18 +1,32 @@
-"""Unit tests for service.llm.LLMClient against an in-process httpx.MockTransport."""
+"""Unit tests for service.llm.LLMClient against real HTTP servers on free loopback ports.
+
+Every test talks HTTP over a socket: an aiohttp ``RawTestServer`` whose handler returns an
+``aiohttp.web`` response, a plain asyncio server that writes raw (often broken) bytes, a port
+where nothing listens, or a listener whose accept queue is full. Nothing in the HTTP layer is
+mocked.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
+from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from service.errors import (
@@ -27,7 +41,6 @@ from service.llm import ChatRequest, ChatResult, LLMClient, retry_after
 from service.metrics import LLM_OUTCOMES, Metrics
 from service.settings import LLMSettings
 
-BASE_URL = "http://llm.test/v1/"
 API_KEY = "sk-test-secret-key-123"
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -35,8 +48,11 @@ SCHEMA: dict[str, Any] = {
     "required": ["answer"],
 }
 SECRET_PROMPT = "classified prompt text 4711"
+CHAT_PATH = "/v1/chat/completions"
+TIMEOUT_S = 0.2  # the short timeout of the tests that wait for one
+STALL_S = 3.0  # a handler that stalls: far past TIMEOUT_S (cancelled when the client hangs up)
 
-Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def make_settings(**overrides: Any) -> LLMSettings:
@@ -80,8 +96,160 @@ def completion(
     return body
 
 
-def ok_handler(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, json=completion())
+# -- servers --------------------------------------------------------------------------------------
+
+
+async def ok_handler(request: web.BaseRequest) -> web.StreamResponse:
+    return web.json_response(completion())
+
+
+def status_handler(
+    status: int, body: Any = None, headers: dict[str, str] | None = None
+) -> Handler:
+    """Answer every request with ``status``: no body for None, str/bytes as is, else JSON."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if body is None:
+            return web.Response(status=status, headers=headers)
+        if isinstance(body, str):
+            return web.Response(status=status, text=body, headers=headers)
+        if isinstance(body, bytes):
+            return web.Response(status=status, body=body, headers=headers)
+        return web.json_response(body, status=status, headers=headers)
+
+    return handler
+
+
+def slow_handler(delay_s: float, then: Handler = ok_handler) -> Handler:
+    """Wait ``delay_s`` before answering like ``then``."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await asyncio.sleep(delay_s)
+        return await then(request)
+
+    return handler
+
+
+async def stalled_body_handler(request: web.BaseRequest) -> web.StreamResponse:
+    """Send the status, the headers and the start of the body, then stall."""
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    response.content_length = 1000
+    await response.prepare(request)
+    await response.write(b'{"id": "chatcmpl-1", "choices": [')
+    await asyncio.sleep(STALL_S)
+    return response
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request as the server received it."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def capture(handler: Handler = ok_handler) -> tuple[list[Seen], Handler]:
+    seen: list[Seen] = []
+
+    async def wrapped(request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        seen.append(Seen(request.method, request.path, request.query_string, CIMultiDict(request.headers), body))
+        return await handler(request)
+
+    return seen, wrapped
+
+
+@contextlib.asynccontextmanager
+async def http_server(handler: Handler) -> AsyncIterator[str]:
+    """A real aiohttp server on a free loopback port; yields the base URL (``.../v1/``)."""
+    async with RawTestServer(handler) as server:
+        yield str(server.make_url("/v1/"))
+
+
+@contextlib.asynccontextmanager
+async def raw_server(reply: bytes, *, reset: bool = False) -> AsyncIterator[str]:
+    """A plain TCP server that reads one whole request, writes ``reply`` and hangs up.
+
+    With ``reset`` it hangs up with a TCP RST instead of a FIN.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(_content_length(head))
+            writer.write(reply)
+            await writer.drain()
+            if reset:
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}/v1/"
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+@contextlib.contextmanager
+def nothing_listening() -> Iterator[str]:
+    """A loopback port that is bound but not listening: connecting is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        yield f"http://127.0.0.1:{port}/v1/"
+
+
+@contextlib.contextmanager
+def full_accept_queue() -> Iterator[str]:
+    """A listener that never accepts and whose accept queue is full: connecting hangs."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        while True:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe.settimeout(0.05)
+            try:
+                probe.connect(address)
+            except TimeoutError:  # the kernel now drops our SYNs: the queue is full
+                probe.close()
+                break
+            fillers.append(probe)
+            assert len(fillers) < 16, "the accept queue never filled up"
+        yield f"http://127.0.0.1:{address[1]}/v1/"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+# -- calling --------------------------------------------------------------------------------------
+
+
+async def chat_once(
+    base_url: str, request: ChatRequest | None, metrics: Metrics | None, settings: dict[str, Any]
+) -> ChatResult:
+    async with LLMClient(make_settings(**settings), base_url, metrics or Metrics()) as client:
+        return await client.chat(request or make_request())
 
 
 def call(
@@ -90,26 +258,32 @@ def call(
     metrics: Metrics | None = None,
     **settings: Any,
 ) -> ChatResult:
-    """One chat() call on a fresh client; raises what chat() raises."""
+    """One chat() call on a fresh client against a fresh server; raises what chat() raises."""
 
     async def main() -> ChatResult:
-        async with LLMClient(
-            make_settings(**settings), BASE_URL, metrics or Metrics(),
-            transport=httpx.MockTransport(handler),
-        ) as client:
-            return await client.chat(request or make_request())
+        async with http_server(handler) as base_url:
+            return await chat_once(base_url, request, metrics, settings)
 
     return asyncio.run(main())
 
 
-def capture(handler: Handler = ok_handler) -> tuple[list[httpx.Request], Handler]:
-    seen: list[httpx.Request] = []
+def call_raw(
+    reply: bytes, *, reset: bool = False, metrics: Metrics | None = None, **settings: Any
+) -> ChatResult:
+    """One chat() call against a server that answers with the raw bytes ``reply``."""
 
-    def wrapped(request: httpx.Request) -> httpx.Response | Awaitable[httpx.Response]:
-        seen.append(request)
-        return handler(request)
+    async def main() -> ChatResult:
+        async with raw_server(reply, reset=reset) as base_url:
+            return await chat_once(base_url, None, metrics, settings)
 
-    return seen, wrapped
+    return asyncio.run(main())
+
+
+def call_url(base_url: str, metrics: Metrics | None = None, **settings: Any) -> ChatResult:
+    return asyncio.run(chat_once(base_url, None, metrics, settings))
+
+
+# -- metrics --------------------------------------------------------------------------------------
 
 
 def requests_total(metrics: Metrics, outcome: str) -> float:
@@ -140,24 +314,6 @@ def latency_count(metrics: Metrics) -> float:
     return value
 
 
-def status_handler(
-    status: int, body: Any = None, headers: dict[str, str] | None = None
-) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        if isinstance(body, str | bytes):
-            return httpx.Response(status, content=body, headers=headers)
-        return httpx.Response(status, json=body, headers=headers)
-
-    return handler
-
-
-def raising_handler(exc_type: type[httpx.TransportError]) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise exc_type("simulated", request=request)
-
-    return handler
-
-
 # -- request shape ------------------------------------------------------------------------------
 
 
@@ -167,9 +323,9 @@ def test_json_object_body_shape() -> None:
 
     (sent,) = seen
     assert sent.method == "POST"
-    assert str(sent.url) == "http://llm.test/v1/chat/completions"
-    body = json.loads(sent.content)
-    assert body == {
+    assert sent.path == CHAT_PATH  # the trailing slash of the base URL is not doubled
+    assert sent.query_string == ""
+    assert sent.json() == {
         "model": "test-model",
         "messages": make_request().messages,
         "temperature": 0.2,
@@ -182,8 +338,7 @@ def test_json_schema_body_shape() -> None:
     seen, handler = capture()
     call(handler, response_format="json_schema")
 
-    body = json.loads(seen[0].content)
-    assert body["response_format"] == {
+    assert seen[0].json()["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "answer_v1", "schema": SCHEMA, "strict": True},
     }
@@ -194,14 +349,23 @@ def test_no_response_format_without_schema(response_format: str) -> None:
     seen, handler = capture()
     call(handler, make_request(schema=None), response_format=response_format)
 
-    assert "response_format" not in json.loads(seen[0].content)
+    assert "response_format" not in seen[0].json()
 
 
 def test_request_max_tokens_overrides_settings() -> None:
     seen, handler = capture()
     call(handler, make_request(max_tokens=64), max_tokens=512)
 
-    assert json.loads(seen[0].content)["max_tokens"] == 64
+    assert seen[0].json()["max_tokens"] == 64
+
+
+def test_non_ascii_messages_arrive_intact_as_utf8() -> None:
+    messages = [{"role": "user", "content": "Grüße aus Köln ✓ — 東京"}]
+    seen, handler = capture()
+    call(handler, make_request(messages=messages))
+
+    assert seen[0].json()["messages"] == messages
+    assert "Grüße".encode() in seen[0].body
 
 
 def test_headers() -> None:
@@ -214,6 +378,8 @@ def test_headers() -> None:
     assert headers["idempotency-key"] == "task-42:attempt"
     assert headers["traceparent"] == traceparent
     assert headers["content-type"] == "application/json"
+    assert headers["accept"] == "application/json"
+    assert headers.getall("idempotency-key") == ["task-42:attempt"]
 
 
 def test_no_traceparent_header_when_unset() -> None:
@@ -221,31 +387,6 @@ def test_no_traceparent_header_when_unset() -> None:
     call(handler, make_request(traceparent=None))
 
     assert "traceparent" not in seen[0].headers
-
-
-@pytest.mark.parametrize(
-    ("request_timeout", "settings_timeout", "expected_read", "expected_connect"),
-    [
-        (None, 30.0, 30.0, 5.0),
-        (2.0, 30.0, 2.0, 2.0),
-        (20.0, 1.0, 20.0, 5.0),
-        (None, 0.5, 0.5, 0.5),
-    ],
-)
-def test_per_call_timeout(
-    request_timeout: float | None,
-    settings_timeout: float,
-    expected_read: float,
-    expected_connect: float,
-) -> None:
-    seen, handler = capture()
-    call(handler, make_request(timeout_s=request_timeout), timeout_s=settings_timeout)
-
-    timeout = seen[0].extensions["timeout"]
-    assert timeout["read"] == expected_read
-    assert timeout["write"] == expected_read
-    assert timeout["pool"] == expected_read
-    assert timeout["connect"] == expected_connect
 
 
 @pytest.mark.parametrize(
@@ -257,12 +398,60 @@ def test_per_call_timeout(
         {"idempotency_key": ""},
         {"timeout_s": 0.0},
         {"timeout_s": -1.0},
+        {"timeout_s": float("nan")},
+        {"timeout_s": float("inf")},
         {"max_tokens": 0},
     ],
 )
 def test_chat_request_rejects_invalid_fields(overrides: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         make_request(**overrides)
+
+
+# -- per-call timeout -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_timeout", "settings_timeout"),
+    [
+        (TIMEOUT_S, 30.0),  # the request's own timeout wins over a longer settings one
+        (None, TIMEOUT_S),  # without one, the settings timeout applies
+    ],
+)
+def test_call_gives_up_after_its_timeout(request_timeout: float | None, settings_timeout: float) -> None:
+    metrics = Metrics()
+    started = time.perf_counter()
+    with pytest.raises(LLMTimeout):
+        call(
+            slow_handler(STALL_S), make_request(timeout_s=request_timeout), metrics,
+            timeout_s=settings_timeout,
+        )
+    elapsed = time.perf_counter() - started
+
+    assert TIMEOUT_S * 0.9 <= elapsed < 1.5
+    assert_single_outcome(metrics, "timeout")
+
+
+def test_request_timeout_longer_than_settings_timeout_lets_a_slow_answer_through() -> None:
+    metrics = Metrics()
+    result = call(
+        slow_handler(3 * TIMEOUT_S / 2), make_request(timeout_s=5.0), metrics, timeout_s=TIMEOUT_S / 2,
+    )
+
+    assert result.content == '{"answer": "yes"}'
+    assert result.latency_s >= 3 * TIMEOUT_S / 2 * 0.9
+    assert_single_outcome(metrics, "ok")
+
+
+def test_timeout_covers_the_whole_body() -> None:
+    """Headers in time but a body that stalls: the timeout still ends the call."""
+    metrics = Metrics()
+    started = time.perf_counter()
+    with pytest.raises(LLMTimeout):
+        call(stalled_body_handler, make_request(timeout_s=TIMEOUT_S), metrics)
+
+    assert time.perf_counter() - started < 1.5
+    assert_single_outcome(metrics, "timeout")
 
 
 # -- success --------------------------------------------------------------------------------------
@@ -298,22 +487,33 @@ def test_success_without_usage_counts_no_tokens() -> None:
     assert_single_outcome(metrics, "ok")
 
 
+def test_gzip_encoded_answer_is_decompressed() -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        body = gzip.compress(json.dumps(completion()).encode())
+        return web.Response(
+            body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        )
+
+    assert call(handler).content == '{"answer": "yes"}'
+
+
 def test_outcome_counted_once_per_attempt_across_calls() -> None:
-    responses = iter(
+    responses: Iterator[Callable[[], web.Response]] = iter(
         [
-            httpx.Response(200, json=completion()),
-            httpx.Response(503, json={"error": {"message": "busy"}}),
-            httpx.Response(200, json=completion()),
-            httpx.Response(429),
+            lambda: web.json_response(completion()),
+            lambda: web.json_response({"error": {"message": "busy"}}, status=503),
+            lambda: web.json_response(completion()),
+            lambda: web.Response(status=429),
         ]
     )
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return next(responses)()
+
     metrics = Metrics()
 
     async def main() -> None:
-        async with LLMClient(
-            make_settings(), BASE_URL, metrics,
-            transport=httpx.MockTransport(lambda request: next(responses)),
-        ) as client:
+        async with http_server(handler) as base_url, LLMClient(make_settings(), base_url, metrics) as client:
             for _ in range(4):
                 with contextlib.suppress(RetryableError):
                     await client.chat(make_request())
@@ -328,6 +528,19 @@ def test_outcome_counted_once_per_attempt_across_calls() -> None:
     assert tokens(metrics, "input") == 22
 
 
+def test_closed_client_refuses_to_chat() -> None:
+    async def main() -> None:
+        async with http_server(ok_handler) as base_url:
+            client = LLMClient(make_settings(), base_url, Metrics())
+            await client.chat(make_request())
+            await client.aclose()
+            await client.aclose()  # idempotent
+            with pytest.raises(RuntimeError):
+                await client.chat(make_request())
+
+    asyncio.run(main())
+
+
 # -- rate limiting ------------------------------------------------------------------------------
 
 
@@ -337,6 +550,7 @@ def test_outcome_counted_once_per_attempt_across_calls() -> None:
         ({"Retry-After": "7"}, 7.0),
         ({"Retry-After": "1.5"}, 1.5),
         ({"retry-after-ms": "250"}, 0.25),
+        ({"Retry-After-Ms": "250"}, 0.25),
         ({"retry-after-ms": "250", "Retry-After": "9"}, 0.25),
         ({"retry-after-ms": "soon", "Retry-After": "9"}, 9.0),
         ({}, None),
@@ -367,10 +581,26 @@ def test_rate_limited_delay_from_http_date() -> None:
 
 def test_retry_after_http_date_in_the_past_is_zero() -> None:
     now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
-    headers = httpx.Headers({"Retry-After": "Wed, 01 Jan 2025 11:59:00 GMT"})
+    headers = CIMultiDict({"Retry-After": "Wed, 01 Jan 2025 11:59:00 GMT"})
     assert retry_after(headers, now=now) == 0.0
-    headers = httpx.Headers({"Retry-After": "Wed, 01 Jan 2025 12:00:45 GMT"})
+    headers = CIMultiDict({"Retry-After": "Wed, 01 Jan 2025 12:00:45 GMT"})
     assert retry_after(headers, now=now) == 45.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"RETRY-AFTER": "3"}, 3.0),
+        ({"retry-after": "3"}, 3.0),
+        ({"Retry-After-MS": "1500", "retry-after": "9"}, 1.5),
+        ({"retry-after-ms": "-5", "Retry-After": "2"}, 2.0),
+        ({"Retry-After": "  4  "}, 4.0),
+        ({"Retry-After": "inf"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_reads_headers_case_insensitively(headers: dict[str, str], expected: float | None) -> None:
+    assert retry_after(CIMultiDict(headers)) == expected
 
 
 # -- HTTP errors ------------------------------------------------------------------------------------
@@ -383,8 +613,17 @@ def test_retryable_statuses_are_unavailable(status: int) -> None:
         call(status_handler(status, {"error": {"message": "try later"}}), metrics=metrics)
 
     assert str(status) in str(info.value)
+    assert "try later" in str(info.value)
+    assert info.value.delay is None
     assert_single_outcome(metrics, "server_error")
     assert latency_count(metrics) == 1
+
+
+def test_unavailable_carries_retry_after() -> None:
+    with pytest.raises(LLMUnavailable) as info:
+        call(status_handler(503, {"error": {"message": "busy"}}, {"Retry-After": "3"}))
+
+    assert info.value.delay == 3.0
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
@@ -398,6 +637,23 @@ def test_other_client_errors_are_permanent(status: int) -> None:
     message = str(info.value)
     assert str(status) in message
     assert "model 'nope' does not exist" in message
+    assert_single_outcome(metrics, "client_error")
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirects_are_not_followed(status: int) -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == CHAT_PATH:
+            return web.Response(status=status, headers={"Location": "/v2/chat/completions"})
+        return web.json_response(completion())
+
+    seen, wrapped = capture(handler)
+    metrics = Metrics()
+    with pytest.raises(PermanentError) as info:
+        call(wrapped, metrics=metrics)
+
+    assert str(status) in str(info.value)
+    assert [sent.path for sent in seen] == [CHAT_PATH]
     assert_single_outcome(metrics, "client_error")
 
 
@@ -426,6 +682,7 @@ def test_permanent_error_with_plain_text_body() -> None:
     [
         "<html>gateway says hi</html>",
         b"",
+        b"\xff\xfe not utf-8",
         [],
         {"object": "chat.completion"},
         {"choices": []},
@@ -495,32 +752,107 @@ def test_empty_answer(content: str | None) -> None:
 # -- transport failures -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "exc_type", [httpx.ReadTimeout, httpx.ConnectTimeout, httpx.WriteTimeout, httpx.PoolTimeout]
-)
-def test_timeout(exc_type: type[httpx.TimeoutException]) -> None:
-    metrics = Metrics()
-    with pytest.raises(LLMTimeout) as info:
-        call(raising_handler(exc_type), metrics=metrics)
+def _timeout_before_headers(metrics: Metrics) -> ChatResult:
+    return call(slow_handler(STALL_S), make_request(timeout_s=TIMEOUT_S), metrics)
 
+
+def _timeout_in_body(metrics: Metrics) -> ChatResult:
+    return call(stalled_body_handler, make_request(timeout_s=TIMEOUT_S), metrics)
+
+
+def _timeout_connecting(metrics: Metrics) -> ChatResult:
+    with full_accept_queue() as base_url:
+        return call_url(base_url, metrics, timeout_s=TIMEOUT_S)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "cause"),
+    [
+        (_timeout_before_headers, TimeoutError),
+        (_timeout_in_body, TimeoutError),
+        (_timeout_connecting, TimeoutError),  # connect and total timeouts are equal below 5 s
+    ],
+    ids=["before-headers", "in-body", "connecting"],
+)
+def test_timeout(scenario: Callable[[Metrics], ChatResult], cause: type[BaseException]) -> None:
+    metrics = Metrics()
+    started = time.perf_counter()
+    with pytest.raises(LLMTimeout) as info:
+        scenario(metrics)
+
+    assert time.perf_counter() - started < 1.5
     assert "unknown" in str(info.value)
-    assert isinstance(info.value.__cause__, exc_type)
+    assert isinstance(info.value.__cause__, cause)
     assert info.value.delay is None
     assert_single_outcome(metrics, "timeout")
     assert latency_count(metrics) == 1
+    assert tokens(metrics, "input") == 0
+
+
+def _refused(metrics: Metrics) -> ChatResult:
+    with nothing_listening() as base_url:
+        return call_url(base_url, metrics)
+
+
+def _closed_before_answering(metrics: Metrics) -> ChatResult:
+    return call_raw(b"", metrics=metrics)
+
+
+def _reset_before_answering(metrics: Metrics) -> ChatResult:
+    return call_raw(b"", reset=True, metrics=metrics)
+
+
+def _closed_mid_body(metrics: Metrics) -> ChatResult:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"choices\": ["
+    return call_raw(reply, metrics=metrics)
+
+
+def _closed_mid_chunked_body(metrics: Metrics) -> ChatResult:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"cho\r\n"
+    return call_raw(reply, metrics=metrics)
 
 
 @pytest.mark.parametrize(
-    "exc_type", [httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError]
+    ("scenario", "cause"),
+    [
+        (_refused, aiohttp.ClientConnectorError),
+        (_closed_before_answering, aiohttp.ServerDisconnectedError),
+        (_reset_before_answering, aiohttp.ClientOSError),
+        (_closed_mid_body, aiohttp.ClientPayloadError),
+        (_closed_mid_chunked_body, aiohttp.ClientPayloadError),
+    ],
+    ids=["refused", "closed-before-answering", "reset", "closed-mid-body", "closed-mid-chunked-body"],
 )
-def test_connection_errors(exc_type: type[httpx.TransportError]) -> None:
+def test_connection_errors(scenario: Callable[[Metrics], ChatResult], cause: type[BaseException]) -> None:
     metrics = Metrics()
     with pytest.raises(LLMUnavailable) as info:
-        call(raising_handler(exc_type), metrics=metrics)
+        scenario(metrics)
 
-    assert isinstance(info.value.__cause__, exc_type)
+    assert "unreachable" in str(info.value)
+    assert isinstance(info.value.__cause__, cause)
     assert_single_outcome(metrics, "connection_error")
     assert latency_count(metrics) == 0
+    assert tokens(metrics, "input") == 0
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 abc Nope\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["status-line", "status-code", "content-length", "chunk-size"],
+)
+def test_unreadable_response_is_unavailable(reply: bytes) -> None:
+    metrics = Metrics()
+    with pytest.raises(LLMUnavailable) as info:
+        call_raw(reply, metrics=metrics)
+
+    assert isinstance(info.value, RetryableError)
+    assert isinstance(info.value.__cause__, aiohttp.ClientResponseError)
+    assert_single_outcome(metrics, "server_error")
     assert tokens(metrics, "input") == 0
 
 
@@ -532,29 +864,48 @@ def test_semaphore_limits_concurrent_calls() -> None:
     active = 0
     peak = 0
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         nonlocal active, peak
         active += 1
         peak = max(peak, active)
         try:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
         finally:
             active -= 1
-        return httpx.Response(200, json=completion())
+        return web.json_response(completion())
 
     metrics = Metrics()
 
     async def main() -> list[ChatResult]:
-        async with LLMClient(
-            make_settings(max_concurrency=limit), BASE_URL, metrics,
-            transport=httpx.MockTransport(handler),
-        ) as client:
+        async with (
+            http_server(handler) as base_url,
+            LLMClient(make_settings(max_concurrency=limit), base_url, metrics) as client,
+        ):
             return await asyncio.gather(*(client.chat(make_request()) for _ in range(12)))
 
     results = asyncio.run(main())
     assert len(results) == 12
     assert peak == limit
     assert requests_total(metrics, "ok") == 12
+
+
+def test_waiting_for_a_slot_does_not_spend_the_timeout() -> None:
+    """Three calls through one slot, each answered in 0.1 s: the last waits 0.2 s for the slot,
+    yet its 0.25 s timeout (and its latency) only covers its own exchange."""
+    delay_s = 0.1
+    metrics = Metrics()
+
+    async def main() -> list[ChatResult]:
+        async with (
+            http_server(slow_handler(delay_s)) as base_url,
+            LLMClient(make_settings(max_concurrency=1), base_url, metrics) as client,
+        ):
+            request = make_request(timeout_s=2.5 * delay_s)
+            return await asyncio.gather(*(client.chat(request) for _ in range(3)))
+
+    results = asyncio.run(main())
+    assert requests_total(metrics, "ok") == 3
+    assert all(delay_s * 0.9 <= result.latency_s < 2 * delay_s for result in results)
 
 
 # -- logging ------------------------------------------------------------------------------------
@@ -566,7 +917,10 @@ def test_logs_never_contain_api_key_or_prompt(caplog: pytest.LogCaptureFixture) 
     with pytest.raises(PermanentError):
         call(status_handler(401, {"error": {"message": "invalid key"}}))
     with pytest.raises(LLMTimeout):
-        call(raising_handler(httpx.ReadTimeout))
+        call(slow_handler(STALL_S), make_request(timeout_s=TIMEOUT_S))
+    with pytest.raises(LLMUnavailable), nothing_listening() as base_url:
+        call_url(base_url)
 
+    assert "LLM request ok" in caplog.text  # the client did log at DEBUG
     assert API_KEY not in caplog.text
     assert SECRET_PROMPT not in caplog.text
