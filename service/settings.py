@@ -24,6 +24,11 @@ class KafkaSettings(BaseModel):
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     partition_assignment_strategy: str = "cooperative-sticky"
+    # librdkafka's prefetch, the memory a worker spends on records it has not taken yet:
+    # queued.max.messages.kbytes, queued.min.messages and fetch.max.bytes
+    prefetch_kbytes: int = Field(16_384, ge=1_024)
+    prefetch_messages: int = Field(10_000, ge=100)
+    fetch_max_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
     client_id: str = "agent-service"
     # security: passed through to librdkafka as typed fields
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -68,6 +73,9 @@ class KafkaSettings(BaseModel):
             "heartbeat.interval.ms": self.heartbeat_interval_ms,
             "max.poll.interval.ms": self.max_poll_interval_ms,
             "partition.assignment.strategy": self.partition_assignment_strategy,
+            "queued.max.messages.kbytes": self.prefetch_kbytes,
+            "queued.min.messages": self.prefetch_messages,
+            "fetch.max.bytes": self.fetch_max_bytes,
         }
 
     def producer_config(self) -> dict[str, Any]:

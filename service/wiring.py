@@ -219,8 +219,8 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         ),
     )
     consumer_conf = s.kafka.consumer_config()
-    # A record may wait its turn behind others of its key: librdkafka must not drop it for size.
-    consumer_conf.setdefault("fetch.max.bytes", max(52428800, s.max_task_bytes * 4))
+    # A fetch must hold the largest task the service accepts.
+    consumer_conf["fetch.max.bytes"] = max(s.kafka.fetch_max_bytes, s.max_task_bytes * 4)
     runner = Runner(
         consumer_conf, processor,
         RunnerConfig(
