@@ -1,7 +1,7 @@
 """Producers for results and dead letters: idempotent, acks=all, awaited until acknowledged.
 
 One confluent-kafka producer per process; a daemon thread serves its delivery callbacks and hands
-each acknowledgement to the asyncio loop. ``send`` returns only when the broker acknowledged the
+the acknowledgements to the asyncio loop, all those one ``poll`` served in one wake-up of the loop. ``send`` returns only when the broker acknowledged the
 record, or raises :class:`ProduceFailed`; callers commit offsets only after it returns.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,19 +33,36 @@ class Publisher:
         self._producer = Producer(config)
         self._closed = threading.Event()
         self._poll_interval_s = poll_interval_s
+        # (future, error) of acknowledged records, appended by delivery callbacks on any thread
+        self._acks: deque[tuple[asyncio.Future[None], KafkaError | None]] = deque()
         self._thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while not self._closed.is_set():
             self._producer.poll(self._poll_interval_s)
+            self._hand_over()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Settle the acknowledged records' futures: one loop wake-up per loop, not per record."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], KafkaError | None]]] = {}
+        acks = self._acks
+        while acks:
+            ack = acks.popleft()
+            by_loop.setdefault(ack[0].get_loop(), []).append(ack)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, batch)
+            except RuntimeError:  # that loop is closed: nobody waits for these any more
+                log.debug("dropped %d acknowledgements for a closed event loop", len(batch))
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acks = self._acks
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:
-            loop.call_soon_threadsafe(_settle, future, err)
+            acks.append((future, err))
 
         while True:
             try:
@@ -67,13 +85,14 @@ class Publisher:
         self._thread.join(timeout=2)
 
 
-def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
-    if future.done():
-        return
-    if err is None:
-        future.set_result(None)
-    else:
-        future.set_exception(ProduceFailed(f"delivery failed: {err.str()}"))
+def _settle_all(batch: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
+    for future, err in batch:
+        if future.done():
+            continue
+        if err is None:
+            future.set_result(None)
+        else:
+            future.set_exception(ProduceFailed(f"delivery failed: {err.str()}"))
 
 
 def _now_iso() -> str:
