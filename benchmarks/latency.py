@@ -43,7 +43,7 @@ def run(env: Env, quick: bool) -> list[Figure]:
             meter.start()
             async with ServiceRun(settings, fake.base_url, BENCH) as svc:
                 timing = await svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n,
-                                        progress_key="succeeded", interval_s=0.005, stall_s=60)
+                                        progress_key="succeeded", interval_s=0.02, stall_s=60)
             meter.stop()
             return timing
 
