@@ -31,6 +31,9 @@ class _Call:
     args: Sequence[Any]
     future: asyncio.Future[Any]
 
+    def command(self) -> tuple[Any, ...]:
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
 
 class ScriptBatcher:
     def __init__(self, client: aioredis.Redis, max_batch: int = MAX_BATCH) -> None:
@@ -68,7 +71,7 @@ class ScriptBatcher:
             else:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for call in calls:
-                        pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+                        pipe.execute_command(*call.command())
                     results = await pipe.execute(raise_on_error=False)
         except NoScriptError:
             results = [NoScriptError()]
@@ -92,9 +95,7 @@ class ScriptBatcher:
 
 
 async def _evalsha(client: aioredis.Redis, call: _Call) -> Any:
-    return await client.execute_command(  # type: ignore[no-untyped-call]
-        "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
-    )
+    return await client.execute_command(*call.command())  # type: ignore[no-untyped-call]
 
 
 def _settle(future: asyncio.Future[Any], *, result: Any = None, exc: BaseException | None = None) -> None:

@@ -150,10 +150,7 @@ class Ledger:
 
     async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Run one ledger script, pipelined with the others issued in this loop turn."""
-        try:
-            return await self.batcher.run(script, keys, args)
-        except RedisError as exc:
-            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        return await self._call(lambda: self.batcher.run(script, keys, args))
 
     def _both(self, task_key: str) -> list[str]:
         return [self.keys.task(task_key), self.keys.steps(task_key)]
