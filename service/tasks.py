@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -86,22 +87,45 @@ def header(headers: list[tuple[str, bytes]] | None, name: str) -> str | None:
     return None
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, max_bytes: int) -> Task:
     """Turn a record value into a :class:`Task`, or raise :class:`PoisonError` with its reason.
 
-    The size limit is checked before any parsing.
+    The size limit is checked before any parsing. Whatever a producer sends, this raises nothing
+    but :class:`PoisonError`: invalid UTF-8 or Unicode (a lone surrogate escape such as
+    ``"\\ud800"`` is valid JSON but not text), numbers out of range or non-finite (``1e400``),
+    dates that overflow once normalised to UTC, nesting deeper than the parser allows, and any
+    exception a validator raises are all the record's fault.
     """
     if value is None:
         raise PoisonError("decode", "record has no value")
     if len(value) > max_bytes:
         raise PoisonError("oversize", f"value is {len(value)} bytes, limit is {max_bytes}")
     try:
-        text = value.decode("utf-8")
-        data = json.loads(text, parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise PoisonError("decode", f"value is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+        return _decode(value, headers)
+    except PoisonError:
+        raise
+    except UnicodeError as exc:
+        raise PoisonError("decode", f"value is not valid Unicode: {_reason(exc)}") from exc
     except (ValueError, RecursionError) as exc:
-        raise PoisonError("decode", f"value is not JSON: {str(exc)[:200]}") from exc
+        raise PoisonError("decode", f"value is not JSON: {_reason(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - anything raised by a record's bytes is the record's fault
+        raise PoisonError("schema", f"task cannot be read: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> Task:
+    text = value.decode("utf-8")
+    data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     if not isinstance(data, dict):
         raise PoisonError("schema", f"task must be a JSON object, got {type(data).__name__}")
     if data.get("deadline") is None and (hdr := header(headers, "deadline")):
@@ -110,15 +134,19 @@ def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, ma
         event = TaskEvent.model_validate(data)
     except ValidationError as exc:
         raise PoisonError("schema", describe_validation(exc)) from exc
-    except RecursionError as exc:  # pragma: no cover - pydantic guards depth itself
-        raise PoisonError("schema", "task nests too deeply") from exc
-    return Task(
-        key=task_key(event),
-        fingerprint=fingerprint(event.kind, event.input),
-        event=event,
-        deadline=event.deadline.astimezone(UTC) if event.deadline else None,
-        traceparent=header(headers, "traceparent"),
-    )
+    try:
+        deadline = event.deadline.astimezone(UTC) if event.deadline else None
+    except (OverflowError, ValueError) as exc:
+        raise PoisonError("schema", f"deadline: out of range once converted to UTC ({event.deadline})") from exc
+    try:
+        print_ = fingerprint(event.kind, event.input)
+    except UnicodeEncodeError as exc:
+        raise PoisonError("decode", "input holds a lone surrogate escape: not valid Unicode text") from exc
+    except (ValueError, OverflowError) as exc:
+        raise PoisonError("schema", f"input cannot be written as canonical JSON: {_reason(exc)}") from exc
+    key = event.task_id if event.task_id is not None else "auto-" + print_.removeprefix("sha256:")[:40]
+    return Task(key=key, fingerprint=print_, event=event, deadline=deadline,
+                traceparent=header(headers, "traceparent"))
 
 
 def describe_validation(exc: ValidationError) -> str:
