@@ -2,12 +2,15 @@
 
 One confluent-kafka producer per process; a daemon thread serves its delivery callbacks and hands
 the acknowledgements to the asyncio loop, all those one ``poll`` served in one wake-up of the loop. ``send`` returns only when the broker acknowledged the
-record, or raises :class:`ProduceFailed`; callers commit offsets only after it returns.
+record, or raises :class:`ProduceFailed` (the broker is unreachable or failing: try again later) or
+:class:`RecordRejected` (this record can never be written: too large or invalid); callers commit
+offsets only after it returns. A dead letter is cut to fit the size limits, so it always writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 from collections import deque
@@ -24,13 +27,64 @@ Headers = list[tuple[str, str | bytes | None]]
 DLQ_HEADER_PREFIX = "dlq."
 
 
+# librdkafka's defaults for the limits a record must fit in
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+DEFAULT_QUEUE_MAX_KBYTES = 1_048_576
+# what a record costs beyond key, value and header bytes: the batch header (61 bytes), the record's
+# varints and attributes, and per header two length varints; generous on purpose
+RECORD_OVERHEAD_BYTES = 512
+HEADER_OVERHEAD_BYTES = 16
+# the second, last attempt at a dead letter the broker still refused fits in this many bytes
+# (the dlq.* headers take up to about 2 KiB, the key at most a quarter) with at most 1 KiB of value
+DLQ_FALLBACK_BUDGET = 4096
+DLQ_FALLBACK_VALUE_BYTES = 1024
+
+
 class ProduceFailed(Exception):
-    """The broker did not acknowledge a record."""
+    """The broker did not acknowledge a record: unreachable, timed out or failing. Transient:
+    the same record may be sent again later (callers retry it, without committing its offset)."""
+
+
+class RecordRejected(Exception):
+    """The producer or the broker refused *this* record for good (too large, invalid record).
+
+    Sending it again cannot succeed. Deliberately not a :class:`ProduceFailed`: that one is retried
+    for ever, this one must be handled (dead-lettered, or cut down and sent again).
+    """
+
+
+# Errors that condemn the record, not the connection: raised by produce() or reported on delivery.
+REJECTED_CODES = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE,  # local (message.max.bytes) or the broker's (max.message.bytes)
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_MSG,  # CORRUPT_MESSAGE
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError._INVALID_ARG,
+    KafkaError._BAD_MSG,
+})
+
+
+def _rejected(err: KafkaError | None) -> bool:
+    return err is not None and err.code() in REJECTED_CODES and not err.fatal()
+
+
+def headers_size(headers: Headers) -> int:
+    return sum(len(k.encode()) + (len(v) if v is not None else 0) for k, v in headers)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """Key, value and header bytes, without the record's framing."""
+    return len(key or b"") + len(value or b"") + headers_size(headers)
 
 
 class Publisher:
     def __init__(self, config: dict[str, Any], *, poll_interval_s: float = 0.05) -> None:
         self._producer = Producer(config)
+        # the largest record the producer accepts (librdkafka refuses larger ones in produce())
+        self.max_message_bytes = int(config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
+        # a record larger than the whole local queue would wait on BufferError for ever
+        self.queue_max_bytes = int(config.get("queue.buffering.max.kbytes", DEFAULT_QUEUE_MAX_KBYTES)) * 1024
         self._closed = threading.Event()
         self._poll_interval_s = poll_interval_s
         # (future, error) of acknowledged records, appended by delivery callbacks on any thread
@@ -64,13 +118,20 @@ class Publisher:
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             acks.append((future, err))
 
+        size = record_size(key, value, headers)
+        if size > self.queue_max_bytes:
+            raise RecordRejected(f"record of {size} bytes for {topic} exceeds the producer queue "
+                                 f"({self.queue_max_bytes} bytes)")
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
                 break
-            except BufferError:  # local queue full: let deliveries drain
+            except BufferError:  # local queue full: let deliveries drain (the record fits once it is empty)
                 await asyncio.sleep(0.01)
             except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if _rejected(err):
+                    raise RecordRejected(f"produce to {topic} refused record of {size} bytes: {exc}") from exc
                 raise ProduceFailed(f"produce to {topic} refused: {exc}") from exc
         await future
 
@@ -91,6 +152,8 @@ def _settle_all(batch: list[tuple[asyncio.Future[None], KafkaError | None]]) -> 
             continue
         if err is None:
             future.set_result(None)
+        elif _rejected(err):
+            future.set_exception(RecordRejected(f"record refused: {err.str()}"))
         else:
             future.set_exception(ProduceFailed(f"delivery failed: {err.str()}"))
 
@@ -123,6 +186,96 @@ def dead_letter_headers(
     ]
 
 
+def _is_ours(header: tuple[str, str | bytes | None]) -> bool:
+    """The headers a dead letter always keeps: ``dlq.*`` and a (sane) ``traceparent``."""
+    name, value = header
+    return name.startswith(DLQ_HEADER_PREFIX) or (name == "traceparent" and len(value or b"") <= 512)
+
+
+def fit_dead_letter(
+    key: bytes | None, value: bytes | None, headers: Headers, budget: int, *, max_value: int | None = None,
+) -> tuple[bytes | None, bytes | None, Headers]:
+    """Key, value and headers cut to ``budget`` bytes (framing excluded), noting every cut in ``dlq.*``.
+
+    ``headers`` are :func:`dead_letter_headers`' output. Within the budget nothing changes.
+    Otherwise: original headers that alone take more than a quarter of the budget are thinned
+    (the ``dlq.*`` ones and ``traceparent`` always stay; ``dlq.headers.dropped`` counts the rest),
+    a key over a quarter of the budget is cut (``dlq.key.truncated``, ``dlq.key.size``), and the
+    value gets what is left (``dlq.value.truncated``, ``dlq.value.size``, ``dlq.value.sha256`` of
+    the original value). ``max_value`` caps the value further.
+    """
+    def cost(hs: Headers) -> int:
+        return headers_size(hs) + HEADER_OVERHEAD_BYTES * len(hs)
+
+    fits = record_size(key, value, headers) + HEADER_OVERHEAD_BYTES * len(headers) <= budget
+    if fits and (max_value is None or len(value or b"") <= max_value):
+        return key, value, headers
+    ours = [h for h in headers if _is_ours(h)]
+    original = [h for h in headers if not _is_ours(h)]
+    notes: Headers = []
+    quarter = max(budget // 4, 0)
+    if cost(original) > quarter:
+        kept: Headers = []
+        room = quarter
+        for h in original:
+            if cost([h]) <= room:
+                kept.append(h)
+                room -= cost([h])
+        if len(kept) < len(original):
+            notes.append(("dlq.headers.dropped", str(len(original) - len(kept)).encode()))
+        original = kept
+    if key is not None and len(key) > quarter:
+        notes += [("dlq.key.truncated", b"true"), ("dlq.key.size", str(len(key)).encode())]
+        key = key[:quarter]
+    if value is not None:
+        # reserve the value notes (a sha256 is 64 hex digits, a size at most 20)
+        value_notes: Headers = [("dlq.value.truncated", b"true"), ("dlq.value.size", b"0" * 20),
+                                ("dlq.value.sha256", b"0" * 64)]
+        room = budget - len(key or b"") - cost(original + ours + notes + value_notes)
+        if max_value is not None:
+            room = min(room, max_value)
+        if len(value) > room:
+            notes += [("dlq.value.truncated", b"true"), ("dlq.value.size", str(len(value)).encode()),
+                      ("dlq.value.sha256", hashlib.sha256(value).hexdigest().encode())]
+            value = value[:max(room, 0)]
+    return key, value, original + ours + notes
+
+
+def topic_max_message_bytes(admin: Any, topic: str, timeout_s: float = 5.0) -> int | None:
+    """A topic's ``max.message.bytes`` via ``admin`` (an AdminClient); None when it cannot be learnt."""
+    from confluent_kafka.admin import ConfigResource, ResourceType  # type: ignore[attr-defined]
+
+    try:
+        futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)], request_timeout=timeout_s)
+        for future in futures.values():
+            entry = future.result(timeout_s).get("max.message.bytes")
+            if entry is not None and entry.value is not None:
+                return int(entry.value)
+    except Exception as exc:  # noqa: BLE001 - unknown is an answer: the producer's limit then rules
+        log.warning("max.message.bytes of topic %s unknown: %s", topic, exc)
+    return None
+
+
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+
+
+def broker_message_max_bytes(admin: Any, metadata: Any, timeout_s: float) -> int:
+    """The broker's ``message.max.bytes`` (a new topic's default limit); Kafka's default if unknown."""
+    from confluent_kafka.admin import ConfigResource, ResourceType  # type: ignore[attr-defined]
+
+    try:
+        broker_id = next(iter(metadata.brokers))
+        futures = admin.describe_configs([ConfigResource(ResourceType.BROKER, str(broker_id))],
+                                         request_timeout=timeout_s)
+        for future in futures.values():
+            entry = future.result(timeout_s).get("message.max.bytes")
+            if entry is not None and entry.value is not None:
+                return int(entry.value)
+    except Exception as exc:  # noqa: BLE001 - the default is a fine answer
+        log.debug("broker message.max.bytes unknown: %s", exc)
+    return KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+
+
 class Outputs:
     """Where the pipeline writes outcomes: the results topic and the dead-letter topic."""
 
@@ -130,11 +283,28 @@ class Outputs:
         self.publisher = publisher
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
+        self.dlq_limit: int | None = None  # the DLQ topic's max.message.bytes, when known
+
+    def set_dlq_limit(self, nbytes: int | None) -> None:
+        """The dead-letter topic's ``max.message.bytes`` (None: unknown, the producer's limit rules)."""
+        self.dlq_limit = nbytes if nbytes and nbytes > 0 else None
+
+    @property
+    def dlq_budget(self) -> int:
+        """Bytes of key, value and headers a dead letter may take: the smaller limit, less framing."""
+        limits = [self.publisher.max_message_bytes, self.publisher.queue_max_bytes]
+        if self.dlq_limit:
+            limits.append(self.dlq_limit)
+        return max(min(limits) - RECORD_OVERHEAD_BYTES, 0)
 
     async def result(
         self, task_key: str, event: bytes, traceparent: str | None, deadline: str | None = None
     ) -> None:
-        """``deadline`` passes the task's time budget on to whoever consumes the result."""
+        """``deadline`` passes the task's time budget on to whoever consumes the result.
+
+        Raises :class:`RecordRejected` when the broker refuses this result for good (the caller
+        dead-letters the task) and :class:`ProduceFailed` when it cannot be reached.
+        """
         headers: Headers = [("traceparent", traceparent.encode())] if traceparent else []
         if deadline:
             headers.append(("deadline", deadline.encode()))
@@ -144,6 +314,23 @@ class Outputs:
         self, record: Record, *, reason: str, error: str, attempts: int, task_id: str | None,
         traceparent: str | None = None,
     ) -> None:
+        """Always fits: cut to the size limits (see :func:`fit_dead_letter`). Should the broker still
+        refuse it, it is sent once more cut to 4 KiB (1 KiB of the value at most) with only the ``dlq.*``
+        headers and ``traceparent``; a second refusal raises :class:`RecordRejected`. Raises
+        :class:`ProduceFailed` when the broker cannot be reached."""
         headers = dead_letter_headers(record, reason=reason, error=error, attempts=attempts, task_id=task_id,
                                       traceparent=traceparent)
-        await self.publisher.send(self.dlq_topic, record.key, record.value, headers)
+        budget = self.dlq_budget
+        key, value, fitted = fit_dead_letter(record.key, record.value, headers, budget)
+        try:
+            await self.publisher.send(self.dlq_topic, key, value, fitted)
+            return
+        except RecordRejected as exc:
+            log.warning("dead letter for %s refused (%s): sending it cut to %d bytes",
+                        record.coordinates, exc, min(budget // 2, DLQ_FALLBACK_BUDGET))
+        ours = [h for h in headers if _is_ours(h)]
+        if len(ours) < len(headers):
+            ours.append(("dlq.headers.dropped", str(len(headers) - len(ours)).encode()))
+        key, value, fitted = fit_dead_letter(record.key, record.value, ours, min(budget // 2, DLQ_FALLBACK_BUDGET),
+                                             max_value=DLQ_FALLBACK_VALUE_BYTES)
+        await self.publisher.send(self.dlq_topic, key, value, fitted)
