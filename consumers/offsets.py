@@ -2,6 +2,10 @@
 
 Records of one partition may finish in any order (different keys run concurrently). The offset
 to commit is the first one still unfinished, or one past the last record seen when all are done.
+
+A commit is two steps: :meth:`OffsetTracker.take_commit` gives the offset to send, and
+:meth:`OffsetTracker.committed` confirms it once the broker accepted it. A commit that failed is
+not confirmed, so the next ``take_commit`` offers the offset again.
 """
 
 from __future__ import annotations
@@ -44,10 +48,22 @@ class OffsetTracker:
             return self._pending[0]
         return self._low
 
+    @property
+    def last_committed(self) -> int | None:
+        """The last offset confirmed with :meth:`committed`."""
+        return self._committed
+
     def take_commit(self) -> int | None:
-        """The committable offset if it moved since the last call, else None."""
+        """The committable offset if it differs from the last confirmed commit, else None.
+
+        It does not mark anything: call :meth:`committed` once the commit succeeded.
+        """
         offset = self.committable()
         if offset is None or offset == self._committed:
             return None
-        self._committed = offset
         return offset
+
+    def committed(self, offset: int) -> None:
+        """Confirm that ``offset`` (from :meth:`take_commit`) is durable on the broker."""
+        if self._committed is None or offset > self._committed:
+            self._committed = offset

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -20,17 +23,78 @@ class Record:
 
     @classmethod
     def from_message(cls, msg: Any) -> Record:
-        ts_type, ts = msg.timestamp()
+        """Never raises for a message with coordinates, whatever its key, value, headers or timestamp.
+
+        A header with no value is read as ``b""``; a header name that is not text is decoded with
+        replacement characters; headers that cannot be read at all are dropped (and logged).
+        """
+        topic = str(msg.topic())
+        partition = int(msg.partition())
+        offset = int(msg.offset())
         return cls(
-            topic=msg.topic(),
-            partition=msg.partition(),
-            offset=msg.offset(),
-            key=msg.key(),
-            value=msg.value(),
-            headers=[(k, v) for k, v in (msg.headers() or [])],
-            timestamp_ms=ts if ts_type else None,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=_bytes_or_none(_safe(msg.key, f"{topic}[{partition}]@{offset}", "key")),
+            value=_bytes_or_none(_safe(msg.value, f"{topic}[{partition}]@{offset}", "value")),
+            headers=_headers(msg, f"{topic}[{partition}]@{offset}"),
+            timestamp_ms=_timestamp(msg),
         )
 
     @property
     def coordinates(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+def _safe(fn: Any, where: str, what: str) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a record must never stop the consumer
+        log.warning("record %s: cannot read its %s (%s); read as empty", where, what, exc)
+        return None
+
+
+def _bytes_or_none(v: Any) -> bytes | None:
+    if v is None or isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode("utf-8", "surrogateescape")
+    try:
+        return bytes(v)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", "replace")
+    return "" if v is None else str(v)
+
+
+def _headers(msg: Any, where: str) -> list[tuple[str, bytes]]:
+    raw = _safe(msg.headers, where, "headers")  # confluent-kafka raises on a name that is not UTF-8
+    if not raw:
+        return []
+    out: list[tuple[str, bytes]] = []
+    try:
+        for item in raw:
+            try:
+                name, value = item
+            except (TypeError, ValueError):
+                continue
+            out.append((_text(name), _bytes_or_none(value) or b""))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("record %s: cannot read its headers (%s); dropped", where, exc)
+    return out
+
+
+def _timestamp(msg: Any) -> int | None:
+    try:
+        ts_type, ts = msg.timestamp()
+    except Exception:  # noqa: BLE001 - missing or odd: no timestamp
+        return None
+    if not ts_type or not isinstance(ts, int) or ts < 0:
+        return None
+    return ts

@@ -20,8 +20,13 @@
   commit, leave the group.
 
 The handler owns each record's outcome (result or dead letter) and returns when it is durable.
-If it raises, the record is retried after a backoff: an outage of Redis or the broker never
-loses a record and never commits past it.
+If it raises, the record is retried after a capped, jittered backoff, without limit: an outage of
+Redis or the broker never loses a record and never commits past it. A retrying record holds up
+only its own key (later records of that key wait behind it) and its partition's commit mark;
+other keys and partitions go on.
+
+An optional ``gate`` (e.g. "the LLM endpoint is usable") pauses every assigned partition while it
+returns False; the runner keeps polling so it stays in the group, and resumes when it is True.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class Runner:
         handler: Handler,
         config: RunnerConfig,
         metrics: RunnerMetrics | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         self._conf = dict(consumer_config)
         self._handler = handler
@@ -99,14 +105,16 @@ class Runner:
         self._consumer: Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._partitions: dict[TP, _Partition] = {}
-        self._keys: dict[tuple[TP, bytes | int], deque[Record]] = {}
+        self._keys: dict[tuple[TP, bytes | int], deque[tuple[Record, _Partition]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = 0
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # set whenever a record leaves the window
         self._idle = asyncio.Event()
         self._idle.set()
-        self._unhealthy_until = 0.0  # a dependency failed: take no new records until then
+        self._gate = gate
+        self._gate_closed = False  # the gate said no at the last check: every partition is paused
+        self._retrying = 0
         self._full_since: float | None = None
         self.started = asyncio.Event()
         self.last_error: str | None = None
@@ -128,8 +136,18 @@ class Runner:
 
     @property
     def healthy(self) -> bool:
-        """False while records cannot be finished because a dependency does not answer."""
-        return monotonic() >= self._unhealthy_until
+        """Kept for compatibility: True unless stopping. One record's retries never change it."""
+        return not self._stopping.is_set()
+
+    @property
+    def retrying(self) -> int:
+        """How many records are between failed attempts of their handler right now."""
+        return self._retrying
+
+    @property
+    def gated(self) -> bool:
+        """True while the gate holds every partition paused."""
+        return self._gate_closed
 
     @property
     def stopping(self) -> bool:
@@ -148,25 +166,41 @@ class Runner:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._loop is not None
         offsets = asyncio.run_coroutine_threadsafe(self._revoked(partitions), self._loop).result()
-        self._commit_now(consumer, offsets, "revoke")
+        self._commit_now(consumer, offsets, "revoke")  # the partitions are gone: nothing to confirm
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._loop is not None
         asyncio.run_coroutine_threadsafe(self._revoked(partitions), self._loop).result()
         log.warning("partitions lost without a clean revoke: %s", _fmt(partitions))
 
-    def _commit_now(self, consumer: Consumer, offsets: list[TopicPartition], why: str) -> None:
+    def _commit_now(self, consumer: Consumer, offsets: list[TopicPartition], why: str) -> list[TopicPartition]:
+        """Commit synchronously; returns the offsets the broker accepted (the rest are retried later)."""
         if not offsets:
-            return
+            return []
         try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-            self.metrics.committed()
-            log.info("committed on %s: %s", why, _fmt(offsets))
+            result = consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
-                return
-            log.warning("commit on %s failed: %s", why, exc)
+                return list(offsets)  # nothing new to store: the broker already has these
+            self.last_error = f"commit failed: {exc}"
+            log.warning("commit on %s failed (retried at the next commit): %s", why, exc)
+            return []
+        except Exception as exc:  # noqa: BLE001 - never let a commit error stop the consumer
+            self.last_error = f"commit failed: {exc}"
+            log.warning("commit on %s failed (retried at the next commit): %s", why, exc)
+            return []
+        done = list(offsets)
+        if isinstance(result, list):
+            failed = [tp for tp in result if getattr(tp, "error", None) is not None]
+            if failed:
+                log.warning("commit on %s failed for %s (retried at the next commit)", why, _fmt(failed))
+                bad = {(tp.topic, tp.partition) for tp in failed}
+                done = [tp for tp in offsets if (tp.topic, tp.partition) not in bad]
+        if done:
+            self.metrics.committed()
+            log.info("committed on %s: %s", why, _fmt(done))
+        return done
 
     # ------------------------------------------------------------------ loop-side state
 
@@ -189,10 +223,12 @@ class Runner:
                 offsets.append(TopicPartition(tp.topic, tp.partition, offset))
             self.metrics.lag(tp.topic, tp.partition, None)
         # Queued records of revoked partitions are not started: the new owner reads them again.
+        # The head of each queue is running (or retrying: it stops at its next attempt).
         for k in [k for k in self._keys if k[0] not in self._partitions]:
             queue = self._keys[k]
             while len(queue) > 1:
-                queue.pop()
+                _record, owner = queue.pop()
+                owner.held -= 1
                 self._release(1)
         self.metrics.assigned(len(self.assignment))
         self._update_paused_metric()
@@ -257,15 +293,16 @@ class Runner:
                 await self._room.wait()
 
     def _dispatch(self, msgs: list[Any]) -> None:
+        """Start or queue each record; never raises, whatever a record looks like."""
         consumed = 0
         for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    self.last_error = err.str()
-                    log.warning("consumer error: %s", err.str())
+            try:
+                record = self._record_of(msg)
+            except Exception:  # noqa: BLE001 - one odd record must not stop the run loop
+                log.exception("cannot read a fetched record; skipped")
                 continue
-            record = Record.from_message(msg)
+            if record is None:
+                continue
             tp = (record.topic, record.partition)
             part = self._partitions.get(tp)
             if part is None:  # a record fetched before its partition was revoked
@@ -282,59 +319,82 @@ class Runner:
             key = (tp, record.key if record.key is not None else record.offset)
             queue = self._keys.get(key)
             if queue is not None:
-                queue.append(record)
+                queue.append((record, part))
             else:
-                self._keys[key] = deque([record])
-                self._start(key, record)
+                self._keys[key] = deque([(record, part)])
+                self._start(key, record, part)
         if consumed:
             self.metrics.consumed(consumed)
             self.metrics.inflight(self._held)
 
-    def _start(self, key: tuple[TP, bytes | int], record: Record) -> None:
-        task = asyncio.create_task(self._process(key, record))
+    def _record_of(self, msg: Any) -> Record | None:
+        """The record of a fetched message, or None for an error event (logged)."""
+        err = msg.error()
+        if err is not None:
+            code = err.code() if hasattr(err, "code") else None
+            if code != KafkaError._PARTITION_EOF:
+                text = err.str() if hasattr(err, "str") else str(err)
+                self.last_error = text
+                log.warning("consumer error: %s", text)
+            return None
+        return Record.from_message(msg)
+
+    def _start(self, key: tuple[TP, bytes | int], record: Record, part: _Partition) -> None:
+        task = asyncio.create_task(self._process(key, record, part))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process(self, key: tuple[TP, bytes | int], record: Record) -> None:
+    def _owns(self, tp: TP, part: _Partition) -> bool:
+        """True while ``part`` is still the live state of ``tp`` (not revoked, not replaced)."""
+        return not part.revoked and self._partitions.get(tp) is part
+
+    async def _process(self, key: tuple[TP, bytes | int], record: Record, part: _Partition) -> None:
+        """Run the handler until it succeeds or the partition this record came from is gone.
+
+        ``part`` is the partition state the record was dispatched into. After a revoke (and maybe
+        a re-assign of the same partition, which makes a new state) the record is not retried or
+        finished: the new owner, or the new assignment, reads it again.
+        """
         tp = key[0]
         delay = self.config.retry_base_s
-        while True:
-            part = self._partitions.get(tp)
-            if part is None or part.revoked:
+        retrying = False
+        try:
+            while self._owns(tp, part):
+                try:
+                    await self._handler(record)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the handler could not make the outcome durable
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    if not retrying:
+                        retrying = True
+                        self._retrying += 1
+                    wait = delay * random.uniform(0.5, 1.0)
+                    log.warning("record %s not finished, retrying in %.1fs: %s", record.coordinates, wait, exc)
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, self.config.retry_max_s)
+                    continue
+                if self._owns(tp, part):
+                    part.tracker.finish(record.offset)
+                if retrying:
+                    log.info("record %s finished after retries", record.coordinates)
                 break
-            try:
-                await self._handler(record)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the handler could not make the outcome durable
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                # Redis or the broker is down: stop taking records until a retry goes through
-                self._unhealthy_until = monotonic() + max(delay * 2, 1.0)
-                log.warning(
-                    "record %s not finished, retrying in %.1fs: %s", record.coordinates, delay, exc
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, self.config.retry_max_s)
-                continue
-            if self._unhealthy_until:
-                self._unhealthy_until = 0.0
-                self.last_error = None
-            current = self._partitions.get(tp)
-            if current is part:
-                part.tracker.finish(record.offset)
-            break
+        finally:
+            if retrying:
+                self._retrying -= 1
         self._finish(key, part)
 
-    def _finish(self, key: tuple[TP, bytes | int], part: _Partition | None) -> None:
+    def _finish(self, key: tuple[TP, bytes | int], part: _Partition) -> None:
+        """Release one dispatched record (exactly once) and start the next of its key."""
         queue = self._keys.get(key)
         if queue is not None:
             queue.popleft()
             if queue:
-                self._start(key, queue[0])
+                nxt, owner = queue[0]
+                self._start(key, nxt, owner)
             else:
                 del self._keys[key]
-        if part is not None:
-            part.held -= 1
+        part.held -= 1
         self._release(1)
 
     def _release(self, n: int) -> None:
@@ -346,23 +406,40 @@ class Runner:
 
     # ------------------------------------------------------------------ backpressure
 
+    def _gate_open(self) -> bool:
+        """Ask the gate (no gate: open); logs each change. A gate that raises counts as open."""
+        if self._gate is None:
+            return True
+        try:
+            is_open = bool(self._gate())
+        except Exception:  # noqa: BLE001 - a broken gate must not stop consumption for good
+            log.exception("the consumer gate failed; treated as open")
+            is_open = True
+        if is_open == self._gate_closed:  # a transition
+            self._gate_closed = not is_open
+            if is_open:
+                log.info("consumer gate open again: resuming partitions")
+            else:
+                log.warning("consumer gate closed: pausing all %d partitions", len(self._partitions))
+        return is_open
+
     async def _backpressure(self) -> int:
         """Pause and resume partitions; returns how many records may be taken now (0: wait).
 
         A full window first waits for room (``pause_after_s``) before it pauses: see the module
-        docstring. An unhealthy dependency pauses at once.
+        docstring. A closed gate pauses every partition at once.
         """
         assert self._consumer is not None
         cfg = self.config
         now = monotonic()
-        unhealthy = now < self._unhealthy_until
+        gate_closed = not self._gate_open()
         room = cfg.max_in_flight - self._held
         if room > 0:
             self._full_since = None
         elif self._full_since is None:
             self._full_since = now
         full_for = 0.0 if self._full_since is None else now - self._full_since
-        pause_all = unhealthy or (room <= 0 and full_for >= cfg.pause_after_s)
+        pause_all = gate_closed or (room <= 0 and full_for >= cfg.pause_after_s)
         low_total = int(cfg.max_in_flight * cfg.resume_ratio)
         low_part = int(cfg.max_in_flight_per_partition * cfg.resume_ratio)
         to_pause, to_resume = [], []
@@ -372,7 +449,7 @@ class Runner:
             if (pause_all or (part_full and room > 0)) and not part.paused:
                 part.paused = True
                 to_pause.append(TopicPartition(topic, partition))
-            elif part.paused and not unhealthy and self._held <= low_total and part.held <= low_part:
+            elif part.paused and not gate_closed and self._held <= low_total and part.held <= low_part:
                 part.paused = False
                 to_resume.append(TopicPartition(topic, partition))
             if not part.paused and not part_full:
@@ -396,38 +473,51 @@ class Runner:
 
     # ------------------------------------------------------------------ commits and lag
 
-    def _pending_commits(self) -> list[TopicPartition]:
+    def _pending_commits(self) -> list[tuple[_Partition, TopicPartition]]:
         offsets = []
         for (topic, partition), part in self._partitions.items():
             offset = part.tracker.take_commit()
             if offset is not None:
-                offsets.append(TopicPartition(topic, partition, offset))
+                offsets.append((part, TopicPartition(topic, partition, offset)))
         return offsets
 
     async def commit(self) -> None:
-        offsets = self._pending_commits()
-        if offsets and self._consumer is not None:
-            await self._call(self._commit_now, self._consumer, offsets, "interval")
+        """Commit what finished; an offset is marked committed only once the broker accepted it."""
+        pending = self._pending_commits()
+        if not pending or self._consumer is None:
+            return
+        done = await self._call(self._commit_now, self._consumer, [tp for _p, tp in pending], "interval")
+        accepted = {(tp.topic, tp.partition, tp.offset) for tp in done}
+        for part, tp in pending:
+            if (tp.topic, tp.partition, tp.offset) in accepted:
+                part.tracker.committed(tp.offset)
 
     async def _report_lag(self) -> None:
+        """Lag per partition, from local state only: no broker round trip on the consumer thread.
+
+        The high watermark is librdkafka's cached one (fetch responses update it); the position is
+        the tracker's commit mark, else the consumer's local fetch position.
+        """
         if self._consumer is None:
             return
         consumer = self._consumer
         parts = {tp: p.tracker.committable() for tp, p in self._partitions.items()}
 
         def read() -> list[tuple[TP, int | None]]:
-            out = []
+            out: list[tuple[TP, int | None]] = []
             for (topic, partition), position in parts.items():
+                tp = TopicPartition(topic, partition)
                 try:
-                    _low, high = consumer.get_watermark_offsets(
-                        TopicPartition(topic, partition), timeout=1.0, cached=False
-                    )
-                except KafkaException:
+                    _low, high = consumer.get_watermark_offsets(tp, cached=True)
+                    if position is None:
+                        pos = consumer.position([tp])
+                        position = pos[0].offset if pos and pos[0].offset >= 0 else None
+                except Exception:  # noqa: BLE001 - lag is best effort
                     continue
-                if position is None:
-                    committed = consumer.committed([TopicPartition(topic, partition)], timeout=1.0)
-                    position = committed[0].offset if committed and committed[0].offset >= 0 else None
-                out.append(((topic, partition), None if position is None else max(0, high - position)))
+                if high is None or high < 0 or position is None:
+                    out.append(((topic, partition), None))
+                else:
+                    out.append(((topic, partition), max(0, high - position)))
             return out
 
         for (topic, partition), lag in await self._call(read):

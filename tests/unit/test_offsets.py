@@ -43,17 +43,38 @@ def test_commit_is_always_the_first_unfinished_offset(case: tuple[list[int], lis
     assert len(tracker) == 0
 
 
-def test_take_commit_reports_each_new_position_once() -> None:
+def test_take_commit_offers_a_position_until_it_is_confirmed() -> None:
     t = OffsetTracker()
     assert t.take_commit() is None
     t.add(5)
     t.add(6)
     assert t.take_commit() == 5
+    assert t.take_commit() == 5  # not confirmed yet (the commit may have failed): offered again
+    t.committed(5)
+    assert t.last_committed == 5
     assert t.take_commit() is None
     t.finish(6)
     assert t.take_commit() is None
     t.finish(5)
     assert t.take_commit() == 7
+    t.committed(7)
+    assert t.take_commit() is None
+
+
+def test_a_failed_commit_is_offered_again_and_a_stale_confirm_never_moves_back() -> None:
+    t = OffsetTracker()
+    t.add(0)
+    t.finish(0)
+    offset = t.take_commit()
+    assert offset == 1
+    # the commit failed: no confirm; more records finish meanwhile
+    t.add(1)
+    t.finish(1)
+    assert t.take_commit() == 2
+    t.committed(2)
+    t.committed(1)  # a late confirm of an older commit
+    assert t.last_committed == 2
+    assert t.take_commit() is None
 
 
 def test_offsets_out_of_order_are_refused() -> None:

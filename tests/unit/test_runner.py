@@ -1,0 +1,357 @@
+"""The runner's loop-side logic, driven directly with a fake consumer: no broker, no network."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from consumers.records import Record
+from consumers.runner import Runner, RunnerConfig, RunnerMetrics
+
+TOPIC = "t"
+
+
+class FakeMsg:
+    def __init__(self, partition: int, offset: int, key: bytes | None, value: bytes | None = b"v",
+                 headers: Any = None, timestamp: Any = (1, 1000), topic: str = TOPIC) -> None:
+        self._p, self._o, self._k, self._v, self._h, self._ts, self._t = (
+            partition, offset, key, value, headers, timestamp, topic)
+
+    def error(self) -> Any:
+        return None
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def headers(self) -> Any:
+        if isinstance(self._h, BaseException):
+            raise self._h
+        return self._h
+
+    def timestamp(self) -> Any:
+        if isinstance(self._ts, BaseException):
+            raise self._ts
+        return self._ts
+
+
+class FakeConsumer:
+    """Stands in for confluent_kafka.Consumer: records pause/resume/commit calls."""
+
+    def __init__(self) -> None:
+        self.paused: set[tuple[str, int]] = set()
+        self.commits: list[list[tuple[str, int, int]]] = []
+        self.fail_commits = 0
+        self.calls: list[str] = []
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused |= {(tp.topic, tp.partition) for tp in tps}
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in tps}
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> list[TopicPartition]:
+        sent = [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+        self.commits.append(sent)
+        if self.fail_commits:
+            self.fail_commits -= 1
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        return offsets
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float | None = None,
+                              cached: bool = False) -> tuple[int, int]:
+        self.calls.append(f"watermark cached={cached} timeout={timeout}")
+        return 0, 10
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        self.calls.append("position")
+        return [TopicPartition(tp.topic, tp.partition, 4) for tp in tps]
+
+    def committed(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("committed() is a broker round trip")
+
+
+class Lag(RunnerMetrics):
+    def __init__(self) -> None:
+        self.values: dict[int, int | None] = {}
+
+    def lag(self, topic: str, partition: int, lag: int | None) -> None:
+        self.values[partition] = lag
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 10))
+
+
+async def make_runner(handler: Callable[[Record], Awaitable[None]], partitions: list[int],
+                      gate: Callable[[], bool] | None = None, **cfg: Any) -> tuple[Runner, FakeConsumer]:
+    config = RunnerConfig(topic=TOPIC, retry_base_s=0.005, retry_max_s=0.01, **cfg)
+    runner = Runner({}, handler, config, gate=gate)
+    fake = FakeConsumer()
+    runner._consumer = fake  # type: ignore[assignment]
+    runner._loop = asyncio.get_running_loop()
+    await runner._assigned([TopicPartition(TOPIC, p) for p in partitions])
+    return runner, fake
+
+
+async def until(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(1000):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def close(runner: Runner) -> None:
+    for task in list(runner._tasks):
+        task.cancel()
+    await asyncio.gather(*runner._tasks, return_exceptions=True)
+    runner._executor.shutdown(wait=True)
+
+
+def test_a_failing_record_holds_only_its_key_and_its_partitions_commit_mark() -> None:
+    async def test() -> None:
+        done: list[tuple[int, int]] = []
+        broken = True
+
+        async def handler(r: Record) -> None:
+            if r.key == b"bad" and broken:
+                raise ConnectionError("redis down")
+            done.append((r.partition, r.offset))
+
+        runner, fake = await make_runner(handler, [0, 1])
+        runner._dispatch([
+            FakeMsg(0, 0, b"bad"), FakeMsg(0, 1, b"good"), FakeMsg(0, 2, b"bad"), FakeMsg(0, 3, None),
+            FakeMsg(1, 0, b"x"), FakeMsg(1, 1, b"bad"),
+        ])
+        await until(lambda: len(done) == 3 and runner.retrying == 2, "the other keys and partitions")
+        assert sorted(done) == [(0, 1), (0, 3), (1, 0)]
+        await asyncio.sleep(0.05)  # several retries go by
+        assert (0, 2) not in done  # same key waits behind the failing record
+        assert runner.retrying == 2
+        assert runner.healthy
+        assert runner.last_error is not None and "redis down" in runner.last_error
+        assert await runner._backpressure() > 0
+        assert fake.paused == set()  # no partition paused because of one record's retries
+        assert not any(p.paused for p in runner._partitions.values())
+        await runner.commit()
+        assert sorted(fake.commits[-1]) == [(TOPIC, 0, 0), (TOPIC, 1, 1)]  # stops at the failing records
+
+        broken = False
+        await until(lambda: runner.in_flight == 0, "all records")
+        assert runner.retrying == 0
+        assert (0, 2) in done and done.index((0, 0)) < done.index((0, 2))
+        await runner.commit()
+        assert sorted(fake.commits[-1]) == [(TOPIC, 0, 4), (TOPIC, 1, 2)]
+        assert all(p.held == 0 for p in runner._partitions.values())
+        await close(runner)
+
+    run(test)
+
+
+def test_a_failed_commit_is_sent_again_at_the_next_commit() -> None:
+    async def test() -> None:
+        async def handler(r: Record) -> None:
+            return None
+
+        runner, fake = await make_runner(handler, [0])
+        runner._dispatch([FakeMsg(0, 0, b"a"), FakeMsg(0, 1, b"b")])
+        await until(lambda: runner.in_flight == 0, "records")
+        fake.fail_commits = 1
+        await runner.commit()
+        assert fake.commits == [[(TOPIC, 0, 2)]]
+        assert runner._partitions[(TOPIC, 0)].tracker.last_committed is None
+        await runner.commit()  # retried
+        assert fake.commits == [[(TOPIC, 0, 2)], [(TOPIC, 0, 2)]]
+        assert runner._partitions[(TOPIC, 0)].tracker.last_committed == 2
+        await runner.commit()  # nothing new: nothing sent
+        assert len(fake.commits) == 2
+        await close(runner)
+
+    run(test)
+
+
+def test_a_retry_across_revoke_and_reassign_leaves_the_new_partition_alone() -> None:
+    async def test() -> None:
+        broken = True
+        calls: list[int] = []
+
+        async def handler(r: Record) -> None:
+            calls.append(r.offset)
+            if broken:
+                raise ConnectionError("broker down")
+
+        runner, fake = await make_runner(handler, [0])
+        tp = TopicPartition(TOPIC, 0)
+        runner._dispatch([FakeMsg(0, 5, b"k"), FakeMsg(0, 6, b"k"), FakeMsg(0, 7, b"other")])
+        await until(lambda: runner.retrying == 2, "retries")
+        old = runner._partitions[(TOPIC, 0)]
+        offsets = await runner._revoked([tp])
+        assert [(o.partition, o.offset) for o in offsets] == [(0, 5)]
+        await runner._assigned([tp])
+        new = runner._partitions[(TOPIC, 0)]
+        assert new is not old
+        broken = False  # the next attempt would succeed: it must not happen for the old state
+        await until(lambda: runner.in_flight == 0, "the old records to stop")
+        assert runner.retrying == 0
+        assert old.held == 0 and new.held == 0
+        assert len(new.tracker) == 0 and new.tracker.committable() is None
+        assert 6 not in calls  # the queued record of the revoked partition never started
+        calls.clear()
+
+        # the new assignment reads the records again and finishes them normally
+        runner._dispatch([FakeMsg(0, 5, b"k"), FakeMsg(0, 6, b"k"), FakeMsg(0, 7, b"other")])
+        await until(lambda: runner.in_flight == 0, "the re-read records")
+        assert sorted(calls) == [5, 6, 7]
+        assert new.held == 0 and new.tracker.committable() == 8
+        await runner.commit()
+        assert fake.commits[-1] == [(TOPIC, 0, 8)]
+        await close(runner)
+
+    run(test)
+
+
+def test_a_retry_across_reassign_with_the_same_key_already_queued() -> None:
+    async def test() -> None:
+        broken = True
+
+        async def handler(r: Record) -> None:
+            if broken:
+                raise ConnectionError("broker down")
+
+        runner, _fake = await make_runner(handler, [0])
+        tp = TopicPartition(TOPIC, 0)
+        runner._dispatch([FakeMsg(0, 5, b"k")])
+        await until(lambda: runner.retrying == 1, "retry")
+        await runner._revoked([tp])
+        await runner._assigned([tp])
+        new = runner._partitions[(TOPIC, 0)]
+        runner._dispatch([FakeMsg(0, 5, b"k")])  # queued behind the old, still retrying, record
+        assert new.held == 1 and runner.in_flight == 2
+        broken = False
+        await until(lambda: runner.in_flight == 0, "both")
+        assert new.held == 0 and new.tracker.committable() == 6
+        await close(runner)
+
+    run(test)
+
+
+def test_the_gate_pauses_and_resumes_every_partition() -> None:
+    async def test() -> None:
+        usable = True
+
+        async def handler(r: Record) -> None:
+            return None
+
+        runner, fake = await make_runner(handler, [0, 1, 2], gate=lambda: usable)
+        assert await runner._backpressure() > 0
+        assert fake.paused == set() and not runner.gated
+        usable = False
+        assert await runner._backpressure() == 1  # keep polling: rebalances and membership
+        assert fake.paused == {(TOPIC, 0), (TOPIC, 1), (TOPIC, 2)}
+        assert runner.gated and runner.healthy
+        assert await runner._backpressure() == 1
+        usable = True
+        assert await runner._backpressure() > 0
+        assert fake.paused == set() and not runner.gated
+        await close(runner)
+
+    run(test)
+
+
+def test_the_gate_waits_for_the_window_to_resume() -> None:
+    async def test() -> None:
+        usable = False
+        release = asyncio.Event()
+
+        async def handler(r: Record) -> None:
+            await release.wait()
+
+        runner, fake = await make_runner(handler, [0], gate=lambda: usable, max_in_flight=4)
+        runner._dispatch([FakeMsg(0, i, str(i).encode()) for i in range(4)])
+        await runner._backpressure()
+        assert fake.paused == {(TOPIC, 0)}
+        usable = True
+        await runner._backpressure()
+        assert fake.paused == {(TOPIC, 0)}  # window still above its low-water mark
+        release.set()
+        await until(lambda: runner.in_flight == 0, "records")
+        await runner._backpressure()
+        assert fake.paused == set()
+        await close(runner)
+
+    run(test)
+
+
+def test_lag_uses_only_local_state() -> None:
+    async def test() -> None:
+        async def handler(r: Record) -> None:
+            return None
+
+        config = RunnerConfig(topic=TOPIC)
+        metrics = Lag()
+        runner = Runner({}, handler, config, metrics)
+        fake = FakeConsumer()
+        runner._consumer = fake  # type: ignore[assignment]
+        runner._loop = asyncio.get_running_loop()
+        await runner._assigned([TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+        runner._dispatch([FakeMsg(0, 7, b"a")])
+        await until(lambda: runner.in_flight == 0, "record")
+        await runner._report_lag()
+        assert metrics.values == {0: 2, 1: 6}  # high 10 - tracker mark 8; - local position 4
+        assert all(c.startswith("watermark cached=True timeout=None") or c == "position" for c in fake.calls)
+        await close(runner)
+
+    run(test)
+
+
+def test_odd_records_never_break_dispatch() -> None:
+    async def test() -> None:
+        seen: list[Record] = []
+
+        async def handler(r: Record) -> None:
+            seen.append(r)
+
+        runner, _fake = await make_runner(handler, [0])
+
+        class NoTopic(FakeMsg):
+            def topic(self) -> str:
+                raise RuntimeError("broken message")
+
+        runner._dispatch([
+            FakeMsg(0, 0, None, None, headers=[("a", None), ("b", b"\xff\xfe")], timestamp=(0, -1)),
+            FakeMsg(0, 1, b"k", b"v", headers=UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")),
+            NoTopic(0, 2, b"k"),
+            FakeMsg(0, 3, b"\xff\xfe", b"\xff", headers=[(b"\xffname", "text")], timestamp=RuntimeError("x")),
+        ])
+        await until(lambda: len(seen) == 3, "records")
+        by_offset = {r.offset: r for r in seen}
+        assert by_offset[0].key is None and by_offset[0].value is None
+        assert by_offset[0].headers == [("a", b""), ("b", b"\xff\xfe")]
+        assert by_offset[0].timestamp_ms is None
+        assert by_offset[1].headers == []
+        assert by_offset[3].headers == [("\ufffdname", b"text")] and by_offset[3].timestamp_ms is None
+        assert by_offset[3].key == b"\xff\xfe"
+        await close(runner)
+
+    run(test)
+
+
+def test_record_from_message_keeps_ordinary_fields() -> None:
+    r = Record.from_message(FakeMsg(3, 9, b"k", b"v", headers=[("traceparent", b"00-x")], timestamp=(1, 1234)))
+    assert (r.topic, r.partition, r.offset, r.key, r.value) == (TOPIC, 3, 9, b"k", b"v")
+    assert r.headers == [("traceparent", b"00-x")] and r.timestamp_ms == 1234
