@@ -8,6 +8,9 @@
     ├── InvalidOutput(kind)            the model answered, but the answer is not a result:
     │                                  truncated, refused, empty, not JSON, fails its schema;
     │                                  retried within the attempt budget, then ``invalid_output``
+    ├── EndpointFault(reason)          the endpoint cannot serve anyone (401, 403, 404, connection
+    │                                  refused, DNS): open its breaker and wait; never a dead
+    │                                  letter, never an attempt of the task
     ├── RetryableError(delay)          try again after ``delay`` (None: the policy's backoff)
     │   ├── LLMTimeout                 the outcome is unknown: the call may have finished
     │   ├── LLMRateLimited             429, with the endpoint's Retry-After
@@ -39,6 +42,17 @@ class InvalidOutput(AgentError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind  # truncated | refused | empty | not_json | schema
+
+
+class EndpointFault(AgentError):
+    """The endpoint is unusable for every task (revoked key, unknown model, nothing listening).
+
+    ``reason`` is one of ``auth``, ``not_found``, ``unreachable``: a bounded label.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RetryableError(AgentError):

@@ -6,8 +6,13 @@
   consumer pauses its partitions rather than spinning.
 - **Retry budget**: retries may be at most ``ratio`` of first calls over a sliding window (plus a
   small floor), so a steady error rate cannot turn into a retry storm. A retry over budget waits.
+- **Endpoint faults** (:meth:`EndpointGuard.endpoint_fault`: revoked key, unknown model, nothing
+  listening) open the breaker at once and mark the endpoint ``degraded``: :attr:`accepting` turns
+  False (the runner pauses consumption) and one probe per ``open_s`` is let through until a
+  success clears it. ``agent_endpoint_degraded{endpoint,reason}`` is 1 meanwhile.
 - **Retry-After is a fact about the endpoint**, not the task: a 429's delay is stored in Redis
   (``<prefix>:endpoint:{<digest>}:blocked_until``) and every replica waits it out before calling.
+  The write is one script that only ever lengthens the key's TTL.
 - **Rate limits** (:class:`RateLimiter`): requests and tokens per minute across replicas, with a
   share reserved for interactive work.
 """
@@ -31,6 +36,19 @@ from dedup.ledger import LedgerUnavailable
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# KEYS[1] the shared Retry-After key; ARGV[1] the wait in ms. Sets the key only when its
+# remaining TTL is shorter (or it is missing, -2, or has none, -1): one replica never shortens another's wait.
+# Returns 1 when it wrote.
+EXTEND_BLOCK = """
+local ttl = redis.call('PTTL', KEYS[1])
+local want = tonumber(ARGV[1])
+if ttl < want then
+  redis.call('SET', KEYS[1], '1', 'PX', want)
+  return 1
+end
+return 0
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +87,8 @@ class EndpointGuard:
         self._shared_checked = -1e9
         self._calls: deque[float] = deque()
         self._retries: deque[float] = deque()
+        self._degraded: str | None = None  # the EndpointFault reason while the endpoint is unusable
+        self._extend_block = redis.register_script(EXTEND_BLOCK) if redis is not None else None
         self.metrics.breaker_open.labels(endpoint=self.label).set(0)
 
     # ------------------------------------------------------------------ state
@@ -76,6 +96,16 @@ class EndpointGuard:
     @property
     def is_open(self) -> bool:
         return self.clock() < self._open_until
+
+    @property
+    def degraded(self) -> str | None:
+        """The reason (``auth``, ``not_found``, ``unreachable``) while the endpoint is unusable."""
+        return self._degraded
+
+    @property
+    def accepting(self) -> bool:
+        """False while the endpoint is degraded: new work should not be taken."""
+        return self._degraded is None
 
     def _trim(self, now: float) -> None:
         edge = now - self.config.window_s
@@ -102,7 +132,9 @@ class EndpointGuard:
                 delay = max(delay, self._open_until - now)
             elif self._probing and now - self._probe_started < self.config.open_s:
                 delay = max(delay, 0.05)  # one probe at a time while half-open
-            elif now >= self._open_until > 0 and self._failures >= self.config.failure_threshold:
+            elif now >= self._open_until > 0 and (
+                self._degraded is not None or self._failures >= self.config.failure_threshold
+            ):
                 self._probing = True  # half-open: this caller is the probe (a lost probe is replaced)
                 self._probe_started = now
                 log.info("endpoint %s half-open: probing", self.label)
@@ -110,13 +142,16 @@ class EndpointGuard:
                 self.metrics.retry_budget_refusals.inc()
                 delay = min(1.0, self.config.window_s / 10)
             if delay <= 0:
+                self._trim(now)  # both windows stay bounded, retried or not
                 if retry:
                     self._retries.append(now)
                 else:
                     self._calls.append(now)
                 return
-            if now - waited_from > self.config.max_wait_s:
-                return  # do not wait forever; the call's own failure handling takes over
+            if now - waited_from > self.config.max_wait_s and self._degraded is None:
+                # do not wait forever; the call's own failure handling takes over (not while
+                # degraded: then only the probe may call, whatever the wait)
+                return
             await asyncio.sleep(min(delay, 1.0))
 
     async def _refresh_shared(self, now: float) -> None:
@@ -134,35 +169,61 @@ class EndpointGuard:
     # ------------------------------------------------------------------ after a call
 
     def success(self) -> None:
-        if self._failures or self._probing:
+        if self._degraded is not None:
+            self.metrics.endpoint_degraded.labels(endpoint=self.label, reason=self._degraded).set(0)
+            self._degraded = None
+            log.info("endpoint %s answers again; resuming", self.label)
+        elif self._failures or self._probing:
             log.info("endpoint %s closed after a successful call", self.label)
         self._failures = 0
         self._probing = False
         self._open_until = 0.0
         self.metrics.breaker_open.labels(endpoint=self.label).set(0)
 
-    def failure(self) -> None:
-        """A retryable failure (timeout, 5xx, connection, 429)."""
+    def failure(self) -> bool:
+        """A retryable failure (timeout, 5xx, connection, 429). True when it opened the breaker."""
         self._failures += 1
         if self._probing or self._failures == self.config.failure_threshold:
-            self._open_until = self.clock() + self.config.open_s
-            self._probing = False
-            self.metrics.breaker_opens.inc()
-            self.metrics.breaker_open.labels(endpoint=self.label).set(1)
+            self._open()
             log.warning("endpoint %s open for %.1fs after %d failures", self.label, self.config.open_s, self._failures)
+            return True
+        return False
+
+    def endpoint_fault(self, reason: str, message: str) -> None:
+        """The endpoint cannot serve anyone (``reason``: auth, not_found, unreachable).
+
+        Opens the breaker at once and marks the endpoint degraded until a call succeeds; while
+        degraded, one probe per ``open_s`` is let through. Logs a WARNING once per transition.
+        """
+        previous = self._degraded
+        self._open()
+        if previous == reason:
+            return
+        if previous is not None:
+            self.metrics.endpoint_degraded.labels(endpoint=self.label, reason=previous).set(0)
+        self._degraded = reason
+        self.metrics.endpoint_degraded.labels(endpoint=self.label, reason=reason).set(1)
+        log.warning(
+            "endpoint %s unusable (%s): %s; consumption paused, probing every %.0f s",
+            self.label, reason, message, self.config.open_s,
+        )
+
+    def _open(self) -> None:
+        self._open_until = self.clock() + self.config.open_s
+        self._probing = False
+        self.metrics.breaker_opens.inc()
+        self.metrics.breaker_open.labels(endpoint=self.label).set(1)
 
     async def retry_after(self, delay_s: float) -> None:
         """The endpoint asked every caller to wait ``delay_s``: remember it here and in Redis."""
         delay_s = min(max(delay_s, 0.0), self.config.max_wait_s)
         now = self.clock()
         self._blocked_until = max(self._blocked_until, now + delay_s)
-        if self.redis is None or delay_s <= 0:
+        if self._extend_block is None or delay_s <= 0:
             return
         try:
-            # keep the later of the two deadlines: never shorten another replica's wait
-            current = await self.redis.pttl(self.shared_key)
-            if current is None or current < delay_s * 1000:
-                await self.redis.set(self.shared_key, "1", px=max(1, int(delay_s * 1000)))
+            # keep the later of the two deadlines, atomically: never shorten another replica's wait
+            await self._extend_block(keys=[self.shared_key], args=[max(1, int(delay_s * 1000))])
         except RedisError as exc:
             log.debug("shared Retry-After not written: %s", exc)
 

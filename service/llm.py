@@ -5,17 +5,23 @@ budgets belong to the caller; this module only translates what happened on the w
 the exceptions of :mod:`service.errors`:
 
     timeout                          LLMTimeout        (outcome unknown)
-    connect refused / reset / proto  LLMUnavailable
+    connect refused, DNS failure     EndpointFault("unreachable")
+    reset / disconnect / proto       LLMUnavailable
+    401, 403                         EndpointFault("auth")
+    404                              EndpointFault("not_found")
     429                              LLMRateLimited    (delay from retry-after-ms / Retry-After)
     408, 409, 5xx                    LLMUnavailable
     other 4xx (and 3xx)              PermanentError
+    2xx body over max_response_bytes InvalidOutput("too_large") (error bodies are cut instead)
     2xx with a malformed body        LLMUnavailable
     finish_reason "length"           InvalidOutput("truncated")
     content filter / refusal         InvalidOutput("refused")
     empty content                    InvalidOutput("empty")
 
 Every attempt increments ``agent_llm_requests_total`` exactly once, with one of
-:data:`service.metrics.LLM_OUTCOMES`.
+:data:`service.metrics.LLM_OUTCOMES` (``client_error`` for auth/not_found, ``connection_error``
+for unreachable). Messages put in exceptions are short and pass through :func:`scrub`, so an
+endpoint that echoes a key (``sk-...``, ``Bearer ...``) cannot leak it into logs or dead letters.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import logging
 import math
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +44,7 @@ import aiohttp
 
 from service.errors import (
     AgentError,
+    EndpointFault,
     InvalidOutput,
     LLMRateLimited,
     LLMTimeout,
@@ -50,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_ERROR_CHARS = 300
+_MAX_FAULT_CHARS = 160
+_READ_CHUNK = 64 * 1024
 _MAX_CONNECT_TIMEOUT_S = 5.0
 
 
@@ -182,6 +192,20 @@ class LLMClient:
                     f"LLM request timed out after {latency:.3f}s ({type(exc).__name__}); "
                     "the outcome is unknown: the endpoint may have completed it"
                 ) from exc
+            except AgentError as exc:  # the body was over max_response_bytes
+                self._metrics.llm_latency.observe(time.perf_counter() - started)
+                self._count(_outcome_of(exc))
+                raise
+            except (aiohttp.ClientConnectorError, ConnectionRefusedError, socket.gaierror) as exc:
+                # nothing listens there, or the name does not resolve: no task can succeed
+                self._count("connection_error")
+                logger.debug(
+                    "LLM endpoint unreachable schema=%s idempotency_key=%s: %s",
+                    request.schema_name, request.idempotency_key, type(exc).__name__,
+                )
+                raise EndpointFault(
+                    "unreachable", f"LLM endpoint unreachable: {type(exc).__name__}"
+                ) from exc
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
                 self._count("connection_error")
                 logger.debug(
@@ -221,7 +245,25 @@ class LLMClient:
         async with self._client().post(
             self._url, data=payload, headers=headers, timeout=_timeout(timeout_s), allow_redirects=False,
         ) as response:
-            body = await response.read()
+            limit = self._settings.max_response_bytes
+            ok = 200 <= response.status < 300
+            length = response.content_length
+            if ok and length is not None and length > limit:
+                raise InvalidOutput(
+                    "too_large", f"LLM response of {length} bytes is over the {limit}-byte limit"
+                )
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_chunked(_READ_CHUNK):
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    if ok:
+                        raise InvalidOutput(
+                            "too_large", f"LLM response is over the {limit}-byte limit"
+                        )
+                    break  # an error body: its start is enough for the message
+            body = b"".join(parts)[:limit]
             return HTTPResponse(response.status, response.headers, body)
 
     # -- request ------------------------------------------------------------------------------
@@ -271,6 +313,18 @@ class LLMClient:
             raise LLMUnavailable(
                 f"LLM endpoint failed (HTTP {status}): {_error_message(response)}",
                 delay=retry_after(response.headers),
+            )
+        if status in (401, 403):
+            raise EndpointFault(
+                "auth",
+                f"LLM endpoint rejected the credentials (HTTP {status}): "
+                f"{_error_message(response, _MAX_FAULT_CHARS)}",
+            )
+        if status == 404:
+            raise EndpointFault(
+                "not_found",
+                f"LLM endpoint or model not found (HTTP 404): "
+                f"{_error_message(response, _MAX_FAULT_CHARS)}",
             )
         if not 200 <= status < 300:
             raise PermanentError(
@@ -387,8 +441,8 @@ def _token_count(value: object) -> int:
     return value
 
 
-def _error_message(response: HTTPResponse) -> str:
-    """The endpoint's own error message, at most 300 characters."""
+def _error_message(response: HTTPResponse, limit: int = _MAX_ERROR_CHARS) -> str:
+    """The endpoint's own error message, scrubbed of anything key-like, at most ``limit`` characters."""
     text = response.text
     message: object = text
     try:
@@ -402,14 +456,50 @@ def _error_message(response: HTTPResponse) -> str:
         if error is not None:
             message = error
     rendered = message if isinstance(message, str) else str(message)
-    rendered = " ".join(rendered.split())
-    if len(rendered) > _MAX_ERROR_CHARS:
-        rendered = rendered[: _MAX_ERROR_CHARS - 3] + "..."
+    rendered = scrub(" ".join(rendered.split()))
+    if len(rendered) > limit:
+        rendered = rendered[: limit - 3] + "..."
     return rendered or "(no error message)"
+
+
+_REDACTED = "[redacted]"
+_SECRET_PATTERNS = (
+    # Authorization values: "Bearer abc", "Basic abc"
+    (re.compile(r"\b(Bearer|Basic)\s+[^\s,;\"']+", re.IGNORECASE), r"\1 " + _REDACTED),
+    # key=value / key: value for names that hold secrets
+    (
+        re.compile(
+            r"\b((?:api[_-]?key|access[_-]?token|token|secret|password|passwd|authorization)"
+            r"[\"']?\s*[=:]\s*[\"']?)[^\s,;\"'&]+",
+            re.IGNORECASE,
+        ),
+        r"\1" + _REDACTED,
+    ),
+    # OpenAI-style keys and the like: sk-..., sk-proj-..., pk_..., rk_...
+    (re.compile(r"\b(?:sk|pk|rk)[-_][A-Za-z0-9_*.-]{6,}"), _REDACTED),
+    # long hex or base64 runs (with a letter and a digit, so words and model names survive)
+    (
+        re.compile(r"(?=[A-Za-z0-9+/_]*[0-9])(?=[A-Za-z0-9+/_]*[A-Za-z])[A-Za-z0-9+/_]{32,}={0,2}"),
+        _REDACTED,
+    ),
+)
+
+
+def scrub(text: str) -> str:
+    """``text`` with anything that looks like a credential replaced by ``[redacted]``.
+
+    Covers ``Bearer``/``Basic`` values, ``api_key=``/``token:``-style pairs, ``sk-...`` keys and
+    long hex/base64 runs. For messages that leave the process (exceptions, logs, dead letters).
+    """
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def _outcome_of(exc: AgentError) -> str:
     """The ``agent_llm_requests`` outcome label for an error raised from a response."""
+    if isinstance(exc, EndpointFault):
+        return "connection_error" if exc.reason == "unreachable" else "client_error"
     if isinstance(exc, LLMRateLimited):
         return "rate_limited"
     if isinstance(exc, LLMUnavailable):

@@ -35,3 +35,23 @@ def test_retry_after_reaches_other_replicas_through_redis(redis_url: str) -> Non
 
     waited = asyncio.run(scenario())
     assert 0.8 <= waited < 3.0
+
+
+def test_concurrent_retry_after_writes_keep_the_longest_wait(redis_url: str) -> None:
+    """Replicas writing at once: the shared wait ends up the longest one, never a shorter one."""
+
+    async def scenario() -> int:
+        client = aioredis.from_url(redis_url)
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+        try:
+            guards = [
+                EndpointGuard("http://llm:8080/v1", Metrics(), redis=client, key_prefix=prefix)
+                for _ in range(8)
+            ]
+            delays = [0.5, 5.0, 1.0, 0.2, 3.0, 0.1, 4.0, 2.0]
+            await asyncio.gather(*(g.retry_after(d) for g, d in zip(guards, delays, strict=True)))
+            return int(await client.pttl(guards[0].shared_key))
+        finally:
+            await client.aclose()
+
+    assert 4500 < asyncio.run(scenario()) <= 5000

@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from service.errors import (
+    EndpointFault,
     InvalidOutput,
     LLMRateLimited,
     LLMTimeout,
@@ -37,7 +38,7 @@ from service.errors import (
     PermanentError,
     RetryableError,
 )
-from service.llm import ChatRequest, ChatResult, LLMClient, retry_after
+from service.llm import ChatRequest, ChatResult, LLMClient, retry_after, scrub
 from service.metrics import LLM_OUTCOMES, Metrics
 from service.settings import LLMSettings
 
@@ -626,7 +627,55 @@ def test_unavailable_carries_retry_after() -> None:
     assert info.value.delay == 3.0
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+@pytest.mark.parametrize(("status", "reason"), [(401, "auth"), (403, "auth"), (404, "not_found")])
+def test_auth_and_not_found_are_endpoint_faults(status: int, reason: str) -> None:
+    metrics = Metrics()
+    body = {"error": {"message": "model 'nope' does not exist", "type": "invalid_request_error"}}
+    with pytest.raises(EndpointFault) as info:
+        call(status_handler(status, body), metrics=metrics)
+
+    assert info.value.reason == reason
+    assert not isinstance(info.value, (RetryableError, PermanentError))
+    assert str(status) in str(info.value)
+    assert "model 'nope' does not exist" in str(info.value)
+    assert_single_outcome(metrics, "client_error")
+
+
+def test_endpoint_fault_message_is_short_and_scrubbed() -> None:
+    key = "sk-proj-" + "A1b2C3d4" * 6
+    message = f"Incorrect API key provided: {key}. Sent: Bearer {API_KEY} " + "z" * 1000
+    with pytest.raises(EndpointFault) as info:
+        call(status_handler(401, {"error": {"message": message}}))
+
+    text = str(info.value)
+    assert key not in text and API_KEY not in text
+    assert "Incorrect API key provided" in text and "[redacted]" in text
+    assert len(text) < 250
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("sk-abcdef1234567890", "sk-abcdef1234567890"),
+        ("Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig", "eyJhbGciOiJIUzI1NiJ9"),
+        ("api_key=hunter2hunter2", "hunter2hunter2"),
+        ("token: 0123456789abcdef", "0123456789abcdef"),
+        ("dGhpcyBpcyBhIHNlY3JldCB0b2tlbiB2YWx1ZTEyMw==", "dGhpcyBpcyBhIHNlY3JldCB0b2tlbiB2YWx1ZTEyMw"),
+        ("0123456789abcdef0123456789abcdef01234567", "0123456789abcdef0123456789abcdef01234567"),
+    ],
+)
+def test_scrub_removes_key_like_strings(text: str, secret: str) -> None:
+    cleaned = scrub(f"error: {text} (see docs)")
+    assert secret not in cleaned and "[redacted]" in cleaned
+    assert cleaned.startswith("error: ") and cleaned.endswith(" (see docs)")
+
+
+def test_scrub_keeps_ordinary_text() -> None:
+    text = "model 'meta-llama-3.1-70b-instruct-turbo-2024-07-18' does not exist (HTTP 404)"
+    assert scrub(text) == text
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
 def test_other_client_errors_are_permanent(status: int) -> None:
     metrics = Metrics()
     body = {"error": {"message": "model 'nope' does not exist", "type": "invalid_request_error"}}
@@ -672,6 +721,69 @@ def test_permanent_error_with_plain_text_body() -> None:
 
     assert "bad request" in str(info.value)
     assert "y" * 300 not in str(info.value)
+
+
+# -- response size ------------------------------------------------------------------------------
+
+LIMIT = 4096
+
+
+def _big_completion() -> dict[str, Any]:
+    return completion(json.dumps({"answer": "a" * (2 * LIMIT)}))
+
+
+async def _chunked_big_handler(request: web.BaseRequest) -> web.StreamResponse:
+    """A body over the limit without a Content-Length: chunked, in small pieces."""
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    data = json.dumps(_big_completion()).encode()
+    for start in range(0, len(data), 512):
+        await response.write(data[start:start + 512])
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [status_handler(200, _big_completion()), _chunked_big_handler],
+    ids=["content-length", "chunked"],
+)
+def test_body_over_the_limit_is_too_large(handler: Handler) -> None:
+    metrics = Metrics()
+    with pytest.raises(InvalidOutput) as info:
+        call(handler, metrics=metrics, max_response_bytes=LIMIT)
+
+    assert info.value.kind == "too_large"
+    assert str(LIMIT) in str(info.value)
+    assert_single_outcome(metrics, "invalid_output")
+    assert latency_count(metrics) == 1
+
+
+def test_gzip_body_is_limited_after_decompression() -> None:
+    data = gzip.compress(json.dumps(_big_completion()).encode())
+    assert len(data) < LIMIT
+    handler = status_handler(200, data, {"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    with pytest.raises(InvalidOutput) as info:
+        call(handler, max_response_bytes=LIMIT)
+
+    assert info.value.kind == "too_large"
+
+
+def test_body_under_the_limit_passes() -> None:
+    body = completion(json.dumps({"answer": "a" * (LIMIT // 2)}))
+    assert call(status_handler(200, body), max_response_bytes=LIMIT).content.startswith('{"answer"')
+
+
+def test_large_error_body_is_cut_not_too_large() -> None:
+    with pytest.raises(LLMUnavailable) as info:
+        call(status_handler(503, "overloaded " + "q" * (4 * LIMIT)), max_response_bytes=LIMIT)
+
+    assert "overloaded" in str(info.value)
+
+
+def test_max_response_bytes_defaults_to_8_mib() -> None:
+    assert LLMSettings().max_response_bytes == 8 * 1024 * 1024
 
 
 # -- malformed responses ----------------------------------------------------------------------
@@ -812,16 +924,38 @@ def _closed_mid_chunked_body(metrics: Metrics) -> ChatResult:
     return call_raw(reply, metrics=metrics)
 
 
+def _dns_failure(metrics: Metrics) -> ChatResult:
+    return call_url("http://nonexistent.invalid/v1/", metrics)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "cause"),
+    [(_refused, aiohttp.ClientConnectorError), (_dns_failure, aiohttp.ClientConnectorDNSError)],
+    ids=["refused", "dns"],
+)
+def test_unreachable_endpoint_is_an_endpoint_fault(
+    scenario: Callable[[Metrics], ChatResult], cause: type[BaseException]
+) -> None:
+    metrics = Metrics()
+    with pytest.raises(EndpointFault) as info:
+        scenario(metrics)
+
+    assert info.value.reason == "unreachable"
+    assert "unreachable" in str(info.value)
+    assert isinstance(info.value.__cause__, cause)
+    assert_single_outcome(metrics, "connection_error")
+    assert latency_count(metrics) == 0
+
+
 @pytest.mark.parametrize(
     ("scenario", "cause"),
     [
-        (_refused, aiohttp.ClientConnectorError),
         (_closed_before_answering, aiohttp.ServerDisconnectedError),
         (_reset_before_answering, aiohttp.ClientOSError),
         (_closed_mid_body, aiohttp.ClientPayloadError),
         (_closed_mid_chunked_body, aiohttp.ClientPayloadError),
     ],
-    ids=["refused", "closed-before-answering", "reset", "closed-mid-body", "closed-mid-chunked-body"],
+    ids=["closed-before-answering", "reset", "closed-mid-body", "closed-mid-chunked-body"],
 )
 def test_connection_errors(scenario: Callable[[Metrics], ChatResult], cause: type[BaseException]) -> None:
     metrics = Metrics()
@@ -914,11 +1048,13 @@ def test_waiting_for_a_slot_does_not_spend_the_timeout() -> None:
 def test_logs_never_contain_api_key_or_prompt(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     call(ok_handler)
-    with pytest.raises(PermanentError):
+    with pytest.raises(EndpointFault):
         call(status_handler(401, {"error": {"message": "invalid key"}}))
+    with pytest.raises(PermanentError):
+        call(status_handler(400, {"error": {"message": "bad request"}}))
     with pytest.raises(LLMTimeout):
         call(slow_handler(STALL_S), make_request(timeout_s=TIMEOUT_S))
-    with pytest.raises(LLMUnavailable), nothing_listening() as base_url:
+    with pytest.raises(EndpointFault), nothing_listening() as base_url:
         call_url(base_url)
 
     assert "LLM request ok" in caplog.text  # the client did log at DEBUG
