@@ -80,6 +80,22 @@ local total = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return {redis.call('HINCRBY', KEYS[1], 'attempts:' .. ARGV[3], 1), total}
 """
 
+# KEYS[1] task; ARGV fence, step name -> 1 | 0 (stale)
+# Gives back the attempt counted before a call that the endpoint, not the task, failed.
+REFUND = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence', 'attempts:' .. ARGV[2], 'attempts')
+if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  return 0
+end
+if (tonumber(h[3]) or 0) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'attempts:' .. ARGV[2], -1)
+end
+if (tonumber(h[4]) or 0) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+end
+return 1
+"""
+
 # KEYS[1] task, KEYS[2] steps; ARGV fence, step name, step record (JSON) -> 'ok' | 'stale'
 STEP = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'fence')

@@ -64,8 +64,17 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
+    """``ready`` follows the dependencies (Redis, broker, an assignment), never one record.
+
+    ``status`` is ``degraded`` while the model endpoint cannot serve any task (a revoked key, an
+    unknown model, nothing listening): the process is fine and stays ready, consumption waits, and
+    ``degraded`` names the endpoint and the reason (never the endpoint's own error text).
+    """
+
     ready: bool
+    status: Literal["ok", "degraded", "unready"] = "ok"
     checks: dict[str, bool]
+    degraded: dict[str, str] = Field(default_factory=dict)
 
 
 class TaskAccepted(BaseModel):
@@ -207,12 +216,14 @@ async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
     checks = {
         "assigned": bool(service.runner.assignment),
         "consuming": not service.runner.stopping,
-        "records_finishing": service.runner.healthy,
         "redis": redis_ok,
         "kafka": await probe.ok(),
     }
     ready = all(checks.values())
-    body = Readiness(ready=ready, checks=checks)
+    guard = service.processor.guard
+    degraded = {guard.label: guard.degraded} if guard is not None and guard.degraded else {}
+    status: Literal["ok", "degraded", "unready"] = "unready" if not ready else "degraded" if degraded else "ok"
+    body = Readiness(ready=ready, status=status, checks=checks, degraded=degraded)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

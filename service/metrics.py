@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict")
 DLQ_REASONS = (
     "decode", "schema", "oversize", "conflict", "expired", "permanent", "exhausted", "invalid_output",
+    "internal",
 )
 LLM_OUTCOMES = (
     "ok", "timeout", "rate_limited", "server_error", "client_error", "connection_error",
@@ -63,6 +64,14 @@ class Metrics:
         self.shadow_runs = Counter(
             "agent_shadow_runs", "Duplicates re-run in shadow (never written), by whether the answer differed.",
             ["outcome"], registry=r,
+        )
+        self.endpoint_degraded = Gauge(
+            "agent_endpoint_degraded",
+            "1 while an LLM endpoint cannot serve any task (revoked key, unknown model, unreachable), by reason.",
+            ["endpoint", "reason"], registry=r,
+        )
+        self.internal_errors = Counter(
+            "agent_internal_errors", "Failures of the service's own code while processing a record.", registry=r
         )
         self.steps_reused = Counter(
             "agent_steps_reused", "Journaled agent steps re-used instead of calling the model again.",

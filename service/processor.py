@@ -28,11 +28,12 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from consumers.producers import Outputs, ProduceFailed
+from consumers.producers import Outputs, ProduceFailed, RecordRejected
 from consumers.records import Record
 from dedup.leases import LeaseKeeper
 from dedup.ledger import AttemptsExhausted, Claim, Ledger, LedgerUnavailable, StaleFence
 from service.errors import (
+    EndpointFault,
     InfrastructureError,
     InvalidOutput,
     LLMRateLimited,
@@ -72,6 +73,9 @@ class ProcessorConfig:
     context_tokens: int = 8192
     max_output_tokens: int = 512
     shadow_sample_rate: float = 0.0
+    # a failure of the service's own code on one record: retried this many times, then `internal`
+    internal_retries: int = 3
+    internal_backoff_s: float = 0.5
 
 
 class _DeadLetter(Exception):
@@ -124,6 +128,7 @@ class TaskProcessor:
         self.guard = guard
         self.tracing = tracing or Tracing.disabled()
         self.limiter = limiter
+        self.outage: str | None = None  # Redis or the broker did not answer the last record that tried
 
     async def __call__(self, record: Record) -> None:
         started = monotonic()
@@ -131,34 +136,78 @@ class TaskProcessor:
         with self.tracing.task_span(None, None, coordinates, header(record.headers, "traceparent")) as span:
             token = _span.set(span)
             try:
-                await self._process(record)
-            except (LedgerUnavailable, ProduceFailed) as exc:
-                raise InfrastructureError(str(exc)) from exc
+                await self._process_bounded(record)
             finally:
                 _span.reset(token)
                 self.metrics.task_duration.observe(monotonic() - started)
+
+    @property
+    def accepting(self) -> bool:
+        """False while the model endpoint cannot serve any task, or Redis or the broker did not
+        answer the last record that tried: the runner then pauses consumption (records already
+        taken keep retrying, and the first that goes through opens it again)."""
+        return self.outage is None and (self.guard is None or self.guard.accepting)
+
+    async def _process_bounded(self, record: Record) -> None:
+        """Whose fault is a failure, decided in one place.
+
+        - the record's (decoding, validating): :meth:`_process` dead-letters it at once;
+        - one task's (400, invalid or truncated output): counted against its attempts in
+          :meth:`_call_step`; the endpoint's (auth, unknown model, unreachable, 429): the breaker
+          and Retry-After wait it out, no attempt is spent;
+        - Redis or the broker did not answer: raised as :class:`InfrastructureError`; the runner
+          retries the record without limit;
+        - anything else is a bug of the service's own code (or a record a dependency refuses for
+          good): retried ``internal_retries`` times, then dead-lettered as ``internal``.
+        """
+        failures = 0
+        while True:
+            try:
+                await self._process(record)
+                self.outage = None
+                return
+            except (LedgerUnavailable, ProduceFailed) as exc:
+                self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
+                raise InfrastructureError(str(exc)) from exc
+            except RecordRejected as exc:  # the broker refuses this outcome for good: retrying cannot help
+                self.metrics.internal_errors.inc()
+                await self._dead_letter(record, _key_of(record, self.config.max_task_bytes), "internal",
+                                        f"the broker refused the outcome record: {str(exc)[:500]}", 0)
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug must end the record, never loop for ever
+                failures += 1
+                self.metrics.internal_errors.inc()
+                error = f"{type(exc).__name__}: {str(exc)[:500]}"
+                if failures > self.config.internal_retries:
+                    log.error("%s: failed %d times in the service's own code; dead-lettering as internal",
+                              record.coordinates, failures, exc_info=exc)
+                    await self._dead_letter(record, _key_of(record, self.config.max_task_bytes), "internal",
+                                            error, 0)
+                    return
+                log.warning("%s: internal failure %d of %d (%s); retrying", record.coordinates, failures,
+                            self.config.internal_retries + 1, error, exc_info=failures == 1)
+                await asyncio.sleep(self.config.internal_backoff_s * 2 ** (failures - 1) * random.uniform(0.5, 1.0))
 
     # ------------------------------------------------------------------ steps of a record
 
     async def _process(self, record: Record) -> None:
         try:
-            task = decode_task(record.value, record.headers, self.config.max_task_bytes)
-            agent = self.agents.get(task.kind)
-            task_input = agent.parse_input(task.event.input)
+            task, agent, task_input = decode_record(record, self.agents, self.config.max_task_bytes)
         except PoisonError as exc:
-            await self._dead_letter(record, None, exc.reason, str(exc), 0)
+            await self._dead_letter(record, _key_of(record, self.config.max_task_bytes), exc.reason, str(exc), 0)
             return
         ctx = f"task_id={task.key} {record.coordinates}"
         span = _current_span()
         span.set_task(task.key, task.kind)
         span.set_input_digest(task.fingerprint)
-        if task.expired(self.clock()):
-            await self._dead_letter(record, task.key, "expired", "deadline passed before the task started", 0)
-            return
-        claim = await self._claim(record, task, ctx)
+        claim = await self._claim(record, task, ctx)  # before the deadline: a finished duplicate is no expiry
         if claim is None:
             if self.config.shadow_sample_rate:
                 await self._maybe_shadow(task, agent, task_input)
+            return
+        if task.expired(self.clock()):
+            await self._dead(record, task, claim.fence, "expired", "deadline passed before the task started",
+                             claim.attempts, ctx)
             return
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):
@@ -238,14 +287,28 @@ class TaskProcessor:
         try:
             for step in agent.steps:
                 previous = {prev: outputs[prev]} if prev is not None else {}
-                answer = await self.llm.chat(ChatRequest(
-                    messages=step.messages(task_input, previous), schema=step.schema(task_input, previous),
-                    schema_name=f"{task.kind}_{step.name}", idempotency_key=f"{task.key}:{step.name}:shadow",
-                    timeout_s=self.config.llm_timeout_s,
-                ))
+                messages, schema = step.messages(task_input, previous), step.schema(task_input, previous)
+                needed = estimate_tokens(messages, schema) + self.config.max_output_tokens
+                # a shadow call is a call: the breaker, the rate limits and Retry-After hold for it too
+                await self._capacity(task, needed, retry=False)
+                try:
+                    answer = await self.llm.chat(ChatRequest(
+                        messages=messages, schema=schema,
+                        schema_name=f"{task.kind}_{step.name}", idempotency_key=f"{task.key}:{step.name}:shadow",
+                        timeout_s=self.config.llm_timeout_s,
+                    ))
+                except EndpointFault as exc:
+                    self._endpoint_unusable(exc)
+                    raise
+                except RetryableError as exc:
+                    await self._endpoint_failed(exc)
+                    raise
+                self._endpoint_answered()
+                if self.limiter is not None:
+                    await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
                 outputs[step.name] = step.parse(task_input, answer.content)
                 prev = step.name
-        except (RetryableError, PermanentError, InvalidOutput) as exc:
+        except (RetryableError, PermanentError, InvalidOutput, EndpointFault) as exc:
             self.metrics.shadow_runs.labels(outcome="failed").inc()
             log.info("task_id=%s: shadow run failed: %s", task.key, exc)
             return
@@ -340,29 +403,20 @@ class TaskProcessor:
                 timeout_s=timeout,
                 traceparent=self.tracing.current_traceparent() or task.traceparent,
             )
-            delay: float | None = None
-            try:
-                with self.tracing.llm_span(self.model_name, step=step.name, attempt=attempt.step) as call:
-                    answer = await self.llm.chat(request)
-                    call.set_response(answer.model, answer.finish_reason, answer.prompt_tokens,
-                                      answer.completion_tokens)
-                if self.limiter is not None:
-                    await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
-            except PermanentError as exc:
-                self._endpoint_answered()
-                raise _DeadLetter("permanent", str(exc), attempts) from exc
-            except InvalidOutput as exc:
-                self._endpoint_answered()
-                last = exc
-            except RetryableError as exc:
-                last, delay = exc, exc.delay
-                await self._endpoint_failed(exc)
-            else:
-                self._endpoint_answered()
-                try:
-                    return step.parse(task_input, answer.content), attempts
-                except InvalidOutput as exc:
-                    last = exc
+            outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts)
+            if isinstance(outcome, dict):
+                return outcome, attempts
+            last, delay, endpoint_fault = outcome
+            if endpoint_fault:
+                if not await self.ledger.refund_attempt(task.key, fence, step.name):
+                    raise _LostFence(f"task {task.key}: fence {fence} no longer holds the task")
+                attempts -= 1
+                log.info("task_id=%s step=%s: the endpoint failed (%s); waiting for it, no attempt spent",
+                         task.key, step.name, last)
+                if self.guard is None or self.guard.accepting:
+                    await asyncio.sleep(delay if delay is not None else min(cfg.backoff_max_s, 1.0))
+                last = None  # the next call is not a retry of the task's
+                continue
             if attempt.step >= cfg.max_attempts:
                 reason = "invalid_output" if isinstance(last, InvalidOutput) else "exhausted"
                 raise _DeadLetter(reason, f"step {step.name}, {attempt.step} attempts: {last}", attempts)
@@ -373,6 +427,36 @@ class TaskProcessor:
             log.info("task_id=%s step=%s attempt %d failed (%s); retry in %.2fs",
                      task.key, step.name, attempt.step, last, delay)
             await asyncio.sleep(delay)
+
+    async def _one_call(
+        self, request: ChatRequest, step: Step, task_input: BaseModel, needed: int, step_attempt: int, attempts: int,
+    ) -> dict[str, Any] | tuple[Exception, float | None, bool]:
+        """One model call: the step's output, or (the failure, a delay it asks for, whether it was the
+        endpoint's fault rather than the task's). A 400 for this request dead-letters at once."""
+        try:
+            with self.tracing.llm_span(self.model_name, step=step.name, attempt=step_attempt) as call:
+                answer = await self.llm.chat(request)
+                call.set_response(answer.model, answer.finish_reason, answer.prompt_tokens,
+                                  answer.completion_tokens)
+            if self.limiter is not None:
+                await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
+        except PermanentError as exc:
+            self._endpoint_answered()
+            raise _DeadLetter("permanent", str(exc), attempts) from exc
+        except InvalidOutput as exc:
+            self._endpoint_answered()
+            return exc, None, False
+        except EndpointFault as exc:  # the endpoint's fault, not the task's: no attempt is spent
+            self._endpoint_unusable(exc)
+            return exc, None, True
+        except RetryableError as exc:
+            # a 429, or the failure that opened the breaker, is the endpoint's: the attempt is given back
+            return exc, exc.delay, await self._endpoint_failed(exc)
+        self._endpoint_answered()
+        try:
+            return step.parse(task_input, answer.content)
+        except InvalidOutput as exc:
+            return exc, None, False
 
     async def _capacity(self, task: Task, tokens: int, *, retry: bool) -> None:
         """Wait until the endpoint may be called: breaker, retry budget, Retry-After, rate limits."""
@@ -388,13 +472,19 @@ class TaskProcessor:
         if self.guard is not None:
             self.guard.success()
 
-    async def _endpoint_failed(self, exc: RetryableError) -> None:
+    async def _endpoint_failed(self, exc: RetryableError) -> bool:
+        """Tell the guard; True when the failure is the endpoint's (a 429, or it opened the breaker)."""
+        if isinstance(exc, LLMRateLimited):
+            if self.guard is not None and exc.delay:
+                await self.guard.retry_after(exc.delay)  # a rate limit is not a broken endpoint
+            return True
         if self.guard is None:
-            return
-        if isinstance(exc, LLMRateLimited) and exc.delay:
-            await self.guard.retry_after(exc.delay)  # a rate limit is not a broken endpoint
-        else:
-            self.guard.failure()
+            return False
+        return bool(self.guard.failure())
+
+    def _endpoint_unusable(self, exc: EndpointFault) -> None:
+        if self.guard is not None:
+            self.guard.endpoint_fault(exc.reason, str(exc))
 
     # ------------------------------------------------------------------ outcomes
 
@@ -427,7 +517,14 @@ class TaskProcessor:
             task.key, fence, result=result_text, digest=result_digest, event=event,
             model=self.model_name, prompt_version=agent.prompt_version,
         )
-        if done.status != "ok":
+        if done.status == "already" and done.fence == fence:
+            # our own COMPLETE landed but its reply was lost: publish what is stored, byte for byte
+            stored = await self.ledger.get(task.key)
+            if stored is None or stored.event is None:
+                raise LedgerUnavailable(f"task {task.key}: stored result not readable after COMPLETE")
+            event = stored.event
+            result_digest = stored.fields.get("result_digest", result_digest)
+        elif done.status != "ok":
             self.metrics.stale_fence_writes.inc()
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
@@ -470,6 +567,29 @@ class TaskProcessor:
         if count_outcome:
             self.metrics.tasks.labels(outcome="dead_lettered").inc()
         log.warning("task_id=%s %s: dead-lettered as %s: %s", task_key or "-", record.coordinates, reason, error)
+
+
+def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tuple[Task, Agent, BaseModel]:
+    """The consumer's whole decode edge: bytes to a task, its agent and its validated input.
+
+    Raises nothing but :class:`PoisonError`, whatever the record holds: whatever the decoder or an
+    input validator raises is the record's fault.
+    """
+    task = decode_task(record.value, record.headers, max_bytes)
+    agent = agents.get(task.kind)
+    try:
+        return task, agent, agent.parse_input(task.event.input)
+    except PoisonError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a validator's own exception is still the record's fault
+        raise PoisonError("schema", f"input of {task.kind}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _key_of(record: Record, max_bytes: int) -> str | None:
+    try:
+        return decode_task(record.value, record.headers, max_bytes).key
+    except PoisonError:
+        return None
 
 
 def _deadline(task: Task) -> str | None:

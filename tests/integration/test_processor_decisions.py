@@ -1,0 +1,99 @@
+"""The processor's decisions, each against a defect it once had: real broker, real Redis, HTTP model."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from service.fakellm import FakeLLM
+from service.kinds import Agent, AgentRegistry, ClassifyInput, ClassifyStep, default_agents
+from service.settings import Settings
+from tests.support import classify, metric, produce, read_topic, running, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_duplicate_of_a_finished_task_is_a_duplicate_even_past_its_deadline(
+    make_settings: Any, fake_llm: FakeLLM
+) -> None:
+    """The ledger is read before the deadline: a redelivery of a finished task is no expiry."""
+    s: Settings = make_settings()
+    later = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()  # the same task, its deadline since passed
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"late-1", classify("late-1", deadline=later))])
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1, what="success")
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"late-1", classify("late-1", deadline=past))])
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "duplicate"}) == 1, what="duplicate")
+            assert metric(svc, "agent_dead_letters_total", {"reason": "expired"}) == 0
+
+    asyncio.run(scenario())
+    assert fake_llm.calls_for("late-1") == 1
+
+
+class _BuggyStep(ClassifyStep):
+    """A step whose own code fails on every answer: a bug of the service, not the record's fault."""
+
+    def parse(self, task_input: BaseModel, content: str) -> dict[str, Any]:
+        raise ZeroDivisionError("a bug in the step")
+
+
+def test_a_bug_ends_the_record_as_internal_after_bounded_retries(make_settings: Any, fake_llm: FakeLLM) -> None:
+    s: Settings = make_settings()
+    agents = default_agents()
+    buggy = AgentRegistry([Agent("classify", ClassifyInput, (_BuggyStep(),)),
+                           *(agents.get(k) for k in agents.kinds() if k != "classify")])
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=buggy) as svc:
+            svc.processor.config = dataclasses.replace(svc.processor.config, internal_backoff_s=0.01)
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic,
+                    [(b"bug-1", classify("bug-1")), (b"fine", b'{"kind":"summarize","input":{"text":"a b","max_words":5}}')])
+            await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "internal"}) == 1, 60,
+                           what="the internal dead letter")
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1, what="the other task")
+            assert metric(svc, "agent_internal_errors_total") == svc.processor.config.internal_retries + 1
+
+    asyncio.run(scenario())
+    dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)
+    assert [m.headers["dlq.reason"] for m in dead] == [b"internal"]
+    assert b"ZeroDivisionError" in dead[0].headers["dlq.error"]
+    assert dead[0].headers["dlq.task_id"] == b"bug-1"
+
+
+def test_a_complete_whose_reply_was_lost_is_ours_not_stale(make_settings: Any, fake_llm: FakeLLM) -> None:
+    """COMPLETE landed but the worker did not hear back: the stored fence is our own, so publish."""
+    s: Settings = make_settings()
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            proc = svc.processor
+            claim = await svc.ledger.claim("lost-1", "sha256:x", "me", "classify")
+            assert claim.decision == "claimed"
+            first = await svc.ledger.complete("lost-1", claim.fence, result='{"label":"a"}', digest="sha256:d",
+                                              event=b'{"task_id":"lost-1"}', model="m", prompt_version="v")
+            assert first.status == "ok"
+            from consumers.records import Record
+            from service.tasks import decode_task
+
+            task = decode_task(classify("lost-1"), [], s.max_task_bytes)
+            agent = proc.agents.get("classify")
+            record = Record(s.kafka.input_topic, 0, 0, b"lost-1", classify("lost-1"))
+            # the same COMPLETE again, as a retry after the lost reply sends it
+            await proc._complete(record, task, agent, claim.fence, {"classify": {"label": "a", "confidence": 1}},
+                                 1, "ctx")
+            assert metric(svc, "agent_stale_fence_writes_total") == 0
+            assert metric(svc, "agent_results_published_total") == 1
+            stored = await svc.ledger.get("lost-1")
+            assert stored is not None and stored.fields.get("published") == "1"
+
+    asyncio.run(scenario())
+    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    assert [m.value for m in results] == [b'{"task_id":"lost-1"}']  # the stored event, byte for byte
