@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from dedup import scripts
 from dedup.batch import ScriptBatcher
@@ -36,6 +36,15 @@ class LedgerError(Exception):
 
 class LedgerUnavailable(LedgerError):
     """Redis did not answer; the outcome of the operation is unknown."""
+
+
+class LedgerRefused(LedgerError):
+    """Redis answered with an error for this call (a script error, a wrong type): not an outage."""
+
+
+# Error replies that mean the server cannot serve anyone right now: retried as an outage.
+_OUTAGE_REPLIES = frozenset({"OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN",
+                             "NOREPLICAS", "MISCONF", "NOSCRIPT", "MOVED", "ASK"})
 
 
 class StaleFence(LedgerError):
@@ -127,8 +136,14 @@ class Ledger:
         keys: Keys | None = None,
         lease_ms: int = 30_000,
         ttl_s: int = 7 * 24 * 3600,
+        wait_replicas: int = 0,
+        wait_aof: bool = False,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.client = client
+        self.wait_replicas = wait_replicas
+        self.wait_aof = wait_aof
+        self.wait_timeout_ms = wait_timeout_ms
         self.keys = keys or Keys()
         self.lease_ms = lease_ms
         self.ttl_s = ttl_s
@@ -139,12 +154,18 @@ class Ledger:
         self._complete = client.register_script(scripts.COMPLETE)
         self._fail = client.register_script(scripts.FAIL)
         self._published = client.register_script(scripts.PUBLISHED)
+        self._refund = client.register_script(scripts.REFUND)
         self._revive = client.register_script(scripts.REVIVE)
         self.batcher = ScriptBatcher(client)
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
+        except ResponseError as exc:
+            if str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES:
+                raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            # Redis answered and refused this one call: not an outage, a fault of the caller
+            raise LedgerRefused(f"redis refused the call: {type(exc).__name__}: {str(exc)[:300]}") from exc
         except RedisError as exc:
             raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
@@ -190,6 +211,11 @@ class Ledger:
             raise AttemptsExhausted(total)
         return Attempt(step=step_attempts, total=total)
 
+    async def refund_attempt(self, task_key: str, fence: int, step: str) -> bool:
+        """Give back the attempt counted for a call the endpoint failed for every task."""
+        raw = await self._script(self._refund, [self.keys.task(task_key)], [fence, step])
+        return int(raw) == 1
+
     async def record_step(self, task_key: str, fence: int, name: str, record: dict[str, Any]) -> None:
         record_json = json.dumps(record, sort_keys=True, separators=(",", ":"))
         raw = await self._script(self._step, self._both(task_key), [fence, name, record_json])
@@ -215,7 +241,45 @@ class Ledger:
         raw = await self._script(
             self._complete, self._both(task_key), [fence, result, digest, event, model, prompt_version, self.ttl_s]
         )
-        return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
+        done = Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
+        if done.status == "ok" or (done.status == "already" and done.fence == fence):
+            await self._replicated()
+        return done
+
+    async def _replicated(self) -> None:
+        """With ``wait_replicas`` (and ``wait_aof``), return only once replicas (and AOFs) hold the write.
+
+        Too few acknowledgements within ``wait_timeout_ms`` raise :class:`LedgerUnavailable`: the
+        result is then neither published nor its offset committed, and the record is retried (its
+        claim finds the stored result and re-emits it, byte for byte).
+        """
+        if self.wait_replicas <= 0 and not self.wait_aof:
+            return
+        if self.wait_aof:
+            local, replicas = await self._call(lambda: self.client.execute_command(  # type: ignore[no-untyped-call]
+                "WAITAOF", 1, self.wait_replicas, self.wait_timeout_ms))
+            if int(local) < 1 or int(replicas) < self.wait_replicas:
+                raise LedgerUnavailable(f"WAITAOF: fsynced locally {local}, on {replicas} of "
+                                        f"{self.wait_replicas} replicas within {self.wait_timeout_ms} ms")
+            return
+        acked = await self._call(lambda: self.client.wait(self.wait_replicas, self.wait_timeout_ms))
+        if int(acked) < self.wait_replicas:
+            raise LedgerUnavailable(f"WAIT: {acked} of {self.wait_replicas} replicas acknowledged the result "
+                                    f"within {self.wait_timeout_ms} ms")
+
+    async def check_durability(self) -> str | None:
+        """Why Redis may lose ledger keys on its own, or None. ``noeviction`` is the only safe policy."""
+        try:
+            raw = await self.client.config_get("maxmemory-policy")
+        except ResponseError:  # CONFIG disabled (a managed Redis): the operator must vouch for it
+            return None
+        except RedisError as exc:
+            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        policy = _s(raw.get("maxmemory-policy", "noeviction")) if isinstance(raw, dict) else "noeviction"
+        if policy != "noeviction":
+            return (f"Redis maxmemory-policy is {policy!r}: it can evict ledger keys, and an evicted key lets a "
+                    "redelivered task run the model again. Set maxmemory-policy noeviction.")
+        return None
 
     async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:
         """Release the claim as ``failed`` (reclaimable) or, with a reason, mark it ``dead``."""

@@ -316,9 +316,13 @@ def _count_lines(path: Path) -> int | None:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from service.wiring import run_service
+    from service.wiring import StartupRefused, run_service
 
-    run_service(settings, embedded=args.embedded, data_dir=args.data_dir, broker=args.broker)
+    try:
+        run_service(settings, embedded=args.embedded, data_dir=args.data_dir, broker=args.broker)
+    except StartupRefused as exc:
+        print(f"agent-service: refusing to start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -425,12 +429,12 @@ def _send(producer: Producer, topic: str, key: str, value: bytes,
 
 @contextlib.asynccontextmanager
 async def _ledger(settings: Settings) -> AsyncIterator[Ledger]:
-    from service.wiring import redis_client
+    from service.wiring import MIN_LEDGER_TTL_S, redis_client
 
     client = redis_client(settings)
     try:
         yield Ledger(client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
-                     ttl_s=settings.ledger.result_ttl_s)
+                     ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S)
     finally:
         await client.aclose()
 

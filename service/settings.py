@@ -7,9 +7,9 @@ Secrets are :class:`~pydantic.SecretStr` and render as ``**********``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -123,6 +123,21 @@ class LLMSettings(BaseModel):
     interactive_reserve: float = Field(0.2, ge=0, le=1)  # share of rpm/tpm batch work cannot use
     shadow_sample_rate: float = Field(0.0, ge=0, le=1)  # duplicates re-run in shadow to measure divergence
     local_gguf: str | None = None  # path to a GGUF file for the embedded model
+    # the most of a response body read from the endpoint: a larger 2xx answer is invalid output
+    max_response_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _batch_can_run(self) -> Self:
+        """A limit whose batch share rounds below one per minute would starve batch work forever."""
+        share = 1 - self.interactive_reserve
+        for name, limit in (("rpm", self.rpm), ("tpm", self.tpm)):
+            if limit > 0 and limit * share < 1:
+                raise ValueError(
+                    f"llm.{name}={limit} with llm.interactive_reserve={self.interactive_reserve} "
+                    f"leaves batch work {limit * share:.2f} per minute: it could never run; "
+                    f"raise {name} or lower interactive_reserve"
+                )
+        return self
 
 
 class HttpSettings(BaseModel):
@@ -134,7 +149,17 @@ class HttpSettings(BaseModel):
 class LedgerSettings(BaseModel):
     lease_ms: int = Field(30_000, ge=100)
     busy_poll_s: float = Field(0.5, gt=0)
-    result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # How long a ledger record outlives its task. It must outlive every record that can be
+    # replayed: unset, it is the input topic's retention (read from the broker at start; at least
+    # 7 days, and 100 years for a topic kept for ever). Set below that retention, the service
+    # refuses to start.
+    result_ttl_s: int | None = Field(None, ge=60)
+    # Durability after COMPLETE on replicated Redis: wait until this many replicas acknowledged
+    # the write (WAIT), and with wait_aof until the AOF of the primary and of that many replicas
+    # holds it (WAITAOF, Redis 7.2+), before the result is published and its offset committed.
+    wait_replicas: int = Field(0, ge=0)
+    wait_aof: bool = False
+    wait_timeout_ms: int = Field(1000, ge=1)
 
 
 class Settings(BaseSettings):
@@ -152,6 +177,8 @@ class Settings(BaseSettings):
     max_in_flight_per_partition: int = Field(256, ge=1)
     commit_interval_s: float = Field(1.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    # a failure of the service's own code on one record: retried this many times, then `internal`
+    internal_retries: int = Field(3, ge=0)
     admin_token: SecretStr | None = None
     worker_id: str | None = None
     log_level: str = "INFO"

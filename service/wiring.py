@@ -21,7 +21,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from consumers.producers import Outputs, Publisher
+from consumers.producers import (
+    KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+    Outputs,
+    Publisher,
+    broker_message_max_bytes,
+    topic_max_message_bytes,
+)
 from consumers.runner import Runner, RunnerConfig, RunnerMetrics
 from dedup.keys import Keys
 from dedup.ledger import Ledger
@@ -103,23 +109,74 @@ def redis_client(settings: Settings) -> aioredis.Redis:
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
+    """Create the missing topics. The dead-letter topic takes records a little larger than the input
+    topic's largest (``max.message.bytes`` of the input, or the broker's default, plus 64 KiB for
+    the ``dlq.*`` headers), so that an input record dead-letters whole wherever the producer allows."""
     k = settings.kafka
     admin = AdminClient(k.common_config())
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    metadata = admin.list_topics(timeout=timeout_s)
+    existing = set(metadata.topics)
     wanted = [k.input_topic, k.results_topic, k.dlq_topic]
-    new = [
-        NewTopic(t, num_partitions=k.topic_partitions, replication_factor=k.topic_replication_factor)
-        for t in wanted if t not in existing
-    ]
-    if not new:
+    configs: dict[str, dict[str, str]] = {}
+    if k.dlq_topic not in existing:
+        input_limit = topic_max_message_bytes(admin, k.input_topic, timeout_s) if k.input_topic in existing else None
+        if input_limit is None:
+            input_limit = broker_message_max_bytes(admin, metadata, timeout_s)
+        configs[k.dlq_topic] = {"max.message.bytes": str(max(input_limit, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) + 65_536)}
+    missing = [t for t in wanted if t not in existing]
+    if not missing:
         return
-    for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
-        try:
-            future.result(timeout_s)
-            log.info("created topic %s", topic)
-        except Exception as exc:  # noqa: BLE001 - "already exists" from a racing replica is fine
-            if "exist" not in str(exc).lower():
+
+    def create(topics: list[str], with_config: bool) -> list[str]:
+        """Create ``topics``; those whose topic config the broker refused, returned."""
+        new = [NewTopic(t, num_partitions=k.topic_partitions, replication_factor=k.topic_replication_factor,
+                        config=configs.get(t, {}) if with_config else {}) for t in topics]
+        refused: list[str] = []
+        for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+            try:
+                future.result(timeout_s)
+                log.info("created topic %s %s", topic, configs.get(topic, {}) if with_config else "")
+            except Exception as exc:  # noqa: BLE001 - "already exists" from a racing replica is fine
+                text = str(exc).lower()
+                if "exist" in text:
+                    continue
+                if with_config and configs.get(topic) and "config" in text:
+                    refused.append(topic)
+                    continue
                 raise
+        return refused
+
+    refused = create(missing, with_config=True)
+    if refused:
+        log.warning("broker refused the topic config of %s: creating with its defaults", refused)
+        create(refused, with_config=False)
+
+
+MIN_LEDGER_TTL_S = 7 * 24 * 3600
+FOREVER_S = 100 * 365 * 24 * 3600  # a topic kept for ever: the ledger keeps its records as long
+
+
+class StartupRefused(RuntimeError):
+    """The service must not start with this configuration; the message says why and what to change."""
+
+
+def topic_retention_s(settings: Settings, timeout_s: float = 10.0) -> int | None:
+    """The input topic's ``retention.ms`` in seconds (``FOREVER_S`` for -1), or None if unreadable."""
+    from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
+
+    admin = AdminClient(settings.kafka.common_config())
+    resource = ConfigResource("topic", settings.kafka.input_topic)
+    try:
+        configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(timeout_s)
+        entry = configs.get("retention.ms")
+        value = int(entry.value) if entry is not None and entry.value is not None else None
+    except Exception as exc:  # noqa: BLE001 - a broker that cannot describe configs: keep the floor
+        log.warning("retention of %s not readable (%s); ledger retention stays at its floor",
+                    settings.kafka.input_topic, exc)
+        return None
+    if value is None:
+        return None
+    return FOREVER_S if value < 0 else -(-value // 1000)
 
 
 def worker_id(settings: Settings) -> str:
@@ -141,7 +198,30 @@ class Service:
     llm_base_url: str
     _closers: list[Any] = field(default_factory=list)
 
+    async def preflight(self) -> None:
+        """Refuse to start on a ledger that cannot keep its promise; settle the ledger's retention.
+
+        Raises :class:`StartupRefused` when Redis may evict ledger keys, or when the configured
+        ledger retention is shorter than the input topic's (a replay would then run the model
+        again for a task whose record is gone).
+        """
+        problem = await self.ledger.check_durability()
+        if problem:
+            raise StartupRefused(problem)
+        retention_s = await asyncio.to_thread(topic_retention_s, self.settings)
+        configured = self.settings.ledger.result_ttl_s
+        if configured is None:
+            self.ledger.ttl_s = max(MIN_LEDGER_TTL_S, retention_s if retention_s is not None else 0)
+        elif retention_s is not None and configured < retention_s:
+            raise StartupRefused(
+                f"AGENT_LEDGER__RESULT_TTL_S={configured} is shorter than the retention of "
+                f"{self.settings.kafka.input_topic} ({retention_s} s): a replayed record would find no ledger "
+                "entry and run the model again. Raise it, or leave it unset to follow the topic.")
+        log.info("ledger retention %d s (input topic retention %s)", self.ledger.ttl_s,
+                 "unknown" if retention_s is None else f"{retention_s} s")
+
     async def run(self, *, http: bool | None = None) -> None:
+        await self.preflight()
         serve_http = self.settings.http.enabled if http is None else http
         server = None
         tasks = [asyncio.create_task(self.runner.run(), name="consumer")]
@@ -184,7 +264,9 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     client = redis_client(settings)
     ledger = Ledger(
         client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
-        ttl_s=settings.ledger.result_ttl_s,
+        ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S,
+        wait_replicas=settings.ledger.wait_replicas, wait_aof=settings.ledger.wait_aof,
+        wait_timeout_ms=settings.ledger.wait_timeout_ms,
     )
     closers: list[Any] = [lambda: asyncio.to_thread(tracing.shutdown)]
     if llm is None:
@@ -193,6 +275,9 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         llm = real
     publisher = Publisher(settings.kafka.producer_config())
     outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
+    # dead letters are cut to the DLQ topic's limit too, when the broker tells it
+    outputs.set_dlq_limit(topic_max_message_bytes(AdminClient(settings.kafka.common_config()),
+                                                  settings.kafka.dlq_topic))
     agents = agents or default_agents()
     s = settings
     processor = TaskProcessor(
@@ -202,7 +287,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             backoff_base_s=s.llm.backoff_base_s, backoff_max_s=s.llm.backoff_max_s,
             llm_timeout_s=s.llm.timeout_s, busy_poll_s=s.ledger.busy_poll_s, lease_ms=s.ledger.lease_ms,
             context_tokens=s.llm.context_tokens, max_output_tokens=s.llm.max_tokens,
-            shadow_sample_rate=s.llm.shadow_sample_rate,
+            shadow_sample_rate=s.llm.shadow_sample_rate, internal_retries=s.internal_retries,
         ),
         worker_id=worker_id(s), model_name=s.llm.model,
         guard=EndpointGuard(
@@ -229,6 +314,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             commit_interval_s=s.commit_interval_s, drain_timeout_s=s.drain_timeout_s,
         ),
         _RunnerMetrics(metrics),
+        gate=lambda: processor.accepting,
     )
     return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
                    llm_base_url, closers)

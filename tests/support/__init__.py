@@ -138,6 +138,11 @@ async def running(settings: Settings, llm_base_url: str, **kwargs: Any) -> Async
     """Build a service, start its consumer, wait for an assignment; drain and close on exit."""
     await asyncio.to_thread(ensure_topics, settings)
     service = build(settings, llm_base_url=llm_base_url, **kwargs)
+    try:
+        await service.preflight()
+    except BaseException:
+        await service.aclose()
+        raise
     task = asyncio.create_task(service.runner.run())
     try:
         await wait_for(lambda: service.runner.assignment or task.done(), 60, what="partition assignment")

@@ -44,3 +44,37 @@ def test_nested_variables_and_kafka_security_pass_through(monkeypatch: pytest.Mo
     assert producer["sasl.password"] == "kafka-secret-1"
     for secret in ("kafka-secret-1", "tok-2", "sk-3"):
         assert secret not in repr(s) and secret not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"rpm": 1, "interactive_reserve": 0.5},
+        {"rpm": 4, "interactive_reserve": 0.9},
+        {"tpm": 10, "interactive_reserve": 0.95},
+        {"rpm": 100, "interactive_reserve": 1.0},
+        # 10 * (1 - 0.9) is 0.999... in floating point: the rate script floors it to 0
+        {"rpm": 10, "interactive_reserve": 0.9},
+    ],
+)
+def test_a_reserve_that_starves_batch_work_is_refused(values: dict[str, float]) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import LLMSettings
+
+    with pytest.raises(ValidationError, match="batch work"):
+        LLMSettings(**values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"rpm": 0, "tpm": 0, "interactive_reserve": 1.0},  # no limits: nothing to starve
+        {"rpm": 2, "interactive_reserve": 0.5},
+        {"rpm": 20, "tpm": 10_000, "interactive_reserve": 0.9},
+    ],
+)
+def test_limits_that_leave_batch_work_a_share_are_accepted(values: dict[str, float]) -> None:
+    from service.settings import LLMSettings
+
+    LLMSettings(**values)
