@@ -206,8 +206,10 @@ class TaskProcessor:
                 await self._maybe_shadow(task, agent, task_input)
             return
         if task.expired(self.clock()):
-            await self._dead(record, task, claim.fence, "expired", "deadline passed before the task started",
-                             claim.attempts, ctx)
+            # released as failed, not dead: the same work sent again with a later deadline may run
+            error = "deadline passed before the task started"
+            if await self.ledger.fail(task.key, claim.fence, error):
+                await self._dead_letter(record, task.key, "expired", error, claim.attempts)
             return
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):

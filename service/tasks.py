@@ -111,6 +111,8 @@ def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, ma
         return _decode(value, headers)
     except PoisonError:
         raise
+    except UnicodeDecodeError as exc:
+        raise PoisonError("decode", f"value is not UTF-8: {exc.reason} at byte {exc.start}") from exc
     except UnicodeError as exc:
         raise PoisonError("decode", f"value is not valid Unicode: {_reason(exc)}") from exc
     except (ValueError, RecursionError) as exc:

@@ -74,6 +74,8 @@ def test_hostile_corpus_never_blocks_a_partition(make_settings: Any, fake_llm: F
     unready: list[dict[str, Any]] = []
     ends: dict[int, int] = {}
 
+    _input_topic_taking(s, 4 * 1024 * 1024)  # as a user would, to accept records of a few MB
+
     async def scenario() -> None:
         async with running(s, fake_llm.base_url) as svc:
             app = create_app(svc)
@@ -113,6 +115,16 @@ def test_hostile_corpus_never_blocks_a_partition(make_settings: Any, fake_llm: F
         assert int(m.headers["dlq.original.offset"]) >= 0
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=expected_ok)
     assert len({m.json()["task_id"] for m in results}) == expected_ok
+
+
+def _input_topic_taking(s: Settings, max_bytes: int) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": s.kafka.bootstrap_servers})
+    topic = NewTopic(s.kafka.input_topic, num_partitions=PARTITIONS, replication_factor=1,
+                     config={"max.message.bytes": str(max_bytes)})
+    for future in admin.create_topics([topic], operation_timeout=15).values():
+        future.result(15)
 
 
 def _produce_spread(s: Settings, corpus: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]]
