@@ -1,8 +1,15 @@
 """The HTTP app: health, readiness, metrics and the admin API.
 
-Reads (task records, dead letters) are open; writes (producing a task, replaying dead letters)
-need ``Authorization: Bearer <AGENT_ADMIN_TOKEN>`` and are refused outright when no token is set.
-Every error answers with JSON; Redis or broker outages answer 503.
+``/healthz``, ``/readyz`` and ``/metrics`` are open and never carry an error text. Reads
+(``GET /tasks/{id}``: model output; ``GET /dlq``: raw task payloads) need
+``Authorization: Bearer <AGENT_READ_TOKEN or AGENT_ADMIN_TOKEN>``, answer 403 when neither token
+is set, and are open to anyone only with ``AGENT_READS_OPEN=true``. Writes (producing a task,
+replaying dead letters) need ``Bearer <AGENT_ADMIN_TOKEN>`` and answer 403 when it is not set.
+A wrong or missing token answers 401 with ``WWW-Authenticate: Bearer``.
+
+``GET /dlq`` reads the dead-letter topic with a consumer of its own: one peek at a time per
+process (a concurrent one answers 429 with ``Retry-After: 1``), at most 1000 letters, and at most
+:data:`DLQ_PEEK_TIMEOUT_S` seconds. Every error answers with JSON; Redis or broker outages answer 503.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import hmac
 import json
 import logging
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from time import monotonic
 from typing import Annotated, Any, Literal, cast
@@ -40,6 +49,11 @@ log = logging.getLogger(__name__)
 
 TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 ADMIN_DISABLED = "admin writes are disabled: set AGENT_ADMIN_TOKEN"
+READS_DISABLED = (
+    "reads of results and payloads are disabled: set AGENT_READ_TOKEN, or AGENT_READS_OPEN=true to open them"
+)
+DLQ_PEEK_TIMEOUT_S = 10.0  # the whole of one GET /dlq peek, every partition included
+DLQ_BUSY = "a dead-letter peek is already running; retry shortly"
 
 
 # ---------------------------------------------------------------------------- models
@@ -176,7 +190,10 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-bearer = HTTPBearer(auto_error=False, description="The value of AGENT_ADMIN_TOKEN.")
+bearer = HTTPBearer(
+    auto_error=False,
+    description="Writes: AGENT_ADMIN_TOKEN. Reads of tasks and dead letters: AGENT_READ_TOKEN or AGENT_ADMIN_TOKEN.",
+)
 
 
 async def require_admin(
@@ -192,7 +209,36 @@ async def require_admin(
         raise HTTPException(401, "missing or invalid admin token", headers={"WWW-Authenticate": "Bearer"})
 
 
+async def require_read(
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """Reads return model output and raw payloads: the read token or the admin token, unless open."""
+    settings = service.settings
+    if settings.reads_open:
+        return
+    accepted = [
+        secret for token in (settings.read_token, settings.admin_token)
+        if token is not None and (secret := token.get_secret_value())
+    ]
+    if not accepted:
+        raise HTTPException(403, READS_DISABLED)
+    given = (credentials.credentials if credentials is not None else "").encode()
+    matched = False
+    for expected in accepted:  # compare with every token, so the timing says nothing about which
+        matched |= hmac.compare_digest(given, expected.encode())
+    if not given or not matched:
+        raise HTTPException(401, "missing or invalid read token", headers={"WWW-Authenticate": "Bearer"})
+
+
 Admin = [Depends(require_admin)]
+Reader = [Depends(require_read)]
+
+# One GET /dlq peek at a time in this process, whatever the event loop: the slot is taken before
+# the peek's thread starts and given back only when that thread is done (or never ran), so a
+# client that hangs up cannot leave peeks running behind it.
+_peek_slot = threading.Lock()
+_peek_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlq-peek")
 
 
 # ---------------------------------------------------------------------------- routes
@@ -266,7 +312,10 @@ async def produce_task(request: Request, service: ServiceDep) -> TaskAccepted:
     return TaskAccepted(task_id=key, topic=topic)
 
 
-@router.get("/tasks/{task_id:path}", response_model=TaskView, responses=_errors(404, 503), tags=["tasks"])
+@router.get(
+    "/tasks/{task_id:path}", response_model=TaskView, dependencies=Reader, tags=["tasks"],
+    responses=_errors(401, 403, 404, 503),
+)
 async def get_task(
     service: ServiceDep,
     task_id: Annotated[str, Path(pattern=TASK_KEY_PATTERN, max_length=200)],
@@ -277,13 +326,26 @@ async def get_task(
     return TaskView.model_validate(record.to_json())
 
 
-@router.get("/dlq", response_model=list[dlq.DeadLetter], responses=_errors(503), tags=["dead letters"])
+@router.get(
+    "/dlq", response_model=list[dlq.DeadLetter], dependencies=Reader, tags=["dead letters"],
+    responses=_errors(401, 403, 429, 503),
+)
 async def list_dead_letters(
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     partition: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> list[dlq.DeadLetter]:
-    return await asyncio.to_thread(dlq.peek, service.settings.kafka, limit, partition)
+    if not _peek_slot.acquire(blocking=False):
+        raise HTTPException(429, DLQ_BUSY, headers={"Retry-After": "1"})
+    try:
+        future: Future[list[dlq.DeadLetter]] = _peek_pool.submit(
+            dlq.peek, service.settings.kafka, limit, partition, timeout_s=DLQ_PEEK_TIMEOUT_S
+        )
+    except BaseException:
+        _peek_slot.release()
+        raise
+    future.add_done_callback(lambda _: _peek_slot.release())
+    return await asyncio.wrap_future(future)
 
 
 @router.post(

@@ -190,7 +190,8 @@ def peek(
 ) -> list[DeadLetter]:
     """The newest ``limit`` dead letters (or, with ``offset_from``, the first ``limit`` from there).
 
-    Blocking: call it through :func:`asyncio.to_thread` from async code.
+    ``timeout_s`` bounds the whole peek (metadata, watermarks and reads, over every partition),
+    not each call: partitions not reached in time are left out. Blocking: call it from a thread.
     """
     if limit < 1:
         return []
@@ -200,7 +201,10 @@ def peek(
         for p in reader.partitions(timeout_s):
             if partition is not None and p != partition:
                 continue
-            low, high = reader.watermarks(p, timeout_s)
+            if (left := deadline - time.monotonic()) <= 0:
+                log.warning("dead-letter peek ran out of time before partition %d", p)
+                break
+            low, high = reader.watermarks(p, left)
             start = max(low, high - limit) if offset_from is None else max(low, offset_from)
             if start >= high:
                 continue
