@@ -12,7 +12,7 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from service.app import create_app
+from service.app import READS_DISABLED, create_app
 from service.fakellm import FakeLLM, FaultRule
 from service.settings import Settings
 from service.wiring import Service, build, ensure_topics
@@ -21,6 +21,7 @@ from tests.support import classify, metric, read_topic, running, wait_for
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": "Bearer s3cret"}
+READ = {"Authorization": "Bearer r3ad"}
 LABELS = ["complaint", "praise", "question"]
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -48,12 +49,12 @@ def produce_one(bootstrap: str, topic: str, key: bytes, value: bytes,
 
 
 async def task_state(client: httpx.AsyncClient, task_id: str) -> str | None:
-    r = await client.get(f"/tasks/{task_id}")
+    r = await client.get(f"/tasks/{task_id}", headers=AUTH)  # the admin token reads too
     return r.json()["state"] if r.status_code == 200 else None
 
 
-async def dead_letters(client: httpx.AsyncClient) -> list[dict[str, Any]]:
-    r = await client.get("/dlq", params={"limit": 100})
+async def dead_letters(client: httpx.AsyncClient, headers: dict[str, str] = AUTH) -> list[dict[str, Any]]:
+    r = await client.get("/dlq", params={"limit": 100}, headers=headers)
     assert r.status_code == 200, r.text
     letters: list[dict[str, Any]] = r.json()
     return letters
@@ -117,13 +118,16 @@ def test_admin_token_guards_writes_and_tasks_read_back(make_settings: Any, fake_
             assert r.json() == {"task_id": "api-1", "topic": s.kafka.input_topic}
 
             await wait_for(lambda: _is(client, "api-1", "succeeded"), 30, 0.1, what="api-1 succeeded")
-            r = await client.get("/tasks/api-1")
+            for headers in ({}, {"Authorization": "Bearer wrong"}):  # model output is not for anyone
+                r = await client.get("/tasks/api-1", headers=headers)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            r = await client.get("/tasks/api-1", headers=AUTH)
             assert r.status_code == 200
             record: dict[str, Any] = r.json()
 
-            r = await client.get("/tasks/no-such-task")
+            r = await client.get("/tasks/no-such-task", headers=AUTH)
             assert r.status_code == 404 and r.json() == {"detail": "unknown task"}
-            r = await client.get("/tasks/bad%20id")
+            r = await client.get("/tasks/bad%20id", headers=AUTH)
             assert r.status_code == 422
 
             bad_kind = {"kind": "no_such_kind", "input": {}}
@@ -158,7 +162,7 @@ async def _is(client: httpx.AsyncClient, task_id: str, state: str) -> bool:
     return await task_state(client, task_id) == state
 
 
-def test_writes_are_refused_when_no_token_is_configured(make_settings: Any, fake_llm: FakeLLM) -> None:
+def test_writes_and_reads_are_refused_when_no_token_is_configured(make_settings: Any, fake_llm: FakeLLM) -> None:
     s: Settings = make_settings(admin_token=None)
 
     async def scenario() -> None:
@@ -173,16 +177,36 @@ def test_writes_are_refused_when_no_token_is_configured(make_settings: Any, fake
                     assert r.json() == {"detail": "admin writes are disabled: set AGENT_ADMIN_TOKEN"}
                 r = await client.post("/dlq/replay", json={"reason": "exhausted"}, headers=AUTH)
                 assert r.status_code == 403
-                r = await client.get("/dlq")  # reads stay open
-                assert r.status_code == 200 and r.json() == []
+                for path in ("/dlq", "/tasks/some-task"):  # reads are refused too
+                    r = await client.get(path, headers=AUTH)
+                    assert r.status_code == 403 and r.json() == {"detail": READS_DISABLED}
         finally:
             await service.aclose()
 
     asyncio.run(scenario())
 
 
+def test_reads_with_the_read_token_or_opened(make_settings: Any, fake_llm: FakeLLM) -> None:
+    async def scenario(s: Settings, headers: dict[str, str]) -> None:
+        await asyncio.to_thread(ensure_topics, s)
+        service = build(s, llm_base_url=fake_llm.base_url)
+        try:
+            async with api(service) as client:
+                r = await client.get("/dlq", headers=headers)
+                assert r.status_code == 200 and r.json() == [], r.text
+                r = await client.get("/tasks/some-task", headers=headers)
+                assert r.status_code == 404, r.text
+                r = await client.post("/dlq/replay", json={"reason": "exhausted"}, headers=headers)
+                assert r.status_code in (401, 403)  # reading is not writing
+        finally:
+            await service.aclose()
+
+    asyncio.run(scenario(make_settings(admin_token=None, read_token="r3ad"), READ))
+    asyncio.run(scenario(make_settings(admin_token=None, reads_open=True), {}))
+
+
 def test_poison_record_shows_in_dlq_with_its_origin(make_settings: Any, fake_llm: FakeLLM) -> None:
-    s: Settings = make_settings()
+    s: Settings = make_settings(read_token="r3ad")
 
     async def scenario() -> tuple[tuple[int, int], list[dict[str, Any]]]:
         async with running(s, fake_llm.base_url) as svc, api(svc) as client:
@@ -192,9 +216,10 @@ def test_poison_record_shows_in_dlq_with_its_origin(make_settings: Any, fake_llm
             )
             await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "decode"}) == 1,
                            what="the dead letter")
+            assert (await client.get("/dlq")).status_code == 401
             for limit in (0, 1001, "x"):
-                assert (await client.get("/dlq", params={"limit": limit})).status_code == 422
-            return origin, await dead_letters(client)
+                assert (await client.get("/dlq", params={"limit": limit}, headers=READ)).status_code == 422
+            return origin, await dead_letters(client, READ)
 
     (partition, offset), letters = asyncio.run(scenario())
     assert len(letters) == 1
@@ -264,7 +289,7 @@ def test_replay_revives_a_dead_task_and_it_runs_again(make_settings: Any, fake_l
             assert r.status_code == 200, r.text
             report: dict[str, Any] = r.json()
             await wait_for(lambda: _is(client, "flaky-1", "succeeded"), 30, 0.1, what="flaky-1 succeeded")
-            return report, (await client.get("/tasks/flaky-1")).json()
+            return report, (await client.get("/tasks/flaky-1", headers=AUTH)).json()
 
     report, record = asyncio.run(scenario())
     assert (report["replayed"], report["already_succeeded"], report["not_found"]) == (1, 0, 0)

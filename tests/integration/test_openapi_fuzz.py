@@ -2,8 +2,8 @@
 
 The service runs against the real broker and redis-server with its consumer started, so
 readiness can pass and writes reach the broker. Every operation gets schema-valid and
-schema-violating requests; admin writes are sent with the admin token on some runs and without
-it on others. Nothing may answer 5xx, and every answer must match the schema the spec declares
+schema-violating requests; guarded operations go with a token on some runs and without it on
+others (reads with the read token, writes with the admin token). Nothing may answer 5xx, and every answer must match the schema the spec declares
 for its status code.
 """
 
@@ -38,6 +38,7 @@ from tests.support import metric, produce, running, wait_for
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": "Bearer s3cret"}
+READ = {"Authorization": "Bearer r3ad-fuzz"}
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
 EXAMPLES = {schemathesis.GenerationMode.POSITIVE: 30, schemathesis.GenerationMode.NEGATIVE: 30}
 KNOWN_TASK = "fuzz-known"
@@ -82,7 +83,7 @@ class OnLoop:
 @pytest.fixture
 def live_service(make_settings: Any, fake_llm: FakeLLM) -> Iterator[tuple[Service, asyncio.AbstractEventLoop]]:
     """A running service on an event loop in a thread of its own, with one finished task and one dead letter."""
-    s: Settings = make_settings()
+    s: Settings = make_settings(read_token="r3ad-fuzz")
     started: concurrent.futures.Future[tuple[Service, asyncio.AbstractEventLoop, asyncio.Event]] = (
         concurrent.futures.Future()
     )
@@ -137,8 +138,9 @@ def known_data(op: Any, mode: schemathesis.GenerationMode) -> Any:
 
 def fuzz_test(op: Any, mode: schemathesis.GenerationMode, max_examples: int,
               seen: dict[str, collections.Counter[str]]) -> Callable[[], None]:
-    """A Hypothesis test of one operation; admin writes go with the token on some examples only."""
+    """A Hypothesis test of one operation; guarded ones go with their token on some examples only."""
     guarded = bool(op.definition.raw.get("security"))
+    token = READ if op.label.startswith("GET ") else AUTH
     strategy = op.as_strategy(generation_mode=mode)
     if (known := known_data(op, mode)) is not None:
         strategy = strategy | known
@@ -150,7 +152,7 @@ def fuzz_test(op: Any, mode: schemathesis.GenerationMode, max_examples: int,
     def fuzz(case: Any, authed: bool) -> None:
         # A negative case may drop the Authorization header on purpose; then no token goes out.
         authed = authed and not op.schema.is_security_param_negated(case)
-        headers = AUTH if authed else None
+        headers = token if authed else None
         response = case.call_and_validate(headers=headers, checks=CHECKS)
         status = response.status_code
         seen[f"{op.label} ({'token' if authed else 'no token'})"][str(status)] += 1

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import generate_latest
 
 from dedup.ledger import LedgerUnavailable
 from service import local
+from service.app import create_app
 from service.fakellm import FakeLLM
 from service.settings import Settings
 from service.wiring import redis_client
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.integration
 REDIS_PASSWORD = "redis-pw-7f3a91"
 API_KEY = "sk-live-4e8d2b6c"
 ADMIN_TOKEN = "admin-token-91c0"
+READ_TOKEN = "read-token-3b7e"
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -52,32 +56,46 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
         server.stop()
 
 
+@contextlib.asynccontextmanager
+async def api(service: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client:
+        yield client
+
+
 def test_ledger_over_tls_with_auth_and_no_secret_anywhere(
     make_settings: Any, fake_llm: FakeLLM, tls_redis: tuple[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     url, ca = tls_redis
     s: Settings = make_settings(
         redis={"url": url, "password": REDIS_PASSWORD, "ssl_ca_certs": str(ca)},
-        llm={"api_key": API_KEY}, admin_token=ADMIN_TOKEN,
+        llm={"api_key": API_KEY}, admin_token=ADMIN_TOKEN, read_token=READ_TOKEN,
     )
-    secrets = (REDIS_PASSWORD, API_KEY, ADMIN_TOKEN)
+    secrets = (REDIS_PASSWORD, API_KEY, ADMIN_TOKEN, READ_TOKEN)
     for secret in secrets:
         assert secret not in repr(s) and secret not in str(s.model_dump())
     caplog.set_level(logging.DEBUG)
 
-    async def scenario() -> str:
-        async with running(s, fake_llm.base_url) as svc:
+    async def scenario() -> tuple[str, list[str]]:
+        async with running(s, fake_llm.base_url) as svc, api(svc) as http:
             produce(s.kafka.bootstrap_servers, s.kafka.input_topic,
                     [(b"sec-1", classify("sec-1")), (b"sec-bad", b"\xff not json")])
             await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1
                            and metric(svc, "agent_tasks_total", {"outcome": "dead_lettered"}) == 1, what="both")
             record = await svc.ledger.get("sec-1")
             assert record is not None and record.state == "succeeded"  # the ledger lives behind TLS + AUTH
-            return generate_latest(svc.metrics.registry).decode()
+            # results and payloads only with a token; the open endpoints carry no error text
+            for path in ("/tasks/sec-1", "/dlq"):
+                assert (await http.get(path)).status_code == 401
+                assert (await http.get(path, headers={"Authorization": f"Bearer {READ_TOKEN}"})).status_code == 200
+            open_answers = [(await http.get(path)).text for path in ("/healthz", "/readyz")]
+            for text in open_answers:
+                assert "error" not in text.lower() and "Traceback" not in text, text
+            return generate_latest(svc.metrics.registry).decode(), open_answers
 
-    metrics_text = asyncio.run(scenario())
+    metrics_text, open_answers = asyncio.run(scenario())
     dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)
-    exposed = [caplog.text, metrics_text] + [repr(m.headers) + repr(m.value) for m in dead]
+    exposed = [caplog.text, metrics_text, *open_answers] + [repr(m.headers) + repr(m.value) for m in dead]
     for secret in secrets:
         assert all(secret not in text for text in exposed), "a secret leaked"
     # the key did reach the model endpoint, as a bearer token, and only there

@@ -21,6 +21,7 @@ def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.redis.url.get_secret_value() == "redis://127.0.0.1:6379/0"
     assert s.llm.base_url is None and (s.http.host, s.http.port) == ("127.0.0.1", 8000)
     assert s.admin_token is None
+    assert s.read_token is None and s.reads_open is False
 
 
 def test_nested_variables_and_kafka_security_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
