@@ -74,11 +74,12 @@ DEPLOY_ENV = frozenset(
         "AGENT_HTTP__HOST",
         "AGENT_HTTP__PORT",
         "AGENT_ADMIN_TOKEN",
+        "AGENT_READ_TOKEN",
         "AGENT_MAX_IN_FLIGHT",
         "AGENT_LOG_FORMAT",
     }
 )
-SECRET_ENV = frozenset({"AGENT_ADMIN_TOKEN", "AGENT_LLM__API_KEY"})
+SECRET_ENV = frozenset({"AGENT_ADMIN_TOKEN", "AGENT_READ_TOKEN", "AGENT_LLM__API_KEY"})
 
 EXPECTED_ALERTS = frozenset(
     {
