@@ -195,3 +195,33 @@ def test_lease_keeper_renews_every_held_task_and_stops_on_release(redis_url: str
             assert keeper.renewals == renewed
 
     with_ledger(redis_url, body)
+
+
+def test_wait_replicas_holds_a_result_back_until_replicas_have_it(redis_url: str) -> None:
+    """With AGENT_LEDGER__WAIT_REPLICAS and too few replicas, COMPLETE stores but is not reported done."""
+    from dedup.ledger import LedgerUnavailable
+
+    async def body(ledger: Ledger) -> None:
+        ledger.wait_replicas, ledger.wait_timeout_ms = 1, 100  # a lone redis-server has no replica
+        claim = await ledger.claim("w-1", FP, "me", "classify")
+        with pytest.raises(LedgerUnavailable, match="WAIT: 0 of 1 replicas"):
+            await complete(ledger, "w-1", claim.fence)
+        stored = await ledger.get("w-1")
+        assert stored is not None and stored.state == "succeeded"  # kept: a retry re-emits it, no model call
+        ledger.wait_replicas = 0
+        again = await complete(ledger, "w-1", claim.fence)
+        assert (again.status, again.fence) == ("already", claim.fence)
+
+    with_ledger(redis_url, body)
+
+
+def test_a_redis_refusal_of_one_call_is_not_an_outage(redis_url: str) -> None:
+    """A script error for one key (here: a key of the wrong type) is the caller's fault, not Redis being down."""
+    from dedup.ledger import LedgerRefused
+
+    async def body(ledger: Ledger) -> None:
+        await ledger.client.set(ledger.keys.task("wrongtype"), "not a hash")
+        with pytest.raises(LedgerRefused):
+            await ledger.claim("wrongtype", FP, "me", "classify")
+
+    with_ledger(redis_url, body)

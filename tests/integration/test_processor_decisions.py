@@ -97,3 +97,27 @@ def test_a_complete_whose_reply_was_lost_is_ours_not_stale(make_settings: Any, f
     asyncio.run(scenario())
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
     assert [m.value for m in results] == [b'{"task_id":"lost-1"}']  # the stored event, byte for byte
+
+
+def test_shadow_runs_wait_for_the_breaker_like_every_call(make_settings: Any, fake_llm: FakeLLM) -> None:
+    """A shadow (divergence) run of a duplicate is a model call: an open breaker holds it back."""
+    s: Settings = make_settings(llm={"shadow_sample_rate": 1.0, "breaker_open_s": 60})
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"sh-1", classify("sh-1"))])
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1, what="success")
+            guard = svc.processor.guard
+            assert guard is not None
+            while not guard.is_open:  # 5xx-style failures open the breaker; consumption goes on
+                guard.failure()
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"sh-1", classify("sh-1"))])
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "duplicate"}) == 1, what="duplicate")
+            await asyncio.sleep(1.0)
+            assert fake_llm.calls_for("sh-1") == 1  # the shadow call waits while the breaker is open
+            guard.success()  # the endpoint answers again
+            await wait_for(lambda: sum(metric(svc, "agent_shadow_runs_total", {"outcome": o})
+                                       for o in ("same", "different", "failed")) == 1, what="the shadow run")
+            assert fake_llm.calls_for("sh-1") == 2
+
+    asyncio.run(scenario())
