@@ -4,7 +4,7 @@
     ├── PoisonError(reason)            the record can never succeed: dead-letter it now
     │                                  (decode, schema, oversize, expired)
     ├── PermanentError                 the endpoint refused the request for good: dead-letter
-    │                                  as ``permanent`` (HTTP 4xx other than 408/409/429)
+    │                                  as ``permanent`` (HTTP 4xx other than 401/403/404/408/409/429)
     ├── InvalidOutput(kind)            the model answered, but the answer is not a result:
     │                                  truncated, refused, empty, not JSON, fails its schema;
     │                                  retried within the attempt budget, then ``invalid_output``
@@ -14,7 +14,7 @@
     ├── RetryableError(delay)          try again after ``delay`` (None: the policy's backoff)
     │   ├── LLMTimeout                 the outcome is unknown: the call may have finished
     │   ├── LLMRateLimited             429, with the endpoint's Retry-After
-    │   └── LLMUnavailable             5xx, connection refused or reset
+    │   └── LLMUnavailable             5xx, a connection reset or dropped mid-exchange
     └── InfrastructureError            Redis or Kafka did not answer: never dead-letter, retry
                                        the record until they are back
 
