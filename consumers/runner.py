@@ -179,14 +179,10 @@ class Runner:
             return []
         try:
             result = consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
+        except Exception as exc:  # noqa: BLE001 - never let a commit error stop the consumer
+            err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
                 return list(offsets)  # nothing new to store: the broker already has these
-            self.last_error = f"commit failed: {exc}"
-            log.warning("commit on %s failed (retried at the next commit): %s", why, exc)
-            return []
-        except Exception as exc:  # noqa: BLE001 - never let a commit error stop the consumer
             self.last_error = f"commit failed: {exc}"
             log.warning("commit on %s failed (retried at the next commit): %s", why, exc)
             return []

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
 import threading
@@ -42,7 +41,7 @@ from service.errors import PoisonError
 from service.kinds import AgentRegistry
 from service.metrics import DLQ_REASONS
 from service.settings import KafkaSettings
-from service.tasks import TaskEvent, canonical_json, task_key
+from service.tasks import TaskEvent, canonical_json, loads, task_key
 from service.wiring import Service
 
 log = logging.getLogger(__name__)
@@ -381,13 +380,9 @@ def _invalid(loc: tuple[str | int, ...], msg: str, kind: str = "value_error") ->
     return RequestValidationError([{"type": kind, "loc": loc, "msg": msg}])
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _parse_event(body: bytes) -> TaskEvent:
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        data = loads(body)
     except (ValueError, RecursionError) as exc:
         raise _invalid(("body",), f"body is not JSON: {str(exc)[:200]}", "json_invalid") from exc
     try:

@@ -29,9 +29,10 @@ class AgentError(Exception):
 
 
 class PoisonError(AgentError):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, task_key: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.task_key = task_key  # known when the envelope decoded and only the input was refused
 
 
 class PermanentError(AgentError):

@@ -194,7 +194,7 @@ class TaskProcessor:
         try:
             task, agent, task_input = decode_record(record, self.agents, self.config.max_task_bytes)
         except PoisonError as exc:
-            await self._dead_letter(record, _key_of(record, self.config.max_task_bytes), exc.reason, str(exc), 0)
+            await self._dead_letter(record, exc.task_key, exc.reason, str(exc), 0)
             return
         ctx = f"task_id={task.key} {record.coordinates}"
         span = _current_span()
@@ -578,13 +578,15 @@ def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tupl
     input validator raises is the record's fault.
     """
     task = decode_task(record.value, record.headers, max_bytes)
-    agent = agents.get(task.kind)
     try:
+        agent = agents.get(task.kind)
         return task, agent, agent.parse_input(task.event.input)
-    except PoisonError:
+    except PoisonError as exc:
+        exc.task_key = task.key
         raise
     except Exception as exc:  # noqa: BLE001 - a validator's own exception is still the record's fault
-        raise PoisonError("schema", f"input of {task.kind}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        raise PoisonError("schema", f"input of {task.kind}: {type(exc).__name__}: {str(exc)[:300]}",
+                          task.key) from exc
 
 
 def _key_of(record: Record, max_bytes: int) -> str | None:

@@ -94,6 +94,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def loads(text: str | bytes) -> Any:
+    """JSON as the contract reads it: no NaN or Infinity, no number that overflows to one."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, max_bytes: int) -> Task:
     """Turn a record value into a :class:`Task`, or raise :class:`PoisonError` with its reason.
 
@@ -126,8 +131,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> Task:
-    text = value.decode("utf-8")
-    data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    data = loads(value.decode("utf-8"))
     if not isinstance(data, dict):
         raise PoisonError("schema", f"task must be a JSON object, got {type(data).__name__}")
     if data.get("deadline") is None and (hdr := header(headers, "deadline")):
