@@ -313,7 +313,7 @@ async def produce_task(request: Request, service: ServiceDep) -> TaskAccepted:
 
 @router.get(
     "/tasks/{task_id:path}", response_model=TaskView, dependencies=Reader, tags=["tasks"],
-    responses=_errors(401, 403, 404, 503),
+    responses=_errors(400, 401, 403, 404, 503),
 )
 async def get_task(
     service: ServiceDep,
@@ -425,8 +425,30 @@ def _version() -> str:
         return "0.0.0"
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class RejectControlCharacters:
+    """Answers 400 to a request whose decoded path holds a control character (``%0A``, ``%00``, ...).
+
+    No resource of this API has one in its name, and the router's path patterns do not match
+    across a newline: without this such a request would miss its route (404) before the token
+    check, telling an unauthenticated caller which paths exist.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _CONTROL_CHARS.search(scope.get("path", "")):
+            await JSONResponse({"detail": "control characters in the request path"}, 400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="agent-service", version=_version())
+    app.add_middleware(RejectControlCharacters)
     app.state.service = service
     app.state.broker_probe = BrokerProbe(service.settings.kafka)
     app.include_router(router)

@@ -163,3 +163,18 @@ def test_health_and_readiness_need_no_token_and_the_schema_documents_401_and_403
         assert {"401", "403"} <= set(op["responses"]) and op["security"], path
     assert "429" in spec["paths"]["/dlq"]["get"]["responses"]
     assert "security" not in spec["paths"]["/healthz"]["get"]
+
+
+def test_a_path_with_control_characters_is_a_bad_request_not_a_missing_route() -> None:
+    """Such a path misses the router's patterns: it must not answer 404 before the token check."""
+
+    async def scenario() -> None:
+        async with client(read_token="r3ad-token") as c:
+            for path in ("/tasks/%0Aabc", "/tasks/a%00b", "/tasks/%7F", "/dlq%0A"):
+                for headers in (None, READ):
+                    r = await c.get(path, headers=headers)
+                    assert r.status_code == 400, (path, headers, r.status_code)
+                    assert r.json() == {"detail": "control characters in the request path"}
+            assert (await c.get("/tasks/ok-id", headers=READ)).status_code == 404  # the route still matches
+
+    asyncio.run(scenario())
