@@ -173,33 +173,57 @@ end
 return 1
 """
 
+# The rate limits are token buckets on the server's clock, shared by every replica: a bucket
+# holds up to one minute's budget and refills continuously at the per-minute rate, so no two
+# calls ever land closer together than the budget allows (fixed one-minute windows would let
+# twice the budget through around a minute's edge). Fields: ts (last update, ms), req and tok
+# (what is left; tok goes below zero when the endpoint reports more tokens than estimated).
+BUCKETS = """
+local function refill(stored, limit, elapsed)
+  if limit <= 0 then return 0 end
+  local left = tonumber(stored) or limit
+  return math.min(limit, left + elapsed * limit / 60000)
+end
+local state = redis.call('HMGET', KEYS[1], 'ts', 'req', 'tok')
+local elapsed = math.max(0, now - (tonumber(state[1]) or now))
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local req, tok = refill(state[2], rpm, elapsed), refill(state[3], tpm, elapsed)
+local function save()
+  redis.call('HSET', KEYS[1], 'ts', now, 'req', tostring(req), 'tok', tostring(tok))
+  redis.call('PEXPIRE', KEYS[1], 120000)
+end
+"""
+
 # KEYS[1] rate-limit hash of one endpoint
 # ARGV rpm, tpm (0 = no limit), estimated tokens, reserved share for interactive work, priority
-# -> 0 when the call may go now (and it is counted), else milliseconds until the next window.
-# Fixed one-minute windows on the server's clock; batch work may use only the unreserved share,
-# so interactive work always finds room.
-RATE = NOW + """
-local window = math.floor(now / 60000)
-local rpm, tpm, est = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local share = 1.0
-if ARGV[5] ~= 'interactive' then share = 1.0 - tonumber(ARGV[4]) end
-local req = tonumber(redis.call('HGET', KEYS[1], 'req:' .. window) or '0')
-local tok = tonumber(redis.call('HGET', KEYS[1], 'tok:' .. window) or '0')
-local wait = (window + 1) * 60000 - now
-if rpm > 0 and req + 1 > math.floor(rpm * share) then return wait end
-if tpm > 0 and tok + est > math.floor(tpm * share) and tok > 0 then return wait end
-redis.call('HINCRBY', KEYS[1], 'req:' .. window, 1)
-redis.call('HINCRBY', KEYS[1], 'tok:' .. window, est)
-redis.call('HDEL', KEYS[1], 'req:' .. (window - 2), 'tok:' .. (window - 2))
-redis.call('PEXPIRE', KEYS[1], 180000)
+# -> 0 when the call may go now (and it is counted), else milliseconds until it may be tried again.
+# Batch work must leave the reserved share in each bucket, so interactive work always finds room;
+# an estimate larger than a whole bucket goes once the bucket is full.
+RATE = NOW + BUCKETS + """
+local est = tonumber(ARGV[3])
+local reserve = 0.0
+if ARGV[5] ~= 'interactive' then reserve = tonumber(ARGV[4]) end
+local wait = 0
+if rpm > 0 then
+  local need = math.min(rpm, 1 + reserve * rpm)
+  if req < need then wait = math.max(wait, (need - req) * 60000 / rpm) end
+end
+if tpm > 0 then
+  local need = math.min(tpm, est + reserve * tpm)
+  if tok < need then wait = math.max(wait, (need - tok) * 60000 / tpm) end
+end
+if wait > 0 then return math.max(1, math.ceil(wait)) end
+if rpm > 0 then req = req - 1 end
+if tpm > 0 then tok = tok - est end
+save()
 return 0
 """
 
-# KEYS[1] rate-limit hash; ARGV token correction (actual - estimated) -> tokens now counted
-RATE_RECONCILE = NOW + """
-local window = math.floor(now / 60000)
-local v = redis.call('HINCRBY', KEYS[1], 'tok:' .. window, tonumber(ARGV[1]))
-if v < 0 then redis.call('HSET', KEYS[1], 'tok:' .. window, 0); v = 0 end
-redis.call('PEXPIRE', KEYS[1], 180000)
-return v
+# KEYS[1] rate-limit hash; ARGV rpm, tpm, token correction (actual - estimated) -> tokens left
+RATE_RECONCILE = NOW + BUCKETS + """
+if tpm > 0 then
+  tok = math.max(-tpm, math.min(tpm, tok - tonumber(ARGV[3])))
+  save()
+end
+return math.floor(tok)
 """

@@ -237,7 +237,8 @@ class RateLimiter:
 
     Each call is counted before it is made with an estimate of its tokens, and the count is
     corrected with the usage the endpoint reports. ``batch`` work may use only the share not
-    reserved for ``interactive`` work. A caller over the limit waits for the next window, so
+    reserved for ``interactive`` work. The budgets are token buckets that refill continuously
+    (:data:`dedup.scripts.RATE`): a caller over the limit waits until its share has refilled, so
     tasks stay in flight, the in-flight window fills and the consumer pauses its partitions.
     """
 
@@ -289,7 +290,7 @@ class RateLimiter:
         if not self.enabled or actual == estimated:
             return
         try:
-            await self._reconcile(keys=[self.key], args=[actual - estimated])
+            await self._reconcile(keys=[self.key], args=[self.rpm, self.tpm, actual - estimated])
         except RedisError as exc:
             log.debug("token count not corrected: %s", exc)
 

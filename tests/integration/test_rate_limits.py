@@ -45,6 +45,18 @@ def test_requests_per_minute_keep_a_share_for_interactive_work(redis_url: str) -
     with_limiter(redis_url, body, rpm=5, interactive_reserve=0.4)
 
 
+def test_budget_refills_continuously_so_no_burst_crosses_a_minute_edge(redis_url: str) -> None:
+    """A spent budget of 3 per minute frees one call every 20 s, whatever the wall clock's minute."""
+
+    async def body(a: RateLimiter, b: RateLimiter) -> None:
+        assert [await a.try_acquire("batch", 1) for _ in range(3)] == [0, 0, 0]
+        waits = [await (a if i % 2 else b).try_acquire("batch", 1) for i in range(4)]
+        # a fixed minute window would answer "until the minute ends" (0-60 s), or 0 right after it
+        assert all(19 < w <= 20 for w in waits), waits
+
+    with_limiter(redis_url, body, rpm=3, interactive_reserve=0.0)
+
+
 def test_tokens_are_estimated_then_reconciled(redis_url: str) -> None:
     async def body(a: RateLimiter, b: RateLimiter) -> None:
         assert await a.try_acquire("interactive", 40) == 0
