@@ -1,5 +1,6 @@
-# install: system servers (redis-server, prometheus) and the package with its dev and local-llm extras.
-# test:    the whole suite (unit + integration on both local brokers + chaos), after install.
+# install: system servers and tools (redis-server, prometheus, kcat, a JDK and Maven), the package with its
+#          dev and local-llm extras, and Apache Kafka's jars from Maven (kafka-jars).
+# test:    the whole suite (unit, integration and chaos on Apache Kafka, the core on both stand-ins), after install.
 # demo:    the service on embedded servers, processing sample tasks.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
@@ -9,13 +10,15 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps python-deps lint test test-unit test-integration chaos demo run bench
+.PHONY: install system-deps python-deps kafka-jars lint test test-unit test-integration chaos demo run bench
 
-install: system-deps python-deps
+install: system-deps python-deps kafka-jars
 
 system-deps:
-	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null; then \
-		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus; \
+	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v kcat >/dev/null \
+		|| ! command -v java >/dev/null || ! command -v mvn >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			redis-server prometheus kcat openjdk-17-jre-headless maven; \
 	fi
 	@# the packages start system services: the tests start their own servers on free ports
 	@-$(SUDO) service redis-server stop >/dev/null 2>&1; $(SUDO) service prometheus stop >/dev/null 2>&1; true
@@ -47,3 +50,16 @@ run:
 
 bench:
 	$(PYTHON) -m benchmarks
+
+# Apache Kafka's jars from Maven (deploy/kafka/pom.xml) into .kafka/libs, for service/kraft.py.
+# The stamp names the pinned version; a changed pom clears the folder and copies again.
+KAFKA_LIBS := $(CURDIR)/.kafka/libs
+KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' deploy/kafka/pom.xml)
+KAFKA_STAMP := $(KAFKA_LIBS)/.kafka-$(KAFKA_VERSION)
+
+kafka-jars: $(KAFKA_STAMP)
+
+$(KAFKA_STAMP): deploy/kafka/pom.xml
+	rm -rf $(KAFKA_LIBS)
+	mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(KAFKA_LIBS)
+	touch $@
