@@ -24,6 +24,10 @@ class KafkaSettings(BaseModel):
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     partition_assignment_strategy: str = "cooperative-sticky"
+    # the consumer group protocol: "classic" (assignment by the group leader, every broker), or
+    # "consumer" (KIP-848, Apache Kafka 4.x: the broker assigns, and the session timeout, the
+    # heartbeat interval and the assignor are the broker's group settings, not the client's)
+    group_protocol: Literal["classic", "consumer"] = "classic"
     # librdkafka's prefetch, the memory a worker spends on records it has not taken yet:
     # queued.max.messages.kbytes, queued.min.messages and fetch.max.bytes
     prefetch_kbytes: int = Field(16_384, ge=1_024)
@@ -63,20 +67,26 @@ class KafkaSettings(BaseModel):
         return conf
 
     def consumer_config(self) -> dict[str, Any]:
-        return {
+        conf: dict[str, Any] = {
             **self.common_config(),
             "group.id": self.group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": self.auto_offset_reset,
-            "session.timeout.ms": self.session_timeout_ms,
-            "heartbeat.interval.ms": self.heartbeat_interval_ms,
             "max.poll.interval.ms": self.max_poll_interval_ms,
-            "partition.assignment.strategy": self.partition_assignment_strategy,
             "queued.max.messages.kbytes": self.prefetch_kbytes,
             "queued.min.messages": self.prefetch_messages,
             "fetch.max.bytes": self.fetch_max_bytes,
         }
+        if self.group_protocol == "consumer":  # librdkafka refuses the classic-only settings with it
+            conf["group.protocol"] = "consumer"
+        else:
+            conf.update({
+                "session.timeout.ms": self.session_timeout_ms,
+                "heartbeat.interval.ms": self.heartbeat_interval_ms,
+                "partition.assignment.strategy": self.partition_assignment_strategy,
+            })
+        return conf
 
     def producer_config(self) -> dict[str, Any]:
         return {

@@ -54,7 +54,7 @@ def test_nested_variables_and_kafka_security_pass_through(monkeypatch: pytest.Mo
         {"rpm": 4, "interactive_reserve": 0.9},
         {"tpm": 10, "interactive_reserve": 0.95},
         {"rpm": 100, "interactive_reserve": 1.0},
-        # 10 * (1 - 0.9) is 0.999... in floating point: the rate script floors it to 0
+        # 10 * (1 - 0.9) is 0.999... in floating point: refused rather than trusted to round up
         {"rpm": 10, "interactive_reserve": 0.9},
     ],
 )
@@ -79,3 +79,15 @@ def test_limits_that_leave_batch_work_a_share_are_accepted(values: dict[str, flo
     from service.settings import LLMSettings
 
     LLMSettings(**values)
+
+
+def test_the_consumer_group_protocol_of_kip_848_leaves_the_classic_settings_to_the_broker() -> None:
+    classic = Settings().kafka.consumer_config()
+    assert "group.protocol" not in classic
+    assert classic["partition.assignment.strategy"] == "cooperative-sticky" and classic["session.timeout.ms"] == 10_000
+    kip848 = Settings(kafka={"group_protocol": "consumer"}).kafka.consumer_config()
+    assert kip848["group.protocol"] == "consumer"
+    assert not {"partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"} & set(kip848)
+    from confluent_kafka import Consumer
+
+    Consumer(kip848).close()  # librdkafka takes it as it is
