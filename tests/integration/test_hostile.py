@@ -21,7 +21,7 @@ from service.fakellm import FakeLLM, FaultRule
 from service.settings import Settings
 from tests.support import classify, committed, metric, produce, read_topic, running, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.standins]  # the embedded mode runs on the stand-ins
 
 PARTITIONS = 3
 BIG = 2_100_000  # larger than the dead-letter producer's 1 MB message.max.bytes

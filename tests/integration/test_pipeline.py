@@ -14,7 +14,7 @@ from service.fakellm import FakeLLM, FaultRule
 from service.settings import Settings
 from tests.support import classify, committed, metric, produce, read_topic, running, task_value, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.standins]  # the embedded mode runs on the stand-ins
 
 
 def results_by_task(msgs: list[Any]) -> dict[str, list[dict[str, Any]]]:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,22 @@ def read_topic(bootstrap: str, topic: str, *, expect: int | None = None, timeout
     finally:
         consumer.close()
     return out
+
+
+def assert_one_result_each(bootstrap: str, topic: str, task_ids: list[str], model_calls: dict[str, int],
+                           kind: str = "classify") -> list[Msg]:
+    """Every task has a result on ``topic``, none has two different ones, and none ran the model twice.
+
+    A re-emission of the same bytes (after a crash, before the offset was committed) is allowed.
+    """
+    results = read_topic(bootstrap, topic, expect=len(task_ids), timeout_s=90)
+    by_key: dict[bytes | None, set[bytes | None]] = defaultdict(set)
+    for m in results:
+        by_key[m.key].add(m.value)
+    assert {k.decode() for k in by_key if k is not None} == set(task_ids), "a task has no result"
+    assert all(len(v) == 1 for v in by_key.values()), "a task has two different results"
+    assert all(model_calls.get(f"{t}:{kind}") == 1 for t in task_ids), "a task ran the model twice"
+    return results
 
 
 def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
