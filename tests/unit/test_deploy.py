@@ -405,7 +405,11 @@ def test_compose_has_the_stack() -> None:
 
 def test_compose_kafka_runs_kraft_single_node() -> None:
     kafka = compose()["services"]["kafka"]
-    assert kafka["image"] == "apache/kafka:3.9.0"
+    # the Kafka the tests run (deploy/kafka/pom.xml) is the Kafka users run
+    pinned = re.search(r"<kafka.version>([^<]+)</kafka.version>", (REPO / "deploy/kafka/pom.xml").read_text())
+    assert pinned is not None
+    assert kafka["image"] == f"apache/kafka:{pinned[1]}"
+    assert compose()["services"]["kafka-init"]["image"] == kafka["image"]
     env = compose_env("kafka")
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     node_id = env["KAFKA_NODE_ID"]
