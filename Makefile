@@ -9,6 +9,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install system-deps python-deps kafka-jars lint test test-unit test-integration chaos demo run bench
 
@@ -40,7 +41,7 @@ test-integration:
 	$(PYTHON) -m pytest tests/integration $(PYTEST_ARGS)
 
 chaos:
-	CHAOS_SECONDS=$${CHAOS_SECONDS:-120} AGENT_TEST_BROKERS=tansu $(PYTHON) -m pytest tests/chaos -s $(PYTEST_ARGS)
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-120} CLUSTER_TASKS=$${CLUSTER_TASKS:-10000} $(PYTHON) -m pytest tests/chaos -s $(PYTEST_ARGS)
 
 demo: install
 	agent-service demo
@@ -48,8 +49,8 @@ demo: install
 run:
 	agent-service run --embedded
 
-bench:
-	$(PYTHON) -m benchmarks
+bench:  # make bench BENCH_ARGS='--broker kafka --quick'
+	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
 # Apache Kafka's jars from Maven (deploy/kafka/pom.xml) into .kafka/libs, for service/kraft.py.
 # The stamp names the pinned version; a changed pom clears the folder and copies again.

@@ -7,6 +7,7 @@ stderr, the table to stdout.
     python -m benchmarks                      # every benchmark, full sizes, noida-db broker
     python -m benchmarks --quick              # scaled-down sizes: a smoke check of a few minutes
     python -m benchmarks --only e2e,replay --broker tansu --json figures.json
+    python -m benchmarks --broker kafka       # on Apache Kafka (one KRaft node from make kafka-jars)
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="scaled-down sizes (a smoke check)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
-    parser.add_argument("--broker", choices=("noida", "tansu"), default="noida", help="local broker (default noida)")
+    parser.add_argument("--broker", choices=("kafka", "noida", "tansu"), default="noida",
+                        help="broker: Apache Kafka from `make kafka-jars`, or a PyPI stand-in (default noida)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]

@@ -26,7 +26,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from service import local
+from service import kraft, local
 from service.settings import Settings, to_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,7 +114,8 @@ class Env:
     def __enter__(self) -> Env:
         try:
             progress(f"starting {self.broker_kind} broker and redis-server in {self.dir}")
-            self.broker = local.start_broker(self.broker_kind, self.dir / self.broker_kind)
+            self.broker = (kraft.start_kafka(self.dir / "kafka") if self.broker_kind == "kafka"
+                           else local.start_broker(self.broker_kind, self.dir / self.broker_kind))
             self._stack.callback(self.broker.stop)
             self.redis = local.start_redis(self.dir / "redis")
             self._stack.callback(self.redis.stop)

@@ -72,6 +72,7 @@ def test_hostile_corpus_never_blocks_a_partition(make_settings: Any, fake_llm: F
     expected_dead = Counter(reason for *_rest, reason in HOSTILE if reason != "ok")
     expected_ok = len(valid) + sum(1 for *_rest, reason in HOSTILE if reason == "ok")
     unready: list[dict[str, Any]] = []
+    polls: list[int] = []
     ends: dict[int, int] = {}
 
     _input_topic_taking(s, 4 * 1024 * 1024)  # as a user would, to accept records of a few MB
@@ -84,6 +85,7 @@ def test_hostile_corpus_never_blocks_a_partition(make_settings: Any, fake_llm: F
 
                 async def done() -> bool:
                     ready = await http.get("/readyz")
+                    polls.append(ready.status_code)
                     if ready.status_code != 200:
                         unready.append(ready.json())
                     finished = (metric(svc, "agent_tasks_total", {"outcome": "succeeded"})
@@ -98,6 +100,8 @@ def test_hostile_corpus_never_blocks_a_partition(make_settings: Any, fake_llm: F
                 assert metric(svc, "agent_internal_errors_total") == 0
 
     asyncio.run(scenario())
+    print(f"\nhostile corpus: records {len(corpus)} on {PARTITIONS} partitions, results {expected_ok}, "
+          f"dead letters {dict(expected_dead)}, /readyz polls {len(polls)} (every 0.2 s), not 200: {len(unready)}")
     assert unready == [], "readiness dropped while records were being processed"
     assert sum(ends.values()) == len(corpus)
     assert committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, PARTITIONS) == ends
