@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install system-deps python-deps kafka-jars lint test test-unit test-integration chaos demo run bench
+.PHONY: install system-deps python-deps kafka-jars pc-jars lint test test-unit test-integration chaos demo run bench
 
 install: system-deps python-deps kafka-jars
 
@@ -49,7 +49,7 @@ demo: install
 run:
 	agent-service run --embedded
 
-bench:  # make bench BENCH_ARGS='--broker kafka --quick'
+bench: pc-jars  # make bench BENCH_ARGS='--broker kafka --quick'
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
 # Apache Kafka's jars from Maven (deploy/kafka/pom.xml) into .kafka/libs, for service/kraft.py.
@@ -63,4 +63,16 @@ kafka-jars: $(KAFKA_STAMP)
 $(KAFKA_STAMP): deploy/kafka/pom.xml
 	rm -rf $(KAFKA_LIBS)
 	mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(KAFKA_LIBS)
+	touch $@
+
+# Confluent's Parallel Consumer (benchmarks/parallel_consumer/pom.xml) into .kafka/pc-libs, for the
+# parallel_consumer benchmark's Java anchor.
+PC_LIBS := $(CURDIR)/.kafka/pc-libs
+PC_STAMP := $(PC_LIBS)/.stamp
+
+pc-jars: $(PC_STAMP)
+
+$(PC_STAMP): benchmarks/parallel_consumer/pom.xml
+	rm -rf $(PC_LIBS)
+	mvn -q -B -f benchmarks/parallel_consumer/pom.xml dependency:copy-dependencies -DoutputDirectory=$(PC_LIBS)
 	touch $@

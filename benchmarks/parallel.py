@@ -2,11 +2,13 @@
 
 10,000 records on one partition with 1,000 keys; the work of a record is a wait drawn uniformly
 from 0-5 ms (the same delay for the same offset in every consumer, from one seeded generator).
-Three consumers read the same topic, each with its own group:
+Four consumers read the same topic, each with its own group:
 
 - the service's :class:`consumers.runner.Runner` with the handler doing the wait, no ledger;
 - pyrallel-consumer (PyPI), key-ordered with its asyncio engine, in a Python >= 3.12 virtual
   environment of its own (``.agent-local/bench/pyrallel-venv``, made on first use);
+- Confluent's Parallel Consumer itself (Java, ``KEY`` ordering, ``maxConcurrency`` the Runner's
+  window), from the jars of ``make pc-jars``, run by ``parallel_consumer/PcBench.java``;
 - a sequential consumer: one record at a time, a synchronous commit after each.
 
 The wall time runs from the first record handed to the work to the last one finished; the time
@@ -22,6 +24,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import time
@@ -216,6 +219,36 @@ def run_pyrallel(env: Env, topic: str, group: str, n: int) -> tuple[dict[str, ob
         return None, f"pyrallel-consumer printed no result: {proc.stdout[-200:]!r}"
 
 
+# ---------------------------------------------------------------------------- Confluent Parallel Consumer
+
+PC_LIBS = REPO / ".kafka" / "pc-libs"
+PC_SOURCE = Path(__file__).with_name("parallel_consumer") / "PcBench.java"
+
+
+def run_parallel_consumer(env: Env, topic: str, group: str, work: list[float],
+                          concurrency: int) -> tuple[dict[str, object] | None, str]:
+    """Confluent's Parallel Consumer (Java, KEY ordering) on the same topic and the same waits."""
+    if not any(PC_LIBS.glob("parallel-consumer-core-*.jar")):
+        return None, f"no Parallel Consumer jars in {PC_LIBS}: run `make pc-jars`"
+    java = shutil.which("java")
+    if java is None:
+        return None, "no java on the PATH"
+    delays_file = env.dir / "pc-delays.txt"
+    delays_file.write_text("".join(f"{w!r}\n" for w in work))
+    try:
+        proc = subprocess.run([java, "-Xmx512m", "-cp", f"{PC_LIBS}/*", str(PC_SOURCE), env.bootstrap, topic, group,
+                               str(delays_file), str(concurrency)], capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired:
+        return None, "Parallel Consumer did not finish in 400 s"
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return None, f"Parallel Consumer run failed (exit {proc.returncode}): {tail[0][:200]}"
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1]), "Java 17, kafka-clients of its own"
+    except (ValueError, IndexError):
+        return None, f"Parallel Consumer printed no result: {proc.stdout[-200:]!r}"
+
+
 # ---------------------------------------------------------------------------- the benchmark
 
 
@@ -266,6 +299,20 @@ def run(env: Env, quick: bool) -> list[Figure]:
     pyr_wall = statistics.median(pyr_walls) if pyr_walls else None
     pyr_rate = RECORDS / pyr_wall if pyr_wall else None
 
+    pc_walls: list[float] = []
+    pc: dict[str, object] | None = None
+    pc_why = ""
+    for rep in range(reps):
+        progress(f"parallel_consumer: Confluent Parallel Consumer, run {rep + 1}/{reps}")
+        result, pc_why = run_parallel_consumer(env, topic, f"{names.group}-pc{rep}", work, config.max_in_flight)
+        if result is None:
+            progress(f"  Parallel Consumer unavailable: {pc_why}")
+            break
+        pc = result
+        pc_walls.append(float(result["wall_s"]))  # type: ignore[arg-type]
+        progress(f"  Parallel Consumer: {pc_walls[-1]:.2f}s ({RECORDS / pc_walls[-1]:,.0f}/s)")
+    pc_wall = statistics.median(pc_walls) if pc_walls else None
+
     seq_limit = 2_000 if quick else RECORDS
     progress(f"parallel_consumer: sequential consumer ({seq_limit:,} records)")
     seq_n, seq_wall, seq_join = run_sequential(env, topic, f"{names.group}-seq", work, seq_limit)
@@ -299,6 +346,18 @@ def run(env: Env, quick: bool) -> list[Figure]:
     else:
         figures.append(Figure(BENCH, "Runner / pyrallel-consumer", None, "x", target=(">=", 1.5),
                               error="unavailable", unavailable=True, detail=pyr_why))
+    if pc is not None and pc_wall is not None:
+        figures.append(Figure(
+            BENCH, "Confluent Parallel Consumer wall time", pc_wall, "s",
+            detail=(f"{median}{_runs(pc_walls)}; {RECORDS / pc_wall:,.0f}/s, KEY ordering, maxConcurrency "
+                    f"{pc['max_concurrency']} (the Runner's window), {pc['order_violations']} key-order violations, "
+                    f"{float(pc['join_s']):.2f}s to the first record ({pc_why})"),  # type: ignore[arg-type]
+        ))
+        figures.append(Figure(BENCH, "Runner / Parallel Consumer", (RECORDS / runner_wall) / (RECORDS / pc_wall), "x",
+                              baseline=f"Parallel Consumer {RECORDS / pc_wall:,.0f}/s"))
+    else:
+        figures.append(Figure(BENCH, "Runner / Parallel Consumer", None, "x", error="unavailable",
+                              unavailable=True, detail=pc_why))
     figures.append(Figure(
         BENCH, "sequential consumer", seq_rate, "rec/s",
         detail=(f"{seq_n:,} records in {seq_wall:.2f}s, a synchronous commit after each "
