@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from dedup import scripts
 from dedup.batch import ScriptBatcher
@@ -237,33 +237,57 @@ class Ledger:
         model: str,
         prompt_version: str,
     ) -> Completion:
-        """First writer wins; a write under an older fence is refused (``stale``)."""
-        raw = await self._script(
-            self._complete, self._both(task_key), [fence, result, digest, event, model, prompt_version, self.ttl_s]
-        )
-        done = Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
-        if done.status == "ok" or (done.status == "already" and done.fence == fence):
-            await self._replicated()
-        return done
+        """First writer wins; a write under an older fence is refused (``stale``).
 
-    async def _replicated(self) -> None:
-        """With ``wait_replicas`` (and ``wait_aof``), return only once replicas (and AOFs) hold the write.
-
-        Too few acknowledgements within ``wait_timeout_ms`` raise :class:`LedgerUnavailable`: the
-        result is then neither published nor its offset committed, and the record is retried (its
+        With ``wait_replicas`` (and ``wait_aof``) it returns only once replicas (and AOFs) hold the
+        write; too few acknowledgements within ``wait_timeout_ms`` raise :class:`LedgerUnavailable`:
+        the result is then neither published nor its offset committed, and the record is retried (its
         claim finds the stored result and re-emits it, byte for byte).
         """
-        if self.wait_replicas <= 0 and not self.wait_aof:
-            return
+        keys = self._both(task_key)
+        args = [fence, result, digest, event, model, prompt_version, self.ttl_s]
+        if not self.durable:
+            raw = await self._script(self._complete, keys, args)
+            return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
+        raw, acked = await self._call(lambda: self._then_wait(self._complete, keys, args))
+        done = Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
+        if done.status == "ok" or (done.status == "already" and done.fence == fence):
+            self._check_replicated(acked)
+        return done
+
+    @property
+    def durable(self) -> bool:
+        return self.wait_replicas > 0 or self.wait_aof
+
+    async def _then_wait(self, script: AsyncScript, keys: list[str], args: list[Any]) -> tuple[Any, Any]:
+        """The script, then WAIT (or WAITAOF) in one pipeline, so on the connection that wrote.
+
+        WAIT counts the replicas holding *this connection's* writes: on another pooled connection it
+        would answer at once, whatever the replicas have.
+        """
+        wait: tuple[Any, ...] = (("WAITAOF", 1, self.wait_replicas, self.wait_timeout_ms) if self.wait_aof
+                                 else ("WAIT", self.wait_replicas, self.wait_timeout_ms))
+        for _ in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                pipe.execute_command(*wait)
+                raw, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(raw, NoScriptError):  # flushed or restarted: load it and send both again
+                await self.client.script_load(script.script)
+                continue
+            for reply in (raw, acked):
+                if isinstance(reply, Exception):
+                    raise reply
+            return raw, acked
+        raise LedgerUnavailable("redis forgot the COMPLETE script again right after loading it")
+
+    def _check_replicated(self, acked: Any) -> None:
         if self.wait_aof:
-            local, replicas = await self._call(lambda: self.client.execute_command(  # type: ignore[no-untyped-call]
-                "WAITAOF", 1, self.wait_replicas, self.wait_timeout_ms))
-            if int(local) < 1 or int(replicas) < self.wait_replicas:
+            local, replicas = (int(x) for x in acked)
+            if local < 1 or replicas < self.wait_replicas:
                 raise LedgerUnavailable(f"WAITAOF: fsynced locally {local}, on {replicas} of "
                                         f"{self.wait_replicas} replicas within {self.wait_timeout_ms} ms")
-            return
-        acked = await self._call(lambda: self.client.wait(self.wait_replicas, self.wait_timeout_ms))
-        if int(acked) < self.wait_replicas:
+        elif int(acked) < self.wait_replicas:
             raise LedgerUnavailable(f"WAIT: {acked} of {self.wait_replicas} replicas acknowledged the result "
                                     f"within {self.wait_timeout_ms} ms")
 

@@ -116,6 +116,11 @@ if not h[1] then
   return {'stale', 0, ''}
 end
 if h[1] == 'succeeded' then
+  if tonumber(h[2]) == tonumber(ARGV[1]) then
+    -- our own earlier COMPLETE (its reply was lost): write once more, so that a WAIT that follows on
+    -- this connection covers the first write too (replicas apply writes in order)
+    redis.call('HSET', KEYS[1], 'updated_at', now)
+  end
   return {'already', tonumber(h[2]), h[3]}
 end
 if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
