@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+
+from dedup.client import RedisClient
 
 MAX_BATCH = 256
 
@@ -36,7 +37,7 @@ class _Call:
 
 
 class ScriptBatcher:
-    def __init__(self, client: aioredis.Redis, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, client: RedisClient, max_batch: int = MAX_BATCH) -> None:
         self._client = client
         self._max_batch = max_batch
         self._queue: list[_Call] = []
@@ -94,8 +95,8 @@ class ScriptBatcher:
                 _settle(call.future, result=result)
 
 
-async def _evalsha(client: aioredis.Redis, call: _Call) -> Any:
-    return await client.execute_command(*call.command())  # type: ignore[no-untyped-call]
+async def _evalsha(client: RedisClient, call: _Call) -> Any:
+    return await client.execute_command(*call.command())
 
 
 def _settle(future: asyncio.Future[Any], *, result: Any = None, exc: BaseException | None = None) -> None:

@@ -18,12 +18,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import ClusterError, NoScriptError, RedisError, ResponseError, TryAgainError
 
 from dedup import scripts
 from dedup.batch import ScriptBatcher
+from dedup.client import RedisClient
 from dedup.keys import Keys
 
 Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead"]
@@ -131,7 +132,7 @@ class Ledger:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         keys: Keys | None = None,
         lease_ms: int = 30_000,
@@ -161,6 +162,8 @@ class Ledger:
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
+        except (ClusterError, TryAgainError) as exc:  # a cluster failing over or resharding
+            raise LedgerUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
             if str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES:
                 raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
@@ -267,10 +270,13 @@ class Ledger:
         """
         wait: tuple[Any, ...] = (("WAITAOF", 1, self.wait_replicas, self.wait_timeout_ms) if self.wait_aof
                                  else ("WAIT", self.wait_replicas, self.wait_timeout_ms))
+        # a cluster sends each node's share of a pipeline on one connection: WAIT goes to the key's node
+        where: dict[str, Any] = ({"target_nodes": self.client.get_node_from_key(keys[0])}
+                                 if isinstance(self.client, RedisCluster) else {})
         for _ in range(2):
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                pipe.execute_command(*wait)
+                pipe.execute_command(*wait, **where)
                 raw, acked = await pipe.execute(raise_on_error=False)
             if isinstance(raw, NoScriptError):  # flushed or restarted: load it and send both again
                 await self.client.script_load(script.script)
@@ -293,16 +299,23 @@ class Ledger:
 
     async def check_durability(self) -> str | None:
         """Why Redis may lose ledger keys on its own, or None. ``noeviction`` is the only safe policy."""
+        client = self.client
         try:
-            raw = await self.client.config_get("maxmemory-policy")
+            if isinstance(client, RedisCluster):  # every node: a replica may be promoted tomorrow
+                replies = [(n.name, await client.config_get("maxmemory-policy", target_nodes=n))
+                           for n in client.get_nodes()]
+            else:
+                replies = [("redis", await client.config_get("maxmemory-policy"))]
         except ResponseError:  # CONFIG disabled (a managed Redis): the operator must vouch for it
             return None
         except RedisError as exc:
             raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-        policy = _s(raw.get("maxmemory-policy", "noeviction")) if isinstance(raw, dict) else "noeviction"
-        if policy != "noeviction":
-            return (f"Redis maxmemory-policy is {policy!r}: it can evict ledger keys, and an evicted key lets a "
-                    "redelivered task run the model again. Set maxmemory-policy noeviction.")
+        for node, raw in replies:
+            policy = _s(raw.get("maxmemory-policy", "noeviction")) if isinstance(raw, dict) else "noeviction"
+            if policy != "noeviction":
+                where = "" if node == "redis" else f" on cluster node {node}"
+                return (f"Redis maxmemory-policy is {policy!r}{where}: it can evict ledger keys, and an evicted key "
+                        "lets a redelivered task run the model again. Set maxmemory-policy noeviction.")
         return None
 
     async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:

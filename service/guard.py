@@ -27,10 +27,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from dedup import scripts
+from dedup.client import RedisClient
 from dedup.keys import Keys
 from dedup.ledger import LedgerUnavailable
 from service.metrics import Metrics
@@ -68,7 +68,7 @@ class EndpointGuard:
         endpoint: str,
         metrics: Metrics,
         config: GuardConfig | None = None,
-        redis: aioredis.Redis | None = None,
+        redis: RedisClient | None = None,
         key_prefix: str = "agent",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -244,7 +244,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         endpoint: str,
         metrics: Metrics,
         *,

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,77 @@ def start_redis(data_dir: Path, port: int | None = None, *extra: str) -> Server:
     proc = _spawn(argv, log_path)
     wait_for_port(port, 15, proc)
     return Server("redis", port, proc, data_dir, argv, log_path)
+
+
+@dataclass
+class RedisCluster:
+    """Redis Cluster of ``masters`` primaries with ``replicas`` replicas each, on loopback ports."""
+
+    nodes: list[Server]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with every node: what ``AGENT_REDIS__URL`` takes for a cluster."""
+        return "redis+cluster://" + ",".join(n.address for n in self.nodes)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+def start_redis_cluster(data_dir: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000) -> RedisCluster:
+    """Start ``masters * (1 + replicas)`` cluster-enabled redis-servers and join them with
+    ``redis-cli --cluster create`` (slots spread over the primaries); returns once every slot is served."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise EmbeddedError("redis-cli is not installed (Debian: apt-get install redis-tools)")
+    nodes: list[Server] = []
+    try:
+        for i in range(masters * (1 + replicas)):
+            node_dir = data_dir / f"node-{i}"
+            # the bus port is given: by default it is the port + 10000, past 65535 for high free ports
+            nodes.append(start_redis(node_dir, None, "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                                     "--cluster-config-file", str(node_dir / "nodes.conf"),
+                                     "--cluster-node-timeout", str(node_timeout_ms)))
+        create = subprocess.run([cli, "--cluster", "create", *(n.address for n in nodes), "--cluster-replicas",
+                                 str(replicas), "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if create.returncode != 0:
+            raise EmbeddedError(f"redis-cli --cluster create failed: {create.stdout[-1000:]}{create.stderr[-1000:]}")
+        wait_for_cluster([n.port for n in nodes])
+    except BaseException:
+        for n in nodes:
+            n.kill()
+        raise
+    return RedisCluster(nodes)
+
+
+def wait_for_cluster(ports: list[int], timeout_s: float = 30.0) -> None:
+    """Until every node says the cluster is ok and knows every node, and every replica is in sync."""
+    import redis
+
+    clients = [redis.Redis(port=p) for p in ports]
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                if all(_node_ready(c, len(ports)) for c in clients):
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"redis cluster not ready after {timeout_s}s")
+            time.sleep(0.1)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _node_ready(client: Any, nodes: int) -> bool:
+    info = client.cluster("info")
+    if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) < nodes:
+        return False
+    replication = client.info("replication")
+    return bool(replication.get("role") != "slave" or replication.get("master_link_status") == "up")
 
 
 def local_model_path() -> Path:

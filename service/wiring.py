@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from consumers.producers import (
@@ -29,6 +28,7 @@ from consumers.producers import (
     topic_max_message_bytes,
 )
 from consumers.runner import Runner, RunnerConfig, RunnerMetrics
+from dedup.client import RedisClient, close, connect
 from dedup.keys import Keys
 from dedup.ledger import Ledger
 from service import local
@@ -84,7 +84,8 @@ def _http_server(config: Any) -> Any:
     return QuietServer(config)
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
+def redis_client(settings: Settings) -> RedisClient:
+    """One server, or a Redis Cluster for ``redis+cluster://`` URLs (see :mod:`dedup.client`)."""
     r = settings.redis
     kwargs: dict[str, Any] = {
         "socket_timeout": r.socket_timeout_s,
@@ -101,11 +102,7 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         kwargs["ssl_certfile"] = r.ssl_certfile
     if r.ssl_keyfile:
         kwargs["ssl_keyfile"] = r.ssl_keyfile
-    # A bounded pool that waits for a free connection instead of failing when every one is busy.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        r.url.get_secret_value(), max_connections=r.max_connections, timeout=r.socket_timeout_s, **kwargs
-    )
-    return aioredis.Redis(connection_pool=pool)
+    return connect(r.url.get_secret_value(), max_connections=r.max_connections, **kwargs)
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
@@ -187,7 +184,7 @@ def worker_id(settings: Settings) -> str:
 class Service:
     settings: Settings
     metrics: Metrics
-    redis: aioredis.Redis
+    redis: RedisClient
     ledger: Ledger
     llm: ChatClient
     publisher: Publisher
@@ -252,7 +249,7 @@ class Service:
         self.publisher.close()
         for closer in self._closers:
             await closer()
-        await self.redis.aclose(close_connection_pool=True)
+        await close(self.redis)
 
 
 def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = None,

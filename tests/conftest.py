@@ -116,6 +116,25 @@ def redis_url(redis_server: local.Server | None) -> str:
     return f"redis://{redis_server.address}/0"
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.RedisCluster]:
+    """Redis Cluster: three primaries with a replica each (``redis-cli --cluster create``)."""
+    cluster = local.start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def any_redis_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The ledger's tests run on one redis-server and on a Redis Cluster (``redis+cluster://``)."""
+    if request.param == "redis":
+        return redis_url
+    cluster: local.RedisCluster = request.getfixturevalue("redis_cluster")
+    return cluster.url
+
+
 @pytest.fixture
 def fake_llm() -> Iterator[Any]:
     from service.fakellm import FakeLLM

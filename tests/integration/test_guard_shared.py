@@ -7,17 +7,17 @@ import time
 import uuid
 
 import pytest
-import redis.asyncio as aioredis
 
+from dedup.client import close, connect
 from service.guard import EndpointGuard
 from service.metrics import Metrics
 
 pytestmark = pytest.mark.integration
 
 
-def test_retry_after_reaches_other_replicas_through_redis(redis_url: str) -> None:
+def test_retry_after_reaches_other_replicas_through_redis(any_redis_url: str) -> None:
     async def scenario() -> float:
-        client = aioredis.from_url(redis_url)
+        client = connect(any_redis_url)
         prefix = f"t{uuid.uuid4().hex[:8]}"
         try:
             a = EndpointGuard("http://llm:8080/v1", Metrics(), redis=client, key_prefix=prefix)
@@ -31,17 +31,17 @@ def test_retry_after_reaches_other_replicas_through_redis(redis_url: str) -> Non
             await b.acquire(retry=False)  # replica B never saw the 429
             return time.monotonic() - start
         finally:
-            await client.aclose()
+            await close(client)
 
     waited = asyncio.run(scenario())
     assert 0.8 <= waited < 3.0
 
 
-def test_concurrent_retry_after_writes_keep_the_longest_wait(redis_url: str) -> None:
+def test_concurrent_retry_after_writes_keep_the_longest_wait(any_redis_url: str) -> None:
     """Replicas writing at once: the shared wait ends up the longest one, never a shorter one."""
 
     async def scenario() -> int:
-        client = aioredis.from_url(redis_url)
+        client = connect(any_redis_url)
         prefix = f"t{uuid.uuid4().hex[:8]}"
         try:
             guards = [
@@ -52,6 +52,6 @@ def test_concurrent_retry_after_writes_keep_the_longest_wait(redis_url: str) -> 
             await asyncio.gather(*(g.retry_after(d) for g, d in zip(guards, delays, strict=True)))
             return int(await client.pttl(guards[0].shared_key))
         finally:
-            await client.aclose()
+            await close(client)
 
     assert 4500 < asyncio.run(scenario()) <= 5000

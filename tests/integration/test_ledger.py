@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
+from dedup.client import close, connect
 from dedup.keys import Keys
 from dedup.leases import LeaseKeeper
 from dedup.ledger import Attempt, AttemptsExhausted, Ledger, StaleFence
@@ -22,11 +22,11 @@ FP = "sha256:aaa"
 
 def with_ledger(redis_url: str, body: Callable[[Ledger], Awaitable[None]], lease_ms: int = 300) -> None:
     async def main() -> None:
-        client = aioredis.from_url(redis_url)
+        client = connect(redis_url)
         try:
             await body(Ledger(client, keys=Keys(f"t{uuid.uuid4().hex[:8]}"), lease_ms=lease_ms, ttl_s=600))
         finally:
-            await client.aclose()
+            await close(client)
 
     asyncio.run(main())
 
@@ -36,7 +36,7 @@ async def complete(ledger: Ledger, key: str, fence: int, result: str = '{"a":1}'
                                  model="m", prompt_version="p1")
 
 
-def test_claim_lifecycle(redis_url: str) -> None:
+def test_claim_lifecycle(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         first = await ledger.claim("t1", FP, "w1", "classify")
         assert (first.decision, first.fence) == ("claimed", 1)
@@ -55,10 +55,10 @@ def test_claim_lifecycle(redis_url: str) -> None:
         assert rec.to_json()["result"] == {"a": 1}
         assert await ledger.get("nope") is None
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
-def test_expired_lease_is_reclaimed_with_a_higher_fence_and_the_stale_write_is_refused(redis_url: str) -> None:
+def test_expired_lease_is_reclaimed_with_a_higher_fence_and_the_stale_write_is_refused(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         a = await ledger.claim("t2", FP, "wa", "classify")
         await asyncio.sleep(0.4)  # a's lease (300 ms) runs out
@@ -76,10 +76,10 @@ def test_expired_lease_is_reclaimed_with_a_higher_fence_and_the_stale_write_is_r
         rec = await ledger.get("t2")
         assert rec is not None and rec.fields["result"] == '{"b":"new"}' and rec.fence == 2
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
-def test_heartbeat_keeps_the_lease(redis_url: str) -> None:
+def test_heartbeat_keeps_the_lease(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         a = await ledger.claim("t3", FP, "wa", "classify")
         for _ in range(4):
@@ -87,10 +87,10 @@ def test_heartbeat_keeps_the_lease(redis_url: str) -> None:
             assert await ledger.heartbeat("t3", a.fence)
         assert (await ledger.claim("t3", FP, "wb", "classify")).decision == "busy"
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
-def test_attempts_survive_reclaims_and_failures(redis_url: str) -> None:
+def test_attempts_survive_reclaims_and_failures(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         a = await ledger.claim("t4", FP, "wa", "classify")
         assert await ledger.begin_attempt("t4", a.fence, "s1", 2) == Attempt(step=1, total=1)
@@ -112,10 +112,10 @@ def test_attempts_survive_reclaims_and_failures(redis_url: str) -> None:
         assert (c.decision, c.fence, c.attempts) == ("claimed", 3, 3)
         assert await ledger.begin_attempt("t4", c.fence, "s1", 2) == Attempt(step=1, total=4)  # fresh budget
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
-def test_steps_are_journaled_under_the_fence(redis_url: str) -> None:
+def test_steps_are_journaled_under_the_fence(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         a = await ledger.claim("t5", FP, "wa", "prior_auth")
         await ledger.record_step("t5", a.fence, "extract", {"output": {"x": 1}, "digest": "d"})
@@ -123,7 +123,7 @@ def test_steps_are_journaled_under_the_fence(redis_url: str) -> None:
         rec = await ledger.get("t5")
         assert rec is not None and rec.to_json()["steps"]["extract"]["digest"] == "d"
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
 def test_keys_are_hash_tagged_and_refuse_escapes() -> None:
@@ -134,16 +134,16 @@ def test_keys_are_hash_tagged_and_refuse_escapes() -> None:
             keys.task(bad)
 
 
-def test_concurrent_claims_hand_out_one_fence(redis_url: str) -> None:
+def test_concurrent_claims_hand_out_one_fence(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         claims = await asyncio.gather(*(ledger.claim("t6", FP, f"w{i}", "classify") for i in range(20)))
         assert sum(c.decision == "claimed" for c in claims) == 1
         assert {c.decision for c in claims} == {"claimed", "busy"}
 
-    with_ledger(redis_url, body, lease_ms=5000)
+    with_ledger(any_redis_url, body, lease_ms=5000)
 
 
-def test_calls_made_together_share_one_pipeline_and_keep_their_own_outcomes(redis_url: str) -> None:
+def test_calls_made_together_share_one_pipeline_and_keep_their_own_outcomes(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         n = 100
         claims = await asyncio.gather(*(ledger.claim(f"b{i}", FP, "w1", "classify") for i in range(n)))
@@ -157,10 +157,10 @@ def test_calls_made_together_share_one_pipeline_and_keep_their_own_outcomes(redi
         assert all(isinstance(o, StaleFence) for o in outcomes[0::2])
         assert all(isinstance(o, Attempt) and o.step == 1 for o in outcomes[1::2])
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
-def test_scripts_flushed_by_a_redis_restart_are_loaded_again(redis_url: str) -> None:
+def test_scripts_flushed_by_a_redis_restart_are_loaded_again(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         assert (await ledger.claim("f0", FP, "w1", "classify")).decision == "claimed"
         await ledger.client.script_flush()
@@ -169,10 +169,10 @@ def test_scripts_flushed_by_a_redis_restart_are_loaded_again(redis_url: str) -> 
         await ledger.client.script_flush()
         assert (await ledger.claim("f0", FP, "w2", "classify")).decision == "busy"
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
-def test_lease_keeper_renews_every_held_task_and_stops_on_release(redis_url: str) -> None:
+def test_lease_keeper_renews_every_held_task_and_stops_on_release(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:  # leases of 300 ms
         keeper = LeaseKeeper(ledger)
         for i in range(20):
@@ -194,17 +194,18 @@ def test_lease_keeper_renews_every_held_task_and_stops_on_release(redis_url: str
             await asyncio.sleep(0.3)
             assert keeper.renewals == renewed
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
-def test_wait_replicas_holds_a_result_back_until_replicas_have_it(redis_url: str) -> None:
+def test_wait_replicas_holds_a_result_back_until_replicas_have_it(any_redis_url: str) -> None:
     """With AGENT_LEDGER__WAIT_REPLICAS and too few replicas, COMPLETE stores but is not reported done."""
     from dedup.ledger import LedgerUnavailable
 
     async def body(ledger: Ledger) -> None:
-        ledger.wait_replicas, ledger.wait_timeout_ms = 1, 100  # a lone redis-server has no replica
+        # a lone redis-server has no replica, a primary of the test cluster has one: neither has two
+        ledger.wait_replicas, ledger.wait_timeout_ms = 2, 100
         claim = await ledger.claim("w-1", FP, "me", "classify")
-        with pytest.raises(LedgerUnavailable, match="WAIT: 0 of 1 replicas"):
+        with pytest.raises(LedgerUnavailable, match=r"WAIT: [01] of 2 replicas"):
             await complete(ledger, "w-1", claim.fence)
         stored = await ledger.get("w-1")
         assert stored is not None and stored.state == "succeeded"  # kept: a retry re-emits it, no model call
@@ -212,10 +213,10 @@ def test_wait_replicas_holds_a_result_back_until_replicas_have_it(redis_url: str
         again = await complete(ledger, "w-1", claim.fence)
         assert (again.status, again.fence) == ("already", claim.fence)
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)
 
 
-def test_a_redis_refusal_of_one_call_is_not_an_outage(redis_url: str) -> None:
+def test_a_redis_refusal_of_one_call_is_not_an_outage(any_redis_url: str) -> None:
     """A script error for one key (here: a key of the wrong type) is the caller's fault, not Redis being down."""
     from dedup.ledger import LedgerRefused
 
@@ -224,4 +225,4 @@ def test_a_redis_refusal_of_one_call_is_not_an_outage(redis_url: str) -> None:
         with pytest.raises(LedgerRefused):
             await ledger.claim("wrongtype", FP, "me", "classify")
 
-    with_ledger(redis_url, body)
+    with_ledger(any_redis_url, body)

@@ -8,8 +8,8 @@ import uuid
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
+from dedup.client import close, connect
 from service.fakellm import FakeLLM
 from service.guard import RateLimiter
 from service.metrics import Metrics
@@ -21,19 +21,19 @@ pytestmark = pytest.mark.integration
 
 def with_limiter(redis_url: str, body: Any, **limits: Any) -> None:
     async def main() -> None:
-        client = aioredis.from_url(redis_url)
+        client = connect(redis_url)
         try:
             prefix = f"t{uuid.uuid4().hex[:8]}"
             a = RateLimiter(client, "http://llm/v1", Metrics(), key_prefix=prefix, **limits)
             b = RateLimiter(client, "http://llm/v1", Metrics(), key_prefix=prefix, **limits)  # another replica
             await body(a, b)
         finally:
-            await client.aclose()
+            await close(client)
 
     asyncio.run(main())
 
 
-def test_requests_per_minute_keep_a_share_for_interactive_work(redis_url: str) -> None:
+def test_requests_per_minute_keep_a_share_for_interactive_work(any_redis_url: str) -> None:
     async def body(a: RateLimiter, b: RateLimiter) -> None:
         granted = [await (a if i % 2 else b).try_acquire("batch", 1) == 0 for i in range(5)]
         assert granted == [True, True, True, False, False]  # batch may use 60% of 5
@@ -42,10 +42,10 @@ def test_requests_per_minute_keep_a_share_for_interactive_work(redis_url: str) -
         wait = await a.try_acquire("interactive", 1)
         assert 0 < wait <= 60  # the window is spent for everyone: wait for the next one
 
-    with_limiter(redis_url, body, rpm=5, interactive_reserve=0.4)
+    with_limiter(any_redis_url, body, rpm=5, interactive_reserve=0.4)
 
 
-def test_budget_refills_continuously_so_no_burst_crosses_a_minute_edge(redis_url: str) -> None:
+def test_budget_refills_continuously_so_no_burst_crosses_a_minute_edge(any_redis_url: str) -> None:
     """A spent budget of 3 per minute frees one call every 20 s, whatever the wall clock's minute."""
 
     async def body(a: RateLimiter, b: RateLimiter) -> None:
@@ -54,10 +54,10 @@ def test_budget_refills_continuously_so_no_burst_crosses_a_minute_edge(redis_url
         # a fixed minute window would answer "until the minute ends" (0-60 s), or 0 right after it
         assert all(19 < w <= 20 for w in waits), waits
 
-    with_limiter(redis_url, body, rpm=3, interactive_reserve=0.0)
+    with_limiter(any_redis_url, body, rpm=3, interactive_reserve=0.0)
 
 
-def test_tokens_are_estimated_then_reconciled(redis_url: str) -> None:
+def test_tokens_are_estimated_then_reconciled(any_redis_url: str) -> None:
     async def body(a: RateLimiter, b: RateLimiter) -> None:
         assert await a.try_acquire("interactive", 40) == 0
         assert await b.try_acquire("interactive", 40) == 0
@@ -66,7 +66,7 @@ def test_tokens_are_estimated_then_reconciled(redis_url: str) -> None:
         await b.reconcile(40, 10)
         assert await a.try_acquire("interactive", 40) == 0  # 20 + 40 fits again
 
-    with_limiter(redis_url, body, tpm=100, interactive_reserve=0.0)
+    with_limiter(any_redis_url, body, tpm=100, interactive_reserve=0.0)
 
 
 def test_spent_budget_holds_tasks_instead_of_calling(make_settings: Any, fake_llm: FakeLLM) -> None:
