@@ -13,16 +13,28 @@ again on its own. An error of one call fails only that call; a lost connection f
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    NoScriptError,
+    RedisError,
+    TimeoutError,
+    TryAgainError,
+)
 
 from dedup.client import RedisClient
 
+log = logging.getLogger(__name__)
+
 MAX_BATCH = 256
+REFRESH_INTERVAL_S = 0.5
 
 
 @dataclass(slots=True)
@@ -43,6 +55,7 @@ class ScriptBatcher:
         self._queue: list[_Call] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
+        self._refreshed_at = float("-inf")
         self.batches = 0  # pipelines sent, for tests and benchmarks
         self.calls = 0
 
@@ -77,22 +90,54 @@ class ScriptBatcher:
         except NoScriptError:
             results = [NoScriptError()]
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the failure
+            if not isinstance(exc, asyncio.CancelledError):
+                exc = _as_redis_error(exc)
             for call in calls:
                 _settle(call.future, exc=exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            await self._refresh_on(exc)
             return
+        await self._refresh_on(*results)
         for call, result in zip(calls, results, strict=False):
             if isinstance(result, NoScriptError):
                 try:
                     result = await call.script(keys=list(call.keys), args=list(call.args))  # loads it
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    _settle(call.future, exc=exc)
+                    _settle(call.future, exc=_as_redis_error(exc))
+                    await self._refresh_on(exc)
                     continue
             if isinstance(result, Exception):
                 _settle(call.future, exc=result)
             else:
                 _settle(call.future, result=result)
+
+
+    async def _refresh_on(self, *outcomes: Any) -> None:
+        """A cluster client learns of a failover only by asking again: it does not when the pipeline
+        hands errors back instead of raising them. A lost node or a cluster that is down makes it
+        reload the slot map, at most every :data:`REFRESH_INTERVAL_S`."""
+        client = self._client
+        if not isinstance(client, RedisCluster):
+            return
+        if not any(isinstance(o, ConnectionError | TimeoutError | ClusterDownError | TryAgainError) for o in outcomes):
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._refreshed_at < REFRESH_INTERVAL_S:
+            return
+        self._refreshed_at = now
+        try:
+            await client.nodes_manager.initialize()
+        except Exception as exc:  # noqa: BLE001 - no node answers yet: the next failure tries again
+            log.debug("cluster slot map not reloaded: %s", exc)
+
+
+def _as_redis_error(exc: BaseException) -> BaseException:
+    """A failure inside the client library (it happens while a cluster node goes away) is the
+    connection's, not the caller's: an outage, retried as one."""
+    if isinstance(exc, RedisError) or not isinstance(exc, Exception):
+        return exc
+    return ConnectionError(f"redis client failed: {type(exc).__name__}: {exc}")
 
 
 async def _evalsha(client: RedisClient, call: _Call) -> Any:
