@@ -123,6 +123,16 @@ class TaskRecord:
         }
 
 
+def _raised_inside_redis(exc: BaseException) -> bool:
+    """True when the innermost frame of ``exc`` is code of the ``redis`` package."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -171,6 +181,10 @@ class Ledger:
             raise LedgerRefused(f"redis refused the call: {type(exc).__name__}: {str(exc)[:300]}") from exc
         except RedisError as exc:
             raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if _raised_inside_redis(exc):  # the client library failed (a node going away): an outage
+                raise LedgerUnavailable(f"redis client: {type(exc).__name__}: {exc}") from exc
+            raise
 
     async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Run one ledger script, pipelined with the others issued in this loop turn."""

@@ -35,3 +35,25 @@ def test_a_failure_inside_the_client_library_is_an_outage_for_every_caller(calls
     outcomes = asyncio.run(scenario())
     assert len(outcomes) == calls
     assert all(isinstance(o, ConnectionError) and "AttributeError" in str(o) for o in outcomes), outcomes
+
+
+def _raising_inside(module: str) -> Any:
+    namespace: dict[str, Any] = {"__name__": module}
+    exec("async def hgetall(*args, **kwargs):\n    raise AttributeError('writelines')\n", namespace)  # noqa: S102
+    return namespace["hgetall"]
+
+
+@pytest.mark.parametrize(("module", "outage"), [("redis.asyncio.connection", True), ("service.processor", False)])
+def test_the_ledger_calls_a_failure_inside_redis_an_outage_and_leaves_others_alone(module: str, outage: bool) -> None:
+    from dedup.ledger import Ledger, LedgerUnavailable
+
+    class Client:
+        hgetall = staticmethod(_raising_inside(module))
+
+        def register_script(self, source: str) -> Script:
+            return Script()
+
+    ledger = Ledger(Client())  # type: ignore[arg-type]
+    expected: type[Exception] = LedgerUnavailable if outage else AttributeError
+    with pytest.raises(expected):
+        asyncio.run(ledger.steps("task-1"))
