@@ -81,18 +81,29 @@ def test_hostile_corpus_never_blocks_a_partition(make_settings: Any, fake_llm: F
         async with running(s, fake_llm.base_url) as svc:
             app = create_app(svc)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as http:
+                stop = asyncio.Event()
+
+                async def watch_readiness() -> None:  # from before the first record to after the last
+                    while not stop.is_set():
+                        ready = await http.get("/readyz")
+                        polls.append(ready.status_code)
+                        if ready.status_code != 200:
+                            unready.append(ready.json())
+                        await asyncio.sleep(0.02)
+
+                watcher = asyncio.create_task(watch_readiness())
                 ends.update(await asyncio.to_thread(_produce_spread, s, corpus))
 
-                async def done() -> bool:
-                    ready = await http.get("/readyz")
-                    polls.append(ready.status_code)
-                    if ready.status_code != 200:
-                        unready.append(ready.json())
+                def done() -> bool:
                     finished = (metric(svc, "agent_tasks_total", {"outcome": "succeeded"})
                                 + metric(svc, "agent_tasks_total", {"outcome": "dead_lettered"}))
                     return finished >= len(corpus)
 
-                await wait_for(done, 120, interval_s=0.2, what="every record to end")
+                try:
+                    await wait_for(done, 120, interval_s=0.05, what="every record to end")
+                finally:
+                    stop.set()
+                    await watcher
                 await svc.runner.commit()
                 assert metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == expected_ok
                 for reason, n in expected_dead.items():
@@ -101,7 +112,7 @@ def test_hostile_corpus_never_blocks_a_partition(make_settings: Any, fake_llm: F
 
     asyncio.run(scenario())
     print(f"\nhostile corpus: records {len(corpus)} on {PARTITIONS} partitions, results {expected_ok}, "
-          f"dead letters {dict(expected_dead)}, /readyz polls {len(polls)} (every 0.2 s), not 200: {len(unready)}")
+          f"dead letters {dict(expected_dead)}, /readyz polls {len(polls)} (every 20 ms), not 200: {len(unready)}")
     assert unready == [], "readiness dropped while records were being processed"
     assert sum(ends.values()) == len(corpus)
     assert committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, PARTITIONS) == ends
