@@ -79,8 +79,17 @@ def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int
 
 
 class Publisher:
+    """One idempotent producer, replaced by a new one when librdkafka reports a fatal error (for
+    example a sequence desynchronization after a broker lost its producer state): the records it
+    had not acknowledged fail with :class:`ProduceFailed`, so their callers retry them on the new one.
+    """
+
     def __init__(self, config: dict[str, Any], *, poll_interval_s: float = 0.05) -> None:
+        self._config = dict(config)
         self._producer = Producer(config)
+        self._swap = threading.Lock()
+        self._outstanding: set[asyncio.Future[None]] = set()  # sent, not yet acknowledged
+        self.replacements = 0
         # the largest record the producer accepts (librdkafka refuses larger ones in produce())
         self.max_message_bytes = int(config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
         # a record larger than the whole local queue would wait on BufferError for ever
@@ -94,9 +103,28 @@ class Publisher:
 
     def _serve(self) -> None:
         while not self._closed.is_set():
-            self._producer.poll(self._poll_interval_s)
+            producer = self._producer
+            try:
+                producer.poll(self._poll_interval_s)
+            except KafkaException as exc:  # a fatal error surfaces here: the producer is unusable
+                self._replace_if_fatal(exc, producer)
             self._hand_over()
         self._hand_over()
+
+    def _replace_if_fatal(self, exc: KafkaException, failed: Producer) -> None:
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if err is None or not err.fatal():
+            log.warning("producer: %s", exc)
+            return
+        with self._swap:
+            if self._producer is not failed:
+                return  # replaced already
+            self._producer = Producer(self._config)
+            lost, self._outstanding = self._outstanding, set()
+            self.replacements += 1
+        log.error("producer failed for good (%s): replaced by a new one; %d unacknowledged records are retried",
+                  err.str(), len(lost))
+        self._acks.extend((future, err) for future in lost)
 
     def _hand_over(self) -> None:
         """Settle the acknowledged records' futures: one loop wake-up per loop, not per record."""
@@ -115,7 +143,10 @@ class Publisher:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         acks = self._acks
 
+        outstanding, producer = self._outstanding, self._producer
+
         def delivered(err: KafkaError | None, _msg: Any) -> None:
+            outstanding.discard(future)
             acks.append((future, err))
 
         size = record_size(key, value, headers)
@@ -124,14 +155,20 @@ class Publisher:
                                  f"({self.queue_max_bytes} bytes)")
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
+                with self._swap:
+                    outstanding, producer = self._outstanding, self._producer
+                    outstanding.add(future)
+                    producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
                 break
             except BufferError:  # local queue full: let deliveries drain (the record fits once it is empty)
+                outstanding.discard(future)
                 await asyncio.sleep(0.01)
             except KafkaException as exc:
+                outstanding.discard(future)
                 err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
                 if _rejected(err):
                     raise RecordRejected(f"produce to {topic} refused record of {size} bytes: {exc}") from exc
+                self._replace_if_fatal(exc, producer)
                 raise ProduceFailed(f"produce to {topic} refused: {exc}") from exc
         await future
 

@@ -15,9 +15,9 @@ from service.metrics import Metrics
 pytestmark = pytest.mark.integration
 
 
-def test_retry_after_reaches_other_replicas_through_redis(any_redis_url: str) -> None:
+def test_retry_after_reaches_other_replicas_through_redis(redis_url: str) -> None:
     async def scenario() -> float:
-        client = connect(any_redis_url)
+        client = connect(redis_url)
         prefix = f"t{uuid.uuid4().hex[:8]}"
         try:
             a = EndpointGuard("http://llm:8080/v1", Metrics(), redis=client, key_prefix=prefix)
@@ -37,11 +37,11 @@ def test_retry_after_reaches_other_replicas_through_redis(any_redis_url: str) ->
     assert 0.8 <= waited < 3.0
 
 
-def test_concurrent_retry_after_writes_keep_the_longest_wait(any_redis_url: str) -> None:
+def test_concurrent_retry_after_writes_keep_the_longest_wait(redis_url: str) -> None:
     """Replicas writing at once: the shared wait ends up the longest one, never a shorter one."""
 
     async def scenario() -> int:
-        client = connect(any_redis_url)
+        client = connect(redis_url)
         prefix = f"t{uuid.uuid4().hex[:8]}"
         try:
             guards = [
