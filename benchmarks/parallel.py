@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from confluent_kafka import Consumer
@@ -252,6 +253,24 @@ def run_parallel_consumer(env: Env, topic: str, group: str, work: list[float],
 # ---------------------------------------------------------------------------- the benchmark
 
 
+def _repeat(name: str, reps: int, run_once: Callable[[int], tuple[dict[str, object] | None, str]]
+            ) -> tuple[list[float], dict[str, object] | None, str]:
+    """Run another consumer ``reps`` times: its wall times, its last result and why it is (un)available."""
+    walls: list[float] = []
+    last: dict[str, object] | None = None
+    why = ""
+    for rep in range(reps):
+        progress(f"parallel_consumer: {name}, run {rep + 1}/{reps}")
+        result, why = run_once(rep)
+        if result is None:
+            progress(f"  {name} unavailable: {why}")
+            break
+        last = result
+        walls.append(float(result["wall_s"]))  # type: ignore[arg-type]
+        progress(f"  {name}: {walls[-1]:.2f}s ({RECORDS / walls[-1]:,.0f}/s)")
+    return walls, last, why
+
+
 def _runs(walls: list[float]) -> str:
     return ", ".join(f"{w:.2f}" for w in walls) + " s"
 
@@ -284,33 +303,13 @@ def run(env: Env, quick: bool) -> list[Figure]:
     wide, _, _ = asyncio.run(run_runner(env, topic, f"{names.group}-wide", work, window=RECORDS))
     progress(f"  Runner, window {RECORDS:,}: {wide.wall_s:.2f}s ({RECORDS / wide.wall_s:,.0f}/s)")
 
-    pyr_walls: list[float] = []
-    pyr: dict[str, object] | None = None
-    pyr_why = ""
-    for rep in range(reps):
-        progress(f"parallel_consumer: pyrallel-consumer, run {rep + 1}/{reps}")
-        result, pyr_why = run_pyrallel(env, topic, f"{names.group}-pyrallel{rep}", RECORDS)
-        if result is None:
-            progress(f"  pyrallel-consumer unavailable: {pyr_why}")
-            break
-        pyr = result
-        pyr_walls.append(float(result["wall_s"]))  # type: ignore[arg-type]
-        progress(f"  pyrallel-consumer: {pyr_walls[-1]:.2f}s ({RECORDS / pyr_walls[-1]:,.0f}/s)")
+    pyr_walls, pyr, pyr_why = _repeat("pyrallel-consumer", reps,
+                                      lambda rep: run_pyrallel(env, topic, f"{names.group}-pyrallel{rep}", RECORDS))
     pyr_wall = statistics.median(pyr_walls) if pyr_walls else None
     pyr_rate = RECORDS / pyr_wall if pyr_wall else None
 
-    pc_walls: list[float] = []
-    pc: dict[str, object] | None = None
-    pc_why = ""
-    for rep in range(reps):
-        progress(f"parallel_consumer: Confluent Parallel Consumer, run {rep + 1}/{reps}")
-        result, pc_why = run_parallel_consumer(env, topic, f"{names.group}-pc{rep}", work, config.max_in_flight)
-        if result is None:
-            progress(f"  Parallel Consumer unavailable: {pc_why}")
-            break
-        pc = result
-        pc_walls.append(float(result["wall_s"]))  # type: ignore[arg-type]
-        progress(f"  Parallel Consumer: {pc_walls[-1]:.2f}s ({RECORDS / pc_walls[-1]:,.0f}/s)")
+    pc_walls, pc, pc_why = _repeat("Confluent Parallel Consumer", reps, lambda rep: run_parallel_consumer(
+        env, topic, f"{names.group}-pc{rep}", work, config.max_in_flight))
     pc_wall = statistics.median(pc_walls) if pc_walls else None
 
     seq_limit = 2_000 if quick else RECORDS

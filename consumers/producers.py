@@ -143,8 +143,6 @@ class Publisher:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         acks = self._acks
 
-        outstanding, producer = self._outstanding, self._producer
-
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             outstanding.discard(future)
             acks.append((future, err))
