@@ -33,11 +33,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 WORKERS = 3
 
 
+@pytest.mark.evicts_killed_members
 def test_random_kills_and_model_faults_keep_every_invariant(
     broker: Broker, make_settings: Any, fake_llm: FakeLLM, tmp_path: Path
 ) -> None:
-    if broker.name == "noida":
-        pytest.skip("noida-db never removes a SIGKILLed member from its group (BROKERS.md); runs on tansu")
     seconds = float(os.environ.get("CHAOS_SECONDS", "20"))
     rng = random.Random(int(os.environ.get("CHAOS_SEED", "7")))
     s: Settings = make_settings(

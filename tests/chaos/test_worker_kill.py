@@ -17,11 +17,10 @@ from tests.support import Broker, classify, produce, read_topic, running, spawn_
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
+@pytest.mark.evicts_killed_members
 def test_killed_worker_leaves_its_task_to_be_finished_once_by_another(
     broker: Broker, make_settings: Any, fake_llm: FakeLLM, tmp_path: Path
 ) -> None:
-    if broker.name == "noida":
-        pytest.skip("noida-db never removes a SIGKILLed member from its group (BROKERS.md); runs on tansu")
     s: Settings = make_settings(ledger={"lease_ms": 2000}, llm={"timeout_s": 60})
     # the worker's call for crash-1 hangs: it is mid-task when it dies
     fake_llm.add_fault(FaultRule("latency", match="crash-1", times=1, delay_s=60))
