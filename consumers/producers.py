@@ -30,6 +30,7 @@ DLQ_HEADER_PREFIX = "dlq."
 # librdkafka's defaults for the limits a record must fit in
 DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
 DEFAULT_QUEUE_MAX_KBYTES = 1_048_576
+DEFAULT_BATCH_BYTES = 1_000_000  # batch.size
 # what a record costs beyond key, value and header bytes: the batch header (61 bytes), the record's
 # varints and attributes, and per header two length varints; generous on purpose
 RECORD_OVERHEAD_BYTES = 512
@@ -332,18 +333,19 @@ class Outputs:
             limits.append(self.dlq_limit)
         return max(min(limits) - RECORD_OVERHEAD_BYTES, 0)
 
+    # outcomes are sent on their own (True: staged for the transaction that commits their offsets)
+    transactional = False
+
     async def result(
-        self, task_key: str, event: bytes, traceparent: str | None, deadline: str | None = None
+        self, record: Record, task_key: str, event: bytes, traceparent: str | None, deadline: str | None = None,
     ) -> None:
-        """``deadline`` passes the task's time budget on to whoever consumes the result.
+        """``deadline`` passes the task's time budget on to whoever consumes the result; ``record``
+        is the record that produced it.
 
         Raises :class:`RecordRejected` when the broker refuses this result for good (the caller
         dead-letters the task) and :class:`ProduceFailed` when it cannot be reached.
         """
-        headers: Headers = [("traceparent", traceparent.encode())] if traceparent else []
-        if deadline:
-            headers.append(("deadline", deadline.encode()))
-        await self.publisher.send(self.results_topic, task_key.encode(), event, headers)
+        await self.publisher.send(self.results_topic, task_key.encode(), event, result_headers(traceparent, deadline))
 
     async def dead_letter(
         self, record: Record, *, reason: str, error: str, attempts: int, task_id: str | None,
@@ -355,17 +357,31 @@ class Outputs:
         :class:`ProduceFailed` when the broker cannot be reached."""
         headers = dead_letter_headers(record, reason=reason, error=error, attempts=attempts, task_id=task_id,
                                       traceparent=traceparent)
-        budget = self.dlq_budget
-        key, value, fitted = fit_dead_letter(record.key, record.value, headers, budget)
         try:
-            await self.publisher.send(self.dlq_topic, key, value, fitted)
-            return
+            await self.publisher.send(self.dlq_topic, *self._fitted(record, headers))
         except RecordRejected as exc:
             log.warning("dead letter for %s refused (%s): sending it cut to %d bytes",
-                        record.coordinates, exc, min(budget // 2, DLQ_FALLBACK_BUDGET))
+                        record.coordinates, exc, self._fallback_budget)
+            await self.publisher.send(self.dlq_topic, *self._cut(record, headers))
+
+    def _fitted(self, record: Record, headers: Headers) -> tuple[bytes | None, bytes | None, Headers]:
+        return fit_dead_letter(record.key, record.value, headers, self.dlq_budget)
+
+    @property
+    def _fallback_budget(self) -> int:
+        return min(self.dlq_budget // 2, DLQ_FALLBACK_BUDGET)
+
+    def _cut(self, record: Record, headers: Headers) -> tuple[bytes | None, bytes | None, Headers]:
+        """The last resort: only the ``dlq.*`` headers and ``traceparent``, 1 KiB of the value at most."""
         ours = [h for h in headers if _is_ours(h)]
         if len(ours) < len(headers):
             ours.append(("dlq.headers.dropped", str(len(headers) - len(ours)).encode()))
-        key, value, fitted = fit_dead_letter(record.key, record.value, ours, min(budget // 2, DLQ_FALLBACK_BUDGET),
-                                             max_value=DLQ_FALLBACK_VALUE_BYTES)
-        await self.publisher.send(self.dlq_topic, key, value, fitted)
+        return fit_dead_letter(record.key, record.value, ours, self._fallback_budget,
+                               max_value=DLQ_FALLBACK_VALUE_BYTES)
+
+
+def result_headers(traceparent: str | None, deadline: str | None) -> Headers:
+    headers: Headers = [("traceparent", traceparent.encode())] if traceparent else []
+    if deadline:
+        headers.append(("deadline", deadline.encode()))
+    return headers

@@ -27,6 +27,11 @@ other keys and partitions go on.
 
 An optional ``gate`` (e.g. "the LLM endpoint is usable") pauses every assigned partition while it
 returns False; the runner keeps polling so it stays in the group, and resumes when it is True.
+
+With a :class:`~consumers.transactions.TransactionalProducer` the handler stages its outcomes
+instead of sending them, and every commit writes the staged outcomes of the records below each
+partition's commit mark together with those offsets in one transaction (see
+:mod:`consumers.transactions`). Outcomes staged by records above the mark wait for a later one.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumers.offsets import OffsetTracker
 from consumers.records import Record
+from consumers.transactions import Staged, TransactionalProducer, TransactionFailed, staging
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,15 @@ class _Partition:
     held: int = 0
     paused: bool = False
     revoked: bool = False
+    # transactions on: outcomes staged by finished records, by offset, until their transaction
+    staged: dict[int, list[Staged]] = field(default_factory=dict)
+
+    def take_staged(self, below: int) -> dict[int, list[Staged]]:
+        """Remove and return the outcomes staged by records below offset ``below``."""
+        taken = {offset: items for offset, items in self.staged.items() if offset < below}
+        for offset in taken:
+            del self.staged[offset]
+        return taken
 
 
 class RunnerMetrics:
@@ -96,8 +111,10 @@ class Runner:
         config: RunnerConfig,
         metrics: RunnerMetrics | None = None,
         gate: Callable[[], bool] | None = None,
+        transactions: TransactionalProducer | None = None,
     ) -> None:
         self._conf = dict(consumer_config)
+        self.transactions = transactions
         self._handler = handler
         self.config = config
         self.metrics = metrics or RunnerMetrics()
@@ -165,8 +182,12 @@ class Runner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._loop is not None
-        offsets = asyncio.run_coroutine_threadsafe(self._revoked(partitions), self._loop).result()
-        self._commit_now(consumer, offsets, "revoke")  # the partitions are gone: nothing to confirm
+        offsets, staged = asyncio.run_coroutine_threadsafe(self._revoked(partitions), self._loop).result()
+        if self.transactions is None:
+            self._commit_now(consumer, offsets, "revoke")  # the partitions are gone: nothing to confirm
+            return
+        # aborted: the next owner reads those records again and stages their outcomes anew
+        self._transact(consumer, [item for items in staged for item in items], offsets, "revoke")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._loop is not None
@@ -206,8 +227,10 @@ class Runner:
         self.metrics.assigned(len(self.assignment))
         log.info("assigned: %s", _fmt(partitions))
 
-    async def _revoked(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+    async def _revoked(self, partitions: list[TopicPartition]) -> tuple[list[TopicPartition], list[list[Staged]]]:
+        """Forget the partitions; returns their offsets to commit and the outcomes staged below them."""
         offsets = []
+        staged: list[list[Staged]] = []
         for tp in partitions:
             key = (tp.topic, tp.partition)
             part = self._partitions.pop(key, None)
@@ -217,6 +240,8 @@ class Runner:
             offset = part.tracker.take_commit()
             if offset is not None:
                 offsets.append(TopicPartition(tp.topic, tp.partition, offset))
+                staged.extend(part.take_staged(offset).values())
+            part.staged.clear()  # above the mark: the next owner handles those records again
             self.metrics.lag(tp.topic, tp.partition, None)
         # Queued records of revoked partitions are not started: the new owner reads them again.
         # The head of each queue is running (or retrying: it stops at its next attempt).
@@ -229,7 +254,7 @@ class Runner:
         self.metrics.assigned(len(self.assignment))
         self._update_paused_metric()
         log.info("revoked: %s", _fmt(partitions))
-        return offsets
+        return offsets, staged
 
     # ------------------------------------------------------------------ main loop
 
@@ -356,8 +381,13 @@ class Runner:
         retrying = False
         try:
             while self._owns(tp, part):
+                staged: list[Staged] = []
                 try:
-                    await self._handler(record)
+                    if self.transactions is None:
+                        await self._handler(record)
+                    else:
+                        with staging(staged):
+                            await self._handler(record)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the handler could not make the outcome durable
@@ -371,6 +401,8 @@ class Runner:
                     delay = min(delay * 2, self.config.retry_max_s)
                     continue
                 if self._owns(tp, part):
+                    if staged:
+                        part.staged[record.offset] = staged
                     part.tracker.finish(record.offset)
                 if retrying:
                     log.info("record %s finished after retries", record.coordinates)
@@ -482,11 +514,58 @@ class Runner:
         pending = self._pending_commits()
         if not pending or self._consumer is None:
             return
+        if self.transactions is not None:
+            await self._call(self._transaction_round, self._consumer)
+            return
         done = await self._call(self._commit_now, self._consumer, [tp for _p, tp in pending], "interval")
         accepted = {(tp.topic, tp.partition, tp.offset) for tp in done}
         for part, tp in pending:
             if (tp.topic, tp.partition, tp.offset) in accepted:
                 part.tracker.committed(tp.offset)
+
+    def _transaction_round(self, consumer: Consumer) -> None:
+        """On the consumer thread, between polls, so no revoke runs in the middle: take the offsets
+        and the outcomes staged below them, write them in one transaction, then confirm (or put the
+        outcomes back to be written again)."""
+        assert self._loop is not None
+        loop = self._loop
+        taken = asyncio.run_coroutine_threadsafe(self._take_for_transaction(), loop).result()
+        if not taken:
+            return
+        items = [item for _part, _tp, staged in taken for items in staged.values() for item in items]
+        ok = self._transact(consumer, items, [tp for _part, tp, _staged in taken], "interval")
+        asyncio.run_coroutine_threadsafe(self._settle_transaction(taken, ok), loop).result()
+
+    async def _take_for_transaction(self) -> list[tuple[_Partition, TopicPartition, dict[int, list[Staged]]]]:
+        return [(part, tp, part.take_staged(tp.offset)) for part, tp in self._pending_commits()]
+
+    async def _settle_transaction(
+        self, taken: list[tuple[_Partition, TopicPartition, dict[int, list[Staged]]]], ok: bool,
+    ) -> None:
+        if not ok:
+            for part, _tp, staged in taken:  # aborted: written again at the next commit
+                if not part.revoked:
+                    part.staged.update(staged)
+            return
+        for part, tp, _staged in taken:
+            part.tracker.committed(tp.offset)
+
+    def _transact(self, consumer: Consumer, items: list[Staged], offsets: list[TopicPartition], why: str) -> bool:
+        """On the consumer thread: one transaction; False when it was aborted (nothing is visible)."""
+        assert self.transactions is not None
+        try:
+            self.transactions.commit(items, offsets, consumer.consumer_group_metadata())
+        except TransactionFailed as exc:
+            self.last_error = f"transaction failed: {exc}"
+            log.warning("transaction on %s failed (written again later): %s", why, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - never let a commit error stop the consumer
+            self.last_error = f"transaction failed: {exc}"
+            log.exception("transaction on %s failed (written again later)", why)
+            return False
+        self.metrics.committed()
+        log.info("committed on %s in a transaction: %d outcomes, %s", why, len(items), _fmt(offsets))
+        return True
 
     async def _report_lag(self) -> None:
         """Lag per partition, from local state only: no broker round trip on the consumer thread.

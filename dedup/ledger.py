@@ -72,7 +72,12 @@ class Claim:
     fence: int
     attempts: int
     lease_remaining_ms: int
-    published: bool
+    # who published the outcome: the coordinates of the record that did (None: not published)
+    published_by: str | None
+
+    @property
+    def published(self) -> bool:
+        return self.published_by is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +119,7 @@ class TaskRecord:
             "result_digest": f.get("result_digest"),
             "model": f.get("model"),
             "prompt_version": f.get("prompt_version"),
-            "published": f.get("published") == "1",
+            "published": _published_by(f.get("published")) is not None,
             "error": f.get("error"),
             "dead_reason": f.get("dead_reason"),
             "created_at_ms": int(f["created_at"]) if f.get("created_at") else None,
@@ -205,7 +210,7 @@ class Ledger:
             fence=int(raw[1]),
             attempts=int(raw[2]),
             lease_remaining_ms=int(raw[3]),
-            published=int(raw[4]) == 1,
+            published_by=_published_by(raw[4]),
         )
 
     async def heartbeat(self, task_key: str, fence: int) -> bool:
@@ -337,8 +342,9 @@ class Ledger:
         raw = await self._script(self._fail, [self.keys.task(task_key)], [fence, error[:2000], dead_reason])
         return _s(raw) == "ok"
 
-    async def mark_published(self, task_key: str, state: str) -> bool:
-        raw = await self._script(self._published, [self.keys.task(task_key)], [state])
+    async def mark_published(self, task_key: str, state: str, by: str = "1") -> bool:
+        """Note that the outcome of ``task_key`` (in ``state``) was published, ``by`` which record."""
+        raw = await self._script(self._published, [self.keys.task(task_key)], [state, by])
         return int(raw) == 1
 
     async def revive(self, task_key: str) -> bool:
@@ -366,3 +372,11 @@ class Ledger:
             fields=fields,
             steps={_s(k): json.loads(_s(v)) for k, v in steps.items()},
         )
+
+
+def _published_by(raw: Any) -> str | None:
+    """The ``published`` field: '0' (or absent) when not published, else who published."""
+    if raw is None:
+        return None
+    value = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return None if value in ("", "0") else value

@@ -18,7 +18,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # KEYS[1] task hash, KEYS[2] steps hash
 # ARGV fingerprint, owner, lease_ms, kind, ttl_s
-# -> {decision, fence, attempts, lease_remaining_ms, published}
+# -> {decision, fence, attempts, lease_remaining_ms, published} (published: '0', or who published)
 CLAIM = NOW + """
 local fp = ARGV[1]
 local lease = tonumber(ARGV[3])
@@ -28,12 +28,12 @@ if not state then
              'lease_until', now + lease, 'fingerprint', fp, 'kind', ARGV[4],
              'attempts', 0, 'claims', 1, 'published', 0, 'created_at', now, 'updated_at', now)
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-  return {'claimed', 1, 0, lease, 0}
+  return {'claimed', 1, 0, lease, '0'}
 end
 local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'fence', 'attempts', 'lease_until', 'published')
 local fence = tonumber(h[2])
 local attempts = tonumber(h[3]) or 0
-local published = tonumber(h[5]) or 0
+local published = h[5] or '0'
 if h[1] ~= fp then
   return {'conflict', fence, attempts, 0, published}
 end
@@ -153,12 +153,13 @@ end
 return 'ok'
 """
 
-# KEYS[1] task; ARGV state expected ('succeeded' or 'dead') -> 1 marked, 0 not in that state
+# KEYS[1] task; ARGV state expected ('succeeded' or 'dead'), by (the publishing record's
+# coordinates, or '1') -> 1 marked, 0 not in that state
 PUBLISHED = """
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'published', 1)
+redis.call('HSET', KEYS[1], 'published', ARGV[2])
 return 1
 """
 

@@ -17,9 +17,10 @@ Decisions on a claim:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -255,24 +256,42 @@ class TaskProcessor:
     async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
         self.metrics.tasks.labels(outcome="duplicate").inc()
         _current_span().set_outcome("duplicate")
-        if claim.published:
+        if claim.published and not (self.outputs.transactional and claim.published_by == record.coordinates):
             log.info("%s: %s before; skipped", ctx, state)
             return
         stored = await self.ledger.get(task.key)
         if stored is None:  # expired from the ledger between the two reads: run it as new
             raise LedgerUnavailable(f"task {task.key} vanished between claim and read")
-        if state == "succeeded" and stored.event is not None:
-            await self.outputs.result(task.key, stored.event, self._traceparent(task.traceparent), _deadline(task))
-            self.metrics.results_published.inc()
-        elif state == "dead":
-            reason = stored.fields.get("dead_reason", "permanent")
-            await self.outputs.dead_letter(
-                record, reason=reason, error=stored.fields.get("error", ""),
-                attempts=stored.attempts, task_id=task.key,
-            )
-            self.metrics.dead_letters.labels(reason=reason).inc()
-        await self.ledger.mark_published(task.key, state)
+        async with self._publishing(record, task.key, state):
+            if state == "succeeded" and stored.event is not None:
+                await self.outputs.result(record, task.key, stored.event, self._traceparent(task.traceparent),
+                                          _deadline(task))
+                self.metrics.results_published.inc()
+            elif state == "dead":
+                reason = stored.fields.get("dead_reason", "permanent")
+                await self.outputs.dead_letter(
+                    record, reason=reason, error=stored.fields.get("error", ""),
+                    attempts=stored.attempts, task_id=task.key,
+                )
+                self.metrics.dead_letters.labels(reason=reason).inc()
         log.info("%s: %s before; re-emitted the stored outcome", ctx, state)
+
+    @contextlib.asynccontextmanager
+    async def _publishing(self, record: Record, task_key: str, state: str) -> AsyncIterator[None]:
+        """Publish a task's outcome (the block) and mark it published by this record.
+
+        Sent directly, the mark follows the broker's acknowledgement: a later record of the same
+        task, even this one read again, then skips. Staged for a transaction, the mark comes
+        first: a later record of the same task skips, this record read again (its transaction did
+        not commit, or it would not be read again) stages the outcome anew. Either way the outcome
+        is published, because the marking record's offset commits only with (or after) it.
+        """
+        if self.outputs.transactional:
+            await self.ledger.mark_published(task_key, state, record.coordinates)
+            yield
+        else:
+            yield
+            await self.ledger.mark_published(task_key, state, record.coordinates)
 
     async def _maybe_shadow(self, task: Task, agent: Agent, task_input: BaseModel) -> None:
         """Re-run a sample of duplicates in shadow and count how often the answer would differ.
@@ -534,9 +553,9 @@ class TaskProcessor:
         span = _current_span()
         span.set_attempts(attempts)
         span.set_output_digest(result_digest)
-        await self.outputs.result(task.key, event, self._traceparent(task.traceparent), _deadline(task))
+        async with self._publishing(record, task.key, "succeeded"):
+            await self.outputs.result(record, task.key, event, self._traceparent(task.traceparent), _deadline(task))
         self.metrics.results_published.inc()
-        await self.ledger.mark_published(task.key, "succeeded")
         self.metrics.tasks.labels(outcome="succeeded").inc()
         span.set_outcome("succeeded")
         log.info("%s: succeeded (fence %d, attempts %d)", ctx, fence, attempts)
@@ -549,8 +568,8 @@ class TaskProcessor:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: dead-letter of fence %d refused: a newer fence holds the task", ctx, fence)
             return
-        await self._dead_letter(record, task.key, reason, error, attempts)
-        await self.ledger.mark_published(task.key, "dead")
+        async with self._publishing(record, task.key, "dead"):
+            await self._dead_letter(record, task.key, reason, error, attempts)
 
     async def _dead_letter(
         self,

@@ -7,6 +7,8 @@ Secrets are :class:`~pydantic.SecretStr` and render as ``**********``.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
@@ -43,6 +45,15 @@ class KafkaSettings(BaseModel):
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
     ssl_key_password: SecretStr | None = None
+    # exactly-once output: each outcome and the offset of the record that produced it are written
+    # in one Kafka transaction (read the output topics with isolation.level=read_committed)
+    transactional: bool = False
+    # unique per live worker; keep it stable across restarts of one replica (a StatefulSet ordinal,
+    # a container name) so a restarted worker aborts its predecessor's open transaction at once.
+    # Unset: "<group_id>-<hostname>-<pid>" (stable in a container, whose service runs as pid 1)
+    transactional_id: str | None = Field(None, min_length=1, max_length=200)
+    # how long the coordinator keeps a dead worker's transaction open before aborting it
+    transaction_timeout_ms: int = Field(10_000, ge=1_000, le=900_000)
     create_topics: bool = True
     topic_partitions: int = Field(6, ge=1)
     topic_replication_factor: int = Field(1, ge=1)
@@ -95,6 +106,14 @@ class KafkaSettings(BaseModel):
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "lz4",
+        }
+
+    def transactional_producer_config(self) -> dict[str, Any]:
+        """The outcome producer's settings with transactions on (see :mod:`consumers.transactions`)."""
+        return {
+            **self.producer_config(),
+            "transactional.id": self.transactional_id or f"{self.group_id}-{socket.gethostname()}-{os.getpid()}",
+            "transaction.timeout.ms": self.transaction_timeout_ms,
         }
 
 

@@ -17,7 +17,7 @@ The hooks, one line each::
             call.set_response(answer.model, answer.finish_reason, answer.prompt_tokens,
                               answer.completion_tokens)
         ...
-        await outputs.result(task.key, event, tracing.current_traceparent() or task.traceparent)
+        await outputs.result(record, task.key, event, tracing.current_traceparent() or task.traceparent)
 
 An exception that leaves a ``with`` block is recorded on its span (status ERROR) and re-raised;
 :meth:`TaskSpan.record_error` records one that the pipeline handles itself (a dead letter).

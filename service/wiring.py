@@ -21,13 +21,16 @@ from typing import Any
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from consumers.producers import (
+    DEFAULT_BATCH_BYTES,
     KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+    RECORD_OVERHEAD_BYTES,
     Outputs,
     Publisher,
     broker_message_max_bytes,
     topic_max_message_bytes,
 )
 from consumers.runner import Runner, RunnerConfig, RunnerMetrics
+from consumers.transactions import TransactionalOutputs, TransactionalProducer
 from dedup.client import RedisClient, close, connect
 from dedup.keys import Keys
 from dedup.ledger import Ledger
@@ -270,11 +273,22 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         real = LLMClient(settings.llm, llm_base_url, metrics)
         closers.append(real.aclose)
         llm = real
-    publisher = Publisher(settings.kafka.producer_config())
-    outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
-    # dead letters are cut to the DLQ topic's limit too, when the broker tells it
-    outputs.set_dlq_limit(topic_max_message_bytes(AdminClient(settings.kafka.common_config()),
-                                                  settings.kafka.dlq_topic))
+    # A record batch must fit the output topics' max.message.bytes: the broker refuses an oversized
+    # batch whole, which would condemn every record in it along with the one that is too large.
+    admin = AdminClient(settings.kafka.common_config())
+    dlq_limit = topic_max_message_bytes(admin, settings.kafka.dlq_topic)
+    limits = [n for n in (dlq_limit, topic_max_message_bytes(admin, settings.kafka.results_topic)) if n]
+    batch = {"batch.size": min(limits + [DEFAULT_BATCH_BYTES]) - RECORD_OVERHEAD_BYTES}
+    publisher = Publisher({**settings.kafka.producer_config(), **batch})
+    transactions: TransactionalProducer | None = None
+    if settings.kafka.transactional:
+        # outcomes are staged and written with their offsets in one transaction per commit
+        transactions = txn = TransactionalProducer({**settings.kafka.transactional_producer_config(), **batch})
+        closers.append(lambda: asyncio.to_thread(txn.close))
+        outputs: Outputs = TransactionalOutputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
+    else:
+        outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
+    outputs.set_dlq_limit(dlq_limit)  # dead letters are cut to the DLQ topic's limit too, when known
     agents = agents or default_agents()
     s = settings
     processor = TaskProcessor(
@@ -312,6 +326,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         ),
         _RunnerMetrics(metrics),
         gate=lambda: processor.accepting,
+        transactions=transactions,
     )
     return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
                    llm_base_url, closers)

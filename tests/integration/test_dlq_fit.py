@@ -96,7 +96,7 @@ def test_a_result_over_the_producer_limit_is_rejected_not_failed(make_settings: 
     async def main() -> None:
         try:
             with pytest.raises(RecordRejected):
-                await asyncio.wait_for(outputs.result("task-1", b"r" * 1_100_000, None), 30)
+                await asyncio.wait_for(outputs.result(failed_record(b"{}"), "task-1", b"r" * 1_100_000, None), 30)
         finally:
             await asyncio.to_thread(outputs.publisher.close)
 

@@ -78,16 +78,17 @@ def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, by
 
 
 def read_topic(bootstrap: str, topic: str, *, expect: int | None = None, timeout_s: float = 30.0,
-               idle_s: float = 1.5) -> list[Msg]:
+               idle_s: float = 1.5, isolation: str = "read_committed") -> list[Msg]:
     """Read a topic from the beginning with a throwaway group.
 
     Returns once ``expect`` records arrived and then nothing more for ``idle_s`` (so extras are
-    seen too), or when ``timeout_s`` passes.
+    seen too), or when ``timeout_s`` passes. ``isolation="read_uncommitted"`` sees the records of
+    aborted transactions too (librdkafka's default, used otherwise, does not).
     """
     consumer = Consumer({
         "bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
         "auto.offset.reset": "earliest", "enable.auto.commit": False,
-        "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+        "session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "isolation.level": isolation,
     })
     consumer.subscribe([topic])
     out: list[Msg] = []
@@ -130,7 +131,10 @@ def assert_one_result_each(bootstrap: str, topic: str, task_ids: list[str], mode
 
 
 def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    """The group's committed offsets. Read uncommitted: a read_committed fetch asks for stable
+    offsets and waits out a transaction in flight, which a poll of a transactional group hits."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                         "isolation.level": "read_uncommitted"})
     try:
         tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         return {tp.partition: tp.offset for tp in tps}

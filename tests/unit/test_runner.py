@@ -200,7 +200,7 @@ def test_a_retry_across_revoke_and_reassign_leaves_the_new_partition_alone() -> 
         runner._dispatch([FakeMsg(0, 5, b"k"), FakeMsg(0, 6, b"k"), FakeMsg(0, 7, b"other")])
         await until(lambda: runner.retrying == 2, "retries")
         old = runner._partitions[(TOPIC, 0)]
-        offsets = await runner._revoked([tp])
+        offsets, _staged = await runner._revoked([tp])
         assert [(o.partition, o.offset) for o in offsets] == [(0, 5)]
         await runner._assigned([tp])
         new = runner._partitions[(TOPIC, 0)]
