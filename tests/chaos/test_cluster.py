@@ -146,3 +146,82 @@ def test_cluster_faults_under_load_lose_nothing_and_give_no_task_two_results(
           f"dead letters {figures['dead_letters']:.0f}, lag after the run {figures['lag']:.0f}")
     assert figures["dead_letters"] == 0
     assert figures["lag"] == 0
+
+
+KILLS = int(os.environ.get("CLUSTER_KILLS", "5"))
+WORKERS = 3
+
+
+def _worker_settings(s: Settings, slot: int) -> Settings:
+    """One replica's settings: its transactional.id stays with its slot across restarts (as a
+    StatefulSet ordinal would), so a restarted worker aborts its predecessor's open transaction."""
+    kafka = s.kafka.model_copy(update={"transactional_id": f"{s.kafka.group_id}-{slot}"})
+    return s.model_copy(update={"kafka": kafka, "worker_id": f"{s.worker_id}-{slot}"})
+
+
+@pytest.mark.parametrize("transactional", [False, True], ids=["at-least-once", "exactly-once"])
+def test_workers_sigkilled_on_the_cluster_and_the_results_read_committed(
+    kafka_cluster: KafkaCluster, make_cluster_settings: Any, fake_llm: FakeLLM, tmp_path: Any, transactional: bool
+) -> None:
+    """Worker processes SIGKILLed at random while thousands of tasks flow. Without transactions a
+    killed worker's published-but-uncommitted results are published again (same bytes); with them,
+    a ``read_committed`` reader sees every task's result exactly once."""
+    import random
+
+    from service.wiring import ensure_topics
+    from tests.support import read_topic, spawn_worker
+
+    s: Settings = make_cluster_settings(kafka={"topic_partitions": PARTITIONS, "transactional": transactional},
+                                        ledger={"lease_ms": 2000}, commit_interval_s=1.0, max_in_flight=16)
+    fake_llm.latency_s = 0.25  # 3 workers, 16 tasks each in flight: about 190 tasks/s, so the kills land mid-run
+    rng = random.Random(11)
+    ids = [f"kx-{i}" for i in range(TASKS)]
+    ensure_topics(s)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = [spawn_worker(_worker_settings(s, i), str(logs / f"w{i}.log")) for i in range(WORKERS)]
+    kills = 0
+    progress: list[int] = []  # offsets committed at each kill
+    try:
+        produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(t.encode(), classify(t, f"text {t}")) for t in ids])
+        for _ in range(KILLS):
+            progress.append(sum(max(o, 0) for o in committed(s.kafka.bootstrap_servers, s.kafka.group_id,
+                                                             s.kafka.input_topic, PARTITIONS).values()))
+            time.sleep(rng.uniform(2.0, 4.0))
+            victim = rng.randrange(WORKERS)
+            os.killpg(workers[victim].pid, signal.SIGKILL)
+            workers[victim].wait(10)
+            kills += 1
+            workers[victim] = spawn_worker(_worker_settings(s, victim), str(logs / f"w{victim}.log"))
+        ends = _end_offsets(s.kafka.bootstrap_servers, s.kafka.input_topic)
+        _wait(lambda: committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, PARTITIONS) == ends,
+              240, "committed offsets at the end of every partition")
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(30)
+            except Exception:  # noqa: BLE001 - make sure nothing outlives the test
+                os.killpg(w.pid, signal.SIGKILL)
+    read = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=TASKS, timeout_s=120, idle_s=3)
+    everything = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=TASKS, timeout_s=120, idle_s=3,
+                            isolation="read_uncommitted")
+    copies: dict[str, int] = {}
+    values: dict[str, set[bytes | None]] = {}
+    for m in read:
+        key = (m.key or b"").decode()
+        copies[key] = copies.get(key, 0) + 1
+        values.setdefault(key, set()).add(m.value)
+    calls = fake_llm.stats()["by_key"]
+    model_calls = sum(calls.get(f"{t}:classify", 0) for t in ids)
+    print(f"\n{'exactly-once' if transactional else 'at-least-once'}: tasks {TASKS}, workers {WORKERS}, "
+          f"SIGKILLs {kills} (offsets committed at each: {progress}), results read_committed {len(read)} (tasks with more than one copy "
+          f"{sum(1 for c in copies.values() if c > 1)}), records incl. aborted {len(everything)}, "
+          f"model calls {model_calls}")
+    assert kills == KILLS and progress[-1] < TASKS, "the kills did not land while tasks were flowing"
+    assert set(copies) == set(ids), "a task has no result"
+    assert all(len(v) == 1 for v in values.values()), "a task has two different results"
+    if transactional:
+        assert sorted(copies.values()) == [1] * TASKS, "a read_committed reader saw a result twice"
