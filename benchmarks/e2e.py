@@ -143,32 +143,60 @@ def run(env: Env, quick: bool) -> list[Figure]:
                               detail="32 keep-alive connections, no service: an upper bound for any "
                                      "figure that calls the fake model on this machine"))
 
-        progress(f"e2e: the service on {n:,} tasks")
-        meter = CpuMeter({"service": None, "fake model": fake.proc.pid,
-                          "broker": env.broker.proc.pid if env.broker else None,
-                          "redis": env.redis.proc.pid if env.redis else None})
-
-        async def go() -> Any:
-            meter.start()
-            async with ServiceRun(settings, fake.base_url, BENCH) as svc:
-                timing = await svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n,
-                                        progress_key="succeeded", interval_s=0.02)
-            meter.stop()
-            return timing
-
-        timing = asyncio.run(go())
-        rate = n / timing.total_s
-        results = env.count(names.results_topic)
-        dlq = env.count(names.dlq_topic)
-        stats = fake.stats()
-        progress(f"  service: {n:,} in {timing.total_s:.2f}s = {rate:,.0f}/s")
-        detail = (f"{n:,} tasks in {timing.total_s:.2f}s incl. {timing.join_s:.2f}s group join; "
-                  f"{timing.counts['succeeded']:,.0f} succeeded, {results:,} result events, {dlq} dead letters, "
-                  f"{stats['requests']:,} model calls; {meter.per_item_ms(n)}")
+        rate, detail = _service_pass(env, settings, fake, n, "the service")
         figures.append(Figure(BENCH, "service end to end", rate, "tasks/s", baseline=f"pipe {pipe_rate:,.0f}/s",
                               target=(">=", 5000.0), detail=detail))
         figures.append(Figure(BENCH, "service / pipe", 100 * rate / pipe_rate, "%",
                               baseline=f"pipe {pipe_rate:,.0f}/s", target=(">=", 50.0)))
+        figures.append(_transactional_pass(env, fake, n, rate))
     finally:
         env.release(fake)
     return figures
+
+
+def _service_pass(env: Env, settings: Any, fake: FakeModel, n: int, what: str) -> tuple[float, str]:
+    """One service over the ``n`` tasks waiting in its input topic: its rate and a detail line."""
+    progress(f"e2e: {what} on {n:,} tasks")
+    meter = CpuMeter({"service": None, "fake model": fake.proc.pid,
+                      "broker": env.broker.proc.pid if env.broker else None,
+                      "redis": env.redis.proc.pid if env.redis else None})
+
+    async def go() -> Any:
+        meter.start()
+        async with ServiceRun(settings, fake.base_url, BENCH) as svc:
+            timing = await svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n,
+                                    progress_key="succeeded", interval_s=0.02)
+        meter.stop()
+        return timing
+
+    timing = asyncio.run(go())
+    rate = n / timing.total_s
+    results = env.count(settings.kafka.results_topic)
+    dlq = env.count(settings.kafka.dlq_topic)
+    stats = fake.stats()
+    fake.reset()
+    progress(f"  {what}: {n:,} in {timing.total_s:.2f}s = {rate:,.0f}/s")
+    return rate, (f"{n:,} tasks in {timing.total_s:.2f}s incl. {timing.join_s:.2f}s group join; "
+                  f"{timing.counts['succeeded']:,.0f} succeeded, {results:,} result events, {dlq} dead letters, "
+                  f"{stats['requests']:,} model calls; {meter.per_item_ms(n)}")
+
+
+def _transactional_pass(env: Env, fake: FakeModel, n: int, default_rate: float) -> Figure:
+    """The same workload with ``AGENT_KAFKA__TRANSACTIONAL=true`` (its own topics, group and ledger),
+    beside the default's rate from this run. Apache Kafka only: the stand-ins' transactions are partial."""
+    name = "service end to end, transactions on"
+    baseline = f"default {default_rate:,.0f}/s"
+    if env.broker_kind != "kafka":
+        return Figure(BENCH, name, None, "tasks/s", baseline=baseline, unavailable=True,
+                      error="needs --broker kafka")
+    names = env.names(f"{BENCH}tx")
+    settings = env.settings(names, fake.base_url, partitions=PARTITIONS,
+                            kafka={"transactional": True, "transactional_id": f"bench-{names.run}"})
+    from service.wiring import ensure_topics
+
+    ensure_topics(settings)
+    env.wait_for_topics([names.input_topic, names.results_topic, names.dlq_topic])
+    env.produce(names.input_topic, task_records(names.run, n), what="tasks")
+    rate, detail = _service_pass(env, settings, fake, n, "the service, transactions on")
+    return Figure(BENCH, name, rate, "tasks/s", baseline=baseline,
+                  detail=f"{100 * rate / default_rate:.0f}% of the default; {detail}")
