@@ -92,7 +92,7 @@ def test_a_complete_whose_reply_was_lost_is_ours_not_stale(make_settings: Any, f
             assert metric(svc, "agent_stale_fence_writes_total") == 0
             assert metric(svc, "agent_results_published_total") == 1
             stored = await svc.ledger.get("lost-1")
-            assert stored is not None and stored.fields.get("published") == "1"
+            assert stored is not None and stored.fields.get("published") == record.coordinates
 
     asyncio.run(scenario())
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
