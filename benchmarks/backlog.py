@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.env import REPO, Env, LiveCount, progress, task_records
 from benchmarks.report import Figure
-from service.settings import Settings
+from service.core.settings import Settings
 
 BENCH = "backlog_rss"
 PARTITIONS = 6
@@ -78,7 +78,7 @@ def run(env: Env, quick: bool) -> list[Figure]:
 
         names = env.names(BENCH)
         settings = env.settings(names, fake.base_url, partitions=PARTITIONS)
-        from service.wiring import ensure_topics
+        from service.runtime.wiring import ensure_topics
 
         ensure_topics(settings)
         env.wait_for_topics([names.input_topic])

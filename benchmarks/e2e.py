@@ -81,7 +81,7 @@ def pipe(env: Env, topic: str, out_topic: str, n: int, group: str) -> tuple[floa
 
 async def _fake_ceiling(fake: FakeModel, total: int, connections: int) -> float:
     """Requests/s the fake model answers over raw keep-alive HTTP/1.1 (no client library)."""
-    from service.kinds import default_agents
+    from service.agents.kinds import default_agents
 
     agent = default_agents().get("classify")
     step = agent.steps[0]
@@ -120,7 +120,7 @@ def run(env: Env, quick: bool) -> list[Figure]:
     settings = env.settings(names, fake.base_url, partitions=PARTITIONS)
     figures: list[Figure] = []
     try:
-        from service.wiring import ensure_topics
+        from service.runtime.wiring import ensure_topics
 
         ensure_topics(settings)
         pipe_out = f"{names.input_topic}.pipe"
@@ -192,7 +192,7 @@ def _transactional_pass(env: Env, fake: FakeModel, n: int, default_rate: float) 
     names = env.names(f"{BENCH}tx")
     settings = env.settings(names, fake.base_url, partitions=PARTITIONS,
                             kafka={"transactional": True, "transactional_id": f"bench-{names.run}"})
-    from service.wiring import ensure_topics
+    from service.runtime.wiring import ensure_topics
 
     ensure_topics(settings)
     env.wait_for_topics([names.input_topic, names.results_topic, names.dlq_topic])

@@ -1,7 +1,7 @@
 """The servers and helpers every benchmark shares.
 
-One local broker and one redis-server for the whole run, started with :mod:`service.local`; the
-fake model runs in a child process of its own (``python -m service.fakellm``) so that answering
+One local broker and one redis-server for the whole run, started with :mod:`service.devtools.local`; the
+fake model runs in a child process of its own (``python -m service.devtools.fakellm``) so that answering
 requests does not compete with the service under test for the interpreter lock. Every benchmark
 asks for its own topics, group and ledger prefix with :meth:`Env.names`.
 """
@@ -26,8 +26,8 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from service import kraft, local
-from service.settings import Settings, to_env
+from service.core.settings import Settings, to_env
+from service.devtools import kraft, local
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ class Names:
 
 
 class FakeModel:
-    """``python -m service.fakellm`` in a child process, steered over its control endpoints."""
+    """``python -m service.devtools.fakellm`` in a child process, steered over its control endpoints."""
 
     def __init__(self, log_dir: Path, latency_s: float = 0.0) -> None:
         port = local.free_port()
@@ -61,7 +61,7 @@ class FakeModel:
         self._root = f"http://127.0.0.1:{port}"
         self._log = open(log_dir / f"fakellm-{port}.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.fakellm", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "service.devtools.fakellm", "--host", "127.0.0.1", "--port", str(port),
              "--latency-s", str(latency_s)],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,

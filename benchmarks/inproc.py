@@ -1,4 +1,4 @@
-"""The service in this process, built by :func:`service.wiring.build` and watched through its metrics.
+"""The service in this process, built by :func:`service.runtime.wiring.build` and watched through its metrics.
 
 Timing points come from the service's own counters, read every few milliseconds: when the first
 record was handed to the pipeline, and when the expected number of outcomes was reached.
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.env import progress
-from service.settings import Settings
-from service.wiring import Service, build, ensure_topics
+from service.core.settings import Settings
+from service.runtime.wiring import Service, build, ensure_topics
 
 _TICK = os.sysconf("SC_CLK_TCK")
 

@@ -30,7 +30,7 @@ def run(env: Env, quick: bool) -> list[Figure]:
             names, fake.base_url, partitions=1, max_in_flight=IN_FLIGHT, max_in_flight_per_partition=IN_FLIGHT,
             llm={"max_concurrency": IN_FLIGHT},
         )
-        from service.wiring import ensure_topics
+        from service.runtime.wiring import ensure_topics
 
         ensure_topics(settings)
         env.wait_for_topics([names.input_topic])

@@ -26,7 +26,7 @@ def run(env: Env, quick: bool) -> list[Figure]:
     fake = env.fake_model(0.0)
     try:
         settings = env.settings(names, fake.base_url, partitions=PARTITIONS)
-        from service.wiring import ensure_topics
+        from service.runtime.wiring import ensure_topics
 
         ensure_topics(settings)
         env.wait_for_topics([names.input_topic])

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from service import kraft, local
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools import kraft, local
 from tests.support import Broker
 
 BROKERS = ("kafka", *local.BROKERS)
@@ -139,7 +139,7 @@ def any_redis_url(request: pytest.FixtureRequest, redis_url: str) -> str:
 
 @pytest.fixture
 def fake_llm() -> Iterator[Any]:
-    from service.fakellm import FakeLLM
+    from service.devtools.fakellm import FakeLLM
 
     with FakeLLM() as fake:
         yield fake

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from service import kraft
-from service.fakellm import FakeLLM
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools import kraft
+from service.devtools.fakellm import FakeLLM
 from tests.support import classify, committed, produce, read_topic, running, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]

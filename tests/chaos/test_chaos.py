@@ -23,9 +23,9 @@ import redis.asyncio as aioredis
 
 from dedup.keys import Keys
 from dedup.ledger import Ledger
-from service.fakellm import FakeLLM, FaultRule
-from service.settings import Settings
-from service.wiring import ensure_topics
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM, FaultRule
+from service.runtime.wiring import ensure_topics
 from tests.support import Broker, classify, produce, read_topic, spawn_worker, task_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]

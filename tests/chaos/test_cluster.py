@@ -21,9 +21,9 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from service.fakellm import FakeLLM
-from service.kraft import KafkaCluster, KafkaNode
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
+from service.devtools.kraft import KafkaCluster, KafkaNode
 from tests.support import assert_one_result_each, classify, committed, metric, produce, running, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -168,7 +168,7 @@ def test_workers_sigkilled_on_the_cluster_and_the_results_read_committed(
     a ``read_committed`` reader sees every task's result exactly once."""
     import random
 
-    from service.wiring import ensure_topics
+    from service.runtime.wiring import ensure_topics
     from tests.support import read_topic, spawn_worker
 
     s: Settings = make_cluster_settings(kafka={"topic_partitions": PARTITIONS, "transactional": transactional},

@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service import local
-from service.app import create_app
-from service.fakellm import FakeLLM
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.settings import Settings
+from service.devtools import local
+from service.devtools.fakellm import FakeLLM
 from tests.support import classify, metric, produce, running, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from service.fakellm import FakeLLM, FaultRule
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM, FaultRule
 from tests.support import Broker, classify, produce, read_topic, running, spawn_worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -26,7 +26,7 @@ def test_killed_worker_leaves_its_task_to_be_finished_once_by_another(
     fake_llm.add_fault(FaultRule("latency", match="crash-1", times=1, delay_s=60))
     n = 20
     records = [(b"crash-1", classify("crash-1"))] + [(f"k-{i}".encode(), classify(f"k-{i}", f"t{i}")) for i in range(n)]
-    from service.wiring import ensure_topics
+    from service.runtime.wiring import ensure_topics
 
     ensure_topics(s)
     worker = spawn_worker(s, str(tmp_path / "worker.log"))
@@ -78,7 +78,7 @@ def test_sigterm_drains_in_flight_work_and_commits(make_settings: Any, fake_llm:
     s: Settings = make_settings(kafka={"topic_partitions": 1})
     fake_llm.add_fault(FaultRule("latency", match="drain-", delay_s=2.0))
     records = [(f"drain-{i}".encode(), classify(f"drain-{i}", f"t{i}")) for i in range(5)]
-    from service.wiring import ensure_topics
+    from service.runtime.wiring import ensure_topics
     from tests.support import committed
 
     ensure_topics(s)

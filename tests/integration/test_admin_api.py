@@ -12,10 +12,10 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from service.app import READS_DISABLED, create_app
-from service.fakellm import FakeLLM, FaultRule
-from service.settings import Settings
-from service.wiring import Service, build, ensure_topics
+from service.api.app import READS_DISABLED, create_app
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM, FaultRule
+from service.runtime.wiring import Service, build, ensure_topics
 from tests.support import classify, metric, read_topic, running, wait_for
 
 pytestmark = pytest.mark.integration

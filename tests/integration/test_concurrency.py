@@ -13,8 +13,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from consumers.records import Record
 from consumers.runner import Runner, RunnerConfig, RunnerMetrics
-from service.fakellm import FakeLLM
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
 from tests.support import Broker, assert_one_result_each, classify, committed, produce, running, wait_for
 
 pytestmark = pytest.mark.integration

@@ -20,9 +20,9 @@ from consumers.producers import (
     topic_max_message_bytes,
 )
 from consumers.records import Record
-from service.fakellm import FakeLLM
-from service.settings import Settings
-from service.wiring import build, ensure_topics
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
+from service.runtime.wiring import build, ensure_topics
 from tests.support import Broker, read_topic
 
 pytestmark = pytest.mark.integration

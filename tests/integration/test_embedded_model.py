@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from service import local
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools import local
 from tests.support import classify, metric, produce, read_topic, running, task_value, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.embedded_llm]

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from service.fakellm import FakeLLM, FaultRule
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM, FaultRule
 from tests.support import classify, metric, produce, running, wait_for
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 from dedup.client import close, connect
-from service.guard import EndpointGuard
-from service.metrics import Metrics
+from service.core.metrics import Metrics
+from service.llm.guard import EndpointGuard
 
 pytestmark = pytest.mark.integration
 

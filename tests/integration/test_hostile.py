@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service.app import create_app
-from service.fakellm import FakeLLM, FaultRule
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM, FaultRule
 from tests.support import classify, committed, metric, produce, read_topic, running, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.standins]  # the embedded mode runs on the stand-ins

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from dedup.keys import Keys
 from dedup.ledger import Ledger, LedgerUnavailable
-from service import local
+from service.devtools import local
 
 pytestmark = pytest.mark.integration
 

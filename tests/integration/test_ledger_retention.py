@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import redis
 
-from service.fakellm import FakeLLM
-from service.settings import Settings
-from service.wiring import MIN_LEDGER_TTL_S, StartupRefused, topic_retention_s
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
+from service.runtime.wiring import MIN_LEDGER_TTL_S, StartupRefused, topic_retention_s
 from tests.support import Broker, running
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from service.fakellm import FakeLLM, FaultRule
-from service.settings import Settings
-from service.tasks import canonical_json, digest
+from service.agents.tasks import canonical_json, digest
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM, FaultRule
 from tests.support import metric, produce, read_topic, running, task_value, wait_for
 
 pytestmark = pytest.mark.integration

@@ -29,10 +29,10 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
-from service.app import create_app
-from service.fakellm import FakeLLM
-from service.settings import Settings
-from service.wiring import Service
+from service.api.app import create_app
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
+from service.runtime.wiring import Service
 from tests.support import metric, produce, running, wait_for
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from service.fakellm import FakeLLM, FaultRule
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM, FaultRule
 from tests.support import classify, committed, metric, produce, read_topic, running, task_value, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.standins]  # the embedded mode runs on the stand-ins

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from service.fakellm import FakeLLM
-from service.kinds import Agent, AgentRegistry, ClassifyInput, ClassifyStep, default_agents
-from service.settings import Settings
+from service.agents.kinds import Agent, AgentRegistry, ClassifyInput, ClassifyStep, default_agents
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
 from tests.support import classify, metric, produce, read_topic, running, wait_for
 
 pytestmark = pytest.mark.integration
@@ -81,7 +81,7 @@ def test_a_complete_whose_reply_was_lost_is_ours_not_stale(make_settings: Any, f
                                               event=b'{"task_id":"lost-1"}', model="m", prompt_version="v")
             assert first.status == "ok"
             from consumers.records import Record
-            from service.tasks import decode_task
+            from service.agents.tasks import decode_task
 
             task = decode_task(classify("lost-1"), [], s.max_task_bytes)
             agent = proc.agents.get("classify")

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service.fakellm import FakeLLM
-from service.local import free_port
-from service.settings import Settings
-from service.wiring import build, ensure_topics
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
+from service.devtools.local import free_port
+from service.runtime.wiring import build, ensure_topics
 from tests.support import classify, metric, produce, wait_for
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from dedup.client import close, connect
-from service.fakellm import FakeLLM
-from service.guard import RateLimiter
-from service.metrics import Metrics
-from service.settings import Settings
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
+from service.llm.guard import RateLimiter
 from tests.support import classify, metric, produce, running, wait_for
 
 pytestmark = pytest.mark.integration

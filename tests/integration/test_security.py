@@ -15,11 +15,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from dedup.ledger import LedgerUnavailable
-from service import local
-from service.app import create_app
-from service.fakellm import FakeLLM
-from service.settings import Settings
-from service.wiring import redis_client
+from service.api.app import create_app
+from service.core.settings import Settings
+from service.devtools import local
+from service.devtools.fakellm import FakeLLM
+from service.runtime.wiring import redis_client
 from tests.support import classify, metric, produce, read_topic, running, wait_for
 
 pytestmark = pytest.mark.integration

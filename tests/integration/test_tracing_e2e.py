@@ -10,9 +10,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service.fakellm import FakeLLM
-from service.settings import Settings
-from service.tracing import Tracing
+from service.core.settings import Settings
+from service.core.tracing import Tracing
+from service.devtools.fakellm import FakeLLM
 from tests.support import classify, metric, produce, read_topic, running, wait_for
 
 pytestmark = pytest.mark.integration

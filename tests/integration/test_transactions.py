@@ -14,8 +14,8 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from service.fakellm import FakeLLM
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
 from tests.support import classify, committed, metric, produce, read_topic, running, task_value, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka_only]

@@ -14,9 +14,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from service import local
-from service.settings import Settings, to_env
-from service.wiring import Service, build, ensure_topics
+from service.core.settings import Settings, to_env
+from service.devtools import local
+from service.runtime.wiring import Service, build, ensure_topics
 
 
 @dataclass

@@ -43,7 +43,7 @@ def _raising_inside(module: str) -> Any:
     return namespace["hgetall"]
 
 
-@pytest.mark.parametrize(("module", "outage"), [("redis.asyncio.connection", True), ("service.processor", False)])
+@pytest.mark.parametrize(("module", "outage"), [("redis.asyncio.connection", True), ("service.pipeline.processor", False)])
 def test_the_ledger_calls_a_failure_inside_redis_an_outage_and_leaves_others_alone(module: str, outage: bool) -> None:
     from dedup.ledger import Ledger, LedgerUnavailable
 

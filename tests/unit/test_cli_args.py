@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.cli import JsonFormatter, Progress, main, parse_args, read_tasks
-from service.tasks import TaskEvent
+from service.agents.tasks import TaskEvent
+from service.cli.main import JsonFormatter, Progress, main, parse_args, read_tasks
 
 
 def lines_of(text: str) -> list[tuple[int, TaskEvent | str]]:

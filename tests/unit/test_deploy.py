@@ -3,7 +3,7 @@
 No container engine or cluster is needed: docker-compose.yml is validated against the
 compose-spec JSON schema, the Kubernetes manifests structurally and through ``kubectl
 kustomize``, the Prometheus files with ``promtool``, and every metric named in an alert or a
-dashboard query against what :class:`service.metrics.Metrics` really exports. A missing tool
+dashboard query against what :class:`service.core.metrics.Metrics` really exports. A missing tool
 fails its test: nothing here is skipped.
 
 Tools and packages: promtool (Debian ``prometheus``), kubectl, and the Python packages
@@ -56,7 +56,7 @@ DLQ_TOPIC = "agent.tasks.dlq"
 GROUP_ID = "agent-workers"
 INPUT_PARTITIONS = 6
 
-# The settings the deployment files may set (a subset of what service.settings reads).
+# The settings the deployment files may set (a subset of what service.core.settings reads).
 DEPLOY_ENV = frozenset(
     {
         "AGENT_KAFKA__BOOTSTRAP_SERVERS",
@@ -130,10 +130,10 @@ def interpolate_default(value: Any) -> str:
 
 
 def settings_env_names() -> set[str]:
-    """Every environment variable service.settings.Settings reads."""
+    """Every environment variable service.core.settings.Settings reads."""
     from pydantic import BaseModel
 
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     names: set[str] = set()
 
@@ -152,7 +152,7 @@ def settings_env_names() -> set[str]:
 
 def build_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """Settings as the service would build them from exactly ``env``."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     for key in list(os.environ):
         if key.upper().startswith("AGENT_"):
@@ -332,7 +332,7 @@ def exported_metrics() -> tuple[set[str], dict[str, dict[str, set[str]]]]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from service.metrics import Metrics
+    from service.core.metrics import Metrics
 
     text = generate_latest(Metrics().registry).decode("utf-8")
     names: set[str] = set()
@@ -485,7 +485,7 @@ def test_compose_agent_env_names_are_known_settings() -> None:
     unknown = set(env) - DEPLOY_ENV
     assert not unknown, f"not agent-service settings: {sorted(unknown)}"
     not_read = set(env) - settings_env_names()
-    assert not not_read, f"service.settings.Settings reads none of {sorted(not_read)}"
+    assert not not_read, f"service.core.settings.Settings reads none of {sorted(not_read)}"
 
 
 def test_compose_agent_env_values(monkeypatch: pytest.MonkeyPatch) -> None:

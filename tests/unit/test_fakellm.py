@@ -1,4 +1,4 @@
-"""Tests for service.fakellm: answers, faults, statistics and control endpoints over real loopback HTTP."""
+"""Tests for service.devtools.fakellm: answers, faults, statistics and control endpoints over real loopback HTTP."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.fakellm import REFUSAL, FakeLLM, FaultRule, SchemaError, random_instance
+from service.devtools.fakellm import REFUSAL, FakeLLM, FaultRule, SchemaError, random_instance
 
 # ----------------------------------------------------------------------------- a small checker
 
@@ -645,7 +645,7 @@ def test_fault_rules_are_validated(kwargs: dict[str, Any]) -> None:
 
 
 def test_command_line_serves_in_the_foreground() -> None:
-    command = [sys.executable, "-m", "service.fakellm", "--host", "127.0.0.1", "--port", "0", "--latency-s", "0"]
+    command = [sys.executable, "-m", "service.devtools.fakellm", "--host", "127.0.0.1", "--port", "0", "--latency-s", "0"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         try:
             assert process.stdout is not None

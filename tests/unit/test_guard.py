@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from service.guard import EndpointGuard, GuardConfig
-from service.metrics import Metrics
+from service.core.metrics import Metrics
+from service.llm.guard import EndpointGuard, GuardConfig
 
 
 class Clock:
@@ -124,7 +124,7 @@ def degraded_gauge(m: Metrics, reason: str) -> float | None:
 def test_endpoint_fault_opens_at_once_and_degrades(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
     g, m = make(clock, failure_threshold=5, open_s=5)
     assert g.accepting and g.degraded is None
-    with caplog.at_level("WARNING", logger="service.guard"):
+    with caplog.at_level("WARNING", logger="service.llm.guard"):
         g.endpoint_fault("auth", "LLM endpoint rejected the credentials (HTTP 401)")
         g.endpoint_fault("auth", "again")  # same reason: no second warning
     assert g.is_open and g.degraded == "auth" and not g.accepting
@@ -172,7 +172,7 @@ def test_success_after_fault_logs_resuming(clock: Clock, caplog: pytest.LogCaptu
     g.endpoint_fault("not_found", "model 'x' not found")
     g.endpoint_fault("auth", "key revoked")  # the reason changes: the gauge follows
     assert degraded_gauge(m, "not_found") == 0 and degraded_gauge(m, "auth") == 1
-    with caplog.at_level("INFO", logger="service.guard"):
+    with caplog.at_level("INFO", logger="service.llm.guard"):
         g.success()
     assert "endpoint llm.local:8080 answers again; resuming" in caplog.text
     assert degraded_gauge(m, "auth") == 0

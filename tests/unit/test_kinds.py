@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from service.errors import InvalidOutput, PoisonError
-from service.kinds import default_agents
+from service.agents.kinds import default_agents
+from service.core.errors import InvalidOutput, PoisonError
 
 agents = default_agents()
 

@@ -1,4 +1,4 @@
-"""Unit tests for service.llm.LLMClient against real HTTP servers on free loopback ports.
+"""Unit tests for service.llm.client.LLMClient against real HTTP servers on free loopback ports.
 
 Every test talks HTTP over a socket: an aiohttp ``RawTestServer`` whose handler returns an
 ``aiohttp.web`` response, a plain asyncio server that writes raw (often broken) bytes, a port
@@ -29,7 +29,7 @@ from aiohttp.test_utils import RawTestServer
 from multidict import CIMultiDict
 from pydantic import SecretStr
 
-from service.errors import (
+from service.core.errors import (
     EndpointFault,
     InvalidOutput,
     LLMRateLimited,
@@ -38,9 +38,9 @@ from service.errors import (
     PermanentError,
     RetryableError,
 )
-from service.llm import ChatRequest, ChatResult, LLMClient, retry_after, scrub
-from service.metrics import LLM_OUTCOMES, Metrics
-from service.settings import LLMSettings
+from service.core.metrics import LLM_OUTCOMES, Metrics
+from service.core.settings import LLMSettings
+from service.llm.client import ChatRequest, ChatResult, LLMClient, retry_after, scrub
 
 API_KEY = "sk-test-secret-key-123"
 SCHEMA: dict[str, Any] = {

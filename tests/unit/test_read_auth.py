@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service import app as app_module
-from service import dlq
-from service.app import READS_DISABLED, create_app
-from service.settings import Settings
+from service.api import app as app_module
+from service.api.app import READS_DISABLED, create_app
+from service.core.settings import Settings
+from service.pipeline import dlq
 
 READ = {"Authorization": "Bearer r3ad-token"}
 ADMIN = {"Authorization": "Bearer adm1n-token"}

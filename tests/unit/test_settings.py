@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 
 def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,7 +61,7 @@ def test_nested_variables_and_kafka_security_pass_through(monkeypatch: pytest.Mo
 def test_a_reserve_that_starves_batch_work_is_refused(values: dict[str, float]) -> None:
     from pydantic import ValidationError
 
-    from service.settings import LLMSettings
+    from service.core.settings import LLMSettings
 
     with pytest.raises(ValidationError, match="batch work"):
         LLMSettings(**values)
@@ -76,7 +76,7 @@ def test_a_reserve_that_starves_batch_work_is_refused(values: dict[str, float]) 
     ],
 )
 def test_limits_that_leave_batch_work_a_share_are_accepted(values: dict[str, float]) -> None:
-    from service.settings import LLMSettings
+    from service.core.settings import LLMSettings
 
     LLMSettings(**values)
 

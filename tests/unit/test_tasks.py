@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.errors import PoisonError
-from service.kinds import default_agents
-from service.tasks import decode_task, fingerprint, task_key
+from service.agents.kinds import default_agents
+from service.agents.tasks import decode_task, fingerprint, task_key
+from service.core.errors import PoisonError
 
 LIMIT = 262_144
 

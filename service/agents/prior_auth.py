@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.errors import InvalidOutput
-from service.kinds import Agent, Messages, Step, _Input, _system, _user
+from service.agents.kinds import Agent, Messages, Step, _Input, _system, _user
+from service.core.errors import InvalidOutput
 
 
 class PriorAuthInput(_Input):

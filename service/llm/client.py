@@ -2,7 +2,7 @@
 
 One :meth:`LLMClient.chat` call is exactly one HTTP attempt. Retries, backoff and attempt
 budgets belong to the caller; this module only translates what happened on the wire into
-the exceptions of :mod:`service.errors`:
+the exceptions of :mod:`service.core.errors`:
 
     timeout                          LLMTimeout        (outcome unknown)
     connect refused, DNS failure     EndpointFault("unreachable")
@@ -19,7 +19,7 @@ the exceptions of :mod:`service.errors`:
     empty content                    InvalidOutput("empty")
 
 Every attempt increments ``agent_llm_requests_total`` exactly once, with one of
-:data:`service.metrics.LLM_OUTCOMES` (``client_error`` for auth/not_found, ``connection_error``
+:data:`service.core.metrics.LLM_OUTCOMES` (``client_error`` for auth/not_found, ``connection_error``
 for unreachable). Messages put in exceptions are short and pass through :func:`scrub`, so an
 endpoint that echoes a key (``sk-...``, ``Bearer ...``) cannot leak it into logs or dead letters.
 """
@@ -42,7 +42,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from service.errors import (
+from service.core.errors import (
     AgentError,
     EndpointFault,
     InvalidOutput,
@@ -51,8 +51,8 @@ from service.errors import (
     LLMUnavailable,
     PermanentError,
 )
-from service.metrics import Metrics
-from service.settings import LLMSettings
+from service.core.metrics import Metrics
+from service.core.settings import LLMSettings
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class LLMClient:
     async def chat(self, request: ChatRequest) -> ChatResult:
         """Send one chat completion request and return the answer.
 
-        Raises the :mod:`service.errors` exception that matches the failure; never retries.
+        Raises the :mod:`service.core.errors` exception that matches the failure; never retries.
         """
         timeout_s = request.timeout_s if request.timeout_s is not None else self._settings.timeout_s
         payload = json.dumps(self._payload(request), ensure_ascii=False).encode()

@@ -19,9 +19,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from service import local
-from service.settings import Settings
-from service.wiring import build, ensure_topics, install_signal_handlers, start_embedded, with_local_model
+from service.core.settings import Settings
+from service.devtools import local
+from service.runtime.wiring import build, ensure_topics, install_signal_handlers, start_embedded, with_local_model
 
 SAMPLES: list[dict[str, Any]] = [
     {"kind": "classify", "input": {"text": "The parcel arrived crushed and two cups were broken.",
@@ -86,7 +86,7 @@ def _sum(svc: Any, name: str, label: str, values: tuple[str, ...]) -> int:
 
 
 async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> int:
-    from service.metrics import DLQ_REASONS, LLM_OUTCOMES
+    from service.core.metrics import DLQ_REASONS, LLM_OUTCOMES
 
     svc = build(settings, llm_base_url=base_url)
     install_signal_handlers(svc)
@@ -167,7 +167,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         settings = start_embedded(settings, emb, broker=getattr(args, "broker", "noida"))
         base_url = settings.llm.base_url
         if getattr(args, "fake_llm", False):
-            from service.fakellm import FakeLLM
+            from service.devtools.fakellm import FakeLLM
 
             fake = FakeLLM(latency_s=0.05)
             emb.callback(fake.stop)

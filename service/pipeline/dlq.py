@@ -26,7 +26,7 @@ from consumers.producers import DLQ_HEADER_PREFIX, Headers
 from consumers.records import Record
 from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger
-from service.settings import KafkaSettings
+from service.core.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 # librdkafka's own log lines go through logging (not straight to stderr) under this name

@@ -36,13 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from consumers.producers import Headers, ProduceFailed
 from dedup.keys import TASK_KEY_PATTERN
 from dedup.ledger import LedgerUnavailable
-from service import dlq
-from service.errors import PoisonError
-from service.kinds import AgentRegistry
-from service.metrics import DLQ_REASONS
-from service.settings import KafkaSettings
-from service.tasks import TaskEvent, canonical_json, loads, task_key
-from service.wiring import Service
+from service.agents.kinds import AgentRegistry
+from service.agents.tasks import TaskEvent, canonical_json, loads, task_key
+from service.core.errors import PoisonError
+from service.core.metrics import DLQ_REASONS
+from service.core.settings import KafkaSettings
+from service.pipeline import dlq
+from service.runtime.wiring import Service
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.errors import InvalidOutput, PoisonError
-from service.tasks import describe_validation
+from service.agents.tasks import describe_validation
+from service.core.errors import InvalidOutput, PoisonError
 
 Messages = list[dict[str, str]]
 JSON_ONLY = "Answer with one JSON object that matches the given schema and nothing else."
@@ -248,7 +248,7 @@ class SummarizeStep(Step):
 
 
 def default_agents() -> AgentRegistry:
-    from service.prior_auth import prior_auth_agent
+    from service.agents.prior_auth import prior_auth_agent
 
     return AgentRegistry([
         Agent("extract", ExtractInput, (ExtractStep(),)),

@@ -33,7 +33,9 @@ from consumers.producers import Outputs, ProduceFailed, RecordRejected
 from consumers.records import Record
 from dedup.leases import LeaseKeeper
 from dedup.ledger import AttemptsExhausted, Claim, Ledger, LedgerUnavailable, StaleFence
-from service.errors import (
+from service.agents.kinds import Agent, AgentRegistry, Step
+from service.agents.tasks import Task, canonical_json, decode_task, digest, header
+from service.core.errors import (
     EndpointFault,
     InfrastructureError,
     InvalidOutput,
@@ -42,12 +44,10 @@ from service.errors import (
     PoisonError,
     RetryableError,
 )
-from service.guard import EndpointGuard, RateLimiter
-from service.kinds import Agent, AgentRegistry, Step
-from service.llm import ChatRequest, ChatResult
-from service.metrics import Metrics
-from service.tasks import Task, canonical_json, decode_task, digest, header
-from service.tracing import TaskSpan, Tracing
+from service.core.metrics import Metrics
+from service.core.tracing import TaskSpan, Tracing
+from service.llm.client import ChatRequest, ChatResult
+from service.llm.guard import EndpointGuard, RateLimiter
 
 log = logging.getLogger(__name__)
 _NO_SPAN = TaskSpan()

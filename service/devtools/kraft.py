@@ -9,7 +9,7 @@ at once, on free loopback ports, with its storage formatted once by ``kafka.tool
 - :func:`start_kafka_cluster`: three nodes, a three-voter dynamic quorum (``format --initial-controllers``),
   replication factor 3 and ``min.insync.replicas=2`` everywhere.
 
-A node looks like :class:`service.local.Server` (it is one): ``address``, ``stop()``, ``kill()``,
+A node looks like :class:`service.devtools.local.Server` (it is one): ``address``, ``stop()``, ``kill()``,
 ``restart()`` (same ports and data, no new format), ``log_path``, ``proc``. Topics are not created on
 first use (``auto.create.topics.enable=false``): the service creates its own, and a test that forgets to
 is told so. Group session timeouts may be as low as 1 s (classic and KIP-848 consumer groups).
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from service.local import EmbeddedError, Server, _spawn, free_port, wait_for_port
+from service.devtools.local import EmbeddedError, Server, _spawn, free_port, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def kafka_libs() -> Path:
     if override:
         candidates = [Path(override)]
     else:
-        repo = Path(__file__).resolve().parents[1]
+        repo = Path(__file__).resolve().parents[2]
         candidates = list(dict.fromkeys([repo / ".kafka" / "libs", Path.cwd() / ".kafka" / "libs"]))
     for libs in candidates:
         if any(libs.glob(f"{BROKER_JAR_PREFIX}*.jar")):

@@ -1,7 +1,7 @@
 """Service settings: one model, read from ``AGENT_*`` environment variables.
 
 Nested groups use ``__``: ``AGENT_KAFKA__BOOTSTRAP_SERVERS``, ``AGENT_LLM__MODEL``.
-Built once in the entry point (:func:`service.wiring.build`), never at import time.
+Built once in the entry point (:func:`service.runtime.wiring.build`), never at import time.
 Secrets are :class:`~pydantic.SecretStr` and render as ``**********``.
 """
 

@@ -34,14 +34,14 @@ from consumers.transactions import TransactionalOutputs, TransactionalProducer
 from dedup.client import RedisClient, close, connect
 from dedup.keys import Keys
 from dedup.ledger import Ledger
-from service import local
-from service.guard import EndpointGuard, GuardConfig, RateLimiter
-from service.kinds import AgentRegistry, default_agents
-from service.llm import LLMClient
-from service.metrics import Metrics
-from service.processor import ChatClient, ProcessorConfig, TaskProcessor
-from service.settings import Settings
-from service.tracing import Tracing
+from service.agents.kinds import AgentRegistry, default_agents
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.core.tracing import Tracing
+from service.devtools import local
+from service.llm.client import LLMClient
+from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
+from service.pipeline.processor import ChatClient, ProcessorConfig, TaskProcessor
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Service:
         if serve_http:
             import uvicorn
 
-            from service.app import create_app
+            from service.api.app import create_app
 
             app = create_app(self)
             config = uvicorn.Config(

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from dedup.keys import TASK_KEY_PATTERN
-from service.errors import PoisonError
+from service.core.errors import PoisonError
 
 KIND_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 

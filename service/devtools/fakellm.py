@@ -7,7 +7,7 @@
         ...                                      # point a client at fake.base_url
         assert fake.calls_for("order-7") == 2
 
-``python -m service.fakellm --host H --port P`` runs the same server in the foreground for tests
+``python -m service.devtools.fakellm --host H --port P`` runs the same server in the foreground for tests
 that need it in another process; they steer it through the control endpoints.
 
 Answers
@@ -1297,7 +1297,7 @@ def _json_body(body: bytes) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.fakellm",
+        prog="python -m service.devtools.fakellm",
         description="Serve a fault-injecting OpenAI-compatible chat-completions API until stopped.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -27,12 +27,12 @@ from redis.exceptions import RedisError
 from consumers.producers import ProduceFailed
 from dedup.keys import Keys, is_valid_task_key
 from dedup.ledger import Ledger, LedgerUnavailable
-from service.dlq import KAFKA_LOGGER, peek, replay
-from service.errors import PoisonError
-from service.local import BROKERS, EmbeddedError
-from service.metrics import DLQ_REASONS
-from service.settings import Settings
-from service.tasks import TaskEvent, describe_validation
+from service.agents.tasks import TaskEvent, describe_validation
+from service.core.errors import PoisonError
+from service.core.metrics import DLQ_REASONS
+from service.core.settings import Settings
+from service.devtools.local import BROKERS, EmbeddedError
+from service.pipeline.dlq import KAFKA_LOGGER, peek, replay
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def _count_lines(path: Path) -> int | None:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from service.wiring import StartupRefused, run_service
+    from service.runtime.wiring import StartupRefused, run_service
 
     try:
         run_service(settings, embedded=args.embedded, data_dir=args.data_dir, broker=args.broker)
@@ -327,7 +327,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
-    from service.demo import main as demo_main
+    from service.devtools.demo import main as demo_main
 
     return int(demo_main(settings, args))
 
@@ -349,8 +349,8 @@ def _flag_task(args: argparse.Namespace) -> TaskEvent | str:
 
 
 def _produce(settings: Settings, args: argparse.Namespace) -> int:
-    from service.app import prepare_task
-    from service.kinds import default_agents
+    from service.agents.kinds import default_agents
+    from service.api.app import prepare_task
 
     agents = default_agents()
     topic = settings.kafka.input_topic
@@ -429,7 +429,7 @@ def _send(producer: Producer, topic: str, key: str, value: bytes,
 
 @contextlib.asynccontextmanager
 async def _ledger(settings: Settings) -> AsyncIterator[Ledger]:
-    from service.wiring import MIN_LEDGER_TTL_S, redis_client
+    from service.runtime.wiring import MIN_LEDGER_TTL_S, redis_client
 
     client = redis_client(settings)
     try:

@@ -33,7 +33,7 @@ from dedup import scripts
 from dedup.client import RedisClient
 from dedup.keys import Keys
 from dedup.ledger import LedgerUnavailable
-from service.metrics import Metrics
+from service.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

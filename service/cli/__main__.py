@@ -1,0 +1,5 @@
+"""``python -m service.cli``: the ``agent-service`` command."""
+
+from service.cli.main import main
+
+raise SystemExit(main())
