@@ -81,7 +81,7 @@ def pipe(env: Env, topic: str, out_topic: str, n: int, group: str) -> tuple[floa
 
 async def _fake_ceiling(fake: FakeModel, total: int, connections: int) -> float:
     """Requests/s the fake model answers over raw keep-alive HTTP/1.1 (no client library)."""
-    from service.agents.kinds import default_agents
+    from service.agents.registry import default_agents
 
     agent = default_agents().get("classify")
     step = agent.steps[0]

@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.agents.kinds import Agent, Messages, Step, _Input, _system, _user
+from service.agents.base import Agent, Messages, Step
+from service.agents.helpers import StrictInput, system_message, user_message
 from service.core.errors import InvalidOutput
 
 
-class PriorAuthInput(_Input):
+class PriorAuthInput(StrictInput):
     document: str = Field(min_length=1)
     payer: str = Field(min_length=1, max_length=200)
     drug: str = Field(min_length=1, max_length=200)
@@ -79,9 +80,9 @@ class ExtractCase(Step):
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         assert isinstance(task_input, PriorAuthInput)
         return [
-            _system("From the clinical note, extract the patient, diagnosis, prescriber, drug and dose. "
+            system_message("From the clinical note, extract the patient, diagnosis, prescriber, drug and dose. "
                     "Use null for anything the note does not say."),
-            _user(f"{_case(task_input)}\n\nClinical note:\n{task_input.document}"),
+            user_message(f"{_case(task_input)}\n\nClinical note:\n{task_input.document}"),
         ]
 
 
@@ -92,8 +93,8 @@ class CheckBenefit(Step):
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         return [
-            _system("Decide whether the payer covers the drug and whether it needs prior authorization."),
-            _user(f"{_case(task_input)}\n\nExtracted case:\n{_previous(previous, 'extract')}"),
+            system_message("Decide whether the payer covers the drug and whether it needs prior authorization."),
+            user_message(f"{_case(task_input)}\n\nExtracted case:\n{_previous(previous, 'extract')}"),
         ]
 
 
@@ -104,8 +105,8 @@ class MatchPolicy(Step):
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         return [
-            _system("List the payer's medical-necessity criteria for the drug and whether the case meets each."),
-            _user(f"{_case(task_input)}\n\nBenefit check:\n{_previous(previous, 'benefit_check')}"),
+            system_message("List the payer's medical-necessity criteria for the drug and whether the case meets each."),
+            user_message(f"{_case(task_input)}\n\nBenefit check:\n{_previous(previous, 'benefit_check')}"),
         ]
 
 
@@ -116,8 +117,8 @@ class DraftLetter(Step):
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         return [
-            _system("Draft a short prior-authorization request letter from the matched criteria."),
-            _user(f"{_case(task_input)}\n\nCriteria:\n{_previous(previous, 'policy_match')}"),
+            system_message("Draft a short prior-authorization request letter from the matched criteria."),
+            user_message(f"{_case(task_input)}\n\nCriteria:\n{_previous(previous, 'policy_match')}"),
         ]
 
 
@@ -128,8 +129,8 @@ class ReviewLetter(Step):
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         return [
-            _system("Review the letter: submit it, ask for more information, or flag a likely denial."),
-            _user(f"{_case(task_input)}\n\nLetter:\n{_previous(previous, 'draft')}"),
+            system_message("Review the letter: submit it, ask for more information, or flag a likely denial."),
+            user_message(f"{_case(task_input)}\n\nLetter:\n{_previous(previous, 'draft')}"),
         ]
 
 

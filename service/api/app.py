@@ -36,13 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from consumers.producers import Headers, ProduceFailed
 from dedup.keys import TASK_KEY_PATTERN
 from dedup.ledger import LedgerUnavailable
-from service.agents.kinds import AgentRegistry
-from service.agents.tasks import TaskEvent, canonical_json, loads, task_key
+from service.agents.registry import prepare_task
+from service.agents.tasks import TaskEvent, loads
+from service.api.protocol import Served
 from service.core.errors import PoisonError
 from service.core.metrics import DLQ_REASONS
 from service.core.settings import KafkaSettings
 from service.pipeline import dlq
-from service.runtime.wiring import Service
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,11 @@ class BrokerProbe:
             return False
 
 
-def get_service(request: Request) -> Service:
-    return cast(Service, request.app.state.service)
+def get_service(request: Request) -> Served:
+    return cast(Served, request.app.state.service)
 
 
-ServiceDep = Annotated[Service, Depends(get_service)]
+ServiceDep = Annotated[Served, Depends(get_service)]
 bearer = HTTPBearer(
     auto_error=False,
     description="Writes: AGENT_ADMIN_TOKEN. Reads of tasks and dead letters: AGENT_READ_TOKEN or AGENT_ADMIN_TOKEN.",
@@ -405,19 +405,6 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
-def prepare_task(event: TaskEvent, agents: AgentRegistry, max_bytes: int) -> tuple[str, bytes]:
-    """The record key and value for a task, after the checks the consumer would make.
-
-    Raises :class:`PoisonError` for an unknown kind, an input its agent refuses, or a value over
-    ``max_bytes`` (reason ``oversize``).
-    """
-    agents.get(event.kind).parse_input(event.input)
-    value = canonical_json(event.model_dump(mode="json", exclude_none=True)).encode()
-    if len(value) > max_bytes:
-        raise PoisonError("oversize", f"task is {len(value)} bytes, limit is {max_bytes}")
-    return task_key(event), value
-
-
 def _version() -> str:
     try:
         return version("agent-service")
@@ -446,7 +433,7 @@ class RejectControlCharacters:
         await self.app(scope, receive, send)
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Served) -> FastAPI:
     app = FastAPI(title="agent-service", version=_version())
     app.add_middleware(RejectControlCharacters)
     app.state.service = service

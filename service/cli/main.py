@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from consumers.producers import ProduceFailed
 from dedup.keys import Keys, is_valid_task_key
 from dedup.ledger import Ledger, LedgerUnavailable
+from service.agents.registry import default_agents, prepare_task
 from service.agents.tasks import TaskEvent, describe_validation
 from service.core.errors import PoisonError
 from service.core.metrics import DLQ_REASONS
@@ -349,8 +350,6 @@ def _flag_task(args: argparse.Namespace) -> TaskEvent | str:
 
 
 def _produce(settings: Settings, args: argparse.Namespace) -> int:
-    from service.agents.kinds import default_agents
-    from service.api.app import prepare_task
 
     agents = default_agents()
     topic = settings.kafka.input_topic

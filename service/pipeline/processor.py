@@ -33,7 +33,8 @@ from consumers.producers import Outputs, ProduceFailed, RecordRejected
 from consumers.records import Record
 from dedup.leases import LeaseKeeper
 from dedup.ledger import AttemptsExhausted, Claim, Ledger, LedgerUnavailable, StaleFence
-from service.agents.kinds import Agent, AgentRegistry, Step
+from service.agents.base import Agent, Step
+from service.agents.registry import AgentRegistry
 from service.agents.tasks import Task, canonical_json, decode_task, digest, header
 from service.core.errors import (
     EndpointFault,

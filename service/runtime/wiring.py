@@ -34,7 +34,8 @@ from consumers.transactions import TransactionalOutputs, TransactionalProducer
 from dedup.client import RedisClient, close, connect
 from dedup.keys import Keys
 from dedup.ledger import Ledger
-from service.agents.kinds import AgentRegistry, default_agents
+from service.agents.registry import AgentRegistry, default_agents
+from service.api.app import create_app
 from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.core.tracing import Tracing
@@ -227,8 +228,6 @@ class Service:
         tasks = [asyncio.create_task(self.runner.run(), name="consumer")]
         if serve_http:
             import uvicorn
-
-            from service.api.app import create_app
 
             app = create_app(self)
             config = uvicorn.Config(

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from service.agents.kinds import Agent, AgentRegistry, ClassifyInput, ClassifyStep, default_agents
+from service.agents.base import Agent
+from service.agents.kinds import ClassifyInput, ClassifyStep
+from service.agents.registry import AgentRegistry, default_agents
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from tests.support import classify, metric, produce, read_topic, running, wait_for

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumers.records import Record
-from service.agents.kinds import default_agents
+from service.agents.registry import default_agents
 from service.core.errors import PoisonError
 from service.pipeline.processor import decode_record
 

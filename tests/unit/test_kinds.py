@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.agents.kinds import default_agents
+from service.agents.registry import default_agents
 from service.core.errors import InvalidOutput, PoisonError
 
 agents = default_agents()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.agents.kinds import default_agents
+from service.agents.registry import default_agents
 from service.agents.tasks import decode_task, fingerprint, task_key
 from service.core.errors import PoisonError
 

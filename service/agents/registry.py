@@ -1,0 +1,64 @@
+"""The registry of kinds, the default one, and a task made ready for the input topic.
+
+New kinds register in an :class:`AgentRegistry`; the consumer never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from service.agents.base import Agent
+from service.agents.kinds import (
+    ClassifyInput,
+    ClassifyStep,
+    ExtractInput,
+    ExtractStep,
+    SummarizeInput,
+    SummarizeStep,
+)
+from service.agents.prior_auth import prior_auth_agent
+from service.agents.tasks import TaskEvent, canonical_json, task_key
+from service.core.errors import PoisonError
+
+
+class AgentRegistry:
+    def __init__(self, agents: Iterable[Agent] = ()) -> None:
+        self._agents: dict[str, Agent] = {}
+        for agent in agents:
+            self.register(agent)
+
+    def register(self, agent: Agent) -> None:
+        if agent.kind in self._agents:
+            raise ValueError(f"kind {agent.kind!r} is registered twice")
+        self._agents[agent.kind] = agent
+
+    def get(self, kind: str) -> Agent:
+        try:
+            return self._agents[kind]
+        except KeyError:
+            raise PoisonError("schema", f"unknown kind {kind!r}") from None
+
+    def kinds(self) -> list[str]:
+        return sorted(self._agents)
+
+
+def default_agents() -> AgentRegistry:
+    return AgentRegistry([
+        Agent("extract", ExtractInput, (ExtractStep(),)),
+        Agent("classify", ClassifyInput, (ClassifyStep(),)),
+        Agent("summarize", SummarizeInput, (SummarizeStep(),)),
+        prior_auth_agent(),
+    ])
+
+
+def prepare_task(event: TaskEvent, agents: AgentRegistry, max_bytes: int) -> tuple[str, bytes]:
+    """The record key and value for a task, after the checks the consumer would make.
+
+    Raises :class:`PoisonError` for an unknown kind, an input its agent refuses, or a value over
+    ``max_bytes`` (reason ``oversize``).
+    """
+    agents.get(event.kind).parse_input(event.input)
+    value = canonical_json(event.model_dump(mode="json", exclude_none=True)).encode()
+    if len(value) > max_bytes:
+        raise PoisonError("oversize", f"task is {len(value)} bytes, limit is {max_bytes}")
+    return task_key(event), value
