@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from service.core.settings import Settings
+from service.core.settings import EMBEDDED_BROKERS, Settings
 from service.devtools import kraft, local
 from tests.support import Broker
 
-BROKERS = ("kafka", *local.BROKERS)
-STANDINS = frozenset(local.BROKERS)
+BROKERS = ("kafka", *EMBEDDED_BROKERS)
+STANDINS = frozenset(EMBEDDED_BROKERS)
 
 
 def _chosen() -> list[str] | None:

@@ -29,10 +29,9 @@ from dedup.keys import Keys, is_valid_task_key
 from dedup.ledger import Ledger, LedgerUnavailable
 from service.agents.registry import default_agents, prepare_task
 from service.agents.tasks import TaskEvent, describe_validation
-from service.core.errors import PoisonError
+from service.core.errors import EmbeddedError, PoisonError
 from service.core.metrics import DLQ_REASONS
-from service.core.settings import Settings
-from service.devtools.local import BROKERS, EmbeddedError
+from service.core.settings import EMBEDDED_BROKERS, Settings
 from service.pipeline.dlq import KAFKA_LOGGER, peek, replay
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="consume tasks and serve the HTTP API until signalled")
     run.add_argument("--embedded", action="store_true", help="start a local broker and redis-server")
-    run.add_argument("--broker", choices=BROKERS, default="noida", help="embedded broker (default: noida)")
+    run.add_argument("--broker", choices=EMBEDDED_BROKERS, default="noida", help="embedded broker (default: noida)")
     run.add_argument("--data-dir", type=Path, help="where embedded servers keep their data")
     run.set_defaults(handler=_run)
 
@@ -108,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the service end to end on local servers")
     demo.add_argument("--tasks", type=positive_int, default=8)
-    demo.add_argument("--broker", choices=BROKERS, default="noida")
+    demo.add_argument("--broker", choices=EMBEDDED_BROKERS, default="noida")
     demo.add_argument("--data-dir", type=Path)
     demo.add_argument("--fake-llm", action="store_true", help="answer with a fake model instead of the local one")
     demo.set_defaults(handler=_demo)
@@ -317,10 +316,15 @@ def _count_lines(path: Path) -> int | None:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from service.runtime.wiring import StartupRefused, run_service
+    from service.runtime.wiring import StartupRefused, serve
 
     try:
-        run_service(settings, embedded=args.embedded, data_dir=args.data_dir, broker=args.broker)
+        if args.embedded or settings.llm.base_url is None:
+            from service.devtools.embedded import run_embedded
+
+            run_embedded(settings, embedded=args.embedded, data_dir=args.data_dir, broker=args.broker)
+        else:
+            serve(settings, llm_base_url=settings.llm.base_url)
     except StartupRefused as exc:
         print(f"agent-service: refusing to start: {exc}", file=sys.stderr)
         return 2

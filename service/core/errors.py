@@ -18,6 +18,9 @@
     └── InfrastructureError            Redis or Kafka did not answer: never dead-letter, retry
                                        the record until they are back
 
+    EmbeddedError(RuntimeError)        an embedded server (broker, redis-server, model) could
+                                       not be started: outside the tree, it never meets a record
+
 Library exceptions (aiohttp, redis, confluent-kafka) are translated where they enter.
 """
 
@@ -76,3 +79,7 @@ class LLMUnavailable(RetryableError):
 
 class InfrastructureError(AgentError):
     pass
+
+
+class EmbeddedError(RuntimeError):
+    """An embedded server could not be started."""

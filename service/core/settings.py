@@ -14,6 +14,8 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+EMBEDDED_BROKERS = ("noida", "tansu")  # what `agent-service run --embedded --broker` may start
+
 
 class KafkaSettings(BaseModel):
     bootstrap_servers: str = "127.0.0.1:9092"

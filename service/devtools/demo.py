@@ -21,7 +21,8 @@ from confluent_kafka import Consumer, Producer
 
 from service.core.settings import Settings
 from service.devtools import local
-from service.runtime.wiring import build, ensure_topics, install_signal_handlers, start_embedded, with_local_model
+from service.devtools.embedded import start_embedded, with_local_model
+from service.runtime.wiring import build, ensure_topics, install_signal_handlers
 
 SAMPLES: list[dict[str, Any]] = [
     {"kind": "classify", "input": {"text": "The parcel arrived crushed and two cups were broken.",

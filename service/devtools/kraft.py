@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from service.devtools.local import EmbeddedError, Server, _spawn, free_port, wait_for_port
+from service.core.errors import EmbeddedError
+from service.devtools.local import Server, _spawn, free_port, wait_for_port
 
 log = logging.getLogger(__name__)
 

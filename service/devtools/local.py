@@ -22,14 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.core.errors import EmbeddedError
+from service.core.settings import EMBEDDED_BROKERS
+
 log = logging.getLogger(__name__)
 
-BROKERS = ("noida", "tansu")
 LOCAL_MODEL_CONTEXT = 2048
-
-
-class EmbeddedError(RuntimeError):
-    """An embedded server could not be started."""
 
 
 def free_port() -> int:
@@ -116,7 +114,7 @@ def broker_argv(kind: str, port: int, data_dir: Path) -> list[str]:
         url = f"tcp://127.0.0.1:{port}"
         return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
                 "--storage-engine", "memory://tansu/"]
-    raise EmbeddedError(f"unknown broker {kind!r}; choose one of {BROKERS}")
+    raise EmbeddedError(f"unknown broker {kind!r}; choose one of {EMBEDDED_BROKERS}")
 
 
 def start_broker(kind: str, data_dir: Path, port: int | None = None) -> Server:

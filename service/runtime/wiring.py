@@ -1,8 +1,8 @@
 """The composition root: builds every part from one :class:`Settings` and hands them in.
 
 Nothing here runs at import. ``Service.run()`` serves the consumer and the HTTP app in one event
-loop; ``run_service()`` is what ``agent-service run`` calls, with embedded servers for whatever
-the settings leave unconfigured.
+loop; ``serve()`` is what ``agent-service run`` calls on configured servers
+(:mod:`service.devtools.embedded` starts embedded ones for what the settings leave unconfigured).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import signal
 import socket
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -39,7 +38,6 @@ from service.api.app import create_app
 from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.core.tracing import Tracing
-from service.devtools import local
 from service.llm.client import LLMClient
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
 from service.pipeline.processor import ChatClient, ProcessorConfig, TaskProcessor
@@ -349,48 +347,15 @@ def install_signal_handlers(service: Service) -> None:
         loop.add_signal_handler(signum, handle, signum)
 
 
-def run_service(settings: Settings, *, embedded: bool, data_dir: Path | None = None,
-                broker: str = "noida") -> None:
-    """``agent-service run``: embedded servers for what is unconfigured, then serve until signalled."""
-    with local.Embedded(data_dir or local.default_data_dir()) as emb:
-        if embedded:
-            settings = start_embedded(settings, emb, broker=broker)
-        base_url = settings.llm.base_url
-        if base_url is None:
-            server = emb.start("llm", local.start_local_model(emb.data_dir / "llm", gguf=settings.llm.local_gguf))
-            base_url = f"http://{server.address}/v1"
-            settings = with_local_model(settings)
-        ensure_topics(settings)
+def serve(settings: Settings, *, llm_base_url: str) -> None:
+    """``agent-service run`` on configured servers: create the topics, then serve until signalled."""
+    ensure_topics(settings)
 
-        async def main() -> None:
-            service = build(settings, llm_base_url=base_url)
-            install_signal_handlers(service)
-            log.info("serving: input=%s group=%s http=%s:%d llm=%s", settings.kafka.input_topic,
-                     settings.kafka.group_id, settings.http.host, settings.http.port, base_url)
-            await service.run()
+    async def main() -> None:
+        service = build(settings, llm_base_url=llm_base_url)
+        install_signal_handlers(service)
+        log.info("serving: input=%s group=%s http=%s:%d llm=%s", settings.kafka.input_topic,
+                 settings.kafka.group_id, settings.http.host, settings.http.port, llm_base_url)
+        await service.run()
 
-        asyncio.run(main())
-
-
-def with_local_model(settings: Settings) -> Settings:
-    """The embedded model's name and window."""
-    llm = settings.llm.model_copy(update={
-        "model": "smollm2", "context_tokens": min(settings.llm.context_tokens, local.LOCAL_MODEL_CONTEXT),
-        "response_format": "json_object",
-    })
-    return settings.model_copy(update={"llm": llm})
-
-
-def start_embedded(settings: Settings, emb: Any, *, broker: str = "noida") -> Settings:
-    """Start a local broker and redis-server and return settings that point at them."""
-    b = emb.start("broker", local.start_broker(broker, emb.data_dir / broker))
-    r = emb.start("redis", local.start_redis(emb.data_dir / "redis"))
-    kafka = settings.kafka.model_copy(update={
-        "bootstrap_servers": b.address,
-        # noida-db never hands over cooperatively revoked partitions: use an eager protocol there
-        "partition_assignment_strategy": "roundrobin" if broker == "noida" else settings.kafka.partition_assignment_strategy,
-        "session_timeout_ms": 6000,
-        "heartbeat_interval_ms": 500,
-    })
-    redis = settings.redis.model_copy(update={"url": type(settings.redis.url)(f"redis://{r.address}/0")})
-    return settings.model_copy(update={"kafka": kafka, "redis": redis})
+    asyncio.run(main())
