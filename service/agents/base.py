@@ -52,6 +52,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Agent:
+    """A kind of task: its input model and its steps; the result is the last step's output."""
+
     kind: str
     input_model: type[BaseModel]
     steps: tuple[Step, ...]

@@ -22,6 +22,8 @@ from service.core.errors import PoisonError
 
 
 class AgentRegistry:
+    """The kinds a service runs, by name; a kind registers once."""
+
     def __init__(self, agents: Iterable[Agent] = ()) -> None:
         self._agents: dict[str, Agent] = {}
         for agent in agents:

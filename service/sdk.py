@@ -1,0 +1,57 @@
+"""What your own agent imports: the agent model, the helpers for writing a kind, and the errors.
+
+A kind is an :class:`Agent`: a name, an input model and one or more steps, each step one model
+call. Register it next to the built-in kinds and hand the registry to the service::
+
+    from service.sdk import Agent, Messages, Step, StrictInput, default_agents, system_message, user_message
+
+    class TicketInput(StrictInput):
+        text: str
+
+    class Triage(Step):
+        name, prompt_version, output_model = "triage", "triage-v1", TriageOutput
+
+        def messages(self, task_input, previous) -> Messages:
+            return [system_message("Triage the ticket."), user_message(task_input.text)]
+
+    agents = default_agents()
+    agents.register(Agent("triage", TicketInput, (Triage(),)))
+
+The names, and nothing else:
+
+- ``Agent``: a kind of task, its input model and its steps; the result is the last step's output.
+- ``AgentRegistry``: the kinds a service runs, by name.
+- ``default_agents``: a registry of the built-in kinds (``extract``, ``classify``, ``summarize``, ``prior_auth``).
+- ``Step``: one model call: a versioned prompt, an output model, and the checks a schema cannot express.
+- ``Messages``: the chat messages a step sends, ``[{"role": ..., "content": ...}]``.
+- ``StrictInput``: a base for input models that refuses unknown fields.
+- ``system_message``: a system prompt that asks for the step's JSON object and nothing else.
+- ``user_message``: a user message.
+- ``TaskEvent``: the task as a producer writes it to the input topic.
+- ``AgentError``: the root of the service's own exceptions.
+- ``InvalidOutput``: raise it from ``Step.check`` to refuse an answer (retried, then dead-lettered).
+- ``PoisonError``: a task that can never succeed (dead-lettered at once), as ``Agent.parse_input`` raises it.
+
+Everything else in ``service`` is the service's own and may change without notice.
+"""
+
+from service.agents.base import Agent, Messages, Step
+from service.agents.helpers import StrictInput, system_message, user_message
+from service.agents.registry import AgentRegistry, default_agents
+from service.agents.tasks import TaskEvent
+from service.core.errors import AgentError, InvalidOutput, PoisonError
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "AgentRegistry",
+    "InvalidOutput",
+    "Messages",
+    "PoisonError",
+    "Step",
+    "StrictInput",
+    "TaskEvent",
+    "default_agents",
+    "system_message",
+    "user_message",
+]
