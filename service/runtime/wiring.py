@@ -40,7 +40,8 @@ from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.llm.client import LLMClient
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
-from service.pipeline.processor import ChatClient, ProcessorConfig, TaskProcessor
+from service.pipeline.base import ChatClient, ProcessorConfig
+from service.pipeline.processor import TaskProcessor
 
 log = logging.getLogger(__name__)
 

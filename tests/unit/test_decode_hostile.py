@@ -1,6 +1,6 @@
 """The decode edge against the worst a producer can send: it raises nothing but PoisonError.
 
-These go through :func:`service.pipeline.processor.decode_record`, the very function the consumer calls on
+These go through :func:`service.pipeline.decode.decode_record`, the very function the consumer calls on
 every record (bytes to task, agent and validated input), with JSON a generator writes by hand so
 that it can hold what ``json.dumps`` refuses to: lone surrogate escapes, numbers out of range or
 non-finite, dates that overflow once normalised to UTC, and nesting deeper than any parser allows.
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from consumers.records import Record
 from service.agents.registry import default_agents
 from service.core.errors import PoisonError
-from service.pipeline.processor import decode_record
+from service.pipeline.decode import decode_record
 
 LIMIT = 262_144
 AGENTS = default_agents()

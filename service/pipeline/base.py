@@ -1,0 +1,76 @@
+"""What the stages of the per-record pipeline share: the processor's settings, the model client it
+calls, the two ways a stage ends a task early, and the trace span of the record in flight."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from service.agents.tasks import Task, canonical_json
+from service.core.tracing import TaskSpan
+from service.llm.client import ChatRequest, ChatResult
+
+_NO_SPAN = TaskSpan()
+_record_span: ContextVar[TaskSpan | None] = ContextVar("task_span", default=None)
+
+
+def current_span() -> TaskSpan:
+    """The span of the record this task is processing (a no-op span outside one)."""
+    return _record_span.get() or _NO_SPAN
+
+
+class ChatClient(Protocol):
+    async def chat(self, request: ChatRequest) -> ChatResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorConfig:
+    max_task_bytes: int = 262_144
+    max_attempts: int = 4
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    llm_timeout_s: float = 30.0
+    busy_poll_s: float = 0.5
+    lease_ms: int = 30_000
+    context_tokens: int = 8192
+    max_output_tokens: int = 512
+    shadow_sample_rate: float = 0.0
+    # a failure of the service's own code on one record: retried this many times, then `internal`
+    internal_retries: int = 3
+    internal_backoff_s: float = 0.5
+
+
+class ToDeadLetter(Exception):
+    """The task ends as a dead letter with this reason: raised by a stage, handled by the processor."""
+
+    def __init__(self, reason: str, error: str, attempts: int) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+        self.attempts = attempts
+
+
+class LostFence(Exception):
+    """A newer fence holds the task: this worker stops writing, the new holder finishes it."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def deadline_of(task: Task) -> str | None:
+    return iso(task.deadline) if task.deadline is not None else None
+
+
+def estimate_tokens(messages: list[dict[str, str]], schema: dict[str, Any] | None) -> int:
+    """A conservative token estimate (three characters a token) of a request's prompt."""
+    chars = sum(len(m.get("content", "")) + 8 for m in messages)
+    if schema is not None:
+        chars += len(canonical_json(schema))
+    return chars // 3 + 1

@@ -1,0 +1,79 @@
+"""Claiming a task in the ledger, and what each decision of the claim does.
+
+- ``claimed``: this worker holds the task under a fresh fence; the processor runs it.
+- ``succeeded`` / ``dead``: done before: never call the model again; re-emit the stored outcome,
+  byte for byte, if it was not acknowledged yet.
+- ``busy``: another worker holds a live lease: wait until it finishes or its lease expires.
+- ``conflict``: the same key with a different input: dead-letter, the first result stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from consumers.records import Record
+from dedup.ledger import Claim, LedgerUnavailable
+from service.agents.tasks import Task
+from service.pipeline.base import ProcessorConfig, current_span, deadline_of
+from service.pipeline.outcomes import Outcomes
+
+log = logging.getLogger(__name__)
+
+
+class Claims(Outcomes):
+    """The stage that claims a task; a part of :class:`~service.pipeline.processor.TaskProcessor`."""
+
+    config: ProcessorConfig
+    worker_id: str
+
+    async def _claim(self, record: Record, task: Task, ctx: str) -> Claim | None:
+        while True:
+            claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind)
+            decision = claim.decision
+            span = current_span()
+            span.set_decision(decision)
+            span.set_fence(claim.fence)
+            if decision == "claimed":
+                log.debug("%s: claimed with fence %d", ctx, claim.fence)
+                return claim
+            if decision == "conflict":
+                self.metrics.tasks.labels(outcome="conflict").inc()
+                await self._dead_letter(
+                    record, task.key, "conflict",
+                    f"task {task.key} exists with another input (fingerprint {task.fingerprint} differs)",
+                    claim.attempts, count_outcome=False,
+                )
+                return None
+            if decision in ("succeeded", "dead"):
+                await self._duplicate(record, task, decision, claim, ctx)
+                return None
+            # busy: another worker holds a live lease
+            if task.expired(self.clock()):
+                await self._dead_letter(record, task.key, "expired", "deadline passed while another worker held the task", claim.attempts)
+                return None
+            wait_s = min(self.config.busy_poll_s, max(claim.lease_remaining_ms, 10) / 1000)
+            await asyncio.sleep(wait_s)
+
+    async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
+        self.metrics.tasks.labels(outcome="duplicate").inc()
+        current_span().set_outcome("duplicate")
+        if claim.published and not (self.outputs.transactional and claim.published_by == record.coordinates):
+            log.info("%s: %s before; skipped", ctx, state)
+            return
+        stored = await self.ledger.get(task.key)
+        if stored is None:  # expired from the ledger between the two reads: run it as new
+            raise LedgerUnavailable(f"task {task.key} vanished between claim and read")
+        async with self._publishing(record, task.key, state):
+            if state == "succeeded" and stored.event is not None:
+                await self.outputs.result(record, task.key, stored.event, self._traceparent(task.traceparent),
+                                          deadline_of(task))
+                self.metrics.results_published.inc()
+            elif state == "dead":
+                reason = stored.fields.get("dead_reason", "permanent")
+                await self.outputs.dead_letter(
+                    record, reason=reason, error=stored.fields.get("error", ""),
+                    attempts=stored.attempts, task_id=task.key,
+                )
+                self.metrics.dead_letters.labels(reason=reason).inc()
+        log.info("%s: %s before; re-emitted the stored outcome", ctx, state)

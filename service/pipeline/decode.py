@@ -1,0 +1,37 @@
+"""The consumer's decode edge: a record's bytes to a task, its agent and its validated input."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from consumers.records import Record
+from service.agents.base import Agent
+from service.agents.registry import AgentRegistry
+from service.agents.tasks import Task, decode_task
+from service.core.errors import PoisonError
+
+
+def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tuple[Task, Agent, BaseModel]:
+    """The consumer's whole decode edge: bytes to a task, its agent and its validated input.
+
+    Raises nothing but :class:`PoisonError`, whatever the record holds: whatever the decoder or an
+    input validator raises is the record's fault.
+    """
+    task = decode_task(record.value, record.headers, max_bytes)
+    try:
+        agent = agents.get(task.kind)
+        return task, agent, agent.parse_input(task.event.input)
+    except PoisonError as exc:
+        exc.task_key = task.key
+        raise
+    except Exception as exc:  # noqa: BLE001 - a validator's own exception is still the record's fault
+        raise PoisonError("schema", f"input of {task.kind}: {type(exc).__name__}: {str(exc)[:300]}",
+                          task.key) from exc
+
+
+def key_of(record: Record, max_bytes: int) -> str | None:
+    """The task key of a record, or None when even the envelope does not decode."""
+    try:
+        return decode_task(record.value, record.headers, max_bytes).key
+    except PoisonError:
+        return None

@@ -1,0 +1,132 @@
+"""The outcomes of a task: a result completed under its fence, or a dead letter, then published
+and marked published by the record that carried it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any
+
+from consumers.producers import Outputs
+from consumers.records import Record
+from dedup.ledger import Ledger, LedgerUnavailable
+from service.agents.base import Agent
+from service.agents.tasks import Task, canonical_json, digest
+from service.core.metrics import Metrics
+from service.core.tracing import Tracing
+from service.pipeline.base import current_span, deadline_of, iso
+
+log = logging.getLogger(__name__)
+
+
+class Outcomes:
+    """The stage that writes a task's outcome; a part of :class:`~service.pipeline.processor.TaskProcessor`."""
+
+    ledger: Ledger
+    outputs: Outputs
+    metrics: Metrics
+    tracing: Tracing
+    clock: Callable[[], datetime]
+    model_name: str
+
+    @contextlib.asynccontextmanager
+    async def _publishing(self, record: Record, task_key: str, state: str) -> AsyncIterator[None]:
+        """Publish a task's outcome (the block) and mark it published by this record.
+
+        Sent directly, the mark follows the broker's acknowledgement: a later record of the same
+        task, even this one read again, then skips. Staged for a transaction, the mark comes
+        first: a later record of the same task skips, this record read again (its transaction did
+        not commit, or it would not be read again) stages the outcome anew. Either way the outcome
+        is published, because the marking record's offset commits only with (or after) it.
+        """
+        if self.outputs.transactional:
+            await self.ledger.mark_published(task_key, state, record.coordinates)
+            yield
+        else:
+            yield
+            await self.ledger.mark_published(task_key, state, record.coordinates)
+
+    def _traceparent(self, incoming: str | None) -> str | None:
+        return self.tracing.current_traceparent() or incoming
+
+    async def _complete(
+        self,
+        record: Record,
+        task: Task,
+        agent: Agent,
+        fence: int,
+        outputs: dict[str, dict[str, Any]],
+        attempts: int,
+        ctx: str,
+    ) -> None:
+        result = agent.result(outputs)
+        result_text = canonical_json(result)
+        result_digest = digest(result_text)
+        event = canonical_json({
+            "task_id": task.key,
+            "kind": task.kind,
+            "status": "succeeded",
+            "result": result,
+            "result_digest": result_digest,
+            "fence": fence,
+            "attempts": attempts,
+            "model": self.model_name,
+            "prompt_version": agent.prompt_version,
+            "completed_at": iso(self.clock()),
+        }).encode()
+        done = await self.ledger.complete(
+            task.key, fence, result=result_text, digest=result_digest, event=event,
+            model=self.model_name, prompt_version=agent.prompt_version,
+        )
+        if done.status == "already" and done.fence == fence:
+            # our own COMPLETE landed but its reply was lost: publish what is stored, byte for byte
+            stored = await self.ledger.get(task.key)
+            if stored is None or stored.event is None:
+                raise LedgerUnavailable(f"task {task.key}: stored result not readable after COMPLETE")
+            event = stored.event
+            result_digest = stored.fields.get("result_digest", result_digest)
+        elif done.status != "ok":
+            self.metrics.stale_fence_writes.inc()
+            self.metrics.tasks.labels(outcome="duplicate").inc()
+            log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
+            return
+        span = current_span()
+        span.set_attempts(attempts)
+        span.set_output_digest(result_digest)
+        async with self._publishing(record, task.key, "succeeded"):
+            await self.outputs.result(record, task.key, event, self._traceparent(task.traceparent), deadline_of(task))
+        self.metrics.results_published.inc()
+        self.metrics.tasks.labels(outcome="succeeded").inc()
+        span.set_outcome("succeeded")
+        log.info("%s: succeeded (fence %d, attempts %d)", ctx, fence, attempts)
+
+    async def _dead(
+        self, record: Record, task: Task, fence: int, reason: str, error: str, attempts: int, ctx: str
+    ) -> None:
+        if not await self.ledger.fail(task.key, fence, error, dead_reason=reason):
+            self.metrics.stale_fence_writes.inc()
+            self.metrics.tasks.labels(outcome="duplicate").inc()
+            log.warning("%s: dead-letter of fence %d refused: a newer fence holds the task", ctx, fence)
+            return
+        async with self._publishing(record, task.key, "dead"):
+            await self._dead_letter(record, task.key, reason, error, attempts)
+
+    async def _dead_letter(
+        self,
+        record: Record,
+        task_key: str | None,
+        reason: str,
+        error: str,
+        attempts: int,
+        *,
+        count_outcome: bool = True,
+    ) -> None:
+        await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts, task_id=task_key,
+                                       traceparent=self.tracing.current_traceparent())
+        self.metrics.dead_letters.labels(reason=reason).inc()
+        current_span().set_outcome(f"dead_lettered:{reason}")
+        if count_outcome:
+            self.metrics.tasks.labels(outcome="dead_lettered").inc()
+        log.warning("task_id=%s %s: dead-lettered as %s: %s", task_key or "-", record.coordinates, reason, error)
