@@ -1,0 +1,7 @@
+"""``python -m service.devtools.fakellm``."""
+
+import sys
+
+from service.devtools.fakellm.command import main
+
+sys.exit(main())

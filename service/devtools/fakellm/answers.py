@@ -1,0 +1,70 @@
+"""The bodies of the fake model's answers: a valid completion, or one broken by a fault."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from service.devtools.fakellm.faults import REFUSAL
+from service.devtools.fakellm.http import ChatRequest, dumps, parses
+from service.devtools.fakellm.instances import random_instance, violation
+from service.devtools.fakellm.scalars import words
+
+
+def content(schema: Mapping[str, Any] | None, rng: random.Random) -> str:
+    """A valid answer: an instance of the schema, or ``{"text": "<a few words>"}`` without one."""
+    value = {"text": words(rng)} if schema is None else random_instance(schema, rng)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def faulty_content(fault: str, request: ChatRequest, rng: random.Random) -> tuple[str, str, str | None]:
+    """The content, finish reason and refusal of an answer broken by ``fault``."""
+    refusal: str | None = None
+    if fault == "truncate":
+        full = content(request.schema, rng)
+        text = full[: len(full) // 2]
+        if parses(text):  # a prefix of a bare number can still be JSON
+            text += ","
+        reason = "length"
+    elif fault == "refuse":
+        text = refusal = REFUSAL
+        reason = "content_filter"
+    elif fault == "invalid_json":
+        text = f"Sure! Here is the answer: {words(rng)}."
+        reason = "stop"
+    elif fault == "schema_violation":
+        text = violation(request.schema)
+        reason = "stop"
+    elif fault == "empty":
+        text = ""
+        reason = "stop"
+    else:  # pragma: no cover - FaultRule validates the names
+        raise AssertionError(f"no answer for fault {fault!r}")
+    return text, reason, refusal
+
+
+def completion(request: ChatRequest, text: str, finish_reason: str, rng: random.Random,
+               refusal: str | None = None) -> bytes:
+    """An OpenAI chat-completion body carrying ``text``."""
+    prompt_tokens = request.prompt_chars // 4 + 1
+    completion_tokens = len(text) // 4 + 1
+    return dumps({
+        "id": f"chatcmpl-{rng.getrandbits(96):024x}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": refusal},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    })

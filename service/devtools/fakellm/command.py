@@ -1,0 +1,44 @@
+"""``python -m service.devtools.fakellm``: serve the fake model in the foreground until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from service.devtools.fakellm.server import FakeLLM
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.devtools.fakellm",
+        description="Serve a fault-injecting OpenAI-compatible chat-completions API until stopped.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--latency-s", type=float, default=0.0, help="wait before every answer")
+    parser.add_argument("--seed", type=int, default=None, help="make the answers reproducible")
+    parser.add_argument("--idempotent", action="store_true", help="replay answers for repeated Idempotency-Keys")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        fake = FakeLLM(args.host, args.port, latency_s=args.latency_s, seed=args.seed, idempotent=args.idempotent)
+        with fake:
+            print(f"fakellm listening on {fake.base_url}", flush=True)
+            while not stopping.wait(0.5):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,358 @@
+"""The fake model server: answers, faults, statistics and the control endpoints that steer it."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final
+
+from service.devtools.fakellm.answers import completion, content, faulty_content
+from service.devtools.fakellm.faults import Armed, FaultRule, as_rule, with_times
+from service.devtools.fakellm.http import (
+    MODEL_NAME,
+    BadRequest,
+    ChatRequest,
+    Receive,
+    Scope,
+    Send,
+    drop_connection,
+    dumps,
+    error_body,
+    header,
+    json_body,
+    parse_chat,
+    read_body,
+    respond,
+)
+from service.devtools.fakellm.scalars import SchemaError
+from service.devtools.fakellm.serving import Serving
+
+_CHAT_PATHS: Final = frozenset({"/v1/chat/completions", "/chat/completions"})
+_MODELS_PATHS: Final = frozenset({"/v1/models", "/models"})
+
+Handler = Callable[[bytes], Awaitable[tuple[int, Any]]]
+
+
+class FakeLLM(Serving):
+    """A fault-injecting OpenAI-compatible chat-completions server (and ASGI app).
+
+    All public methods are thread-safe: the server runs on its own thread and event loop.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_s: float = 0.0,
+        seed: int | None = None,
+        idempotent: bool = False,
+    ) -> None:
+        super().__init__(host, port)
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._latency_s = 0.0
+        self.latency_s = latency_s
+        self._idempotent = idempotent
+        self._rules: list[Armed] = []
+        self._stored: dict[str, bytes] = {}
+        self._reset_stats()
+        self._routes: dict[str, dict[str, Handler]] = {
+            "/_stats": {"GET": self._get_stats},
+            "/_faults": {"GET": self._get_faults, "POST": self._post_faults, "DELETE": self._delete_faults},
+            "/_reset": {"POST": self._post_reset},
+            "/_latency": {"POST": self._post_latency},
+            "/_config": {"GET": self._get_config, "POST": self._post_config},
+            "/health": {"GET": self._get_health},
+        }
+        for path in _MODELS_PATHS:
+            self._routes[path] = {"GET": self._get_models}
+
+    # -- configuration --------------------------------------------------------------------------
+
+    @property
+    def latency_s(self) -> float:
+        """Seconds every chat completion waits before it is answered."""
+        return self._latency_s
+
+    @latency_s.setter
+    def latency_s(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"latency_s must be a finite number >= 0: {value!r}")
+        self._latency_s = float(value)
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether a repeated Idempotency-Key gets its first valid response again."""
+        return self._idempotent
+
+    @idempotent.setter
+    def idempotent(self, value: bool) -> None:
+        self._idempotent = bool(value)
+
+    def add_fault(self, rule: FaultRule | Mapping[str, Any]) -> None:
+        """Append a rule; it applies only when no earlier rule matches."""
+        armed = Armed(as_rule(rule))
+        with self._lock:
+            self._rules.append(armed)
+
+    def set_faults(self, rules: Iterable[FaultRule | Mapping[str, Any]]) -> None:
+        """Replace all rules (validated first: a bad rule changes nothing)."""
+        armed = [Armed(as_rule(rule)) for rule in rules]
+        with self._lock:
+            self._rules = armed
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._rules = []
+
+    def faults(self) -> list[FaultRule]:
+        """The active rules, ``times`` showing what each has left."""
+        with self._lock:
+            return [with_times(a.rule, a.remaining) for a in self._rules]
+
+    def reset(self) -> None:
+        """Drop every rule, the statistics and the stored idempotent responses."""
+        with self._lock:
+            self._rules = []
+            self._stored = {}
+            self._reset_stats()
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    def _reset_stats(self) -> None:
+        self._requests = 0
+        self._completions = 0
+        self._valid_completions = 0
+        self._replayed = 0
+        self._bad_requests = 0
+        self._fault_counts: Counter[str] = Counter()
+        self._by_key: Counter[str] = Counter()
+        self._completions_by_key: Counter[str] = Counter()
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of what the server saw and did.
+
+        ``requests``: chat-completion requests; ``completions``: answers generated, the faulty
+        ones included; ``valid_completions``: schema-valid answers generated (normal, latency,
+        slow_success); ``replayed``: idempotent replays; ``bad_requests``: 400s for malformed
+        requests; ``faults``: applications per fault; ``by_key``: requests per Idempotency-Key;
+        ``completions_by_key``: valid completions per Idempotency-Key.
+        """
+        with self._lock:
+            return {
+                "requests": self._requests,
+                "completions": self._completions,
+                "valid_completions": self._valid_completions,
+                "replayed": self._replayed,
+                "bad_requests": self._bad_requests,
+                "faults": dict(self._fault_counts),
+                "by_key": dict(self._by_key),
+                "completions_by_key": dict(self._completions_by_key),
+            }
+
+    def calls_for(self, key_substring: str) -> int:
+        """Requests whose Idempotency-Key contains ``key_substring``."""
+        with self._lock:
+            return sum(n for key, n in self._by_key.items() if key_substring in key)
+
+    # -- ASGI -----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path in _CHAT_PATHS:
+            if method == "POST":
+                await self._chat(scope, receive, send)
+            else:
+                await respond(send, 405, error_body(405, f"{method} is not allowed on {path}"))
+            return
+        route = self._routes.get(path.rstrip("/") or "/")
+        if route is None and path.startswith("/v1/"):  # control endpoints also answer below the base URL
+            route = self._routes.get(path[3:].rstrip("/"))
+        if route is None:
+            await respond(send, 404, error_body(404, f"no route for {path}"))
+            return
+        handler = route.get(method)
+        if handler is None:
+            await respond(send, 405, error_body(405, f"{method} is not allowed on {path}"))
+            return
+        body = await read_body(receive, send)
+        if body is None:
+            return
+        try:
+            status, payload = await handler(body)
+        except (ValueError, TypeError) as exc:
+            await respond(send, 400, error_body(400, str(exc)))
+            return
+        await respond(send, status, dumps(payload))
+
+    @staticmethod
+    async def _lifespan(receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = header(scope, b"idempotency-key")
+        with self._lock:
+            self._requests += 1
+            if key is not None:
+                self._by_key[key] += 1
+        body = await read_body(receive, send)
+        if body is None:
+            return
+        try:
+            request = parse_chat(body)
+        except BadRequest as exc:
+            await self._bad_request(send, str(exc), exc.param)
+            return
+        rule = self._pick_rule(key, body)
+        await self._sleep(self._latency_s)
+        fault = rule.fault if rule is not None else None
+        if rule is not None and fault != "slow_success":
+            await self._sleep(rule.delay_s)
+
+        if fault == "disconnect":
+            await drop_connection(receive, send)
+            return
+        if rule is not None and fault == "error":
+            message = f"the model server failed (HTTP {rule.status})"
+            await respond(send, rule.status, error_body(rule.status, message))
+            return
+        if rule is not None and fault == "rate_limit":
+            headers = [
+                (b"retry-after", str(math.ceil(rule.retry_after_s)).encode()),
+                (b"retry-after-ms", str(round(rule.retry_after_s * 1000)).encode()),
+            ]
+            body_429 = error_body(429, "Rate limit reached; retry later.", code="rate_limit_exceeded")
+            await respond(send, 429, body_429, headers)
+            return
+
+        try:
+            if fault is None or fault in ("latency", "slow_success"):
+                response, replayed = self._answer(request, key)
+            else:
+                response, replayed = self._faulty_answer(fault, request), False
+        except SchemaError as exc:
+            await self._bad_request(send, f"invalid response_format schema: {exc}", "response_format")
+            return
+        if rule is not None and fault == "slow_success":
+            await self._sleep(rule.delay_s)
+        await respond(send, 200, response, [(b"idempotent-replayed", b"true")] if replayed else ())
+
+    async def _bad_request(self, send: Send, message: str, param: str | None) -> None:
+        with self._lock:
+            self._bad_requests += 1
+        await respond(send, 400, error_body(400, message, param=param))
+
+    def _pick_rule(self, key: str | None, body: bytes) -> FaultRule | None:
+        """The first rule that applies to this request, counted and used up."""
+        with self._lock:
+            if not self._rules:
+                return None
+            text = key if key is not None else body.decode("utf-8", "replace")
+            for armed in self._rules:
+                rule = armed.rule
+                if rule.match is not None and rule.match not in text:
+                    continue
+                if rule.probability < 1.0 and self._rng.random() >= rule.probability:
+                    continue
+                if armed.remaining is not None:
+                    armed.remaining -= 1
+                    if armed.remaining <= 0:
+                        self._rules.remove(armed)
+                self._fault_counts[rule.fault] += 1
+                return rule
+        return None
+
+    def _answer(self, request: ChatRequest, key: str | None) -> tuple[bytes, bool]:
+        """A valid answer: the stored one for a repeated key in idempotent mode, else a new one."""
+        if key is not None and self._idempotent:
+            with self._lock:
+                stored = self._stored.get(key)
+                if stored is not None:
+                    self._replayed += 1
+                    return stored, True
+        response = completion(request, content(request.schema, self._rng), "stop", self._rng)
+        with self._lock:
+            self._completions += 1
+            self._valid_completions += 1
+            if key is not None:
+                self._completions_by_key[key] += 1
+                if self._idempotent:
+                    response = self._stored.setdefault(key, response)
+        return response, False
+
+    def _faulty_answer(self, fault: str, request: ChatRequest) -> bytes:
+        text, reason, refusal = faulty_content(fault, request, self._rng)
+        response = completion(request, text, reason, self._rng, refusal)
+        with self._lock:
+            self._completions += 1
+        return response
+
+    # -- control endpoints ----------------------------------------------------------------------
+
+    async def _get_stats(self, body: bytes) -> tuple[int, Any]:
+        return 200, self.stats()
+
+    async def _get_faults(self, body: bytes) -> tuple[int, Any]:
+        return 200, {"faults": [rule.to_dict() for rule in self.faults()]}
+
+    async def _post_faults(self, body: bytes) -> tuple[int, Any]:
+        data = json_body(body)
+        if isinstance(data, dict) and "faults" in data:
+            data = data["faults"]
+        if not isinstance(data, list):
+            raise ValueError("expected a JSON array of fault rules")
+        self.set_faults(data)
+        return await self._get_faults(body)
+
+    async def _delete_faults(self, body: bytes) -> tuple[int, Any]:
+        self.clear_faults()
+        return 200, {"faults": []}
+
+    async def _post_reset(self, body: bytes) -> tuple[int, Any]:
+        self.reset()
+        return 200, {"ok": True}
+
+    async def _post_latency(self, body: bytes) -> tuple[int, Any]:
+        data = json_body(body)
+        if not isinstance(data, dict) or "latency_s" not in data:
+            raise ValueError('expected {"latency_s": <seconds>}')
+        self.latency_s = data["latency_s"]
+        return 200, {"latency_s": self.latency_s}
+
+    async def _get_config(self, body: bytes) -> tuple[int, Any]:
+        return 200, {"idempotent": self.idempotent, "latency_s": self.latency_s}
+
+    async def _post_config(self, body: bytes) -> tuple[int, Any]:
+        data = json_body(body)
+        if not isinstance(data, dict) or set(data) - {"idempotent", "latency_s"}:
+            raise ValueError('expected {"idempotent": <bool>, "latency_s": <seconds>} (both optional)')
+        if "idempotent" in data:
+            if not isinstance(data["idempotent"], bool):
+                raise ValueError("idempotent must be true or false")
+            self.idempotent = data["idempotent"]
+        if "latency_s" in data:
+            self.latency_s = data["latency_s"]
+        return await self._get_config(body)
+
+    async def _get_models(self, body: bytes) -> tuple[int, Any]:
+        model = {"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "fakellm"}
+        return 200, {"object": "list", "data": [model]}
+
+    async def _get_health(self, body: bytes) -> tuple[int, Any]:
+        return 200, {"status": "ok"}
