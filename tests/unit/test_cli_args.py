@@ -13,7 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.agents.tasks import TaskEvent
-from service.cli.main import JsonFormatter, Progress, main, parse_args, read_tasks
+from service.cli.main import JsonFormatter, main
+from service.cli.parser import parse_args
+from service.cli.produce import Progress
+from service.cli.reading import read_tasks
 
 
 def lines_of(text: str) -> list[tuple[int, TaskEvent | str]]:

@@ -1,0 +1,93 @@
+"""``agent-service task show`` and ``agent-service dlq list|replay``: the ledger and the dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dedup.keys import Keys, is_valid_task_key
+from dedup.ledger import Ledger
+from service.cli.base import PROG
+from service.core.settings import Settings
+from service.pipeline.dlq import peek, replay
+
+
+@contextlib.asynccontextmanager
+async def _ledger(settings: Settings) -> AsyncIterator[Ledger]:
+    from service.runtime.wiring import MIN_LEDGER_TTL_S, redis_client
+
+    client = redis_client(settings)
+    try:
+        yield Ledger(client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
+                     ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S)
+    finally:
+        await client.aclose()
+
+
+def task_show(settings: Settings, args: argparse.Namespace) -> int:
+    if not is_valid_task_key(args.task_id):
+        print(f"{PROG}: invalid task id {args.task_id!r}", file=sys.stderr)
+        return 1
+
+    async def show() -> dict[str, Any] | None:
+        async with _ledger(settings) as ledger:
+            record = await ledger.get(args.task_id)
+        return record.to_json() if record is not None else None
+
+    data = asyncio.run(show())
+    if data is None:
+        print("unknown task", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _clip(text: str | None, width: int) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
+
+
+def dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    letters = peek(settings.kafka, args.limit, args.partition)
+    if args.json:
+        print(json.dumps([d.model_dump(mode="json") for d in letters], indent=2, ensure_ascii=False))
+        return 0
+    if not letters:
+        print(f"no dead letters on {settings.kafka.dlq_topic}")
+        return 0
+    rows = [
+        [str(d.partition), str(d.offset), d.reason or "-", d.task_id or "-",
+         "-" if d.attempts is None else str(d.attempts), _clip(d.error, 60) or "-"]
+        for d in letters
+    ]
+    print(format_table(rows, ["PARTITION", "OFFSET", "REASON", "TASK_ID", "ATTEMPTS", "ERROR"]))
+    return 0
+
+
+def dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> Any:
+        async with _ledger(settings) as ledger:
+            return await replay(settings.kafka, ledger, args.item, set(args.reason) if args.reason else None,
+                                args.limit)
+
+    report = asyncio.run(run())
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0
+    print(f"replayed {report.replayed}, already succeeded {report.already_succeeded}, "
+          f"not found {report.not_found}, failed {report.failed}")
+    for item in report.items:
+        extra = " (revived)" if item.revived else ""
+        detail = f": {item.detail}" if item.detail else ""
+        print(f"  {item.partition}:{item.offset} {item.decision} task_id={item.task_id or '-'}{extra}{detail}")
+    return 0

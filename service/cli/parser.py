@@ -1,0 +1,92 @@
+"""The command line's grammar: commands, their arguments, and the handler each one calls."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from service.cli.admin import dlq_list, dlq_replay, task_show
+from service.cli.base import PROG
+from service.cli.produce import produce_tasks
+from service.cli.serve import demo_command, run_command
+from service.core.metrics import DLQ_REASONS
+from service.core.settings import EMBEDDED_BROKERS
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def coordinates(text: str) -> tuple[int, int]:
+    """``PARTITION:OFFSET`` of a dead letter."""
+    partition, sep, offset = text.partition(":")
+    if not sep or not partition.isdigit() or not offset.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not PARTITION:OFFSET")
+    return int(partition), int(offset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Runs LLM agents on Kafka task events.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="consume tasks and serve the HTTP API until signalled")
+    run.add_argument("--embedded", action="store_true", help="start a local broker and redis-server")
+    run.add_argument("--broker", choices=EMBEDDED_BROKERS, default="noida", help="embedded broker (default: noida)")
+    run.add_argument("--data-dir", type=Path, help="where embedded servers keep their data")
+    run.set_defaults(handler=run_command)
+
+    produce = sub.add_parser("produce", help="produce task events from JSON, JSON Lines or flags")
+    produce.add_argument("file", nargs="?", metavar="FILE", help="JSON or JSON Lines file; - or nothing: stdin")
+    produce.add_argument("--kind", help="produce one task of this kind (with --input)")
+    produce.add_argument("--input", dest="task_input", metavar="JSON", help="the task's input object")
+    produce.add_argument("--task-id", help="the task's id (default: a digest of kind and input)")
+    produce.set_defaults(handler=produce_tasks)
+
+    task = sub.add_parser("task", help="inspect the ledger")
+    task_sub = task.add_subparsers(dest="task_command", required=True, metavar="COMMAND")
+    show = task_sub.add_parser("show", help="print a task's ledger record")
+    show.add_argument("task_id", metavar="ID")
+    show.set_defaults(handler=task_show)
+
+    dlq = sub.add_parser("dlq", help="inspect and replay dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
+    listing = dlq_sub.add_parser("list", help="show the newest dead letters")
+    listing.add_argument("--limit", type=positive_int, default=50)
+    listing.add_argument("--partition", type=int, help="only this partition")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=dlq_list)
+    replay = dlq_sub.add_parser("replay", help="send dead letters back to the input topic")
+    chosen = replay.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--reason", action="append", choices=DLQ_REASONS, help="replay dead letters with this reason")
+    chosen.add_argument("--item", action="extend", nargs="+", type=coordinates, metavar="P:O",
+                        help="replay the dead letter at partition P, offset O")
+    replay.add_argument("--limit", type=positive_int, default=100)
+    replay.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay.set_defaults(handler=dlq_replay)
+
+    demo = sub.add_parser("demo", help="run the service end to end on local servers")
+    demo.add_argument("--tasks", type=positive_int, default=8)
+    demo.add_argument("--broker", choices=EMBEDDED_BROKERS, default="noida")
+    demo.add_argument("--data-dir", type=Path)
+    demo.add_argument("--fake-llm", action="store_true", help="answer with a fake model instead of the local one")
+    demo.set_defaults(handler=demo_command)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "produce":
+        if args.kind is None and (args.task_input is not None or args.task_id is not None):
+            parser.error("--input and --task-id go with --kind")
+        if args.kind is not None and args.file is not None:
+            parser.error("give a FILE or --kind, not both")
+        if args.kind is not None and args.task_input is None:
+            parser.error("--kind needs --input")
+    return args

@@ -1,0 +1,30 @@
+"""``agent-service run`` and ``agent-service demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from service.core.settings import Settings
+
+
+def run_command(settings: Settings, args: argparse.Namespace) -> int:
+    from service.runtime.wiring import StartupRefused, serve
+
+    try:
+        if args.embedded or settings.llm.base_url is None:
+            from service.devtools.embedded import run_embedded
+
+            run_embedded(settings, embedded=args.embedded, data_dir=args.data_dir, broker=args.broker)
+        else:
+            serve(settings, llm_base_url=settings.llm.base_url)
+    except StartupRefused as exc:
+        print(f"agent-service: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def demo_command(settings: Settings, args: argparse.Namespace) -> int:
+    from service.devtools.demo import main as demo_main
+
+    return int(demo_main(settings, args))
