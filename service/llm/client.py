@@ -20,7 +20,7 @@ the exceptions of :mod:`service.core.errors`:
 
 Every attempt increments ``agent_llm_requests_total`` exactly once, with one of
 :data:`service.core.metrics.LLM_OUTCOMES` (``client_error`` for auth/not_found, ``connection_error``
-for unreachable). Messages put in exceptions are short and pass through :func:`scrub`, so an
+for unreachable). Messages put in exceptions are short and pass through :func:`service.llm.scrub.scrub`, so an
 endpoint that echoes a key (``sk-...``, ``Bearer ...``) cannot leak it into logs or dead letters.
 """
 
@@ -33,10 +33,7 @@ import math
 import re
 import socket
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -46,19 +43,24 @@ from service.core.errors import (
     AgentError,
     EndpointFault,
     InvalidOutput,
-    LLMRateLimited,
     LLMTimeout,
     LLMUnavailable,
-    PermanentError,
 )
 from service.core.metrics import Metrics
 from service.core.settings import LLMSettings
+from service.llm.responses import (
+    HTTPResponse,
+    answer,
+    first_choice,
+    json_object,
+    outcome_of,
+    raise_for_status,
+    token_count,
+)
 
 logger = logging.getLogger(__name__)
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_MAX_ERROR_CHARS = 300
-_MAX_FAULT_CHARS = 160
 _READ_CHUNK = 64 * 1024
 _MAX_CONNECT_TIMEOUT_S = 5.0
 
@@ -97,22 +99,6 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPResponse:
-    """What came back on the wire: the status, the headers and the whole body."""
-
-    status: int
-    headers: Mapping[str, str]  # case-insensitive
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
 
 
 class LLMClient:
@@ -194,7 +180,7 @@ class LLMClient:
                 ) from exc
             except AgentError as exc:  # the body was over max_response_bytes
                 self._metrics.llm_latency.observe(time.perf_counter() - started)
-                self._count(_outcome_of(exc))
+                self._count(outcome_of(exc))
                 raise
             except (aiohttp.ClientConnectorError, ConnectionRefusedError, socket.gaierror) as exc:
                 # nothing listens there, or the name does not resolve: no task can succeed
@@ -225,7 +211,7 @@ class LLMClient:
         try:
             result = self._interpret(response, latency)
         except AgentError as exc:
-            self._count(_outcome_of(exc))
+            self._count(outcome_of(exc))
             logger.debug(
                 "LLM request failed schema=%s idempotency_key=%s status=%d latency=%.3fs: %s",
                 request.schema_name, request.idempotency_key, response.status, latency,
@@ -305,70 +291,12 @@ class LLMClient:
 
     def _interpret(self, response: HTTPResponse, latency: float) -> ChatResult:
         """Turn one HTTP response into a result, or raise the matching error."""
-        status = response.status
-        if status == 429:
-            delay = retry_after(response.headers)
-            raise LLMRateLimited("LLM endpoint rate-limited the request (HTTP 429)", delay=delay)
-        if status in (408, 409) or status >= 500:
-            raise LLMUnavailable(
-                f"LLM endpoint failed (HTTP {status}): {_error_message(response)}",
-                delay=retry_after(response.headers),
-            )
-        if status in (401, 403):
-            raise EndpointFault(
-                "auth",
-                f"LLM endpoint rejected the credentials (HTTP {status}): "
-                f"{_error_message(response, _MAX_FAULT_CHARS)}",
-            )
-        if status == 404:
-            raise EndpointFault(
-                "not_found",
-                f"LLM endpoint or model not found (HTTP 404): "
-                f"{_error_message(response, _MAX_FAULT_CHARS)}",
-            )
-        if not 200 <= status < 300:
-            raise PermanentError(
-                f"LLM endpoint refused the request (HTTP {status}): {_error_message(response)}"
-            )
-
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise LLMUnavailable(
-                f"malformed LLM response (HTTP {status}): body is not JSON"
-            ) from exc
-        if not isinstance(body, dict):
-            raise LLMUnavailable(f"malformed LLM response (HTTP {status}): body is not an object")
-
+        raise_for_status(response)
+        body = json_object(response)
         prompt_tokens, completion_tokens = self._count_tokens(body.get("usage"))
-
-        choices = body.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(choice, dict) or not isinstance(message, dict):
-            raise LLMUnavailable(
-                f"malformed LLM response (HTTP {status}): missing choices[0].message"
-            )
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            raise LLMUnavailable(
-                f"malformed LLM response (HTTP {status}): message content is not a string"
-            )
-        raw_reason = choice.get("finish_reason")
-        finish_reason = raw_reason if isinstance(raw_reason, str) and raw_reason else "unknown"
+        choice, message = first_choice(body, response.status)
         model = body.get("model")
-
-        if finish_reason == "length":
-            raise InvalidOutput(
-                "truncated",
-                f"LLM answer truncated at {completion_tokens} completion tokens "
-                "(finish_reason=length)",
-            )
-        if finish_reason == "content_filter" or message.get("refusal"):
-            raise InvalidOutput("refused", f"LLM refused to answer (finish_reason={finish_reason})")
-        if content is None or not content.strip():
-            raise InvalidOutput("empty", f"LLM answer is empty (finish_reason={finish_reason})")
-
+        content, finish_reason = answer(choice, message, response.status, completion_tokens)
         return ChatResult(
             content=content,
             finish_reason=finish_reason,
@@ -382,8 +310,8 @@ class LLMClient:
         """Record the tokens the endpoint reports spending; missing counts are zero."""
         if not isinstance(usage, dict):
             return 0, 0
-        prompt_tokens = _token_count(usage.get("prompt_tokens"))
-        completion_tokens = _token_count(usage.get("completion_tokens"))
+        prompt_tokens = token_count(usage.get("prompt_tokens"))
+        completion_tokens = token_count(usage.get("completion_tokens"))
         if prompt_tokens:
             self._metrics.llm_tokens.labels(direction="input").inc(prompt_tokens)
         if completion_tokens:
@@ -394,120 +322,6 @@ class LLMClient:
         self._metrics.llm_requests.labels(outcome=outcome).inc()
 
 
-def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
-    """Seconds the endpoint asks us to wait, or None when it does not say (or says nonsense).
-
-    ``retry-after-ms`` (milliseconds) wins over ``Retry-After``, which is either a number of
-    seconds or an HTTP-date. ``headers`` must look names up case-insensitively, as every HTTP
-    library's header map does.
-    """
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            value = float(ms)
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and value >= 0:
-            return value / 1000.0
-
-    header = headers.get("retry-after")
-    if header is None:
-        return None
-    header = header.strip()
-    try:
-        value = float(header)
-    except ValueError:
-        pass
-    else:
-        return value if math.isfinite(value) and value >= 0 else None
-    try:
-        when = parsedate_to_datetime(header)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    reference = now or datetime.now(UTC)
-    return max(0.0, (when - reference).total_seconds())
-
-
 def _timeout(timeout_s: float) -> aiohttp.ClientTimeout:
     """The whole exchange within ``timeout_s``; connecting within at most 5 s of it."""
     return aiohttp.ClientTimeout(total=timeout_s, connect=min(_MAX_CONNECT_TIMEOUT_S, timeout_s))
-
-
-def _token_count(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return 0
-    return value
-
-
-def _error_message(response: HTTPResponse, limit: int = _MAX_ERROR_CHARS) -> str:
-    """The endpoint's own error message, scrubbed of anything key-like, at most ``limit`` characters."""
-    text = response.text
-    message: object = text
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        error = body.get("error", body.get("detail", body.get("message")))
-        if isinstance(error, dict):
-            error = error.get("message", error)
-        if error is not None:
-            message = error
-    rendered = message if isinstance(message, str) else str(message)
-    rendered = scrub(" ".join(rendered.split()))
-    if len(rendered) > limit:
-        rendered = rendered[: limit - 3] + "..."
-    return rendered or "(no error message)"
-
-
-_REDACTED = "[redacted]"
-_SECRET_PATTERNS = (
-    # Authorization values: "Bearer abc", "Basic abc"
-    (re.compile(r"\b(Bearer|Basic)\s+[^\s,;\"']+", re.IGNORECASE), r"\1 " + _REDACTED),
-    # key=value / key: value for names that hold secrets
-    (
-        re.compile(
-            r"\b((?:api[_-]?key|access[_-]?token|token|secret|password|passwd|authorization)"
-            r"[\"']?\s*[=:]\s*[\"']?)[^\s,;\"'&]+",
-            re.IGNORECASE,
-        ),
-        r"\1" + _REDACTED,
-    ),
-    # OpenAI-style keys and the like: sk-..., sk-proj-..., pk_..., rk_...
-    (re.compile(r"\b(?:sk|pk|rk)[-_][A-Za-z0-9_*.-]{6,}"), _REDACTED),
-    # long hex or base64 runs (with a letter and a digit, so words and model names survive)
-    (
-        re.compile(r"(?=[A-Za-z0-9+/_]*[0-9])(?=[A-Za-z0-9+/_]*[A-Za-z])[A-Za-z0-9+/_]{32,}={0,2}"),
-        _REDACTED,
-    ),
-)
-
-
-def scrub(text: str) -> str:
-    """``text`` with anything that looks like a credential replaced by ``[redacted]``.
-
-    Covers ``Bearer``/``Basic`` values, ``api_key=``/``token:``-style pairs, ``sk-...`` keys and
-    long hex/base64 runs. For messages that leave the process (exceptions, logs, dead letters).
-    """
-    for pattern, replacement in _SECRET_PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
-
-
-def _outcome_of(exc: AgentError) -> str:
-    """The ``agent_llm_requests`` outcome label for an error raised from a response."""
-    if isinstance(exc, EndpointFault):
-        return "connection_error" if exc.reason == "unreachable" else "client_error"
-    if isinstance(exc, LLMRateLimited):
-        return "rate_limited"
-    if isinstance(exc, LLMUnavailable):
-        return "server_error"
-    if isinstance(exc, PermanentError):
-        return "client_error"
-    if isinstance(exc, InvalidOutput):
-        if exc.kind in ("truncated", "refused"):
-            return exc.kind
-        return "invalid_output"
-    return "server_error"

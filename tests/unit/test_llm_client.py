@@ -40,7 +40,9 @@ from service.core.errors import (
 )
 from service.core.metrics import LLM_OUTCOMES, Metrics
 from service.core.settings import LLMSettings
-from service.llm.client import ChatRequest, ChatResult, LLMClient, retry_after, scrub
+from service.llm.client import ChatRequest, ChatResult, LLMClient
+from service.llm.responses import retry_after
+from service.llm.scrub import scrub
 
 API_KEY = "sk-test-secret-key-123"
 SCHEMA: dict[str, Any] = {
