@@ -35,8 +35,9 @@ from confluent_kafka import Consumer
 
 from benchmarks.env import REPO, Env, assignment_strategy, progress
 from benchmarks.report import Figure
+from consumers.partitions import RunnerConfig
 from consumers.records import Record
-from consumers.runner import Runner, RunnerConfig
+from consumers.runner import Runner
 
 BENCH = "parallel_consumer"
 RECORDS = 10_000

@@ -37,73 +37,28 @@ partition's commit mark together with those offsets in one transaction (see
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from consumers.offsets import OffsetTracker
+from consumers.backpressure import Backpressure
+from consumers.commits import Commits
+from consumers.partitions import TP, Handler, PartitionState, RunnerConfig, RunnerMetrics, fmt
 from consumers.records import Record
-from consumers.transactions import Staged, TransactionalProducer, TransactionFailed, staging
+from consumers.transactions import Staged, TransactionalProducer, staging
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Record], Awaitable[None]]
-TP = tuple[str, int]
 
+class Runner(Backpressure, Commits):
+    """Consume a topic with a handler per record; see the module docstring."""
 
-@dataclass(slots=True)
-class RunnerConfig:
-    topic: str
-    max_in_flight: int = 256
-    max_in_flight_per_partition: int = 256
-    resume_ratio: float = 0.5
-    pause_after_s: float = 1.0
-    commit_interval_s: float = 1.0
-    lag_interval_s: float = 5.0
-    poll_timeout_s: float = 0.1
-    max_batch: int = 500
-    drain_timeout_s: float = 30.0
-    retry_base_s: float = 0.2
-    retry_max_s: float = 10.0
-
-
-@dataclass(slots=True)
-class _Partition:
-    tracker: OffsetTracker = field(default_factory=OffsetTracker)
-    held: int = 0
-    paused: bool = False
-    revoked: bool = False
-    # transactions on: outcomes staged by finished records, by offset, until their transaction
-    staged: dict[int, list[Staged]] = field(default_factory=dict)
-
-    def take_staged(self, below: int) -> dict[int, list[Staged]]:
-        """Remove and return the outcomes staged by records below offset ``below``."""
-        taken = {offset: items for offset, items in self.staged.items() if offset < below}
-        for offset in taken:
-            del self.staged[offset]
-        return taken
-
-
-class RunnerMetrics:
-    """The gauges and counters the runner moves; a no-op by default."""
-
-    def consumed(self, n: int) -> None: ...
-    def inflight(self, n: int) -> None: ...
-    def paused(self, n: int) -> None: ...
-    def assigned(self, n: int) -> None: ...
-    def committed(self) -> None: ...
-    def lag(self, topic: str, partition: int, lag: int | None) -> None: ...
-
-
-class Runner:
     def __init__(
         self,
         consumer_config: dict[str, Any],
@@ -121,8 +76,8 @@ class Runner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-consumer")
         self._consumer: Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._partitions: dict[TP, _Partition] = {}
-        self._keys: dict[tuple[TP, bytes | int], deque[tuple[Record, _Partition]]] = {}
+        self._partitions: dict[TP, PartitionState] = {}
+        self._keys: dict[tuple[TP, bytes | int], deque[tuple[Record, PartitionState]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = 0
         self._stopping = asyncio.Event()
@@ -172,9 +127,6 @@ class Runner:
 
     # ------------------------------------------------------------------ consumer thread
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        assert self._loop is not None
-        return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._loop is not None
@@ -192,40 +144,16 @@ class Runner:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._loop is not None
         asyncio.run_coroutine_threadsafe(self._revoked(partitions), self._loop).result()
-        log.warning("partitions lost without a clean revoke: %s", _fmt(partitions))
+        log.warning("partitions lost without a clean revoke: %s", fmt(partitions))
 
-    def _commit_now(self, consumer: Consumer, offsets: list[TopicPartition], why: str) -> list[TopicPartition]:
-        """Commit synchronously; returns the offsets the broker accepted (the rest are retried later)."""
-        if not offsets:
-            return []
-        try:
-            result = consumer.commit(offsets=offsets, asynchronous=False)
-        except Exception as exc:  # noqa: BLE001 - never let a commit error stop the consumer
-            err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-            if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
-                return list(offsets)  # nothing new to store: the broker already has these
-            self.last_error = f"commit failed: {exc}"
-            log.warning("commit on %s failed (retried at the next commit): %s", why, exc)
-            return []
-        done = list(offsets)
-        if isinstance(result, list):
-            failed = [tp for tp in result if getattr(tp, "error", None) is not None]
-            if failed:
-                log.warning("commit on %s failed for %s (retried at the next commit)", why, _fmt(failed))
-                bad = {(tp.topic, tp.partition) for tp in failed}
-                done = [tp for tp in offsets if (tp.topic, tp.partition) not in bad]
-        if done:
-            self.metrics.committed()
-            log.info("committed on %s: %s", why, _fmt(done))
-        return done
 
     # ------------------------------------------------------------------ loop-side state
 
     async def _assigned(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._partitions[(tp.topic, tp.partition)] = _Partition()
+            self._partitions[(tp.topic, tp.partition)] = PartitionState()
         self.metrics.assigned(len(self.assignment))
-        log.info("assigned: %s", _fmt(partitions))
+        log.info("assigned: %s", fmt(partitions))
 
     async def _revoked(self, partitions: list[TopicPartition]) -> tuple[list[TopicPartition], list[list[Staged]]]:
         """Forget the partitions; returns their offsets to commit and the outcomes staged below them."""
@@ -253,7 +181,7 @@ class Runner:
                 self._release(1)
         self.metrics.assigned(len(self.assignment))
         self._update_paused_metric()
-        log.info("revoked: %s", _fmt(partitions))
+        log.info("revoked: %s", fmt(partitions))
         return offsets, staged
 
     # ------------------------------------------------------------------ main loop
@@ -305,13 +233,6 @@ class Runner:
             msgs.extend(self._consumer.consume(n - 1, 0))
         return msgs
 
-    async def _wait_for_room(self) -> None:
-        self._room.clear()
-        since = self._full_since if self._full_since is not None else monotonic()
-        timeout = max(0.0, since + self.config.pause_after_s - monotonic()) + 0.001
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._room.wait()
 
     def _dispatch(self, msgs: list[Any]) -> None:
         """Start or queue each record; never raises, whatever a record looks like."""
@@ -360,16 +281,16 @@ class Runner:
             return None
         return Record.from_message(msg)
 
-    def _start(self, key: tuple[TP, bytes | int], record: Record, part: _Partition) -> None:
+    def _start(self, key: tuple[TP, bytes | int], record: Record, part: PartitionState) -> None:
         task = asyncio.create_task(self._process(key, record, part))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _owns(self, tp: TP, part: _Partition) -> bool:
+    def _owns(self, tp: TP, part: PartitionState) -> bool:
         """True while ``part`` is still the live state of ``tp`` (not revoked, not replaced)."""
         return not part.revoked and self._partitions.get(tp) is part
 
-    async def _process(self, key: tuple[TP, bytes | int], record: Record, part: _Partition) -> None:
+    async def _process(self, key: tuple[TP, bytes | int], record: Record, part: PartitionState) -> None:
         """Run the handler until it succeeds or the partition this record came from is gone.
 
         ``part`` is the partition state the record was dispatched into. After a revoke (and maybe
@@ -412,7 +333,7 @@ class Runner:
                 self._retrying -= 1
         self._finish(key, part)
 
-    def _finish(self, key: tuple[TP, bytes | int], part: _Partition) -> None:
+    def _finish(self, key: tuple[TP, bytes | int], part: PartitionState) -> None:
         """Release one dispatched record (exactly once) and start the next of its key."""
         queue = self._keys.get(key)
         if queue is not None:
@@ -432,171 +353,6 @@ class Runner:
         if self._held == 0:
             self._idle.set()
 
-    # ------------------------------------------------------------------ backpressure
-
-    def _gate_open(self) -> bool:
-        """Ask the gate (no gate: open); logs each change. A gate that raises counts as open."""
-        if self._gate is None:
-            return True
-        try:
-            is_open = bool(self._gate())
-        except Exception:  # noqa: BLE001 - a broken gate must not stop consumption for good
-            log.exception("the consumer gate failed; treated as open")
-            is_open = True
-        if is_open == self._gate_closed:  # a transition
-            self._gate_closed = not is_open
-            if is_open:
-                log.info("consumer gate open again: resuming partitions")
-            else:
-                log.warning("consumer gate closed: pausing all %d partitions", len(self._partitions))
-        return is_open
-
-    async def _backpressure(self) -> int:
-        """Pause and resume partitions; returns how many records may be taken now (0: wait).
-
-        A full window first waits for room (``pause_after_s``) before it pauses: see the module
-        docstring. A closed gate pauses every partition at once.
-        """
-        assert self._consumer is not None
-        cfg = self.config
-        now = monotonic()
-        gate_closed = not self._gate_open()
-        room = cfg.max_in_flight - self._held
-        if room > 0:
-            self._full_since = None
-        elif self._full_since is None:
-            self._full_since = now
-        full_for = 0.0 if self._full_since is None else now - self._full_since
-        pause_all = gate_closed or (room <= 0 and full_for >= cfg.pause_after_s)
-        low_total = int(cfg.max_in_flight * cfg.resume_ratio)
-        low_part = int(cfg.max_in_flight_per_partition * cfg.resume_ratio)
-        to_pause, to_resume = [], []
-        open_partitions = 0
-        for (topic, partition), part in self._partitions.items():
-            part_full = part.held >= cfg.max_in_flight_per_partition
-            if (pause_all or (part_full and room > 0)) and not part.paused:
-                part.paused = True
-                to_pause.append(TopicPartition(topic, partition))
-            elif part.paused and not gate_closed and self._held <= low_total and part.held <= low_part:
-                part.paused = False
-                to_resume.append(TopicPartition(topic, partition))
-            if not part.paused and not part_full:
-                open_partitions += 1
-        if to_pause:
-            await self._call(self._consumer.pause, to_pause)
-            log.debug("paused %d partitions (in flight %d)", len(to_pause), self._held)
-        if to_resume:
-            await self._call(self._consumer.resume, to_resume)
-            log.debug("resumed %d partitions (in flight %d)", len(to_resume), self._held)
-        if to_pause or to_resume:
-            self._update_paused_metric()
-        if room > 0 and (open_partitions or not self._partitions):
-            return room
-        if all(p.paused for p in self._partitions.values()):
-            return 1  # nothing will arrive: poll to serve rebalances and stay in the group
-        return 0
-
-    def _update_paused_metric(self) -> None:
-        self.metrics.paused(sum(1 for p in self._partitions.values() if p.paused))
-
-    # ------------------------------------------------------------------ commits and lag
-
-    def _pending_commits(self) -> list[tuple[_Partition, TopicPartition]]:
-        offsets = []
-        for (topic, partition), part in self._partitions.items():
-            offset = part.tracker.take_commit()
-            if offset is not None:
-                offsets.append((part, TopicPartition(topic, partition, offset)))
-        return offsets
-
-    async def commit(self) -> None:
-        """Commit what finished; an offset is marked committed only once the broker accepted it."""
-        pending = self._pending_commits()
-        if not pending or self._consumer is None:
-            return
-        if self.transactions is not None:
-            await self._call(self._transaction_round, self._consumer)
-            return
-        done = await self._call(self._commit_now, self._consumer, [tp for _p, tp in pending], "interval")
-        accepted = {(tp.topic, tp.partition, tp.offset) for tp in done}
-        for part, tp in pending:
-            if (tp.topic, tp.partition, tp.offset) in accepted:
-                part.tracker.committed(tp.offset)
-
-    def _transaction_round(self, consumer: Consumer) -> None:
-        """On the consumer thread, between polls, so no revoke runs in the middle: take the offsets
-        and the outcomes staged below them, write them in one transaction, then confirm (or put the
-        outcomes back to be written again)."""
-        assert self._loop is not None
-        loop = self._loop
-        taken = asyncio.run_coroutine_threadsafe(self._take_for_transaction(), loop).result()
-        if not taken:
-            return
-        items = [item for _part, _tp, staged in taken for items in staged.values() for item in items]
-        ok = self._transact(consumer, items, [tp for _part, tp, _staged in taken], "interval")
-        asyncio.run_coroutine_threadsafe(self._settle_transaction(taken, ok), loop).result()
-
-    async def _take_for_transaction(self) -> list[tuple[_Partition, TopicPartition, dict[int, list[Staged]]]]:
-        return [(part, tp, part.take_staged(tp.offset)) for part, tp in self._pending_commits()]
-
-    async def _settle_transaction(
-        self, taken: list[tuple[_Partition, TopicPartition, dict[int, list[Staged]]]], ok: bool,
-    ) -> None:
-        if not ok:
-            for part, _tp, staged in taken:  # aborted: written again at the next commit
-                if not part.revoked:
-                    part.staged.update(staged)
-            return
-        for part, tp, _staged in taken:
-            part.tracker.committed(tp.offset)
-
-    def _transact(self, consumer: Consumer, items: list[Staged], offsets: list[TopicPartition], why: str) -> bool:
-        """On the consumer thread: one transaction; False when it was aborted (nothing is visible)."""
-        assert self.transactions is not None
-        try:
-            self.transactions.commit(items, offsets, consumer.consumer_group_metadata())
-        except TransactionFailed as exc:
-            self.last_error = f"transaction failed: {exc}"
-            log.warning("transaction on %s failed (written again later): %s", why, exc)
-            return False
-        except Exception as exc:  # noqa: BLE001 - never let a commit error stop the consumer
-            self.last_error = f"transaction failed: {exc}"
-            log.exception("transaction on %s failed (written again later)", why)
-            return False
-        self.metrics.committed()
-        log.info("committed on %s in a transaction: %d outcomes, %s", why, len(items), _fmt(offsets))
-        return True
-
-    async def _report_lag(self) -> None:
-        """Lag per partition, from local state only: no broker round trip on the consumer thread.
-
-        The high watermark is librdkafka's cached one (fetch responses update it); the position is
-        the tracker's commit mark, else the consumer's local fetch position.
-        """
-        if self._consumer is None:
-            return
-        consumer = self._consumer
-        parts = {tp: p.tracker.committable() for tp, p in self._partitions.items()}
-
-        def read() -> list[tuple[TP, int | None]]:
-            out: list[tuple[TP, int | None]] = []
-            for (topic, partition), position in parts.items():
-                tp = TopicPartition(topic, partition)
-                try:
-                    _low, high = consumer.get_watermark_offsets(tp, cached=True)
-                    if position is None:
-                        pos = consumer.position([tp])
-                        position = pos[0].offset if pos and pos[0].offset >= 0 else None
-                except Exception:  # noqa: BLE001 - lag is best effort
-                    continue
-                if high is None or high < 0 or position is None:
-                    out.append(((topic, partition), None))
-                else:
-                    out.append(((topic, partition), max(0, high - position)))
-            return out
-
-        for (topic, partition), lag in await self._call(read):
-            self.metrics.lag(topic, partition, lag)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -620,9 +376,3 @@ class Runner:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self._executor.shutdown(wait=False)
             log.info("consumer closed")
-
-
-def _fmt(partitions: list[TopicPartition]) -> str:
-    return ", ".join(
-        f"{tp.topic}[{tp.partition}]" + (f"@{tp.offset}" if tp.offset >= 0 else "") for tp in partitions
-    ) or "-"

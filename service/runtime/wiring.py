@@ -19,6 +19,7 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from consumers.partitions import RunnerConfig, RunnerMetrics
 from consumers.producers import (
     DEFAULT_BATCH_BYTES,
     KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
@@ -28,7 +29,7 @@ from consumers.producers import (
     broker_message_max_bytes,
     topic_max_message_bytes,
 )
-from consumers.runner import Runner, RunnerConfig, RunnerMetrics
+from consumers.runner import Runner
 from consumers.transactions import TransactionalOutputs, TransactionalProducer
 from dedup.client import RedisClient, close, connect
 from dedup.keys import Keys

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from consumers.partitions import RunnerConfig, RunnerMetrics
 from consumers.records import Record
-from consumers.runner import Runner, RunnerConfig, RunnerMetrics
+from consumers.runner import Runner
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from tests.support import Broker, assert_one_result_each, classify, committed, produce, running, wait_for

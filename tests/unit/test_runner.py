@@ -8,8 +8,9 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from consumers.partitions import RunnerConfig, RunnerMetrics
 from consumers.records import Record
-from consumers.runner import Runner, RunnerConfig, RunnerMetrics
+from consumers.runner import Runner
 
 TOPIC = "t"
 

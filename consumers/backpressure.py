@@ -1,0 +1,118 @@
+"""Backpressure: how many records the runner may take now, and which partitions it pauses.
+
+A full window first waits for room (``pause_after_s``) before it pauses, so librdkafka keeps what
+it prefetched; a partition over its own limit pauses at once while others have room; a closed
+gate pauses every partition. Paused partitions resume below the low-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from time import monotonic
+
+from confluent_kafka import TopicPartition
+
+from consumers.partitions import RunnerCore
+
+log = logging.getLogger(__name__)
+
+
+class Backpressure(RunnerCore):
+    """The runner's pausing and resuming; a part of :class:`~consumers.runner.Runner`."""
+
+    _gate: Callable[[], bool] | None
+    _gate_closed: bool
+    _full_since: float | None
+    _room: asyncio.Event
+
+    async def _wait_for_room(self) -> None:
+        self._room.clear()
+        since = self._full_since if self._full_since is not None else monotonic()
+        timeout = max(0.0, since + self.config.pause_after_s - monotonic()) + 0.001
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._room.wait()
+
+
+    def _gate_open(self) -> bool:
+        """Ask the gate (no gate: open); logs each change. A gate that raises counts as open."""
+        if self._gate is None:
+            return True
+        try:
+            is_open = bool(self._gate())
+        except Exception:  # noqa: BLE001 - a broken gate must not stop consumption for good
+            log.exception("the consumer gate failed; treated as open")
+            is_open = True
+        if is_open == self._gate_closed:  # a transition
+            self._gate_closed = not is_open
+            if is_open:
+                log.info("consumer gate open again: resuming partitions")
+            else:
+                log.warning("consumer gate closed: pausing all %d partitions", len(self._partitions))
+        return is_open
+
+
+    async def _backpressure(self) -> int:
+        """Pause and resume partitions; returns how many records may be taken now (0: wait).
+
+        A full window first waits for room (``pause_after_s``) before it pauses: see the module
+        docstring. A closed gate pauses every partition at once.
+        """
+        assert self._consumer is not None
+        gate_closed = not self._gate_open()
+        room = self.config.max_in_flight - self._held
+        full_too_long = self._full_too_long(room)
+        to_pause, to_resume, open_partitions = self._plan_pauses(gate_closed or full_too_long, gate_closed, room)
+        await self._apply_pauses(to_pause, to_resume)
+        if room > 0 and (open_partitions or not self._partitions):
+            return room
+        if all(p.paused for p in self._partitions.values()):
+            return 1  # nothing will arrive: poll to serve rebalances and stay in the group
+        return 0
+
+    def _full_too_long(self, room: int) -> bool:
+        """Whether the window has been full for ``pause_after_s``; notes when it filled."""
+        now = monotonic()
+        if room > 0:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = now
+        full_for = 0.0 if self._full_since is None else now - self._full_since
+        return room <= 0 and full_for >= self.config.pause_after_s
+
+    def _plan_pauses(self, pause_all: bool, gate_closed: bool, room: int,
+                     ) -> tuple[list[TopicPartition], list[TopicPartition], int]:
+        """Mark the partitions to pause and to resume; also counts those still open for records."""
+        cfg = self.config
+        low_total = int(cfg.max_in_flight * cfg.resume_ratio)
+        low_part = int(cfg.max_in_flight_per_partition * cfg.resume_ratio)
+        to_pause, to_resume = [], []
+        open_partitions = 0
+        for (topic, partition), part in self._partitions.items():
+            part_full = part.held >= cfg.max_in_flight_per_partition
+            if (pause_all or (part_full and room > 0)) and not part.paused:
+                part.paused = True
+                to_pause.append(TopicPartition(topic, partition))
+            elif part.paused and not gate_closed and self._held <= low_total and part.held <= low_part:
+                part.paused = False
+                to_resume.append(TopicPartition(topic, partition))
+            if not part.paused and not part_full:
+                open_partitions += 1
+        return to_pause, to_resume, open_partitions
+
+    async def _apply_pauses(self, to_pause: list[TopicPartition], to_resume: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        if to_pause:
+            await self._call(self._consumer.pause, to_pause)
+            log.debug("paused %d partitions (in flight %d)", len(to_pause), self._held)
+        if to_resume:
+            await self._call(self._consumer.resume, to_resume)
+            log.debug("resumed %d partitions (in flight %d)", len(to_resume), self._held)
+        if to_pause or to_resume:
+            self._update_paused_metric()
+
+    def _update_paused_metric(self) -> None:
+        self.metrics.paused(sum(1 for p in self._partitions.values() if p.paused))
