@@ -28,23 +28,45 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
-from contextvars import Token
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.util.re import parse_env_headers
+
+from service.core.spans import (
+    AGENT_ATTEMPT,
+    AGENT_STEP,
+    GEN_AI_OPERATION,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_SYSTEM,
+    MESSAGING_DESTINATION,
+    MESSAGING_OFFSET,
+    MESSAGING_PARTITION,
+    MESSAGING_SYSTEM,
+    NOOP_LLM_SPAN,
+    NOOP_TASK_SPAN,
+    PROPAGATOR,
+    TASK_KEY,
+    TASK_KIND,
+    TASK_SPAN_KEY,
+    TRACEPARENT_HEADER,
+    LiveLLMSpan,
+    LiveTaskSpan,
+    LLMSpan,
+    TaskSpan,
+    traceparent_of,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+
 
 log = logging.getLogger(__name__)
 
@@ -52,39 +74,6 @@ DEFAULT_SERVICE_NAME: Final = "agent-service"
 DEFAULT_OTLP_ENDPOINT: Final = "http://localhost:4318"
 TRACES_PATH: Final = "v1/traces"
 SUPPORTED_EXPORTERS: Final = ("otlp", "console")
-
-# attributes of the task span
-MESSAGING_SYSTEM: Final = "messaging.system"
-MESSAGING_DESTINATION: Final = "messaging.destination.name"
-MESSAGING_PARTITION: Final = "messaging.kafka.destination.partition"
-MESSAGING_OFFSET: Final = "messaging.kafka.message.offset"
-TASK_KEY: Final = "agent.task.key"
-TASK_KIND: Final = "agent.task.kind"
-LEDGER_DECISION: Final = "agent.ledger.decision"
-LEDGER_FENCE: Final = "agent.ledger.fence"
-TASK_ATTEMPTS: Final = "agent.task.attempts"
-TASK_INPUT_DIGEST: Final = "agent.task.input_digest"
-TASK_RESULT_DIGEST: Final = "agent.task.result_digest"
-TASK_OUTCOME: Final = "agent.task.outcome"
-# attributes of the LLM span (GenAI semantic conventions)
-GEN_AI_OPERATION: Final = "gen_ai.operation.name"
-GEN_AI_SYSTEM: Final = "gen_ai.system"
-GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
-GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
-GEN_AI_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
-GEN_AI_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
-GEN_AI_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
-AGENT_STEP: Final = "agent.step"
-AGENT_ATTEMPT: Final = "agent.attempt"
-# both
-ERROR_TYPE: Final = "error.type"
-
-_MAX_STATUS_CHARS = 300
-_TRACEPARENT = "traceparent"
-_PROPAGATOR = TraceContextTextMapPropagator()
-# the task span of the current context, whatever span is current below it
-_TASK_SPAN_KEY = otel_context.create_key("agent-task-span")
-
 
 # ---------------------------------------------------------------------------------- configuration
 
@@ -166,241 +155,6 @@ class TracingConfig:
         )
 
 
-# ---------------------------------------------------------------------------------- span handles
-
-
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return text if len(text) <= _MAX_STATUS_CHARS else text[: _MAX_STATUS_CHARS - 3] + "..."
-
-
-def _traceparent_of(span: Span) -> str | None:
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span, Context()))
-    return carrier.get(_TRACEPARENT)
-
-
-class TaskSpan:
-    """The span of one task record. This base class is the no-op handle used when tracing is off.
-
-    A context manager: entering it makes the span current, leaving it ends the span. One use only.
-    """
-
-    __slots__ = ()
-
-    def __enter__(self) -> TaskSpan:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        return None
-
-    @property
-    def recording(self) -> bool:
-        return False
-
-    @property
-    def traceparent(self) -> str | None:
-        """The W3C traceparent of this span (None when off)."""
-        return None
-
-    def set_task(self, task_key: str, kind: str) -> None:
-        """Name the task when it was decoded after the span started (renames the span)."""
-
-    def set_decision(self, decision: str) -> None:
-        """The ledger's answer to the claim: claimed, succeeded, busy, conflict, dead."""
-
-    def set_fence(self, fence: int) -> None:
-        pass
-
-    def set_attempts(self, attempts: int) -> None:
-        pass
-
-    def set_input_digest(self, value: str) -> None:
-        pass
-
-    def set_output_digest(self, value: str) -> None:
-        pass
-
-    def set_outcome(self, outcome: str) -> None:
-        """succeeded, dead_lettered, duplicate, conflict, ..."""
-
-    def record_error(self, exc: BaseException) -> None:
-        """Record an exception and set the span's status to ERROR."""
-
-
-class LLMSpan:
-    """The span of one LLM request. This base class is the no-op handle used when tracing is off."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> LLMSpan:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        return None
-
-    @property
-    def recording(self) -> bool:
-        return False
-
-    @property
-    def traceparent(self) -> str | None:
-        """The W3C traceparent of this span, for the request's ``traceparent`` header (None when off)."""
-        return None
-
-    def set_response(
-        self, model: str | None, finish_reason: str | None, input_tokens: int | None, output_tokens: int | None
-    ) -> None:
-        """What the endpoint answered; None values are left out."""
-
-    def record_error(self, exc: BaseException) -> None:
-        """Record an exception and set the span's status to ERROR."""
-
-
-_NOOP_TASK_SPAN: Final = TaskSpan()
-_NOOP_LLM_SPAN: Final = LLMSpan()
-
-
-class _Live:
-    """Start on enter, current while inside, end on exit; an escaping Exception is recorded."""
-
-    __slots__ = ("_attributes", "_kind", "_name", "_parent", "_recorded", "_span", "_token", "_tracer")
-
-    _is_task = False
-
-    def __init__(
-        self, tracer: Tracer, name: str, kind: SpanKind, parent: Context | None,
-        attributes: dict[str, str | int],
-    ) -> None:
-        self._tracer = tracer
-        self._name = name
-        self._kind = kind
-        self._parent = parent
-        self._attributes = attributes
-        self._span: Span = trace.INVALID_SPAN
-        self._token: Token[Context] | None = None
-        self._recorded: BaseException | None = None
-
-    def _enter(self) -> None:
-        span = self._tracer.start_span(self._name, context=self._parent, kind=self._kind, attributes=self._attributes)
-        ctx = trace.set_span_in_context(span)
-        if self._is_task:
-            ctx = otel_context.set_value(_TASK_SPAN_KEY, span, ctx)
-        self._span = span
-        self._token = otel_context.attach(ctx)
-
-    def _exit(self, exc: BaseException | None) -> None:
-        try:
-            if isinstance(exc, Exception):
-                self.record_error(exc)
-            elif exc is not None:
-                self._interrupted()
-        finally:
-            if self._token is not None:
-                otel_context.detach(self._token)
-                self._token = None
-            self._span.end()
-
-    def _interrupted(self) -> None:
-        """Cancelled (or interrupted): not a failure of the work; the record comes back."""
-
-    @property
-    def recording(self) -> bool:
-        return self._span.is_recording()
-
-    @property
-    def traceparent(self) -> str | None:
-        return _traceparent_of(self._span)
-
-    def _set(self, key: str, value: str | int | Sequence[str] | None) -> None:
-        if value is not None:
-            self._span.set_attribute(key, value)
-
-    def record_error(self, exc: BaseException) -> None:
-        if exc is self._recorded:
-            return
-        self._recorded = exc
-        span = self._span
-        span.record_exception(exc)
-        span.set_attribute(ERROR_TYPE, type(exc).__qualname__)
-        span.set_status(Status(StatusCode.ERROR, _describe(exc)))
-
-
-class _LiveTaskSpan(_Live, TaskSpan):
-    __slots__ = ("_outcome",)
-
-    _is_task = True
-
-    def __init__(
-        self, tracer: Tracer, name: str, parent: Context, attributes: dict[str, str | int]
-    ) -> None:
-        super().__init__(tracer, name, SpanKind.CONSUMER, parent, attributes)
-        self._outcome: str | None = None
-
-    def __enter__(self) -> TaskSpan:
-        self._enter()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._exit(exc)
-
-    def _interrupted(self) -> None:
-        if self._outcome is None:
-            self.set_outcome("cancelled")
-
-    def set_task(self, task_key: str, kind: str) -> None:
-        self._set(TASK_KEY, task_key)
-        self._set(TASK_KIND, kind)
-        if kind:
-            self._span.update_name(f"agent.task {kind}")
-
-    def set_decision(self, decision: str) -> None:
-        self._set(LEDGER_DECISION, decision)
-
-    def set_fence(self, fence: int) -> None:
-        self._set(LEDGER_FENCE, fence)
-
-    def set_attempts(self, attempts: int) -> None:
-        self._set(TASK_ATTEMPTS, attempts)
-
-    def set_input_digest(self, value: str) -> None:
-        self._set(TASK_INPUT_DIGEST, value)
-
-    def set_output_digest(self, value: str) -> None:
-        self._set(TASK_RESULT_DIGEST, value)
-
-    def set_outcome(self, outcome: str) -> None:
-        self._outcome = outcome
-        self._set(TASK_OUTCOME, outcome)
-
-
-class _LiveLLMSpan(_Live, LLMSpan):
-    __slots__ = ()
-
-    def __enter__(self) -> LLMSpan:
-        self._enter()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._exit(exc)
-
-    def set_response(
-        self, model: str | None, finish_reason: str | None, input_tokens: int | None, output_tokens: int | None
-    ) -> None:
-        self._set(GEN_AI_RESPONSE_MODEL, model or None)
-        self._set(GEN_AI_FINISH_REASONS, [finish_reason] if finish_reason else None)
-        self._set(GEN_AI_INPUT_TOKENS, input_tokens)
-        self._set(GEN_AI_OUTPUT_TOKENS, output_tokens)
-
-
 # ---------------------------------------------------------------------------------- the tracer
 
 
@@ -460,7 +214,7 @@ class Tracing:
         if self._tracer is None or not traceparent or not isinstance(traceparent, str):
             return None
         try:
-            ctx = _PROPAGATOR.extract({_TRACEPARENT: traceparent}, context=Context())
+            ctx = PROPAGATOR.extract({TRACEPARENT_HEADER: traceparent}, context=Context())
         except Exception:  # noqa: BLE001 - a bad header must never fail the record
             log.debug("ignored traceparent %r", traceparent, exc_info=True)
             return None
@@ -473,8 +227,8 @@ class Tracing:
         if self._tracer is None:
             return None
         carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier)
-        return carrier.get(_TRACEPARENT)
+        PROPAGATOR.inject(carrier)
+        return carrier.get(TRACEPARENT_HEADER)
 
     def current_traceparent(self) -> str | None:
         """The traceparent of the current task span, for results and dead letters; None when off.
@@ -483,9 +237,9 @@ class Tracing:
         """
         if self._tracer is None:
             return None
-        span = otel_context.get_value(_TASK_SPAN_KEY)
+        span = otel_context.get_value(TASK_SPAN_KEY)
         if isinstance(span, Span):
-            return _traceparent_of(span)
+            return traceparent_of(span)
         return self.inject()
 
     # -- spans ---------------------------------------------------------------------------------
@@ -500,7 +254,7 @@ class Tracing:
         """A CONSUMER span ``agent.task {kind}``, the child of ``traceparent`` (else a new trace)."""
         tracer = self._tracer
         if tracer is None:
-            return _NOOP_TASK_SPAN
+            return NOOP_TASK_SPAN
         attributes: dict[str, str | int] = {MESSAGING_SYSTEM: "kafka"}
         if record_coordinates is not None:
             topic, partition, offset = record_coordinates
@@ -513,7 +267,7 @@ class Tracing:
             attributes[TASK_KIND] = kind
         name = f"agent.task {kind}" if kind else "agent.task"
         parent = self.extract(traceparent) or Context()
-        return _LiveTaskSpan(tracer, name, parent, attributes)
+        return LiveTaskSpan(tracer, name, parent, attributes)
 
     def llm_span(
         self, model: str, operation: str = "chat", *, step: str | None = None, attempt: int | None = None
@@ -521,7 +275,7 @@ class Tracing:
         """A CLIENT span ``{operation} {model}``, the child of the current span (the task's)."""
         tracer = self._tracer
         if tracer is None:
-            return _NOOP_LLM_SPAN
+            return NOOP_LLM_SPAN
         attributes: dict[str, str | int] = {
             GEN_AI_OPERATION: operation,
             GEN_AI_SYSTEM: "openai",
@@ -531,7 +285,7 @@ class Tracing:
             attributes[AGENT_STEP] = step
         if attempt is not None:
             attributes[AGENT_ATTEMPT] = attempt
-        return _LiveLLMSpan(tracer, f"{operation} {model}", SpanKind.CLIENT, None, attributes)
+        return LiveLLMSpan(tracer, f"{operation} {model}", SpanKind.CLIENT, None, attributes)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

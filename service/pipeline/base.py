@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from service.agents.tasks import Task, canonical_json
-from service.core.tracing import TaskSpan
+from service.core.spans import TaskSpan
 from service.llm.client import ChatRequest, ChatResult
 
 _NO_SPAN = TaskSpan()

@@ -14,7 +14,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, StatusCode
 
-from service.core.tracing import LLMSpan, TaskSpan, Tracing, TracingConfig
+from service.core.spans import LLMSpan, TaskSpan
+from service.core.tracing import Tracing, TracingConfig
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
