@@ -15,23 +15,21 @@ process (a concurrent one answers 429 with ``Retry-After: 1``), at most 1000 let
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from time import monotonic
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Literal, cast
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from consumers.producers import Headers, ProduceFailed
 from dedup.keys import TASK_KEY_PATTERN
@@ -39,115 +37,25 @@ from dedup.ledger import LedgerUnavailable
 from service.agents.registry import prepare_task
 from service.agents.tasks import TaskEvent, loads
 from service.api.protocol import Served
+from service.api.schemas import (
+    Health,
+    Readiness,
+    ReplayRequest,
+    TaskAccepted,
+    TaskView,
+    ValidationErrorBody,
+    error_responses,
+)
+from service.api.security import Admin, Reader, RejectControlCharacters, ServiceDep
 from service.core.errors import PoisonError
-from service.core.metrics import DLQ_REASONS
 from service.core.settings import KafkaSettings
 from service.pipeline import dlq
 
 log = logging.getLogger(__name__)
 
 TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-ADMIN_DISABLED = "admin writes are disabled: set AGENT_ADMIN_TOKEN"
-READS_DISABLED = (
-    "reads of results and payloads are disabled: set AGENT_READ_TOKEN, or AGENT_READS_OPEN=true to open them"
-)
 DLQ_PEEK_TIMEOUT_S = 10.0  # the whole of one GET /dlq peek, every partition included
 DLQ_BUSY = "a dead-letter peek is already running; retry shortly"
-
-
-# ---------------------------------------------------------------------------- models
-
-
-class ErrorBody(BaseModel):
-    detail: str
-
-
-class ValidationIssue(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
-class ValidationErrorBody(BaseModel):
-    detail: list[ValidationIssue]
-
-
-class Health(BaseModel):
-    status: Literal["ok"] = "ok"
-
-
-class Readiness(BaseModel):
-    """``ready`` follows the dependencies (Redis, broker, an assignment), never one record.
-
-    ``status`` is ``degraded`` while the model endpoint cannot serve any task (a revoked key, an
-    unknown model, nothing listening): the process is fine and stays ready, consumption waits, and
-    ``degraded`` names the endpoint and the reason (never the endpoint's own error text).
-    """
-
-    ready: bool
-    status: Literal["ok", "degraded", "unready"] = "ok"
-    checks: dict[str, bool]
-    degraded: dict[str, str] = Field(default_factory=dict)
-
-
-class TaskAccepted(BaseModel):
-    task_id: str
-    topic: str
-
-
-class TaskView(BaseModel):
-    """A ledger record (:meth:`dedup.ledger.TaskRecord.to_json`)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    task_id: str
-    state: str = Field(description="running, succeeded, failed or dead")
-    kind: str | None = None
-    fence: int
-    attempts: int
-    claims: int = 0
-    fingerprint: str
-    owner: str | None = None
-    lease_until_ms: int | None = None
-    result: Any = None
-    result_digest: str | None = None
-    model: str | None = None
-    prompt_version: str | None = None
-    published: bool = False
-    error: str | None = None
-    dead_reason: str | None = None
-    created_at_ms: int | None = None
-    completed_at_ms: int | None = None
-    steps: dict[str, Any] = Field(default_factory=dict)
-
-
-class DeadLetterCoordinates(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    partition: int = Field(ge=0, le=2**31 - 1)
-    offset: int = Field(ge=0, le=2**63 - 1)
-
-
-class ReplayRequest(BaseModel):
-    """Either ``items`` (exact dead letters) or ``reason`` (up to ``limit`` with that reason)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[DeadLetterCoordinates] | None = Field(None, min_length=1, max_length=1000)
-    reason: str | None = Field(None, json_schema_extra={"enum": list(DLQ_REASONS)})
-    limit: int = Field(100, ge=1, le=10_000)
-
-    @model_validator(mode="after")
-    def _one_selector(self) -> ReplayRequest:
-        if (self.items is None) == (self.reason is None):
-            raise ValueError("give either items or reason")
-        if self.reason is not None and self.reason not in DLQ_REASONS:
-            raise ValueError(f"reason must be one of {', '.join(DLQ_REASONS)}")
-        return self
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody} for code in codes}
 
 
 # ---------------------------------------------------------------------------- dependencies
@@ -183,55 +91,6 @@ class BrokerProbe:
             log.warning("readiness: broker metadata failed: %s", exc)
             return False
 
-
-def get_service(request: Request) -> Served:
-    return cast(Served, request.app.state.service)
-
-
-ServiceDep = Annotated[Served, Depends(get_service)]
-bearer = HTTPBearer(
-    auto_error=False,
-    description="Writes: AGENT_ADMIN_TOKEN. Reads of tasks and dead letters: AGENT_READ_TOKEN or AGENT_ADMIN_TOKEN.",
-)
-
-
-async def require_admin(
-    service: ServiceDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    token = service.settings.admin_token
-    expected = token.get_secret_value() if token is not None else ""
-    if not expected:
-        raise HTTPException(403, ADMIN_DISABLED)
-    given = credentials.credentials if credentials is not None else ""
-    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, "missing or invalid admin token", headers={"WWW-Authenticate": "Bearer"})
-
-
-async def require_read(
-    service: ServiceDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    """Reads return model output and raw payloads: the read token or the admin token, unless open."""
-    settings = service.settings
-    if settings.reads_open:
-        return
-    accepted = [
-        secret for token in (settings.read_token, settings.admin_token)
-        if token is not None and (secret := token.get_secret_value())
-    ]
-    if not accepted:
-        raise HTTPException(403, READS_DISABLED)
-    given = (credentials.credentials if credentials is not None else "").encode()
-    matched = False
-    for expected in accepted:  # compare with every token, so the timing says nothing about which
-        matched |= hmac.compare_digest(given, expected.encode())
-    if not given or not matched:
-        raise HTTPException(401, "missing or invalid read token", headers={"WWW-Authenticate": "Bearer"})
-
-
-Admin = [Depends(require_admin)]
-Reader = [Depends(require_read)]
 
 # One GET /dlq peek at a time in this process, whatever the event loop: the slot is taken before
 # the peek's thread starts and given back only when that thread is done (or never ran), so a
@@ -290,7 +149,7 @@ _TASK_BODY = {
 
 @router.post(
     "/tasks", status_code=202, response_model=TaskAccepted, dependencies=Admin, tags=["tasks"],
-    openapi_extra=_TASK_BODY, responses={**_errors(401, 403, 413, 503), 422: {"model": ValidationErrorBody}},
+    openapi_extra=_TASK_BODY, responses={**error_responses(401, 403, 413, 503), 422: {"model": ValidationErrorBody}},
 )
 async def produce_task(request: Request, service: ServiceDep) -> TaskAccepted:
     settings = service.settings
@@ -313,7 +172,7 @@ async def produce_task(request: Request, service: ServiceDep) -> TaskAccepted:
 
 @router.get(
     "/tasks/{task_id:path}", response_model=TaskView, dependencies=Reader, tags=["tasks"],
-    responses=_errors(400, 401, 403, 404, 503),
+    responses=error_responses(400, 401, 403, 404, 503),
 )
 async def get_task(
     service: ServiceDep,
@@ -327,7 +186,7 @@ async def get_task(
 
 @router.get(
     "/dlq", response_model=list[dlq.DeadLetter], dependencies=Reader, tags=["dead letters"],
-    responses=_errors(401, 403, 429, 503),
+    responses=error_responses(401, 403, 429, 503),
 )
 async def list_dead_letters(
     service: ServiceDep,
@@ -349,7 +208,7 @@ async def list_dead_letters(
 
 @router.post(
     "/dlq/replay", response_model=dlq.ReplayReport, dependencies=Admin, tags=["dead letters"],
-    responses=_errors(401, 403, 503),
+    responses=error_responses(401, 403, 503),
 )
 async def replay_dead_letters(service: ServiceDep, body: ReplayRequest) -> dlq.ReplayReport:
     selection = [(i.partition, i.offset) for i in body.items] if body.items is not None else None
@@ -410,27 +269,6 @@ def _version() -> str:
         return version("agent-service")
     except PackageNotFoundError:
         return "0.0.0"
-
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class RejectControlCharacters:
-    """Answers 400 to a request whose decoded path holds a control character (``%0A``, ``%00``, ...).
-
-    No resource of this API has one in its name, and the router's path patterns do not match
-    across a newline: without this such a request would miss its route (404) before the token
-    check, telling an unauthenticated caller which paths exist.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _CONTROL_CHARS.search(scope.get("path", "")):
-            await JSONResponse({"detail": "control characters in the request path"}, 400)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 def create_app(service: Served) -> FastAPI:

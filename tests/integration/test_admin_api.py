@@ -12,7 +12,8 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from service.api.app import READS_DISABLED, create_app
+from service.api.app import create_app
+from service.api.security import READS_DISABLED
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import Service, build, ensure_topics

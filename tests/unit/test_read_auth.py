@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from service.api import app as app_module
-from service.api.app import READS_DISABLED, create_app
+from service.api.app import create_app
+from service.api.security import READS_DISABLED
 from service.core.settings import Settings
 from service.pipeline import dlq
 
