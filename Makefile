@@ -52,7 +52,7 @@ run:
 bench: pc-jars  # make bench BENCH_ARGS='--broker kafka --quick'
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
-# Apache Kafka's jars from Maven (deploy/kafka/pom.xml) into .kafka/libs, for service/devtools/kraft.py.
+# Apache Kafka's jars from Maven (deploy/kafka/pom.xml) into .kafka/libs, for service/devtools/kafka_jars.py.
 # The stamp names the pinned version; a changed pom clears the folder and copies again.
 KAFKA_LIBS := $(CURDIR)/.kafka/libs
 KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' deploy/kafka/pom.xml)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from service.core.settings import Settings
-from service.devtools import kraft
+from service.devtools import kafka_jars
 from service.devtools.fakellm import FakeLLM
 from tests.support import classify, metric, produce, read_topic, running, wait_for
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.kafka_only]
 
 def _describe_group(bootstrap: str, group: str) -> list[dict[str, str]]:
     """``kafka-consumer-groups --describe``: one row per partition, columns by their header names."""
-    out = kraft.kafka_tool(kraft.CONSUMER_GROUPS, "--bootstrap-server", bootstrap, "--describe", "--group", group)
+    out = kafka_jars.kafka_tool(kafka_jars.CONSUMER_GROUPS, "--bootstrap-server", bootstrap, "--describe", "--group", group)
     lines = [line.split() for line in out.splitlines() if line.strip()]
     header = next(i for i, cols in enumerate(lines) if cols[:2] == ["GROUP", "TOPIC"])
     names = lines[header]
@@ -88,8 +88,8 @@ def test_kcat_produces_tasks_and_kafkas_console_consumer_reads_the_dead_letters(
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2)
     assert sorted(m.json()["task_id"] for m in results) == ["kc-1", "kc-2"]
 
-    out = kraft.kafka_tool(
-        kraft.CONSOLE_CONSUMER, "--bootstrap-server", s.kafka.bootstrap_servers, "--topic", s.kafka.dlq_topic,
+    out = kafka_jars.kafka_tool(
+        kafka_jars.CONSOLE_CONSUMER, "--bootstrap-server", s.kafka.bootstrap_servers, "--topic", s.kafka.dlq_topic,
         "--from-beginning", "--max-messages", "2", "--timeout-ms", "30000",
         "--formatter-property", "print.key=true", "--formatter-property", "print.headers=true",
         "--formatter-property", "key.separator=|", "--formatter-property", "headers.separator=;",
