@@ -40,7 +40,7 @@ from service.devtools.kafka_jars import (
     kafka_version,
     random_uuid,
 )
-from service.devtools.local import Server, _spawn, free_port, wait_for_port
+from service.devtools.local import Server, free_port, spawn, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class KafkaNode(Server):
         """Start the JVM again after :meth:`kill` or :meth:`stop` (no-op if it runs)."""
         if self.proc.poll() is None:
             return
-        self.proc = _spawn(self.argv, self.log_path)
+        self.proc = spawn(self.argv, self.log_path)
         _LIVE.add(self.proc)
         self.wait_ready(ready_timeout_s)
 
@@ -241,7 +241,7 @@ def _prepare(plan: _Plan, libs: Path, heap: str, cluster_id: str, bootstrap_cont
     if not (plan.log_dir / "meta.properties").exists():
         _format(libs, heap, plan.log4j2, plan.config, cluster_id, quorum_args, plan.log_path, jvm_flags)
     argv = java_argv(libs, heap, plan.log4j2, MAIN_CLASS, str(plan.config), jvm_flags=jvm_flags)
-    proc = _spawn(argv, plan.log_path)
+    proc = spawn(argv, plan.log_path)
     node = KafkaNode(f"kafka-{plan.node_id}", plan.port, proc, plan.directory, argv, plan.log_path,
                      node_id=plan.node_id, controller_port=plan.controller_port, config_path=plan.config)
     _LIVE.add(proc)

@@ -91,11 +91,11 @@ class Server:
     def restart(self, ready_timeout_s: float = 30.0) -> None:
         """Start the same command again (same port, same data directory)."""
         self.stop()
-        self.proc = _spawn(self.argv, self.log_path)
+        self.proc = spawn(self.argv, self.log_path)
         wait_for_port(self.port, ready_timeout_s, self.proc)
 
 
-def _spawn(argv: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
     if log_path is None:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -122,7 +122,7 @@ def start_broker(kind: str, data_dir: Path, port: int | None = None) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = broker_argv(kind, port, data_dir)
     log_path = data_dir / f"{kind}.log"
-    proc = _spawn(argv, log_path)
+    proc = spawn(argv, log_path)
     wait_for_port(port, 30, proc)
     server = Server(kind, port, proc, data_dir, argv, log_path)
     _wait_for_kafka(server)
@@ -157,7 +157,7 @@ def start_redis(data_dir: Path, port: int | None = None, *extra: str) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = redis_argv(port, data_dir, *extra)
     log_path = data_dir / "redis.log"
-    proc = _spawn(argv, log_path)
+    proc = spawn(argv, log_path)
     wait_for_port(port, 15, proc)
     return Server("redis", port, proc, data_dir, argv, log_path)
 
@@ -250,7 +250,7 @@ def start_local_model(data_dir: Path, port: int | None = None, gguf: str | None 
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "smollm2",
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(LOCAL_MODEL_CONTEXT), "--verbose", "False"]
     log_path = data_dir / "llama.log"
-    proc = _spawn(argv, log_path)
+    proc = spawn(argv, log_path)
     wait_for_port(port, 120, proc)
     return Server("llm", port, proc, data_dir, argv, log_path)
 

@@ -3,6 +3,8 @@ calls, the two ways a stage ends a task early, and the trace span of the record 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +21,16 @@ _record_span: ContextVar[TaskSpan | None] = ContextVar("task_span", default=None
 def current_span() -> TaskSpan:
     """The span of the record this task is processing (a no-op span outside one)."""
     return _record_span.get() or _NO_SPAN
+
+
+@contextlib.contextmanager
+def record_span(span: TaskSpan) -> Iterator[None]:
+    """Make ``span`` the one :func:`current_span` answers, inside the block."""
+    token = _record_span.set(span)
+    try:
+        yield
+    finally:
+        _record_span.reset(token)
 
 
 class ChatClient(Protocol):

@@ -34,8 +34,8 @@ from service.pipeline.base import (
     LostFence,
     ProcessorConfig,
     ToDeadLetter,
-    _record_span,
     current_span,
+    record_span,
     utcnow,
 )
 from service.pipeline.claim import Claims
@@ -83,11 +83,10 @@ class TaskProcessor(Claims, Steps):
         started = monotonic()
         coordinates = (record.topic, record.partition, record.offset)
         with self.tracing.task_span(None, None, coordinates, header(record.headers, "traceparent")) as span:
-            token = _record_span.set(span)
             try:
-                await self._process_bounded(record)
+                with record_span(span):
+                    await self._process_bounded(record)
             finally:
-                _record_span.reset(token)
                 self.metrics.task_duration.observe(monotonic() - started)
 
     @property
