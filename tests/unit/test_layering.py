@@ -12,8 +12,9 @@ package of lower rank, never one of the same or a higher rank:
     consumers, dedup                the Kafka and Redis primitives
 
 ``service.devtools`` (the fake model, embedded servers, the demo) may import anything; nothing
-imports it, except the CLI inside a function (``demo``, ``run --embedded``). The imports are read
-from the source with :mod:`ast`, so the check needs no import to run.
+imports it, except the CLI inside a function (``demo``, ``run --embedded``). No module imports
+another's private (``_name``) names either. The imports are read from the source with :mod:`ast`,
+so the check needs no import to run.
 """
 
 from __future__ import annotations
@@ -168,6 +169,18 @@ def cycles(edges: list[Import]) -> list[list[str]]:
     return groups
 
 
+def private_imports(repo: Path, roots: tuple[str, ...]) -> list[str]:
+    """``from other_module import _name``: a module reaching into another's private names."""
+    known = modules(repo, roots)
+    found = []
+    for module, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level and node.module != module:
+                found += [f"{module}:{node.lineno} imports {node.module}.{alias.name}" for alias in node.names
+                          if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
 def all_imports(repo: Path, roots: tuple[str, ...]) -> list[Import]:
     known = modules(repo, roots)
     return [edge for module, path in known.items() for edge in imports(module, path, known)]
@@ -187,6 +200,10 @@ def test_imports_run_one_way() -> None:
 
 def test_no_import_cycles() -> None:
     assert cycles(all_imports(REPO, ROOTS)) == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    assert private_imports(REPO, ROOTS) == []
 
 
 # ---------------------------------------------------------------------------- the checker
@@ -239,6 +256,11 @@ def test_checker_allows_tooling_only_lazily_and_only_where_named(tmp_path: Path)
         "high.eager:1 -> tools.t (nothing imports tools, but for a lazy import in ('high',))",
         "low.lazy:2 -> tools.t (nothing imports tools, but for a lazy import in ('high',))",
     ]
+
+
+def test_checker_finds_a_private_name_imported_from_another_module(tmp_path: Path) -> None:
+    repo = _tree(tmp_path, {"low/__init__.py": "", "low/a.py": "_x = 1\n", "low/b.py": "from low.a import _x, __doc__\n"})
+    assert private_imports(repo, ("low",)) == ["low.b:1 imports low.a._x"]
 
 
 def test_checker_refuses_a_module_without_a_place(tmp_path: Path) -> None:
