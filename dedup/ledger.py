@@ -102,6 +102,11 @@ class TaskRecord:
         value = self.fields.get("event")
         return value.encode() if value is not None else None
 
+    @property
+    def published(self) -> bool:
+        """Whether the outcome reached its topic (the field holds who published it)."""
+        return _published_by(self.fields.get("published")) is not None
+
     def to_json(self) -> dict[str, Any]:
         f = self.fields
         result = f.get("result")
@@ -119,7 +124,7 @@ class TaskRecord:
             "result_digest": f.get("result_digest"),
             "model": f.get("model"),
             "prompt_version": f.get("prompt_version"),
-            "published": _published_by(f.get("published")) is not None,
+            "published": self.published,
             "error": f.get("error"),
             "dead_reason": f.get("dead_reason"),
             "created_at_ms": int(f["created_at"]) if f.get("created_at") else None,

@@ -35,7 +35,7 @@ def test_broker_restart_loses_nothing(make_settings: Any, fake_llm: FakeLLM, tmp
 
                 async def all_done() -> bool:
                     recs = [await svc.ledger.get(f"br-{i}") for i in range(n)]
-                    return all(r is not None and r.state == "succeeded" and r.fields.get("published") == "1"
+                    return all(r is not None and r.state == "succeeded" and r.published
                                for r in recs)
 
                 await wait_for(all_done, 90, interval_s=0.5, what="every task published")
