@@ -48,6 +48,13 @@ _OUTAGE_REPLIES = frozenset({"OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN",
                              "NOREPLICAS", "MISCONF", "NOSCRIPT", "MOVED", "ASK"})
 
 
+def _is_outage_reply(exc: ResponseError) -> bool:
+    """An error reply that says the node cannot serve this now (it will, or another node will)."""
+    text = str(exc)
+    # WAIT on a primary demoted by a failover, sent there on a slot map not yet reloaded
+    return text.split(" ", 1)[0] in _OUTAGE_REPLIES or "cannot be used with replica instances" in text
+
+
 class StaleFence(LedgerError):
     """A newer claim holds the task: this worker's write was refused."""
 
@@ -185,7 +192,7 @@ class Ledger:
         except (ClusterError, TryAgainError) as exc:  # a cluster failing over or resharding
             raise LedgerUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
-            if str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES:
+            if _is_outage_reply(exc):
                 raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
             # Redis answered and refused this one call: not an outage, a fault of the caller
             raise LedgerRefused(f"redis refused the call: {type(exc).__name__}: {str(exc)[:300]}") from exc
@@ -307,6 +314,8 @@ class Ledger:
                 continue
             for reply in (raw, acked):
                 if isinstance(reply, Exception):
+                    if isinstance(reply, ResponseError) and _is_outage_reply(reply):
+                        await self.batcher.refresh_slots()  # the WAIT went to a node that is no primary now
                     raise reply
             return raw, acked
         raise LedgerUnavailable("redis forgot the COMPLETE script again right after loading it")
