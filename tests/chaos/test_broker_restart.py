@@ -38,7 +38,7 @@ def test_broker_restart_loses_nothing(make_settings: Any, fake_llm: FakeLLM, tmp
                     return all(r is not None and r.state == "succeeded" and r.published
                                for r in recs)
 
-                await wait_for(all_done, 90, interval_s=0.5, what="every task published")
+                await wait_for(all_done, 90, interval_s=0.5, what="every task published", service=svc)
                 await wait_for(lambda: sum(committed(s.kafka.bootstrap_servers, s.kafka.group_id,
                                                      s.kafka.input_topic, 2).values()) == n, 60,
                                interval_s=0.5, what="offsets committed to the end")

@@ -120,7 +120,7 @@ def _run(settings: Settings, fake_llm: FakeLLM, cluster: local.RedisCluster, fau
             await asyncio.to_thread(produce, settings.kafka.bootstrap_servers, settings.kafka.input_topic, records)
             await wait_for(lambda: done(svc) >= TASKS // 4, 120, what="a quarter of the tasks")
             await asyncio.to_thread(fault, cluster, events)
-            await wait_for(lambda: done(svc) >= TASKS, 240, interval_s=0.5, what="every task")
+            await wait_for(lambda: done(svc) >= TASKS, 240, interval_s=0.5, what="every task", service=svc)
             figures["calls_first_pass"] = fake_llm.stats()["requests"]
             held = [await svc.ledger.get(t) for t in ids]
             figures["records_lost"] = sum(1 for r in held if r is None or r.state != "succeeded" or not r.published)
