@@ -149,17 +149,19 @@ def run(env: Env, quick: bool) -> list[Figure]:
         figures.append(Figure(BENCH, "service / pipe", 100 * rate / pipe_rate, "%",
                               baseline=f"pipe {pipe_rate:,.0f}/s", target=(">=", 50.0)))
         figures.append(_transactional_pass(env, fake, n, rate))
+        figures.append(_cluster_pass(env, fake, n, rate))
     finally:
         env.release(fake)
     return figures
 
 
-def _service_pass(env: Env, settings: Any, fake: FakeModel, n: int, what: str) -> tuple[float, str]:
+def _service_pass(env: Env, settings: Any, fake: FakeModel, n: int, what: str,
+                  redis_pids: dict[str, int | list[int] | None] | None = None) -> tuple[float, str]:
     """One service over the ``n`` tasks waiting in its input topic: its rate and a detail line."""
     progress(f"e2e: {what} on {n:,} tasks")
     meter = CpuMeter({"service": None, "fake model": fake.proc.pid,
                       "broker": env.broker.proc.pid if env.broker else None,
-                      "redis": env.redis.proc.pid if env.redis else None})
+                      **(redis_pids or {"redis": env.redis.proc.pid if env.redis else None})})
 
     async def go() -> Any:
         meter.start()
@@ -200,3 +202,26 @@ def _transactional_pass(env: Env, fake: FakeModel, n: int, default_rate: float) 
     rate, detail = _service_pass(env, settings, fake, n, "the service, transactions on")
     return Figure(BENCH, name, rate, "tasks/s", baseline=baseline,
                   detail=f"{100 * rate / default_rate:.0f}% of the default; {detail}")
+
+
+def _cluster_pass(env: Env, fake: FakeModel, n: int, default_rate: float) -> Figure:
+    """The same workload with the ledger on a Redis Cluster (three primaries, a replica each, on this
+    machine) through redis-py's cluster client, beside the default's one redis-server from this run."""
+    from service import local
+    from service.wiring import ensure_topics
+
+    names = env.names(f"{BENCH}rc")
+    progress("e2e: starting a Redis Cluster (3 primaries, 3 replicas)")
+    cluster = local.start_redis_cluster(env.dir / f"redis-cluster-{names.run}")
+    try:
+        settings = env.settings(names, fake.base_url, partitions=PARTITIONS, redis={"url": cluster.url})
+        ensure_topics(settings)
+        env.wait_for_topics([names.input_topic, names.results_topic, names.dlq_topic])
+        env.produce(names.input_topic, task_records(names.run, n), what="tasks")
+        rate, detail = _service_pass(env, settings, fake, n, "the service, ledger on a Redis Cluster",
+                                     {"redis cluster (6 nodes)": [node.proc.pid for node in cluster.nodes]})
+    finally:
+        cluster.stop()
+    return Figure(BENCH, "service end to end, Redis Cluster", rate, "tasks/s",
+                  baseline=f"one redis-server {default_rate:,.0f}/s",
+                  detail=f"{100 * rate / default_rate:.0f}% of one server; {detail}")

@@ -34,18 +34,22 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 
 class CpuMeter:
-    """CPU seconds spent by named processes between :meth:`start` and :meth:`stop`."""
+    """CPU seconds spent by named processes (or groups of them) between :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, pids: dict[str, int | None]) -> None:
+    def __init__(self, pids: dict[str, int | list[int] | None]) -> None:
         self.pids = pids
         self._start: dict[str, float] = {}
         self.used: dict[str, float] = {}
 
+    @staticmethod
+    def _seconds(pid: int | list[int] | None) -> float:
+        return sum(cpu_seconds(p) for p in pid) if isinstance(pid, list) else cpu_seconds(pid)
+
     def start(self) -> None:
-        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._start = {name: self._seconds(pid) for name, pid in self.pids.items()}
 
     def stop(self) -> dict[str, float]:
-        self.used = {name: cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+        self.used = {name: self._seconds(pid) - self._start[name] for name, pid in self.pids.items()}
         return self.used
 
     def per_item_ms(self, n: int) -> str:

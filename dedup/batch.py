@@ -117,10 +117,13 @@ class ScriptBatcher:
         """A cluster client learns of a failover only by asking again: it does not when the pipeline
         hands errors back instead of raising them. A lost node or a cluster that is down makes it
         reload the slot map, at most every :data:`REFRESH_INTERVAL_S`."""
+        if any(isinstance(o, ConnectionError | TimeoutError | ClusterDownError | TryAgainError) for o in outcomes):
+            await self.refresh_slots()
+
+    async def refresh_slots(self) -> None:
+        """Reload a cluster's slot map (no-op on one server), at most every :data:`REFRESH_INTERVAL_S`."""
         client = self._client
         if not isinstance(client, RedisCluster):
-            return
-        if not any(isinstance(o, ConnectionError | TimeoutError | ClusterDownError | TryAgainError) for o in outcomes):
             return
         now = asyncio.get_running_loop().time()
         if now - self._refreshed_at < REFRESH_INTERVAL_S:

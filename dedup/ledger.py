@@ -48,6 +48,13 @@ _OUTAGE_REPLIES = frozenset({"OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN",
                              "NOREPLICAS", "MISCONF", "NOSCRIPT", "MOVED", "ASK"})
 
 
+def _is_outage_reply(exc: ResponseError) -> bool:
+    """An error reply that says the node cannot serve this now (it will, or another node will)."""
+    text = str(exc)
+    # WAIT on a primary demoted by a failover, sent there on a slot map not yet reloaded
+    return text.split(" ", 1)[0] in _OUTAGE_REPLIES or "cannot be used with replica instances" in text
+
+
 class StaleFence(LedgerError):
     """A newer claim holds the task: this worker's write was refused."""
 
@@ -102,6 +109,11 @@ class TaskRecord:
         value = self.fields.get("event")
         return value.encode() if value is not None else None
 
+    @property
+    def published(self) -> bool:
+        """Whether the outcome reached its topic (the field holds who published it)."""
+        return _published_by(self.fields.get("published")) is not None
+
     def to_json(self) -> dict[str, Any]:
         f = self.fields
         result = f.get("result")
@@ -119,7 +131,7 @@ class TaskRecord:
             "result_digest": f.get("result_digest"),
             "model": f.get("model"),
             "prompt_version": f.get("prompt_version"),
-            "published": _published_by(f.get("published")) is not None,
+            "published": self.published,
             "error": f.get("error"),
             "dead_reason": f.get("dead_reason"),
             "created_at_ms": int(f["created_at"]) if f.get("created_at") else None,
@@ -180,7 +192,7 @@ class Ledger:
         except (ClusterError, TryAgainError) as exc:  # a cluster failing over or resharding
             raise LedgerUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
-            if str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES:
+            if _is_outage_reply(exc):
                 raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
             # Redis answered and refused this one call: not an outage, a fault of the caller
             raise LedgerRefused(f"redis refused the call: {type(exc).__name__}: {str(exc)[:300]}") from exc
@@ -302,6 +314,8 @@ class Ledger:
                 continue
             for reply in (raw, acked):
                 if isinstance(reply, Exception):
+                    if isinstance(reply, ResponseError) and _is_outage_reply(reply):
+                        await self.batcher.refresh_slots()  # the WAIT went to a node that is no primary now
                     raise reply
             return raw, acked
         raise LedgerUnavailable("redis forgot the COMPLETE script again right after loading it")

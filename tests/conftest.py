@@ -166,7 +166,7 @@ def settings_factory(bootstrap: str, assignment_strategy: str, redis_url: str, f
         kafka.update(overrides.pop("kafka", {}))
         values: dict[str, Any] = {
             "kafka": kafka,
-            "redis": {"url": redis_url, "key_prefix": f"t{run}"},
+            "redis": {"url": redis_url, "key_prefix": f"t{run}", **overrides.pop("redis", {})},
             "llm": {"base_url": fake_llm.base_url, "model": "fake", "timeout_s": 5,
                     "backoff_base_s": 0.05, "backoff_max_s": 0.5, "max_attempts": 4,
                     **overrides.pop("llm", {})},

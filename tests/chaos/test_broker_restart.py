@@ -35,10 +35,10 @@ def test_broker_restart_loses_nothing(make_settings: Any, fake_llm: FakeLLM, tmp
 
                 async def all_done() -> bool:
                     recs = [await svc.ledger.get(f"br-{i}") for i in range(n)]
-                    return all(r is not None and r.state == "succeeded" and r.fields.get("published") == "1"
+                    return all(r is not None and r.state == "succeeded" and r.published
                                for r in recs)
 
-                await wait_for(all_done, 90, interval_s=0.5, what="every task published")
+                await wait_for(all_done, 90, interval_s=0.5, what="every task published", service=svc)
                 await wait_for(lambda: sum(committed(s.kafka.bootstrap_servers, s.kafka.group_id,
                                                      s.kafka.input_topic, 2).values()) == n, 60,
                                interval_s=0.5, what="offsets committed to the end")

@@ -118,7 +118,7 @@ def test_cluster_faults_under_load_lose_nothing_and_give_no_task_two_results(
             figures["done_at_fault"] = metric(svc, "agent_tasks_total", {"outcome": "succeeded"})
             await asyncio.to_thread(FAULTS[fault], kafka_cluster, s.kafka.input_topic, events)
             await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) >= TASKS, 240,
-                           interval_s=0.5, what="every task")
+                           interval_s=0.5, what="every task", service=svc)
             await wait_for(lambda: committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic,
                                              PARTITIONS) == _end_offsets(s.kafka.bootstrap_servers, s.kafka.input_topic),
                            60, interval_s=0.5, what="committed offsets at the end of every partition")

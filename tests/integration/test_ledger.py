@@ -216,6 +216,40 @@ def test_wait_replicas_holds_a_result_back_until_replicas_have_it(any_redis_url:
     with_ledger(any_redis_url, body)
 
 
+def test_wait_sent_to_a_demoted_primary_is_an_outage_and_reloads_the_slot_map(redis_cluster: Any) -> None:
+    """After a failover a slot map not yet reloaded sends WAIT to the old primary, now a replica,
+    which refuses it: that is the cluster changing (retried), not a fault of the task."""
+    import redis as sync_redis
+    from redis.asyncio.cluster import REPLICA, ClusterNode, RedisCluster
+
+    from dedup.ledger import LedgerUnavailable
+
+    def is_replica(port: int) -> bool:
+        with sync_redis.Redis(port=port, decode_responses=True) as node:
+            return str(node.execute_command("ROLE")[0]) == "slave"
+
+    port = next(n.port for n in redis_cluster.nodes if is_replica(n.port))
+
+    async def body(ledger: Ledger) -> None:
+        client = ledger.client
+        assert isinstance(client, RedisCluster)
+        ledger.wait_replicas, ledger.wait_timeout_ms = 1, 1000
+        claim = await ledger.claim("demoted-1", FP, "me", "classify")
+        replica = ClusterNode("127.0.0.1", port, REPLICA, **client.nodes_manager.connection_kwargs)
+        owner = client.get_node_from_key
+        client.get_node_from_key = lambda *_a, **_k: replica  # type: ignore[method-assign] # the stale map
+        reloads = ledger.batcher._refreshed_at
+        with pytest.raises(LedgerUnavailable, match="replica"):
+            await complete(ledger, "demoted-1", claim.fence)
+        assert ledger.batcher._refreshed_at > reloads  # the slot map was asked for again
+        client.get_node_from_key = owner  # type: ignore[method-assign]
+        await replica.disconnect()
+        again = await complete(ledger, "demoted-1", claim.fence)  # the retry, on the fresh map
+        assert (again.status, again.fence) == ("already", claim.fence)
+
+    with_ledger(redis_cluster.url, body)
+
+
 def test_a_redis_refusal_of_one_call_is_not_an_outage(any_redis_url: str) -> None:
     """A script error for one key (here: a key of the wrong type) is the caller's fault, not Redis being down."""
     from dedup.ledger import LedgerRefused

@@ -25,8 +25,10 @@ def results_by_task(msgs: list[Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def test_same_task_delivered_many_times_runs_the_model_once(make_settings: Any, fake_llm: FakeLLM) -> None:
-    s: Settings = make_settings()
+def test_same_task_delivered_many_times_runs_the_model_once(
+    make_settings: Any, fake_llm: FakeLLM, any_redis_url: str
+) -> None:
+    s: Settings = make_settings(redis={"url": any_redis_url})
     value = classify("order-1")
 
     async def scenario() -> None:
@@ -44,9 +46,9 @@ def test_same_task_delivered_many_times_runs_the_model_once(make_settings: Any, 
     assert fake_llm.calls_for("order-1") == 1
 
 
-def test_retry_after_slow_success_keeps_one_result(make_settings: Any, fake_llm: FakeLLM) -> None:
+def test_retry_after_slow_success_keeps_one_result(make_settings: Any, fake_llm: FakeLLM, any_redis_url: str) -> None:
     # The first call finishes on the server but arrives after the client gave up.
-    s: Settings = make_settings(llm={"timeout_s": 0.5})
+    s: Settings = make_settings(llm={"timeout_s": 0.5}, redis={"url": any_redis_url})
     fake_llm.add_fault(FaultRule("slow_success", match="slow-1", times=1, delay_s=1.5))
 
     async def scenario() -> dict[str, Any]:
@@ -71,9 +73,9 @@ def test_retry_after_slow_success_keeps_one_result(make_settings: Any, fake_llm:
     assert stored["attempts"] == 2 and stored["state"] == "succeeded"
 
 
-def test_stale_worker_write_is_refused_by_its_fence(make_settings: Any, fake_llm: FakeLLM) -> None:
+def test_stale_worker_write_is_refused_by_its_fence(make_settings: Any, fake_llm: FakeLLM, any_redis_url: str) -> None:
     """Worker A stalls past its lease; B reclaims with a higher fence and wins; A's late write is refused."""
-    s_a: Settings = make_settings(ledger={"lease_ms": 800})
+    s_a: Settings = make_settings(ledger={"lease_ms": 800}, redis={"url": any_redis_url})
     s_b = s_a.model_copy(update={"kafka": s_a.kafka.model_copy(update={"group_id": s_a.kafka.group_id + "-b"}),
                                  "worker_id": "worker-b"})
     fake_llm.add_fault(FaultRule("latency", match="race-1", times=1, delay_s=10.0))  # outlasts B's group join
@@ -193,8 +195,10 @@ def test_no_offset_is_committed_ahead_of_an_unfinished_record(make_settings: Any
     asyncio.run(scenario())
 
 
-def test_after_a_restart_nothing_is_lost_and_nothing_is_rerun(make_settings: Any, fake_llm: FakeLLM) -> None:
-    s: Settings = make_settings()
+def test_after_a_restart_nothing_is_lost_and_nothing_is_rerun(
+    make_settings: Any, fake_llm: FakeLLM, any_redis_url: str
+) -> None:
+    s: Settings = make_settings(redis={"url": any_redis_url})
     n = 30
     records = [(f"r-{i}".encode(), classify(f"r-{i}", f"text {i}")) for i in range(n)]
 

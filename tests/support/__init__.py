@@ -142,7 +142,9 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[i
         consumer.close()
 
 
-async def wait_for(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition") -> None:
+async def wait_for(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition",
+                   service: Service | None = None) -> None:
+    """Poll ``predicate`` until true; on a timeout the error says where ``service`` (if given) stands."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -151,7 +153,20 @@ async def wait_for(predicate: Any, timeout_s: float = 30.0, interval_s: float = 
         if value:
             return
         await asyncio.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    state = f"; {describe(service)}" if service is not None else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{state}")
+
+
+def describe(service: Service) -> str:
+    """Where a running service stands: what a stalled test needs to say which part stopped."""
+    runner = service.runner
+    samples = {s.name + (str(sorted(s.labels.items())) if s.labels else ""): s.value
+               for family in service.metrics.registry.collect() for s in family.samples
+               if s.name.startswith(("agent_tasks_total", "agent_inflight", "agent_paused", "agent_assigned",
+                                     "agent_consumer_lag", "agent_llm_requests_total", "agent_results_published"))
+               and s.value}
+    return (f"assignment {sorted(runner.assignment)}, stopping {runner.stopping}, retrying {runner.retrying}, "
+            f"gated {runner.gated}, last error {runner.last_error!r}, metrics {samples}")
 
 
 @contextlib.asynccontextmanager

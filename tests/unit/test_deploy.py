@@ -35,6 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = REPO / "docker-compose.yml"
+REDIS_CLUSTER_COMPOSE = REPO / "deploy" / "redis-cluster" / "compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
 PROM_DIR = DEPLOY / "prometheus"
@@ -66,6 +67,7 @@ DEPLOY_ENV = frozenset(
         "AGENT_KAFKA__DLQ_TOPIC",
         "AGENT_KAFKA__SESSION_TIMEOUT_MS",
         "AGENT_REDIS__URL",
+        "AGENT_LEDGER__WAIT_REPLICAS",
         "AGENT_LLM__BASE_URL",
         "AGENT_LLM__API_KEY",
         "AGENT_LLM__MODEL",
@@ -391,6 +393,50 @@ def test_compose_schema_check_rejects_mistakes() -> None:
     broken = copy.deepcopy(compose())
     broken["services"]["redis"]["depends_on"] = {"kafka": {"condition": "healthy"}}
     assert list(validator.iter_errors(broken))
+
+
+def _merged(base: Any, override: Any) -> Any:
+    """``docker compose -f base -f override``: mappings merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: _merged(base[k], v) if k in base else v for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override}
+    return override
+
+
+def redis_cluster_compose() -> dict[str, Any]:
+    return _merged(compose(), load_yaml(REDIS_CLUSTER_COMPOSE))
+
+
+def test_redis_cluster_override_matches_compose_spec_schema() -> None:
+    validator = compose_schema_validator()
+    errors = sorted(validator.iter_errors(redis_cluster_compose()), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+def test_redis_cluster_override_runs_the_ledger_on_six_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dedup.client import is_cluster_url
+
+    stack = redis_cluster_compose()
+    services = stack["services"]
+    nodes = sorted(name for name in services if name.startswith("redis-node-"))
+    assert len(nodes) == 6
+    for name in nodes:
+        command = " ".join(services[name]["command"])
+        for flag in ("--cluster-enabled yes", "--appendonly yes", "--maxmemory-policy noeviction"):
+            assert flag in command, f"{name}: {flag}"
+        volume = services[name]["volumes"][0].split(":")[0]
+        assert volume in stack["volumes"], f"{name}: volume {volume} not declared"
+    init = " ".join(services["redis-cluster-init"]["command"])
+    assert "--cluster-replicas 1" in init and "redis-node-$$i" in init and "for i in 1 2 3 4 5 6" in init
+    assert set(services["redis-cluster-init"]["depends_on"]) == set(nodes)
+    agent = services[SERVICE]
+    assert agent["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"
+    env = {k: str(v) for k, v in agent["environment"].items()}
+    assert is_cluster_url(env["AGENT_REDIS__URL"])
+    named = [h.split(":")[0] for h in env["AGENT_REDIS__URL"].split("://", 1)[1].split(",")]
+    assert set(named) <= set(nodes)
+    settings = build_settings({k: interpolate_default(v) for k, v in env.items()}, monkeypatch)
+    assert settings.ledger.wait_replicas == 1  # one replica per primary: a failover loses no published result
 
 
 def test_compose_has_the_stack() -> None:
