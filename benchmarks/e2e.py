@@ -207,8 +207,8 @@ def _transactional_pass(env: Env, fake: FakeModel, n: int, default_rate: float) 
 def _cluster_pass(env: Env, fake: FakeModel, n: int, default_rate: float) -> Figure:
     """The same workload with the ledger on a Redis Cluster (three primaries, a replica each, on this
     machine) through redis-py's cluster client, beside the default's one redis-server from this run."""
-    from service import local
-    from service.wiring import ensure_topics
+    from service.devtools import local
+    from service.runtime.wiring import ensure_topics
 
     names = env.names(f"{BENCH}rc")
     progress("e2e: starting a Redis Cluster (3 primaries, 3 replicas)")

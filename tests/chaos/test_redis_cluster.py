@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import redis
 
-from service import local
-from service.fakellm import FakeLLM
-from service.settings import Settings
+from service.core.settings import Settings
+from service.devtools import local
+from service.devtools.fakellm import FakeLLM
 from tests.support import classify, committed, metric, produce, read_topic, running, wait_for
 
 # see _collect_dropped_sockets: a socket redis-py dropped may still be collected in a later test here
