@@ -3,13 +3,20 @@
 A step is a versioned prompt template with an output model. The model's JSON schema travels
 with the request as ``response_format``; the answer is validated against the model and the step's
 own checks (exact field names, a label from the list, a word limit) before anything is written.
+
+The steps form a graph. A step names the steps whose recorded outputs it reads (``needs``); by
+default it reads the step declared before it, so a plain list of steps is a chain. Steps with no
+dependency between them run concurrently, and a step that needs several starts once all of them
+are journaled and sees their outputs in the order it names them. An agent with an unknown step
+name or a cycle is refused when it is made, not when a task runs.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -26,6 +33,11 @@ class Step:
     name: str = "answer"
     prompt_version: str = "v1"
     output_model: type[BaseModel]
+    # the steps whose outputs this one reads, in the order it sees them: None is the step declared
+    # before it (none for the first), () none at all (a root that runs at once)
+    needs: tuple[str, ...] | None = None
+    model: str | None = None  # the model to ask, when not the endpoint's default
+    temperature: float | None = None  # when not the endpoint's default
 
     def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
         return self.output_model.model_json_schema()
@@ -52,11 +64,42 @@ class Step:
 
 @dataclass(frozen=True)
 class Agent:
-    """A kind of task: its input model and its steps; the result is the last step's output."""
+    """A kind of task: its input model and its steps; the result is the last step's output.
+
+    Made with an unknown step in a ``needs``, a step named twice or a cycle, it raises ``ValueError``.
+    """
 
     kind: str
     input_model: type[BaseModel]
     steps: tuple[Step, ...]
+    # step name -> the names of the steps it reads, in its order (computed from the steps' ``needs``)
+    graph: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError(f"agent {self.kind!r} has no step")
+        names = [s.name for s in self.steps]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"agent {self.kind!r}: step {twice[0]!r} is named twice")
+        graph: dict[str, tuple[str, ...]] = {}
+        for i, step in enumerate(self.steps):
+            needs = step.needs if step.needs is not None else tuple(names[i - 1:i])
+            unknown = [n for n in needs if n not in names]
+            if unknown:
+                raise ValueError(f"agent {self.kind!r}: step {step.name!r} needs unknown step {unknown[0]!r}")
+            if len(set(needs)) != len(needs):
+                raise ValueError(f"agent {self.kind!r}: step {step.name!r} names a step twice in its needs")
+            graph[step.name] = tuple(needs)
+        try:
+            tuple(TopologicalSorter(graph).static_order())
+        except CycleError as exc:
+            cycle = " -> ".join(exc.args[1])
+            raise ValueError(f"agent {self.kind!r}: its steps form a cycle: {cycle}") from None
+        object.__setattr__(self, "graph", graph)
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
 
     def parse_input(self, raw: dict[str, Any]) -> BaseModel:
         try:

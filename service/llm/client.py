@@ -76,6 +76,8 @@ class ChatRequest:
     timeout_s: float | None = None  # overrides settings.timeout_s (a deadline may shorten it)
     max_tokens: int | None = None
     traceparent: str | None = None  # forwarded as the `traceparent` header when set
+    model: str | None = None  # overrides settings.model (a step may name its own)
+    temperature: float | None = None  # overrides settings.temperature
 
     def __post_init__(self) -> None:
         if not _SCHEMA_NAME.fullmatch(self.schema_name):
@@ -87,6 +89,8 @@ class ChatRequest:
             raise ValueError(f"timeout_s must be a positive number of seconds: {self.timeout_s!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1: {self.max_tokens!r}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+            raise ValueError(f"temperature must be within 0..2: {self.temperature!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,9 +261,9 @@ class LLMClient:
     def _payload(self, request: ChatRequest) -> dict[str, Any]:
         settings = self._settings
         payload: dict[str, Any] = {
-            "model": settings.model,
+            "model": request.model or settings.model,
             "messages": request.messages,
-            "temperature": settings.temperature,
+            "temperature": settings.temperature if request.temperature is None else request.temperature,
             "max_tokens": (
                 request.max_tokens if request.max_tokens is not None else settings.max_tokens
             ),
