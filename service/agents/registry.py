@@ -17,6 +17,7 @@ from service.agents.kinds import (
     SummarizeStep,
 )
 from service.agents.prior_auth import prior_auth_agent
+from service.agents.review import review_agent
 from service.agents.tasks import TaskEvent, canonical_json, task_key
 from service.core.errors import PoisonError
 
@@ -50,6 +51,7 @@ def default_agents() -> AgentRegistry:
         Agent("classify", ClassifyInput, (ClassifyStep(),)),
         Agent("summarize", SummarizeInput, (SummarizeStep(),)),
         prior_auth_agent(),
+        review_agent(),
     ])
 
 

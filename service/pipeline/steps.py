@@ -8,6 +8,7 @@ import logging
 import random
 from collections.abc import Callable
 from datetime import datetime
+from graphlib import TopologicalSorter
 from typing import Any
 
 from pydantic import BaseModel
@@ -47,50 +48,18 @@ class Steps:
     async def _run(
         self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim
     ) -> tuple[dict[str, dict[str, Any]], int]:
-        """Run the agent's steps; a multi-step agent journals each step and resumes from the journal.
+        """Run the agent's step graph; a multi-step agent journals each step and resumes from the journal.
 
-        A step sees the task input and only the recorded output of the step before, after its
-        digest is checked. A journaled step is re-used only when its prompt version is current,
-        its digest matches its output and it was computed from the current output of the step
-        before (a chain of digests); otherwise it runs again.
+        A step runs once every step it needs is journaled, and sees the task input and their
+        recorded outputs, each checked against its digest, in the order it names them. Steps with no
+        path between them run concurrently; the first that fails cancels the others. A journaled
+        step is re-used only when its prompt version is current, its digest matches its output and
+        it was computed from the current outputs of the steps it needs (a chain of digests);
+        otherwise it runs again.
         """
-        journaled = len(agent.steps) > 1
-        journal = await self.ledger.steps(task.key) if journaled else {}
-        outputs: dict[str, dict[str, Any]] = {}
-        attempts = claim.attempts
-        prev_name: str | None = None
-        prev: dict[str, Any] | None = None
-        for step in agent.steps:
-            input_digest = prev["digest"] if prev is not None else ""
-            recorded = journal.get(step.name)
-            if (
-                recorded is not None
-                and recorded.get("prompt_version") == step.prompt_version
-                and recorded.get("input_digest", "") == input_digest
-                and recorded.get("digest") == digest(canonical_json(recorded.get("output")))
-            ):
-                self.metrics.steps_reused.inc()
-                outputs[step.name] = recorded["output"]
-                prev_name, prev = step.name, recorded
-                continue
-            previous: dict[str, Any] = {}
-            if prev is not None and prev_name is not None:
-                if prev.get("digest") != digest(canonical_json(prev.get("output"))):
-                    raise ToDeadLetter("permanent", f"step {prev_name}: recorded output does not match its digest", attempts)
-                previous = {prev_name: prev["output"]}
-            output, attempts = await self._call_step(task, step, task_input, previous, claim.fence, attempts)
-            outputs[step.name] = output
-            record = {
-                "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
-                "prompt_version": step.prompt_version, "fence": claim.fence, "attempt": attempts,
-            }
-            if journaled:
-                try:
-                    await self.ledger.record_step(task.key, claim.fence, step.name, record)
-                except StaleFence as exc:
-                    raise LostFence(str(exc)) from exc
-            prev_name, prev = step.name, record
-        return outputs, attempts
+        run = _GraphRun(self, task, agent, task_input, claim)
+        await run.start()
+        return run.outputs, run.attempts
 
     async def _call_step(
         self,
@@ -163,6 +132,8 @@ class Steps:
             idempotency_key=f"{task.key}:{step.name}",
             timeout_s=timeout,
             traceparent=self.tracing.current_traceparent() or task.traceparent,
+            model=step.model,
+            temperature=step.temperature,
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Exception,
@@ -256,10 +227,10 @@ class Steps:
         if stored is None or stored.state != "succeeded" or stored.fingerprint != task.fingerprint:
             return  # only a true duplicate of a stored result
         outputs: dict[str, dict[str, Any]] = {}
-        prev: str | None = None
         try:
-            for step in agent.steps:
-                previous = {prev: outputs[prev]} if prev is not None else {}
+            for name in TopologicalSorter(agent.graph).static_order():  # one call at a time: a sample
+                step = agent.step(name)
+                previous = {need: outputs[need] for need in agent.graph[name]}
                 messages, schema = step.messages(task_input, previous), step.schema(task_input, previous)
                 needed = estimate_tokens(messages, schema) + self.config.max_output_tokens
                 # a shadow call is a call: the breaker, the rate limits and Retry-After hold for it too
@@ -268,7 +239,7 @@ class Steps:
                     answer = await self.llm.chat(ChatRequest(
                         messages=messages, schema=schema,
                         schema_name=f"{task.kind}_{step.name}", idempotency_key=f"{task.key}:{step.name}:shadow",
-                        timeout_s=self.config.llm_timeout_s,
+                        timeout_s=self.config.llm_timeout_s, model=step.model, temperature=step.temperature,
                     ))
                 except EndpointFault as exc:
                     self._endpoint_unusable(exc)
@@ -280,10 +251,93 @@ class Steps:
                 if self.limiter is not None:
                     await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
                 outputs[step.name] = step.parse(task_input, answer.content)
-                prev = step.name
         except (RetryableError, PermanentError, InvalidOutput, EndpointFault) as exc:
             self.metrics.shadow_runs.labels(outcome="failed").inc()
             log.info("task_id=%s: shadow run failed: %s", task.key, exc)
             return
         same = digest(canonical_json(agent.result(outputs))) == stored.fields.get("result_digest")
         self.metrics.shadow_runs.labels(outcome="same" if same else "different").inc()
+
+
+class _GraphRun:
+    """One run of an agent's step graph for one task, under one claim."""
+
+    def __init__(self, steps: Steps, task: Task, agent: Agent, task_input: BaseModel, claim: Claim) -> None:
+        self.steps, self.task, self.agent, self.task_input, self.claim = steps, task, agent, task_input, claim
+        self.journaled = len(agent.steps) > 1
+        self.journal: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, dict[str, Any]] = {}  # step -> its record (journaled or new)
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self.attempts = claim.attempts
+        self.declared = [s.name for s in agent.steps]
+
+    async def start(self) -> None:
+        if self.journaled:
+            self.journal = await self.steps.ledger.steps(self.task.key)
+        order = TopologicalSorter(self.agent.graph)
+        order.prepare()
+        running: dict[asyncio.Task[str], str] = {}
+        try:
+            while order.is_active():
+                for name in order.get_ready():
+                    running[asyncio.create_task(self._step(name))] = name
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for finished in sorted(done, key=lambda t: self.declared.index(running[t])):
+                    running.pop(finished)
+                    order.done(finished.result())  # the first failure (in declaration order) is raised
+        finally:
+            await _cancel(running)
+
+    async def _step(self, name: str) -> str:
+        """Re-use the journaled record of step ``name`` or run it; returns its name."""
+        agent, needs = self.agent, self.agent.graph[name]
+        step = agent.step(name)
+        input_digest = self._input_digest(needs)
+        recorded = self.journal.get(name)
+        if (
+            recorded is not None
+            and recorded.get("prompt_version") == step.prompt_version
+            and recorded.get("input_digest", "") == input_digest
+            and recorded.get("digest") == digest(canonical_json(recorded.get("output")))
+        ):
+            self.steps.metrics.steps_reused.inc()
+            self.outputs[name], self.records[name] = recorded["output"], recorded
+            return name
+        previous: dict[str, Any] = {}
+        for need in needs:  # in the order the step names them, never in the order they finished
+            record = self.records[need]
+            if record.get("digest") != digest(canonical_json(record.get("output"))):
+                raise ToDeadLetter("permanent", f"step {need}: recorded output does not match its digest",
+                                   self.attempts)
+            previous[need] = record["output"]
+        output, attempts = await self.steps._call_step(self.task, step, self.task_input, previous,
+                                                       self.claim.fence, self.attempts)
+        self.attempts = max(self.attempts, attempts)
+        record = {
+            "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
+            "prompt_version": step.prompt_version, "fence": self.claim.fence, "attempt": attempts,
+        }
+        if self.journaled:
+            try:
+                await self.steps.ledger.record_step(self.task.key, self.claim.fence, name, record)
+            except StaleFence as exc:
+                raise LostFence(str(exc)) from exc
+        self.outputs[name], self.records[name] = output, record
+        return name
+
+    def _input_digest(self, needs: tuple[str, ...]) -> str:
+        """What a step was computed from: nothing (''), the one step it reads (that step's digest, as
+        a chain always recorded it), or the digests of several, in the step's order."""
+        if not needs:
+            return ""
+        if len(needs) == 1:
+            return str(self.records[needs[0]]["digest"])
+        return digest(canonical_json([[need, self.records[need]["digest"]] for need in needs]))
+
+
+async def _cancel(running: dict[asyncio.Task[str], str]) -> None:
+    """Cancel steps still running (a sibling failed, or the task itself was cancelled) and wait for them."""
+    for task in running:
+        task.cancel()
+    if running:
+        await asyncio.gather(*running, return_exceptions=True)

@@ -337,6 +337,18 @@ def test_json_object_body_shape() -> None:
     }
 
 
+def test_a_step_may_name_its_own_model_and_temperature() -> None:
+    seen, handler = capture()
+    call(handler, make_request(model="step-model", temperature=0.0), response_format="json_object", temperature=0.7)
+    assert (seen[0].json()["model"], seen[0].json()["temperature"]) == ("step-model", 0.0)
+
+
+@pytest.mark.parametrize("temperature", [-0.1, 2.5, float("nan")])
+def test_a_temperature_outside_0_to_2_is_refused(temperature: float) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        make_request(temperature=temperature)
+
+
 def test_json_schema_body_shape() -> None:
     seen, handler = capture()
     call(handler, response_format="json_schema")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
@@ -131,6 +132,7 @@ class FakeLLM(Serving):
         self._fault_counts: Counter[str] = Counter()
         self._by_key: Counter[str] = Counter()
         self._completions_by_key: Counter[str] = Counter()
+        self._last_body: dict[str, bytes] = {}
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of what the server saw and did.
@@ -152,6 +154,12 @@ class FakeLLM(Serving):
                 "by_key": dict(self._by_key),
                 "completions_by_key": dict(self._completions_by_key),
             }
+
+    def last_request(self, key: str) -> dict[str, Any] | None:
+        """The body of the last request with Idempotency-Key ``key`` (None if there was none)."""
+        with self._lock:
+            body = self._last_body.get(key)
+        return json.loads(body) if body is not None else None
 
     def calls_for(self, key_substring: str) -> int:
         """Requests whose Idempotency-Key contains ``key_substring``."""
@@ -214,6 +222,9 @@ class FakeLLM(Serving):
         body = await read_body(receive, send)
         if body is None:
             return
+        if key is not None:
+            with self._lock:
+                self._last_body[key] = body
         try:
             request = parse_chat(body)
         except BadRequest as exc:

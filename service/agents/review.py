@@ -1,0 +1,96 @@
+"""``review``: a step graph to copy. Research, summarise and critique a document in parallel, then a
+synthesis step that reads all three, in the order it names them.
+
+::
+
+    research ----+
+    summarise ---+--> synthesis
+    critique ----+
+
+The three branches need nothing (``needs = ()``), so they start together; ``synthesis`` needs all
+three and starts once each is journaled. A crash after two branches resumes with the third.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.agents.base import Agent, Messages, Step
+from service.agents.helpers import StrictInput, system_message, user_message
+
+
+class ReviewInput(StrictInput):
+    document: str = Field(min_length=1)
+    audience: str = Field("a general reader", min_length=1, max_length=200)
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResearchOutput(_Output):
+    claims: list[str] = Field(max_length=20)
+    open_questions: list[str] = Field(max_length=20)
+
+
+class SummaryOutput(_Output):
+    summary: str = Field(min_length=1)
+
+
+class CritiqueOutput(_Output):
+    strengths: list[str] = Field(max_length=20)
+    weaknesses: list[str] = Field(max_length=20)
+
+
+class SynthesisOutput(_Output):
+    assessment: str = Field(min_length=1)
+    recommendations: list[str] = Field(max_length=20)
+
+
+def _document(task_input: BaseModel) -> str:
+    assert isinstance(task_input, ReviewInput)
+    return f"Audience: {task_input.audience}\n\nDocument:\n{task_input.document}"
+
+
+class ResearchStep(Step):
+    name, prompt_version, output_model, needs = "research", "research-v1", ResearchOutput, ()
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        return [system_message("List the document's factual claims and the questions it leaves open."),
+                user_message(_document(task_input))]
+
+
+class SummariseStep(Step):
+    name, prompt_version, output_model, needs = "summarise", "summarise-v1", SummaryOutput, ()
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        return [system_message("Summarise the document for the audience in one paragraph."),
+                user_message(_document(task_input))]
+
+
+class CritiqueStep(Step):
+    name, prompt_version, output_model, needs = "critique", "critique-v1", CritiqueOutput, ()
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        return [system_message("Name the document's strengths and weaknesses."),
+                user_message(_document(task_input))]
+
+
+class SynthesisStep(Step):
+    name, prompt_version, output_model = "synthesis", "synthesis-v1", SynthesisOutput
+    needs = ("research", "summarise", "critique")
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        # ``previous`` holds the three outputs in the order ``needs`` names them
+        notes = "\n\n".join(f"{name}:\n{json.dumps(output, sort_keys=True)}" for name, output in previous.items())
+        return [system_message("Write the review: an overall assessment and concrete recommendations, "
+                               "from the research, the summary and the critique."),
+                user_message(f"{_document(task_input)}\n\n{notes}")]
+
+
+def review_agent() -> Agent:
+    return Agent("review", ReviewInput, (ResearchStep(), SummariseStep(), CritiqueStep(), SynthesisStep()))

@@ -1,0 +1,118 @@
+"""Agents as step graphs, on the broker: branches run concurrently, a join sees its inputs in the order
+it names them whatever order they finished in, and a crash between branches resumes from the journal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dedup.client import close, connect
+from dedup.keys import Keys
+from dedup.ledger import Ledger
+from service.agents.review import ReviewInput, SynthesisStep
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM, FaultRule
+from tests.support import metric, produce, read_topic, running, spawn_worker, task_value, wait_for
+
+pytestmark = [pytest.mark.integration]
+
+BRANCHES = ("research", "summarise", "critique")
+
+
+def review(task_id: str, document: str) -> bytes:
+    return task_value("review", {"document": document}, task_id)
+
+
+def test_branches_finish_in_any_order_and_the_join_reads_them_in_its_own(make_settings: Any,
+                                                                          fake_llm: FakeLLM) -> None:
+    s: Settings = make_settings()
+    # research and summarise are slow half of the time: the branches finish in varying orders
+    fake_llm.add_fault(FaultRule("latency", match=":research", probability=0.5, delay_s=0.3))
+    fake_llm.add_fault(FaultRule("latency", match=":summarise", probability=0.5, delay_s=0.15))
+    ids = [f"rev-{i}" for i in range(20)]
+    journals: dict[str, dict[str, Any]] = {}
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic,
+                    [(t.encode(), review(t, f"document {t}")) for t in ids])
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == len(ids), 60,
+                           what="every review", service=svc)
+            for t in ids:
+                journals[t] = await svc.ledger.steps(t)
+
+    asyncio.run(scenario())
+    results = {m.key.decode(): m.json() for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic,
+                                                            expect=len(ids)) if m.key is not None}
+    for t in ids:
+        journal = journals[t]
+        assert set(journal) == {*BRANCHES, "synthesis"}
+        for step in (*BRANCHES, "synthesis"):
+            assert fake_llm.calls_for(f"{t}:{step}") == 1, (t, step)
+        # the join's request, byte for byte what the step makes of the journaled branch outputs in its order
+        previous = {name: journal[name]["output"] for name in BRANCHES}
+        expected = SynthesisStep().messages(ReviewInput(document=f"document {t}"), previous)
+        sent = fake_llm.last_request(f"{t}:synthesis")
+        assert sent is not None and sent["messages"] == expected
+        assert list(previous) == list(BRANCHES)
+        assert results[t]["result"] == journal["synthesis"]["output"]
+
+
+@pytest.mark.evicts_killed_members
+def test_a_crash_after_two_of_three_branches_resumes_with_the_third(make_settings: Any, fake_llm: FakeLLM,
+                                                                    tmp_path: Path) -> None:
+    """SIGKILL while research and summarise are journaled and critique is still at the model: the
+    next worker calls the model for critique and synthesis only."""
+    s: Settings = make_settings(ledger={"lease_ms": 2000}, llm={"timeout_s": 60})
+    fake_llm.add_fault(FaultRule("latency", match="crash-rev:critique", times=1, delay_s=60))
+    from service.runtime.wiring import ensure_topics
+
+    ensure_topics(s)
+    worker = spawn_worker(s, str(tmp_path / "worker.log"))
+    try:
+        produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"crash-rev", review("crash-rev", "a long report"))])
+
+        async def two_branches_journaled() -> None:
+            client = connect(s.redis.url.get_secret_value())
+            ledger = Ledger(client, keys=Keys(s.redis.key_prefix), lease_ms=s.ledger.lease_ms, ttl_s=600)
+            try:
+                await wait_for(lambda: fake_llm.calls_for("crash-rev:critique") == 1, 60,
+                               what="critique at the model")
+
+                async def journaled() -> bool:
+                    return {"research", "summarise"} <= set(await ledger.steps("crash-rev"))
+
+                await wait_for(journaled, 30, interval_s=0.2, what="research and summarise journaled")
+            finally:
+                await close(client)
+
+        asyncio.run(two_branches_journaled())
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+    before = {step: fake_llm.calls_for(f"crash-rev:{step}") for step in (*BRANCHES, "synthesis")}
+    assert before == {"research": 1, "summarise": 1, "critique": 1, "synthesis": 0}
+
+    async def take_over() -> dict[str, Any]:
+        async with running(s, fake_llm.base_url) as svc:
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1, 60,
+                           what="the review finished by the next worker", service=svc)
+            assert metric(svc, "agent_steps_reused_total") == 2
+            record = await svc.ledger.get("crash-rev")
+            assert record is not None
+            return record.to_json()
+
+    record = asyncio.run(take_over())
+    after = {step: fake_llm.calls_for(f"crash-rev:{step}") for step in (*BRANCHES, "synthesis")}
+    assert after == {"research": 1, "summarise": 1, "critique": 2, "synthesis": 1}
+    assert record["state"] == "succeeded" and record["fence"] == 2
+    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    assert len(results) == 1 and results[0].json()["result"] == record["result"]

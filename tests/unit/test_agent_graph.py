@@ -1,0 +1,63 @@
+"""An agent's steps form a graph, checked when the agent is made."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from service.agents.base import Agent, Messages, Step
+from service.agents.helpers import StrictInput
+from service.agents.registry import default_agents
+
+
+class In(StrictInput):
+    text: str
+
+
+class Out(BaseModel):
+    answer: str
+
+
+def step(name: str, needs: tuple[str, ...] | None = None) -> Step:
+    class S(Step):
+        output_model = Out
+
+        def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+            return []
+
+    s = S()
+    s.name, s.needs = name, needs
+    return s
+
+
+def test_a_plain_list_of_steps_is_a_chain() -> None:
+    agent = Agent("chain", In, (step("a"), step("b"), step("c")))
+    assert dict(agent.graph) == {"a": (), "b": ("a",), "c": ("b",)}
+
+
+def test_needs_make_a_graph_and_keep_their_order() -> None:
+    agent = Agent("fan", In, (step("x", ()), step("y", ()), step("z", ()), step("join", ("z", "x", "y"))))
+    assert dict(agent.graph) == {"x": (), "y": (), "z": (), "join": ("z", "x", "y")}
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ((step("a"), step("b", ("nope",))), "step 'b' needs unknown step 'nope'"),
+    ((step("a", ("b",)), step("b", ("a",))), "cycle"),
+    ((step("a", ("a",)),), "cycle"),
+    ((step("a"), step("a", ())), "step 'a' is named twice"),
+    ((step("a", ()), step("b", ("a", "a"))), "names a step twice"),
+    ((), "has no step"),
+])
+def test_a_broken_graph_is_refused_when_the_agent_is_made(steps: tuple[Step, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Agent("broken", In, steps)
+
+
+def test_review_is_built_in_and_fans_out_before_its_join() -> None:
+    agent = default_agents().get("review")
+    assert dict(agent.graph) == {"research": (), "summarise": (), "critique": (),
+                                 "synthesis": ("research", "summarise", "critique")}
+    assert agent.steps[-1].name == "synthesis"  # the result is the join's output
