@@ -13,6 +13,7 @@ name or a cycle is refused when it is made, not when a task runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,10 @@ class Agent:
     kind: str
     input_model: type[BaseModel]
     steps: tuple[Step, ...]
+    # a rollout: this share of task keys (a stable hash of the key, so a redelivery takes the same
+    # version) runs ``candidate``, a new version of the same kind; the rest run this one
+    candidate: Agent | None = None
+    candidate_share: float = 0.0
     # step name -> the names of the steps it reads, in its order (computed from the steps' ``needs``)
     graph: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
@@ -97,6 +102,36 @@ class Agent:
             cycle = " -> ".join(exc.args[1])
             raise ValueError(f"agent {self.kind!r}: its steps form a cycle: {cycle}") from None
         object.__setattr__(self, "graph", graph)
+        self._check_rollout()
+
+    def _check_rollout(self) -> None:
+        if not 0.0 <= self.candidate_share <= 1.0:
+            raise ValueError(f"agent {self.kind!r}: candidate_share must be within 0..1, not {self.candidate_share}")
+        candidate = self.candidate
+        if candidate is None:
+            if self.candidate_share:
+                raise ValueError(f"agent {self.kind!r}: a candidate_share without a candidate")
+            return
+        if candidate.kind != self.kind:
+            raise ValueError(f"agent {self.kind!r}: its candidate is of kind {candidate.kind!r}")
+        if candidate.candidate is not None:
+            raise ValueError(f"agent {self.kind!r}: a candidate cannot have a candidate of its own")
+        if candidate.prompt_version == self.prompt_version:
+            raise ValueError(f"agent {self.kind!r}: the candidate has the same prompt versions "
+                             f"({self.prompt_version}); give the changed steps a new version")
+
+    def version_for(self, task_key: str) -> Agent:
+        """The version that runs the task ``task_key``: the candidate for a stable share of keys."""
+        if self.candidate is None or not self.candidate_share:
+            return self
+        bucket = int.from_bytes(hashlib.sha256(f"{self.kind}\0{task_key}".encode()).digest()[:8], "big") / 2**64
+        return self.candidate if bucket < self.candidate_share else self
+
+    def other_version(self, prompt_version: str) -> Agent | None:
+        """In a rollout, the version that did not answer with ``prompt_version`` (None without one)."""
+        if self.candidate is None:
+            return None
+        return self if prompt_version == self.candidate.prompt_version else self.candidate
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)

@@ -65,6 +65,15 @@ class Metrics:
             "agent_shadow_runs", "Duplicates re-run in shadow (never written), by whether the answer differed.",
             ["outcome"], registry=r,
         )
+        self.task_versions = Counter(
+            "agent_task_versions", "Tasks finished, by kind and the prompt version that ran them.",
+            ["kind", "version", "outcome"], registry=r,
+        )
+        self.rollout_divergence = Counter(
+            "agent_rollout_divergence",
+            "Duplicates of a kind in rollout re-run in shadow on the version that did not answer, by whether "
+            "that version's answer differed.", ["kind", "outcome"], registry=r,
+        )
         self.endpoint_degraded = Gauge(
             "agent_endpoint_degraded",
             "1 while an LLM endpoint cannot serve any task (revoked key, unknown model, unreachable), by reason.",

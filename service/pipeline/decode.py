@@ -12,14 +12,15 @@ from service.core.errors import PoisonError
 
 
 def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tuple[Task, Agent, BaseModel]:
-    """The consumer's whole decode edge: bytes to a task, its agent and its validated input.
+    """The consumer's whole decode edge: bytes to a task, its agent (the version that runs this task,
+    in a rollout) and its validated input.
 
     Raises nothing but :class:`PoisonError`, whatever the record holds: whatever the decoder or an
     input validator raises is the record's fault.
     """
     task = decode_task(record.value, record.headers, max_bytes)
     try:
-        agent = agents.get(task.kind)
+        agent = agents.get(task.kind).version_for(task.key)
         return task, agent, agent.parse_input(task.event.input)
     except PoisonError as exc:
         exc.task_key = task.key

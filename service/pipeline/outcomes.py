@@ -99,6 +99,7 @@ class Outcomes:
             await self.outputs.result(record, task.key, event, self._traceparent(task.traceparent), deadline_of(task))
         self.metrics.results_published.inc()
         self.metrics.tasks.labels(outcome="succeeded").inc()
+        self.metrics.task_versions.labels(kind=task.kind, version=agent.prompt_version, outcome="succeeded").inc()
         span.set_outcome("succeeded")
         log.info("%s: succeeded (fence %d, attempts %d)", ctx, fence, attempts)
 

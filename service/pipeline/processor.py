@@ -149,7 +149,7 @@ class TaskProcessor(Claims, Steps):
         claim = await self._claim(record, task, ctx)  # before the deadline: a finished duplicate is no expiry
         if claim is None:
             if self.config.shadow_sample_rate:
-                await self._maybe_shadow(task, agent, task_input)
+                await self._maybe_shadow(task, self.agents.get(task.kind), task_input)
             return
         if task.expired(self.clock()):
             # released as failed, not dead: the same work sent again with a later deadline may run
@@ -162,6 +162,8 @@ class TaskProcessor(Claims, Steps):
                 outputs, attempts = await self._run(task, agent, task_input, claim)
         except ToDeadLetter as dl:
             await self._dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx)
+            self.metrics.task_versions.labels(kind=task.kind, version=agent.prompt_version,
+                                              outcome="dead_lettered").inc()
             return
         except LostFence:
             self.metrics.stale_fence_writes.inc()

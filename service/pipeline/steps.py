@@ -21,6 +21,7 @@ from service.core.errors import (
     InvalidOutput,
     LLMRateLimited,
     PermanentError,
+    PoisonError,
     RetryableError,
 )
 from service.core.metrics import Metrics
@@ -219,13 +220,31 @@ class Steps:
     async def _maybe_shadow(self, task: Task, agent: Agent, task_input: BaseModel) -> None:
         """Re-run a sample of duplicates in shadow and count how often the answer would differ.
 
-        Nothing is written: no ledger step, no result. One attempt per step, no retries.
+        For a kind in rollout the shadow run is the version that did not answer (counted by
+        ``agent_rollout_divergence``), so the two versions are compared on the same tasks; otherwise
+        it is the same version again (``agent_shadow_runs``). Nothing is written: no ledger step, no
+        result. One attempt per step, no retries.
         """
         if random.random() >= self.config.shadow_sample_rate:
             return
         stored = await self.ledger.get(task.key)
         if stored is None or stored.state != "succeeded" or stored.fingerprint != task.fingerprint:
             return  # only a true duplicate of a stored result
+        other = agent.other_version(stored.fields.get("prompt_version", ""))
+
+        def count(outcome: str) -> None:
+            if other is None:
+                self.metrics.shadow_runs.labels(outcome=outcome).inc()
+            else:
+                self.metrics.rollout_divergence.labels(kind=task.kind, outcome=outcome).inc()
+
+        if other is not None:
+            agent = other
+            try:
+                task_input = other.parse_input(task.event.input)
+            except PoisonError:
+                count("failed")
+                return
         outputs: dict[str, dict[str, Any]] = {}
         try:
             for name in TopologicalSorter(agent.graph).static_order():  # one call at a time: a sample
@@ -252,11 +271,11 @@ class Steps:
                     await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
                 outputs[step.name] = step.parse(task_input, answer.content)
         except (RetryableError, PermanentError, InvalidOutput, EndpointFault) as exc:
-            self.metrics.shadow_runs.labels(outcome="failed").inc()
+            count("failed")
             log.info("task_id=%s: shadow run failed: %s", task.key, exc)
             return
         same = digest(canonical_json(agent.result(outputs))) == stored.fields.get("result_digest")
-        self.metrics.shadow_runs.labels(outcome="same" if same else "different").inc()
+        count("same" if same else "different")
 
 
 class _GraphRun:

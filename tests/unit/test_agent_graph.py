@@ -61,3 +61,43 @@ def test_review_is_built_in_and_fans_out_before_its_join() -> None:
     assert dict(agent.graph) == {"research": (), "summarise": (), "critique": (),
                                  "synthesis": ("research", "summarise", "critique")}
     assert agent.steps[-1].name == "synthesis"  # the result is the join's output
+
+
+def versioned(version: str) -> Agent:
+    s = step("answer")
+    s.prompt_version = version
+    return Agent("triage", In, (s,))
+
+
+def test_a_rollout_sends_a_stable_share_of_task_keys_to_the_candidate() -> None:
+    primary, candidate = versioned("v1"), versioned("v2")
+    agent = Agent("triage", In, primary.steps, candidate=candidate, candidate_share=0.5)
+    keys = [f"task-{i}" for i in range(10_000)]
+    chosen = [agent.version_for(k) for k in keys]
+    share = sum(1 for a in chosen if a is candidate) / len(keys)
+    assert 0.48 < share < 0.52
+    assert [agent.version_for(k) for k in keys] == chosen  # a redelivery takes the same version
+    assert agent.other_version("answer@v2") is agent and agent.other_version("answer@v1") is candidate
+    none = Agent("triage", In, primary.steps, candidate=candidate, candidate_share=0.0)
+    assert all(none.version_for(k) is none for k in keys[:100])
+    every = Agent("triage", In, primary.steps, candidate=candidate, candidate_share=1.0)
+    assert all(every.version_for(k) is candidate for k in keys[:100])
+
+
+@pytest.mark.parametrize(("candidate", "share", "message"), [
+    ("same", 0.5, "same prompt versions"),
+    ("other-kind", 0.5, "of kind 'other'"),
+    ("v2", 1.5, "within 0..1"),
+    (None, 0.5, "without a candidate"),
+])
+def test_a_broken_rollout_is_refused(candidate: str | None, share: float, message: str) -> None:
+    base = versioned("v1")
+    cand: Agent | None = None
+    if candidate == "same":
+        cand = versioned("v1")
+    elif candidate == "other-kind":
+        cand = Agent("other", In, versioned("v2").steps)
+    elif candidate == "v2":
+        cand = versioned("v2")
+    with pytest.raises(ValueError, match=message):
+        Agent("triage", In, base.steps, candidate=cand, candidate_share=share)
