@@ -21,8 +21,8 @@ The names, and nothing else:
 
 - ``Agent``: a kind of task, its input model and its steps; the result is the last step's output.
 - ``AgentRegistry``: the kinds a service runs, by name.
-- ``default_agents``: a registry of the built-in kinds (``extract``, ``classify``, ``summarize``, ``prior_auth``,
-  ``review``).
+- ``default_agents``: a registry of the built-in kinds (``extract``, ``classify``, ``summarize``,
+  ``summarize_long``, ``prior_auth``, ``review``).
 - ``Step``: one model call: a versioned prompt, an output model, and the checks a schema cannot express.
 - ``Messages``: the chat messages a step sends, ``[{"role": ..., "content": ...}]``.
 - ``StrictInput``: a base for input models that refuses unknown fields.

@@ -39,6 +39,11 @@ class Step:
     needs: tuple[str, ...] | None = None
     model: str | None = None  # the model to ask, when not the endpoint's default
     temperature: float | None = None  # when not the endpoint's default
+    # an input too large for the model's window: "refuse" (dead-lettered as oversize) or "map_reduce":
+    # the input field ``chunk_field`` is split on paragraph boundaries into pieces that fit, the step
+    # runs on each (each journaled), and :meth:`reduce_messages` combines their outputs into one
+    fit: str = "refuse"
+    chunk_field: str | None = None
 
     def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
         return self.output_model.model_json_schema()
@@ -48,6 +53,10 @@ class Step:
 
     def check(self, task_input: BaseModel, output: BaseModel) -> None:
         """Checks the schema cannot express. Raise :class:`InvalidOutput` to refuse."""
+
+    def reduce_messages(self, task_input: BaseModel, partials: list[dict[str, Any]]) -> Messages:
+        """For ``fit = "map_reduce"``: the request that combines the outputs of the pieces, in order."""
+        raise NotImplementedError(f"step {self.name} has fit={self.fit!r} but no reduce_messages")
 
     def parse(self, task_input: BaseModel, content: str) -> dict[str, Any]:
         """Validate a model answer and return it as plain JSON data."""
@@ -95,6 +104,11 @@ class Agent:
                 raise ValueError(f"agent {self.kind!r}: step {step.name!r} needs unknown step {unknown[0]!r}")
             if len(set(needs)) != len(needs):
                 raise ValueError(f"agent {self.kind!r}: step {step.name!r} names a step twice in its needs")
+            if step.fit not in ("refuse", "map_reduce"):
+                raise ValueError(f"agent {self.kind!r}: step {step.name!r}: fit must be refuse or map_reduce")
+            if step.fit == "map_reduce" and step.chunk_field not in self.input_model.model_fields:
+                raise ValueError(f"agent {self.kind!r}: step {step.name!r} splits {step.chunk_field!r}, "
+                                 "which is not a field of its input")
             graph[step.name] = tuple(needs)
         try:
             tuple(TopologicalSorter(graph).static_order())
@@ -132,6 +146,11 @@ class Agent:
         if self.candidate is None:
             return None
         return self if prompt_version == self.candidate.prompt_version else self.candidate
+
+    @property
+    def journaled(self) -> bool:
+        """Whether the steps' outputs are journaled: with more than one step, or pieces of one."""
+        return len(self.steps) > 1 or any(s.fit == "map_reduce" for s in self.steps)
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)

@@ -151,3 +151,21 @@ class SummarizeStep(Step):
         words = len(output.summary.split())
         if words == 0 or words > task_input.max_words:
             raise InvalidOutput("schema", f"summarize: {words} words, limit {task_input.max_words}")
+
+
+class SummarizeLongStep(SummarizeStep):
+    """``summarize_long``: a text of any length, summarised in pieces that fit the model's window
+    (split on paragraph boundaries, each piece journaled), then the partial summaries combined."""
+
+    prompt_version = "summarize-long-v1"
+    fit = "map_reduce"
+    chunk_field = "text"
+
+    def reduce_messages(self, task_input: BaseModel, partials: list[dict[str, Any]]) -> Messages:
+        assert isinstance(task_input, SummarizeInput)
+        parts = "\n\n".join(f"Part {i}: {p['summary']}" for i, p in enumerate(partials, 1))
+        return [
+            system_message(f"These are summaries of consecutive parts of one text. Combine them into one "
+                           f"summary of the whole text in at most {task_input.max_words} words."),
+            user_message(parts),
+        ]

@@ -14,6 +14,7 @@ from service.agents.kinds import (
     ExtractInput,
     ExtractStep,
     SummarizeInput,
+    SummarizeLongStep,
     SummarizeStep,
 )
 from service.agents.prior_auth import prior_auth_agent
@@ -50,6 +51,7 @@ def default_agents() -> AgentRegistry:
         Agent("extract", ExtractInput, (ExtractStep(),)),
         Agent("classify", ClassifyInput, (ClassifyStep(),)),
         Agent("summarize", SummarizeInput, (SummarizeStep(),)),
+        Agent("summarize_long", SummarizeInput, (SummarizeLongStep(),)),
         prior_auth_agent(),
         review_agent(),
     ])

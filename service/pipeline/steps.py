@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from graphlib import TopologicalSorter
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dedup.ledger import Attempt, AttemptsExhausted, Claim, Ledger, StaleFence
-from service.agents.base import Agent, Step
+from service.agents.base import Agent, Messages, Step
 from service.agents.tasks import Task, canonical_json, digest
 from service.core.errors import (
     EndpointFault,
@@ -283,7 +284,7 @@ class _GraphRun:
 
     def __init__(self, steps: Steps, task: Task, agent: Agent, task_input: BaseModel, claim: Claim) -> None:
         self.steps, self.task, self.agent, self.task_input, self.claim = steps, task, agent, task_input, claim
-        self.journaled = len(agent.steps) > 1
+        self.journaled = agent.journaled
         self.journal: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}  # step -> its record (journaled or new)
         self.outputs: dict[str, dict[str, Any]] = {}
@@ -329,9 +330,13 @@ class _GraphRun:
                 raise ToDeadLetter("permanent", f"step {need}: recorded output does not match its digest",
                                    self.attempts)
             previous[need] = record["output"]
-        output, attempts = await self.steps._call_step(self.task, step, self.task_input, previous,
-                                                       self.claim.fence, self.attempts)
-        self.attempts = max(self.attempts, attempts)
+        if step.fit == "map_reduce" and not self._fits(step, self.task_input, previous):
+            output = await self._map_reduce(step, previous, input_digest)
+        else:
+            output, attempts = await self.steps._call_step(self.task, step, self.task_input, previous,
+                                                           self.claim.fence, self.attempts)
+            self.attempts = max(self.attempts, attempts)
+        attempts = self.attempts
         record = {
             "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
             "prompt_version": step.prompt_version, "fence": self.claim.fence, "attempt": attempts,
@@ -344,6 +349,86 @@ class _GraphRun:
         self.outputs[name], self.records[name] = output, record
         return name
 
+    def _fits(self, step: Step, task_input: BaseModel, previous: dict[str, Any]) -> bool:
+        cfg = self.steps.config
+        needed = estimate_tokens(step.messages(task_input, previous), step.schema(task_input, previous))
+        return needed + cfg.max_output_tokens <= cfg.context_tokens
+
+    async def _map_reduce(self, step: Step, previous: dict[str, Any], input_digest: str) -> dict[str, Any]:
+        """The step over pieces of its input that each fit the window, then the reduce of their outputs.
+
+        Each piece is journaled as ``<step>-part-NNN`` (its input digest covers the piece's text), so
+        a resumed task calls the model only for the pieces not yet journaled. Nothing is truncated:
+        a paragraph that does not fit alone, or a reduce request that does not fit, is ``oversize``.
+        """
+        assert step.chunk_field is not None
+        pieces = self._pieces(step, previous)
+        partials: list[dict[str, Any]] = []
+        for number, text in enumerate(pieces, 1):
+            piece_input = self.task_input.model_copy(update={step.chunk_field: text})
+            part = _Piece(step, f"{step.name}-part-{number:03d}", step.messages)
+            partials.append(await self._journaled_call(part, piece_input, previous,
+                                                       digest(canonical_json([input_digest, text]))))
+        reduce = _Piece(step, step.name, lambda task_input, _previous: step.reduce_messages(task_input, partials))
+        if not self._fits(reduce, self.task_input, {}):
+            raise ToDeadLetter("oversize", f"step {step.name}: the outputs of its {len(pieces)} pieces do not fit "
+                               "the model's window together", self.attempts)
+        output, attempts = await self.steps._call_step(self.task, reduce, self.task_input, {}, self.claim.fence,
+                                                       self.attempts)
+        self.attempts = max(self.attempts, attempts)
+        return output
+
+    def _pieces(self, step: Step, previous: dict[str, Any]) -> list[str]:
+        """The step's ``chunk_field`` split on blank lines and packed, in order, into pieces that fit."""
+        field = step.chunk_field
+        assert field is not None
+        text = str(getattr(self.task_input, field))
+        paragraphs = [p.strip() for p in _PARAGRAPHS.split(text) if p.strip()]
+
+        def fits(candidate: str) -> bool:
+            return self._fits(step, self.task_input.model_copy(update={field: candidate}), previous)
+
+        pieces: list[str] = []
+        current = ""
+        for paragraph in paragraphs:
+            joined = f"{current}\n\n{paragraph}" if current else paragraph
+            if fits(joined):
+                current = joined
+                continue
+            if not fits(paragraph):
+                raise ToDeadLetter("oversize", f"step {step.name}: a paragraph of {len(paragraph)} characters does "
+                                   "not fit the model's window on its own", self.attempts)
+            pieces.append(current)
+            current = paragraph
+        if current:
+            pieces.append(current)
+        return pieces
+
+    async def _journaled_call(self, step: Step, task_input: BaseModel, previous: dict[str, Any],
+                              input_digest: str) -> dict[str, Any]:
+        """One call of ``step`` (a piece), re-used from the journal when it is there and current."""
+        recorded = self.journal.get(step.name)
+        if (
+            recorded is not None
+            and recorded.get("prompt_version") == step.prompt_version
+            and recorded.get("input_digest", "") == input_digest
+            and recorded.get("digest") == digest(canonical_json(recorded.get("output")))
+        ):
+            self.steps.metrics.steps_reused.inc()
+            return dict(recorded["output"])
+        output, attempts = await self.steps._call_step(self.task, step, task_input, previous, self.claim.fence,
+                                                       self.attempts)
+        self.attempts = max(self.attempts, attempts)
+        record = {
+            "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
+            "prompt_version": step.prompt_version, "fence": self.claim.fence, "attempt": attempts,
+        }
+        try:
+            await self.steps.ledger.record_step(self.task.key, self.claim.fence, step.name, record)
+        except StaleFence as exc:
+            raise LostFence(str(exc)) from exc
+        return output
+
     def _input_digest(self, needs: tuple[str, ...]) -> str:
         """What a step was computed from: nothing (''), the one step it reads (that step's digest, as
         a chain always recorded it), or the digests of several, in the step's order."""
@@ -352,6 +437,28 @@ class _GraphRun:
         if len(needs) == 1:
             return str(self.records[needs[0]]["digest"])
         return digest(canonical_json([[need, self.records[need]["digest"]] for need in needs]))
+
+
+class _Piece(Step):
+    """A piece of a ``map_reduce`` step, or its reduce: the step's schema, checks and versions under a
+    name of its own (its journal entry and attempt budget), with the messages given."""
+
+    def __init__(self, step: Step, name: str, messages: Callable[[BaseModel, Mapping[str, Any]], Messages]) -> None:
+        self.step, self.name, self._messages = step, name, messages
+        self.prompt_version, self.output_model = step.prompt_version, step.output_model
+        self.model, self.temperature = step.model, step.temperature
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        return self._messages(task_input, previous)
+
+    def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
+        return self.step.schema(task_input, previous)
+
+    def check(self, task_input: BaseModel, output: BaseModel) -> None:
+        self.step.check(task_input, output)
+
+
+_PARAGRAPHS = re.compile(r"\n[ \t]*\n")
 
 
 async def _cancel(running: dict[asyncio.Task[str], str]) -> None:

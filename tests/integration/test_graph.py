@@ -116,3 +116,56 @@ def test_a_crash_after_two_of_three_branches_resumes_with_the_third(make_setting
     assert record["state"] == "succeeded" and record["fence"] == 2
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
     assert len(results) == 1 and results[0].json()["result"] == record["result"]
+
+
+@pytest.mark.evicts_killed_members
+def test_a_document_too_long_for_the_window_is_summarised_in_journaled_pieces_across_a_kill(
+    make_settings: Any, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    """20 paragraphs, one per piece at this window: SIGKILL while piece 11 is at the model; the next
+    worker re-uses pieces 1-10 from the journal, then combines all 20 in order."""
+    from service.agents.kinds import SummarizeInput, SummarizeLongStep
+
+    s: Settings = make_settings(ledger={"lease_ms": 2000}, llm={"timeout_s": 60, "context_tokens": 1024,
+                                                                  "max_tokens": 256})
+    paragraphs = [f"Paragraph {i}. " + " ".join(f"w{i}x{j}" for j in range(250)) for i in range(1, 21)]
+    task_input = {"text": "\n\n".join(paragraphs), "max_words": 50}
+    fake_llm.add_fault(FaultRule("latency", match="md-1:summarize-part-011", times=1, delay_s=60))
+    from service.runtime.wiring import ensure_topics
+
+    ensure_topics(s)
+    worker = spawn_worker(s, str(tmp_path / "worker.log"))
+    try:
+        produce(s.kafka.bootstrap_servers, s.kafka.input_topic,
+                [(b"md-1", task_value("summarize_long", task_input, "md-1"))])
+
+        async def at_piece_11() -> None:
+            await wait_for(lambda: fake_llm.calls_for("md-1:summarize-part-011") == 1, 60, what="piece 11 at the model")
+
+        asyncio.run(at_piece_11())
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+
+    async def take_over() -> dict[str, Any]:
+        async with running(s, fake_llm.base_url) as svc:
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1, 60,
+                           what="the summary finished by the next worker", service=svc)
+            assert metric(svc, "agent_steps_reused_total") == 10
+            return await svc.ledger.steps("md-1")
+
+    journal = asyncio.run(take_over())
+    parts = [f"summarize-part-{i:03d}" for i in range(1, 21)]
+    assert sorted(journal) == sorted([*parts, "summarize"])  # one journal entry per piece, and the result
+    calls = fake_llm.stats()["by_key"]
+    assert {p: calls.get(f"md-1:{p}") for p in parts} == {p: 2 if p.endswith("011") else 1 for p in parts}
+    assert calls.get("md-1:summarize") == 1
+    expected = SummarizeLongStep().reduce_messages(SummarizeInput(**task_input),
+                                                   [journal[p]["output"] for p in parts])
+    sent = fake_llm.last_request("md-1:summarize")
+    assert sent is not None and sent["messages"] == expected  # the pieces combined in document order
+    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    assert len(results) == 1 and results[0].json()["result"] == journal["summarize"]["output"]

@@ -101,3 +101,15 @@ def test_a_broken_rollout_is_refused(candidate: str | None, share: float, messag
         cand = versioned("v2")
     with pytest.raises(ValueError, match=message):
         Agent("triage", In, base.steps, candidate=cand, candidate_share=share)
+
+
+def test_a_map_reduce_step_must_split_a_field_of_its_input() -> None:
+    s = step("long")
+    s.fit, s.chunk_field = "map_reduce", "nope"
+    with pytest.raises(ValueError, match="splits 'nope', which is not a field of its input"):
+        Agent("long", In, (s,))
+    s.chunk_field = "text"
+    assert Agent("long", In, (s,)).journaled  # one step, but its pieces are journaled
+    s.fit = "truncate"
+    with pytest.raises(ValueError, match="fit must be refuse or map_reduce"):
+        Agent("long", In, (s,))
