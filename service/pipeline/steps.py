@@ -313,14 +313,8 @@ class _GraphRun:
         agent, needs = self.agent, self.agent.graph[name]
         step = agent.step(name)
         input_digest = self._input_digest(needs)
-        recorded = self.journal.get(name)
-        if (
-            recorded is not None
-            and recorded.get("prompt_version") == step.prompt_version
-            and recorded.get("input_digest", "") == input_digest
-            and recorded.get("digest") == digest(canonical_json(recorded.get("output")))
-        ):
-            self.steps.metrics.steps_reused.inc()
+        recorded = self._reusable(step, input_digest)
+        if recorded is not None:
             self.outputs[name], self.records[name] = recorded["output"], recorded
             return name
         previous: dict[str, Any] = {}
@@ -333,21 +327,43 @@ class _GraphRun:
         if step.fit == "map_reduce" and not self._fits(step, self.task_input, previous):
             output = await self._map_reduce(step, previous, input_digest)
         else:
-            output, attempts = await self.steps._call_step(self.task, step, self.task_input, previous,
-                                                           self.claim.fence, self.attempts)
-            self.attempts = max(self.attempts, attempts)
-        attempts = self.attempts
+            output = await self._call(step, self.task_input, previous)
+        self.outputs[name] = output
+        self.records[name] = await self._record(step, output, input_digest)
+        return name
+
+    def _reusable(self, step: Step, input_digest: str) -> dict[str, Any] | None:
+        """The journaled record of ``step`` when it is current: same prompt version, computed from the
+        same inputs, and its output matching its digest (counted as re-used); else None."""
+        recorded = self.journal.get(step.name)
+        if (
+            recorded is None
+            or recorded.get("prompt_version") != step.prompt_version
+            or recorded.get("input_digest", "") != input_digest
+            or recorded.get("digest") != digest(canonical_json(recorded.get("output")))
+        ):
+            return None
+        self.steps.metrics.steps_reused.inc()
+        return recorded
+
+    async def _call(self, step: Step, task_input: BaseModel, previous: dict[str, Any]) -> dict[str, Any]:
+        output, attempts = await self.steps._call_step(self.task, step, task_input, previous, self.claim.fence,
+                                                       self.attempts)
+        self.attempts = max(self.attempts, attempts)
+        return output
+
+    async def _record(self, step: Step, output: dict[str, Any], input_digest: str) -> dict[str, Any]:
+        """Journal ``step``'s output under the task's fence (when the agent journals); returns the record."""
         record = {
             "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
-            "prompt_version": step.prompt_version, "fence": self.claim.fence, "attempt": attempts,
+            "prompt_version": step.prompt_version, "fence": self.claim.fence, "attempt": self.attempts,
         }
         if self.journaled:
             try:
-                await self.steps.ledger.record_step(self.task.key, self.claim.fence, name, record)
+                await self.steps.ledger.record_step(self.task.key, self.claim.fence, step.name, record)
             except StaleFence as exc:
                 raise LostFence(str(exc)) from exc
-        self.outputs[name], self.records[name] = output, record
-        return name
+        return record
 
     def _fits(self, step: Step, task_input: BaseModel, previous: dict[str, Any]) -> bool:
         cfg = self.steps.config
@@ -373,10 +389,7 @@ class _GraphRun:
         if not self._fits(reduce, self.task_input, {}):
             raise ToDeadLetter("oversize", f"step {step.name}: the outputs of its {len(pieces)} pieces do not fit "
                                "the model's window together", self.attempts)
-        output, attempts = await self.steps._call_step(self.task, reduce, self.task_input, {}, self.claim.fence,
-                                                       self.attempts)
-        self.attempts = max(self.attempts, attempts)
-        return output
+        return await self._call(reduce, self.task_input, {})
 
     def _pieces(self, step: Step, previous: dict[str, Any]) -> list[str]:
         """The step's ``chunk_field`` split on blank lines and packed, in order, into pieces that fit."""
@@ -407,26 +420,11 @@ class _GraphRun:
     async def _journaled_call(self, step: Step, task_input: BaseModel, previous: dict[str, Any],
                               input_digest: str) -> dict[str, Any]:
         """One call of ``step`` (a piece), re-used from the journal when it is there and current."""
-        recorded = self.journal.get(step.name)
-        if (
-            recorded is not None
-            and recorded.get("prompt_version") == step.prompt_version
-            and recorded.get("input_digest", "") == input_digest
-            and recorded.get("digest") == digest(canonical_json(recorded.get("output")))
-        ):
-            self.steps.metrics.steps_reused.inc()
+        recorded = self._reusable(step, input_digest)
+        if recorded is not None:
             return dict(recorded["output"])
-        output, attempts = await self.steps._call_step(self.task, step, task_input, previous, self.claim.fence,
-                                                       self.attempts)
-        self.attempts = max(self.attempts, attempts)
-        record = {
-            "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
-            "prompt_version": step.prompt_version, "fence": self.claim.fence, "attempt": attempts,
-        }
-        try:
-            await self.steps.ledger.record_step(self.task.key, self.claim.fence, step.name, record)
-        except StaleFence as exc:
-            raise LostFence(str(exc)) from exc
+        output = await self._call(step, task_input, previous)
+        await self._record(step, output, input_digest)
         return output
 
     def _input_digest(self, needs: tuple[str, ...]) -> str:
