@@ -17,7 +17,7 @@ The file holds a list ``kinds``; each kind is::
       temperature    optional: 0..2
 
 A placeholder is ``{name}``: an input field (``properties`` of ``input_schema``) is its value, a
-string as it is and anything else as JSON (an absent optional field is ``null``); a step in the
+string as it is and anything else as JSON (an absent optional field is empty); a step in the
 step's ``needs`` is that step's output as JSON. ``{{`` and ``}}`` are literal braces. Nothing else
 goes between braces.
 
@@ -79,7 +79,11 @@ def parse_template(text: str) -> Template:
     """The pieces of a template. Raises ``ValueError`` for unbalanced braces, an empty placeholder,
     or anything but a bare name between braces (no ``!r``, ``:spec``, ``.attr`` or ``[index]``)."""
     pieces: list[tuple[str, str | None]] = []
-    for literal, name, spec, conversion in string.Formatter().parse(text):
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:  # a lone brace
+        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+    for literal, name, spec, conversion in parsed:
         if name is None:
             pieces.append((literal, None))
             continue
@@ -101,7 +105,8 @@ class DeclaredStep(Step):
 
     def __init__(self, *, name: str, version: str, prompt: str, output_schema: dict[str, Any],
                  system: str | None = None, needs: tuple[str, ...] | None = None,
-                 model: str | None = None, temperature: float | None = None) -> None:
+                 model: str | None = None, temperature: float | None = None,
+                 fields: frozenset[str] = frozenset()) -> None:
         self.name = name
         self.prompt_version = version
         self.needs = needs
@@ -110,6 +115,7 @@ class DeclaredStep(Step):
         self.prompt = prompt
         self.system = system
         self.output_schema = output_schema
+        self.fields = fields  # the input's fields: any other placeholder is a needed step's output
         self._prompt = parse_template(prompt)
         self._system = parse_template(system) if system is not None else None
         self._validator: Validator = validator_for(output_schema)(output_schema)
@@ -130,11 +136,11 @@ class DeclaredStep(Step):
             out.append(literal)
             if name is None:
                 continue
-            if name in previous:
-                out.append(json.dumps(previous[name], ensure_ascii=False))
-            else:  # an input field (the loader made sure it is one)
-                value = data.get(name)
+            if name in self.fields:
+                value = data.get(name, "")
                 out.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+            else:  # a needed step (the loader made sure it is one): the engine hands its output in
+                out.append(json.dumps(previous[name], ensure_ascii=False))
         return "".join(out)
 
     def parse(self, task_input: BaseModel, content: str) -> dict[str, Any]:
@@ -302,7 +308,8 @@ def _step(at: _Where, j: int, raw: dict[str, Any], version: str, names: list[str
             raise at.error(f"{here}.temperature", f"{temperature!r} is not a number from 0 to 2")
         temperature = float(temperature)
     return DeclaredStep(name=raw["name"], version=version, prompt=templates["prompt"], system=templates.get("system"),
-                        output_schema=output_schema, needs=needs, model=model, temperature=temperature)
+                        output_schema=output_schema, needs=needs, model=model, temperature=temperature,
+                        fields=frozenset(fields))
 
 
 def _needs(at: _Where, here: str, raw: Any, names: list[str]) -> tuple[str, ...] | None:
