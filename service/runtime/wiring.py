@@ -278,7 +278,7 @@ def load_registry(settings: Settings) -> AgentRegistry:
     except AgentsNotLoaded as exc:
         raise StartupRefused(f"agents not loaded: {exc}") from exc
     for item in describe(agents):
-        log.info("%s", summary(item))
+        log.info("loaded %s", summary(item))
     return agents
 
 
@@ -383,11 +383,13 @@ def install_signal_handlers(service: Service) -> None:
 
 
 def serve(settings: Settings, *, llm_base_url: str) -> None:
-    """``agent-service run`` on configured servers: create the topics, then serve until signalled."""
+    """``agent-service run`` on configured servers: load the agents (before any server is asked, so
+    an agent that cannot load says so at once), create the topics, then serve until signalled."""
+    agents = load_registry(settings)
     ensure_topics(settings)
 
     async def main() -> None:
-        service = build(settings, llm_base_url=llm_base_url)
+        service = build(settings, llm_base_url=llm_base_url, agents=agents)
         install_signal_handlers(service)
         log.info("serving: input=%s group=%s http=%s:%d llm=%s", settings.kafka.input_topic,
                  settings.kafka.group_id, settings.http.host, settings.http.port, llm_base_url)
