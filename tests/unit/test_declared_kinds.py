@@ -256,3 +256,9 @@ def test_an_answer_off_its_schema_is_invalid_output(agent: DeclaredAgent, answer
         agent.steps[1].parse(task_input, answer)
     assert err.value.kind == kind and message in str(err.value)
     assert agent.steps[1].parse(task_input, '{"label": "a"}') == {"label": "a"}
+
+
+def test_the_guide_shows_the_example_file_as_it_is() -> None:
+    guide = (REPO / "docs" / "AGENTS.md").read_text()
+    shown = guide.split("```toml\n[[kinds]]", 1)[1].split("```", 1)[0]
+    assert "[[kinds]]" + shown in EXAMPLE_TOML.read_text()
