@@ -89,9 +89,9 @@ async def start(s: Settings, fake_llm: FakeLLM) -> None:
 
 
 def test_a_declared_kind_changed_without_a_new_version_refuses_to_start(
-    make_settings: Any, fake_llm: FakeLLM, tmp_path: Path
+    make_settings: Any, fake_llm: FakeLLM, tmp_path: Path, any_redis_url: str
 ) -> None:
-    first = make_settings(kinds_file=EXAMPLE)
+    first = make_settings(kinds_file=EXAMPLE, redis={"url": any_redis_url})  # one server, and a Redis Cluster
     ensure_topics(first)
     text = EXAMPLE.read_text()
     changed = tmp_path / "kinds.toml"
