@@ -26,6 +26,8 @@ system-deps:
 
 python-deps:
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev,local-llm]'
+	@# a user's own agents in a package apart, found by its entry point (tests/integration/test_user_agents.py)
+	$(PIP) install -q --no-deps -e tests/agents_pkg
 
 lint:
 	ruff check service consumers dedup tests

@@ -37,6 +37,13 @@ class Keys:
         """Per-endpoint state shared by every replica (rate limits, Retry-After)."""
         return f"{self.prefix}:endpoint:{{{endpoint_tag}}}:{suffix}"
 
+    def definition(self, name: str, version: str) -> str:
+        """String: the digest of a declared definition ``name`` at ``version``, kept for ever. Its own
+        hash tag ``{name@version}``; names and versions are validated by the caller (no braces)."""
+        if not is_valid_task_key(name) or not is_valid_task_key(version):
+            raise ValueError(f"invalid definition name or version {name!r} {version!r}")
+        return f"{self.prefix}:definition:{{{name}@{version}}}:digest"
+
     def steps(self, task_key: str) -> str:
         """Hash: step name -> JSON ``{"output", "digest", "prompt_version", "fence"}``."""
         return self._tagged(task_key, "steps")

@@ -210,6 +210,23 @@ class Ledger:
     def _both(self, task_key: str) -> list[str]:
         return [self.keys.task(task_key), self.keys.steps(task_key)]
 
+    async def pin_definition(self, name: str, version: str, definition_digest: str) -> str | None:
+        """Record ``definition_digest`` as what ``name`` at ``version`` means, once and for ever
+        (SET NX, no expiry). Returns the digest recorded before when it differs, else None."""
+        key = self.keys.definition(name, version)
+
+        async def pin() -> str | None:
+            if await self.client.set(key, definition_digest, nx=True):
+                return None
+            recorded = await self.client.get(key)
+            if recorded is None:  # never deleted by the service; an operator may have: pin again
+                await self.client.set(key, definition_digest, nx=True)
+                return None
+            text = _s(recorded)
+            return None if text == definition_digest else text
+
+        return await self._call(pin)
+
     async def ping(self) -> bool:
         return bool(await self._call(self.client.ping))
 

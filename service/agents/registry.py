@@ -5,7 +5,7 @@ New kinds register in an :class:`AgentRegistry`; the consumer never changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from service.agents.base import Agent
 from service.agents.kinds import (
@@ -24,17 +24,32 @@ from service.core.errors import PoisonError
 
 
 class AgentRegistry:
-    """The kinds a service runs, by name; a kind registers once."""
+    """The kinds a service runs, by name; a kind registers once. Each kind remembers where it came
+    from (``source``: "built-in", an entry point, a module, a kinds file), to say so when listed."""
 
-    def __init__(self, agents: Iterable[Agent] = ()) -> None:
+    def __init__(self, agents: Iterable[Agent] = (), *, source: str = "built-in") -> None:
         self._agents: dict[str, Agent] = {}
+        self._sources: dict[str, str] = {}
         for agent in agents:
-            self.register(agent)
+            self.register(agent, source=source)
 
-    def register(self, agent: Agent) -> None:
+    def register(self, agent: Agent, *, source: str = "registered in code") -> None:
         if agent.kind in self._agents:
-            raise ValueError(f"kind {agent.kind!r} is registered twice")
+            raise ValueError(f"kind {agent.kind!r} is registered twice: by {self._sources[agent.kind]} "
+                             f"and by {source}")
         self._agents[agent.kind] = agent
+        self._sources[agent.kind] = source
+
+    def source(self, kind: str) -> str:
+        """Where ``kind`` came from."""
+        return self._sources[kind]
+
+    def agents(self) -> list[Agent]:
+        """Every agent, by kind name."""
+        return [self._agents[kind] for kind in self.kinds()]
+
+    def __iter__(self) -> Iterator[Agent]:
+        return iter(self.agents())
 
     def get(self, kind: str) -> Agent:
         try:

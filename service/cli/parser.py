@@ -7,6 +7,7 @@ from pathlib import Path
 
 from service.cli.admin import dlq_list, dlq_replay, task_show
 from service.cli.base import PROG
+from service.cli.kinds import kinds_command
 from service.cli.produce import produce_tasks
 from service.cli.serve import demo_command, run_command
 from service.core.metrics import DLQ_REASONS
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--input", dest="task_input", metavar="JSON", help="the task's input object")
     produce.add_argument("--task-id", help="the task's id (default: a digest of kind and input)")
     produce.set_defaults(handler=produce_tasks)
+
+    kinds = sub.add_parser("kinds", help="list the kinds this service runs: source, steps, versions, input schema")
+    kinds.add_argument("--json", action="store_true", help="print JSON instead of text")
+    kinds.set_defaults(handler=kinds_command)
 
     task = sub.add_parser("task", help="inspect the ledger")
     task_sub = task.add_subparsers(dest="task_command", required=True, metavar="COMMAND")

@@ -13,7 +13,8 @@ from typing import Any, TextIO
 
 from confluent_kafka import KafkaError, Producer
 
-from service.agents.registry import AgentRegistry, default_agents, prepare_task
+from service.agents.loading import AgentsNotLoaded, agents_from_settings
+from service.agents.registry import AgentRegistry, prepare_task
 from service.agents.tasks import TaskEvent
 from service.cli.base import PROG, Unreachable
 from service.cli.reading import DECODER, event, read_tasks
@@ -112,6 +113,11 @@ class _Tally:
 
 
 def produce_tasks(settings: Settings, args: argparse.Namespace) -> int:
+    try:  # the kinds the service runs, so that a task is checked as the consumer would check it
+        agents = agents_from_settings(settings)
+    except AgentsNotLoaded as exc:
+        print(f"{PROG}: agents not loaded: {exc}", file=sys.stderr)
+        return 2
     tally = _Tally()
     with contextlib.ExitStack() as stack:
         source = _task_source(args, stack)
@@ -123,7 +129,7 @@ def produce_tasks(settings: Settings, args: argparse.Namespace) -> int:
         producer = Producer(conf)
         _check_topic(producer, settings)
         progress = Progress(sys.stderr, total)
-        number = _send_all(producer, settings, items, progress, tally)
+        number = _send_all(producer, settings, agents, items, progress, tally)
         remaining = producer.flush(60)
         progress.close(number)
     return tally.exit_code(remaining)
@@ -146,10 +152,9 @@ def _task_source(args: argparse.Namespace, stack: contextlib.ExitStack,
     return items, _count_lines(path)
 
 
-def _send_all(producer: Producer, settings: Settings, items: Iterable[tuple[int, TaskEvent | str]],
-              progress: Progress, tally: _Tally) -> int:
+def _send_all(producer: Producer, settings: Settings, agents: AgentRegistry,
+              items: Iterable[tuple[int, TaskEvent | str]], progress: Progress, tally: _Tally) -> int:
     """Send every valid task, report every invalid one; returns the number of the last line read."""
-    agents = default_agents()
     number = 0
     try:
         for number, item in items:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from service.agents.loading import AgentsNotLoaded, agents_from_settings
 from service.core.settings import Settings
 
 
@@ -15,6 +16,8 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
         if args.embedded or settings.llm.base_url is None:
             from service.devtools.embedded import run_embedded
 
+            check_agents(settings)  # before starting servers for a service that would not start
+
             run_embedded(settings, embedded=args.embedded, data_dir=args.data_dir, broker=args.broker)
         else:
             serve(settings, llm_base_url=settings.llm.base_url)
@@ -22,6 +25,15 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"agent-service: refusing to start: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_agents(settings: Settings) -> None:
+    from service.runtime.wiring import StartupRefused
+
+    try:
+        agents_from_settings(settings)
+    except AgentsNotLoaded as exc:
+        raise StartupRefused(f"agents not loaded: {exc}") from exc
 
 
 def demo_command(settings: Settings, args: argparse.Namespace) -> int:

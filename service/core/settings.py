@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
@@ -218,6 +219,12 @@ class Settings(BaseSettings):
     worker_id: str | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
+    # a user's own agents besides the built-in kinds and the `agent_service.agents` entry points:
+    # "package.module:attribute" (an Agent, an iterable of Agents, or a callable returning either);
+    # several separated by commas
+    agents: str | None = None
+    # kinds declared in a TOML (.toml) or YAML (.yaml, .yml) file (see docs/AGENTS.md)
+    kinds_file: Path | None = None
 
 
 def to_env(settings: BaseSettings) -> dict[str, str]:

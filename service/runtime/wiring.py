@@ -34,7 +34,9 @@ from consumers.transactions import TransactionalOutputs, TransactionalProducer
 from dedup.client import RedisClient, close, connect
 from dedup.keys import Keys
 from dedup.ledger import Ledger
-from service.agents.registry import AgentRegistry, default_agents
+from service.agents.declared import DeclaredAgent
+from service.agents.loading import AgentsNotLoaded, agents_from_settings, describe, summary
+from service.agents.registry import AgentRegistry
 from service.api.app import create_app
 from service.core.metrics import Metrics
 from service.core.settings import Settings
@@ -209,6 +211,7 @@ class Service:
         problem = await self.ledger.check_durability()
         if problem:
             raise StartupRefused(problem)
+        await self.pin_declared_kinds()
         retention_s = await asyncio.to_thread(topic_retention_s, self.settings)
         configured = self.settings.ledger.result_ttl_s
         if configured is None:
@@ -220,6 +223,19 @@ class Service:
                 "entry and run the model again. Raise it, or leave it unset to follow the topic.")
         log.info("ledger retention %d s (input topic retention %s)", self.ledger.ttl_s,
                  "unknown" if retention_s is None else f"{retention_s} s")
+
+    async def pin_declared_kinds(self) -> None:
+        """A declared kind's version names one definition for ever: record its digest per (kind,
+        version) the first time, and refuse to start when that version now means something else."""
+        for agent in self.agents:
+            if not isinstance(agent, DeclaredAgent):
+                continue  # Python agents version their steps themselves
+            recorded = await self.ledger.pin_definition(agent.kind, agent.version, agent.definition_digest)
+            if recorded is not None:
+                raise StartupRefused(
+                    f"kind {agent.kind} version {agent.version} was changed without a new version "
+                    f"({self.agents.source(agent.kind)}: {agent.definition_digest}, recorded {recorded}): "
+                    "give the changed kind a new version")
 
     async def run(self, *, http: bool | None = None) -> None:
         await self.preflight()
@@ -254,10 +270,28 @@ class Service:
         await close(self.redis)
 
 
+def load_registry(settings: Settings) -> AgentRegistry:
+    """The kinds this service runs, each logged with its steps and source; :class:`StartupRefused`
+    when one cannot be loaded."""
+    try:
+        agents = agents_from_settings(settings)
+    except AgentsNotLoaded as exc:
+        raise StartupRefused(f"agents not loaded: {exc}") from exc
+    for item in describe(agents):
+        log.info("loaded %s", summary(item))
+    return agents
+
+
 def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = None,
           agents: AgentRegistry | None = None, metrics: Metrics | None = None,
           tracing: Tracing | None = None) -> Service:
-    """Every part, from one settings object. Tracing follows the standard ``OTEL_*`` variables."""
+    """Every part, from one settings object. Tracing follows the standard ``OTEL_*`` variables.
+
+    Without ``agents``, the registry is the built-in kinds, the entry points, ``AGENT_AGENTS`` and
+    ``AGENT_KINDS_FILE`` (:mod:`service.agents.loading`); one that cannot load refuses the start.
+    """
+    if agents is None:
+        agents = load_registry(settings)
     metrics = metrics or Metrics()
     tracing = tracing or Tracing.from_env()
     client = redis_client(settings)
@@ -288,7 +322,6 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     else:
         outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
     outputs.set_dlq_limit(dlq_limit)  # dead letters are cut to the DLQ topic's limit too, when known
-    agents = agents or default_agents()
     s = settings
     processor = TaskProcessor(
         ledger=ledger, agents=agents, llm=llm, outputs=outputs, metrics=metrics,
@@ -350,11 +383,13 @@ def install_signal_handlers(service: Service) -> None:
 
 
 def serve(settings: Settings, *, llm_base_url: str) -> None:
-    """``agent-service run`` on configured servers: create the topics, then serve until signalled."""
+    """``agent-service run`` on configured servers: load the agents (before any server is asked, so
+    an agent that cannot load says so at once), create the topics, then serve until signalled."""
+    agents = load_registry(settings)
     ensure_topics(settings)
 
     async def main() -> None:
-        service = build(settings, llm_base_url=llm_base_url)
+        service = build(settings, llm_base_url=llm_base_url, agents=agents)
         install_signal_handlers(service)
         log.info("serving: input=%s group=%s http=%s:%d llm=%s", settings.kafka.input_topic,
                  settings.kafka.group_id, settings.http.host, settings.http.port, llm_base_url)

@@ -91,3 +91,19 @@ def test_the_consumer_group_protocol_of_kip_848_leaves_the_classic_settings_to_t
     from confluent_kafka import Consumer
 
     Consumer(kip848).close()  # librdkafka takes it as it is
+
+
+def test_own_agents_and_a_kinds_file_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from service.core.settings import to_env
+
+    for name in ("AGENT_AGENTS", "AGENT_KINDS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (Settings().agents, Settings().kinds_file) == (None, None)
+    monkeypatch.setenv("AGENT_AGENTS", "mypkg.agents:all")
+    monkeypatch.setenv("AGENT_KINDS_FILE", "conf/kinds.toml")
+    s = Settings()
+    assert (s.agents, s.kinds_file) == ("mypkg.agents:all", Path("conf/kinds.toml"))
+    env = to_env(s)  # what a spawned worker is started with
+    assert (env["AGENT_AGENTS"], env["AGENT_KINDS_FILE"]) == ("mypkg.agents:all", "conf/kinds.toml")

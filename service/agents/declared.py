@@ -1,0 +1,369 @@
+"""Kinds declared in a file, for teams that do not write Python: TOML (``.toml``) or YAML (``.yaml``, ``.yml``).
+
+The file holds a list ``kinds``; each kind is::
+
+    name          the kind, as a task names it (lowercase letters, digits, _)
+    version       required; every step's prompt version, recorded with every result
+    description   optional, for people
+    input_schema  the JSON Schema of a task's input: an object
+    steps         one or more steps, each one model call:
+      name           [A-Za-z0-9_-], unique in the kind, not the name of an input field
+      prompt         the user message: a template with named placeholders
+      system         optional system prompt, a template too (the ask for one JSON object is appended)
+      output_schema  the JSON Schema of the answer: an object
+      needs          optional: the steps whose outputs this one reads, in order; absent, the step
+                     before (none for the first); [] none (it runs at once)
+      model          optional: the model to ask instead of the endpoint's default
+      temperature    optional: 0..2
+
+A placeholder is ``{name}``: an input field (``properties`` of ``input_schema``) is its value, a
+string as it is and anything else as JSON (an absent optional field is empty); a step in the
+step's ``needs`` is that step's output as JSON. ``{{`` and ``}}`` are literal braces. Nothing else
+goes between braces.
+
+Everything is checked when the file is loaded, and an error names the file, the kind and the field.
+The kind becomes an ordinary :class:`~service.agents.base.Agent` of :class:`DeclaredStep` s, run by
+the same engine as every other kind. Its definition has a digest: the service records it per
+(kind, version) at start and refuses a changed definition under a version already recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import exceptions as schema_errors
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
+from pydantic import BaseModel, ConfigDict
+
+from service.agents.base import Agent, Messages, Step
+from service.agents.helpers import JSON_ONLY, system_message, user_message
+from service.agents.tasks import KIND_PATTERN, canonical_json, digest
+from service.core.errors import AgentError, InvalidOutput, PoisonError
+
+STEP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SCHEMA_NAME_MAX = 64  # a request's schema name is "<kind>_<step>" (see service.llm.client.ChatRequest)
+
+KIND_FIELDS = {"name", "version", "description", "input_schema", "steps"}
+STEP_FIELDS = {"name", "prompt", "system", "output_schema", "needs", "model", "temperature"}
+
+
+class KindsFileError(AgentError):
+    """A kinds file the service cannot run: the message names the file, the kind and the field."""
+
+
+class DeclaredInput(BaseModel):
+    """A declared kind's task input, validated against its input JSON Schema."""
+
+    model_config = ConfigDict(frozen=True)
+    data: dict[str, Any]
+
+
+class _Output(BaseModel):
+    """Unused: a declared step validates its answer against its JSON Schema."""
+
+
+Template = tuple[tuple[str, str | None], ...]  # (literal text, then a placeholder or None)
+
+
+def parse_template(text: str) -> Template:
+    """The pieces of a template. Raises ``ValueError`` for unbalanced braces, an empty placeholder,
+    or anything but a bare name between braces (no ``!r``, ``:spec``, ``.attr`` or ``[index]``)."""
+    pieces: list[tuple[str, str | None]] = []
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:  # a lone brace
+        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+    for literal, name, spec, conversion in parsed:
+        if name is None:
+            pieces.append((literal, None))
+            continue
+        if not name or spec or conversion or not STEP_NAME.fullmatch(name):
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"placeholder {{{shown}}} is not a name (write {{{{ and }}}} for literal braces)")
+        pieces.append((literal, name))
+    return tuple(pieces)
+
+
+def placeholders(template: Template) -> list[str]:
+    return [name for _, name in template if name is not None]
+
+
+class DeclaredStep(Step):
+    """A step declared in a file: a prompt template, an optional system template, an output JSON Schema."""
+
+    output_model = _Output
+
+    def __init__(self, *, name: str, version: str, prompt: str, output_schema: dict[str, Any],
+                 system: str | None = None, needs: tuple[str, ...] | None = None,
+                 model: str | None = None, temperature: float | None = None,
+                 fields: frozenset[str] = frozenset()) -> None:
+        self.name = name
+        self.prompt_version = version
+        self.needs = needs
+        self.model = model
+        self.temperature = temperature
+        self.prompt = prompt
+        self.system = system
+        self.output_schema = output_schema
+        self.fields = fields  # the input's fields: any other placeholder is a needed step's output
+        self._prompt = parse_template(prompt)
+        self._system = parse_template(system) if system is not None else None
+        self._validator: Validator = validator_for(output_schema)(output_schema)
+
+    def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
+        return self.output_schema
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        assert isinstance(task_input, DeclaredInput)
+        user = user_message(self._render(self._prompt, task_input.data, previous))
+        if self._system is None:
+            return [{"role": "system", "content": JSON_ONLY}, user]
+        return [system_message(self._render(self._system, task_input.data, previous)), user]
+
+    def _render(self, template: Template, data: Mapping[str, Any], previous: Mapping[str, Any]) -> str:
+        out: list[str] = []
+        for literal, name in template:
+            out.append(literal)
+            if name is None:
+                continue
+            if name in self.fields:
+                value = data.get(name, "")
+                out.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+            else:  # a needed step (the loader made sure it is one): the engine hands its output in
+                out.append(json.dumps(previous[name], ensure_ascii=False))
+        return "".join(out)
+
+    def parse(self, task_input: BaseModel, content: str) -> dict[str, Any]:
+        try:
+            data = json.loads(content)
+        except ValueError as exc:
+            raise InvalidOutput("not_json", f"{self.name}: answer is not JSON: {str(exc)[:120]}") from exc
+        error = schema_errors.best_match(self._validator.iter_errors(data))
+        if error is not None:
+            raise InvalidOutput("schema", f"{self.name}: {_describe(error)}")
+        if not isinstance(data, dict):  # the output schema is an object's; kept for a lax schema
+            raise InvalidOutput("schema", f"{self.name}: answer is not a JSON object")
+        return data
+
+
+@dataclass(frozen=True)
+class DeclaredAgent(Agent):
+    """A kind declared in a file: its input is checked against ``input_schema``."""
+
+    version: str = field(kw_only=True)
+    input_schema: dict[str, Any] = field(kw_only=True, compare=False)
+    definition_digest: str = field(kw_only=True)  # of everything the kind does (not its description)
+    description: str | None = field(default=None, kw_only=True, compare=False)
+
+    def parse_input(self, raw: dict[str, Any]) -> BaseModel:
+        validator = validator_for(self.input_schema)(self.input_schema)
+        error = schema_errors.best_match(validator.iter_errors(raw))
+        if error is not None:
+            raise PoisonError("schema", f"input of {self.kind}: {_describe(error)}")
+        return DeclaredInput(data=raw)
+
+
+def _describe(error: schema_errors.ValidationError) -> str:
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{error.message[:200]}" + (f" at /{where}" if where else "")
+
+
+# ----------------------------------------------------------------------------- loading a file
+
+
+class _Where:
+    """Builds an error that names the file, the kind and the field."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path, self.kind = path, kind
+
+    def error(self, where: str, message: str) -> KindsFileError:
+        return KindsFileError(f"{self.path}: {self.kind}: {where}: {message}")
+
+
+def read_kinds_file(path: Path) -> Any:
+    """The file's data, parsed as TOML or YAML by its suffix."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KindsFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise KindsFileError(f"{path}: not UTF-8: {exc.reason}") from exc
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            return tomllib.loads(text)
+        if suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise KindsFileError(f"{path}: not valid {'TOML' if suffix == '.toml' else 'YAML'}: {exc}") from exc
+    raise KindsFileError(f"{path}: unknown format {suffix or '(no suffix)'}: name it .toml, .yaml or .yml")
+
+
+def load_kinds_file(path: Path) -> list[DeclaredAgent]:
+    """The agents a kinds file declares, every field checked. Raises :class:`KindsFileError`."""
+    data = read_kinds_file(path)
+    if not isinstance(data, dict) or set(data) != {"kinds"}:
+        raise KindsFileError(f"{path}: expected one top-level key, kinds (a list of kinds)")
+    kinds = data["kinds"]
+    if not isinstance(kinds, list) or not kinds:
+        raise KindsFileError(f"{path}: kinds: expected a non-empty list of kinds")
+    agents: list[DeclaredAgent] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(kinds):
+        agent = _kind(path, i, raw)
+        if agent.kind in seen:
+            raise KindsFileError(f"{path}: kind {agent.kind!r} is declared twice (kinds[{seen[agent.kind]}] "
+                                 f"and kinds[{i}])")
+        seen[agent.kind] = i
+        agents.append(agent)
+    return agents
+
+
+def _kind(path: Path, index: int, raw: Any) -> DeclaredAgent:
+    at = _Where(path, f"kinds[{index}]")
+    if not isinstance(raw, dict):
+        raise at.error("kind", "expected a table of name, version, input_schema and steps")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(KIND_PATTERN, name):
+        raise at.error("name", f"{name!r} is not a kind name (lowercase letters, digits and _, "
+                               "starting with a letter, at most 64)")
+    at = _Where(path, f"kind {name!r}")
+    unknown = sorted(set(raw) - KIND_FIELDS)
+    if unknown:
+        raise at.error(unknown[0], f"unknown field (a kind has {', '.join(sorted(KIND_FIELDS))})")
+    version = raw.get("version")
+    if version is None:
+        raise at.error("version", "missing: a kind names its version, and a changed prompt needs a new one")
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
+        raise at.error("version", f"{version!r} is not a version (a string of letters, digits, '.', '_', '-', "
+                                  "such as \"v1\")")
+    description = raw.get("description")
+    if description is not None and not isinstance(description, str):
+        raise at.error("description", "expected a string")
+    input_schema = _schema(at, "input_schema", raw.get("input_schema"))
+    fields = set(input_schema.get("properties", {}))
+    steps_raw = raw.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise at.error("steps", "expected a non-empty list of steps")
+    names = _step_names(at, name, steps_raw, fields)
+    steps = tuple(_step(at, j, s, version, names, fields) for j, s in enumerate(steps_raw))
+    definition = {
+        "name": name, "version": version, "input_schema": input_schema,
+        "steps": [{"name": s.name, "prompt": s.prompt, "system": s.system, "output_schema": s.output_schema,
+                   "needs": None if s.needs is None else list(s.needs), "model": s.model,
+                   "temperature": s.temperature} for s in steps],
+    }
+    try:
+        return DeclaredAgent(name, DeclaredInput, steps, version=version, input_schema=input_schema,
+                             definition_digest=digest(canonical_json(definition)), description=description)
+    except ValueError as exc:  # a cycle: the agent model refuses it
+        message = str(exc).removeprefix(f"agent {name!r}: ")
+        raise at.error("needs", message) from None
+
+
+def _step_names(at: _Where, kind: str, steps: list[Any], fields: set[str]) -> list[str]:
+    names: list[str] = []
+    for j, raw in enumerate(steps):
+        if not isinstance(raw, dict):
+            raise at.error(f"steps[{j}]", "expected a table of name, prompt and output_schema")
+        step = raw.get("name")
+        if not isinstance(step, str) or not STEP_NAME.fullmatch(step):
+            raise at.error(f"steps[{j}].name", f"{step!r} is not a step name (letters, digits, _ and -)")
+        if len(kind) + 1 + len(step) > SCHEMA_NAME_MAX:
+            raise at.error(f"steps[{j}].name", f"kind and step name together exceed {SCHEMA_NAME_MAX - 1} characters")
+        if step in names:
+            raise at.error(f"steps[{j}].name", f"step {step!r} is declared twice")
+        if step in fields:
+            raise at.error(f"steps[{j}].name", f"{step!r} is also an input field: a placeholder would name both")
+        names.append(step)
+    return names
+
+
+def _step(at: _Where, j: int, raw: dict[str, Any], version: str, names: list[str], fields: set[str]) -> DeclaredStep:
+    here = f"steps[{j}]"
+    unknown = sorted(set(raw) - STEP_FIELDS)
+    if unknown:
+        raise at.error(f"{here}.{unknown[0]}", f"unknown field (a step has {', '.join(sorted(STEP_FIELDS))})")
+    needs = _needs(at, here, raw.get("needs"), names)
+    readable = set(needs if needs is not None else names[j - 1:j] if j else ())
+    templates = _templates(at, here, raw, names, fields, readable)
+    output_schema = _schema(at, f"{here}.output_schema", raw.get("output_schema"))
+    model = raw.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise at.error(f"{here}.model", "expected a model name")
+    temperature = raw.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+            raise at.error(f"{here}.temperature", f"{temperature!r} is not a number from 0 to 2")
+        temperature = float(temperature)
+    return DeclaredStep(name=raw["name"], version=version, prompt=templates["prompt"], system=templates.get("system"),
+                        output_schema=output_schema, needs=needs, model=model, temperature=temperature,
+                        fields=frozenset(fields))
+
+
+def _needs(at: _Where, here: str, raw: Any, names: list[str]) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        raise at.error(f"{here}.needs", "expected a list of step names")
+    for n in raw:
+        if n not in names:
+            raise at.error(f"{here}.needs", f"unknown step {n!r}")
+    if len(set(raw)) != len(raw):
+        raise at.error(f"{here}.needs", "names a step twice")
+    return tuple(raw)
+
+
+def _templates(at: _Where, here: str, raw: dict[str, Any], names: list[str], fields: set[str],
+               readable: set[str]) -> dict[str, str]:
+    """The step's prompt and system templates, each placeholder an input field or a needed step."""
+    templates: dict[str, str] = {}
+    for key, required in (("prompt", True), ("system", False)):
+        text = raw.get(key)
+        if text is None and not required:
+            continue
+        if not isinstance(text, str) or not text.strip():
+            raise at.error(f"{here}.{key}", "expected a non-empty string")
+        try:
+            template = parse_template(text)
+        except ValueError as exc:
+            raise at.error(f"{here}.{key}", str(exc)) from None
+        for name in placeholders(template):
+            if name not in fields and name not in readable:
+                hint = f" (add it to {here}.needs)" if name in names else ""
+                raise at.error(f"{here}.{key}", f"placeholder {{{name}}} is neither an input field nor a "
+                                                f"needed step{hint}")
+        templates[key] = text
+    return templates
+
+
+def _schema(at: _Where, where: str, schema: Any) -> dict[str, Any]:
+    """A JSON Schema of an object, checked against its metaschema."""
+    if not isinstance(schema, dict):
+        raise at.error(where, "missing or not a table: expected a JSON Schema")
+    try:
+        canonical_json(schema)
+    except (TypeError, ValueError) as exc:
+        raise at.error(where, f"not JSON data: {exc}") from None
+    try:
+        validator_for(schema).check_schema(schema)
+    except schema_errors.SchemaError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path)
+        raise at.error(where, f"not a valid JSON Schema: {exc.message[:200]}" + (f" at /{path}" if path else "")) from None
+    if schema.get("type") != "object":
+        raise at.error(where, f"must have \"type\": \"object\" (found {schema.get('type')!r})")
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        raise at.error(f"{where}.properties", "expected a table")
+    return schema
