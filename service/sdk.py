@@ -1,9 +1,10 @@
 """What your own agent imports: the agent model, the helpers for writing a kind, and the errors.
 
 A kind is an :class:`Agent`: a name, an input model and one or more steps, each step one model
-call. Register it next to the built-in kinds and hand the registry to the service::
+call; the steps form a graph (``Step.needs``). The service loads your agents at start from the entry
+point group ``agent_service.agents`` or ``AGENT_AGENTS=package.module:attribute`` (docs/AGENTS.md)::
 
-    from service.sdk import Agent, Messages, Step, StrictInput, default_agents, system_message, user_message
+    from service.sdk import Agent, Messages, Step, StrictInput, system_message, user_message
 
     class TicketInput(StrictInput):
         text: str
@@ -14,8 +15,7 @@ call. Register it next to the built-in kinds and hand the registry to the servic
         def messages(self, task_input, previous) -> Messages:
             return [system_message("Triage the ticket."), user_message(task_input.text)]
 
-    agents = default_agents()
-    agents.register(Agent("triage", TicketInput, (Triage(),)))
+    agents = [Agent("triage", TicketInput, (Triage(),))]  # AGENT_AGENTS=mypkg.triage:agents
 
 The names, and nothing else:
 

@@ -5,11 +5,15 @@ kind's version that cannot silently change its meaning."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dedup.client import close, connect
+from dedup.keys import Keys
+from dedup.ledger import Ledger
 from service.agents.declared import DeclaredAgent
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
@@ -61,6 +65,60 @@ def test_a_kind_declared_in_a_file_runs_end_to_end(make_settings: Any, fake_llm:
     by_key = fake_llm.stats()["by_key"]
     assert by_key["sr-1:facts"] == 1 and by_key["sr-1:reply"] == 1
     assert fake_llm.calls_for("sr-1:") == 2
+
+
+JOIN_KIND = """
+[[kinds]]
+name = "brief"
+version = "v1"
+input_schema = { type = "object", required = ["topic"], properties.topic = { type = "string" } }
+
+[[kinds.steps]]
+name = "pros"
+needs = []
+prompt = "The arguments for {topic}."
+model = "pros-model"
+temperature = 0.0
+output_schema = { type = "object", required = ["points"], properties.points = { type = "array", items = { type = "string" } } }
+
+[[kinds.steps]]
+name = "cons"
+needs = []
+prompt = "The arguments against {topic}."
+output_schema = { type = "object", required = ["points"], properties.points = { type = "array", items = { type = "string" } } }
+
+[[kinds.steps]]
+name = "verdict"
+needs = ["cons", "pros"]
+prompt = "Weigh {cons} against {pros} on {topic}."
+output_schema = { type = "object", required = ["verdict"], properties.verdict = { type = "string" } }
+"""
+
+
+def test_a_declared_kind_fans_out_and_joins_in_the_order_it_names(make_settings: Any, fake_llm: FakeLLM,
+                                                                   tmp_path: Path) -> None:
+    """Two branches with no dependency run, then a join that reads both: its prompt places them as the
+    file names them, and each step's model and temperature reach the model's request."""
+    kinds = tmp_path / "kinds.toml"
+    kinds.write_text(JOIN_KIND)
+    s: Settings = make_settings(kinds_file=kinds)
+    body = run_one(s, fake_llm, "br-1", "brief", {"topic": "four-day weeks"})
+    assert set(body["result"]) == {"verdict"} and body["prompt_version"] == "pros@v1+cons@v1+verdict@v1"
+    pros, cons, verdict = (fake_llm.last_request(f"br-1:{step}") for step in ("pros", "cons", "verdict"))
+    assert pros is not None and cons is not None and verdict is not None
+    assert (pros["model"], pros["temperature"]) == ("pros-model", 0.0)
+    assert cons["model"] != "pros-model"  # the endpoint's default
+
+    async def journal() -> dict[str, Any]:
+        client = connect(s.redis.url.get_secret_value())
+        try:
+            return await Ledger(client, keys=Keys(s.redis.key_prefix), lease_ms=1000, ttl_s=600).steps("br-1")
+        finally:
+            await close(client)
+
+    steps = asyncio.run(journal())
+    cons_out, pros_out = (json.dumps(steps[name]["output"], ensure_ascii=False) for name in ("cons", "pros"))
+    assert verdict["messages"][-1]["content"] == f"Weigh {cons_out} against {pros_out} on four-day weeks."
 
 
 def test_a_declared_input_off_its_schema_is_dead_lettered(make_settings: Any, fake_llm: FakeLLM) -> None:
