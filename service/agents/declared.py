@@ -29,6 +29,7 @@ the same engine as every other kind. Its definition has a digest: the service re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import string
@@ -53,7 +54,7 @@ STEP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SCHEMA_NAME_MAX = 64  # a request's schema name is "<kind>_<step>" (see service.llm.client.ChatRequest)
 
-KIND_FIELDS = {"name", "version", "description", "input_schema", "steps"}
+KIND_FIELDS = {"name", "version", "description", "input_schema", "steps", "rollout_share"}
 STEP_FIELDS = {"name", "prompt", "system", "output_schema", "needs", "model", "temperature"}
 
 
@@ -218,16 +219,42 @@ def load_kinds_file(path: Path) -> list[DeclaredAgent]:
     kinds = data["kinds"]
     if not isinstance(kinds, list) or not kinds:
         raise KindsFileError(f"{path}: kinds: expected a non-empty list of kinds")
-    agents: list[DeclaredAgent] = []
+    agents: dict[str, DeclaredAgent] = {}
+    candidates: dict[str, tuple[DeclaredAgent, float]] = {}
     seen: dict[str, int] = {}
     for i, raw in enumerate(kinds):
         agent = _kind(path, i, raw)
+        share = raw.get("rollout_share")
+        if share is not None:
+            _candidate(path, agent, share, candidates)
+            continue
         if agent.kind in seen:
             raise KindsFileError(f"{path}: kind {agent.kind!r} is declared twice (kinds[{seen[agent.kind]}] "
-                                 f"and kinds[{i}])")
+                                 f"and kinds[{i}]); a new version in rollout has a rollout_share")
         seen[agent.kind] = i
-        agents.append(agent)
-    return agents
+        agents[agent.kind] = agent
+    for kind, (candidate, share) in candidates.items():
+        current = agents.get(kind)
+        if current is None:
+            raise KindsFileError(f"{path}: kind {kind!r}: version {candidate.version} has a rollout_share, but no "
+                                 "current version of the kind is declared")
+        if current.version == candidate.version:
+            raise KindsFileError(f"{path}: kind {kind!r}: the version in rollout must differ from the current "
+                                 f"one ({current.version})")
+        agents[kind] = dataclasses.replace(current, candidate=candidate, candidate_share=share)
+    return list(agents.values())
+
+
+def _candidate(path: Path, agent: DeclaredAgent, share: Any,
+               candidates: dict[str, tuple[DeclaredAgent, float]]) -> None:
+    """A new version of a kind with the share of task keys it runs (a stable hash of the key)."""
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise KindsFileError(f"{path}: kind {agent.kind!r}: rollout_share: expected a number within 0..1, "
+                             f"not {share!r}")
+    if agent.kind in candidates:
+        raise KindsFileError(f"{path}: kind {agent.kind!r}: two versions in rollout "
+                             f"({candidates[agent.kind][0].version} and {agent.version})")
+    candidates[agent.kind] = (agent, float(share))
 
 
 def _kind(path: Path, index: int, raw: Any) -> DeclaredAgent:

@@ -154,6 +154,10 @@ def describe(registry: AgentRegistry) -> list[dict[str, Any]]:
         if isinstance(agent, DeclaredAgent):
             item["version"] = agent.version
             item["definition_digest"] = agent.definition_digest
+        if agent.candidate is not None:
+            item["rollout"] = {"candidate": agent.candidate.prompt_version, "share": agent.candidate_share}
+            if isinstance(agent.candidate, DeclaredAgent):
+                item["rollout"]["version"] = agent.candidate.version
         item["input_schema"] = input_schema(agent)
         out.append(item)
     return out
@@ -165,4 +169,6 @@ def summary(item: Mapping[str, Any]) -> str:
         f"{s['name']}@{s['prompt_version']}" + (f" <- {'+'.join(s['needs'])}" if s["needs"] else "")
         + (f" [{s['model']}]" if "model" in s else "")
         for s in item["steps"])
-    return f"kind {item['kind']} ({item['source']}): {steps}"
+    rollout = item.get("rollout")
+    tail = f"; rollout {rollout['share']:.0%} to {rollout['candidate']}" if rollout else ""
+    return f"kind {item['kind']} ({item['source']}): {steps}{tail}"

@@ -42,6 +42,9 @@ def render(item: dict[str, Any]) -> str:
         if "temperature" in step:
             line += f"  temperature: {step['temperature']}"
         lines.append(line)
+    if "rollout" in item:
+        rollout = item["rollout"]
+        lines.append(f"  rollout: {rollout['share']:.0%} of task keys run {rollout['candidate']}")
     lines.append("  input schema:")
     lines += ["    " + text for text in json.dumps(item["input_schema"], indent=2, ensure_ascii=False).splitlines()]
     return "\n".join(lines)

@@ -227,7 +227,8 @@ class Service:
     async def pin_declared_kinds(self) -> None:
         """A declared kind's version names one definition for ever: record its digest per (kind,
         version) the first time, and refuse to start when that version now means something else."""
-        for agent in self.agents:
+        versions = [version for agent in self.agents for version in (agent, agent.candidate) if version is not None]
+        for agent in versions:
             if not isinstance(agent, DeclaredAgent):
                 continue  # Python agents version their steps themselves
             recorded = await self.ledger.pin_definition(agent.kind, agent.version, agent.definition_digest)

@@ -149,6 +149,35 @@ def test_a_kind_declared_twice(tmp_path: Path) -> None:
         load_kinds_file(write(tmp_path, data))
 
 
+def test_a_new_version_in_rollout_becomes_the_candidate_of_the_current_one(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    new = copy.deepcopy(data["kinds"][0])
+    new["version"], new["rollout_share"] = "v2", 0.25
+    data["kinds"].insert(0, new)  # in any order
+    (agent,) = load_kinds_file(write(tmp_path, data))
+    assert isinstance(agent, DeclaredAgent) and agent.version == "v1" and agent.candidate_share == 0.25
+    assert isinstance(agent.candidate, DeclaredAgent) and agent.candidate.version == "v2"
+    keys = [f"t-{i}" for i in range(4000)]
+    share = sum(agent.version_for(k) is agent.candidate for k in keys) / len(keys)
+    assert 0.22 < share < 0.28
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rollout_share": 1.5}, r"rollout_share: expected a number within 0\.\.1"),
+    ({"rollout_share": 0.5, "name": "other"}, "no current version of the kind is declared"),
+    ({"rollout_share": 0.5, "version": "v1"}, "must differ from the current one"),
+])
+def test_a_broken_rollout_in_a_file(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    data = copy.deepcopy(VALID)
+    new = copy.deepcopy(data["kinds"][0])
+    new.setdefault("version", "v2")
+    new["version"] = "v2"
+    new.update(change)
+    data["kinds"].append(new)
+    with pytest.raises(KindsFileError, match=message):
+        load_kinds_file(write(tmp_path, data))
+
+
 VALID_TOML = '''
 [[kinds]]
 name = "triage"
