@@ -17,6 +17,7 @@ server binary or jar fails the session; it never skips.
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,15 @@ import pytest
 from service.core.settings import EMBEDDED_BROKERS, Settings
 from service.devtools import kraft, local
 from tests.support import Broker
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """A socket or transport a test leaves open warns when the garbage collector frees it, which with
+    ``filterwarnings = error`` fails whichever test is running then. Collecting after every test makes
+    the test that leaked it the one that fails."""
+    yield
+    gc.collect()
 
 BROKERS = ("kafka", *EMBEDDED_BROKERS)
 STANDINS = frozenset(EMBEDDED_BROKERS)
