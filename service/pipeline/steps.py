@@ -299,7 +299,11 @@ class _GraphRun:
         running: dict[asyncio.Task[str], str] = {}
         try:
             while order.is_active():
-                for name in order.get_ready():
+                ready = order.get_ready()
+                if len(ready) == 1 and not running:  # a chain, or a single step: no task to schedule
+                    order.done(await self._step(ready[0]))
+                    continue
+                for name in ready:
                     running[asyncio.create_task(self._step(name))] = name
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for finished in sorted(done, key=lambda t: self.declared.index(running[t])):

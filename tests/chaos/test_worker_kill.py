@@ -12,7 +12,7 @@ import pytest
 
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import Broker, classify, produce, read_topic, running, spawn_worker, wait_for
+from tests.support import Broker, classify, kill_worker, produce, read_topic, running, spawn_worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -38,12 +38,9 @@ def test_killed_worker_leaves_its_task_to_be_finished_once_by_another(
                            what="the worker to be inside crash-1")
 
         asyncio.run(wait_mid_task())
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
+        kill_worker(worker)
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
+        kill_worker(worker)
     calls_before = fake_llm.stats()["requests"]
 
     async def take_over() -> dict[str, Any]:
@@ -93,9 +90,7 @@ def test_sigterm_drains_in_flight_work_and_commits(make_settings: Any, fake_llm:
         os.killpg(worker.pid, signal.SIGTERM)
         assert worker.wait(30) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
+        kill_worker(worker)
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(records))
     assert sorted(m.key for m in results) == sorted(k for k, _ in records)
     assert committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, 1)[0] == len(records)

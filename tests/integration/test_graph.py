@@ -4,8 +4,6 @@ it names them whatever order they finished in, and a crash between branches resu
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from dedup.ledger import Ledger
 from service.agents.review import ReviewInput, SynthesisStep
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import metric, produce, read_topic, running, spawn_worker, task_value, wait_for
+from tests.support import kill_worker, metric, produce, read_topic, running, spawn_worker, task_value, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -92,12 +90,9 @@ def test_a_crash_after_two_of_three_branches_resumes_with_the_third(make_setting
                 await close(client)
 
         asyncio.run(two_branches_journaled())
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
+        kill_worker(worker)
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
+        kill_worker(worker)
     before = {step: fake_llm.calls_for(f"crash-rev:{step}") for step in (*BRANCHES, "synthesis")}
     assert before == {"research": 1, "summarise": 1, "critique": 1, "synthesis": 0}
 
@@ -143,12 +138,9 @@ def test_a_document_too_long_for_the_window_is_summarised_in_journaled_pieces_ac
             await wait_for(lambda: fake_llm.calls_for("md-1:summarize-part-011") == 1, 60, what="piece 11 at the model")
 
         asyncio.run(at_piece_11())
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
+        kill_worker(worker)
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
+        kill_worker(worker)
 
     async def take_over() -> dict[str, Any]:
         async with running(s, fake_llm.base_url) as svc:

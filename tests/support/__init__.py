@@ -201,6 +201,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return to_env(settings)
 
 
+def kill_worker(worker: Any) -> None:
+    """SIGKILL a worker from :func:`spawn_worker` (its whole process group) if it still runs."""
+    import os
+    import signal
+
+    if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+
+
 def spawn_worker(settings: Settings, log_path: str, *extra: str) -> Any:
     """``agent-service run`` in a child process of its own (its own process group)."""
     import os
