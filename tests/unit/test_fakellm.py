@@ -541,7 +541,7 @@ def test_stats_count_requests_per_key(fake: FakeLLM, client: httpx.Client) -> No
     fake.reset()
     assert fake.stats() == {
         "requests": 0, "completions": 0, "valid_completions": 0, "replayed": 0, "bad_requests": 0,
-        "faults": {}, "by_key": {}, "completions_by_key": {},
+        "faults": {}, "by_key": {}, "completions_by_key": {}, "tool_calls": 0, "tool_calls_by_name": {},
     }
 
 
@@ -594,7 +594,9 @@ def test_control_endpoints(fake: FakeLLM, client: httpx.Client) -> None:
         assert time.monotonic() - started >= 0.2
         assert control.post("/_latency", json={"latency_s": 0}).status_code == 200
 
-        assert control.post("/_config", json={"idempotent": True}).json() == {"idempotent": True, "latency_s": 0.0}
+        assert control.post("/_config", json={"idempotent": True}).json() == {
+            "idempotent": True, "latency_s": 0.0, "tool_rounds": 1, "tool_calls_per_round": 1, "tool_arguments": [],
+        }
         assert fake.idempotent
         assert chat(client, CLASSIFY, key="r").content == chat(client, CLASSIFY, key="r").content
 

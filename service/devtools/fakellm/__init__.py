@@ -16,6 +16,19 @@ Answers
     a ``schema``), different on every call unless a ``seed`` is given. Without a schema the answer
     is ``{"text": "<a few words>"}``. :func:`random_instance` lists the supported schema subset.
 
+Tool calls
+    A request that offers ``tools`` (``tool_choice`` not ``"none"``) whose conversation holds fewer
+    assistant tool-call rounds than ``tool_rounds`` (1 by default) is answered with
+    ``finish_reason: tool_calls`` and ``tool_calls_per_round`` calls (1 by default) of the forced
+    tool or of tools drawn from those offered, each with a random instance of the tool's
+    ``parameters`` as its arguments; later requests get the final answer as above, whatever the
+    ``tool_choice``. A :class:`ToolArguments` rule gives the arguments instead: the first whose
+    ``tool`` is called and whose ``match`` (if any) is a substring of the Idempotency-Key. The rules
+    and the two counts are configuration (``FakeLLM`` arguments and properties, ``/_config``), kept
+    by a reset. As OpenAI does, the server refuses (400)
+    malformed tools, a ``tool_choice`` naming no offered tool, and tool calls and ``tool`` messages
+    that do not answer each other.
+
 Faults
     An ordered list of :class:`FaultRule`; the first rule that matches a request is applied.
     ``match`` is a substring of the request's ``Idempotency-Key`` header (of the raw request body
@@ -32,6 +45,11 @@ Faults
     - ``schema_violation``: valid JSON that does not match the schema.
     - ``empty``: ``finish_reason: stop``, empty content.
     - ``disconnect``: close the connection without any response.
+    - ``invalid_tool_args``: tool calls whose arguments break the tool's ``parameters`` schema.
+    - ``unknown_tool``: a tool call naming a tool that was not offered.
+
+    The two tool faults hit a request that offers tools whatever its rounds; on one that does not
+    they answer like ``schema_violation``.
 
     Every fault but ``slow_success`` waits its ``delay_s`` before it acts.
 
@@ -42,16 +60,19 @@ Idempotent mode
 Control endpoints (JSON; also served below ``/v1``)
     ``GET /_stats``, ``GET|POST|DELETE /_faults`` (POST replaces the rules), ``POST /_reset``,
     ``POST /_latency`` (``{"latency_s": x}``), ``GET|POST /_config`` (``{"idempotent": bool,
-    "latency_s": x}``), ``GET /health``.
+    "latency_s": x, "tool_rounds": n, "tool_calls_per_round": n, "tool_arguments": [rule...]}``,
+    each key optional; a bad value changes nothing), ``GET /health``. ``POST /_reset`` drops the
+    fault rules, the statistics and the stored responses, not the configuration.
 """
 
 
+from service.devtools.fakellm.chat import MODEL_NAME
 from service.devtools.fakellm.command import main
 from service.devtools.fakellm.faults import FAULTS, REFUSAL, FaultRule
-from service.devtools.fakellm.http import MODEL_NAME
 from service.devtools.fakellm.instances import random_instance
 from service.devtools.fakellm.scalars import SchemaError
 from service.devtools.fakellm.server import FakeLLM
+from service.devtools.fakellm.tools import ToolArguments
 
 __all__ = [
     "FAULTS",
@@ -60,6 +81,7 @@ __all__ = [
     "FakeLLM",
     "FaultRule",
     "SchemaError",
+    "ToolArguments",
     "main",
     "random_instance",
 ]

@@ -8,8 +8,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from service.devtools.fakellm.faults import REFUSAL
-from service.devtools.fakellm.http import ChatRequest, dumps, parses
+from service.devtools.fakellm.chat import ChatRequest
+from service.devtools.fakellm.faults import REFUSAL, TOOL_FAULTS
+from service.devtools.fakellm.http import dumps, parses
 from service.devtools.fakellm.instances import random_instance, violation
 from service.devtools.fakellm.scalars import words
 
@@ -35,7 +36,7 @@ def faulty_content(fault: str, request: ChatRequest, rng: random.Random) -> tupl
     elif fault == "invalid_json":
         text = f"Sure! Here is the answer: {words(rng)}."
         reason = "stop"
-    elif fault == "schema_violation":
+    elif fault == "schema_violation" or fault in TOOL_FAULTS:  # a tool fault on a request without tools
         text = violation(request.schema)
         reason = "stop"
     elif fault == "empty":
@@ -49,8 +50,21 @@ def faulty_content(fault: str, request: ChatRequest, rng: random.Random) -> tupl
 def completion(request: ChatRequest, text: str, finish_reason: str, rng: random.Random,
                refusal: str | None = None) -> bytes:
     """An OpenAI chat-completion body carrying ``text``."""
+    message = {"role": "assistant", "content": text, "refusal": refusal}
+    return _body(request, message, finish_reason, len(text), rng)
+
+
+def tool_completion(request: ChatRequest, calls: list[dict[str, Any]], rng: random.Random) -> bytes:
+    """An OpenAI chat-completion body whose assistant message asks for ``calls``."""
+    message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
+    generated = sum(len(call["function"]["name"]) + len(call["function"]["arguments"]) for call in calls)
+    return _body(request, message, "tool_calls", generated, rng)
+
+
+def _body(request: ChatRequest, message: dict[str, Any], finish_reason: str, generated_chars: int,
+          rng: random.Random) -> bytes:
     prompt_tokens = request.prompt_chars // 4 + 1
-    completion_tokens = len(text) // 4 + 1
+    completion_tokens = generated_chars // 4 + 1
     return dumps({
         "id": f"chatcmpl-{rng.getrandbits(96):024x}",
         "object": "chat.completion",
@@ -58,7 +72,7 @@ def completion(request: ChatRequest, text: str, finish_reason: str, rng: random.
         "model": request.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": refusal},
+            "message": message,
             "logprobs": None,
             "finish_reason": finish_reason,
         }],

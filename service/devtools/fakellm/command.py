@@ -22,6 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-s", type=float, default=0.0, help="wait before every answer")
     parser.add_argument("--seed", type=int, default=None, help="make the answers reproducible")
     parser.add_argument("--idempotent", action="store_true", help="replay answers for repeated Idempotency-Keys")
+    parser.add_argument("--tool-rounds", type=int, default=1,
+                        help="assistant tool-call rounds before the final answer, when tools are offered")
+    parser.add_argument("--tool-calls-per-round", type=int, default=1, help="tool calls in each tool-call answer")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -33,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        fake = FakeLLM(args.host, args.port, latency_s=args.latency_s, seed=args.seed, idempotent=args.idempotent)
+        fake = FakeLLM(args.host, args.port, latency_s=args.latency_s, seed=args.seed, idempotent=args.idempotent,
+                       tool_rounds=args.tool_rounds, tool_calls_per_round=args.tool_calls_per_round)
         with fake:
             print(f"fakellm listening on {fake.base_url}", flush=True)
             while not stopping.wait(0.5):

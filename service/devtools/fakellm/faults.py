@@ -1,12 +1,15 @@
-"""Fault rules: which request a fault hits, how often, and what it does (see the package docstring)."""
+"""Fault rules: which request a fault hits, how often, and what it does (see the package docstring);
+the rule base and the active list are shared with the fake downstream."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Generic, Self, TypeVar
 
+TOOL_FAULTS: Final = ("invalid_tool_args", "unknown_tool")  # like schema_violation when no tools are offered
 FAULTS: Final = (
     "latency",
     "error",
@@ -18,31 +21,34 @@ FAULTS: Final = (
     "schema_violation",
     "empty",
     "disconnect",
+    *TOOL_FAULTS,
 )
 REFUSAL: Final = "I can't help with that."
 
 
 @dataclass(frozen=True, slots=True)
-class FaultRule:
-    """One fault to inject; see the module docstring for what each ``fault`` does."""
+class Rule:
+    """What every fault rule of the fake servers has; a subclass names its faults in ``KNOWN``."""
+
+    KNOWN: ClassVar[tuple[str, ...]] = ()
+    SECONDS: ClassVar[tuple[str, ...]] = ("delay_s",)  # the fields that hold seconds
 
     fault: str
-    match: str | None = None  # substring of the Idempotency-Key (or of the raw body)
+    match: str | None = None  # substring of the request's Idempotency-Key (each server says what else)
     times: int | None = None  # requests this rule still applies to; None: forever
     probability: float = 1.0  # chance that a matching request is hit
     delay_s: float = 0.0
-    status: int = 500  # for "error"
-    retry_after_s: float = 1.0  # for "rate_limit"
+    status: int = 500  # for the faults that answer with an HTTP error
 
     def __post_init__(self) -> None:
-        if self.fault not in FAULTS:
-            raise ValueError(f"unknown fault {self.fault!r}; known: {', '.join(FAULTS)}")
+        if self.fault not in self.KNOWN:
+            raise ValueError(f"unknown fault {self.fault!r}; known: {', '.join(self.KNOWN)}")
         if self.match is not None and not isinstance(self.match, str):
             raise ValueError(f"match must be a string or None: {self.match!r}")
         if self.times is not None and (isinstance(self.times, bool) or not isinstance(self.times, int)
                                        or self.times < 1):
             raise ValueError(f"times must be a positive integer or None: {self.times!r}")
-        for name in ("probability", "delay_s", "retry_after_s"):
+        for name in ("probability", *self.SECONDS):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
                     or value < 0:
@@ -53,7 +59,7 @@ class FaultRule:
             raise ValueError(f"status must be an HTTP error status (400-599): {self.status!r}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FaultRule:
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """A rule from its JSON form; unknown keys are an error."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a fault rule must be an object, not {type(data).__name__}")
@@ -68,19 +74,52 @@ class FaultRule:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class FaultRule(Rule):
+    """One fault to inject into the fake model; see the package docstring for what each does.
+
+    ``match`` is a substring of the Idempotency-Key (of the raw body without one).
+    """
+
+    KNOWN: ClassVar[tuple[str, ...]] = FAULTS
+    SECONDS: ClassVar[tuple[str, ...]] = ("delay_s", "retry_after_s")
+
+    retry_after_s: float = 1.0  # for "rate_limit"
+
+
+R = TypeVar("R", bound=Rule)
+
+
 def as_rule(rule: FaultRule | Mapping[str, Any]) -> FaultRule:
     return rule if isinstance(rule, FaultRule) else FaultRule.from_dict(rule)
 
 
-class Armed:
+class Armed(Generic[R]):
     """A rule in the active list with the applications it has left."""
 
     __slots__ = ("remaining", "rule")
 
-    def __init__(self, rule: FaultRule) -> None:
+    def __init__(self, rule: R) -> None:
         self.rule = rule
         self.remaining = rule.times
 
 
-def with_times(rule: FaultRule, remaining: int | None) -> FaultRule:
+def with_times(rule: R, remaining: int | None) -> R:
     return rule if rule.times == remaining else replace(rule, times=remaining)
+
+
+def take(rules: list[Armed[R]], hits: Callable[[R], bool], rng: random.Random) -> R | None:
+    """The first rule that ``hits`` the request and passes its probability, used up by one; the
+    caller holds the lock that guards ``rules``."""
+    for armed in rules:
+        rule = armed.rule
+        if not hits(rule):
+            continue
+        if rule.probability < 1.0 and rng.random() >= rule.probability:
+            continue
+        if armed.remaining is not None:
+            armed.remaining -= 1
+            if armed.remaining <= 0:
+                rules.remove(armed)
+        return rule
+    return None

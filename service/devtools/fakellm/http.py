@@ -1,4 +1,4 @@
-"""The HTTP side of the fake server: ASGI types, the chat request it accepts, and the bytes it sends."""
+"""The HTTP side of the fake servers: ASGI types, reading a request and sending (or dropping) a response."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Final
 
 Scope = MutableMapping[str, Any]
@@ -15,77 +14,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-MODEL_NAME: Final = "fake"
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 _DROP_WAIT_S: Final = 5.0
 _JSON: Final = (b"content-type", b"application/json")
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
-    model: str
-    schema: Mapping[str, Any] | None
-    prompt_chars: int
-
-
-def parse_chat(body: bytes) -> ChatRequest:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object")
-    model = data.get("model", MODEL_NAME)
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' must be a non-empty string", "model")
-    if data.get("stream"):
-        raise BadRequest("streaming is not supported by this server", "stream")
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array", "messages")
-    chars = 0
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest(f"messages[{index}] must be an object with a 'role'", f"messages[{index}]")
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(part["text"]) for part in content
-                         if isinstance(part, dict) and isinstance(part.get("text"), str))
-        elif content is not None:
-            raise BadRequest(f"messages[{index}].content must be a string or an array",
-                              f"messages[{index}].content")
-    return ChatRequest(model, schema_of(data.get("response_format")), chars)
-
-
-def schema_of(response_format: Any) -> Mapping[str, Any] | None:
-    if response_format is None:
-        return None
-    if not isinstance(response_format, dict):
-        raise BadRequest("'response_format' must be an object", "response_format")
-    kind = response_format.get("type")
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise BadRequest("'response_format.json_schema.schema' must be an object",
-                              "response_format.json_schema")
-        schema = spec.get("schema")
-    elif kind == "json_object":
-        schema = response_format.get("schema")
-        if schema is not None and not isinstance(schema, dict):
-            raise BadRequest("'response_format.schema' must be an object", "response_format.schema")
-    elif kind == "text":
-        schema = None
-    else:
-        raise BadRequest(f"unsupported response_format type {kind!r}", "response_format.type")
-    return schema
 
 
 def header(scope: Scope, name: bytes) -> str | None:

@@ -8,14 +8,12 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
-from service.devtools.fakellm.answers import completion, content, faulty_content
-from service.devtools.fakellm.faults import Armed, FaultRule, as_rule, with_times
+from service.devtools.fakellm.answers import completion, content, faulty_content, tool_completion
+from service.devtools.fakellm.chat import MODEL_NAME, BadRequest, ChatRequest, parse_chat
+from service.devtools.fakellm.faults import TOOL_FAULTS, Armed, FaultRule, as_rule, take, with_times
 from service.devtools.fakellm.http import (
-    MODEL_NAME,
-    BadRequest,
-    ChatRequest,
     Receive,
     Scope,
     Send,
@@ -24,17 +22,36 @@ from service.devtools.fakellm.http import (
     error_body,
     header,
     json_body,
-    parse_chat,
     read_body,
     respond,
 )
 from service.devtools.fakellm.scalars import SchemaError
 from service.devtools.fakellm.serving import Serving
+from service.devtools.fakellm.tools import ToolArguments, as_tool_arguments, tool_calls
 
 _CHAT_PATHS: Final = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS: Final = frozenset({"/v1/models", "/models"})
+_CONFIG_KEYS: Final = frozenset({"idempotent", "latency_s", "tool_rounds", "tool_calls_per_round", "tool_arguments"})
 
 Handler = Callable[[bytes], Awaitable[tuple[int, Any]]]
+
+
+def _seconds(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0: {value!r}")
+    return float(value)
+
+
+def _count(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}: {value!r}")
+    return value
+
+
+def _rules(value: Any) -> tuple[ToolArguments, ...]:
+    if not isinstance(value, Iterable) or isinstance(value, str | bytes | Mapping):
+        raise ValueError("tool_arguments must be a list of rules")
+    return tuple(as_tool_arguments(rule) for rule in value)
 
 
 class FakeLLM(Serving):
@@ -43,6 +60,8 @@ class FakeLLM(Serving):
     All public methods are thread-safe: the server runs on its own thread and event loop.
     """
 
+    base_path: ClassVar[str] = "/v1"  # where OpenAI clients expect the API
+
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -50,14 +69,19 @@ class FakeLLM(Serving):
         latency_s: float = 0.0,
         seed: int | None = None,
         idempotent: bool = False,
+        tool_rounds: int = 1,
+        tool_calls_per_round: int = 1,
+        tool_arguments: Iterable[ToolArguments | Mapping[str, Any]] = (),
     ) -> None:
         super().__init__(host, port)
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
-        self._latency_s = 0.0
-        self.latency_s = latency_s
+        self._latency_s = _seconds(latency_s, "latency_s")
         self._idempotent = idempotent
-        self._rules: list[Armed] = []
+        self._tool_rounds = _count(tool_rounds, "tool_rounds", 0)
+        self._tool_calls_per_round = _count(tool_calls_per_round, "tool_calls_per_round", 1)
+        self._tool_arguments = _rules(tool_arguments)
+        self._rules: list[Armed[FaultRule]] = []
         self._stored: dict[str, bytes] = {}
         self._reset_stats()
         self._routes: dict[str, dict[str, Handler]] = {
@@ -80,9 +104,7 @@ class FakeLLM(Serving):
 
     @latency_s.setter
     def latency_s(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"latency_s must be a finite number >= 0: {value!r}")
-        self._latency_s = float(value)
+        self._latency_s = _seconds(value, "latency_s")
 
     @property
     def idempotent(self) -> bool:
@@ -92,6 +114,33 @@ class FakeLLM(Serving):
     @idempotent.setter
     def idempotent(self, value: bool) -> None:
         self._idempotent = bool(value)
+
+    @property
+    def tool_rounds(self) -> int:
+        """Assistant tool-call rounds a conversation gets before the model answers with content."""
+        return self._tool_rounds
+
+    @tool_rounds.setter
+    def tool_rounds(self, value: int) -> None:
+        self._tool_rounds = _count(value, "tool_rounds", 0)
+
+    @property
+    def tool_calls_per_round(self) -> int:
+        """Tool calls in each tool-call answer (OpenAI's parallel tool calls)."""
+        return self._tool_calls_per_round
+
+    @tool_calls_per_round.setter
+    def tool_calls_per_round(self, value: int) -> None:
+        self._tool_calls_per_round = _count(value, "tool_calls_per_round", 1)
+
+    @property
+    def tool_arguments(self) -> list[ToolArguments]:
+        """The rules that choose a call's arguments; the first that matches the key and tool wins."""
+        return list(self._tool_arguments)
+
+    @tool_arguments.setter
+    def tool_arguments(self, value: Iterable[ToolArguments | Mapping[str, Any]]) -> None:
+        self._tool_arguments = _rules(value)
 
     def add_fault(self, rule: FaultRule | Mapping[str, Any]) -> None:
         """Append a rule; it applies only when no earlier rule matches."""
@@ -115,7 +164,8 @@ class FakeLLM(Serving):
             return [with_times(a.rule, a.remaining) for a in self._rules]
 
     def reset(self) -> None:
-        """Drop every rule, the statistics and the stored idempotent responses."""
+        """Drop every fault rule, the statistics and the stored idempotent responses; the
+        configuration (latency, idempotent mode, tool rounds and argument rules) stays."""
         with self._lock:
             self._rules = []
             self._stored = {}
@@ -132,6 +182,7 @@ class FakeLLM(Serving):
         self._fault_counts: Counter[str] = Counter()
         self._by_key: Counter[str] = Counter()
         self._completions_by_key: Counter[str] = Counter()
+        self._tool_calls_by_name: Counter[str] = Counter()
         self._last_body: dict[str, bytes] = {}
 
     def stats(self) -> dict[str, Any]:
@@ -141,7 +192,8 @@ class FakeLLM(Serving):
         ones included; ``valid_completions``: schema-valid answers generated (normal, latency,
         slow_success); ``replayed``: idempotent replays; ``bad_requests``: 400s for malformed
         requests; ``faults``: applications per fault; ``by_key``: requests per Idempotency-Key;
-        ``completions_by_key``: valid completions per Idempotency-Key.
+        ``completions_by_key``: valid completions per Idempotency-Key; ``tool_calls``: tool calls
+        answered, the faulty ones included; ``tool_calls_by_name``: the same per tool name.
         """
         with self._lock:
             return {
@@ -153,6 +205,8 @@ class FakeLLM(Serving):
                 "faults": dict(self._fault_counts),
                 "by_key": dict(self._by_key),
                 "completions_by_key": dict(self._completions_by_key),
+                "tool_calls": self._tool_calls_by_name.total(),
+                "tool_calls_by_name": dict(self._tool_calls_by_name),
             }
 
     def last_request(self, key: str) -> dict[str, Any] | None:
@@ -256,7 +310,10 @@ class FakeLLM(Serving):
             if fault is None or fault in ("latency", "slow_success"):
                 response, replayed = self._answer(request, key)
             else:
-                response, replayed = self._faulty_answer(fault, request), False
+                response, replayed = self._faulty_answer(fault, request, key), False
+        except BadRequest as exc:
+            await self._bad_request(send, str(exc), exc.param)
+            return
         except SchemaError as exc:
             await self._bad_request(send, f"invalid response_format schema: {exc}", "response_format")
             return
@@ -275,44 +332,51 @@ class FakeLLM(Serving):
             if not self._rules:
                 return None
             text = key if key is not None else body.decode("utf-8", "replace")
-            for armed in self._rules:
-                rule = armed.rule
-                if rule.match is not None and rule.match not in text:
-                    continue
-                if rule.probability < 1.0 and self._rng.random() >= rule.probability:
-                    continue
-                if armed.remaining is not None:
-                    armed.remaining -= 1
-                    if armed.remaining <= 0:
-                        self._rules.remove(armed)
+            rule = take(self._rules, lambda rule: rule.match is None or rule.match in text, self._rng)
+            if rule is not None:
                 self._fault_counts[rule.fault] += 1
-                return rule
-        return None
+            return rule
 
     def _answer(self, request: ChatRequest, key: str | None) -> tuple[bytes, bool]:
-        """A valid answer: the stored one for a repeated key in idempotent mode, else a new one."""
+        """A valid answer: the stored one for a repeated key in idempotent mode, else a new one:
+        tool calls while the conversation has tool rounds left, the content afterwards."""
         if key is not None and self._idempotent:
             with self._lock:
                 stored = self._stored.get(key)
                 if stored is not None:
                     self._replayed += 1
                     return stored, True
-        response = completion(request, content(request.schema, self._rng), "stop", self._rng)
+        if request.offers_tools and request.tool_rounds < self._tool_rounds:
+            calls = self._tool_calls(request, key)
+            response = tool_completion(request, calls, self._rng)
+        else:
+            calls = []
+            response = completion(request, content(request.schema, self._rng), "stop", self._rng)
         with self._lock:
             self._completions += 1
             self._valid_completions += 1
+            self._tool_calls_by_name.update(call["function"]["name"] for call in calls)
             if key is not None:
                 self._completions_by_key[key] += 1
                 if self._idempotent:
                     response = self._stored.setdefault(key, response)
         return response, False
 
-    def _faulty_answer(self, fault: str, request: ChatRequest) -> bytes:
-        text, reason, refusal = faulty_content(fault, request, self._rng)
-        response = completion(request, text, reason, self._rng, refusal)
+    def _faulty_answer(self, fault: str, request: ChatRequest, key: str | None) -> bytes:
+        if fault in TOOL_FAULTS and request.offers_tools:  # whatever the rounds: the model misbehaves
+            calls = self._tool_calls(request, key, fault)
+            response = tool_completion(request, calls, self._rng)
+        else:
+            calls = []
+            text, reason, refusal = faulty_content(fault, request, self._rng)
+            response = completion(request, text, reason, self._rng, refusal)
         with self._lock:
             self._completions += 1
+            self._tool_calls_by_name.update(call["function"]["name"] for call in calls)
         return response
+
+    def _tool_calls(self, request: ChatRequest, key: str | None, fault: str | None = None) -> list[dict[str, Any]]:
+        return tool_calls(request, self._tool_calls_per_round, self._tool_arguments, key, self._rng, fault)
 
     # -- control endpoints ----------------------------------------------------------------------
 
@@ -347,18 +411,28 @@ class FakeLLM(Serving):
         return 200, {"latency_s": self.latency_s}
 
     async def _get_config(self, body: bytes) -> tuple[int, Any]:
-        return 200, {"idempotent": self.idempotent, "latency_s": self.latency_s}
+        return 200, {
+            "idempotent": self.idempotent,
+            "latency_s": self.latency_s,
+            "tool_rounds": self.tool_rounds,
+            "tool_calls_per_round": self.tool_calls_per_round,
+            "tool_arguments": [rule.to_dict() for rule in self._tool_arguments],
+        }
 
     async def _post_config(self, body: bytes) -> tuple[int, Any]:
+        """Set the keys given; every value is checked before any is set, so a bad one changes nothing."""
         data = json_body(body)
-        if not isinstance(data, dict) or set(data) - {"idempotent", "latency_s"}:
-            raise ValueError('expected {"idempotent": <bool>, "latency_s": <seconds>} (both optional)')
-        if "idempotent" in data:
-            if not isinstance(data["idempotent"], bool):
-                raise ValueError("idempotent must be true or false")
-            self.idempotent = data["idempotent"]
-        if "latency_s" in data:
-            self.latency_s = data["latency_s"]
+        if not isinstance(data, dict) or set(data) - _CONFIG_KEYS:
+            raise ValueError(f"expected an object with any of: {', '.join(sorted(_CONFIG_KEYS))}")
+        idempotent = data.get("idempotent", self._idempotent)
+        if not isinstance(idempotent, bool):
+            raise ValueError("idempotent must be true or false")
+        latency_s = _seconds(data.get("latency_s", self._latency_s), "latency_s")
+        rounds = _count(data.get("tool_rounds", self._tool_rounds), "tool_rounds", 0)
+        per_round = _count(data.get("tool_calls_per_round", self._tool_calls_per_round), "tool_calls_per_round", 1)
+        rules = _rules(data["tool_arguments"]) if "tool_arguments" in data else self._tool_arguments
+        self._idempotent, self._latency_s = idempotent, latency_s
+        self._tool_rounds, self._tool_calls_per_round, self._tool_arguments = rounds, per_round, rules
         return await self._get_config(body)
 
     async def _get_models(self, body: bytes) -> tuple[int, Any]:

@@ -1,4 +1,4 @@
-"""The fake server's thread: uvicorn serving the app on a socket of its own, started and stopped
+"""A fake server's thread: uvicorn serving the app on a socket of its own, started and stopped
 from any thread, and waits that a stop cuts short."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from types import TracebackType
-from typing import Final, Self
+from typing import ClassVar, Final, Self
 
 import uvicorn
 
@@ -24,6 +24,8 @@ _STOP_TIMEOUT_S: Final = 10.0
 
 class Serving:
     """Serve ``self`` (an ASGI app) on ``host:port`` in a background thread."""
+
+    base_path: ClassVar[str] = ""  # what base_url adds to http://host:port, where clients aim
 
     def __init__(self, host: str, port: int) -> None:
         if not 0 <= port <= 65535:
@@ -43,15 +45,16 @@ class Serving:
 
     @property
     def base_url(self) -> str:
-        """``http://host:port/v1``; kept after :meth:`stop` so clients can aim at a dead server."""
+        """``http://host:port`` and :attr:`base_path`; kept after :meth:`stop` so clients can aim at
+        a dead server."""
         if self._base_url is None:
-            raise RuntimeError("FakeLLM has not been started")
+            raise RuntimeError(f"{type(self).__name__} has not been started")
         return self._base_url
 
     @property
     def port(self) -> int:
         if self._socket is None:
-            raise RuntimeError("FakeLLM is not running")
+            raise RuntimeError(f"{type(self).__name__} is not running")
         return int(self._socket.getsockname()[1])
 
     @property
@@ -80,17 +83,18 @@ class Serving:
         )
         server = uvicorn.Server(config)
         self._failure = None
-        thread = threading.Thread(target=self._run, args=(server, sock), name=f"fakellm-{port}", daemon=True)
+        name = type(self).__name__
+        thread = threading.Thread(target=self._run, args=(server, sock), name=f"{name}-{port}", daemon=True)
         self._server, self._thread, self._socket = server, thread, sock
         thread.start()
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"FakeLLM did not start on {self._host}:{port}") from self._failure
+                raise RuntimeError(f"{name} did not start on {self._host}:{port}") from self._failure
             time.sleep(0.002)
-        self._base_url = f"http://{url_host(self._host)}:{port}/v1"
-        logger.info("fakellm listening on %s", self._base_url)
+        self._base_url = f"http://{url_host(self._host)}:{port}{self.base_path}"
+        logger.info("%s listening on %s", name, self._base_url)
         return self._base_url
 
     def stop(self) -> None:
@@ -105,7 +109,7 @@ class Serving:
                 loop.call_soon_threadsafe(wake.set)
         thread.join(_STOP_TIMEOUT_S)
         if thread.is_alive():
-            logger.warning("fakellm did not stop within %.0f s; forcing it", _STOP_TIMEOUT_S)
+            logger.warning("%s did not stop within %.0f s; forcing it", type(self).__name__, _STOP_TIMEOUT_S)
             server.force_exit = True
             thread.join(_STOP_TIMEOUT_S)
         if sock is not None:
@@ -128,7 +132,7 @@ class Serving:
         except BaseException as exc:  # noqa: BLE001 - reported by start(); a thread has no caller
             self._failure = exc
             if not isinstance(exc, SystemExit):
-                logger.exception("fakellm server thread failed")
+                logger.exception("%s server thread failed", type(self).__name__)
 
     async def _serve(self, server: uvicorn.Server, sock: socket.socket) -> None:
         self._loop = asyncio.get_running_loop()
