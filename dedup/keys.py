@@ -47,3 +47,15 @@ class Keys:
     def steps(self, task_key: str) -> str:
         """Hash: step name -> JSON ``{"output", "digest", "prompt_version", "fence"}``."""
         return self._tagged(task_key, "steps")
+
+    def tools(self, task_key: str) -> str:
+        """Hash: the task's tool calls, their decisions, approvals and undos (:mod:`dedup.effects`)."""
+        return self._tagged(task_key, "tools")
+
+    def audit(self, task_key: str) -> str:
+        """List: the task's audit trail, one JSON entry per side effect or decision."""
+        return self._tagged(task_key, "audit")
+
+    def parked(self) -> str:
+        """Sorted set: tasks waiting for a person, by deadline (ms)."""
+        return f"{self.prefix}:parked"

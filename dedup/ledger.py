@@ -1,6 +1,7 @@
 """The dedup ledger: one record per unit of work, guarded by leases and fencing tokens.
 
 States: ``running(fence, lease_until, owner)`` -> ``succeeded(result, digest, fence)`` |
+``waiting_approval(waiting)`` -> ``resuming`` (claimable; :mod:`dedup.effects`) |
 ``failed(error)`` (reclaimable) -> ``dead(reason)``.
 
 A claim on a new task, or on a ``running`` task whose lease expired, or on a ``failed`` one, hands
@@ -25,9 +26,10 @@ from redis.exceptions import ClusterError, NoScriptError, RedisError, ResponseEr
 from dedup import scripts
 from dedup.batch import ScriptBatcher
 from dedup.client import RedisClient
+from dedup.effects import Effects
 from dedup.keys import Keys
 
-Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead"]
+Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead", "parked"]
 T = TypeVar("T")
 
 
@@ -137,6 +139,8 @@ class TaskRecord:
             "created_at_ms": int(f["created_at"]) if f.get("created_at") else None,
             "completed_at_ms": int(f["completed_at"]) if f.get("completed_at") else None,
             "steps": self.steps,
+            "generation": int(f.get("generation", "1")),
+            "waiting": json.loads(f["waiting"]) if f.get("waiting") else None,
         }
 
 
@@ -185,6 +189,7 @@ class Ledger:
         self._refund = client.register_script(scripts.REFUND)
         self._revive = client.register_script(scripts.REVIVE)
         self.batcher = ScriptBatcher(client)
+        self.effects = Effects(self)
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -272,6 +277,11 @@ class Ledger:
         raw = await self._script(self._step, self._both(task_key), [fence, name, record_json])
         if _s(raw) != "ok":
             raise StaleFence(f"task {task_key}: step {name} refused for fence {fence}")
+
+    async def generation(self, task_key: str) -> int:
+        """How many times the task was started anew after a compensation, plus one."""
+        raw = await self._call(lambda: self.client.hget(self.keys.task(task_key), "generation"))
+        return int(_s(raw)) if raw is not None else 1
 
     async def steps(self, task_key: str) -> dict[str, dict[str, Any]]:
         raw = await self._call(lambda: self.client.hgetall(self.keys.steps(task_key)))

@@ -40,6 +40,9 @@ end
 if state == 'succeeded' or state == 'dead' then
   return {state, fence, attempts, 0, published}
 end
+if state == 'waiting_approval' then
+  return {'parked', fence, attempts, 0, published}
+end
 local lease_until = tonumber(h[4]) or 0
 if state == 'running' and lease_until > now then
   return {'busy', fence, attempts, lease_until - now, published}

@@ -24,6 +24,14 @@ The names, and nothing else:
 - ``default_agents``: a registry of the built-in kinds (``extract``, ``classify``, ``summarize``,
   ``summarize_long``, ``prior_auth``, ``review``).
 - ``Step``: one model call: a versioned prompt, an output model, and the checks a schema cannot express.
+- ``Tool``: a side effect a step may offer the model (``Step.tools``, OpenAI function calling);
+  each call runs once by construction (docs/AGENTS.md, "Agents that act").
+- ``FunctionTool``: a Python callable as a tool, with an optional reconcile and undo.
+- ``HttpTool``: a webhook or REST call as a tool: sends the call's key as ``Idempotency-Key``.
+- ``ToolCall``: one call as a tool sees it: its idempotency ``key``, arguments, task, step, ordinal, fence.
+- ``Reconciled``: a tool's answer to "did the call with this key land?": landed, absent or unknown.
+- ``ToolError``: raise it from a tool when the downstream refused the call (nothing happened).
+- ``ToolUnknown``: raise it when whether the call took effect is unknown (it is then reconciled).
 - ``Messages``: the chat messages a step sends, ``[{"role": ..., "content": ...}]``.
 - ``StrictInput``: a base for input models that refuses unknown fields.
 - ``system_message``: a system prompt that asks for the step's JSON object and nothing else.
@@ -40,18 +48,26 @@ from service.agents.base import Agent, Messages, Step
 from service.agents.helpers import StrictInput, system_message, user_message
 from service.agents.registry import AgentRegistry, default_agents
 from service.agents.tasks import TaskEvent
+from service.agents.tools import FunctionTool, HttpTool, Reconciled, Tool, ToolCall, ToolError, ToolUnknown
 from service.core.errors import AgentError, InvalidOutput, PoisonError
 
 __all__ = [
     "Agent",
     "AgentError",
     "AgentRegistry",
+    "FunctionTool",
+    "HttpTool",
     "InvalidOutput",
     "Messages",
     "PoisonError",
+    "Reconciled",
     "Step",
     "StrictInput",
     "TaskEvent",
+    "Tool",
+    "ToolCall",
+    "ToolError",
+    "ToolUnknown",
     "default_agents",
     "system_message",
     "user_message",

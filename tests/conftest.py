@@ -167,6 +167,8 @@ def settings_factory(bootstrap: str, assignment_strategy: str, redis_url: str, f
             "input_topic": f"t-{run}.tasks",
             "results_topic": f"t-{run}.results",
             "dlq_topic": f"t-{run}.dlq",
+            "audit_topic": f"t-{run}.audit",
+            "approvals_topic": f"t-{run}.approvals",
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 500,
             "topic_partitions": 3,

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from service.agents.tasks import describe_validation
+from service.agents.tools import Tool, ToolCall
 from service.core.errors import InvalidOutput, PoisonError
 
 Messages = list[dict[str, str]]
@@ -44,6 +45,12 @@ class Step:
     # runs on each (each journaled), and :meth:`reduce_messages` combines their outputs into one
     fit: str = "refuse"
     chunk_field: str | None = None
+    # tools the model may call (OpenAI function calling): the step runs the model's tool-call loop,
+    # at most ``max_tool_rounds`` rounds and ``max_tool_calls`` calls, each call run once (tools.py)
+    tools: tuple[Tool, ...] = ()
+    max_tool_rounds: int = 4
+    max_tool_calls: int = 8
+    approval_timeout_s: float = 24 * 3600.0  # a call waiting for approval longer is dead-lettered `expired`
 
     def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
         return self.output_model.model_json_schema()
@@ -53,6 +60,11 @@ class Step:
 
     def check(self, task_input: BaseModel, output: BaseModel) -> None:
         """Checks the schema cannot express. Raise :class:`InvalidOutput` to refuse."""
+
+    def approval(self, task_input: BaseModel, call: ToolCall) -> str | None:
+        """Why ``call`` needs a person's approval before it runs (None: it runs at once). The task
+        parks in the ledger until an approval, a rejection or :attr:`approval_timeout_s` decides."""
+        return None
 
     def reduce_messages(self, task_input: BaseModel, partials: list[dict[str, Any]]) -> Messages:
         """For ``fit = "map_reduce"``: the request that combines the outputs of the pieces, in order."""
@@ -70,6 +82,16 @@ class Step:
             raise InvalidOutput("schema", f"{self.name}: {describe_validation(exc)}") from exc
         self.check(task_input, output)
         return output.model_dump(mode="json")
+
+
+def _check_tools(kind: str, step: Step) -> None:
+    names = [t.name for t in step.tools]
+    if len(set(names)) != len(names):
+        raise ValueError(f"agent {kind!r}: step {step.name!r} offers a tool name twice")
+    if step.tools and step.fit == "map_reduce":
+        raise ValueError(f"agent {kind!r}: step {step.name!r}: a map_reduce step cannot offer tools")
+    if step.max_tool_rounds < 1 or step.max_tool_calls < 1:
+        raise ValueError(f"agent {kind!r}: step {step.name!r}: max_tool_rounds and max_tool_calls must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,7 @@ class Agent:
                 raise ValueError(f"agent {self.kind!r}: step {step.name!r} names a step twice in its needs")
             if step.fit not in ("refuse", "map_reduce"):
                 raise ValueError(f"agent {self.kind!r}: step {step.name!r}: fit must be refuse or map_reduce")
+            _check_tools(self.kind, step)
             if step.fit == "map_reduce" and step.chunk_field not in self.input_model.model_fields:
                 raise ValueError(f"agent {self.kind!r}: step {step.name!r} splits {step.chunk_field!r}, "
                                  "which is not a field of its input")

@@ -25,6 +25,7 @@ from typing import Any
 from service.agents.base import Agent
 from service.agents.declared import SCHEMA_NAME_MAX, STEP_NAME, DeclaredAgent, KindsFileError, load_kinds_file
 from service.agents.registry import AgentRegistry, default_agents
+from service.agents.support import support_agent
 from service.agents.tasks import KIND_PATTERN
 from service.core.errors import AgentError
 from service.core.settings import Settings
@@ -38,7 +39,12 @@ class AgentsNotLoaded(AgentError):
 
 def agents_from_settings(settings: Settings) -> AgentRegistry:
     """The registry the service runs with these settings."""
-    return load_agents(spec=settings.agents, kinds_file=settings.kinds_file)
+    registry = load_agents(spec=settings.agents, kinds_file=settings.kinds_file)
+    tools = settings.tools
+    if tools.tickets_url:
+        registry.register(support_agent(tools.tickets_url, tools.approval_above, tools.approval_timeout_s),
+                          source="built-in (AGENT_TOOLS__TICKETS_URL)")
+    return registry
 
 
 def load_agents(*, spec: str | None = None, kinds_file: Path | None = None, entry_points: bool = True,

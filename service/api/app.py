@@ -36,6 +36,7 @@ from dedup.keys import TASK_KEY_PATTERN
 from dedup.ledger import LedgerUnavailable
 from service.agents.registry import prepare_task
 from service.agents.tasks import TaskEvent, loads
+from service.api.effects import router as effects_router
 from service.api.protocol import Served
 from service.api.schemas import (
     Health,
@@ -50,6 +51,7 @@ from service.api.security import Admin, Reader, RejectControlCharacters, Service
 from service.core.errors import PoisonError
 from service.core.settings import KafkaSettings
 from service.pipeline import dlq
+from service.pipeline.parking import side_effects
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +183,7 @@ async def get_task(
     record = await service.ledger.get(task_id)
     if record is None:
         raise HTTPException(404, "unknown task")
-    return TaskView.model_validate(record.to_json())
+    return TaskView.model_validate({**record.to_json(), **await side_effects(service.ledger, task_id)})
 
 
 @router.get(
@@ -276,6 +278,7 @@ def create_app(service: Served) -> FastAPI:
     app.add_middleware(RejectControlCharacters)
     app.state.service = service
     app.state.broker_probe = BrokerProbe(service.settings.kafka)
+    app.include_router(effects_router)  # before the catch-all /tasks/{task_id:path}
     app.include_router(router)
     for exc_type in (LedgerUnavailable, KafkaException, ProduceFailed):
         app.add_exception_handler(exc_type, _unavailable)

@@ -52,7 +52,7 @@ class TaskView(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     task_id: str
-    state: str = Field(description="running, succeeded, failed or dead")
+    state: str = Field(description="running, succeeded, failed, dead, waiting_approval or resuming")
     kind: str | None = None
     fence: int
     attempts: int
@@ -70,6 +70,13 @@ class TaskView(BaseModel):
     created_at_ms: int | None = None
     completed_at_ms: int | None = None
     steps: dict[str, Any] = Field(default_factory=dict)
+    generation: int = 1
+    waiting: dict[str, Any] | None = Field(None, description="what a parked task waits for")
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list, description="each tool call: step, ordinal, "
+                                             "key, tool, state, outcome, digests, result, fence, worker")
+    decisions: list[dict[str, Any]] = Field(default_factory=list, description="approvals and reconcile answers")
+    undos: list[dict[str, Any]] = Field(default_factory=list, description="compensations of tool calls")
+    audit: list[dict[str, Any]] = Field(default_factory=list, description="the audit trail, oldest first")
 
 
 class DeadLetterCoordinates(BaseModel):

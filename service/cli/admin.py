@@ -1,4 +1,5 @@
-"""``agent-service task show`` and ``agent-service dlq list|replay``: the ledger and the dead letters."""
+"""``agent-service task show|approve|reject|landed|absent|compensate|parked`` and ``agent-service dlq
+list|replay``: the ledger, the tasks that act, and the dead letters."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from consumers.producers import Publisher
 from dedup.keys import Keys, is_valid_task_key
 from dedup.ledger import Ledger
+from service.agents.loading import agents_from_settings
 from service.cli.base import PROG
+from service.core.metrics import Metrics
 from service.core.settings import Settings
+from service.pipeline.base import utcnow
 from service.pipeline.dlq import peek, replay
+from service.pipeline.parking import Busy, Compensation, Decided, NotDecidable, compensate, decide, side_effects
 
 
 @contextlib.asynccontextmanager
@@ -37,7 +46,7 @@ def task_show(settings: Settings, args: argparse.Namespace) -> int:
     async def show() -> dict[str, Any] | None:
         async with _ledger(settings) as ledger:
             record = await ledger.get(args.task_id)
-        return record.to_json() if record is not None else None
+            return {**record.to_json(), **await side_effects(ledger, args.task_id)} if record is not None else None
 
     data = asyncio.run(show())
     if data is None:
@@ -90,4 +99,91 @@ def dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
         extra = " (revived)" if item.revived else ""
         detail = f": {item.detail}" if item.detail else ""
         print(f"  {item.partition}:{item.offset} {item.decision} task_id={item.task_id or '-'}{extra}{detail}")
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _acting(settings: Settings) -> AsyncIterator[tuple[Ledger, Publisher]]:
+    """The ledger and a producer: a decision or a compensation resumes the task through its topic."""
+    publisher = Publisher(settings.kafka.producer_config())
+    try:
+        async with _ledger(settings) as ledger:
+            yield ledger, publisher
+    finally:
+        publisher.close()
+
+
+def _valid(task_id: str) -> bool:
+    if is_valid_task_key(task_id):
+        return True
+    print(f"{PROG}: invalid task id {task_id!r}", file=sys.stderr)
+    return False
+
+
+def task_decide(settings: Settings, args: argparse.Namespace) -> int:
+    """``task approve`` / ``task reject`` / ``task landed`` / ``task absent``."""
+    if not _valid(args.task_id):
+        return 1
+    result = json.loads(args.result) if getattr(args, "result", None) else None
+
+    async def run() -> Decided:
+        async with _acting(settings) as (ledger, publisher):
+            return await decide(ledger, publisher.send, Metrics(CollectorRegistry()), utcnow(), args.task_id,
+                                args.decision, by=args.by, reason=args.reason, result=result,
+                                audit_topic=settings.kafka.audit_topic)
+
+    try:
+        done = asyncio.run(run())
+    except KeyError:
+        print("unknown task", file=sys.stderr)
+        return 1
+    except NotDecidable as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    print(f"task {done.task_id}: {args.decision}" + (" (resumed again)" if done.status == "resumed_again" else
+                                                     "; resuming"))
+    return 0
+
+
+def task_compensate(settings: Settings, args: argparse.Namespace) -> int:
+    if not _valid(args.task_id):
+        return 1
+
+    async def run() -> Compensation:
+        async with _acting(settings) as (ledger, publisher):
+            return await compensate(ledger, agents_from_settings(settings), publisher.send,
+                                    Metrics(CollectorRegistry()), utcnow, args.task_id, by=args.by,
+                                    rerun=args.rerun, audit_topic=settings.kafka.audit_topic)
+
+    try:
+        report = asyncio.run(run())
+    except KeyError:
+        print("unknown task", file=sys.stderr)
+        return 1
+    except Busy as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(vars(report), indent=2, ensure_ascii=False))
+    return 2 if report.failed else 0
+
+
+def task_parked(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> list[list[str]]:
+        rows = []
+        async with _ledger(settings) as ledger:
+            for task_key, deadline in await ledger.effects.parked(limit=args.limit):
+                record = await ledger.get(task_key)
+                if record is None or record.state != "waiting_approval":
+                    continue
+                waiting = json.loads(record.fields.get("waiting", "{}"))
+                rows.append([task_key, waiting.get("what", "-"), waiting.get("tool", "-"), waiting.get("key", "-"),
+                             _clip(waiting.get("reason"), 50),
+                             datetime.fromtimestamp(deadline / 1000, UTC).isoformat(timespec="seconds")])
+        return rows
+
+    rows = asyncio.run(run())
+    if not rows:
+        print("no parked tasks")
+        return 0
+    print(format_table(rows, ["TASK_ID", "WAITS_FOR", "TOOL", "KEY", "REASON", "DEADLINE"]))
     return 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import socket
 from pathlib import Path
 
-from service.cli.admin import dlq_list, dlq_replay, task_show
+from service.cli.admin import dlq_list, dlq_replay, task_compensate, task_decide, task_parked, task_show
 from service.cli.base import PROG
 from service.cli.kinds import kinds_command
 from service.cli.produce import produce_tasks
@@ -32,6 +34,11 @@ def coordinates(text: str) -> tuple[int, int]:
     return int(partition), int(offset)
 
 
+def default_actor() -> str:
+    """Who an operator's decision is recorded as, unless ``--by`` says: ``$USER@host``."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Runs LLM agents on Kafka task events.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -53,11 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     kinds.add_argument("--json", action="store_true", help="print JSON instead of text")
     kinds.set_defaults(handler=kinds_command)
 
-    task = sub.add_parser("task", help="inspect the ledger")
+    task = sub.add_parser("task", help="inspect the ledger; decide on parked tasks; compensate")
     task_sub = task.add_subparsers(dest="task_command", required=True, metavar="COMMAND")
     show = task_sub.add_parser("show", help="print a task's ledger record")
     show.add_argument("task_id", metavar="ID")
     show.set_defaults(handler=task_show)
+    for command, decision, what in (("approve", "approved", "approve the tool call a parked task waits on"),
+                                    ("reject", "rejected", "reject it: the task is dead-lettered as rejected"),
+                                    ("landed", "landed", "say the call the task waits on did land (it is not "
+                                                         "run again)"),
+                                    ("absent", "absent", "say it did not land: it runs again, with the same key")):
+        decide = task_sub.add_parser(command, help=what)
+        decide.add_argument("task_id", metavar="ID")
+        decide.add_argument("--reason", default="", help="recorded in the audit trail")
+        decide.add_argument("--by", default=default_actor(), help="who decides (default: $USER@host)")
+        if command == "landed":
+            decide.add_argument("--result", metavar="JSON", help="what the call returned (the model sees it)")
+        decide.set_defaults(handler=task_decide, decision=decision)
+    undo = task_sub.add_parser("compensate", help="undo a task's tool calls in reverse order, each once")
+    undo.add_argument("task_id", metavar="ID")
+    undo.add_argument("--rerun", action="store_true", help="then run the task again as a new generation")
+    undo.add_argument("--by", default=default_actor())
+    undo.set_defaults(handler=task_compensate)
+    parked = task_sub.add_parser("parked", help="list the tasks waiting for a person")
+    parked.add_argument("--limit", type=positive_int, default=100)
+    parked.set_defaults(handler=task_parked)
 
     dlq = sub.add_parser("dlq", help="inspect and replay dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict")
+TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict", "parked")
 DLQ_REASONS = (
     "decode", "schema", "oversize", "conflict", "expired", "permanent", "exhausted", "invalid_output",
-    "internal",
+    "internal", "rejected",
 )
 LLM_OUTCOMES = (
     "ok", "timeout", "rate_limited", "server_error", "client_error", "connection_error",
@@ -85,6 +85,31 @@ class Metrics:
         self.steps_reused = Counter(
             "agent_steps_reused", "Journaled agent steps re-used instead of calling the model again.",
             registry=r,
+        )
+        self.tool_calls = Counter(
+            "agent_tool_calls",
+            "Tool calls by tool and outcome: executed, replayed (from the journal), refused (by the tool), "
+            "invalid (arguments or name; never run), limit (over the step's bound), reconciled_landed, "
+            "reconciled_absent, stale (a newer claim held the task when the result came back).",
+            ["tool", "outcome"], registry=r,
+        )
+        self.parked_tasks = Gauge(
+            "agent_parked_tasks", "Tasks waiting for a person (an approval, or an operator's answer to a reconcile).",
+            registry=r,
+        )
+        self.parkings = Counter(
+            "agent_parkings", "Tasks parked, by what they wait for (approval, reconcile).", ["what"], registry=r,
+        )
+        self.decisions = Counter(
+            "agent_wait_decisions", "Decisions on parked tasks: approved, rejected, expired, landed, absent.",
+            ["decision"], registry=r,
+        )
+        self.compensations = Counter(
+            "agent_compensations", "Undos of tool calls run by a compensation, by outcome (undone, skipped, failed).",
+            ["outcome"], registry=r,
+        )
+        self.audit_exports = Counter(
+            "agent_audit_events", "Audit entries sent to the audit topic.", registry=r,
         )
         self.inflight = Gauge("agent_inflight_tasks", "Records held in flight.", registry=r)
         self.paused_partitions = Gauge(

@@ -24,6 +24,10 @@ class KafkaSettings(BaseModel):
     input_topic: str = "agent.tasks"
     results_topic: str = "agent.results"
     dlq_topic: str = "agent.tasks.dlq"
+    # one event per side effect of a tool call and per decision on a parked task
+    audit_topic: str = "agent.audit"
+    # approvals and rejections of parked tasks, as JSON {"task_id", "approve", "reason", "by"}
+    approvals_topic: str = "agent.approvals"
     session_timeout_ms: int = Field(10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(1_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
@@ -194,6 +198,17 @@ class LedgerSettings(BaseModel):
     wait_timeout_ms: int = Field(1000, ge=1)
 
 
+class ToolsSettings(BaseModel):
+    # how often each replica looks for parked tasks past their deadline (and decisions whose
+    # resumption was not yet produced)
+    sweep_interval_s: float = Field(5.0, gt=0)
+    # the ticketing API behind the built-in kind `support_ticket` (unset: the kind is not offered)
+    tickets_url: str | None = None
+    # `support_ticket`: a refund above this amount waits for a person's approval, at most this long
+    approval_above: float = Field(100.0, ge=0)
+    approval_timeout_s: float = Field(24 * 3600.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
@@ -204,6 +219,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     http: HttpSettings = HttpSettings()
     ledger: LedgerSettings = LedgerSettings()
+    tools: ToolsSettings = ToolsSettings()
     max_task_bytes: int = Field(262_144, ge=64)
     max_in_flight: int = Field(256, ge=1)
     max_in_flight_per_partition: int = Field(256, ge=1)

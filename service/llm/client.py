@@ -69,7 +69,7 @@ _MAX_CONNECT_TIMEOUT_S = 5.0
 class ChatRequest:
     """One chat completion to ask for."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     schema: dict[str, Any] | None  # JSON schema of the expected output
     schema_name: str  # [A-Za-z0-9_-]{1,64}
     idempotency_key: str  # stable for the work: sent as header Idempotency-Key
@@ -78,6 +78,8 @@ class ChatRequest:
     traceparent: str | None = None  # forwarded as the `traceparent` header when set
     model: str | None = None  # overrides settings.model (a step may name its own)
     temperature: float | None = None  # overrides settings.temperature
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI function-calling tool specs offered to the model
+    tool_choice: str | None = None  # "auto", "none", "required" (None: the endpoint's default)
 
     def __post_init__(self) -> None:
         if not _SCHEMA_NAME.fullmatch(self.schema_name):
@@ -103,6 +105,9 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
+    # the tools the model asked to call instead of answering: {"id", "name", "arguments"}, arguments
+    # as the model wrote them (a JSON text, checked by the caller)
+    tool_calls: tuple[dict[str, str], ...] = ()
 
 
 class LLMClient:
@@ -268,6 +273,10 @@ class LLMClient:
                 request.max_tokens if request.max_tokens is not None else settings.max_tokens
             ),
         }
+        if request.tools:
+            payload["tools"] = list(request.tools)
+            if request.tool_choice is not None:
+                payload["tool_choice"] = request.tool_choice
         if request.schema is not None:
             if settings.response_format == "json_schema":
                 payload["response_format"] = {
@@ -300,8 +309,9 @@ class LLMClient:
         prompt_tokens, completion_tokens = self._count_tokens(body.get("usage"))
         choice, message = first_choice(body, response.status)
         model = body.get("model")
-        content, finish_reason = answer(choice, message, response.status, completion_tokens)
+        content, finish_reason, tool_calls = answer(choice, message, response.status, completion_tokens)
         return ChatResult(
+            tool_calls=tool_calls,
             content=content,
             finish_reason=finish_reason,
             model=model if isinstance(model, str) and model else self._settings.model,

@@ -100,9 +100,10 @@ def first_choice(body: Mapping[str, Any], status: int) -> tuple[dict[str, Any], 
 
 
 def answer(choice: Mapping[str, Any], message: Mapping[str, Any], status: int,
-           completion_tokens: int) -> tuple[str, str]:
-    """The content and finish reason of a whole answer; a truncated, refused or empty one is
-    :class:`InvalidOutput`."""
+           completion_tokens: int) -> tuple[str, str, tuple[dict[str, str], ...]]:
+    """The content, finish reason and tool calls of a whole answer; a truncated, refused or empty
+    one is :class:`InvalidOutput`, and so is a tool call that is not ``{id, function: {name,
+    arguments}}`` (a call's arguments are the caller's to check: it answers the model)."""
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         raise LLMUnavailable(
@@ -118,9 +119,34 @@ def answer(choice: Mapping[str, Any], message: Mapping[str, Any], status: int,
         )
     if finish_reason == "content_filter" or message.get("refusal"):
         raise InvalidOutput("refused", f"LLM refused to answer (finish_reason={finish_reason})")
+    calls = tool_calls(message.get("tool_calls"))
+    if calls:
+        return content or "", finish_reason, calls
     if content is None or not content.strip():
         raise InvalidOutput("empty", f"LLM answer is empty (finish_reason={finish_reason})")
-    return content, finish_reason
+    return content, finish_reason, ()
+
+
+def tool_calls(raw: Any) -> tuple[dict[str, str], ...]:
+    """The tool calls of an answer as ``{"id", "name", "arguments"}``; none for a missing or empty list."""
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidOutput("schema", "tool_calls is not a list")
+    calls = []
+    for index, item in enumerate(raw):
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict):
+            raise InvalidOutput("schema", f"tool_calls[{index}] has no function")
+        name, arguments, call_id = function.get("name"), function.get("arguments"), item.get("id")
+        if isinstance(arguments, dict):  # some servers send the object itself
+            arguments = json.dumps(arguments, separators=(",", ":"))
+        if not isinstance(name, str) or not name or not isinstance(arguments, str):
+            raise InvalidOutput("schema", f"tool_calls[{index}] needs a function name and arguments")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = f"call_{index}"
+        calls.append({"id": call_id[:100], "name": name[:100], "arguments": arguments})
+    return tuple(calls)
 
 
 def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:

@@ -52,6 +52,7 @@ class ProcessorConfig:
     # a failure of the service's own code on one record: retried this many times, then `internal`
     internal_retries: int = 3
     internal_backoff_s: float = 0.5
+    audit_topic: str = "agent.audit"  # where the audit entries of tool calls go
 
 
 class ToDeadLetter(Exception):
@@ -62,6 +63,14 @@ class ToDeadLetter(Exception):
         self.reason = reason
         self.error = error
         self.attempts = attempts
+
+
+class Parked(Exception):
+    """The task waits for a person (``waiting`` says for what): the processor parks it in the ledger."""
+
+    def __init__(self, waiting: dict[str, Any]) -> None:
+        super().__init__(f"waits for {waiting.get('what')}: {waiting.get('reason', '')}")
+        self.waiting = waiting
 
 
 class LostFence(Exception):
@@ -80,9 +89,16 @@ def deadline_of(task: Task) -> str | None:
     return iso(task.deadline) if task.deadline is not None else None
 
 
-def estimate_tokens(messages: list[dict[str, str]], schema: dict[str, Any] | None) -> int:
+def estimate_tokens(messages: list[dict[str, Any]], schema: dict[str, Any] | None,
+                    tools: list[dict[str, Any]] | None = None) -> int:
     """A conservative token estimate (three characters a token) of a request's prompt."""
-    chars = sum(len(m.get("content", "")) + 8 for m in messages)
+    chars = 0
+    for m in messages:
+        chars += len(m.get("content") or "") + 8
+        if "tool_calls" in m:
+            chars += len(canonical_json(m["tool_calls"]))
     if schema is not None:
         chars += len(canonical_json(schema))
+    if tools:
+        chars += len(canonical_json(tools))
     return chars // 3 + 1

@@ -45,6 +45,10 @@ class Claims(Outcomes):
                     claim.attempts, count_outcome=False,
                 )
                 return None
+            if decision == "parked":  # waits for a person: the ledger holds it, this record is done
+                self.metrics.tasks.labels(outcome="duplicate").inc()
+                log.info("%s: parked before; skipped", ctx)
+                return None
             if decision in ("succeeded", "dead"):
                 await self._duplicate(record, task, decision, claim, ctx)
                 return None

@@ -18,13 +18,14 @@ import random
 from collections.abc import Callable
 from datetime import datetime
 from time import monotonic
+from typing import Any
 
 from consumers.producers import Outputs, ProduceFailed, RecordRejected
 from consumers.records import Record
 from dedup.leases import LeaseKeeper
 from dedup.ledger import Ledger, LedgerUnavailable
 from service.agents.registry import AgentRegistry
-from service.agents.tasks import header
+from service.agents.tasks import Task, header
 from service.core.errors import InfrastructureError, PoisonError
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
@@ -32,6 +33,7 @@ from service.llm.guard import EndpointGuard, RateLimiter
 from service.pipeline.base import (
     ChatClient,
     LostFence,
+    Parked,
     ProcessorConfig,
     ToDeadLetter,
     current_span,
@@ -159,11 +161,14 @@ class TaskProcessor(Claims, Steps):
             return
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):
-                outputs, attempts = await self._run(task, agent, task_input, claim)
+                outputs, attempts = await self._run(task, agent, task_input, claim, record)
         except ToDeadLetter as dl:
             await self._dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx)
             self.metrics.task_versions.labels(kind=task.kind, version=agent.prompt_version,
                                               outcome="dead_lettered").inc()
+            return
+        except Parked as parked:
+            await self._park(task, claim.fence, parked.waiting, ctx)
             return
         except LostFence:
             self.metrics.stale_fence_writes.inc()
@@ -171,3 +176,15 @@ class TaskProcessor(Claims, Steps):
             log.warning("%s: lost the task to a newer fence; the new holder finishes it", ctx)
             return
         await self._complete(record, task, agent, claim.fence, outputs, attempts, ctx)
+
+    async def _park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str) -> None:
+        """Park the task in the ledger until a person decides; its offset may then be committed."""
+        if not await self.ledger.effects.park(task.key, fence, waiting):
+            self.metrics.stale_fence_writes.inc()
+            log.warning("%s: parking refused: a newer fence holds the task", ctx)
+            return
+        self.metrics.parkings.labels(what=waiting["what"]).inc()
+        self.metrics.tasks.labels(outcome="parked").inc()
+        current_span().set_outcome("parked")
+        await self.export_audit(task.key)
+        log.info("%s: parked, waiting for %s of %s (%s)", ctx, waiting["what"], waiting["key"], waiting["reason"])

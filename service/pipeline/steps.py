@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from consumers.producers import Outputs
+from consumers.records import Record
 from dedup.ledger import Attempt, AttemptsExhausted, Claim, Ledger, StaleFence
 from service.agents.base import Agent, Messages, Step
 from service.agents.tasks import Task, canonical_json, digest
@@ -30,6 +32,8 @@ from service.core.tracing import Tracing
 from service.llm.client import ChatRequest
 from service.llm.guard import EndpointGuard, RateLimiter
 from service.pipeline.base import ChatClient, LostFence, ProcessorConfig, ToDeadLetter, estimate_tokens
+from service.pipeline.parking import export_audit
+from service.pipeline.tools import ToolLoop
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,19 @@ class Steps:
     guard: EndpointGuard | None
     limiter: RateLimiter | None
     model_name: str
+    worker_id: str
+    outputs: Outputs
+
+    async def export_audit(self, task_key: str) -> None:
+        """Send the task's new audit entries to the audit topic; a failure waits for the next pass."""
+        try:
+            await export_audit(self.ledger, self.outputs.publisher.send, self.config.audit_topic, task_key,
+                               self.metrics)
+        except Exception as exc:  # noqa: BLE001 - the audit list in Redis is the record; the topic a copy
+            log.warning("task_id=%s: audit entries not exported yet: %s: %s", task_key, type(exc).__name__, exc)
 
     async def _run(
-        self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim
+        self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, record: Record | None = None,
     ) -> tuple[dict[str, dict[str, Any]], int]:
         """Run the agent's step graph; a multi-step agent journals each step and resumes from the journal.
 
@@ -59,7 +73,7 @@ class Steps:
         it was computed from the current outputs of the steps it needs (a chain of digests);
         otherwise it runs again.
         """
-        run = _GraphRun(self, task, agent, task_input, claim)
+        run = _GraphRun(self, task, agent, task_input, claim, record)
         await run.start()
         return run.outputs, run.attempts
 
@@ -71,19 +85,26 @@ class Steps:
         previous: dict[str, dict[str, Any]],
         fence: int,
         attempts: int,
-    ) -> tuple[dict[str, Any], int]:
+        *,
+        conversation: list[dict[str, Any]] | None = None,
+        offer_tools: bool = False,
+    ) -> tuple[dict[str, Any] | ToolCalls, int]:
         """Call the model for one step until it answers with a valid output, within the task's
-        attempts and deadline. Returns the output and the task's attempt count."""
-        messages, schema, needed = self._request_size(step, task_input, previous, attempts)
+        attempts and deadline. Returns the output and the task's attempt count.
+
+        A step with tools passes the ``conversation`` so far (its messages, the model's tool calls
+        and their results); with ``offer_tools`` the model may answer with tool calls instead
+        (:class:`ToolCalls`), otherwise it is told to answer."""
+        messages, schema, needed = self._request_size(step, task_input, previous, attempts, conversation)
         last: Exception | None = None
         while True:
             remaining = self._time_left(task, attempts)
             await self._capacity(task, needed, retry=last is not None)
             attempt = await self._begin_attempt(task, step, fence)
             attempts = attempt.total
-            request = self._request(task, step, messages, schema, remaining)
+            request = self._request(task, step, messages, schema, remaining, offer_tools)
             outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts)
-            if isinstance(outcome, dict):
+            if isinstance(outcome, dict | ToolCalls):
                 return outcome, attempts
             last, delay, endpoint_fault = outcome
             if endpoint_fault:
@@ -95,13 +116,14 @@ class Steps:
 
     def _request_size(
         self, step: Step, task_input: BaseModel, previous: dict[str, dict[str, Any]], attempts: int,
-    ) -> tuple[list[dict[str, str]], dict[str, Any], int]:
+        conversation: list[dict[str, Any]] | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
         """The step's messages and schema, and the tokens they need with the answer: never more than
         the model's window, which is never truncated silently."""
         cfg = self.config
-        messages = step.messages(task_input, previous)
+        messages = conversation if conversation is not None else step.messages(task_input, previous)
         schema = step.schema(task_input, previous)
-        needed = estimate_tokens(messages, schema) + cfg.max_output_tokens
+        needed = estimate_tokens(messages, schema, [t.spec() for t in step.tools]) + cfg.max_output_tokens
         if needed > cfg.context_tokens:
             raise ToDeadLetter("oversize", f"step {step.name}: about {needed} tokens with the answer, "
                                f"the model's window is {cfg.context_tokens}", attempts)
@@ -123,8 +145,8 @@ class Steps:
         except AttemptsExhausted as exc:  # used up before a crash or a redelivery
             raise ToDeadLetter("exhausted", f"step {step.name}: {exc}", exc.total) from exc
 
-    def _request(self, task: Task, step: Step, messages: list[dict[str, str]], schema: dict[str, Any],
-                 remaining: float | None) -> ChatRequest:
+    def _request(self, task: Task, step: Step, messages: list[dict[str, Any]], schema: dict[str, Any],
+                 remaining: float | None, offer_tools: bool = False) -> ChatRequest:
         cfg = self.config
         timeout = cfg.llm_timeout_s if remaining is None else max(0.05, min(cfg.llm_timeout_s, remaining))
         return ChatRequest(
@@ -136,6 +158,10 @@ class Steps:
             traceparent=self.tracing.current_traceparent() or task.traceparent,
             model=step.model,
             temperature=step.temperature,
+            # once the rounds are used up the tools stay described (the conversation names them)
+            # but the model is told to answer
+            tools=tuple(t.spec() for t in step.tools),
+            tool_choice=("auto" if offer_tools else "none") if step.tools else None,
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Exception,
@@ -165,8 +191,8 @@ class Steps:
 
     async def _one_call(
         self, request: ChatRequest, step: Step, task_input: BaseModel, needed: int, step_attempt: int, attempts: int,
-    ) -> dict[str, Any] | tuple[Exception, float | None, bool]:
-        """One model call: the step's output, or (the failure, a delay it asks for, whether it was the
+    ) -> dict[str, Any] | ToolCalls | tuple[Exception, float | None, bool]:
+        """One model call: the step's output, the tools it asks to call, or (the failure, a delay it asks for, whether it was the
         endpoint's fault rather than the task's). A 400 for this request dead-letters at once."""
         try:
             with self.tracing.llm_span(self.model_name, step=step.name, attempt=step_attempt) as call:
@@ -188,6 +214,10 @@ class Steps:
             # a 429, or the failure that opened the breaker, is the endpoint's: the attempt is given back
             return exc, exc.delay, await self._endpoint_failed(exc)
         self._endpoint_answered()
+        if answer.tool_calls:
+            if request.tool_choice == "auto":
+                return ToolCalls(answer.tool_calls)
+            return InvalidOutput("schema", f"{step.name}: asked for tools when told to answer"), None, False
         try:
             return step.parse(task_input, answer.content)
         except InvalidOutput as exc:
@@ -279,11 +309,19 @@ class Steps:
         count("same" if same else "different")
 
 
+class ToolCalls(tuple[dict[str, str], ...]):
+    """The model's answer to a step with tools: the calls it asks for, ``{"id", "name", "arguments"}``."""
+
+    __slots__ = ()
+
+
 class _GraphRun:
     """One run of an agent's step graph for one task, under one claim."""
 
-    def __init__(self, steps: Steps, task: Task, agent: Agent, task_input: BaseModel, claim: Claim) -> None:
+    def __init__(self, steps: Steps, task: Task, agent: Agent, task_input: BaseModel, claim: Claim,
+                 record: Record | None) -> None:
         self.steps, self.task, self.agent, self.task_input, self.claim = steps, task, agent, task_input, claim
+        self.record = record
         self.journaled = agent.journaled
         self.journal: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}  # step -> its record (journaled or new)
@@ -351,9 +389,17 @@ class _GraphRun:
         return recorded
 
     async def _call(self, step: Step, task_input: BaseModel, previous: dict[str, Any]) -> dict[str, Any]:
+        if step.tools:
+            loop = ToolLoop(self.steps, self.task, step, task_input, previous, self.claim.fence, self.attempts,
+                            self.record)
+            try:
+                return await loop.run()
+            finally:
+                self.attempts = max(self.attempts, loop.attempts)
         output, attempts = await self.steps._call_step(self.task, step, task_input, previous, self.claim.fence,
                                                        self.attempts)
         self.attempts = max(self.attempts, attempts)
+        assert isinstance(output, dict)  # offered no tools, the model's answer is the output
         return output
 
     async def _record(self, step: Step, output: dict[str, Any], input_digest: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from service.llm.client import LLMClient
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
+from service.runtime.parked import ApprovalsConsumer, approval_applier, sweep_forever
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
     admin = AdminClient(k.common_config())
     metadata = admin.list_topics(timeout=timeout_s)
     existing = set(metadata.topics)
-    wanted = [k.input_topic, k.results_topic, k.dlq_topic]
+    wanted = [k.input_topic, k.results_topic, k.dlq_topic, k.audit_topic, k.approvals_topic]
     configs: dict[str, dict[str, str]] = {}
     if k.dlq_topic not in existing:
         input_limit = topic_max_message_bytes(admin, k.input_topic, timeout_s) if k.input_topic in existing else None
@@ -243,6 +244,11 @@ class Service:
         serve_http = self.settings.http.enabled if http is None else http
         server = None
         tasks = [asyncio.create_task(self.runner.run(), name="consumer")]
+        send = self.publisher.send
+        sweeper = asyncio.create_task(sweep_forever(self.ledger, send, self.metrics, self.settings), name="sweeper")
+        approvals = ApprovalsConsumer(self.settings, approval_applier(self.ledger, send, self.metrics, self.settings),
+                                      asyncio.get_running_loop())
+        approvals.start()
         if serve_http:
             import uvicorn
 
@@ -259,15 +265,22 @@ class Service:
                 task.result()
         finally:
             self.runner.stop()
+            sweeper.cancel()
+            await asyncio.to_thread(approvals.stop)
             if server is not None:
                 server.should_exit = True
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, sweeper, return_exceptions=True)
             await self.aclose()
 
     async def aclose(self) -> None:
         self.publisher.close()
         for closer in self._closers:
             await closer()
+        for agent in self.agents:
+            for version in (agent, agent.candidate):
+                for step in version.steps if version is not None else ():
+                    for tool in step.tools:
+                        await tool.aclose()
         await close(self.redis)
 
 
@@ -332,6 +345,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             llm_timeout_s=s.llm.timeout_s, busy_poll_s=s.ledger.busy_poll_s, lease_ms=s.ledger.lease_ms,
             context_tokens=s.llm.context_tokens, max_output_tokens=s.llm.max_tokens,
             shadow_sample_rate=s.llm.shadow_sample_rate, internal_retries=s.internal_retries,
+            audit_topic=s.kafka.audit_topic,
         ),
         worker_id=worker_id(s), model_name=s.llm.model,
         guard=EndpointGuard(

@@ -1,0 +1,265 @@
+"""The side-effect journal of a task: tool-call decisions, intents, results, approvals, undos, audit.
+
+Beside a task's hash (``agent:{k}:task``) and step journal live, in the same slot:
+
+- ``agent:{k}:tools`` (hash): ``source`` (the record that carried the task, to resume it),
+  ``generation`` bumps live in the task hash; fields ``r:<step>:<round>`` (the model's tool calls
+  of one round, as it asked for them), ``c:<step>:<ordinal>`` (one call: intent, then result),
+  ``a:<step>:<ordinal>`` (a decision on a call that waited: approval, rejection, expiry, an
+  operator's answer to a reconcile), ``u:<step>:<ordinal>`` (its undo), ``seq`` (calls so far);
+- ``agent:{k}:audit`` (list): one JSON entry per side effect and decision, append-only; entries
+  past ``exported`` in the tools hash are still to be sent to the audit topic.
+
+Every write a worker makes carries its fence and is refused for an older one; the audit entry of a
+result is appended even then, because the effect happened whoever reports it. A task waiting for a
+person is in state ``waiting_approval`` (``waiting`` holds what it waits for), listed in the sorted
+set ``agent:parked`` (by deadline), and becomes ``resuming`` (claimable) once decided.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from redis.commands.core import AsyncScript
+
+from dedup.client import RedisClient
+from dedup.keys import Keys
+
+T = TypeVar("T")
+
+
+class Ledger(Protocol):
+    """What the journal uses of :class:`dedup.ledger.Ledger`: its client, keys and error translation."""
+
+    client: RedisClient
+    keys: Keys
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T: ...
+
+    async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any: ...
+
+_FENCED = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
+local held = h[1] == 'running' and tonumber(h[2]) == tonumber(ARGV[1])
+"""
+
+_KEEP = """
+local function keep(key)
+  local ttl = redis.call('TTL', KEYS[1])
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+"""
+
+# KEYS task, tools; ARGV fence, field, value, source (JSON or '') -> {'ok'|'had'|'stale', value}
+# First writer wins: a round the model already decided, or a call already intended, is never
+# replaced; the holder continues with what is recorded.
+FIRST = _FENCED + _KEEP + """
+if not held then return {'stale', ''} end
+local had = redis.call('HGET', KEYS[2], ARGV[2])
+if had then return {'had', had} end
+local value = ARGV[3]
+if string.sub(ARGV[2], 1, 2) == 'c:' then
+  local record = cjson.decode(value)
+  record['seq'] = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+  value = cjson.encode(record)
+end
+redis.call('HSET', KEYS[2], ARGV[2], value)
+if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[2], 'source', ARGV[4]) end
+keep(KEYS[2])
+return {'ok', value}
+"""
+
+# KEYS task, tools, audit; ARGV fence, field, record (JSON), audit entry (JSON) -> 'ok'|'stale'
+# The audit entry is appended in every case: a stale holder's call happened too.
+DONE = _FENCED + _KEEP + """
+local entry = cjson.decode(ARGV[4])
+entry['accepted'] = held
+redis.call('RPUSH', KEYS[3], cjson.encode(entry))
+keep(KEYS[3])
+if not held then return 'stale' end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+keep(KEYS[2])
+return 'ok'
+"""
+
+# KEYS task; ARGV fence, waiting (JSON) -> 'ok'|'stale'
+PARK = _FENCED + """
+if not held then return 'stale' end
+redis.call('HSET', KEYS[1], 'state', 'waiting_approval', 'waiting', ARGV[2], 'lease_until', 0)
+return 'ok'
+"""
+
+# KEYS task, tools, audit; ARGV waiting (as read), field, decision (JSON), audit entry (JSON)
+# -> {'ok', source} | {'not_waiting', state}. Once: a second decision finds the task resuming.
+RESOLVE = _KEEP + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'waiting')
+if h[1] ~= 'waiting_approval' or h[2] ~= ARGV[1] then return {'not_waiting', h[1] or ''} end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[1], 'state', 'resuming')
+redis.call('HDEL', KEYS[1], 'waiting')
+redis.call('RPUSH', KEYS[3], ARGV[4])
+keep(KEYS[3])
+return {'ok', redis.call('HGET', KEYS[2], 'source') or ''}
+"""
+
+# KEYS task, tools, audit; ARGV field, state ('intent'|'done'), record (JSON), audit entry (JSON or '')
+# -> 'ok' | 'done' (the undo finished before) | 'busy' (the task runs: compensate it once it ended)
+UNDO = _KEEP + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'running' or state == 'resuming' or state == 'waiting_approval' then return 'busy' end
+local had = redis.call('HGET', KEYS[2], ARGV[1])
+if had and cjson.decode(had)['state'] == 'done' then return 'done' end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('RPUSH', KEYS[3], ARGV[4])
+  keep(KEYS[3])
+end
+return 'ok'
+"""
+
+# KEYS task, steps, tools, archive; ARGV -> {'ok', source} | {'not_ended', state}
+# A compensated task runs again as a new generation: its step journal is dropped, its tool journal
+# kept under the archive key, and its tool calls get new keys (the generation is part of them).
+RERUN = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'succeeded' and state ~= 'dead' and state ~= 'failed' then return {'not_ended', state or ''} end
+local source = redis.call('HGET', KEYS[3], 'source')
+if not source then return {'not_ended', 'no source'} end
+redis.call('HSET', KEYS[1], 'generation', tonumber(redis.call('HGET', KEYS[1], 'generation') or '1') + 1)
+redis.call('DEL', KEYS[2])
+redis.call('RENAME', KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[3], 'source', source)
+local ttl = redis.call('TTL', KEYS[1])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
+redis.call('HSET', KEYS[1], 'state', 'resuming', 'lease_until', 0, 'published', 0)
+redis.call('HDEL', KEYS[1], 'result', 'result_digest', 'event', 'error', 'dead_reason', 'completed_at')
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 9) == 'attempts:' then redis.call('HDEL', KEYS[1], f) end
+end
+return {'ok', source}
+"""
+
+# KEYS tools; ARGV count: moves ``exported`` forward, never back (exporters may race)
+EXPORTED = """
+if tonumber(redis.call('HGET', KEYS[1], 'exported') or '0') < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'exported', ARGV[1])
+end
+return 1
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Effects:
+    """The journal of one ledger's side effects (its client, keys and error translation)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        client = ledger.client
+        self._first = client.register_script(FIRST)
+        self._done = client.register_script(DONE)
+        self._park = client.register_script(PARK)
+        self._resolve = client.register_script(RESOLVE)
+        self._undo = client.register_script(UNDO)
+        self._rerun = client.register_script(RERUN)
+        self._exported = client.register_script(EXPORTED)
+
+    def _keys(self, task_key: str) -> list[str]:
+        keys = self.ledger.keys
+        return [keys.task(task_key), keys.tools(task_key), keys.audit(task_key)]
+
+    async def first(self, task_key: str, fence: int, field: str, value: dict[str, Any],
+                    source: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """Record ``value`` at ``field`` unless something is there: ('ok'|'had', what is recorded),
+        or ('stale', {}) when a newer claim holds the task."""
+        raw = await self.ledger._script(self._first, self._keys(task_key)[:2], [
+            fence, field, _dumps(value), _dumps(source) if source is not None else ""])
+        status, recorded = _s(raw[0]), _s(raw[1])
+        return status, (json.loads(recorded) if recorded else {})
+
+    async def done(self, task_key: str, fence: int, field: str, record: dict[str, Any],
+                   audit: dict[str, Any]) -> bool:
+        """Record a call's result under ``fence`` and append its audit entry (always); False: stale."""
+        raw = await self.ledger._script(self._done, self._keys(task_key), [fence, field, _dumps(record),
+                                                                            _dumps(audit)])
+        return _s(raw) == "ok"
+
+    async def park(self, task_key: str, fence: int, waiting: dict[str, Any]) -> bool:
+        """Park the task until ``waiting`` is decided; listed by deadline. False: a newer claim holds it."""
+        keys = self.ledger.keys
+        deadline = float(waiting.get("deadline_ms", 0))
+        # listed first: a listed task that is not waiting is skipped (and dropped) by the sweeper,
+        # a waiting task that is not listed would never expire
+        await self.ledger._call(lambda: self.ledger.client.zadd(keys.parked(), {task_key: deadline}))
+        raw = await self.ledger._script(self._park, [keys.task(task_key)], [fence, _dumps(waiting)])
+        return _s(raw) == "ok"
+
+    async def resolve(self, task_key: str, waiting_raw: str, field: str, decision: dict[str, Any],
+                      audit: dict[str, Any]) -> tuple[str, str]:
+        """Decide what a parked task waits for, once: ('ok', its source) or ('not_waiting', its state)."""
+        raw = await self.ledger._script(self._resolve, self._keys(task_key), [
+            waiting_raw, field, _dumps(decision), _dumps(audit)])
+        return _s(raw[0]), _s(raw[1])
+
+    async def parked(self, limit: int = 1000, until_ms: float | None = None) -> list[tuple[str, float]]:
+        """Listed parked tasks with their deadlines (ms), earliest first; up to ``until_ms`` if given."""
+        key = self.ledger.keys.parked()
+        high: float | str = until_ms if until_ms is not None else "+inf"
+        raw: list[Any] = await self.ledger._call(lambda: self.ledger.client.zrangebyscore(
+            key, "-inf", high, start=0, num=limit, withscores=True))
+        return [(_s(item[0]), float(item[1])) for item in raw]
+
+    async def parked_count(self) -> int:
+        return int(await self.ledger._call(lambda: self.ledger.client.zcard(self.ledger.keys.parked())))
+
+    async def relist(self, task_key: str, at_ms: float) -> None:
+        """List the task for the sweeper at ``at_ms`` (a decision whose resumption was not produced)."""
+        await self.ledger._call(lambda: self.ledger.client.zadd(self.ledger.keys.parked(), {task_key: at_ms}))
+
+    async def unlist(self, task_key: str) -> None:
+        await self.ledger._call(lambda: self.ledger.client.zrem(self.ledger.keys.parked(), task_key))
+
+    async def journal(self, task_key: str) -> dict[str, Any]:
+        """The tools hash, JSON fields decoded."""
+        raw = await self.ledger._call(lambda: self.ledger.client.hgetall(self.ledger.keys.tools(task_key)))
+        out: dict[str, Any] = {}
+        for k, v in raw.items():
+            name, text = _s(k), _s(v)
+            out[name] = json.loads(text) if name[:2] in ("r:", "c:", "a:", "u:") or name == "source" else text
+        return out
+
+    async def audit(self, task_key: str, start: int = 0) -> list[dict[str, Any]]:
+        raw = await self.ledger._call(lambda: self.ledger.client.lrange(self.ledger.keys.audit(task_key), start, -1))
+        return [json.loads(_s(item)) for item in raw]
+
+    async def exported(self, task_key: str) -> int:
+        raw = await self.ledger._call(lambda: self.ledger.client.hget(self.ledger.keys.tools(task_key), "exported"))
+        return int(_s(raw)) if raw is not None else 0
+
+    async def mark_exported(self, task_key: str, count: int) -> None:
+        """Note that the first ``count`` audit entries reached the topic (only ever forward)."""
+        await self.ledger._script(self._exported, [self.ledger.keys.tools(task_key)], [count])
+
+    async def undo(self, task_key: str, field: str, record: dict[str, Any], audit: dict[str, Any] | None) -> str:
+        raw = await self.ledger._script(self._undo, self._keys(task_key), [
+            field, record.get("state", ""), _dumps(record), _dumps(audit) if audit is not None else ""])
+        return _s(raw)
+
+    async def rerun(self, task_key: str, generation: int) -> tuple[str, str]:
+        """Start the task again as generation ``generation + 1``: ('ok', source) or ('not_ended', state)."""
+        keys = self.ledger.keys
+        raw = await self.ledger._script(self._rerun, [
+            keys.task(task_key), keys.steps(task_key), keys.tools(task_key),
+            f"{keys.tools(task_key)}:g{generation}"], [])
+        return _s(raw[0]), _s(raw[1])
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,300 @@
+"""A step's tool-call loop, with every tool call run once by construction.
+
+The model answers a step with tools either with its output or with tool calls. Each round of
+calls is journaled as the model asked for it, before any runs, so a resumed task rebuilds the same
+conversation instead of asking again (and getting other calls). Each call then goes through:
+
+    arguments checked against the tool's schema      invalid: the model is told, nothing runs
+    approval (Step.approval)                          parks the task until a person decides
+    intent journaled (key, tool, argument digest, fence; a stale fence is refused here)
+    the tool runs with the call's idempotency key
+    result journaled, with its audit entry
+
+and is re-used from the journal whenever the task comes back. A call whose intent is journaled and
+whose result is not (the worker died in between, or the tool could not tell) is reconciled first:
+the tool asks the downstream whether the key landed; "landed" records that result, "absent" runs
+it again with the same key, and "cannot tell" parks the task for an operator.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from consumers.records import Record
+from dedup.ledger import Ledger
+from service.agents.base import Step
+from service.agents.tasks import Task, canonical_json, digest, loads
+from service.agents.tools import Reconciled, Tool, ToolCall, ToolError, ToolUnknown, run_bounded
+from service.core.metrics import Metrics
+from service.pipeline.base import LostFence, Parked, ToDeadLetter, iso
+
+
+class Steps(Protocol):
+    """What the loop uses of the stage that runs steps (:class:`service.pipeline.steps.Steps`)."""
+
+    ledger: Ledger
+    metrics: Metrics
+    clock: Callable[[], datetime]
+    worker_id: str
+
+    async def _call_step(self, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
+                         fence: int, attempts: int, *, conversation: list[dict[str, Any]] | None = None,
+                         offer_tools: bool = False) -> tuple[Any, int]: ...
+
+    async def export_audit(self, task_key: str) -> None: ...
+
+log = logging.getLogger(__name__)
+
+# how often one processing of a task runs a call again after the downstream said it did not land
+_RUNS_PER_CALL = 3
+
+
+def source_of(record: Record) -> dict[str, Any]:
+    """What is needed to put the task's record on its topic again (to resume it after a decision)."""
+    return {
+        "topic": record.topic, "partition": record.partition, "offset": record.offset,
+        "key": _b64(record.key), "value": _b64(record.value),
+        "headers": [[name, _b64(value)] for name, value in record.headers if not name.startswith("agent.")],
+    }
+
+
+def _b64(value: bytes | None) -> str | None:
+    return base64.b64encode(value).decode() if value is not None else None
+
+
+def call_key(task_key: str, generation: int, step: str, ordinal: int) -> str:
+    """The idempotency key of a call: the work (task, step, ordinal), never the attempt. A task
+    compensated and run again is a new generation, whose calls must not be deduplicated against
+    the undone ones."""
+    if generation <= 1:
+        return f"{task_key}/{step}/{ordinal}"
+    return f"{task_key}/g{generation}/{step}/{ordinal}"
+
+
+class ToolLoop:
+    """The model's tool-call loop for one step of one task, under one claim."""
+
+    def __init__(self, steps: Steps, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
+                 fence: int, attempts: int, record: Record | None) -> None:
+        self.steps, self.task, self.step, self.task_input = steps, task, step, task_input
+        self.previous, self.fence, self.attempts = previous, fence, attempts
+        self.source = source_of(record) if record is not None else None
+        self.effects = steps.ledger.effects
+        self.tools: dict[str, Tool] = {t.name: t for t in step.tools}
+        self.journal: dict[str, Any] = {}
+        self.generation = 1
+
+    async def run(self) -> dict[str, Any]:
+        """Run the loop to the step's output; raises :class:`Parked` when a person must decide."""
+        self.journal = await self.effects.journal(self.task.key)
+        self.generation = await self.steps.ledger.generation(self.task.key)
+        name = self.step.name
+        conversation: list[dict[str, Any]] = list(self.step.messages(self.task_input, self.previous))
+        ordinal = 0
+        try:
+            for round_ in range(1, self.step.max_tool_rounds + 2):
+                decided = self.journal.get(f"r:{name}:{round_}")
+                if decided is None:
+                    answer = await self._ask(conversation, offer=round_ <= self.step.max_tool_rounds)
+                    if isinstance(answer, dict):
+                        return answer
+                    decided = await self._first(f"r:{name}:{round_}", {
+                        "calls": list(answer), "fence": self.fence, "at": iso(self.steps.clock())})
+                conversation.append({"role": "assistant", "content": None, "tool_calls": [
+                    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    for c in decided["calls"]]})
+                for asked in decided["calls"]:
+                    ordinal += 1
+                    result = await self._call(asked, ordinal)
+                    conversation.append({"role": "tool", "tool_call_id": asked["id"], "content": canonical_json(result)})
+            raise AssertionError("the last round offers no tools")  # pragma: no cover
+        finally:
+            await self.steps.export_audit(self.task.key)  # best effort; a task's next pass catches up
+
+    async def _ask(self, conversation: list[dict[str, Any]], *, offer: bool) -> Any:
+        answer, attempts = await self.steps._call_step(self.task, self.step, self.task_input, self.previous,
+                                                       self.fence, self.attempts, conversation=conversation,
+                                                       offer_tools=offer)
+        self.attempts = max(self.attempts, attempts)
+        return answer
+
+    async def _first(self, field: str, value: dict[str, Any]) -> dict[str, Any]:
+        """Journal ``value`` unless something is there; returns what is journaled."""
+        await self._intend(field, value)
+        return dict(self.journal[field])
+
+    async def _intend(self, field: str, value: dict[str, Any]) -> bool:
+        """Journal ``value`` at ``field`` under this fence: True when it is ours, False when something
+        was there already; a newer claim holding the task stops this worker (nothing runs)."""
+        status, recorded = await self.effects.first(self.task.key, self.fence, field, value, self.source)
+        if status == "stale":
+            raise LostFence(f"task {self.task.key}: fence {self.fence} no longer holds the task")
+        self.journal[field] = recorded
+        return status == "ok"
+
+    # -- one call ---------------------------------------------------------------------------------
+
+    async def _call(self, asked: dict[str, str], ordinal: int) -> Any:
+        field = f"c:{self.step.name}:{ordinal}"
+        record = self.journal.get(field)
+        tool = self.tools.get(asked["name"])
+        label = tool.name if tool is not None else "unknown"
+        if record is not None and record["state"] != "intent":
+            self._count(label, "replayed")
+            return record["result"]
+        call = self._call_of(asked, ordinal)
+        if record is None:
+            refusal = self._refusal(tool, call, asked, ordinal)
+            if refusal is not None:
+                self._count(label, refusal[0])
+                recorded = await self._first(field, self._record(call, refusal[0], {"error": refusal[1]}))
+                return recorded["result"]
+            assert tool is not None
+            await self._approved(call, ordinal)
+            if not await self._intend(field, self._record(call, "intent", None)):
+                return await self._call(asked, ordinal)  # journaled meanwhile: replay or reconcile it
+            return await self._execute(tool, call, field)
+        assert tool is not None  # an intent is only journaled for a known tool
+        return await self._reconcile(tool, call, field, ordinal)
+
+    def _call_of(self, asked: dict[str, str], ordinal: int) -> ToolCall:
+        try:
+            arguments = loads(asked["arguments"])
+        except ValueError:
+            arguments = None
+        return ToolCall(key=call_key(self.task.key, self.generation, self.step.name, ordinal),
+                        task_id=self.task.key, step=self.step.name, ordinal=ordinal, tool=asked["name"],
+                        arguments=arguments if isinstance(arguments, dict) else {}, fence=self.fence)
+
+    def _refusal(self, tool: Tool | None, call: ToolCall, asked: dict[str, str], ordinal: int) -> tuple[str, str] | None:
+        """Why the call must not run (outcome, what the model is told), or None."""
+        if ordinal > self.step.max_tool_calls:
+            return "limit", f"no more tool calls: the step allows {self.step.max_tool_calls}"
+        if tool is None:
+            return "invalid", f"there is no tool named {asked['name'][:64]!r}"
+        try:
+            arguments = loads(asked["arguments"])
+        except ValueError:
+            return "invalid", "the arguments are not JSON"
+        problem = tool.invalid(arguments)
+        return ("invalid", f"invalid arguments: {problem}") if problem is not None else None
+
+    async def _approved(self, call: ToolCall, ordinal: int) -> None:
+        """Return when the call may run: it needs no approval or was approved; else park or end."""
+        reason = self.step.approval(self.task_input, call)
+        if reason is None:
+            return
+        decision = self.journal.get(f"a:{self.step.name}:{ordinal}")
+        if decision is None:
+            raise Parked(self._waiting("approval", call, reason))
+        if decision["decision"] == "approved":
+            return
+        why = decision.get("reason") or ""
+        if decision["decision"] == "expired":
+            raise ToDeadLetter("expired", f"tool call {call.key} waited for approval past its deadline",
+                               self.attempts)
+        raise ToDeadLetter("rejected", f"tool call {call.key} rejected by {decision.get('by', '?')}: {why}"[:500],
+                           self.attempts)
+
+    def _waiting(self, what: str, call: ToolCall, reason: str) -> dict[str, Any]:
+        now_ms = int(self.steps.clock().timestamp() * 1000)
+        return {"what": what, "step": self.step.name, "ordinal": call.ordinal, "tool": call.tool, "key": call.key,
+                "arguments": call.arguments, "reason": reason[:500], "since_ms": now_ms,
+                "deadline_ms": now_ms + int(self.step.approval_timeout_s * 1000), "fence": self.fence}
+
+    def _record(self, call: ToolCall, state: str, result: Any) -> dict[str, Any]:
+        return {
+            "state": state, "key": call.key, "tool": call.tool, "arguments": call.arguments,
+            "args_digest": digest(canonical_json(call.arguments)), "fence": self.fence,
+            "worker": self.steps.worker_id, "intent_at": iso(self.steps.clock()),
+            "result": result, "result_digest": digest(canonical_json(result)) if result is not None else None,
+        }
+
+    async def _execute(self, tool: Tool, call: ToolCall, field: str) -> Any:
+        """Run the call (with its key), up to a few times while the downstream says it did not land."""
+        for _ in range(_RUNS_PER_CALL):
+            try:
+                result = await run_bounded(tool.run(call), tool.timeout_s, f"tool {tool.name}")
+            except ToolError as exc:  # refused: nothing happened, the model is told
+                return await self._done(call, field, {"error": str(exc)[:500]}, "refused")
+            except ToolUnknown as exc:
+                log.info("task_id=%s: tool call %s: outcome unknown (%s); reconciling", self.task.key, call.key, exc)
+            except Exception as exc:  # noqa: BLE001 - the user's tool failed: whether it acted is unknown
+                log.warning("task_id=%s: tool call %s raised %s; reconciling", self.task.key, call.key,
+                            type(exc).__name__, exc_info=exc)
+            else:
+                return await self._done(call, field, result, "executed")
+            answer = await self._ask_downstream(tool, call)
+            if answer.state == "landed":
+                return await self._done(call, field, answer.result, "reconciled_landed")
+            if answer.state == "unknown":
+                raise Parked(self._waiting("reconcile", call, answer.detail or "the tool cannot tell"))
+            self._count(tool.name, "reconciled_absent")
+        raise Parked(self._waiting("reconcile", call, f"did not land in {_RUNS_PER_CALL} runs"))
+
+    async def _reconcile(self, tool: Tool, call: ToolCall, field: str, ordinal: int) -> Any:
+        """A call journaled as intended and never finished: ask the downstream before anything else."""
+        decision = self.journal.get(f"a:{self.step.name}:{ordinal}")
+        if decision is not None and decision["decision"] == "landed":  # an operator's answer
+            return await self._done(call, field, decision.get("result"), "reconciled_landed")
+        if decision is not None and decision["decision"] == "expired":
+            raise ToDeadLetter("expired", f"tool call {call.key}: nobody said whether it landed before the deadline",
+                               self.attempts)
+        if decision is None or decision["decision"] != "absent":
+            answer = await self._ask_downstream(tool, call)
+            if answer.state == "landed":
+                return await self._done(call, field, answer.result, "reconciled_landed")
+            if answer.state == "unknown":
+                raise Parked(self._waiting("reconcile", call, answer.detail or "the tool cannot tell"))
+            self._count(tool.name, "reconciled_absent")
+        await self._still_held()
+        return await self._execute(tool, call, field)
+
+    async def _still_held(self) -> None:
+        """A call about to run again must still be held by this fence (its intent is already there)."""
+        if not await self.steps.ledger.heartbeat(self.task.key, self.fence):
+            raise LostFence(f"task {self.task.key}: fence {self.fence} no longer holds the task")
+
+    async def _ask_downstream(self, tool: Tool, call: ToolCall) -> Reconciled:
+        try:
+            answer = await run_bounded(tool.reconcile(call), tool.timeout_s, f"reconcile of {tool.name}")
+        except Exception as exc:  # noqa: BLE001 - a failing reconcile cannot tell
+            return Reconciled.unknown(f"reconcile failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return answer if isinstance(answer, Reconciled) else Reconciled.unknown("reconcile answered nonsense")
+
+    async def _done(self, call: ToolCall, field: str, result: Any, outcome: str) -> Any:
+        record = self._record(call, "done", result)
+        record["outcome"] = record_outcome = outcome
+        intent = self.journal.get(field)
+        if isinstance(intent, dict):
+            record["intent_at"], record["seq"] = intent.get("intent_at"), intent.get("seq")
+        record["done_at"] = iso(self.steps.clock())
+        audit = audit_entry(self.task.key, self.generation, call, outcome, self.steps.worker_id, self.fence,
+                            record["result_digest"], self.steps.clock())
+        if not await self.effects.done(self.task.key, self.fence, field, record, audit):
+            self._count(call.tool, "stale")
+            raise LostFence(f"task {self.task.key}: result of {call.key} refused for fence {self.fence}")
+        self.journal[field] = record
+        self._count(call.tool, record_outcome)
+        return result
+
+    def _count(self, tool: str, outcome: str) -> None:
+        self.steps.metrics.tool_calls.labels(tool=tool, outcome=outcome).inc()
+
+
+def audit_entry(task_key: str, generation: int, call: ToolCall, outcome: str, worker: str, fence: int | None,
+                result_digest: str | None, now: datetime) -> dict[str, Any]:
+    """One line of the audit trail: who (worker, fence), what (tool, key, digests), when, the outcome."""
+    return {
+        "at": iso(now), "task_id": task_key, "generation": generation, "step": call.step, "ordinal": call.ordinal,
+        "key": call.key, "tool": call.tool, "args_digest": digest(canonical_json(call.arguments)),
+        "result_digest": result_digest, "outcome": outcome, "worker": worker, "fence": fence,
+    }
+
+
