@@ -59,6 +59,7 @@ class FakeLLM(Serving):
         self._idempotent = idempotent
         self._rules: list[Armed] = []
         self._stored: dict[str, bytes] = {}
+        self._open = 0  # chat requests being answered now
         self._reset_stats()
         self._routes: dict[str, dict[str, Handler]] = {
             "/_stats": {"GET": self._get_stats},
@@ -133,6 +134,7 @@ class FakeLLM(Serving):
         self._by_key: Counter[str] = Counter()
         self._completions_by_key: Counter[str] = Counter()
         self._last_body: dict[str, bytes] = {}
+        self._peak_open = self._open
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of what the server saw and did.
@@ -141,7 +143,8 @@ class FakeLLM(Serving):
         ones included; ``valid_completions``: schema-valid answers generated (normal, latency,
         slow_success); ``replayed``: idempotent replays; ``bad_requests``: 400s for malformed
         requests; ``faults``: applications per fault; ``by_key``: requests per Idempotency-Key;
-        ``completions_by_key``: valid completions per Idempotency-Key.
+        ``completions_by_key``: valid completions per Idempotency-Key; ``open``: chat requests being
+        answered now; ``peak_open``: the most open at once since the last reset.
         """
         with self._lock:
             return {
@@ -153,6 +156,8 @@ class FakeLLM(Serving):
                 "faults": dict(self._fault_counts),
                 "by_key": dict(self._by_key),
                 "completions_by_key": dict(self._completions_by_key),
+                "open": self._open,
+                "peak_open": self._peak_open,
             }
 
     def last_request(self, key: str) -> dict[str, Any] | None:
@@ -214,6 +219,16 @@ class FakeLLM(Serving):
                 return
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with self._lock:
+            self._open += 1
+            self._peak_open = max(self._peak_open, self._open)
+        try:
+            await self._answer_chat(scope, receive, send)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    async def _answer_chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = header(scope, b"idempotency-key")
         with self._lock:
             self._requests += 1
