@@ -78,7 +78,7 @@ class _RunnerMetrics(RunnerMetrics):
             self.m.consumer_lag.labels(**labels).set(lag)
 
 
-def _http_server(config: Any) -> Any:
+def http_server(config: Any) -> Any:
     """A uvicorn server without its own signal handling: the service drains on signals itself
     (uvicorn would otherwise re-raise the signal it caught, which reads as a second one)."""
     import uvicorn
@@ -256,7 +256,7 @@ class Service:
                 app, host=self.settings.http.host, port=self.settings.http.port,
                 log_level="warning", access_log=False, lifespan="off",
             )
-            server = _http_server(config)
+            server = http_server(config)
             tasks.append(asyncio.create_task(server.serve(), name="http"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
