@@ -185,5 +185,10 @@ def test_a_killed_worker_is_restarted_and_every_task_gets_exactly_one_result(
         assert all(len(v) == 1 for v in by_key.values()), "a task has two different results"
         until(lambda: sample(fleet.metrics(), "agent_worker_restarts_total") == 1, 10, "the restart counted")
         until(fleet.ready, 60, "the restarted worker ready", log)
+        fleet.proc.send_signal(signal.SIGTERM)
+        assert fleet.proc.wait(60) == 0, log.read_text()[-4000:]
+        metrics_dir = next(line.rsplit("metrics=", 1)[1].strip() for line in log.read_text().splitlines()
+                           if "serving with 2 workers" in line)
+        assert not os.path.exists(metrics_dir), "the multiprocess directory outlived the run"
     finally:
         fleet.kill()
