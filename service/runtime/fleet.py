@@ -224,6 +224,11 @@ def serve_fleet(settings: Settings, workers: int, *, llm_base_url: str) -> None:
     async def main() -> None:
         # the parent's own clients answer the admin API; its consumer is never started
         service = build(settings, llm_base_url=llm_base_url, agents=agents)
+        try:
+            await service.preflight()  # a ledger that cannot keep its promise refuses the start here, once
+        except BaseException:
+            await service.aclose()
+            raise
         stop = asyncio.Event()
         seen = {"n": 0}
 

@@ -192,3 +192,19 @@ def test_a_killed_worker_is_restarted_and_every_task_gets_exactly_one_result(
         assert not os.path.exists(metrics_dir), "the multiprocess directory outlived the run"
     finally:
         fleet.kill()
+
+
+def test_a_configuration_the_ledger_refuses_stops_the_supervisor_before_any_worker(
+    make_settings: Any, tmp_path: Path,
+) -> None:
+    """As one process does: a ledger retention shorter than the topic's refuses the start (exit 2),
+    said once by the supervisor rather than by a crash loop of workers."""
+    s = fleet_settings(make_settings, ledger={"result_ttl_s": 60})
+    log = tmp_path / "fleet.log"
+    fleet = Fleet(s, log)
+    try:
+        assert fleet.proc.wait(60) == 2, log.read_text()[-4000:]
+        assert "refusing to start" in log.read_text() and "worker 0 started" not in log.read_text()
+    finally:
+        fleet.kill()
+
