@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import backlog, e2e, latency, parallel, replay
+from benchmarks import backlog, e2e, latency, parallel, replay, workers
 from benchmarks.env import REPO, Env, progress
 from benchmarks.report import Figure, Report
 
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Env, bool], list[Figure]]] = {
     "latency_bound": latency.run,
     "replay": replay.run,
     "backlog_rss": backlog.run,
+    "workers": workers.run,
 }
 
 

@@ -1,7 +1,9 @@
 """Backpressure: how many records the runner may take now, and which partitions it pauses.
 
-A full window first waits for room (``pause_after_s``) before it pauses, so librdkafka keeps what
-it prefetched; a partition over its own limit pauses at once while others have room; a closed
+A full window first waits for room before it pauses, so librdkafka keeps what it prefetched: for
+``pause_after_s``, or twice the time records have recently been taking when that is longer (a
+window of 2 s model calls is full for 2 s at a time while perfectly healthy; pausing it then would
+throw the prefetch away and refill the window only at half, every turn); a partition over its own limit pauses at once while others have room; a closed
 gate pauses every partition. Paused partitions resume below the low-water mark.
 """
 
@@ -27,11 +29,20 @@ class Backpressure(RunnerCore):
     _gate_closed: bool
     _full_since: float | None
     _room: asyncio.Event
+    _record_s: float  # how long a record takes, recently (a moving average; 0 before the first)
+
+    def _pause_after_s(self) -> float:
+        """How long a full window waits for room before it pauses: see the module docstring."""
+        return max(self.config.pause_after_s, 2 * self._record_s)
+
+    def _took(self, seconds: float) -> None:
+        """A record left the window after ``seconds``: fold it into the moving average."""
+        self._record_s = seconds if not self._record_s else self._record_s + (seconds - self._record_s) / 64
 
     async def _wait_for_room(self) -> None:
         self._room.clear()
         since = self._full_since if self._full_since is not None else monotonic()
-        timeout = max(0.0, since + self.config.pause_after_s - monotonic()) + 0.001
+        timeout = max(0.0, since + self._pause_after_s() - monotonic()) + 0.001
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._room.wait()
@@ -74,14 +85,14 @@ class Backpressure(RunnerCore):
         return 0
 
     def _full_too_long(self, room: int) -> bool:
-        """Whether the window has been full for ``pause_after_s``; notes when it filled."""
+        """Whether the window has been full for :meth:`_pause_after_s`; notes when it filled."""
         now = monotonic()
         if room > 0:
             self._full_since = None
         elif self._full_since is None:
             self._full_since = now
         full_for = 0.0 if self._full_since is None else now - self._full_since
-        return room <= 0 and full_for >= self.config.pause_after_s
+        return room <= 0 and full_for >= self._pause_after_s()
 
     def _plan_pauses(self, pause_all: bool, gate_closed: bool, room: int,
                      ) -> tuple[list[TopicPartition], list[TopicPartition], int]:

@@ -8,7 +8,8 @@
   the outcome of every earlier record is durable before its offset is.
 - When the in-flight window is full the runner stops taking records and waits for room; librdkafka
   keeps what it prefetched (bounded by ``queued.max.messages.kbytes``). If the window stays full
-  for ``pause_after_s`` it pauses its partitions and keeps polling (so it stays in the group and
+  for ``pause_after_s``, or for twice the time records recently took when that is longer (slow
+  model calls keep a healthy window full that long), it pauses its partitions and keeps polling (so it stays in the group and
   serves rebalances), and resumes them below the low-water mark. Pausing at once on every fill
   would throw the prefetched records away: librdkafka purges a paused partition's queue and
   fetches it again only after the resume, a gap of 0.5-1 s each time.
@@ -88,6 +89,7 @@ class Runner(Backpressure, Commits):
         self._gate_closed = False  # the gate said no at the last check: every partition is paused
         self._retrying = 0
         self._full_since: float | None = None
+        self._record_s = 0.0
         self.started = asyncio.Event()
         self.last_error: str | None = None
 
@@ -300,6 +302,7 @@ class Runner(Backpressure, Commits):
         tp = key[0]
         delay = self.config.retry_base_s
         retrying = False
+        started = monotonic()
         try:
             while self._owns(tp, part):
                 staged: list[Staged] = []
@@ -325,6 +328,8 @@ class Runner(Backpressure, Commits):
                     if staged:
                         part.staged[record.offset] = staged
                     part.tracker.finish(record.offset)
+                    if not retrying:
+                        self._took(monotonic() - started)
                 if retrying:
                     log.info("record %s finished after retries", record.coordinates)
                 break

@@ -171,6 +171,14 @@ class Agent:
         return self if prompt_version == self.candidate.prompt_version else self.candidate
 
     @property
+    def width(self) -> int:
+        """The most model calls one task of this kind can have open at once: the widest set of steps
+        with no path between them (each of them can be ready at the same moment), over both versions
+        in a rollout. A chain is 1; a ``map_reduce`` step calls the model for its pieces one at a time."""
+        own = graph_width(self.graph)
+        return own if self.candidate is None else max(own, self.candidate.width)
+
+    @property
     def journaled(self) -> bool:
         """Whether the steps' outputs are journaled: with more than one step, or pieces of one."""
         return len(self.steps) > 1 or any(s.fit == "map_reduce" for s in self.steps)
@@ -191,3 +199,26 @@ class Agent:
     @property
     def prompt_version(self) -> str:
         return "+".join(f"{s.name}@{s.prompt_version}" for s in self.steps)
+
+
+def graph_width(graph: Mapping[str, tuple[str, ...]]) -> int:
+    """The largest antichain of a step graph (step -> the steps it needs): by Dilworth's theorem,
+    the steps less a maximum matching of "runs before" pairs (a minimum chain cover)."""
+    later: dict[str, set[str]] = {name: set() for name in graph}  # step -> every step that runs after it
+    for name in reversed(list(TopologicalSorter(graph).static_order())):  # a step after all that need it
+        for need in graph[name]:
+            later[need] |= {name} | later[name]
+    matched: dict[str, str] = {}  # a later step -> the earlier one it is chained to
+
+    def augment(name: str, seen: set[str]) -> bool:
+        for after in later[name]:
+            if after in seen:
+                continue
+            seen.add(after)
+            if after not in matched or augment(matched[after], seen):
+                matched[after] = name
+                return True
+        return False
+
+    pairs = sum(augment(name, set()) for name in graph)
+    return len(graph) - pairs

@@ -60,6 +60,10 @@ class AgentRegistry:
     def kinds(self) -> list[str]:
         return sorted(self._agents)
 
+    def widest(self) -> int:
+        """The most model calls one task of any kind here can have open at once (:attr:`Agent.width`)."""
+        return max((agent.width for agent in self._agents.values()), default=1)
+
 
 def default_agents() -> AgentRegistry:
     return AgentRegistry([

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from time import monotonic
@@ -28,7 +29,7 @@ from confluent_kafka.admin import AdminClient
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from consumers.producers import Headers, ProduceFailed
@@ -119,9 +120,13 @@ async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
         log.warning("readiness: redis ping failed: %s", exc)
         redis_ok = False
-    checks = {
+    consumer_checks = request.app.state.consumer_checks
+    consumer = consumer_checks() if consumer_checks is not None else {
         "assigned": bool(service.runner.assignment),
         "consuming": not service.runner.stopping,
+    }
+    checks = {
+        **consumer,
         "redis": redis_ok,
         "kafka": await probe.ok(),
     }
@@ -137,8 +142,9 @@ async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
     "/metrics", response_class=Response, tags=["ops"],
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
 )
-async def metrics(service: ServiceDep) -> Response:
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request, service: ServiceDep) -> Response:
+    registry = request.app.state.registry or service.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 _TASK_BODY = {
@@ -273,10 +279,16 @@ def _version() -> str:
         return "0.0.0"
 
 
-def create_app(service: Served) -> FastAPI:
+def create_app(service: Served, *, registry: CollectorRegistry | None = None,
+               consumer_checks: Callable[[], dict[str, bool]] | None = None) -> FastAPI:
+    """The app for ``service``. A supervisor of several workers (:mod:`service.runtime.fleet`) hands in
+    the ``registry`` that adds up their metrics and the ``consumer_checks`` of its readiness, in place
+    of ``service``'s own registry and its consumer's assignment."""
     app = FastAPI(title="agent-service", version=_version())
     app.add_middleware(RejectControlCharacters)
     app.state.service = service
+    app.state.registry = registry
+    app.state.consumer_checks = consumer_checks
     app.state.broker_probe = BrokerProbe(service.settings.kafka)
     app.include_router(effects_router)  # before the catch-all /tasks/{task_id:path}
     app.include_router(router)

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--embedded", action="store_true", help="start a local broker and redis-server")
     run.add_argument("--broker", choices=EMBEDDED_BROKERS, default="noida", help="embedded broker (default: noida)")
     run.add_argument("--data-dir", type=Path, help="where embedded servers keep their data")
+    run.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                     help="consumer processes in the group, supervised by this one (default 1: this process)")
     run.set_defaults(handler=run_command)
 
     produce = sub.add_parser("produce", help="produce task events from JSON, JSON Lines or flags")

@@ -1,6 +1,14 @@
 """Prometheus metrics on an explicit registry (never the global one).
 
 Labels are bounded: outcomes, reasons, directions, topic and partition numbers; never a task id.
+
+Under ``agent-service run --workers N`` every worker writes its values to the supervisor's
+``PROMETHEUS_MULTIPROC_DIR`` and one scrape of the supervisor adds them up: counters and histograms
+are summed over every worker that ever ran (a restarted worker's counts stay), and each gauge says
+how its workers' values combine (``multiprocess_mode``, ignored by a single process): in-flight
+records, paused and assigned partitions are the sum over live workers, a breaker or a degraded
+endpoint is the largest (1 when any worker sees it), and a partition's lag is the latest value
+written by a live worker (the one that owns it now).
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ class Metrics:
         )
         self.breaker_open = Gauge(
             "agent_llm_breaker_open", "1 while the circuit breaker of an LLM endpoint is open.", ["endpoint"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )
         self.breaker_opens = Counter(
             "agent_llm_breaker_opens", "Times an LLM endpoint's circuit breaker opened.", registry=r
@@ -77,7 +85,7 @@ class Metrics:
         self.endpoint_degraded = Gauge(
             "agent_endpoint_degraded",
             "1 while an LLM endpoint cannot serve any task (revoked key, unknown model, unreachable), by reason.",
-            ["endpoint", "reason"], registry=r,
+            ["endpoint", "reason"], registry=r, multiprocess_mode="livemax",
         )
         self.internal_errors = Counter(
             "agent_internal_errors", "Failures of the service's own code while processing a record.", registry=r
@@ -95,7 +103,7 @@ class Metrics:
         )
         self.parked_tasks = Gauge(
             "agent_parked_tasks", "Tasks waiting for a person (an approval, or an operator's answer to a reconcile).",
-            registry=r,
+            registry=r, multiprocess_mode="livemax",  # every worker reads the same count from Redis
         )
         self.parkings = Counter(
             "agent_parkings", "Tasks parked, by what they wait for (approval, reconcile).", ["what"], registry=r,
@@ -111,16 +119,19 @@ class Metrics:
         self.audit_exports = Counter(
             "agent_audit_events", "Audit entries sent to the audit topic.", registry=r,
         )
-        self.inflight = Gauge("agent_inflight_tasks", "Records held in flight.", registry=r)
+        self.inflight = Gauge("agent_inflight_tasks", "Records held in flight.", registry=r,
+                              multiprocess_mode="livesum")
         self.paused_partitions = Gauge(
-            "agent_paused_partitions", "Assigned partitions paused for backpressure.", registry=r
+            "agent_paused_partitions", "Assigned partitions paused for backpressure.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.assigned_partitions = Gauge(
-            "agent_assigned_partitions", "Partitions assigned to this worker.", registry=r
+            "agent_assigned_partitions", "Partitions assigned to this worker.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.consumer_lag = Gauge(
             "agent_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"],
-            registry=r,
+            registry=r, multiprocess_mode="livemostrecent",
         )
         self.committed_offsets = Counter(
             "agent_offset_commits", "Offset commits sent to the broker.", registry=r

@@ -132,7 +132,10 @@ class RedisSettings(BaseModel):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     socket_timeout_s: float = Field(5.0, gt=0)
-    max_connections: int = Field(64, ge=2)
+    # the ledger's connection pool (per node on a cluster). Unset: it follows the model calls a
+    # worker may have open (each waits on at most one Redis call at a time) plus a few for the
+    # lease renewals, the endpoint guard and the admin API; set, it is a cap
+    max_connections: int | None = Field(None, ge=2)
     key_prefix: str = Field("agent", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
 
@@ -150,7 +153,9 @@ class LLMSettings(BaseModel):
     max_attempts: int = Field(4, ge=1)
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
-    max_concurrency: int = Field(64, ge=1)
+    # model calls a worker may have open. Unset: it follows max_in_flight (times the most calls one
+    # task can have open at once, see service.runtime.limits); set, it is a cap (logged at start)
+    max_concurrency: int | None = Field(None, ge=1)
     breaker_failures: int = Field(5, ge=1)  # consecutive retryable failures that open the breaker
     breaker_open_s: float = Field(10.0, gt=0)
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)  # retries per first call, over 10 s
@@ -222,7 +227,7 @@ class Settings(BaseSettings):
     tools: ToolsSettings = ToolsSettings()
     max_task_bytes: int = Field(262_144, ge=64)
     max_in_flight: int = Field(256, ge=1)
-    max_in_flight_per_partition: int = Field(256, ge=1)
+    max_in_flight_per_partition: int | None = Field(None, ge=1)  # unset: max_in_flight
     commit_interval_s: float = Field(1.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
     # a failure of the service's own code on one record: retried this many times, then `internal`

@@ -27,6 +27,7 @@ endpoint that echoes a key (``sk-...``, ``Bearer ...``) cannot leak it into logs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -119,11 +120,15 @@ class LLMClient:
     CPU at a few hundred requests a second.
     """
 
-    def __init__(self, settings: LLMSettings, base_url: str, metrics: Metrics) -> None:
+    def __init__(self, settings: LLMSettings, base_url: str, metrics: Metrics, *, max_open: int | None = None) -> None:
+        """``max_open``: the calls open at once (the wiring derives it from the in-flight window, see
+        :mod:`service.runtime.limits`); None takes ``settings.max_concurrency``, and when that is unset
+        too the caller's own concurrency is the only bound."""
         self._settings = settings
         self._metrics = metrics
         self._url = f"{base_url.rstrip('/')}/chat/completions"
-        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self.max_open = max_open if max_open is not None else settings.max_concurrency
+        self._semaphore = asyncio.Semaphore(self.max_open) if self.max_open is not None else None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -132,7 +137,8 @@ class LLMClient:
         if self._closed:
             raise RuntimeError("LLMClient is closed")
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._settings.max_concurrency, limit_per_host=0)
+            # as many connections as calls may be open: the pool is never a second, hidden cap (0: no limit)
+            connector = aiohttp.TCPConnector(limit=self.max_open or 0, limit_per_host=0)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers={"Accept": "application/json", "Content-Type": "application/json"},
@@ -171,7 +177,7 @@ class LLMClient:
             "LLM request schema=%s idempotency_key=%s timeout=%.3fs",
             request.schema_name, request.idempotency_key, timeout_s,
         )
-        async with self._semaphore:
+        async with self._semaphore or contextlib.nullcontext():
             started = time.perf_counter()
             try:
                 response = await self._post(payload, headers, timeout_s)

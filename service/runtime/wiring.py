@@ -45,6 +45,7 @@ from service.llm.client import LLMClient
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
+from service.runtime.limits import limits, log_limits
 from service.runtime.parked import ApprovalsConsumer, approval_applier, sweep_forever
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class _RunnerMetrics(RunnerMetrics):
             self.m.consumer_lag.labels(**labels).set(lag)
 
 
-def _http_server(config: Any) -> Any:
+def http_server(config: Any) -> Any:
     """A uvicorn server without its own signal handling: the service drains on signals itself
     (uvicorn would otherwise re-raise the signal it caught, which reads as a second one)."""
     import uvicorn
@@ -91,9 +92,13 @@ def _http_server(config: Any) -> Any:
     return QuietServer(config)
 
 
-def redis_client(settings: Settings) -> RedisClient:
-    """One server, or a Redis Cluster for ``redis+cluster://`` URLs (see :mod:`dedup.client`)."""
+def redis_client(settings: Settings, max_connections: int | None = None) -> RedisClient:
+    """One server, or a Redis Cluster for ``redis+cluster://`` URLs (see :mod:`dedup.client`), with a
+    pool of ``max_connections`` (unset: ``AGENT_REDIS__MAX_CONNECTIONS``, else what
+    :mod:`service.runtime.limits` derives from the in-flight window with the built-in kinds)."""
     r = settings.redis
+    if max_connections is None:
+        max_connections = r.max_connections or limits(settings, AgentRegistry()).redis_connections
     kwargs: dict[str, Any] = {
         "socket_timeout": r.socket_timeout_s,
         "socket_connect_timeout": r.socket_timeout_s,
@@ -109,7 +114,7 @@ def redis_client(settings: Settings) -> RedisClient:
         kwargs["ssl_certfile"] = r.ssl_certfile
     if r.ssl_keyfile:
         kwargs["ssl_keyfile"] = r.ssl_keyfile
-    return connect(r.url.get_secret_value(), max_connections=r.max_connections, **kwargs)
+    return connect(r.url.get_secret_value(), max_connections=max_connections, **kwargs)
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
@@ -257,7 +262,7 @@ class Service:
                 app, host=self.settings.http.host, port=self.settings.http.port,
                 log_level="warning", access_log=False, lifespan="off",
             )
-            server = _http_server(config)
+            server = http_server(config)
             tasks.append(asyncio.create_task(server.serve(), name="http"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -308,7 +313,9 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         agents = load_registry(settings)
     metrics = metrics or Metrics()
     tracing = tracing or Tracing.from_env()
-    client = redis_client(settings)
+    bounds = limits(settings, agents)
+    log_limits(bounds)
+    client = redis_client(settings, bounds.redis_connections)
     ledger = Ledger(
         client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
         ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S,
@@ -317,15 +324,15 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     )
     closers: list[Any] = [lambda: asyncio.to_thread(tracing.shutdown)]
     if llm is None:
-        real = LLMClient(settings.llm, llm_base_url, metrics)
+        real = LLMClient(settings.llm, llm_base_url, metrics, max_open=bounds.model_calls)
         closers.append(real.aclose)
         llm = real
     # A record batch must fit the output topics' max.message.bytes: the broker refuses an oversized
     # batch whole, which would condemn every record in it along with the one that is too large.
     admin = AdminClient(settings.kafka.common_config())
     dlq_limit = topic_max_message_bytes(admin, settings.kafka.dlq_topic)
-    limits = [n for n in (dlq_limit, topic_max_message_bytes(admin, settings.kafka.results_topic)) if n]
-    batch = {"batch.size": min(limits + [DEFAULT_BATCH_BYTES]) - RECORD_OVERHEAD_BYTES}
+    sizes = [n for n in (dlq_limit, topic_max_message_bytes(admin, settings.kafka.results_topic)) if n]
+    batch = {"batch.size": min(sizes + [DEFAULT_BATCH_BYTES]) - RECORD_OVERHEAD_BYTES}
     publisher = Publisher({**settings.kafka.producer_config(), **batch})
     transactions: TransactionalProducer | None = None
     if settings.kafka.transactional:
@@ -368,7 +375,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         consumer_conf, processor,
         RunnerConfig(
             topic=s.kafka.input_topic, max_in_flight=s.max_in_flight,
-            max_in_flight_per_partition=s.max_in_flight_per_partition,
+            max_in_flight_per_partition=bounds.per_partition,
             commit_interval_s=s.commit_interval_s, drain_timeout_s=s.drain_timeout_s,
         ),
         _RunnerMetrics(metrics),

@@ -16,7 +16,17 @@ from consumers.records import Record
 from consumers.runner import Runner
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
-from tests.support import Broker, assert_one_result_each, classify, committed, produce, running, wait_for
+from tests.support import (
+    Broker,
+    assert_one_result_each,
+    classify,
+    committed,
+    metric,
+    produce,
+    running,
+    task_value,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +160,31 @@ def test_rebalances_with_tasks_in_flight_lose_nothing_and_run_nothing_twice(
     assert_one_result_each(s.kafka.bootstrap_servers, s.kafka.results_topic, [f"rb-{i}" for i in range(n)],
                            fake_llm.stats()["by_key"])
     assert sum(committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, 6).values()) == n
+
+
+@pytest.mark.parametrize(("kind", "in_flight", "cap", "peak"), [
+    ("classify", 100, None, 100),  # above the 64 calls the client used to allow whatever the window
+    ("review", 12, None, 36),  # research, summary and critique of every task in flight at once
+    ("classify", 40, 10, 10),  # AGENT_LLM__MAX_CONCURRENCY set on purpose: a cap
+])
+def test_model_calls_open_follow_max_in_flight(
+    make_settings: Any, fake_llm: FakeLLM, kind: str, in_flight: int, cap: int | None, peak: int,
+) -> None:
+    """One partition, a slow model: the calls the model sees open at once reach what AGENT_MAX_IN_FLIGHT
+    allows (times the calls one task opens at once), or the cap set on purpose, and never more."""
+    s: Settings = make_settings(kafka={"topic_partitions": 1}, max_in_flight=in_flight,
+                                llm={"max_concurrency": cap, "timeout_s": 30})
+    fake_llm.latency_s = 1.0
+    n = 2 * in_flight if cap is None else 3 * cap
+    ids = [f"open-{kind}-{i}" for i in range(n)]
+    value = (lambda t: classify(t)) if kind == "classify" else (lambda t: task_value("review", {"document": t}, t))
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            await asyncio.to_thread(produce, s.kafka.bootstrap_servers, s.kafka.input_topic,
+                                    [(t.encode(), value(t)) for t in ids])
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) >= n, 90,
+                           what="every task", service=svc)
+
+    asyncio.run(scenario())
+    assert fake_llm.stats()["peak_open"] == peak

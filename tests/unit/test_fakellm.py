@@ -542,7 +542,25 @@ def test_stats_count_requests_per_key(fake: FakeLLM, client: httpx.Client) -> No
     assert fake.stats() == {
         "requests": 0, "completions": 0, "valid_completions": 0, "replayed": 0, "bad_requests": 0,
         "faults": {}, "by_key": {}, "completions_by_key": {}, "tool_calls": 0, "tool_calls_by_name": {},
+        "open": 0, "peak_open": 0,
     }
+
+
+def test_stats_say_how_many_requests_were_open_at_once(fake: FakeLLM) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake.latency_s = 0.3
+
+    def one(i: int) -> int:
+        with httpx.Client(base_url=fake.base_url, timeout=5.0) as http:
+            return chat(http, CLASSIFY, key=f"open-{i}").status_code
+
+    with ThreadPoolExecutor(5) as pool:
+        assert list(pool.map(one, range(5))) == [200] * 5
+    stats = fake.stats()
+    assert stats["peak_open"] == 5 and stats["open"] == 0
+    fake.reset()
+    assert fake.stats()["peak_open"] == 0
 
 
 def test_without_idempotent_mode_a_repeated_key_gets_a_new_answer(client: httpx.Client) -> None:

@@ -1037,6 +1037,36 @@ def test_semaphore_limits_concurrent_calls() -> None:
     assert requests_total(metrics, "ok") == 12
 
 
+@pytest.mark.parametrize(("max_concurrency", "max_open", "peak"), [(None, None, 100), (None, 40, 40), (10, None, 10)])
+def test_calls_open_at_once_follow_the_caller_unless_capped(
+    max_concurrency: int | None, max_open: int | None, peak: int,
+) -> None:
+    """No cap set: every call goes at once (the in-flight window is the bound, not a pool of 64);
+    the wiring's ``max_open``, or a ``max_concurrency`` set on purpose, caps the calls and the pool alike."""
+    active = 0
+    seen = 0
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal active, seen
+        active += 1
+        seen = max(seen, active)
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            active -= 1
+        return web.json_response(completion())
+
+    async def main() -> None:
+        async with (
+            http_server(handler) as base_url,
+            LLMClient(make_settings(max_concurrency=max_concurrency), base_url, Metrics(), max_open=max_open) as client,
+        ):
+            await asyncio.gather(*(client.chat(make_request()) for _ in range(100)))
+
+    asyncio.run(main())
+    assert seen == peak
+
+
 def test_waiting_for_a_slot_does_not_spend_the_timeout() -> None:
     """Three calls through one slot, each answered in 0.1 s: the last waits 0.2 s for the slot,
     yet its 0.25 s timeout (and its latency) only covers its own exchange."""

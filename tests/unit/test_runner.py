@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from consumers.partitions import RunnerConfig, RunnerMetrics
@@ -356,3 +357,34 @@ def test_record_from_message_keeps_ordinary_fields() -> None:
     r = Record.from_message(FakeMsg(3, 9, b"k", b"v", headers=[("traceparent", b"00-x")], timestamp=(1, 1234)))
     assert (r.topic, r.partition, r.offset, r.key, r.value) == (TOPIC, 3, 9, b"k", b"v")
     assert r.headers == [("traceparent", b"00-x")] and r.timestamp_ms == 1234
+
+
+def test_a_window_full_of_slow_records_waits_longer_before_it_pauses() -> None:
+    """Records that take 0.2 s each keep a healthy window full that long: it pauses only after twice
+    that, not after pause_after_s (pausing throws librdkafka's prefetch away and refills at half)."""
+    async def test() -> None:
+        release = asyncio.Event()
+
+        async def handler(r: Record) -> None:
+            if r.offset < 4:
+                await asyncio.sleep(0.2)
+            else:
+                await release.wait()
+
+        runner, fake = await make_runner(handler, [0], max_in_flight=4, pause_after_s=0.05)
+        runner._dispatch([FakeMsg(0, i, str(i).encode()) for i in range(4)])
+        await until(lambda: runner.in_flight == 0, "the slow records")
+        assert runner._pause_after_s() == pytest.approx(0.4, abs=0.1)
+        runner._dispatch([FakeMsg(0, i, str(i).encode()) for i in range(4, 8)])
+        await runner._backpressure()  # full: notes when it filled
+        await asyncio.sleep(0.1)  # past pause_after_s, not past twice a record's time
+        await runner._backpressure()
+        assert fake.paused == set()
+        await asyncio.sleep(0.4)
+        await runner._backpressure()
+        assert fake.paused == {(TOPIC, 0)}
+        release.set()
+        await until(lambda: runner.in_flight == 0, "records")
+        await close(runner)
+
+    run(test)

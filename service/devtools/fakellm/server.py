@@ -83,6 +83,7 @@ class FakeLLM(Serving):
         self._tool_arguments = _rules(tool_arguments)
         self._rules: list[Armed[FaultRule]] = []
         self._stored: dict[str, bytes] = {}
+        self._open = 0  # chat requests being answered now
         self._reset_stats()
         self._routes: dict[str, dict[str, Handler]] = {
             "/_stats": {"GET": self._get_stats},
@@ -184,6 +185,7 @@ class FakeLLM(Serving):
         self._completions_by_key: Counter[str] = Counter()
         self._tool_calls_by_name: Counter[str] = Counter()
         self._last_body: dict[str, bytes] = {}
+        self._peak_open = self._open
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of what the server saw and did.
@@ -193,7 +195,8 @@ class FakeLLM(Serving):
         slow_success); ``replayed``: idempotent replays; ``bad_requests``: 400s for malformed
         requests; ``faults``: applications per fault; ``by_key``: requests per Idempotency-Key;
         ``completions_by_key``: valid completions per Idempotency-Key; ``tool_calls``: tool calls
-        answered, the faulty ones included; ``tool_calls_by_name``: the same per tool name.
+        answered, the faulty ones included; ``tool_calls_by_name``: the same per tool name; ``open``:
+        chat requests being answered now; ``peak_open``: the most open at once since the last reset.
         """
         with self._lock:
             return {
@@ -207,6 +210,8 @@ class FakeLLM(Serving):
                 "completions_by_key": dict(self._completions_by_key),
                 "tool_calls": self._tool_calls_by_name.total(),
                 "tool_calls_by_name": dict(self._tool_calls_by_name),
+                "open": self._open,
+                "peak_open": self._peak_open,
             }
 
     def last_request(self, key: str) -> dict[str, Any] | None:
@@ -268,6 +273,16 @@ class FakeLLM(Serving):
                 return
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with self._lock:
+            self._open += 1
+            self._peak_open = max(self._peak_open, self._open)
+        try:
+            await self._answer_chat(scope, receive, send)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    async def _answer_chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = header(scope, b"idempotency-key")
         with self._lock:
             self._requests += 1
