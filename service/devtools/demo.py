@@ -4,6 +4,11 @@ Starts a local broker, redis-server and the embedded model (or the fake one with
 runs the service, produces sample tasks (every one of them twice, as a redelivery would, plus a
 poison record and a conflicting one) and prints what happened: model calls, results, duplicates
 skipped and dead letters, read back from the topics and the ledger.
+
+Two of the tasks are of the kind ``support_ticket``, an agent that acts: it files tickets in a fake
+ticketing API (:mod:`service.devtools.downstream`) through a tool. A ticket with a refund above
+the threshold parks for approval; the demo approves it, as an operator would, and shows that every
+ticket was filed once however often its task was delivered.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ SAMPLES: list[dict[str, Any]] = [
                                             "bring the quarterly figures.", "max_words": 15}},
     {"kind": "classify", "input": {"text": "Where is my refund? It has been three weeks.",
                                    "labels": ["complaint", "praise", "question"]}},
+]
+TICKETS: list[dict[str, Any]] = [
+    {"kind": "support_ticket", "task_id": "ticket-001",
+     "input": {"customer": "Ada", "message": "My order 2291 arrived with two broken cups."}},
+    {"kind": "support_ticket", "task_id": "ticket-002",
+     "input": {"customer": "Grace", "message": "I was charged twice for order 2307; please refund 450 EUR."}},
 ]
 
 
@@ -86,7 +97,30 @@ def _sum(svc: Any, name: str, label: str, values: tuple[str, ...]) -> int:
     return int(sum(reg.get_sample_value(name, {label: v}) or 0 for v in values))
 
 
-async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> int:
+async def _approve_parked(svc: Any, settings: Settings, started: float, timeout_s: float) -> int:
+    """Approve every parked task, as an operator would, and wait until each has its result."""
+    from service.pipeline.base import utcnow
+    from service.pipeline.parking import decide
+
+    parked = [task_key for task_key, _ in await svc.ledger.effects.parked()]
+    for task_key in parked:
+        record = await svc.ledger.get(task_key)
+        waiting = json.loads(record.fields.get("waiting", "{}")) if record is not None else {}
+        print(f"  {task_key} waits for approval: {waiting.get('reason')}; approving it", flush=True)
+        await decide(svc.ledger, svc.publisher.send, svc.metrics, utcnow(), task_key, "approved", by="demo",
+                     reason="approved by the demo", audit_topic=settings.kafka.audit_topic)
+
+    async def done() -> bool:
+        records = [await svc.ledger.get(t) for t in parked]
+        return all(r is not None and r.state in ("succeeded", "dead") for r in records)
+
+    while parked and not await done() and time.monotonic() - started < timeout_s:
+        await asyncio.sleep(0.2)
+    return len(parked)
+
+
+async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
+               downstream: Any = None) -> int:
     from service.core.metrics import DLQ_REASONS, LLM_OUTCOMES
 
     svc = build(settings, llm_base_url=base_url)
@@ -95,17 +129,19 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> i
     k = settings.kafka
     while not svc.runner.assignment and not serving.done():
         await asyncio.sleep(0.1)
-    tasks = _tasks(n)
+    tasks = _tasks(n) + TICKETS
     records = [(t["task_id"].encode(), json.dumps(t).encode()) for t in tasks]
     conflicting = dict(tasks[0], input={**tasks[0]["input"], "text": "A different text under the same task id."})
     extra = [(b"poison-1", b"{this is not json"), (conflicting["task_id"].encode(), json.dumps(conflicting).encode())]
-    print(f"producing {n} tasks, each twice (a redelivery), one poison record and one conflicting task ...")
+    print(f"producing {len(tasks)} tasks ({len(TICKETS)} that file tickets), each twice (a redelivery), one poison "
+          "record and one conflicting task ...")
     started = time.monotonic()
     await asyncio.to_thread(_produce, k.bootstrap_servers, k.input_topic, records + records + extra)
-    expected = 2 * n + len(extra)
+    expected = 2 * len(tasks) + len(extra)
 
     def finished() -> int:
-        return _sum(svc, "agent_tasks_total", "outcome", ("succeeded", "duplicate", "dead_lettered", "conflict"))
+        return _sum(svc, "agent_tasks_total", "outcome",
+                    ("succeeded", "duplicate", "dead_lettered", "conflict", "parked"))
 
     last = -1
     while finished() < expected and time.monotonic() - started < timeout_s and not serving.done():
@@ -113,6 +149,7 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> i
             last = finished()
             print(f"  {last}/{expected} records finished", flush=True)
         await asyncio.sleep(0.5)
+    parked = await _approve_parked(svc, settings, started, timeout_s)
     elapsed = time.monotonic() - started
     svc.runner.stop()
     await serving
@@ -125,7 +162,7 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> i
 
     print()
     print(f"{'records produced':<28}{expected}")
-    print(f"{'distinct tasks':<28}{n + 1}  (+1 poison)")
+    print(f"{'distinct tasks':<28}{len(tasks) + 1}  (+1 poison)")
     print(f"{'LLM calls':<28}{_sum(svc, 'agent_llm_requests_total', 'outcome', LLM_OUTCOMES)}"
           f"  (retries {val('agent_retries_total')})")
     print(f"{'results published':<28}{len(results)}")
@@ -134,6 +171,11 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> i
         f"{r}={val('agent_dead_letters_total', reason=r)}" for r in DLQ_REASONS
         if val("agent_dead_letters_total", reason=r)))
     print(f"{'stale fence writes':<28}{val('agent_stale_fence_writes_total')}")
+    if downstream is not None:
+        effects = downstream.stats()["effects_by_key"]
+        print(f"{'tool calls run':<28}{val('agent_tool_calls_total', tool='open_ticket', outcome='executed')}"
+              f"  (parked for approval {parked}, approved by the demo)")
+        print(f"{'tickets filed':<28}{len(effects)}  (each key once: {sorted(set(effects.values())) in ([1], [])})")
     print(f"{'wall time':<28}{elapsed:.1f}s")
     print("\nresults:")
     for m in results:
@@ -146,8 +188,8 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float) -> i
         print(f"  {h.get('dlq.task_id') or '-':<10} {h['dlq.reason']:<15} "
               f"from {h['dlq.original.topic']}[{h['dlq.original.partition']}]@{h['dlq.original.offset']}: "
               f"{h['dlq.error'][:70]}")
-    unaccounted = expected - finished()
-    if unaccounted:
+    unaccounted = expected + parked - finished()  # a parked task finishes twice: parked, then resumed
+    if unaccounted > 0:
         print(f"\n{unaccounted} records were still in flight when the demo stopped (timeout {timeout_s:.0f}s)")
         return 1
     return 0
@@ -179,15 +221,23 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             server = emb.start("llm", local.start_local_model(emb.data_dir / "llm", gguf=settings.llm.local_gguf))
             base_url = f"http://{server.address}/v1"
             settings = with_local_model(settings)
+        from service.devtools.downstream import FakeDownstream
+
+        downstream = FakeDownstream()
+        emb.callback(downstream.stop)
+        downstream.start()
+        settings = settings.model_copy(update={"tools": settings.tools.model_copy(update={
+            "tickets_url": downstream.base_url})})
         ensure_topics(settings)
         if not _port_free(settings.http.host, settings.http.port):
             http = settings.http.model_copy(update={"port": local.free_port()})
             settings = settings.model_copy(update={"http": http})
-        print(f"broker {settings.kafka.bootstrap_servers}, redis {emb.servers['redis'].address}, model {base_url}")
+        print(f"broker {settings.kafka.bootstrap_servers}, redis {emb.servers['redis'].address}, model {base_url}, "
+              f"ticketing API {downstream.base_url}")
         print(f"admin API and metrics on http://{settings.http.host}:{settings.http.port} while it runs")
         timeout = float(getattr(args, "timeout", 0) or 600)
         try:
-            return asyncio.run(_run(settings, base_url, int(args.tasks), timeout))
+            return asyncio.run(_run(settings, base_url, int(args.tasks), timeout, downstream))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
