@@ -256,8 +256,8 @@ class Steps:
         it is the same version again (``agent_shadow_runs``). Nothing is written: no ledger step, no
         result. One attempt per step, no retries.
         """
-        if random.random() >= self.config.shadow_sample_rate:
-            return
+        if random.random() >= self.config.shadow_sample_rate or any(s.tools for s in agent.steps):
+            return  # a step that acts cannot be run in shadow: its answers depend on its side effects
         stored = await self.ledger.get(task.key)
         if stored is None or stored.state != "succeeded" or stored.fingerprint != task.fingerprint:
             return  # only a true duplicate of a stored result

@@ -32,7 +32,7 @@ from service.devtools.downstream import DownstreamFault, FakeDownstream
 from service.devtools.fakellm import FakeLLM, FaultRule, ToolArguments
 from service.pipeline.base import utcnow
 from service.pipeline.parking import compensate, side_effects
-from service.runtime.wiring import Service, ensure_topics
+from service.runtime.wiring import ensure_topics
 from tests.support import kill_worker, produce, read_topic, running, spawn_worker, task_value, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -55,8 +55,8 @@ def settings_for(make_settings: Any, downstream: FakeDownstream) -> Settings:
     return s
 
 
-async def _all_succeeded(svc: Service, ids: list[str]) -> bool:
-    records = [await svc.ledger.get(t) for t in ids]
+async def _all_succeeded(ledger: Ledger, ids: list[str]) -> bool:
+    records = [await ledger.get(t) for t in ids]
     return all(r is not None and r.state == "succeeded" for r in records)
 
 
@@ -124,7 +124,7 @@ def test_a_kill_at_each_point_of_a_tool_call_leaves_one_effect(
         await wait_for(lambda: downstream.ticket_for(key_of("pt-call")) is not None
                        and downstream.stats()["faults"].get("drop_before") == 1, 30, what="the calls on the wire")
         async with running(s, fake_llm.base_url) as b:
-            await wait_for(lambda: _all_succeeded(b, ids), 90, interval_s=0.2, what="every task", service=b)
+            await wait_for(lambda: _all_succeeded(b.ledger, ids), 90, interval_s=0.2, what="every task", service=b)
             return {t: await side_effects(b.ledger, t) for t in ids}
 
     journals = asyncio.run(take_over())
@@ -165,9 +165,9 @@ def test_tool_calls_under_repeated_sigkills_have_one_effect_each_and_compensate_
             workers[victim] = spawn_worker(s, str(tmp_path / f"w{victim}-{kills}.log"))
 
         async def finish() -> dict[str, dict[str, Any]]:
-            async with running(s, fake_llm.base_url) as svc:
-                await wait_for(lambda: _all_succeeded(svc, ids), 240, interval_s=0.5, what="every task", service=svc)
-                return {t: await side_effects(svc.ledger, t) for t in ids}
+            async with side_parts(s) as (ledger, _, _, _):  # the workers finish: three partitions, three of them
+                await wait_for(lambda: _all_succeeded(ledger, ids), 240, interval_s=0.5, what="every task")
+                return {t: await side_effects(ledger, t) for t in ids}
 
         journals = asyncio.run(finish())
     finally:
