@@ -143,9 +143,10 @@ def tool_calls(raw: Any) -> tuple[dict[str, str], ...]:
             arguments = json.dumps(arguments, separators=(",", ":"))
         if not isinstance(name, str) or not name or not isinstance(arguments, str):
             raise InvalidOutput("schema", f"tool_calls[{index}] needs a function name and arguments")
-        if not isinstance(call_id, str) or not call_id:
-            call_id = f"call_{index}"
-        calls.append({"id": call_id[:100], "name": name[:100], "arguments": arguments})
+        call_id = call_id[:100] if isinstance(call_id, str) and call_id else ""
+        if not call_id or any(c["id"] == call_id for c in calls):  # each result must answer one call
+            call_id = f"call-{index}"
+        calls.append({"id": call_id, "name": name[:100], "arguments": arguments})
     return tuple(calls)
 
 
