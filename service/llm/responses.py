@@ -133,7 +133,7 @@ def tool_calls(raw: Any) -> tuple[dict[str, str], ...]:
         return ()
     if not isinstance(raw, list):
         raise InvalidOutput("schema", "tool_calls is not a list")
-    calls = []
+    calls: list[dict[str, str]] = []
     for index, item in enumerate(raw):
         function = item.get("function") if isinstance(item, dict) else None
         if not isinstance(function, dict):
