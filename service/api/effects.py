@@ -95,7 +95,7 @@ async def _decide(service: ServiceDep, task_id: str, decision: str, by: str, rea
         raise HTTPException(404, "unknown task") from None
     except NotDecidable as exc:
         raise HTTPException(409, str(exc)) from None
-    return DecisionView(status=done.status, task_id=task_id, decision=decision)
+    return DecisionView(status=done.status, task_id=task_id, decision=done.decision)
 
 
 @router.post("/tasks/{task_id:path}/approval", response_model=DecisionView, dependencies=Admin,

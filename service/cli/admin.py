@@ -140,8 +140,10 @@ def task_decide(settings: Settings, args: argparse.Namespace) -> int:
     except NotDecidable as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    print(f"task {done.task_id}: {args.decision}" + (" (resumed again)" if done.status == "resumed_again" else
-                                                     "; resuming"))
+    if done.status == "resumed_again":
+        print(f"task {done.task_id} was decided before ({done.decision}); its resumption was produced again")
+    else:
+        print(f"task {done.task_id}: {done.decision}; resuming")
     return 0
 
 

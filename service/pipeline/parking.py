@@ -75,7 +75,7 @@ async def resume(send: Send, source: dict[str, Any], why: str) -> None:
 class Decided:
     status: str  # decided | resumed_again (decided before; its resumption produced once more)
     task_id: str
-    decision: str
+    decision: str  # what is recorded: with resumed_again, the earlier decision, not the one asked for
     what: str
 
 
@@ -90,9 +90,11 @@ async def decide(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, ta
     record = await ledger.get(task_key)
     if record is None:
         raise KeyError(task_key)
-    if record.state == "resuming":
-        await _resume_stored(ledger, send, task_key, "again")
-        return Decided("resumed_again", task_key, decision, "")
+    if record.state == "resuming":  # decided before; perhaps its resumption was never produced
+        journal = await _resume_stored(ledger, send, task_key, "again")
+        decided = [v for k, v in journal.items() if k.startswith("a:") and isinstance(v, dict)]
+        latest = max(decided, key=lambda d: str(d.get("at", "")), default={})
+        return Decided("resumed_again", task_key, str(latest.get("decision", "")), "")
     if record.state != "waiting_approval" or "waiting" not in record.fields:
         raise NotDecidable(f"task {task_key} is {record.state}, not waiting for a decision")
     waiting_raw = record.fields["waiting"]
@@ -123,12 +125,14 @@ async def decide(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, ta
     return Decided("decided", task_key, decision, what)
 
 
-async def _resume_stored(ledger: Ledger, send: Send, task_key: str, why: str) -> None:
+async def _resume_stored(ledger: Ledger, send: Send, task_key: str, why: str) -> dict[str, Any]:
+    """Produce the task's record again from its journal; returns the journal."""
     journal = await ledger.effects.journal(task_key)
     source = journal.get("source")
     if isinstance(source, dict):
         await resume(send, source, why)
     await ledger.effects.unlist(task_key)
+    return journal
 
 
 async def side_effects(ledger: Ledger, task_key: str) -> dict[str, Any]:

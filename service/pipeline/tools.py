@@ -97,25 +97,24 @@ class ToolLoop:
         name = self.step.name
         conversation: list[dict[str, Any]] = list(self.step.messages(self.task_input, self.previous))
         ordinal = 0
-        try:
-            for round_ in range(1, self.step.max_tool_rounds + 2):
-                decided = self.journal.get(f"r:{name}:{round_}")
-                if decided is None:
-                    answer = await self._ask(conversation, offer=round_ <= self.step.max_tool_rounds)
-                    if isinstance(answer, dict):
-                        return answer
-                    decided = await self._first(f"r:{name}:{round_}", {
-                        "calls": list(answer), "fence": self.fence, "at": iso(self.steps.clock())})
-                conversation.append({"role": "assistant", "content": None, "tool_calls": [
-                    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                    for c in decided["calls"]]})
-                for asked in decided["calls"]:
-                    ordinal += 1
-                    result = await self._call(asked, ordinal)
-                    conversation.append({"role": "tool", "tool_call_id": asked["id"], "content": canonical_json(result)})
-            raise AssertionError("the last round offers no tools")  # pragma: no cover
-        finally:
-            await self.steps.export_audit(self.task.key)  # best effort; a task's next pass catches up
+        for round_ in range(1, self.step.max_tool_rounds + 2):
+            decided = self.journal.get(f"r:{name}:{round_}")
+            if decided is None:
+                answer = await self._ask(conversation, offer=round_ <= self.step.max_tool_rounds)
+                if isinstance(answer, dict):
+                    # best effort: a parked task is exported by the processor, a decision by its maker
+                    await self.steps.export_audit(self.task.key)
+                    return answer
+                decided = await self._first(f"r:{name}:{round_}", {
+                    "calls": list(answer), "fence": self.fence, "at": iso(self.steps.clock())})
+            conversation.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in decided["calls"]]})
+            for asked in decided["calls"]:
+                ordinal += 1
+                result = await self._call(asked, ordinal)
+                conversation.append({"role": "tool", "tool_call_id": asked["id"], "content": canonical_json(result)})
+        raise AssertionError("the last round offers no tools")  # pragma: no cover
 
     async def _ask(self, conversation: list[dict[str, Any]], *, offer: bool) -> Any:
         answer, attempts = await self.steps._call_step(self.task, self.step, self.task_input, self.previous,

@@ -312,6 +312,9 @@ def test_a_rejection_or_no_decision_in_time_dead_letters_the_task(
                     r = await c.post("/tasks/appr-no/approval", json=body, headers=AUTH)
                     assert r.status_code == 200 and r.json()["status"] == "decided", r.text
                     again = await c.post("/tasks/appr-no/approval", json={"approve": True}, headers=AUTH)
+                    if again.status_code == 200:  # still resuming: the recorded decision stands
+                        assert again.json() == {"status": "resumed_again", "task_id": "appr-no",
+                                                "decision": "rejected"}
                     return again.status_code
             finally:
                 await svc.aclose()
