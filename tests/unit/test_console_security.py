@@ -97,3 +97,29 @@ def test_reads_open_needs_no_login_and_what_a_page_echoes_is_escaped() -> None:
             assert (await c.get("/ui/login", params={"next": "//evil.example/"})).text.count("//evil") == 0
 
     asyncio.run(scenario())
+
+
+def test_the_cookie_is_secure_over_https() -> None:
+    async def scenario() -> None:
+        s = Settings(admin_token=ADMIN_TOKEN, read_token=None, reads_open=False)
+        service = SimpleNamespace(settings=s, ledger=FakeLedger())
+        transport = httpx.ASGITransport(app=create_app(service))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="https://t") as c:
+            ok = await login(c, ADMIN_TOKEN)
+            assert ok.status_code == 303 and "Secure" in ok.headers["set-cookie"]
+
+    asyncio.run(scenario())
+
+
+def test_the_step_journal_is_shown_in_the_order_of_needs() -> None:
+    from service.api.console import _step_rows
+
+    graph = {"summarize": ("extract", "classify"), "extract": (), "classify": ("extract",)}
+    steps = {name: {"digest": f"d-{name}", "prompt_version": "v1"} for name in ("summarize", "classify", "extract")}
+    steps["extract-part-001"] = {"digest": "d-part", "prompt_version": "v1"}
+    rows = _step_rows({"steps": steps}, graph)
+    assert [r["name"] for r in rows] == ["extract", "extract-part-001", "classify", "summarize"]
+    assert [r["depth"] for r in rows] == [0, 0, 1, 2]
+    assert rows[1]["part"] and rows[3]["needs"] == ("extract", "classify")
+    # a kind the registry no longer knows: the journal alone, each step on its own
+    assert {r["name"] for r in _step_rows({"steps": steps}, None)} == set(steps)
