@@ -9,7 +9,7 @@ A wrong or missing token answers 401 with ``WWW-Authenticate: Bearer``.
 
 ``GET /dlq`` reads the dead-letter topic with a consumer of its own: one peek at a time per
 process (a concurrent one answers 429 with ``Retry-After: 1``), at most 1000 letters, and at most
-:data:`DLQ_PEEK_TIMEOUT_S` seconds. Every error answers with JSON; Redis or broker outages answer 503.
+:data:`service.api.peeking.DLQ_PEEK_TIMEOUT_S` seconds. Every error answers with JSON; Redis or broker outages answer 503.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from time import monotonic
 from typing import Annotated, Literal, cast
@@ -37,6 +35,7 @@ from dedup.keys import TASK_KEY_PATTERN
 from dedup.ledger import LedgerUnavailable
 from service.agents.registry import prepare_task
 from service.agents.tasks import TaskEvent, loads
+from service.api import console, peeking
 from service.api.effects import router as effects_router
 from service.api.protocol import Served
 from service.api.schemas import (
@@ -57,7 +56,6 @@ from service.pipeline.parking import side_effects
 log = logging.getLogger(__name__)
 
 TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-DLQ_PEEK_TIMEOUT_S = 10.0  # the whole of one GET /dlq peek, every partition included
 DLQ_BUSY = "a dead-letter peek is already running; retry shortly"
 
 
@@ -93,13 +91,6 @@ class BrokerProbe:
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
             log.warning("readiness: broker metadata failed: %s", exc)
             return False
-
-
-# One GET /dlq peek at a time in this process, whatever the event loop: the slot is taken before
-# the peek's thread starts and given back only when that thread is done (or never ran), so a
-# client that hangs up cannot leave peeks running behind it.
-_peek_slot = threading.Lock()
-_peek_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlq-peek")
 
 
 # ---------------------------------------------------------------------------- routes
@@ -201,17 +192,10 @@ async def list_dead_letters(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     partition: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> list[dlq.DeadLetter]:
-    if not _peek_slot.acquire(blocking=False):
-        raise HTTPException(429, DLQ_BUSY, headers={"Retry-After": "1"})
     try:
-        future: Future[list[dlq.DeadLetter]] = _peek_pool.submit(
-            dlq.peek, service.settings.kafka, limit, partition, timeout_s=DLQ_PEEK_TIMEOUT_S
-        )
-    except BaseException:
-        _peek_slot.release()
-        raise
-    future.add_done_callback(lambda _: _peek_slot.release())
-    return await asyncio.wrap_future(future)
+        return await peeking.peek(service.settings.kafka, limit, partition)
+    except peeking.PeekBusy:
+        raise HTTPException(429, DLQ_BUSY, headers={"Retry-After": "1"}) from None
 
 
 @router.post(
@@ -292,6 +276,7 @@ def create_app(service: Served, *, registry: CollectorRegistry | None = None,
     app.state.broker_probe = BrokerProbe(service.settings.kafka)
     app.include_router(effects_router)  # before the catch-all /tasks/{task_id:path}
     app.include_router(router)
+    console.install(app)
     for exc_type in (LedgerUnavailable, KafkaException, ProduceFailed):
         app.add_exception_handler(exc_type, _unavailable)
     app.add_exception_handler(Exception, _internal)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
+from pydantic import SecretStr
 
 from service.core.settings import Settings
 from service.devtools import local
@@ -235,9 +237,28 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         print(f"broker {settings.kafka.bootstrap_servers}, redis {emb.servers['redis'].address}, model {base_url}, "
               f"ticketing API {downstream.base_url}")
         print(f"admin API and metrics on http://{settings.http.host}:{settings.http.port} while it runs")
+        settings, login = _console_login(settings)
+        print(f"console on {_console_url(settings)} while it runs ({login})")
         timeout = float(getattr(args, "timeout", 0) or 600)
         try:
-            return asyncio.run(_run(settings, base_url, int(args.tasks), timeout, downstream))
+            code = asyncio.run(_run(settings, base_url, int(args.tasks), timeout, downstream))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        print(f"\nconsole: {_console_url(settings)} (served while the demo ran, {login}; `make run` serves "
+              "it with the service: set AGENT_ADMIN_TOKEN or AGENT_READ_TOKEN to log in)")
+        return code
+
+
+def _console_url(settings: Settings) -> str:
+    return f"http://{settings.http.host}:{settings.http.port}/ui"
+
+
+def _console_login(settings: Settings) -> tuple[Settings, str]:
+    """The demo's settings with a token to log in to the console with, and how to log in. Without
+    any token the console (like the API's reads) is closed: the demo makes a one-off admin token."""
+    if settings.admin_token is not None or settings.read_token is not None:
+        return settings, "log in with AGENT_ADMIN_TOKEN or AGENT_READ_TOKEN"
+    token = secrets.token_urlsafe(12)
+    return (settings.model_copy(update={"admin_token": SecretStr(token)}),
+            f"log in with the admin token {token}, made for this demo")

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.api import app as app_module
+from service.api import peeking
 from service.api.app import create_app
 from service.api.security import READS_DISABLED
 from service.core.settings import Settings
@@ -122,7 +122,7 @@ def test_one_dlq_peek_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     first, second, third = asyncio.run(scenario())
     assert first.status_code == 200 and third.status_code == 200
     assert second.status_code == 429 and second.headers["retry-after"] == "1" and second.json()["detail"]
-    assert len(calls) == 2 and all(call["timeout_s"] == app_module.DLQ_PEEK_TIMEOUT_S for call in calls)
+    assert len(calls) == 2 and all(call["timeout_s"] == peeking.DLQ_PEEK_TIMEOUT_S for call in calls)
 
 
 def test_an_abandoned_peek_keeps_the_slot_until_its_thread_ends(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,8 +147,8 @@ def test_an_abandoned_peek_keeps_the_slot_until_its_thread_ends(monkeypatch: pyt
             return busy
 
     assert asyncio.run(scenario()) == 429
-    assert app_module._peek_slot.acquire(timeout=10)  # given back once the thread ended
-    app_module._peek_slot.release()
+    assert peeking._peek_slot.acquire(timeout=10)  # given back once the thread ended
+    peeking._peek_slot.release()
 
 
 def test_health_and_readiness_need_no_token_and_the_schema_documents_401_and_403() -> None:
