@@ -389,7 +389,7 @@ class Ledger:
         return int(raw) == 1
 
     async def revive(self, task_key: str) -> bool:
-        raw = await self._script(self._revive, [self.keys.task(task_key)], [])
+        raw = await self._script(self._revive, [self.keys.task(task_key), self.keys.tools(task_key)], [])
         return int(raw) == 1
 
     async def get(self, task_key: str) -> TaskRecord | None:

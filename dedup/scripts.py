@@ -166,11 +166,18 @@ redis.call('HSET', KEYS[1], 'published', ARGV[2])
 return 1
 """
 
-# KEYS[1] task; -> 1 revived, 0 not dead. A dead task becomes claimable again, each step with a
-# fresh attempt budget (the task's total count stays), after an operator redrives its dead letter.
+# KEYS[1] task, KEYS[2] tools; -> 1 revived, 0 not dead. A dead task becomes claimable again, each
+# step with a fresh attempt budget (the task's total count stays), after an operator redrives its
+# dead letter. A rejected or expired approval is dropped with it: the redriven call asks again.
 REVIVE = NOW + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then
   return 0
+end
+for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if string.sub(f, 1, 2) == 'a:' then
+    local d = cjson.decode(redis.call('HGET', KEYS[2], f))['decision']
+    if d == 'rejected' or d == 'expired' then redis.call('HDEL', KEYS[2], f) end
+  end
 end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'lease_until', 0, 'updated_at', now)
 redis.call('HDEL', KEYS[1], 'dead_reason')

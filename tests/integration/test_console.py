@@ -206,11 +206,12 @@ def test_the_console_in_a_browser(make_settings: Any, fake_llm: FakeLLM, downstr
                 assert "replayed 1," in await page.inner_text("#summary")
                 await shot("12-replay-report")
                 assert "yes" in await page.locator("#report tr", has_text="appr-no").inner_text()  # revived
-                # the ledger revived the task and it ran again; the journaled rejection of its call stands,
-                # so it ends dead-lettered again without calling the downstream
-                await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "rejected"}) == 2, 60,
-                               what="the replayed task's outcome", service=svc)
-                await wait_for(lambda: _is(svc, "appr-no", "dead"), 30, what="appr-no dead again", service=svc)
+                # the ledger revived the task and dropped its rejection: it runs again and waits for a
+                # decision once more, without calling the downstream
+                await wait_for(lambda: _is(svc, "appr-no", "waiting_approval"), 60, what="appr-no parked again",
+                               service=svc)
+                await page.goto(base + "/ui/parked")
+                assert await page.locator("tr", has_text="appr-no").count() == 1
                 assert "appr-no/file/1" not in downstream.stats()["effects_by_key"]
                 await page.goto(base + "/ui")
                 await shot("13-overview-after")
