@@ -122,7 +122,7 @@ async def _approve_parked(svc: Any, settings: Settings, started: float, timeout_
 
 
 async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
-               downstream: Any = None) -> int:
+               downstream: Any = None, keep: bool = False, console: str = "", login: str = "") -> int:
     from service.core.metrics import DLQ_REASONS, LLM_OUTCOMES
 
     svc = build(settings, llm_base_url=base_url)
@@ -153,8 +153,6 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
         await asyncio.sleep(0.5)
     parked = await _approve_parked(svc, settings, started, timeout_s)
     elapsed = time.monotonic() - started
-    svc.runner.stop()
-    await serving
     results = await asyncio.to_thread(_read, k.bootstrap_servers, k.results_topic)
     dead = await asyncio.to_thread(_read, k.bootstrap_servers, k.dlq_topic)
     reg = svc.metrics.registry
@@ -191,6 +189,15 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
               f"from {h['dlq.original.topic']}[{h['dlq.original.partition']}]@{h['dlq.original.offset']}: "
               f"{h['dlq.error'][:70]}")
     unaccounted = expected + parked - finished()  # a parked task finishes twice: parked, then resumed
+    if keep and not serving.done():
+        print(f"\nthe service keeps running: look at it in the console, {console} ({login}); Ctrl-C stops it",
+              flush=True)
+    else:
+        svc.runner.stop()
+    await serving
+    if not keep:
+        print(f"\nconsole: {console} (served while the demo ran, {login}; run the demo at a terminal to keep "
+              "it up afterwards, or `make run`)")
     if unaccounted > 0:
         print(f"\n{unaccounted} records were still in flight when the demo stopped (timeout {timeout_s:.0f}s)")
         return 1
@@ -241,13 +248,13 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         print(f"console on {_console_url(settings)} while it runs ({login})")
         timeout = float(getattr(args, "timeout", 0) or 600)
         try:
-            code = asyncio.run(_run(settings, base_url, int(args.tasks), timeout, downstream))
+            # at a terminal the service keeps serving the console once the demo is done, until Ctrl-C
+            keep = sys.stdin.isatty() and sys.stdout.isatty()
+            return asyncio.run(_run(settings, base_url, int(args.tasks), timeout, downstream, keep,
+                                    _console_url(settings), login))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
-        print(f"\nconsole: {_console_url(settings)} (served while the demo ran, {login}; `make run` serves "
-              "it with the service: set AGENT_ADMIN_TOKEN or AGENT_READ_TOKEN to log in)")
-        return code
 
 
 def _console_url(settings: Settings) -> str:
