@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from graphlib import TopologicalSorter
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 COOKIE = "agent_console"
+HOUR_S = 3600.0
 LOGIN_COOKIE = "agent_console_login"
 SESSION_MAX_AGE_S = 8 * 3600
 MAX_FORM_BYTES = 64 * 1024
@@ -327,6 +329,7 @@ async def overview(request: Request) -> Response:
     degraded = sorted((lab.get("endpoint", ""), lab.get("reason", "")) for lab, v in
                       samples.get("agent_endpoint_degraded", []) if v)
     dead = {lab.get("reason", ""): v for lab, v in samples.get("agent_dead_letters_total", []) if v}
+    recent, window_s = _recent(request.app.state.console_dead, now, dead)
     outcomes = {lab.get("outcome", ""): v for lab, v in samples.get("agent_tasks_total", [])}
     try:
         parked_now: int | None = await service.ledger.effects.parked_count()
@@ -337,9 +340,21 @@ async def overview(request: Request) -> Response:
         request, "overview.html", rate=rate, consumed=consumed, outcomes=outcomes,
         inflight=_total(samples, "agent_inflight_tasks"), paused=_total(samples, "agent_paused_partitions"),
         assigned=_total(samples, "agent_assigned_partitions"), lag=lag, breakers=breakers, degraded=degraded,
-        dead=dead, parked_gauge=_total(samples, "agent_parked_tasks"), parked_now=parked_now,
+        dead=dead, recent=recent, window_min=round(window_s / 60), parked_gauge=_total(samples, "agent_parked_tasks"), parked_now=parked_now,
         published=_total(samples, "agent_results_published_total"), now=_iso_ms(time.time() * 1000),
     )
+
+
+def _recent(history: deque[tuple[float, dict[str, float]]], now: float,
+            counts: dict[str, float]) -> tuple[dict[str, float], float]:
+    """Dead letters by reason over the last hour, from the counts this page saw (kept once a minute
+    for an hour): what it can cover, the window it covers in seconds (0: nothing seen before)."""
+    if not history or now - history[-1][0] >= 60:
+        history.append((now, dict(counts)))
+    while history and now - history[0][0] > HOUR_S:
+        history.popleft()
+    then, before = history[0]
+    return {r: n - before.get(r, 0.0) for r, n in counts.items() if n - before.get(r, 0.0)}, now - then
 
 
 # -- tasks
@@ -562,5 +577,6 @@ def install(app: Any) -> None:
     """Serve the console on ``app``: its routes, its stylesheet and a session secret of this process."""
     app.state.console_sessions = Sessions()
     app.state.console_last = None
+    app.state.console_dead = deque()  # (monotonic time, dead letters by reason), once a minute
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="console-static")

@@ -123,3 +123,17 @@ def test_the_step_journal_is_shown_in_the_order_of_needs() -> None:
     assert rows[1]["part"] and rows[3]["needs"] == ("extract", "classify")
     # a kind the registry no longer knows: the journal alone, each step on its own
     assert {r["name"] for r in _step_rows({"steps": steps}, None)} == set(steps)
+
+
+def test_dead_letters_of_the_last_hour_are_counted_from_the_snapshots_the_overview_keeps() -> None:
+    from collections import deque
+
+    from service.api.console import _recent
+
+    history: deque[tuple[float, dict[str, float]]] = deque()
+    assert _recent(history, 0.0, {"decode": 5.0}) == ({}, 0.0)  # nothing seen before
+    assert _recent(history, 30.0, {"decode": 7.0}) == ({"decode": 2.0}, 30.0)  # not a minute yet: no snapshot
+    for minute in range(1, 70):
+        recent, window = _recent(history, minute * 60.0, {"decode": 5.0 + minute, "schema": float(minute > 65)})
+    # an hour back from minute 69 is minute 9 (decode 14); the schema letter came in the last hour
+    assert recent == {"decode": 60.0, "schema": 1.0} and window == 3600.0
