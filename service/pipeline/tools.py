@@ -45,7 +45,8 @@ class Steps(Protocol):
 
     async def _call_step(self, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
                          fence: int, attempts: int, *, conversation: list[dict[str, Any]] | None = None,
-                         offer_tools: bool = False) -> tuple[Any, int]: ...
+                         offer_tools: bool = False,
+                         answered: list[tuple[str, str]] | None = None) -> tuple[Any, int]: ...
 
     async def export_audit(self, task_key: str) -> None: ...
 
@@ -81,8 +82,10 @@ class ToolLoop:
     """The model's tool-call loop for one step of one task, under one claim."""
 
     def __init__(self, steps: Steps, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
-                 fence: int, attempts: int, record: Record | None) -> None:
+                 fence: int, attempts: int, record: Record | None,
+                 answered: list[tuple[str, str]] | None = None) -> None:
         self.steps, self.task, self.step, self.task_input = steps, task, step, task_input
+        self.answered = answered  # (endpoint, model) of each round's answer
         self.previous, self.fence, self.attempts = previous, fence, attempts
         self.source = source_of(record) if record is not None else None
         self.effects = steps.ledger.effects
@@ -119,7 +122,7 @@ class ToolLoop:
     async def _ask(self, conversation: list[dict[str, Any]], *, offer: bool) -> Any:
         answer, attempts = await self.steps._call_step(self.task, self.step, self.task_input, self.previous,
                                                        self.fence, self.attempts, conversation=conversation,
-                                                       offer_tools=offer)
+                                                       offer_tools=offer, answered=self.answered)
         self.attempts = max(self.attempts, attempts)
         return answer
 
