@@ -127,3 +127,36 @@ def test_a_fallback_kind_with_no_fallback_configured_waits_for_the_primary() -> 
 
 def test_results_name_a_fallback_by_its_url_without_credentials() -> None:
     assert public_url("https://user:sk-secret@backup.example:8443/v1?key=abc#x") == "https://backup.example:8443/v1"
+
+
+def test_consumption_pauses_on_a_degraded_primary_only_when_every_kind_would_wait() -> None:
+    from service.pipeline.base import ProcessorConfig
+    from service.pipeline.processor import TaskProcessor
+
+    clock = Clock()
+    metrics = Metrics()
+
+    def processor(policies: tuple[str | None, ...], default: str = "wait") -> TaskProcessor:
+        picker = Picker(clock)
+        agents = AgentRegistry([Agent(f"k{i}", Out, (One(),), unavailable=p) for i, p in enumerate(policies)])
+        return TaskProcessor(ledger=None, agents=agents, llm=None, outputs=None, metrics=metrics,  # type: ignore[arg-type]
+                             config=ProcessorConfig(), worker_id="w", model_name="m", guard=picker.primary.guard,
+                             fallbacks=picker.fallbacks, unavailable=default)
+
+    cases = [
+        ((None, "wait"), "wait", False),
+        ((None, "fallback"), "wait", True),
+        ((None,), "fallback", True),
+        (("wait", "fail_fast"), "wait", True),  # its tasks must fail now, not age in the topic
+    ]
+    for policies, default, accepting in cases:
+        p = processor(policies, default)
+        assert p.accepting
+        assert p.guard is not None
+        p.guard.endpoint_fault("auth", "401")
+        assert p.accepting is accepting, (policies, default)
+        if "fallback" in (*policies, default):
+            for fallback in p.fallbacks:
+                assert fallback.guard is not None
+                fallback.guard.endpoint_fault("auth", "401")
+            assert not p.accepting  # no fallback accepts either: every kind would wait
