@@ -108,8 +108,13 @@ class ToolLoop:
                     # best effort: a parked task is exported by the processor, a decision by its maker
                     await self.steps.export_audit(self.task.key)
                     return answer
-                decided = await self._first(f"r:{name}:{round_}", {
-                    "calls": list(answer), "fence": self.fence, "at": iso(self.steps.clock())})
+                round_record: dict[str, Any] = {"calls": list(answer), "fence": self.fence,
+                                                "at": iso(self.steps.clock())}
+                if self.answered:  # who asked for these calls: a resumed task stays flagged degraded
+                    round_record["endpoint"], round_record["model"] = self.answered[-1]
+                decided = await self._first(f"r:{name}:{round_}", round_record)
+            elif self.answered is not None and decided.get("endpoint"):
+                self.answered.append((str(decided["endpoint"]), str(decided.get("model", ""))))
             conversation.append({"role": "assistant", "content": None, "tool_calls": [
                 {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
                 for c in decided["calls"]]})
