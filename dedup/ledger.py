@@ -297,8 +297,12 @@ class Ledger:
         event: bytes,
         model: str,
         prompt_version: str,
+        endpoint: str | None = None,
     ) -> Completion:
         """First writer wins; a write under an older fence is refused (``stale``).
+
+        ``endpoint``: the fallback endpoint that answered (``model`` is then its model); the record
+        is marked ``degraded`` with it.
 
         With ``wait_replicas`` (and ``wait_aof``) it returns only once replicas (and AOFs) hold the
         write; too few acknowledgements within ``wait_timeout_ms`` raise :class:`LedgerUnavailable`:
@@ -306,7 +310,7 @@ class Ledger:
         claim finds the stored result and re-emits it, byte for byte).
         """
         keys = self._both(task_key)
-        args = [fence, result, digest, event, model, prompt_version, self.ttl_s]
+        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or ""]
         if not self.durable:
             raw = await self._script(self._complete, keys, args)
             return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]

@@ -133,6 +133,12 @@ redis.call('HSET', KEYS[1], 'state', 'succeeded', 'result', ARGV[2], 'result_dig
            'event', ARGV[4], 'model', ARGV[5], 'prompt_version', ARGV[6], 'completed_at', now,
            'updated_at', now, 'lease_until', 0, 'published', 0)
 redis.call('HDEL', KEYS[1], 'error', 'dead_reason')
+if ARGV[8] and ARGV[8] ~= '' then
+  -- a fallback endpoint answered: the record says so, as the result event does
+  redis.call('HSET', KEYS[1], 'degraded', 1, 'endpoint', ARGV[8])
+else
+  redis.call('HDEL', KEYS[1], 'degraded', 'endpoint')
+end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from service.agents.tasks import describe_validation
 from service.agents.tools import Tool, ToolCall
 from service.core.errors import InvalidOutput, PoisonError
+from service.core.settings import UNAVAILABLE_POLICIES
 
 Messages = list[dict[str, str]]
 
@@ -108,6 +109,10 @@ class Agent:
     # version) runs ``candidate``, a new version of the same kind; the rest run this one
     candidate: Agent | None = None
     candidate_share: float = 0.0
+    # while the primary model endpoint is unavailable (its breaker open, or it is degraded): "wait"
+    # for it, "fallback" to the first fallback endpoint that accepts (the result is flagged
+    # degraded), or "fail_fast" (dead letter `unavailable`); None takes AGENT_LLM__UNAVAILABLE
+    unavailable: str | None = None
     # step name -> the names of the steps it reads, in its order (computed from the steps' ``needs``)
     graph: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
@@ -139,6 +144,9 @@ class Agent:
             cycle = " -> ".join(exc.args[1])
             raise ValueError(f"agent {self.kind!r}: its steps form a cycle: {cycle}") from None
         object.__setattr__(self, "graph", graph)
+        if self.unavailable not in (None, *UNAVAILABLE_POLICIES):
+            raise ValueError(f"agent {self.kind!r}: unavailable must be one of {', '.join(UNAVAILABLE_POLICIES)}, "
+                             f"not {self.unavailable!r}")
         self._check_rollout()
 
     def _check_rollout(self) -> None:

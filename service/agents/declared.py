@@ -5,6 +5,9 @@ The file holds a list ``kinds``; each kind is::
     name          the kind, as a task names it (lowercase letters, digits, _)
     version       required; every step's prompt version, recorded with every result
     description   optional, for people
+    unavailable   optional: wait, fallback or fail_fast, what a task does while the primary model
+                  endpoint is unavailable (absent: AGENT_LLM__UNAVAILABLE); not part of the
+                  definition's digest, so it changes without a new version
     input_schema  the JSON Schema of a task's input: an object
     steps         one or more steps, each one model call:
       name           [A-Za-z0-9_-], unique in the kind, not the name of an input field
@@ -49,12 +52,13 @@ from service.agents.base import Agent, Messages, Step
 from service.agents.helpers import JSON_ONLY, system_message, user_message
 from service.agents.tasks import KIND_PATTERN, canonical_json, digest
 from service.core.errors import AgentError, InvalidOutput, PoisonError
+from service.core.settings import UNAVAILABLE_POLICIES
 
 STEP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SCHEMA_NAME_MAX = 64  # a request's schema name is "<kind>_<step>" (see service.llm.client.ChatRequest)
 
-KIND_FIELDS = {"name", "version", "description", "input_schema", "steps", "rollout_share"}
+KIND_FIELDS = {"name", "version", "description", "input_schema", "steps", "rollout_share", "unavailable"}
 STEP_FIELDS = {"name", "prompt", "system", "output_schema", "needs", "model", "temperature"}
 
 
@@ -278,6 +282,9 @@ def _kind(path: Path, index: int, raw: Any) -> DeclaredAgent:
     description = raw.get("description")
     if description is not None and not isinstance(description, str):
         raise at.error("description", "expected a string")
+    unavailable = raw.get("unavailable")
+    if unavailable is not None and unavailable not in UNAVAILABLE_POLICIES:
+        raise at.error("unavailable", f"{unavailable!r} is not one of {', '.join(UNAVAILABLE_POLICIES)}")
     input_schema = _schema(at, "input_schema", raw.get("input_schema"))
     fields = set(input_schema.get("properties", {}))
     steps_raw = raw.get("steps")
@@ -293,7 +300,8 @@ def _kind(path: Path, index: int, raw: Any) -> DeclaredAgent:
     }
     try:
         return DeclaredAgent(name, DeclaredInput, steps, version=version, input_schema=input_schema,
-                             definition_digest=digest(canonical_json(definition)), description=description)
+                             definition_digest=digest(canonical_json(definition)), description=description,
+                             unavailable=unavailable)
     except ValueError as exc:  # a cycle: the agent model refuses it
         message = str(exc).removeprefix(f"agent {name!r}: ")
         raise at.error("needs", message) from None

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict", "parked")
 DLQ_REASONS = (
     "decode", "schema", "oversize", "conflict", "expired", "permanent", "exhausted", "invalid_output",
-    "internal", "rejected",
+    "internal", "rejected", "unavailable",
 )
 LLM_OUTCOMES = (
     "ok", "timeout", "rate_limited", "server_error", "client_error", "connection_error",
@@ -89,6 +89,16 @@ class Metrics:
         )
         self.internal_errors = Counter(
             "agent_internal_errors", "Failures of the service's own code while processing a record.", registry=r
+        )
+        self.degraded_answers = Counter(
+            "agent_degraded_answers",
+            "Results answered (in some step) by a fallback endpoint, flagged degraded: true, by kind.",
+            ["kind"], registry=r,
+        )
+        self.fallbacks = Counter(
+            "agent_fallbacks",
+            "Model calls sent to a fallback endpoint while the primary was unavailable, by endpoint name.",
+            ["endpoint"], registry=r,
         )
         self.steps_reused = Counter(
             "agent_steps_reused", "Journaled agent steps re-used instead of calling the model again.",

@@ -7,12 +7,14 @@ Secrets are :class:`~pydantic.SecretStr` and render as ``**********``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKERS = ("noida", "tansu")  # what `agent-service run --embedded --broker` may start
@@ -139,6 +141,34 @@ class RedisSettings(BaseModel):
     key_prefix: str = Field("agent", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
 
+UnavailablePolicy = Literal["wait", "fallback", "fail_fast"]
+UNAVAILABLE_POLICIES: tuple[str, ...] = ("wait", "fallback", "fail_fast")
+ENDPOINT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class FallbackEndpoint(BaseModel):
+    """An OpenAI-compatible endpoint tried, in order, by kinds whose policy is ``fallback`` while the
+    primary (``AGENT_LLM__BASE_URL``) is unavailable. It has its own client, breaker, Retry-After
+    and rate limits; the other model settings (format, temperature, retries) are the primary's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # a metric label and what a degraded result names (unset: "fallback-<position>", from 1)
+    name: str | None = Field(None, pattern=ENDPOINT_NAME.pattern)
+    base_url: str = Field(min_length=1)
+    api_key: SecretStr = SecretStr("not-needed")
+    model: str = Field(min_length=1)
+    timeout_s: float | None = Field(None, gt=0)  # unset: AGENT_LLM__TIMEOUT_S
+    rpm: int = Field(0, ge=0)  # requests per minute across replicas (0: no limit)
+    tpm: int = Field(0, ge=0)  # tokens per minute across replicas (0: no limit)
+
+    def to_json(self) -> dict[str, Any]:
+        """As the environment spells it, the key included (for a spawned worker)."""
+        data = self.model_dump(exclude_none=True)
+        data["api_key"] = self.api_key.get_secret_value()
+        return data
+
+
 class LLMSettings(BaseModel):
     base_url: str | None = None  # None: the embedded local model
     api_key: SecretStr = SecretStr("not-needed")
@@ -166,6 +196,24 @@ class LLMSettings(BaseModel):
     local_gguf: str | None = None  # path to a GGUF file for the embedded model
     # the most of a response body read from the endpoint: a larger 2xx answer is invalid output
     max_response_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # endpoints tried in order while the primary is unavailable, by kinds whose policy is `fallback`:
+    # a JSON list of {"base_url", "api_key", "model", "timeout_s"?, "rpm"?, "tpm"?, "name"?}
+    fallbacks: list[FallbackEndpoint] = Field(default_factory=list)
+    # what a kind does while the primary's breaker is open or it is degraded, unless the kind says:
+    # wait (for it), fallback (to the first fallback that accepts), fail_fast (dead letter `unavailable`)
+    unavailable: UnavailablePolicy = "wait"
+
+    @model_validator(mode="after")
+    def _name_fallbacks(self) -> Self:
+        """Each fallback gets a name (its position unless set); two with one name are refused."""
+        names: list[str] = []
+        for i, fallback in enumerate(self.fallbacks, 1):
+            if fallback.name is None:
+                fallback.name = f"fallback-{i}"
+            if fallback.name in names or fallback.name == "primary":
+                raise ValueError(f"llm.fallbacks: the name {fallback.name!r} is used twice (the primary is 'primary')")
+            names.append(fallback.name)
+        return self
 
     @model_validator(mode="after")
     def _batch_can_run(self) -> Self:
@@ -258,6 +306,8 @@ def to_env(settings: BaseSettings) -> dict[str, str]:
             key = f"{prefix}{name.upper()}"
             if isinstance(value, BaseModel):
                 put(key + "__", value)
+            elif isinstance(value, list):
+                env[key] = json.dumps([v.to_json() if isinstance(v, FallbackEndpoint) else v for v in value])
             elif isinstance(value, SecretStr):
                 env[key] = value.get_secret_value()
             elif isinstance(value, bool):

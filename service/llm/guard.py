@@ -103,6 +103,16 @@ class EndpointGuard:
         return self._degraded
 
     @property
+    def available(self) -> bool:
+        """False while a call would wait for the breaker: it is open, or a half-open probe is out.
+        A kind whose policy is ``fallback`` or ``fail_fast`` goes elsewhere (or dead-letters) then;
+        once the open period is over, its next call is the probe."""
+        now = self.clock()
+        if now < self._open_until:
+            return False
+        return not (self._probing and now - self._probe_started < self.config.open_s)
+
+    @property
     def accepting(self) -> bool:
         """False while the endpoint is degraded: new work should not be taken."""
         return self._degraded is None

@@ -16,6 +16,7 @@ from service.agents.base import Agent
 from service.agents.tasks import Task, canonical_json, digest
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
+from service.llm.endpoints import Endpoint
 from service.pipeline.base import current_span, deadline_of, iso
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Outcomes:
     tracing: Tracing
     clock: Callable[[], datetime]
     model_name: str
+    fallbacks: tuple[Endpoint, ...]
 
     @contextlib.asynccontextmanager
     async def _publishing(self, record: Record, task_key: str, state: str) -> AsyncIterator[None]:
@@ -60,11 +62,15 @@ class Outcomes:
         outputs: dict[str, dict[str, Any]],
         attempts: int,
         ctx: str,
+        degraded: dict[str, tuple[str, str]] | None = None,
     ) -> None:
+        """Write the result; ``degraded`` (step -> (endpoint, model)) names the steps a fallback
+        endpoint answered: the event and the ledger record are then flagged ``degraded`` and name
+        the endpoint and model (of the first such step in the agent's order; ``answered_by`` has each)."""
         result = agent.result(outputs)
         result_text = canonical_json(result)
         result_digest = digest(result_text)
-        event = canonical_json({
+        fields: dict[str, Any] = {
             "task_id": task.key,
             "kind": task.kind,
             "status": "succeeded",
@@ -75,10 +81,19 @@ class Outcomes:
             "model": self.model_name,
             "prompt_version": agent.prompt_version,
             "completed_at": iso(self.clock()),
-        }).encode()
+        }
+        endpoint = None
+        if degraded:
+            order = [s.name for s in agent.steps]
+            steps = sorted(degraded, key=lambda name: (order.index(name) if name in order else len(order), name))
+            endpoint, fields["model"] = degraded[steps[0]]
+            fields.update(degraded=True, endpoint=endpoint, endpoint_url=self._endpoint_url(endpoint),
+                          answered_by={name: {"endpoint": degraded[name][0], "model": degraded[name][1]}
+                                       for name in steps})
+        event = canonical_json(fields).encode()
         done = await self.ledger.complete(
             task.key, fence, result=result_text, digest=result_digest, event=event,
-            model=self.model_name, prompt_version=agent.prompt_version,
+            model=fields["model"], prompt_version=agent.prompt_version, endpoint=endpoint,
         )
         if done.status == "already" and done.fence == fence:
             # our own COMPLETE landed but its reply was lost: publish what is stored, byte for byte
@@ -99,9 +114,19 @@ class Outcomes:
             await self.outputs.result(record, task.key, event, self._traceparent(task.traceparent), deadline_of(task))
         self.metrics.results_published.inc()
         self.metrics.tasks.labels(outcome="succeeded").inc()
+        if endpoint is not None:
+            self.metrics.degraded_answers.labels(kind=task.kind).inc()
         self.metrics.task_versions.labels(kind=task.kind, version=agent.prompt_version, outcome="succeeded").inc()
         span.set_outcome("succeeded")
-        log.info("%s: succeeded (fence %d, attempts %d)", ctx, fence, attempts)
+        if endpoint is not None:
+            log.warning("%s: succeeded degraded: answered by fallback endpoint %s (fence %d, attempts %d)",
+                        ctx, endpoint, fence, attempts)
+        else:
+            log.info("%s: succeeded (fence %d, attempts %d)", ctx, fence, attempts)
+
+    def _endpoint_url(self, name: str) -> str:
+        """The base URL (without credentials) of the fallback endpoint ``name``."""
+        return next((f.url for f in self.fallbacks if f.name == name), "")
 
     async def _dead(
         self, record: Record, task: Task, fence: int, reason: str, error: str, attempts: int, ctx: str

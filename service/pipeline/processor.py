@@ -29,6 +29,7 @@ from service.agents.tasks import Task, header
 from service.core.errors import InfrastructureError, PoisonError
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
+from service.llm.endpoints import PRIMARY, Endpoint
 from service.llm.guard import EndpointGuard, RateLimiter
 from service.pipeline.base import (
     ChatClient,
@@ -65,7 +66,13 @@ class TaskProcessor(Claims, Steps):
         guard: EndpointGuard | None = None,
         tracing: Tracing | None = None,
         limiter: RateLimiter | None = None,
+        primary_url: str = "",
+        fallbacks: tuple[Endpoint, ...] = (),
+        unavailable: str = "wait",
     ) -> None:
+        """``fallbacks``: the endpoints a kind whose policy is ``fallback`` calls while the primary
+        (``llm``, ``guard``, ``limiter`` at ``primary_url``) is unavailable; ``unavailable``: the
+        policy of a kind that sets none."""
         self.ledger = ledger
         self.leases = LeaseKeeper(ledger)
         self.agents = agents
@@ -79,6 +86,9 @@ class TaskProcessor(Claims, Steps):
         self.guard = guard
         self.tracing = tracing or Tracing.disabled()
         self.limiter = limiter
+        self.primary = Endpoint(PRIMARY, primary_url, llm, guard, limiter)
+        self.fallbacks = fallbacks
+        self.default_unavailable = unavailable
         self.outage: str | None = None  # Redis or the broker did not answer the last record that tried
 
     async def __call__(self, record: Record) -> None:
@@ -95,8 +105,19 @@ class TaskProcessor(Claims, Steps):
     def accepting(self) -> bool:
         """False while the model endpoint cannot serve any task, or Redis or the broker did not
         answer the last record that tried: the runner then pauses consumption (records already
-        taken keep retrying, and the first that goes through opens it again)."""
-        return self.outage is None and (self.guard is None or self.guard.accepting)
+        taken keep retrying, and the first that goes through opens it again).
+
+        A degraded primary pauses consumption only when no loaded kind can do without it: a
+        ``fail_fast`` kind (its tasks are dead-lettered at once, not left to age in the topic), or a
+        ``fallback`` kind while a fallback endpoint accepts. Tasks of ``wait`` kinds taken meanwhile
+        wait in flight for the primary, within the in-flight window."""
+        if self.outage is not None:
+            return False
+        if self.guard is None or self.guard.accepting:
+            return True
+        policies = {agent.unavailable or self.default_unavailable for agent in self.agents}
+        return "fail_fast" in policies or (
+            "fallback" in policies and any(f.accepting for f in self.fallbacks))
 
     async def _process_bounded(self, record: Record) -> None:
         """Whose fault is a failure, decided in one place.
@@ -161,7 +182,7 @@ class TaskProcessor(Claims, Steps):
             return
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):
-                outputs, attempts = await self._run(task, agent, task_input, claim, record)
+                outputs, attempts, degraded = await self._run(task, agent, task_input, claim, record)
         except ToDeadLetter as dl:
             await self._dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx)
             self.metrics.task_versions.labels(kind=task.kind, version=agent.prompt_version,
@@ -175,7 +196,7 @@ class TaskProcessor(Claims, Steps):
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: lost the task to a newer fence; the new holder finishes it", ctx)
             return
-        await self._complete(record, task, agent, claim.fence, outputs, attempts, ctx)
+        await self._complete(record, task, agent, claim.fence, outputs, attempts, ctx, degraded)
 
     async def _park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str) -> None:
         """Park the task in the ledger until a person decides; its offset may then be committed."""

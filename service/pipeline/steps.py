@@ -18,6 +18,7 @@ from consumers.producers import Outputs
 from consumers.records import Record
 from dedup.ledger import Attempt, AttemptsExhausted, Claim, Ledger, StaleFence
 from service.agents.base import Agent, Messages, Step
+from service.agents.registry import AgentRegistry
 from service.agents.tasks import Task, canonical_json, digest
 from service.core.errors import (
     EndpointFault,
@@ -30,6 +31,7 @@ from service.core.errors import (
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.client import ChatRequest
+from service.llm.endpoints import Endpoint
 from service.llm.guard import EndpointGuard, RateLimiter
 from service.pipeline.base import ChatClient, LostFence, ProcessorConfig, ToDeadLetter, estimate_tokens
 from service.pipeline.parking import export_audit
@@ -52,6 +54,10 @@ class Steps:
     model_name: str
     worker_id: str
     outputs: Outputs
+    primary: Endpoint  # llm, guard and limiter above, as an endpoint
+    fallbacks: tuple[Endpoint, ...]  # AGENT_LLM__FALLBACKS, in order
+    agents: AgentRegistry
+    default_unavailable: str  # AGENT_LLM__UNAVAILABLE: the policy of a kind that names none
 
     async def export_audit(self, task_key: str) -> None:
         """Send the task's new audit entries to the audit topic; a failure waits for the next pass."""
@@ -63,7 +69,7 @@ class Steps:
 
     async def _run(
         self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, record: Record | None = None,
-    ) -> tuple[dict[str, dict[str, Any]], int]:
+    ) -> tuple[dict[str, dict[str, Any]], int, dict[str, tuple[str, str]]]:
         """Run the agent's step graph; a multi-step agent journals each step and resumes from the journal.
 
         A step runs once every step it needs is journaled, and sees the task input and their
@@ -72,10 +78,13 @@ class Steps:
         step is re-used only when its prompt version is current, its digest matches its output and
         it was computed from the current outputs of the steps it needs (a chain of digests);
         otherwise it runs again.
+
+        Returns the outputs, the task's attempts, and the steps a fallback endpoint answered (step ->
+        (endpoint, model); empty when the primary answered every step).
         """
         run = _GraphRun(self, task, agent, task_input, claim, record)
         await run.start()
-        return run.outputs, run.attempts
+        return run.outputs, run.attempts, run.degraded
 
     async def _call_step(
         self,
@@ -88,27 +97,32 @@ class Steps:
         *,
         conversation: list[dict[str, Any]] | None = None,
         offer_tools: bool = False,
+        answered: list[tuple[str, str]] | None = None,
     ) -> tuple[dict[str, Any] | ToolCalls, int]:
         """Call the model for one step until it answers with a valid output, within the task's
         attempts and deadline. Returns the output and the task's attempt count.
 
         A step with tools passes the ``conversation`` so far (its messages, the model's tool calls
         and their results); with ``offer_tools`` the model may answer with tool calls instead
-        (:class:`ToolCalls`), otherwise it is told to answer."""
+        (:class:`ToolCalls`), otherwise it is told to answer.
+
+        While the primary endpoint is unavailable the kind's policy decides (:meth:`_capacity`); the
+        endpoint and model that answered are appended to ``answered``."""
         messages, schema, needed = self._request_size(step, task_input, previous, attempts, conversation)
         last: Exception | None = None
         while True:
             remaining = self._time_left(task, attempts)
-            await self._capacity(task, needed, retry=last is not None)
+            endpoint = await self._capacity(task, needed, retry=last is not None, attempts=attempts)
             attempt = await self._begin_attempt(task, step, fence)
             attempts = attempt.total
-            request = self._request(task, step, messages, schema, remaining, offer_tools)
-            outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts)
+            request = self._request(task, step, messages, schema, remaining, offer_tools, endpoint)
+            outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts, endpoint,
+                                           answered)
             if isinstance(outcome, dict | ToolCalls):
                 return outcome, attempts
             last, delay, endpoint_fault = outcome
             if endpoint_fault:
-                await self._give_attempt_back(task, step, fence, last, delay)
+                await self._give_attempt_back(task, step, fence, last, delay, endpoint)
                 attempts -= 1
                 last = None  # the next call is not a retry of the task's
                 continue
@@ -146,9 +160,11 @@ class Steps:
             raise ToDeadLetter("exhausted", f"step {step.name}: {exc}", exc.total) from exc
 
     def _request(self, task: Task, step: Step, messages: list[dict[str, Any]], schema: dict[str, Any],
-                 remaining: float | None, offer_tools: bool = False) -> ChatRequest:
+                 remaining: float | None, offer_tools: bool = False, endpoint: Endpoint | None = None) -> ChatRequest:
+        """The step's request; to a fallback, with its model (unless the step names one) and timeout."""
         cfg = self.config
-        timeout = cfg.llm_timeout_s if remaining is None else max(0.05, min(cfg.llm_timeout_s, remaining))
+        limit = endpoint.timeout_s if endpoint is not None and endpoint.timeout_s is not None else cfg.llm_timeout_s
+        timeout = limit if remaining is None else max(0.05, min(limit, remaining))
         return ChatRequest(
             messages=messages,
             schema=schema,
@@ -156,7 +172,7 @@ class Steps:
             idempotency_key=f"{task.key}:{step.name}",
             timeout_s=timeout,
             traceparent=self.tracing.current_traceparent() or task.traceparent,
-            model=step.model,
+            model=step.model or (endpoint.model if endpoint is not None else None),
             temperature=step.temperature,
             # once the rounds are used up the tools stay described (the conversation names them)
             # but the model is told to answer
@@ -165,13 +181,13 @@ class Steps:
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Exception,
-                                 delay: float | None) -> None:
+                                 delay: float | None, endpoint: Endpoint) -> None:
         """The endpoint failed, not the task: refund the attempt and wait for the endpoint."""
         if not await self.ledger.refund_attempt(task.key, fence, step.name):
             raise LostFence(f"task {task.key}: fence {fence} no longer holds the task")
-        log.info("task_id=%s step=%s: the endpoint failed (%s); waiting for it, no attempt spent",
-                 task.key, step.name, failure)
-        if self.guard is None or self.guard.accepting:
+        log.info("task_id=%s step=%s: the endpoint %s failed (%s); no attempt spent",
+                 task.key, step.name, endpoint.name, failure)
+        if endpoint.accepting and (endpoint.available or self._policy(task) == "wait"):
             await asyncio.sleep(delay if delay is not None else min(self.config.backoff_max_s, 1.0))
 
     async def _back_off(self, step: Step, step_attempt: int, attempts: int, failure: Exception,
@@ -191,62 +207,106 @@ class Steps:
 
     async def _one_call(
         self, request: ChatRequest, step: Step, task_input: BaseModel, needed: int, step_attempt: int, attempts: int,
+        endpoint: Endpoint | None = None, answered: list[tuple[str, str]] | None = None,
     ) -> dict[str, Any] | ToolCalls | tuple[Exception, float | None, bool]:
         """One model call: the step's output, the tools it asks to call, or (the failure, a delay it asks for, whether it was the
         endpoint's fault rather than the task's). A 400 for this request dead-letters at once."""
+        endpoint = endpoint or self.primary
+        guard = endpoint.guard
         try:
-            with self.tracing.llm_span(self.model_name, step=step.name, attempt=step_attempt) as call:
-                answer = await self.llm.chat(request)
+            with self.tracing.llm_span(request.model or endpoint.model or self.model_name, step=step.name,
+                                       attempt=step_attempt) as call:
+                answer = await endpoint.client.chat(request)
                 call.set_response(answer.model, answer.finish_reason, answer.prompt_tokens,
                                   answer.completion_tokens)
-            if self.limiter is not None:
-                await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
+            if endpoint.limiter is not None:
+                await endpoint.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
         except PermanentError as exc:
-            self._endpoint_answered()
+            self._endpoint_answered(guard)
             raise ToDeadLetter("permanent", str(exc), attempts) from exc
         except InvalidOutput as exc:
-            self._endpoint_answered()
+            self._endpoint_answered(guard)
             return exc, None, False
         except EndpointFault as exc:  # the endpoint's fault, not the task's: no attempt is spent
-            self._endpoint_unusable(exc)
+            self._endpoint_unusable(exc, guard)
             return exc, None, True
         except RetryableError as exc:
             # a 429, or the failure that opened the breaker, is the endpoint's: the attempt is given back
-            return exc, exc.delay, await self._endpoint_failed(exc)
-        self._endpoint_answered()
+            return exc, exc.delay, await self._endpoint_failed(exc, guard)
+        self._endpoint_answered(guard)
         if answer.tool_calls:
             if request.tool_choice == "auto":
+                if answered is not None:
+                    answered.append((endpoint.name, answer.model))
                 return ToolCalls(answer.tool_calls)
             return InvalidOutput("schema", f"{step.name}: asked for tools when told to answer"), None, False
         try:
-            return step.parse(task_input, answer.content)
+            output = step.parse(task_input, answer.content)
         except InvalidOutput as exc:
             return exc, None, False
+        if answered is not None:
+            answered.append((endpoint.name, answer.model))
+        return output
 
-    async def _capacity(self, task: Task, tokens: int, *, retry: bool) -> None:
-        """Wait until the endpoint may be called: breaker, retry budget, Retry-After, rate limits."""
-        if self.guard is not None:
-            await self.guard.acquire(retry=retry)
-        if self.limiter is not None:
-            await self.limiter.acquire(task.event.priority, tokens)
+    def _policy(self, task: Task) -> str:
+        """What the task's kind does while the primary is unavailable: wait, fallback or fail_fast."""
+        try:
+            agent = self.agents.get(task.kind)
+        except PoisonError:
+            return self.default_unavailable
+        return agent.unavailable or self.default_unavailable
 
-    def _endpoint_answered(self) -> None:
-        if self.guard is not None:
-            self.guard.success()
+    async def _capacity(self, task: Task, tokens: int, *, retry: bool, attempts: int = 0,
+                        primary_only: bool = False) -> Endpoint:
+        """Choose the endpoint to call and wait until it may be called (breaker, retry budget,
+        Retry-After, rate limits); returns it.
 
-    async def _endpoint_failed(self, exc: RetryableError) -> bool:
+        The primary, unless it is unavailable (its breaker open, or a probe out) and the kind's
+        policy says otherwise: ``fail_fast`` dead-letters the task as ``unavailable`` at once;
+        ``fallback`` takes the first fallback endpoint that is available, and while none is (nor
+        the primary) it waits, within the task's deadline. With no fallback configured, a
+        ``fallback`` kind waits for the primary as a ``wait`` kind does.
+        """
+        primary = self.primary
+        policy = "wait" if primary_only else self._policy(task)
+        fallbacks = self.fallbacks
+        while True:
+            if policy == "wait" or primary.available or (policy == "fallback" and not fallbacks):
+                return await self._acquire(primary, task, tokens, retry)
+            if policy == "fail_fast":
+                raise ToDeadLetter("unavailable", f"the model endpoint is unavailable ({primary.why_unavailable()}) "
+                                   "and the kind's policy is fail_fast", attempts)
+            for fallback in fallbacks:
+                if fallback.available:
+                    self.metrics.fallbacks.labels(endpoint=fallback.name).inc()
+                    return await self._acquire(fallback, task, tokens, retry)
+            self._time_left(task, attempts)  # every endpoint down: the deadline still holds
+            await asyncio.sleep(0.1)
+
+    async def _acquire(self, endpoint: Endpoint, task: Task, tokens: int, retry: bool) -> Endpoint:
+        if endpoint.guard is not None:
+            await endpoint.guard.acquire(retry=retry)
+        if endpoint.limiter is not None:
+            await endpoint.limiter.acquire(task.event.priority, tokens)
+        return endpoint
+
+    def _endpoint_answered(self, guard: EndpointGuard | None) -> None:
+        if guard is not None:
+            guard.success()
+
+    async def _endpoint_failed(self, exc: RetryableError, guard: EndpointGuard | None) -> bool:
         """Tell the guard; True when the failure is the endpoint's (a 429, or it opened the breaker)."""
         if isinstance(exc, LLMRateLimited):
-            if self.guard is not None and exc.delay:
-                await self.guard.retry_after(exc.delay)  # a rate limit is not a broken endpoint
+            if guard is not None and exc.delay:
+                await guard.retry_after(exc.delay)  # a rate limit is not a broken endpoint
             return True
-        if self.guard is None:
+        if guard is None:
             return False
-        return bool(self.guard.failure())
+        return bool(guard.failure())
 
-    def _endpoint_unusable(self, exc: EndpointFault) -> None:
-        if self.guard is not None:
-            self.guard.endpoint_fault(exc.reason, str(exc))
+    def _endpoint_unusable(self, exc: EndpointFault, guard: EndpointGuard | None) -> None:
+        if guard is not None:
+            guard.endpoint_fault(exc.reason, str(exc))
 
     async def _maybe_shadow(self, task: Task, agent: Agent, task_input: BaseModel) -> None:
         """Re-run a sample of duplicates in shadow and count how often the answer would differ.
@@ -284,7 +344,7 @@ class Steps:
                 messages, schema = step.messages(task_input, previous), step.schema(task_input, previous)
                 needed = estimate_tokens(messages, schema) + self.config.max_output_tokens
                 # a shadow call is a call: the breaker, the rate limits and Retry-After hold for it too
-                await self._capacity(task, needed, retry=False)
+                await self._capacity(task, needed, retry=False, primary_only=True)
                 try:
                     answer = await self.llm.chat(ChatRequest(
                         messages=messages, schema=schema,
@@ -292,12 +352,12 @@ class Steps:
                         timeout_s=self.config.llm_timeout_s, model=step.model, temperature=step.temperature,
                     ))
                 except EndpointFault as exc:
-                    self._endpoint_unusable(exc)
+                    self._endpoint_unusable(exc, self.guard)
                     raise
                 except RetryableError as exc:
-                    await self._endpoint_failed(exc)
+                    await self._endpoint_failed(exc, self.guard)
                     raise
-                self._endpoint_answered()
+                self._endpoint_answered(self.guard)
                 if self.limiter is not None:
                     await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
                 outputs[step.name] = step.parse(task_input, answer.content)
@@ -328,6 +388,9 @@ class _GraphRun:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.attempts = claim.attempts
         self.declared = [s.name for s in agent.steps]
+        # step (or piece) -> (endpoint, model) of each answered by a fallback, journaled or new
+        self.degraded: dict[str, tuple[str, str]] = {}
+        self._answered: dict[str, tuple[str, str]] = {}  # step -> who answered its call in this run
 
     async def start(self) -> None:
         if self.journaled:
@@ -386,21 +449,33 @@ class _GraphRun:
         ):
             return None
         self.steps.metrics.steps_reused.inc()
+        endpoint = recorded.get("endpoint")
+        if endpoint and endpoint != "primary":
+            self.degraded[step.name] = (str(endpoint), str(recorded.get("model", "")))
         return recorded
 
     async def _call(self, step: Step, task_input: BaseModel, previous: dict[str, Any]) -> dict[str, Any]:
-        if step.tools:
-            loop = ToolLoop(self.steps, self.task, step, task_input, previous, self.claim.fence, self.attempts,
-                            self.record)
-            try:
-                return await loop.run()
-            finally:
-                self.attempts = max(self.attempts, loop.attempts)
-        output, attempts = await self.steps._call_step(self.task, step, task_input, previous, self.claim.fence,
-                                                       self.attempts)
-        self.attempts = max(self.attempts, attempts)
-        assert isinstance(output, dict)  # offered no tools, the model's answer is the output
-        return output
+        answered: list[tuple[str, str]] = []
+        try:
+            if step.tools:
+                loop = ToolLoop(self.steps, self.task, step, task_input, previous, self.claim.fence, self.attempts,
+                                self.record, answered)
+                try:
+                    return await loop.run()
+                finally:
+                    self.attempts = max(self.attempts, loop.attempts)
+            output, attempts = await self.steps._call_step(self.task, step, task_input, previous, self.claim.fence,
+                                                           self.attempts, answered=answered)
+            self.attempts = max(self.attempts, attempts)
+            assert isinstance(output, dict)  # offered no tools, the model's answer is the output
+            return output
+        finally:
+            # a step answered (in any of its rounds) by a fallback is degraded; else the last answer's
+            by = next((a for a in answered if a[0] != "primary"), answered[-1] if answered else None)
+            if by is not None:
+                self._answered[step.name] = by
+                if by[0] != "primary":
+                    self.degraded[step.name] = by
 
     async def _record(self, step: Step, output: dict[str, Any], input_digest: str) -> dict[str, Any]:
         """Journal ``step``'s output under the task's fence (when the agent journals); returns the record."""
@@ -408,6 +483,9 @@ class _GraphRun:
             "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
             "prompt_version": step.prompt_version, "fence": self.claim.fence, "attempt": self.attempts,
         }
+        answered = self._answered.get(step.name)
+        if answered is not None:  # which endpoint answered (a fallback's answer is degraded)
+            record["endpoint"], record["model"] = answered
         if self.journaled:
             try:
                 await self.steps.ledger.record_step(self.task.key, self.claim.fence, step.name, record)

@@ -45,7 +45,8 @@ class Steps(Protocol):
 
     async def _call_step(self, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
                          fence: int, attempts: int, *, conversation: list[dict[str, Any]] | None = None,
-                         offer_tools: bool = False) -> tuple[Any, int]: ...
+                         offer_tools: bool = False,
+                         answered: list[tuple[str, str]] | None = None) -> tuple[Any, int]: ...
 
     async def export_audit(self, task_key: str) -> None: ...
 
@@ -81,8 +82,10 @@ class ToolLoop:
     """The model's tool-call loop for one step of one task, under one claim."""
 
     def __init__(self, steps: Steps, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
-                 fence: int, attempts: int, record: Record | None) -> None:
+                 fence: int, attempts: int, record: Record | None,
+                 answered: list[tuple[str, str]] | None = None) -> None:
         self.steps, self.task, self.step, self.task_input = steps, task, step, task_input
+        self.answered = answered  # (endpoint, model) of each round's answer
         self.previous, self.fence, self.attempts = previous, fence, attempts
         self.source = source_of(record) if record is not None else None
         self.effects = steps.ledger.effects
@@ -105,8 +108,13 @@ class ToolLoop:
                     # best effort: a parked task is exported by the processor, a decision by its maker
                     await self.steps.export_audit(self.task.key)
                     return answer
-                decided = await self._first(f"r:{name}:{round_}", {
-                    "calls": list(answer), "fence": self.fence, "at": iso(self.steps.clock())})
+                round_record: dict[str, Any] = {"calls": list(answer), "fence": self.fence,
+                                                "at": iso(self.steps.clock())}
+                if self.answered:  # who asked for these calls: a resumed task stays flagged degraded
+                    round_record["endpoint"], round_record["model"] = self.answered[-1]
+                decided = await self._first(f"r:{name}:{round_}", round_record)
+            elif self.answered is not None and decided.get("endpoint"):
+                self.answered.append((str(decided["endpoint"]), str(decided.get("model", ""))))
             conversation.append({"role": "assistant", "content": None, "tool_calls": [
                 {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
                 for c in decided["calls"]]})
@@ -119,7 +127,7 @@ class ToolLoop:
     async def _ask(self, conversation: list[dict[str, Any]], *, offer: bool) -> Any:
         answer, attempts = await self.steps._call_step(self.task, self.step, self.task_input, self.previous,
                                                        self.fence, self.attempts, conversation=conversation,
-                                                       offer_tools=offer)
+                                                       offer_tools=offer, answered=self.answered)
         self.attempts = max(self.attempts, attempts)
         return answer
 

@@ -42,6 +42,7 @@ from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.llm.client import LLMClient
+from service.llm.endpoints import Endpoint, public_url
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
@@ -344,6 +345,9 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
     outputs.set_dlq_limit(dlq_limit)  # dead letters are cut to the DLQ topic's limit too, when known
     s = settings
+    guard_config = GuardConfig(failure_threshold=s.llm.breaker_failures, open_s=s.llm.breaker_open_s,
+                               retry_ratio=s.llm.retry_budget_ratio)
+    fallbacks = fallback_endpoints(s, metrics, client, guard_config, bounds.model_calls, closers)
     processor = TaskProcessor(
         ledger=ledger, agents=agents, llm=llm, outputs=outputs, metrics=metrics,
         config=ProcessorConfig(
@@ -355,18 +359,13 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             audit_topic=s.kafka.audit_topic,
         ),
         worker_id=worker_id(s), model_name=s.llm.model,
-        guard=EndpointGuard(
-            llm_base_url, metrics, GuardConfig(
-                failure_threshold=s.llm.breaker_failures, open_s=s.llm.breaker_open_s,
-                retry_ratio=s.llm.retry_budget_ratio,
-            ),
-            redis=client, key_prefix=s.redis.key_prefix,
-        ),
+        guard=EndpointGuard(llm_base_url, metrics, guard_config, redis=client, key_prefix=s.redis.key_prefix),
         tracing=tracing,
         limiter=RateLimiter(
             client, llm_base_url, metrics, rpm=s.llm.rpm, tpm=s.llm.tpm,
             interactive_reserve=s.llm.interactive_reserve, key_prefix=s.redis.key_prefix,
         ),
+        primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable,
     )
     consumer_conf = s.kafka.consumer_config()
     # A fetch must hold the largest task the service accepts.
@@ -384,6 +383,29 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     )
     return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
                    llm_base_url, closers)
+
+
+def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient, guard_config: GuardConfig,
+                       max_open: int, closers: list[Any]) -> tuple[Endpoint, ...]:
+    """``AGENT_LLM__FALLBACKS``, each with its own client (its key, model and timeout; the primary's
+    other model settings), breaker and shared Retry-After (keyed by its URL) and rate limits."""
+    llm = settings.llm
+    endpoints: list[Endpoint] = []
+    for fallback in llm.fallbacks:
+        assert fallback.name is not None  # named by the settings
+        own = llm.model_copy(update={"api_key": fallback.api_key, "model": fallback.model,
+                                     "timeout_s": fallback.timeout_s or llm.timeout_s, "fallbacks": []})
+        client = LLMClient(own, fallback.base_url, metrics, max_open=max_open)
+        closers.append(client.aclose)
+        endpoints.append(Endpoint(
+            fallback.name, public_url(fallback.base_url), client,
+            EndpointGuard(fallback.base_url, metrics, guard_config, redis=redis, key_prefix=settings.redis.key_prefix),
+            RateLimiter(redis, fallback.base_url, metrics, rpm=fallback.rpm, tpm=fallback.tpm,
+                        interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix),
+            model=fallback.model, timeout_s=fallback.timeout_s or llm.timeout_s,
+        ))
+        metrics.fallbacks.labels(endpoint=fallback.name)  # a series from the start, at 0
+    return tuple(endpoints)
 
 
 def install_signal_handlers(service: Service) -> None:

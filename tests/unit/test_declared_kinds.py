@@ -208,7 +208,8 @@ def shape(agent: Agent) -> Any:
     for s in agent.steps:
         assert isinstance(s, DeclaredStep)
         steps.append((s.name, s.prompt_version, s.prompt, s.system, s.output_schema, s.needs, s.model, s.temperature))
-    return agent.kind, agent.version, agent.input_schema, dict(agent.graph), steps, agent.definition_digest
+    return (agent.kind, agent.version, agent.input_schema, dict(agent.graph), steps, agent.definition_digest,
+            agent.unavailable)
 
 
 def test_toml_and_equivalent_yaml_load_the_same_agents(tmp_path: Path) -> None:
@@ -226,6 +227,7 @@ def test_the_documented_example_loads_and_both_its_forms_agree() -> None:
     assert [shape(a) for a in from_toml] == [shape(a) for a in from_yaml]
     (agent,) = from_toml
     assert agent.kind == "support_reply" and agent.graph == {"facts": (), "reply": ("facts",)}
+    assert agent.unavailable == "fallback"
     task_input = agent.parse_input({"customer": "Ana", "message": "The kettle arrived broken", "product": "kettle"})
     user = agent.steps[1].messages(task_input, {"facts": {"facts": ["arrived broken"], "wants": "refund"}})[1]
     assert user["content"].startswith("Write a reply to Ana.")
@@ -238,6 +240,31 @@ def test_a_changed_definition_changes_the_digest_and_a_description_does_not(tmp_
     (described,) = load_kinds_file(write(tmp_path, changed(_set("description", "for people")), "c.yaml"))
     assert prompt.definition_digest != base.definition_digest
     assert described.definition_digest == base.definition_digest
+
+
+def test_a_kind_names_its_policy_for_an_unavailable_endpoint_outside_its_digest(tmp_path: Path) -> None:
+    (base,) = load_kinds_file(write(tmp_path, VALID, "a.yaml"))
+    (fails,) = load_kinds_file(write(tmp_path, changed(_set("unavailable", "fail_fast")), "b.yaml"))
+    assert (base.unavailable, fails.unavailable) == (None, "fail_fast")
+    assert fails.definition_digest == base.definition_digest  # a policy, not what the kind answers
+    with pytest.raises(KindsFileError, match=r"kind 'triage': unavailable: 'later' is not one of wait, fallback"):
+        load_kinds_file(write(tmp_path, changed(_set("unavailable", "later")), "c.yaml"))
+
+
+def test_a_python_agent_refuses_an_unknown_policy() -> None:
+    from pydantic import BaseModel
+
+    from service.agents.base import Step
+
+    class Out(BaseModel):
+        x: str
+
+    class One(Step):
+        output_model = Out
+
+    assert Agent("k", Out, (One(),), unavailable="fallback").unavailable == "fallback"
+    with pytest.raises(ValueError, match="unavailable must be one of"):
+        Agent("k", Out, (One(),), unavailable="soon")
 
 
 @pytest.fixture
