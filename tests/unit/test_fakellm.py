@@ -527,12 +527,21 @@ def test_stop_cuts_injected_waits_short() -> None:
 # ----------------------------------------------------------------------------- stats and modes
 
 
+def settled(fake: FakeLLM) -> dict[str, Any]:
+    """The statistics once every request has left the server: a client reads the answer before the
+    server's handler has returned, and ``open`` counts until it has."""
+    deadline = time.monotonic() + 5
+    while fake.stats()["open"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return fake.stats()
+
+
 def test_stats_count_requests_per_key(fake: FakeLLM, client: httpx.Client) -> None:
     fake.add_fault(FaultRule("error", match="order-2", status=503, times=1))
     for key in ("order-1:classify", "order-1:classify", "order-2:classify", "order-2:classify", "order-22:x"):
         chat(client, CLASSIFY, key=key)
     chat(client, CLASSIFY)
-    stats = fake.stats()
+    stats = settled(fake)
     assert stats["requests"] == 6
     assert stats["by_key"] == {"order-1:classify": 2, "order-2:classify": 2, "order-22:x": 1}
     assert stats["completions_by_key"] == {"order-1:classify": 2, "order-2:classify": 1, "order-22:x": 1}
@@ -542,7 +551,7 @@ def test_stats_count_requests_per_key(fake: FakeLLM, client: httpx.Client) -> No
     assert fake.stats() == {
         "requests": 0, "completions": 0, "valid_completions": 0, "replayed": 0, "bad_requests": 0,
         "faults": {}, "by_key": {}, "completions_by_key": {}, "tool_calls": 0, "tool_calls_by_name": {},
-        "open": 0, "peak_open": 0,
+        "open": 0, "peak_open": 0, "over_concurrency": 0,
     }
 
 
@@ -557,10 +566,34 @@ def test_stats_say_how_many_requests_were_open_at_once(fake: FakeLLM) -> None:
 
     with ThreadPoolExecutor(5) as pool:
         assert list(pool.map(one, range(5))) == [200] * 5
-    stats = fake.stats()
+    stats = settled(fake)
     assert stats["peak_open"] == 5 and stats["open"] == 0
     fake.reset()
     assert fake.stats()["peak_open"] == 0
+
+
+def test_over_its_concurrency_limit_the_server_answers_429_without_retry_after(fake: FakeLLM) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake.latency_s = 0.5
+    fake.max_concurrency = 2
+
+    def one(i: int) -> httpx.Response:
+        time.sleep(0.1 * (i >= 2))  # the first two are open when the others arrive
+        with httpx.Client(base_url=fake.base_url, timeout=5.0) as http:
+            return chat(http, CLASSIFY, key=f"c-{i}")
+
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(one, range(5)))
+    assert [a.status_code for a in answers] == [200, 200, 429, 429, 429]
+    assert all("retry-after" not in a.headers for a in answers[2:])
+    assert_openai_error(answers[2], 429)
+    stats = settled(fake)
+    assert stats["over_concurrency"] == 3 and stats["peak_open"] == 2
+    assert stats["requests"] == 5 and stats["by_key"]["c-4"] == 1 and stats["valid_completions"] == 2
+    fake.max_concurrency = 0
+    with httpx.Client(base_url=fake.base_url, timeout=5.0) as http:
+        assert chat(http, CLASSIFY).status_code == 200
 
 
 def test_without_idempotent_mode_a_repeated_key_gets_a_new_answer(client: httpx.Client) -> None:
@@ -614,6 +647,7 @@ def test_control_endpoints(fake: FakeLLM, client: httpx.Client) -> None:
 
         assert control.post("/_config", json={"idempotent": True}).json() == {
             "idempotent": True, "latency_s": 0.0, "tool_rounds": 1, "tool_calls_per_round": 1, "tool_arguments": [],
+            "max_concurrency": 0,
         }
         assert fake.idempotent
         assert chat(client, CLASSIFY, key="r").content == chat(client, CLASSIFY, key="r").content
@@ -639,6 +673,7 @@ def test_control_endpoints_also_answer_below_the_base_url(fake: FakeLLM, client:
         ("/_latency", {"latency_s": -1}),
         ("/_latency", {}),
         ("/_config", {"idempotent": "yes"}),
+        ("/_config", {"max_concurrency": -1}),
     ],
 )
 def test_control_endpoints_refuse_bad_input(fake: FakeLLM, client: httpx.Client, path: str, body: Any) -> None:

@@ -53,6 +53,11 @@ Faults
 
     Every fault but ``slow_success`` waits its ``delay_s`` before it acts.
 
+Concurrency limit
+    With ``max_concurrency=N`` (argument, property, ``/_config``; 0 by default: no limit) a chat
+    request that arrives while N are being answered gets a 429 at once, without Retry-After, as a
+    provider's concurrent-request limit answers; ``over_concurrency`` in the statistics counts them.
+
 Idempotent mode
     With ``idempotent=True`` a request whose ``Idempotency-Key`` was already answered with a valid
     completion gets the stored response body again, as providers that honour the header do.
@@ -60,7 +65,7 @@ Idempotent mode
 Control endpoints (JSON; also served below ``/v1``)
     ``GET /_stats``, ``GET|POST|DELETE /_faults`` (POST replaces the rules), ``POST /_reset``,
     ``POST /_latency`` (``{"latency_s": x}``), ``GET|POST /_config`` (``{"idempotent": bool,
-    "latency_s": x, "tool_rounds": n, "tool_calls_per_round": n, "tool_arguments": [rule...]}``,
+    "latency_s": x, "tool_rounds": n, "tool_calls_per_round": n, "tool_arguments": [rule...], "max_concurrency": n}``,
     each key optional; a bad value changes nothing), ``GET /health``. ``POST /_reset`` drops the
     fault rules, the statistics and the stored responses, not the configuration.
 """

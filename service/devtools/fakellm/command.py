@@ -25,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tool-rounds", type=int, default=1,
                         help="assistant tool-call rounds before the final answer, when tools are offered")
     parser.add_argument("--tool-calls-per-round", type=int, default=1, help="tool calls in each tool-call answer")
+    parser.add_argument("--max-concurrency", type=int, default=0,
+                        help="requests answered at once; one more gets a 429 (0: no limit)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -37,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         fake = FakeLLM(args.host, args.port, latency_s=args.latency_s, seed=args.seed, idempotent=args.idempotent,
-                       tool_rounds=args.tool_rounds, tool_calls_per_round=args.tool_calls_per_round)
+                       tool_rounds=args.tool_rounds, tool_calls_per_round=args.tool_calls_per_round,
+                       max_concurrency=args.max_concurrency)
         with fake:
             print(f"fakellm listening on {fake.base_url}", flush=True)
             while not stopping.wait(0.5):

@@ -31,7 +31,9 @@ from service.devtools.fakellm.tools import ToolArguments, as_tool_arguments, too
 
 _CHAT_PATHS: Final = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS: Final = frozenset({"/v1/models", "/models"})
-_CONFIG_KEYS: Final = frozenset({"idempotent", "latency_s", "tool_rounds", "tool_calls_per_round", "tool_arguments"})
+_CONFIG_KEYS: Final = frozenset({
+    "idempotent", "latency_s", "tool_rounds", "tool_calls_per_round", "tool_arguments", "max_concurrency",
+})
 
 Handler = Callable[[bytes], Awaitable[tuple[int, Any]]]
 
@@ -72,6 +74,7 @@ class FakeLLM(Serving):
         tool_rounds: int = 1,
         tool_calls_per_round: int = 1,
         tool_arguments: Iterable[ToolArguments | Mapping[str, Any]] = (),
+        max_concurrency: int = 0,
     ) -> None:
         super().__init__(host, port)
         self._lock = threading.Lock()
@@ -84,6 +87,7 @@ class FakeLLM(Serving):
         self._rules: list[Armed[FaultRule]] = []
         self._stored: dict[str, bytes] = {}
         self._open = 0  # chat requests being answered now
+        self._max_concurrency = _count(max_concurrency, "max_concurrency", 0)  # 0: no limit
         self._reset_stats()
         self._routes: dict[str, dict[str, Handler]] = {
             "/_stats": {"GET": self._get_stats},
@@ -172,6 +176,15 @@ class FakeLLM(Serving):
             self._stored = {}
             self._reset_stats()
 
+    @property
+    def max_concurrency(self) -> int:
+        """Chat requests answered at once; one more is refused with a 429 (0: no limit)."""
+        return self._max_concurrency
+
+    @max_concurrency.setter
+    def max_concurrency(self, value: int) -> None:
+        self._max_concurrency = _count(value, "max_concurrency", 0)
+
     # -- statistics -----------------------------------------------------------------------------
 
     def _reset_stats(self) -> None:
@@ -180,6 +193,7 @@ class FakeLLM(Serving):
         self._valid_completions = 0
         self._replayed = 0
         self._bad_requests = 0
+        self._over_concurrency = 0
         self._fault_counts: Counter[str] = Counter()
         self._by_key: Counter[str] = Counter()
         self._completions_by_key: Counter[str] = Counter()
@@ -196,7 +210,8 @@ class FakeLLM(Serving):
         requests; ``faults``: applications per fault; ``by_key``: requests per Idempotency-Key;
         ``completions_by_key``: valid completions per Idempotency-Key; ``tool_calls``: tool calls
         answered, the faulty ones included; ``tool_calls_by_name``: the same per tool name; ``open``:
-        chat requests being answered now; ``peak_open``: the most open at once since the last reset.
+        chat requests being answered now; ``peak_open``: the most open at once since the last reset;
+        ``over_concurrency``: requests refused with a 429 because ``max_concurrency`` were open.
         """
         with self._lock:
             return {
@@ -212,6 +227,7 @@ class FakeLLM(Serving):
                 "tool_calls_by_name": dict(self._tool_calls_by_name),
                 "open": self._open,
                 "peak_open": self._peak_open,
+                "over_concurrency": self._over_concurrency,
             }
 
     def last_request(self, key: str) -> dict[str, Any] | None:
@@ -274,8 +290,22 @@ class FakeLLM(Serving):
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         with self._lock:
-            self._open += 1
-            self._peak_open = max(self._peak_open, self._open)
+            over = 0 < self._max_concurrency <= self._open
+            if over:
+                self._requests += 1
+                self._over_concurrency += 1
+            else:
+                self._open += 1
+                self._peak_open = max(self._peak_open, self._open)
+        if over:  # as a provider's concurrency limit answers: a 429 without Retry-After
+            key = header(scope, b"idempotency-key")
+            if key is not None:
+                with self._lock:
+                    self._by_key[key] += 1
+            if await read_body(receive, send) is not None:
+                body_429 = error_body(429, "Too many concurrent requests.", code="concurrency_limit_exceeded")
+                await respond(send, 429, body_429)
+            return
         try:
             await self._answer_chat(scope, receive, send)
         finally:
@@ -432,6 +462,7 @@ class FakeLLM(Serving):
             "tool_rounds": self.tool_rounds,
             "tool_calls_per_round": self.tool_calls_per_round,
             "tool_arguments": [rule.to_dict() for rule in self._tool_arguments],
+            "max_concurrency": self.max_concurrency,
         }
 
     async def _post_config(self, body: bytes) -> tuple[int, Any]:
@@ -446,8 +477,10 @@ class FakeLLM(Serving):
         rounds = _count(data.get("tool_rounds", self._tool_rounds), "tool_rounds", 0)
         per_round = _count(data.get("tool_calls_per_round", self._tool_calls_per_round), "tool_calls_per_round", 1)
         rules = _rules(data["tool_arguments"]) if "tool_arguments" in data else self._tool_arguments
+        max_concurrency = _count(data.get("max_concurrency", self._max_concurrency), "max_concurrency", 0)
         self._idempotent, self._latency_s = idempotent, latency_s
         self._tool_rounds, self._tool_calls_per_round, self._tool_arguments = rounds, per_round, rules
+        self._max_concurrency = max_concurrency
         return await self._get_config(body)
 
     async def _get_models(self, body: bytes) -> tuple[int, Any]:
