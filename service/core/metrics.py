@@ -95,6 +95,21 @@ class Metrics:
             "Results answered (in some step) by a fallback endpoint, flagged degraded: true, by kind.",
             ["kind"], registry=r,
         )
+        self.llm_window = Gauge(
+            "agent_llm_window",
+            "Model calls the fleet may have open on an endpoint: the adaptive window (slow start, then AIMD), "
+            "as this worker last saw it.",
+            ["endpoint"], registry=r, multiprocess_mode="livemostrecent",
+        )
+        self.llm_window_waits = Counter(
+            "agent_llm_window_waits",
+            "Times a model call waited because the fleet's window on the endpoint was full.", ["endpoint"], registry=r,
+        )
+        self.llm_window_cuts = Counter(
+            "agent_llm_window_cuts",
+            "Times a call cut the fleet's window: rate_limited or timeout (multiplied by the backoff), "
+            "outage (back to the initial size).", ["endpoint", "reason"], registry=r,
+        )
         self.fallbacks = Counter(
             "agent_fallbacks",
             "Model calls sent to a fallback endpoint while the primary was unavailable, by endpoint name.",

@@ -192,6 +192,14 @@ class LLMSettings(BaseModel):
     rpm: int = Field(0, ge=0)  # requests per minute across replicas (0: no limit)
     tpm: int = Field(0, ge=0)  # tokens per minute across replicas (0: no limit)
     interactive_reserve: float = Field(0.2, ge=0, le=1)  # share of rpm/tpm batch work cannot use
+    # the fleet's adaptive window of model calls open per endpoint, shared through Redis
+    # (service.llm.window): it opens window_initial slots, doubles every round trip (slow start), then
+    # grows by one per round trip; a 429 or a timeout cuts it to window_backoff of its size, an outage
+    # starts it over. window_max caps it (0: no fleet-wide cap; each worker's own limit still holds)
+    window: bool = True
+    window_initial: int = Field(4, ge=1)
+    window_max: int = Field(0, ge=0)
+    window_backoff: float = Field(0.7, gt=0, lt=1)
     shadow_sample_rate: float = Field(0.0, ge=0, le=1)  # duplicates re-run in shadow to measure divergence
     local_gguf: str | None = None  # path to a GGUF file for the embedded model
     # the most of a response body read from the endpoint: a larger 2xx answer is invalid output

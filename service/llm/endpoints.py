@@ -1,5 +1,6 @@
 """The model endpoints a worker may call: the primary (``AGENT_LLM__*``) and the fallbacks
-(``AGENT_LLM__FALLBACKS``), each with its own client, breaker, Retry-After and rate limits.
+(``AGENT_LLM__FALLBACKS``), each with its own client, breaker, Retry-After, rate limits and adaptive
+window of open calls (:mod:`service.llm.window`).
 
 Which one a step calls is the pipeline's choice (:meth:`service.pipeline.steps.Steps._capacity`):
 the primary unless it is unavailable and the kind's policy says ``fallback``. An answer from a
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from service.llm.client import ChatRequest, ChatResult
 from service.llm.guard import EndpointGuard, RateLimiter
+from service.llm.window import AdaptiveWindow
 
 PRIMARY = "primary"
 
@@ -31,6 +33,7 @@ class Endpoint:
     limiter: RateLimiter | None = None
     model: str | None = None  # a fallback's model (None: the request's, or the client's default)
     timeout_s: float | None = None  # a fallback's own call timeout (None: AGENT_LLM__TIMEOUT_S)
+    window: AdaptiveWindow | None = None  # the fleet's calls open on it (None: only the worker's own cap)
 
     @property
     def fallback(self) -> bool:

@@ -31,6 +31,7 @@ from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.endpoints import PRIMARY, Endpoint
 from service.llm.guard import EndpointGuard, RateLimiter
+from service.llm.window import AdaptiveWindow
 from service.pipeline.base import (
     ChatClient,
     LostFence,
@@ -69,9 +70,10 @@ class TaskProcessor(Claims, Steps):
         primary_url: str = "",
         fallbacks: tuple[Endpoint, ...] = (),
         unavailable: str = "wait",
+        window: AdaptiveWindow | None = None,
     ) -> None:
         """``fallbacks``: the endpoints a kind whose policy is ``fallback`` calls while the primary
-        (``llm``, ``guard``, ``limiter`` at ``primary_url``) is unavailable; ``unavailable``: the
+        (``llm``, ``guard``, ``limiter``, ``window`` at ``primary_url``) is unavailable; ``unavailable``: the
         policy of a kind that sets none."""
         self.ledger = ledger
         self.leases = LeaseKeeper(ledger)
@@ -86,7 +88,7 @@ class TaskProcessor(Claims, Steps):
         self.guard = guard
         self.tracing = tracing or Tracing.disabled()
         self.limiter = limiter
-        self.primary = Endpoint(PRIMARY, primary_url, llm, guard, limiter)
+        self.primary = Endpoint(PRIMARY, primary_url, llm, guard, limiter, window=window)
         self.fallbacks = fallbacks
         self.default_unavailable = unavailable
         self.outage: str | None = None  # Redis or the broker did not answer the last record that tried

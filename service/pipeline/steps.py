@@ -24,6 +24,7 @@ from service.core.errors import (
     EndpointFault,
     InvalidOutput,
     LLMRateLimited,
+    LLMTimeout,
     PermanentError,
     PoisonError,
     RetryableError,
@@ -33,6 +34,7 @@ from service.core.tracing import Tracing
 from service.llm.client import ChatRequest
 from service.llm.endpoints import Endpoint
 from service.llm.guard import EndpointGuard, RateLimiter
+from service.llm.window import Outcome as WindowOutcome
 from service.pipeline.base import ChatClient, LostFence, ProcessorConfig, ToDeadLetter, estimate_tokens
 from service.pipeline.parking import export_audit
 from service.pipeline.tools import ToolLoop
@@ -213,6 +215,9 @@ class Steps:
         endpoint's fault rather than the task's). A 400 for this request dead-letters at once."""
         endpoint = endpoint or self.primary
         guard = endpoint.guard
+        window = endpoint.window
+        slot = await window.acquire() if window is not None else None
+        verdict: WindowOutcome = "ok"  # what the window learns from this call: the endpoint answered
         try:
             with self.tracing.llm_span(request.model or endpoint.model or self.model_name, step=step.name,
                                        attempt=step_attempt) as call:
@@ -228,11 +233,20 @@ class Steps:
             self._endpoint_answered(guard)
             return exc, None, False
         except EndpointFault as exc:  # the endpoint's fault, not the task's: no attempt is spent
+            verdict = "outage"
             self._endpoint_unusable(exc, guard)
             return exc, None, True
         except RetryableError as exc:
             # a 429, or the failure that opened the breaker, is the endpoint's: the attempt is given back
-            return exc, exc.delay, await self._endpoint_failed(exc, guard)
+            endpoints_fault = await self._endpoint_failed(exc, guard)
+            verdict = _window_outcome(exc, endpoints_fault)
+            return exc, exc.delay, endpoints_fault
+        except BaseException:
+            verdict = "none"
+            raise
+        finally:
+            if slot is not None and window is not None:
+                await window.release(slot, verdict)
         self._endpoint_answered(guard)
         if answer.tool_calls:
             if request.tool_choice == "auto":
@@ -593,3 +607,13 @@ async def _cancel(running: dict[asyncio.Task[str], str]) -> None:
         task.cancel()
     if running:
         await asyncio.gather(*running, return_exceptions=True)
+
+
+def _window_outcome(exc: RetryableError, endpoints_fault: bool) -> WindowOutcome:
+    """A 429 or a timeout says "too many calls": the fleet's window is cut. A failure that opened
+    the breaker is an outage: the window starts over. Any other failure tells it nothing."""
+    if isinstance(exc, LLMRateLimited):
+        return "rate_limited"
+    if isinstance(exc, LLMTimeout):
+        return "timeout"
+    return "outage" if endpoints_fault else "none"

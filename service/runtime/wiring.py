@@ -42,8 +42,9 @@ from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.llm.client import LLMClient
-from service.llm.endpoints import Endpoint, public_url
+from service.llm.endpoints import PRIMARY, Endpoint, public_url
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
+from service.llm.window import AdaptiveWindow
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
 from service.runtime.limits import limits, log_limits
@@ -366,6 +367,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             interactive_reserve=s.llm.interactive_reserve, key_prefix=s.redis.key_prefix,
         ),
         primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable,
+        window=adaptive_window(s, client, llm_base_url, metrics, PRIMARY, s.llm.timeout_s),
     )
     consumer_conf = s.kafka.consumer_config()
     # A fetch must hold the largest task the service accepts.
@@ -383,6 +385,18 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     )
     return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
                    llm_base_url, closers)
+
+
+def adaptive_window(settings: Settings, redis: RedisClient, base_url: str, metrics: Metrics, name: str,
+                    timeout_s: float) -> AdaptiveWindow | None:
+    """The fleet's window of calls open on the endpoint at ``base_url`` (None with
+    ``AGENT_LLM__WINDOW=false``). A slot's lease outlives the call's timeout, so only a dead
+    replica's slots run out."""
+    llm = settings.llm
+    if not llm.window:
+        return None
+    return AdaptiveWindow(redis, base_url, metrics, label=name, initial=llm.window_initial, maximum=llm.window_max,
+                          backoff=llm.window_backoff, lease_s=timeout_s + 10, key_prefix=settings.redis.key_prefix)
 
 
 def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient, guard_config: GuardConfig,
@@ -403,6 +417,8 @@ def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient,
             RateLimiter(redis, fallback.base_url, metrics, rpm=fallback.rpm, tpm=fallback.tpm,
                         interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix),
             model=fallback.model, timeout_s=fallback.timeout_s or llm.timeout_s,
+            window=adaptive_window(settings, redis, fallback.base_url, metrics, fallback.name,
+                                   fallback.timeout_s or llm.timeout_s),
         ))
         metrics.fallbacks.labels(endpoint=fallback.name)  # a series from the start, at 0
     return tuple(endpoints)

@@ -1,0 +1,201 @@
+"""The fleet's adaptive window of open model calls, shared through Redis: slow start, additive
+increase, multiplicative decrease, a restart after an outage, leases that free a dead replica's slots;
+and three replicas started at once against a provider that refuses more than 20 concurrent calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dedup.client import close, connect
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.devtools.fakellm import FakeLLM
+from service.llm.window import AdaptiveWindow, Slot
+from service.runtime.wiring import ensure_topics
+from tests.support import assert_one_result_each, classify, kill_worker, produce, read_topic, spawn_worker
+
+pytestmark = pytest.mark.integration
+
+
+def with_windows(redis_url: str, body: Callable[..., Awaitable[None]], replicas: int = 2, **options: Any) -> None:
+    """``body`` gets ``replicas`` windows on one endpoint, as separate replicas would hold them."""
+
+    async def main() -> None:
+        client = connect(redis_url)
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+        try:
+            windows = [AdaptiveWindow(client, "http://llm:8080/v1", Metrics(), label="primary", key_prefix=prefix,
+                                      **options) for _ in range(replicas)]
+            await body(*windows)
+        finally:
+            await close(client)
+
+    asyncio.run(main())
+
+
+async def granted(window: AdaptiveWindow, n: int, timeout_s: float = 0.3) -> list[Slot]:
+    """The slots among ``n`` acquisitions that were granted within ``timeout_s`` (the others given up)."""
+    slots: list[Slot] = []
+    for _ in range(n):
+        try:
+            slots.append(await asyncio.wait_for(window.acquire(), timeout_s))
+        except TimeoutError:
+            break
+    return slots
+
+
+def test_a_cold_window_opens_a_few_slots_then_doubles_per_round_trip(redis_url: str) -> None:
+    async def body(a: AdaptiveWindow, b: AdaptiveWindow) -> None:
+        first = await granted(a, 3) + await granted(b, 3)
+        assert len(first) == 4  # the fleet's cold window, whichever replica asks
+        for slot in first:
+            await a.release(slot, "ok")
+        assert a.size == 8  # slow start: one more per answer
+        second = await granted(b, 10)
+        assert len(second) == 8
+        for slot in second:
+            await b.release(slot, "ok")
+        assert b.size == 16
+
+    with_windows(redis_url, body, initial=4)
+
+
+def test_a_429_cuts_the_window_once_per_round_trip_then_it_grows_by_one(redis_url: str) -> None:
+    async def body(a: AdaptiveWindow, b: AdaptiveWindow) -> None:
+        slots = await granted(a, 10)
+        assert len(slots) == 10
+        await a.release(slots[0], "rate_limited")
+        assert a.size == 7  # 10 x 0.7
+        for slot in slots[1:4]:  # calls open before the cut bring the same news: no second cut
+            await b.release(slot, "rate_limited")
+        assert b.size == 7
+        later = await granted(a, 1)
+        await a.release(later[0], "timeout")  # a call that started after the cut can cut again
+        assert a.size == 4  # floor(7 x 0.7)
+        for slot in slots[4:]:
+            await a.release(slot, "ok")
+        # above ssthresh the window grows by 1/size per answer: about one slot per round trip
+        assert 4 < a.size < 6
+
+    with_windows(redis_url, body, initial=10, backoff=0.7)
+
+
+def test_an_outage_starts_the_window_over_so_the_fleet_ramps_up_again(redis_url: str) -> None:
+    async def body(a: AdaptiveWindow, b: AdaptiveWindow) -> None:
+        slots = await granted(a, 10)
+        for slot in slots[:-1]:
+            await a.release(slot, "ok")
+        assert a.size == 15
+        await b.release(slots[-1], "outage")
+        assert b.size == 8  # back to the initial window, below a threshold of 0.7 of the old one
+        assert len(await granted(a, 10)) == 8
+
+    with_windows(redis_url, body, initial=8, backoff=0.7)
+
+
+def test_a_window_grows_only_while_it_is_used(redis_url: str) -> None:
+    """One call at a time never teaches the window that 100 at once would be fine."""
+
+    async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
+        for _ in range(50):
+            (slot,) = await granted(a, 1)
+            await a.release(slot, "ok")
+        assert a.size <= 3
+
+    with_windows(redis_url, body, initial=2)
+
+
+def test_the_ceiling_caps_the_window(redis_url: str) -> None:
+    async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
+        for _ in range(6):
+            slots = await granted(a, 20)
+            for slot in slots:
+                await a.release(slot, "ok")
+        assert a.size == 12
+        assert len(await granted(a, 20)) == 12
+
+    with_windows(redis_url, body, initial=4, maximum=12)
+
+
+def test_a_dead_replicas_slots_are_freed_when_their_leases_run_out(redis_url: str) -> None:
+    async def body(dead: AdaptiveWindow, alive: AdaptiveWindow) -> None:
+        assert len(await granted(dead, 2)) == 2  # never released: the replica was killed
+        assert await granted(alive, 1, timeout_s=0.1) == []
+        started = time.monotonic()
+        (slot,) = await granted(alive, 1, timeout_s=3)
+        assert time.monotonic() - started >= 0.2
+        await alive.release(slot, "ok")
+
+    with_windows(redis_url, body, initial=2, lease_s=0.5)
+
+
+def test_waiters_in_one_process_get_a_slot_as_soon_as_one_is_released(redis_url: str) -> None:
+    async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
+        (held,) = await granted(a, 1)
+        waiters = [asyncio.create_task(a.acquire()) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in waiters)
+        await a.release(held, "none")  # tells the window nothing, but frees the slot
+        done, _ = await asyncio.wait(waiters, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        for w in waiters:
+            w.cancel()
+
+    with_windows(redis_url, body, initial=1)
+
+
+def run_fleet(settings: Settings, fake: FakeLLM, tmp_path: Path, tasks: int, window: bool, name: str
+              ) -> dict[str, Any]:
+    """Three ``agent-service run`` replicas started at once on a backlog of ``tasks``, on topics and a
+    group of their own; the server's statistics and the time to the last result."""
+    kafka = settings.kafka.model_copy(update={
+        "input_topic": f"{settings.kafka.input_topic}.{name}", "results_topic": f"{settings.kafka.results_topic}.{name}",
+        "dlq_topic": f"{settings.kafka.dlq_topic}.{name}", "group_id": f"{settings.kafka.group_id}.{name}"})
+    s = settings.model_copy(update={"kafka": kafka, "llm": settings.llm.model_copy(update={"window": window})})
+    ensure_topics(s)
+    ids = [f"{name}-{i}" for i in range(tasks)]
+    produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(i.encode(), classify(i, f"text {i}")) for i in ids])
+    fake.reset()
+    workers = []
+    started = time.monotonic()
+    try:
+        for n in range(3):
+            replica = s.model_copy(update={"worker_id": f"{s.worker_id}-{name}-{n}"})
+            workers.append(spawn_worker(replica, str(tmp_path / f"{name}-{n}.log")))
+        read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=tasks, timeout_s=240, idle_s=0.5)
+        elapsed = time.monotonic() - started
+    finally:
+        for worker in workers:
+            kill_worker(worker)
+    stats = fake.stats()
+    assert_one_result_each(s.kafka.bootstrap_servers, s.kafka.results_topic, ids, stats["completions_by_key"])
+    return {"tasks": tasks, "seconds": round(elapsed, 1), "requests": stats["requests"],
+            "429s": stats["over_concurrency"], "peak_open": stats["peak_open"]}
+
+
+def test_three_replicas_started_at_once_converge_to_the_providers_limit(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """A provider that answers 429 above 20 concurrent calls, 0.2 s a call, and three replicas of 64
+    tasks in flight each started at once on a backlog: with the window the fleet ramps up to the limit
+    and stays near it; the same fleet without it opens up to 192 calls at once."""
+    with FakeLLM(latency_s=0.2, max_concurrency=20) as fake:
+        base = make_settings(max_in_flight=64, kafka={"topic_partitions": 6})
+        s: Settings = base.model_copy(update={"llm": base.llm.model_copy(
+            update={"base_url": fake.base_url, "max_attempts": 8, "backoff_max_s": 0.2})})
+        windowed = run_fleet(s, fake, tmp_path, 600, True, "aimd")
+        print(f"\nwith the window:    {windowed}")
+        unlimited = run_fleet(s, fake, tmp_path, 300, False, "open")
+        print(f"without the window: {unlimited}")
+    # the stated bound: the slow-start overshoot of one round trip, then about one 429 per cut
+    assert windowed["429s"] <= 40, windowed
+    assert unlimited["429s"] > 5 * windowed["429s"], (windowed, unlimited)
+    # near the limit, not far below it: 600 calls of 0.2 s at 20 at once take 6 s
+    assert windowed["seconds"] < 90, windowed
