@@ -122,8 +122,9 @@ async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
         "kafka": await probe.ok(),
     }
     ready = all(checks.values())
-    guard = service.processor.guard
-    degraded = {guard.label: guard.degraded} if guard is not None and guard.degraded else {}
+    processor = service.processor
+    guards = [e.guard for e in (processor.primary, *processor.fallbacks) if e.guard is not None]
+    degraded = {guard.label: guard.degraded for guard in guards if guard.degraded}
     status: Literal["ok", "degraded", "unready"] = "unready" if not ready else "degraded" if degraded else "ok"
     body = Readiness(ready=ready, status=status, checks=checks, degraded=degraded)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

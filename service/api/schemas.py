@@ -32,7 +32,8 @@ class Readiness(BaseModel):
 
     ``status`` is ``degraded`` while the model endpoint cannot serve any task (a revoked key, an
     unknown model, nothing listening): the process is fine and stays ready, consumption waits, and
-    ``degraded`` names the endpoint and the reason (never the endpoint's own error text).
+    ``degraded`` names each endpoint that cannot serve, the primary's and the fallbacks', by host and
+    port, with the reason (never the endpoint's own error text).
     """
 
     ready: bool

@@ -10,10 +10,13 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from service.agents.registry import AgentRegistry, default_agents
+from service.api.app import create_app
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from tests.support import metric, produce, read_topic, running, task_value, wait_for
@@ -134,6 +137,22 @@ def test_both_down_fail_fast_dead_letters_unavailable_within_the_deadline(
             await asyncio.sleep(0.5)
             # a fail_fast kind is loaded: consumption goes on so its tasks fail now, not when they are old
             accepting = svc.processor.accepting
+            transport = httpx.ASGITransport(app=create_app(svc))
+            async with httpx.AsyncClient(transport=transport, base_url="http://svc") as http:
+                ready: dict[str, Any] = {}
+
+                async def both_degraded() -> bool:
+                    ready.update((await http.get("/readyz")).json())
+                    return len(ready["degraded"]) == 2
+
+                for _ in range(100):  # the fallback kind's task finds the fallback's key revoked too
+                    if await both_degraded():
+                        break
+                    await asyncio.sleep(0.1)
+            # both endpoints are named (host:port, never the key or the error text)
+            assert ready["status"] == "degraded" and sorted(ready["degraded"].values()) == ["auth", "auth"], ready
+            assert set(ready["degraded"]) == {urlsplit(fake_llm.base_url).netloc,
+                                              urlsplit(fallback_llm.base_url).netloc}, ready
             return (took, metric(svc, "agent_dead_letters_total", {"reason": "unavailable"}),
                     metric(svc, "agent_tasks_total", {"outcome": "succeeded"}), accepting)
 
