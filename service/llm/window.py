@@ -25,8 +25,10 @@ frees its slots when their leases run out):
 Calls a worker may have open are still capped by its own limit (``AGENT_MAX_IN_FLIGHT``, see
 :mod:`service.runtime.limits`); ``maximum`` caps the fleet's window (0: no fleet-wide cap).
 
-In a process one waiter at a time asks Redis for a slot; the others queue behind it, so a full
-window costs one Redis call per freed slot or short poll, not one per waiting task.
+While the window has room every call asks Redis for its slot at once. Once one has to wait, the
+calls of the process queue and only the first asks Redis again (when a slot of the process is freed,
+or after a short, growing pause), so a full window costs one Redis call per freed slot or poll, not
+one per waiting task.
 """
 
 from __future__ import annotations
@@ -156,23 +158,31 @@ class AdaptiveWindow:
     async def acquire(self) -> Slot:
         """Wait for a slot in the fleet's window; the caller must :meth:`release` it."""
         slot_id = uuid.uuid4().hex
+        if not self._head.locked():  # nobody here waits: ask at once, concurrently with other callers
+            slot = await self._try(slot_id)
+            if slot is not None:
+                return slot
         async with self._head:
             pause = 0.005
             while True:
                 self._freed.clear()
-                try:
-                    granted, size, _open, now_ms = await self._acquire(
-                        keys=self.keys, args=[slot_id, self.lease_ms, self.initial, self.ceiling, self.idle_ms])
-                except RedisError as exc:
-                    raise LedgerUnavailable(f"adaptive window: {exc}") from exc
-                self._seen(size)
-                if int(granted):
-                    return Slot(slot_id, int(now_ms))
+                slot = await self._try(slot_id)
+                if slot is not None:
+                    return slot
                 self.metrics.llm_window_waits.labels(endpoint=self.label).inc()
                 try:  # a slot freed here, or another replica's after a short, growing pause
                     await asyncio.wait_for(self._freed.wait(), pause)
                 except TimeoutError:
                     pause = min(pause * 2, 0.2)
+
+    async def _try(self, slot_id: str) -> Slot | None:
+        try:
+            granted, size, _open, now_ms = await self._acquire(
+                keys=self.keys, args=[slot_id, self.lease_ms, self.initial, self.ceiling, self.idle_ms])
+        except RedisError as exc:
+            raise LedgerUnavailable(f"adaptive window: {exc}") from exc
+        self._seen(size)
+        return Slot(slot_id, int(now_ms)) if int(granted) else None
 
     async def release(self, slot: Slot, outcome: Outcome) -> None:
         """Give the slot back, telling the window how the call went: ``ok`` (the endpoint
