@@ -54,17 +54,15 @@ import argparse
 import logging
 import random
 import re
-import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, ClassVar, Final
 from urllib.parse import unquote
 
-from service.devtools.fakellm.faults import Armed, Rule, take, with_times
+from service.devtools.fakellm.faults import Armed, FaultRules, Rule, take
 from service.devtools.fakellm.http import (
     Receive,
     Scope,
@@ -77,7 +75,7 @@ from service.devtools.fakellm.http import (
     read_body,
     respond,
 )
-from service.devtools.fakellm.serving import Serving
+from service.devtools.fakellm.serving import Serving, serve_until_stopped
 
 FAULTS: Final = ("delay", "error", "drop_before", "drop_after", "status_error")
 _EFFECTS: Final = frozenset({"create", "cancel"})  # the actions that change something
@@ -113,11 +111,13 @@ class Refused(Exception):
         self.status = status
 
 
-class FakeDownstream(Serving):
+class FakeDownstream(Serving, FaultRules[DownstreamFault]):
     """A ticketing REST API with side effects counted per Idempotency-Key (and an ASGI app).
 
     All public methods are thread-safe: the server runs on its own thread and event loop.
     """
+
+    _as_rule = staticmethod(as_fault)
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, idempotent: bool = True,
                  seed: int | None = None) -> None:
@@ -145,27 +145,6 @@ class FakeDownstream(Serving):
     @idempotent.setter
     def idempotent(self, value: bool) -> None:
         self._idempotent = bool(value)
-
-    def add_fault(self, rule: DownstreamFault | Mapping[str, Any]) -> None:
-        """Append a rule; it applies only when no earlier rule matches."""
-        armed = Armed(as_fault(rule))
-        with self._lock:
-            self._rules.append(armed)
-
-    def set_faults(self, rules: Iterable[DownstreamFault | Mapping[str, Any]]) -> None:
-        """Replace all rules (validated first: a bad rule changes nothing)."""
-        armed = [Armed(as_fault(rule)) for rule in rules]
-        with self._lock:
-            self._rules = armed
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._rules = []
-
-    def faults(self) -> list[DownstreamFault]:
-        """The active rules, ``times`` showing what each has left."""
-        with self._lock:
-            return [with_times(a.rule, a.remaining) for a in self._rules]
 
     def reset(self) -> None:
         """Drop every ticket, rule and statistic; the mode stays."""
@@ -439,21 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with FakeDownstream(args.host, args.port, idempotent=args.idempotent, seed=args.seed) as api:
-            print(f"downstream listening on {api.base_url}", flush=True)
-            while not stopping.wait(0.5):
-                pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    return serve_until_stopped(FakeDownstream(args.host, args.port, idempotent=args.idempotent, seed=args.seed),
+                               "downstream")
 
 
 if __name__ == "__main__":

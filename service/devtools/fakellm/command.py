@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from service.devtools.fakellm.server import FakeLLM
+from service.devtools.fakellm.serving import serve_until_stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,21 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        fake = FakeLLM(args.host, args.port, latency_s=args.latency_s, seed=args.seed, idempotent=args.idempotent,
-                       tool_rounds=args.tool_rounds, tool_calls_per_round=args.tool_calls_per_round,
-                       max_concurrency=args.max_concurrency)
-        with fake:
-            print(f"fakellm listening on {fake.base_url}", flush=True)
-            while not stopping.wait(0.5):
-                pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    fake = FakeLLM(args.host, args.port, latency_s=args.latency_s, seed=args.seed, idempotent=args.idempotent,
+                   tool_rounds=args.tool_rounds, tool_calls_per_round=args.tool_calls_per_round,
+                   max_concurrency=args.max_concurrency)
+    return serve_until_stopped(fake, "fakellm")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Final, Generic, Self, TypeVar
 
@@ -106,6 +107,39 @@ class Armed(Generic[R]):
 
 def with_times(rule: R, remaining: int | None) -> R:
     return rule if rule.times == remaining else replace(rule, times=remaining)
+
+
+class FaultRules(Generic[R]):
+    """The fault rules of a fake server, in order, each used up by its ``times``; thread-safe under
+    the server's ``_lock``. A subclass names how a mapping becomes a rule (:meth:`_as_rule`)."""
+
+    _lock: threading.Lock
+    _rules: list[Armed[R]]
+
+    @staticmethod
+    def _as_rule(rule: Any) -> R:
+        raise NotImplementedError
+
+    def add_fault(self, rule: R | Mapping[str, Any]) -> None:
+        """Append a rule; it applies only when no earlier rule matches."""
+        armed = Armed(self._as_rule(rule))
+        with self._lock:
+            self._rules.append(armed)
+
+    def set_faults(self, rules: Iterable[R | Mapping[str, Any]]) -> None:
+        """Replace all rules (validated first: a bad rule changes nothing)."""
+        armed = [Armed(self._as_rule(rule)) for rule in rules]
+        with self._lock:
+            self._rules = armed
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._rules = []
+
+    def faults(self) -> list[R]:
+        """The active rules, ``times`` showing what each has left."""
+        with self._lock:
+            return [with_times(a.rule, a.remaining) for a in self._rules]
 
 
 def take(rules: list[Armed[R]], hits: Callable[[R], bool], rng: random.Random) -> R | None:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Final
 
 from service.devtools.fakellm.answers import completion, content, faulty_content, tool_completion
 from service.devtools.fakellm.chat import MODEL_NAME, BadRequest, ChatRequest, parse_chat
-from service.devtools.fakellm.faults import TOOL_FAULTS, Armed, FaultRule, as_rule, take, with_times
+from service.devtools.fakellm.faults import TOOL_FAULTS, Armed, FaultRule, FaultRules, as_rule, take
 from service.devtools.fakellm.http import (
     Receive,
     Scope,
@@ -56,12 +56,13 @@ def _rules(value: Any) -> tuple[ToolArguments, ...]:
     return tuple(as_tool_arguments(rule) for rule in value)
 
 
-class FakeLLM(Serving):
+class FakeLLM(Serving, FaultRules[FaultRule]):
     """A fault-injecting OpenAI-compatible chat-completions server (and ASGI app).
 
     All public methods are thread-safe: the server runs on its own thread and event loop.
     """
 
+    _as_rule = staticmethod(as_rule)
     base_path: ClassVar[str] = "/v1"  # where OpenAI clients expect the API
 
     def __init__(
@@ -146,27 +147,6 @@ class FakeLLM(Serving):
     @tool_arguments.setter
     def tool_arguments(self, value: Iterable[ToolArguments | Mapping[str, Any]]) -> None:
         self._tool_arguments = _rules(value)
-
-    def add_fault(self, rule: FaultRule | Mapping[str, Any]) -> None:
-        """Append a rule; it applies only when no earlier rule matches."""
-        armed = Armed(as_rule(rule))
-        with self._lock:
-            self._rules.append(armed)
-
-    def set_faults(self, rules: Iterable[FaultRule | Mapping[str, Any]]) -> None:
-        """Replace all rules (validated first: a bad rule changes nothing)."""
-        armed = [Armed(as_rule(rule)) for rule in rules]
-        with self._lock:
-            self._rules = armed
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._rules = []
-
-    def faults(self) -> list[FaultRule]:
-        """The active rules, ``times`` showing what each has left."""
-        with self._lock:
-            return [with_times(a.rule, a.remaining) for a in self._rules]
 
     def reset(self) -> None:
         """Drop every fault rule, the statistics and the stored idempotent responses; the

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import threading
 import time
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import ClassVar, Final, Self
 
 import uvicorn
@@ -149,3 +150,23 @@ class Serving:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await wake.wait()
+
+
+def serve_until_stopped(server: Serving, name: str) -> int:
+    """Serve ``server`` in the foreground of a command: say where it listens (``<name> listening on
+    <url>``), then serve until SIGINT or SIGTERM. Returns the exit status."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with server:
+            print(f"{name} listening on {server.base_url}", flush=True)
+            while not stopping.wait(0.5):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
