@@ -500,13 +500,21 @@ def _selection(form: dict[str, list[str]]) -> list[tuple[int, int]]:
     return sorted(out)
 
 
-@router.post("/dlq/replay/confirm")
-async def replay_confirm(request: Request) -> Response:
+async def _selected(request: Request) -> Response | tuple[dict[str, list[str]], list[tuple[int, int]]]:
+    """An admin's form and the dead letters it selects, or the refusal to answer with."""
     checked = await _writer(request)
     if isinstance(checked, Response):
         return checked
     _, form = checked
-    selection = _selection(form)
+    return form, _selection(form)
+
+
+@router.post("/dlq/replay/confirm")
+async def replay_confirm(request: Request) -> Response:
+    checked = await _selected(request)
+    if isinstance(checked, Response):
+        return checked
+    _, selection = checked
     if not selection:
         return _refuse(request, 400, "Select at least one dead letter to replay.")
     return render(request, "replay_confirm.html", selection=selection)
@@ -514,11 +522,10 @@ async def replay_confirm(request: Request) -> Response:
 
 @router.post("/dlq/replay")
 async def replay(request: Request) -> Response:
-    checked = await _writer(request)
+    checked = await _selected(request)
     if isinstance(checked, Response):
         return checked
-    _, form = checked
-    selection = _selection(form)
+    form, selection = checked
     if not selection or _one(form, "confirm") != "yes":
         return _refuse(request, 400, "Nothing confirmed: select dead letters and confirm the replay.")
     service = _service(request)

@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -24,6 +24,8 @@ from service.core.settings import Settings
 from service.pipeline.base import utcnow
 from service.pipeline.dlq import peek, replay
 from service.pipeline.parking import Busy, Compensation, Decided, NotDecidable, compensate, decide, side_effects
+
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -120,6 +122,17 @@ def _valid(task_id: str) -> bool:
     return False
 
 
+def _acted(run: Callable[[], Coroutine[Any, Any, T]], refused: type[Exception]) -> T | None:
+    """What ``run`` returns; None when the task is unknown or the action is ``refused`` (said on stderr)."""
+    try:
+        return asyncio.run(run())
+    except KeyError:
+        print("unknown task", file=sys.stderr)
+    except refused as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+    return None
+
+
 def task_decide(settings: Settings, args: argparse.Namespace) -> int:
     """``task approve`` / ``task reject`` / ``task landed`` / ``task absent``."""
     if not _valid(args.task_id):
@@ -132,13 +145,8 @@ def task_decide(settings: Settings, args: argparse.Namespace) -> int:
                                 args.decision, by=args.by, reason=args.reason, result=result,
                                 audit_topic=settings.kafka.audit_topic)
 
-    try:
-        done = asyncio.run(run())
-    except KeyError:
-        print("unknown task", file=sys.stderr)
-        return 1
-    except NotDecidable as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+    done = _acted(run, NotDecidable)
+    if done is None:
         return 1
     if done.status == "resumed_again":
         print(f"task {done.task_id} was decided before ({done.decision}); its resumption was produced again")
@@ -157,13 +165,8 @@ def task_compensate(settings: Settings, args: argparse.Namespace) -> int:
                                     Metrics(CollectorRegistry()), utcnow, args.task_id, by=args.by,
                                     rerun=args.rerun, audit_topic=settings.kafka.audit_topic)
 
-    try:
-        report = asyncio.run(run())
-    except KeyError:
-        print("unknown task", file=sys.stderr)
-        return 1
-    except Busy as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+    report = _acted(run, Busy)
+    if report is None:
         return 1
     print(json.dumps(vars(report), indent=2, ensure_ascii=False))
     return 2 if report.failed else 0
