@@ -4,12 +4,14 @@ attempts; the endpoint's own failures (breaker, 429, auth) spend no attempt of t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from graphlib import TopologicalSorter
+from time import monotonic
 from typing import Any
 
 from pydantic import BaseModel
@@ -34,6 +36,7 @@ from service.core.tracing import Tracing
 from service.llm.client import ChatRequest
 from service.llm.endpoints import Endpoint
 from service.llm.guard import EndpointGuard, RateLimiter
+from service.llm.window import AdaptiveWindow, Slot
 from service.llm.window import Outcome as WindowOutcome
 from service.pipeline.base import ChatClient, LostFence, ProcessorConfig, ToDeadLetter, estimate_tokens
 from service.pipeline.parking import export_audit
@@ -113,13 +116,13 @@ class Steps:
         messages, schema, needed = self._request_size(step, task_input, previous, attempts, conversation)
         last: Exception | None = None
         while True:
-            remaining = self._time_left(task, attempts)
             endpoint = await self._capacity(task, needed, retry=last is not None, attempts=attempts)
+            remaining = self._time_left(task, attempts)  # after any wait for the endpoint
             attempt = await self._begin_attempt(task, step, fence)
             attempts = attempt.total
             request = self._request(task, step, messages, schema, remaining, offer_tools, endpoint)
             outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts, endpoint,
-                                           answered)
+                                           answered, deadline_s=remaining)
             if isinstance(outcome, dict | ToolCalls):
                 return outcome, attempts
             last, delay, endpoint_fault = outcome
@@ -209,14 +212,17 @@ class Steps:
 
     async def _one_call(
         self, request: ChatRequest, step: Step, task_input: BaseModel, needed: int, step_attempt: int, attempts: int,
-        endpoint: Endpoint | None = None, answered: list[tuple[str, str]] | None = None,
+        endpoint: Endpoint | None = None, answered: list[tuple[str, str]] | None = None, *,
+        deadline_s: float | None = None,
     ) -> dict[str, Any] | ToolCalls | tuple[Exception, float | None, bool]:
         """One model call: the step's output, the tools it asks to call, or (the failure, a delay it asks for, whether it was the
         endpoint's fault rather than the task's). A 400 for this request dead-letters at once."""
         endpoint = endpoint or self.primary
         guard = endpoint.guard
         window = endpoint.window
-        slot = await window.acquire() if window is not None else None
+        slot = None
+        if window is not None:
+            slot, request = await self._window_slot(window, request, deadline_s, attempts)
         verdict: WindowOutcome = "ok"  # what the window learns from this call: the endpoint answered
         try:
             with self.tracing.llm_span(request.model or endpoint.model or self.model_name, step=step.name,
@@ -261,6 +267,24 @@ class Steps:
         if answered is not None:
             answered.append((endpoint.name, answer.model))
         return output
+
+    @staticmethod
+    async def _window_slot(window: AdaptiveWindow, request: ChatRequest, deadline_s: float | None,
+                           attempts: int) -> tuple[Slot, ChatRequest]:
+        """A slot in the fleet's window, waited for within the task's deadline (``deadline_s`` from
+        now); the request's timeout is cut by the wait, so the call still ends by the deadline."""
+        if deadline_s is None:
+            return await window.acquire(), request
+        started = monotonic()
+        try:
+            slot = await asyncio.wait_for(window.acquire(), deadline_s)
+        except TimeoutError:
+            raise ToDeadLetter("expired", f"deadline passed waiting for the endpoint after {attempts} attempts",
+                               attempts) from None
+        left = deadline_s - (monotonic() - started)
+        if request.timeout_s is None or left < request.timeout_s:
+            request = dataclasses.replace(request, timeout_s=max(0.05, left))
+        return slot, request
 
     def _policy(self, task: Task) -> str:
         """What the task's kind does while the primary is unavailable: wait, fallback or fail_fast."""

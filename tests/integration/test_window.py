@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,17 @@ from service.devtools.fakellm import FakeLLM
 from service.llm.guard import endpoint_tag
 from service.llm.window import AdaptiveWindow, Slot
 from service.runtime.wiring import ensure_topics
-from tests.support import assert_one_result_each, classify, kill_worker, produce, read_topic, spawn_worker
+from tests.support import (
+    assert_one_result_each,
+    classify,
+    kill_worker,
+    metric,
+    produce,
+    read_topic,
+    running,
+    spawn_worker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -209,3 +220,33 @@ def test_three_replicas_started_at_once_converge_to_the_providers_limit(
     assert unlimited["429s"] > 5 * windowed["429s"], (windowed, unlimited)
     # it converged to the limit: between cuts the window saws from 0.7 x 20 up to just above 20
     assert 0.7 * 0.7 * 20 <= windowed["window"] <= 24, windowed
+
+
+def test_a_task_waits_for_a_slot_only_until_its_deadline(make_settings: Any, fake_llm: FakeLLM) -> None:
+    """Another replica holds the fleet's only slot: a task with a deadline is dead-lettered as
+    expired when it passes, and one without waits and runs once the slot is free."""
+    s: Settings = make_settings(llm={"window_initial": 1, "window_max": 1})
+    deadline = datetime.now(UTC) + timedelta(seconds=3)
+
+    async def scenario() -> tuple[float, float, float]:
+        async with running(s, fake_llm.base_url) as svc:
+            other = AdaptiveWindow(svc.redis, fake_llm.base_url, Metrics(), label="primary", initial=1, maximum=1,
+                                   key_prefix=s.redis.key_prefix)
+            held = await other.acquire()
+            started = time.monotonic()
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [
+                (b"late", classify("late", deadline=deadline.isoformat())), (b"patient", classify("patient"))])
+            await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "expired"}) == 1, 20,
+                           what="the task with a deadline expired")
+            expired_after = time.monotonic() - started
+            calls_while_held = fake_llm.stats()["requests"]
+            await other.release(held, "ok")
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1, 20,
+                           what="the patient task ran")
+            return expired_after, calls_while_held, metric(svc, "agent_llm_window_waits_total", {"endpoint": "primary"})
+
+    expired_after, calls_while_held, waits = asyncio.run(scenario())
+    assert calls_while_held == 0 and waits >= 1
+    assert expired_after < 8, expired_after
+    dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)
+    assert [m.key for m in dead] == [b"late"] and dead[0].headers["dlq.reason"] == b"expired"
