@@ -28,7 +28,8 @@ Calls a worker may have open are still capped by its own limit (``AGENT_MAX_IN_F
 While the window has room every call asks Redis for its slot at once. Once one has to wait, the
 calls of the process queue and only the first asks Redis again (when a slot of the process is freed,
 or after a short, growing pause), so a full window costs one Redis call per freed slot or poll, not
-one per waiting task.
+one per waiting task. Interactive calls queue apart and go first: a batch call asks only while no
+interactive call of its process waits (across replicas the window has no priorities).
 """
 
 from __future__ import annotations
@@ -150,30 +151,54 @@ class AdaptiveWindow:
         self.keys = [keys.endpoint(tag, "window"), keys.endpoint(tag, "slots")]
         self._acquire = redis.register_script(ACQUIRE)
         self._release = redis.register_script(RELEASE)
-        self._head = asyncio.Lock()  # the one waiter in this process that asks Redis
+        self._head = asyncio.Lock()  # the one batch waiter in this process that asks Redis
+        self._urgent_head = asyncio.Lock()  # the one interactive waiter that asks Redis
+        self._urgent = 0  # interactive calls waiting here: batch waiters let them go first
+        self._no_urgent = asyncio.Event()
         self._freed = asyncio.Event()  # a slot of this process was given back
         self.size = float(initial)  # the window as this process last saw it
         metrics.llm_window.labels(endpoint=label).set(initial)
 
-    async def acquire(self) -> Slot:
-        """Wait for a slot in the fleet's window; the caller must :meth:`release` it."""
+    async def acquire(self, priority: str = "batch") -> Slot:
+        """Wait for a slot in the fleet's window; the caller must :meth:`release` it. While calls of
+        this process wait, ``interactive`` ones get the slots before ``batch`` ones."""
         slot_id = uuid.uuid4().hex
-        if not self._head.locked():  # nobody here waits: ask at once, concurrently with other callers
+        if priority == "interactive":
+            if not self._urgent_head.locked():  # no other interactive call waits: ask at once
+                slot = await self._try(slot_id)
+                if slot is not None:
+                    return slot
+            self._urgent += 1
+            try:
+                async with self._urgent_head:
+                    return await self._poll(slot_id, urgent=True)
+            finally:
+                self._urgent -= 1
+                if not self._urgent:
+                    self._no_urgent.set()
+        if not self._head.locked() and not self._urgent:  # nobody here waits: ask at once
             slot = await self._try(slot_id)
             if slot is not None:
                 return slot
         async with self._head:
-            pause = 0.005
-            while True:
-                self._freed.clear()
-                slot = await self._try(slot_id)
-                if slot is not None:
-                    return slot
-                self.metrics.llm_window_waits.labels(endpoint=self.label).inc()
-                try:  # a slot freed here, or another replica's after a short, growing pause
-                    await asyncio.wait_for(self._freed.wait(), pause)
-                except TimeoutError:
-                    pause = min(pause * 2, 0.2)
+            return await self._poll(slot_id, urgent=False)
+
+    async def _poll(self, slot_id: str, *, urgent: bool) -> Slot:
+        """Ask Redis when a slot of this process is freed, or after a short, growing pause."""
+        pause = 0.005
+        while True:
+            while not urgent and self._urgent:
+                self._no_urgent.clear()
+                await self._no_urgent.wait()
+            self._freed.clear()
+            slot = await self._try(slot_id)
+            if slot is not None:
+                return slot
+            self.metrics.llm_window_waits.labels(endpoint=self.label).inc()
+            try:
+                await asyncio.wait_for(self._freed.wait(), pause)
+            except TimeoutError:
+                pause = min(pause * 2, 0.2)
 
     async def _try(self, slot_id: str) -> Slot | None:
         try:

@@ -122,7 +122,7 @@ class Steps:
             attempts = attempt.total
             request = self._request(task, step, messages, schema, remaining, offer_tools, endpoint)
             outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts, endpoint,
-                                           answered, deadline_s=remaining)
+                                           answered, deadline_s=remaining, priority=task.event.priority)
             if isinstance(outcome, dict | ToolCalls):
                 return outcome, attempts
             last, delay, endpoint_fault = outcome
@@ -213,7 +213,7 @@ class Steps:
     async def _one_call(
         self, request: ChatRequest, step: Step, task_input: BaseModel, needed: int, step_attempt: int, attempts: int,
         endpoint: Endpoint | None = None, answered: list[tuple[str, str]] | None = None, *,
-        deadline_s: float | None = None,
+        deadline_s: float | None = None, priority: str = "batch",
     ) -> dict[str, Any] | ToolCalls | tuple[Exception, float | None, bool]:
         """One model call: the step's output, the tools it asks to call, or (the failure, a delay it asks for, whether it was the
         endpoint's fault rather than the task's). A 400 for this request dead-letters at once."""
@@ -222,7 +222,7 @@ class Steps:
         window = endpoint.window
         slot = None
         if window is not None:
-            slot, request = await self._window_slot(window, request, deadline_s, attempts)
+            slot, request = await self._window_slot(window, request, deadline_s, attempts, priority)
         verdict: WindowOutcome = "ok"  # what the window learns from this call: the endpoint answered
         try:
             with self.tracing.llm_span(request.model or endpoint.model or self.model_name, step=step.name,
@@ -270,14 +270,14 @@ class Steps:
 
     @staticmethod
     async def _window_slot(window: AdaptiveWindow, request: ChatRequest, deadline_s: float | None,
-                           attempts: int) -> tuple[Slot, ChatRequest]:
+                           attempts: int, priority: str) -> tuple[Slot, ChatRequest]:
         """A slot in the fleet's window, waited for within the task's deadline (``deadline_s`` from
         now); the request's timeout is cut by the wait, so the call still ends by the deadline."""
         if deadline_s is None:
-            return await window.acquire(), request
+            return await window.acquire(priority), request
         started = monotonic()
         try:
-            slot = await asyncio.wait_for(window.acquire(), deadline_s)
+            slot = await asyncio.wait_for(window.acquire(priority), deadline_s)
         except TimeoutError:
             raise ToDeadLetter("expired", f"deadline passed waiting for the endpoint after {attempts} attempts",
                                attempts) from None

@@ -165,6 +165,28 @@ def test_waiters_in_one_process_get_a_slot_as_soon_as_one_is_released(redis_url:
     with_windows(redis_url, body, initial=1)
 
 
+def test_interactive_calls_waiting_here_get_freed_slots_before_batch_ones(redis_url: str) -> None:
+    async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
+        (held,) = await granted(a, 1)
+        order: list[str] = []
+
+        async def call(name: str, priority: str) -> None:
+            slot = await a.acquire(priority)
+            order.append(name)
+            await asyncio.sleep(0.05)
+            await a.release(slot, "none")
+
+        batch = [asyncio.create_task(call(f"batch-{i}", "batch")) for i in range(3)]
+        await asyncio.sleep(0.1)  # the batch calls wait first
+        urgent = [asyncio.create_task(call(f"interactive-{i}", "interactive")) for i in range(2)]
+        await asyncio.sleep(0.1)
+        await a.release(held, "none")
+        await asyncio.wait_for(asyncio.gather(*batch, *urgent), 10)
+        assert order == ["interactive-0", "interactive-1", "batch-0", "batch-1", "batch-2"], order
+
+    with_windows(redis_url, body, initial=1, maximum=1)
+
+
 def run_fleet(settings: Settings, fake: FakeLLM, tmp_path: Path, tasks: int, window_on: bool, name: str
               ) -> dict[str, Any]:
     """Three ``agent-service run`` replicas started at once on a backlog of ``tasks``, on topics and a
