@@ -12,10 +12,19 @@ import re
 
 TASK_KEY_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
 _TASK_KEY_RE = re.compile(TASK_KEY_PATTERN)
+# A tenant id: a short, printable label that is safe as a key's hash tag and as a metric label
+# (no braces, no colon, no whitespace or control characters)
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TENANT_MAX_LEN = 64
+_TENANT_RE = re.compile(TENANT_PATTERN)
 
 
 def is_valid_task_key(task_key: str) -> bool:
     return bool(_TASK_KEY_RE.fullmatch(task_key))
+
+
+def is_valid_tenant(tenant: str) -> bool:
+    return len(tenant) <= TENANT_MAX_LEN and bool(_TENANT_RE.fullmatch(tenant))
 
 
 class Keys:
@@ -36,6 +45,13 @@ class Keys:
     def endpoint(self, endpoint_tag: str, suffix: str) -> str:
         """Per-endpoint state shared by every replica (rate limits, Retry-After)."""
         return f"{self.prefix}:endpoint:{{{endpoint_tag}}}:{suffix}"
+
+    def tenant_budget(self, tenant: str) -> str:
+        """Hash: a tenant's token budget in the current period (``period``, ``used``). Its own hash
+        tag ``{tenant}``; tenants are validated here too (:data:`TENANT_PATTERN`)."""
+        if not is_valid_tenant(tenant):
+            raise ValueError(f"invalid tenant {tenant[:80]!r}")
+        return f"{self.prefix}:tenant:{{{tenant}}}:budget"
 
     def definition(self, name: str, version: str) -> str:
         """String: the digest of a declared definition ``name`` at ``version``, kept for ever. Its own

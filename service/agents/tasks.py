@@ -3,6 +3,14 @@
 The task key is the producer's ``task_id`` or, when absent, a digest of ``(kind, canonical input)``;
 either way it names the work, not the attempt. The fingerprint of ``(kind, input)`` is kept with
 the ledger record so that the same ``task_id`` with another input is a conflict.
+
+A task may name its **tenant**: the field ``tenant`` of the event, or else the record header
+``tenant``. Either must be a short label (:data:`~dedup.keys.TENANT_PATTERN`: at most 64 of
+``A-Za-z0-9._-``, starting with a letter or digit); anything else (too long, control characters, a
+lone surrogate, bytes that are not UTF-8, a header that disagrees with the field) is the record's
+fault: dead letter ``schema``. A task that names none belongs to the tenant ``default``. A named
+tenant (other than ``default``) is part of the work: it enters the fingerprint, so two tenants'
+identical inputs are two tasks, and one ``task_id`` sent under another tenant is a conflict.
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from dedup.keys import TASK_KEY_PATTERN
+from dedup.keys import TASK_KEY_PATTERN, TENANT_MAX_LEN, TENANT_PATTERN, is_valid_tenant
 from service.core.errors import PoisonError
 
 KIND_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+DEFAULT_TENANT = "default"  # the tenant of a task that names none
+TENANT_HEADER = "tenant"
 
 
 class TaskEvent(BaseModel):
@@ -32,6 +42,7 @@ class TaskEvent(BaseModel):
     input: dict[str, Any]
     deadline: AwareDatetime | None = None
     priority: Literal["interactive", "batch"] = "batch"
+    tenant: str | None = Field(None, pattern=TENANT_PATTERN, max_length=TENANT_MAX_LEN)
 
 
 def canonical_json(value: Any) -> str:
@@ -44,14 +55,18 @@ def digest(text: str | bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def fingerprint(kind: str, task_input: dict[str, Any]) -> str:
-    return digest(canonical_json({"kind": kind, "input": task_input}))
+def fingerprint(kind: str, task_input: dict[str, Any], tenant: str | None = None) -> str:
+    """The digest of the work: its kind, its input and, when it names one, its tenant (the tenant
+    ``default`` is the same work as none, so tasks without a tenant keep their fingerprint)."""
+    if tenant is None or tenant == DEFAULT_TENANT:
+        return digest(canonical_json({"kind": kind, "input": task_input}))
+    return digest(canonical_json({"kind": kind, "input": task_input, "tenant": tenant}))
 
 
 def task_key(event: TaskEvent) -> str:
     if event.task_id is not None:
         return event.task_id
-    return "auto-" + fingerprint(event.kind, event.input).removeprefix("sha256:")[:40]
+    return "auto-" + fingerprint(event.kind, event.input, event.tenant).removeprefix("sha256:")[:40]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +76,7 @@ class Task:
     event: TaskEvent
     deadline: datetime | None
     traceparent: str | None
+    tenant: str = DEFAULT_TENANT
 
     @property
     def kind(self) -> str:
@@ -136,6 +152,7 @@ def _decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> Task:
         raise PoisonError("schema", f"task must be a JSON object, got {type(data).__name__}")
     if data.get("deadline") is None and (hdr := header(headers, "deadline")):
         data["deadline"] = hdr
+    _tenant_from_header(data, headers)
     try:
         event = TaskEvent.model_validate(data)
     except ValidationError as exc:
@@ -145,14 +162,41 @@ def _decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> Task:
     except (OverflowError, ValueError) as exc:
         raise PoisonError("schema", f"deadline: out of range once converted to UTC ({event.deadline})") from exc
     try:
-        print_ = fingerprint(event.kind, event.input)
+        print_ = fingerprint(event.kind, event.input, event.tenant)
     except UnicodeEncodeError as exc:
         raise PoisonError("decode", "input holds a lone surrogate escape: not valid Unicode text") from exc
     except (ValueError, OverflowError) as exc:
         raise PoisonError("schema", f"input cannot be written as canonical JSON: {_reason(exc)}") from exc
     key = event.task_id if event.task_id is not None else "auto-" + print_.removeprefix("sha256:")[:40]
     return Task(key=key, fingerprint=print_, event=event, deadline=deadline,
-                traceparent=header(headers, "traceparent"))
+                traceparent=header(headers, "traceparent"), tenant=event.tenant or DEFAULT_TENANT)
+
+
+def _tenant_from_header(data: dict[str, Any], headers: list[tuple[str, bytes]] | None) -> None:
+    """The ``tenant`` header, checked before anything reads it: its length first (a header may be
+    megabytes), then UTF-8 and the label's pattern. A task whose field and header name two tenants
+    is refused: which one pays must never be a guess."""
+    raw: bytes | str | None = None
+    for key, value in headers or ():
+        if key == TENANT_HEADER and value is not None:
+            if raw is not None:
+                raise PoisonError("schema", "tenant: the header appears more than once")
+            raw = value
+    if raw is None:
+        return
+    if len(raw) > TENANT_MAX_LEN:
+        raise PoisonError("schema", f"tenant: the header is {len(raw)} long, at most {TENANT_MAX_LEN}")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as exc:
+        raise PoisonError("schema", "tenant: the header is not UTF-8") from exc
+    if not is_valid_tenant(text):
+        raise PoisonError("schema", f"tenant: the header is not a tenant id ({TENANT_PATTERN})")
+    body = data.get("tenant")
+    if body is None:
+        data["tenant"] = text
+    elif body != text:
+        raise PoisonError("schema", "tenant: the field and the header name different tenants")
 
 
 def describe_validation(exc: ValidationError) -> str:

@@ -17,6 +17,8 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dedup.keys import is_valid_tenant
+
 EMBEDDED_BROKERS = ("noida", "tansu")  # what `agent-service run --embedded --broker` may start
 
 
@@ -270,6 +272,68 @@ class ToolsSettings(BaseModel):
     approval_timeout_s: float = Field(24 * 3600.0, gt=0)
 
 
+OverBudgetPolicy = Literal["wait", "dead_letter"]
+MAX_NAMED_TENANTS = 100  # each named tenant is a metric label: the table stays small
+RESERVED_TENANT_LABELS = ("other",)  # the label of every tenant the table does not name
+
+
+class TenantPolicy(BaseModel):
+    """One named tenant: its share of a contended quota and its hard token budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(1.0, gt=0, le=1000)  # its share, relative to the other tenants waiting
+    # tokens (prompt + completion) it may use per period, across replicas (None: default_budget_tokens)
+    budget_tokens: int | None = Field(None, ge=0)
+
+
+class ModelPrice(BaseModel):
+    """What a model costs, per 1,000 tokens, in the table's currency."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: float = Field(ge=0)
+    completion: float = Field(ge=0)
+
+
+class TenancySettings(BaseModel):
+    """Tenants' shares of the endpoint's quota, their token budgets and the price table.
+
+    A task names its tenant in the field or the header ``tenant`` (none: ``default``). Named tenants
+    (``tenants``) get their weight, their budget and a metric label of their own; every other tenant
+    gets ``default_weight``, ``default_budget_tokens`` (each its own) and the label ``other``."""
+
+    # JSON: {"acme": {"weight": 3, "budget_tokens": 2000000}, "beta": {"weight": 1}}
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
+    default_weight: float = Field(1.0, gt=0, le=1000)
+    default_budget_tokens: int = Field(0, ge=0)  # per tenant and period (0: no budget)
+    # budgets are counted per period of this length, aligned to the Unix epoch (86400: UTC days)
+    budget_period_s: int = Field(86_400, ge=1, le=366 * 86_400)
+    # a task whose next call would go over its tenant's budget: wait for the next period, or dead_letter (`budget`)
+    over_budget: OverBudgetPolicy = "wait"
+    # how fast a tenant's past use of a contended quota is forgotten when shares are compared
+    fair_half_life_s: float = Field(30.0, gt=0, le=3600)
+    # JSON: {"gpt-4o-mini": {"prompt": 0.00015, "completion": 0.0006}}, per 1,000 tokens, by the
+    # model that answered; a model not in the table has its tokens counted and no money
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounded_tenants(self) -> Self:
+        if len(self.tenants) > MAX_NAMED_TENANTS:
+            raise ValueError(f"tenancy.tenants: {len(self.tenants)} named, at most {MAX_NAMED_TENANTS} "
+                             "(each is a metric label; the others share the label 'other')")
+        for name in self.tenants:
+            if not is_valid_tenant(name):
+                raise ValueError(f"tenancy.tenants: {name[:80]!r} is not a tenant id "
+                                 "(1-64 of A-Za-z0-9._-, starting with a letter or digit)")
+            if name in RESERVED_TENANT_LABELS:
+                raise ValueError(f"tenancy.tenants: {name!r} is the label of every tenant not named")
+        for model in self.prices:
+            if not model or len(model) > 200:
+                raise ValueError("tenancy.prices: a model name is 1-200 characters")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
@@ -281,6 +345,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     ledger: LedgerSettings = LedgerSettings()
     tools: ToolsSettings = ToolsSettings()
+    tenancy: TenancySettings = TenancySettings()
     max_task_bytes: int = Field(262_144, ge=64)
     max_in_flight: int = Field(256, ge=1)
     max_in_flight_per_partition: int | None = Field(None, ge=1)  # unset: max_in_flight
@@ -316,6 +381,9 @@ def to_env(settings: BaseSettings) -> dict[str, str]:
                 put(key + "__", value)
             elif isinstance(value, list):
                 env[key] = json.dumps([v.to_json() if isinstance(v, FallbackEndpoint) else v for v in value])
+            elif isinstance(value, dict):
+                env[key] = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else v
+                                       for k, v in value.items()})
             elif isinstance(value, SecretStr):
                 env[key] = value.get_secret_value()
             elif isinstance(value, bool):
