@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict", "parked")
 DLQ_REASONS = (
     "decode", "schema", "oversize", "conflict", "expired", "permanent", "exhausted", "invalid_output",
-    "internal", "rejected", "unavailable",
+    "internal", "rejected", "unavailable", "budget",
 )
 LLM_OUTCOMES = (
     "ok", "timeout", "rate_limited", "server_error", "client_error", "connection_error",
@@ -68,6 +68,26 @@ class Metrics:
         self.rate_limited = Counter(
             "agent_rate_limit_waits", "Times a call waited for the shared requests/tokens per minute budget.",
             ["priority"], registry=r,
+        )
+        self.fair_yields = Counter(
+            "agent_fair_yields",
+            "Times a call had room in the shared quota but yielded it to a tenant further behind its share, "
+            "by tenant (named tenants, default, other).", ["tenant"], registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "agent_tenant_tokens",
+            "LLM tokens reported by the endpoint, by tenant (named tenants, default, other), kind and direction.",
+            ["tenant", "kind", "direction"], registry=r,
+        )
+        self.tenant_cost = Counter(
+            "agent_tenant_cost",
+            "What the model calls cost by the price table (AGENT_TENANCY__PRICES), by tenant and kind.",
+            ["tenant", "kind"], registry=r,
+        )
+        self.budget_refusals = Counter(
+            "agent_budget_refusals",
+            "Model calls refused because the tenant's token budget for the period was spent, by tenant and what "
+            "the task did (wait, dead_letter).", ["tenant", "policy"], registry=r,
         )
         self.shadow_runs = Counter(
             "agent_shadow_runs", "Duplicates re-run in shadow (never written), by whether the answer differed.",

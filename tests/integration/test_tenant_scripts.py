@@ -1,0 +1,122 @@
+"""The tenants' Redis scripts on a real redis-server (and a Redis Cluster): weighted shares of a
+contended quota, the interactive reserve kept, bounded state, and hard budgets reserved atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from dedup.client import close, connect
+from service.core.metrics import Metrics
+from service.llm.guard import RateLimiter
+
+pytestmark = pytest.mark.integration
+
+
+def run(redis_url: str, body: Any) -> Any:
+    async def main() -> Any:
+        client = connect(redis_url)
+        try:
+            return await body(client, f"t{uuid.uuid4().hex[:8]}")
+        finally:
+            await close(client)
+
+    return asyncio.run(main())
+
+
+async def drain(limiter: RateLimiter) -> None:
+    """Empty the buckets, as a fleet that has been busy for a while finds them."""
+    server_s, micros = await limiter.redis.time()
+    await limiter.redis.hset(limiter.key, mapping={"ts": server_s * 1000 + micros // 1000, "req": 0, "tok": 0})
+
+
+def test_a_lone_tenant_may_use_the_whole_quota(any_redis_url: str) -> None:
+    async def body(client: Any, prefix: str) -> None:
+        limiter = RateLimiter(client, "http://llm/v1", Metrics(), rpm=10, interactive_reserve=0.0, key_prefix=prefix)
+        other = RateLimiter(client, "http://llm/v1", Metrics(), rpm=10, interactive_reserve=0.0, key_prefix=prefix)
+        grants = [await (limiter if i % 2 else other)._try("batch", 1, "acme", 3.0) for i in range(12)]
+        assert [w == 0 for w, _ in grants] == [True] * 10 + [False] * 2
+        assert not any(y for _, y in grants)  # it never yields to itself
+
+    run(any_redis_url, body)
+
+
+def test_a_tenant_ahead_yields_room_to_a_tenant_behind_that_waits(any_redis_url: str) -> None:
+    async def body(client: Any, prefix: str) -> None:
+        limiter = RateLimiter(client, "http://llm/v1", Metrics(), rpm=600, interactive_reserve=0.0,
+                              key_prefix=prefix)
+        for _ in range(20):  # acme has used 20 of the quota, alone
+            assert await limiter.try_acquire("batch", 1, "acme") == 0
+        await drain(limiter)
+        wait, yielded = await limiter._try("batch", 1, "beta", 1.0)  # beta finds no room: it waits
+        assert wait > 0 and not yielded
+        await asyncio.sleep(0.3)  # room for a few calls again (one per 100 ms)
+        wait, yielded = await limiter._try("batch", 1, "acme", 1.0)
+        assert wait > 0 and yielded  # acme is ahead of beta, which waits: acme yields the room
+        assert await limiter.try_acquire("batch", 1, "beta") == 0  # and beta takes it
+
+    run(any_redis_url, body)
+
+
+def test_interactive_work_keeps_its_reserve_over_a_batch_tenant_behind(any_redis_url: str) -> None:
+    async def body(client: Any, prefix: str) -> None:
+        limiter = RateLimiter(client, "http://llm/v1", Metrics(), rpm=10, interactive_reserve=0.5, key_prefix=prefix)
+        for _ in range(5):  # acme's batch work uses the batch share
+            assert await limiter.try_acquire("batch", 1, "acme") == 0
+        wait, _ = await limiter._try("batch", 1, "beta", 1.0)
+        assert wait > 0  # beta (batch, behind acme) waits: only the reserve is left
+        # acme's interactive work takes the reserve: beta's batch work could not use it anyway
+        assert await limiter.try_acquire("interactive", 1, "acme") == 0
+        wait, _ = await limiter._try("batch", 1, "beta", 1.0)
+        assert wait > 0
+
+    run(any_redis_url, body)
+
+
+def test_contended_tenants_share_the_quota_by_weight(redis_url: str) -> None:
+    """Two replicas' callers, four per tenant, poll a drained 6000-per-minute quota for 4 s."""
+
+    async def body(client: Any, prefix: str) -> Counter[str]:
+        replicas = [RateLimiter(client, "http://llm/v1", Metrics(), rpm=6000, interactive_reserve=0.0,
+                                key_prefix=prefix, half_life_s=5) for _ in range(2)]
+        await drain(replicas[0])
+        grants: Counter[str] = Counter()
+        stop = time.monotonic() + 4.0
+
+        async def caller(limiter: RateLimiter, tenant: str, weight: float) -> None:
+            while time.monotonic() < stop:
+                await limiter.acquire("batch", 1, tenant, weight)
+                if time.monotonic() < stop:
+                    grants[tenant] += 1
+
+        await asyncio.gather(*(caller(replicas[i % 2], t, w) for i in range(4) for t, w in (("a", 3.0), ("b", 1.0))))
+        return grants
+
+    grants = run(redis_url, body)
+    ratio = grants["a"] / grants["b"]
+    print(f"grants {dict(grants)}, ratio {ratio:.2f}")
+    assert 300 <= sum(grants.values()) <= 420  # the quota was used, not more: 100/s for 4 s
+    assert 2.5 <= ratio <= 3.5, grants
+
+
+def test_fairness_state_stays_bounded_whatever_tenants_producers_send(redis_url: str) -> None:
+    async def body(client: Any, prefix: str) -> None:
+        limiter = RateLimiter(client, "http://llm/v1", Metrics(), rpm=60, interactive_reserve=0.0,
+                              key_prefix=prefix, half_life_s=0.02)
+        for i in range(300):
+            await limiter.try_acquire("batch", 1, f"t{i}")
+        fair, wait_i, wait_b, expiry, seen = limiter.keys[1:]
+        assert await client.zcard(seen) == 300
+        await asyncio.sleep(2.5)  # 20 half-lives idle, and every waiter's expiry passed
+        for _ in range(6):
+            await limiter.try_acquire("batch", 1, "acme")
+        assert await client.zcard(seen) <= 1
+        assert await client.hlen(fair) <= 2
+        assert await client.zcard(wait_b) <= 1 and await client.zcard(expiry) <= 1
+
+    run(redis_url, body)
