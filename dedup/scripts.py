@@ -336,3 +336,36 @@ end
 return math.floor(tok)
 """
 
+# A tenant's hard token budget per period, across replicas. A call reserves its estimated tokens
+# before it is made, atomically, so concurrent calls can never together go over the budget; the
+# reservation is corrected with the tokens the endpoint reported once it answered. Periods are
+# aligned to the epoch on the server's clock (a day of 86400 s is a UTC day), so every replica
+# counts in the same period. Fields: period (its number), used (tokens reserved or spent in it).
+# KEYS[1] the tenant's budget hash; ARGV budget, period ms, estimated tokens
+# -> {granted, period, used, wait_ms}: granted 1 (reserved), 0 (over: wait_ms to the next period),
+# -1 (the call alone is more than the whole budget: it can never go).
+BUDGET_RESERVE = NOW + """
+local limit, period_ms, est = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local period = math.floor(now / period_ms)
+local h = redis.call('HMGET', KEYS[1], 'period', 'used')
+local used = 0
+if tonumber(h[1]) == period then used = tonumber(h[2]) or 0 end
+local left_ms = (period + 1) * period_ms - now
+if est > limit then return {-1, period, used, left_ms} end
+if used + est > limit then return {0, period, used, left_ms} end
+used = used + est
+redis.call('HSET', KEYS[1], 'period', period, 'used', used)
+redis.call('PEXPIRE', KEYS[1], 2 * period_ms + 60000)
+return {1, period, used, 0}
+"""
+
+# KEYS[1] the tenant's budget hash; ARGV the period of the reservation, the correction (actual -
+# reserved) -> tokens used in the current period. A correction for a period that has ended is
+# dropped: the new period starts from what it reserved itself.
+BUDGET_SETTLE = """
+local h = redis.call('HMGET', KEYS[1], 'period', 'used')
+if h[1] ~= ARGV[1] then return -1 end
+local used = math.max(0, (tonumber(h[2]) or 0) + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'used', used)
+return used
+"""

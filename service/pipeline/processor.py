@@ -31,6 +31,7 @@ from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.endpoints import PRIMARY, Endpoint
 from service.llm.guard import EndpointGuard, RateLimiter
+from service.llm.tenancy import Tenancy, TenantBudgets
 from service.llm.window import AdaptiveWindow
 from service.pipeline.base import (
     ChatClient,
@@ -67,6 +68,8 @@ class TaskProcessor(Claims, Steps):
         guard: EndpointGuard | None = None,
         tracing: Tracing | None = None,
         limiter: RateLimiter | None = None,
+        tenancy: Tenancy | None = None,
+        budgets: TenantBudgets | None = None,
         primary_url: str = "",
         fallbacks: tuple[Endpoint, ...] = (),
         unavailable: str = "wait",
@@ -91,6 +94,8 @@ class TaskProcessor(Claims, Steps):
         self.primary = Endpoint(PRIMARY, primary_url, llm, guard, limiter, window=window)
         self.fallbacks = fallbacks
         self.default_unavailable = unavailable
+        self.tenancy = tenancy or Tenancy()  # the tenants' weights, budgets, labels and prices
+        self.budgets = budgets
         self.outage: str | None = None  # Redis or the broker did not answer the last record that tried
 
     async def __call__(self, record: Record) -> None:

@@ -9,6 +9,7 @@ import logging
 import random
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from graphlib import TopologicalSorter
 from time import monotonic
@@ -33,9 +34,10 @@ from service.core.errors import (
 )
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
-from service.llm.client import ChatRequest
+from service.llm.client import ChatRequest, ChatResult
 from service.llm.endpoints import Endpoint
 from service.llm.guard import EndpointGuard, RateLimiter
+from service.llm.tenancy import OverBudget, Reservation, Tenancy, TenantBudgets
 from service.llm.window import AdaptiveWindow, Slot
 from service.llm.window import Outcome as WindowOutcome
 from service.pipeline.base import ChatClient, LostFence, ProcessorConfig, ToDeadLetter, estimate_tokens
@@ -63,6 +65,8 @@ class Steps:
     fallbacks: tuple[Endpoint, ...]  # AGENT_LLM__FALLBACKS, in order
     agents: AgentRegistry
     default_unavailable: str  # AGENT_LLM__UNAVAILABLE: the policy of a kind that names none
+    tenancy: Tenancy  # AGENT_TENANCY__*: weights, budgets, labels, prices
+    budgets: TenantBudgets | None  # the tenants' hard token budgets (None: no budgets)
 
     async def export_audit(self, task_key: str) -> None:
         """Send the task's new audit entries to the audit topic; a failure waits for the next pass."""
@@ -116,13 +120,19 @@ class Steps:
         messages, schema, needed = self._request_size(step, task_input, previous, attempts, conversation)
         last: Exception | None = None
         while True:
-            endpoint = await self._capacity(task, needed, retry=last is not None, attempts=attempts)
-            remaining = self._time_left(task, attempts)  # after any wait for the endpoint
-            attempt = await self._begin_attempt(task, step, fence)
-            attempts = attempt.total
-            request = self._request(task, step, messages, schema, remaining, offer_tools, endpoint)
-            outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts, endpoint,
-                                           answered, deadline_s=remaining, priority=task.event.priority)
+            spend = await self._reserve_budget(task, needed, attempts)  # waits, or dead letter `budget`
+            outcome: Any = None
+            try:
+                endpoint = await self._capacity(task, needed, retry=last is not None, attempts=attempts)
+                remaining = self._time_left(task, attempts)  # after any wait for the endpoint
+                attempt = await self._begin_attempt(task, step, fence)
+                attempts = attempt.total
+                request = self._request(task, step, messages, schema, remaining, offer_tools, endpoint)
+                outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts, endpoint,
+                                               answered, deadline_s=remaining, priority=task.event.priority,
+                                               spend=spend)
+            finally:
+                await self._settle_budget(spend, outcome)
             if isinstance(outcome, dict | ToolCalls):
                 return outcome, attempts
             last, delay, endpoint_fault = outcome
@@ -213,7 +223,7 @@ class Steps:
     async def _one_call(
         self, request: ChatRequest, step: Step, task_input: BaseModel, needed: int, step_attempt: int, attempts: int,
         endpoint: Endpoint | None = None, answered: list[tuple[str, str]] | None = None, *,
-        deadline_s: float | None = None, priority: str = "batch",
+        deadline_s: float | None = None, priority: str = "batch", spend: Spend | None = None,
     ) -> dict[str, Any] | ToolCalls | tuple[Exception, float | None, bool]:
         """One model call: the step's output, the tools it asks to call, or (the failure, a delay it asks for, whether it was the
         endpoint's fault rather than the task's). A 400 for this request dead-letters at once."""
@@ -223,6 +233,8 @@ class Steps:
         slot = None
         if window is not None:
             slot, request = await self._window_slot(window, request, deadline_s, attempts, priority)
+        if spend is not None:
+            spend.sent = True  # from here the endpoint may serve (and bill) the call
         verdict: WindowOutcome = "ok"  # what the window learns from this call: the endpoint answered
         try:
             with self.tracing.llm_span(request.model or endpoint.model or self.model_name, step=step.name,
@@ -230,8 +242,7 @@ class Steps:
                 answer = await endpoint.client.chat(request)
                 call.set_response(answer.model, answer.finish_reason, answer.prompt_tokens,
                                   answer.completion_tokens)
-            if endpoint.limiter is not None:
-                await endpoint.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
+            await self._account(answer, needed, request, endpoint, spend)
         except PermanentError as exc:
             self._endpoint_answered(guard)
             raise ToDeadLetter("permanent", str(exc), attempts) from exc
@@ -325,8 +336,76 @@ class Steps:
         if endpoint.guard is not None:
             await endpoint.guard.acquire(retry=retry)
         if endpoint.limiter is not None:
-            await endpoint.limiter.acquire(task.event.priority, tokens)
+            await endpoint.limiter.acquire(task.event.priority, tokens, *self._share(task))
         return endpoint
+
+    def _share(self, task: Task) -> tuple[str, float, str]:
+        """The task's tenant, its weight and its metric label."""
+        return task.tenant, self.tenancy.weight(task.tenant), self.tenancy.label(task.tenant)
+
+    async def _reserve_budget(self, task: Task, tokens: int, attempts: int) -> Spend:
+        """Reserve the call's estimated tokens of its tenant's budget, across replicas, before the
+        call. Over budget, the policy decides: ``wait`` for room (the next period, or calls that
+        used less than they reserved), within the task's deadline; ``dead_letter`` (`budget`). A
+        call that alone is more than the whole budget can never go: dead letter at once."""
+        tenant, weight, label = self._share(task)
+        spend = Spend(tenant, weight, label, task.kind)
+        if self.budgets is None or not self.budgets.applies(tenant):
+            return spend
+        refused = False
+        while True:
+            try:
+                spend.reservation = await self.budgets.reserve(tenant, tokens)
+                return spend
+            except OverBudget as exc:
+                policy = "dead_letter" if exc.never else self.tenancy.over_budget
+                if not refused:
+                    refused = True
+                    self.metrics.budget_refusals.labels(tenant=label, policy=policy).inc()
+                    log.info("task_id=%s: %s; %s", task.key, exc,
+                             "dead letter" if policy == "dead_letter" else f"waiting (next period in {exc.wait_s:.0f}s)")
+                if policy == "dead_letter":
+                    raise ToDeadLetter("budget", str(exc), attempts) from exc
+                self._time_left(task, attempts)  # a deadline still holds while it waits
+                await asyncio.sleep(min(exc.wait_s, 1.0) * random.uniform(0.5, 1.0) + 0.01)
+
+    async def _settle_budget(self, spend: Spend, outcome: Any) -> None:
+        """Correct the reservation: the tokens the endpoint reported; nothing for a call never sent
+        or refused by the endpoint (a 429, a revoked key, nothing listening); the estimate stands for
+        a call whose fate is unknown (a timeout, a 5xx, a truncated answer, a cancellation)."""
+        if spend.reservation is None:
+            return
+        if spend.tokens is not None:
+            actual = spend.tokens
+        elif not spend.sent or (isinstance(outcome, tuple) and isinstance(outcome[0], EndpointFault | LLMRateLimited)):
+            actual = 0
+        else:
+            return
+        if self.budgets is not None:
+            await self.budgets.settle(spend.reservation, actual)
+
+    async def _account(self, answer: ChatResult, needed: int, request: ChatRequest, endpoint: Endpoint,
+                       spend: Spend | None) -> None:
+        """What the endpoint reported the call used: for the tenant's tokens and cost, and to correct
+        the estimate the rate limits counted."""
+        if spend is not None:
+            self._spent(spend, answer.prompt_tokens, answer.completion_tokens,
+                        answer.model, request.model or endpoint.model or self.model_name)
+        if endpoint.limiter is not None:
+            await endpoint.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens,
+                                             *(spend.share if spend is not None else ()))
+
+    def _spent(self, spend: Spend, prompt: int, completion: int, answered_by: str | None, asked: str | None) -> None:
+        """Count the call's tokens, and its cost by the price table, for its tenant and kind."""
+        spend.tokens = prompt + completion
+        tokens = self.metrics.tenant_tokens
+        tokens.labels(tenant=spend.label, kind=spend.kind, direction="input").inc(prompt)
+        tokens.labels(tenant=spend.label, kind=spend.kind, direction="output").inc(completion)
+        cost = self.tenancy.cost(answered_by, prompt, completion)
+        if cost is None:
+            cost = self.tenancy.cost(asked, prompt, completion)
+        if cost is not None:
+            self.metrics.tenant_cost.labels(tenant=spend.label, kind=spend.kind).inc(cost)
 
     def _endpoint_answered(self, guard: EndpointGuard | None) -> None:
         if guard is not None:
@@ -405,6 +484,24 @@ class Steps:
             return
         same = digest(canonical_json(agent.result(outputs))) == stored.fields.get("result_digest")
         count("same" if same else "different")
+
+
+@dataclass(slots=True)
+class Spend:
+    """One model call, as its tenant pays for it: its share of the quota, its budget reservation,
+    and the tokens the endpoint reported."""
+
+    tenant: str
+    weight: float
+    label: str
+    kind: str
+    reservation: Reservation | None = None
+    sent: bool = False  # the call was handed to the endpoint
+    tokens: int | None = None  # prompt + completion, as the endpoint reported them
+
+    @property
+    def share(self) -> tuple[str, float]:
+        return self.tenant, self.weight
 
 
 class ToolCalls(tuple[dict[str, str], ...]):

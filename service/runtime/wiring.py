@@ -44,6 +44,7 @@ from service.core.tracing import Tracing
 from service.llm.client import LLMClient
 from service.llm.endpoints import PRIMARY, Endpoint, public_url
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
+from service.llm.tenancy import Tenancy, TenantBudgets
 from service.llm.window import AdaptiveWindow
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
@@ -349,6 +350,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     guard_config = GuardConfig(failure_threshold=s.llm.breaker_failures, open_s=s.llm.breaker_open_s,
                                retry_ratio=s.llm.retry_budget_ratio)
     fallbacks = fallback_endpoints(s, metrics, client, guard_config, bounds.model_calls, closers)
+    tenancy = tenants(s, metrics)
     processor = TaskProcessor(
         ledger=ledger, agents=agents, llm=llm, outputs=outputs, metrics=metrics,
         config=ProcessorConfig(
@@ -362,9 +364,11 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         worker_id=worker_id(s), model_name=s.llm.model,
         guard=EndpointGuard(llm_base_url, metrics, guard_config, redis=client, key_prefix=s.redis.key_prefix),
         tracing=tracing,
+        tenancy=tenancy, budgets=TenantBudgets(client, tenancy, key_prefix=s.redis.key_prefix),
         limiter=RateLimiter(
             client, llm_base_url, metrics, rpm=s.llm.rpm, tpm=s.llm.tpm,
             interactive_reserve=s.llm.interactive_reserve, key_prefix=s.redis.key_prefix,
+            half_life_s=s.tenancy.fair_half_life_s,
         ),
         primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable,
         window=adaptive_window(s, client, llm_base_url, metrics, PRIMARY, s.llm.timeout_s),
@@ -399,6 +403,16 @@ def adaptive_window(settings: Settings, redis: RedisClient, base_url: str, metri
                           backoff=llm.window_backoff, lease_s=timeout_s + 10, key_prefix=settings.redis.key_prefix)
 
 
+def tenants(settings: Settings, metrics: Metrics) -> Tenancy:
+    """The tenants' policy (``AGENT_TENANCY__*``); the series of each bounded label exist from the start."""
+    tenancy = Tenancy(settings.tenancy)
+    for label in tenancy.labels():
+        for policy in ("wait", "dead_letter"):
+            metrics.budget_refusals.labels(tenant=label, policy=policy)
+        metrics.fair_yields.labels(tenant=label)
+    return tenancy
+
+
 def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient, guard_config: GuardConfig,
                        max_open: int, closers: list[Any]) -> tuple[Endpoint, ...]:
     """``AGENT_LLM__FALLBACKS``, each with its own client (its key, model and timeout; the primary's
@@ -415,7 +429,8 @@ def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient,
             fallback.name, public_url(fallback.base_url), client,
             EndpointGuard(fallback.base_url, metrics, guard_config, redis=redis, key_prefix=settings.redis.key_prefix),
             RateLimiter(redis, fallback.base_url, metrics, rpm=fallback.rpm, tpm=fallback.tpm,
-                        interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix),
+                        interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix,
+                        half_life_s=settings.tenancy.fair_half_life_s),
             model=fallback.model, timeout_s=fallback.timeout_s or llm.timeout_s,
             window=adaptive_window(settings, redis, fallback.base_url, metrics, fallback.name,
                                    fallback.timeout_s or llm.timeout_s),

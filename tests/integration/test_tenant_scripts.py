@@ -13,7 +13,9 @@ import pytest
 
 from dedup.client import close, connect
 from service.core.metrics import Metrics
+from service.core.settings import TenancySettings
 from service.llm.guard import RateLimiter
+from service.llm.tenancy import OverBudget, Tenancy, TenantBudgets
 
 pytestmark = pytest.mark.integration
 
@@ -118,5 +120,63 @@ def test_fairness_state_stays_bounded_whatever_tenants_producers_send(redis_url:
         assert await client.zcard(seen) <= 1
         assert await client.hlen(fair) <= 2
         assert await client.zcard(wait_b) <= 1 and await client.zcard(expiry) <= 1
+
+    run(redis_url, body)
+
+
+def budgets(client: Any, prefix: str, **tenancy: Any) -> TenantBudgets:
+    return TenantBudgets(client, Tenancy(TenancySettings.model_validate(tenancy)), key_prefix=prefix)
+
+
+def test_a_budget_is_reserved_exactly_under_concurrency(any_redis_url: str) -> None:
+    async def body(client: Any, prefix: str) -> None:
+        replicas = [budgets(client, prefix, tenants={"acme": {"budget_tokens": 1000}}) for _ in range(3)]
+
+        async def one(i: int) -> bool:
+            try:
+                await replicas[i % 3].reserve("acme", 100)
+                return True
+            except OverBudget:
+                return False
+
+        granted = await asyncio.gather(*(one(i) for i in range(50)))
+        assert sum(granted) == 10  # 10 x 100 = the budget, never 11
+        assert await replicas[0].used("acme") == 1000
+        assert await replicas[0].reserve("other-tenant", 10**9) is None  # no budget: nothing reserved
+
+    run(any_redis_url, body)
+
+
+def test_a_reservation_is_corrected_with_what_the_call_used(any_redis_url: str) -> None:
+    async def body(client: Any, prefix: str) -> None:
+        b = budgets(client, prefix, default_budget_tokens=300)
+        first = await b.reserve("acme", 200)
+        with pytest.raises(OverBudget) as over:
+            await b.reserve("acme", 200)
+        assert not over.value.never and 0 < over.value.wait_s <= 86_400
+        await b.settle(first, 50)  # the endpoint reported 50
+        assert await b.used("acme") == 50
+        assert await b.reserve("acme", 200) is not None  # 250 fits now
+        with pytest.raises(OverBudget) as never:
+            await b.reserve("acme", 301)
+        assert never.value.never  # more than the whole budget: it can never go
+
+    run(any_redis_url, body)
+
+
+def test_a_budget_starts_over_each_period(redis_url: str) -> None:
+    async def body(client: Any, prefix: str) -> None:
+        b = budgets(client, prefix, default_budget_tokens=100, budget_period_s=1)
+        while True:  # start early in a period
+            first = await b.reserve("acme", 100)
+            with pytest.raises(OverBudget) as over:
+                await b.reserve("acme", 1)
+            if over.value.wait_s > 0.3:
+                break
+            await asyncio.sleep(over.value.wait_s + 0.01)
+        await asyncio.sleep(over.value.wait_s + 0.05)
+        assert await b.reserve("acme", 100) is not None  # a new period
+        await b.settle(first, 0)  # a correction of an ended period does not touch the new one
+        assert await b.used("acme") == 100
 
     run(redis_url, body)
