@@ -114,3 +114,20 @@ def test_tenancy_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 def test_tenancy_settings_refuse_what_cannot_work(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         TenancySettings.model_validate(bad)
+
+
+def test_labels_stay_bounded_and_unknown_tenants_get_the_defaults() -> None:
+    from service.llm.tenancy import Tenancy
+
+    t = Tenancy(TenancySettings.model_validate({
+        "tenants": {"acme": {"weight": 3, "budget_tokens": 500}, "beta": {}},
+        "default_weight": 0.5, "default_budget_tokens": 100,
+        "prices": {"gpt-x": {"prompt": 0.5, "completion": 2.0}},
+    }))
+    assert (t.weight("acme"), t.weight("beta"), t.weight("zeta"), t.weight("default")) == (3, 1, 0.5, 0.5)
+    assert (t.budget("acme"), t.budget("beta"), t.budget("zeta")) == (500, 100, 100)
+    assert {t.label(x) for x in ("acme", "beta", "default", "zeta", "x" * 64, "other")} == {
+        "acme", "beta", "default", "other"}
+    assert set(t.labels()) == {"acme", "beta", "default", "other"}
+    assert t.cost("gpt-x", 1000, 500) == 0.5 + 1.0  # per 1,000 prompt and completion tokens
+    assert t.cost("unpriced", 1000, 500) is None and t.cost(None, 1, 1) is None
