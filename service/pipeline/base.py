@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orjson
+
 from service.agents.tasks import Task, canonical_json
 from service.core.spans import TaskSpan
 from service.llm.client import ChatRequest, ChatResult
@@ -96,9 +98,18 @@ def estimate_tokens(messages: list[dict[str, Any]], schema: dict[str, Any] | Non
     for m in messages:
         chars += len(m.get("content") or "") + 8
         if "tool_calls" in m:
-            chars += len(canonical_json(m["tool_calls"]))
+            chars += _json_size(m["tool_calls"])
     if schema is not None:
-        chars += len(canonical_json(schema))
+        chars += _json_size(schema)
     if tools:
-        chars += len(canonical_json(tools))
+        chars += _json_size(tools)
     return chars // 3 + 1
+
+
+def _json_size(value: Any) -> int:
+    """The size of ``value`` as compact JSON, for an estimate: orjson's UTF-8 bytes (at least as many
+    as characters, so never an under-estimate), the standard library's text for what orjson cannot write."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # orjson.JSONEncodeError
+        return len(canonical_json(value))
