@@ -395,6 +395,9 @@ class _GraphRun:
     async def start(self) -> None:
         if self.journaled:
             self.journal = await self.steps.ledger.steps(self.task.key)
+        if len(self.declared) == 1:  # one step (most kinds): no graph to walk
+            await self._step(self.declared[0])
+            return
         order = TopologicalSorter(self.agent.graph)
         order.prepare()
         running: dict[asyncio.Task[str], str] = {}
