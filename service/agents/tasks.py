@@ -50,14 +50,15 @@ def canonical_json(value: Any) -> str:
         fast = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # orjson.JSONEncodeError: big integers, non-string keys, surrogates, other types
         return _canonical_stdlib(value)
-    if _NOT_PLAIN.search(fast):
+    if fast[:1] not in b'{["' or _NOT_PLAIN.search(fast):
         return _canonical_stdlib(value)
     return fast.decode()
 
 
-# what orjson may write otherwise than the standard library (an exponent, a small float without one, a
-# NaN written as null); the same bytes inside a string only send that value the slower way
-_NOT_PLAIN = re.compile(rb"[0-9]e|0\.0000|null")
+# a value orjson may write otherwise than the standard library, where a value starts (after a colon,
+# a comma or a bracket): a number with an exponent, a small float without one (1e-05 is 0.00001
+# there), a NaN written as null. The same bytes inside a string only send that value the slower way.
+_NOT_PLAIN = re.compile(rb"[:,\[](?:-?[0-9.]+e|-?0\.0000|null)")
 
 
 def _canonical_stdlib(value: Any) -> str:
