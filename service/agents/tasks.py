@@ -205,7 +205,7 @@ def _plain_event(data: dict[str, Any]) -> TaskEvent | None:
     ):
         return None
     return TaskEvent.model_construct(set(data), task_id=task_id, kind=kind, input=task_input, deadline=None,
-                                     priority=priority)
+                                     priority="interactive" if priority == "interactive" else "batch")
 
 
 def describe_validation(exc: ValidationError) -> str:
