@@ -3,9 +3,7 @@ calls, the two ways a stage ends a task early, and the trace span of the record 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -25,14 +23,13 @@ def current_span() -> TaskSpan:
     return _record_span.get() or _NO_SPAN
 
 
-@contextlib.contextmanager
-def record_span(span: TaskSpan) -> Iterator[None]:
-    """Make ``span`` the one :func:`current_span` answers, inside the block."""
-    token = _record_span.set(span)
-    try:
-        yield
-    finally:
-        _record_span.reset(token)
+def set_record_span(span: TaskSpan) -> Token[TaskSpan | None]:
+    """Make ``span`` the one :func:`current_span` answers until :func:`reset_record_span`."""
+    return _record_span.set(span)
+
+
+def reset_record_span(token: Token[TaskSpan | None]) -> None:
+    _record_span.reset(token)
 
 
 class ChatClient(Protocol):
