@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.child import ChildService
 from benchmarks.env import Env, progress, task_records
@@ -84,6 +85,20 @@ def _short(path: str) -> str:
     return path
 
 
+def _cpu_only(env: Env, settings: Any, fake: Any, n: int, key: str) -> int:
+    from benchmarks.child import cpu_seconds
+
+    with ChildService(settings, env.dir / "service.log") as svc:
+        start: list[float] = []
+        watch = svc.wait(lambda c: c[key] + c["dead_lettered"] >= n, total=n, progress_key=key, interval_s=0.1,
+                         on_first=lambda: start.extend([cpu_seconds(svc.pid), cpu_seconds(fake.proc.pid)]))
+        used = cpu_seconds(svc.pid) - start[0], cpu_seconds(fake.proc.pid) - start[1]
+    print(f"{n:,} tasks in {watch.processing_s:.2f}s from the first record ({n / watch.processing_s:,.0f}/s); "
+          f"CPU ms per task: service {1000 * used[0] / n:.3f}, fake model {1000 * used[1] / n:.3f}; "
+          f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", choices=("kafka", "noida", "tansu"), default="kafka")
@@ -92,6 +107,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--replay", action="store_true", help="profile a replay of the processed topic")
     parser.add_argument("--out", type=Path, default=None, help="write the summary here too")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="no py-spy: only the service's CPU per task, from the first record to the last")
     parser.add_argument("--raw", type=Path, default=None, help="keep py-spy's collapsed stacks here")
     args = parser.parse_args()
     pyspy = shutil.which("py-spy")
@@ -119,6 +136,8 @@ def main() -> int:
             })
         raw = env.dir / "profile.raw"
         key = "duplicate" if args.replay else "succeeded"
+        if args.cpu_only:
+            return _cpu_only(env, settings, fake, n, key)
         with ChildService(settings, env.dir / "service.log") as svc:
             spy = subprocess.Popen([pyspy, "record", "--pid", str(svc.pid), "--rate", str(args.rate),
                                     "--format", "raw", "--output", str(raw), "--gil"],
