@@ -255,6 +255,9 @@ class LLMClient:
                 raise InvalidOutput(
                     "too_large", f"LLM response of {length} bytes is over the {limit}-byte limit"
                 )
+            if ok and length is not None and "Content-Encoding" not in response.headers:
+                # announced, within the limit and not compressed (so the body is that long): one read
+                return HTTPResponse(response.status, response.headers, await response.read())
             parts: list[bytes] = []
             size = 0
             async for chunk in response.content.iter_chunked(_READ_CHUNK):
