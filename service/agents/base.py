@@ -193,6 +193,11 @@ class Agent:
         return len(self.steps) > 1 or any(s.fit == "map_reduce" for s in self.steps)
 
     @functools.cached_property
+    def read_steps(self) -> frozenset[str]:
+        """The steps whose output another step reads."""
+        return frozenset(need for needs in self.graph.values() for need in needs)
+
+    @functools.cached_property
     def _by_name(self) -> dict[str, Step]:
         return {s.name: s for s in self.steps}
 

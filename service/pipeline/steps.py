@@ -388,7 +388,7 @@ class _GraphRun:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.attempts = claim.attempts
         self.declared = [s.name for s in agent.steps]
-        self.read = {need for needs in agent.graph.values() for need in needs}  # steps another step reads
+        self.read = agent.read_steps
         # step (or piece) -> (endpoint, model) of each answered by a fallback, journaled or new
         self.degraded: dict[str, tuple[str, str]] = {}
         self._answered: dict[str, tuple[str, str]] = {}  # step -> who answered its call in this run
