@@ -122,7 +122,13 @@ def _finite_float(text: str) -> float:
 
 def loads(text: str | bytes) -> Any:
     """JSON as the contract reads it: no NaN or Infinity, no number that overflows to one."""
-    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    if not isinstance(text, str) or text.startswith("\ufeff"):  # bytes, or a BOM: json.loads says what it is
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    return _DECODER.decode(text)
+
+
+# one decoder: json.loads with hooks would build a new one, and its scanner, for every record
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, max_bytes: int) -> Task:
