@@ -131,7 +131,7 @@ class ChildService:
         return found
 
     def wait(self, done: Callable[[dict[str, float]], bool], *, total: int, progress_key: str = "succeeded",
-             interval_s: float = 0.05, stall_s: float = 90.0, timeout_s: float = 3600.0,
+             interval_s: float = 0.1, stall_s: float = 90.0, timeout_s: float = 3600.0,
              sample: Callable[[], None] | None = None, on_first: Callable[[], None] | None = None) -> Watch:
         """Scrape until ``done(counts)``; raise when ``progress_key`` stops moving or the child exits.
 

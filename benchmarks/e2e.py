@@ -1,11 +1,12 @@
 """``e2e``: tasks/s through the whole service with a zero-latency fake model, next to a raw pipe.
 
-All tasks are produced first. The service is then started and timed until every task succeeded
-(result in the ledger, result event acknowledged, marked published). The baseline is a raw
-confluent-kafka pipe over the same records on the same broker: one consumer and one idempotent
-producer (the service's producer settings), no Redis and no model, timed from its start until
-every copy is acknowledged. A third figure is the fake model's own ceiling on this machine: the
-same requests sent over raw keep-alive HTTP with no service in the way.
+All tasks are produced first. The service is then started as a user runs it (``agent-service run``
+in a child process, watched through its ``/metrics``) and timed from the first record it consumed
+until every task succeeded (result in the ledger, result event acknowledged, marked published).
+Two baselines from the same run: the fake model's own ceiling on this machine (the same requests
+sent over raw keep-alive HTTP with no service in the way; target: the service at half of it), and
+a raw confluent-kafka pipe over the same records on the same broker (one consumer and one
+idempotent producer, no Redis and no model), timed from its first record too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
 
+from benchmarks.child import ChildService
 from benchmarks.env import Env, FakeModel, assignment_strategy, progress, task_records
-from benchmarks.inproc import CpuMeter, ServiceRun
+from benchmarks.inproc import CpuMeter
 from benchmarks.report import Figure
+from service.devtools import local
 
 BENCH = "e2e"
 PARTITIONS = 6
@@ -131,10 +134,12 @@ def run(env: Env, quick: bool) -> list[Figure]:
 
         progress("e2e: raw consume->produce pipe")
         pipe_s, pipe_join = pipe(env, names.input_topic, pipe_out, n, f"{names.group}-pipe")
-        pipe_rate = n / pipe_s
-        progress(f"  pipe: {n:,} in {pipe_s:.2f}s = {pipe_rate:,.0f}/s")
+        pipe_rate = n / (pipe_s - pipe_join)
+        progress(f"  pipe: {n:,} in {pipe_s - pipe_join:.2f}s from the first record = {pipe_rate:,.0f}/s")
         figures.append(Figure(BENCH, "raw pipe (consume->produce)", pipe_rate, "rec/s",
-                              detail=f"{n:,} records in {pipe_s:.2f}s incl. {pipe_join:.2f}s group join"))
+                              detail=f"{n:,} records in {pipe_s - pipe_join:.2f}s from the first record "
+                                     f"({pipe_join:.2f}s group join before); one consumer, one idempotent "
+                                     "producer, no Redis, no model"))
 
         progress("e2e: fake model ceiling over raw HTTP")
         ceiling = asyncio.run(_fake_ceiling(fake, 4_000 if quick else 10_000, 32))
@@ -144,8 +149,11 @@ def run(env: Env, quick: bool) -> list[Figure]:
                                      "figure that calls the fake model on this machine"))
 
         rate, detail = _service_pass(env, settings, fake, n, "the service")
-        figures.append(Figure(BENCH, "service end to end", rate, "tasks/s", baseline=f"pipe {pipe_rate:,.0f}/s",
-                              target=(">=", 5000.0), detail=detail))
+        figures.append(Figure(BENCH, "service end to end", rate, "tasks/s", baseline=f"fake model {ceiling:,.0f}/s",
+                              target=(">=", ceiling / 2), detail=detail))
+        figures.append(Figure(BENCH, "service / fake model alone", 100 * rate / ceiling, "%",
+                              baseline=f"fake model {ceiling:,.0f}/s", target=(">=", 50.0),
+                              detail="the ceiling when the service, the model, the broker and Redis share two cores"))
         figures.append(Figure(BENCH, "service / pipe", 100 * rate / pipe_rate, "%",
                               baseline=f"pipe {pipe_rate:,.0f}/s", target=(">=", 50.0)))
         figures.append(_transactional_pass(env, fake, n, rate))
@@ -157,30 +165,29 @@ def run(env: Env, quick: bool) -> list[Figure]:
 
 def _service_pass(env: Env, settings: Any, fake: FakeModel, n: int, what: str,
                   redis_pids: dict[str, int | list[int] | None] | None = None) -> tuple[float, str]:
-    """One service over the ``n`` tasks waiting in its input topic: its rate and a detail line."""
-    progress(f"e2e: {what} on {n:,} tasks")
-    meter = CpuMeter({"service": None, "fake model": fake.proc.pid,
-                      "broker": env.broker.proc.pid if env.broker else None,
-                      **(redis_pids or {"redis": env.redis.proc.pid if env.redis else None})})
-
-    async def go() -> Any:
-        meter.start()
-        async with ServiceRun(settings, fake.base_url, BENCH) as svc:
-            timing = await svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n,
-                                    progress_key="succeeded", interval_s=0.02)
+    """``agent-service run`` in a child process over the ``n`` tasks waiting in its input topic: its
+    rate from the first record consumed to the last outcome (as the pipe's), and a detail line."""
+    progress(f"e2e: {what} on {n:,} tasks (agent-service run)")
+    settings = settings.model_copy(update={
+        "http": settings.http.model_copy(update={"enabled": True, "host": "127.0.0.1", "port": local.free_port()}),
+    })
+    others = {"fake model": fake.proc.pid, "broker": env.broker.proc.pid if env.broker else None,
+              **(redis_pids or {"redis": env.redis.proc.pid if env.redis else None})}
+    log = env.dir / f"e2e-{settings.kafka.group_id}.log"
+    with ChildService(settings, log) as svc:
+        meter = CpuMeter({"service": svc.pid, **others})
+        watch = svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n, on_first=meter.start)
         meter.stop()
-        return timing
-
-    timing = asyncio.run(go())
-    rate = n / timing.total_s
+    rate = n / watch.processing_s
     results = env.count(settings.kafka.results_topic)
     dlq = env.count(settings.kafka.dlq_topic)
     stats = fake.stats()
     fake.reset()
-    progress(f"  {what}: {n:,} in {timing.total_s:.2f}s = {rate:,.0f}/s")
-    return rate, (f"{n:,} tasks in {timing.total_s:.2f}s incl. {timing.join_s:.2f}s group join; "
-                  f"{timing.counts['succeeded']:,.0f} succeeded, {results:,} result events, {dlq} dead letters, "
-                  f"{stats['requests']:,} model calls; {meter.per_item_ms(n)}")
+    progress(f"  {what}: {n:,} in {watch.processing_s:.2f}s = {rate:,.0f}/s")
+    join = watch.first - watch.started if watch.first is not None else float("nan")
+    return rate, (f"{n:,} tasks in {watch.processing_s:.2f}s from the first record ({join:.2f}s start and group "
+                  f"join before); {watch.counts['succeeded']:,.0f} succeeded, {results:,} result events, {dlq} dead "
+                  f"letters, {stats['requests']:,} model calls; {meter.per_item_ms(n)}")
 
 
 def _transactional_pass(env: Env, fake: FakeModel, n: int, default_rate: float) -> Figure:

@@ -8,6 +8,7 @@ choose another prefix.
 
 from __future__ import annotations
 
+import functools
 import re
 
 TASK_KEY_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
@@ -19,6 +20,7 @@ TENANT_MAX_LEN = 64
 _TENANT_RE = re.compile(TENANT_PATTERN)
 
 
+@functools.lru_cache(maxsize=65_536)  # a task's key is checked for each of its ledger calls
 def is_valid_task_key(task_key: str) -> bool:
     return bool(_TASK_KEY_RE.fullmatch(task_key))
 

@@ -154,6 +154,22 @@ def _raised_inside_redis(exc: BaseException) -> bool:
     return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
 
 
+def _translate(exc: Exception) -> None:
+    """Raise what a failed ledger call means (:class:`LedgerUnavailable`, :class:`LedgerRefused`);
+    return for an exception that is not Redis's, which the caller raises as it is."""
+    if isinstance(exc, ClusterError | TryAgainError):  # a cluster failing over or resharding
+        raise LedgerUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
+    if isinstance(exc, ResponseError):
+        if _is_outage_reply(exc):
+            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        # Redis answered and refused this one call: not an outage, a fault of the caller
+        raise LedgerRefused(f"redis refused the call: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    if isinstance(exc, RedisError):
+        raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+    if _raised_inside_redis(exc):  # the client library failed (a node going away): an outage
+        raise LedgerUnavailable(f"redis client: {type(exc).__name__}: {exc}") from exc
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -194,23 +210,18 @@ class Ledger:
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
-        except (ClusterError, TryAgainError) as exc:  # a cluster failing over or resharding
-            raise LedgerUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
-        except ResponseError as exc:
-            if _is_outage_reply(exc):
-                raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-            # Redis answered and refused this one call: not an outage, a fault of the caller
-            raise LedgerRefused(f"redis refused the call: {type(exc).__name__}: {str(exc)[:300]}") from exc
-        except RedisError as exc:
-            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
-            if _raised_inside_redis(exc):  # the client library failed (a node going away): an outage
-                raise LedgerUnavailable(f"redis client: {type(exc).__name__}: {exc}") from exc
+            _translate(exc)
             raise
 
     async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """Run one ledger script, pipelined with the others issued in this loop turn."""
-        return await self._call(lambda: self.batcher.run(script, keys, args))
+        """Run one ledger script, pipelined with the others issued in this loop turn (awaited here
+        directly: every coroutine frame between a task and its script's result is resumed on each wake-up)."""
+        try:
+            return await self.batcher.run(script, keys, args)
+        except Exception as exc:
+            _translate(exc)
+            raise
 
     def _both(self, task_key: str) -> list[str]:
         return [self.keys.task(task_key), self.keys.steps(task_key)]

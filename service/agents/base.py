@@ -13,6 +13,7 @@ name or a cycle is refused when it is made, not when a task runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -186,13 +187,22 @@ class Agent:
         own = graph_width(self.graph)
         return own if self.candidate is None else max(own, self.candidate.width)
 
-    @property
+    @functools.cached_property
     def journaled(self) -> bool:
         """Whether the steps' outputs are journaled: with more than one step, or pieces of one."""
         return len(self.steps) > 1 or any(s.fit == "map_reduce" for s in self.steps)
 
+    @functools.cached_property
+    def read_steps(self) -> frozenset[str]:
+        """The steps whose output another step reads."""
+        return frozenset(need for needs in self.graph.values() for need in needs)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Step]:
+        return {s.name: s for s in self.steps}
+
     def step(self, name: str) -> Step:
-        return next(s for s in self.steps if s.name == name)
+        return self._by_name[name]
 
     def parse_input(self, raw: dict[str, Any]) -> BaseModel:
         try:

@@ -13,6 +13,8 @@ written by a live worker (the one that owns it now).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict", "parked")
@@ -201,3 +203,17 @@ class Metrics:
             self.shadow_runs.labels(outcome=outcome)
         for direction in ("input", "output"):
             self.llm_tokens.labels(direction=direction)
+        # the children every task touches, looked up once: ``labels()`` validates and locks on each call
+        self.task_outcome = {outcome: self.tasks.labels(outcome=outcome) for outcome in TASK_OUTCOMES}
+        self.llm_outcome = {outcome: self.llm_requests.labels(outcome=outcome) for outcome in LLM_OUTCOMES}
+        self.tokens_in = self.llm_tokens.labels(direction="input")
+        self.tokens_out = self.llm_tokens.labels(direction="output")
+        self._versions: dict[tuple[str, str, str], Any] = {}
+
+    def task_version(self, kind: str, version: str, outcome: str) -> Any:
+        """``task_versions`` for one kind, prompt version and outcome (bounded: the loaded kinds)."""
+        key = (kind, version, outcome)
+        child = self._versions.get(key)
+        if child is None:
+            child = self._versions[key] = self.task_versions.labels(kind=kind, version=version, outcome=outcome)
+        return child

@@ -3,12 +3,12 @@ calls, the two ways a stage ends a task early, and the trace span of the record 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import orjson
 
 from service.agents.tasks import Task, canonical_json
 from service.core.spans import TaskSpan
@@ -23,14 +23,13 @@ def current_span() -> TaskSpan:
     return _record_span.get() or _NO_SPAN
 
 
-@contextlib.contextmanager
-def record_span(span: TaskSpan) -> Iterator[None]:
-    """Make ``span`` the one :func:`current_span` answers, inside the block."""
-    token = _record_span.set(span)
-    try:
-        yield
-    finally:
-        _record_span.reset(token)
+def set_record_span(span: TaskSpan) -> Token[TaskSpan | None]:
+    """Make ``span`` the one :func:`current_span` answers until :func:`reset_record_span`."""
+    return _record_span.set(span)
+
+
+def reset_record_span(token: Token[TaskSpan | None]) -> None:
+    _record_span.reset(token)
 
 
 class ChatClient(Protocol):
@@ -96,9 +95,18 @@ def estimate_tokens(messages: list[dict[str, Any]], schema: dict[str, Any] | Non
     for m in messages:
         chars += len(m.get("content") or "") + 8
         if "tool_calls" in m:
-            chars += len(canonical_json(m["tool_calls"]))
+            chars += _json_size(m["tool_calls"])
     if schema is not None:
-        chars += len(canonical_json(schema))
+        chars += _json_size(schema)
     if tools:
-        chars += len(canonical_json(tools))
+        chars += _json_size(tools)
     return chars // 3 + 1
+
+
+def _json_size(value: Any) -> int:
+    """The size of ``value`` as compact JSON, for an estimate: orjson's UTF-8 bytes (at least as many
+    as characters, so never an under-estimate), the standard library's text for what orjson cannot write."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # orjson.JSONEncodeError
+        return len(canonical_json(value))

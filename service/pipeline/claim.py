@@ -60,7 +60,7 @@ class Claims(Outcomes):
             await asyncio.sleep(wait_s)
 
     async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
-        self.metrics.tasks.labels(outcome="duplicate").inc()
+        self.metrics.task_outcome["duplicate"].inc()
         current_span().set_outcome("duplicate")
         if claim.published and not (self.outputs.transactional and claim.published_by == record.coordinates):
             log.info("%s: %s before; skipped", ctx, state)

@@ -113,10 +113,10 @@ class Outcomes:
         async with self._publishing(record, task.key, "succeeded"):
             await self.outputs.result(record, task.key, event, self._traceparent(task.traceparent), deadline_of(task))
         self.metrics.results_published.inc()
-        self.metrics.tasks.labels(outcome="succeeded").inc()
+        self.metrics.task_outcome["succeeded"].inc()
         if endpoint is not None:
             self.metrics.degraded_answers.labels(kind=task.kind).inc()
-        self.metrics.task_versions.labels(kind=task.kind, version=agent.prompt_version, outcome="succeeded").inc()
+        self.metrics.task_version(task.kind, agent.prompt_version, "succeeded").inc()
         span.set_outcome("succeeded")
         if endpoint is not None:
             log.warning("%s: succeeded degraded: answered by fallback endpoint %s (fence %d, attempts %d)",

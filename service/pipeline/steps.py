@@ -523,6 +523,7 @@ class _GraphRun:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.attempts = claim.attempts
         self.declared = [s.name for s in agent.steps]
+        self.read = agent.read_steps
         # step (or piece) -> (endpoint, model) of each answered by a fallback, journaled or new
         self.degraded: dict[str, tuple[str, str]] = {}
         self._answered: dict[str, tuple[str, str]] = {}  # step -> who answered its call in this run
@@ -530,6 +531,9 @@ class _GraphRun:
     async def start(self) -> None:
         if self.journaled:
             self.journal = await self.steps.ledger.steps(self.task.key)
+        if len(self.declared) == 1:  # one step (most kinds): no graph to walk
+            await self._step(self.declared[0])
+            return
         order = TopologicalSorter(self.agent.graph)
         order.prepare()
         running: dict[asyncio.Task[str], str] = {}
@@ -615,9 +619,11 @@ class _GraphRun:
     async def _record(self, step: Step, output: dict[str, Any], input_digest: str) -> dict[str, Any]:
         """Journal ``step``'s output under the task's fence (when the agent journals); returns the record."""
         record = {
-            "output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
+            "output": output, "input_digest": input_digest,
             "prompt_version": step.prompt_version, "fence": self.claim.fence, "attempt": self.attempts,
         }
+        if self.journaled or step.name in self.read:  # the digest is for the journal and the steps after
+            record["digest"] = digest(canonical_json(output))
         answered = self._answered.get(step.name)
         if answered is not None:  # which endpoint answered (a fallback's answer is degraded)
             record["endpoint"], record["model"] = answered

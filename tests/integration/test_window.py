@@ -182,7 +182,9 @@ def test_interactive_calls_waiting_here_get_freed_slots_before_batch_ones(redis_
         await asyncio.sleep(0.1)
         await a.release(held, "none")
         await asyncio.wait_for(asyncio.gather(*batch, *urgent), 10)
-        assert order == ["interactive-0", "interactive-1", "batch-0", "batch-1", "batch-2"], order
+        # among calls of one priority the order is whichever asked Redis first
+        assert set(order[:2]) == {"interactive-0", "interactive-1"}, order
+        assert set(order[2:]) == {"batch-0", "batch-1", "batch-2"}, order
 
     with_windows(redis_url, body, initial=1, maximum=1)
 

@@ -646,7 +646,7 @@ def test_control_endpoints(fake: FakeLLM, client: httpx.Client) -> None:
         assert control.post("/_latency", json={"latency_s": 0}).status_code == 200
 
         assert control.post("/_config", json={"idempotent": True}).json() == {
-            "idempotent": True, "latency_s": 0.0, "tool_rounds": 1, "tool_calls_per_round": 1, "tool_arguments": [],
+            "idempotent": True, "latency_s": 0.0, "latency_max_s": 0.0, "tool_rounds": 1, "tool_calls_per_round": 1, "tool_arguments": [],
             "max_concurrency": 0,
         }
         assert fake.idempotent

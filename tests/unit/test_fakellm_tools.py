@@ -435,14 +435,16 @@ def test_a_conversation_with_text_parts_and_assistant_text_is_accepted(client: h
 
 def test_config_shows_and_sets_the_tool_settings(fake: FakeLLM, control: httpx.Client) -> None:
     assert control.get("/_config").json() == {
-        "idempotent": False, "latency_s": 0.0, "tool_rounds": 1, "tool_calls_per_round": 1, "tool_arguments": [],
+        "idempotent": False, "latency_s": 0.0, "latency_max_s": 0.0, "tool_rounds": 1, "tool_calls_per_round": 1,
+        "tool_arguments": [],
         "max_concurrency": 0,
     }
     rule = {"match": None, "tool": "lookup", "arguments": {"ticket_id": "T-9"}}
     response = control.post("/_config", json={"tool_rounds": 3, "tool_calls_per_round": 2, "tool_arguments": [rule]})
     assert response.status_code == 200
     assert response.json() == {
-        "idempotent": False, "latency_s": 0.0, "tool_rounds": 3, "tool_calls_per_round": 2, "tool_arguments": [rule],
+        "idempotent": False, "latency_s": 0.0, "latency_max_s": 0.0, "tool_rounds": 3, "tool_calls_per_round": 2,
+        "tool_arguments": [rule],
         "max_concurrency": 0,
     }
     assert (fake.tool_rounds, fake.tool_calls_per_round) == (3, 2)

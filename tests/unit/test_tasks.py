@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.agents.registry import default_agents
-from service.agents.tasks import decode_task, fingerprint, task_key
+from service.agents.tasks import canonical_json, decode_task, fingerprint, task_key
 from service.core.errors import PoisonError
 
 LIMIT = 262_144
@@ -99,3 +99,36 @@ def test_arbitrary_json_objects_never_crash(body: dict[str, object]) -> None:
         agents.get(task.kind).parse_input(task.event.input)
     except PoisonError as exc:
         assert exc.reason in {"decode", "schema"}
+
+
+# JSON data as decoded from a record or written by a model: every float (exponents, tiny and huge,
+# negative zero), integers past 64 bits, any Unicode text in keys and values, nesting
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(_json_values)
+@settings(max_examples=2000, suppress_health_check=[HealthCheck.too_slow])
+def test_canonical_json_is_the_standard_librarys_text_byte_for_byte(data: object) -> None:
+    """Digests stored in the ledger depend on this text: the fast path must never change it."""
+    expected = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert canonical_json(data) == expected
+
+
+@pytest.mark.parametrize("data", [1e16, 1e-05, -1.5e-07, 1.2345678901234568e17, 5e-324, 2**64, {"x": [0.00001]}])
+def test_canonical_json_keeps_exponents_and_big_integers_as_the_standard_library_writes_them(data: object) -> None:
+    assert canonical_json(data) == json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("data", [float("nan"), [float("inf")], {"a": float("-inf")}])
+def test_canonical_json_refuses_non_finite_floats(data: object) -> None:
+    with pytest.raises(ValueError):
+        canonical_json(data)
+
+
+def test_canonical_json_writes_a_lone_surrogate_as_the_standard_library_does() -> None:
+    assert canonical_json("\ud800") == json.dumps("\ud800", ensure_ascii=False)  # text; encoding it fails later

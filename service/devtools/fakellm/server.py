@@ -32,7 +32,8 @@ from service.devtools.fakellm.tools import ToolArguments, as_tool_arguments, too
 _CHAT_PATHS: Final = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS: Final = frozenset({"/v1/models", "/models"})
 _CONFIG_KEYS: Final = frozenset({
-    "idempotent", "latency_s", "tool_rounds", "tool_calls_per_round", "tool_arguments", "max_concurrency",
+    "idempotent", "latency_s", "latency_max_s", "tool_rounds", "tool_calls_per_round", "tool_arguments",
+    "max_concurrency",
 })
 
 Handler = Callable[[bytes], Awaitable[tuple[int, Any]]]
@@ -81,6 +82,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._latency_s = _seconds(latency_s, "latency_s")
+        self._latency_max_s = 0.0  # above latency_s: each answer waits a uniform draw between the two
         self._idempotent = idempotent
         self._tool_rounds = _count(tool_rounds, "tool_rounds", 0)
         self._tool_calls_per_round = _count(tool_calls_per_round, "tool_calls_per_round", 1)
@@ -111,6 +113,14 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
     @latency_s.setter
     def latency_s(self, value: float) -> None:
         self._latency_s = _seconds(value, "latency_s")
+
+    def _latency(self) -> float:
+        """This answer's wait: ``latency_s``, or a draw up to ``latency_max_s`` when that is larger."""
+        low, high = self._latency_s, self._latency_max_s
+        if high <= low:
+            return low
+        with self._lock:
+            return self._rng.uniform(low, high)
 
     @property
     def idempotent(self) -> bool:
@@ -310,7 +320,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
             await self._bad_request(send, str(exc), exc.param)
             return
         rule = self._pick_rule(key, body)
-        await self._sleep(self._latency_s)
+        await self._sleep(self._latency())
         fault = rule.fault if rule is not None else None
         if rule is not None and fault != "slow_success":
             await self._sleep(rule.delay_s)
@@ -439,6 +449,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         return 200, {
             "idempotent": self.idempotent,
             "latency_s": self.latency_s,
+            "latency_max_s": self._latency_max_s,
             "tool_rounds": self.tool_rounds,
             "tool_calls_per_round": self.tool_calls_per_round,
             "tool_arguments": [rule.to_dict() for rule in self._tool_arguments],
@@ -454,11 +465,12 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         if not isinstance(idempotent, bool):
             raise ValueError("idempotent must be true or false")
         latency_s = _seconds(data.get("latency_s", self._latency_s), "latency_s")
+        latency_max_s = _seconds(data.get("latency_max_s", self._latency_max_s), "latency_max_s")
         rounds = _count(data.get("tool_rounds", self._tool_rounds), "tool_rounds", 0)
         per_round = _count(data.get("tool_calls_per_round", self._tool_calls_per_round), "tool_calls_per_round", 1)
         rules = _rules(data["tool_arguments"]) if "tool_arguments" in data else self._tool_arguments
         max_concurrency = _count(data.get("max_concurrency", self._max_concurrency), "max_concurrency", 0)
-        self._idempotent, self._latency_s = idempotent, latency_s
+        self._idempotent, self._latency_s, self._latency_max_s = idempotent, latency_s, latency_max_s
         self._tool_rounds, self._tool_calls_per_round, self._tool_arguments = rounds, per_round, rules
         self._max_concurrency = max_concurrency
         return await self._get_config(body)
