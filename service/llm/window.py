@@ -157,7 +157,10 @@ class AdaptiveWindow:
         self._no_urgent = asyncio.Event()
         self._freed = asyncio.Event()  # a slot of this process was given back
         self.size = float(initial)  # the window as this process last saw it
-        metrics.llm_window.labels(endpoint=label).set(initial)
+        # the children every call updates, looked up once (labels() validates and locks on each call)
+        self._size_gauge = metrics.llm_window.labels(endpoint=label)
+        self._waits = metrics.llm_window_waits.labels(endpoint=label)
+        self._size_gauge.set(initial)
 
     async def acquire(self, priority: str = "batch") -> Slot:
         """Wait for a slot in the fleet's window; the caller must :meth:`release` it. While calls of
@@ -194,7 +197,7 @@ class AdaptiveWindow:
             slot = await self._try(slot_id)
             if slot is not None:
                 return slot
-            self.metrics.llm_window_waits.labels(endpoint=self.label).inc()
+            self._waits.inc()
             try:
                 await asyncio.wait_for(self._freed.wait(), pause)
             except TimeoutError:
@@ -229,4 +232,4 @@ class AdaptiveWindow:
 
     def _seen(self, size: bytes | str) -> None:
         self.size = float(size)
-        self.metrics.llm_window.labels(endpoint=self.label).set(self.size)
+        self._size_gauge.set(self.size)
