@@ -24,12 +24,11 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     NoScriptError,
-    RedisError,
     TimeoutError,
     TryAgainError,
 )
 
-from dedup.client import RedisClient
+from dedup.client import RedisClient, as_redis_error
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class ScriptBatcher:
             results = [NoScriptError()]
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the failure
             if not isinstance(exc, asyncio.CancelledError):
-                exc = _as_redis_error(exc)
+                exc = as_redis_error(exc)
             for call in calls:
                 _settle(call.future, exc=exc)
             if isinstance(exc, asyncio.CancelledError):
@@ -104,7 +103,7 @@ class ScriptBatcher:
                 try:
                     result = await call.script(keys=list(call.keys), args=list(call.args))  # loads it
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    _settle(call.future, exc=_as_redis_error(exc))
+                    _settle(call.future, exc=as_redis_error(exc))
                     await self._refresh_on(exc)
                     continue
             if isinstance(result, Exception):
@@ -133,14 +132,6 @@ class ScriptBatcher:
             await client.nodes_manager.initialize()
         except Exception as exc:  # noqa: BLE001 - no node answers yet: the next failure tries again
             log.debug("cluster slot map not reloaded: %s", exc)
-
-
-def _as_redis_error(exc: BaseException) -> BaseException:
-    """A failure inside the client library (it happens while a cluster node goes away) is the
-    connection's, not the caller's: an outage, retried as one."""
-    if isinstance(exc, RedisError) or not isinstance(exc, Exception):
-        return exc
-    return ConnectionError(f"redis client failed: {type(exc).__name__}: {exc}")
 
 
 async def _evalsha(client: RedisClient, call: _Call) -> Any:

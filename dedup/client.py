@@ -12,9 +12,43 @@ from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError, RedisError
 
 RedisClient = aioredis.Redis | RedisCluster
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+
+
+def as_redis_error(exc: BaseException) -> BaseException:
+    """A failure inside the client library (it happens while a cluster node goes away, or while a
+    client learns the slots under concurrent use) is the connection's, not the caller's: an outage,
+    retried as one."""
+    if isinstance(exc, RedisError) or not isinstance(exc, Exception):
+        return exc
+    return ConnectionError(f"redis client failed: {type(exc).__name__}: {exc}")
+
+
+class Cluster(RedisCluster):
+    """A cluster client that learns the slots before its first command and reports the library's
+    own failures as Redis connection errors.
+
+    redis-py's cluster client resolves a command's routing before it learns the topology; fifty
+    commands issued at once by a fresh client can then run on connections that the discovery
+    replaces and closes under them, and fail with ``AttributeError`` from inside the library (seen
+    in about one fresh client in twelve on a loaded machine). Discovery first, under the client's
+    own lock, closes that window; the conversion keeps any such failure that remains (a node going
+    away mid-command) on the path every caller already handles: a ``RedisError``.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            if self._initialize:
+                await self.initialize()
+            return await super().execute_command(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised, as a RedisError when it is not one
+            converted = as_redis_error(exc)
+            if converted is exc:
+                raise
+            raise converted from exc
 
 
 def is_cluster_url(url: str) -> bool:
@@ -44,7 +78,7 @@ def cluster_client(url: str, *, max_connections: int, **kwargs: Any) -> RedisClu
         raise ValueError("a redis+cluster:// URL names at least one host:port")
     if CLUSTER_SCHEMES[scheme.lower()]:
         kwargs["ssl"] = True
-    return RedisCluster(startup_nodes=nodes, max_connections=max_connections, **kwargs)
+    return Cluster(startup_nodes=nodes, max_connections=max_connections, **kwargs)
 
 
 def connect(url: str, *, max_connections: int = 64, **kwargs: Any) -> RedisClient:

@@ -260,3 +260,25 @@ def test_a_redis_refusal_of_one_call_is_not_an_outage(any_redis_url: str) -> Non
             await ledger.claim("wrongtype", FP, "me", "classify")
 
     with_ledger(any_redis_url, body)
+
+
+def test_a_fresh_cluster_client_takes_many_commands_at_once(redis_cluster: Any) -> None:
+    """A replica that starts under a backlog sends its first commands all at once. redis-py's cluster
+    client routes a command before it has learned the slots, and fifty scripts at once from a fresh
+    client used to fail now and then inside the library (``AttributeError``, about one client in
+    twelve on a loaded machine). Sixty fresh clients, fifty scripts each: every call is answered."""
+
+    async def one_client() -> list[int]:
+        client = connect(redis_cluster.url)
+        try:
+            count = client.register_script("return redis.call('INCR', KEYS[1])")
+            key = f"{{t{uuid.uuid4().hex[:8]}}}:n"
+            return sorted(await asyncio.gather(*(count(keys=[key]) for _ in range(50))))
+        finally:
+            await close(client)
+
+    async def main() -> None:
+        for _ in range(60):
+            assert await one_client() == list(range(1, 51))
+
+    asyncio.run(main())
