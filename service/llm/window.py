@@ -25,11 +25,23 @@ frees its slots when their leases run out):
 Calls a worker may have open are still capped by its own limit (``AGENT_MAX_IN_FLIGHT``, see
 :mod:`service.runtime.limits`); ``maximum`` caps the fleet's window (0: no fleet-wide cap).
 
-While the window has room every call asks Redis for its slot at once. Once one has to wait, the
-calls of the process queue and only the first asks Redis again (when a slot of the process is freed,
-or after a short, growing pause), so a full window costs one Redis call per freed slot or poll, not
-one per waiting task. Interactive calls queue apart and go first: a batch call asks only while no
-interactive call of its process waits (across replicas the window has no priorities).
+While the window has room a call that finds no kept slot (below) asks Redis for one at once; the
+calls of a process that ask in the same turn of the event loop share one script call. Once one has
+to wait, the calls of the process queue and only the first asks Redis again (when a slot of the
+process is freed, or after a short, growing pause), so a full window costs one Redis call per freed
+slot or poll, not one per waiting task. Interactive calls queue apart and go first: a batch call
+asks only while no interactive call of its process waits (across replicas the window has no
+priorities).
+
+A slot given back after an answered call is not handed to Redis at once: the process keeps it for
+its next calls and hands back, every ``linger_s`` (20 ms), the slots it kept that long without a
+call to take them, together with how many calls were answered (one ``SETTLE`` script call). A busy
+process so makes tens of Redis calls a second for the window instead of two per model call. A slot
+is kept only while no other process waits for one (a refused ``ACQUIRE`` marks the window wanted by
+its process for a second, and every answer from Redis says whether another process wants it), only
+while its lease is young, and never after a 429, a timeout or an outage: those are told to the
+window at once, with every kept slot. A process learns that another waits at its next call to
+Redis, within ``linger_s`` while it is busy.
 """
 
 from __future__ import annotations
@@ -37,7 +49,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Literal
 
 from redis.exceptions import RedisError
@@ -52,9 +65,11 @@ log = logging.getLogger(__name__)
 
 NO_CEILING = 1_000_000
 
-# KEYS[1] window hash, KEYS[2] slots; ARGV: slot, lease ms, initial, ceiling, idle ms. Keeps ``peak``,
-# the most slots open at once over the last 5 s, which says whether the window is in use.
-# Returns {granted 0|1, cwnd as a string, open slots, now ms}.
+# KEYS[1] window hash, KEYS[2] slots; ARGV: slots' id prefix, lease ms, initial, ceiling, idle ms, the
+# asking process, slots wanted. Grants what the window has room for, as ``<prefix>:1`` and on. Keeps
+# ``peak``, the most slots open at once over the last 5 s, which says whether the window is in use.
+# A refusal marks the window ``wanted`` by the process. Returns {slots granted, cwnd as a string,
+# open slots, now ms, 1 when another process was refused a slot in the last second}.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -65,11 +80,14 @@ if not cwnd then
   redis.call('HSET', KEYS[1], 'cwnd', cwnd, 'ssthresh', ARGV[4], 'cut', 0)
 end
 local open = redis.call('ZCARD', KEYS[2])
-local granted = 0
-if open < math.floor(cwnd) then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-  open = open + 1
-  granted = 1
+local wanted = tonumber(ARGV[7])
+local granted = math.max(0, math.min(wanted, math.floor(cwnd) - open))
+for i = 1, granted do
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1] .. ':' .. i)
+end
+open = open + granted
+if granted < wanted then
+  redis.call('HSET', KEYS[1], 'wanted', now, 'wanted_by', ARGV[6])
 end
 local peak = tonumber(redis.call('HGET', KEYS[1], 'peak')) or 0
 local peak_ms = tonumber(redis.call('HGET', KEYS[1], 'peak_ms')) or 0
@@ -78,28 +96,41 @@ if open > peak or now - peak_ms > 5000 then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {granted, tostring(cwnd), open, now}
+local want = redis.call('HMGET', KEYS[1], 'wanted', 'wanted_by')
+local contended = 0
+if now - (tonumber(want[1]) or 0) < 1000 and want[2] ~= ARGV[6] then contended = 1 end
+return {granted, tostring(cwnd), open, now, contended}
 """
 
-# KEYS as above; ARGV: slot, outcome (ok|cut|reset|none), when the call started (ms, Redis time),
-# initial, ceiling, floor, backoff, idle ms. Returns {cwnd as a string, 1 when this call cut it}.
-RELEASE = """
+# KEYS as above; ARGV: outcome (ok|cut|reset|none), when the call that brings it started (ms, Redis
+# time), answered calls to count, initial, ceiling, floor, backoff, idle ms, the process, then the
+# slots handed back. Answers grow the window one by one, as if released one at a time. Returns
+# {cwnd as a string, 1 when this call cut it, now ms, 1 when another process was refused a slot in
+# the last second}.
+SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREM', KEYS[2], ARGV[1])
-local peak = tonumber(redis.call('HGET', KEYS[1], 'peak')) or 0
+local open = redis.call('ZCARD', KEYS[2])
+for i = 10, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
+local h = redis.call('HMGET', KEYS[1], 'peak', 'peak_ms', 'cwnd', 'ssthresh', 'cut', 'wanted', 'wanted_by')
+local peak, peak_ms = tonumber(h[1]) or 0, tonumber(h[2]) or 0
 local initial, ceiling, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local cwnd = tonumber(redis.call('HGET', KEYS[1], 'cwnd')) or initial
-local ssthresh = tonumber(redis.call('HGET', KEYS[1], 'ssthresh')) or ceiling
-local cut = tonumber(redis.call('HGET', KEYS[1], 'cut')) or 0
-local outcome = ARGV[2]
+local cwnd = tonumber(h[3]) or initial
+local ssthresh = tonumber(h[4]) or ceiling
+local cut = tonumber(h[5]) or 0
+local wanted = tonumber(h[6]) or 0
+if open > peak or now - peak_ms > 5000 then
+  peak = open
+  redis.call('HSET', KEYS[1], 'peak', open, 'peak_ms', now)
+end
+local outcome = ARGV[1]
 local changed = 0
-if outcome == 'ok' then
-  if peak * 2 >= math.floor(cwnd) then
-    if cwnd < ssthresh then cwnd = cwnd + 1 else cwnd = cwnd + 1 / cwnd end
-    if cwnd > ceiling then cwnd = ceiling end
-  end
-elseif (outcome == 'cut' or outcome == 'reset') and tonumber(ARGV[3]) > cut then
+for _ = 1, tonumber(ARGV[3]) do
+  if peak * 2 < math.floor(cwnd) then break end
+  if cwnd < ssthresh then cwnd = cwnd + 1 else cwnd = cwnd + 1 / cwnd end
+  if cwnd >= ceiling then cwnd = ceiling break end
+end
+if (outcome == 'cut' or outcome == 'reset') and tonumber(ARGV[2]) > cut then
   ssthresh = math.max(math.floor(cwnd * tonumber(ARGV[7])), floor)
   if outcome == 'cut' then cwnd = ssthresh else cwnd = math.min(initial, ssthresh) end
   cut = now
@@ -108,7 +139,9 @@ end
 redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'ssthresh', ssthresh, 'cut', cut)
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
-return {tostring(cwnd), changed}
+local contended = 0
+if now - wanted < 1000 and h[7] ~= ARGV[9] then contended = 1 end
+return {tostring(cwnd), changed, now, contended}
 """
 
 Outcome = Literal["ok", "rate_limited", "timeout", "outage", "none"]
@@ -118,7 +151,19 @@ _SCRIPT_OUTCOME = {"ok": "ok", "rate_limited": "cut", "timeout": "cut", "outage"
 @dataclass(frozen=True, slots=True)
 class Slot:
     id: str
-    started_ms: int
+    started_ms: int  # when the call started, in Redis time: only calls after the last cut cut again
+    granted_at: float  # when Redis granted the slot (the event loop's clock): its lease runs from then
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The calls of a process that ask Redis for a slot at the same turn of the event loop."""
+
+    done: asyncio.Event
+    wanted: int = 0  # slots asked for
+    live: int = 0  # callers still waiting for the answer
+    slots: list[Slot] = field(default_factory=list)  # granted and not yet taken
+    error: BaseException | None = None
 
 
 class AdaptiveWindow:
@@ -136,6 +181,7 @@ class AdaptiveWindow:
         backoff: float = 0.7,
         lease_s: float = 60.0,
         idle_s: float = 600.0,
+        linger_s: float = 0.02,
         key_prefix: str = "agent",
     ) -> None:
         self.redis = redis
@@ -146,16 +192,28 @@ class AdaptiveWindow:
         self.backoff = backoff
         self.lease_ms = max(1, int(lease_s * 1000))
         self.idle_ms = max(self.lease_ms, int(idle_s * 1000))
+        self.linger_s = linger_s
         keys = Keys(key_prefix)
         tag = endpoint_tag(endpoint)
         self.keys = [keys.endpoint(tag, "window"), keys.endpoint(tag, "slots")]
         self._acquire = redis.register_script(ACQUIRE)
-        self._release = redis.register_script(RELEASE)
+        self._settle = redis.register_script(SETTLE)
         self._head = asyncio.Lock()  # the one batch waiter in this process that asks Redis
         self._urgent_head = asyncio.Lock()  # the one interactive waiter that asks Redis
         self._urgent = 0  # interactive calls waiting here: batch waiters let them go first
         self._no_urgent = asyncio.Event()
-        self._freed = asyncio.Event()  # a slot of this process was given back
+        self._freed = asyncio.Event()  # a slot of this process was given back or kept
+        # answered calls' slots, still open in Redis, for the next calls: (slot, when it was kept), the
+        # latest kept on the right, taken first, so the ones a quieter process no longer needs age out
+        self._kept: deque[tuple[Slot, float]] = deque()
+        self._stale: list[str] = []  # kept slots too old to lend again: handed back at the next settle
+        self._answered = 0  # answered calls the window has not been told of
+        self._contended = False  # another process was refused a slot lately: keep none
+        self._batch: _Batch | None = None  # the calls that will ask Redis together, at the next turn of the loop
+        self._me = uuid.uuid4().hex[:12]  # this process, as the window's "wanted by" knows it
+        self._timer: asyncio.TimerHandle | None = None
+        self._settling: set[asyncio.Task[None]] = set()
+        self._clock = (0, 0.0)  # (Redis time in ms, the event loop's time) at the last answer from Redis
         self.size = float(initial)  # the window as this process last saw it
         # the children every call updates, looked up once (labels() validates and locks on each call)
         self._size_gauge = metrics.llm_window.labels(endpoint=label)
@@ -165,28 +223,27 @@ class AdaptiveWindow:
     async def acquire(self, priority: str = "batch") -> Slot:
         """Wait for a slot in the fleet's window; the caller must :meth:`release` it. While calls of
         this process wait, ``interactive`` ones get the slots before ``batch`` ones."""
-        slot_id = uuid.uuid4().hex
         if priority == "interactive":
             if not self._urgent_head.locked():  # no other interactive call waits: ask at once
-                slot = await self._try(slot_id)
+                slot = await self._try()
                 if slot is not None:
                     return slot
             self._urgent += 1
             try:
                 async with self._urgent_head:
-                    return await self._poll(slot_id, urgent=True)
+                    return await self._poll(urgent=True)
             finally:
                 self._urgent -= 1
                 if not self._urgent:
                     self._no_urgent.set()
         if not self._head.locked() and not self._urgent:  # nobody here waits: ask at once
-            slot = await self._try(slot_id)
+            slot = await self._try()
             if slot is not None:
                 return slot
         async with self._head:
-            return await self._poll(slot_id, urgent=False)
+            return await self._poll(urgent=False)
 
-    async def _poll(self, slot_id: str, *, urgent: bool) -> Slot:
+    async def _poll(self, *, urgent: bool) -> Slot:
         """Ask Redis when a slot of this process is freed, or after a short, growing pause."""
         pause = 0.005
         while True:
@@ -194,7 +251,7 @@ class AdaptiveWindow:
                 self._no_urgent.clear()
                 await self._no_urgent.wait()
             self._freed.clear()
-            slot = await self._try(slot_id)
+            slot = await self._try()
             if slot is not None:
                 return slot
             self._waits.inc()
@@ -203,32 +260,138 @@ class AdaptiveWindow:
             except TimeoutError:
                 pause = min(pause * 2, 0.2)
 
-    async def _try(self, slot_id: str) -> Slot | None:
+    async def _try(self) -> Slot | None:
+        """A kept slot if there is one, else one from Redis if the window has room. The calls of
+        the process that ask at the same moment share one call to Redis."""
+        kept = self._reuse()
+        if kept is not None:
+            return kept
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(asyncio.Event())
+            asyncio.get_running_loop().call_soon(self._send_batch, batch)
+        batch.wanted += 1
+        batch.live += 1
         try:
-            granted, size, _open, now_ms = await self._acquire(
-                keys=self.keys, args=[slot_id, self.lease_ms, self.initial, self.ceiling, self.idle_ms])
-        except RedisError as exc:
-            raise LedgerUnavailable(f"adaptive window: {exc}") from exc
+            await batch.done.wait()
+        except asyncio.CancelledError:  # its slot, if Redis granted one, goes to the process's next call
+            if not batch.done.is_set():
+                batch.live -= 1
+            elif batch.slots:
+                self._keep([batch.slots.pop()])
+            raise
+        if batch.error is not None:
+            raise batch.error
+        return batch.slots.pop() if batch.slots else None
+
+    def _send_batch(self, batch: _Batch) -> None:
+        self._batch = None  # calls that ask from now on make the next batch
+        task = asyncio.get_running_loop().create_task(self._ask(batch))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _ask(self, batch: _Batch) -> None:
+        prefix = uuid.uuid4().hex
+        try:
+            granted, size, _open, now_ms, contended = await self._acquire(keys=self.keys, args=[
+                prefix, self.lease_ms, self.initial, self.ceiling, self.idle_ms, self._me, batch.wanted])
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+            batch.error = LedgerUnavailable(f"adaptive window: {exc}") if isinstance(exc, RedisError) else exc
+            batch.done.set()
+            return
+        loop_now = asyncio.get_running_loop().time()
+        self._clock = (int(now_ms), loop_now)
+        self._contended = bool(int(contended))
         self._seen(size)
-        return Slot(slot_id, int(now_ms)) if int(granted) else None
+        batch.slots = [Slot(f"{prefix}:{i}", int(now_ms), loop_now) for i in range(1, int(granted) + 1)]
+        unclaimed = len(batch.slots) - batch.live  # their callers were cancelled meanwhile
+        if unclaimed > 0:
+            self._keep(batch.slots[-unclaimed:])
+            del batch.slots[-unclaimed:]
+        batch.done.set()
+
+    def _keep(self, slots: list[Slot]) -> None:
+        """Keep ``slots`` for the next calls of the process (handed back when the linger ends)."""
+        loop = asyncio.get_running_loop()
+        self._kept.extend((slot, loop.time()) for slot in slots)
+        self._freed.set()
+        if self._timer is None:
+            self._timer = loop.call_later(self.linger_s, self._settle_later)
+
+    def _reuse(self) -> Slot | None:
+        """A kept slot whose lease is still young, as a new call's: its start is now, in Redis time."""
+        loop_now = asyncio.get_running_loop().time()
+        while self._kept:
+            kept, _ = self._kept.pop()
+            if (loop_now - kept.granted_at) * 1000 < self.lease_ms / 2:
+                redis_ms, at = self._clock
+                return Slot(kept.id, redis_ms + int((loop_now - at) * 1000), kept.granted_at)
+            self._stale.append(kept.id)
+        return None
 
     async def release(self, slot: Slot, outcome: Outcome) -> None:
         """Give the slot back, telling the window how the call went: ``ok`` (the endpoint
         answered, whatever the answer), ``rate_limited`` or ``timeout`` (cut it), ``outage``
-        (start over), ``none`` (the call never reached the endpoint's judgement)."""
+        (start over), ``none`` (the call never reached the endpoint's judgement).
+
+        After an answer the slot is kept for the next call of this process (see the module
+        docstring) unless another replica waits; every other outcome reaches the window at once."""
+        if outcome == "ok":
+            self._answered += 1
+            if self.linger_s > 0 and not self._contended:
+                self._keep([slot])
+                return
+        await self.settle(outcome, slot)
+
+    def _settle_later(self) -> None:
+        """Every ``linger_s`` while slots are kept or answers untold: tell the answers, and hand back
+        the slots kept for longer than ``linger_s`` (the process had no call for them)."""
+        loop = asyncio.get_running_loop()
+        self._timer = None
+        task = loop.create_task(self.settle(idle_s=self.linger_s))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        task.add_done_callback(self._rearm)
+
+    def _rearm(self, _task: asyncio.Task[None]) -> None:
+        if self._timer is None and (self._kept or self._answered):
+            self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._settle_later)
+
+    async def settle(self, outcome: Outcome = "none", slot: Slot | None = None, idle_s: float = 0.0) -> None:
+        """Hand back the kept slots (those kept for ``idle_s`` at least) and ``slot``, and tell the
+        window the answers counted since the last time and ``outcome`` of the call ``slot`` held."""
+        ids = self._stale
+        self._stale = []
+        cutoff = asyncio.get_running_loop().time() - idle_s
+        while self._kept and self._kept[0][1] <= cutoff:
+            ids.append(self._kept.popleft()[0].id)
+        answered, self._answered = self._answered, 0
+        if slot is not None:
+            ids.append(slot.id)
+        if not ids and not answered and outcome == "none":
+            return
         try:
-            size, changed = await self._release(keys=self.keys, args=[
-                slot.id, _SCRIPT_OUTCOME[outcome], slot.started_ms, self.initial, self.ceiling, 1,
-                self.backoff, self.idle_ms])
-        except RedisError as exc:  # the lease frees the slot in time
-            log.debug("window slot not released: %s", exc)
+            size, changed, now_ms, contended = await self._settle(keys=self.keys, args=[
+                _SCRIPT_OUTCOME[outcome], slot.started_ms if slot is not None else 0, answered, self.initial, self.ceiling, 1,
+                self.backoff, self.idle_ms, self._me, *ids])
+        except RedisError as exc:  # the leases free the slots in time
+            log.debug("window slots not handed back: %s", exc)
             return
         finally:
             self._freed.set()
+        self._clock = (int(now_ms), asyncio.get_running_loop().time())
+        self._contended = bool(int(contended))
         self._seen(size)
         if int(changed):
             self.metrics.llm_window_cuts.labels(endpoint=self.label, reason=outcome).inc()
             log.info("endpoint %s: %s, the fleet's window is now %.1f calls", self.label, outcome, self.size)
+
+    async def aclose(self) -> None:
+        """Hand back the kept slots now rather than when their leases run out."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.settle()
 
     def _seen(self, size: bytes | str) -> None:
         self.size = float(size)

@@ -371,7 +371,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             half_life_s=s.tenancy.fair_half_life_s,
         ),
         primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable,
-        window=adaptive_window(s, client, llm_base_url, metrics, PRIMARY, s.llm.timeout_s),
+        window=adaptive_window(s, client, llm_base_url, metrics, PRIMARY, s.llm.timeout_s, closers),
     )
     consumer_conf = s.kafka.consumer_config()
     # A fetch must hold the largest task the service accepts.
@@ -392,15 +392,18 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
 
 
 def adaptive_window(settings: Settings, redis: RedisClient, base_url: str, metrics: Metrics, name: str,
-                    timeout_s: float) -> AdaptiveWindow | None:
+                    timeout_s: float, closers: list[Any]) -> AdaptiveWindow | None:
     """The fleet's window of calls open on the endpoint at ``base_url`` (None with
     ``AGENT_LLM__WINDOW=false``). A slot's lease outlives the call's timeout, so only a dead
-    replica's slots run out."""
+    replica's slots run out; a replica that stops hands back the slots it kept."""
     llm = settings.llm
     if not llm.window:
         return None
-    return AdaptiveWindow(redis, base_url, metrics, label=name, initial=llm.window_initial, maximum=llm.window_max,
-                          backoff=llm.window_backoff, lease_s=timeout_s + 10, key_prefix=settings.redis.key_prefix)
+    window = AdaptiveWindow(redis, base_url, metrics, label=name, initial=llm.window_initial,
+                            maximum=llm.window_max, backoff=llm.window_backoff, lease_s=timeout_s + 10,
+                            key_prefix=settings.redis.key_prefix)
+    closers.append(window.aclose)
+    return window
 
 
 def tenants(settings: Settings, metrics: Metrics) -> Tenancy:
@@ -433,7 +436,7 @@ def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient,
                         half_life_s=settings.tenancy.fair_half_life_s),
             model=fallback.model, timeout_s=fallback.timeout_s or llm.timeout_s,
             window=adaptive_window(settings, redis, fallback.base_url, metrics, fallback.name,
-                                   fallback.timeout_s or llm.timeout_s),
+                                   fallback.timeout_s or llm.timeout_s, closers),
         ))
         metrics.fallbacks.labels(endpoint=fallback.name)  # a series from the start, at 0
     return tuple(endpoints)

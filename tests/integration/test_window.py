@@ -39,7 +39,9 @@ pytestmark = pytest.mark.integration
 
 
 def with_windows(redis_url: str, body: Callable[..., Awaitable[None]], replicas: int = 2, **options: Any) -> None:
-    """``body`` gets ``replicas`` windows on one endpoint, as separate replicas would hold them."""
+    """``body`` gets ``replicas`` windows on one endpoint, as separate replicas would hold them. They
+    tell the window of each answer as it comes (``linger_s=0``) unless ``linger_s`` is given."""
+    options.setdefault("linger_s", 0)
 
     async def main() -> None:
         client = connect(redis_url)
@@ -187,6 +189,90 @@ def test_interactive_calls_waiting_here_get_freed_slots_before_batch_ones(redis_
         assert set(order[2:]) == {"batch-0", "batch-1", "batch-2"}, order
 
     with_windows(redis_url, body, initial=1, maximum=1)
+
+
+async def script_calls(client: Any) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+
+def test_a_busy_process_keeps_its_slots_and_tells_the_window_in_one_call(redis_url: str) -> None:
+    """Two Redis calls per model call cost a busy replica half its throughput: an answered call's
+    slot is kept for the next call of the process, and the answers reach the window together."""
+
+    async def body(a: AdaptiveWindow, b: AdaptiveWindow) -> None:
+        calls_before = await script_calls(a.redis)
+        for _ in range(5):  # five rounds of four calls at once, back to back
+            slots = await granted(a, 4)
+            assert len(slots) == 4
+            for slot in slots:
+                await a.release(slot, "ok")
+        calls = await script_calls(a.redis) - calls_before
+        assert calls <= 6, calls  # 4 slots from Redis, the rest kept: against 40 calls without keeping
+        assert a.size == 4  # the window has not heard of the answers yet
+        await asyncio.sleep(0.2)
+        # all 20 answers told in one call: one more slot per answer while the window is at least
+        # half used (4 open at most), so 4 -> 9, as if each answer had been told on its own
+        assert a.size == 9
+        assert len(await granted(b, 24, timeout_s=0.1)) == 9  # and the kept slots were handed back
+
+    with_windows(redis_url, body, initial=4, linger_s=0.05)
+
+
+def test_calls_that_ask_at_once_share_one_call_to_redis(redis_url: str) -> None:
+    """A fetch of records starts dozens of tasks in one turn of the event loop: their slots come
+    from one script call, and what the window has no room for is refused to the rest."""
+
+    async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
+        calls_before = await script_calls(a.redis)
+        slots = await asyncio.wait_for(asyncio.gather(*(a.acquire() for _ in range(30))), 2)
+        assert await script_calls(a.redis) - calls_before == 1
+        assert len({slot.id for slot in slots}) == 30
+        more = [asyncio.create_task(a.acquire()) for _ in range(20)]
+        done, waiting = await asyncio.wait(more, timeout=0.3)
+        assert not done and len(waiting) == 20  # the window is full: they wait
+        await a.release(slots[0], "none")
+        done, _ = await asyncio.wait(more, timeout=2, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        for task in more:
+            task.cancel()
+        await asyncio.gather(*more, return_exceptions=True)
+
+    with_windows(redis_url, body, initial=30, maximum=30)
+
+
+def test_a_replica_keeps_no_slot_while_another_waits_for_one(redis_url: str) -> None:
+    """A kept slot goes back when its linger ends. A replica that has heard from Redis that another
+    was refused a slot hands its slots back as soon as their calls end."""
+
+    async def body(a: AdaptiveWindow, b: AdaptiveWindow) -> None:
+        first, second = await granted(a, 2)
+        started = time.monotonic()
+        waiting = asyncio.create_task(b.acquire())  # refused: the window is full, and now wanted by b
+        await asyncio.sleep(0.05)
+        await a.release(first, "ok")  # a has not heard of b yet: it keeps the slot for its linger
+        await asyncio.wait_for(waiting, 2)
+        assert 0.4 < time.monotonic() - started < 1.5  # b got it when a's linger ended
+        waiting = asyncio.create_task(b.acquire())
+        await asyncio.sleep(0.05)
+        released = time.monotonic()
+        await a.release(second, "ok")  # a heard of b when it handed the first slot back
+        await asyncio.wait_for(waiting, 2)
+        assert time.monotonic() - released < 0.3  # at once, not after a's linger of 0.5 s
+
+    with_windows(redis_url, body, initial=2, maximum=2, linger_s=0.5)
+
+
+def test_a_429_hands_back_the_kept_slots_with_the_cut(redis_url: str) -> None:
+    async def body(a: AdaptiveWindow, b: AdaptiveWindow) -> None:
+        slots = await granted(a, 10)
+        for slot in slots[:-1]:
+            await a.release(slot, "ok")  # kept
+        await a.release(slots[-1], "rate_limited")
+        assert a.size == 13  # the nine answers (10 -> 19), then the cut: floor(19 x 0.7)
+        assert len(await granted(b, 20, timeout_s=0.1)) == 13  # every kept slot is free again
+
+    with_windows(redis_url, body, initial=10, backoff=0.7, linger_s=10)
 
 
 def run_fleet(settings: Settings, fake: FakeLLM, tmp_path: Path, tasks: int, window_on: bool, name: str
