@@ -320,6 +320,8 @@ class AdaptiveWindow:
 
     def _reuse(self) -> Slot | None:
         """A kept slot whose lease is still young, as a new call's: its start is now, in Redis time."""
+        if self._contended:  # another process waits: the kept slots go back at the next tick
+            return None
         loop_now = asyncio.get_running_loop().time()
         while self._kept:
             kept, _ = self._kept.pop()
@@ -348,7 +350,7 @@ class AdaptiveWindow:
         the slots kept for longer than ``linger_s`` (the process had no call for them)."""
         loop = asyncio.get_running_loop()
         self._timer = None
-        task = loop.create_task(self.settle(idle_s=self.linger_s))
+        task = loop.create_task(self.settle(idle_s=0.0 if self._contended else self.linger_s))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         task.add_done_callback(self._rearm)

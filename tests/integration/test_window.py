@@ -263,6 +263,32 @@ def test_a_replica_keeps_no_slot_while_another_waits_for_one(redis_url: str) -> 
     with_windows(redis_url, body, initial=2, maximum=2, linger_s=0.5)
 
 
+def test_a_busy_replica_lets_a_waiting_one_in(redis_url: str) -> None:
+    """A replica whose calls never stop would reuse its kept slots for ever; once it hears that
+    another waits (within a tick of its linger) it stops keeping them."""
+
+    async def body(a: AdaptiveWindow, b: AdaptiveWindow) -> None:
+        stop = asyncio.Event()
+
+        async def busy() -> None:
+            while not stop.is_set():
+                slot = await a.acquire()
+                await asyncio.sleep(0.002)
+                await a.release(slot, "ok")
+
+        loops = [asyncio.create_task(busy()) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        slot = await asyncio.wait_for(b.acquire(), 5)
+        waited = time.monotonic() - started
+        stop.set()
+        await b.release(slot, "ok")
+        await asyncio.gather(*loops)
+        assert waited < 0.5, waited
+
+    with_windows(redis_url, body, initial=2, maximum=2, linger_s=0.02)
+
+
 def test_a_429_hands_back_the_kept_slots_with_the_cut(redis_url: str) -> None:
     async def body(a: AdaptiveWindow, b: AdaptiveWindow) -> None:
         slots = await granted(a, 10)
