@@ -202,6 +202,10 @@ class LLMSettings(BaseModel):
     window_initial: int = Field(4, ge=1)
     window_max: int = Field(0, ge=0)
     window_backoff: float = Field(0.7, gt=0, lt=1)
+    # in slow start a window that is full and wanted also doubles every window_ramp_s while no 429 or
+    # timeout comes back (0: only answers grow it): a provider refuses at once above its limit, so a
+    # 2 s model need not take 2 s per doubling
+    window_ramp_s: float = Field(0.1, ge=0)
     shadow_sample_rate: float = Field(0.0, ge=0, le=1)  # duplicates re-run in shadow to measure divergence
     local_gguf: str | None = None  # path to a GGUF file for the embedded model
     # the most of a response body read from the endpoint: a larger 2xx answer is invalid output

@@ -8,7 +8,10 @@ it back after. The window is in the hash ``<prefix>:endpoint:{<digest>}:window``
 frees its slots when their leases run out):
 
 - **slow start**: a cold window (none in Redis, or idle for ``idle_s``) opens ``initial`` slots and
-  grows by one per answered call, doubling every round trip, up to ``ssthresh``;
+  grows by one per answered call, doubling every round trip, up to ``ssthresh``. A full window that
+  calls are waiting for also doubles every ``ramp_s`` (100 ms) while no 429 or timeout cuts it: a
+  provider refuses at once a call above its concurrency limit, so the ramp need not wait for answers
+  that take seconds; the overshoot stays one doubling, as in TCP;
 - **additive increase**: above ``ssthresh`` it grows by ``1/cwnd`` per answer, one slot per round
   trip;
 - **multiplicative decrease**: a 429 or a timeout cuts it to ``backoff`` times its size (and sets
@@ -66,7 +69,9 @@ log = logging.getLogger(__name__)
 NO_CEILING = 1_000_000
 
 # KEYS[1] window hash, KEYS[2] slots; ARGV: slots' id prefix, lease ms, initial, ceiling, idle ms, the
-# asking process, slots wanted. Grants what the window has room for, as ``<prefix>:1`` and on. Keeps
+# asking process, slots wanted, ramp ms. Grants what the window has room for, as ``<prefix>:1`` and
+# on; in slow start a window without room for them doubles if ``ramp`` has passed since it last grew
+# so or was cut. Keeps
 # ``peak``, the most slots open at once over the last 5 s, which says whether the window is in use.
 # A refusal marks the window ``wanted`` by the process. Returns {slots granted, cwnd as a string,
 # open slots, now ms, 1 when another process was refused a slot in the last second}.
@@ -77,10 +82,19 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local cwnd = tonumber(redis.call('HGET', KEYS[1], 'cwnd'))
 if not cwnd then
   cwnd = tonumber(ARGV[3])
-  redis.call('HSET', KEYS[1], 'cwnd', cwnd, 'ssthresh', ARGV[4], 'cut', 0)
+  redis.call('HSET', KEYS[1], 'cwnd', cwnd, 'ssthresh', ARGV[4], 'cut', 0, 'grown', now)
 end
 local open = redis.call('ZCARD', KEYS[2])
 local wanted = tonumber(ARGV[7])
+local ramp = tonumber(ARGV[8])
+if open + wanted > math.floor(cwnd) and ramp > 0 then
+  local h = redis.call('HMGET', KEYS[1], 'ssthresh', 'cut', 'grown')
+  local ssthresh, cut, grown = tonumber(h[1]) or tonumber(ARGV[4]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+  if cwnd < ssthresh and now - math.max(cut, grown) >= ramp then
+    cwnd = math.min(cwnd * 2, ssthresh, tonumber(ARGV[4]))
+    redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'grown', now)
+  end
+end
 local granted = math.max(0, math.min(wanted, math.floor(cwnd) - open))
 for i = 1, granted do
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1] .. ':' .. i)
@@ -182,6 +196,7 @@ class AdaptiveWindow:
         lease_s: float = 60.0,
         idle_s: float = 600.0,
         linger_s: float = 0.02,
+        ramp_s: float = 0.1,
         key_prefix: str = "agent",
     ) -> None:
         self.redis = redis
@@ -193,6 +208,7 @@ class AdaptiveWindow:
         self.lease_ms = max(1, int(lease_s * 1000))
         self.idle_ms = max(self.lease_ms, int(idle_s * 1000))
         self.linger_s = linger_s
+        self.ramp_ms = int(ramp_s * 1000)
         keys = Keys(key_prefix)
         tag = endpoint_tag(endpoint)
         self.keys = [keys.endpoint(tag, "window"), keys.endpoint(tag, "slots")]
@@ -294,7 +310,8 @@ class AdaptiveWindow:
         prefix = uuid.uuid4().hex
         try:
             granted, size, _open, now_ms, contended = await self._acquire(keys=self.keys, args=[
-                prefix, self.lease_ms, self.initial, self.ceiling, self.idle_ms, self._me, batch.wanted])
+                prefix, self.lease_ms, self.initial, self.ceiling, self.idle_ms, self._me, batch.wanted,
+                self.ramp_ms])
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
             batch.error = LedgerUnavailable(f"adaptive window: {exc}") if isinstance(exc, RedisError) else exc
             batch.done.set()

@@ -400,7 +400,8 @@ def adaptive_window(settings: Settings, redis: RedisClient, base_url: str, metri
     if not llm.window:
         return None
     window = AdaptiveWindow(redis, base_url, metrics, label=name, initial=llm.window_initial,
-                            maximum=llm.window_max, backoff=llm.window_backoff, lease_s=timeout_s + 10,
+                            maximum=llm.window_max, backoff=llm.window_backoff, ramp_s=llm.window_ramp_s,
+                            lease_s=timeout_s + 10,
                             key_prefix=settings.redis.key_prefix)
     closers.append(window.aclose)
     return window

@@ -40,8 +40,10 @@ pytestmark = pytest.mark.integration
 
 def with_windows(redis_url: str, body: Callable[..., Awaitable[None]], replicas: int = 2, **options: Any) -> None:
     """``body`` gets ``replicas`` windows on one endpoint, as separate replicas would hold them. They
-    tell the window of each answer as it comes (``linger_s=0``) unless ``linger_s`` is given."""
+    tell the window of each answer as it comes (``linger_s=0``) and grow only by answers (``ramp_s=0``)
+    unless told otherwise."""
     options.setdefault("linger_s", 0)
+    options.setdefault("ramp_s", 0)
 
     async def main() -> None:
         client = connect(redis_url)
@@ -81,6 +83,30 @@ def test_a_cold_window_opens_a_few_slots_then_doubles_per_round_trip(redis_url: 
         assert b.size == 16
 
     with_windows(redis_url, body, initial=4)
+
+
+def test_a_full_cold_window_doubles_every_ramp_until_a_429(redis_url: str) -> None:
+    """Answers of a 2 s model would double the window every 2 s; a full window that calls wait for
+    doubles every ``ramp_s`` instead, and the first 429 ends the slow start."""
+
+    async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
+        held = await granted(a, 4)
+        started = time.monotonic()
+        asking = [asyncio.create_task(a.acquire()) for _ in range(100)]
+        await asyncio.sleep(0.65)
+        done = [task for task in asking if task.done()]
+        assert 28 <= len(done) <= 60, len(done)  # 4 -> 8 -> 16 -> 32 -> 64 slots, one doubling per 0.1 s
+        assert a.size >= 32
+        await a.release(held[0], "rate_limited")  # ends the slow start: no more doubling
+        size = a.size
+        await asyncio.sleep(0.4)
+        assert a.size <= size
+        assert time.monotonic() - started < 5
+        for task in asking:
+            task.cancel()
+        await asyncio.gather(*asking, return_exceptions=True)
+
+    with_windows(redis_url, body, initial=4, ramp_s=0.1)
 
 
 def test_a_429_cuts_the_window_once_per_round_trip_then_it_grows_by_one(redis_url: str) -> None:
