@@ -68,13 +68,14 @@ log = logging.getLogger(__name__)
 
 NO_CEILING = 1_000_000
 
-# KEYS[1] window hash, KEYS[2] slots; ARGV: slots' id prefix, lease ms, initial, ceiling, idle ms, the
+# KEYS[1] window hash, KEYS[2] slots, KEYS[3] the processes refused a slot in the last second (a
+# sorted set scored by when); ARGV: slots' id prefix, lease ms, initial, ceiling, idle ms, the
 # asking process, slots wanted, ramp ms. Grants what the window has room for, as ``<prefix>:1`` and
 # on; in slow start a window without room for them doubles if ``ramp`` has passed since it last grew
 # so or was cut. Keeps
 # ``peak``, the most slots open at once over the last 5 s, which says whether the window is in use.
-# A refusal marks the window ``wanted`` by the process. Returns {slots granted, cwnd as a string,
-# open slots, now ms, 1 when another process was refused a slot in the last second}.
+# A refusal adds the process to KEYS[3]. Returns {slots granted, cwnd as a string, open slots, now
+# ms, 1 when another process was refused a slot in the last second, when the window was last cut}.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -100,8 +101,9 @@ for i = 1, granted do
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1] .. ':' .. i)
 end
 open = open + granted
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 1000)
 if granted < wanted then
-  redis.call('HSET', KEYS[1], 'wanted', now, 'wanted_by', ARGV[6])
+  redis.call('ZADD', KEYS[3], now, ARGV[6])
 end
 local peak = tonumber(redis.call('HGET', KEYS[1], 'peak')) or 0
 local peak_ms = tonumber(redis.call('HGET', KEYS[1], 'peak_ms')) or 0
@@ -110,29 +112,30 @@ if open > peak or now - peak_ms > 5000 then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-local want = redis.call('HMGET', KEYS[1], 'wanted', 'wanted_by')
+redis.call('PEXPIRE', KEYS[3], 2000)
+local others = redis.call('ZCARD', KEYS[3])
+if redis.call('ZSCORE', KEYS[3], ARGV[6]) then others = others - 1 end
 local contended = 0
-if now - (tonumber(want[1]) or 0) < 1000 and want[2] ~= ARGV[6] then contended = 1 end
-return {granted, tostring(cwnd), open, now, contended}
+if others > 0 then contended = 1 end
+return {granted, tostring(cwnd), open, now, contended, redis.call('HGET', KEYS[1], 'cut') or '0'}
 """
 
 # KEYS as above; ARGV: outcome (ok|cut|reset|none), when the call that brings it started (ms, Redis
 # time), answered calls to count, initial, ceiling, floor, backoff, idle ms, the process, then the
 # slots handed back. Answers grow the window one by one, as if released one at a time. Returns
 # {cwnd as a string, 1 when this call cut it, now ms, 1 when another process was refused a slot in
-# the last second}.
+# the last second, when the window was last cut}.
 SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local open = redis.call('ZCARD', KEYS[2])
 for i = 10, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
-local h = redis.call('HMGET', KEYS[1], 'peak', 'peak_ms', 'cwnd', 'ssthresh', 'cut', 'wanted', 'wanted_by')
+local h = redis.call('HMGET', KEYS[1], 'peak', 'peak_ms', 'cwnd', 'ssthresh', 'cut')
 local peak, peak_ms = tonumber(h[1]) or 0, tonumber(h[2]) or 0
 local initial, ceiling, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local cwnd = tonumber(h[3]) or initial
 local ssthresh = tonumber(h[4]) or ceiling
 local cut = tonumber(h[5]) or 0
-local wanted = tonumber(h[6]) or 0
 if open > peak or now - peak_ms > 5000 then
   peak = open
   redis.call('HSET', KEYS[1], 'peak', open, 'peak_ms', now)
@@ -153,9 +156,12 @@ end
 redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'ssthresh', ssthresh, 'cut', cut)
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 1000)
+local others = redis.call('ZCARD', KEYS[3])
+if redis.call('ZSCORE', KEYS[3], ARGV[9]) then others = others - 1 end
 local contended = 0
-if now - wanted < 1000 and h[7] ~= ARGV[9] then contended = 1 end
-return {tostring(cwnd), changed, now, contended}
+if others > 0 then contended = 1 end
+return {tostring(cwnd), changed, now, contended, tostring(cut)}
 """
 
 Outcome = Literal["ok", "rate_limited", "timeout", "outage", "none"]
@@ -211,7 +217,7 @@ class AdaptiveWindow:
         self.ramp_ms = int(ramp_s * 1000)
         keys = Keys(key_prefix)
         tag = endpoint_tag(endpoint)
-        self.keys = [keys.endpoint(tag, "window"), keys.endpoint(tag, "slots")]
+        self.keys = [keys.endpoint(tag, "window"), keys.endpoint(tag, "slots"), keys.endpoint(tag, "waiters")]
         self._acquire = redis.register_script(ACQUIRE)
         self._settle = redis.register_script(SETTLE)
         self._head = asyncio.Lock()  # the one batch waiter in this process that asks Redis
@@ -229,7 +235,9 @@ class AdaptiveWindow:
         self._me = uuid.uuid4().hex[:12]  # this process, as the window's "wanted by" knows it
         self._timer: asyncio.TimerHandle | None = None
         self._settling: set[asyncio.Task[None]] = set()
-        self._clock = (0, 0.0)  # (Redis time in ms, the event loop's time) at the last answer from Redis
+        self._clock = (0, 0.0)
+        self._last_cut = 0  # Redis time of the last cut this process heard of
+        self._closed = False  # (Redis time in ms, the event loop's time) at the last answer from Redis
         self.size = float(initial)  # the window as this process last saw it
         # the children every call updates, looked up once (labels() validates and locks on each call)
         self._size_gauge = metrics.llm_window.labels(endpoint=label)
@@ -309,7 +317,7 @@ class AdaptiveWindow:
     async def _ask(self, batch: _Batch) -> None:
         prefix = uuid.uuid4().hex
         try:
-            granted, size, _open, now_ms, contended = await self._acquire(keys=self.keys, args=[
+            granted, size, _open, now_ms, contended, cut = await self._acquire(keys=self.keys, args=[
                 prefix, self.lease_ms, self.initial, self.ceiling, self.idle_ms, self._me, batch.wanted,
                 self.ramp_ms])
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
@@ -320,6 +328,7 @@ class AdaptiveWindow:
         self._clock = (int(now_ms), loop_now)
         self._contended = bool(int(contended))
         self._seen(size)
+        self._learn_cut(cut)
         batch.slots = [Slot(f"{prefix}:{i}", int(now_ms), loop_now) for i in range(1, int(granted) + 1)]
         unclaimed = len(batch.slots) - batch.live  # their callers were cancelled meanwhile
         if unclaimed > 0:
@@ -329,6 +338,9 @@ class AdaptiveWindow:
 
     def _keep(self, slots: list[Slot]) -> None:
         """Keep ``slots`` for the next calls of the process (handed back when the linger ends)."""
+        if self._closed:  # handed back by the closing settle
+            self._stale.extend(slot.id for slot in slots)
+            return
         loop = asyncio.get_running_loop()
         self._kept.extend((slot, loop.time()) for slot in slots)
         self._freed.set()
@@ -346,6 +358,8 @@ class AdaptiveWindow:
                 redis_ms, at = self._clock
                 return Slot(kept.id, redis_ms + int((loop_now - at) * 1000), kept.granted_at)
             self._stale.append(kept.id)
+            if self._timer is None and not self._closed:
+                self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._settle_later)
         return None
 
     async def release(self, slot: Slot, outcome: Outcome) -> None:
@@ -357,7 +371,7 @@ class AdaptiveWindow:
         docstring) unless another replica waits; every other outcome reaches the window at once."""
         if outcome == "ok":
             self._answered += 1
-            if self.linger_s > 0 and not self._contended:
+            if self.linger_s > 0 and not self._contended and slot.started_ms > self._last_cut:
                 self._keep([slot])
                 return
         await self.settle(outcome, slot)
@@ -373,7 +387,7 @@ class AdaptiveWindow:
         task.add_done_callback(self._rearm)
 
     def _rearm(self, _task: asyncio.Task[None]) -> None:
-        if self._timer is None and (self._kept or self._answered):
+        if self._timer is None and not self._closed and (self._kept or self._stale or self._answered):
             self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._settle_later)
 
     async def settle(self, outcome: Outcome = "none", slot: Slot | None = None, idle_s: float = 0.0) -> None:
@@ -390,10 +404,11 @@ class AdaptiveWindow:
         if not ids and not answered and outcome == "none":
             return
         try:
-            size, changed, now_ms, contended = await self._settle(keys=self.keys, args=[
+            size, changed, now_ms, contended, cut = await self._settle(keys=self.keys, args=[
                 _SCRIPT_OUTCOME[outcome], slot.started_ms if slot is not None else 0, answered, self.initial, self.ceiling, 1,
                 self.backoff, self.idle_ms, self._me, *ids])
-        except RedisError as exc:  # the leases free the slots in time
+        except RedisError as exc:  # the leases free the slots in time; the answers are told next time
+            self._answered += answered
             log.debug("window slots not handed back: %s", exc)
             return
         finally:
@@ -401,15 +416,32 @@ class AdaptiveWindow:
         self._clock = (int(now_ms), asyncio.get_running_loop().time())
         self._contended = bool(int(contended))
         self._seen(size)
+        self._learn_cut(cut)
         if int(changed):
             self.metrics.llm_window_cuts.labels(endpoint=self.label, reason=outcome).inc()
             log.info("endpoint %s: %s, the fleet's window is now %.1f calls", self.label, outcome, self.size)
 
+    def _learn_cut(self, cut: bytes | str) -> None:
+        """A cut (by any process) since the last one seen: the kept slots go back at the next tick,
+        and slots of calls that started before it are not kept, so the process shrinks to the window
+        within one call instead of reusing what it held."""
+        cut_ms = int(float(cut))
+        if cut_ms <= self._last_cut:
+            return
+        self._last_cut = cut_ms
+        if self._kept:
+            self._stale.extend(slot.id for slot, _ in self._kept)
+            self._kept.clear()
+            if self._timer is None and not self._closed:
+                self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._settle_later)
+
     async def aclose(self) -> None:
         """Hand back the kept slots now rather than when their leases run out."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        await asyncio.gather(*self._settling, return_exceptions=True)
         await self.settle()
 
     def _seen(self, size: bytes | str) -> None:

@@ -394,14 +394,15 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
 def adaptive_window(settings: Settings, redis: RedisClient, base_url: str, metrics: Metrics, name: str,
                     timeout_s: float, closers: list[Any]) -> AdaptiveWindow | None:
     """The fleet's window of calls open on the endpoint at ``base_url`` (None with
-    ``AGENT_LLM__WINDOW=false``). A slot's lease outlives the call's timeout, so only a dead
-    replica's slots run out; a replica that stops hands back the slots it kept."""
+    ``AGENT_LLM__WINDOW=false``). A slot's lease is twice what the call's timeout needs: a kept slot
+    is lent to another call only in the first half of its lease, so only a dead replica's slots run
+    out; a replica that stops hands back the slots it kept."""
     llm = settings.llm
     if not llm.window:
         return None
     window = AdaptiveWindow(redis, base_url, metrics, label=name, initial=llm.window_initial,
                             maximum=llm.window_max, backoff=llm.window_backoff, ramp_s=llm.window_ramp_s,
-                            lease_s=timeout_s + 10,
+                            lease_s=2 * (timeout_s + 10),
                             key_prefix=settings.redis.key_prefix)
     closers.append(window.aclose)
     return window
