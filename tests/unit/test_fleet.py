@@ -50,6 +50,7 @@ def test_outside_a_fleet_a_process_is_bound_to_nothing(monkeypatch: pytest.Monke
 
 
 def test_a_worker_whose_supervisor_is_gone_does_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(fleet.SUPERVISOR_ENV, "1")  # not this process's parent
+    # this process's own id is never its parent's (1 would be, for a run whose parent has exited)
+    monkeypatch.setenv(fleet.SUPERVISOR_ENV, str(os.getpid()))
     with pytest.raises(SystemExit):
         fleet.bind_to_supervisor()
