@@ -40,8 +40,8 @@ A slot given back after an answered call is not handed to Redis at once: the pro
 its next calls and hands back, every ``linger_s`` (20 ms), the slots it kept that long without a
 call to take them, together with how many calls were answered (one ``SETTLE`` script call). A busy
 process so makes tens of Redis calls a second for the window instead of two per model call. A slot
-is kept only while no other process waits for one (a refused ``ACQUIRE`` marks the window wanted by
-its process for a second, and every answer from Redis says whether another process wants it), only
+is kept only while no other process waits for one (a refused ``ACQUIRE`` puts its process in the
+window's waiters for a second, and every answer from Redis says whether another process is there), only
 while its lease is young, and never after a 429, a timeout or an outage: those are told to the
 window at once, with every kept slot. A process learns that another waits at its next call to
 Redis, within ``linger_s`` while it is busy.
@@ -232,12 +232,12 @@ class AdaptiveWindow:
         self._answered = 0  # answered calls the window has not been told of
         self._contended = False  # another process was refused a slot lately: keep none
         self._batch: _Batch | None = None  # the calls that will ask Redis together, at the next turn of the loop
-        self._me = uuid.uuid4().hex[:12]  # this process, as the window's "wanted by" knows it
+        self._me = uuid.uuid4().hex[:12]  # this process, as the window's waiters set knows it
         self._timer: asyncio.TimerHandle | None = None
         self._settling: set[asyncio.Task[None]] = set()
-        self._clock = (0, 0.0)
+        self._clock = (0, 0.0)  # (Redis time in ms, the event loop's time) at the last answer from Redis
         self._last_cut = 0  # Redis time of the last cut this process heard of
-        self._closed = False  # (Redis time in ms, the event loop's time) at the last answer from Redis
+        self._closed = False
         self.size = float(initial)  # the window as this process last saw it
         # the children every call updates, looked up once (labels() validates and locks on each call)
         self._size_gauge = metrics.llm_window.labels(endpoint=label)
@@ -324,11 +324,7 @@ class AdaptiveWindow:
             batch.error = LedgerUnavailable(f"adaptive window: {exc}") if isinstance(exc, RedisError) else exc
             batch.done.set()
             return
-        loop_now = asyncio.get_running_loop().time()
-        self._clock = (int(now_ms), loop_now)
-        self._contended = bool(int(contended))
-        self._seen(size)
-        self._learn_cut(cut)
+        loop_now = self._heard(size, now_ms, contended, cut)
         batch.slots = [Slot(f"{prefix}:{i}", int(now_ms), loop_now) for i in range(1, int(granted) + 1)]
         unclaimed = len(batch.slots) - batch.live  # their callers were cancelled meanwhile
         if unclaimed > 0:
@@ -341,11 +337,10 @@ class AdaptiveWindow:
         if self._closed:  # handed back by the closing settle
             self._stale.extend(slot.id for slot in slots)
             return
-        loop = asyncio.get_running_loop()
-        self._kept.extend((slot, loop.time()) for slot in slots)
+        now = asyncio.get_running_loop().time()
+        self._kept.extend((slot, now) for slot in slots)
         self._freed.set()
-        if self._timer is None:
-            self._timer = loop.call_later(self.linger_s, self._settle_later)
+        self._arm()
 
     def _reuse(self) -> Slot | None:
         """A kept slot whose lease is still young, as a new call's: its start is now, in Redis time."""
@@ -358,8 +353,7 @@ class AdaptiveWindow:
                 redis_ms, at = self._clock
                 return Slot(kept.id, redis_ms + int((loop_now - at) * 1000), kept.granted_at)
             self._stale.append(kept.id)
-            if self._timer is None and not self._closed:
-                self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._settle_later)
+            self._arm()
         return None
 
     async def release(self, slot: Slot, outcome: Outcome) -> None:
@@ -387,7 +381,12 @@ class AdaptiveWindow:
         task.add_done_callback(self._rearm)
 
     def _rearm(self, _task: asyncio.Task[None]) -> None:
-        if self._timer is None and not self._closed and (self._kept or self._stale or self._answered):
+        if self._kept or self._stale or self._answered:
+            self._arm()
+
+    def _arm(self) -> None:
+        """A tick of :meth:`_settle_later` in ``linger_s``, unless one is due or the window closed."""
+        if self._timer is None and not self._closed:
             self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._settle_later)
 
     async def settle(self, outcome: Outcome = "none", slot: Slot | None = None, idle_s: float = 0.0) -> None:
@@ -413,13 +412,20 @@ class AdaptiveWindow:
             return
         finally:
             self._freed.set()
-        self._clock = (int(now_ms), asyncio.get_running_loop().time())
-        self._contended = bool(int(contended))
-        self._seen(size)
-        self._learn_cut(cut)
+        self._heard(size, now_ms, contended, cut)
         if int(changed):
             self.metrics.llm_window_cuts.labels(endpoint=self.label, reason=outcome).inc()
             log.info("endpoint %s: %s, the fleet's window is now %.1f calls", self.label, outcome, self.size)
+
+    def _heard(self, size: bytes | str, now_ms: int, contended: int, cut: bytes | str) -> float:
+        """What every answer of the scripts says: the window, Redis's clock, whether another process
+        waits, the last cut. Returns the event loop's time it was heard at."""
+        loop_now = asyncio.get_running_loop().time()
+        self._clock = (int(now_ms), loop_now)
+        self._contended = bool(int(contended))
+        self._seen(size)
+        self._learn_cut(cut)
+        return loop_now
 
     def _learn_cut(self, cut: bytes | str) -> None:
         """A cut (by any process) since the last one seen: the kept slots go back at the next tick,
@@ -432,8 +438,7 @@ class AdaptiveWindow:
         if self._kept:
             self._stale.extend(slot.id for slot, _ in self._kept)
             self._kept.clear()
-            if self._timer is None and not self._closed:
-                self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._settle_later)
+            self._arm()
 
     async def aclose(self) -> None:
         """Hand back the kept slots now rather than when their leases run out."""
