@@ -71,8 +71,8 @@ NO_CEILING = 1_000_000
 # KEYS[1] window hash, KEYS[2] slots, KEYS[3] the processes refused a slot in the last second (a
 # sorted set scored by when); ARGV: slots' id prefix, lease ms, initial, ceiling, idle ms, the
 # asking process, slots wanted, ramp ms. Grants what the window has room for, as ``<prefix>:1`` and
-# on; in slow start a window without room for them doubles if ``ramp`` has passed since it last grew
-# so or was cut. Keeps
+# on; in slow start a window without room for them grows to twice what the last ramp (or cut) left if
+# ``ramp`` has passed since then: answers in between count towards that doubling, not on top of it. Keeps
 # ``peak``, the most slots open at once over the last 5 s, which says whether the window is in use.
 # A refusal adds the process to KEYS[3]. Returns {slots granted, cwnd as a string, open slots, now
 # ms, 1 when another process was refused a slot in the last second, when the window was last cut}.
@@ -83,17 +83,19 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local cwnd = tonumber(redis.call('HGET', KEYS[1], 'cwnd'))
 if not cwnd then
   cwnd = tonumber(ARGV[3])
-  redis.call('HSET', KEYS[1], 'cwnd', cwnd, 'ssthresh', ARGV[4], 'cut', 0, 'grown', now)
+  redis.call('HSET', KEYS[1], 'cwnd', cwnd, 'ssthresh', ARGV[4], 'cut', 0, 'grown', now, 'base', cwnd)
 end
 local open = redis.call('ZCARD', KEYS[2])
 local wanted = tonumber(ARGV[7])
 local ramp = tonumber(ARGV[8])
 if open + wanted > math.floor(cwnd) and ramp > 0 then
-  local h = redis.call('HMGET', KEYS[1], 'ssthresh', 'cut', 'grown')
+  local h = redis.call('HMGET', KEYS[1], 'ssthresh', 'cut', 'grown', 'base')
   local ssthresh, cut, grown = tonumber(h[1]) or tonumber(ARGV[4]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
   if cwnd < ssthresh and now - math.max(cut, grown) >= ramp then
-    cwnd = math.min(cwnd * 2, ssthresh, tonumber(ARGV[4]))
-    redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'grown', now)
+    -- at least double since the last ramp; answers counted meanwhile are part of it, not added on top
+    local base = math.max(math.min(tonumber(h[4]) or cwnd, cwnd) * 2, cwnd)
+    cwnd = math.min(base, ssthresh, tonumber(ARGV[4]))
+    redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'grown', now, 'base', cwnd)
   end
 end
 local granted = math.max(0, math.min(wanted, math.floor(cwnd) - open))
@@ -154,6 +156,7 @@ if (outcome == 'cut' or outcome == 'reset') and tonumber(ARGV[2]) > cut then
   changed = 1
 end
 redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'ssthresh', ssthresh, 'cut', cut)
+if changed == 1 then redis.call('HSET', KEYS[1], 'base', tostring(cwnd)) end
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 1000)
