@@ -8,10 +8,10 @@ transactions, lag).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -21,6 +21,21 @@ from consumers.transactions import Staged, TransactionalProducer
 
 Handler = Callable[[Record], Awaitable[None]]
 TP = tuple[str, int]
+
+
+class Screen(Protocol):
+    """Looks at a fetched batch before any record of it starts, and names the records whose outcome
+    is durable already (a replay of records processed before): the runner finishes those at once,
+    without a handler call each. What it does not name runs through the handler as usual, so a
+    screen may always answer "none" (or fail, or time out) without changing any outcome."""
+
+    def wanted(self) -> bool:
+        """Whether the next batch is worth screening (e.g. many recent records were duplicates)."""
+        ...
+
+    async def __call__(self, records: Sequence[Record]) -> Sequence[bool]:
+        """One flag per record, in order: True when its outcome is durable already."""
+        ...
 
 
 @dataclass(slots=True)
@@ -37,6 +52,7 @@ class RunnerConfig:
     drain_timeout_s: float = 30.0
     retry_base_s: float = 0.2
     retry_max_s: float = 10.0
+    screen_timeout_s: float = 2.0  # a screen slower than this is skipped: the handler decides each record
 
 
 @dataclass(slots=True)

@@ -20,6 +20,8 @@ class Record:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     timestamp_ms: int | None = None
     received_at: float = field(default_factory=monotonic)
+    # what a stage before the handler learned of the record (a screen's decoded task), or None
+    memo: Any = None
 
     @classmethod
     def from_message(cls, msg: Any) -> Record:

@@ -15,6 +15,9 @@
   fetches it again only after the resume, a gap of 0.5-1 s each time.
 - A partition over its own limit is paused at once while others still have room (its records
   would otherwise keep arriving).
+- An optional :class:`~consumers.partitions.Screen` looks at each fetched batch first and names
+  the records whose outcome is durable already (a replay): those finish at once, without a
+  handler call (a task, a future, a ledger script) each.
 - On revoke it stops starting that partition's records and commits what finished; records still
   running finish under their ledger fences, and the new owner takes what is left.
 - ``stop()`` drains: no new records, in-flight ones finish (bounded by ``drain_timeout_s``), final
@@ -41,7 +44,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 from typing import Any
@@ -50,7 +53,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from consumers.backpressure import Backpressure
 from consumers.commits import Commits
-from consumers.partitions import TP, Handler, PartitionState, RunnerConfig, RunnerMetrics, fmt
+from consumers.partitions import TP, Handler, PartitionState, RunnerConfig, RunnerMetrics, Screen, fmt
 from consumers.records import Record
 from consumers.transactions import Staged, TransactionalProducer, staging
 
@@ -68,8 +71,10 @@ class Runner(Backpressure, Commits):
         metrics: RunnerMetrics | None = None,
         gate: Callable[[], bool] | None = None,
         transactions: TransactionalProducer | None = None,
+        screen: Screen | None = None,
     ) -> None:
         self._conf = dict(consumer_config)
+        self._screen = screen
         self.transactions = transactions
         self._handler = handler
         self.config = config
@@ -204,7 +209,8 @@ class Runner(Backpressure, Commits):
                 room = await self._backpressure()
                 if room > 0:
                     msgs = await self._call(self._fetch, min(room, self.config.max_batch))
-                    self._dispatch(msgs)
+                    records = self._records(msgs)
+                    self._dispatch_records(records, await self._screened(records))
                 else:  # full, not yet paused: wait for room, keeping librdkafka's prefetched records
                     msgs = []
                     await self._wait_for_room()
@@ -238,15 +244,41 @@ class Runner(Backpressure, Commits):
 
     def _dispatch(self, msgs: list[Any]) -> None:
         """Start or queue each record; never raises, whatever a record looks like."""
-        consumed = 0
+        self._dispatch_records(self._records(msgs))
+
+    def _records(self, msgs: list[Any]) -> list[Record]:
+        """The records of fetched messages; never raises, whatever a record looks like."""
+        records = []
         for msg in msgs:
             try:
                 record = self._record_of(msg)
             except Exception:  # noqa: BLE001 - one odd record must not stop the run loop
                 log.exception("cannot read a fetched record; skipped")
                 continue
-            if record is None:
-                continue
+            if record is not None:
+                records.append(record)
+        return records
+
+    async def _screened(self, records: list[Record]) -> Sequence[bool] | None:
+        """The screen's flags for ``records`` (True: finished before), or None to run them all.
+
+        A screen that fails or takes longer than ``screen_timeout_s`` changes nothing: the handler
+        then finds the same, record by record."""
+        screen = self._screen
+        if screen is None or not records or not screen.wanted():
+            return None
+        try:
+            async with asyncio.timeout(self.config.screen_timeout_s):
+                done = await screen(records)
+        except Exception as exc:  # noqa: BLE001 - the records run through the handler instead
+            log.debug("screen skipped for %d records: %s", len(records), exc)
+            return None
+        return done if len(done) == len(records) else None
+
+    def _dispatch_records(self, records: list[Record], done: Sequence[bool] | None = None) -> None:
+        """Start or queue each record, or finish it at once when the screen found it done."""
+        consumed = 0
+        for i, record in enumerate(records):
             tp = (record.topic, record.partition)
             part = self._partitions.get(tp)
             if part is None:  # a record fetched before its partition was revoked
@@ -256,6 +288,10 @@ class Runner(Backpressure, Commits):
                 part.tracker.add(record.offset)
             except ValueError:  # already held: a re-fetch after a position reset
                 log.warning("record %s is already in flight; not started twice", record.coordinates)
+                continue
+            if done is not None and done[i]:
+                # its outcome is durable: nothing to wait for, whatever runs before it on its key
+                part.tracker.finish(record.offset)
                 continue
             part.held += 1
             self._held += 1

@@ -15,7 +15,7 @@ This module knows nothing of Kafka or of models.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -204,6 +204,7 @@ class Ledger:
         self._published = client.register_script(scripts.PUBLISHED)
         self._refund = client.register_script(scripts.REFUND)
         self._revive = client.register_script(scripts.REVIVE)
+        self._finished = client.register_script(scripts.FINISHED)
         self.batcher = ScriptBatcher(client)
         self.effects = Effects(self)
 
@@ -402,6 +403,31 @@ class Ledger:
         """Note that the outcome of ``task_key`` (in ``state``) was published, ``by`` which record."""
         raw = await self._script(self._published, [self.keys.task(task_key)], [state, by])
         return int(raw) == 1
+
+    async def finished(self, tasks: Sequence[tuple[str, str]]) -> list[str | None]:
+        """For each ``(task key, fingerprint)``: who published its outcome when the task is done
+        (succeeded or dead) with that fingerprint and its outcome was published, else None.
+
+        Read-only, for many tasks at once: one script on a single Redis, one pipeline (a command
+        per task, grouped by node) on a cluster, where one script cannot read across slots."""
+        if not tasks:
+            return []
+        keys = [self.keys.task(key) for key, _fp in tasks]
+        if not isinstance(self.client, RedisCluster):
+            raw = await self._call(lambda: self._finished(keys=keys, args=[fp for _key, fp in tasks]))
+            return [None if value == 0 else _published_by(value) for value in raw]
+
+        async def read() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key, "state", "fingerprint", "published")
+                return await pipe.execute()
+
+        out: list[str | None] = []
+        for (_key, fp), (state, print_, published) in zip(tasks, await self._call(read), strict=True):
+            done = _s(state) in ("succeeded", "dead") and _s(print_) == fp
+            out.append(_published_by(published) if done else None)
+        return out
 
     async def revive(self, task_key: str) -> bool:
         raw = await self._script(self._revive, [self.keys.task(task_key), self.keys.tools(task_key)], [])

@@ -164,6 +164,22 @@ return 'ok'
 
 # KEYS[1] task; ARGV state expected ('succeeded' or 'dead'), by (the publishing record's
 # coordinates, or '1') -> 1 marked, 0 not in that state
+# KEYS task hashes, ARGV their fingerprints (one each) -> per task who published its outcome (the
+# ``published`` field) when it is done (succeeded or dead) with that fingerprint and published,
+# else 0. Read-only: a replay's batch asks once for all of its tasks (see Ledger.finished).
+FINISHED = """
+local out = {}
+for i = 1, #KEYS do
+  local h = redis.call('HMGET', KEYS[i], 'state', 'fingerprint', 'published')
+  if (h[1] == 'succeeded' or h[1] == 'dead') and h[2] == ARGV[i] and h[3] and h[3] ~= '0' then
+    out[i] = h[3]
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
 PUBLISHED = """
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then
   return 0

@@ -40,6 +40,11 @@ class Metrics:
         self.tasks = Counter(
             "agent_tasks", "Tasks finished, by outcome.", ["outcome"], registry=r
         )
+        self.screened = Counter(
+            "agent_replay_screened",
+            "Records finished by the replay screen, one ledger read per batch: done and published before.",
+            registry=r,
+        )
         self.llm_requests = Counter(
             "agent_llm_requests", "LLM HTTP attempts, by outcome.", ["outcome"], registry=r
         )

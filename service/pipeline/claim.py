@@ -17,8 +17,12 @@ from dedup.ledger import Claim, LedgerUnavailable
 from service.agents.tasks import Task
 from service.pipeline.base import ProcessorConfig, current_span, deadline_of
 from service.pipeline.outcomes import Outcomes
+from service.pipeline.screen import DuplicateShare
 
 log = logging.getLogger(__name__)
+
+
+FINISHED = ("succeeded", "dead", "parked")  # the decisions of a task done before (or parked)
 
 
 class Claims(Outcomes):
@@ -26,11 +30,14 @@ class Claims(Outcomes):
 
     config: ProcessorConfig
     worker_id: str
+    duplicates: DuplicateShare  # how many recent claims found their task done: the replay screen reads it
 
     async def _claim(self, record: Record, task: Task, ctx: str) -> Claim | None:
         while True:
             claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind)
             decision = claim.decision
+            if decision != "busy":
+                self.duplicates.note(decision in FINISHED, 1)
             span = current_span()
             span.set_decision(decision)
             span.set_fence(claim.fence)

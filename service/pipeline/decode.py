@@ -18,7 +18,8 @@ def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tupl
     Raises nothing but :class:`PoisonError`, whatever the record holds: whatever the decoder or an
     input validator raises is the record's fault.
     """
-    task = decode_task(record.value, record.headers, max_bytes)
+    memo = record.memo  # decoded by the replay screen already
+    task = memo if isinstance(memo, Task) else decode_task(record.value, record.headers, max_bytes)
     try:
         agent = agents.get(task.kind).version_for(task.key)
         return task, agent, agent.parse_input(task.event.input)

@@ -46,6 +46,7 @@ from service.pipeline.base import (
 )
 from service.pipeline.claim import Claims
 from service.pipeline.decode import decode_record, key_of
+from service.pipeline.screen import DuplicateShare, ReplayScreen
 from service.pipeline.steps import Steps
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class TaskProcessor(Claims, Steps):
         self.tenancy = tenancy or Tenancy()  # the tenants' weights, budgets, labels and prices
         self.budgets = budgets
         self.outage: str | None = None  # Redis or the broker did not answer the last record that tried
+        self.duplicates = DuplicateShare()
 
     async def __call__(self, record: Record) -> None:
         started = monotonic()
@@ -109,6 +111,14 @@ class TaskProcessor(Claims, Steps):
             finally:
                 reset_record_span(token)
                 self.metrics.task_duration.observe(monotonic() - started)
+
+    def screen(self) -> ReplayScreen | None:
+        """The runner's replay screen for this processor, or None when every duplicate must reach
+        the handler (shadow runs sample duplicates)."""
+        if self.config.shadow_sample_rate:
+            return None
+        return ReplayScreen(self.ledger, self.metrics, self.duplicates, max_bytes=self.config.max_task_bytes,
+                            transactional=self.outputs.transactional)
 
     @property
     def accepting(self) -> bool:

@@ -386,6 +386,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         _RunnerMetrics(metrics),
         gate=lambda: processor.accepting,
         transactions=transactions,
+        screen=processor.screen(),
     )
     return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
                    llm_base_url, closers)

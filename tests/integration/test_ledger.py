@@ -126,6 +126,29 @@ def test_steps_are_journaled_under_the_fence(any_redis_url: str) -> None:
     with_ledger(any_redis_url, body)
 
 
+def test_finished_names_only_done_published_tasks_of_the_same_input(any_redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        for key in ("done", "dead", "unpublished", "running"):
+            assert (await ledger.claim(key, FP, "w1", "classify")).fence == 1
+        await complete(ledger, "done", 1)
+        assert await ledger.mark_published("done", "succeeded", "t[0]@3")
+        assert await ledger.fail("dead", 1, "no", dead_reason="permanent")
+        assert await ledger.mark_published("dead", "dead", "t[1]@4")
+        await complete(ledger, "unpublished", 1)
+        asked = [("done", FP), ("dead", FP), ("unpublished", FP), ("running", FP), ("never", FP),
+                 ("done", "sha256:other")]
+        assert await ledger.finished(asked) == ["t[0]@3", "t[1]@4", None, None, None, None]
+        many = [(f"m-{i}", FP) for i in range(300)]  # a whole fetched batch at once
+        for key, _fp in many[::3]:
+            await ledger.claim(key, FP, "w1", "classify")
+            await complete(ledger, key, 1)
+            await ledger.mark_published(key, "succeeded", key)
+        assert await ledger.finished(many) == [key if i % 3 == 0 else None for i, (key, _fp) in enumerate(many)]
+        assert await ledger.finished([]) == []
+
+    with_ledger(any_redis_url, body)
+
+
 def test_keys_are_hash_tagged_and_refuse_escapes() -> None:
     keys = Keys("agent")
     assert keys.task("t-1") == "agent:{t-1}:task" and keys.steps("t-1") == "agent:{t-1}:steps"

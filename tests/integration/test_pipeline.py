@@ -230,6 +230,53 @@ def test_after_a_restart_nothing_is_lost_and_nothing_is_rerun(
     assert len(results) == n and len({r.key for r in results}) == n
 
 
+def test_a_replay_is_screened_in_batches_yet_conflicts_poison_and_unpublished_outcomes_are_not(
+    make_settings: Any, fake_llm: FakeLLM, any_redis_url: str
+) -> None:
+    """A new group reads a processed topic: batches of finished tasks are finished by one ledger read
+    each (the replay screen), and what the handler must still see reaches it: a task whose outcome
+    was never published, another input under a finished task's id, a record that does not decode."""
+    s: Settings = make_settings(redis={"url": any_redis_url}, max_in_flight=20)  # fetches of at most 20
+    n = 200
+    records = [(f"s-{i}".encode(), classify(f"s-{i}", f"text {i}")) for i in range(n)]
+
+    async def first_run() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, records)
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == n, what="all")
+            # as if the service had died between the ledger's write and the result's acknowledgement
+            await svc.ledger.client.hset(svc.ledger.keys.task("s-5"), "published", "0")
+
+    asyncio.run(first_run())
+    calls = fake_llm.stats()["requests"]
+    produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [
+        (b"s-7", classify("s-7", "another text")),  # a finished task's id with another input
+        (b"s-bad", b'{"task_id": "s-bad", "kind": "classify", "input": {"text": "\\ud800"}}'),
+    ])
+    replay = s.model_copy(update={"kafka": s.kafka.model_copy(update={"group_id": s.kafka.group_id + "-replay"})})
+
+    async def replay_run() -> dict[str, float]:
+        async with running(replay, fake_llm.base_url) as svc:
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "duplicate"}) == n
+                           and metric(svc, "agent_dead_letters_total", {"reason": "conflict"}) == 1
+                           and metric(svc, "agent_dead_letters_total", {"reason": "decode"}) == 1, what="replay")
+            await wait_for(lambda: sum(max(o, 0) for o in committed(
+                s.kafka.bootstrap_servers, replay.kafka.group_id, s.kafka.input_topic, 3).values()) == n + 2,
+                what="commit to the end")
+            return {"screened": metric(svc, "agent_replay_screened_total"),
+                    "succeeded": metric(svc, "agent_tasks_total", {"outcome": "succeeded"})}
+
+    seen = asyncio.run(replay_run())
+    assert seen["succeeded"] == 0
+    assert n / 2 <= seen["screened"] < n  # most records screened; s-5 (unpublished) went to the handler
+    assert fake_llm.stats()["requests"] == calls
+    results = results_by_task(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + 1))
+    assert len(results["s-5"]) == 2 and results["s-5"][0] == results["s-5"][1]  # re-emitted, byte for byte
+    assert sum(len(v) for v in results.values()) == n + 1
+    dlq = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=2)
+    assert sorted(m.headers["dlq.reason"] for m in dlq) == [b"conflict", b"decode"]
+
+
 def test_context_budget_and_deadline_pass_through(make_settings: Any, fake_llm: FakeLLM) -> None:
     s: Settings = make_settings(llm={"context_tokens": 1024, "max_tokens": 256})
     long_text = "word " * 2000  # fits the byte limit, not the model's window

@@ -100,9 +100,10 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
 
 
 async def make_runner(handler: Callable[[Record], Awaitable[None]], partitions: list[int],
-                      gate: Callable[[], bool] | None = None, **cfg: Any) -> tuple[Runner, FakeConsumer]:
+                      gate: Callable[[], bool] | None = None, screen: Any = None,
+                      **cfg: Any) -> tuple[Runner, FakeConsumer]:
     config = RunnerConfig(topic=TOPIC, retry_base_s=0.005, retry_max_s=0.01, **cfg)
-    runner = Runner({}, handler, config, gate=gate)
+    runner = Runner({}, handler, config, gate=gate, screen=screen)
     fake = FakeConsumer()
     runner._consumer = fake  # type: ignore[assignment]
     runner._loop = asyncio.get_running_loop()
@@ -385,6 +386,83 @@ def test_a_window_full_of_slow_records_waits_longer_before_it_pauses() -> None:
         assert fake.paused == {(TOPIC, 0)}
         release.set()
         await until(lambda: runner.in_flight == 0, "records")
+        await close(runner)
+
+    run(test)
+
+
+class ValueScreen:
+    """Names the records whose value is b"done"; or fails, or hangs, as told."""
+
+    def __init__(self, fail: BaseException | None = None, hang: bool = False, wanted: bool = True) -> None:
+        self.fail, self.hang, self._wanted = fail, hang, wanted
+        self.batches: list[list[int]] = []
+
+    def wanted(self) -> bool:
+        return self._wanted
+
+    async def __call__(self, records: Any) -> list[bool]:
+        self.batches.append([r.offset for r in records])
+        if self.hang:
+            await asyncio.sleep(60)
+        if self.fail is not None:
+            raise self.fail
+        return [r.value == b"done" for r in records]
+
+
+async def dispatch_screened(runner: Runner, msgs: list[FakeMsg]) -> None:
+    """What the run loop does with a fetched batch."""
+    records = runner._records(msgs)
+    runner._dispatch_records(records, await runner._screened(records))
+
+
+def test_records_the_screen_names_finish_without_the_handler_and_commit_in_order() -> None:
+    async def test() -> None:
+        release = asyncio.Event()
+        handled: list[int] = []
+
+        async def handler(r: Record) -> None:
+            handled.append(r.offset)
+            if r.offset == 0:
+                await release.wait()
+
+        screen = ValueScreen()
+        runner, fake = await make_runner(handler, [0], screen=screen)
+        await dispatch_screened(runner, [
+            FakeMsg(0, 0, b"a", b"new"), FakeMsg(0, 1, b"a", b"done"), FakeMsg(0, 2, b"b", b"done"),
+            FakeMsg(0, 3, b"c", b"new"),
+        ])
+        assert screen.batches == [[0, 1, 2, 3]]
+        await until(lambda: handled == [0, 3] and runner.in_flight == 1, "the records not screened out")
+        await runner.commit()
+        assert fake.commits in ([], [[(TOPIC, 0, 0)]])  # offset 0 is still running: nothing after it commits
+        release.set()
+        await until(lambda: runner.in_flight == 0, "the first record")
+        await runner.commit()
+        assert fake.commits[-1] == [(TOPIC, 0, 4)]
+        assert handled == [0, 3]  # the screened records never reached the handler
+        await close(runner)
+
+    run(test)
+
+
+@pytest.mark.parametrize("screen", [
+    ValueScreen(fail=ConnectionError("redis down")), ValueScreen(hang=True), ValueScreen(wanted=False),
+], ids=["fails", "hangs", "not-wanted"])
+def test_a_screen_that_fails_hangs_or_is_not_wanted_leaves_every_record_to_the_handler(screen: ValueScreen) -> None:
+    async def test() -> None:
+        handled: list[int] = []
+
+        async def handler(r: Record) -> None:
+            handled.append(r.offset)
+
+        runner, fake = await make_runner(handler, [0], screen=screen, screen_timeout_s=0.05)
+        await dispatch_screened(runner, [FakeMsg(0, 0, b"a", b"done"), FakeMsg(0, 1, b"b", b"new")])
+        await until(lambda: runner.in_flight == 0, "both records")
+        assert sorted(handled) == [0, 1]
+        assert screen.batches == ([] if not screen._wanted else [[0, 1]])
+        await runner.commit()
+        assert fake.commits == [[(TOPIC, 0, 2)]]
         await close(runner)
 
     run(test)

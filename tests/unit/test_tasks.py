@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.agents.registry import default_agents
-from service.agents.tasks import canonical_json, decode_task, fingerprint, task_key
+from service.agents.tasks import _parse, canonical_json, decode_task, fingerprint, loads, task_key
 from service.core.errors import PoisonError
 
 LIMIT = 262_144
@@ -132,3 +132,48 @@ def test_canonical_json_refuses_non_finite_floats(data: object) -> None:
 
 def test_canonical_json_writes_a_lone_surrogate_as_the_standard_library_does() -> None:
     assert canonical_json("\ud800") == json.dumps("\ud800", ensure_ascii=False)  # text; encoding it fails later
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal and of the same types all the way down (1 == 1.0 is not the same data)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)  # type: ignore[index]
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]
+    return a == b or (isinstance(a, float) and repr(a) == repr(b))
+
+
+def _read(raw: bytes) -> tuple[str, object]:
+    try:
+        return "ok", _parse(raw)
+    except (ValueError, RecursionError) as exc:
+        return "refused", type(exc)
+
+
+@given(_json_values, st.sampled_from([{}, {"ensure_ascii": True}, {"indent": 1}]))
+@settings(max_examples=2000, suppress_health_check=[HealthCheck.too_slow])
+def test_a_record_is_read_as_the_standard_library_reads_it(data: object, how: dict[str, object]) -> None:
+    """orjson reads a record only where it reads exactly what the contract's loads reads."""
+    raw = json.dumps(data, **how).encode()  # type: ignore[arg-type]
+    assert _same(_parse(raw), loads(raw.decode()))
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a": 1e400}', b'{"a": -1e400}', b'{"a": ' + b"1" * 400 + b'.0}', b'{"a": NaN}', b'{"a": Infinity}',
+    b'{"a": "\\ud800"}', b'{"a": "\\udc00x"}', b'\xff{"a": 1}', b'\xef\xbb\xbf{"a": 1}', b'{"a": 1} x',
+    b"[" * 150 + b"]" * 150, b"[" * 5000 + b"]" * 5000, b'{"a": 123456789012345678901234567890}',
+    b'{"a": -18446744073709551617}', b'{"a": 0.1234567890123456789012}', b'{"a": 1, "a": 2}', b"",
+])
+def test_hostile_bytes_are_read_or_refused_as_the_standard_library_does(raw: bytes) -> None:
+    try:
+        expected: tuple[str, object] = "ok", loads(raw.decode())
+    except (ValueError, RecursionError) as exc:
+        expected = "refused", type(exc)
+    got = _read(raw)
+    assert got[0] == expected[0]
+    if got[0] == "ok":
+        assert _same(got[1], expected[1])
+    else:
+        assert got[1] is expected[1]  # the same exception, so the same dead-letter reason and words
