@@ -33,13 +33,20 @@ class Record:
         topic = str(msg.topic())
         partition = int(msg.partition())
         offset = int(msg.offset())
+        try:  # the common case: bytes or nothing, no headers
+            key, value, headers = msg.key(), msg.value(), msg.headers()
+        except Exception:  # noqa: BLE001 - read again below, one part at a time
+            headers = True
+        if not headers and (key is None or type(key) is bytes) and (value is None or type(value) is bytes):
+            return cls(topic, partition, offset, key, value, [], _timestamp(msg))
+        where = f"{topic}[{partition}]@{offset}"
         return cls(
             topic=topic,
             partition=partition,
             offset=offset,
-            key=_bytes_or_none(_safe(msg.key, f"{topic}[{partition}]@{offset}", "key")),
-            value=_bytes_or_none(_safe(msg.value, f"{topic}[{partition}]@{offset}", "value")),
-            headers=_headers(msg, f"{topic}[{partition}]@{offset}"),
+            key=_bytes_or_none(_safe(msg.key, where, "key")),
+            value=_bytes_or_none(_safe(msg.value, where, "value")),
+            headers=_headers(msg, where),
             timestamp_ms=_timestamp(msg),
         )
 

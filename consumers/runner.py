@@ -210,7 +210,8 @@ class Runner(Backpressure, Commits):
                 if room > 0:
                     msgs = await self._call(self._fetch, min(room, self.config.max_batch))
                     records = self._records(msgs)
-                    self._dispatch_records(records, await self._screened(records))
+                    owners = dict(self._partitions)  # as fetched: a rebalance meanwhile drops the batch's records
+                    self._dispatch_records(records, await self._screened(records), owners)
                 else:  # full, not yet paused: wait for room, keeping librdkafka's prefetched records
                     msgs = []
                     await self._wait_for_room()
@@ -275,14 +276,18 @@ class Runner(Backpressure, Commits):
             return None
         return done if len(done) == len(records) else None
 
-    def _dispatch_records(self, records: list[Record], done: Sequence[bool] | None = None) -> None:
-        """Start or queue each record, or finish it at once when the screen found it done."""
+    def _dispatch_records(self, records: list[Record], done: Sequence[bool] | None = None,
+                          owners: dict[TP, PartitionState] | None = None) -> None:
+        """Start or queue each record, or finish it at once when the screen found it done.
+
+        ``owners``: the partitions' states when the records were fetched; a record whose partition
+        was revoked (or revoked and assigned again) since is dropped: the new owner reads it again."""
         consumed = 0
         for i, record in enumerate(records):
             tp = (record.topic, record.partition)
             part = self._partitions.get(tp)
-            if part is None:  # a record fetched before its partition was revoked
-                continue
+            if part is None or (owners is not None and owners.get(tp) is not part):
+                continue  # a record fetched before its partition was revoked
             consumed += 1
             try:
                 part.tracker.add(record.offset)

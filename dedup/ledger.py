@@ -404,18 +404,20 @@ class Ledger:
         raw = await self._script(self._published, [self.keys.task(task_key)], [state, by])
         return int(raw) == 1
 
-    async def finished(self, tasks: Sequence[tuple[str, str]]) -> list[str | None]:
-        """For each ``(task key, fingerprint)``: who published its outcome when the task is done
-        (succeeded or dead) with that fingerprint and its outcome was published, else None.
+    async def finished(self, tasks: Sequence[tuple[str, str, str]]) -> list[bool]:
+        """For each ``(task key, fingerprint, coordinates)``: whether the task is done (succeeded or
+        dead) with that fingerprint and its outcome was published by a record other than the one
+        at ``coordinates`` (that record read again may be one whose transaction did not commit;
+        ``""``: any record).
 
         Read-only, for many tasks at once: one script on a single Redis, one pipeline (a command
         per task, grouped by node) on a cluster, where one script cannot read across slots."""
         if not tasks:
             return []
-        keys = [self.keys.task(key) for key, _fp in tasks]
+        keys = [self.keys.task(key) for key, _fp, _at in tasks]
         if not isinstance(self.client, RedisCluster):
-            raw = await self._call(lambda: self._finished(keys=keys, args=[fp for _key, fp in tasks]))
-            return [None if value == 0 else _published_by(value) for value in raw]
+            args = [" ".join(fp for _key, fp, _at in tasks), " ".join(at or "-" for _key, _fp, at in tasks)]
+            return [flag == 1 for flag in await self._call(lambda: self._finished(keys=keys, args=args))]
 
         async def read() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -423,10 +425,10 @@ class Ledger:
                     pipe.hmget(key, "state", "fingerprint", "published")
                 return await pipe.execute()
 
-        out: list[str | None] = []
-        for (_key, fp), (state, print_, published) in zip(tasks, await self._call(read), strict=True):
-            done = _s(state) in ("succeeded", "dead") and _s(print_) == fp
-            out.append(_published_by(published) if done else None)
+        out: list[bool] = []
+        for (_key, fp, at), (state, print_, published) in zip(tasks, await self._call(read), strict=True):
+            by = _published_by(published)
+            out.append(_s(state) in ("succeeded", "dead") and _s(print_) == fp and by is not None and by != at)
         return out
 
     async def revive(self, task_key: str) -> bool:

@@ -184,7 +184,8 @@ def _parse(value: bytes) -> Any:
     lone surrogate escape, but orjson reads an integer beyond 64 bits as a float and nests deeper
     than the standard library. A value that may hold either (a run of 19 digits, many brackets),
     or that orjson refuses, is read by :func:`loads`, which also words what is wrong."""
-    if value.count(b"{") + value.count(b"[") <= _FAST_BRACKETS and not _LONG_DIGITS.search(value):
+    if value.count(b"{") + value.count(b"[") <= _FAST_BRACKETS and (
+            len(value) - len(value.translate(None, _DIGITS)) < 19 or not _LONG_DIGITS.search(value)):
         try:
             return orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -193,7 +194,8 @@ def _parse(value: bytes) -> Any:
 
 
 _FAST_BRACKETS = 200
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")  # searched only when the value holds 19 digits at all
+_DIGITS = b"0123456789"
 
 
 def _decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> Task:

@@ -71,7 +71,7 @@ class ReplayScreen:
 
     async def __call__(self, records: Sequence[Record]) -> Sequence[bool]:
         at: list[int] = []
-        tasks: list[tuple[str, str]] = []
+        tasks: list[tuple[str, str, str]] = []
         for i, record in enumerate(records):
             try:
                 task = decode_task(record.value, record.headers, self.max_bytes)
@@ -79,15 +79,15 @@ class ReplayScreen:
                 continue  # the handler dead-letters it, with its reason
             record.memo = task
             at.append(i)
-            tasks.append((task.key, task.fingerprint))
+            # inside a transaction, the record that published the outcome is read again only
+            # because that transaction did not commit: it must stage the outcome anew
+            tasks.append((task.key, task.fingerprint, record.coordinates if self.transactional else ""))
         done = [False] * len(records)
         if not tasks:
             return done
         finished = 0
-        for i, published_by in zip(at, await self.ledger.finished(tasks), strict=True):
-            # inside a transaction, the record that published the outcome may be read again only
-            # because that transaction did not commit: it must stage the outcome anew
-            if published_by is not None and not (self.transactional and published_by == records[i].coordinates):
+        for i, flag in zip(at, await self.ledger.finished(tasks), strict=True):
+            if flag:
                 done[i] = True
                 finished += 1
         if finished:

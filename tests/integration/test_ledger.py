@@ -135,15 +135,16 @@ def test_finished_names_only_done_published_tasks_of_the_same_input(any_redis_ur
         assert await ledger.fail("dead", 1, "no", dead_reason="permanent")
         assert await ledger.mark_published("dead", "dead", "t[1]@4")
         await complete(ledger, "unpublished", 1)
-        asked = [("done", FP), ("dead", FP), ("unpublished", FP), ("running", FP), ("never", FP),
-                 ("done", "sha256:other")]
-        assert await ledger.finished(asked) == ["t[0]@3", "t[1]@4", None, None, None, None]
-        many = [(f"m-{i}", FP) for i in range(300)]  # a whole fetched batch at once
-        for key, _fp in many[::3]:
+        asked = [("done", FP, ""), ("dead", FP, "t[0]@3"), ("unpublished", FP, ""), ("running", FP, ""),
+                 ("never", FP, ""), ("done", "sha256:other", ""), ("done", FP, "t[0]@3")]
+        # the last: published by the very record asking (read again after its transaction aborted)
+        assert await ledger.finished(asked) == [True, True, False, False, False, False, False]
+        many = [(f"m-{i}", FP, f"t[2]@{i}") for i in range(300)]  # a whole fetched batch at once
+        for key, _fp, _at in many[::3]:
             await ledger.claim(key, FP, "w1", "classify")
             await complete(ledger, key, 1)
-            await ledger.mark_published(key, "succeeded", key)
-        assert await ledger.finished(many) == [key if i % 3 == 0 else None for i, (key, _fp) in enumerate(many)]
+            await ledger.mark_published(key, "succeeded", "t[2]@0")
+        assert await ledger.finished(many) == [i % 3 == 0 and i > 0 for i in range(300)]
         assert await ledger.finished([]) == []
 
     with_ledger(any_redis_url, body)

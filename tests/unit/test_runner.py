@@ -466,3 +466,29 @@ def test_a_screen_that_fails_hangs_or_is_not_wanted_leaves_every_record_to_the_h
         await close(runner)
 
     run(test)
+
+
+def test_a_batch_whose_partition_is_revoked_and_assigned_again_while_screened_is_dropped() -> None:
+    async def test() -> None:
+        handled: list[int] = []
+
+        async def handler(r: Record) -> None:
+            handled.append(r.offset)
+
+        class Rebalancing(ValueScreen):
+            async def __call__(self, records: Any) -> list[bool]:
+                await runner._revoked([TopicPartition(TOPIC, 0)])
+                await runner._assigned([TopicPartition(TOPIC, 0)])  # a new state: fetching starts over
+                return [False for _ in records]
+
+        runner, _fake = await make_runner(handler, [0], screen=Rebalancing())
+        msgs = [FakeMsg(0, 7, b"a"), FakeMsg(0, 8, b"b")]
+        records = runner._records(msgs)
+        owners = dict(runner._partitions)
+        runner._dispatch_records(records, await runner._screened(records), owners)
+        await asyncio.sleep(0.02)
+        assert handled == [] and runner.in_flight == 0
+        assert runner._partitions[(TOPIC, 0)].tracker.committable() is None  # the new owner starts at the committed offset
+        await close(runner)
+
+    run(test)
