@@ -23,22 +23,21 @@ from benchmarks.report import Figure
 from service.devtools import local
 
 BENCH = "latency_bound"
-POINTS = (  # (model latency s, in flight, share of the bound to reach)
-    (0.5, 200, 0.95),
-    (2.0, 2_000, 0.90),
+POINTS = (  # (model latency s, in flight, share of the bound to reach, rounds in a full run)
+    (0.5, 200, 0.95, 30),
+    (2.0, 2_000, 0.90, 10),
 )
 
 
 def run(env: Env, quick: bool) -> list[Figure]:
     figures: list[Figure] = []
-    for latency_s, in_flight, share in POINTS:
-        figures.extend(_point(env, quick, latency_s, in_flight, share))
+    for latency_s, in_flight, share, rounds in POINTS:
+        figures.extend(_point(env, 3 if quick else rounds, latency_s, in_flight, share))
     return figures
 
 
-def _point(env: Env, quick: bool, latency_s: float, in_flight: int, share: float) -> list[Figure]:
-    rounds = 3 if quick else 10  # tasks = rounds x the window: the window turns over this many times
-    n = rounds * in_flight
+def _point(env: Env, rounds: int, latency_s: float, in_flight: int, share: float) -> list[Figure]:
+    n = rounds * in_flight  # the window turns over this many times
     bound = in_flight / latency_s
     names = env.names(BENCH)
     fake = env.fake_model(latency_s)

@@ -75,7 +75,8 @@ NO_CEILING = 1_000_000
 # ``ramp`` has passed since then: answers in between count towards that doubling, not on top of it. Keeps
 # ``peak``, the most slots open at once over the last 5 s, which says whether the window is in use.
 # A refusal adds the process to KEYS[3]. Returns {slots granted, cwnd as a string, open slots, now
-# ms, 1 when another process was refused a slot in the last second, when the window was last cut}.
+# ms, 1 when another process was refused a slot in the last second, when the window was last cut,
+# ms until the slow start may ramp again when it had no room (-1: not in a ramp)}.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -88,14 +89,20 @@ end
 local open = redis.call('ZCARD', KEYS[2])
 local wanted = tonumber(ARGV[7])
 local ramp = tonumber(ARGV[8])
+local due = -1
 if open + wanted > math.floor(cwnd) and ramp > 0 then
   local h = redis.call('HMGET', KEYS[1], 'ssthresh', 'cut', 'grown', 'base')
   local ssthresh, cut, grown = tonumber(h[1]) or tonumber(ARGV[4]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
-  if cwnd < ssthresh and now - math.max(cut, grown) >= ramp then
-    -- at least double since the last ramp; answers counted meanwhile are part of it, not added on top
-    local base = math.max(math.min(tonumber(h[4]) or cwnd, cwnd) * 2, cwnd)
-    cwnd = math.min(base, ssthresh, tonumber(ARGV[4]))
-    redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'grown', now, 'base', cwnd)
+  if cwnd < ssthresh then
+    if now - math.max(cut, grown) >= ramp then
+      -- at least double since the last ramp; answers counted meanwhile are part of it, not added on top
+      local base = math.max(math.min(tonumber(h[4]) or cwnd, cwnd) * 2, cwnd)
+      cwnd = math.min(base, ssthresh, tonumber(ARGV[4]))
+      redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'grown', now, 'base', cwnd)
+      due = ramp
+    else
+      due = ramp - (now - math.max(cut, grown))
+    end
   end
 end
 local granted = math.max(0, math.min(wanted, math.floor(cwnd) - open))
@@ -119,7 +126,7 @@ local others = redis.call('ZCARD', KEYS[3])
 if redis.call('ZSCORE', KEYS[3], ARGV[6]) then others = others - 1 end
 local contended = 0
 if others > 0 then contended = 1 end
-return {granted, tostring(cwnd), open, now, contended, redis.call('HGET', KEYS[1], 'cut') or '0'}
+return {granted, tostring(cwnd), open, now, contended, redis.call('HGET', KEYS[1], 'cut') or '0', due}
 """
 
 # KEYS as above; ARGV: outcome (ok|cut|reset|none), when the call that brings it started (ms, Redis
@@ -242,6 +249,7 @@ class AdaptiveWindow:
         self._last_cut = 0  # Redis time of the last cut this process heard of
         self._closed = False
         self.size = float(initial)  # the window as this process last saw it
+        self._ramp_at: float | None = None  # (loop time) when a slow start without room may ramp again
         # the children every call updates, looked up once (labels() validates and locks on each call)
         self._size_gauge = metrics.llm_window.labels(endpoint=label)
         self._waits = metrics.llm_window_waits.labels(endpoint=label)
@@ -271,7 +279,9 @@ class AdaptiveWindow:
             return await self._poll(urgent=False)
 
     async def _poll(self, *, urgent: bool) -> Slot:
-        """Ask Redis when a slot of this process is freed, or after a short, growing pause."""
+        """Ask Redis when a slot of this process is freed, or after a short, growing pause (at most
+        200 ms); in slow start, also when the window may ramp again, so a full window doubles every
+        ``ramp_s``, not at the next poll after it."""
         pause = 0.005
         while True:
             while not urgent and self._urgent:
@@ -282,8 +292,11 @@ class AdaptiveWindow:
             if slot is not None:
                 return slot
             self._waits.inc()
+            wait = pause
+            if self._ramp_at is not None:
+                wait = min(wait, max(self._ramp_at - asyncio.get_running_loop().time(), 0.001))
             try:
-                await asyncio.wait_for(self._freed.wait(), pause)
+                await asyncio.wait_for(self._freed.wait(), wait)
             except TimeoutError:
                 pause = min(pause * 2, 0.2)
 
@@ -320,7 +333,7 @@ class AdaptiveWindow:
     async def _ask(self, batch: _Batch) -> None:
         prefix = uuid.uuid4().hex
         try:
-            granted, size, _open, now_ms, contended, cut = await self._acquire(keys=self.keys, args=[
+            granted, size, _open, now_ms, contended, cut, due = await self._acquire(keys=self.keys, args=[
                 prefix, self.lease_ms, self.initial, self.ceiling, self.idle_ms, self._me, batch.wanted,
                 self.ramp_ms])
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
@@ -328,6 +341,7 @@ class AdaptiveWindow:
             batch.done.set()
             return
         loop_now = self._heard(size, now_ms, contended, cut)
+        self._ramp_at = loop_now + int(due) / 1000 if int(due) >= 0 else None
         batch.slots = [Slot(f"{prefix}:{i}", int(now_ms), loop_now) for i in range(1, int(granted) + 1)]
         unclaimed = len(batch.slots) - batch.live  # their callers were cancelled meanwhile
         if unclaimed > 0:
