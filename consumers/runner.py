@@ -210,7 +210,8 @@ class Runner(Backpressure, Commits):
                 if room > 0:
                     msgs = await self._call(self._fetch, min(room, self.config.max_batch))
                     records = self._records(msgs)
-                    owners = dict(self._partitions)  # as fetched: a rebalance meanwhile drops the batch's records
+                    # as fetched: a rebalance while the batch is screened drops its records
+                    owners = dict(self._partitions) if self._screen is not None else None
                     self._dispatch_records(records, await self._screened(records), owners)
                 else:  # full, not yet paused: wait for room, keeping librdkafka's prefetched records
                     msgs = []

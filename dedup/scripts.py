@@ -162,8 +162,6 @@ end
 return 'ok'
 """
 
-# KEYS[1] task; ARGV state expected ('succeeded' or 'dead'), by (the publishing record's
-# coordinates, or '1') -> 1 marked, 0 not in that state
 # KEYS task hashes; ARGV[1] their fingerprints and ARGV[2] the coordinates of the records that
 # carry them ('-': any record), each list joined by spaces (neither holds one; one argument each
 # packs and sends in a fraction of the time of one per task) -> per task 1 when it is done
@@ -186,6 +184,8 @@ end
 return out
 """
 
+# KEYS[1] task; ARGV state expected ('succeeded' or 'dead'), by (the publishing record's
+# coordinates, or '1') -> 1 marked, 0 not in that state
 PUBLISHED = """
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then
   return 0
