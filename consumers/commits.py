@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 class Commits(RunnerCore):
     """The runner's commits and lag; a part of :class:`~consumers.runner.Runner`."""
 
+    _lags: dict[TP, int | None]  # per partition, as last reported
+
     def _commit_now(self, consumer: Consumer, offsets: list[TopicPartition], why: str) -> list[TopicPartition]:
         """Commit synchronously; returns the offsets the broker accepted (the rest are retried later)."""
         if not offsets:
@@ -145,3 +147,5 @@ class Commits(RunnerCore):
 
         for (topic, partition), lag in await self._call(read):
             self.metrics.lag(topic, partition, lag)
+            if (topic, partition) in self._partitions:
+                self._lags[(topic, partition)] = lag

@@ -54,6 +54,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from consumers.backpressure import Backpressure
 from consumers.commits import Commits
 from consumers.partitions import TP, Handler, PartitionState, RunnerConfig, RunnerMetrics, Screen, fmt
+from consumers.progress import Progress
 from consumers.records import Record
 from consumers.transactions import Staged, TransactionalProducer, staging
 
@@ -72,6 +73,7 @@ class Runner(Backpressure, Commits):
         gate: Callable[[], bool] | None = None,
         transactions: TransactionalProducer | None = None,
         screen: Screen | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self._conf = dict(consumer_config)
         self._screen = screen
@@ -97,6 +99,10 @@ class Runner(Backpressure, Commits):
         self._record_s = 0.0
         self.started = asyncio.Event()
         self.last_error: str | None = None
+        self._lags: dict[TP, int | None] = {}  # per partition, as last reported
+        # told of every finished record; asked whether the runner makes progress, and why not
+        self.progress = progress or Progress()
+        self.progress.causes.append(self._holding)
 
     # ------------------------------------------------------------------ public state
 
@@ -131,6 +137,22 @@ class Runner(Backpressure, Commits):
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def pending(self) -> bool:
+        """Work waits: records taken and not finished, or a paused partition with lag."""
+        return self._held > 0 or any(
+            p.paused and (self._lags.get(tp) or 0) > 0 for tp, p in self._partitions.items())
+
+    def _holding(self) -> str | None:
+        """The runner's own answer to what holds pending work (asked after the processor's)."""
+        if self._gate_closed:
+            return "paused"
+        if self._retrying:
+            return "retrying"
+        if self._partitions and all(p.paused for p in self._partitions.values()):
+            return "paused"
+        return None
 
     # ------------------------------------------------------------------ consumer thread
 
@@ -178,6 +200,7 @@ class Runner(Backpressure, Commits):
                 staged.extend(part.take_staged(offset).values())
             part.staged.clear()  # above the mark: the next owner handles those records again
             self.metrics.lag(tp.topic, tp.partition, None)
+            self._lags.pop(key, None)
         # Queued records of revoked partitions are not started: the new owner reads them again.
         # The head of each queue is running (or retrying: it stops at its next attempt).
         for k in [k for k in self._keys if k[0] not in self._partitions]:
@@ -223,6 +246,7 @@ class Runner(Backpressure, Commits):
                 if now >= next_lag:
                     await self._report_lag()
                     next_lag = now + self.config.lag_interval_s
+                self.progress.observe(self.pending)
                 if not msgs:
                     await asyncio.sleep(0)
         finally:
@@ -298,6 +322,7 @@ class Runner(Backpressure, Commits):
             if done is not None and done[i]:
                 # its outcome is durable: nothing to wait for, whatever runs before it on its key
                 part.tracker.finish(record.offset)
+                self.progress.finished()
                 continue
             part.held += 1
             self._held += 1
@@ -370,6 +395,7 @@ class Runner(Backpressure, Commits):
                     if staged:
                         part.staged[record.offset] = staged
                     part.tracker.finish(record.offset)
+                    self.progress.finished()
                     if not retrying:
                         self._took(monotonic() - started)
                 if retrying:

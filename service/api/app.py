@@ -98,9 +98,12 @@ class BrokerProbe:
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=Health, tags=["ops"])
-async def healthz() -> Health:
-    return Health()
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health}}, tags=["ops"])
+async def healthz(request: Request, service: ServiceDep) -> JSONResponse:
+    """503 once work has waited ``AGENT_LIVENESS__RESTART_S`` without a record finishing."""
+    if request.app.state.consumer_checks is None and not service.runner.progress.alive:
+        return JSONResponse(Health(status="stalled").model_dump(), status_code=503)
+    return JSONResponse(Health().model_dump())
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["ops"])
@@ -121,12 +124,21 @@ async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
         "redis": redis_ok,
         "kafka": await probe.ok(),
     }
+    stalled: str | None = None
+    stalled_s = 0.0
+    if consumer_checks is None:
+        progress = service.runner.progress
+        stalled_s = round(progress.stalled_s(), 1)
+        checks["progress"] = not progress.stalled
+        if not checks["progress"]:
+            stalled = progress.holding()
     ready = all(checks.values())
     processor = service.processor
     guards = [e.guard for e in (processor.primary, *processor.fallbacks) if e.guard is not None]
     degraded = {guard.label: guard.degraded for guard in guards if guard.degraded}
     status: Literal["ok", "degraded", "unready"] = "unready" if not ready else "degraded" if degraded else "ok"
-    body = Readiness(ready=ready, status=status, checks=checks, degraded=degraded)
+    body = Readiness(ready=ready, status=status, checks=checks, degraded=degraded, stalled=stalled,
+                     stalled_s=stalled_s)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
@@ -262,6 +274,27 @@ def _version() -> str:
         return version("agent-service")
     except PackageNotFoundError:
         return "0.0.0"
+
+
+def create_starting_app(checks: Callable[[], dict[str, bool]]) -> FastAPI:
+    """The app of a process still waiting for its dependencies: ``/healthz`` answers 200,
+    ``/readyz`` 503 with a check per dependency (``started`` false), everything else 503."""
+    app = FastAPI(title="agent-service", version=_version())
+
+    @app.get("/healthz", response_model=Health, tags=["ops"])
+    async def starting_healthz() -> Health:
+        return Health()
+
+    @app.get("/readyz", response_model=Readiness, status_code=503, tags=["ops"])
+    async def starting_readyz() -> JSONResponse:
+        body = Readiness(ready=False, status="unready", checks=dict(checks()))
+        return JSONResponse(body.model_dump(), status_code=503)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+    async def starting(path: str) -> JSONResponse:
+        return JSONResponse({"detail": "starting: waiting for its dependencies"}, status_code=503)
+
+    return app
 
 
 def create_app(service: Served, *, registry: CollectorRegistry | None = None,

@@ -24,7 +24,10 @@ class ValidationErrorBody(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    """``stalled`` (503) once work has waited ``AGENT_LIVENESS__RESTART_S`` without a record finishing:
+    a restart is the way out."""
+
+    status: Literal["ok", "stalled"] = "ok"
 
 
 class Readiness(BaseModel):
@@ -40,6 +43,11 @@ class Readiness(BaseModel):
     status: Literal["ok", "degraded", "unready"] = "ok"
     checks: dict[str, bool]
     degraded: dict[str, str] = Field(default_factory=dict)
+    stalled: str | None = Field(None, description="while work is pending and no record finished for "
+                                "AGENT_LIVENESS__STALL_S (check `progress` false): the mechanism that holds it, "
+                                "e.g. `breaker open on host:port`, `window`, `retry-after`, `budget`, "
+                                "`redis outage`, `paused`")
+    stalled_s: float = Field(0.0, description="seconds since a record last finished while work is pending")
 
 
 class TaskAccepted(BaseModel):

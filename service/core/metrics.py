@@ -177,6 +177,10 @@ class Metrics:
             "agent_paused_partitions", "Assigned partitions paused for backpressure.", registry=r,
             multiprocess_mode="livesum",
         )
+        self.stalled_seconds = Gauge(
+            "agent_stalled_seconds", "Seconds since a record last finished while work is pending (records "
+            "in flight, or paused partitions with lag); 0 otherwise.", registry=r, multiprocess_mode="livemax",
+        )
         self.assigned_partitions = Gauge(
             "agent_assigned_partitions", "Partitions assigned to this worker.", registry=r,
             multiprocess_mode="livesum",

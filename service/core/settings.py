@@ -249,6 +249,18 @@ class HttpSettings(BaseModel):
     enabled: bool = True
 
 
+class LivenessSettings(BaseModel):
+    # with work pending (records in flight, or paused partitions with lag) and no record finished
+    # for stall_s seconds, /readyz answers 503 naming what holds the work; after restart_s, /healthz
+    # fails too so the platform restarts the process (0: never)
+    stall_s: float = Field(120.0, gt=0)
+    restart_s: float = Field(600.0, ge=0)
+    # how often the dependencies (Redis, the broker) are asked while consumption is paused by an
+    # outage, and at start; waits between asks at start back off (with jitter) up to retry_max_s
+    probe_interval_s: float = Field(5.0, gt=0)
+    retry_max_s: float = Field(5.0, gt=0)
+
+
 class LedgerSettings(BaseModel):
     lease_ms: int = Field(30_000, ge=100)
     busy_poll_s: float = Field(0.5, gt=0)
@@ -348,6 +360,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     http: HttpSettings = HttpSettings()
     ledger: LedgerSettings = LedgerSettings()
+    liveness: LivenessSettings = LivenessSettings()
     tools: ToolsSettings = ToolsSettings()
     tenancy: TenancySettings = TenancySettings()
     max_task_bytes: int = Field(262_144, ge=64)

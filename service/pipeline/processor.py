@@ -138,6 +138,30 @@ class TaskProcessor(Claims, Steps):
         return "fail_fast" in policies or (
             "fallback" in policies and any(f.accepting for f in self.fallbacks))
 
+    def holding(self) -> str | None:
+        """What holds records back now, by the name of its mechanism (never an error text): an
+        outage of Redis or the broker, a degraded endpoint, an open breaker, a half-open probe out."""
+        if self.outage is not None:
+            return "broker outage" if self.outage.startswith(ProduceFailed.__name__) else "redis outage"
+        for endpoint in (self.primary, *self.fallbacks):
+            guard = endpoint.guard
+            if guard is None:
+                continue
+            if guard.degraded:
+                return f"endpoint {guard.label} {guard.degraded}"
+            if guard.is_open:
+                return f"breaker open on {guard.label}"
+            if not guard.available:
+                return f"breaker probe out on {guard.label}"
+        return None
+
+    def outage_over(self) -> None:
+        """Redis and the broker answer again (asked by a probe, not by a record): consumption may
+        resume even when the records that met the outage lost their partitions in a rebalance."""
+        if self.outage is not None:
+            log.info("Redis and the broker answer again: consumption resumes (%s)", self.outage[:100])
+            self.outage = None
+
     async def _process_bounded(self, record: Record) -> None:
         """Whose fault is a failure, decided in one place.
 

@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.mmap_dict import MmapedDict
@@ -215,19 +214,25 @@ def serve_fleet(settings: Settings, workers: int, *, llm_base_url: str) -> None:
     """``agent-service run --workers N`` on configured servers: start and supervise the workers, serve
     the admin HTTP app for all of them, drain on SIGTERM/SIGINT."""
     from service.api.app import create_app
-    from service.runtime.wiring import build, ensure_topics, http_server, load_registry
+    from service.runtime.wiring import Front, build, load_registry, wait_for_dependencies
 
     agents = load_registry(settings)  # a broken agent refuses the start before any worker is spawned
-    ensure_topics(settings)
     supervisor = Supervisor(settings, workers)
 
     async def main() -> None:
+        # the port answers (unready) while Redis, the broker and the model are waited for; the
+        # topics are created then, unless AGENT_KAFKA__CREATE_TOPICS=false
+        started = await wait_for_dependencies(settings, llm_base_url, lambda startup: Front(settings, startup))
+        if started is None:
+            return
+        startup, front = started
         # the parent's own clients answer the admin API; its consumer is never started
         service = build(settings, llm_base_url=llm_base_url, agents=agents)
         try:
-            await service.preflight()  # a ledger that cannot keep its promise refuses the start here, once
+            await service.preflight_when_reachable(startup)  # a refusal ends the start here, once
         except BaseException:
             await service.aclose()
+            await front.stop()
             raise
         stop = asyncio.Event()
         seen = {"n": 0}
@@ -247,17 +252,11 @@ def serve_fleet(settings: Settings, workers: int, *, llm_base_url: str) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, handle, signum)
-        server: Any = None
-        http_task: asyncio.Task[None] | None = None
-        if settings.http.enabled:
-            import uvicorn
-
-            app = create_app(service, registry=supervisor.registry,
-                             consumer_checks=lambda: {"workers": supervisor.ready(),
-                                                      "consuming": not supervisor.stopping})
-            server = http_server(uvicorn.Config(app, host=settings.http.host, port=settings.http.port,
-                                                 log_level="warning", access_log=False, lifespan="off"))
-            http_task = asyncio.create_task(server.serve(), name="http")
+        front.app = create_app(service, registry=supervisor.registry,
+                               consumer_checks=lambda: {"workers": supervisor.ready(),
+                                                        "consuming": not supervisor.stopping})
+        startup.started()
+        http_task = front.task
         supervisor.start()
         log.info("serving with %d workers: input=%s group=%s http=%s:%d llm=%s metrics=%s", workers,
                  settings.kafka.input_topic, settings.kafka.group_id, settings.http.host, settings.http.port,
@@ -272,10 +271,7 @@ def serve_fleet(settings: Settings, workers: int, *, llm_base_url: str) -> None:
                     await asyncio.wait_for(stop.wait(), CHECK_S)
         finally:
             await supervisor.drain()
-            if server is not None:
-                server.should_exit = True
-            if http_task is not None:
-                await asyncio.gather(http_task, return_exceptions=True)
+            await front.stop()
             await service.aclose()
 
     try:

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from consumers.producers import (
     broker_message_max_bytes,
     topic_max_message_bytes,
 )
+from consumers.progress import Progress
 from consumers.runner import Runner
 from consumers.transactions import TransactionalOutputs, TransactionalProducer
 from dedup.client import RedisClient, close, connect
@@ -37,7 +39,7 @@ from dedup.ledger import Ledger
 from service.agents.declared import DeclaredAgent
 from service.agents.loading import AgentsNotLoaded, agents_from_settings, describe, summary
 from service.agents.registry import AgentRegistry
-from service.api.app import create_app
+from service.api.app import create_app, create_starting_app
 from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.core.tracing import Tracing
@@ -49,6 +51,7 @@ from service.llm.window import AdaptiveWindow
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
 from service.runtime.limits import limits, log_limits
+from service.runtime.liveness import Dependencies, Liveness, Startup
 from service.runtime.parked import ApprovalsConsumer, approval_applier, sweep_forever
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,36 @@ class _RunnerMetrics(RunnerMetrics):
                 self.m.consumer_lag.remove(*labels.values())
         else:
             self.m.consumer_lag.labels(**labels).set(lag)
+
+
+class Front:
+    """The process's one HTTP port, served from the start: the starting app (``/healthz`` 200,
+    ``/readyz`` 503 naming what is missing) while the process waits for its dependencies, then the
+    service's app, without closing the port in between."""
+
+    def __init__(self, settings: Settings, startup: Startup) -> None:
+        self.app: Any = create_starting_app(lambda: startup.checks)
+        self.server: Any = None
+        self.task: asyncio.Task[None] | None = None
+        if settings.http.enabled:
+            import uvicorn
+
+            config = uvicorn.Config(self, host=settings.http.host, port=settings.http.port, log_level="warning",
+                                    access_log=False, lifespan="off", interface="asgi3")
+            self.server = http_server(config)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    def start(self) -> None:
+        if self.server is not None:
+            self.task = asyncio.create_task(self.server.serve(), name="http")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
 
 
 def http_server(config: Any) -> Any:
@@ -120,15 +153,20 @@ def redis_client(settings: Settings, max_connections: int | None = None) -> Redi
     return connect(r.url.get_secret_value(), max_connections=max_connections, **kwargs)
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
-    """Create the missing topics. The dead-letter topic takes records a little larger than the input
-    topic's largest (``max.message.bytes`` of the input, or the broker's default, plus 64 KiB for
-    the ``dlq.*`` headers), so that an input record dead-letters whole wherever the producer allows."""
+def ensure_topics(settings: Settings, timeout_s: float = 15.0, *, create: bool | None = None) -> list[str]:
+    """Create the missing topics; returns those still missing (none, unless ``create`` is False).
+
+    ``create`` unset follows ``AGENT_KAFKA__CREATE_TOPICS``. The dead-letter topic takes records a
+    little larger than the input topic's largest (``max.message.bytes`` of the input, or the
+    broker's default, plus 64 KiB for the ``dlq.*`` headers), so that an input record dead-letters
+    whole wherever the producer allows."""
     k = settings.kafka
     admin = AdminClient(k.common_config())
     metadata = admin.list_topics(timeout=timeout_s)
     existing = set(metadata.topics)
     wanted = [k.input_topic, k.results_topic, k.dlq_topic, k.audit_topic, k.approvals_topic]
+    if not (k.create_topics if create is None else create):
+        return [t for t in wanted if t not in existing]
     configs: dict[str, dict[str, str]] = {}
     if k.dlq_topic not in existing:
         input_limit = topic_max_message_bytes(admin, k.input_topic, timeout_s) if k.input_topic in existing else None
@@ -137,9 +175,9 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
         configs[k.dlq_topic] = {"max.message.bytes": str(max(input_limit, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) + 65_536)}
     missing = [t for t in wanted if t not in existing]
     if not missing:
-        return
+        return []
 
-    def create(topics: list[str], with_config: bool) -> list[str]:
+    def create_all(topics: list[str], with_config: bool) -> list[str]:
         """Create ``topics``; those whose topic config the broker refused, returned."""
         new = [NewTopic(t, num_partitions=k.topic_partitions, replication_factor=k.topic_replication_factor,
                         config=configs.get(t, {}) if with_config else {}) for t in topics]
@@ -158,10 +196,11 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> None:
                 raise
         return refused
 
-    refused = create(missing, with_config=True)
+    refused = create_all(missing, with_config=True)
     if refused:
         log.warning("broker refused the topic config of %s: creating with its defaults", refused)
-        create(refused, with_config=False)
+        create_all(refused, with_config=False)
+    return []
 
 
 MIN_LEDGER_TTL_S = 7 * 24 * 3600
@@ -209,6 +248,7 @@ class Service:
     runner: Runner
     llm_base_url: str
     _closers: list[Any] = field(default_factory=list)
+    liveness: Liveness | None = None
 
     async def preflight(self) -> None:
         """Refuse to start on a ledger that cannot keep its promise; settle the ledger's retention.
@@ -247,15 +287,44 @@ class Service:
                     f"({self.agents.source(agent.kind)}: {agent.definition_digest}, recorded {recorded}): "
                     "give the changed kind a new version")
 
-    async def run(self, *, http: bool | None = None) -> None:
-        await self.preflight()
-        serve_http = self.settings.http.enabled if http is None else http
+    async def preflight_when_reachable(self, startup: Startup | None) -> None:
+        """The preflight; with ``startup``, a dependency that stopped answering since the wait is
+        waited for again (a refusal still ends the start)."""
+        from confluent_kafka import KafkaException
+        from redis.exceptions import RedisError
+
+        from dedup.ledger import LedgerUnavailable
+
+        while True:
+            try:
+                await self.preflight()
+                return
+            except (LedgerUnavailable, RedisError, KafkaException, ConnectionError) as exc:
+                if startup is None:
+                    raise
+                log.warning("a dependency stopped answering before the start (%s): waiting again", exc)
+                await startup.wait()
+
+    async def run(self, *, http: bool | None = None, front: Front | None = None,
+                  startup: Startup | None = None) -> None:
+        """Preflight, then consume and serve until stopped. ``front``: the HTTP port already served
+        (it switches to this service's app once the preflight passed); ``startup``: what waited for
+        the dependencies, asked again if one stops answering before the preflight is done."""
+        await self.preflight_when_reachable(startup)
+        serve_http = (self.settings.http.enabled if http is None else http) and front is None
         server = None
         tasks = [asyncio.create_task(self.runner.run(), name="consumer")]
+        watcher = asyncio.create_task(self.liveness.run(), name="liveness") if self.liveness is not None else None
+        if front is not None:
+            front.app = create_app(self)
+            if startup is not None:
+                startup.started()
+            if front.task is not None:
+                tasks.append(front.task)
         send = self.publisher.send
         sweeper = asyncio.create_task(sweep_forever(self.ledger, send, self.metrics, self.settings), name="sweeper")
         approvals = ApprovalsConsumer(self.settings, approval_applier(self.ledger, send, self.metrics, self.settings),
-                                      asyncio.get_running_loop())
+                                      asyncio.get_running_loop(), metrics=self.metrics)
         approvals.start()
         if serve_http:
             import uvicorn
@@ -274,10 +343,14 @@ class Service:
         finally:
             self.runner.stop()
             sweeper.cancel()
+            if watcher is not None:
+                watcher.cancel()
             await asyncio.to_thread(approvals.stop)
             if server is not None:
                 server.should_exit = True
-            await asyncio.gather(*tasks, sweeper, return_exceptions=True)
+            if front is not None and front.server is not None:
+                front.server.should_exit = True
+            await asyncio.gather(*tasks, sweeper, *([watcher] if watcher else []), return_exceptions=True)
             await self.aclose()
 
     async def aclose(self) -> None:
@@ -387,9 +460,13 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         gate=lambda: processor.accepting,
         transactions=transactions,
         screen=processor.screen(),
+        progress=Progress(stall_s=s.liveness.stall_s, restart_s=s.liveness.restart_s),
     )
+    dependencies = Dependencies(s, client)
+    liveness = Liveness(runner, processor, metrics,
+                        {"redis": dependencies.redis_answers, "kafka": dependencies.broker_answers}, s.liveness)
     return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
-                   llm_base_url, closers)
+                   llm_base_url, closers, liveness)
 
 
 def adaptive_window(settings: Settings, redis: RedisClient, base_url: str, metrics: Metrics, name: str,
@@ -463,17 +540,65 @@ def install_signal_handlers(service: Service) -> None:
         loop.add_signal_handler(signum, handle, signum)
 
 
+def model_urls(settings: Settings, llm_base_url: str) -> list[str]:
+    """The model endpoints a start waits for (any one answering will do)."""
+    return [llm_base_url, *(f.base_url for f in settings.llm.fallbacks)]
+
+
+async def wait_for_dependencies(settings: Settings, llm_base_url: str, front_of: Callable[[Startup], Front],
+                                ) -> tuple[Startup, Front] | None:
+    """Serve the HTTP port, then wait until Redis, the broker, the topics and a model endpoint
+    answer (see :class:`~service.runtime.liveness.Startup`). None when a signal came first: the
+    port is closed again and the process exits without having started."""
+    client = redis_client(settings, 2)
+    startup = Startup(settings, Dependencies(settings, client, model_urls(settings, llm_base_url)),
+                      lambda create: ensure_topics(settings, create=create))
+    front = front_of(startup)
+    front.start()
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signalled.set)
+    waiting = asyncio.create_task(startup.wait(), name="dependencies")
+    stop = asyncio.create_task(signalled.wait(), name="signal")
+    watched = [waiting, stop, *([front.task] if front.task is not None else [])]
+    try:
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, stop):
+            task.cancel()
+        await asyncio.gather(waiting, stop, return_exceptions=True)
+        await close(client)
+    if not waiting.cancelled() and waiting.exception() is None:
+        return startup, front
+    await front.stop()
+    if front.task is not None and front.task.done() and not front.task.cancelled():
+        front.task.result()  # the port could not be served
+    if not waiting.cancelled():
+        waiting.result()  # a configuration error found while waiting: raised
+    log.warning("signalled while waiting for the dependencies: exiting")
+    return None
+
+
 def serve(settings: Settings, *, llm_base_url: str) -> None:
     """``agent-service run`` on configured servers: load the agents (before any server is asked, so
-    an agent that cannot load says so at once), create the topics, then serve until signalled."""
+    an agent that cannot load says so at once), serve ``/healthz`` and ``/readyz`` while waiting for
+    Redis, the broker (creating the topics unless told not to) and the model endpoint, then serve
+    until signalled. Only a configuration the service refuses ends the start."""
     agents = load_registry(settings)
-    ensure_topics(settings)
 
     async def main() -> None:
+        started = await wait_for_dependencies(settings, llm_base_url, lambda startup: Front(settings, startup))
+        if started is None:
+            return
+        startup, front = started
         service = build(settings, llm_base_url=llm_base_url, agents=agents)
         install_signal_handlers(service)
         log.info("serving: input=%s group=%s http=%s:%d llm=%s", settings.kafka.input_topic,
                  settings.kafka.group_id, settings.http.host, settings.http.port, llm_base_url)
-        await service.run()
+        try:
+            await service.run(front=front, startup=startup)
+        finally:
+            await front.stop()
 
     asyncio.run(main())
