@@ -20,6 +20,7 @@ from pathlib import Path
 from benchmarks.env import REPO, Env, LiveCount, progress, task_records
 from benchmarks.report import Figure
 from service.core.settings import Settings
+from service.devtools import processes
 
 BENCH = "backlog_rss"
 PARTITIONS = 6
@@ -49,13 +50,8 @@ def spawn(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
 
 
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 45) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    """SIGTERM, SIGKILL after ``timeout_s``; reaped either way."""
+    processes.stop(proc, grace_s=timeout_s, group=True)
 
 
 def run(env: Env, quick: bool) -> list[Figure]:

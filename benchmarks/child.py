@@ -9,7 +9,6 @@ process and its children when it runs several workers.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from benchmarks.env import REPO, child_env, progress
 from service.core.settings import Settings
+from service.devtools import processes
 
 COUNTED = {
     "agent_messages_consumed_total": "consumed",
@@ -104,15 +104,9 @@ class ChildService:
         return self.proc.pid
 
     def stop(self, timeout_s: float = 60) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        """SIGTERM, SIGKILL (its process group) after ``timeout_s``; reaped either way."""
+        if self.proc is not None:
+            processes.stop(self.proc, grace_s=timeout_s, group=True)
 
     def counts(self) -> dict[str, float] | None:
         """The counters of :data:`COUNTED` from one scrape; None while /metrics does not answer."""

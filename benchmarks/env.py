@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from service.core.settings import Settings, to_env
-from service.devtools import kraft, local
+from service.devtools import kraft, local, processes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,12 @@ class FakeModel:
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        local.wait_for_port(port, 30, self.proc)
+        try:
+            local.wait_for_port(port, 30, self.proc)
+        except BaseException:
+            processes.kill(self.proc)
+            self._log.close()
+            raise
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -87,14 +92,10 @@ class FakeModel:
         self._request("POST", "/_latency", {"latency_s": latency_s})
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+        try:
+            processes.stop(self.proc, grace_s=10)
+        finally:
+            self._log.close()
 
 
 class Env:
@@ -302,7 +303,9 @@ class LiveCount:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        self._thread.join(60)  # one consume() of at most 0.2 s after the flag
+        if self._thread.is_alive():
+            raise RuntimeError(f"{self._thread.name} did not stop; its consumer is left open")
         self._consumer.close()
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from benchmarks.child import ChildService
 from benchmarks.env import Env, progress, task_records
-from service.devtools import local
+from service.devtools import local, processes
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^)]*?)(?::(?P<line>\d+))?\)$")
 
@@ -142,12 +142,15 @@ def main() -> int:
             spy = subprocess.Popen([pyspy, "record", "--pid", str(svc.pid), "--rate", str(args.rate),
                                     "--format", "raw", "--output", str(raw), "--gil"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            t0 = time.monotonic()
-            watch = svc.wait(lambda c: c[key] + c["dead_lettered"] >= n, total=n, progress_key=key,
-                             interval_s=0.05)
-            threads = thread_cpu(svc.pid)
-            spy.send_signal(2)
-            spy.wait(60)
+            try:
+                t0 = time.monotonic()
+                watch = svc.wait(lambda c: c[key] + c["dead_lettered"] >= n, total=n, progress_key=key,
+                                 interval_s=0.05)
+                threads = thread_cpu(svc.pid)
+                spy.send_signal(2)  # SIGINT: py-spy writes what it sampled and exits
+                spy.wait(60)
+            finally:
+                processes.kill(spy)  # reaped on every path (nothing to do after a clean exit)
         stats = fake.stats()
         progress(f"{n:,} tasks in {watch.processing_s:.2f}s from the first record "
                  f"({n / watch.processing_s:,.0f}/s), {time.monotonic() - t0:.1f}s sampled, "

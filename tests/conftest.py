@@ -28,6 +28,7 @@ import pytest
 
 from service.core.settings import EMBEDDED_BROKERS, Settings
 from service.devtools import kraft, local
+from tests import support
 from tests.support import Broker
 
 
@@ -37,6 +38,9 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     ``filterwarnings = error`` fails whichever test is running then. Collecting after every test makes
     the test that leaked it the one that fails."""
     yield
+    # every worker the test spawned (tests.support.spawn_worker) and left running, after a failure
+    # say, is stopped and waited for first: a Popen never waited for warns when it is collected
+    support.children.close(grace_s=5.0)
     gc.collect()
 
 BROKERS = ("kafka", *EMBEDDED_BROKERS)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import signal
 import subprocess
 import time
 import weakref
@@ -30,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from service.core.errors import EmbeddedError
+from service.devtools import processes
 from service.devtools.kafka_jars import (
     JVM_FLAGS,
     LOG4J2,
@@ -68,7 +68,8 @@ class KafkaNode(Server):
             return
         self.proc = spawn(self.argv, self.log_path)
         _LIVE.add(self.proc)
-        self.wait_ready(ready_timeout_s)
+        with self.reaped_on_error():
+            self.wait_ready(ready_timeout_s)
 
     def wait_ready(self, timeout_s: float = 60.0, brokers: int = 1) -> None:
         """Until this node answers a metadata request listing itself and at least ``brokers`` brokers."""
@@ -94,9 +95,7 @@ _LIVE: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
 @atexit.register
 def _kill_leftovers() -> None:
     for proc in list(_LIVE):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        processes.kill(proc)
 
 
 def _wait_for_metadata(node: KafkaNode, brokers: int, deadline: float) -> None:
@@ -314,20 +313,12 @@ class KafkaCluster:
             n.wait_ready(max(1.0, deadline - time.monotonic()), brokers=len(alive))
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM to every node at once (one by one, the last would wait for a lost quorum), then kill."""
-        for n in self.nodes:
-            if n.proc.poll() is None:
-                n.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for n in self.nodes:
-            try:
-                n.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                n.kill()
+        """SIGTERM to every node at once (one by one, the last would wait for a lost quorum), then
+        kill; every node is reaped."""
+        processes.stop_all([n.proc for n in self.nodes], grace_s=timeout_s)
 
     def kill(self) -> None:
-        for n in self.nodes:
-            n.kill()
+        processes.stop_all([n.proc for n in self.nodes], grace_s=0)
 
     def __enter__(self) -> KafkaCluster:
         return self

@@ -13,17 +13,18 @@ import importlib.util
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.core.errors import EmbeddedError
 from service.core.settings import EMBEDDED_BROKERS
+from service.devtools import processes
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +76,28 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        """SIGTERM, SIGKILL after ``timeout_s``; reaped either way."""
+        processes.stop(self.proc, grace_s=timeout_s)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        """SIGKILL and reap."""
+        processes.kill(self.proc)
 
     def restart(self, ready_timeout_s: float = 30.0) -> None:
         """Start the same command again (same port, same data directory)."""
         self.stop()
         self.proc = spawn(self.argv, self.log_path)
-        wait_for_port(self.port, ready_timeout_s, self.proc)
+        with self.reaped_on_error():
+            wait_for_port(self.port, ready_timeout_s, self.proc)
+
+    @contextlib.contextmanager
+    def reaped_on_error(self) -> Iterator[None]:
+        """Kill and reap the process when the block fails (it never became ready)."""
+        try:
+            yield
+        except BaseException:
+            processes.kill(self.proc)
+            raise
 
 
 def spawn(argv: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
@@ -123,9 +128,10 @@ def start_broker(kind: str, data_dir: Path, port: int | None = None) -> Server:
     argv = broker_argv(kind, port, data_dir)
     log_path = data_dir / f"{kind}.log"
     proc = spawn(argv, log_path)
-    wait_for_port(port, 30, proc)
     server = Server(kind, port, proc, data_dir, argv, log_path)
-    _wait_for_kafka(server)
+    with server.reaped_on_error():
+        wait_for_port(port, 30, proc)
+        _wait_for_kafka(server)
     return server
 
 
@@ -157,9 +163,10 @@ def start_redis(data_dir: Path, port: int | None = None, *extra: str) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = redis_argv(port, data_dir, *extra)
     log_path = data_dir / "redis.log"
-    proc = spawn(argv, log_path)
-    wait_for_port(port, 15, proc)
-    return Server("redis", port, proc, data_dir, argv, log_path)
+    server = Server("redis", port, spawn(argv, log_path), data_dir, argv, log_path)
+    with server.reaped_on_error():
+        wait_for_port(port, 15, server.proc)
+    return server
 
 
 @dataclass
@@ -174,8 +181,7 @@ class RedisCluster:
         return "redis+cluster://" + ",".join(n.address for n in self.nodes)
 
     def stop(self) -> None:
-        for n in self.nodes:
-            n.stop()
+        processes.stop_all([n.proc for n in self.nodes])
 
 
 def start_redis_cluster(data_dir: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000) -> RedisCluster:
@@ -198,8 +204,7 @@ def start_redis_cluster(data_dir: Path, masters: int = 3, replicas: int = 1, nod
             raise EmbeddedError(f"redis-cli --cluster create failed: {create.stdout[-1000:]}{create.stderr[-1000:]}")
         wait_for_cluster([n.port for n in nodes])
     except BaseException:
-        for n in nodes:
-            n.kill()
+        processes.stop_all([n.proc for n in nodes], grace_s=0)
         raise
     return RedisCluster(nodes)
 
@@ -250,9 +255,10 @@ def start_local_model(data_dir: Path, port: int | None = None, gguf: str | None 
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "smollm2",
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(LOCAL_MODEL_CONTEXT), "--verbose", "False"]
     log_path = data_dir / "llama.log"
-    proc = spawn(argv, log_path)
-    wait_for_port(port, 120, proc)
-    return Server("llm", port, proc, data_dir, argv, log_path)
+    server = Server("llm", port, spawn(argv, log_path), data_dir, argv, log_path)
+    with server.reaped_on_error():
+        wait_for_port(port, 120, server.proc)
+    return server
 
 
 class Embedded(contextlib.ExitStack):

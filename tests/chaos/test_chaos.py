@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -26,7 +25,7 @@ from dedup.ledger import Ledger
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import ensure_topics
-from tests.support import Broker, classify, produce, read_topic, spawn_worker, task_value
+from tests.support import Broker, classify, kill_worker, produce, read_topic, spawn_worker, stop_workers, task_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -73,8 +72,7 @@ def test_random_kills_and_model_faults_keep_every_invariant(
         while time.monotonic() < end:
             time.sleep(rng.uniform(1.5, 3.0))
             victim = rng.randrange(WORKERS)
-            os.killpg(workers[victim].pid, signal.SIGKILL)
-            workers[victim].wait(10)
+            kill_worker(workers[victim])  # SIGKILL its process group, and reap it
             kills += 1
             workers[victim] = spawn_worker(s, str(logs / f"w{victim}.log"))
             if not produced_rest:
@@ -83,14 +81,7 @@ def test_random_kills_and_model_faults_keep_every_invariant(
         fake_llm.clear_faults()
         states = asyncio.run(_wait_settled(s, list(tasks) + ["p-schema"], timeout_s=120))
     finally:
-        for w in workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(30)
-            except Exception:  # noqa: BLE001 - make sure nothing outlives the test
-                os.killpg(w.pid, signal.SIGKILL)
+        stop_workers(workers, grace_s=30)  # SIGTERM, SIGKILL after 30 s, and every one reaped
     report = _check(s, tasks, poison, states, fake_llm)
     report["kills"] = kills
     print("chaos:", json.dumps(report, sort_keys=True))

@@ -169,7 +169,7 @@ def test_workers_sigkilled_on_the_cluster_and_the_results_read_committed(
     import random
 
     from service.runtime.wiring import ensure_topics
-    from tests.support import read_topic, spawn_worker
+    from tests.support import kill_worker, read_topic, spawn_worker, stop_workers
 
     s: Settings = make_cluster_settings(kafka={"topic_partitions": PARTITIONS, "transactional": transactional},
                                         ledger={"lease_ms": 2000}, commit_interval_s=1.0, max_in_flight=16)
@@ -189,22 +189,14 @@ def test_workers_sigkilled_on_the_cluster_and_the_results_read_committed(
                                                              s.kafka.input_topic, PARTITIONS).values()))
             time.sleep(rng.uniform(2.0, 4.0))
             victim = rng.randrange(WORKERS)
-            os.killpg(workers[victim].pid, signal.SIGKILL)
-            workers[victim].wait(10)
+            kill_worker(workers[victim])  # SIGKILL its process group, and reap it
             kills += 1
             workers[victim] = spawn_worker(_worker_settings(s, victim), str(logs / f"w{victim}.log"))
         ends = _end_offsets(s.kafka.bootstrap_servers, s.kafka.input_topic)
         _wait(lambda: committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, PARTITIONS) == ends,
               240, "committed offsets at the end of every partition")
     finally:
-        for w in workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(30)
-            except Exception:  # noqa: BLE001 - make sure nothing outlives the test
-                os.killpg(w.pid, signal.SIGKILL)
+        stop_workers(workers, grace_s=30)  # SIGTERM, SIGKILL after 30 s, and every one reaped
     read = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=TASKS, timeout_s=120, idle_s=3)
     everything = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=TASKS, timeout_s=120, idle_s=3,
                             isolation="read_uncommitted")

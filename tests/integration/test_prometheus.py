@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from service.core.settings import Settings
+from service.devtools import processes
 from service.devtools.fakellm import FakeLLM
 from service.devtools.local import free_port
 from service.runtime.wiring import build, ensure_topics
@@ -71,13 +72,7 @@ class Prometheus:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        processes.stop(self.process, grace_s=10)  # SIGTERM, SIGKILL after 10 s; reaped either way
 
 
 @pytest.fixture
@@ -93,8 +88,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    processes.stop_all([server.process for server in started], grace_s=10)
 
 
 async def query(client: httpx.AsyncClient, expr: str) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from service.core.settings import Settings
 from service.devtools import local
 from service.devtools.fakellm import FakeLLM
 from service.runtime.wiring import ensure_topics
-from tests.support import classify, committed, produce, read_topic, spawn_worker
+from tests.support import classify, committed, kill_worker, produce, read_topic, spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -88,9 +88,7 @@ class Fleet:
     def kill(self) -> None:
         """SIGKILL the supervisor and every worker it ever had (they run in sessions of their own)."""
         pids = self.workers()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        kill_worker(self.proc)  # its process group, and reaped
         for pid in pids + sorted(self.seen):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

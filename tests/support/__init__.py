@@ -15,7 +15,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from service.core.settings import Settings, to_env
-from service.devtools import local
+from service.devtools import local, processes
 from service.runtime.wiring import Service, build, ensure_topics
 
 
@@ -201,18 +201,25 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return to_env(settings)
 
 
-def kill_worker(worker: Any) -> None:
-    """SIGKILL a worker from :func:`spawn_worker` (its whole process group) if it still runs."""
-    import os
-    import signal
+# Every worker a test spawns, so that each is waited for whatever path the test took: the fixture
+# ``_reap_children_after_each_test`` (tests/conftest.py) ends those a test left running.
+children = processes.Children(grace_s=30.0, group=True)
 
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
+
+def kill_worker(worker: Any) -> None:
+    """SIGKILL a worker from :func:`spawn_worker` (its whole process group) and reap it."""
+    children.kill(worker)
+
+
+def stop_workers(workers: list[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM every worker from :func:`spawn_worker` at once, give them ``grace_s`` to drain, SIGKILL
+    the rest; every one is reaped, even when one of them could not be."""
+    children.stop_all(workers, grace_s)
 
 
 def spawn_worker(settings: Settings, log_path: str, *extra: str) -> Any:
-    """``agent-service run`` in a child process of its own (its own process group)."""
+    """``agent-service run`` in a child process of its own (its own process group), tracked in
+    :data:`children` until :func:`kill_worker` or :func:`stop_workers` reaps it."""
     import os
     import subprocess
     import sys
@@ -220,5 +227,5 @@ def spawn_worker(settings: Settings, log_path: str, *extra: str) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     env.update(settings_env(settings))
     with open(log_path, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", "run", *extra], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return children.popen([sys.executable, "-m", "service.cli", "run", *extra], env=env, stdout=out,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -694,6 +694,8 @@ def test_dockerfile_healthcheck_probes_healthz(status: int, healthy: bool) -> No
     finally:
         server.shutdown()
         server.server_close()
+        thread.join(30)
+    assert not thread.is_alive()
     assert (proc.returncode == 0) is healthy, proc.stderr.decode()
 
 

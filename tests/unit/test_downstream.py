@@ -3,7 +3,6 @@ the control endpoints over real loopback HTTP."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from service.devtools import processes
 from service.devtools.downstream import DownstreamFault, FakeDownstream
 
 
@@ -333,5 +333,4 @@ def test_command_line_serves_until_sigterm() -> None:
                 assert http.get("/_config").json() == {"idempotent": False}
                 assert create(http, "cli-1").status_code == 201
         finally:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=10) == 0
+            assert processes.stop(process, grace_s=10) == 0  # SIGTERM; SIGKILLed (and reaped) after 10 s

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.devtools import processes
 from service.devtools.fakellm import REFUSAL, FakeLLM, FaultRule, SchemaError, random_instance
 
 # ----------------------------------------------------------------------------- a small checker
@@ -713,8 +714,7 @@ def test_command_line_serves_in_the_foreground() -> None:
                 assert http.post("/_latency", json={"latency_s": 0.01}).status_code == 200
                 assert choice(chat(http, CLASSIFY))["finish_reason"] == "stop"
         finally:
-            process.terminate()
-            assert process.wait(timeout=10) == 0
+            assert processes.stop(process, grace_s=10) == 0  # SIGTERM; SIGKILLed (and reaped) after 10 s
 
 
 # ----------------------------------------------------------------------------- the generator

@@ -14,6 +14,7 @@ import httpx
 import jsonschema
 import pytest
 
+from service.devtools import processes
 from service.devtools.fakellm import FakeLLM, FaultRule, ToolArguments
 
 TICKET: dict[str, Any] = {
@@ -517,5 +518,4 @@ def test_command_line_takes_the_tool_settings() -> None:
                 config = http.get("/_config").json()
                 assert (config["tool_rounds"], config["tool_calls_per_round"]) == (2, 3)
         finally:
-            process.terminate()
-            assert process.wait(timeout=10) == 0
+            assert processes.stop(process, grace_s=10) == 0  # SIGTERM; SIGKILLed (and reaped) after 10 s
