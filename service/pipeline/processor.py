@@ -102,7 +102,6 @@ class TaskProcessor(Claims, Steps):
         self.duplicates = DuplicateShare()
 
     async def __call__(self, record: Record) -> None:
-        started = monotonic()
         coordinates = (record.topic, record.partition, record.offset)
         with self.tracing.task_span(None, None, coordinates, header(record.headers, "traceparent")) as span:
             token = set_record_span(span)  # what record_span() does, without a generator per record
@@ -110,7 +109,10 @@ class TaskProcessor(Claims, Steps):
                 await self._process_bounded(record)
             finally:
                 reset_record_span(token)
-                self.metrics.task_duration.observe(monotonic() - started)
+        # Only once the outcome is durable, from the record's receipt by this process: a try that
+        # raised (Redis or the broker did not answer) is retried by the runner with the same record,
+        # so the whole wait counts once.
+        self.metrics.task_duration.observe(monotonic() - record.received_at)
 
     def screen(self) -> ReplayScreen | None:
         """The runner's replay screen for this processor, or None when every duplicate must reach
