@@ -317,7 +317,9 @@ class TenancySettings(BaseModel):
 
     A task names its tenant in the field or the header ``tenant`` (none: ``default``). Named tenants
     (``tenants``) get their weight, their budget and a metric label of their own; every other tenant
-    gets ``default_weight``, ``default_budget_tokens`` (each its own) and the label ``other``."""
+    gets ``default_weight``, ``default_budget_tokens`` (each its own) and the label ``other``. With
+    ``default_budget_tokens`` 0, a tenant with no budget of its own spends the ``default`` tenant's
+    (so no task escapes budgets when some are configured: :meth:`service.llm.tenancy.Tenancy.account`)."""
 
     # JSON: {"acme": {"weight": 3, "budget_tokens": 2000000}, "beta": {"weight": 1}}
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
@@ -354,6 +356,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
     )
+        budgeted = sorted(name for name, t in self.tenants.items() if t.budget_tokens)
+        default = self.tenants.get("default")
+        if budgeted and not self.default_budget_tokens and (default is None or default.budget_tokens is None):
+            # tasks of a tenant not named (and those naming none) spend the default tenant's budget
+            raise ValueError(f"tenancy: tenants {budgeted[:5]} have budgets and every other tenant would have none: "
+                             "set default_budget_tokens (a budget for each tenant not named), a budget for "
+                             "the tenant 'default' (shared by every tenant not named and by tasks naming "
+                             "none), or 'default' with budget_tokens 0 to leave them without")
 
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()

@@ -6,6 +6,11 @@
   tenant ids producers send.
 - **Shares** are the rate limiter's (:class:`~service.llm.guard.RateLimiter`): weighted fairness
   through Redis, only when the quota is contended.
+- **Whose budget** (:meth:`Tenancy.account`): a named tenant's own; else, with
+  ``default_budget_tokens``, one of that size for each tenant; else the ``default`` tenant's, shared
+  by every tenant without one of its own and by tasks naming none. So when budgets are configured
+  no task escapes them: settings with budgets for some named tenants and none for the others are
+  refused at start (``'default'`` with ``budget_tokens`` 0 says so explicitly).
 - **Budgets** (:class:`TenantBudgets`): a call reserves its estimated tokens in Redis before it is
   made, atomically, and the reservation is corrected with the usage the endpoint reports. Concurrent
   calls of any number of replicas never reserve more than the budget, so a tenant overshoots only by
@@ -43,12 +48,25 @@ class Tenancy:
         named = self.settings.tenants.get(tenant)
         return named.weight if named is not None else self.settings.default_weight
 
-    def budget(self, tenant: str) -> int:
-        """Tokens per period (0: no budget)."""
+    def account(self, tenant: str | None) -> tuple[str, int]:
+        """Whose budget the tenant's calls spend, and its tokens per period (0: no budget).
+
+        A named tenant's own budget; else ``default_budget_tokens``, each tenant its own; else the
+        ``default`` tenant's, shared (a task naming no tenant is the ``default`` tenant's)."""
+        tenant = tenant or DEFAULT
         named = self.settings.tenants.get(tenant)
         if named is not None and named.budget_tokens is not None:
-            return named.budget_tokens
-        return self.settings.default_budget_tokens
+            return tenant, named.budget_tokens
+        if self.settings.default_budget_tokens > 0:
+            return tenant, self.settings.default_budget_tokens
+        default = self.settings.tenants.get(DEFAULT)
+        if default is not None and default.budget_tokens:
+            return DEFAULT, default.budget_tokens
+        return tenant, 0
+
+    def budget(self, tenant: str | None) -> int:
+        """Tokens per period the tenant's calls may spend (0: no budget); see :meth:`account`."""
+        return self.account(tenant)[1]
 
     def label(self, tenant: str) -> str:
         """A bounded metric label: a named tenant, ``default``, or ``other``."""
@@ -101,22 +119,25 @@ class TenantBudgets:
         self._reserve = redis.register_script(scripts.BUDGET_RESERVE)
         self._settle = redis.register_script(scripts.BUDGET_SETTLE)
 
-    def applies(self, tenant: str) -> bool:
+    def applies(self, tenant: str | None) -> bool:
+        """Whether the tenant's calls reserve budget: its own, or the default tenant's (:meth:`Tenancy.account`)."""
         return self.tenancy.budget(tenant) > 0
 
-    async def reserve(self, tenant: str, tokens: int) -> Reservation | None:
-        """Reserve ``tokens`` of the tenant's budget (None: it has none); raises :class:`OverBudget`."""
-        budget = self.tenancy.budget(tenant)
+    async def reserve(self, tenant: str | None, tokens: int) -> Reservation | None:
+        """Reserve ``tokens`` of the budget the tenant spends (None: it has none); raises
+        :class:`OverBudget`. The reservation names whose budget it took (``default`` for a tenant
+        spending the default tenant's)."""
+        holder, budget = self.tenancy.account(tenant)
         if budget <= 0:
             return None
         try:
             granted, period, used, wait_ms = await self._reserve(
-                keys=[self.keys.tenant_budget(tenant)], args=[budget, self.period_ms, tokens])
+                keys=[self.keys.tenant_budget(holder)], args=[budget, self.period_ms, tokens])
         except RedisError as exc:
             raise LedgerUnavailable(f"tenant budget: {exc}") from exc
         if int(granted) == 1:
-            return Reservation(tenant, int(period), tokens)
-        raise OverBudget(tenant, budget, int(used), tokens, int(wait_ms) / 1000, never=int(granted) < 0)
+            return Reservation(holder, int(period), tokens)
+        raise OverBudget(holder, budget, int(used), tokens, int(wait_ms) / 1000, never=int(granted) < 0)
 
     async def settle(self, reservation: Reservation | None, actual: int) -> None:
         """Correct the reservation with the tokens the call used (0: it was never served)."""
@@ -129,10 +150,11 @@ class TenantBudgets:
             log.warning("tenant %s: budget not corrected by %d tokens: %s", reservation.tenant,
                         actual - reservation.tokens, exc)
 
-    async def used(self, tenant: str) -> int:
-        """Tokens reserved or spent in the current period (for tests and operators)."""
-        budget = self.tenancy.budget(tenant)
+    async def used(self, tenant: str | None) -> int:
+        """Tokens reserved or spent in the current period of the budget the tenant spends (for tests
+        and operators)."""
+        holder, budget = self.tenancy.account(tenant)
         if budget <= 0:
             return 0
-        _, _, used, _ = await self._reserve(keys=[self.keys.tenant_budget(tenant)], args=[budget, self.period_ms, 0])
+        _, _, used, _ = await self._reserve(keys=[self.keys.tenant_budget(holder)], args=[budget, self.period_ms, 0])
         return int(used)

@@ -130,7 +130,8 @@ def budgets(client: Any, prefix: str, **tenancy: Any) -> TenantBudgets:
 
 def test_a_budget_is_reserved_exactly_under_concurrency(any_redis_url: str) -> None:
     async def body(client: Any, prefix: str) -> None:
-        replicas = [budgets(client, prefix, tenants={"acme": {"budget_tokens": 1000}}) for _ in range(3)]
+        replicas = [budgets(client, prefix, tenants={"acme": {"budget_tokens": 1000}, "default": {"budget_tokens": 0}})
+                    for _ in range(3)]
 
         async def one(i: int) -> bool:
             try:
@@ -142,7 +143,27 @@ def test_a_budget_is_reserved_exactly_under_concurrency(any_redis_url: str) -> N
         granted = await asyncio.gather(*(one(i) for i in range(50)))
         assert sum(granted) == 10  # 10 x 100 = the budget, never 11
         assert await replicas[0].used("acme") == 1000
-        assert await replicas[0].reserve("other-tenant", 10**9) is None  # no budget: nothing reserved
+        # the default tenant is named with no budget: neither it nor a tenant not named reserves anything
+        assert await replicas[0].reserve("other-tenant", 10**9) is None
+
+    run(any_redis_url, body)
+
+
+def test_a_task_of_no_tenant_or_of_a_tenant_not_named_spends_the_default_budget(any_redis_url: str) -> None:
+    async def body(client: Any, prefix: str) -> None:
+        b = budgets(client, prefix, tenants={"acme": {"budget_tokens": 1000}, "default": {"budget_tokens": 300}})
+        assert b.applies("zeta") and b.applies("") and b.applies("default")
+        first = await b.reserve("zeta", 100)
+        assert first is not None and first.tenant == "default"
+        assert await b.reserve("", 100) is not None
+        assert await b.reserve("default", 100) is not None
+        assert await b.used("zeta") == await b.used("default") == 300
+        for tenant in ("zeta", "", "omega", "default"):  # every tenant without a budget of its own: spent
+            with pytest.raises(OverBudget):
+                await b.reserve(tenant, 1)
+        assert await b.reserve("acme", 1000) is not None  # a named tenant's own budget is apart
+        await b.settle(first, 40)
+        assert await b.used("omega") == 240
 
     run(any_redis_url, body)
 

@@ -77,7 +77,7 @@ def test_two_tenants_at_weights_3_to_1_get_3_to_1_of_a_contended_quota(make_sett
 def budget_settings(make_settings: Any, **tenancy: Any) -> Settings:
     s: Settings = make_settings(
         kafka={"topic_partitions": 6}, llm={"max_tokens": 32},
-        tenancy={"tenants": {"acme": {"budget_tokens": 2000}}, "prices": {"fake": {"prompt": 0.5, "completion": 2.0}},
+        tenancy={"tenants": {"acme": {"budget_tokens": 2000}, "default": {"budget_tokens": 0}}, "prices": {"fake": {"prompt": 0.5, "completion": 2.0}},
                  **tenancy},
         max_in_flight=40,
     )
@@ -123,7 +123,7 @@ def test_a_budget_is_enforced_exactly_under_concurrency_and_over_it_is_dead_lett
 
 def test_over_budget_with_the_wait_policy_waits_for_the_next_period(make_settings: Any, fake_llm: FakeLLM) -> None:
     s = budget_settings(make_settings, over_budget="wait", budget_period_s=3,
-                        tenants={"acme": {"budget_tokens": 600}})
+                        tenants={"acme": {"budget_tokens": 600}, "default": {"budget_tokens": 0}})
     n = 8
 
     async def scenario() -> None:

@@ -83,6 +83,7 @@ def test_field_and_header_that_disagree_or_repeat_are_refused() -> None:
 def test_tenancy_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENT_TENANCY__TENANTS", '{"Acme": {"weight": 3, "budget_tokens": 1000}, "beta": {}}')
     monkeypatch.setenv("AGENT_TENANCY__DEFAULT_WEIGHT", "0.5")
+    monkeypatch.setenv("AGENT_TENANCY__DEFAULT_BUDGET_TOKENS", "100")
     monkeypatch.setenv("AGENT_TENANCY__OVER_BUDGET", "dead_letter")
     monkeypatch.setenv("AGENT_TENANCY__PRICES", '{"gpt-4o-mini": {"prompt": 0.00015, "completion": 0.0006}}')
     s = Settings()
@@ -131,3 +132,35 @@ def test_labels_stay_bounded_and_unknown_tenants_get_the_defaults() -> None:
     assert set(t.labels()) == {"acme", "beta", "default", "other"}
     assert t.cost("gpt-x", 1000, 500) == 0.5 + 1.0  # per 1,000 prompt and completion tokens
     assert t.cost("unpriced", 1000, 500) is None and t.cost(None, 1, 1) is None
+
+
+def test_a_task_of_no_tenant_or_of_a_tenant_not_named_spends_the_default_tenants_budget() -> None:
+    from service.llm.tenancy import Tenancy
+
+    t = Tenancy(TenancySettings.model_validate({
+        "tenants": {"acme": {"budget_tokens": 500}, "default": {"budget_tokens": 200}, "free": {"budget_tokens": 0}},
+    }))
+    # (whose budget is spent, how large it is)
+    assert t.account("acme") == ("acme", 500)
+    assert t.account("default") == ("default", 200)
+    assert t.account("zeta") == ("default", 200)  # not named: the default tenant's budget, shared
+    assert t.account("") == ("default", 200)  # names none
+    assert t.account("free") == ("free", 0)  # named with budget 0: no budget, by the operator's choice
+    assert t.budget("zeta") == 200
+    # a budget for every tenant not named: each its own, as before
+    own = Tenancy(TenancySettings.model_validate({"tenants": {"acme": {"budget_tokens": 500}},
+                                                  "default_budget_tokens": 100}))
+    assert own.account("zeta") == ("zeta", 100) and own.account("") == ("default", 100)
+    # no budget anywhere: none for anyone
+    assert Tenancy(TenancySettings()).account("zeta") == ("zeta", 0)
+
+
+def test_budgets_for_some_tenants_and_none_for_the_others_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="default_budget_tokens"):
+        TenancySettings.model_validate({"tenants": {"acme": {"budget_tokens": 500}}})
+    # an explicit choice passes: the default tenant's budget, a budget for each, or none for default
+    for ok in ({"tenants": {"acme": {"budget_tokens": 500}, "default": {"budget_tokens": 100}}},
+               {"tenants": {"acme": {"budget_tokens": 500}}, "default_budget_tokens": 100},
+               {"tenants": {"acme": {"budget_tokens": 500}, "default": {"budget_tokens": 0}}},
+               {"tenants": {"acme": {"weight": 2}}}):
+        TenancySettings.model_validate(ok)
