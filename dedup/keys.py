@@ -74,6 +74,13 @@ class Keys:
         """List: the task's audit trail, one JSON entry per side effect or decision."""
         return self._tagged(task_key, "audit")
 
+    def dead_letter(self, topic: str, partition: int, offset: int) -> str:
+        """String: the ``dlq.id`` of the dead letter given to the record at these coordinates. Hash tag
+        ``{topic:partition}``; a topic name (Kafka's ``[a-zA-Z0-9._-]``) never holds a brace."""
+        if "{" in topic or "}" in topic:
+            raise ValueError(f"invalid topic {topic[:80]!r}")
+        return f"{self.prefix}:dlq:{{{topic}:{int(partition)}}}:{int(offset)}"
+
     def parked(self) -> str:
         """Sorted set: tasks waiting for a person, by deadline (ms)."""
         return f"{self.prefix}:parked"

@@ -6,7 +6,9 @@ pipeline (:mod:`dedup.batch`): holding a task costs a dictionary entry, not a ti
 The loop ends when nothing is held and starts again with the next hold.
 
 A renewal refused by the ledger (a newer fence holds the task) stops renewing that task; its
-fenced writes are refused anyway. A renewal that fails because Redis does not answer is tried
+fenced writes are refused anyway. A renewal that finds the task ended under its own fence (a
+renewal sent as the holder completed, failed or parked it) stops too, and is no lost lease: it is
+logged at DEBUG only, as is any outcome that arrives after the task was released. A renewal that fails because Redis does not answer is tried
 again at the next turn.
 """
 
@@ -71,14 +73,18 @@ class LeaseKeeper:
 
     async def _renew(self, due: list[_Lease]) -> None:
         outcomes = await asyncio.gather(
-            *(self._ledger.heartbeat(lease.task_key, lease.fence) for lease in due), return_exceptions=True
+            *(self._ledger.renew(lease.task_key, lease.fence) for lease in due), return_exceptions=True
         )
         now = monotonic()
+        held = {id(lease) for lease in self._held.values()}
         for lease, outcome in zip(due, outcomes, strict=True):
             lease.due = now + lease.interval_s
-            if outcome is True:
+            if outcome == "renewed":
                 self.renewals += 1
-            elif outcome is False:
+            elif outcome == "done" or (outcome == "lost" and id(lease) not in held):
+                lease.lost = True  # ended by its holder (or released meanwhile): nothing to renew
+                log.debug("task_id=%s: lease no longer needed (fence %d, %s)", lease.task_key, lease.fence, outcome)
+            elif outcome == "lost":
                 lease.lost = True
                 log.warning("task_id=%s: lease lost (fence %d)", lease.task_key, lease.fence)
             elif isinstance(outcome, LedgerUnavailable):

@@ -5,7 +5,10 @@ States: ``running(fence, lease_until, owner)`` -> ``succeeded(result, digest, fe
 ``failed(error)`` (reclaimable) -> ``dead(reason)``.
 
 A claim on a new task, or on a ``running`` task whose lease expired, or on a ``failed`` one, hands
-out a fence one higher than any before it. Every later write carries that fence and is refused
+out a fence one higher than any before it. A holder whose lease ran out while a model call of the
+task was under way died in it (or froze): that attempt is given back and the death is counted apart
+(``deaths``); the ``max_deaths``-th ends the task as ``dead(crashed)``. A task past its deadline
+while another worker holds it ends as ``dead(expired)`` under a higher fence (:meth:`Ledger.expire`). Every later write carries that fence and is refused
 when a newer claim exists: a stale worker can never overwrite a newer result, and the first
 completion wins. Redis errors are translated to :class:`LedgerUnavailable` here.
 
@@ -29,7 +32,8 @@ from dedup.client import RedisClient
 from dedup.effects import Effects
 from dedup.keys import Keys
 
-Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead", "parked"]
+Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead", "parked", "crashed"]
+Renewal = Literal["renewed", "done", "lost"]
 T = TypeVar("T")
 
 
@@ -126,6 +130,7 @@ class TaskRecord:
             "fence": self.fence,
             "attempts": self.attempts,
             "claims": int(f.get("claims", "0")),
+            "deaths": int(f.get("deaths", "0")),
             "fingerprint": self.fingerprint,
             "owner": f.get("owner"),
             "lease_until_ms": int(f["lease_until"]) if f.get("lease_until") else None,
@@ -187,8 +192,10 @@ class Ledger:
         wait_replicas: int = 0,
         wait_aof: bool = False,
         wait_timeout_ms: int = 1000,
+        max_deaths: int = 3,
     ) -> None:
         self.client = client
+        self.max_deaths = max_deaths  # deaths of holders with a call under way that end a task `crashed`
         self.wait_replicas = wait_replicas
         self.wait_aof = wait_aof
         self.wait_timeout_ms = wait_timeout_ms
@@ -203,6 +210,9 @@ class Ledger:
         self._fail = client.register_script(scripts.FAIL)
         self._published = client.register_script(scripts.PUBLISHED)
         self._refund = client.register_script(scripts.REFUND)
+        self._end = client.register_script(scripts.END)
+        self._expire = client.register_script(scripts.EXPIRE)
+        self._touch = client.register_script(scripts.TOUCH)
         self._revive = client.register_script(scripts.REVIVE)
         self._finished = client.register_script(scripts.FINISHED)
         self.batcher = ScriptBatcher(client)
@@ -249,7 +259,7 @@ class Ledger:
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
         raw = await self._script(
-            self._claim, self._both(task_key), [fingerprint, owner, self.lease_ms, kind, self.ttl_s]
+            self._claim, self._both(task_key), [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths]
         )
         return Claim(
             decision=_s(raw[0]),  # type: ignore[arg-type]
@@ -260,11 +270,22 @@ class Ledger:
         )
 
     async def heartbeat(self, task_key: str, fence: int) -> bool:
-        raw = await self._script(self._heartbeat, [self.keys.task(task_key)], [fence, self.lease_ms])
-        return int(raw) == 1
+        """Extend the lease; False when ``fence`` does not hold a running task (any more)."""
+        return await self.renew(task_key, fence) == "renewed"
+
+    async def renew(self, task_key: str, fence: int) -> Renewal:
+        """Extend the lease: ``renewed``; ``done`` when the task is no longer running under this very
+        fence (its holder completed, failed or parked it: nothing was lost); ``lost`` when a newer
+        fence holds it or it is gone."""
+        raw = int(await self._script(self._heartbeat, [self.keys.task(task_key)], [fence, self.lease_ms]))
+        return "renewed" if raw == 1 else "done" if raw == 2 else "lost"
 
     async def begin_attempt(self, task_key: str, fence: int, step: str, max_attempts: int) -> Attempt:
         """Count one model call against the task and step before making it.
+
+        The call stays open until its outcome is known (the step's next attempt, :meth:`end_attempt`,
+        :meth:`refund_attempt`, :meth:`record_step`, or the task's end): should the holder die before,
+        the claim that takes the task over gives the attempt back and counts a death instead.
 
         Raises :class:`StaleFence` when a newer claim holds the task, and :class:`AttemptsExhausted`
         when the step already used ``max_attempts`` (then nothing is counted).
@@ -280,9 +301,47 @@ class Ledger:
         return Attempt(step=step_attempts, total=total)
 
     async def refund_attempt(self, task_key: str, fence: int, step: str) -> bool:
-        """Give back the attempt counted for a call the endpoint failed for every task."""
+        """Give back the attempt counted for a call the endpoint failed for every task (once: a
+        second refund of the same call gives nothing back). False when the fence is stale."""
         raw = await self._script(self._refund, [self.keys.task(task_key)], [fence, step])
         return int(raw) == 1
+
+    async def end_attempt(self, task_key: str, fence: int, step: str) -> bool:
+        """The step's call failed by the task's own fault (its outcome is known): the attempt stays
+        spent even if the holder dies before the next one. False when the fence is stale."""
+        raw = await self._script(self._end, [self.keys.task(task_key)], [fence, step])
+        return int(raw) == 1
+
+    async def expire(self, task_key: str, fence: int, error: str) -> tuple[str, int]:
+        """End a task that another worker holds under ``fence`` as ``dead(expired)``, under a higher
+        fence so that the holder's later writes are refused. Returns ``("ok", new fence)``, or the
+        task's state and fence when it moved on (completed, released, claimed again): nothing changed."""
+        raw = await self._script(self._expire, [self.keys.task(task_key)], [fence, error[:2000]])
+        return _s(raw[0]), int(raw[1])
+
+    async def confirm_replicated(self, task_key: str, state: str = "succeeded") -> None:
+        """With ``wait_replicas`` (or ``wait_aof``), return only once the replicas hold the task's
+        outcome: a write and WAIT on one connection (replicas apply writes in order). Too few
+        acknowledgements raise :class:`LedgerUnavailable`. Without, it returns at once.
+
+        For an outcome stored by an earlier attempt whose own WAIT may have failed: its retry finds
+        the task done and must not publish before the replicas hold it."""
+        if not self.durable:
+            return
+        _raw, acked = await self._call(lambda: self._then_wait(self._touch, [self.keys.task(task_key)], [state]))
+        self._check_replicated(acked)
+
+    async def dead_lettered(self, topic: str, partition: int, offset: int) -> str | None:
+        """The ``dlq.id`` of the dead letter the record at these coordinates was given, once the broker
+        acknowledged it (:meth:`note_dead_letter`), or None."""
+        raw = await self._call(lambda: self.client.get(self.keys.dead_letter(topic, partition, offset)))
+        return _s(raw) if raw is not None else None
+
+    async def note_dead_letter(self, topic: str, partition: int, offset: int, dlq_id: str) -> None:
+        """Note that the record at these coordinates was dead-lettered (acknowledged by the broker):
+        the record read again (its offset not committed before a crash) sends no second one."""
+        key = self.keys.dead_letter(topic, partition, offset)
+        await self._call(lambda: self.client.set(key, dlq_id, ex=self.ttl_s))
 
     async def record_step(self, task_key: str, fence: int, name: str, record: dict[str, Any]) -> None:
         record_json = json.dumps(record, sort_keys=True, separators=(",", ":"))
@@ -361,7 +420,7 @@ class Ledger:
                         await self.batcher.refresh_slots()  # the WAIT went to a node that is no primary now
                     raise reply
             return raw, acked
-        raise LedgerUnavailable("redis forgot the COMPLETE script again right after loading it")
+        raise LedgerUnavailable("redis forgot the script again right after loading it")
 
     def _check_replicated(self, acked: Any) -> None:
         if self.wait_aof:

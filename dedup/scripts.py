@@ -6,7 +6,9 @@ given; a write with an older fence is refused (the script answers ``stale``).
 
 Task hash fields: state, fence, owner, lease_until (ms), fingerprint, kind, attempts, claims,
 result, result_digest, event, published, error, dead_reason, model, prompt_version, created_at,
-updated_at, completed_at.
+updated_at, completed_at; ``attempts:<step>`` (the step's model calls), ``open:<step>`` (a call of the
+step under way: counted, its outcome not known yet) and ``deaths`` (holders that stopped with a call
+under way: their lease ran out and another claim took the task over).
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS[1] task hash, KEYS[2] steps hash
-# ARGV fingerprint, owner, lease_ms, kind, ttl_s
+# ARGV fingerprint, owner, lease_ms, kind, ttl_s, max_deaths
 # -> {decision, fence, attempts, lease_remaining_ms, published} (published: '0', or who published)
+# A claim that takes over a running task whose lease ran out with calls under way (``open:<step>``)
+# from another owner gives those attempts back (the holder's death cut them short: not the task's
+# failure) and counts a death; the death that reaches max_deaths ends the task: dead(crashed),
+# decision 'crashed'. The same owner claiming again is alive (it retries the record after a failure
+# of its own code or an outage): its calls stay counted and no death is.
 CLAIM = NOW + """
 local fp = ARGV[1]
 local lease = tonumber(ARGV[3])
@@ -30,7 +37,7 @@ if not state then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
   return {'claimed', 1, 0, lease, '0'}
 end
-local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'fence', 'attempts', 'lease_until', 'published')
+local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'fence', 'attempts', 'lease_until', 'published', 'owner')
 local fence = tonumber(h[2])
 local attempts = tonumber(h[3]) or 0
 local published = h[5] or '0'
@@ -48,6 +55,32 @@ if state == 'running' and lease_until > now then
   return {'busy', fence, attempts, lease_until - now, published}
 end
 fence = fence + 1
+local open = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 5) == 'open:' then open[#open + 1] = f end
+end
+if #open > 0 then
+  redis.call('HDEL', KEYS[1], unpack(open))
+  if state == 'running' and h[6] ~= ARGV[2] then
+    for _, f in ipairs(open) do
+      local per_step = 'attempts:' .. string.sub(f, 6)
+      if (tonumber(redis.call('HGET', KEYS[1], per_step)) or 0) > 0 then
+        redis.call('HINCRBY', KEYS[1], per_step, -1)
+      end
+      if attempts > 0 then attempts = attempts - 1 end
+    end
+    redis.call('HSET', KEYS[1], 'attempts', attempts)
+    local deaths = redis.call('HINCRBY', KEYS[1], 'deaths', 1)
+    if deaths >= tonumber(ARGV[6]) then
+      redis.call('HSET', KEYS[1], 'state', 'dead', 'fence', fence, 'owner', ARGV[2], 'lease_until', 0,
+                 'dead_reason', 'crashed', 'published', 0, 'updated_at', now,
+                 'error', 'the workers holding the task stopped ' .. deaths .. ' times with a call of it under way')
+      redis.call('HINCRBY', KEYS[1], 'claims', 1)
+      redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+      return {'crashed', fence, attempts, 0, '0'}
+    end
+  end
+end
 redis.call('HSET', KEYS[1], 'state', 'running', 'fence', fence, 'owner', ARGV[2],
            'lease_until', now + lease, 'updated_at', now)
 redis.call('HINCRBY', KEYS[1], 'claims', 1)
@@ -55,10 +88,12 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {'claimed', fence, attempts, lease, published}
 """
 
-# KEYS[1] task; ARGV fence, lease_ms -> 1 extended, 0 lost
+# KEYS[1] task; ARGV fence, lease_ms -> 1 extended, 0 lost (a newer fence holds it, or it is gone),
+# 2 no longer running under this very fence (its holder completed, failed or parked it)
 HEARTBEAT = NOW + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
 if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  if h[1] and tonumber(h[2]) == tonumber(ARGV[1]) then return 2 end
   return 0
 end
 redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]), 'updated_at', now)
@@ -69,7 +104,9 @@ return 1
 # -> {step attempts after increment, task attempts}; {-1, n} when the fence is stale;
 #    {-2, n} when the step has used all of its attempts (nothing is counted then).
 # Counts one model call against the task and its step, durably, before it is made: a redelivery
-# or a restart does not reset the count.
+# or a restart does not reset the count. The call is open (``open:<step>``) until its outcome is
+# known: the step's next attempt, END, REFUND, STEP, or the task's end; a claim that takes the task
+# over from a holder whose lease ran out gives an open call back (see CLAIM).
 ATTEMPT = NOW + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'fence', 'attempts:' .. ARGV[3], 'attempts')
 if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
@@ -78,7 +115,8 @@ end
 if (tonumber(h[3]) or 0) >= tonumber(ARGV[4]) then
   return {-2, tonumber(h[4]) or 0}
 end
-redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]), 'updated_at', now)
+redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]), 'updated_at', now,
+           'open:' .. ARGV[3], 1)
 local total = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return {redis.call('HINCRBY', KEYS[1], 'attempts:' .. ARGV[3], 1), total}
 """
@@ -90,6 +128,9 @@ local h = redis.call('HMGET', KEYS[1], 'state', 'fence', 'attempts:' .. ARGV[2],
 if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
   return 0
 end
+if redis.call('HDEL', KEYS[1], 'open:' .. ARGV[2]) == 0 then
+  return 1  -- given back already (or never counted): never twice
+end
 if (tonumber(h[3]) or 0) > 0 then
   redis.call('HINCRBY', KEYS[1], 'attempts:' .. ARGV[2], -1)
 end
@@ -99,12 +140,51 @@ end
 return 1
 """
 
+# KEYS[1] task; ARGV fence, step name -> 1 | 0 (stale)
+# The outcome of the step's call is known (the task's own failure): the attempt stays spent, and a
+# death of the holder from here on gives nothing back.
+END = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
+if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HDEL', KEYS[1], 'open:' .. ARGV[2])
+return 1
+"""
+
+# KEYS[1] task; ARGV fence (the one seen holding the task), error
+# -> {'ok', new fence} | {state, fence} (nothing changed: the task moved on)
+# The task is past its deadline while another worker holds it: it ends dead(expired) under a fence
+# one higher, so that the holder's later writes (its result) are refused. A holder that completed
+# first keeps its result.
+EXPIRE = NOW + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
+if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
+  return {h[1] or '', tonumber(h[2]) or 0}
+end
+local fence = tonumber(h[2]) + 1
+redis.call('HSET', KEYS[1], 'state', 'dead', 'fence', fence, 'error', ARGV[2], 'dead_reason', 'expired',
+           'lease_until', 0, 'published', 0, 'updated_at', now)
+return {'ok', fence}
+"""
+
+# KEYS[1] task; ARGV state -> 1 | 0 (not in that state). A write for WAIT to follow on the same
+# connection: replicas apply writes in order, so once they hold this one they hold the outcome too.
+TOUCH = NOW + """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'updated_at', now)
+return 1
+"""
+
 # KEYS[1] task, KEYS[2] steps; ARGV fence, step name, step record (JSON) -> 'ok' | 'stale'
 STEP = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
 if h[1] ~= 'running' or tonumber(h[2]) ~= tonumber(ARGV[1]) then
   return 'stale'
 end
+redis.call('HDEL', KEYS[1], 'open:' .. ARGV[2])  -- the step's call answered: nothing to give back
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
 return 'ok'
@@ -195,7 +275,7 @@ return 1
 """
 
 # KEYS[1] task, KEYS[2] tools; -> 1 revived, 0 not dead. A dead task becomes claimable again, each
-# step with a fresh attempt budget (the task's total count stays), after an operator redrives its
+# step with a fresh attempt budget and no deaths counted (the task's total count stays), after an operator redrives its
 # dead letter. A rejected or expired approval is dropped with it: the redriven call asks again.
 REVIVE = NOW + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then
@@ -208,9 +288,9 @@ for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
   end
 end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'lease_until', 0, 'updated_at', now)
-redis.call('HDEL', KEYS[1], 'dead_reason')
+redis.call('HDEL', KEYS[1], 'dead_reason', 'deaths')
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(f, 1, 9) == 'attempts:' then
+  if string.sub(f, 1, 9) == 'attempts:' or string.sub(f, 1, 5) == 'open:' then
     redis.call('HDEL', KEYS[1], f)
   end
 end

@@ -349,13 +349,6 @@ class TenancySettings(BaseModel):
         for model in self.prices:
             if not model or len(model) > 200:
                 raise ValueError("tenancy.prices: a model name is 1-200 characters")
-        return self
-
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
-    )
         budgeted = sorted(name for name, t in self.tenants.items() if t.budget_tokens)
         default = self.tenants.get("default")
         if budgeted and not self.default_budget_tokens and (default is None or default.budget_tokens is None):
@@ -364,6 +357,13 @@ class Settings(BaseSettings):
                              "set default_budget_tokens (a budget for each tenant not named), a budget for "
                              "the tenant 'default' (shared by every tenant not named and by tasks naming "
                              "none), or 'default' with budget_tokens 0 to leave them without")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
+    )
 
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
