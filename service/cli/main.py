@@ -1,8 +1,9 @@
 """The ``agent-service`` command: run the service, produce tasks, inspect the ledger and dead letters.
 
 Settings come from ``AGENT_*`` environment variables and are read here, once; logging is
-configured here too. An unreachable Redis or broker ends the command with one line on stderr and
-exit code 2.
+configured here too. An unreachable Redis or broker ends a command with one line on stderr and
+exit code 2, except ``run``: it waits for them, unready (see :mod:`service.runtime.liveness`), and
+exits 2 only for a configuration it refuses.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict", "parked")
 DLQ_REASONS = (
     "decode", "schema", "oversize", "conflict", "expired", "permanent", "exhausted", "invalid_output",
-    "internal", "rejected", "unavailable", "budget",
+    "internal", "rejected", "unavailable", "budget", "crashed",
 )
 LLM_OUTCOMES = (
     "ok", "timeout", "rate_limited", "server_error", "client_error", "connection_error",

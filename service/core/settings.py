@@ -275,6 +275,9 @@ class LedgerSettings(BaseModel):
     wait_replicas: int = Field(0, ge=0)
     wait_aof: bool = False
     wait_timeout_ms: int = Field(1000, ge=1)
+    # A worker that dies (its lease runs out) with a model call of a task under way gives that
+    # attempt back; its death is counted apart, and this many deaths end the task `crashed`.
+    max_deaths: int = Field(3, ge=1)
 
 
 class ToolsSettings(BaseModel):

@@ -8,9 +8,12 @@ replicas. The parent (the supervisor):
 - serves the admin HTTP app on the one port, so it stays reachable while a worker restarts:
   ``/metrics`` adds up every worker (prometheus-client's multiprocess mode, in a fresh temporary
   ``PROMETHEUS_MULTIPROC_DIR`` per run, removed at the end), ``/readyz`` is ready when every worker
-  runs with partitions assigned and Redis and the broker answer, and the task and dead-letter API
-  answers from the parent's own clients;
-- restarts a worker that exits, after a backoff that doubles while it keeps dying young (from
+  runs with partitions assigned, none has stalled (``agent_stalled_seconds`` under
+  ``AGENT_LIVENESS__STALL_S``) and Redis and the broker answer, and the task and dead-letter API
+  answers from the parent's own clients; the port answers (unready) from the start, while the
+  supervisor waits for Redis, the broker and the model before it starts any worker;
+- stops (SIGTERM) a worker stalled for ``AGENT_LIVENESS__RESTART_S``, and, like any worker that
+  exits, restarts it after a backoff that doubles while it keeps dying young (from
   :data:`BACKOFF_MIN_S` to :data:`BACKOFF_MAX_S`) so a crash loop does not spin; the dead worker's
   live gauges are dropped (``mark_process_dead``), its counters stay in the sums;
 - on SIGTERM or SIGINT drains them all: SIGTERM to each worker, which stops taking records, finishes
@@ -65,6 +68,7 @@ class Worker:
     backoff_s: float = BACKOFF_MIN_S
     restart_at: float | None = None  # when a dead worker is started again
     restarts: int = 0
+    stall_stopped: bool = False  # sent SIGTERM for a stall past AGENT_LIVENESS__RESTART_S
 
     @property
     def alive(self) -> bool:
@@ -85,14 +89,24 @@ def bind_to_supervisor() -> None:
                 ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def worker_partitions(directory: str, pid: int) -> float | None:
-    """The partitions worker ``pid`` has assigned, read from its live gauges; None before it wrote any."""
-    for path in glob.glob(os.path.join(directory, f"gauge_livesum_{pid}.db")):
+def worker_gauge(directory: str, pid: int, name: str, mode: str = "livesum") -> float | None:
+    """Gauge ``name`` (multiprocess ``mode``) of worker ``pid``, read from its files; None before it wrote it."""
+    for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{pid}.db")):
         with contextlib.suppress(OSError, ValueError):
             for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
-                if json.loads(key)[1] == "agent_assigned_partitions":
+                if json.loads(key)[1] == name:
                     return float(value)
     return None
+
+
+def worker_partitions(directory: str, pid: int) -> float | None:
+    """The partitions worker ``pid`` has assigned, read from its live gauges; None before it wrote any."""
+    return worker_gauge(directory, pid, "agent_assigned_partitions")
+
+
+def worker_stalled_s(directory: str, pid: int) -> float:
+    """How long worker ``pid`` has finished no record with work pending (``agent_stalled_seconds``)."""
+    return worker_gauge(directory, pid, "agent_stalled_seconds", "livemax") or 0.0
 
 
 class Supervisor:
@@ -132,6 +146,7 @@ class Supervisor:
                                        start_new_session=True)
         worker.started = time.monotonic()
         worker.restart_at = None
+        worker.stall_stopped = False
         log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
 
     def _reap(self, worker: Worker, now: float) -> None:
@@ -150,11 +165,21 @@ class Supervisor:
                   worker.index, proc.pid, proc.returncode, ran_s, worker.backoff_s)
 
     def check(self) -> None:
-        """Reap the workers that exited and restart those whose backoff is over."""
+        """Reap the workers that exited and restart those whose backoff is over; stop (to restart it)
+        a worker that has finished nothing with work pending for ``AGENT_LIVENESS__RESTART_S``, as the
+        platform does with a replica whose ``/healthz`` fails."""
         now = time.monotonic()
+        restart_s = self.settings.liveness.restart_s
         for worker in self.workers:
             if worker.proc is not None and worker.proc.poll() is not None:
                 self._reap(worker, now)
+            elif (restart_s and worker.proc is not None and not worker.stall_stopped and not self.stopping
+                  and worker_stalled_s(self.directory, worker.proc.pid) >= restart_s):
+                log.error("worker %d (pid %d) has finished no record for %.0f s with work pending: restarting it",
+                          worker.index, worker.proc.pid, worker_stalled_s(self.directory, worker.proc.pid))
+                worker.stall_stopped = True
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signal.SIGTERM)
             if not self.stopping and worker.proc is None and worker.restart_at is not None and now >= worker.restart_at:
                 worker.restarts += 1
                 self.restarts.inc()
@@ -172,6 +197,10 @@ class Supervisor:
         if self.stopping or not all(w.alive for w in self.workers):
             return False
         return all((worker_partitions(self.directory, pid) or 0) > 0 for pid in self.pids)
+
+    def progressing(self) -> bool:
+        """No worker has gone ``AGENT_LIVENESS__STALL_S`` without finishing a record while work is pending."""
+        return all(worker_stalled_s(self.directory, pid) < self.settings.liveness.stall_s for pid in self.pids)
 
     def start(self) -> None:
         for worker in self.workers:
@@ -254,7 +283,8 @@ def serve_fleet(settings: Settings, workers: int, *, llm_base_url: str) -> None:
             loop.add_signal_handler(signum, handle, signum)
         front.app = create_app(service, registry=supervisor.registry,
                                consumer_checks=lambda: {"workers": supervisor.ready(),
-                                                        "consuming": not supervisor.stopping})
+                                                        "consuming": not supervisor.stopping,
+                                                        "progress": supervisor.progressing()})
         startup.started()
         http_task = front.task
         supervisor.start()

@@ -396,7 +396,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
         ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S,
         wait_replicas=settings.ledger.wait_replicas, wait_aof=settings.ledger.wait_aof,
-        wait_timeout_ms=settings.ledger.wait_timeout_ms,
+        wait_timeout_ms=settings.ledger.wait_timeout_ms, max_deaths=settings.ledger.max_deaths,
     )
     closers: list[Any] = [lambda: asyncio.to_thread(tracing.shutdown)]
     if llm is None:
