@@ -219,7 +219,15 @@ def dead_letter_headers(
         ("dlq.attempts", str(attempts).encode()),
         ("dlq.task_id", (task_id or "").encode()),
         ("dlq.failed_at", _now_iso().encode()),
+        ("dlq.id", dead_letter_id(record, reason).encode()),
     ]
+
+
+def dead_letter_id(record: Record, reason: str) -> str:
+    """The same for every copy of one record's dead letter for one reason (a crash can leave copies):
+    its original coordinates and the reason, digested. A reader keeps one record per ``dlq.id``."""
+    text = f"{record.topic}\x00{record.partition}\x00{record.offset}\x00{reason}"
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
 
 
 def _is_ours(header: tuple[str, str | bytes | None]) -> bool:

@@ -3,8 +3,11 @@
 - ``claimed``: this worker holds the task under a fresh fence; the processor runs it.
 - ``succeeded`` / ``dead``: done before: never call the model again; re-emit the stored outcome,
   byte for byte, if it was not acknowledged yet.
-- ``busy``: another worker holds a live lease: wait until it finishes or its lease expires.
+- ``busy``: another worker holds a live lease: wait until it finishes or its lease expires; past the
+  task's deadline, end it ``expired`` through the ledger (a higher fence refuses the holder's result).
 - ``conflict``: the same key with a different input: dead-letter, the first result stays.
+- ``crashed``: the task's holders died with a call of it under way ``max_deaths`` times; the claim
+  ended it ``dead(crashed)``: dead-letter it.
 """
 
 from __future__ import annotations
@@ -59,10 +62,21 @@ class Claims(Outcomes):
             if decision in ("succeeded", "dead"):
                 await self._duplicate(record, task, decision, claim, ctx)
                 return None
+            if decision == "crashed":
+                error = (f"the workers holding task {task.key} stopped {self.ledger.max_deaths} times "
+                         "with a call of it under way")
+                async with self._publishing(record, task.key, "dead"):
+                    await self._dead_letter(record, task.key, "crashed", error, claim.attempts)
+                return None
             # busy: another worker holds a live lease
             if task.expired(self.clock()):
-                await self._dead_letter(record, task.key, "expired", "deadline passed while another worker held the task", claim.attempts)
-                return None
+                error = "deadline passed while another worker held the task"
+                state, _fence = await self.ledger.expire(task.key, claim.fence, error)
+                if state == "ok":  # the holder's result, should it come, is refused by the fence
+                    async with self._publishing(record, task.key, "dead"):
+                        await self._dead_letter(record, task.key, "expired", error, claim.attempts)
+                    return None
+                continue  # the holder finished (or let go) meanwhile: claim again and see
             wait_s = min(self.config.busy_poll_s, max(claim.lease_remaining_ms, 10) / 1000)
             await asyncio.sleep(wait_s)
 
@@ -75,6 +89,8 @@ class Claims(Outcomes):
         stored = await self.ledger.get(task.key)
         if stored is None:  # expired from the ledger between the two reads: run it as new
             raise LedgerUnavailable(f"task {task.key} vanished between claim and read")
+        if state == "succeeded":  # stored by an attempt whose WAIT may have failed: replicas first
+            await self.ledger.confirm_replicated(task.key)
         async with self._publishing(record, task.key, state):
             if state == "succeeded" and stored.event is not None:
                 await self.outputs.result(record, task.key, stored.event, self._traceparent(task.traceparent),
@@ -82,9 +98,7 @@ class Claims(Outcomes):
                 self.metrics.results_published.inc()
             elif state == "dead":
                 reason = stored.fields.get("dead_reason", "permanent")
-                await self.outputs.dead_letter(
-                    record, reason=reason, error=stored.fields.get("error", ""),
-                    attempts=stored.attempts, task_id=task.key,
-                )
-                self.metrics.dead_letters.labels(reason=reason).inc()
+                if await self._send_dead_letter(record, task.key, reason, stored.fields.get("error", ""),
+                                                stored.attempts, traceparent=None):
+                    self.metrics.dead_letters.labels(reason=reason).inc()
         log.info("%s: %s before; re-emitted the stored outcome", ctx, state)

@@ -7,6 +7,10 @@ until the broker reports its end (``enable.partition.eof``) or the call's time r
 A replay sends the original key, value and headers (every ``dlq.*`` header dropped) back to the
 input topic with ``dlq.replayed_from = <dlq topic>:<partition>:<offset>``. A task that succeeded
 in the meantime is skipped; a task the ledger marked ``dead`` is revived first so it can run again.
+
+Copies of one dead letter (a worker that died after the broker acknowledged it and before the ledger
+noted it) carry the same ``dlq.id``: a listing shows the first of them (``copies`` counts them), and
+a replay by reason sends one.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class DeadLetter(BaseModel):
     attempts: int | None = None
     task_id: str | None = None
     failed_at: str | None = None
+    id: str | None = Field(None, description="dlq.id: the same for every copy of one dead letter")
+    copies: int = Field(1, description="records read with this dlq.id (copies left by a crash)")
 
     @classmethod
     def from_record(cls, record: Record) -> DeadLetter:
@@ -86,6 +92,7 @@ class DeadLetter(BaseModel):
             attempts=_int(dlq.get("attempts")),
             task_id=dlq.get("task_id") or None,
             failed_at=dlq.get("failed_at") or None,
+            id=dlq.get("id") or None,
         )
 
 
@@ -214,13 +221,29 @@ def peek(
                 if offset_from is not None and len(kept) >= limit:
                     break
             picked.extend(kept)
+    letters = _once(sorted((DeadLetter.from_record(r) for r in picked), key=lambda d: (d.partition, d.offset)))
     if offset_from is None:
-        picked.sort(key=lambda r: (r.timestamp_ms or 0, r.partition, r.offset))
-        picked = picked[-limit:]
+        letters.sort(key=lambda d: (d.timestamp_ms or 0, d.partition, d.offset))
+        letters = letters[-limit:]
     else:
-        picked.sort(key=lambda r: (r.partition, r.offset))
-        picked = picked[:limit]
-    return sorted((DeadLetter.from_record(r) for r in picked), key=lambda d: (d.partition, d.offset))
+        letters = letters[:limit]
+    return sorted(letters, key=lambda d: (d.partition, d.offset))
+
+
+def _once(letters: list[DeadLetter]) -> list[DeadLetter]:
+    """The first of each ``dlq.id`` (in the order given), counting its copies; letters without one
+    (written before the header existed) all stay."""
+    first: dict[str, DeadLetter] = {}
+    out: list[DeadLetter] = []
+    for letter in letters:
+        if letter.id is None:
+            out.append(letter)
+        elif letter.id in first:
+            first[letter.id].copies += 1
+        else:
+            first[letter.id] = letter
+            out.append(letter)
+    return out
 
 
 def _fetch_exact(
@@ -262,6 +285,7 @@ def _fetch_matching(
     kafka: KafkaSettings, accept: Callable[[Record], bool], limit: int, timeout_s: float
 ) -> list[Record]:
     found: list[Record] = []
+    seen: set[str] = set()  # dlq.id of those found: a copy is not sent twice
     deadline = time.monotonic() + timeout_s
     with _Reader(kafka) as reader:
         for p in reader.partitions(timeout_s):
@@ -271,6 +295,11 @@ def _fetch_matching(
             for msg in reader.read(p, low, deadline):
                 record = Record.from_message(msg)
                 if accept(record):
+                    letter_id = _header(record, "dlq.id")
+                    if letter_id is not None:
+                        if letter_id in seen:
+                            continue
+                        seen.add(letter_id)
                     found.append(record)
                     if len(found) >= limit:
                         return found
@@ -278,8 +307,12 @@ def _fetch_matching(
 
 
 def _reason(record: Record) -> str | None:
+    return _header(record, "dlq.reason")
+
+
+def _header(record: Record, wanted: str) -> str | None:
     for name, raw in record.headers:
-        if name == "dlq.reason":
+        if name == wanted:
             return _text(raw)
     return None
 

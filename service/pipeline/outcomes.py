@@ -1,5 +1,13 @@
 """The outcomes of a task: a result completed under its fence, or a dead letter, then published
-and marked published by the record that carried it."""
+and marked published by the record that carried it.
+
+A record's dead letter is written once: once the broker acknowledged it, the ledger notes the
+record's coordinates (:meth:`~dedup.ledger.Ledger.note_dead_letter`), and the record read again
+(its offset not committed before a crash) finds the note and sends none. A crash between the
+acknowledgement and the note still leaves a copy: every dead letter of a record for one reason
+carries the same ``dlq.id`` (from its original coordinates and the reason), by which the listing
+and a replay drop copies. Inside a transaction the dead letter is staged with the record's offset,
+exactly once for ``read_committed`` readers, and nothing is noted."""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from consumers.producers import Outputs
+from consumers.producers import Outputs, dead_letter_id
 from consumers.records import Record
 from dedup.ledger import Ledger, LedgerUnavailable
 from service.agents.base import Agent
@@ -149,10 +157,42 @@ class Outcomes:
         *,
         count_outcome: bool = True,
     ) -> None:
-        await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts, task_id=task_key,
-                                       traceparent=self.tracing.current_traceparent())
+        sent = await self._send_dead_letter(record, task_key, reason, error, attempts,
+                                            traceparent=self.tracing.current_traceparent())
+        if not sent:
+            current_span().set_outcome(f"dead_lettered:{reason}")
+            return
         self.metrics.dead_letters.labels(reason=reason).inc()
         current_span().set_outcome(f"dead_lettered:{reason}")
         if count_outcome:
             self.metrics.tasks.labels(outcome="dead_lettered").inc()
         log.warning("task_id=%s %s: dead-lettered as %s: %s", task_key or "-", record.coordinates, reason, error)
+
+    async def _send_dead_letter(
+        self, record: Record, task_key: str | None, reason: str, error: str, attempts: int, *,
+        traceparent: str | None,
+    ) -> bool:
+        """Send the record's dead letter unless the ledger notes it was sent and acknowledged before
+        (False then); note it once acknowledged. The ledger unreachable, it is sent anyway: a copy
+        carries the same ``dlq.id``."""
+        noting = not self.outputs.transactional
+        if noting:
+            try:
+                before = await self.ledger.dead_lettered(record.topic, record.partition, record.offset)
+            except LedgerUnavailable as exc:
+                log.debug("%s: dead letters sent before not known (%s); sending", record.coordinates, exc)
+                before = None
+            if before is not None:
+                log.info("task_id=%s %s: dead-lettered before (dlq.id %s); not sent again",
+                         task_key or "-", record.coordinates, before)
+                return False
+        await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts, task_id=task_key,
+                                       traceparent=traceparent)
+        if noting:
+            try:
+                await self.ledger.note_dead_letter(record.topic, record.partition, record.offset,
+                                                   dead_letter_id(record, reason))
+            except LedgerUnavailable as exc:
+                log.warning("%s: dead letter sent but not noted (%s): a redelivery may send a copy (same dlq.id)",
+                            record.coordinates, exc)
+        return True

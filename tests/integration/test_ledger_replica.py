@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,7 +20,10 @@ import redis.asyncio as aioredis
 
 from dedup.keys import Keys
 from dedup.ledger import Ledger, LedgerUnavailable
+from service.core.settings import Settings
 from service.devtools import local
+from service.devtools.fakellm import FakeLLM
+from tests.support import classify, metric, produce, read_topic, running, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +91,35 @@ def test_complete_waits_for_the_replica_on_the_connection_that_wrote(
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_result_refused_for_too_few_replicas_is_published_only_once_they_hold_it(
+    primary_and_replica: tuple[local.Server, local.Server], make_settings: Any, fake_llm: FakeLLM,
+) -> None:
+    """The COMPLETE is stored but WAIT finds no replica: the record is retried, and the retry, which
+    finds the task succeeded, waits for the replica too before it publishes."""
+    primary, replica = primary_and_replica
+    s: Settings = make_settings(redis={"url": f"redis://{primary.address}/0"},
+                                ledger={"wait_replicas": 1, "wait_timeout_ms": 200})
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            async def stored() -> bool:
+                record = await svc.ledger.get("rw-1")
+                return record is not None and record.state == "succeeded"
+
+            replica.proc.send_signal(signal.SIGSTOP)
+            try:
+                produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"rw-1", classify("rw-1"))])
+                await wait_for(stored, 60, what="the stored result")
+                await asyncio.sleep(3.0)  # the record is retried many times over while the replica is frozen
+                assert metric(svc, "agent_results_published_total") == 0
+                record = await svc.ledger.get("rw-1")
+                assert record is not None and not record.published
+            finally:
+                replica.proc.send_signal(signal.SIGCONT)
+            await wait_for(lambda: metric(svc, "agent_results_published_total") == 1, 60, what="the result")
+
+    asyncio.run(scenario())
+    assert len(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)) == 1
+    assert fake_llm.calls_for("rw-1") == 1

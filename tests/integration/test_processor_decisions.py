@@ -123,3 +123,97 @@ def test_shadow_runs_wait_for_the_breaker_like_every_call(make_settings: Any, fa
             assert fake_llm.calls_for("sh-1") == 2
 
     asyncio.run(scenario())
+
+
+def test_a_task_busy_past_its_deadline_ends_as_one_expired_dead_letter_and_no_result(
+    make_settings: Any, fake_llm: FakeLLM
+) -> None:
+    """The expiry of a task another worker holds goes through the ledger: that holder's later
+    result is refused by its fence, so the task has a dead letter or a result, never both."""
+    from consumers.records import Record
+    from service.agents.tasks import decode_task
+
+    s: Settings = make_settings()
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    value = classify("bx-1", deadline=past)
+    task = decode_task(value, [], s.max_task_bytes)
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            held = await svc.ledger.claim("bx-1", task.fingerprint, "another-worker", "classify")
+            assert held.decision == "claimed"  # a live lease of another worker (the service's lease_ms)
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"bx-1", value)])
+            await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "expired"}) == 1,
+                           what="the expired dead letter", service=svc)
+            stored = await svc.ledger.get("bx-1")
+            assert stored is not None and (stored.state, stored.fields.get("dead_reason")) == ("dead", "expired")
+            # the other holder answers late and completes under its fence: refused, nothing published
+            proc = svc.processor
+            record = Record(s.kafka.input_topic, 0, 99, b"bx-1", value)
+            await proc._complete(record, task, proc.agents.get("classify"), held.fence,
+                                 {"classify": {"label": "a", "confidence": 1}}, 1, "ctx")
+            assert metric(svc, "agent_results_published_total") == 0
+            assert metric(svc, "agent_stale_fence_writes_total") >= 1
+
+    asyncio.run(scenario())
+    assert read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=0, timeout_s=5) == []
+    dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)
+    assert [m.headers["dlq.reason"] for m in dead] == [b"expired"]
+    assert fake_llm.calls_for("bx-1") == 0
+
+
+def test_a_redelivered_record_finds_its_dead_letter_written_and_sends_none(
+    make_settings: Any, fake_llm: FakeLLM
+) -> None:
+    """Records read again after a crash (their offsets not committed) dead-letter once each: the
+    ledger notes which coordinates were dead-lettered once the broker acknowledged it."""
+    from consumers.records import Record
+
+    s: Settings = make_settings()
+    poison = b'{"kind": "classify", "input": '  # does not decode
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"px-1", poison)], partition=0)
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"cx-1", classify("cx-1"))], partition=0)
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic,
+                    [(b"cx-1", classify("cx-1", text="another input"))], partition=0)
+            await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "decode"}) == 1
+                           and metric(svc, "agent_dead_letters_total", {"reason": "conflict"}) == 1,
+                           what="the two dead letters", service=svc)
+            proc = svc.processor
+            # the same records read again, as the next owner of the partition reads them after a crash
+            for offset, (key, value) in enumerate([(b"px-1", poison), (b"cx-1", classify("cx-1")),
+                                                   (b"cx-1", classify("cx-1", text="another input"))]):
+                await proc._process_bounded(Record(s.kafka.input_topic, 0, offset, key, value))
+
+    asyncio.run(scenario())
+    dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=2)
+    assert sorted(m.headers["dlq.reason"] for m in dead) == [b"conflict", b"decode"]
+    assert len({m.headers["dlq.id"] for m in dead}) == 2
+
+
+def test_copies_of_one_dead_letter_carry_one_id_and_are_listed_once(make_settings: Any, fake_llm: FakeLLM) -> None:
+    """A crash between the broker's acknowledgement and the ledger's note leaves a copy: it carries
+    the same ``dlq.id`` (the original coordinates and the reason), and the listing drops it."""
+    from consumers.records import Record
+    from service.pipeline import dlq
+
+    s: Settings = make_settings()
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            outputs = svc.processor.outputs
+            for offset in (7, 7, 8):
+                record = Record(s.kafka.input_topic, 1, offset, b"k", b"v")
+                await outputs.dead_letter(record, reason="decode", error="e", attempts=0, task_id=None)
+            await outputs.dead_letter(Record(s.kafka.input_topic, 1, 7, b"k", b"v"), reason="internal",
+                                      error="e", attempts=0, task_id=None)
+
+    asyncio.run(scenario())
+    written = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=4)
+    ids = [m.headers.get("dlq.id") for m in written]
+    assert None not in ids and len(set(ids)) == 3
+    listed = dlq.peek(s.kafka, 50)
+    assert sorted((d.original_offset, d.reason) for d in listed) == [(7, "decode"), (7, "internal"), (8, "decode")]
+    assert all(d.id for d in listed)
