@@ -2,9 +2,13 @@
 
 Security is the API's: the same tokens (``AGENT_READ_TOKEN``, ``AGENT_ADMIN_TOKEN``,
 ``AGENT_READS_OPEN``) are typed once into a login form, which sets a session cookie (HttpOnly,
-SameSite=Strict, Secure over https) signed with a secret made for this process. The cookie holds
-the role (``read`` or ``admin``) and a session id, never a token; a restart ends every session.
-Every form carries a CSRF token derived from the session id and every POST checks it. Reads need
+SameSite=Strict, Secure over https) signed with a key every replica shares: from
+``AGENT_HTTP__SESSION_SECRET``, or else derived from the admin and read tokens (a token change ends
+every session). The cookie holds the role (``read`` or ``admin``) and a session id, never a token;
+it lives :data:`SESSION_MAX_AGE_S`. Every form carries a CSRF token derived from the session id and
+every POST checks it. A logout revokes the session on every replica: its id is kept in Redis until
+the cookie would have expired anyway (and in the process, pruned as sessions expire, which is all
+that holds while Redis does not answer). Reads need
 either role (or ``AGENT_READS_OPEN``), writes the admin role. Templates autoescape every value,
 and each page answers with a Content-Security-Policy that loads nothing from outside the service.
 
@@ -19,9 +23,11 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from graphlib import TopologicalSorter
@@ -29,18 +35,20 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlencode
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 
 from dedup.keys import is_valid_task_key
 from service.api import peeking
 from service.api.protocol import Served
 from service.core.metrics import DLQ_REASONS
+from service.core.settings import Settings
 from service.pipeline import dlq
 from service.pipeline.base import utcnow
 from service.pipeline.parking import DECISIONS, NotDecidable, decide, side_effects
@@ -84,43 +92,117 @@ class Session:
     role: Role | None  # None: nobody logged in (reads may still be open)
     sid: str
     csrf: str
+    expires_at: float = 0.0  # Unix time the cookie stops being accepted
 
     @property
     def admin(self) -> bool:
         return self.role == "admin"
 
 
-class Sessions:
-    """Signed session cookies and the CSRF tokens tied to them, with a secret of this process."""
+NO_SESSION = Session(None, "", "")
 
-    def __init__(self, secret: bytes | None = None) -> None:
+
+def session_key(settings: Settings) -> bytes:
+    """The key of the console's cookies and CSRF tokens: the same for every replica of ``settings``.
+
+    From ``http.session_secret``; else derived (HMAC-SHA256 under a fixed label, as HKDF's extract
+    step) from the admin and read tokens, which every replica is given; the key does not reveal
+    them. With no secret and no token nobody can log in, and a key of this process does."""
+    secret = settings.http.session_secret
+    if secret is not None and secret.get_secret_value():
+        material = b"secret\0" + secret.get_secret_value().encode()
+    else:
+        tokens = [t.get_secret_value() if t is not None else "" for t in (settings.admin_token, settings.read_token)]
+        if not any(tokens):
+            return secrets.token_bytes(32)
+        material = b"tokens\0" + "\0".join(tokens).encode()
+    return hmac.new(b"agent-console-session-key/v1", material, hashlib.sha256).digest()
+
+
+class RevokedInRedis:
+    """Revoked session ids in Redis, each kept as long as its cookie could still be used."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def key(self, sid: str) -> str:
+        return f"{self.prefix}:console:revoked:{sid}"
+
+    async def add(self, sid: str, ttl_s: int) -> None:
+        await self.client.set(self.key(sid), b"1", ex=max(1, ttl_s))
+
+    async def holds(self, sid: str) -> bool:
+        return bool(await self.client.exists(self.key(sid)))
+
+
+class Sessions:
+    """Signed session cookies and the CSRF tokens tied to them, with a key every replica shares
+    (:func:`session_key`), and the sessions revoked before their end (``store``: in Redis, for
+    every replica; always in this process too, pruned when they expire)."""
+
+    def __init__(self, secret: bytes | None = None, *, store: RevokedInRedis | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._secret = secret or secrets.token_bytes(32)
         self._signer = URLSafeTimedSerializer(self._secret, salt="agent-console-session")
-        self._revoked: set[str] = set()
+        self._store = store
+        self._clock = clock
+        self.revoked_here: dict[str, float] = {}  # session id -> when it may be forgotten (clock time)
 
     def csrf_for(self, sid: str) -> str:
         return hmac.new(self._secret, b"csrf:" + sid.encode(), hashlib.sha256).hexdigest()
 
     def issue(self, role: Role) -> tuple[str, Session]:
+        self._prune()
         sid = secrets.token_urlsafe(18)
-        return self._signer.dumps({"role": role, "sid": sid}), Session(role, sid, self.csrf_for(sid))
+        session = Session(role, sid, self.csrf_for(sid), time.time() + SESSION_MAX_AGE_S)
+        return self._signer.dumps({"role": role, "sid": sid}), session
 
-    def read(self, cookie: str | None) -> Session | None:
+    def signed(self, cookie: str | None) -> Session | None:
+        """The session a cookie signed with this key holds, not yet expired (revocation not asked)."""
         if not cookie:
             return None
         try:
-            data = self._signer.loads(cookie, max_age=SESSION_MAX_AGE_S)
+            data, signed_at = self._signer.loads(cookie, max_age=SESSION_MAX_AGE_S, return_timestamp=True)
         except BadSignature:
             return None
         if not isinstance(data, dict) or data.get("role") not in ("read", "admin"):
             return None
         sid = str(data.get("sid", ""))
-        if not sid or sid in self._revoked:
+        if not sid:
             return None
-        return Session(data["role"], sid, self.csrf_for(sid))
+        return Session(data["role"], sid, self.csrf_for(sid), signed_at.timestamp() + SESSION_MAX_AGE_S)
 
-    def revoke(self, sid: str) -> None:
-        self._revoked.add(sid)
+    async def read(self, cookie: str | None) -> Session | None:
+        """The cookie's session, unless it was revoked on any replica."""
+        session = self.signed(cookie)
+        if session is None:
+            return None
+        self._prune()
+        if session.sid in self.revoked_here:
+            return None
+        if self._store is not None:
+            try:
+                if await self._store.holds(session.sid):
+                    return None
+            except RedisError as exc:  # the console stays usable; this replica's revocations still hold
+                log.warning("console: revoked sessions not read from Redis: %s", exc)
+        return session
+
+    async def revoke(self, session: Session) -> None:
+        """End the session on every replica, for as long as its cookie could still be used."""
+        self._prune()
+        self.revoked_here[session.sid] = self._clock() + SESSION_MAX_AGE_S
+        if self._store is not None:
+            try:
+                await self._store.add(session.sid, math.ceil(session.expires_at - time.time()))
+            except RedisError as exc:
+                log.warning("console: a logout holds on this replica only (Redis did not answer): %s", exc)
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for sid in [sid for sid, until in self.revoked_here.items() if until <= now]:
+            del self.revoked_here[sid]
 
     def login_nonce(self) -> tuple[str, str]:
         """A pre-session cookie and the CSRF token of the login form tied to it."""
@@ -156,10 +238,16 @@ def role_for(service: Served, given: str) -> Role | None:
     return "admin" if is_admin else "read" if is_read else None
 
 
-def _session(request: Request) -> Session:
+async def _load_session(request: Request) -> None:
+    """Read the request's session once, before any route of the console (revocations are in Redis)."""
     sessions: Sessions = request.app.state.console_sessions
-    found = sessions.read(request.cookies.get(COOKIE))
-    return found if found is not None else Session(None, "", "")
+    found = await sessions.read(request.cookies.get(COOKIE))
+    request.state.console_session = found if found is not None else NO_SESSION
+
+
+def _session(request: Request) -> Session:
+    found = getattr(request.state, "console_session", None)
+    return found if isinstance(found, Session) else NO_SESSION
 
 
 def _may_read(request: Request, session: Session) -> bool:
@@ -244,7 +332,7 @@ async def _writer(request: Request) -> tuple[Session, dict[str, list[str]]] | Re
 
 # ---------------------------------------------------------------------------- routes
 
-router = APIRouter(prefix="/ui", include_in_schema=False)
+router = APIRouter(prefix="/ui", include_in_schema=False, dependencies=[Depends(_load_session)])
 
 
 @router.get("/login")
@@ -285,7 +373,7 @@ async def logout(request: Request) -> Response:
     if session.role is not None:
         if not hmac.compare_digest(_one(form, "csrf").encode(), session.csrf.encode()):
             return _refuse(request, 403, "The form's CSRF token does not match your session.")
-        request.app.state.console_sessions.revoke(session.sid)
+        await request.app.state.console_sessions.revoke(session)
     response = _headers(RedirectResponse("/ui/login", status_code=303))
     response.delete_cookie(COOKIE, path="/ui")
     return response
@@ -581,8 +669,14 @@ async def decision(request: Request, task_id: str) -> Response:
 
 
 def install(app: Any) -> None:
-    """Serve the console on ``app``: its routes, its stylesheet and a session secret of this process."""
-    app.state.console_sessions = Sessions()
+    """Serve the console on ``app``: its routes, its stylesheet and its sessions (signed with the key
+    of :func:`session_key`, revoked in the Redis of the service's ledger when it has one)."""
+    service = app.state.service
+    ledger = getattr(service, "ledger", None)
+    client = getattr(ledger, "client", None)
+    keys = getattr(ledger, "keys", None)
+    store = RevokedInRedis(client, keys.prefix) if client is not None and keys is not None else None
+    app.state.console_sessions = Sessions(session_key(service.settings), store=store)
     app.state.console_last = None
     app.state.console_dead = deque()  # (monotonic time, dead letters by reason), once a minute
     app.include_router(router)

@@ -247,6 +247,9 @@ class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     enabled: bool = True
+    # the key the console's session cookies and CSRF tokens are signed with, the same on every
+    # replica; unset, it is derived from the admin and read tokens (a token change ends every session)
+    session_secret: SecretStr | None = None
 
 
 class LivenessSettings(BaseModel):
