@@ -164,6 +164,12 @@ class Metrics:
             "agent_wait_decisions", "Decisions on parked tasks: approved, rejected, expired, landed, absent.",
             ["decision"], registry=r,
         )
+        self.approvals_skipped = Counter(
+            "agent_approvals_skipped", "Records of the approvals topic skipped without a decision applied, by "
+            "reason: tombstone, oversize, encoding, json, schema, task_key, unknown_task, not_waiting, refused, "
+            "internal (one that kept failing the consumer's loop).",
+            ["reason"], registry=r,
+        )
         self.compensations = Counter(
             "agent_compensations", "Undos of tool calls run by a compensation, by outcome (undone, skipped, failed).",
             ["outcome"], registry=r,
