@@ -29,12 +29,15 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from jsonschema.validators import validator_for
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{0,15}://[^\s'\"<>]+")
+# what a status answer may say of a call the downstream has not finished
+PENDING_WORDS = frozenset({"pending", "running", "in_progress", "in-progress", "processing", "queued", "accepted"})
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -55,7 +58,7 @@ class ToolCall:
 class Reconciled:
     """What the downstream says about a call whose result was not journaled."""
 
-    state: str  # "landed" | "absent" | "unknown"
+    state: str  # "landed" | "absent" | "pending" | "unknown"
     result: Any = None
     detail: str = ""
 
@@ -70,9 +73,32 @@ class Reconciled:
         return cls("absent")
 
     @classmethod
+    def pending(cls, detail: str = "") -> Reconciled:
+        """The downstream still works on the call: ask again later, never run it again meanwhile."""
+        return cls("pending", detail=detail)
+
+    @classmethod
     def unknown(cls, detail: str) -> Reconciled:
         """Cannot tell: the task parks until an operator decides."""
         return cls("unknown", detail=detail)
+
+
+def safe_url(url: str) -> str:
+    """``url`` as ``scheme://host[:port]/path``: no userinfo, query or fragment (where webhooks keep
+    their secrets), so it may be logged, stored in a reason or shown on a read-only page."""
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "[url]"
+    if not parts.scheme or not host:
+        return "[url]"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def scrub_urls(text: str) -> str:
+    """``text`` with every URL in it cut down by :func:`safe_url`."""
+    return _URL.sub(lambda m: safe_url(m.group(0)), text)
 
 
 class ToolError(Exception):
@@ -90,6 +116,13 @@ class Tool:
     description: str = ""
     parameters: Mapping[str, Any] = _NO_PARAMETERS  # the JSON Schema of the arguments
     timeout_s: float = 10.0
+    # how long after its caller gave up a call may still take effect downstream (None: timeout_s);
+    # a "did not land" heard before that is not believed: the call may still be in flight
+    settle_s: float | None = None
+
+    @property
+    def settle_after_s(self) -> float:
+        return self.timeout_s if self.settle_s is None else self.settle_s
 
     def spec(self) -> dict[str, Any]:
         """The entry of the request's ``tools`` list (OpenAI function calling)."""
@@ -161,8 +194,9 @@ class FunctionTool(Tool):
 
     def __init__(self, name: str, run: Handler, *, parameters: Mapping[str, Any] | None = None,
                  description: str = "", reconcile: Callable[[ToolCall], Any] | None = None,
-                 undo: Callable[[ToolCall, Any], Any] | None = None, timeout_s: float = 10.0) -> None:
-        self.name, self.description, self.timeout_s = name, description, timeout_s
+                 undo: Callable[[ToolCall, Any], Any] | None = None, timeout_s: float = 10.0,
+                 settle_s: float | None = None) -> None:
+        self.name, self.description, self.timeout_s, self.settle_s = name, description, timeout_s, settle_s
         self.parameters = dict(parameters) if parameters is not None else _NO_PARAMETERS
         self._run, self._reconcile, self._undo = run, reconcile, undo
         check_tool(self)
@@ -201,16 +235,19 @@ class HttpTool(Tool):
     dropped connection leave the outcome unknown; another status is a refusal the model is told of.
 
     ``status_url`` (``{key}`` is replaced by the URL-quoted key) is asked when a call must be
-    reconciled: 200 means it landed (the body is its result), 404 that it did not, anything else
-    cannot tell. ``undo_url`` (``{key}`` and ``{result[...]}`` fields of the call's result) is
+    reconciled: 200 means it landed (the body is its result), 404 that it did not (believed only
+    once the call cannot be in flight any more, :attr:`Tool.settle_s`), 202, 409, 425 or a 200 whose
+    body's ``status`` says pending or running that it is in progress (asked again later), anything
+    else cannot tell. Errors carry the URLs without userinfo, query or fragment. ``undo_url`` (``{key}`` and ``{result[...]}`` fields of the call's result) is
     called with ``undo_method`` and the key ``<key>/undo`` to compensate the call.
     """
 
     def __init__(self, name: str, url: str, *, parameters: Mapping[str, Any] | None = None,
                  description: str = "", method: str = "POST", status_url: str | None = None,
                  undo_url: str | None = None, undo_method: str = "POST",
-                 headers: Mapping[str, str] | None = None, timeout_s: float = 10.0) -> None:
-        self.name, self.description, self.timeout_s = name, description, timeout_s
+                 headers: Mapping[str, str] | None = None, timeout_s: float = 10.0,
+                 settle_s: float | None = None) -> None:
+        self.name, self.description, self.timeout_s, self.settle_s = name, description, timeout_s, settle_s
         self.parameters = dict(parameters) if parameters is not None else _NO_PARAMETERS
         self.url, self.method, self.status_url = url, method.upper(), status_url
         self.undo_url, self.undo_method = undo_url, undo_method.upper()
@@ -237,7 +274,9 @@ class HttpTool(Tool):
                 text = await response.text()
                 return response.status, _json_or_text(text)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ToolUnknown(f"{method} {url}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+            # URLs are cut down: a webhook's secret (userinfo, query) never reaches a reason or a log
+            raise ToolUnknown(f"{method} {safe_url(url)}: {type(exc).__name__}: "
+                              f"{scrub_urls(str(exc))[:200]}") from None
 
     def _answer(self, what: str, status: int, body: Any) -> Any:
         if 200 <= status < 300:
@@ -258,9 +297,11 @@ class HttpTool(Tool):
             status, body = await self._send("GET", url, call.key, call, None)
         except ToolUnknown as exc:
             return Reconciled.unknown(str(exc))
-        if status == 200:
+        if status == 200 and not _says_pending(body):
             return Reconciled.landed(body)
-        if status == 404:
+        if status in (200, 202, 409, 425):  # known and not finished: ask again later
+            return Reconciled.pending(f"status endpoint answered HTTP {status}: the call is in progress")
+        if status == 404:  # believed only once the call cannot be in flight any more (the caller decides)
             return Reconciled.absent()
         return Reconciled.unknown(f"status endpoint answered HTTP {status}")
 
@@ -274,6 +315,14 @@ class HttpTool(Tool):
     @property
     def can_undo(self) -> bool:
         return self.undo_url is not None
+
+
+def _says_pending(body: Any) -> bool:
+    """A status body such as ``{"status": "pending"}``: the downstream has the call, not its result."""
+    if not isinstance(body, dict):
+        return False
+    said = body.get("status", body.get("state"))
+    return isinstance(said, str) and said.strip().lower() in PENDING_WORDS
 
 
 def _json_or_text(text: str) -> Any:

@@ -15,6 +15,7 @@ from service.api.schemas import error_responses
 from service.api.security import Admin, Reader, ServiceDep
 from service.pipeline.base import utcnow
 from service.pipeline.parking import Busy, Compensation, Decided, NotDecidable, compensate, decide
+from service.pipeline.tools import safe_text
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -79,9 +80,11 @@ async def list_parked(service: ServiceDep, limit: Annotated[int, Query(ge=1, le=
         record = await service.ledger.get(task_key)
         if record is None or record.state != "waiting_approval":
             continue
-        waiting = record.fields.get("waiting")
-        out.append(ParkedTask(task_id=task_key, kind=record.fields.get("kind"),
-                              waiting=json.loads(waiting) if waiting else None, deadline_ms=deadline))
+        raw = record.fields.get("waiting")
+        waiting = json.loads(raw) if raw else None
+        if isinstance(waiting, dict) and isinstance(waiting.get("reason"), str):
+            waiting["reason"] = safe_text(waiting["reason"])  # a reason stored before URLs were cut down
+        out.append(ParkedTask(task_id=task_key, kind=record.fields.get("kind"), waiting=waiting, deadline_ms=deadline))
     return out
 
 

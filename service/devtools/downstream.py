@@ -40,7 +40,10 @@ Faults
     - ``drop_after``: a create or cancel applies its effect, then closes the connection without
       an answer: the client cannot know that it landed.
     - ``status_error``: the status endpoint (``GET /tickets/by-key/...``) answers ``status``;
-      with a 5xx the client cannot tell whether the ticket exists.
+      with a 5xx the client cannot tell whether the ticket exists; with 409 it is in progress.
+    - ``status_pending``: the status endpoint answers 200 ``{"key", "status": "pending"}``, as a
+      downstream that has the call and not yet its result does; ``status_accepted``: 202
+      ``{"key", "status": "accepted"}``, the same said with the status code.
 
 Control endpoints (JSON)
     ``GET /_stats``, ``GET|POST|DELETE /_faults`` (POST replaces the rules), ``POST /_reset``
@@ -77,7 +80,7 @@ from service.devtools.fakellm.http import (
 )
 from service.devtools.fakellm.serving import Serving, serve_until_stopped
 
-FAULTS: Final = ("delay", "error", "drop_before", "drop_after", "status_error")
+FAULTS: Final = ("delay", "error", "drop_before", "drop_after", "status_error", "status_pending", "status_accepted")
 _EFFECTS: Final = frozenset({"create", "cancel"})  # the actions that change something
 _FENCE: Final = re.compile(r"-?[0-9]{1,18}")
 _REPLAYED: Final = (b"idempotent-replayed", b"true")
@@ -92,7 +95,7 @@ class DownstreamFault(Rule):
     KNOWN: ClassVar[tuple[str, ...]] = FAULTS
 
     def hits(self, action: str, key: str | None, path: str) -> bool:
-        if self.fault == "status_error" and action != "status":
+        if self.fault in ("status_error", "status_pending", "status_accepted") and action != "status":
             return False
         if self.fault in ("error", "drop_before", "drop_after") and action not in _EFFECTS:
             return False
@@ -243,6 +246,11 @@ class FakeDownstream(Serving, FaultRules[DownstreamFault]):
             await self._sleep(rule.delay_s)
         if rule is not None and rule.fault == "drop_before":
             await drop_connection(receive, send)
+            return
+        if rule is not None and rule.fault in ("status_pending", "status_accepted"):
+            pending = rule.fault == "status_pending"
+            await respond(send, 200 if pending else 202,
+                          dumps({"key": segments[2], "status": "pending" if pending else "accepted"}))
             return
         if rule is not None and rule.fault in ("error", "status_error"):
             await respond(send, rule.status, error_body(rule.status, f"the downstream failed (HTTP {rule.status})"))

@@ -14,14 +14,21 @@ and is re-used from the journal whenever the task comes back. A call whose inten
 whose result is not (the worker died in between, or the tool could not tell) is reconciled first:
 the tool asks the downstream whether the key landed; "landed" records that result, "absent" runs
 it again with the same key, and "cannot tell" parks the task for an operator.
+
+A call whose caller gave up may still be in flight downstream: it is asked about only once the
+tool's settle time (:attr:`Tool.settle_s`, its timeout by default) has passed since the caller
+gave up, and "in progress" answers (202, 409, a pending status) are asked again later, never run
+again; past the task's deadline or :data:`_PENDING_CHECKS` checks the outcome is unknown: parked.
+A reason stored for a parked task or logged carries no URL's userinfo, query or fragment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -30,8 +37,9 @@ from consumers.records import Record
 from dedup.ledger import Ledger
 from service.agents.base import Step
 from service.agents.tasks import Task, canonical_json, digest, loads
-from service.agents.tools import Reconciled, Tool, ToolCall, ToolError, ToolUnknown, run_bounded
+from service.agents.tools import Reconciled, Tool, ToolCall, ToolError, ToolUnknown, run_bounded, scrub_urls
 from service.core.metrics import Metrics
+from service.llm.scrub import scrub
 from service.pipeline.base import LostFence, Parked, ToDeadLetter, iso
 
 
@@ -54,6 +62,14 @@ log = logging.getLogger(__name__)
 
 # how often one processing of a task runs a call again after the downstream said it did not land
 _RUNS_PER_CALL = 3
+# how often a call the downstream reports in progress is asked about again before it parks
+_PENDING_CHECKS = 10
+_PENDING_POLL_MAX_S = 30.0
+
+
+def safe_text(text: str) -> str:
+    """``text`` fit to store in a reason, log or show: URLs cut down, credentials redacted."""
+    return scrub(scrub_urls(text))
 
 
 def source_of(record: Record) -> dict[str, Any]:
@@ -212,7 +228,7 @@ class ToolLoop:
     def _waiting(self, what: str, call: ToolCall, reason: str) -> dict[str, Any]:
         now_ms = int(self.steps.clock().timestamp() * 1000)
         return {"what": what, "step": self.step.name, "ordinal": call.ordinal, "tool": call.tool, "key": call.key,
-                "arguments": call.arguments, "reason": reason[:500], "since_ms": now_ms,
+                "arguments": call.arguments, "reason": safe_text(reason)[:500], "since_ms": now_ms,
                 "deadline_ms": now_ms + int(self.step.approval_timeout_s * 1000), "fence": self.fence}
 
     def _record(self, call: ToolCall, state: str, result: Any) -> dict[str, Any]:
@@ -229,18 +245,20 @@ class ToolLoop:
             try:
                 result = await run_bounded(tool.run(call), tool.timeout_s, f"tool {tool.name}")
             except ToolError as exc:  # refused: nothing happened, the model is told
-                return await self._done(call, field, {"error": str(exc)[:500]}, "refused")
+                return await self._done(call, field, {"error": safe_text(str(exc))[:500]}, "refused")
             except ToolUnknown as exc:
-                log.info("task_id=%s: tool call %s: outcome unknown (%s); reconciling", self.task.key, call.key, exc)
+                log.info("task_id=%s: tool call %s: outcome unknown (%s); reconciling", self.task.key, call.key,
+                         safe_text(str(exc)))
             except Exception as exc:  # noqa: BLE001 - the user's tool failed: whether it acted is unknown
-                log.warning("task_id=%s: tool call %s raised %s; reconciling", self.task.key, call.key,
-                            type(exc).__name__, exc_info=exc)
+                # no traceback: a user's exception may carry the URL (and its secret) it called
+                log.warning("task_id=%s: tool call %s raised %s (%s); reconciling", self.task.key, call.key,
+                            type(exc).__name__, safe_text(str(exc))[:300])
             else:
                 return await self._done(call, field, result, "executed")
-            answer = await self._ask_downstream(tool, call)
+            answer = await self._settled(tool, call, self.steps.clock())
             if answer.state == "landed":
                 return await self._done(call, field, answer.result, "reconciled_landed")
-            if answer.state == "unknown":
+            if answer.state != "absent":  # cannot tell (or an answer the loop does not know)
                 raise Parked(self._waiting("reconcile", call, answer.detail or "the tool cannot tell"))
             self._count(tool.name, "reconciled_absent")
         raise Parked(self._waiting("reconcile", call, f"did not land in {_RUNS_PER_CALL} runs"))
@@ -254,10 +272,10 @@ class ToolLoop:
             raise ToDeadLetter("expired", f"tool call {call.key}: nobody said whether it landed before the deadline",
                                self.attempts)
         if decision is None or decision["decision"] != "absent":
-            answer = await self._ask_downstream(tool, call)
+            answer = await self._settled(tool, call, self._gave_up(self.journal.get(field), tool))
             if answer.state == "landed":
                 return await self._done(call, field, answer.result, "reconciled_landed")
-            if answer.state == "unknown":
+            if answer.state != "absent":  # cannot tell (or an answer the loop does not know)
                 raise Parked(self._waiting("reconcile", call, answer.detail or "the tool cannot tell"))
             self._count(tool.name, "reconciled_absent")
         await self._still_held()
@@ -268,12 +286,57 @@ class ToolLoop:
         if not await self.steps.ledger.heartbeat(self.task.key, self.fence):
             raise LostFence(f"task {self.task.key}: fence {self.fence} no longer holds the task")
 
+    def _gave_up(self, intent: Any, tool: Tool) -> datetime:
+        """When the caller of a call journaled as intended gave up on it, at the latest: its intent
+        plus the tool's timeout (now, when the intent's time cannot be read)."""
+        now = self.steps.clock()
+        try:
+            at = datetime.fromisoformat(str(intent["intent_at"]))
+        except (TypeError, KeyError, ValueError):
+            return now
+        if at.tzinfo is None or at.tzinfo.utcoffset(at) is None:
+            return now
+        return min(now, at + timedelta(seconds=tool.timeout_s))
+
+    async def _settled(self, tool: Tool, call: ToolCall, gave_up: datetime) -> Reconciled:
+        """What the downstream says of a call once it cannot be in flight any more.
+
+        Waits out the tool's settle time after the caller ``gave_up`` (a downstream still working
+        answers "not found" before), then asks; "in progress" is asked again, at most
+        :data:`_PENDING_CHECKS` times and never past the task's deadline, then it cannot tell."""
+        settle_s = tool.settle_after_s
+        wait_s = (gave_up + timedelta(seconds=settle_s) - self.steps.clock()).total_seconds()
+        if wait_s > 0:
+            if self._past_deadline(wait_s):
+                return Reconciled.unknown(f"the task's deadline comes before tool {tool.name} could settle")
+            await asyncio.sleep(wait_s)
+        poll_s = min(max(settle_s, 0.1), _PENDING_POLL_MAX_S)
+        answer = await self._ask_downstream(tool, call)
+        for _ in range(_PENDING_CHECKS):
+            if answer.state != "pending":
+                return answer
+            self._count(tool.name, "reconcile_pending")
+            if self._past_deadline(poll_s):
+                break
+            await asyncio.sleep(poll_s)
+            answer = await self._ask_downstream(tool, call)
+        if answer.state != "pending":
+            return answer
+        return Reconciled.unknown(f"still in progress downstream: {answer.detail}"[:300])
+
+    def _past_deadline(self, wait_s: float) -> bool:
+        """Whether waiting ``wait_s`` more would take the task past its deadline."""
+        deadline = self.task.deadline
+        return deadline is not None and self.steps.clock() + timedelta(seconds=wait_s) >= deadline
+
     async def _ask_downstream(self, tool: Tool, call: ToolCall) -> Reconciled:
         try:
             answer = await run_bounded(tool.reconcile(call), tool.timeout_s, f"reconcile of {tool.name}")
         except Exception as exc:  # noqa: BLE001 - a failing reconcile cannot tell
-            return Reconciled.unknown(f"reconcile failed: {type(exc).__name__}: {str(exc)[:200]}")
-        return answer if isinstance(answer, Reconciled) else Reconciled.unknown("reconcile answered nonsense")
+            return Reconciled.unknown(f"reconcile failed: {type(exc).__name__}: {safe_text(str(exc))[:200]}")
+        if not isinstance(answer, Reconciled):
+            return Reconciled.unknown("reconcile answered nonsense")
+        return Reconciled(answer.state, answer.result, safe_text(answer.detail))
 
     async def _done(self, call: ToolCall, field: str, result: Any, outcome: str) -> Any:
         record = self._record(call, "done", result)
