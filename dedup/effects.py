@@ -19,6 +19,7 @@ set ``agent:parked`` (by deadline), and becomes ``resuming`` (claimable) once de
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -84,12 +85,29 @@ keep(KEYS[2])
 return 'ok'
 """
 
-# KEYS task; ARGV fence, waiting (JSON) -> 'ok'|'stale'
+# KEYS task, steps, tools, audit; ARGV fence, waiting (JSON), keep_s -> 'ok'|'stale'
+# A parked task's keys live at least keep_s (its wait and a margin): a wait longer than the
+# ledger's TTL must not let the task vanish before its deadline decides it.
 PARK = _FENCED + """
 if not held then return 'stale' end
 redis.call('HSET', KEYS[1], 'state', 'waiting_approval', 'waiting', ARGV[2], 'lease_until', 0)
+local keep = tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  local ttl = redis.call('TTL', key)
+  if ttl > 0 and ttl < keep then redis.call('EXPIRE', key, keep) end
+end
 return 'ok'
 """
+
+# KEYS parked; ARGV task key, score -> 1 removed, 0 (listed at another score, or not listed)
+UNLIST_AT = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+# how much longer than its wait a parked task's keys live (the sweeper's turn, an outage of it)
+PARK_MARGIN_S = 24 * 3600
 
 # KEYS task, tools, audit; ARGV waiting (as read), field, decision (JSON), audit entry (JSON)
 # -> {'ok', source} | {'not_waiting', state}. Once: a second decision finds the task resuming.
@@ -170,6 +188,7 @@ class Effects:
         self._undo = client.register_script(UNDO)
         self._rerun = client.register_script(RERUN)
         self._exported = client.register_script(EXPORTED)
+        self._unlist_at = client.register_script(UNLIST_AT)
 
     def _keys(self, task_key: str) -> list[str]:
         keys = self.ledger.keys
@@ -192,13 +211,18 @@ class Effects:
         return _s(raw) == "ok"
 
     async def park(self, task_key: str, fence: int, waiting: dict[str, Any]) -> bool:
-        """Park the task until ``waiting`` is decided; listed by deadline. False: a newer claim holds it."""
+        """Park the task until ``waiting`` is decided; listed by deadline. False: a newer claim holds it.
+
+        Its keys are kept until its deadline and :data:`PARK_MARGIN_S` after, whatever the ledger's TTL."""
         keys = self.ledger.keys
         deadline = float(waiting.get("deadline_ms", 0))
+        wait_s = max(0.0, deadline - float(waiting.get("since_ms", deadline))) / 1000
+        keep_s = math.ceil(wait_s) + PARK_MARGIN_S
         # listed first: a listed task that is not waiting is skipped (and dropped) by the sweeper,
         # a waiting task that is not listed would never expire
         await self.ledger._call(lambda: self.ledger.client.zadd(keys.parked(), {task_key: deadline}))
-        raw = await self.ledger._script(self._park, [keys.task(task_key)], [fence, _dumps(waiting)])
+        raw = await self.ledger._script(self._park, [keys.task(task_key), keys.steps(task_key), keys.tools(task_key),
+                                                     keys.audit(task_key)], [fence, _dumps(waiting), keep_s])
         return _s(raw) == "ok"
 
     async def resolve(self, task_key: str, waiting_raw: str, field: str, decision: dict[str, Any],
@@ -219,9 +243,17 @@ class Effects:
     async def parked_count(self) -> int:
         return int(await self.ledger._call(lambda: self.ledger.client.zcard(self.ledger.keys.parked())))
 
-    async def relist(self, task_key: str, at_ms: float) -> None:
-        """List the task for the sweeper at ``at_ms`` (a decision whose resumption was not produced)."""
-        await self.ledger._call(lambda: self.ledger.client.zadd(self.ledger.keys.parked(), {task_key: at_ms}))
+    async def relist(self, task_key: str, at_ms: float, *, keep: bool = False) -> None:
+        """List the task for the sweeper at ``at_ms`` (a decision whose resumption was not produced);
+        with ``keep``, a task listed already keeps its time (a parked task, its deadline)."""
+        await self.ledger._call(lambda: self.ledger.client.zadd(self.ledger.keys.parked(), {task_key: at_ms},
+                                                                nx=keep))
+
+    async def unlist_at(self, task_key: str, at_ms: float) -> bool:
+        """Unlist the task only if it is still listed at ``at_ms``: one listed again meanwhile (parked
+        with its deadline) stays."""
+        raw = await self.ledger._script(self._unlist_at, [self.ledger.keys.parked()], [task_key, at_ms])
+        return bool(int(raw))
 
     async def unlist(self, task_key: str) -> None:
         await self.ledger._call(lambda: self.ledger.client.zrem(self.ledger.keys.parked(), task_key))

@@ -162,8 +162,8 @@ async def sweep(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, aud
             elif record is not None and record.state == "resuming":
                 await _resume_stored(ledger, send, task_key, "again")
                 acted += 1
-            else:
-                await ledger.effects.unlist(task_key)
+            else:  # running or ended: unless parked again meanwhile (listed then with its deadline)
+                await ledger.effects.unlist_at(task_key, _deadline)
         except NotDecidable:  # decided by someone else meanwhile
             continue
     metrics.parked_tasks.set(await ledger.effects.parked_count())
@@ -223,10 +223,20 @@ async def compensate(ledger: Ledger, agents: AgentRegistry, send: Send, metrics:
     if audit_topic is not None:
         await export_audit(ledger, send, audit_topic, task_key, metrics)
     if rerun and not report.failed:
+        # listed before the state changes: a resumption never produced (the producer failed, the
+        # process died) leaves the task `resuming` and listed, and the sweeper produces it
+        retry_at = clock().timestamp() * 1000 + RESUME_RETRY_MS
+        await ledger.effects.relist(task_key, retry_at, keep=True)
         status, source = await ledger.effects.rerun(task_key, generation)
         if status != "ok":
             raise Busy(f"task {task_key} cannot run again: {source}")
-        await resume(send, json.loads(source), "rerun")
+        try:
+            await resume(send, json.loads(source), "rerun")
+        except Exception:
+            log.warning("task_id=%s: compensated and set to run again; its record was not produced: "
+                        "the sweeper produces it", task_key)
+            raise
+        await ledger.effects.unlist_at(task_key, retry_at)
         report.rerun = True
     return report
 
