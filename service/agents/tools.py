@@ -35,7 +35,8 @@ import aiohttp
 from jsonschema.validators import validator_for
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{0,15}://[^\s'\"<>]+")
+# a URL, without the punctuation that may follow it in a sentence
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{0,15}://[^\s'\"<>]*[^\s'\"<>:.,;)\]]")
 # what a status answer may say of a call the downstream has not finished
 PENDING_WORDS = frozenset({"pending", "running", "in_progress", "in-progress", "processing", "queued", "accepted"})
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}

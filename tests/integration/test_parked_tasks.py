@@ -257,6 +257,49 @@ def test_a_not_found_while_the_call_may_still_be_in_flight_does_not_run_it_again
     assert downstream.stats()["effects_by_key"] == {"slow-1/file/1": 1}
 
 
+def test_a_call_journaled_by_a_worker_that_died_is_not_run_again_while_it_may_be_in_flight(
+        make_settings: Any, model: FakeLLM, downstream: FakeDownstream) -> None:
+    """A worker journals its intent, sends the call (the downstream takes 2 s) and loses the task;
+    the next holder finds the intent: it waits until the call settled, then hears that it landed."""
+    s = settings_for(make_settings, downstream, ledger={"lease_ms": 200})
+    downstream.add_fault(DownstreamFault("delay", match="died-1/", delay_s=2.0, times=1))
+    key = "died-1/file/1"
+
+    async def scenario() -> None:
+        svc = build(s, llm_base_url=model.base_url)
+        try:
+            record = Record(s.kafka.input_topic, 0, 0, b"died-1", ticket("died-1"))
+            task, _agent, task_input = decode_record(record, svc.agents, s.max_task_bytes)
+            old = await svc.ledger.claim(task.key, task.fingerprint, "old", task.kind)
+            effects = svc.ledger.effects
+            calls = [{"id": "call_1", "name": "open_ticket", "arguments": json.dumps(NO_REFUND)}]
+            assert (await effects.first(task.key, old.fence, "r:file:1", {"calls": calls, "fence": old.fence,
+                                                                            "at": iso(utcnow())}))[0] == "ok"
+            intent = {"state": "intent", "key": key, "tool": "open_ticket", "arguments": NO_REFUND,
+                      "fence": old.fence, "worker": "old", "intent_at": iso(utcnow()), "result": None}
+            assert (await effects.first(task.key, old.fence, "c:file:1", intent))[0] == "ok"
+            async with httpx.AsyncClient(base_url=downstream.base_url) as c:
+                sent = asyncio.create_task(c.post("/tickets", json=NO_REFUND, headers={"Idempotency-Key": key}))
+                await asyncio.sleep(0.3)  # the old holder's lease runs out; its call is still downstream
+                new = await svc.ledger.claim(task.key, task.fingerprint, "new", task.kind)
+                assert new.decision == "claimed" and new.fence > old.fence
+                tool = _tool(downstream.base_url, timeout_s=1.0, settle_s=4.0)
+                loop = ToolLoop(_Steps(svc, NO_REFUND), task, FileTicket(tool, 100.0, 3600.0), task_input, {},
+                                new.fence, 0, record)
+                try:
+                    await loop.run()
+                finally:
+                    await tool.aclose()
+                assert (await sent).status_code == 201
+            (call,) = (await side_effects(svc.ledger, "died-1"))["tool_calls"]
+            assert call["outcome"] == "reconciled_landed"
+        finally:
+            await svc.aclose()
+
+    asyncio.run(scenario())
+    assert downstream.stats()["effects_by_key"] == {key: 1}
+
+
 @pytest.mark.parametrize(("fault", "status"), [("status_error", 409), ("status_accepted", 500), ("status_pending", 500)])
 def test_an_in_progress_answer_is_asked_again_and_the_call_never_runs_twice(
         make_settings: Any, model: FakeLLM, downstream: FakeDownstream, fault: str, status: int) -> None:
@@ -396,3 +439,29 @@ def test_a_tool_urls_secrets_reach_no_reason_log_or_read_page(
     for text in (*pages, caplog.text):
         for secret in SECRETS:
             assert secret not in text
+
+
+def test_a_record_that_keeps_failing_the_loop_is_skipped_as_internal_and_the_next_is_applied(
+        make_settings: Any) -> None:
+    s: Settings = make_settings()
+    from service.runtime.wiring import ensure_topics
+
+    ensure_topics(s)
+    apply = _Applier([RuntimeError("a bug")] * 3)
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        consumer = ApprovalsConsumer(s, apply, asyncio.get_running_loop(), metrics=metrics)
+        consumer.start()
+        try:
+            produce(s.kafka.bootstrap_servers, s.kafka.approvals_topic,
+                    [(t.encode(), json.dumps({"task_id": t, "approve": True}).encode()) for t in ("t-1", "t-2")],
+                    partition=0)
+            await wait_for(lambda: apply.applied, 60, what="the record behind the failing one applied")
+            assert consumer.alive()
+        finally:
+            await asyncio.to_thread(consumer.stop)
+
+    asyncio.run(scenario())
+    assert apply.applied == [("t-2", "approved")]
+    assert metrics.registry.get_sample_value("agent_approvals_skipped_total", {"reason": "internal"}) == 1
