@@ -66,6 +66,10 @@ class Metrics:
             "agent_llm_breaker_open", "1 while the circuit breaker of an LLM endpoint is open.", ["endpoint"],
             registry=r, multiprocess_mode="livemax",
         )
+        self.breaker_probes = Counter(
+            "agent_llm_breaker_probes", "Half-open probes the breaker made with a call of its own, while only "
+            "tasks that had just failed waited.", ["endpoint"], registry=r,
+        )
         self.breaker_opens = Counter(
             "agent_llm_breaker_opens", "Times an LLM endpoint's circuit breaker opened.", registry=r
         )

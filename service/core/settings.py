@@ -188,8 +188,12 @@ class LLMSettings(BaseModel):
     # model calls a worker may have open. Unset: it follows max_in_flight (times the most calls one
     # task can have open at once, see service.runtime.limits); set, it is a cap (logged at start)
     max_concurrency: int | None = Field(None, ge=1)
-    breaker_failures: int = Field(5, ge=1)  # consecutive retryable failures that open the breaker
+    # different tasks whose calls fail in a row (5xx, timeouts; no success between) that open the breaker
+    breaker_failures: int = Field(5, ge=1)
     breaker_open_s: float = Field(10.0, gt=0)
+    # the longest one call of a task waits for the endpoint (breaker, degraded, Retry-After, rate limits,
+    # the window); then the task is dead-lettered `unavailable` (replay it once the endpoint is back)
+    max_wait_s: float = Field(300.0, gt=0)
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)  # retries per first call, over 10 s
     rpm: int = Field(0, ge=0)  # requests per minute across replicas (0: no limit)
     tpm: int = Field(0, ge=0)  # tokens per minute across replicas (0: no limit)

@@ -52,6 +52,9 @@ class ProcessorConfig:
     internal_retries: int = 3
     internal_backoff_s: float = 0.5
     audit_topic: str = "agent.audit"  # where the audit entries of tool calls go
+    # the longest one call waits for the endpoint (breaker, Retry-After, rate limits, window): then
+    # the task is dead-lettered `unavailable`
+    max_wait_s: float = 300.0
 
 
 class ToDeadLetter(Exception):

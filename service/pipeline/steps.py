@@ -36,7 +36,7 @@ from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.client import ChatRequest, ChatResult
 from service.llm.endpoints import Endpoint
-from service.llm.guard import EndpointGuard, RateLimiter
+from service.llm.guard import EndpointGuard, EndpointUnavailable, RateLimiter
 from service.llm.tenancy import OverBudget, Reservation, Tenancy, TenantBudgets
 from service.llm.window import AdaptiveWindow, Slot
 from service.llm.window import Outcome as WindowOutcome
@@ -119,29 +119,34 @@ class Steps:
         endpoint and model that answered are appended to ``answered``."""
         messages, schema, needed = self._request_size(step, task_input, previous, attempts, conversation)
         last: Exception | None = None
+        # every wait before an attempt (budget, endpoint, window, and the calls given back: 429s,
+        # endpoint faults) ends by this time; then the task is dead-lettered (`budget`, `unavailable`)
+        waits_until = monotonic() + self.config.max_wait_s
         while True:
-            spend = await self._reserve_budget(task, needed, attempts)  # waits, or dead letter `budget`
+            spend = await self._reserve_budget(task, needed, attempts, waits_until)  # or dead letter `budget`
             outcome: Any = None
             try:
-                endpoint = await self._capacity(task, needed, retry=last is not None, attempts=attempts)
+                endpoint = await self._capacity(task, needed, retry=last is not None, attempts=attempts,
+                                                until=waits_until)
                 remaining = self._time_left(task, attempts)  # after any wait for the endpoint
                 attempt = await self._begin_attempt(task, step, fence)
                 attempts = attempt.total
-                request = self._request(task, step, messages, schema, remaining, offer_tools, endpoint)
+                request = self._request(task, step, messages, schema, remaining, offer_tools, endpoint, attempts)
                 outcome = await self._one_call(request, step, task_input, needed, attempt.step, attempts, endpoint,
                                                answered, deadline_s=remaining, priority=task.event.priority,
-                                               spend=spend)
+                                               spend=spend, task_key=task.key, waits_until=waits_until)
             finally:
                 await self._settle_budget(spend, outcome)
             if isinstance(outcome, dict | ToolCalls):
                 return outcome, attempts
             last, delay, endpoint_fault = outcome
             if endpoint_fault:
-                await self._give_attempt_back(task, step, fence, last, delay, endpoint)
+                await self._give_attempt_back(task, step, fence, last, delay, endpoint, waits_until, attempts - 1)
                 attempts -= 1
                 last = None  # the next call is not a retry of the task's
                 continue
             await self._back_off(step, attempt.step, attempts, last, delay, task.key)
+            waits_until = monotonic() + self.config.max_wait_s  # an attempt spent: the next may wait again
 
     def _request_size(
         self, step: Step, task_input: BaseModel, previous: dict[str, dict[str, Any]], attempts: int,
@@ -175,7 +180,8 @@ class Steps:
             raise ToDeadLetter("exhausted", f"step {step.name}: {exc}", exc.total) from exc
 
     def _request(self, task: Task, step: Step, messages: list[dict[str, Any]], schema: dict[str, Any],
-                 remaining: float | None, offer_tools: bool = False, endpoint: Endpoint | None = None) -> ChatRequest:
+                 remaining: float | None, offer_tools: bool = False, endpoint: Endpoint | None = None,
+                 attempt: int | str = 1) -> ChatRequest:
         """The step's request; to a fallback, with its model (unless the step names one) and timeout."""
         cfg = self.config
         limit = endpoint.timeout_s if endpoint is not None and endpoint.timeout_s is not None else cfg.llm_timeout_s
@@ -184,7 +190,9 @@ class Steps:
             messages=messages,
             schema=schema,
             schema_name=f"{task.kind}_{step.name}",
-            idempotency_key=f"{task.key}:{step.name}",
+            # one key per attempt (and tool round): a provider that honours it replays a lost answer
+            # to the same attempt, never the first answer to every retry
+            idempotency_key=f"{task.key}:{step.name}:{attempt}",
             timeout_s=timeout,
             traceparent=self.tracing.current_traceparent() or task.traceparent,
             model=step.model or (endpoint.model if endpoint is not None else None),
@@ -196,14 +204,19 @@ class Steps:
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Exception,
-                                 delay: float | None, endpoint: Endpoint) -> None:
-        """The endpoint failed, not the task: refund the attempt and wait for the endpoint."""
+                                 delay: float | None, endpoint: Endpoint, waits_until: float, attempts: int) -> None:
+        """The endpoint failed, not the task: refund the attempt and wait for the endpoint, until
+        ``waits_until`` at most."""
         if not await self.ledger.refund_attempt(task.key, fence, step.name):
             raise LostFence(f"task {task.key}: fence {fence} no longer holds the task")
         log.info("task_id=%s step=%s: the endpoint %s failed (%s); no attempt spent",
                  task.key, step.name, endpoint.name, failure)
+        left = waits_until - monotonic()
+        if left <= 0:
+            raise ToDeadLetter("unavailable", f"waited {self.config.max_wait_s:.0f} s for the model endpoint, "
+                               f"which kept refusing ({failure})", attempts)
         if endpoint.accepting and (endpoint.available or self._policy(task) == "wait"):
-            await asyncio.sleep(delay if delay is not None else min(self.config.backoff_max_s, 1.0))
+            await asyncio.sleep(min(left, delay if delay is not None else min(self.config.backoff_max_s, 1.0)))
 
     async def _back_off(self, step: Step, step_attempt: int, attempts: int, failure: Exception,
                         delay: float | None, task_key: str) -> None:
@@ -224,15 +237,19 @@ class Steps:
         self, request: ChatRequest, step: Step, task_input: BaseModel, needed: int, step_attempt: int, attempts: int,
         endpoint: Endpoint | None = None, answered: list[tuple[str, str]] | None = None, *,
         deadline_s: float | None = None, priority: str = "batch", spend: Spend | None = None,
+        task_key: str | None = None, waits_until: float | None = None,
     ) -> dict[str, Any] | ToolCalls | tuple[Exception, float | None, bool]:
-        """One model call: the step's output, the tools it asks to call, or (the failure, a delay it asks for, whether it was the
-        endpoint's fault rather than the task's). A 400 for this request dead-letters at once."""
+        """One model call: the step's output, the tools it asks to call, or (the failure, a delay it
+        asks for, whether it was the endpoint's fault rather than the task's: a 429 or an endpoint
+        fault, never a 5xx or a timeout, which the task's attempts pay for). A 400 for this request
+        dead-letters at once."""
         endpoint = endpoint or self.primary
         guard = endpoint.guard
         window = endpoint.window
         slot = None
         if window is not None:
-            slot, request = await self._window_slot(window, request, deadline_s, attempts, priority)
+            wait_s = self.config.max_wait_s if waits_until is None else waits_until - monotonic()
+            slot, request = await self._window_slot(window, request, deadline_s, attempts, priority, wait_s)
         if spend is not None:
             spend.sent = True  # from here the endpoint may serve (and bill) the call
         verdict: WindowOutcome = "ok"  # what the window learns from this call: the endpoint answered
@@ -244,27 +261,29 @@ class Steps:
                                   answer.completion_tokens)
             await self._account(answer, needed, request, endpoint, spend)
         except PermanentError as exc:
-            self._endpoint_answered(guard)
+            self._endpoint_answered(guard, task_key)
             raise ToDeadLetter("permanent", str(exc), attempts) from exc
         except InvalidOutput as exc:
-            self._endpoint_answered(guard)
+            self._endpoint_answered(guard, task_key)
             return exc, None, False
         except EndpointFault as exc:  # the endpoint's fault, not the task's: no attempt is spent
             verdict = "outage"
             self._endpoint_unusable(exc, guard)
             return exc, None, True
         except RetryableError as exc:
-            # a 429, or the failure that opened the breaker, is the endpoint's: the attempt is given back
-            endpoints_fault = await self._endpoint_failed(exc, guard)
-            verdict = _window_outcome(exc, endpoints_fault)
-            return exc, exc.delay, endpoints_fault
+            # a 429 is the endpoint's: the attempt is given back. A 5xx or a timeout is the task's
+            # attempt, whoever is to blame: the breaker (opened by many tasks failing) keeps the
+            # others from calling, and a task that fails alone cannot call more than max_attempts times
+            opened = await self._endpoint_failed(exc, guard, task_key)
+            verdict = _window_outcome(exc, opened)
+            return exc, exc.delay, isinstance(exc, LLMRateLimited)
         except BaseException:
             verdict = "none"
             raise
         finally:
             if slot is not None and window is not None:
                 await window.release(slot, verdict)
-        self._endpoint_answered(guard)
+        self._endpoint_answered(guard, task_key)
         if answer.tool_calls:
             if request.tool_choice == "auto":
                 if answered is not None:
@@ -281,17 +300,22 @@ class Steps:
 
     @staticmethod
     async def _window_slot(window: AdaptiveWindow, request: ChatRequest, deadline_s: float | None,
-                           attempts: int, priority: str) -> tuple[Slot, ChatRequest]:
+                           attempts: int, priority: str, max_wait_s: float) -> tuple[Slot, ChatRequest]:
         """A slot in the fleet's window, waited for within the task's deadline (``deadline_s`` from
-        now); the request's timeout is cut by the wait, so the call still ends by the deadline."""
-        if deadline_s is None:
-            return await window.acquire(priority), request
+        now) and at most ``max_wait_s``; the request's timeout is cut by the wait, so the call still
+        ends by the deadline."""
         started = monotonic()
+        limit = max_wait_s if deadline_s is None else min(deadline_s, max_wait_s)
         try:
-            slot = await asyncio.wait_for(window.acquire(priority), deadline_s)
+            slot = await asyncio.wait_for(window.acquire(priority), max(limit, 0.0))
         except TimeoutError:
-            raise ToDeadLetter("expired", f"deadline passed waiting for the endpoint after {attempts} attempts",
-                               attempts) from None
+            if deadline_s is not None and deadline_s <= max_wait_s:
+                raise ToDeadLetter("expired", f"deadline passed waiting for the endpoint after {attempts} attempts",
+                                   attempts) from None
+            raise ToDeadLetter("unavailable", "waited the longest wait allowed (AGENT_LLM__MAX_WAIT_S) for a slot "
+                               f"in the endpoint's window after {attempts} attempts", attempts) from None
+        if deadline_s is None:
+            return slot, request
         left = deadline_s - (monotonic() - started)
         if request.timeout_s is None or left < request.timeout_s:
             request = dataclasses.replace(request, timeout_s=max(0.05, left))
@@ -306,7 +330,7 @@ class Steps:
         return agent.unavailable or self.default_unavailable
 
     async def _capacity(self, task: Task, tokens: int, *, retry: bool, attempts: int = 0,
-                        primary_only: bool = False) -> Endpoint:
+                        primary_only: bool = False, until: float | None = None) -> Endpoint:
         """Choose the endpoint to call and wait until it may be called (breaker, retry budget,
         Retry-After, rate limits); returns it.
 
@@ -316,6 +340,20 @@ class Steps:
         the primary) it waits, within the task's deadline. With no fallback configured, a
         ``fallback`` kind waits for the primary as a ``wait`` kind does.
         """
+        limit = self.config.max_wait_s if until is None else until - monotonic()
+        try:
+            if limit <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(limit):
+                return await self._choose(task, tokens, retry=retry, attempts=attempts, primary_only=primary_only)
+        except EndpointUnavailable as exc:
+            raise ToDeadLetter("unavailable", f"{exc} after {attempts} attempts", attempts) from exc
+        except TimeoutError:
+            why = self.primary.guard.why_waiting() if self.primary.guard is not None else None
+            raise ToDeadLetter("unavailable", f"waited {self.config.max_wait_s:.0f} s for the model endpoint "
+                               f"({why or 'rate limits'}) after {attempts} attempts", attempts) from None
+
+    async def _choose(self, task: Task, tokens: int, *, retry: bool, attempts: int, primary_only: bool) -> Endpoint:
         primary = self.primary
         policy = "wait" if primary_only else self._policy(task)
         fallbacks = self.fallbacks
@@ -334,7 +372,7 @@ class Steps:
 
     async def _acquire(self, endpoint: Endpoint, task: Task, tokens: int, retry: bool) -> Endpoint:
         if endpoint.guard is not None:
-            await endpoint.guard.acquire(retry=retry)
+            await endpoint.guard.acquire(retry=retry, task=task.key)
         if endpoint.limiter is not None:
             await endpoint.limiter.acquire(task.event.priority, tokens, *self._share(task))
         return endpoint
@@ -343,7 +381,7 @@ class Steps:
         """The task's tenant, its weight and its metric label."""
         return task.tenant, self.tenancy.weight(task.tenant), self.tenancy.label(task.tenant)
 
-    async def _reserve_budget(self, task: Task, tokens: int, attempts: int) -> Spend:
+    async def _reserve_budget(self, task: Task, tokens: int, attempts: int, until: float | None = None) -> Spend:
         """Reserve the call's estimated tokens of its tenant's budget, across replicas, before the
         call. Over budget, the policy decides: ``wait`` for room (the next period, or calls that
         used less than they reserved), within the task's deadline; ``dead_letter`` (`budget`). A
@@ -367,6 +405,9 @@ class Steps:
                 if policy == "dead_letter":
                     raise ToDeadLetter("budget", str(exc), attempts) from exc
                 self._time_left(task, attempts)  # a deadline still holds while it waits
+                if until is not None and monotonic() >= until:  # and so does the longest wait
+                    raise ToDeadLetter("budget", f"{exc}; waited {self.config.max_wait_s:.0f} s for room",
+                                       attempts) from exc
                 await asyncio.sleep(min(exc.wait_s, 1.0) * random.uniform(0.5, 1.0) + 0.01)
 
     async def _settle_budget(self, spend: Spend, outcome: Any) -> None:
@@ -407,19 +448,21 @@ class Steps:
         if cost is not None:
             self.metrics.tenant_cost.labels(tenant=spend.label, kind=spend.kind).inc(cost)
 
-    def _endpoint_answered(self, guard: EndpointGuard | None) -> None:
+    def _endpoint_answered(self, guard: EndpointGuard | None, task_key: str | None = None) -> None:
         if guard is not None:
-            guard.success()
+            guard.success(task_key)
 
-    async def _endpoint_failed(self, exc: RetryableError, guard: EndpointGuard | None) -> bool:
-        """Tell the guard; True when the failure is the endpoint's (a 429, or it opened the breaker)."""
+    async def _endpoint_failed(self, exc: RetryableError, guard: EndpointGuard | None,
+                               task_key: str | None = None) -> bool:
+        """Tell the guard; True when the failure opened the breaker (or is a 429: the endpoint
+        asked every caller to wait)."""
         if isinstance(exc, LLMRateLimited):
             if guard is not None and exc.delay:
                 await guard.retry_after(exc.delay)  # a rate limit is not a broken endpoint
             return True
         if guard is None:
             return False
-        return bool(guard.failure())
+        return bool(guard.failure(task_key))
 
     def _endpoint_unusable(self, exc: EndpointFault, guard: EndpointGuard | None) -> None:
         if guard is not None:
@@ -460,25 +503,23 @@ class Steps:
                 previous = {need: outputs[need] for need in agent.graph[name]}
                 messages, schema = step.messages(task_input, previous), step.schema(task_input, previous)
                 needed = estimate_tokens(messages, schema) + self.config.max_output_tokens
-                # a shadow call is a call: the breaker, the rate limits and Retry-After hold for it too
+                # a shadow call is a call: the breaker, the rate limits, Retry-After, the window and
+                # the tenant's budget hold for it too
                 await self._capacity(task, needed, retry=False, primary_only=True)
+                request = dataclasses.replace(
+                    self._request(task, step, messages, schema, None, endpoint=self.primary),
+                    idempotency_key=f"{task.key}:{step.name}:shadow", tools=(), tool_choice=None)
+                spend = await self._reserve_budget(task, needed, 0)
+                outcome: Any = None
                 try:
-                    answer = await self.llm.chat(ChatRequest(
-                        messages=messages, schema=schema,
-                        schema_name=f"{task.kind}_{step.name}", idempotency_key=f"{task.key}:{step.name}:shadow",
-                        timeout_s=self.config.llm_timeout_s, model=step.model, temperature=step.temperature,
-                    ))
-                except EndpointFault as exc:
-                    self._endpoint_unusable(exc, self.guard)
-                    raise
-                except RetryableError as exc:
-                    await self._endpoint_failed(exc, self.guard)
-                    raise
-                self._endpoint_answered(self.guard)
-                if self.limiter is not None:
-                    await self.limiter.reconcile(needed, answer.prompt_tokens + answer.completion_tokens)
-                outputs[step.name] = step.parse(task_input, answer.content)
-        except (RetryableError, PermanentError, InvalidOutput, EndpointFault) as exc:
+                    outcome = await self._one_call(request, step, task_input, needed, 1, 0, self.primary,
+                                                   task_key=task.key, spend=spend)
+                finally:
+                    await self._settle_budget(spend, outcome)
+                if not isinstance(outcome, dict):
+                    raise outcome[0] if isinstance(outcome, tuple) else InvalidOutput("schema", "asked for tools")
+                outputs[step.name] = outcome
+        except (RetryableError, PermanentError, InvalidOutput, EndpointFault, ToDeadLetter) as exc:
             count("failed")
             log.info("task_id=%s: shadow run failed: %s", task.key, exc)
             return

@@ -45,7 +45,7 @@ from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.llm.client import LLMClient
 from service.llm.endpoints import PRIMARY, Endpoint, public_url
-from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter
+from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter, chat_probe
 from service.llm.tenancy import Tenancy, TenantBudgets
 from service.llm.window import AdaptiveWindow
 from service.pipeline.base import ChatClient, ProcessorConfig
@@ -421,7 +421,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     outputs.set_dlq_limit(dlq_limit)  # dead letters are cut to the DLQ topic's limit too, when known
     s = settings
     guard_config = GuardConfig(failure_threshold=s.llm.breaker_failures, open_s=s.llm.breaker_open_s,
-                               retry_ratio=s.llm.retry_budget_ratio)
+                               retry_ratio=s.llm.retry_budget_ratio, max_wait_s=s.llm.max_wait_s)
     fallbacks = fallback_endpoints(s, metrics, client, guard_config, bounds.model_calls, closers)
     tenancy = tenants(s, metrics)
     processor = TaskProcessor(
@@ -432,10 +432,11 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             llm_timeout_s=s.llm.timeout_s, busy_poll_s=s.ledger.busy_poll_s, lease_ms=s.ledger.lease_ms,
             context_tokens=s.llm.context_tokens, max_output_tokens=s.llm.max_tokens,
             shadow_sample_rate=s.llm.shadow_sample_rate, internal_retries=s.internal_retries,
-            audit_topic=s.kafka.audit_topic,
+            audit_topic=s.kafka.audit_topic, max_wait_s=s.llm.max_wait_s,
         ),
         worker_id=worker_id(s), model_name=s.llm.model,
-        guard=EndpointGuard(llm_base_url, metrics, guard_config, redis=client, key_prefix=s.redis.key_prefix),
+        guard=EndpointGuard(llm_base_url, metrics, guard_config, redis=client, key_prefix=s.redis.key_prefix,
+                            probe=chat_probe(llm, s.llm.timeout_s)),
         tracing=tracing,
         tenancy=tenancy, budgets=TenantBudgets(client, tenancy, key_prefix=s.redis.key_prefix),
         limiter=RateLimiter(
@@ -446,6 +447,8 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable,
         window=adaptive_window(s, client, llm_base_url, metrics, PRIMARY, s.llm.timeout_s, closers),
     )
+    # the guards' own probes end before the clients they call are closed
+    closers[:0] = [e.guard.aclose for e in (processor.primary, *fallbacks) if e.guard is not None]
     consumer_conf = s.kafka.consumer_config()
     # A fetch must hold the largest task the service accepts.
     consumer_conf["fetch.max.bytes"] = max(s.kafka.fetch_max_bytes, s.max_task_bytes * 4)
@@ -510,7 +513,8 @@ def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient,
         closers.append(client.aclose)
         endpoints.append(Endpoint(
             fallback.name, public_url(fallback.base_url), client,
-            EndpointGuard(fallback.base_url, metrics, guard_config, redis=redis, key_prefix=settings.redis.key_prefix),
+            EndpointGuard(fallback.base_url, metrics, guard_config, redis=redis, key_prefix=settings.redis.key_prefix,
+                          probe=chat_probe(client, fallback.timeout_s or llm.timeout_s, fallback.model)),
             RateLimiter(redis, fallback.base_url, metrics, rpm=fallback.rpm, tpm=fallback.tpm,
                         interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix,
                         half_life_s=settings.tenancy.fair_half_life_s),

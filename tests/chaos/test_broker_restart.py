@@ -48,7 +48,7 @@ def test_broker_restart_loses_nothing(make_settings: Any, fake_llm: FakeLLM, tmp
         for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n):
             values[m.key].add(m.value)
         assert len(values) == n and all(len(v) == 1 for v in values.values())
-        calls = fake_llm.stats()["by_key"]
+        calls = fake_llm.stats()["by_step"]
         assert all(calls[f"br-{i}:classify"] == 1 for i in range(n))
     finally:
         broker.stop()

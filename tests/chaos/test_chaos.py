@@ -126,7 +126,7 @@ def _check(s: Settings, tasks: dict[str, bytes], poison: dict[bytes, bytes], sta
     assert reasons["decode"] >= 1 and reasons["schema"] >= 1 and reasons["conflict"] >= 1
     for m in dead:
         assert m.headers["dlq.original.topic"] == s.kafka.input_topic.encode()
-    calls = fake.stats()["by_key"]
+    calls = fake.stats()["by_step"]
     per_task = Counter(calls.get(f"{k}:classify", 0) for k in tasks)
     return {
         "tasks": len(tasks), "results_distinct": len(values), "result_records": len(results),

@@ -137,7 +137,7 @@ def test_cluster_faults_under_load_lose_nothing_and_give_no_task_two_results(
     ends = _end_offsets(s.kafka.bootstrap_servers, s.kafka.input_topic)
     assert sum(ends.values()) == TASKS  # the test's own producer wrote each task once (idempotent)
     assert committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, PARTITIONS) == ends
-    calls = fake_llm.stats()["by_key"]
+    calls = fake_llm.stats()["by_step"]
     results = assert_one_result_each(s.kafka.bootstrap_servers, s.kafka.results_topic,
                                      [f"cl-{i}" for i in range(TASKS)], calls)
     print(f"\n{fault}: tasks {TASKS}, events {events}, succeeded before the fault {figures['done_at_fault']:.0f}, "
@@ -206,7 +206,7 @@ def test_workers_sigkilled_on_the_cluster_and_the_results_read_committed(
         key = (m.key or b"").decode()
         copies[key] = copies.get(key, 0) + 1
         values.setdefault(key, set()).add(m.value)
-    calls = fake_llm.stats()["by_key"]
+    calls = fake_llm.stats()["by_step"]
     model_calls = sum(calls.get(f"{t}:classify", 0) for t in ids)
     print(f"\n{'exactly-once' if transactional else 'at-least-once'}: tasks {TASKS}, workers {WORKERS}, "
           f"SIGKILLs {kills} (offsets committed at each: {progress}), results read_committed {len(read)} (tasks with more than one copy "

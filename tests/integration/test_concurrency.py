@@ -158,7 +158,7 @@ def test_rebalances_with_tasks_in_flight_lose_nothing_and_run_nothing_twice(
     held = [p for parts in assignments.values() for p in parts]
     assert all(assignments.values()) and sorted(held) == sorted(set(held)), assignments
     assert_one_result_each(s.kafka.bootstrap_servers, s.kafka.results_topic, [f"rb-{i}" for i in range(n)],
-                           fake_llm.stats()["by_key"])
+                           fake_llm.stats()["by_step"])
     assert sum(committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, 6).values()) == n
 
 

@@ -152,7 +152,7 @@ def test_a_document_too_long_for_the_window_is_summarised_in_journaled_pieces_ac
     journal = asyncio.run(take_over())
     parts = [f"summarize-part-{i:03d}" for i in range(1, 21)]
     assert sorted(journal) == sorted([*parts, "summarize"])  # one journal entry per piece, and the result
-    calls = fake_llm.stats()["by_key"]
+    calls = fake_llm.stats()["by_step"]
     assert {p: calls.get(f"md-1:{p}") for p in parts} == {p: 2 if p.endswith("011") else 1 for p in parts}
     assert calls.get("md-1:summarize") == 1
     expected = SummarizeLongStep().reduce_messages(SummarizeInput(**task_input),

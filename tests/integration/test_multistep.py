@@ -49,7 +49,7 @@ def test_prior_auth_resumes_from_its_journal(make_settings: Any, fake_llm: FakeL
             return first, done.to_json()
 
     first, done = asyncio.run(scenario())
-    stats = fake_llm.stats()["by_key"]
+    stats = fake_llm.stats()["by_step"]
     assert stats["pa-1:extract"] == 1 and stats["pa-1:benefit_check"] == 1  # not called again
     assert stats["pa-1:policy_match"] == 4  # three refused attempts, then the one that worked
     assert stats["pa-1:draft"] == 1 and stats["pa-1:review"] == 1

@@ -66,7 +66,7 @@ def test_retry_after_slow_success_keeps_one_result(make_settings: Any, fake_llm:
 
     stored = asyncio.run(scenario())
     stats = fake_llm.stats()
-    assert stats["completions_by_key"]["slow-1:classify"] == 2  # the model answered twice...
+    assert stats["completions_by_step"]["slow-1:classify"] == 2  # the model answered twice...
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
     assert len(results) == 1  # ...but exactly one answer landed
     assert results[0].json()["result"] == stored["result"]

@@ -51,7 +51,7 @@ def test_an_agent_of_an_installed_package_runs_end_to_end(make_settings: Any, fa
     assert body["result"]["queue"] in {"billing", "technical", "account", "other"}
     assert isinstance(body["result"]["urgent"], bool)
     assert body["prompt_version"] == "summarize@triage-summarize-v1+route@triage-route-v1"
-    by_key = fake_llm.stats()["by_key"]
+    by_key = fake_llm.stats()["by_step"]
     assert by_key["tt-1:summarize"] == 1 and by_key["tt-1:route"] == 1  # the model once per step
     assert fake_llm.calls_for("tt-1:") == 2
 
@@ -62,7 +62,7 @@ def test_a_kind_declared_in_a_file_runs_end_to_end(make_settings: Any, fake_llm:
                    {"customer": "Ana", "message": "The kettle arrived with a cracked lid.", "product": "kettle"})
     assert set(body["result"]) == {"subject", "body"} and body["result"]["subject"]
     assert body["prompt_version"] == "facts@v1+reply@v1"  # the kind's version, recorded with the result
-    by_key = fake_llm.stats()["by_key"]
+    by_key = fake_llm.stats()["by_step"]
     assert by_key["sr-1:facts"] == 1 and by_key["sr-1:reply"] == 1
     assert fake_llm.calls_for("sr-1:") == 2
 

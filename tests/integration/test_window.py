@@ -353,7 +353,7 @@ def run_fleet(settings: Settings, fake: FakeLLM, tmp_path: Path, tasks: int, win
         for worker in workers:
             kill_worker(worker)
     stats = fake.stats()
-    assert_one_result_each(s.kafka.bootstrap_servers, s.kafka.results_topic, ids, stats["completions_by_key"])
+    assert_one_result_each(s.kafka.bootstrap_servers, s.kafka.results_topic, ids, stats["completions_by_step"])
     client = redis.Redis.from_url(s.redis.url.get_secret_value())
     try:
         key = Keys(s.redis.key_prefix).endpoint(endpoint_tag(fake.base_url), "window")

@@ -129,7 +129,7 @@ def test_two_workers_run_every_task_once_and_one_scrape_adds_them_up_and_sigterm
             by_key[m.key].add(m.value)
         assert {k.decode() for k in by_key if k is not None} == set(ids)
         assert all(len(v) == 1 for v in by_key.values())
-        by_task = fake_llm.stats()["by_key"]
+        by_task = fake_llm.stats()["by_step"]
         assert all(by_task.get(f"{t}:classify") == 1 for t in ids), "a task ran the model twice"
         ran = owners(s, ids)
         assert len(set(ran.values())) == 2, "both workers ran tasks"

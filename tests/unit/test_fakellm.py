@@ -539,19 +539,24 @@ def settled(fake: FakeLLM) -> dict[str, Any]:
 
 def test_stats_count_requests_per_key(fake: FakeLLM, client: httpx.Client) -> None:
     fake.add_fault(FaultRule("error", match="order-2", status=503, times=1))
-    for key in ("order-1:classify", "order-1:classify", "order-2:classify", "order-2:classify", "order-22:x"):
+    for key in ("order-1:classify", "order-1:classify", "order-2:classify:1", "order-2:classify:2", "order-22:x"):
         chat(client, CLASSIFY, key=key)
     chat(client, CLASSIFY)
     stats = settled(fake)
     assert stats["requests"] == 6
-    assert stats["by_key"] == {"order-1:classify": 2, "order-2:classify": 2, "order-22:x": 1}
-    assert stats["completions_by_key"] == {"order-1:classify": 2, "order-2:classify": 1, "order-22:x": 1}
+    assert stats["by_key"] == {"order-1:classify": 2, "order-2:classify:1": 1, "order-2:classify:2": 1, "order-22:x": 1}
+    assert stats["completions_by_key"] == {"order-1:classify": 2, "order-2:classify:2": 1, "order-22:x": 1}
+    # per task step: the service sends one key per attempt, <task>:<step>:<attempt>
+    assert stats["by_step"] == {"order-1:classify": 2, "order-2:classify": 2, "order-22:x": 1}
+    assert stats["completions_by_step"] == {"order-1:classify": 2, "order-2:classify": 1, "order-22:x": 1}
+    assert fake.last_request("order-2:classify") == fake.last_request("order-2:classify:2") is not None
     assert stats["completions"] == stats["valid_completions"] == 5
     assert fake.calls_for("order-2") == 3 and fake.calls_for("order-1:") == 2 and fake.calls_for("zzz") == 0
     fake.reset()
     assert fake.stats() == {
         "requests": 0, "completions": 0, "valid_completions": 0, "replayed": 0, "bad_requests": 0,
-        "faults": {}, "by_key": {}, "completions_by_key": {}, "tool_calls": 0, "tool_calls_by_name": {},
+        "faults": {}, "by_key": {}, "completions_by_key": {}, "by_step": {}, "completions_by_step": {},
+        "tool_calls": 0, "tool_calls_by_name": {},
         "open": 0, "peak_open": 0, "over_concurrency": 0,
     }
 

@@ -15,7 +15,7 @@ from service.agents.tasks import Task, TaskEvent
 from service.core.metrics import Metrics
 from service.llm.endpoints import Endpoint, public_url
 from service.llm.guard import EndpointGuard, GuardConfig
-from service.pipeline.base import ToDeadLetter
+from service.pipeline.base import ProcessorConfig, ToDeadLetter
 from service.pipeline.steps import Steps
 
 
@@ -52,6 +52,7 @@ class Picker(Steps):
                                                           ("own_ff", "fail_fast"), ("plain", None))])
         self.default_unavailable = default
         self.clock = lambda: datetime.now(UTC)
+        self.config = ProcessorConfig()
 
 
 def task(kind: str, deadline_s: float | None = None) -> Task:

@@ -176,3 +176,119 @@ def test_success_after_fault_logs_resuming(clock: Clock, caplog: pytest.LogCaptu
         g.success()
     assert "endpoint llm.local:8080 answers again; resuming" in caplog.text
     assert degraded_gauge(m, "auth") == 0
+
+
+# --------------------------------------------------------------------------- blame by breadth
+
+
+def test_one_task_failing_again_and_again_never_opens_the_breaker(clock: Clock) -> None:
+    g, m = make(clock, failure_threshold=3, open_s=5)
+    assert [g.failure("poison-1") for _ in range(10)] == [False] * 10
+    assert not g.is_open and g.available
+    assert m.registry.get_sample_value("agent_llm_breaker_opens_total") == 0
+
+
+def test_a_few_failing_tasks_beside_healthy_ones_never_open_it(clock: Clock) -> None:
+    """Twenty tasks that fail every time, each failure between successes of other tasks: the
+    endpoint serves others, so no streak of different tasks ever reaches the threshold."""
+    g, _ = make(clock, failure_threshold=3, open_s=5)
+    for round_ in range(4):
+        for i in range(20):
+            g.failure(f"poison-{i}")
+            if i % 2:
+                g.success(f"healthy-{round_}-{i}")
+    assert not g.is_open
+
+
+def test_different_tasks_failing_in_a_row_open_it(clock: Clock) -> None:
+    g, _ = make(clock, failure_threshold=3, open_s=5)
+    assert [g.failure(t) for t in ("a", "a", "b", "a", "c")] == [False, False, False, False, True]
+    assert g.is_open
+
+
+def test_a_task_that_just_failed_is_never_the_probe(clock: Clock) -> None:
+    """Without a probe of the guard's own, a suspect waits while a task that has not failed probes."""
+    g, _ = make(clock, failure_threshold=2, open_s=5)
+    g.failure("a")
+    g.failure("b")
+    clock.now += 5.1
+    assert g.decide(retry=True, task="a").delay > 0  # a suspect: not the probe
+    assert g.decide(retry=False, task="fresh").delay == 0  # a task that has not failed probes
+    assert g._probing == "fresh"
+    assert g.decide(retry=True, task="b").delay > 0  # one probe at a time
+    assert g.failure("b") is False  # a suspect's late failure does not take the probe's verdict
+    g.success("fresh")
+    assert not g.is_open and g._probing is None
+
+
+def test_while_only_suspects_wait_the_guard_probes_with_a_call_of_its_own(clock: Clock) -> None:
+    calls: list[str] = []
+
+    async def scenario() -> None:
+        async def probe() -> None:
+            calls.append("probe")
+
+        g, m = make(clock, failure_threshold=2, open_s=5)
+        g.probe = probe
+        g.failure("a")
+        g.failure("b")
+        clock.now += 5.1
+        first = g.decide(retry=True, task="a")
+        assert first.delay > 0 and first.why == "probe"  # the suspect waits for the guard's probe
+        await asyncio.sleep(0)  # the probe runs
+        await asyncio.sleep(0)
+        assert calls == ["probe"] and not g.is_open
+        assert g.decide(retry=True, task="a").delay == 0  # closed: the suspect spends its attempt
+        assert m.registry.get_sample_value("agent_llm_breaker_probes_total", {"endpoint": "llm.local:8080"}) == 1
+        await g.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_probe_of_its_own_keeps_the_breaker_open(clock: Clock) -> None:
+    from service.core.errors import EndpointFault, LLMUnavailable
+
+    async def scenario() -> None:
+        async def failing() -> None:
+            raise LLMUnavailable("HTTP 503")
+
+        async def revoked() -> None:
+            raise EndpointFault("auth", "HTTP 401")
+
+        g, _ = make(clock, failure_threshold=2, open_s=5)
+        g.probe = failing
+        g.failure("a")
+        g.failure("b")
+        clock.now += 5.1
+        g.decide(retry=True, task="a")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert g.is_open and g._probing is None  # open again for another open_s
+        clock.now += 5.1
+        g.probe = revoked
+        g.decide(retry=True, task="b")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert g.is_open and g.degraded == "auth"
+        await g.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_every_wait_for_the_endpoint_ends(clock: Clock) -> None:
+    """Degraded (where only a probe may call) or open, a caller gives up after max_wait_s."""
+    from service.llm.guard import EndpointUnavailable
+
+    g, _ = make(clock, failure_threshold=1, open_s=10, max_wait_s=0.5)
+    g.clock = time.monotonic
+
+    async def scenario() -> EndpointUnavailable:
+        g.endpoint_fault("auth", "HTTP 401")
+        try:
+            await g.acquire(retry=False, task="t")
+        except EndpointUnavailable as exc:
+            return exc
+        raise AssertionError("acquire returned while the endpoint was degraded")
+
+    exc = asyncio.run(scenario())
+    assert exc.why == "degraded:auth" and exc.waited_s >= 0.5

@@ -198,7 +198,9 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         ones included; ``valid_completions``: schema-valid answers generated (normal, latency,
         slow_success); ``replayed``: idempotent replays; ``bad_requests``: 400s for malformed
         requests; ``faults``: applications per fault; ``by_key``: requests per Idempotency-Key;
-        ``completions_by_key``: valid completions per Idempotency-Key; ``tool_calls``: tool calls
+        ``completions_by_key``: valid completions per Idempotency-Key; ``by_step`` and
+        ``completions_by_step``: the same per task step, the key without its attempt number (the
+        service sends ``<task>:<step>:<attempt>``, one key per attempt); ``tool_calls``: tool calls
         answered, the faulty ones included; ``tool_calls_by_name``: the same per tool name; ``open``:
         chat requests being answered now; ``peak_open``: the most open at once since the last reset;
         ``over_concurrency``: requests refused with a 429 because ``max_concurrency`` were open.
@@ -213,6 +215,8 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
                 "faults": dict(self._fault_counts),
                 "by_key": dict(self._by_key),
                 "completions_by_key": dict(self._completions_by_key),
+                "by_step": _per_step(self._by_key),
+                "completions_by_step": _per_step(self._completions_by_key),
                 "tool_calls": self._tool_calls_by_name.total(),
                 "tool_calls_by_name": dict(self._tool_calls_by_name),
                 "open": self._open,
@@ -221,9 +225,13 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
             }
 
     def last_request(self, key: str) -> dict[str, Any] | None:
-        """The body of the last request with Idempotency-Key ``key`` (None if there was none)."""
+        """The body of the last request with Idempotency-Key ``key``, or of the last attempt of the
+        task step ``key`` (``key:<attempt>``); None if there was none."""
         with self._lock:
             body = self._last_body.get(key)
+            if body is None:
+                attempts = [k for k in self._last_body if _step_of(k) == key]
+                body = self._last_body[max(attempts, key=_attempt_of)] if attempts else None
         return json.loads(body) if body is not None else None
 
     def calls_for(self, key_substring: str) -> int:
@@ -481,3 +489,21 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
 
     async def _get_health(self, body: bytes) -> tuple[int, Any]:
         return 200, {"status": "ok"}
+
+
+def _step_of(key: str) -> str:
+    """``<task>:<step>`` of an Idempotency-Key ``<task>:<step>:<attempt>`` (other keys as they are)."""
+    head, _, tail = key.rpartition(":")
+    return head if head and tail.isdigit() else key
+
+
+def _attempt_of(key: str) -> int:
+    tail = key.rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _per_step(by_key: Counter[str]) -> dict[str, int]:
+    steps: Counter[str] = Counter()
+    for key, n in by_key.items():
+        steps[_step_of(key)] += n
+    return dict(steps)
