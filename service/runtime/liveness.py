@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from confluent_kafka.admin import AdminClient
-from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
 
 from consumers.runner import Runner
 from dedup.client import RedisClient
@@ -163,20 +163,22 @@ class Startup:
         self.checks["started"] = True
 
 
-# the counters a wait moves, and the name of the mechanism each one says holds records
-WAIT_COUNTERS: tuple[tuple[str, dict[str, str] | None, str], ...] = (
-    ("agent_llm_requests_total", {"outcome": "rate_limited"}, "retry-after"),
-    ("agent_llm_window_waits_total", None, "window"),
-    ("agent_rate_limit_waits_total", None, "rate limit"),
-    ("agent_budget_refusals_total", {"policy": "wait"}, "budget"),
-)
+def wait_counters(metrics: Metrics) -> tuple[tuple[Counter, dict[str, str] | None, str], ...]:
+    """The counters a wait moves (with the labels that mark a wait), and the mechanism each names."""
+    return (
+        (metrics.llm_requests, {"outcome": "rate_limited"}, "retry-after"),
+        (metrics.llm_window_waits, None, "window"),
+        (metrics.rate_limited, None, "rate limit"),
+        (metrics.budget_refusals, {"policy": "wait"}, "budget"),
+    )
 
 
-def _total(registry: CollectorRegistry, name: str, labels: dict[str, str] | None) -> float:
+def _total(counter: Counter, labels: dict[str, str] | None) -> float:
     total = 0.0
-    for family in registry.collect():
+    for family in counter.collect():
         for sample in family.samples:
-            if sample.name == name and (labels is None or all(sample.labels.get(k) == v for k, v in labels.items())):
+            if sample.name.endswith("_total") and (
+                    labels is None or all(sample.labels.get(k) == v for k, v in labels.items())):
                 total += sample.value
     return total
 
@@ -194,14 +196,14 @@ class Liveness:
         self.clock = clock
         self._last_probe = -1e9
         self._waits: deque[tuple[float, dict[str, float]]] = deque()
+        self._wait_counters = wait_counters(metrics)
         progress = runner.progress
         # the processor names a mechanism first, then a recent wait, then the runner (paused, retrying)
         progress.causes.insert(0, processor.holding)
         progress.causes.insert(1, self.recent_wait)
 
     def _counters(self) -> dict[str, float]:
-        registry = self.metrics.registry
-        return {why: _total(registry, name, labels) for name, labels, why in WAIT_COUNTERS}
+        return {why: _total(counter, labels) for counter, labels, why in self._wait_counters}
 
     def recent_wait(self) -> str | None:
         """The wait whose counter moved within the last ``stall_s``, if any."""

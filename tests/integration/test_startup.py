@@ -142,3 +142,42 @@ def test_ensure_topics_follows_create_topics(make_settings: Any) -> None:
     assert not set(missing) & set(admin.list_topics(timeout=10).topics)
     assert ensure_topics(s, create=True) == []
     assert set(missing) <= set(admin.list_topics(timeout=10).topics)
+
+
+@pytest.mark.kafka_only
+def test_a_service_started_while_the_broker_is_down_waits_unready_and_starts_when_it_comes(
+    make_settings: Any, fake_llm: FakeLLM, tmp_path: Path,
+) -> None:
+    from service.devtools import kraft
+
+    node = kraft.start_kafka(tmp_path / "kafka")  # started once for its ports and data, then stopped
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        node.kill()
+        s: Settings = make_settings(kafka={"bootstrap_servers": node.address},
+                                    http={"enabled": True, "port": local.free_port()}, worker_id=None,
+                                    liveness={"retry_max_s": 1.0})
+        base = f"http://127.0.0.1:{s.http.port}"
+        log = tmp_path / "service.log"
+        proc = spawn_worker(s, str(log))
+        until(lambda: (get(base + "/readyz")[1] or {}).get("checks", {}).get("redis") is True, 60,
+              "the Redis check", proc, log)
+        status, body = get(base + "/readyz")
+        assert status == 503 and body["checks"]["kafka"] is False and body["checks"]["redis"] is True
+        assert get(base + "/healthz")[0] == 200
+        time.sleep(4)
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert log.read_text().count("waiting for kafka") == 1, log.read_text()[-4000:]
+
+        node.start(90)  # the same port
+        until(lambda: get(base + "/readyz")[0] == 200, 120, "/readyz to answer 200", proc, log)
+        assert log.read_text().count("kafka reachable again after") == 1
+        task_id = f"t-{uuid.uuid4().hex[:8]}"
+        produce(node.address, s.kafka.input_topic, [(task_id.encode(), classify(task_id))])
+        assert [m.key for m in read_topic(node.address, s.kafka.results_topic, expect=1, timeout_s=90)] == [
+            task_id.encode()]
+        assert stop(proc) == 0, log.read_text()[-4000:]
+    finally:
+        if proc is not None:
+            stop(proc)
+        node.stop()
