@@ -44,6 +44,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
+from dedup.client import RedisClient
 from dedup.keys import is_valid_task_key
 from service.api import peeking
 from service.api.protocol import Served
@@ -122,7 +123,7 @@ def session_key(settings: Settings) -> bytes:
 class RevokedInRedis:
     """Revoked session ids in Redis, each kept as long as its cookie could still be used."""
 
-    def __init__(self, client: Any, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
 
