@@ -71,3 +71,24 @@ def log_limits(found: Limits) -> None:
     log.info("concurrency: %s", found.describe())
     for line in found.caps:
         log.warning("concurrency capped: %s", line)
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The longest a record can wait before its outcome, from the settings (docs/RELIABILITY.md,
+    "Liveness"): what one attempt can take, what the attempts of one model call can take, and the
+    record's whole bound for a kind that makes ``calls`` model calls in a row (its steps and tool
+    rounds), with the worker deaths a task may survive. A task's own deadline cuts it shorter."""
+
+    attempt_s: float  # the waits before it (endpoint, window, budget, calls given back) + the call + back-off
+    call_s: float  # max_attempts attempts
+    deaths_s: float  # each death: the lease running out, then an attempt cut short
+    record_s: float
+
+
+def record_bound(settings: Settings, calls: int = 1) -> Bound:
+    llm = settings.llm
+    attempt = llm.max_wait_s + 2 * llm.timeout_s + llm.backoff_max_s  # a refund may start just before the wait ends
+    call = llm.max_attempts * attempt
+    deaths = settings.ledger.max_deaths * (settings.ledger.lease_ms / 1000 + attempt)
+    return Bound(attempt, call, deaths, calls * call + deaths)

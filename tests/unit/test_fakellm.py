@@ -557,7 +557,7 @@ def test_stats_count_requests_per_key(fake: FakeLLM, client: httpx.Client) -> No
         "requests": 0, "completions": 0, "valid_completions": 0, "replayed": 0, "bad_requests": 0,
         "faults": {}, "by_key": {}, "completions_by_key": {}, "by_step": {}, "completions_by_step": {},
         "tool_calls": 0, "tool_calls_by_name": {},
-        "open": 0, "peak_open": 0, "over_concurrency": 0,
+        "open": 0, "peak_open": 0, "over_concurrency": 0, "refused_by_key": {},
     }
 
 

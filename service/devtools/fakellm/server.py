@@ -187,6 +187,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         self._fault_counts: Counter[str] = Counter()
         self._by_key: Counter[str] = Counter()
         self._completions_by_key: Counter[str] = Counter()
+        self._refused_by_key: Counter[str] = Counter()  # 429s: refused before any model work
         self._tool_calls_by_name: Counter[str] = Counter()
         self._last_body: dict[str, bytes] = {}
         self._peak_open = self._open
@@ -203,7 +204,8 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         service sends ``<task>:<step>:<attempt>``, one key per attempt); ``tool_calls``: tool calls
         answered, the faulty ones included; ``tool_calls_by_name``: the same per tool name; ``open``:
         chat requests being answered now; ``peak_open``: the most open at once since the last reset;
-        ``over_concurrency``: requests refused with a 429 because ``max_concurrency`` were open.
+        ``over_concurrency``: requests refused with a 429 because ``max_concurrency`` were open;
+        ``refused_by_key``: 429s (a ``rate_limit`` fault or over ``max_concurrency``) per Idempotency-Key.
         """
         with self._lock:
             return {
@@ -222,6 +224,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
                 "open": self._open,
                 "peak_open": self._peak_open,
                 "over_concurrency": self._over_concurrency,
+                "refused_by_key": dict(self._refused_by_key),
             }
 
     def last_request(self, key: str) -> dict[str, Any] | None:
@@ -299,6 +302,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
             key = header(scope, b"idempotency-key")
             if key is not None:
                 with self._lock:
+                    self._refused_by_key[key] += 1
                     self._by_key[key] += 1
             if await read_body(receive, send) is not None:
                 body_429 = error_body(429, "Too many concurrent requests.", code="concurrency_limit_exceeded")
@@ -341,6 +345,9 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
             await respond(send, rule.status, error_body(rule.status, message))
             return
         if rule is not None and fault == "rate_limit":
+            if key is not None:
+                with self._lock:
+                    self._refused_by_key[key] += 1
             headers = [
                 (b"retry-after", str(math.ceil(rule.retry_after_s)).encode()),
                 (b"retry-after-ms", str(round(rule.retry_after_s * 1000)).encode()),
