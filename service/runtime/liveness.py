@@ -219,6 +219,7 @@ class Liveness:
         progress = self.runner.progress
         progress.observe(self.runner.pending)
         self.metrics.stalled_seconds.set(progress.stalled_s())
+        _ = progress.stalled  # logs once when a stall begins and once when it ends, asked or not
         self._waits.append((now, self._counters()))
         # the baseline is the last reading from before the window of stall_s
         while len(self._waits) > 2 and now - self._waits[1][0] >= self.settings.stall_s:
