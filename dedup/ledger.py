@@ -18,6 +18,7 @@ This module knows nothing of Kafka or of models.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -196,6 +197,9 @@ class Ledger:
     ) -> None:
         self.client = client
         self.max_deaths = max_deaths  # deaths of holders with a call under way that end a task `crashed`
+        # this process's claims, apart from another's under the same worker id: a task this process
+        # claims again (it retries the record) did not lose its holder
+        self.holder = uuid.uuid4().hex[:16]
         self.wait_replicas = wait_replicas
         self.wait_aof = wait_aof
         self.wait_timeout_ms = wait_timeout_ms
@@ -259,7 +263,7 @@ class Ledger:
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
         raw = await self._script(
-            self._claim, self._both(task_key), [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths]
+            self._claim, self._both(task_key), [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder]
         )
         return Claim(
             decision=_s(raw[0]),  # type: ignore[arg-type]

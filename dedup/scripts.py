@@ -19,13 +19,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS[1] task hash, KEYS[2] steps hash
-# ARGV fingerprint, owner, lease_ms, kind, ttl_s, max_deaths
+# ARGV fingerprint, owner, lease_ms, kind, ttl_s, max_deaths, holder (the claiming process's ledger)
 # -> {decision, fence, attempts, lease_remaining_ms, published} (published: '0', or who published)
 # A claim that takes over a running task whose lease ran out with calls under way (``open:<step>``)
 # from another owner gives those attempts back (the holder's death cut them short: not the task's
 # failure) and counts a death; the death that reaches max_deaths ends the task: dead(crashed),
-# decision 'crashed'. The same owner claiming again is alive (it retries the record after a failure
-# of its own code or an outage): its calls stay counted and no death is.
+# decision 'crashed'. The same process claiming again (field holder) is alive (it retries the record
+# after a failure of its own code or an outage): its calls stay counted and no death is.
 CLAIM = NOW + """
 local fp = ARGV[1]
 local lease = tonumber(ARGV[3])
@@ -33,11 +33,12 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   redis.call('HSET', KEYS[1], 'state', 'running', 'fence', 1, 'owner', ARGV[2],
              'lease_until', now + lease, 'fingerprint', fp, 'kind', ARGV[4],
-             'attempts', 0, 'claims', 1, 'published', 0, 'created_at', now, 'updated_at', now)
+             'attempts', 0, 'claims', 1, 'published', 0, 'created_at', now, 'updated_at', now,
+             'holder', ARGV[7])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
   return {'claimed', 1, 0, lease, '0'}
 end
-local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'fence', 'attempts', 'lease_until', 'published', 'owner')
+local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'fence', 'attempts', 'lease_until', 'published', 'holder')
 local fence = tonumber(h[2])
 local attempts = tonumber(h[3]) or 0
 local published = h[5] or '0'
@@ -61,7 +62,7 @@ for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
 end
 if #open > 0 then
   redis.call('HDEL', KEYS[1], unpack(open))
-  if state == 'running' and h[6] ~= ARGV[2] then
+  if state == 'running' and h[6] ~= ARGV[7] then
     for _, f in ipairs(open) do
       local per_step = 'attempts:' .. string.sub(f, 6)
       if (tonumber(redis.call('HGET', KEYS[1], per_step)) or 0) > 0 then
@@ -82,7 +83,7 @@ if #open > 0 then
   end
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'fence', fence, 'owner', ARGV[2],
-           'lease_until', now + lease, 'updated_at', now)
+           'lease_until', now + lease, 'updated_at', now, 'holder', ARGV[7])
 redis.call('HINCRBY', KEYS[1], 'claims', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {'claimed', fence, attempts, lease, published}
