@@ -28,7 +28,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from consumers.producers import Headers, ProduceFailed
 from dedup.keys import TASK_KEY_PATTERN
@@ -194,6 +194,27 @@ async def get_task(
     if record is None:
         raise HTTPException(404, "unknown task")
     return TaskView.model_validate({**record.to_json(), **await side_effects(service.ledger, task_id)})
+
+
+class WaitingRecord(BaseModel):
+    task_id: str
+    why: str = Field(description="budget, endpoint, window, refused (a call the endpoint refused, given back) "
+                     "or backoff, with what it waits for now when known (the breaker, Retry-After, ...)")
+    waited_s: float
+    ends_in_s: float | None = Field(description="seconds until the wait ends by an outcome (a call, or a dead "
+                                    "letter `unavailable`, `budget` or `expired`)")
+
+
+@router.get("/waiting", response_model=list[WaitingRecord], dependencies=Reader, tags=["ops"],
+            responses=error_responses(401, 403, 503))
+async def list_waiting(service: ServiceDep,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[WaitingRecord]:
+    """The records of this process that wait before a model call, the longest first: why, and until when."""
+    waits = service.processor.waits
+    now = waits.clock()
+    return [WaitingRecord(task_id=w.task, why=w.describe(), waited_s=round(now - w.since, 3),
+                          ends_in_s=None if w.until is None else round(w.until - now, 3))
+            for w in waits.snapshot()[:limit]]
 
 
 @router.get(

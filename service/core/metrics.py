@@ -66,6 +66,10 @@ class Metrics:
             "agent_llm_breaker_open", "1 while the circuit breaker of an LLM endpoint is open.", ["endpoint"],
             registry=r, multiprocess_mode="livemax",
         )
+        self.waiting_records = Gauge(
+            "agent_waiting_records", "Records waiting before a model call, by what they wait for (budget, endpoint, "
+            "window, refused, backoff).", ["why"], registry=r, multiprocess_mode="livesum",
+        )
         self.breaker_probes = Counter(
             "agent_llm_breaker_probes", "Half-open probes the breaker made with a call of its own, while only "
             "tasks that had just failed waited.", ["endpoint"], registry=r,

@@ -48,6 +48,7 @@ from service.pipeline.claim import Claims
 from service.pipeline.decode import decode_record, key_of
 from service.pipeline.screen import DuplicateShare, ReplayScreen
 from service.pipeline.steps import Steps
+from service.pipeline.waits import Waits
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class TaskProcessor(Claims, Steps):
         self.budgets = budgets
         self.outage: str | None = None  # Redis or the broker did not answer the last record that tried
         self.duplicates = DuplicateShare()
+        self.waits = Waits()  # every record that waits here, why and until when
 
     async def __call__(self, record: Record) -> None:
         coordinates = (record.topic, record.partition, record.offset)

@@ -43,6 +43,7 @@ from service.llm.window import Outcome as WindowOutcome
 from service.pipeline.base import ChatClient, LostFence, ProcessorConfig, ToDeadLetter, estimate_tokens
 from service.pipeline.parking import export_audit
 from service.pipeline.tools import ToolLoop
+from service.pipeline.waits import Waits
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Steps:
     default_unavailable: str  # AGENT_LLM__UNAVAILABLE: the policy of a kind that names none
     tenancy: Tenancy  # AGENT_TENANCY__*: weights, budgets, labels, prices
     budgets: TenantBudgets | None  # the tenants' hard token budgets (None: no budgets)
+    waits: Waits  # every record of this process that waits, why and until when
 
     async def export_audit(self, task_key: str) -> None:
         """Send the task's new audit entries to the audit topic; a failure waits for the next pass."""
@@ -122,12 +124,16 @@ class Steps:
         # every wait before an attempt (budget, endpoint, window, and the calls given back: 429s,
         # endpoint faults) ends by this time; then the task is dead-lettered (`budget`, `unavailable`)
         waits_until = monotonic() + self.config.max_wait_s
+        waits, guard = self.waits, self.primary.guard
+        why_endpoint = guard.why_waiting if guard is not None else None
         while True:
-            spend = await self._reserve_budget(task, needed, attempts, waits_until)  # or dead letter `budget`
+            with waits.waiting(task.key, "budget", waits_until):
+                spend = await self._reserve_budget(task, needed, attempts, waits_until)  # or dead letter `budget`
             outcome: Any = None
             try:
-                endpoint = await self._capacity(task, needed, retry=last is not None, attempts=attempts,
-                                                until=waits_until)
+                with waits.waiting(task.key, "endpoint", waits_until, why_endpoint):
+                    endpoint = await self._capacity(task, needed, retry=last is not None, attempts=attempts,
+                                                    until=waits_until)
                 remaining = self._time_left(task, attempts)  # after any wait for the endpoint
                 attempt = await self._begin_attempt(task, step, fence)
                 attempts = attempt.total
@@ -141,11 +147,16 @@ class Steps:
                 return outcome, attempts
             last, delay, endpoint_fault = outcome
             if endpoint_fault:
-                await self._give_attempt_back(task, step, fence, last, delay, endpoint, waits_until, attempts - 1)
+                with waits.waiting(task.key, "refused", waits_until, why_endpoint):
+                    await self._give_attempt_back(task, step, fence, last, delay, endpoint, waits_until, attempts - 1)
                 attempts -= 1
                 last = None  # the next call is not a retry of the task's
                 continue
-            await self._back_off(step, attempt.step, attempts, last, delay, task.key)
+            # the attempt's outcome is known: a worker that dies from here on gives nothing back
+            if not await self.ledger.end_attempt(task.key, fence, step.name):
+                raise LostFence(f"task {task.key}: fence {fence} no longer holds the task")
+            with waits.waiting(task.key, "backoff", monotonic() + self.config.backoff_max_s):
+                await self._back_off(step, attempt.step, attempts, last, delay, task.key)
             waits_until = monotonic() + self.config.max_wait_s  # an attempt spent: the next may wait again
 
     def _request_size(
@@ -249,7 +260,8 @@ class Steps:
         slot = None
         if window is not None:
             wait_s = self.config.max_wait_s if waits_until is None else waits_until - monotonic()
-            slot, request = await self._window_slot(window, request, deadline_s, attempts, priority, wait_s)
+            with self.waits.waiting(task_key or "", "window", monotonic() + wait_s):
+                slot, request = await self._window_slot(window, request, deadline_s, attempts, priority, wait_s)
         if spend is not None:
             spend.sent = True  # from here the endpoint may serve (and bill) the call
         verdict: WindowOutcome = "ok"  # what the window learns from this call: the endpoint answered

@@ -35,6 +35,7 @@ from dedup.client import RedisClient
 from service.core.metrics import Metrics
 from service.core.settings import LivenessSettings, Settings
 from service.pipeline.processor import TaskProcessor
+from service.pipeline.waits import WHY
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,8 @@ class Liveness:
         progress = runner.progress
         # the processor names a mechanism first, then a recent wait, then the runner (paused, retrying)
         progress.causes.insert(0, processor.holding)
-        progress.causes.insert(1, self.recent_wait)
+        progress.causes.insert(1, processor.waits.holding)  # what the records waiting now wait for
+        progress.causes.insert(2, self.recent_wait)
 
     def _counters(self) -> dict[str, float]:
         return {why: _total(counter, labels) for counter, labels, why in self._wait_counters}
@@ -219,6 +221,9 @@ class Liveness:
         progress = self.runner.progress
         progress.observe(self.runner.pending)
         self.metrics.stalled_seconds.set(progress.stalled_s())
+        waiting = self.processor.waits.counts()
+        for why in WHY:
+            self.metrics.waiting_records.labels(why=why).set(waiting.get(why, 0))
         _ = progress.stalled  # logs once when a stall begins and once when it ends, asked or not
         self._waits.append((now, self._counters()))
         # the baseline is the last reading from before the window of stall_s
