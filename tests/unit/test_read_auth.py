@@ -28,7 +28,9 @@ class FakeLedger:
 
 def client(**settings: Any) -> httpx.AsyncClient:
     s = Settings(**{"admin_token": None, "read_token": None, "reads_open": False, **settings})
-    service = SimpleNamespace(settings=s, ledger=FakeLedger())
+    from consumers.progress import Progress
+
+    service = SimpleNamespace(settings=s, ledger=FakeLedger(), runner=SimpleNamespace(progress=Progress()))
     transport = httpx.ASGITransport(app=create_app(service))  # type: ignore[arg-type]
     return httpx.AsyncClient(transport=transport, base_url="http://t")
 
