@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from service.core.settings import Settings, to_env
 from service.devtools import local, processes
@@ -130,16 +130,31 @@ def assert_one_result_each(bootstrap: str, topic: str, task_ids: list[str], mode
     return results
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+# what a broker answers while the group's coordinator loads or moves (a new group on a cluster, a
+# broker restarted or killed): asked again, it answers
+COORDINATOR_MOVING = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                                KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
+                                KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._WAIT_COORD})
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int, timeout_s: float = 60.0) -> dict[int, int]:
     """The group's committed offsets. Read uncommitted: a read_committed fetch asks for stable
-    offsets and waits out a transaction in flight, which a poll of a transactional group hits."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                         "isolation.level": "read_uncommitted"})
-    try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return {tp.partition: tp.offset for tp in tps}
-    finally:
-        consumer.close()
+    offsets and waits out a transaction in flight, which a poll of a transactional group hits.
+    Asked again while the coordinator loads or moves, for up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                             "isolation.level": "read_uncommitted"})
+        try:
+            tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+            return {tp.partition: tp.offset for tp in tps}
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is None or error.code() not in COORDINATOR_MOVING or time.monotonic() > deadline:
+                raise
+        finally:
+            consumer.close()
+        time.sleep(0.5)
 
 
 async def wait_for(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition",
