@@ -45,6 +45,7 @@ class Readiness:
 
     ports: list[int]
     seen: list[tuple[float, int, int]] = field(default_factory=list)  # (time, worker, status)
+    longest_stall_s: float = 0.0  # the most /readyz said a worker had gone with work and nothing finished
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -61,7 +62,9 @@ class Readiness:
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             for i, port in enumerate(self.ports):
-                self.seen.append((time.monotonic(), i, status(port)))
+                code, stalled_s = status(port)
+                self.seen.append((time.monotonic(), i, code))
+                self.longest_stall_s = max(self.longest_stall_s, stalled_s)
 
     def statuses(self, worker: int, start: float, end: float) -> list[int]:
         return [code for t, w, code in list(self.seen) if w == worker and start <= t <= end and code]
@@ -82,15 +85,20 @@ class Readiness:
         return longest
 
 
-def status(port: int) -> int:
-    """/readyz's status; 0 when nothing answers (a worker killed, or not yet listening)."""
+def status(port: int) -> tuple[int, float]:
+    """/readyz's status (0 when nothing answers: a worker killed, or not yet listening) and the
+    seconds it says the worker has had work pending and finished nothing."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return int(response.status)
+            code, body = int(response.status), response.read()
     except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        code, body = int(exc.code), exc.read()
     except OSError:
-        return 0
+        return 0, 0.0
+    try:
+        return code, float(json.loads(body).get("stalled_s") or 0.0)
+    except (ValueError, AttributeError):
+        return code, 0.0
 
 
 @pytest.mark.evicts_killed_members
@@ -174,7 +182,7 @@ def test_every_record_ends_within_its_bound_whatever_fails_at_once(
             assert during and set(during) == {503}, (worker, Counter(during))
         for worker in range(WORKERS):
             assert readiness.statuses(worker, done - 1.5, done)[-1:] == [200], (worker, readiness.seen[-12:])
-        longest_unready = readiness.longest_unready()
+        longest_unready, longest_stall = readiness.longest_unready(), readiness.longest_stall_s
     finally:
         stop_workers(workers, grace_s=30)
         redis.stop()
@@ -197,6 +205,7 @@ def test_every_record_ends_within_its_bound_whatever_fails_at_once(
         "records": len(records), "results": len(result_keys), "dead_letters": dict(Counter(letter_reasons.values())),
         "dead_letter_records": len(letters), "kills": kills, "settled_after_faults_s": round(settled_after, 1),
         "bound_s": bound.record_s, "longest_unready_s": round(longest_unready, 1),
+        "longest_stall_s": round(longest_stall, 1),
         "most_calls_of_a_task": max(calls[t] for t in healthy + poison),
         "poison_calls": {t: calls[t] for t in poison},
     }
