@@ -86,7 +86,8 @@ class Reconciled:
 
 def safe_url(url: str) -> str:
     """``url`` as ``scheme://host[:port]/path``: no userinfo, query or fragment (where webhooks keep
-    their secrets), so it may be logged, stored in a reason or shown on a read-only page."""
+    their secrets), and no path segment that looks like a token (Slack's and Discord's webhooks keep
+    theirs in the path), so it may be logged, stored in a reason or shown on a read-only page."""
     try:
         parts = urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
@@ -94,7 +95,16 @@ def safe_url(url: str) -> str:
         return "[url]"
     if not parts.scheme or not host:
         return "[url]"
-    return f"{parts.scheme}://{host}{parts.path}"
+    path = "/".join("…" if _secret_like(segment) else segment for segment in parts.path.split("/"))
+    return f"{parts.scheme}://{host}{path}"
+
+
+def _secret_like(segment: str) -> bool:
+    """A path segment that may be a credential: long and mixing letters with digits (a token, a
+    UUID), or very long whatever it holds. Short ids and words stay readable."""
+    if len(segment) >= 32:
+        return True
+    return len(segment) >= 16 and any(c.isdigit() for c in segment) and any(c.isalpha() for c in segment)
 
 
 def scrub_urls(text: str) -> str:

@@ -22,6 +22,19 @@ def test_safe_url_keeps_scheme_host_port_and_path_only(url: str, safe: str) -> N
     assert safe_url(url) == safe
 
 
+@pytest.mark.parametrize(("url", "safe"), [
+    # webhooks that keep their secret in the path: the secret-looking segments go, the shape stays
+    ("https://hooks.slack.com/services/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",
+     "https://hooks.slack.com/services/T0A1B2C3D/B0A1B2C3D/…"),
+    ("https://discord.com/api/webhooks/112233445566778899/aB3dE5fG7hI9jK1lM3nO5pQ7rS9tU1vW3xY5zA7bC9dE1fG3hI5jK7lM9nO1pQ3r",
+     "https://discord.com/api/webhooks/112233445566778899/…"),
+    ("http://h/tickets/7d0f6a3c-1b2e-4c5d-8e9f-0a1b2c3d4e5f/status", "http://h/tickets/…/status"),
+    ("http://h/v1/tickets/ABC-123/status", "http://h/v1/tickets/ABC-123/status"),  # an id, kept
+])
+def test_secret_looking_path_segments_are_cut(url: str, safe: str) -> None:
+    assert safe_url(url) == safe
+
+
 def test_every_url_in_a_message_is_cut_down() -> None:
     text = "GET http://ops:pw@h:1/s?sig=abc: failed; then https://x.io/y?k=v#z"
     assert scrub_urls(text) == "GET http://h:1/s: failed; then https://x.io/y"
