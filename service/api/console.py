@@ -53,6 +53,7 @@ from service.core.settings import Settings
 from service.pipeline import dlq
 from service.pipeline.base import utcnow
 from service.pipeline.parking import DECISIONS, NotDecidable, decide, side_effects
+from service.pipeline.tools import safe_text
 
 log = logging.getLogger(__name__)
 
@@ -639,6 +640,8 @@ async def parked(request: Request) -> Response:
         if record is None or record.state != "waiting_approval":
             continue
         waiting = json.loads(record.fields["waiting"]) if record.fields.get("waiting") else {}
+        if isinstance(waiting.get("reason"), str):
+            waiting["reason"] = safe_text(waiting["reason"])  # a reason stored before URLs were cut down
         what = waiting.get("what", "approval")
         rows.append({"task_id": task_key, "kind": record.fields.get("kind"), "waiting": waiting,
                      "deadline_ms": deadline, "choices": [d for d in DECISIONS.get(what, ()) if d != "expired"]})

@@ -431,6 +431,13 @@ def test_a_tool_urls_secrets_reach_no_reason_log_or_read_page(
                     assert r.status_code == 200, (path, r.status_code)
                     assert "sec-1" in r.text
                     pages.append(r.text)
+                # a reason stored before URLs were cut down is cut down where it is shown
+                stored = {**json.loads(record.fields["waiting"]), "reason": f"failed at {with_secret}/x?sig=TOPSECRETSIG"}
+                await svc.redis.hset(svc.ledger.keys.task("sec-1"), "waiting", json.dumps(stored))
+                for path in ("/parked", "/ui/parked"):
+                    r = await c.get(path, headers=AUTH if not path.startswith("/ui") else None)
+                    assert r.status_code == 200 and "sec-1" in r.text, (path, r.status_code)
+                    pages.append(r.text)
         finally:
             await svc.aclose()
 
