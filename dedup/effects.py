@@ -255,6 +255,11 @@ class Effects:
         raw = await self.ledger._script(self._unlist_at, [self.ledger.keys.parked()], [task_key, at_ms])
         return bool(int(raw))
 
+    async def listed_at(self, task_key: str) -> float | None:
+        """The time the task is listed at for the sweeper (ms), or None when it is not listed."""
+        raw = await self.ledger._call(lambda: self.ledger.client.zscore(self.ledger.keys.parked(), task_key))
+        return float(raw) if raw is not None else None
+
     async def unlist(self, task_key: str) -> None:
         await self.ledger._call(lambda: self.ledger.client.zrem(self.ledger.keys.parked(), task_key))
 

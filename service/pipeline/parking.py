@@ -103,6 +103,7 @@ async def decide(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, ta
     if decision not in DECISIONS[what]:
         raise NotDecidable(f"task {task_key} waits for {what}: the decision is one of {', '.join(DECISIONS[what])}")
     at = iso(now)
+    listed_at = await ledger.effects.listed_at(task_key)  # the wait's listing, to end it and no later one
     entry = {"at": at, "task_id": task_key, "step": waiting["step"], "ordinal": waiting["ordinal"],
              "key": waiting["key"], "tool": waiting["tool"], "outcome": f"{what}:{decision}", "by": by,
              "reason": reason[:500], "worker": None, "fence": None}
@@ -119,7 +120,8 @@ async def decide(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, ta
         # decided but not resumed: the sweeper produces it again soon
         await ledger.effects.relist(task_key, now.timestamp() * 1000 + RESUME_RETRY_MS)
         raise
-    await ledger.effects.unlist(task_key)
+    if listed_at is not None:  # resumed: unless it was parked again meanwhile (listed with its new deadline)
+        await ledger.effects.unlist_at(task_key, listed_at)
     if audit_topic is not None:
         await export_audit(ledger, send, audit_topic, task_key, metrics)
     return Decided("decided", task_key, decision, what)
@@ -128,10 +130,12 @@ async def decide(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, ta
 async def _resume_stored(ledger: Ledger, send: Send, task_key: str, why: str) -> dict[str, Any]:
     """Produce the task's record again from its journal; returns the journal."""
     journal = await ledger.effects.journal(task_key)
+    listed_at = await ledger.effects.listed_at(task_key)
     source = journal.get("source")
     if isinstance(source, dict):
         await resume(send, source, why)
-    await ledger.effects.unlist(task_key)
+    if listed_at is not None:  # unless it was parked again meanwhile
+        await ledger.effects.unlist_at(task_key, listed_at)
     return journal
 
 

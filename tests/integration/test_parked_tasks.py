@@ -472,3 +472,35 @@ def test_a_record_that_keeps_failing_the_loop_is_skipped_as_internal_and_the_nex
     asyncio.run(scenario())
     assert apply.applied == [("t-2", "approved")]
     assert metrics.registry.get_sample_value("agent_approvals_skipped_total", {"reason": "internal"}) == 1
+
+
+def test_a_task_parked_again_while_its_decision_resumes_it_stays_listed(
+        make_settings: Any, model: FakeLLM, downstream: FakeDownstream) -> None:
+    """A decision resumes the task, and the task may be claimed and parked again (listed with its new
+    deadline) before the decision's own bookkeeping ends: that listing must stay, or the new wait is
+    never swept and ends only when its keys expire."""
+    from service.pipeline.parking import decide
+
+    s = settings_for(make_settings, downstream)
+    downstream.add_fault(DownstreamFault("drop_after", match="again-1/", times=1))
+    downstream.add_fault(DownstreamFault("status_error", match="again-1", status=500))
+    parked_again_ms = 4_102_444_800_000.0  # the new wait's deadline
+
+    async def scenario() -> list[tuple[str, float]]:
+        async with running(s, model.base_url) as svc:
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(b"again-1", ticket("again-1"))])
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "parked"}) == 1, 60,
+                           what="the task parked", service=svc)
+            svc.runner.stop()  # nothing claims the resumed task here: the test parks it again itself
+
+            async def send(topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
+                await svc.publisher.send(topic, key, value, headers)
+                if topic == s.kafka.input_topic:  # resumed, claimed elsewhere and parked again at once
+                    await svc.ledger.effects.relist("again-1", parked_again_ms)
+
+            await decide(svc.ledger, send, svc.metrics, utcnow(), "again-1", "landed", by="ops", reason="seen",
+                         result={"id": "t-1"})
+            return await svc.ledger.effects.parked()
+
+    listed = asyncio.run(scenario())
+    assert ("again-1", parked_again_ms) in listed
