@@ -81,6 +81,7 @@ class Breaker(RuleBasedStateMachine):
                 assert before == task or len(self.streak) >= CONFIG.failure_threshold, self.streak
         else:
             self.streak.clear()
+            self.failed_at.pop(task, None)  # its latest call succeeded: no longer a suspect
             self.guard.success(task)
         self._settle()
 
