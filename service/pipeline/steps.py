@@ -127,8 +127,7 @@ class Steps:
         waits, guard = self.waits, self.primary.guard
         why_endpoint = guard.why_waiting if guard is not None else None
         while True:
-            with waits.waiting(task.key, "budget", waits_until):
-                spend = await self._reserve_budget(task, needed, attempts, waits_until)  # or dead letter `budget`
+            spend = await self._reserve_budget(task, needed, attempts, waits_until)  # or dead letter `budget`
             outcome: Any = None
             try:
                 with waits.waiting(task.key, "endpoint", waits_until, why_endpoint):
@@ -148,7 +147,7 @@ class Steps:
             last, delay, endpoint_fault = outcome
             if endpoint_fault:
                 with waits.waiting(task.key, "refused", waits_until, why_endpoint):
-                    await self._give_attempt_back(task, step, fence, last, delay, endpoint, waits_until, attempts - 1)
+                    await self._give_attempt_back(task, step, fence, last, delay, endpoint, waits_until)
                 attempts -= 1
                 last = None  # the next call is not a retry of the task's
                 continue
@@ -192,7 +191,7 @@ class Steps:
 
     def _request(self, task: Task, step: Step, messages: list[dict[str, Any]], schema: dict[str, Any],
                  remaining: float | None, offer_tools: bool = False, endpoint: Endpoint | None = None,
-                 attempt: int | str = 1) -> ChatRequest:
+                 attempt: int = 1) -> ChatRequest:
         """The step's request; to a fallback, with its model (unless the step names one) and timeout."""
         cfg = self.config
         limit = endpoint.timeout_s if endpoint is not None and endpoint.timeout_s is not None else cfg.llm_timeout_s
@@ -215,18 +214,15 @@ class Steps:
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Exception,
-                                 delay: float | None, endpoint: Endpoint, waits_until: float, attempts: int) -> None:
+                                 delay: float | None, endpoint: Endpoint, waits_until: float) -> None:
         """The endpoint failed, not the task: refund the attempt and wait for the endpoint, until
-        ``waits_until`` at most."""
+        ``waits_until`` at most (past it, the next :meth:`_capacity` dead-letters the task)."""
         if not await self.ledger.refund_attempt(task.key, fence, step.name):
             raise LostFence(f"task {task.key}: fence {fence} no longer holds the task")
         log.info("task_id=%s step=%s: the endpoint %s failed (%s); no attempt spent",
                  task.key, step.name, endpoint.name, failure)
         left = waits_until - monotonic()
-        if left <= 0:
-            raise ToDeadLetter("unavailable", f"waited {self.config.max_wait_s:.0f} s for the model endpoint, "
-                               f"which kept refusing ({failure})", attempts)
-        if endpoint.accepting and (endpoint.available or self._policy(task) == "wait"):
+        if left > 0 and endpoint.accepting and (endpoint.available or self._policy(task) == "wait"):
             await asyncio.sleep(min(left, delay if delay is not None else min(self.config.backoff_max_s, 1.0)))
 
     async def _back_off(self, step: Step, step_attempt: int, attempts: int, failure: Exception,
@@ -420,7 +416,8 @@ class Steps:
                 if until is not None and monotonic() >= until:  # and so does the longest wait
                     raise ToDeadLetter("budget", f"{exc}; waited {self.config.max_wait_s:.0f} s for room",
                                        attempts) from exc
-                await asyncio.sleep(min(exc.wait_s, 1.0) * random.uniform(0.5, 1.0) + 0.01)
+                with self.waits.waiting(task.key, "budget", until):
+                    await asyncio.sleep(min(exc.wait_s, 1.0) * random.uniform(0.5, 1.0) + 0.01)
 
     async def _settle_budget(self, spend: Spend, outcome: Any) -> None:
         """Correct the reservation: the tokens the endpoint reported; nothing for a call never sent

@@ -10,10 +10,8 @@ that no wait outlives its end.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
 
@@ -38,20 +36,13 @@ class Waits:
 
     def __init__(self, clock: Callable[[], float] = monotonic) -> None:
         self.clock = clock
-        self._waiting: dict[int, Waiting] = {}
-        self._ids = itertools.count()
+        self._waiting: dict[int, Waiting] = {}  # by the id of the registration that holds it
 
-    @contextlib.contextmanager
     def waiting(self, task: str, why: str, until: float | None = None,
-                detail: Callable[[], str | None] | None = None) -> Iterator[Waiting]:
-        """Register the wait of ``task`` for as long as the block runs."""
-        key = next(self._ids)
-        entry = Waiting(task, why, self.clock(), until, detail)
-        self._waiting[key] = entry
-        try:
-            yield entry
-        finally:
-            del self._waiting[key]
+                detail: Callable[[], str | None] | None = None) -> _Registered:
+        """Register the wait of ``task`` for as long as the ``with`` block runs (a plain object, not a
+        generator: it sits on every model call's path)."""
+        return _Registered(self._waiting, Waiting(task, why, self.clock(), until, detail))
 
     def snapshot(self) -> list[Waiting]:
         """The waits now, the longest first."""
@@ -76,3 +67,17 @@ class Waits:
         why, n = self.counts().most_common(1)[0]
         oldest = next(w for w in waits if w.why == why)
         return f"{oldest.describe()}: {n} waiting, the longest {self.clock() - oldest.since:.0f} s"
+
+
+class _Registered:
+    __slots__ = ("_board", "_entry")
+
+    def __init__(self, board: dict[int, Waiting], entry: Waiting) -> None:
+        self._board, self._entry = board, entry
+
+    def __enter__(self) -> Waiting:
+        self._board[id(self)] = self._entry
+        return self._entry
+
+    def __exit__(self, *exc: object) -> None:
+        del self._board[id(self)]
