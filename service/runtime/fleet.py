@@ -264,23 +264,7 @@ def serve_fleet(settings: Settings, workers: int, *, llm_base_url: str) -> None:
             await front.stop()
             raise
         stop = asyncio.Event()
-        seen = {"n": 0}
-
-        def handle(signum: int) -> None:
-            seen["n"] += 1
-            if seen["n"] == 1:
-                log.warning("signal %s: draining every worker (send it again to kill them now)",
-                            signal.Signals(signum).name)
-                stop.set()
-            else:
-                log.error("second signal: killing every worker")
-                supervisor.kill()
-                supervisor.close()
-                os._exit(130)
-
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, handle, signum)
+        _install_signal_handlers(supervisor, stop)
         front.app = create_app(service, registry=supervisor.registry,
                                consumer_checks=lambda: {"workers": supervisor.ready(),
                                                         "consuming": not supervisor.stopping,
@@ -292,13 +276,7 @@ def serve_fleet(settings: Settings, workers: int, *, llm_base_url: str) -> None:
                  settings.kafka.input_topic, settings.kafka.group_id, settings.http.host, settings.http.port,
                  llm_base_url, supervisor.directory)
         try:
-            while not stop.is_set():
-                supervisor.check()
-                if http_task is not None and http_task.done():
-                    http_task.result()  # the port could not be served: stop the fleet
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), CHECK_S)
+            await _supervise(supervisor, stop, http_task)
         finally:
             await supervisor.drain()
             await front.stop()
@@ -309,3 +287,35 @@ def serve_fleet(settings: Settings, workers: int, *, llm_base_url: str) -> None:
     finally:
         supervisor.kill()
         supervisor.close()
+
+
+def _install_signal_handlers(supervisor: Supervisor, stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT sets ``stop`` (the fleet drains); a second one kills every worker at once."""
+    seen = {"n": 0}
+
+    def handle(signum: int) -> None:
+        seen["n"] += 1
+        if seen["n"] == 1:
+            log.warning("signal %s: draining every worker (send it again to kill them now)",
+                        signal.Signals(signum).name)
+            stop.set()
+        else:
+            log.error("second signal: killing every worker")
+            supervisor.kill()
+            supervisor.close()
+            os._exit(130)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
+
+
+async def _supervise(supervisor: Supervisor, stop: asyncio.Event, http_task: asyncio.Task[None] | None) -> None:
+    """Restart what dies and stop what stalls until ``stop`` is set, or the port could not be served."""
+    while not stop.is_set():
+        supervisor.check()
+        if http_task is not None and http_task.done():
+            http_task.result()  # the port could not be served: stop the fleet
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), CHECK_S)
