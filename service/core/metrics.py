@@ -29,31 +29,66 @@ LLM_OUTCOMES = (
 
 
 class Metrics:
-    """Every metric the service exports. One instance per process, handed in where needed."""
+    """Every metric the service exports. One instance per process, handed in where needed.
+
+    The metrics are declared by area, one method each (records, ledger, model calls, endpoint,
+    tenancy, tools and parking, liveness); every one is an attribute of the instance.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self._records(self.registry)
+        self._ledger(self.registry)
+        self._model_calls(self.registry)
+        self._endpoint(self.registry)
+        self._tenancy(self.registry)
+        self._tools_and_parking(self.registry)
+        self._liveness(self.registry)
+        self._label_children()
+
+    def _records(self, r: CollectorRegistry) -> None:
+        """The records read and how their tasks ended: outcomes, dead letters, versions and shadow runs."""
         self.messages_consumed = Counter(
             "agent_messages_consumed", "Records read from the input topic.", registry=r
         )
         self.tasks = Counter(
             "agent_tasks", "Tasks finished, by outcome.", ["outcome"], registry=r
         )
+        self.dead_letters = Counter(
+            "agent_dead_letters", "Records written to the dead-letter topic.", ["reason"], registry=r
+        )
+        self.internal_errors = Counter(
+            "agent_internal_errors", "Failures of the service's own code while processing a record.", registry=r
+        )
+        self.task_duration = Histogram(
+            "agent_task_duration_seconds", "Time from record receipt to durable outcome.",
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )
+        self.task_versions = Counter(
+            "agent_task_versions", "Tasks finished, by kind and the prompt version that ran them.",
+            ["kind", "version", "outcome"], registry=r,
+        )
+        self.shadow_runs = Counter(
+            "agent_shadow_runs", "Duplicates re-run in shadow (never written), by whether the answer differed.",
+            ["outcome"], registry=r,
+        )
+        self.rollout_divergence = Counter(
+            "agent_rollout_divergence",
+            "Duplicates of a kind in rollout re-run in shadow on the version that did not answer, by whether "
+            "that version's answer differed.", ["kind", "outcome"], registry=r,
+        )
+        self.degraded_answers = Counter(
+            "agent_degraded_answers",
+            "Results answered (in some step) by a fallback endpoint, flagged degraded: true, by kind.",
+            ["kind"], registry=r,
+        )
+
+    def _ledger(self, r: CollectorRegistry) -> None:
+        """What reaches the ledger and the broker: the replay screen, fenced writes, results, commits, audit."""
         self.screened = Counter(
             "agent_replay_screened",
             "Records finished by the replay screen, one ledger read per batch: done and published before.",
             registry=r,
-        )
-        self.llm_requests = Counter(
-            "agent_llm_requests", "LLM HTTP attempts, by outcome.", ["outcome"], registry=r
-        )
-        self.llm_tokens = Counter(
-            "agent_llm_tokens", "LLM tokens reported by the endpoint.", ["direction"], registry=r
-        )
-        self.retries = Counter("agent_retries", "LLM calls retried after a failure.", registry=r)
-        self.dead_letters = Counter(
-            "agent_dead_letters", "Records written to the dead-letter topic.", ["reason"], registry=r
         )
         self.stale_fence_writes = Counter(
             "agent_stale_fence_writes", "Ledger writes refused because a newer fence holds the task.",
@@ -62,13 +97,41 @@ class Metrics:
         self.results_published = Counter(
             "agent_results_published", "Result events acknowledged by the broker.", registry=r
         )
+        self.committed_offsets = Counter(
+            "agent_offset_commits", "Offset commits sent to the broker.", registry=r
+        )
+        self.audit_exports = Counter(
+            "agent_audit_events", "Audit entries sent to the audit topic.", registry=r,
+        )
+
+    def _model_calls(self, r: CollectorRegistry) -> None:
+        """One model call: its HTTP attempts, tokens, latency, retries and where it went."""
+        self.llm_requests = Counter(
+            "agent_llm_requests", "LLM HTTP attempts, by outcome.", ["outcome"], registry=r
+        )
+        self.llm_tokens = Counter(
+            "agent_llm_tokens", "LLM tokens reported by the endpoint.", ["direction"], registry=r
+        )
+        self.llm_latency = Histogram(
+            "agent_llm_latency_seconds", "Latency of one LLM HTTP attempt.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+        )
+        self.retries = Counter("agent_retries", "LLM calls retried after a failure.", registry=r)
+        self.fallbacks = Counter(
+            "agent_fallbacks",
+            "Model calls sent to a fallback endpoint while the primary was unavailable, by endpoint name.",
+            ["endpoint"], registry=r,
+        )
+        self.steps_reused = Counter(
+            "agent_steps_reused", "Journaled agent steps re-used instead of calling the model again.",
+            registry=r,
+        )
+
+    def _endpoint(self, r: CollectorRegistry) -> None:
+        """What protects an endpoint: the breaker, the retry budget, the fleet's window, the rate limits."""
         self.breaker_open = Gauge(
             "agent_llm_breaker_open", "1 while the circuit breaker of an LLM endpoint is open.", ["endpoint"],
             registry=r, multiprocess_mode="livemax",
-        )
-        self.waiting_records = Gauge(
-            "agent_waiting_records", "Records waiting before a model call, by what they wait for (budget, endpoint, "
-            "window, refused, backoff).", ["why"], registry=r, multiprocess_mode="livesum",
         )
         self.breaker_probes = Counter(
             "agent_llm_breaker_probes", "Half-open probes the breaker made with a call of its own, while only "
@@ -77,13 +140,36 @@ class Metrics:
         self.breaker_opens = Counter(
             "agent_llm_breaker_opens", "Times an LLM endpoint's circuit breaker opened.", registry=r
         )
+        self.endpoint_degraded = Gauge(
+            "agent_endpoint_degraded",
+            "1 while an LLM endpoint cannot serve any task (revoked key, unknown model, unreachable), by reason.",
+            ["endpoint", "reason"], registry=r, multiprocess_mode="livemax",
+        )
         self.retry_budget_refusals = Counter(
             "agent_retry_budget_refusals", "Retries held back because the retry budget was spent.", registry=r
+        )
+        self.llm_window = Gauge(
+            "agent_llm_window",
+            "Model calls the fleet may have open on an endpoint: the adaptive window (slow start, then AIMD), "
+            "as this worker last saw it.",
+            ["endpoint"], registry=r, multiprocess_mode="livemostrecent",
+        )
+        self.llm_window_waits = Counter(
+            "agent_llm_window_waits",
+            "Times a model call waited because the fleet's window on the endpoint was full.", ["endpoint"], registry=r,
+        )
+        self.llm_window_cuts = Counter(
+            "agent_llm_window_cuts",
+            "Times a call cut the fleet's window: rate_limited or timeout (multiplied by the backoff), "
+            "outage (back to the initial size).", ["endpoint", "reason"], registry=r,
         )
         self.rate_limited = Counter(
             "agent_rate_limit_waits", "Times a call waited for the shared requests/tokens per minute budget.",
             ["priority"], registry=r,
         )
+
+    def _tenancy(self, r: CollectorRegistry) -> None:
+        """How tenants share the quota and what they spend."""
         self.fair_yields = Counter(
             "agent_fair_yields",
             "Times a call had room in the shared quota but yielded it to a tenant further behind its share, "
@@ -104,56 +190,9 @@ class Metrics:
             "Model calls refused because the tenant's token budget for the period was spent, by tenant and what "
             "the task did (wait, dead_letter).", ["tenant", "policy"], registry=r,
         )
-        self.shadow_runs = Counter(
-            "agent_shadow_runs", "Duplicates re-run in shadow (never written), by whether the answer differed.",
-            ["outcome"], registry=r,
-        )
-        self.task_versions = Counter(
-            "agent_task_versions", "Tasks finished, by kind and the prompt version that ran them.",
-            ["kind", "version", "outcome"], registry=r,
-        )
-        self.rollout_divergence = Counter(
-            "agent_rollout_divergence",
-            "Duplicates of a kind in rollout re-run in shadow on the version that did not answer, by whether "
-            "that version's answer differed.", ["kind", "outcome"], registry=r,
-        )
-        self.endpoint_degraded = Gauge(
-            "agent_endpoint_degraded",
-            "1 while an LLM endpoint cannot serve any task (revoked key, unknown model, unreachable), by reason.",
-            ["endpoint", "reason"], registry=r, multiprocess_mode="livemax",
-        )
-        self.internal_errors = Counter(
-            "agent_internal_errors", "Failures of the service's own code while processing a record.", registry=r
-        )
-        self.degraded_answers = Counter(
-            "agent_degraded_answers",
-            "Results answered (in some step) by a fallback endpoint, flagged degraded: true, by kind.",
-            ["kind"], registry=r,
-        )
-        self.llm_window = Gauge(
-            "agent_llm_window",
-            "Model calls the fleet may have open on an endpoint: the adaptive window (slow start, then AIMD), "
-            "as this worker last saw it.",
-            ["endpoint"], registry=r, multiprocess_mode="livemostrecent",
-        )
-        self.llm_window_waits = Counter(
-            "agent_llm_window_waits",
-            "Times a model call waited because the fleet's window on the endpoint was full.", ["endpoint"], registry=r,
-        )
-        self.llm_window_cuts = Counter(
-            "agent_llm_window_cuts",
-            "Times a call cut the fleet's window: rate_limited or timeout (multiplied by the backoff), "
-            "outage (back to the initial size).", ["endpoint", "reason"], registry=r,
-        )
-        self.fallbacks = Counter(
-            "agent_fallbacks",
-            "Model calls sent to a fallback endpoint while the primary was unavailable, by endpoint name.",
-            ["endpoint"], registry=r,
-        )
-        self.steps_reused = Counter(
-            "agent_steps_reused", "Journaled agent steps re-used instead of calling the model again.",
-            registry=r,
-        )
+
+    def _tools_and_parking(self, r: CollectorRegistry) -> None:
+        """Tool calls, tasks parked for a person and the decisions on them, compensations."""
         self.tool_calls = Counter(
             "agent_tool_calls",
             "Tool calls by tool and outcome: executed, replayed (from the journal), refused (by the tool), "
@@ -182,8 +221,12 @@ class Metrics:
             "agent_compensations", "Undos of tool calls run by a compensation, by outcome (undone, skipped, failed).",
             ["outcome"], registry=r,
         )
-        self.audit_exports = Counter(
-            "agent_audit_events", "Audit entries sent to the audit topic.", registry=r,
+
+    def _liveness(self, r: CollectorRegistry) -> None:
+        """Whether work moves: records in flight or waiting, partitions paused or assigned, lag, stalls."""
+        self.waiting_records = Gauge(
+            "agent_waiting_records", "Records waiting before a model call, by what they wait for (budget, endpoint, "
+            "window, refused, backoff).", ["why"], registry=r, multiprocess_mode="livesum",
         )
         self.inflight = Gauge("agent_inflight_tasks", "Records held in flight.", registry=r,
                               multiprocess_mode="livesum")
@@ -203,17 +246,9 @@ class Metrics:
             "agent_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"],
             registry=r, multiprocess_mode="livemostrecent",
         )
-        self.committed_offsets = Counter(
-            "agent_offset_commits", "Offset commits sent to the broker.", registry=r
-        )
-        self.task_duration = Histogram(
-            "agent_task_duration_seconds", "Time from record receipt to durable outcome.",
-            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
-        )
-        self.llm_latency = Histogram(
-            "agent_llm_latency_seconds", "Latency of one LLM HTTP attempt.",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
-        )
+
+    def _label_children(self) -> None:
+        """Every bounded label value shows from the start (at 0), and the hot children are looked up once."""
         for outcome in TASK_OUTCOMES:
             self.tasks.labels(outcome=outcome)
         for reason in DLQ_REASONS:
