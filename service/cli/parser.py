@@ -39,10 +39,25 @@ def default_actor() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
+# the subcommands' action: argparse names no public type for it
+Commands = argparse._SubParsersAction
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Runs LLM agents on Kafka task events.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_produce(sub)
+    kinds = sub.add_parser("kinds", help="list the kinds this service runs: source, steps, versions, input schema")
+    kinds.add_argument("--json", action="store_true", help="print JSON instead of text")
+    kinds.set_defaults(handler=kinds_command)
+    _add_task(sub)
+    _add_dlq(sub)
+    _add_demo(sub)
+    return parser
 
+
+def _add_run(sub: Commands[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="consume tasks and serve the HTTP API until signalled")
     run.add_argument("--embedded", action="store_true", help="start a local broker and redis-server")
     run.add_argument("--broker", choices=EMBEDDED_BROKERS, default="noida", help="embedded broker (default: noida)")
@@ -51,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="consumer processes in the group, supervised by this one (default 1: this process)")
     run.set_defaults(handler=run_command)
 
+
+def _add_produce(sub: Commands[argparse.ArgumentParser]) -> None:
     produce = sub.add_parser("produce", help="produce task events from JSON, JSON Lines or flags")
     produce.add_argument("file", nargs="?", metavar="FILE", help="JSON or JSON Lines file; - or nothing: stdin")
     produce.add_argument("--kind", help="produce one task of this kind (with --input)")
@@ -58,10 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--task-id", help="the task's id (default: a digest of kind and input)")
     produce.set_defaults(handler=produce_tasks)
 
-    kinds = sub.add_parser("kinds", help="list the kinds this service runs: source, steps, versions, input schema")
-    kinds.add_argument("--json", action="store_true", help="print JSON instead of text")
-    kinds.set_defaults(handler=kinds_command)
 
+def _add_task(sub: Commands[argparse.ArgumentParser]) -> None:
     task = sub.add_parser("task", help="inspect the ledger; decide on parked tasks; compensate")
     task_sub = task.add_subparsers(dest="task_command", required=True, metavar="COMMAND")
     show = task_sub.add_parser("show", help="print a task's ledger record")
@@ -88,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parked.add_argument("--limit", type=positive_int, default=100)
     parked.set_defaults(handler=task_parked)
 
+
+def _add_dlq(sub: Commands[argparse.ArgumentParser]) -> None:
     dlq = sub.add_parser("dlq", help="inspect and replay dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
     listing = dlq_sub.add_parser("list", help="show the newest dead letters")
@@ -104,13 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print the report as JSON")
     replay.set_defaults(handler=dlq_replay)
 
+
+def _add_demo(sub: Commands[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="run the service end to end on local servers")
     demo.add_argument("--tasks", type=positive_int, default=8)
     demo.add_argument("--broker", choices=EMBEDDED_BROKERS, default="noida")
     demo.add_argument("--data-dir", type=Path)
     demo.add_argument("--fake-llm", action="store_true", help="answer with a fake model instead of the local one")
     demo.set_defaults(handler=demo_command)
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
