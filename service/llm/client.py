@@ -179,6 +179,30 @@ class LLMClient:
             "LLM request schema=%s idempotency_key=%s timeout=%.3fs",
             request.schema_name, request.idempotency_key, timeout_s,
         )
+        response, latency = await self._exchange(payload, headers, request, timeout_s)
+        self._metrics.llm_latency.observe(latency)
+        try:
+            result = self._interpret(response, latency)
+        except AgentError as exc:
+            self._count(outcome_of(exc))
+            logger.debug(
+                "LLM request failed schema=%s idempotency_key=%s status=%d latency=%.3fs: %s",
+                request.schema_name, request.idempotency_key, response.status, latency,
+                type(exc).__name__,
+            )
+            raise
+        self._count("ok")
+        logger.debug(
+            "LLM request ok schema=%s idempotency_key=%s latency=%.3fs tokens=%d/%d",
+            request.schema_name, request.idempotency_key, latency,
+            result.prompt_tokens, result.completion_tokens,
+        )
+        return result
+
+    async def _exchange(self, payload: bytes, headers: dict[str, str], request: ChatRequest,
+                        timeout_s: float) -> tuple[HTTPResponse, float]:
+        """One POST within the cap on open calls: the response and its latency, or the failure on
+        the wire translated (see the module docstring) and counted."""
         async with self._semaphore or contextlib.nullcontext():
             started = time.perf_counter()
             try:
@@ -222,26 +246,7 @@ class LLMClient:
                 raise LLMUnavailable(
                     f"LLM endpoint sent an unreadable response: {type(exc).__name__}"
                 ) from exc
-            latency = time.perf_counter() - started
-
-        self._metrics.llm_latency.observe(latency)
-        try:
-            result = self._interpret(response, latency)
-        except AgentError as exc:
-            self._count(outcome_of(exc))
-            logger.debug(
-                "LLM request failed schema=%s idempotency_key=%s status=%d latency=%.3fs: %s",
-                request.schema_name, request.idempotency_key, response.status, latency,
-                type(exc).__name__,
-            )
-            raise
-        self._count("ok")
-        logger.debug(
-            "LLM request ok schema=%s idempotency_key=%s latency=%.3fs tokens=%d/%d",
-            request.schema_name, request.idempotency_key, latency,
-            result.prompt_tokens, result.completion_tokens,
-        )
-        return result
+            return response, time.perf_counter() - started
 
     async def _post(self, payload: bytes, headers: dict[str, str], timeout_s: float) -> HTTPResponse:
         """One POST; the whole exchange, body included, within ``timeout_s``."""
