@@ -62,7 +62,7 @@ from dedup.client import RedisClient
 from dedup.keys import Keys
 from dedup.ledger import LedgerUnavailable
 from service.core.metrics import Metrics
-from service.llm.guard import endpoint_tag
+from service.llm.tags import endpoint_tag
 
 log = logging.getLogger(__name__)
 
