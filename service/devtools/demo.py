@@ -123,8 +123,6 @@ async def _approve_parked(svc: Any, settings: Settings, started: float, timeout_
 
 async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
                downstream: Any = None, keep: bool = False, console: str = "", login: str = "") -> int:
-    from service.core.metrics import DLQ_REASONS, LLM_OUTCOMES
-
     svc = build(settings, llm_base_url=base_url)
     install_signal_handlers(svc)
     serving = asyncio.create_task(svc.run())
@@ -132,29 +130,59 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
     while not svc.runner.assignment and not serving.done():
         await asyncio.sleep(0.1)
     tasks = _tasks(n) + TICKETS
-    records = [(t["task_id"].encode(), json.dumps(t).encode()) for t in tasks]
-    conflicting = dict(tasks[0], input={**tasks[0]["input"], "text": "A different text under the same task id."})
-    extra = [(b"poison-1", b"{this is not json"), (conflicting["task_id"].encode(), json.dumps(conflicting).encode())]
-    print(f"producing {len(tasks)} tasks ({len(TICKETS)} that file tickets), each twice (a redelivery), one poison "
-          "record and one conflicting task ...")
-    started = time.monotonic()
-    await asyncio.to_thread(_produce, k.bootstrap_servers, k.input_topic, records + records + extra)
-    expected = 2 * len(tasks) + len(extra)
-
-    def finished() -> int:
-        return _sum(svc, "agent_tasks_total", "outcome",
-                    ("succeeded", "duplicate", "dead_lettered", "conflict", "parked"))
-
+    started, expected = await _produce_samples(settings, tasks)
     last = -1
-    while finished() < expected and time.monotonic() - started < timeout_s and not serving.done():
-        if finished() != last:
-            last = finished()
+    while _finished(svc) < expected and time.monotonic() - started < timeout_s and not serving.done():
+        if _finished(svc) != last:
+            last = _finished(svc)
             print(f"  {last}/{expected} records finished", flush=True)
         await asyncio.sleep(0.5)
     parked = await _approve_parked(svc, settings, started, timeout_s)
     elapsed = time.monotonic() - started
     results = await asyncio.to_thread(_read, k.bootstrap_servers, k.results_topic)
     dead = await asyncio.to_thread(_read, k.bootstrap_servers, k.dlq_topic)
+    _report(svc, len(tasks), expected, parked, elapsed, results, dead, downstream)
+    unaccounted = expected + parked - _finished(svc)  # a parked task finishes twice: parked, then resumed
+    if keep and not serving.done():
+        print(f"\nthe service keeps running: look at it in the console, {console} ({login}); Ctrl-C stops it",
+              flush=True)
+    else:
+        svc.runner.stop()
+    await serving
+    if not keep:
+        print(f"\nconsole: {console} (served while the demo ran, {login}; run the demo at a terminal to keep "
+              "it up afterwards, or `make run`)")
+    if unaccounted > 0:
+        print(f"\n{unaccounted} records were still in flight when the demo stopped (timeout {timeout_s:.0f}s)")
+        return 1
+    return 0
+
+
+async def _produce_samples(settings: Settings, tasks: list[dict[str, Any]]) -> tuple[float, int]:
+    """Produce every task twice (a redelivery), a poison record and a conflicting task; returns when
+    the producing started and how many records were produced."""
+    records = [(t["task_id"].encode(), json.dumps(t).encode()) for t in tasks]
+    conflicting = dict(tasks[0], input={**tasks[0]["input"], "text": "A different text under the same task id."})
+    extra = [(b"poison-1", b"{this is not json"), (conflicting["task_id"].encode(), json.dumps(conflicting).encode())]
+    print(f"producing {len(tasks)} tasks ({len(TICKETS)} that file tickets), each twice (a redelivery), one poison "
+          "record and one conflicting task ...")
+    started = time.monotonic()
+    k = settings.kafka
+    await asyncio.to_thread(_produce, k.bootstrap_servers, k.input_topic, records + records + extra)
+    return started, 2 * len(tasks) + len(extra)
+
+
+def _finished(svc: Any) -> int:
+    """The records the service is done with, whatever their outcome."""
+    return _sum(svc, "agent_tasks_total", "outcome", ("succeeded", "duplicate", "dead_lettered", "conflict", "parked"))
+
+
+def _report(svc: Any, tasks: int, expected: int, parked: int, elapsed: float,
+            results: list[Any], dead: list[Any], downstream: Any) -> None:
+    """What happened: the counts from the service's metrics (and the fake ticketing API), then the
+    results and dead letters read back from their topics."""
+    from service.core.metrics import DLQ_REASONS, LLM_OUTCOMES
+
     reg = svc.metrics.registry
 
     def val(name: str, **labels: str) -> int:
@@ -162,7 +190,7 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
 
     print()
     print(f"{'records produced':<28}{expected}")
-    print(f"{'distinct tasks':<28}{len(tasks) + 1}  (+1 poison)")
+    print(f"{'distinct tasks':<28}{tasks + 1}  (+1 poison)")
     print(f"{'LLM calls':<28}{_sum(svc, 'agent_llm_requests_total', 'outcome', LLM_OUTCOMES)}"
           f"  (retries {val('agent_retries_total')})")
     print(f"{'results published':<28}{len(results)}")
@@ -188,20 +216,6 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
         print(f"  {h.get('dlq.task_id') or '-':<10} {h['dlq.reason']:<15} "
               f"from {h['dlq.original.topic']}[{h['dlq.original.partition']}]@{h['dlq.original.offset']}: "
               f"{h['dlq.error'][:70]}")
-    unaccounted = expected + parked - finished()  # a parked task finishes twice: parked, then resumed
-    if keep and not serving.done():
-        print(f"\nthe service keeps running: look at it in the console, {console} ({login}); Ctrl-C stops it",
-              flush=True)
-    else:
-        svc.runner.stop()
-    await serving
-    if not keep:
-        print(f"\nconsole: {console} (served while the demo ran, {login}; run the demo at a terminal to keep "
-              "it up afterwards, or `make run`)")
-    if unaccounted > 0:
-        print(f"\n{unaccounted} records were still in flight when the demo stopped (timeout {timeout_s:.0f}s)")
-        return 1
-    return 0
 
 
 def _port_free(host: str, port: int) -> bool:
