@@ -3,23 +3,38 @@ the outcomes staged below them when transactions are on; and the lag, from local
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from consumers.partitions import TP, PartitionState, RunnerCore, fmt
-from consumers.transactions import Staged, TransactionFailed
+from consumers.partitions import TP, Partitions, PartitionState, RunnerMetrics, fmt
+from consumers.thread import ConsumerThread
+from consumers.transactions import Staged, TransactionalProducer, TransactionFailed
 
 log = logging.getLogger(__name__)
 
+Taken = list[tuple[PartitionState, TopicPartition, dict[int, list[Staged]]]]
 
-class Commits(RunnerCore):
-    """The runner's commits and lag; a part of :class:`~consumers.runner.Runner`."""
 
-    _lags: dict[TP, int | None]  # per partition, as last reported
+class Commits:
+    """The runner's commits and lag reports.
 
-    def _commit_now(self, consumer: Consumer, offsets: list[TopicPartition], why: str) -> list[TopicPartition]:
+    Owns no state of its own: an offset's commit mark lives in its partition's tracker (taken,
+    then confirmed only once the broker accepted it), staged outcomes in the partition's
+    ``staged`` until their transaction. Writes each partition's ``lag``. Calls the consumer only
+    through the consumer thread; ``note_error`` is told of every failed commit.
+    """
+
+    def __init__(self, partitions: Partitions, thread: ConsumerThread, metrics: RunnerMetrics,
+                 note_error: Callable[[str], None], transactions: TransactionalProducer | None = None) -> None:
+        self._partitions = partitions
+        self._thread = thread
+        self._metrics = metrics
+        self._note_error = note_error
+        self._transactions = transactions
+
+    def commit_now(self, consumer: Consumer, offsets: list[TopicPartition], why: str) -> list[TopicPartition]:
         """Commit synchronously; returns the offsets the broker accepted (the rest are retried later)."""
         if not offsets:
             return []
@@ -29,7 +44,7 @@ class Commits(RunnerCore):
             err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
                 return list(offsets)  # nothing new to store: the broker already has these
-            self.last_error = f"commit failed: {exc}"
+            self._note_error(f"commit failed: {exc}")
             log.warning("commit on %s failed (retried at the next commit): %s", why, exc)
             return []
         done = list(offsets)
@@ -40,56 +55,48 @@ class Commits(RunnerCore):
                 bad = {(tp.topic, tp.partition) for tp in failed}
                 done = [tp for tp in offsets if (tp.topic, tp.partition) not in bad]
         if done:
-            self.metrics.committed()
+            self._metrics.committed()
             log.info("committed on %s: %s", why, fmt(done))
         return done
 
-
-    def _pending_commits(self) -> list[tuple[PartitionState, TopicPartition]]:
-        offsets = []
-        for (topic, partition), part in self._partitions.items():
-            offset = part.tracker.take_commit()
-            if offset is not None:
-                offsets.append((part, TopicPartition(topic, partition, offset)))
-        return offsets
-
+    def commit_revoked(self, consumer: Consumer, offsets: list[TopicPartition], staged: list[list[Staged]]) -> None:
+        """On the consumer thread, in the revoke callback: the revoked partitions' last commit."""
+        if self._transactions is None:
+            self.commit_now(consumer, offsets, "revoke")  # the partitions are gone: nothing to confirm
+            return
+        # aborted: the next owner reads those records again and stages their outcomes anew
+        self.transact(consumer, [item for items in staged for item in items], offsets, "revoke")
 
     async def commit(self) -> None:
         """Commit what finished; an offset is marked committed only once the broker accepted it."""
-        pending = self._pending_commits()
-        if not pending or self._consumer is None:
+        pending = self._partitions.commit_marks()
+        consumer = self._thread.consumer
+        if not pending or consumer is None:
             return
-        if self.transactions is not None:
-            await self._call(self._transaction_round, self._consumer)
+        if self._transactions is not None:
+            await self._thread.call(self._transaction_round, consumer)
             return
-        done = await self._call(self._commit_now, self._consumer, [tp for _p, tp in pending], "interval")
+        done = await self._thread.call(self.commit_now, consumer, [tp for _p, tp in pending], "interval")
         accepted = {(tp.topic, tp.partition, tp.offset) for tp in done}
         for part, tp in pending:
             if (tp.topic, tp.partition, tp.offset) in accepted:
                 part.tracker.committed(tp.offset)
 
-
     def _transaction_round(self, consumer: Consumer) -> None:
         """On the consumer thread, between polls, so no revoke runs in the middle: take the offsets
         and the outcomes staged below them, write them in one transaction, then confirm (or put the
         outcomes back to be written again)."""
-        assert self._loop is not None
-        loop = self._loop
-        taken = asyncio.run_coroutine_threadsafe(self._take_for_transaction(), loop).result()
+        taken = self._thread.on_loop(self._take_for_transaction())
         if not taken:
             return
         items = [item for _part, _tp, staged in taken for items in staged.values() for item in items]
-        ok = self._transact(consumer, items, [tp for _part, tp, _staged in taken], "interval")
-        asyncio.run_coroutine_threadsafe(self._settle_transaction(taken, ok), loop).result()
+        ok = self.transact(consumer, items, [tp for _part, tp, _staged in taken], "interval")
+        self._thread.on_loop(self._settle_transaction(taken, ok))
 
+    async def _take_for_transaction(self) -> Taken:
+        return [(part, tp, part.take_staged(tp.offset)) for part, tp in self._partitions.commit_marks()]
 
-    async def _take_for_transaction(self) -> list[tuple[PartitionState, TopicPartition, dict[int, list[Staged]]]]:
-        return [(part, tp, part.take_staged(tp.offset)) for part, tp in self._pending_commits()]
-
-
-    async def _settle_transaction(
-        self, taken: list[tuple[PartitionState, TopicPartition, dict[int, list[Staged]]]], ok: bool,
-    ) -> None:
+    async def _settle_transaction(self, taken: Taken, ok: bool) -> None:
         if not ok:
             for part, _tp, staged in taken:  # aborted: written again at the next commit
                 if not part.revoked:
@@ -98,34 +105,32 @@ class Commits(RunnerCore):
         for part, tp, _staged in taken:
             part.tracker.committed(tp.offset)
 
-
-    def _transact(self, consumer: Consumer, items: list[Staged], offsets: list[TopicPartition], why: str) -> bool:
+    def transact(self, consumer: Consumer, items: list[Staged], offsets: list[TopicPartition], why: str) -> bool:
         """On the consumer thread: one transaction; False when it was aborted (nothing is visible)."""
-        assert self.transactions is not None
+        assert self._transactions is not None
         try:
-            self.transactions.commit(items, offsets, consumer.consumer_group_metadata())
+            self._transactions.commit(items, offsets, consumer.consumer_group_metadata())
         except TransactionFailed as exc:
-            self.last_error = f"transaction failed: {exc}"
+            self._note_error(f"transaction failed: {exc}")
             log.warning("transaction on %s failed (written again later): %s", why, exc)
             return False
         except Exception as exc:  # noqa: BLE001 - never let a commit error stop the consumer
-            self.last_error = f"transaction failed: {exc}"
+            self._note_error(f"transaction failed: {exc}")
             log.exception("transaction on %s failed (written again later)", why)
             return False
-        self.metrics.committed()
+        self._metrics.committed()
         log.info("committed on %s in a transaction: %d outcomes, %s", why, len(items), fmt(offsets))
         return True
 
-
-    async def _report_lag(self) -> None:
+    async def report_lag(self) -> None:
         """Lag per partition, from local state only: no broker round trip on the consumer thread.
 
         The high watermark is librdkafka's cached one (fetch responses update it); the position is
         the tracker's commit mark, else the consumer's local fetch position.
         """
-        if self._consumer is None:
+        consumer = self._thread.consumer
+        if consumer is None:
             return
-        consumer = self._consumer
         parts = {tp: p.tracker.committable() for tp, p in self._partitions.items()}
 
         def read() -> list[tuple[TP, int | None]]:
@@ -145,7 +150,8 @@ class Commits(RunnerCore):
                     out.append(((topic, partition), max(0, high - position)))
             return out
 
-        for (topic, partition), lag in await self._call(read):
-            self.metrics.lag(topic, partition, lag)
-            if (topic, partition) in self._partitions:
-                self._lags[(topic, partition)] = lag
+        for (topic, partition), lag in await self._thread.call(read):
+            self._metrics.lag(topic, partition, lag)
+            part = self._partitions.get((topic, partition))
+            if part is not None:
+                part.lag = lag

@@ -1,23 +1,27 @@
-"""What the runner keeps per partition, its settings, and what its parts share.
+"""The assigned partitions and what the runner keeps per partition; the runner's settings.
 
-:class:`~consumers.runner.Runner` is built from :class:`RunnerCore` and two parts of its own:
-:mod:`consumers.backpressure` (pausing and resuming) and :mod:`consumers.commits` (offsets,
-transactions, lag).
+:class:`Partitions` owns the map of assigned partitions: it makes a :class:`PartitionState` on
+assign and drops it on revoke. A partition assigned again gets a new state, so a record that
+holds the old one can tell its partition is gone (:meth:`Partitions.owns`).
+
+:class:`~consumers.runner.Runner` composes it with its other collaborators, each handed what it
+needs in its constructor: :mod:`consumers.thread` (the one thread that calls the consumer),
+:mod:`consumers.backpressure` (the window, pausing and resuming, the gate),
+:mod:`consumers.dispatch` (key order, handler calls, retries) and :mod:`consumers.commits`
+(offsets, transactions, lag).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from consumers.offsets import OffsetTracker
 from consumers.records import Record
-from consumers.transactions import Staged, TransactionalProducer
+from consumers.transactions import Staged
 
 Handler = Callable[[Record], Awaitable[None]]
 TP = tuple[str, int]
@@ -57,12 +61,23 @@ class RunnerConfig:
 
 @dataclass(slots=True)
 class PartitionState:
+    """One assignment of one partition. Each field has one writer:
+
+    - ``tracker``: the dispatcher adds and finishes offsets; commits confirm them.
+    - ``held``: the dispatcher (records taken and not released).
+    - ``paused``: the backpressure.
+    - ``revoked``: :class:`Partitions`, when the partition is revoked or lost.
+    - ``staged``: the dispatcher stages, commits take (and put back after an abort).
+    - ``lag``: commits, as last reported.
+    """
+
     tracker: OffsetTracker = field(default_factory=OffsetTracker)
     held: int = 0
     paused: bool = False
     revoked: bool = False
     # transactions on: outcomes staged by finished records, by offset, until their transaction
     staged: dict[int, list[Staged]] = field(default_factory=dict)
+    lag: int | None = None
 
     def take_staged(self, below: int) -> dict[int, list[Staged]]:
         """Remove and return the outcomes staged by records below offset ``below``."""
@@ -83,22 +98,63 @@ class RunnerMetrics:
     def lag(self, topic: str, partition: int, lag: int | None) -> None: ...
 
 
-class RunnerCore:
-    """The state every part of the runner reads, and the one way to call the consumer."""
+class Partitions(Mapping[TP, PartitionState]):
+    """The assigned partitions' states by ``(topic, partition)``: a read-only mapping, changed only
+    by :meth:`assign` and :meth:`revoke` (on the event loop). Reports the assigned count and
+    clears a revoked partition's lag gauge."""
 
-    config: RunnerConfig
-    metrics: RunnerMetrics
-    transactions: TransactionalProducer | None
-    last_error: str | None
-    _consumer: Consumer | None
-    _loop: asyncio.AbstractEventLoop | None
-    _executor: ThreadPoolExecutor
-    _partitions: dict[TP, PartitionState]
-    _held: int
+    def __init__(self, metrics: RunnerMetrics) -> None:
+        self._states: dict[TP, PartitionState] = {}
+        self._metrics = metrics
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        assert self._loop is not None
-        return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+    def __getitem__(self, tp: TP) -> PartitionState:
+        return self._states[tp]
+
+    def __iter__(self) -> Iterator[TP]:
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @property
+    def assignment(self) -> list[TP]:
+        return [tp for tp, p in self._states.items() if not p.revoked]
+
+    def owns(self, tp: TP, part: PartitionState) -> bool:
+        """True while ``part`` is still the live state of ``tp`` (not revoked, not replaced)."""
+        return not part.revoked and self._states.get(tp) is part
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._states[(tp.topic, tp.partition)] = PartitionState()
+        self._metrics.assigned(len(self.assignment))
+
+    def revoke(self, partitions: list[TopicPartition]) -> tuple[list[TopicPartition], list[list[Staged]]]:
+        """Forget the partitions; returns their offsets to commit and the outcomes staged below them."""
+        offsets = []
+        staged: list[list[Staged]] = []
+        for tp in partitions:
+            part = self._states.pop((tp.topic, tp.partition), None)
+            if part is None:
+                continue
+            part.revoked = True
+            offset = part.tracker.take_commit()
+            if offset is not None:
+                offsets.append(TopicPartition(tp.topic, tp.partition, offset))
+                staged.extend(part.take_staged(offset).values())
+            part.staged.clear()  # above the mark: the next owner handles those records again
+            self._metrics.lag(tp.topic, tp.partition, None)
+        self._metrics.assigned(len(self.assignment))
+        return offsets, staged
+
+    def commit_marks(self) -> list[tuple[PartitionState, TopicPartition]]:
+        """Each partition's offset to commit, where it moved since the last confirmed commit."""
+        offsets = []
+        for (topic, partition), part in self._states.items():
+            offset = part.tracker.take_commit()
+            if offset is not None:
+                offsets.append((part, TopicPartition(topic, partition, offset)))
+        return offsets
 
 
 def fmt(partitions: list[TopicPartition]) -> str:

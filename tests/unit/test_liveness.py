@@ -98,7 +98,7 @@ def test_an_outage_whose_records_lost_their_partitions_ends_when_the_dependencie
         runner._dispatch([FakeMsg(0, 0, b"a"), FakeMsg(1, 0, b"b")])
         await until(lambda: runner.retrying == 2, "both records retrying")
         assert proc.outage is not None and not proc.accepting
-        await runner._backpressure()
+        await runner._backpressure.room()
         assert fake.paused == {(TOPIC, 0), (TOPIC, 1)}
         await liveness.tick()
         assert proc.holding() == "redis outage"
@@ -108,13 +108,13 @@ def test_an_outage_whose_records_lost_their_partitions_ends_when_the_dependencie
         await until(lambda: runner.in_flight == 0, "the revoked records to stop")
         # ... and the group hands out a partition again, paused at once while the outage lasts
         await runner._assigned([TopicPartition(TOPIC, 2)])
-        await runner._backpressure()
+        await runner._backpressure.room()
         assert fake.paused >= {(TOPIC, 2)}
 
         redis_up = True  # Redis is back; no record is left that could say so
         for _ in range(200):
             await liveness.tick()
-            await runner._backpressure()
+            await runner._backpressure.room()
             if (TOPIC, 2) not in fake.paused:
                 break
             await asyncio.sleep(0.01)
@@ -134,10 +134,8 @@ def test_the_stall_gauge_follows_pending_work_and_names_a_recent_wait() -> None:
         async def handler(record: Record) -> None:
             await release.wait()
 
-        runner, _fake = await make_runner(handler, [0])
         clock = Clock()
-        runner.progress = Progress(stall_s=5, restart_s=50, clock=clock)
-        runner.progress.causes.append(runner._holding)
+        runner, _fake = await make_runner(handler, [0], progress=Progress(stall_s=5, restart_s=50, clock=clock))
         liveness = Liveness(runner, proc, metrics, {}, LivenessSettings(stall_s=5), clock=clock)
         await liveness.tick()
         assert metrics.registry.get_sample_value("agent_stalled_seconds") == 0

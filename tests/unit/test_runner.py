@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from consumers.partitions import RunnerConfig, RunnerMetrics
+from consumers.progress import Progress
 from consumers.records import Record
 from consumers.runner import Runner
 
@@ -101,12 +102,12 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
 
 async def make_runner(handler: Callable[[Record], Awaitable[None]], partitions: list[int],
                       gate: Callable[[], bool] | None = None, screen: Any = None,
-                      **cfg: Any) -> tuple[Runner, FakeConsumer]:
+                      progress: Progress | None = None, **cfg: Any) -> tuple[Runner, FakeConsumer]:
     config = RunnerConfig(topic=TOPIC, retry_base_s=0.005, retry_max_s=0.01, **cfg)
-    runner = Runner({}, handler, config, gate=gate, screen=screen)
+    runner = Runner({}, handler, config, gate=gate, screen=screen, progress=progress)
     fake = FakeConsumer()
-    runner._consumer = fake  # type: ignore[assignment]
-    runner._loop = asyncio.get_running_loop()
+    runner._thread.consumer = fake  # type: ignore[assignment]
+    runner._thread.bind(asyncio.get_running_loop())
     await runner._assigned([TopicPartition(TOPIC, p) for p in partitions])
     return runner, fake
 
@@ -120,10 +121,8 @@ async def until(cond: Callable[[], bool], what: str) -> None:
 
 
 async def close(runner: Runner) -> None:
-    for task in list(runner._tasks):
-        task.cancel()
-    await asyncio.gather(*runner._tasks, return_exceptions=True)
-    runner._executor.shutdown(wait=True)
+    await runner._dispatcher.cancel()
+    runner._thread.shutdown(wait=True)
 
 
 def test_a_failing_record_holds_only_its_key_and_its_partitions_commit_mark() -> None:
@@ -148,7 +147,7 @@ def test_a_failing_record_holds_only_its_key_and_its_partitions_commit_mark() ->
         assert runner.retrying == 2
         assert runner.healthy
         assert runner.last_error is not None and "redis down" in runner.last_error
-        assert await runner._backpressure() > 0
+        assert await runner._backpressure.room() > 0
         assert fake.paused == set()  # no partition paused because of one record's retries
         assert not any(p.paused for p in runner._partitions.values())
         await runner.commit()
@@ -261,15 +260,15 @@ def test_the_gate_pauses_and_resumes_every_partition() -> None:
             return None
 
         runner, fake = await make_runner(handler, [0, 1, 2], gate=lambda: usable)
-        assert await runner._backpressure() > 0
+        assert await runner._backpressure.room() > 0
         assert fake.paused == set() and not runner.gated
         usable = False
-        assert await runner._backpressure() == 1  # keep polling: rebalances and membership
+        assert await runner._backpressure.room() == 1  # keep polling: rebalances and membership
         assert fake.paused == {(TOPIC, 0), (TOPIC, 1), (TOPIC, 2)}
         assert runner.gated and runner.healthy
-        assert await runner._backpressure() == 1
+        assert await runner._backpressure.room() == 1
         usable = True
-        assert await runner._backpressure() > 0
+        assert await runner._backpressure.room() > 0
         assert fake.paused == set() and not runner.gated
         await close(runner)
 
@@ -286,14 +285,14 @@ def test_the_gate_waits_for_the_window_to_resume() -> None:
 
         runner, fake = await make_runner(handler, [0], gate=lambda: usable, max_in_flight=4)
         runner._dispatch([FakeMsg(0, i, str(i).encode()) for i in range(4)])
-        await runner._backpressure()
+        await runner._backpressure.room()
         assert fake.paused == {(TOPIC, 0)}
         usable = True
-        await runner._backpressure()
+        await runner._backpressure.room()
         assert fake.paused == {(TOPIC, 0)}  # window still above its low-water mark
         release.set()
         await until(lambda: runner.in_flight == 0, "records")
-        await runner._backpressure()
+        await runner._backpressure.room()
         assert fake.paused == set()
         await close(runner)
 
@@ -309,12 +308,12 @@ def test_lag_uses_only_local_state() -> None:
         metrics = Lag()
         runner = Runner({}, handler, config, metrics)
         fake = FakeConsumer()
-        runner._consumer = fake  # type: ignore[assignment]
-        runner._loop = asyncio.get_running_loop()
+        runner._thread.consumer = fake  # type: ignore[assignment]
+        runner._thread.bind(asyncio.get_running_loop())
         await runner._assigned([TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
         runner._dispatch([FakeMsg(0, 7, b"a")])
         await until(lambda: runner.in_flight == 0, "record")
-        await runner._report_lag()
+        await runner._commits.report_lag()
         assert metrics.values == {0: 2, 1: 6}  # high 10 - tracker mark 8; - local position 4
         assert all(c.startswith("watermark cached=True timeout=None") or c == "position" for c in fake.calls)
         await close(runner)
@@ -375,14 +374,14 @@ def test_a_window_full_of_slow_records_waits_longer_before_it_pauses() -> None:
         runner, fake = await make_runner(handler, [0], max_in_flight=4, pause_after_s=0.05)
         runner._dispatch([FakeMsg(0, i, str(i).encode()) for i in range(4)])
         await until(lambda: runner.in_flight == 0, "the slow records")
-        assert runner._pause_after_s() == pytest.approx(0.4, abs=0.1)
+        assert runner._backpressure.pause_after_s() == pytest.approx(0.4, abs=0.1)
         runner._dispatch([FakeMsg(0, i, str(i).encode()) for i in range(4, 8)])
-        await runner._backpressure()  # full: notes when it filled
+        await runner._backpressure.room()  # full: notes when it filled
         await asyncio.sleep(0.1)  # past pause_after_s, not past twice a record's time
-        await runner._backpressure()
+        await runner._backpressure.room()
         assert fake.paused == set()
         await asyncio.sleep(0.4)
-        await runner._backpressure()
+        await runner._backpressure.room()
         assert fake.paused == {(TOPIC, 0)}
         release.set()
         await until(lambda: runner.in_flight == 0, "records")
@@ -413,7 +412,7 @@ class ValueScreen:
 async def dispatch_screened(runner: Runner, msgs: list[FakeMsg]) -> None:
     """What the run loop does with a fetched batch."""
     records = runner._records(msgs)
-    runner._dispatch_records(records, await runner._screened(records))
+    runner._dispatcher.dispatch(records, await runner._screened(records))
 
 
 def test_records_the_screen_names_finish_without_the_handler_and_commit_in_order() -> None:
@@ -485,7 +484,7 @@ def test_a_batch_whose_partition_is_revoked_and_assigned_again_while_screened_is
         msgs = [FakeMsg(0, 7, b"a"), FakeMsg(0, 8, b"b")]
         records = runner._records(msgs)
         owners = dict(runner._partitions)
-        runner._dispatch_records(records, await runner._screened(records), owners)
+        runner._dispatcher.dispatch(records, await runner._screened(records), owners)
         await asyncio.sleep(0.02)
         assert handled == [] and runner.in_flight == 0
         assert runner._partitions[(TOPIC, 0)].tracker.committable() is None  # the new owner starts at the committed offset
