@@ -154,7 +154,8 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
   redis.call('EXPIRE', KEYS[4], ttl)
 end
-redis.call('HSET', KEYS[1], 'state', 'resuming', 'lease_until', 0, 'published', 0)
+redis.call('HSET', KEYS[1], 'state', 'resuming', 'lease_until', 0)
+redis.call('HDEL', KEYS[1], 'published', 'published_by', 'published_how')  -- the new generation's outcome is not
 redis.call('HDEL', KEYS[1], 'result', 'result_digest', 'event', 'error', 'dead_reason', 'completed_at')
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(f, 1, 9) == 'attempts:' then redis.call('HDEL', KEYS[1], f) end

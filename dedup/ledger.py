@@ -2,7 +2,10 @@
 
 States: ``running(fence, lease_until, owner)`` -> ``succeeded(result, digest, fence)`` |
 ``waiting_approval(waiting)`` -> ``resuming`` (claimable; :mod:`dedup.effects`) |
-``failed(error)`` (reclaimable) -> ``dead(reason)``.
+``failed(error)`` (reclaimable) -> ``dead(reason)``: the table :data:`dedup.lifecycles.task.TASK`,
+which hands each script that moves a state the states its event starts from and the one it leads to.
+Who published an outcome is the fields ``published_by`` and ``published_how`` (:mod:`dedup.scripts`
+lists the hash's fields; :mod:`dedup.records` reads them, a ledger of the previous version's too).
 
 A claim on a new task, or on a ``running`` task whose lease expired, or on a ``failed`` one, hands
 out a fence one higher than any before it. A holder whose lease ran out while a model call of the
@@ -10,7 +13,8 @@ task was under way died in it (or froze): that attempt is given back and the dea
 (``deaths``); the ``max_deaths``-th ends the task as ``dead(crashed)``. A task past its deadline
 while another worker holds it ends as ``dead(expired)`` under a higher fence (:meth:`Ledger.expire`). Every later write carries that fence and is refused
 when a newer claim exists: a stale worker can never overwrite a newer result, and the first
-completion wins. Redis errors are translated to :class:`LedgerUnavailable` here.
+completion wins. Redis errors are translated to :class:`LedgerUnavailable` here
+(:func:`dedup.errors.translate`).
 
 This module knows nothing of Kafka or of models.
 """
@@ -20,160 +24,54 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterError, NoScriptError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from dedup import scripts
 from dedup.batch import ScriptBatcher
 from dedup.client import RedisClient
 from dedup.effects import Effects
+from dedup.errors import (
+    AttemptsExhausted,
+    LedgerError,
+    LedgerRefused,
+    LedgerUnavailable,
+    StaleFence,
+    is_outage_reply,
+    translate,
+)
 from dedup.keys import Keys
+from dedup.lifecycles.task import PARKED, TASK
+from dedup.records import (
+    HOWS,
+    Attempt,
+    Claim,
+    Completion,
+    Decision,
+    PublishedHow,
+    Renewal,
+    TaskRecord,
+    publication,
+)
 
-Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead", "parked", "crashed"]
-Renewal = Literal["renewed", "done", "lost"]
+__all__ = ["Attempt", "AttemptsExhausted", "Claim", "Completion", "Decision", "Ledger", "LedgerError",
+           "LedgerRefused", "LedgerUnavailable", "PublishedHow", "Renewal", "StaleFence", "TaskRecord"]
+
 T = TypeVar("T")
 
 
-class LedgerError(Exception):
-    """Root of the ledger's exceptions."""
+def _moves(*events: str) -> list[str]:
+    """A moving script's arguments from :data:`TASK`: per event, the states it may start from
+    (space-joined) and the state it leads to."""
+    return [arg for event in events for arg in (" ".join(TASK.sources(event)), TASK.target(event))]
 
 
-class LedgerUnavailable(LedgerError):
-    """Redis did not answer; the outcome of the operation is unknown."""
-
-
-class LedgerRefused(LedgerError):
-    """Redis answered with an error for this call (a script error, a wrong type): not an outage."""
-
-
-# Error replies that mean the server cannot serve anyone right now: retried as an outage.
-_OUTAGE_REPLIES = frozenset({"OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN",
-                             "NOREPLICAS", "MISCONF", "NOSCRIPT", "MOVED", "ASK"})
-
-
-def _is_outage_reply(exc: ResponseError) -> bool:
-    """An error reply that says the node cannot serve this now (it will, or another node will)."""
-    text = str(exc)
-    # WAIT on a primary demoted by a failover, sent there on a slot map not yet reloaded
-    return text.split(" ", 1)[0] in _OUTAGE_REPLIES or "cannot be used with replica instances" in text
-
-
-class StaleFence(LedgerError):
-    """A newer claim holds the task: this worker's write was refused."""
-
-
-class AttemptsExhausted(LedgerError):
-    """The step has used every attempt it is allowed."""
-
-    def __init__(self, total: int) -> None:
-        super().__init__(f"no attempt left ({total} made for the task)")
-        self.total = total
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    step: int  # attempts of this step, this one included
-    total: int  # model calls made for the task, this one included
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    decision: Decision
-    fence: int
-    attempts: int
-    lease_remaining_ms: int
-    # who published the outcome: the coordinates of the record that did (None: not published)
-    published_by: str | None
-
-    @property
-    def published(self) -> bool:
-        return self.published_by is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    status: Literal["ok", "stale", "already"]
-    fence: int
-    digest: str
-
-
-@dataclass(slots=True)
-class TaskRecord:
-    task_key: str
-    state: str
-    fence: int
-    attempts: int
-    fingerprint: str
-    fields: dict[str, str]
-    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def event(self) -> bytes | None:
-        value = self.fields.get("event")
-        return value.encode() if value is not None else None
-
-    @property
-    def published(self) -> bool:
-        """Whether the outcome reached its topic (the field holds who published it)."""
-        return _published_by(self.fields.get("published")) is not None
-
-    def to_json(self) -> dict[str, Any]:
-        f = self.fields
-        result = f.get("result")
-        return {
-            "task_id": self.task_key,
-            "state": self.state,
-            "kind": f.get("kind"),
-            "fence": self.fence,
-            "attempts": self.attempts,
-            "claims": int(f.get("claims", "0")),
-            "deaths": int(f.get("deaths", "0")),
-            "fingerprint": self.fingerprint,
-            "owner": f.get("owner"),
-            "lease_until_ms": int(f["lease_until"]) if f.get("lease_until") else None,
-            "result": json.loads(result) if result is not None else None,
-            "result_digest": f.get("result_digest"),
-            "model": f.get("model"),
-            "prompt_version": f.get("prompt_version"),
-            "published": self.published,
-            "error": f.get("error"),
-            "dead_reason": f.get("dead_reason"),
-            "created_at_ms": int(f["created_at"]) if f.get("created_at") else None,
-            "completed_at_ms": int(f["completed_at"]) if f.get("completed_at") else None,
-            "steps": self.steps,
-            "generation": int(f.get("generation", "1")),
-            "waiting": json.loads(f["waiting"]) if f.get("waiting") else None,
-        }
-
-
-def _raised_inside_redis(exc: BaseException) -> bool:
-    """True when the innermost frame of ``exc`` is code of the ``redis`` package."""
-    tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
-
-
-def _translate(exc: Exception) -> None:
-    """Raise what a failed ledger call means (:class:`LedgerUnavailable`, :class:`LedgerRefused`);
-    return for an exception that is not Redis's, which the caller raises as it is."""
-    if isinstance(exc, ClusterError | TryAgainError):  # a cluster failing over or resharding
-        raise LedgerUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
-    if isinstance(exc, ResponseError):
-        if _is_outage_reply(exc):
-            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-        # Redis answered and refused this one call: not an outage, a fault of the caller
-        raise LedgerRefused(f"redis refused the call: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    if isinstance(exc, RedisError):
-        raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-    if _raised_inside_redis(exc):  # the client library failed (a node going away): an outage
-        raise LedgerUnavailable(f"redis client: {type(exc).__name__}: {exc}") from exc
+_CLAIM_MOVES = _moves("claim", "take_over", "crash")
+_DONE = " ".join(TASK.sources("publish"))  # the states whose outcome is published: the task is done
+_ANSWERS: dict[str, Decision] = {PARKED: "parked"}  # a claim finding a state it does not move from
 
 
 def _s(value: Any) -> str:
@@ -212,7 +110,7 @@ class Ledger:
         self._step = client.register_script(scripts.STEP)
         self._complete = client.register_script(scripts.COMPLETE)
         self._fail = client.register_script(scripts.FAIL)
-        self._published = client.register_script(scripts.PUBLISHED)
+        self._mark = client.register_script(scripts.MARK)
         self._refund = client.register_script(scripts.REFUND)
         self._end = client.register_script(scripts.END)
         self._expire = client.register_script(scripts.EXPIRE)
@@ -226,7 +124,7 @@ class Ledger:
         try:
             return await op()
         except Exception as exc:
-            _translate(exc)
+            translate(exc)
             raise
 
     async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
@@ -235,7 +133,7 @@ class Ledger:
         try:
             return await self.batcher.run(script, keys, args)
         except Exception as exc:
-            _translate(exc)
+            translate(exc)
             raise
 
     def _both(self, task_key: str) -> list[str]:
@@ -262,16 +160,13 @@ class Ledger:
         return bool(await self._call(self.client.ping))
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
-        raw = await self._script(
-            self._claim, self._both(task_key), [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder]
-        )
-        return Claim(
-            decision=_s(raw[0]),  # type: ignore[arg-type]
-            fence=int(raw[1]),
-            attempts=int(raw[2]),
-            lease_remaining_ms=int(raw[3]),
-            published_by=_published_by(raw[4]),
-        )
+        raw = await self._script(self._claim, self._both(task_key), [
+            fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *_CLAIM_MOVES])
+        answer = _s(raw[0])
+        by, how = publication(raw[4], raw[5])
+        return Claim(decision=_ANSWERS.get(answer, answer),  # type: ignore[arg-type]
+                     fence=int(raw[1]), attempts=int(raw[2]), lease_remaining_ms=int(raw[3]),
+                     published_by=by, published_how=how)
 
     async def heartbeat(self, task_key: str, fence: int) -> bool:
         """Extend the lease; False when ``fence`` does not hold a running task (any more)."""
@@ -320,7 +215,7 @@ class Ledger:
         """End a task that another worker holds under ``fence`` as ``dead(expired)``, under a higher
         fence so that the holder's later writes are refused. Returns ``("ok", new fence)``, or the
         task's state and fence when it moved on (completed, released, claimed again): nothing changed."""
-        raw = await self._script(self._expire, [self.keys.task(task_key)], [fence, error[:2000]])
+        raw = await self._script(self._expire, [self.keys.task(task_key)], [fence, error[:2000], *_moves("expire")])
         return _s(raw[0]), int(raw[1])
 
     async def confirm_replicated(self, task_key: str, state: str = "succeeded") -> None:
@@ -385,7 +280,7 @@ class Ledger:
         claim finds the stored result and re-emits it, byte for byte).
         """
         keys = self._both(task_key)
-        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or ""]
+        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or "", *_moves("complete")]
         if not self.durable:
             raw = await self._script(self._complete, keys, args)
             return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
@@ -420,7 +315,7 @@ class Ledger:
                 continue
             for reply in (raw, acked):
                 if isinstance(reply, Exception):
-                    if isinstance(reply, ResponseError) and _is_outage_reply(reply):
+                    if isinstance(reply, ResponseError) and is_outage_reply(reply):
                         await self.batcher.refresh_slots()  # the WAIT went to a node that is no primary now
                     raise reply
             return raw, acked
@@ -459,12 +354,19 @@ class Ledger:
 
     async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:
         """Release the claim as ``failed`` (reclaimable) or, with a reason, mark it ``dead``."""
-        raw = await self._script(self._fail, [self.keys.task(task_key)], [fence, error[:2000], dead_reason])
+        moves = _moves("die" if dead_reason else "fail")
+        raw = await self._script(self._fail, [self.keys.task(task_key)], [fence, error[:2000], dead_reason, *moves])
         return _s(raw) == "ok"
 
-    async def mark_published(self, task_key: str, state: str, by: str = "1") -> bool:
-        """Note that the outcome of ``task_key`` (in ``state``) was published, ``by`` which record."""
-        raw = await self._script(self._published, [self.keys.task(task_key)], [state, by])
+    async def mark_published(self, task_key: str, state: str, by: str = "1",
+                             how: PublishedHow | None = None) -> bool:
+        """Note that the outcome of ``task_key`` (in ``state``) was published, ``by`` which record, and
+        ``how``: ``staged`` in a transaction before the send, ``acked`` after the broker's
+        acknowledgement (None: not said; ``published_how`` is then absent, never a guess). False when
+        the task is not in ``state``, or ``state`` is none whose outcome is published."""
+        if how is not None and how not in HOWS:
+            raise ValueError(f"published how: {how!r} is none of {HOWS}")
+        raw = await self._script(self._mark, [self.keys.task(task_key)], [state, by, how or "", _DONE])
         return int(raw) == 1
 
     async def finished(self, tasks: Sequence[tuple[str, str, str]]) -> list[bool]:
@@ -479,23 +381,24 @@ class Ledger:
             return []
         keys = [self.keys.task(key) for key, _fp, _at in tasks]
         if not isinstance(self.client, RedisCluster):
-            args = [" ".join(fp for _key, fp, _at in tasks), " ".join(at or "-" for _key, _fp, at in tasks)]
+            args = [" ".join(fp for _key, fp, _at in tasks), " ".join(at or "-" for _key, _fp, at in tasks), _DONE]
             return [flag == 1 for flag in await self._call(lambda: self._finished(keys=keys, args=args))]
 
         async def read() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    pipe.hmget(key, "state", "fingerprint", "published")
+                    pipe.hmget(key, "state", "fingerprint", "published_by", "published_how", "published")
                 return await pipe.execute()
 
+        done = TASK.sources("publish")
         out: list[bool] = []
-        for (_key, fp, at), (state, print_, published) in zip(tasks, await self._call(read), strict=True):
-            by = _published_by(published)
-            out.append(_s(state) in ("succeeded", "dead") and _s(print_) == fp and by is not None and by != at)
+        for (_key, fp, at), (state, print_, *published) in zip(tasks, await self._call(read), strict=True):
+            by, _how = publication(*published)
+            out.append(state is not None and _s(state) in done and _s(print_) == fp and by is not None and by != at)
         return out
 
     async def revive(self, task_key: str) -> bool:
-        raw = await self._script(self._revive, [self.keys.task(task_key), self.keys.tools(task_key)], [])
+        raw = await self._script(self._revive, [self.keys.task(task_key), self.keys.tools(task_key)], _moves("revive"))
         return int(raw) == 1
 
     async def get(self, task_key: str) -> TaskRecord | None:
@@ -509,21 +412,5 @@ class Ledger:
         task, steps = await self._call(read)
         if not task:
             return None
-        fields = {_s(k): _s(v) for k, v in task.items()}
-        return TaskRecord(
-            task_key=task_key,
-            state=fields.get("state", ""),
-            fence=int(fields.get("fence", "0")),
-            attempts=int(fields.get("attempts", "0")),
-            fingerprint=fields.get("fingerprint", ""),
-            fields=fields,
-            steps={_s(k): json.loads(_s(v)) for k, v in steps.items()},
-        )
-
-
-def _published_by(raw: Any) -> str | None:
-    """The ``published`` field: '0' (or absent) when not published, else who published."""
-    if raw is None:
-        return None
-    value = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return None if value in ("", "0") else value
+        return TaskRecord.read(task_key, {_s(k): _s(v) for k, v in task.items()},
+                               {_s(k): json.loads(_s(v)) for k, v in steps.items()})
