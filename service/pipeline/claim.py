@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from datetime import datetime
 
+from consumers.producers import Outputs
 from consumers.records import Record
-from dedup.ledger import Claim, LedgerUnavailable
+from dedup.ledger import Claim, Ledger, LedgerUnavailable
 from service.agents.tasks import Task
+from service.core.metrics import Metrics
 from service.pipeline.base import ProcessorConfig, current_span, deadline_of
 from service.pipeline.outcomes import Outcomes
 from service.pipeline.screen import DuplicateShare
@@ -28,14 +32,26 @@ log = logging.getLogger(__name__)
 FINISHED = ("succeeded", "dead", "parked")  # the decisions of a task done before (or parked)
 
 
-class Claims(Outcomes):
-    """The stage that claims a task; a part of :class:`~service.pipeline.processor.TaskProcessor`."""
+class Claims:
+    """The stage that claims a task: asks the ledger, waits while another worker holds it, and hands
+    the decisions that end the record (done before, conflict, crashed, expired) to ``outcomes``.
 
-    config: ProcessorConfig
-    worker_id: str
-    duplicates: DuplicateShare  # how many recent claims found their task done: the replay screen reads it
+    Owns ``duplicates``: how many recent claims found their task done, which the replay screen reads."""
 
-    async def _claim(self, record: Record, task: Task, ctx: str) -> Claim | None:
+    def __init__(self, *, ledger: Ledger, outcomes: Outcomes, outputs: Outputs, metrics: Metrics,
+                 config: ProcessorConfig, worker_id: str, clock: Callable[[], datetime]) -> None:
+        self.ledger = ledger
+        self.outcomes = outcomes
+        self.outputs = outputs  # a stored outcome is re-emitted on it
+        self.metrics = metrics
+        self.config = config
+        self.worker_id = worker_id
+        self.clock = clock
+        self.duplicates = DuplicateShare()
+
+    async def claim(self, record: Record, task: Task, ctx: str) -> Claim | None:
+        """The ledger's claim when this worker holds the task now; None when the record is done
+        (the decision's outcome written and published)."""
         while True:
             claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind)
             decision = claim.decision
@@ -49,7 +65,7 @@ class Claims(Outcomes):
                 return claim
             if decision == "conflict":
                 self.metrics.tasks.labels(outcome="conflict").inc()
-                await self._dead_letter(
+                await self.outcomes.dead_letter(
                     record, task.key, "conflict",
                     f"task {task.key} exists with another input (fingerprint {task.fingerprint} differs)",
                     claim.attempts, count_outcome=False,
@@ -65,16 +81,16 @@ class Claims(Outcomes):
             if decision == "crashed":
                 error = (f"the workers holding task {task.key} stopped {self.ledger.max_deaths} times "
                          "with a call of it under way")
-                async with self._publishing(record, task.key, "dead"):
-                    await self._dead_letter(record, task.key, "crashed", error, claim.attempts)
+                async with self.outcomes.publishing(record, task.key, "dead"):
+                    await self.outcomes.dead_letter(record, task.key, "crashed", error, claim.attempts)
                 return None
             # busy: another worker holds a live lease
             if task.expired(self.clock()):
                 error = "deadline passed while another worker held the task"
                 state, _fence = await self.ledger.expire(task.key, claim.fence, error)
                 if state == "ok":  # the holder's result, should it come, is refused by the fence
-                    async with self._publishing(record, task.key, "dead"):
-                        await self._dead_letter(record, task.key, "expired", error, claim.attempts)
+                    async with self.outcomes.publishing(record, task.key, "dead"):
+                        await self.outcomes.dead_letter(record, task.key, "expired", error, claim.attempts)
                     return None
                 continue  # the holder finished (or let go) meanwhile: claim again and see
             wait_s = min(self.config.busy_poll_s, max(claim.lease_remaining_ms, 10) / 1000)
@@ -91,14 +107,14 @@ class Claims(Outcomes):
             raise LedgerUnavailable(f"task {task.key} vanished between claim and read")
         if state == "succeeded":  # stored by an attempt whose WAIT may have failed: replicas first
             await self.ledger.confirm_replicated(task.key)
-        async with self._publishing(record, task.key, state):
+        async with self.outcomes.publishing(record, task.key, state):
             if state == "succeeded" and stored.event is not None:
-                await self.outputs.result(record, task.key, stored.event, self._traceparent(task.traceparent),
+                await self.outputs.result(record, task.key, stored.event, self.outcomes.traceparent(task.traceparent),
                                           deadline_of(task))
                 self.metrics.results_published.inc()
             elif state == "dead":
                 reason = stored.fields.get("dead_reason", "permanent")
-                if await self._send_dead_letter(record, task.key, reason, stored.fields.get("error", ""),
-                                                stored.attempts, traceparent=None):
+                if await self.outcomes.send_dead_letter(record, task.key, reason, stored.fields.get("error", ""),
+                                                        stored.attempts, traceparent=None):
                     self.metrics.dead_letters.labels(reason=reason).inc()
         log.info("%s: %s before; re-emitted the stored outcome", ctx, state)

@@ -1,5 +1,5 @@
 """The outcomes of a task: a result completed under its fence, or a dead letter, then published
-and marked published by the record that carried it.
+and marked published by the record that carried it; or a task parked until a person decides.
 
 A record's dead letter is written once: once the broker acknowledged it, the ledger notes the
 record's coordinates (:meth:`~dedup.ledger.Ledger.note_dead_letter`), and the record read again
@@ -25,24 +25,32 @@ from service.agents.tasks import Task, canonical_json, digest
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.endpoints import Endpoint
-from service.pipeline.base import current_span, deadline_of, iso
+from service.pipeline.base import ProcessorConfig, current_span, deadline_of, iso
+from service.pipeline.parking import export_audit
 
 log = logging.getLogger(__name__)
 
 
 class Outcomes:
-    """The stage that writes a task's outcome; a part of :class:`~service.pipeline.processor.TaskProcessor`."""
+    """The stage that writes a task's outcome: a result completed under the task's fence, a dead
+    letter, a parking; each published and marked published by the record that carried it.
 
-    ledger: Ledger
-    outputs: Outputs
-    metrics: Metrics
-    tracing: Tracing
-    clock: Callable[[], datetime]
-    model_name: str
-    fallbacks: tuple[Endpoint, ...]
+    Owns no state of its own: what was written and published is the ledger's."""
+
+    def __init__(self, *, ledger: Ledger, outputs: Outputs, metrics: Metrics, tracing: Tracing,
+                 clock: Callable[[], datetime], model_name: str, fallbacks: tuple[Endpoint, ...],
+                 config: ProcessorConfig) -> None:
+        self.ledger = ledger
+        self.outputs = outputs
+        self.metrics = metrics
+        self.tracing = tracing
+        self.clock = clock
+        self.model_name = model_name
+        self.fallbacks = fallbacks  # a degraded result names its fallback's URL
+        self.config = config
 
     @contextlib.asynccontextmanager
-    async def _publishing(self, record: Record, task_key: str, state: str) -> AsyncIterator[None]:
+    async def publishing(self, record: Record, task_key: str, state: str) -> AsyncIterator[None]:
         """Publish a task's outcome (the block) and mark it published by this record.
 
         Sent directly, the mark follows the broker's acknowledgement: a later record of the same
@@ -58,10 +66,10 @@ class Outcomes:
             yield
             await self.ledger.mark_published(task_key, state, record.coordinates)
 
-    def _traceparent(self, incoming: str | None) -> str | None:
+    def traceparent(self, incoming: str | None) -> str | None:
         return self.tracing.current_traceparent() or incoming
 
-    async def _complete(
+    async def complete(
         self,
         record: Record,
         task: Task,
@@ -78,6 +86,31 @@ class Outcomes:
         result = agent.result(outputs)
         result_text = canonical_json(result)
         result_digest = digest(result_text)
+        fields, endpoint = self._result_fields(task, agent, fence, result, result_digest, attempts, degraded)
+        event = canonical_json(fields).encode()
+        done = await self.ledger.complete(
+            task.key, fence, result=result_text, digest=result_digest, event=event,
+            model=fields["model"], prompt_version=agent.prompt_version, endpoint=endpoint,
+        )
+        if done.status == "already" and done.fence == fence:
+            # our own COMPLETE landed but its reply was lost: publish what is stored, byte for byte
+            stored = await self.ledger.get(task.key)
+            if stored is None or stored.event is None:
+                raise LedgerUnavailable(f"task {task.key}: stored result not readable after COMPLETE")
+            event = stored.event
+            result_digest = stored.fields.get("result_digest", result_digest)
+        elif done.status != "ok":
+            self.metrics.stale_fence_writes.inc()
+            self.metrics.tasks.labels(outcome="duplicate").inc()
+            log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
+            return
+        await self._publish_result(record, task, agent, event, result_digest, fence, attempts, endpoint, ctx)
+
+    def _result_fields(
+        self, task: Task, agent: Agent, fence: int, result: Any, result_digest: str, attempts: int,
+        degraded: dict[str, tuple[str, str]] | None,
+    ) -> tuple[dict[str, Any], str | None]:
+        """The result event's fields, and the fallback endpoint that answered (None: the primary)."""
         fields: dict[str, Any] = {
             "task_id": task.key,
             "kind": task.kind,
@@ -98,28 +131,16 @@ class Outcomes:
             fields.update(degraded=True, endpoint=endpoint, endpoint_url=self._endpoint_url(endpoint),
                           answered_by={name: {"endpoint": degraded[name][0], "model": degraded[name][1]}
                                        for name in steps})
-        event = canonical_json(fields).encode()
-        done = await self.ledger.complete(
-            task.key, fence, result=result_text, digest=result_digest, event=event,
-            model=fields["model"], prompt_version=agent.prompt_version, endpoint=endpoint,
-        )
-        if done.status == "already" and done.fence == fence:
-            # our own COMPLETE landed but its reply was lost: publish what is stored, byte for byte
-            stored = await self.ledger.get(task.key)
-            if stored is None or stored.event is None:
-                raise LedgerUnavailable(f"task {task.key}: stored result not readable after COMPLETE")
-            event = stored.event
-            result_digest = stored.fields.get("result_digest", result_digest)
-        elif done.status != "ok":
-            self.metrics.stale_fence_writes.inc()
-            self.metrics.tasks.labels(outcome="duplicate").inc()
-            log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
-            return
+        return fields, endpoint
+
+    async def _publish_result(self, record: Record, task: Task, agent: Agent, event: bytes, result_digest: str,
+                              fence: int, attempts: int, endpoint: str | None, ctx: str) -> None:
+        """Publish the completed result and count it."""
         span = current_span()
         span.set_attempts(attempts)
         span.set_output_digest(result_digest)
-        async with self._publishing(record, task.key, "succeeded"):
-            await self.outputs.result(record, task.key, event, self._traceparent(task.traceparent), deadline_of(task))
+        async with self.publishing(record, task.key, "succeeded"):
+            await self.outputs.result(record, task.key, event, self.traceparent(task.traceparent), deadline_of(task))
         self.metrics.results_published.inc()
         self.metrics.task_outcome["succeeded"].inc()
         if endpoint is not None:
@@ -136,7 +157,7 @@ class Outcomes:
         """The base URL (without credentials) of the fallback endpoint ``name``."""
         return next((f.url for f in self.fallbacks if f.name == name), "")
 
-    async def _dead(
+    async def dead(
         self, record: Record, task: Task, fence: int, reason: str, error: str, attempts: int, ctx: str
     ) -> None:
         if not await self.ledger.fail(task.key, fence, error, dead_reason=reason):
@@ -144,10 +165,10 @@ class Outcomes:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: dead-letter of fence %d refused: a newer fence holds the task", ctx, fence)
             return
-        async with self._publishing(record, task.key, "dead"):
-            await self._dead_letter(record, task.key, reason, error, attempts)
+        async with self.publishing(record, task.key, "dead"):
+            await self.dead_letter(record, task.key, reason, error, attempts)
 
-    async def _dead_letter(
+    async def dead_letter(
         self,
         record: Record,
         task_key: str | None,
@@ -157,7 +178,7 @@ class Outcomes:
         *,
         count_outcome: bool = True,
     ) -> None:
-        sent = await self._send_dead_letter(record, task_key, reason, error, attempts,
+        sent = await self.send_dead_letter(record, task_key, reason, error, attempts,
                                             traceparent=self.tracing.current_traceparent())
         if not sent:
             current_span().set_outcome(f"dead_lettered:{reason}")
@@ -168,7 +189,7 @@ class Outcomes:
             self.metrics.tasks.labels(outcome="dead_lettered").inc()
         log.warning("task_id=%s %s: dead-lettered as %s: %s", task_key or "-", record.coordinates, reason, error)
 
-    async def _send_dead_letter(
+    async def send_dead_letter(
         self, record: Record, task_key: str | None, reason: str, error: str, attempts: int, *,
         traceparent: str | None,
     ) -> bool:
@@ -196,3 +217,23 @@ class Outcomes:
                 log.warning("%s: dead letter sent but not noted (%s): a redelivery may send a copy (same dlq.id)",
                             record.coordinates, exc)
         return True
+
+    async def park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str) -> None:
+        """Park the task in the ledger until a person decides; its offset may then be committed."""
+        if not await self.ledger.effects.park(task.key, fence, waiting):
+            self.metrics.stale_fence_writes.inc()
+            log.warning("%s: parking refused: a newer fence holds the task", ctx)
+            return
+        self.metrics.parkings.labels(what=waiting["what"]).inc()
+        self.metrics.tasks.labels(outcome="parked").inc()
+        current_span().set_outcome("parked")
+        await self.export_audit(task.key)
+        log.info("%s: parked, waiting for %s of %s (%s)", ctx, waiting["what"], waiting["key"], waiting["reason"])
+
+    async def export_audit(self, task_key: str) -> None:
+        """Send the task's new audit entries to the audit topic; a failure waits for the next pass."""
+        try:
+            await export_audit(self.ledger, self.outputs.publisher.send, self.config.audit_topic, task_key,
+                               self.metrics)
+        except Exception as exc:  # noqa: BLE001 - the audit list in Redis is the record; the topic a copy
+            log.warning("task_id=%s: audit entries not exported yet: %s: %s", task_key, type(exc).__name__, exc)

@@ -5,9 +5,17 @@ dead-letter topic. It returns only when the record's outcome is durable (a resul
 on the results topic, or an acknowledged dead letter); the runner then lets its offset be committed.
 It raises only when Redis or the broker did not answer, and the runner retries the record.
 
-The stages live beside it: :mod:`~service.pipeline.claim` (the ledger's decision),
-:mod:`~service.pipeline.steps` (the agent's model calls) and :mod:`~service.pipeline.outcomes`
-(result or dead letter, published).
+The processor is composed of collaborators, each a plain object owning its state, handed in by
+:meth:`TaskProcessor.build`:
+
+    claims     (:mod:`~service.pipeline.claim`)      the ledger's decision, busy waits; owns ``duplicates``
+    steps      (:mod:`~service.pipeline.steps`)      the agent's step graph, one run per task
+    calls      (:mod:`~service.pipeline.calls`)      one step's model calls: attempts, refunds, back-off
+    capacity   (:mod:`~service.pipeline.capacity`)   budget, endpoint choice, window slot; the endpoints
+    outcomes   (:mod:`~service.pipeline.outcomes`)   result or dead letter, published; a parking
+    shadow     (:mod:`~service.pipeline.shadow`)     the sampled duplicates run again
+
+The processor itself owns the record's retries and ``outage`` (Redis or the broker did not answer).
 """
 
 from __future__ import annotations
@@ -18,12 +26,15 @@ import random
 from collections.abc import Callable
 from datetime import datetime
 from time import monotonic
-from typing import Any
+from typing import Any, Self
+
+from pydantic import BaseModel
 
 from consumers.producers import Outputs, ProduceFailed, RecordRejected
 from consumers.records import Record
 from dedup.leases import LeaseKeeper
-from dedup.ledger import Ledger, LedgerUnavailable
+from dedup.ledger import Claim, Ledger, LedgerUnavailable
+from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
 from service.agents.tasks import Task, header
 from service.core.errors import InfrastructureError, PoisonError
@@ -44,20 +55,42 @@ from service.pipeline.base import (
     set_record_span,
     utcnow,
 )
+from service.pipeline.calls import CallLoop
+from service.pipeline.capacity import Capacity
 from service.pipeline.claim import Claims
 from service.pipeline.decode import decode_record, key_of
-from service.pipeline.screen import DuplicateShare, ReplayScreen
+from service.pipeline.outcomes import Outcomes
+from service.pipeline.screen import ReplayScreen
+from service.pipeline.shadow import Shadow
 from service.pipeline.steps import Steps
 from service.pipeline.waits import Waits
 
 log = logging.getLogger(__name__)
 
 
-class TaskProcessor(Claims, Steps):
+class TaskProcessor:
     """One record in, its outcome durable out: the consumer's handler."""
 
-    def __init__(
-        self,
+    def __init__(self, *, claims: Claims, steps: Steps, outcomes: Outcomes, capacity: Capacity, shadow: Shadow,
+                 ledger: Ledger, agents: AgentRegistry, metrics: Metrics, config: ProcessorConfig,
+                 clock: Callable[[], datetime], tracing: Tracing) -> None:
+        self.claims = claims
+        self.steps = steps
+        self.outcomes = outcomes
+        self.capacity = capacity
+        self.shadow = shadow
+        self.ledger = ledger
+        self.leases = LeaseKeeper(ledger)
+        self.agents = agents
+        self.metrics = metrics
+        self._config = config
+        self.clock = clock
+        self.tracing = tracing
+        self.outage: str | None = None  # Redis or the broker did not answer the last record that tried
+
+    @classmethod
+    def build(
+        cls,
         *,
         ledger: Ledger,
         agents: AgentRegistry,
@@ -77,31 +110,65 @@ class TaskProcessor(Claims, Steps):
         fallbacks: tuple[Endpoint, ...] = (),
         unavailable: str = "wait",
         window: AdaptiveWindow | None = None,
-    ) -> None:
-        """``fallbacks``: the endpoints a kind whose policy is ``fallback`` calls while the primary
-        (``llm``, ``guard``, ``limiter``, ``window`` at ``primary_url``) is unavailable; ``unavailable``: the
-        policy of a kind that sets none."""
-        self.ledger = ledger
-        self.leases = LeaseKeeper(ledger)
-        self.agents = agents
-        self.llm = llm
-        self.outputs = outputs
-        self.metrics = metrics
-        self.config = config
-        self.worker_id = worker_id
-        self.model_name = model_name
-        self.clock = clock
-        self.guard = guard
-        self.tracing = tracing or Tracing.disabled()
-        self.limiter = limiter
-        self.primary = Endpoint(PRIMARY, primary_url, llm, guard, limiter, window=window)
-        self.fallbacks = fallbacks
-        self.default_unavailable = unavailable
-        self.tenancy = tenancy or Tenancy()  # the tenants' weights, budgets, labels and prices
-        self.budgets = budgets
-        self.outage: str | None = None  # Redis or the broker did not answer the last record that tried
-        self.duplicates = DuplicateShare()
-        self.waits = Waits()  # every record that waits here, why and until when
+    ) -> Self:
+        """The processor and its collaborators. ``fallbacks``: the endpoints a kind whose policy is
+        ``fallback`` calls while the primary (``llm``, ``guard``, ``limiter``, ``window`` at
+        ``primary_url``) is unavailable; ``unavailable``: the policy of a kind that sets none."""
+        tracing = tracing or Tracing.disabled()
+        waits = Waits()  # every record that waits here, why and until when
+        capacity = Capacity(
+            primary=Endpoint(PRIMARY, primary_url, llm, guard, limiter, window=window), fallbacks=fallbacks,
+            agents=agents, default_unavailable=unavailable,
+            tenancy=tenancy or Tenancy(),  # the tenants' weights, budgets, labels and prices
+            budgets=budgets, waits=waits, metrics=metrics, config=config, clock=clock, model_name=model_name)
+        outcomes = Outcomes(ledger=ledger, outputs=outputs, metrics=metrics, tracing=tracing, clock=clock,
+                            model_name=model_name, fallbacks=fallbacks, config=config)
+        calls = CallLoop(ledger=ledger, capacity=capacity, waits=waits, metrics=metrics, config=config, clock=clock,
+                         tracing=tracing, model_name=model_name, worker_id=worker_id, audit=outcomes.export_audit)
+        return cls(
+            claims=Claims(ledger=ledger, outcomes=outcomes, outputs=outputs, metrics=metrics, config=config,
+                          worker_id=worker_id, clock=clock),
+            steps=Steps(calls), outcomes=outcomes, capacity=capacity,
+            shadow=Shadow(ledger=ledger, calls=calls, capacity=capacity, metrics=metrics, config=config),
+            ledger=ledger, agents=agents, metrics=metrics, config=config, clock=clock, tracing=tracing,
+        )
+
+    @property
+    def config(self) -> ProcessorConfig:
+        """The processor's settings, the same in every collaborator."""
+        return self._config
+
+    @config.setter
+    def config(self, config: ProcessorConfig) -> None:
+        """New settings reach every collaborator at once."""
+        self._config = config
+        for part in (self.claims, self.outcomes, self.capacity, self.shadow, self.steps.calls):
+            part.config = config
+
+    @property
+    def outputs(self) -> Outputs:
+        return self.outcomes.outputs
+
+    @property
+    def waits(self) -> Waits:
+        """Every record of this process that waits, why and until when."""
+        return self.capacity.waits
+
+    @property
+    def primary(self) -> Endpoint:
+        return self.capacity.primary
+
+    @property
+    def fallbacks(self) -> tuple[Endpoint, ...]:
+        return self.capacity.fallbacks
+
+    @property
+    def guard(self) -> EndpointGuard | None:
+        return self.capacity.guard
+
+    @property
+    def budgets(self) -> TenantBudgets | None:
+        return self.capacity.budgets
 
     async def __call__(self, record: Record) -> None:
         coordinates = (record.topic, record.partition, record.offset)
@@ -121,8 +188,8 @@ class TaskProcessor(Claims, Steps):
         the handler (shadow runs sample duplicates)."""
         if self.config.shadow_sample_rate:
             return None
-        return ReplayScreen(self.ledger, self.metrics, self.duplicates, max_bytes=self.config.max_task_bytes,
-                            transactional=self.outputs.transactional)
+        return ReplayScreen(self.ledger, self.metrics, self.claims.duplicates,
+                            max_bytes=self.config.max_task_bytes, transactional=self.outputs.transactional)
 
     @property
     def accepting(self) -> bool:
@@ -134,30 +201,14 @@ class TaskProcessor(Claims, Steps):
         ``fail_fast`` kind (its tasks are dead-lettered at once, not left to age in the topic), or a
         ``fallback`` kind while a fallback endpoint accepts. Tasks of ``wait`` kinds taken meanwhile
         wait in flight for the primary, within the in-flight window."""
-        if self.outage is not None:
-            return False
-        if self.guard is None or self.guard.accepting:
-            return True
-        policies = {agent.unavailable or self.default_unavailable for agent in self.agents}
-        return "fail_fast" in policies or (
-            "fallback" in policies and any(f.accepting for f in self.fallbacks))
+        return self.outage is None and self.capacity.accepting()
 
     def holding(self) -> str | None:
         """What holds records back now, by the name of its mechanism (never an error text): an
         outage of Redis or the broker, a degraded endpoint, an open breaker, a half-open probe out."""
         if self.outage is not None:
             return "broker outage" if self.outage.startswith(ProduceFailed.__name__) else "redis outage"
-        for endpoint in (self.primary, *self.fallbacks):
-            guard = endpoint.guard
-            if guard is None:
-                continue
-            if guard.degraded:
-                return f"endpoint {guard.label} {guard.degraded}"
-            if guard.is_open:
-                return f"breaker open on {guard.label}"
-            if not guard.available:
-                return f"breaker probe out on {guard.label}"
-        return None
+        return self.capacity.holding()
 
     def outage_over(self) -> None:
         """Redis and the broker answer again (asked by a probe, not by a record): consumption may
@@ -171,7 +222,7 @@ class TaskProcessor(Claims, Steps):
 
         - the record's (decoding, validating): :meth:`_process` dead-letters it at once;
         - one task's (400, invalid or truncated output): counted against its attempts in
-          :meth:`_call_step`; the endpoint's (auth, unknown model, unreachable, 429): the breaker
+          :meth:`CallLoop.call_step <service.pipeline.calls.CallLoop.call_step>`; the endpoint's (auth, unknown model, unreachable, 429): the breaker
           and Retry-After wait it out, no attempt is spent;
         - Redis or the broker did not answer: raised as :class:`InfrastructureError`; the runner
           retries the record without limit;
@@ -189,7 +240,7 @@ class TaskProcessor(Claims, Steps):
                 raise InfrastructureError(str(exc)) from exc
             except RecordRejected as exc:  # the broker refuses this outcome for good: retrying cannot help
                 self.metrics.internal_errors.inc()
-                await self._dead_letter(record, key_of(record, self.config.max_task_bytes), "internal",
+                await self.outcomes.dead_letter(record, key_of(record, self.config.max_task_bytes), "internal",
                                         f"the broker refused the outcome record: {str(exc)[:500]}", 0)
                 return
             except Exception as exc:  # noqa: BLE001 - a bug must end the record, never loop for ever
@@ -199,7 +250,7 @@ class TaskProcessor(Claims, Steps):
                 if failures > self.config.internal_retries:
                     log.error("%s: failed %d times in the service's own code; dead-lettering as internal",
                               record.coordinates, failures, exc_info=exc)
-                    await self._dead_letter(record, key_of(record, self.config.max_task_bytes), "internal",
+                    await self.outcomes.dead_letter(record, key_of(record, self.config.max_task_bytes), "internal",
                                             error, 0)
                     return
                 log.warning("%s: internal failure %d of %d (%s); retrying", record.coordinates, failures,
@@ -210,28 +261,28 @@ class TaskProcessor(Claims, Steps):
         try:
             task, agent, task_input = decode_record(record, self.agents, self.config.max_task_bytes)
         except PoisonError as exc:
-            await self._dead_letter(record, exc.task_key, exc.reason, str(exc), 0)
+            await self.outcomes.dead_letter(record, exc.task_key, exc.reason, str(exc), 0)
             return
         ctx = f"task_id={task.key} {record.coordinates}"
         span = current_span()
         span.set_task(task.key, task.kind)
         span.set_input_digest(task.fingerprint)
-        claim = await self._claim(record, task, ctx)  # before the deadline: a finished duplicate is no expiry
+        claim = await self.claims.claim(record, task, ctx)  # before the deadline: a finished duplicate is no expiry
         if claim is None:
             if self.config.shadow_sample_rate:
-                await self._maybe_shadow(task, self.agents.get(task.kind), task_input)
+                await self.shadow.maybe_run(task, self.agents.get(task.kind), task_input)
             return
         if task.expired(self.clock()):
             # released as failed, not dead: the same work sent again with a later deadline may run
             error = "deadline passed before the task started"
             if await self.ledger.fail(task.key, claim.fence, error):
-                await self._dead_letter(record, task.key, "expired", error, claim.attempts)
+                await self.outcomes.dead_letter(record, task.key, "expired", error, claim.attempts)
             return
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):
                 outputs, attempts, degraded = await self._run(task, agent, task_input, claim, record)
         except ToDeadLetter as dl:
-            await self._dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx)
+            await self.outcomes.dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx)
             self.metrics.task_versions.labels(kind=task.kind, version=agent.prompt_version,
                                               outcome="dead_lettered").inc()
             return
@@ -243,16 +294,14 @@ class TaskProcessor(Claims, Steps):
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: lost the task to a newer fence; the new holder finishes it", ctx)
             return
-        await self._complete(record, task, agent, claim.fence, outputs, attempts, ctx, degraded)
+        await self.outcomes.complete(record, task, agent, claim.fence, outputs, attempts, ctx, degraded)
+
+    async def _run(
+        self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, record: Record | None = None,
+    ) -> tuple[dict[str, dict[str, Any]], int, dict[str, tuple[str, str]]]:
+        """Run the agent's step graph (:meth:`Steps.run <service.pipeline.steps.Steps.run>`)."""
+        return await self.steps.run(task, agent, task_input, claim, record)
 
     async def _park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str) -> None:
         """Park the task in the ledger until a person decides; its offset may then be committed."""
-        if not await self.ledger.effects.park(task.key, fence, waiting):
-            self.metrics.stale_fence_writes.inc()
-            log.warning("%s: parking refused: a newer fence holds the task", ctx)
-            return
-        self.metrics.parkings.labels(what=waiting["what"]).inc()
-        self.metrics.tasks.labels(outcome="parked").inc()
-        current_span().set_outcome("parked")
-        await self.export_audit(task.key)
-        log.info("%s: parked, waiting for %s of %s (%s)", ctx, waiting["what"], waiting["key"], waiting["reason"])
+        await self.outcomes.park(task, fence, waiting, ctx)

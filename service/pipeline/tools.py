@@ -44,17 +44,18 @@ from service.pipeline.base import LostFence, Parked, ToDeadLetter, iso
 
 
 class Steps(Protocol):
-    """What the loop uses of the stage that runs steps (:class:`service.pipeline.steps.Steps`)."""
+    """What the loop uses of the call loop (:class:`service.pipeline.calls.CallLoop`): one step's
+    model calls to an output or the tools asked for, the ledger, and the audit export."""
 
     ledger: Ledger
     metrics: Metrics
     clock: Callable[[], datetime]
     worker_id: str
 
-    async def _call_step(self, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
-                         fence: int, attempts: int, *, conversation: list[dict[str, Any]] | None = None,
-                         offer_tools: bool = False,
-                         answered: list[tuple[str, str]] | None = None) -> tuple[Any, int]: ...
+    async def call_step(self, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
+                        fence: int, attempts: int, *, conversation: list[dict[str, Any]] | None = None,
+                        offer_tools: bool = False,
+                        answered: list[tuple[str, str]] | None = None) -> tuple[Any, int]: ...
 
     async def export_audit(self, task_key: str) -> None: ...
 
@@ -141,9 +142,9 @@ class ToolLoop:
         raise AssertionError("the last round offers no tools")  # pragma: no cover
 
     async def _ask(self, conversation: list[dict[str, Any]], *, offer: bool) -> Any:
-        answer, attempts = await self.steps._call_step(self.task, self.step, self.task_input, self.previous,
-                                                       self.fence, self.attempts, conversation=conversation,
-                                                       offer_tools=offer, answered=self.answered)
+        answer, attempts = await self.steps.call_step(self.task, self.step, self.task_input, self.previous,
+                                                      self.fence, self.attempts, conversation=conversation,
+                                                      offer_tools=offer, answered=self.answered)
         self.attempts = max(self.attempts, attempts)
         return answer
 

@@ -3,6 +3,11 @@
 Nothing here runs at import. ``Service.run()`` serves the consumer and the HTTP app in one event
 loop; ``serve()`` is what ``agent-service run`` calls on configured servers
 (:mod:`service.devtools.embedded` starts embedded ones for what the settings leave unconfigured).
+
+The parts it builds from come from small modules beside it, whose names it exports as well:
+:mod:`~service.runtime.topics` (the topics and their retention), :mod:`~service.runtime.front` (the
+HTTP port from the start, the wait for the dependencies), :mod:`~service.runtime.connections` (the
+Redis client) and :mod:`~service.runtime.endpoints` (fallback endpoints, windows, tenants).
 """
 
 from __future__ import annotations
@@ -14,45 +19,67 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
 from consumers.partitions import RunnerConfig, RunnerMetrics
 from consumers.producers import (
     DEFAULT_BATCH_BYTES,
-    KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
     RECORD_OVERHEAD_BYTES,
     Outputs,
     Publisher,
-    broker_message_max_bytes,
     topic_max_message_bytes,
 )
 from consumers.progress import Progress
 from consumers.runner import Runner
 from consumers.transactions import TransactionalOutputs, TransactionalProducer
-from dedup.client import RedisClient, close, connect
+from dedup.client import RedisClient, close
 from dedup.keys import Keys
 from dedup.ledger import Ledger
 from service.agents.declared import DeclaredAgent
 from service.agents.loading import AgentsNotLoaded, agents_from_settings, describe, summary
 from service.agents.registry import AgentRegistry
-from service.api.app import create_app, create_starting_app
+from service.api.app import create_app
 from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.llm.client import LLMClient
-from service.llm.endpoints import PRIMARY, Endpoint, public_url
+from service.llm.endpoints import PRIMARY, public_url
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter, chat_probe
-from service.llm.tenancy import Tenancy, TenantBudgets
-from service.llm.window import AdaptiveWindow
+from service.llm.tenancy import TenantBudgets
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
-from service.runtime.limits import limits, log_limits
+from service.runtime.connections import redis_client
+from service.runtime.endpoints import adaptive_window, fallback_endpoints, tenants
+from service.runtime.front import Front, http_server, model_urls, wait_for_dependencies
+from service.runtime.limits import Limits, limits, log_limits
 from service.runtime.liveness import Dependencies, Liveness, Startup
 from service.runtime.parked import ApprovalsConsumer, approval_applier, sweep_forever
+from service.runtime.topics import FOREVER_S, ensure_topics, topic_retention_s
+
+__all__ = [
+    "FOREVER_S",
+    "MIN_LEDGER_TTL_S",
+    "Front",
+    "Service",
+    "StartupRefused",
+    "adaptive_window",
+    "build",
+    "ensure_topics",
+    "fallback_endpoints",
+    "http_server",
+    "install_signal_handlers",
+    "load_registry",
+    "model_urls",
+    "redis_client",
+    "serve",
+    "tenants",
+    "topic_retention_s",
+    "wait_for_dependencies",
+    "worker_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,149 +112,11 @@ class _RunnerMetrics(RunnerMetrics):
             self.m.consumer_lag.labels(**labels).set(lag)
 
 
-class Front:
-    """The process's one HTTP port, served from the start: the starting app (``/healthz`` 200,
-    ``/readyz`` 503 naming what is missing) while the process waits for its dependencies, then the
-    service's app, without closing the port in between."""
-
-    def __init__(self, settings: Settings, startup: Startup) -> None:
-        self.app: Any = create_starting_app(lambda: startup.checks)
-        self.server: Any = None
-        self.task: asyncio.Task[None] | None = None
-        if settings.http.enabled:
-            import uvicorn
-
-            config = uvicorn.Config(self, host=settings.http.host, port=settings.http.port, log_level="warning",
-                                    access_log=False, lifespan="off", interface="asgi3")
-            self.server = http_server(config)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
-
-    def start(self) -> None:
-        if self.server is not None:
-            self.task = asyncio.create_task(self.server.serve(), name="http")
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        if self.task is not None:
-            await asyncio.gather(self.task, return_exceptions=True)
-
-
-def http_server(config: Any) -> Any:
-    """A uvicorn server without its own signal handling: the service drains on signals itself
-    (uvicorn would otherwise re-raise the signal it caught, which reads as a second one)."""
-    import uvicorn
-
-    class QuietServer(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Any:
-            yield
-
-    return QuietServer(config)
-
-
-def redis_client(settings: Settings, max_connections: int | None = None) -> RedisClient:
-    """One server, or a Redis Cluster for ``redis+cluster://`` URLs (see :mod:`dedup.client`), with a
-    pool of ``max_connections`` (unset: ``AGENT_REDIS__MAX_CONNECTIONS``, else what
-    :mod:`service.runtime.limits` derives from the in-flight window with the built-in kinds)."""
-    r = settings.redis
-    if max_connections is None:
-        max_connections = r.max_connections or limits(settings, AgentRegistry()).redis_connections
-    kwargs: dict[str, Any] = {
-        "socket_timeout": r.socket_timeout_s,
-        "socket_connect_timeout": r.socket_timeout_s,
-        "health_check_interval": 10,
-    }
-    if r.username:
-        kwargs["username"] = r.username
-    if r.password is not None:
-        kwargs["password"] = r.password.get_secret_value()
-    if r.ssl_ca_certs:
-        kwargs["ssl_ca_certs"] = r.ssl_ca_certs
-    if r.ssl_certfile:
-        kwargs["ssl_certfile"] = r.ssl_certfile
-    if r.ssl_keyfile:
-        kwargs["ssl_keyfile"] = r.ssl_keyfile
-    return connect(r.url.get_secret_value(), max_connections=max_connections, **kwargs)
-
-
-def ensure_topics(settings: Settings, timeout_s: float = 15.0, *, create: bool | None = None) -> list[str]:
-    """Create the missing topics; returns those still missing (none, unless ``create`` is False).
-
-    ``create`` unset follows ``AGENT_KAFKA__CREATE_TOPICS``. The dead-letter topic takes records a
-    little larger than the input topic's largest (``max.message.bytes`` of the input, or the
-    broker's default, plus 64 KiB for the ``dlq.*`` headers), so that an input record dead-letters
-    whole wherever the producer allows."""
-    k = settings.kafka
-    admin = AdminClient(k.common_config())
-    metadata = admin.list_topics(timeout=timeout_s)
-    existing = set(metadata.topics)
-    wanted = [k.input_topic, k.results_topic, k.dlq_topic, k.audit_topic, k.approvals_topic]
-    if not (k.create_topics if create is None else create):
-        return [t for t in wanted if t not in existing]
-    configs: dict[str, dict[str, str]] = {}
-    if k.dlq_topic not in existing:
-        input_limit = topic_max_message_bytes(admin, k.input_topic, timeout_s) if k.input_topic in existing else None
-        if input_limit is None:
-            input_limit = broker_message_max_bytes(admin, metadata, timeout_s)
-        configs[k.dlq_topic] = {"max.message.bytes": str(max(input_limit, KAFKA_DEFAULT_MAX_MESSAGE_BYTES) + 65_536)}
-    missing = [t for t in wanted if t not in existing]
-    if not missing:
-        return []
-
-    def create_all(topics: list[str], with_config: bool) -> list[str]:
-        """Create ``topics``; those whose topic config the broker refused, returned."""
-        new = [NewTopic(t, num_partitions=k.topic_partitions, replication_factor=k.topic_replication_factor,
-                        config=configs.get(t, {}) if with_config else {}) for t in topics]
-        refused: list[str] = []
-        for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
-            try:
-                future.result(timeout_s)
-                log.info("created topic %s %s", topic, configs.get(topic, {}) if with_config else "")
-            except Exception as exc:  # noqa: BLE001 - "already exists" from a racing replica is fine
-                text = str(exc).lower()
-                if "exist" in text:
-                    continue
-                if with_config and configs.get(topic) and "config" in text:
-                    refused.append(topic)
-                    continue
-                raise
-        return refused
-
-    refused = create_all(missing, with_config=True)
-    if refused:
-        log.warning("broker refused the topic config of %s: creating with its defaults", refused)
-        create_all(refused, with_config=False)
-    return []
-
-
 MIN_LEDGER_TTL_S = 7 * 24 * 3600
-FOREVER_S = 100 * 365 * 24 * 3600  # a topic kept for ever: the ledger keeps its records as long
 
 
 class StartupRefused(RuntimeError):
     """The service must not start with this configuration; the message says why and what to change."""
-
-
-def topic_retention_s(settings: Settings, timeout_s: float = 10.0) -> int | None:
-    """The input topic's ``retention.ms`` in seconds (``FOREVER_S`` for -1), or None if unreadable."""
-    from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
-
-    admin = AdminClient(settings.kafka.common_config())
-    resource = ConfigResource("topic", settings.kafka.input_topic)
-    try:
-        configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(timeout_s)
-        entry = configs.get("retention.ms")
-        value = int(entry.value) if entry is not None and entry.value is not None else None
-    except Exception as exc:  # noqa: BLE001 - a broker that cannot describe configs: keep the floor
-        log.warning("retention of %s not readable (%s); ledger retention stays at its floor",
-                    settings.kafka.input_topic, exc)
-        return None
-    if value is None:
-        return None
-    return FOREVER_S if value < 0 else -(-value // 1000)
 
 
 def worker_id(settings: Settings) -> str:
@@ -392,39 +281,18 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     bounds = limits(settings, agents)
     log_limits(bounds)
     client = redis_client(settings, bounds.redis_connections)
-    ledger = Ledger(
-        client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
-        ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S,
-        wait_replicas=settings.ledger.wait_replicas, wait_aof=settings.ledger.wait_aof,
-        wait_timeout_ms=settings.ledger.wait_timeout_ms, max_deaths=settings.ledger.max_deaths,
-    )
+    ledger = ledger_of(settings, client)
     closers: list[Any] = [lambda: asyncio.to_thread(tracing.shutdown)]
     if llm is None:
         real = LLMClient(settings.llm, llm_base_url, metrics, max_open=bounds.model_calls)
         closers.append(real.aclose)
         llm = real
-    # A record batch must fit the output topics' max.message.bytes: the broker refuses an oversized
-    # batch whole, which would condemn every record in it along with the one that is too large.
-    admin = AdminClient(settings.kafka.common_config())
-    dlq_limit = topic_max_message_bytes(admin, settings.kafka.dlq_topic)
-    sizes = [n for n in (dlq_limit, topic_max_message_bytes(admin, settings.kafka.results_topic)) if n]
-    batch = {"batch.size": min(sizes + [DEFAULT_BATCH_BYTES]) - RECORD_OVERHEAD_BYTES}
-    publisher = Publisher({**settings.kafka.producer_config(), **batch})
-    transactions: TransactionalProducer | None = None
-    if settings.kafka.transactional:
-        # outcomes are staged and written with their offsets in one transaction per commit
-        transactions = txn = TransactionalProducer({**settings.kafka.transactional_producer_config(), **batch})
-        closers.append(lambda: asyncio.to_thread(txn.close))
-        outputs: Outputs = TransactionalOutputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
-    else:
-        outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
-    outputs.set_dlq_limit(dlq_limit)  # dead letters are cut to the DLQ topic's limit too, when known
+    publisher, outputs, transactions = outputs_of(settings, closers)
     s = settings
-    guard_config = GuardConfig(failure_threshold=s.llm.breaker_failures, open_s=s.llm.breaker_open_s,
-                               retry_ratio=s.llm.retry_budget_ratio, max_wait_s=s.llm.max_wait_s)
+    guard_config = guard_config_of(s)
     fallbacks = fallback_endpoints(s, metrics, client, guard_config, bounds.model_calls, closers)
     tenancy = tenants(s, metrics)
-    processor = TaskProcessor(
+    processor = TaskProcessor.build(
         ledger=ledger, agents=agents, llm=llm, outputs=outputs, metrics=metrics,
         config=ProcessorConfig(
             max_task_bytes=s.max_task_bytes, max_attempts=s.llm.max_attempts,
@@ -449,6 +317,55 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     )
     # the guards' own probes end before the clients they call are closed
     closers[:0] = [e.guard.aclose for e in (processor.primary, *fallbacks) if e.guard is not None]
+    runner = runner_of(s, processor, bounds, metrics, transactions)
+    dependencies = Dependencies(s, client)
+    liveness = Liveness(runner, processor, metrics,
+                        {"redis": dependencies.redis_answers, "kafka": dependencies.broker_answers}, s.liveness)
+    return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
+                   llm_base_url, closers, liveness)
+
+
+def ledger_of(settings: Settings, client: RedisClient) -> Ledger:
+    """The ledger on ``client``; its retention is settled by :meth:`Service.preflight`."""
+    return Ledger(
+        client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
+        ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S,
+        wait_replicas=settings.ledger.wait_replicas, wait_aof=settings.ledger.wait_aof,
+        wait_timeout_ms=settings.ledger.wait_timeout_ms, max_deaths=settings.ledger.max_deaths,
+    )
+
+
+def outputs_of(settings: Settings, closers: list[Any]) -> tuple[Publisher, Outputs, TransactionalProducer | None]:
+    """The producer of results and dead letters, the outputs written through it, and with
+    ``AGENT_KAFKA__TRANSACTIONAL`` the transactional producer the runner commits with."""
+    # A record batch must fit the output topics' max.message.bytes: the broker refuses an oversized
+    # batch whole, which would condemn every record in it along with the one that is too large.
+    admin = AdminClient(settings.kafka.common_config())
+    dlq_limit = topic_max_message_bytes(admin, settings.kafka.dlq_topic)
+    sizes = [n for n in (dlq_limit, topic_max_message_bytes(admin, settings.kafka.results_topic)) if n]
+    batch = {"batch.size": min(sizes + [DEFAULT_BATCH_BYTES]) - RECORD_OVERHEAD_BYTES}
+    publisher = Publisher({**settings.kafka.producer_config(), **batch})
+    transactions: TransactionalProducer | None = None
+    if settings.kafka.transactional:
+        # outcomes are staged and written with their offsets in one transaction per commit
+        transactions = txn = TransactionalProducer({**settings.kafka.transactional_producer_config(), **batch})
+        closers.append(lambda: asyncio.to_thread(txn.close))
+        outputs: Outputs = TransactionalOutputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
+    else:
+        outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
+    outputs.set_dlq_limit(dlq_limit)  # dead letters are cut to the DLQ topic's limit too, when known
+    return publisher, outputs, transactions
+
+
+def guard_config_of(s: Settings) -> GuardConfig:
+    """The breaker and retry budget every endpoint's guard keeps (``AGENT_LLM__BREAKER_*``)."""
+    return GuardConfig(failure_threshold=s.llm.breaker_failures, open_s=s.llm.breaker_open_s,
+                       retry_ratio=s.llm.retry_budget_ratio, max_wait_s=s.llm.max_wait_s)
+
+
+def runner_of(s: Settings, processor: TaskProcessor, bounds: Limits, metrics: Metrics,
+              transactions: TransactionalProducer | None) -> Runner:
+    """The consumer of the input topic, handing each record to ``processor``."""
     consumer_conf = s.kafka.consumer_config()
     # A fetch must hold the largest task the service accepts.
     consumer_conf["fetch.max.bytes"] = max(s.kafka.fetch_max_bytes, s.max_task_bytes * 4)
@@ -465,65 +382,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         screen=processor.screen(),
         progress=Progress(stall_s=s.liveness.stall_s, restart_s=s.liveness.restart_s),
     )
-    dependencies = Dependencies(s, client)
-    liveness = Liveness(runner, processor, metrics,
-                        {"redis": dependencies.redis_answers, "kafka": dependencies.broker_answers}, s.liveness)
-    return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
-                   llm_base_url, closers, liveness)
-
-
-def adaptive_window(settings: Settings, redis: RedisClient, base_url: str, metrics: Metrics, name: str,
-                    timeout_s: float, closers: list[Any]) -> AdaptiveWindow | None:
-    """The fleet's window of calls open on the endpoint at ``base_url`` (None with
-    ``AGENT_LLM__WINDOW=false``). A slot's lease is twice what the call's timeout needs: a kept slot
-    is lent to another call only in the first half of its lease, so only a dead replica's slots run
-    out; a replica that stops hands back the slots it kept."""
-    llm = settings.llm
-    if not llm.window:
-        return None
-    window = AdaptiveWindow(redis, base_url, metrics, label=name, initial=llm.window_initial,
-                            maximum=llm.window_max, backoff=llm.window_backoff, ramp_s=llm.window_ramp_s,
-                            lease_s=2 * (timeout_s + 10),
-                            key_prefix=settings.redis.key_prefix)
-    closers.append(window.aclose)
-    return window
-
-
-def tenants(settings: Settings, metrics: Metrics) -> Tenancy:
-    """The tenants' policy (``AGENT_TENANCY__*``); the series of each bounded label exist from the start."""
-    tenancy = Tenancy(settings.tenancy)
-    for label in tenancy.labels():
-        for policy in ("wait", "dead_letter"):
-            metrics.budget_refusals.labels(tenant=label, policy=policy)
-        metrics.fair_yields.labels(tenant=label)
-    return tenancy
-
-
-def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient, guard_config: GuardConfig,
-                       max_open: int, closers: list[Any]) -> tuple[Endpoint, ...]:
-    """``AGENT_LLM__FALLBACKS``, each with its own client (its key, model and timeout; the primary's
-    other model settings), breaker and shared Retry-After (keyed by its URL) and rate limits."""
-    llm = settings.llm
-    endpoints: list[Endpoint] = []
-    for fallback in llm.fallbacks:
-        assert fallback.name is not None  # named by the settings
-        own = llm.model_copy(update={"api_key": fallback.api_key, "model": fallback.model,
-                                     "timeout_s": fallback.timeout_s or llm.timeout_s, "fallbacks": []})
-        client = LLMClient(own, fallback.base_url, metrics, max_open=max_open)
-        closers.append(client.aclose)
-        endpoints.append(Endpoint(
-            fallback.name, public_url(fallback.base_url), client,
-            EndpointGuard(fallback.base_url, metrics, guard_config, redis=redis, key_prefix=settings.redis.key_prefix,
-                          probe=chat_probe(client, fallback.timeout_s or llm.timeout_s, fallback.model)),
-            RateLimiter(redis, fallback.base_url, metrics, rpm=fallback.rpm, tpm=fallback.tpm,
-                        interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix,
-                        half_life_s=settings.tenancy.fair_half_life_s),
-            model=fallback.model, timeout_s=fallback.timeout_s or llm.timeout_s,
-            window=adaptive_window(settings, redis, fallback.base_url, metrics, fallback.name,
-                                   fallback.timeout_s or llm.timeout_s, closers),
-        ))
-        metrics.fallbacks.labels(endpoint=fallback.name)  # a series from the start, at 0
-    return tuple(endpoints)
+    return runner
 
 
 def install_signal_handlers(service: Service) -> None:
@@ -542,46 +401,6 @@ def install_signal_handlers(service: Service) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, handle, signum)
-
-
-def model_urls(settings: Settings, llm_base_url: str) -> list[str]:
-    """The model endpoints a start waits for (any one answering will do)."""
-    return [llm_base_url, *(f.base_url for f in settings.llm.fallbacks)]
-
-
-async def wait_for_dependencies(settings: Settings, llm_base_url: str, front_of: Callable[[Startup], Front],
-                                ) -> tuple[Startup, Front] | None:
-    """Serve the HTTP port, then wait until Redis, the broker, the topics and a model endpoint
-    answer (see :class:`~service.runtime.liveness.Startup`). None when a signal came first: the
-    port is closed again and the process exits without having started."""
-    client = redis_client(settings, 2)
-    startup = Startup(settings, Dependencies(settings, client, model_urls(settings, llm_base_url)),
-                      lambda create: ensure_topics(settings, create=create))
-    front = front_of(startup)
-    front.start()
-    loop = asyncio.get_running_loop()
-    signalled = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, signalled.set)
-    waiting = asyncio.create_task(startup.wait(), name="dependencies")
-    stop = asyncio.create_task(signalled.wait(), name="signal")
-    watched = [waiting, stop, *([front.task] if front.task is not None else [])]
-    try:
-        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (waiting, stop):
-            task.cancel()
-        await asyncio.gather(waiting, stop, return_exceptions=True)
-        await close(client)
-    if not waiting.cancelled() and waiting.exception() is None:
-        return startup, front
-    await front.stop()
-    if front.task is not None and front.task.done() and not front.task.cancelled():
-        front.task.result()  # the port could not be served
-    if not waiting.cancelled():
-        waiting.result()  # a configuration error found while waiting: raised
-    log.warning("signalled while waiting for the dependencies: exiting")
-    return None
 
 
 def serve(settings: Settings, *, llm_base_url: str) -> None:

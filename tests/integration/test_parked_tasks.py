@@ -203,9 +203,9 @@ class _Steps:
         self.ledger, self.metrics, self.clock, self.worker_id = svc.ledger, svc.metrics, utcnow, "w-test"
         self.arguments = arguments
 
-    async def _call_step(self, task: Any, step: Any, task_input: Any, previous: Any, fence: int, attempts: int, *,
-                         conversation: Any = None, offer_tools: bool = False,
-                         answered: Any = None) -> tuple[Any, int]:
+    async def call_step(self, task: Any, step: Any, task_input: Any, previous: Any, fence: int, attempts: int, *,
+                        conversation: Any = None, offer_tools: bool = False,
+                        answered: Any = None) -> tuple[Any, int]:
         if not any(m.get("role") == "tool" for m in conversation or ()):
             return [{"id": "call_1", "name": "open_ticket", "arguments": json.dumps(self.arguments)}], attempts + 1
         return {"reply": "filed", "status": "filed"}, attempts + 1

@@ -89,12 +89,12 @@ def test_a_complete_whose_reply_was_lost_is_ours_not_stale(make_settings: Any, f
             agent = proc.agents.get("classify")
             record = Record(s.kafka.input_topic, 0, 0, b"lost-1", classify("lost-1"))
             # the same COMPLETE again, as a retry after the lost reply sends it
-            await proc._complete(record, task, agent, claim.fence, {"classify": {"label": "a", "confidence": 1}},
-                                 1, "ctx")
+            await proc.outcomes.complete(record, task, agent, claim.fence,
+                                         {"classify": {"label": "a", "confidence": 1}}, 1, "ctx")
             assert metric(svc, "agent_stale_fence_writes_total") == 0
             assert metric(svc, "agent_results_published_total") == 1
             stored = await svc.ledger.get("lost-1")
-            assert stored is not None and stored.fields.get("published") == record.coordinates
+            assert stored is not None and stored.published_by == record.coordinates
 
     asyncio.run(scenario())
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
@@ -150,8 +150,8 @@ def test_a_task_busy_past_its_deadline_ends_as_one_expired_dead_letter_and_no_re
             # the other holder answers late and completes under its fence: refused, nothing published
             proc = svc.processor
             record = Record(s.kafka.input_topic, 0, 99, b"bx-1", value)
-            await proc._complete(record, task, proc.agents.get("classify"), held.fence,
-                                 {"classify": {"label": "a", "confidence": 1}}, 1, "ctx")
+            await proc.outcomes.complete(record, task, proc.agents.get("classify"), held.fence,
+                                         {"classify": {"label": "a", "confidence": 1}}, 1, "ctx")
             assert metric(svc, "agent_results_published_total") == 0
             assert metric(svc, "agent_stale_fence_writes_total") >= 1
 

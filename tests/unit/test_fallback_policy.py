@@ -15,8 +15,10 @@ from service.agents.tasks import Task, TaskEvent
 from service.core.metrics import Metrics
 from service.llm.endpoints import Endpoint, public_url
 from service.llm.guard import EndpointGuard, GuardConfig
+from service.llm.tenancy import Tenancy
 from service.pipeline.base import ProcessorConfig, ToDeadLetter
-from service.pipeline.steps import Steps
+from service.pipeline.capacity import Capacity
+from service.pipeline.waits import Waits
 
 
 class Clock:
@@ -35,24 +37,24 @@ class One(Step):
     output_model = Out
 
 
-class Picker(Steps):
+class Picker(Capacity):
     """Just the parts of the processor that choose an endpoint."""
 
     def __init__(self, clock: Clock, default: str = "wait", fallbacks: int = 1) -> None:
-        self.metrics = Metrics()
+        metrics = Metrics()
         config = GuardConfig(open_s=5)
-        self.primary = Endpoint("primary", "http://p/v1", client=None,  # type: ignore[arg-type]
-                                guard=EndpointGuard("http://p/v1", self.metrics, config, clock=clock))
-        self.fallbacks = tuple(
-            Endpoint(f"fallback-{i}", f"http://f{i}/v1", client=None,  # type: ignore[arg-type]
-                     guard=EndpointGuard(f"http://f{i}/v1", self.metrics, config, clock=clock), model=f"m{i}")
-            for i in range(1, fallbacks + 1))
-        self.agents = AgentRegistry([Agent(kind, Out, (One(),), unavailable=policy)
-                                     for kind, policy in (("own_wait", "wait"), ("own_fb", "fallback"),
-                                                          ("own_ff", "fail_fast"), ("plain", None))])
-        self.default_unavailable = default
-        self.clock = lambda: datetime.now(UTC)
-        self.config = ProcessorConfig()
+        super().__init__(
+            primary=Endpoint("primary", "http://p/v1", client=None,  # type: ignore[arg-type]
+                             guard=EndpointGuard("http://p/v1", metrics, config, clock=clock)),
+            fallbacks=tuple(
+                Endpoint(f"fallback-{i}", f"http://f{i}/v1", client=None,  # type: ignore[arg-type]
+                         guard=EndpointGuard(f"http://f{i}/v1", metrics, config, clock=clock), model=f"m{i}")
+                for i in range(1, fallbacks + 1)),
+            agents=AgentRegistry([Agent(kind, Out, (One(),), unavailable=policy)
+                                  for kind, policy in (("own_wait", "wait"), ("own_fb", "fallback"),
+                                                       ("own_ff", "fail_fast"), ("plain", None))]),
+            default_unavailable=default, tenancy=Tenancy(), budgets=None, waits=Waits(), metrics=metrics,
+            config=ProcessorConfig(), clock=lambda: datetime.now(UTC), model_name="m")
 
 
 def task(kind: str, deadline_s: float | None = None) -> Task:
@@ -62,7 +64,7 @@ def task(kind: str, deadline_s: float | None = None) -> Task:
 
 
 def pick(picker: Picker, kind: str, **kw: Any) -> Endpoint:
-    return asyncio.run(asyncio.wait_for(picker._capacity(task(kind, **kw), 10, retry=False, attempts=2), 2))
+    return asyncio.run(asyncio.wait_for(picker.endpoint(task(kind, **kw), 10, retry=False, attempts=2), 2))
 
 
 def test_an_available_primary_is_called_whatever_the_policy() -> None:
@@ -140,9 +142,9 @@ def test_consumption_pauses_on_a_degraded_primary_only_when_every_kind_would_wai
     def processor(policies: tuple[str | None, ...], default: str = "wait") -> TaskProcessor:
         picker = Picker(clock)
         agents = AgentRegistry([Agent(f"k{i}", Out, (One(),), unavailable=p) for i, p in enumerate(policies)])
-        return TaskProcessor(ledger=None, agents=agents, llm=None, outputs=None, metrics=metrics,  # type: ignore[arg-type]
-                             config=ProcessorConfig(), worker_id="w", model_name="m", guard=picker.primary.guard,
-                             fallbacks=picker.fallbacks, unavailable=default)
+        return TaskProcessor.build(ledger=None, agents=agents, llm=None, outputs=None, metrics=metrics,  # type: ignore[arg-type]
+                                   config=ProcessorConfig(), worker_id="w", model_name="m", guard=picker.primary.guard,
+                                   fallbacks=picker.fallbacks, unavailable=default)
 
     cases = [
         ((None, "wait"), "wait", False),

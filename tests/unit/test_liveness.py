@@ -67,8 +67,8 @@ class Ledger:
 
 
 def processor(metrics: Metrics) -> TaskProcessor:
-    return TaskProcessor(ledger=Ledger(), agents=AgentRegistry(), llm=None, outputs=None,  # type: ignore[arg-type]
-                         metrics=metrics, config=ProcessorConfig(), worker_id="w", model_name="m")
+    return TaskProcessor.build(ledger=Ledger(), agents=AgentRegistry(), llm=None, outputs=None,  # type: ignore[arg-type]
+                               metrics=metrics, config=ProcessorConfig(), worker_id="w", model_name="m")
 
 
 def test_an_outage_whose_records_lost_their_partitions_ends_when_the_dependencies_answer() -> None:

@@ -19,17 +19,21 @@ from service.pipeline.processor import TaskProcessor
 class Outage(TaskProcessor):
     """A processor whose first ``failures`` tries find Redis down."""
 
-    def __init__(self, failures: int) -> None:
-        super().__init__(ledger=SimpleNamespace(), agents=SimpleNamespace(), llm=SimpleNamespace(),  # type: ignore[arg-type]
-                         outputs=SimpleNamespace(transactional=False), metrics=Metrics(),  # type: ignore[arg-type]
-                         config=SimpleNamespace(shadow_sample_rate=0.0),  # type: ignore[arg-type]
-                         worker_id="w", model_name="m")
-        self.failures = failures
+    failures = 0
 
     async def _process_bounded(self, record: Record) -> None:
         if self.failures:
             self.failures -= 1
             raise InfrastructureError("redis did not answer")
+
+
+def outage(failures: int) -> Outage:
+    p = Outage.build(ledger=SimpleNamespace(), agents=SimpleNamespace(), llm=SimpleNamespace(),  # type: ignore[arg-type]
+                     outputs=SimpleNamespace(transactional=False), metrics=Metrics(),  # type: ignore[arg-type]
+                     config=SimpleNamespace(shadow_sample_rate=0.0),  # type: ignore[arg-type]
+                     worker_id="w", model_name="m")
+    p.failures = failures
+    return p
 
 
 def samples(p: TaskProcessor) -> tuple[float, float]:
@@ -40,7 +44,7 @@ def samples(p: TaskProcessor) -> tuple[float, float]:
 
 
 def test_the_duration_runs_from_receipt_to_the_durable_outcome_across_retries() -> None:
-    p = Outage(failures=2)
+    p = outage(failures=2)
     record = Record("tasks", 0, 7, b"k", b"{}", received_at=monotonic() - 30.0)  # received 30 s ago
 
     async def scenario() -> None:
