@@ -3,8 +3,9 @@
 A full window first waits for room before it pauses, so librdkafka keeps what it prefetched: for
 ``pause_after_s``, or twice the time records have recently been taking when that is longer (a
 window of 2 s model calls is full for 2 s at a time while perfectly healthy; pausing it then would
-throw the prefetch away and refill the window only at half, every turn); a partition over its own limit pauses at once while others have room; a closed
-gate pauses every partition. Paused partitions resume below the low-water mark.
+throw the prefetch away and refill the window only at half, every turn); a partition over its own
+limit pauses at once while others have room; a closed gate pauses every partition. Paused
+partitions resume below the low-water mark.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ class Runner:
             code = err.code() if hasattr(err, "code") else None
             if code != KafkaError._PARTITION_EOF:
                 text = err.str() if hasattr(err, "str") else str(err)
-                self.last_error = text
+                self._note_error(text)
                 log.warning("consumer error: %s", text)
             return None
         return Record.from_message(msg)
