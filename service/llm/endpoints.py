@@ -2,7 +2,7 @@
 (``AGENT_LLM__FALLBACKS``), each with its own client, breaker, Retry-After, rate limits and adaptive
 window of open calls (:mod:`service.llm.window`).
 
-Which one a step calls is the pipeline's choice (:meth:`service.pipeline.steps.Steps._capacity`):
+Which one a step calls is the pipeline's choice (:meth:`service.pipeline.capacity.Capacity.endpoint`):
 the primary unless it is unavailable and the kind's policy says ``fallback``. An answer from a
 fallback is a degraded answer, and says so wherever it goes.
 """
