@@ -12,6 +12,9 @@ that holds while Redis does not answer). Reads need
 either role (or ``AGENT_READS_OPEN``), writes the admin role. Templates autoescape every value,
 and each page answers with a Content-Security-Policy that loads nothing from outside the service.
 
+The sessions are :mod:`service.api.console_sessions`'s; what a page shows, computed from the
+metrics, the ledger's records and the forms, is :mod:`service.api.console_views`'s.
+
 Writes go through the code the API uses: :func:`service.pipeline.parking.decide` for approvals
 and :func:`service.pipeline.dlq.replay` (which re-checks the ledger) for dead letters. Dead letters
 are read with :func:`service.pipeline.dlq.peek`, a consumer outside every group.
@@ -19,225 +22,59 @@ are read with :func:`service.pipeline.dlq.peek`, a consumer outside every group.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
-import math
-import secrets
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from graphlib import TopologicalSorter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from itsdangerous import BadSignature, URLSafeTimedSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from prometheus_client import CollectorRegistry
-from redis.exceptions import RedisError
 
-from dedup.client import RedisClient
 from dedup.keys import is_valid_task_key
+from service.api import console_views as views
 from service.api import peeking
+from service.api.console_sessions import (
+    NO_SESSION,
+    SESSION_MAX_AGE_S,
+    RevokedInRedis,
+    Role,
+    Session,
+    Sessions,
+    role_for,
+    secret_values,
+    session_key,
+)
 from service.api.protocol import Served
 from service.core.metrics import DLQ_REASONS
-from service.core.settings import Settings
 from service.pipeline import dlq
 from service.pipeline.base import utcnow
 from service.pipeline.parking import DECISIONS, NotDecidable, decide, side_effects
 from service.pipeline.tools import safe_text
 
+__all__ = ["NO_SESSION", "SESSION_MAX_AGE_S", "RevokedInRedis", "Role", "Session", "Sessions", "install", "render",
+           "role_for", "router", "session_key", "templates"]
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 COOKIE = "agent_console"
-HOUR_S = 3600.0
 LOGIN_COOKIE = "agent_console_login"
-SESSION_MAX_AGE_S = 8 * 3600
 MAX_FORM_BYTES = 64 * 1024
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-Role = Literal["read", "admin"]
 
 _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                    trim_blocks=True, lstrip_blocks=True)
 templates = Jinja2Templates(env=_env)
-
-
-def _iso_ms(ms: float | int | None) -> str:
-    if not ms:
-        return "-"
-    return datetime.fromtimestamp(float(ms) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-
-
-_env.filters["ms"] = _iso_ms
-_env.filters["pretty"] = _pretty
-
-
-# ---------------------------------------------------------------------------- sessions
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    role: Role | None  # None: nobody logged in (reads may still be open)
-    sid: str
-    csrf: str
-    expires_at: float = 0.0  # Unix time the cookie stops being accepted
-
-    @property
-    def admin(self) -> bool:
-        return self.role == "admin"
-
-
-NO_SESSION = Session(None, "", "")
-
-
-def session_key(settings: Settings) -> bytes:
-    """The key of the console's cookies and CSRF tokens: the same for every replica of ``settings``.
-
-    From ``http.session_secret``; else derived (HMAC-SHA256 under a fixed label, as HKDF's extract
-    step) from the admin and read tokens, which every replica is given; the key does not reveal
-    them. With no secret and no token nobody can log in, and a key of this process does."""
-    secret = settings.http.session_secret
-    if secret is not None and secret.get_secret_value():
-        material = b"secret\0" + secret.get_secret_value().encode()
-    else:
-        tokens = [t.get_secret_value() if t is not None else "" for t in (settings.admin_token, settings.read_token)]
-        if not any(tokens):
-            return secrets.token_bytes(32)
-        material = b"tokens\0" + "\0".join(tokens).encode()
-    return hmac.new(b"agent-console-session-key/v1", material, hashlib.sha256).digest()
-
-
-class RevokedInRedis:
-    """Revoked session ids in Redis, each kept as long as its cookie could still be used."""
-
-    def __init__(self, client: RedisClient, prefix: str) -> None:
-        self.client = client
-        self.prefix = prefix
-
-    def key(self, sid: str) -> str:
-        return f"{self.prefix}:console:revoked:{sid}"
-
-    async def add(self, sid: str, ttl_s: int) -> None:
-        await self.client.set(self.key(sid), b"1", ex=max(1, ttl_s))
-
-    async def holds(self, sid: str) -> bool:
-        return bool(await self.client.exists(self.key(sid)))
-
-
-class Sessions:
-    """Signed session cookies and the CSRF tokens tied to them, with a key every replica shares
-    (:func:`session_key`), and the sessions revoked before their end (``store``: in Redis, for
-    every replica; always in this process too, pruned when they expire)."""
-
-    def __init__(self, secret: bytes | None = None, *, store: RevokedInRedis | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._secret = secret or secrets.token_bytes(32)
-        self._signer = URLSafeTimedSerializer(self._secret, salt="agent-console-session")
-        self._store = store
-        self._clock = clock
-        self.revoked_here: dict[str, float] = {}  # session id -> when it may be forgotten (clock time)
-
-    def csrf_for(self, sid: str) -> str:
-        return hmac.new(self._secret, b"csrf:" + sid.encode(), hashlib.sha256).hexdigest()
-
-    def issue(self, role: Role) -> tuple[str, Session]:
-        self._prune()
-        sid = secrets.token_urlsafe(18)
-        session = Session(role, sid, self.csrf_for(sid), time.time() + SESSION_MAX_AGE_S)
-        return self._signer.dumps({"role": role, "sid": sid}), session
-
-    def signed(self, cookie: str | None) -> Session | None:
-        """The session a cookie signed with this key holds, not yet expired (revocation not asked)."""
-        if not cookie:
-            return None
-        try:
-            data, signed_at = self._signer.loads(cookie, max_age=SESSION_MAX_AGE_S, return_timestamp=True)
-        except BadSignature:
-            return None
-        if not isinstance(data, dict) or data.get("role") not in ("read", "admin"):
-            return None
-        sid = str(data.get("sid", ""))
-        if not sid:
-            return None
-        return Session(data["role"], sid, self.csrf_for(sid), signed_at.timestamp() + SESSION_MAX_AGE_S)
-
-    async def read(self, cookie: str | None) -> Session | None:
-        """The cookie's session, unless it was revoked on any replica."""
-        session = self.signed(cookie)
-        if session is None:
-            return None
-        self._prune()
-        if session.sid in self.revoked_here:
-            return None
-        if self._store is not None:
-            try:
-                if await self._store.holds(session.sid):
-                    return None
-            except RedisError as exc:  # the console stays usable; this replica's revocations still hold
-                log.warning("console: revoked sessions not read from Redis: %s", exc)
-        return session
-
-    async def revoke(self, session: Session) -> None:
-        """End the session on every replica, for as long as its cookie could still be used."""
-        self._prune()
-        self.revoked_here[session.sid] = self._clock() + SESSION_MAX_AGE_S
-        if self._store is not None:
-            try:
-                await self._store.add(session.sid, math.ceil(session.expires_at - time.time()))
-            except RedisError as exc:
-                log.warning("console: a logout holds on this replica only (Redis did not answer): %s", exc)
-
-    def _prune(self) -> None:
-        now = self._clock()
-        for sid in [sid for sid, until in self.revoked_here.items() if until <= now]:
-            del self.revoked_here[sid]
-
-    def login_nonce(self) -> tuple[str, str]:
-        """A pre-session cookie and the CSRF token of the login form tied to it."""
-        nonce = secrets.token_urlsafe(18)
-        return self._signer.dumps({"login": nonce}), self.csrf_for("login:" + nonce)
-
-    def login_csrf(self, cookie: str | None) -> str | None:
-        if not cookie:
-            return None
-        try:
-            data = self._signer.loads(cookie, max_age=3600)
-        except BadSignature:
-            return None
-        nonce = data.get("login") if isinstance(data, dict) else None
-        return self.csrf_for("login:" + str(nonce)) if nonce else None
-
-
-def _secret_values(service: Served) -> tuple[str, str]:
-    s = service.settings
-    admin = s.admin_token.get_secret_value() if s.admin_token is not None else ""
-    read = s.read_token.get_secret_value() if s.read_token is not None else ""
-    return admin, read
-
-
-def role_for(service: Served, given: str) -> Role | None:
-    """The role a typed token grants, compared in constant time with every token that is set."""
-    admin, read = _secret_values(service)
-    raw = given.encode()
-    is_admin = bool(admin) & hmac.compare_digest(raw, admin.encode())
-    is_read = bool(read) & hmac.compare_digest(raw, read.encode())
-    if not given:
-        return None
-    return "admin" if is_admin else "read" if is_read else None
+_env.filters["ms"] = views.iso_ms
+_env.filters["pretty"] = views.pretty
 
 
 async def _load_session(request: Request) -> None:
@@ -341,7 +178,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False, dependencies=[Depends(
 async def login_page(request: Request, next: str = "/ui", error: str = "") -> Response:
     sessions: Sessions = request.app.state.console_sessions
     cookie, csrf = sessions.login_nonce()
-    admin, read = _secret_values(_service(request))
+    admin, read = secret_values(_service(request))
     response = render(request, "login.html", csrf=csrf, next=_safe_next(next), error=error[:200],
                       disabled=not admin and not read)
     _set_cookie(response, request, LOGIN_COOKIE, cookie, path="/ui/login")
@@ -384,98 +221,37 @@ async def logout(request: Request) -> Response:
 # -- overview
 
 
-def _samples(registry: CollectorRegistry) -> dict[str, list[tuple[dict[str, str], float]]]:
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in registry.collect():
-        for s in family.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
-    return out
-
-
-def _total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
-    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items()))
-
-
 @router.get("")
 async def overview(request: Request) -> Response:
     session = _session(request)
     if not _may_read(request, session):
         return _to_login(request)
     service = _service(request)
-    registry = request.app.state.registry or service.metrics.registry
-    samples = _samples(registry)
+    samples = views.samples(request.app.state.registry or service.metrics.registry)
     now = time.monotonic()
-    consumed = _total(samples, "agent_messages_consumed_total")
-    finished = _total(samples, "agent_tasks_total")
+    consumed = views.total(samples, "agent_messages_consumed_total")
+    finished = views.total(samples, "agent_tasks_total")
     last = request.app.state.console_last
     rate = None
     if last is not None and now - last[0] >= 0.5:
         rate = ((consumed - last[1]) / (now - last[0]), (finished - last[2]) / (now - last[0]))
     if last is None or now - last[0] >= 0.5:
         request.app.state.console_last = (now, consumed, finished)
-    lag = sorted(((lab.get("topic", ""), int(lab.get("partition", "0") or 0), v)
-                  for lab, v in samples.get("agent_consumer_lag", [])))
-    breakers = sorted((lab.get("endpoint", ""), v) for lab, v in samples.get("agent_llm_breaker_open", []))
-    degraded = sorted((lab.get("endpoint", ""), lab.get("reason", "")) for lab, v in
-                      samples.get("agent_endpoint_degraded", []) if v)
     dead = {lab.get("reason", ""): v for lab, v in samples.get("agent_dead_letters_total", []) if v}
-    recent, window_s = _recent(request.app.state.console_dead, now, dead)
-    outcomes = {lab.get("outcome", ""): v for lab, v in samples.get("agent_tasks_total", [])}
+    recent, window_s = views.recent(request.app.state.console_dead, now, dead)
     try:
         parked_now: int | None = await service.ledger.effects.parked_count()
     except Exception as exc:  # noqa: BLE001 - the overview shows what it can
         log.warning("console: parked count failed: %s", exc)
         parked_now = None
     return render(
-        request, "overview.html", rate=rate, consumed=consumed, outcomes=outcomes,
-        inflight=_total(samples, "agent_inflight_tasks"), paused=_total(samples, "agent_paused_partitions"),
-        assigned=_total(samples, "agent_assigned_partitions"), lag=lag, breakers=breakers, degraded=degraded,
-        dead=dead, recent=recent, window_min=round(window_s / 60), parked_gauge=_total(samples, "agent_parked_tasks"), parked_now=parked_now,
-        published=_total(samples, "agent_results_published_total"), now=_iso_ms(time.time() * 1000),
+        request, "overview.html", rate=rate, consumed=consumed, dead=dead, recent=recent,
+        window_min=round(window_s / 60), parked_now=parked_now, now=views.iso_ms(time.time() * 1000),
+        **views.overview_figures(samples),
     )
 
 
-def _recent(history: deque[tuple[float, dict[str, float]]], now: float,
-            counts: dict[str, float]) -> tuple[dict[str, float], float]:
-    """Dead letters by reason over the last hour, from the counts this page saw (kept once a minute
-    for an hour): what it can cover, the window it covers in seconds (0: nothing seen before)."""
-    if not history or now - history[-1][0] >= 60:
-        history.append((now, dict(counts)))
-    while history and now - history[0][0] > HOUR_S:
-        history.popleft()
-    then, before = history[0]
-    return {r: n - before.get(r, 0.0) for r, n in counts.items() if n - before.get(r, 0.0)}, now - then
-
-
 # -- tasks
-
-
-def _step_rows(record: dict[str, Any], agent_graph: dict[str, tuple[str, ...]] | None) -> list[dict[str, Any]]:
-    """The journaled steps in the order of their ``needs`` (pieces of a map-reduce after their step),
-    each with its depth in the graph."""
-    steps: dict[str, Any] = record.get("steps") or {}
-    graph: dict[str, tuple[str, ...]] = dict(agent_graph or {})
-    for name in steps:
-        base = name.split("-part-")[0]
-        if base not in graph and name not in graph:
-            graph[name] = ()
-    try:
-        order = list(TopologicalSorter(graph).static_order())
-    except Exception:  # noqa: BLE001 - a graph from the ledger alone: keep its own order
-        order = list(graph)
-    depth: dict[str, int] = {}
-    for name in order:
-        depth[name] = 1 + max((depth.get(n, 0) for n in graph.get(name, ())), default=-1)
-    rows = []
-    for name in order:
-        parts = sorted(n for n in steps if n.startswith(name + "-part-"))
-        for journal_name in [name, *parts]:
-            rec = steps.get(journal_name)
-            if rec is None and journal_name != name:
-                continue
-            rows.append({"name": journal_name, "needs": graph.get(name, ()) if journal_name == name else (name,),
-                         "depth": depth.get(name, 0), "record": rec, "part": journal_name != name})
-    return rows
 
 
 @router.get("/tasks")
@@ -506,32 +282,14 @@ async def task_detail(request: Request, task_id: str) -> Response:
     effects = await side_effects(service.ledger, task_id)
     kind = record.get("kind") or ""
     agent = service.agents.get(kind) if kind in service.agents.kinds() else None
-    versions: dict[str, str] = {}
-    if agent is not None:
-        for step in agent.steps:
-            versions.setdefault(step.prompt_version, "current")
-        if agent.candidate is not None:
-            for step in agent.candidate.steps:
-                versions.setdefault(step.prompt_version, "candidate")
-    rows = _step_rows(record, dict(agent.graph) if agent is not None else None)
+    versions = views.prompt_versions(agent)
+    rows = views.step_rows(record, dict(agent.graph) if agent is not None else None)
     return render(request, "task.html", task=record, effects=effects, rows=rows, versions=versions,
                   published_by=stored.fields.get("published") if stored.published else None,
                   max_depth=max((r["depth"] for r in rows), default=0))
 
 
 # -- dead letters
-
-
-def _parse_time(text: str) -> float | None:
-    if not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp() * 1000
 
 
 PAGE = 25
@@ -549,7 +307,7 @@ async def dead_letters(request: Request, reason: str = "", task: str = "", since
         letters = await peeking.peek(_service(request).settings.kafka, scan)
     except peeking.PeekBusy:
         return _refuse(request, 429, "Another dead-letter read is running: reload in a moment.")
-    since_ms, until_ms = _parse_time(since), _parse_time(until)
+    since_ms, until_ms = views.parse_time(since), views.parse_time(until)
     picked = [
         d for d in reversed(letters)  # newest first
         if (not reason or d.reason == reason) and (not task or task in (d.task_id or d.key or ""))
@@ -581,22 +339,13 @@ async def dead_letter(request: Request, partition: int, offset: int) -> Response
     return render(request, "letter.html", d=letter, preview=2000)
 
 
-def _selection(form: dict[str, list[str]]) -> list[tuple[int, int]]:
-    out: set[tuple[int, int]] = set()
-    for item in form.get("sel", [])[:1000]:
-        p, _, o = item.partition(":")
-        if p.isdigit() and o.isdigit() and int(p) < 2**31 and int(o) < 2**63:
-            out.add((int(p), int(o)))
-    return sorted(out)
-
-
 async def _selected(request: Request) -> Response | tuple[dict[str, list[str]], list[tuple[int, int]]]:
     """An admin's form and the dead letters it selects, or the refusal to answer with."""
     checked = await _writer(request)
     if isinstance(checked, Response):
         return checked
     _, form = checked
-    return form, _selection(form)
+    return form, views.selection(form)
 
 
 @router.post("/dlq/replay/confirm")

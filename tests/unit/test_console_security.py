@@ -112,7 +112,7 @@ def test_the_cookie_is_secure_over_https() -> None:
 
 
 def test_the_step_journal_is_shown_in_the_order_of_needs() -> None:
-    from service.api.console import _step_rows
+    from service.api.console_views import step_rows as _step_rows
 
     graph = {"summarize": ("extract", "classify"), "extract": (), "classify": ("extract",)}
     steps = {name: {"digest": f"d-{name}", "prompt_version": "v1"} for name in ("summarize", "classify", "extract")}
@@ -128,7 +128,7 @@ def test_the_step_journal_is_shown_in_the_order_of_needs() -> None:
 def test_dead_letters_of_the_last_hour_are_counted_from_the_snapshots_the_overview_keeps() -> None:
     from collections import deque
 
-    from service.api.console import _recent
+    from service.api.console_views import recent as _recent
 
     history: deque[tuple[float, dict[str, float]]] = deque()
     assert _recent(history, 0.0, {"decode": 5.0}) == ({}, 0.0)  # nothing seen before
