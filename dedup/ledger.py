@@ -44,6 +44,7 @@ from dedup.errors import (
     translate,
 )
 from dedup.keys import Keys
+from dedup.lifecycles.machine import Lifecycle
 from dedup.lifecycles.task import PARKED, TASK
 from dedup.records import (
     HOWS,
@@ -63,14 +64,25 @@ __all__ = ["Attempt", "AttemptsExhausted", "Claim", "Completion", "Decision", "L
 T = TypeVar("T")
 
 
-def _moves(*events: str) -> list[str]:
-    """A moving script's arguments from :data:`TASK`: per event, the states it may start from
-    (space-joined) and the state it leads to."""
-    return [arg for event in events for arg in (" ".join(TASK.sources(event)), TASK.target(event))]
+class Moves:
+    """A moving script's arguments, read from a lifecycle table once: for an event, the states it
+    may start from (space-joined) and the state it leads to (``''`` for an event that leaves the
+    state as it is, ``publish``). An event the table does not list starts from no state: refused."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+        self._args: dict[str, tuple[str, str]] = {}
+        for event in lifecycle.events:
+            targets = {t.target for t in lifecycle.transitions if t.event == event}
+            self._args[event] = (" ".join(lifecycle.sources(event)), targets.pop() if len(targets) == 1 else "")
+
+    def __call__(self, *events: str) -> list[str]:
+        return [arg for event in events for arg in self._args.get(event, ("", ""))]
+
+    def sources(self, event: str) -> str:
+        return self._args.get(event, ("", ""))[0]
 
 
-_CLAIM_MOVES = _moves("claim", "take_over", "crash")
-_DONE = " ".join(TASK.sources("publish"))  # the states whose outcome is published: the task is done
 _ANSWERS: dict[str, Decision] = {PARKED: "parked"}  # a claim finding a state it does not move from
 
 
@@ -92,8 +104,13 @@ class Ledger:
         wait_aof: bool = False,
         wait_timeout_ms: int = 1000,
         max_deaths: int = 3,
+        lifecycle: Lifecycle = TASK,
     ) -> None:
         self.client = client
+        # the table a task's state is moved by: each moving script is handed its sources and target
+        self.moves = Moves(lifecycle)
+        self._claim_moves = self.moves("claim", "take_over", "crash")
+        self._done = self.moves.sources("publish")  # the states whose outcome is published: done
         self.max_deaths = max_deaths  # deaths of holders with a call under way that end a task `crashed`
         # this process's claims, apart from another's under the same worker id: a task this process
         # claims again (it retries the record) did not lose its holder
@@ -161,7 +178,7 @@ class Ledger:
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
         raw = await self._script(self._claim, self._both(task_key), [
-            fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *_CLAIM_MOVES])
+            fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves])
         answer = _s(raw[0])
         by, how = publication(raw[4], raw[5])
         return Claim(decision=_ANSWERS.get(answer, answer),  # type: ignore[arg-type]
@@ -215,7 +232,7 @@ class Ledger:
         """End a task that another worker holds under ``fence`` as ``dead(expired)``, under a higher
         fence so that the holder's later writes are refused. Returns ``("ok", new fence)``, or the
         task's state and fence when it moved on (completed, released, claimed again): nothing changed."""
-        raw = await self._script(self._expire, [self.keys.task(task_key)], [fence, error[:2000], *_moves("expire")])
+        raw = await self._script(self._expire, [self.keys.task(task_key)], [fence, error[:2000], *self.moves("expire")])
         return _s(raw[0]), int(raw[1])
 
     async def confirm_replicated(self, task_key: str, state: str = "succeeded") -> None:
@@ -280,7 +297,7 @@ class Ledger:
         claim finds the stored result and re-emits it, byte for byte).
         """
         keys = self._both(task_key)
-        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or "", *_moves("complete")]
+        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or "", *self.moves("complete")]
         if not self.durable:
             raw = await self._script(self._complete, keys, args)
             return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
@@ -354,7 +371,7 @@ class Ledger:
 
     async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:
         """Release the claim as ``failed`` (reclaimable) or, with a reason, mark it ``dead``."""
-        moves = _moves("die" if dead_reason else "fail")
+        moves = self.moves("die" if dead_reason else "fail")
         raw = await self._script(self._fail, [self.keys.task(task_key)], [fence, error[:2000], dead_reason, *moves])
         return _s(raw) == "ok"
 
@@ -366,7 +383,7 @@ class Ledger:
         the task is not in ``state``, or ``state`` is none whose outcome is published."""
         if how is not None and how not in HOWS:
             raise ValueError(f"published how: {how!r} is none of {HOWS}")
-        raw = await self._script(self._mark, [self.keys.task(task_key)], [state, by, how or "", _DONE])
+        raw = await self._script(self._mark, [self.keys.task(task_key)], [state, by, how or "", self._done])
         return int(raw) == 1
 
     async def finished(self, tasks: Sequence[tuple[str, str, str]]) -> list[bool]:
@@ -381,7 +398,7 @@ class Ledger:
             return []
         keys = [self.keys.task(key) for key, _fp, _at in tasks]
         if not isinstance(self.client, RedisCluster):
-            args = [" ".join(fp for _key, fp, _at in tasks), " ".join(at or "-" for _key, _fp, at in tasks), _DONE]
+            args = [" ".join(fp for _key, fp, _at in tasks), " ".join(at or "-" for _key, _fp, at in tasks), self._done]
             return [flag == 1 for flag in await self._call(lambda: self._finished(keys=keys, args=args))]
 
         async def read() -> list[Any]:
@@ -390,7 +407,7 @@ class Ledger:
                     pipe.hmget(key, "state", "fingerprint", "published_by", "published_how", "published")
                 return await pipe.execute()
 
-        done = TASK.sources("publish")
+        done = self._done.split()
         out: list[bool] = []
         for (_key, fp, at), (state, print_, *published) in zip(tasks, await self._call(read), strict=True):
             by, _how = publication(*published)
@@ -398,7 +415,7 @@ class Ledger:
         return out
 
     async def revive(self, task_key: str) -> bool:
-        raw = await self._script(self._revive, [self.keys.task(task_key), self.keys.tools(task_key)], _moves("revive"))
+        raw = await self._script(self._revive, [self.keys.task(task_key), self.keys.tools(task_key)], self.moves("revive"))
         return int(raw) == 1
 
     async def get(self, task_key: str) -> TaskRecord | None:

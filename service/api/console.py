@@ -285,7 +285,7 @@ async def task_detail(request: Request, task_id: str) -> Response:
     versions = views.prompt_versions(agent)
     rows = views.step_rows(record, dict(agent.graph) if agent is not None else None)
     return render(request, "task.html", task=record, effects=effects, rows=rows, versions=versions,
-                  published_by=stored.fields.get("published") if stored.published else None,
+                  published_by=stored.published_by,
                   max_depth=max((r["depth"] for r in rows), default=0))
 
 

@@ -74,6 +74,10 @@ class TaskView(BaseModel):
     model: str | None = None
     prompt_version: str | None = None
     published: bool = False
+    published_by: str | None = Field(None, description="coordinates (topic[partition]@offset) of the record that "
+                                     "published the outcome; null: not published")
+    published_how: str | None = Field(None, description="staged (in a transaction, before the send) or acked "
+                                      "(after the broker's acknowledgement); null: not published, or not said")
     error: str | None = None
     dead_reason: str | None = None
     created_at_ms: int | None = None

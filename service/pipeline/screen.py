@@ -9,7 +9,8 @@ with the handler's own decoder, asks the ledger about all of its tasks in one re
 
 It only ever names records the handler would skip: anything else (a record that does not decode,
 a task not done, done but not published, published by this very record inside a transaction that
-may not have committed) runs through the handler. The decoded task rides along on the record
+may not have committed: its ``published_by`` are the record's own coordinates) runs through the
+handler. The decoded task rides along on the record
 (``Record.memo``), so the handler does not decode it again.
 
 It screens only while replays are happening: while at least a quarter of recent claims found
