@@ -5,15 +5,22 @@ Beside a task's hash (``agent:{k}:task``) and step journal live, in the same slo
 - ``agent:{k}:tools`` (hash): ``source`` (the record that carried the task, to resume it),
   ``generation`` bumps live in the task hash; fields ``r:<step>:<round>`` (the model's tool calls
   of one round, as it asked for them), ``c:<step>:<ordinal>`` (one call: intent, then result),
-  ``a:<step>:<ordinal>`` (a decision on a call that waited: approval, rejection, expiry, an
-  operator's answer to a reconcile), ``u:<step>:<ordinal>`` (its undo), ``seq`` (calls so far);
+  ``a:<step>:<ordinal>`` (the decision on its approval: approved, rejected, expired),
+  ``o:<step>:<ordinal>`` (an operator's answer to whether it landed: landed, absent, expired),
+  ``u:<step>:<ordinal>`` (its undo), ``seq`` (calls so far);
 - ``agent:{k}:audit`` (list): one JSON entry per side effect and decision, append-only; entries
   past ``exported`` in the tools hash are still to be sent to the audit topic.
+
+Records written before ``o:`` existed hold a reconcile answer at ``a:`` (overwriting the call's
+approval): :func:`approval_of` and :func:`answer_of` read both layouts, each field for one meaning.
 
 Every write a worker makes carries its fence and is refused for an older one; the audit entry of a
 result is appended even then, because the effect happened whoever reports it. A task waiting for a
 person is in state ``waiting_approval`` (``waiting`` holds what it waits for), listed in the sorted
-set ``agent:parked`` (by deadline), and becomes ``resuming`` (claimable) once decided.
+set ``agent:parked`` (by deadline), and becomes ``resuming`` (claimable) once decided. The moves of
+a parked task (:data:`~dedup.lifecycles.parked.PARKED`) and of a call's result
+(:data:`~dedup.lifecycles.tool_call.TOOL_CALL`) are the tables': each script below that makes one
+is handed, as arguments, the states its move may start from and the one it leads to.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from redis.commands.core import AsyncScript
 
 from dedup.client import RedisClient
 from dedup.keys import Keys
+from dedup.lifecycles.machine import IllegalTransition
+from dedup.lifecycles.parked import DECISIONS, LEDGER_STATE, PARKED, WAITING, ledger_states
+from dedup.lifecycles.task import TASK
+from dedup.lifecycles.tool_call import OUTCOME_EVENT, TOOL_CALL
 
 T = TypeVar("T")
 
@@ -72,7 +83,8 @@ keep(KEYS[2])
 return {'ok', value}
 """
 
-# KEYS task, tools, audit; ARGV fence, field, record (JSON), audit entry (JSON) -> 'ok'|'stale'
+# KEYS task, tools, audit; ARGV fence, field, record (JSON), audit entry (JSON), journal states the
+# result may follow... -> 'ok'|'stale'|'illegal' (the call is in none of those states: nothing written)
 # The audit entry is appended in every case: a stale holder's call happened too.
 DONE = _FENCED + _KEEP + """
 local entry = cjson.decode(ARGV[4])
@@ -80,17 +92,22 @@ entry['accepted'] = held
 redis.call('RPUSH', KEYS[3], cjson.encode(entry))
 keep(KEYS[3])
 if not held then return 'stale' end
+local had = redis.call('HGET', KEYS[2], ARGV[2])
+local from = had and cjson.decode(had)['state'] or ''
+local allowed = false
+for i = 5, #ARGV do if from == ARGV[i] then allowed = true end end
+if not allowed then return 'illegal' end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 keep(KEYS[2])
 return 'ok'
 """
 
-# KEYS task, steps, tools, audit; ARGV fence, waiting (JSON), keep_s -> 'ok'|'stale'
+# KEYS task, steps, tools, audit; ARGV fence, waiting (JSON), keep_s, state (the wait's) -> 'ok'|'stale'
 # A parked task's keys live at least keep_s (its wait and a margin): a wait longer than the
 # ledger's TTL must not let the task vanish before its deadline decides it.
 PARK = _FENCED + """
 if not held then return 'stale' end
-redis.call('HSET', KEYS[1], 'state', 'waiting_approval', 'waiting', ARGV[2], 'lease_until', 0)
+redis.call('HSET', KEYS[1], 'state', ARGV[4], 'waiting', ARGV[2], 'lease_until', 0)
 local keep = tonumber(ARGV[3])
 for _, key in ipairs(KEYS) do
   local ttl = redis.call('TTL', key)
@@ -109,24 +126,28 @@ return 0
 # how much longer than its wait a parked task's keys live (the sweeper's turn, an outage of it)
 PARK_MARGIN_S = 24 * 3600
 
-# KEYS task, tools, audit; ARGV waiting (as read), field, decision (JSON), audit entry (JSON)
-# -> {'ok', source} | {'not_waiting', state}. Once: a second decision finds the task resuming.
+# KEYS task, tools, audit; ARGV waiting (as read), field, decision (JSON), audit entry (JSON), state
+# (the decision's), states it may be taken in... -> {'ok', source} | {'not_waiting', state}.
+# Once: a second decision finds the task resuming.
 RESOLVE = _KEEP + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'waiting')
-if h[1] ~= 'waiting_approval' or h[2] ~= ARGV[1] then return {'not_waiting', h[1] or ''} end
+local waiting = false
+for i = 6, #ARGV do if h[1] == ARGV[i] then waiting = true end end
+if not waiting or h[2] ~= ARGV[1] then return {'not_waiting', h[1] or ''} end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[1], 'state', 'resuming')
+redis.call('HSET', KEYS[1], 'state', ARGV[5])
 redis.call('HDEL', KEYS[1], 'waiting')
 redis.call('RPUSH', KEYS[3], ARGV[4])
 keep(KEYS[3])
 return {'ok', redis.call('HGET', KEYS[2], 'source') or ''}
 """
 
-# KEYS task, tools, audit; ARGV field, state ('intent'|'done'), record (JSON), audit entry (JSON or '')
-# -> 'ok' | 'done' (the undo finished before) | 'busy' (the task runs: compensate it once it ended)
+# KEYS task, tools, audit; ARGV field, state ('intent'|'done'), record (JSON), audit entry (JSON or ''),
+# the task's busy states... -> 'ok' | 'done' (the undo finished before) | 'busy' (the task runs or is
+# parked: compensate it once it ended)
 UNDO = _KEEP + """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'running' or state == 'resuming' or state == 'waiting_approval' then return 'busy' end
+for i = 5, #ARGV do if state == ARGV[i] then return 'busy' end end
 local had = redis.call('HGET', KEYS[2], ARGV[1])
 if had and cjson.decode(had)['state'] == 'done' then return 'done' end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
@@ -137,12 +158,15 @@ end
 return 'ok'
 """
 
-# KEYS task, steps, tools, archive; ARGV -> {'ok', source} | {'not_ended', state}
+# KEYS task, steps, tools, archive; ARGV state (the rerun's), ended states... -> {'ok', source} |
+# {'not_ended', state}
 # A compensated task runs again as a new generation: its step journal is dropped, its tool journal
 # kept under the archive key, and its tool calls get new keys (the generation is part of them).
 RERUN = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'succeeded' and state ~= 'dead' and state ~= 'failed' then return {'not_ended', state or ''} end
+local ended = false
+for i = 2, #ARGV do if state == ARGV[i] then ended = true end end
+if not ended then return {'not_ended', state or ''} end
 local source = redis.call('HGET', KEYS[3], 'source')
 if not source then return {'not_ended', 'no source'} end
 redis.call('HSET', KEYS[1], 'generation', tonumber(redis.call('HGET', KEYS[1], 'generation') or '1') + 1)
@@ -154,7 +178,7 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
   redis.call('EXPIRE', KEYS[4], ttl)
 end
-redis.call('HSET', KEYS[1], 'state', 'resuming', 'lease_until', 0)
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'lease_until', 0)
 redis.call('HDEL', KEYS[1], 'published', 'published_by', 'published_how')  -- the new generation's outcome is not
 redis.call('HDEL', KEYS[1], 'result', 'result_digest', 'event', 'error', 'dead_reason', 'completed_at')
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
@@ -170,6 +194,37 @@ if tonumber(redis.call('HGET', KEYS[1], 'exported') or '0') < tonumber(ARGV[1]) 
 end
 return 1
 """
+
+
+# the task's states in which its side effects must not be compensated: it runs, or it is parked
+BUSY = ("running", *ledger_states(PARKED.states))
+# a tool call's state as its journal record holds it (``state``), where a result may be written over it
+JOURNAL_STATE = {"intended": "intent", "unknown": "intent"}
+# the field of a decision, by what the call waited for (``waiting.what``)
+DECISION_PREFIX = {"approval": "a:", "reconcile": "o:"}
+
+
+def decision_field(what: str, step: str, ordinal: int) -> str:
+    """Where the decision on a call that waited for ``what`` is journaled."""
+    return f"{DECISION_PREFIX[what]}{step}:{ordinal}"
+
+
+def approval_of(journal: dict[str, Any], step: str, ordinal: int) -> dict[str, Any] | None:
+    """The decision on the call's approval (approved, rejected, expired), or None."""
+    decision = journal.get(decision_field("approval", step, ordinal))
+    return decision if isinstance(decision, dict) and decision.get("decision") in DECISIONS["approval"] else None
+
+
+def answer_of(journal: dict[str, Any], step: str, ordinal: int) -> dict[str, Any] | None:
+    """An operator's answer to whether the call landed (landed, absent, expired), or None.
+
+    A record written before ``o:`` existed holds it at ``a:``, over the call's approval. Read where
+    only an intended call is (an approval's expiry or rejection never lets a call be intended), an
+    answer's decision tells it from the approval (``approved``) it replaced."""
+    answer = journal.get(decision_field("reconcile", step, ordinal))
+    if answer is None:
+        answer = journal.get(decision_field("approval", step, ordinal))
+    return answer if isinstance(answer, dict) and answer.get("decision") in DECISIONS["reconcile"] else None
 
 
 def _s(value: Any) -> str:
@@ -206,15 +261,24 @@ class Effects:
 
     async def done(self, task_key: str, fence: int, field: str, record: dict[str, Any],
                    audit: dict[str, Any]) -> bool:
-        """Record a call's result under ``fence`` and append its audit entry (always); False: stale."""
+        """Record a call's result under ``fence`` and append its audit entry (always); False: stale.
+
+        The result's outcome is a move of :data:`TOOL_CALL`: a call in none of the states it may start
+        from (not intended) keeps its record, and :class:`IllegalTransition` is raised."""
+        event = OUTCOME_EVENT[str(record.get("outcome"))]
+        sources = [JOURNAL_STATE[s] for s in TOOL_CALL.sources(event) if s in JOURNAL_STATE]
         raw = await self.ledger._script(self._done, self._keys(task_key), [fence, field, _dumps(record),
-                                                                            _dumps(audit)])
+                                                                            _dumps(audit), *dict.fromkeys(sources)])
+        if _s(raw) == "illegal":
+            raise IllegalTransition(TOOL_CALL.name, f"the record at {field}", event)
         return _s(raw) == "ok"
 
     async def park(self, task_key: str, fence: int, waiting: dict[str, Any]) -> bool:
         """Park the task until ``waiting`` is decided; listed by deadline. False: a newer claim holds it.
 
-        Its keys are kept until its deadline and :data:`PARK_MARGIN_S` after, whatever the ledger's TTL."""
+        Its keys are kept until its deadline and :data:`PARK_MARGIN_S` after, whatever the ledger's TTL.
+        ``waiting["what"]`` names the move of :data:`PARKED` (``park_approval``, ``park_reconcile``)."""
+        state = LEDGER_STATE[PARKED.move(PARKED.initial, f"park_{waiting['what']}")]
         keys = self.ledger.keys
         deadline = float(waiting.get("deadline_ms", 0))
         wait_s = max(0.0, deadline - float(waiting.get("since_ms", deadline))) / 1000
@@ -223,14 +287,23 @@ class Effects:
         # a waiting task that is not listed would never expire
         await self.ledger._call(lambda: self.ledger.client.zadd(keys.parked(), {task_key: deadline}))
         raw = await self.ledger._script(self._park, [keys.task(task_key), keys.steps(task_key), keys.tools(task_key),
-                                                     keys.audit(task_key)], [fence, _dumps(waiting), keep_s])
+                                                     keys.audit(task_key)], [fence, _dumps(waiting), keep_s,
+                                                                             state])
         return _s(raw) == "ok"
 
-    async def resolve(self, task_key: str, waiting_raw: str, field: str, decision: dict[str, Any],
+    async def resolve(self, task_key: str, waiting_raw: str, decision: dict[str, Any],
                       audit: dict[str, Any]) -> tuple[str, str]:
-        """Decide what a parked task waits for, once: ('ok', its source) or ('not_waiting', its state)."""
+        """Decide what a parked task waits for (``waiting_raw``, as read), once: ('ok', its source) or
+        ('not_waiting', its state). ``decision["decision"]`` is a move of :data:`PARKED` from the wait's
+        state (:class:`IllegalTransition` when the table has none); it is journaled at the field of
+        what the task waits for (:func:`decision_field`)."""
+        waiting = json.loads(waiting_raw)
+        event = str(decision["decision"])
+        target = PARKED.move(WAITING.get(str(waiting["what"]), str(waiting["what"])), event)
+        field = decision_field(waiting["what"], waiting["step"], waiting["ordinal"])
         raw = await self.ledger._script(self._resolve, self._keys(task_key), [
-            waiting_raw, field, _dumps(decision), _dumps(audit)])
+            waiting_raw, field, _dumps(decision), _dumps(audit), LEDGER_STATE[target],
+            *ledger_states(PARKED.sources(event))])
         return _s(raw[0]), _s(raw[1])
 
     async def parked(self, limit: int = 1000, until_ms: float | None = None) -> list[tuple[str, float]]:
@@ -270,7 +343,7 @@ class Effects:
         out: dict[str, Any] = {}
         for k, v in raw.items():
             name, text = _s(k), _s(v)
-            out[name] = json.loads(text) if name[:2] in ("r:", "c:", "a:", "u:") or name == "source" else text
+            out[name] = json.loads(text) if name[:2] in ("r:", "c:", "a:", "o:", "u:") or name == "source" else text
         return out
 
     async def audit(self, task_key: str, start: int = 0) -> list[dict[str, Any]]:
@@ -287,7 +360,7 @@ class Effects:
 
     async def undo(self, task_key: str, field: str, record: dict[str, Any], audit: dict[str, Any] | None) -> str:
         raw = await self.ledger._script(self._undo, self._keys(task_key), [
-            field, record.get("state", ""), _dumps(record), _dumps(audit) if audit is not None else ""])
+            field, record.get("state", ""), _dumps(record), _dumps(audit) if audit is not None else "", *BUSY])
         return _s(raw)
 
     async def rerun(self, task_key: str, generation: int) -> tuple[str, str]:
@@ -295,7 +368,8 @@ class Effects:
         keys = self.ledger.keys
         raw = await self.ledger._script(self._rerun, [
             keys.task(task_key), keys.steps(task_key), keys.tools(task_key),
-            f"{keys.tools(task_key)}:g{generation}"], [])
+            f"{keys.tools(task_key)}:g{generation}"], [LEDGER_STATE[PARKED.move(PARKED.initial, "rerun")],
+                                                       *TASK.sources("rerun")])
         return _s(raw[0]), _s(raw[1])
 
 

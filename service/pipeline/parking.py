@@ -8,6 +8,13 @@ original record on its topic again, so any replica picks it up through the ordin
 claims it, replays its journal and continues from the decided call. Every replica sweeps the
 parked list for deadlines that passed (decided ``expired``) and for decisions whose resumption
 was not produced (the producer failed after the decision).
+
+Which decision a wait accepts, and which move each makes, is the table of
+:data:`~dedup.lifecycles.parked.PARKED`; the ledger's side of each move is one script of
+:mod:`dedup.effects` (``park``, ``resolve``, ``rerun``), and this module makes the rest: a decision
+(:func:`decide`, whoever takes it: the API, the console, the approvals topic, the CLI), an expiry
+and a resumption not yet produced (:func:`sweep`), and a compensated task's new run
+(:func:`compensate`).
 """
 
 from __future__ import annotations
@@ -22,7 +29,11 @@ from datetime import datetime
 from typing import Any
 
 from consumers.producers import Headers
+from dedup.effects import BUSY, DECISION_PREFIX
 from dedup.ledger import Ledger, TaskRecord
+from dedup.lifecycles.machine import IllegalTransition
+from dedup.lifecycles.parked import DECISIONS, PARKED, WAITING, parked_state
+from dedup.lifecycles.tool_call import TOOL_CALL, call_state
 from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
 from service.agents.tasks import canonical_json, digest
@@ -35,7 +46,9 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[None]]
 
-DECISIONS = {"approval": ("approved", "rejected", "expired"), "reconcile": ("landed", "absent", "expired")}
+__all__ = ["DECISIONS", "RESUME_RETRY_MS", "Busy", "Compensation", "Decided", "NotDecidable", "Send", "compensate",
+           "decide", "export_audit", "resume", "side_effects", "sweep"]
+
 RESUME_RETRY_MS = 30_000
 
 
@@ -90,30 +103,35 @@ async def decide(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, ta
     record = await ledger.get(task_key)
     if record is None:
         raise KeyError(task_key)
-    if record.state == "resuming":  # decided before; perhaps its resumption was never produced
-        journal = await _resume_stored(ledger, send, task_key, "again")
-        decided = [v for k, v in journal.items() if k.startswith("a:") and isinstance(v, dict)]
+    state = parked_state(record.state)
+    if state is not None and PARKED.allows(state, "resume"):  # decided before; perhaps never produced
+        journal = await _resume_stored(ledger, send, task_key, "again", state)
+        decided = [v for k, v in journal.items() if k[:2] in DECISION_PREFIX.values() and isinstance(v, dict)]
         latest = max(decided, key=lambda d: str(d.get("at", "")), default={})
         return Decided("resumed_again", task_key, str(latest.get("decision", "")), "")
-    if record.state != "waiting_approval" or "waiting" not in record.fields:
+    if state is None or "waiting" not in record.fields:
         raise NotDecidable(f"task {task_key} is {record.state}, not waiting for a decision")
     waiting_raw = record.fields["waiting"]
     waiting = json.loads(waiting_raw)
     what = waiting["what"]
-    if decision not in DECISIONS[what]:
-        raise NotDecidable(f"task {task_key} waits for {what}: the decision is one of {', '.join(DECISIONS[what])}")
+    try:
+        moved_to = PARKED.move(WAITING[what], decision)
+    except IllegalTransition:
+        raise NotDecidable(f"task {task_key} waits for {what}: the decision is one of "
+                           f"{', '.join(DECISIONS[what])}") from None
     at = iso(now)
     listed_at = await ledger.effects.listed_at(task_key)  # the wait's listing, to end it and no later one
     entry = {"at": at, "task_id": task_key, "step": waiting["step"], "ordinal": waiting["ordinal"],
              "key": waiting["key"], "tool": waiting["tool"], "outcome": f"{what}:{decision}", "by": by,
              "reason": reason[:500], "worker": None, "fence": None}
     status, source = await ledger.effects.resolve(
-        task_key, waiting_raw, f"a:{waiting['step']}:{waiting['ordinal']}",
-        {"decision": decision, "by": by, "reason": reason[:500], "at": at, "result": result}, entry)
+        task_key, waiting_raw, {"decision": decision, "by": by, "reason": reason[:500], "at": at, "result": result},
+        entry)
     if status != "ok":
         raise NotDecidable(f"task {task_key} is {source}, not waiting for a decision")
     metrics.decisions.labels(decision=decision).inc()
     log.info("task_id=%s: %s %s by %s; resuming", task_key, what, decision, by)
+    PARKED.move(moved_to, "resume")
     try:
         await resume(send, json.loads(source), decision)
     except Exception:
@@ -127,8 +145,10 @@ async def decide(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, ta
     return Decided("decided", task_key, decision, what)
 
 
-async def _resume_stored(ledger: Ledger, send: Send, task_key: str, why: str) -> dict[str, Any]:
-    """Produce the task's record again from its journal; returns the journal."""
+async def _resume_stored(ledger: Ledger, send: Send, task_key: str, why: str, state: str) -> dict[str, Any]:
+    """Produce the task's record again from its journal (a move of :data:`PARKED` from ``state``);
+    returns the journal."""
+    PARKED.move(state, "resume")
     journal = await ledger.effects.journal(task_key)
     listed_at = await ledger.effects.listed_at(task_key)
     source = journal.get("source")
@@ -144,7 +164,7 @@ async def side_effects(ledger: Ledger, task_key: str) -> dict[str, Any]:
     journal = await ledger.effects.journal(task_key)
     grouped: dict[str, list[dict[str, Any]]] = {"c:": [], "a:": [], "u:": []}
     for name, value in journal.items():
-        prefix = name[:2]
+        prefix = "a:" if name[:2] in DECISION_PREFIX.values() else name[:2]  # approvals and answers
         if prefix in grouped and isinstance(value, dict):
             step, _, ordinal = name[2:].rpartition(":")
             grouped[prefix].append({"step": step, "ordinal": int(ordinal), **value})
@@ -159,12 +179,13 @@ async def sweep(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, aud
     acted = 0
     for task_key, _deadline in await ledger.effects.parked(limit=500, until_ms=now.timestamp() * 1000):
         record = await ledger.get(task_key)
+        state = parked_state(record.state, listed=True) if record is not None else None
         try:
-            if record is not None and record.state == "waiting_approval":
+            if state is not None and PARKED.allows(state, "expired"):
                 await decide(ledger, send, metrics, now, task_key, "expired", by="deadline", audit_topic=audit_topic)
                 acted += 1
-            elif record is not None and record.state == "resuming":
-                await _resume_stored(ledger, send, task_key, "again")
+            elif state is not None and PARKED.allows(state, "resume"):
+                await _resume_stored(ledger, send, task_key, "again", state)
                 acted += 1
             else:  # running or ended: unless parked again meanwhile (listed then with its deadline)
                 await ledger.effects.unlist_at(task_key, _deadline)
@@ -185,6 +206,14 @@ class Compensation:
     skipped: list[str] = field(default_factory=list)  # calls whose tool has no undo
     failed: dict[str, str] = field(default_factory=dict)  # key -> error (compensation stopped there)
     rerun: bool = False
+
+
+def _undoable(rec: Any) -> bool:
+    """Whether the journal record of a call is in a state :data:`TOOL_CALL` may undo."""
+    try:
+        return TOOL_CALL.allows(call_state(rec), "undo")
+    except ValueError:  # a record of no known state
+        return False
 
 
 def _tool(agent: Agent | None, step: str, name: str) -> Tool | None:
@@ -210,15 +239,14 @@ async def compensate(ledger: Ledger, agents: AgentRegistry, send: Send, metrics:
     record = await ledger.get(task_key)
     if record is None:
         raise KeyError(task_key)
-    if record.state in ("running", "resuming", "waiting_approval"):
+    if record.state in BUSY:
         raise Busy(f"task {task_key} is {record.state}: compensate it once it has ended")
     journal = await ledger.effects.journal(task_key)
     kind = record.fields.get("kind", "")
     agent = agents.get(kind) if kind in agents.kinds() else None
     report = Compensation(task_key)
     generation = int(record.fields.get("generation", "1"))
-    calls = sorted(((name, rec) for name, rec in journal.items() if name.startswith("c:")
-                    and rec.get("state") == "done" and rec.get("outcome") in ("executed", "reconciled_landed")),
+    calls = sorted(((name, rec) for name, rec in journal.items() if name.startswith("c:") and _undoable(rec)),
                    key=lambda item: -int(item[1].get("seq") or 0))
     for name, rec in calls:
         await _undo_one(ledger, agent, metrics, clock, record, generation, journal, name, rec, by, report)
@@ -228,12 +256,13 @@ async def compensate(ledger: Ledger, agents: AgentRegistry, send: Send, metrics:
         await export_audit(ledger, send, audit_topic, task_key, metrics)
     if rerun and not report.failed:
         # listed before the state changes: a resumption never produced (the producer failed, the
-        # process died) leaves the task `resuming` and listed, and the sweeper produces it
+        # process died) leaves the task `resuming` and listed (`decided`), and the sweeper produces it
         retry_at = clock().timestamp() * 1000 + RESUME_RETRY_MS
         await ledger.effects.relist(task_key, retry_at, keep=True)
         status, source = await ledger.effects.rerun(task_key, generation)
         if status != "ok":
             raise Busy(f"task {task_key} cannot run again: {source}")
+        PARKED.move(PARKED.target("rerun"), "resume")
         try:
             await resume(send, json.loads(source), "rerun")
         except Exception:
@@ -274,6 +303,7 @@ async def _undo_one(ledger: Ledger, agent: Agent | None, metrics: Metrics, clock
         report.failed[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
         metrics.compensations.labels(outcome="failed").inc()
         return
+    TOOL_CALL.move(call_state(rec), "undo")
     entry = audit_entry(record.task_key, generation, call, "compensated", by, None,
                         None if result is None else digest(canonical_json(result)), clock())
     await ledger.effects.undo(record.task_key, undo_field, {"state": "done", "by": by, "at": iso(clock()),

@@ -34,7 +34,9 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from consumers.records import Record
+from dedup.effects import answer_of, approval_of
 from dedup.ledger import Ledger
+from dedup.lifecycles.tool_call import OUTCOME_EVENT, TOOL_CALL, call_state
 from service.agents.base import Step
 from service.agents.tasks import Task, canonical_json, digest, loads
 from service.agents.tools import Reconciled, Tool, ToolCall, ToolError, ToolUnknown, run_bounded, scrub_urls
@@ -108,6 +110,7 @@ class ToolLoop:
         self.effects = steps.ledger.effects
         self.tools: dict[str, Tool] = {t.name: t for t in step.tools}
         self.journal: dict[str, Any] = {}
+        self.unknown: set[str] = set()  # calls whose intent this worker knows no outcome of (by field)
         self.generation = 1
 
     async def run(self) -> dict[str, Any]:
@@ -125,6 +128,8 @@ class ToolLoop:
                     # best effort: a parked task is exported by the processor, a decision by its maker
                     await self.steps.export_audit(self.task.key)
                     return answer
+                for _asked in answer:  # each call of the round is asked once the round is journaled
+                    TOOL_CALL.move(TOOL_CALL.initial, "ask")
                 round_record: dict[str, Any] = {"calls": list(answer), "fence": self.fence,
                                                 "at": iso(self.steps.clock())}
                 if self.answered:  # who asked for these calls: a resumed task stays flagged degraded
@@ -177,15 +182,28 @@ class ToolLoop:
             refusal = self._refusal(tool, call, asked, ordinal)
             if refusal is not None:
                 self._count(label, refusal[0])
+                self._move(field, "refuse")
                 recorded = await self._first(field, self._record(call, refusal[0], {"error": refusal[1]}))
                 return recorded["result"]
             assert tool is not None
             await self._approved(call, ordinal)
+            self._move(field, "intend")
             if not await self._intend(field, self._record(call, "intent", None)):
                 return await self._call(asked, ordinal)  # journaled meanwhile: replay or reconcile it
             return await self._execute(tool, call, field)
         assert tool is not None  # an intent is only journaled for a known tool
         return await self._reconcile(tool, call, field, ordinal)
+
+    def _move(self, field: str, event: str) -> str:
+        """Move the call at ``field`` by ``event`` of :data:`TOOL_CALL`, before the journal is written:
+        :class:`~dedup.lifecycles.IllegalTransition` when the table has no such move from its state."""
+        current = "unknown" if field in self.unknown else call_state(self.journal.get(field))
+        state = TOOL_CALL.move(current, event)
+        if state == "unknown":  # never journaled as such: an intent whose outcome this worker lost
+            self.unknown.add(field)
+        else:
+            self.unknown.discard(field)
+        return state
 
     def _call_of(self, asked: dict[str, str], ordinal: int) -> ToolCall:
         try:
@@ -214,7 +232,7 @@ class ToolLoop:
         reason = self.step.approval(self.task_input, call)
         if reason is None:
             return
-        decision = self.journal.get(f"a:{self.step.name}:{ordinal}")
+        decision = approval_of(self.journal, self.step.name, ordinal)
         if decision is None:
             raise Parked(self._waiting("approval", call, reason))
         if decision["decision"] == "approved":
@@ -256,17 +274,20 @@ class ToolLoop:
                             type(exc).__name__, safe_text(str(exc))[:300])
             else:
                 return await self._done(call, field, result, "executed")
+            self._move(field, "fail")
             answer = await self._settled(tool, call, self.steps.clock())
             if answer.state == "landed":
                 return await self._done(call, field, answer.result, "reconciled_landed")
             if answer.state != "absent":  # cannot tell (or an answer the loop does not know)
                 raise Parked(self._waiting("reconcile", call, answer.detail or "the tool cannot tell"))
             self._count(tool.name, "reconciled_absent")
+            self._move(field, "absent")
         raise Parked(self._waiting("reconcile", call, f"did not land in {_RUNS_PER_CALL} runs"))
 
     async def _reconcile(self, tool: Tool, call: ToolCall, field: str, ordinal: int) -> Any:
         """A call journaled as intended and never finished: ask the downstream before anything else."""
-        decision = self.journal.get(f"a:{self.step.name}:{ordinal}")
+        self._move(field, "recover")
+        decision = answer_of(self.journal, self.step.name, ordinal)
         if decision is not None and decision["decision"] == "landed":  # an operator's answer
             return await self._done(call, field, decision.get("result"), "reconciled_landed")
         if decision is not None and decision["decision"] == "expired":
@@ -279,6 +300,7 @@ class ToolLoop:
             if answer.state != "absent":  # cannot tell (or an answer the loop does not know)
                 raise Parked(self._waiting("reconcile", call, answer.detail or "the tool cannot tell"))
             self._count(tool.name, "reconciled_absent")
+        self._move(field, "absent")
         await self._still_held()
         return await self._execute(tool, call, field)
 
@@ -348,6 +370,7 @@ class ToolLoop:
         record["done_at"] = iso(self.steps.clock())
         audit = audit_entry(self.task.key, self.generation, call, outcome, self.steps.worker_id, self.fence,
                             record["result_digest"], self.steps.clock())
+        self._move(field, OUTCOME_EVENT[outcome])
         if not await self.effects.done(self.task.key, self.fence, field, record, audit):
             self._count(call.tool, "stale")
             raise LostFence(f"task {self.task.key}: result of {call.key} refused for fence {self.fence}")

@@ -74,3 +74,16 @@ def test_the_ledgers_states_of_the_parked_states() -> None:
     assert parked_state("resuming", listed=True) == "decided"
     assert parked_state("resuming") == "resuming"
     assert parked_state("running") is None and parked_state("succeeded") is None
+
+
+def test_the_parked_moves_agree_with_the_tasks_table() -> None:
+    """The ledger's side of a parked task's moves is the task's: park, decide, rerun."""
+    from dedup.lifecycles.task import TASK
+
+    for what, waiting in WAITING.items():
+        assert LEDGER_STATE[PARKED.move(PARKED.initial, f"park_{what}")] == TASK.target("park")
+        for decision in DECISIONS[what]:
+            assert ledger_states([waiting]) == TASK.sources("decide")
+            assert LEDGER_STATE[PARKED.move(waiting, decision)] == TASK.target("decide")
+    assert LEDGER_STATE[PARKED.move(PARKED.initial, "rerun")] == TASK.target("rerun")
+    assert TASK.allows(LEDGER_STATE["resuming"], "claim")
