@@ -69,7 +69,12 @@ log = logging.getLogger(__name__)
 
 
 class TaskProcessor:
-    """One record in, its outcome durable out: the consumer's handler."""
+    """One record in, its outcome durable out: the consumer's handler.
+
+    Owns ``outage``, the record's internal retries and the leases it keeps while a task runs; the
+    rest is its collaborators' (see the module docstring), which it only calls by their public
+    names. ``outputs``, ``waits``, ``primary``, ``fallbacks``, ``guard`` and ``budgets`` are theirs,
+    read through it by the runtime and the API."""
 
     def __init__(self, *, claims: Claims, steps: Steps, outcomes: Outcomes, capacity: Capacity, shadow: Shadow,
                  ledger: Ledger, agents: AgentRegistry, metrics: Metrics, config: ProcessorConfig,
@@ -222,8 +227,9 @@ class TaskProcessor:
 
         - the record's (decoding, validating): :meth:`_process` dead-letters it at once;
         - one task's (400, invalid or truncated output): counted against its attempts in
-          :meth:`CallLoop.call_step <service.pipeline.calls.CallLoop.call_step>`; the endpoint's (auth, unknown model, unreachable, 429): the breaker
-          and Retry-After wait it out, no attempt is spent;
+          :meth:`CallLoop.call_step <service.pipeline.calls.CallLoop.call_step>`; the endpoint's
+          (auth, unknown model, unreachable, 429): the breaker and Retry-After wait it out, no
+          attempt is spent;
         - Redis or the broker did not answer: raised as :class:`InfrastructureError`; the runner
           retries the record without limit;
         - anything else is a bug of the service's own code (or a record a dependency refuses for
