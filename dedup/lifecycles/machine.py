@@ -109,6 +109,7 @@ class Lifecycle:
         for t in self.transitions:
             source = "[*]" if t.source == self.initial else t.source
             label = f"{t.event} [{t.guard}]" if t.guard else t.event
+            label = label.replace(";", ",")  # Mermaid reads a semicolon as the end of a statement
             lines.append(f"    {source} --> {t.target}: {label}")
         lines.extend(f"    {state} --> [*]" for state in sorted(self.final))
         return "\n".join(lines)
