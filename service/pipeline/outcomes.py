@@ -60,11 +60,11 @@ class Outcomes:
         is published, because the marking record's offset commits only with (or after) it.
         """
         if self.outputs.transactional:
-            await self.ledger.mark_published(task_key, state, record.coordinates)
+            await self.ledger.mark_published(task_key, state, record.coordinates, "staged")
             yield
         else:
             yield
-            await self.ledger.mark_published(task_key, state, record.coordinates)
+            await self.ledger.mark_published(task_key, state, record.coordinates, "acked")
 
     def traceparent(self, incoming: str | None) -> str | None:
         return self.tracing.current_traceparent() or incoming

@@ -95,6 +95,7 @@ def test_a_complete_whose_reply_was_lost_is_ours_not_stale(make_settings: Any, f
             assert metric(svc, "agent_results_published_total") == 1
             stored = await svc.ledger.get("lost-1")
             assert stored is not None and stored.published_by == record.coordinates
+            assert stored.published_how == "acked"  # marked after the broker acknowledged it
 
     asyncio.run(scenario())
     results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)

@@ -55,6 +55,9 @@ def test_each_result_and_dead_letter_is_read_committed_exactly_once(make_setting
             await wait_for(lambda: committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic,
                                              PARTITIONS) == ends, 60, interval_s=0.3,
                            what="the offsets of every record committed in transactions")
+            stored = await svc.ledger.get("tx-0")
+            # marked before the send, inside the transaction that carries the result and the offset
+            assert stored is not None and stored.published_how == "staged"
             return {"transactions": svc.runner.transactions.transactions,
                     "aborts": svc.runner.transactions.aborts,
                     "duplicates": metric(svc, "agent_tasks_total", {"outcome": "duplicate"})}
