@@ -45,6 +45,10 @@ window's waiters for a second, and every answer from Redis says whether another 
 while its lease is young, and never after a 429, a timeout or an outage: those are told to the
 window at once, with every kept slot. A process learns that another waits at its next call to
 Redis, within ``linger_s`` while it is busy.
+
+Who holds a slot at each moment (the batch that asked for it, a call, the kept or stale slots of the
+process, nobody) is the table :data:`service.llm.slots.SLOT`, each move made in one place; the calls
+waiting in line and the linger tick are :mod:`service.llm.waiters`.
 """
 
 from __future__ import annotations
@@ -52,8 +56,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Literal
 
 from redis.exceptions import RedisError
@@ -62,7 +64,11 @@ from dedup.client import RedisClient
 from dedup.keys import Keys
 from dedup.ledger import LedgerUnavailable
 from service.core.metrics import Metrics
+from service.llm.slots import Batch, KeptSlots, Slot
 from service.llm.tags import endpoint_tag
+from service.llm.waiters import Linger, Waiters
+
+__all__ = ["ACQUIRE", "NO_CEILING", "SETTLE", "AdaptiveWindow", "Outcome", "Slot"]
 
 log = logging.getLogger(__name__)
 
@@ -178,26 +184,14 @@ Outcome = Literal["ok", "rate_limited", "timeout", "outage", "none"]
 _SCRIPT_OUTCOME = {"ok": "ok", "rate_limited": "cut", "timeout": "cut", "outage": "reset", "none": "none"}
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
-    id: str
-    started_ms: int  # when the call started, in Redis time: only calls after the last cut cut again
-    granted_at: float  # when Redis granted the slot (the event loop's clock): its lease runs from then
-
-
-@dataclass(slots=True)
-class _Batch:
-    """The calls of a process that ask Redis for a slot at the same turn of the event loop."""
-
-    done: asyncio.Event
-    wanted: int = 0  # slots asked for
-    live: int = 0  # callers still waiting for the answer
-    slots: list[Slot] = field(default_factory=list)  # granted and not yet taken
-    error: BaseException | None = None
-
-
 class AdaptiveWindow:
-    """The fleet's window of open calls on one endpoint (see the module docstring)."""
+    """The fleet's window of open calls on one endpoint (see the module docstring).
+
+    Owns what this process knows of the window (its size, Redis's clock, the last cut, whether
+    another process waits) and the answers it has not told yet; hands a slot's life to its
+    collaborators (see :mod:`service.llm.slots` for who holds a slot when): the :class:`Batch` of
+    the calls asking Redis at this turn of the loop, :class:`KeptSlots` for the slots kept and stale,
+    :class:`Waiters` for the calls waiting in line, :class:`Linger` for the settle tick."""
 
     def __init__(
         self,
@@ -230,75 +224,24 @@ class AdaptiveWindow:
         self.keys = [keys.endpoint(tag, "window"), keys.endpoint(tag, "slots"), keys.endpoint(tag, "waiters")]
         self._acquire = redis.register_script(ACQUIRE)
         self._settle = redis.register_script(SETTLE)
-        self._head = asyncio.Lock()  # the one batch waiter in this process that asks Redis
-        self._urgent_head = asyncio.Lock()  # the one interactive waiter that asks Redis
-        self._urgent = 0  # interactive calls waiting here: batch waiters let them go first
-        self._no_urgent = asyncio.Event()
-        self._freed = asyncio.Event()  # a slot of this process was given back or kept
-        # answered calls' slots, still open in Redis, for the next calls: (slot, when it was kept), the
-        # latest kept on the right, taken first, so the ones a quieter process no longer needs age out
-        self._kept: deque[tuple[Slot, float]] = deque()
-        self._stale: list[str] = []  # kept slots too old to lend again: handed back at the next settle
-        self._answered = 0  # answered calls the window has not been told of
-        self._contended = False  # another process was refused a slot lately: keep none
-        self._batch: _Batch | None = None  # the calls that will ask Redis together, at the next turn of the loop
-        self._me = uuid.uuid4().hex[:12]  # this process, as the window's waiters set knows it
-        self._timer: asyncio.TimerHandle | None = None
-        self._settling: set[asyncio.Task[None]] = set()
-        self._clock = (0, 0.0)  # (Redis time in ms, the event loop's time) at the last answer from Redis
-        self._last_cut = 0  # Redis time of the last cut this process heard of
-        self._closed = False
-        self.size = float(initial)  # the window as this process last saw it
-        self._ramp_at: float | None = None  # (loop time) when a slow start without room may ramp again
         # the children every call updates, looked up once (labels() validates and locks on each call)
         self._size_gauge = metrics.llm_window.labels(endpoint=label)
-        self._waits = metrics.llm_window_waits.labels(endpoint=label)
+        self._waiters = Waiters(self._try, metrics.llm_window_waits.labels(endpoint=label))
+        self._slots = KeptSlots()
+        self._linger = Linger(linger_s, self._tick, lambda: self._slots.pending or bool(self._answered))
+        self._answered = 0  # answered calls the window has not been told of
+        self._contended = False  # another process was refused a slot lately: keep none
+        self._batch: Batch | None = None  # the calls that will ask Redis together, at the next turn of the loop
+        self._me = uuid.uuid4().hex[:12]  # this process, as the window's waiters set knows it
+        self._clock = (0, 0.0)  # (Redis time in ms, the event loop's time) at the last answer from Redis
+        self._last_cut = 0  # Redis time of the last cut this process heard of
+        self.size = float(initial)  # the window as this process last saw it
         self._size_gauge.set(initial)
 
     async def acquire(self, priority: str = "batch") -> Slot:
         """Wait for a slot in the fleet's window; the caller must :meth:`release` it. While calls of
         this process wait, ``interactive`` ones get the slots before ``batch`` ones."""
-        if priority == "interactive":
-            if not self._urgent_head.locked():  # no other interactive call waits: ask at once
-                slot = await self._try()
-                if slot is not None:
-                    return slot
-            self._urgent += 1
-            try:
-                async with self._urgent_head:
-                    return await self._poll(urgent=True)
-            finally:
-                self._urgent -= 1
-                if not self._urgent:
-                    self._no_urgent.set()
-        if not self._head.locked() and not self._urgent:  # nobody here waits: ask at once
-            slot = await self._try()
-            if slot is not None:
-                return slot
-        async with self._head:
-            return await self._poll(urgent=False)
-
-    async def _poll(self, *, urgent: bool) -> Slot:
-        """Ask Redis when a slot of this process is freed, or after a short, growing pause (at most
-        200 ms); in slow start, also when the window may ramp again, so a full window doubles every
-        ``ramp_s``, not at the next poll after it."""
-        pause = 0.005
-        while True:
-            while not urgent and self._urgent:
-                self._no_urgent.clear()
-                await self._no_urgent.wait()
-            self._freed.clear()
-            slot = await self._try()
-            if slot is not None:
-                return slot
-            self._waits.inc()
-            wait = pause
-            if self._ramp_at is not None:
-                wait = min(wait, max(self._ramp_at - asyncio.get_running_loop().time(), 0.001))
-            try:
-                await asyncio.wait_for(self._freed.wait(), wait)
-            except TimeoutError:
-                pause = min(pause * 2, 0.2)
+        return await self._waiters.acquire(priority)
 
     async def _try(self) -> Slot | None:
         """A kept slot if there is one, else one from Redis if the window has room. The calls of
@@ -308,70 +251,55 @@ class AdaptiveWindow:
             return kept
         batch = self._batch
         if batch is None:
-            batch = self._batch = _Batch(asyncio.Event())
+            batch = self._batch = Batch()
             asyncio.get_running_loop().call_soon(self._send_batch, batch)
-        batch.wanted += 1
-        batch.live += 1
+        batch.join()
         try:
             await batch.done.wait()
         except asyncio.CancelledError:  # its slot, if Redis granted one, goes to the process's next call
-            if not batch.done.is_set():
-                batch.live -= 1
-            elif batch.slots:
-                self._keep([batch.slots.pop()])
+            orphan = batch.leave()
+            if orphan is not None:
+                self._keep([orphan])
             raise
-        if batch.error is not None:
-            raise batch.error
-        return batch.slots.pop() if batch.slots else None
+        return batch.take()
 
-    def _send_batch(self, batch: _Batch) -> None:
+    def _send_batch(self, batch: Batch) -> None:
         self._batch = None  # calls that ask from now on make the next batch
-        task = asyncio.get_running_loop().create_task(self._ask(batch))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._linger.spawn(self._ask(batch))
 
-    async def _ask(self, batch: _Batch) -> None:
+    async def _ask(self, batch: Batch) -> None:
         prefix = uuid.uuid4().hex
         try:
             granted, size, _open, now_ms, contended, cut, due = await self._acquire(keys=self.keys, args=[
                 prefix, self.lease_ms, self.initial, self.ceiling, self.idle_ms, self._me, batch.wanted,
                 self.ramp_ms])
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-            batch.error = LedgerUnavailable(f"adaptive window: {exc}") if isinstance(exc, RedisError) else exc
-            batch.done.set()
+            batch.fail(LedgerUnavailable(f"adaptive window: {exc}") if isinstance(exc, RedisError) else exc)
             return
         loop_now = self._heard(size, now_ms, contended, cut)
-        self._ramp_at = loop_now + int(due) / 1000 if int(due) >= 0 else None
-        batch.slots = [Slot(f"{prefix}:{i}", int(now_ms), loop_now) for i in range(1, int(granted) + 1)]
-        unclaimed = len(batch.slots) - batch.live  # their callers were cancelled meanwhile
-        if unclaimed > 0:
-            self._keep(batch.slots[-unclaimed:])
-            del batch.slots[-unclaimed:]
-        batch.done.set()
+        self._waiters.ramp_at = loop_now + int(due) / 1000 if int(due) >= 0 else None
+        orphans = batch.answer([Slot(f"{prefix}:{i}", int(now_ms), loop_now) for i in range(1, int(granted) + 1)])
+        if orphans:  # their callers were cancelled meanwhile
+            self._keep(orphans)
 
     def _keep(self, slots: list[Slot]) -> None:
         """Keep ``slots`` for the next calls of the process (handed back when the linger ends)."""
-        if self._closed:  # handed back by the closing settle
-            self._stale.extend(slot.id for slot in slots)
-            return
-        now = asyncio.get_running_loop().time()
-        self._kept.extend((slot, now) for slot in slots)
-        self._freed.set()
-        self._arm()
+        if self._slots.keep(slots, asyncio.get_running_loop().time()):
+            self._waiters.freed()
+            self._linger.arm()
 
     def _reuse(self) -> Slot | None:
         """A kept slot whose lease is still young, as a new call's: its start is now, in Redis time."""
         if self._contended:  # another process waits: the kept slots go back at the next tick
             return None
         loop_now = asyncio.get_running_loop().time()
-        while self._kept:
-            kept, _ = self._kept.pop()
-            if (loop_now - kept.granted_at) * 1000 < self.lease_ms / 2:
-                redis_ms, at = self._clock
-                return Slot(kept.id, redis_ms + int((loop_now - at) * 1000), kept.granted_at)
-            self._stale.append(kept.id)
-            self._arm()
-        return None
+        kept, aged = self._slots.reuse(loop_now, self.lease_ms / 2)
+        if aged:
+            self._linger.arm()
+        if kept is None:
+            return None
+        redis_ms, at = self._clock
+        return Slot(kept.id, redis_ms + int((loop_now - at) * 1000), kept.granted_at)
 
     async def release(self, slot: Slot, outcome: Outcome) -> None:
         """Give the slot back, telling the window how the call went: ``ok`` (the endpoint
@@ -387,33 +315,15 @@ class AdaptiveWindow:
                 return
         await self.settle(outcome, slot)
 
-    def _settle_later(self) -> None:
+    async def _tick(self) -> None:
         """Every ``linger_s`` while slots are kept or answers untold: tell the answers, and hand back
         the slots kept for longer than ``linger_s`` (the process had no call for them)."""
-        loop = asyncio.get_running_loop()
-        self._timer = None
-        task = loop.create_task(self.settle(idle_s=0.0 if self._contended else self.linger_s))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        task.add_done_callback(self._rearm)
-
-    def _rearm(self, _task: asyncio.Task[None]) -> None:
-        if self._kept or self._stale or self._answered:
-            self._arm()
-
-    def _arm(self) -> None:
-        """A tick of :meth:`_settle_later` in ``linger_s``, unless one is due or the window closed."""
-        if self._timer is None and not self._closed:
-            self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._settle_later)
+        await self.settle(idle_s=0.0 if self._contended else self.linger_s)
 
     async def settle(self, outcome: Outcome = "none", slot: Slot | None = None, idle_s: float = 0.0) -> None:
         """Hand back the kept slots (those kept for ``idle_s`` at least) and ``slot``, and tell the
         window the answers counted since the last time and ``outcome`` of the call ``slot`` held."""
-        ids = self._stale
-        self._stale = []
-        cutoff = asyncio.get_running_loop().time() - idle_s
-        while self._kept and self._kept[0][1] <= cutoff:
-            ids.append(self._kept.popleft()[0].id)
+        ids = self._slots.hand_back(asyncio.get_running_loop().time() - idle_s)
         answered, self._answered = self._answered, 0
         if slot is not None:
             ids.append(slot.id)
@@ -428,7 +338,7 @@ class AdaptiveWindow:
             log.debug("window slots not handed back: %s", exc)
             return
         finally:
-            self._freed.set()
+            self._waiters.freed()
         self._heard(size, now_ms, contended, cut)
         if int(changed):
             self.metrics.llm_window_cuts.labels(endpoint=self.label, reason=outcome).inc()
@@ -452,18 +362,13 @@ class AdaptiveWindow:
         if cut_ms <= self._last_cut:
             return
         self._last_cut = cut_ms
-        if self._kept:
-            self._stale.extend(slot.id for slot, _ in self._kept)
-            self._kept.clear()
-            self._arm()
+        if self._slots.cut():
+            self._linger.arm()
 
     async def aclose(self) -> None:
         """Hand back the kept slots now rather than when their leases run out."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        await asyncio.gather(*self._settling, return_exceptions=True)
+        self._slots.close()
+        await self._linger.close()
         await self.settle()
 
     def _seen(self, size: bytes | str) -> None:

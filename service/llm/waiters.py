@@ -1,0 +1,129 @@
+"""The calls of one process waiting for a slot of the fleet's window, and the window's linger tick.
+
+- :class:`Waiters` owns the queues: once the window is full the calls of the process wait in line
+  and only the first asks Redis again (when a slot of the process is freed, or after a short,
+  growing pause), so a full window costs one Redis call per freed slot or poll, not one per waiting
+  task. Interactive calls queue apart and go first: a batch call asks only while no interactive call
+  of the process waits.
+- :class:`Linger` owns the timer that settles the window every ``linger_s`` while there is anything
+  to tell, and the background tasks (batches asking Redis, settles) the window awaits at close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from prometheus_client import Counter
+
+from service.llm.slots import Slot
+
+Attempt = Callable[[], Awaitable[Slot | None]]  # a kept slot, or one from Redis if the window has room
+
+
+class Waiters:
+    """The lines of calls waiting here for a slot: one for interactive calls, one for batch calls,
+    each with one head that asks Redis (``attempt``) while the others wait behind it."""
+
+    def __init__(self, attempt: Attempt, waits: Counter) -> None:
+        self._attempt = attempt
+        self._waits = waits  # the window's waits counter, for this endpoint
+        self._head = asyncio.Lock()  # the one batch waiter in this process that asks Redis
+        self._urgent_head = asyncio.Lock()  # the one interactive waiter that asks Redis
+        self._urgent = 0  # interactive calls waiting here: batch waiters let them go first
+        self._no_urgent = asyncio.Event()
+        self._freed = asyncio.Event()  # a slot of this process was given back or kept
+        self.ramp_at: float | None = None  # (loop time) when a slow start without room may ramp again
+
+    def freed(self) -> None:
+        """A slot of this process was given back or kept: the heads ask again."""
+        self._freed.set()
+
+    async def acquire(self, priority: str) -> Slot:
+        """A slot for a call; while calls of this process wait, ``interactive`` ones get the slots
+        before ``batch`` ones."""
+        if priority == "interactive":
+            if not self._urgent_head.locked():  # no other interactive call waits: ask at once
+                slot = await self._attempt()
+                if slot is not None:
+                    return slot
+            self._urgent += 1
+            try:
+                async with self._urgent_head:
+                    return await self._poll(urgent=True)
+            finally:
+                self._urgent -= 1
+                if not self._urgent:
+                    self._no_urgent.set()
+        if not self._head.locked() and not self._urgent:  # nobody here waits: ask at once
+            slot = await self._attempt()
+            if slot is not None:
+                return slot
+        async with self._head:
+            return await self._poll(urgent=False)
+
+    async def _poll(self, *, urgent: bool) -> Slot:
+        """Ask Redis when a slot of this process is freed, or after a short, growing pause (at most
+        200 ms); in slow start, also when the window may ramp again, so a full window doubles every
+        ``ramp_s``, not at the next poll after it."""
+        pause = 0.005
+        while True:
+            while not urgent and self._urgent:
+                self._no_urgent.clear()
+                await self._no_urgent.wait()
+            self._freed.clear()
+            slot = await self._attempt()
+            if slot is not None:
+                return slot
+            self._waits.inc()
+            wait = pause
+            if self.ramp_at is not None:
+                wait = min(wait, max(self.ramp_at - asyncio.get_running_loop().time(), 0.001))
+            try:
+                await asyncio.wait_for(self._freed.wait(), wait)
+            except TimeoutError:
+                pause = min(pause * 2, 0.2)
+
+
+class Linger:
+    """Every ``linger_s`` while ``pending()`` says there is something to tell: a ``tick()`` (the
+    window's settle of what lingered), run as a background task. Owns the timer and every background
+    task of the window (:meth:`spawn`), awaited by :meth:`close`."""
+
+    def __init__(self, linger_s: float, tick: Callable[[], Coroutine[Any, Any, None]],
+                 pending: Callable[[], bool]) -> None:
+        self.linger_s = linger_s
+        self._tick = tick
+        self._pending = pending
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def arm(self) -> None:
+        """A tick in ``linger_s``, unless one is due or the window closed."""
+        if self._timer is None and not self._closed:
+            self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._fire)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` in the background; :meth:`close` waits for it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.spawn(self._tick()).add_done_callback(self._rearm)
+
+    def _rearm(self, _task: asyncio.Task[None]) -> None:
+        if self._pending():
+            self.arm()
+
+    async def close(self) -> None:
+        """No tick from now on; the background tasks end first."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await asyncio.gather(*self._tasks, return_exceptions=True)
