@@ -48,9 +48,10 @@ class Ledger(Protocol):
     client: RedisClient
     keys: Keys
 
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T: ...
+    async def redis_call(self, op: Callable[[], Awaitable[T]]) -> T: ...
 
-    async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any: ...
+    async def run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any: ...
+
 
 _FENCED = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'fence')
@@ -254,7 +255,7 @@ class Effects:
                     source: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """Record ``value`` at ``field`` unless something is there: ('ok'|'had', what is recorded),
         or ('stale', {}) when a newer claim holds the task."""
-        raw = await self.ledger._script(self._first, self._keys(task_key)[:2], [
+        raw = await self.ledger.run_script(self._first, self._keys(task_key)[:2], [
             fence, field, _dumps(value), _dumps(source) if source is not None else ""])
         status, recorded = _s(raw[0]), _s(raw[1])
         return status, (json.loads(recorded) if recorded else {})
@@ -267,7 +268,7 @@ class Effects:
         from (not intended) keeps its record, and :class:`IllegalTransition` is raised."""
         event = OUTCOME_EVENT[str(record.get("outcome"))]
         sources = [JOURNAL_STATE[s] for s in TOOL_CALL.sources(event) if s in JOURNAL_STATE]
-        raw = await self.ledger._script(self._done, self._keys(task_key), [fence, field, _dumps(record),
+        raw = await self.ledger.run_script(self._done, self._keys(task_key), [fence, field, _dumps(record),
                                                                             _dumps(audit), *dict.fromkeys(sources)])
         if _s(raw) == "illegal":
             raise IllegalTransition(TOOL_CALL.name, f"the record at {field}", event)
@@ -285,8 +286,8 @@ class Effects:
         keep_s = math.ceil(wait_s) + PARK_MARGIN_S
         # listed first: a listed task that is not waiting is skipped (and dropped) by the sweeper,
         # a waiting task that is not listed would never expire
-        await self.ledger._call(lambda: self.ledger.client.zadd(keys.parked(), {task_key: deadline}))
-        raw = await self.ledger._script(self._park, [keys.task(task_key), keys.steps(task_key), keys.tools(task_key),
+        await self.ledger.redis_call(lambda: self.ledger.client.zadd(keys.parked(), {task_key: deadline}))
+        raw = await self.ledger.run_script(self._park, [keys.task(task_key), keys.steps(task_key), keys.tools(task_key),
                                                      keys.audit(task_key)], [fence, _dumps(waiting), keep_s,
                                                                              state])
         return _s(raw) == "ok"
@@ -301,7 +302,7 @@ class Effects:
         event = str(decision["decision"])
         target = PARKED.move(WAITING.get(str(waiting["what"]), str(waiting["what"])), event)
         field = decision_field(waiting["what"], waiting["step"], waiting["ordinal"])
-        raw = await self.ledger._script(self._resolve, self._keys(task_key), [
+        raw = await self.ledger.run_script(self._resolve, self._keys(task_key), [
             waiting_raw, field, _dumps(decision), _dumps(audit), LEDGER_STATE[target],
             *ledger_states(PARKED.sources(event))])
         return _s(raw[0]), _s(raw[1])
@@ -310,36 +311,36 @@ class Effects:
         """Listed parked tasks with their deadlines (ms), earliest first; up to ``until_ms`` if given."""
         key = self.ledger.keys.parked()
         high: float | str = until_ms if until_ms is not None else "+inf"
-        raw: list[Any] = await self.ledger._call(lambda: self.ledger.client.zrangebyscore(
+        raw: list[Any] = await self.ledger.redis_call(lambda: self.ledger.client.zrangebyscore(
             key, "-inf", high, start=0, num=limit, withscores=True))
         return [(_s(item[0]), float(item[1])) for item in raw]
 
     async def parked_count(self) -> int:
-        return int(await self.ledger._call(lambda: self.ledger.client.zcard(self.ledger.keys.parked())))
+        return int(await self.ledger.redis_call(lambda: self.ledger.client.zcard(self.ledger.keys.parked())))
 
     async def relist(self, task_key: str, at_ms: float, *, keep: bool = False) -> None:
         """List the task for the sweeper at ``at_ms`` (a decision whose resumption was not produced);
         with ``keep``, a task listed already keeps its time (a parked task, its deadline)."""
-        await self.ledger._call(lambda: self.ledger.client.zadd(self.ledger.keys.parked(), {task_key: at_ms},
+        await self.ledger.redis_call(lambda: self.ledger.client.zadd(self.ledger.keys.parked(), {task_key: at_ms},
                                                                 nx=keep))
 
     async def unlist_at(self, task_key: str, at_ms: float) -> bool:
         """Unlist the task only if it is still listed at ``at_ms``: one listed again meanwhile (parked
         with its deadline) stays."""
-        raw = await self.ledger._script(self._unlist_at, [self.ledger.keys.parked()], [task_key, at_ms])
+        raw = await self.ledger.run_script(self._unlist_at, [self.ledger.keys.parked()], [task_key, at_ms])
         return bool(int(raw))
 
     async def listed_at(self, task_key: str) -> float | None:
         """The time the task is listed at for the sweeper (ms), or None when it is not listed."""
-        raw = await self.ledger._call(lambda: self.ledger.client.zscore(self.ledger.keys.parked(), task_key))
+        raw = await self.ledger.redis_call(lambda: self.ledger.client.zscore(self.ledger.keys.parked(), task_key))
         return float(raw) if raw is not None else None
 
     async def unlist(self, task_key: str) -> None:
-        await self.ledger._call(lambda: self.ledger.client.zrem(self.ledger.keys.parked(), task_key))
+        await self.ledger.redis_call(lambda: self.ledger.client.zrem(self.ledger.keys.parked(), task_key))
 
     async def journal(self, task_key: str) -> dict[str, Any]:
         """The tools hash, JSON fields decoded."""
-        raw = await self.ledger._call(lambda: self.ledger.client.hgetall(self.ledger.keys.tools(task_key)))
+        raw = await self.ledger.redis_call(lambda: self.ledger.client.hgetall(self.ledger.keys.tools(task_key)))
         out: dict[str, Any] = {}
         for k, v in raw.items():
             name, text = _s(k), _s(v)
@@ -347,26 +348,26 @@ class Effects:
         return out
 
     async def audit(self, task_key: str, start: int = 0) -> list[dict[str, Any]]:
-        raw = await self.ledger._call(lambda: self.ledger.client.lrange(self.ledger.keys.audit(task_key), start, -1))
+        raw = await self.ledger.redis_call(lambda: self.ledger.client.lrange(self.ledger.keys.audit(task_key), start, -1))
         return [json.loads(_s(item)) for item in raw]
 
     async def exported(self, task_key: str) -> int:
-        raw = await self.ledger._call(lambda: self.ledger.client.hget(self.ledger.keys.tools(task_key), "exported"))
+        raw = await self.ledger.redis_call(lambda: self.ledger.client.hget(self.ledger.keys.tools(task_key), "exported"))
         return int(_s(raw)) if raw is not None else 0
 
     async def mark_exported(self, task_key: str, count: int) -> None:
         """Note that the first ``count`` audit entries reached the topic (only ever forward)."""
-        await self.ledger._script(self._exported, [self.ledger.keys.tools(task_key)], [count])
+        await self.ledger.run_script(self._exported, [self.ledger.keys.tools(task_key)], [count])
 
     async def undo(self, task_key: str, field: str, record: dict[str, Any], audit: dict[str, Any] | None) -> str:
-        raw = await self.ledger._script(self._undo, self._keys(task_key), [
+        raw = await self.ledger.run_script(self._undo, self._keys(task_key), [
             field, record.get("state", ""), _dumps(record), _dumps(audit) if audit is not None else "", *BUSY])
         return _s(raw)
 
     async def rerun(self, task_key: str, generation: int) -> tuple[str, str]:
         """Start the task again as generation ``generation + 1``: ('ok', source) or ('not_ended', state)."""
         keys = self.ledger.keys
-        raw = await self.ledger._script(self._rerun, [
+        raw = await self.ledger.run_script(self._rerun, [
             keys.task(task_key), keys.steps(task_key), keys.tools(task_key),
             f"{keys.tools(task_key)}:g{generation}"], [LEDGER_STATE[PARKED.move(PARKED.initial, "rerun")],
                                                        *TASK.sources("rerun")])

@@ -137,14 +137,15 @@ class Ledger:
         self.batcher = ScriptBatcher(client)
         self.effects = Effects(self)
 
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+    async def redis_call(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation; a failure is raised as the ledger's error (:func:`translate`)."""
         try:
             return await op()
         except Exception as exc:
             translate(exc)
             raise
 
-    async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+    async def run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Run one ledger script, pipelined with the others issued in this loop turn (awaited here
         directly: every coroutine frame between a task and its script's result is resumed on each wake-up)."""
         try:
@@ -171,13 +172,13 @@ class Ledger:
             text = _s(recorded)
             return None if text == definition_digest else text
 
-        return await self._call(pin)
+        return await self.redis_call(pin)
 
     async def ping(self) -> bool:
-        return bool(await self._call(self.client.ping))
+        return bool(await self.redis_call(self.client.ping))
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
-        raw = await self._script(self._claim, self._both(task_key), [
+        raw = await self.run_script(self._claim, self._both(task_key), [
             fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves])
         answer = _s(raw[0])
         by, how = publication(raw[4], raw[5])
@@ -193,7 +194,7 @@ class Ledger:
         """Extend the lease: ``renewed``; ``done`` when the task is no longer running under this very
         fence (its holder completed, failed or parked it: nothing was lost); ``lost`` when a newer
         fence holds it or it is gone."""
-        raw = int(await self._script(self._heartbeat, [self.keys.task(task_key)], [fence, self.lease_ms]))
+        raw = int(await self.run_script(self._heartbeat, [self.keys.task(task_key)], [fence, self.lease_ms]))
         return "renewed" if raw == 1 else "done" if raw == 2 else "lost"
 
     async def begin_attempt(self, task_key: str, fence: int, step: str, max_attempts: int) -> Attempt:
@@ -206,7 +207,7 @@ class Ledger:
         Raises :class:`StaleFence` when a newer claim holds the task, and :class:`AttemptsExhausted`
         when the step already used ``max_attempts`` (then nothing is counted).
         """
-        raw = await self._script(
+        raw = await self.run_script(
             self._attempt, [self.keys.task(task_key)], [fence, self.lease_ms, step, max_attempts]
         )
         step_attempts, total = int(raw[0]), int(raw[1])
@@ -219,20 +220,20 @@ class Ledger:
     async def refund_attempt(self, task_key: str, fence: int, step: str) -> bool:
         """Give back the attempt counted for a call the endpoint failed for every task (once: a
         second refund of the same call gives nothing back). False when the fence is stale."""
-        raw = await self._script(self._refund, [self.keys.task(task_key)], [fence, step])
+        raw = await self.run_script(self._refund, [self.keys.task(task_key)], [fence, step])
         return int(raw) == 1
 
     async def end_attempt(self, task_key: str, fence: int, step: str) -> bool:
         """The step's call failed by the task's own fault (its outcome is known): the attempt stays
         spent even if the holder dies before the next one. False when the fence is stale."""
-        raw = await self._script(self._end, [self.keys.task(task_key)], [fence, step])
+        raw = await self.run_script(self._end, [self.keys.task(task_key)], [fence, step])
         return int(raw) == 1
 
     async def expire(self, task_key: str, fence: int, error: str) -> tuple[str, int]:
         """End a task that another worker holds under ``fence`` as ``dead(expired)``, under a higher
         fence so that the holder's later writes are refused. Returns ``("ok", new fence)``, or the
         task's state and fence when it moved on (completed, released, claimed again): nothing changed."""
-        raw = await self._script(self._expire, [self.keys.task(task_key)], [fence, error[:2000], *self.moves("expire")])
+        raw = await self.run_script(self._expire, [self.keys.task(task_key)], [fence, error[:2000], *self.moves("expire")])
         return _s(raw[0]), int(raw[1])
 
     async def confirm_replicated(self, task_key: str, state: str = "succeeded") -> None:
@@ -244,34 +245,34 @@ class Ledger:
         the task done and must not publish before the replicas hold it."""
         if not self.durable:
             return
-        _raw, acked = await self._call(lambda: self._then_wait(self._touch, [self.keys.task(task_key)], [state]))
+        _raw, acked = await self.redis_call(lambda: self._then_wait(self._touch, [self.keys.task(task_key)], [state]))
         self._check_replicated(acked)
 
     async def dead_lettered(self, topic: str, partition: int, offset: int) -> str | None:
         """The ``dlq.id`` of the dead letter the record at these coordinates was given, once the broker
         acknowledged it (:meth:`note_dead_letter`), or None."""
-        raw = await self._call(lambda: self.client.get(self.keys.dead_letter(topic, partition, offset)))
+        raw = await self.redis_call(lambda: self.client.get(self.keys.dead_letter(topic, partition, offset)))
         return _s(raw) if raw is not None else None
 
     async def note_dead_letter(self, topic: str, partition: int, offset: int, dlq_id: str) -> None:
         """Note that the record at these coordinates was dead-lettered (acknowledged by the broker):
         the record read again (its offset not committed before a crash) sends no second one."""
         key = self.keys.dead_letter(topic, partition, offset)
-        await self._call(lambda: self.client.set(key, dlq_id, ex=self.ttl_s))
+        await self.redis_call(lambda: self.client.set(key, dlq_id, ex=self.ttl_s))
 
     async def record_step(self, task_key: str, fence: int, name: str, record: dict[str, Any]) -> None:
         record_json = json.dumps(record, sort_keys=True, separators=(",", ":"))
-        raw = await self._script(self._step, self._both(task_key), [fence, name, record_json])
+        raw = await self.run_script(self._step, self._both(task_key), [fence, name, record_json])
         if _s(raw) != "ok":
             raise StaleFence(f"task {task_key}: step {name} refused for fence {fence}")
 
     async def generation(self, task_key: str) -> int:
         """How many times the task was started anew after a compensation, plus one."""
-        raw = await self._call(lambda: self.client.hget(self.keys.task(task_key), "generation"))
+        raw = await self.redis_call(lambda: self.client.hget(self.keys.task(task_key), "generation"))
         return int(_s(raw)) if raw is not None else 1
 
     async def steps(self, task_key: str) -> dict[str, dict[str, Any]]:
-        raw = await self._call(lambda: self.client.hgetall(self.keys.steps(task_key)))
+        raw = await self.redis_call(lambda: self.client.hgetall(self.keys.steps(task_key)))
         return {_s(k): json.loads(_s(v)) for k, v in raw.items()}
 
     async def complete(
@@ -299,9 +300,9 @@ class Ledger:
         keys = self._both(task_key)
         args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or "", *self.moves("complete")]
         if not self.durable:
-            raw = await self._script(self._complete, keys, args)
+            raw = await self.run_script(self._complete, keys, args)
             return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
-        raw, acked = await self._call(lambda: self._then_wait(self._complete, keys, args))
+        raw, acked = await self.redis_call(lambda: self._then_wait(self._complete, keys, args))
         done = Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
         if done.status == "ok" or (done.status == "already" and done.fence == fence):
             self._check_replicated(acked)
@@ -372,7 +373,7 @@ class Ledger:
     async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:
         """Release the claim as ``failed`` (reclaimable) or, with a reason, mark it ``dead``."""
         moves = self.moves("die" if dead_reason else "fail")
-        raw = await self._script(self._fail, [self.keys.task(task_key)], [fence, error[:2000], dead_reason, *moves])
+        raw = await self.run_script(self._fail, [self.keys.task(task_key)], [fence, error[:2000], dead_reason, *moves])
         return _s(raw) == "ok"
 
     async def mark_published(self, task_key: str, state: str, by: str = "1",
@@ -383,7 +384,7 @@ class Ledger:
         the task is not in ``state``, or ``state`` is none whose outcome is published."""
         if how is not None and how not in HOWS:
             raise ValueError(f"published how: {how!r} is none of {HOWS}")
-        raw = await self._script(self._mark, [self.keys.task(task_key)], [state, by, how or "", self._done])
+        raw = await self.run_script(self._mark, [self.keys.task(task_key)], [state, by, how or "", self._done])
         return int(raw) == 1
 
     async def finished(self, tasks: Sequence[tuple[str, str, str]]) -> list[bool]:
@@ -399,7 +400,7 @@ class Ledger:
         keys = [self.keys.task(key) for key, _fp, _at in tasks]
         if not isinstance(self.client, RedisCluster):
             args = [" ".join(fp for _key, fp, _at in tasks), " ".join(at or "-" for _key, _fp, at in tasks), self._done]
-            return [flag == 1 for flag in await self._call(lambda: self._finished(keys=keys, args=args))]
+            return [flag == 1 for flag in await self.redis_call(lambda: self._finished(keys=keys, args=args))]
 
         async def read() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -409,13 +410,13 @@ class Ledger:
 
         done = self._done.split()
         out: list[bool] = []
-        for (_key, fp, at), (state, print_, *published) in zip(tasks, await self._call(read), strict=True):
+        for (_key, fp, at), (state, print_, *published) in zip(tasks, await self.redis_call(read), strict=True):
             by, _how = publication(*published)
             out.append(state is not None and _s(state) in done and _s(print_) == fp and by is not None and by != at)
         return out
 
     async def revive(self, task_key: str) -> bool:
-        raw = await self._script(self._revive, [self.keys.task(task_key), self.keys.tools(task_key)], self.moves("revive"))
+        raw = await self.run_script(self._revive, [self.keys.task(task_key), self.keys.tools(task_key)], self.moves("revive"))
         return int(raw) == 1
 
     async def get(self, task_key: str) -> TaskRecord | None:
@@ -426,7 +427,7 @@ class Ledger:
                 task, steps = await pipe.execute()
             return task, steps
 
-        task, steps = await self._call(read)
+        task, steps = await self.redis_call(read)
         if not task:
             return None
         return TaskRecord.read(task_key, {_s(k): _s(v) for k, v in task.items()},
