@@ -86,17 +86,17 @@ return {'ok', value}
 
 # KEYS task, tools, audit; ARGV fence, field, record (JSON), audit entry (JSON), journal states the
 # result may follow... -> 'ok'|'stale'|'illegal' (the call is in none of those states: nothing written)
-# The audit entry is appended in every case: a stale holder's call happened too.
+# The audit entry is appended in every case (a stale holder's call happened too), accepted only when written.
 DONE = _FENCED + _KEEP + """
-local entry = cjson.decode(ARGV[4])
-entry['accepted'] = held
-redis.call('RPUSH', KEYS[3], cjson.encode(entry))
-keep(KEYS[3])
-if not held then return 'stale' end
 local had = redis.call('HGET', KEYS[2], ARGV[2])
 local from = had and cjson.decode(had)['state'] or ''
 local allowed = false
 for i = 5, #ARGV do if from == ARGV[i] then allowed = true end end
+local entry = cjson.decode(ARGV[4])
+entry['accepted'] = held and allowed
+redis.call('RPUSH', KEYS[3], cjson.encode(entry))
+keep(KEYS[3])
+if not held then return 'stale' end
 if not allowed then return 'illegal' end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 keep(KEYS[2])

@@ -381,12 +381,15 @@ async def _refused_calls(ledger: Ledger) -> None:
     with pytest.raises(IllegalTransition):
         await ledger.effects.done("call-x", fence, "c:act:1", record, {"outcome": "executed"})
     assert "c:act:1" not in await ledger.effects.journal("call-x")
+    # its audit entry says what happened, and that the journal did not take it
+    assert (await ledger.effects.audit("call-x"))[-1]["accepted"] is False
     # a result over a result: the first stays
     assert await w.run(fence) == {"reply": "paid"}
     with pytest.raises(IllegalTransition):
         await ledger.effects.done("call-x", fence, "c:act:1", {**record, "outcome": "reconciled_landed"},
                                   {"outcome": "reconciled_landed"})
     assert await w.call() == "executed"
+    assert (await ledger.effects.audit("call-x"))[-1]["accepted"] is False
     # the loop itself: a call only asked cannot land, an executed one cannot run again
     loop = ToolLoop(Model(ledger, w.arguments), SimpleNamespace(key="call-x", deadline=None),  # type: ignore[arg-type]
                     w.step, In(), {}, fence, 0, None)
