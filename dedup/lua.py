@@ -23,11 +23,12 @@ end
 
 # ``published(by, how, legacy)``: who published the outcome and how, from the fields published_by,
 # published_how and the previous version's published ('0' or absent: not published; else who).
-# Every write of the two deletes published, so where it is present it is the newer: it wins.
+# This version writes published beside published_by with the same value; where they differ, a
+# worker of the previous version wrote published after: it is the newer and wins.
 # '' for none (a nil would cut a reply short).
 PUBLICATION = """
 local function published(by, how, legacy)
-  if legacy then
+  if legacy and legacy ~= by then
     if legacy == '0' or legacy == '' then return '', '' end
     return legacy, ''
   end

@@ -3,10 +3,11 @@
 Plain values, read from the task hash (:mod:`dedup.scripts` lists its fields). Who published a
 task's outcome is two fields, read by :func:`publication`: ``published_by`` (the coordinates of
 the record that published it; absent: not published) and ``published_how`` (``staged``: marked in
-a transaction before the send; ``acked``: marked after the broker's acknowledgement). A ledger of
-the previous version kept one field, ``published`` (``'0'``, ``'1'`` or the coordinates); where it
-is present it was written after any of the two (every write of the two deletes it), so it is read
-in their place, its ``how`` unknown.
+a transaction before the send; ``acked``: marked after the broker's acknowledgement). The previous
+version kept one field, ``published`` (``'0'``, ``'1'`` or the coordinates). This version writes it
+beside ``published_by`` with the same value, for the previous version's workers during a rolling
+upgrade; where it differs, one of them wrote it after, so it is read in their place, its ``how``
+unknown.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def publication(by: Any, how: Any, legacy: Any = None) -> tuple[str | None, Publ
     """``(published_by, published_how)`` from the fields ``published_by``, ``published_how`` and the
     previous version's ``published``; ``(None, None)`` when the outcome was not published."""
     old = _text(legacy)
-    if old is not None:
+    if old is not None and old != _text(by):  # written by the previous version after: the newer
         return (None if old in ("", "0") else old), None
     who = _text(by) or None
     said = _text(how)

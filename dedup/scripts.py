@@ -18,9 +18,12 @@ their lease ran out and another claim took the task over). Who published the out
   or ``1`` when the caller named none; absent: not published;
 - ``published_how``: ``staged`` (marked in a transaction, before the send: the record read again,
   its transaction aborted, stages it anew) or ``acked`` (marked after the broker acknowledged it);
-- ``published``: what a ledger of the previous version wrote (``0``, ``1`` or the coordinates, with
-  no word of how). No script writes it; each write of the two above deletes it, so where it is
-  present it is newer than they are and is read in their place (:data:`dedup.lua.PUBLICATION`).
+- ``published``: the previous version's one field (``0``, ``1`` or the coordinates, with no word of
+  how). It is written beside ``published_by``, with the same value, so a worker of the previous
+  version running beside this one during a rolling upgrade reads who published too; this version
+  reads it only where it differs from ``published_by``: a worker of the previous version wrote it
+  after (``0`` on a new outcome, or its own record's coordinates), so it is the newer and wins
+  (:data:`dedup.lua.PUBLICATION`). Once no worker of the previous version runs, it can go.
 
 A move into ``succeeded`` or ``dead`` clears all three: the new outcome is not published yet.
 """
@@ -297,12 +300,12 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= ARGV[1] or not among(ARGV[4], state) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'published_by', ARGV[2])
+-- 'published' mirrors published_by for the previous version's workers (see the module's docstring)
+redis.call('HSET', KEYS[1], 'published_by', ARGV[2], 'published', ARGV[2])
 if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[1], 'published', 'published_how')
+  redis.call('HDEL', KEYS[1], 'published_how')
 else
   redis.call('HSET', KEYS[1], 'published_how', ARGV[3])
-  redis.call('HDEL', KEYS[1], 'published')
 end
 return 1
 """

@@ -232,18 +232,23 @@ def test_a_task_stored_by_the_previous_version_is_read_by_this_one(any_redis_url
         assert await ledger.finished([("by-record", FP, ""), ("by-record", FP, "t[0]@3"), ("by-one", FP, "t[0]@3"),
                                       ("not", FP, ""), ("failed", FP, "")]) == [True, False, True, False, False]
 
-        # marked by this version: the two fields, the previous one's gone
+        # marked by this version: the two fields, and the previous version's one with the same value,
+        # which its workers read during a rolling upgrade (their CLAIM: published unless '0' or absent)
         assert await ledger.mark_published("not", SUCCEEDED, "t[0]@5", "staged")
         marked = await ledger.get("not")
         assert marked is not None
         fields = marked.fields
         assert (fields["published_by"], fields["published_how"]) == ("t[0]@5", "staged")
-        assert "published" not in fields
+        assert fields["published"] == "t[0]@5"
+        assert (marked.published_by, marked.published_how) == ("t[0]@5", "staged")
         assert await ledger.finished([("not", FP, "t[0]@5"), ("not", FP, "t[0]@9")]) == [False, True]
         # a previous version's worker writing after it (a rolling upgrade): its field is the newer
         await client.hset(keys.task("not"), "published", "0")
         assert not (await ledger.claim("not", FP, "w2", "classify")).published
         assert await ledger.finished([("not", FP, "")]) == [False]
+        await client.hset(keys.task("not"), "published", "t[0]@9")  # and one publishing it again
+        again = await ledger.claim("not", FP, "w2", "classify")
+        assert (again.published_by, again.published_how) == ("t[0]@9", None)
 
         # a task the previous version released runs on, and its new outcome starts unpublished
         claimed = await ledger.claim("failed", FP, "w2", "classify")
