@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 
 from dedup.lifecycles import Lifecycle, Transition
-from dedup.lifecycles.__main__ import main
-from dedup.lifecycles.render import lifecycles, render
+from service.devtools.lifecycles import lifecycles, main, render
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md"
 
 
 def test_the_document_shows_the_tables_as_they_are() -> None:
-    assert main(["--check", str(DOC)]) == 0, "run: python -m dedup.lifecycles docs/ARCHITECTURE.md"
+    assert main(["--check", str(DOC)]) == 0, "run: python -m service.devtools.lifecycles docs/ARCHITECTURE.md"
 
 
 def test_every_transition_appears_in_the_document() -> None:
