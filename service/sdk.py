@@ -24,6 +24,10 @@ The names, and nothing else:
 - ``default_agents``: a registry of the built-in kinds (``extract``, ``classify``, ``summarize``,
   ``summarize_long``, ``prior_auth``, ``review``).
 - ``Step``: one model call: a versioned prompt, an output model, and the checks a schema cannot express.
+- ``DelegateStep``: a step that hands work to other kinds instead of calling the model, and waits
+  for them (``mode`` required or optional, ``children(task_input, previous)``; docs/DELEGATION.md).
+- ``Delegate``: one child task of a ``DelegateStep``: its kind, input, and optionally another
+  deployment's ``topic`` and a time ``budget_s``.
 - ``Tool``: a side effect a step may offer the model (``Step.tools``, OpenAI function calling);
   each call runs once by construction (docs/AGENTS.md, "Agents that act").
 - ``FunctionTool``: a Python callable as a tool, with an optional reconcile and undo.
@@ -45,6 +49,7 @@ Everything else in ``service`` is the service's own and may change without notic
 """
 
 from service.agents.base import Agent, Messages, Step
+from service.agents.delegation import Delegate, DelegateStep
 from service.agents.helpers import StrictInput, system_message, user_message
 from service.agents.registry import AgentRegistry, default_agents
 from service.agents.tasks import TaskEvent
@@ -55,6 +60,8 @@ __all__ = [
     "Agent",
     "AgentError",
     "AgentRegistry",
+    "Delegate",
+    "DelegateStep",
     "FunctionTool",
     "HttpTool",
     "InvalidOutput",

@@ -32,6 +32,8 @@ class KafkaSettings(BaseModel):
     audit_topic: str = "agent.audit"
     # approvals and rejections of parked tasks, as JSON {"task_id", "approve", "reason", "by"}
     approvals_topic: str = "agent.approvals"
+    # replies of this deployment's children to their parents (docs/DELEGATION.md)
+    replies_topic: str = "agent.replies"
     session_timeout_ms: int = Field(10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(1_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
@@ -287,6 +289,12 @@ class LedgerSettings(BaseModel):
     max_deaths: int = Field(3, ge=1)
 
 
+class DelegationSettings(BaseModel):
+    max_children: int = Field(32, ge=1)  # children of one delegating step
+    max_depth: int = Field(5, ge=1)  # a root is at depth 0; its children at 1
+    max_wait_s: float = Field(86_400.0, gt=0)  # the longest a parent without a deadline waits
+
+
 class ToolsSettings(BaseModel):
     # how often each replica looks for parked tasks past their deadline (and decisions whose
     # resumption was not yet produced)
@@ -382,6 +390,7 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = LedgerSettings()
     liveness: LivenessSettings = LivenessSettings()
     tools: ToolsSettings = ToolsSettings()
+    delegation: DelegationSettings = DelegationSettings()
     tenancy: TenancySettings = TenancySettings()
     max_task_bytes: int = Field(262_144, ge=64)
     max_in_flight: int = Field(256, ge=1)

@@ -55,6 +55,14 @@ class ProcessorConfig:
     # the longest one call waits for the endpoint (breaker, Retry-After, rate limits, window): then
     # the task is dead-lettered `unavailable`
     max_wait_s: float = 300.0
+    # delegation (docs/DELEGATION.md): children per delegating step, depth of the tree, the longest
+    # a parent without a deadline waits for its children; where children reply, and this
+    # deployment's input topic (children of this deployment's kinds go there)
+    max_children: int = 32
+    max_depth: int = 5
+    delegation_max_wait_s: float = 86_400.0
+    replies_topic: str = "agent.replies"
+    input_topic: str = "agent.tasks"
 
 
 class ToDeadLetter(Exception):

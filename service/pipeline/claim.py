@@ -8,11 +8,17 @@
 - ``conflict``: the same key with a different input: dead-letter, the first result stays.
 - ``crashed``: the task's holders died with a call of it under way ``max_deaths`` times; the claim
   ended it ``dead(crashed)``: dead-letter it.
+- ``cancelled``: a child task whose parent ended dead before it started; the claim ended it
+  ``dead(cancelled)``: dead-letter it, no model call.
+
+A child task (its record carries ``agent.reply_to``) sends its parent a reply inside the same
+publishing block as each outcome here (:meth:`Outcomes.reply <service.pipeline.outcomes.Outcomes.reply>`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -81,20 +87,30 @@ class Claims:
             if decision == "crashed":
                 error = (f"the workers holding task {task.key} stopped {self.ledger.max_deaths} times "
                          "with a call of it under way")
-                async with self.outcomes.publishing(record, task.key, "dead"):
-                    await self.outcomes.dead_letter(record, task.key, "crashed", error, claim.attempts)
+                await self._ended(record, task, "crashed", error, claim.attempts)
+                return None
+            if decision == "cancelled":
+                await self._ended(record, task, "cancelled", "the parent task ended before this child started",
+                                  claim.attempts)
                 return None
             # busy: another worker holds a live lease
             if task.expired(self.clock()):
                 error = "deadline passed while another worker held the task"
                 state, _fence = await self.ledger.expire(task.key, claim.fence, error)
                 if state == "ok":  # the holder's result, should it come, is refused by the fence
-                    async with self.outcomes.publishing(record, task.key, "dead"):
-                        await self.outcomes.dead_letter(record, task.key, "expired", error, claim.attempts)
+                    await self._ended(record, task, "expired", error, claim.attempts)
                     return None
                 continue  # the holder finished (or let go) meanwhile: claim again and see
             wait_s = min(self.config.busy_poll_s, max(claim.lease_remaining_ms, 10) / 1000)
             await asyncio.sleep(wait_s)
+
+    async def _ended(self, record: Record, task: Task, reason: str, error: str, attempts: int) -> None:
+        """Dead-letter a task the ledger ended dead for ``reason`` (and reply to its parent)."""
+        async with self.outcomes.publishing(record, task.key, "dead"):
+            await self.outcomes.dead_letter(record, task.key, reason, error, attempts)
+            await self.outcomes.reply(record, task.key, task.kind, "dead", reason=reason, error=error)
+        if reason != "cancelled":
+            await self.outcomes.cancel_children(task.key)
 
     async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
         self.metrics.task_outcome["duplicate"].inc()
@@ -111,10 +127,14 @@ class Claims:
             if state == "succeeded" and stored.event is not None:
                 await self.outputs.result(record, task.key, stored.event, self.outcomes.traceparent(task.traceparent),
                                           deadline_of(task))
+                await self.outcomes.reply(record, task.key, task.kind, "succeeded",
+                                          result=json.loads(stored.event).get("result"))
                 self.metrics.results_published.inc()
             elif state == "dead":
                 reason = stored.fields.get("dead_reason", "permanent")
                 if await self.outcomes.send_dead_letter(record, task.key, reason, stored.fields.get("error", ""),
                                                         stored.attempts, traceparent=None):
                     self.metrics.dead_letters.labels(reason=reason).inc()
+                await self.outcomes.reply(record, task.key, task.kind, "dead", reason=reason,
+                                          error=stored.fields.get("error", ""))
         log.info("%s: %s before; re-emitted the stored outcome", ctx, state)

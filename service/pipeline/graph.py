@@ -24,9 +24,11 @@ from pydantic import BaseModel
 from consumers.records import Record
 from dedup.ledger import Claim, StaleFence
 from service.agents.base import Agent, Messages, Step
+from service.agents.delegation import DelegateStep
 from service.agents.tasks import Task, canonical_json, digest
 from service.pipeline.base import LostFence, ToDeadLetter, estimate_tokens
 from service.pipeline.calls import CallLoop
+from service.pipeline.delegation import DEGRADED_BY, Delegation, Send
 from service.pipeline.tools import ToolLoop
 
 
@@ -37,9 +39,10 @@ class GraphRun:
     Its model calls go through ``calls``, whose ledger, metrics and config it shares."""
 
     def __init__(self, calls: CallLoop, task: Task, agent: Agent, task_input: BaseModel, claim: Claim,
-                 record: Record | None) -> None:
+                 record: Record | None, send: Send | None = None) -> None:
         self.calls, self.task, self.agent, self.task_input, self.claim = calls, task, agent, task_input, claim
         self.record = record
+        self.send = send  # produces a delegating step's children
         self.journaled = agent.journaled
         self.journal: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}  # step -> its record (journaled or new)
@@ -92,7 +95,9 @@ class GraphRun:
                 raise ToDeadLetter("permanent", f"step {need}: recorded output does not match its digest",
                                    self.attempts)
             previous[need] = record["output"]
-        if step.fit == "map_reduce" and not self._fits(step, self.task_input, previous):
+        if isinstance(step, DelegateStep):  # no model call: children, once each, and their outcomes
+            output = await self._delegate(step, previous)
+        elif step.fit == "map_reduce" and not self._fits(step, self.task_input, previous):
             output = await self._map_reduce(step, previous, input_digest)
         else:
             output = await self._call(step, self.task_input, previous)
@@ -139,6 +144,20 @@ class GraphRun:
                 self._answered[step.name] = by
                 if by[0] != "primary":
                     self.degraded[step.name] = by
+
+    async def _delegate(self, step: DelegateStep, previous: dict[str, Any]) -> dict[str, Any]:
+        """A delegating step's output (:mod:`~service.pipeline.delegation`); raises Parked while it waits."""
+        if self.send is None:
+            raise RuntimeError(f"step {step.name} delegates and this run has no producer for its children")
+        calls = self.calls
+        output = await Delegation(
+            ledger=calls.ledger, send=self.send, config=calls.config, clock=calls.clock,
+            traceparent=calls.tracing.current_traceparent() or self.task.traceparent, task=self.task,
+            fence=self.claim.fence, record=self.record, attempts=self.attempts,
+        ).run(step, self.task_input, previous)
+        if output.get("degraded"):  # flagged like a fallback's answer, journaled with the step
+            self._answered[step.name] = self.degraded[step.name] = DEGRADED_BY
+        return output
 
     async def _record(self, step: Step, output: dict[str, Any], input_digest: str) -> dict[str, Any]:
         """Journal ``step``'s output under the task's fence (when the agent journals); returns the record."""

@@ -12,13 +12,15 @@ exactly once for ``read_committed`` readers, and nothing is noted."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from consumers.producers import Outputs, dead_letter_id
+from consumers.producers import Headers, Outputs, dead_letter_id
 from consumers.records import Record
+from consumers.transactions import Staged, stage
 from dedup.ledger import Ledger, LedgerUnavailable
 from service.agents.base import Agent
 from service.agents.tasks import Task, canonical_json, digest
@@ -26,6 +28,7 @@ from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.endpoints import Endpoint
 from service.pipeline.base import ProcessorConfig, current_span, deadline_of, iso
+from service.pipeline.delegation import reply_of
 from service.pipeline.parking import export_audit
 
 log = logging.getLogger(__name__)
@@ -141,6 +144,7 @@ class Outcomes:
         span.set_output_digest(result_digest)
         async with self.publishing(record, task.key, "succeeded"):
             await self.outputs.result(record, task.key, event, self.traceparent(task.traceparent), deadline_of(task))
+            await self.reply(record, task.key, task.kind, "succeeded", result=json.loads(event).get("result"))
         self.metrics.results_published.inc()
         self.metrics.task_outcome["succeeded"].inc()
         if endpoint is not None:
@@ -167,6 +171,37 @@ class Outcomes:
             return
         async with self.publishing(record, task.key, "dead"):
             await self.dead_letter(record, task.key, reason, error, attempts)
+            await self.reply(record, task.key, task.kind, "dead", reason=reason, error=error)
+        await self.cancel_children(task.key)
+
+    async def reply(self, record: Record, task_key: str | None, kind: str, state: str, *, result: Any = None,
+                    reason: str | None = None, error: str | None = None) -> None:
+        """A child task's reply to its parent (``agent.reply_to``), sent inside the ``publishing``
+        block of its outcome (staged with it in a transaction); nothing for a task that is no child."""
+        reply = reply_of(record, task_key, kind, state, result=result, reason=reason, error=error)
+        if reply is None:
+            return
+        topic, key, value = reply
+        headers: Headers = [("traceparent", tp.encode())] if (tp := self.tracing.current_traceparent()) else []
+        if self.outputs.transactional:
+            stage(Staged(topic, key, value, headers))
+        else:
+            await self.outputs.publisher.send(topic, key, value, headers)
+
+    async def cancel_children(self, task_key: str) -> None:
+        """Cancel the planned children of a task that ended dead and have no folded reply: one not
+        started yet then ends ``cancelled`` without a model call."""
+        journal = await self.ledger.effects.journal(task_key)
+        waiting: list[str] = []
+        for name, raw in journal.items():
+            if not name.startswith("d:"):
+                continue
+            plan = json.loads(raw) if isinstance(raw, str) else raw
+            step = name[2:]
+            waiting += [str(e["id"]) for e in plan if f"k:{step}:{e['n']}" not in journal]
+        if waiting:
+            await self.ledger.children.cancel(waiting, "cancelled", int(self.config.delegation_max_wait_s))
+            log.info("task_id=%s: ended dead; cancelled %d children not ended", task_key, len(waiting))
 
     async def dead_letter(
         self,
@@ -219,8 +254,9 @@ class Outcomes:
         return True
 
     async def park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str) -> None:
-        """Park the task in the ledger until a person decides; its offset may then be committed."""
-        if not await self.ledger.effects.park(task.key, fence, waiting):
+        """Park the task in the ledger until a person decides; its offset may then be committed.
+        A task waiting for its children was parked by its delegating step already."""
+        if waiting["what"] != "children" and not await self.ledger.effects.park(task.key, fence, waiting):
             self.metrics.stale_fence_writes.inc()
             log.warning("%s: parking refused: a newer fence holds the task", ctx)
             return

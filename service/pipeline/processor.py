@@ -133,7 +133,7 @@ class TaskProcessor:
         return cls(
             claims=Claims(ledger=ledger, outcomes=outcomes, outputs=outputs, metrics=metrics, config=config,
                           worker_id=worker_id, clock=clock),
-            steps=Steps(calls), outcomes=outcomes, capacity=capacity,
+            steps=Steps(calls, outputs.publisher.send), outcomes=outcomes, capacity=capacity,
             shadow=Shadow(ledger=ledger, calls=calls, capacity=capacity, metrics=metrics, config=config),
             ledger=ledger, agents=agents, metrics=metrics, config=config, clock=clock, tracing=tracing,
         )
@@ -268,6 +268,7 @@ class TaskProcessor:
             task, agent, task_input = decode_record(record, self.agents, self.config.max_task_bytes)
         except PoisonError as exc:
             await self.outcomes.dead_letter(record, exc.task_key, exc.reason, str(exc), 0)
+            await self.outcomes.reply(record, exc.task_key, "", "dead", reason=exc.reason, error=str(exc))
             return
         ctx = f"task_id={task.key} {record.coordinates}"
         span = current_span()
@@ -283,6 +284,8 @@ class TaskProcessor:
             error = "deadline passed before the task started"
             if await self.ledger.fail(task.key, claim.fence, error):
                 await self.outcomes.dead_letter(record, task.key, "expired", error, claim.attempts)
+                await self.outcomes.reply(record, task.key, task.kind, "dead", reason="expired", error=error)
+                await self.outcomes.cancel_children(task.key)
             return
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):

@@ -17,6 +17,7 @@ from dedup.ledger import Claim
 from service.agents.base import Agent
 from service.agents.tasks import Task
 from service.pipeline.calls import CallLoop
+from service.pipeline.delegation import Send
 from service.pipeline.graph import GraphRun
 
 
@@ -24,8 +25,9 @@ class Steps:
     """The stage that runs the agent: owns no state between tasks; each run is a
     :class:`~service.pipeline.graph.GraphRun` of its own, calling the model through ``calls``."""
 
-    def __init__(self, calls: CallLoop) -> None:
+    def __init__(self, calls: CallLoop, send: Send | None = None) -> None:
         self.calls = calls
+        self.send = send  # produces the children of a delegating step
 
     async def run(
         self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, record: Record | None = None,
@@ -42,6 +44,6 @@ class Steps:
         Returns the outputs, the task's attempts, and the steps a fallback endpoint answered (step ->
         (endpoint, model); empty when the primary answered every step).
         """
-        run = GraphRun(self.calls, task, agent, task_input, claim, record)
+        run = GraphRun(self.calls, task, agent, task_input, claim, record, self.send)
         await run.start()
         return run.outputs, run.attempts, run.degraded

@@ -1,0 +1,253 @@
+"""The parent's side of delegation: a :class:`~service.agents.delegation.DelegateStep` run in the
+step graph instead of a model call, and the reply a child task sends its parent when it ends.
+
+A delegating step (docs/DELEGATION.md, "The parent's step"):
+
+1. asks the step for its children and refuses (dead letter ``delegation``, no child sent) too many
+   of them, a depth past the limit, a kind already on the path from the root (a cycle), a child id
+   too long for a task key;
+2. journals the plan (``ledger.children.plan``: first writer wins, so a crash re-sends the same ids
+   and a replay never re-plans);
+3. once every child has a folded reply (``ledger.children.outcomes``), builds the output in the
+   declared order: a ``required`` step with a dead child is the parent's dead letter ``child``, an
+   ``optional`` one goes on ``degraded``;
+4. otherwise produces every child without a reply (the same ids every time: each child's own claim
+   runs it once) and parks (``ledger.children.park``): ``ended`` (the last child ended before the
+   parent parked) goes back to 3, ``parked`` raises :class:`Parked` with ``what: "children"``.
+
+Beyond the design: the plan is journaled with the parent's record (``source``, its delegation
+headers kept, so a child that delegated in turn still replies to its own parent once resumed); and
+a parent whose wait the sweeper expired (its decision journaled at ``w:<step>:0``) dead-letters
+``expired`` instead of sending its children again, even without a deadline of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from consumers.producers import Headers
+from consumers.records import Record
+from dedup.effects import decision_field
+from dedup.keys import is_valid_task_key
+from dedup.ledger import Ledger, StaleFence
+from service.agents.delegation import Delegate, DelegateOutput, DelegateStep
+from service.agents.tasks import DEFAULT_TENANT, TENANT_HEADER, Task, canonical_json, header
+from service.pipeline.base import LostFence, Parked, ProcessorConfig, ToDeadLetter, iso
+from service.pipeline.tools import call_key, source_of
+
+Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[None]]
+
+PARENT, PARENT_STEP, CHILD = "agent.parent", "agent.parent_step", "agent.child"
+REPLY_TO, DEPTH, PATH = "agent.reply_to", "agent.depth", "agent.path"
+LINEAGE_HEADERS = (PARENT, PARENT_STEP, CHILD, REPLY_TO, DEPTH, PATH)
+DEGRADED_BY = ("delegation", "")  # (endpoint, model) of a step that went on without a failed child
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """Where a task stands in its tree: its depth (a root is 0) and the kinds from the root to it."""
+
+    depth: int
+    path: tuple[str, ...]
+
+
+def lineage_of(headers: list[tuple[str, bytes]] | None) -> Lineage:
+    """The task's depth and path from its record's headers; a header that does not read is refused."""
+    raw_depth, raw_path = header(headers, DEPTH), header(headers, PATH)
+    try:
+        depth = int(raw_depth) if raw_depth is not None else 0
+    except ValueError:
+        raise ToDeadLetter("delegation", f"header {DEPTH} is not a number: {str(raw_depth)[:40]!r}", 0) from None
+    if depth < 0:
+        raise ToDeadLetter("delegation", f"header {DEPTH} is negative: {depth}", 0)
+    path = tuple(p for p in (raw_path or "").split(",") if p)
+    return Lineage(depth, path)
+
+
+def child_id(parent: str, generation: int, step: str, n: int) -> str:
+    """``<parent>/<step>/<n>``, or ``<parent>/g<generation>/<step>/<n>`` for a task run again."""
+    return call_key(parent, generation, step, n)
+
+
+def child_deadline(parent: datetime | None, now: datetime, budget_s: float | None) -> datetime | None:
+    """The earlier of the parent's deadline and ``now + budget_s``; None when neither is set."""
+    own = now + timedelta(seconds=budget_s) if budget_s is not None else None
+    if parent is None or own is None:
+        return parent if own is None else own
+    return min(parent, own)
+
+
+def check_plan(kind: str, step: str, children: list[Delegate], lineage: Lineage, ids: list[str],
+               config: ProcessorConfig) -> None:
+    """Refuse (dead letter ``delegation``) a plan past the limits, a cycle, or an id too long."""
+    def refuse(why: str) -> ToDeadLetter:
+        return ToDeadLetter("delegation", f"step {step}: {why}", 0)
+
+    if len(children) > config.max_children:
+        raise refuse(f"{len(children)} children, at most {config.max_children}")
+    if lineage.depth + 1 > config.max_depth:
+        raise refuse(f"children would be at depth {lineage.depth + 1}, at most {config.max_depth}")
+    for child, cid in zip(children, ids, strict=True):
+        problem = child.problem()
+        if problem is not None:
+            raise refuse(problem)
+        if child.kind == kind or child.kind in lineage.path:
+            raise refuse(f"a cycle: kind {child.kind} is already on the path {'>'.join((*lineage.path, kind))}")
+        if not is_valid_task_key(cid):
+            raise refuse(f"child id {cid[:80]}... is not a valid task key (200 characters at most)")
+
+
+def child_headers(task: Task, record: Record | None, step: str, n: int, lineage: Lineage, reply_to: str,
+                  traceparent: str | None) -> Headers:
+    """The headers of child ``n``: its parent, step and place, where to reply, its depth and path."""
+    headers: Headers = [
+        (PARENT, task.key.encode()), (PARENT_STEP, step.encode()), (CHILD, str(n).encode()),
+        (REPLY_TO, reply_to.encode()), (DEPTH, str(lineage.depth + 1).encode()),
+        (PATH, ",".join((*lineage.path, task.kind)).encode()),
+    ]
+    if traceparent:
+        headers.append(("traceparent", traceparent.encode()))
+    if task.tenant != DEFAULT_TENANT:
+        headers.append((TENANT_HEADER, task.tenant.encode()))
+    return headers
+
+
+def child_value(task: Task, cid: str, child: Delegate, deadline: datetime | None) -> bytes:
+    """The child's task event: its id, kind and input, its deadline, the parent's priority and tenant."""
+    event: dict[str, Any] = {"task_id": cid, "kind": child.kind, "input": child.input,
+                             "deadline": iso(deadline) if deadline is not None else None,
+                             "priority": task.event.priority}
+    if task.tenant != DEFAULT_TENANT:
+        event["tenant"] = task.tenant
+    return canonical_json(event).encode()
+
+
+def build_output(step: DelegateStep, plan: list[dict[str, Any]], replies: Mapping[int, dict[str, Any]]
+                 ) -> dict[str, Any]:
+    """The step's output in the declared order; a dead child of a required step is its dead letter."""
+    children: list[dict[str, Any]] = []
+    degraded = False
+    for entry in sorted(plan, key=lambda e: int(e["n"])):
+        n = int(entry["n"])
+        reply = replies[n]
+        state = "succeeded" if reply.get("state") == "succeeded" else "dead"
+        child: dict[str, Any] = {"n": n, "id": entry["id"], "kind": entry["kind"], "state": state}
+        if state == "succeeded":
+            child["result"] = reply.get("result")
+        else:
+            reason, error = str(reply.get("reason") or "permanent"), str(reply.get("error") or "")
+            if step.mode == "required":
+                raise ToDeadLetter("child", f"{entry['id']} ({entry['kind']}): {reason}: {error}"[:2000], 0)
+            child.update(reason=reason, error=error)
+            degraded = True
+        children.append(child)
+    return DelegateOutput.model_validate({"children": children, "degraded": degraded}).model_dump(
+        mode="json", exclude_none=True)
+
+
+def parent_source(record: Record) -> dict[str, Any]:
+    """The parent's record to produce again on resumption, its delegation headers kept (a child that
+    delegated in turn must still reply to its own parent once resumed)."""
+    source = source_of(record)
+    source["headers"] += [[name, base64.b64encode(value).decode()] for name, value in record.headers
+                          if name in LINEAGE_HEADERS]
+    return source
+
+
+class Delegation:
+    """The run of one delegating step of one task, under one claim (see the module docstring)."""
+
+    def __init__(self, *, ledger: Ledger, send: Send, config: ProcessorConfig, clock: Callable[[], datetime],
+                 traceparent: str | None, task: Task, fence: int, record: Record | None, attempts: int) -> None:
+        self.ledger, self.send, self.config, self.clock = ledger, send, config, clock
+        self.traceparent, self.task, self.fence, self.record, self.attempts = traceparent, task, fence, record, attempts
+
+    async def run(self, step: DelegateStep, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
+        """The step's output once every child has ended; raises :class:`Parked` while they run."""
+        task = self.task
+        lineage = lineage_of(self.record.headers if self.record is not None else None)
+        children = list(step.children(task_input, previous))
+        generation = await self.ledger.generation(task.key)
+        ids = [child_id(task.key, generation, step.name, n) for n in range(len(children))]
+        check_plan(task.kind, step.name, children, lineage, ids, self.config)
+        wait_until = task.deadline or self.clock() + timedelta(seconds=self.config.delegation_max_wait_s)
+        wanted = [{"n": n, "id": cid, "kind": c.kind, "topic": c.topic or self.config.input_topic}
+                  for n, (c, cid) in enumerate(zip(children, ids, strict=True))]
+        source = parent_source(self.record) if self.record is not None else None
+        try:
+            plan = await self.ledger.children.plan(task.key, self.fence, step.name, wanted, source=source)
+        except StaleFence as exc:
+            raise LostFence(str(exc)) from exc
+        if [(int(e["n"]), e["id"]) for e in plan] != [(e["n"], e["id"]) for e in wanted]:
+            raise ToDeadLetter("delegation", f"step {step.name}: its children differ from those it planned", 0)
+        for _ in range(2):  # a second pass when the last child ended before the parent parked
+            replies = await self.ledger.children.outcomes(task.key, step.name)
+            if all(int(e["n"]) in replies for e in plan):
+                return build_output(step, plan, replies)
+            if await self._expired(step):
+                raise ToDeadLetter("expired", f"step {step.name}: its children had not all ended by the wait's "
+                                   "deadline", self.attempts)
+            await self._produce(step, children, plan, replies, lineage)
+            await self._park(step, plan, wait_until)
+        raise ToDeadLetter("delegation", f"step {step.name}: the ledger said its children ended but not all "
+                           "replies are folded", self.attempts)
+
+    async def _expired(self, step: DelegateStep) -> bool:
+        """Whether the sweeper expired the step's wait (its decision, journaled once)."""
+        decided = (await self.ledger.effects.journal(self.task.key)).get(decision_field("children", step.name, 0))
+        if isinstance(decided, str | bytes):
+            decided = json.loads(decided)
+        return isinstance(decided, dict) and decided.get("decision") == "expired"
+
+    async def _produce(self, step: DelegateStep, children: list[Delegate], plan: list[dict[str, Any]],
+                       replies: Mapping[int, Any], lineage: Lineage) -> None:
+        """Send every planned child without a reply yet (the same id every time)."""
+        task, now = self.task, self.clock()
+        for entry in plan:
+            n = int(entry["n"])
+            if n in replies:
+                continue
+            child = children[n]
+            value = child_value(task, entry["id"], child, child_deadline(task.deadline, now, child.budget_s))
+            headers = child_headers(task, self.record, step.name, n, lineage, self.config.replies_topic,
+                                    self.traceparent)
+            await self.send(str(entry["topic"]), str(entry["id"]).encode(), value, headers)
+
+    async def _park(self, step: DelegateStep, plan: list[dict[str, Any]], wait_until: datetime) -> None:
+        """Park until every child has ended; returns when they all ended already (``ended``)."""
+        now = self.clock()
+        waiting: dict[str, Any] = {
+            "what": "children", "step": step.name, "ordinal": 0, "key": f"{self.task.key}/{step.name}", "tool": "",
+            "reason": f"{len(plan)} children of step {step.name}", "children": [e["id"] for e in plan],
+            "since_ms": int(now.timestamp() * 1000), "deadline_ms": int(wait_until.timestamp() * 1000),
+        }
+        status = await self.ledger.children.park(self.task.key, self.fence, step.name, waiting)
+        if status == "parked":
+            raise Parked(waiting)
+        if status == "stale":
+            raise LostFence(f"task {self.task.key}: a newer fence holds it; not parked")
+
+
+def reply_of(record: Record, task_key: str | None, kind: str, state: str, *, result: Any = None,
+             reason: str | None = None, error: str | None = None) -> tuple[str, bytes, bytes] | None:
+    """The reply a child task sends its parent when it ends: (topic, key, value), or None for a task
+    that is no child (no ``agent.reply_to``, or headers that do not name a parent and place)."""
+    headers = record.headers
+    topic, parent, step, n = (header(headers, REPLY_TO), header(headers, PARENT), header(headers, PARENT_STEP),
+                              header(headers, CHILD))
+    if not topic or not parent or not step or n is None or not n.isdigit():
+        return None
+    value: dict[str, Any] = {"parent": parent, "step": step, "n": int(n), "task_id": task_key, "kind": kind,
+                             "state": "succeeded" if state == "succeeded" else "dead"}
+    if state == "succeeded":
+        value["result"] = result
+    else:
+        value.update(reason=reason or "permanent", error=(error or "")[:2000])
+    return topic, parent.encode(), canonical_json(value).encode()
