@@ -1,0 +1,121 @@
+"""A parent kind that delegates to two children in one deployment, on the broker, Redis and the fake
+model: the parent ends with one result, its delegating step's output lists both children in the
+declared order although the second finished first, each child runs the model once, and the parent
+waited parked (its offset committed) without a model call of its own for the delegating step."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.agents.registry import AgentRegistry
+from service.devtools.fakellm import FakeLLM
+from service.devtools.fakellm.faults import FaultRule
+from service.runtime.replies import start_replies
+from service.sdk import Agent, Delegate, DelegateStep, Messages, Step, StrictInput, system_message, user_message
+from tests.support import produce, read_topic, running, task_value, wait_for
+
+pytestmark = [pytest.mark.integration]
+
+
+class Text(StrictInput):
+    text: str = Field(min_length=1, max_length=500)
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    answer: str = Field(min_length=1)
+
+
+def _text(task_input: BaseModel) -> str:
+    assert isinstance(task_input, Text)
+    return task_input.text
+
+
+class Reply(Step):
+    name, prompt_version, output_model, needs = "answer", "dp-answer-v1", Answer, ()
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        return [system_message("Answer in one sentence."), user_message(_text(task_input))]
+
+
+class Gather(DelegateStep):
+    name, needs, mode = "gather", (), "required"
+
+    def children(self, task_input: BaseModel, previous: Mapping[str, Any]) -> list[Delegate]:
+        return [Delegate("dp_research", {"text": f"research {_text(task_input)}"}),
+                Delegate("dp_critique", {"text": f"critique {_text(task_input)}"})]
+
+
+class Synthesis(Step):
+    name, prompt_version, output_model, needs = "synthesis", "dp-synthesis-v1", Answer, ("gather",)
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        lines = [f"child {c['n']} {c['id']} {c['kind']} {c['state']}" for c in previous["gather"]["children"]]
+        return [system_message("Combine the answers."), user_message("\n".join(lines))]
+
+
+def kinds() -> AgentRegistry:
+    return AgentRegistry([
+        Agent("dp_parent", Text, (Gather(), Synthesis())),
+        Agent("dp_research", Text, (Reply(),)),
+        Agent("dp_critique", Text, (Reply(),)),
+    ])
+
+
+def test_a_parent_gets_both_children_in_declared_order_each_child_run_once(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    s = make_settings(kafka={"replies_topic": f"r-{run}.replies"})
+    parent = f"dp-{run}"
+    first, second = f"{parent}/gather/0", f"{parent}/gather/1"
+    # the first child is slow: the second ends (and replies) first
+    fake_llm.add_fault(FaultRule("latency", match=f"{first}:", delay_s=4.0, times=1))
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            replies = start_replies(svc.ledger, svc.publisher.send, svc.metrics, s)
+            try:
+                produce(kafka_bootstrap, s.kafka.input_topic,
+                        [(parent.encode(), task_value("dp_parent", {"text": "tides"}, parent))])
+
+                async def parent_done() -> bool:
+                    record = await svc.ledger.get(parent)
+                    return record is not None and record.state == "succeeded"
+
+                await wait_for(parent_done, 90, what="the parent's result", service=svc)
+                journal = await svc.ledger.steps(parent)
+                gather = journal["gather"]["output"]
+                assert [(c["n"], c["id"], c["kind"], c["state"]) for c in gather["children"]] == [
+                    (0, first, "dp_research", "succeeded"), (1, second, "dp_critique", "succeeded")]
+                assert gather["degraded"] is False
+                assert all(set(c["result"]) == {"answer"} for c in gather["children"])
+            finally:
+                await asyncio.to_thread(replies.stop)
+
+    asyncio.run(scenario())
+
+    results = read_topic(kafka_bootstrap, s.kafka.results_topic, expect=3, timeout_s=60)
+    by_task: dict[str, set[bytes | None]] = {}
+    for m in results:
+        by_task.setdefault((m.key or b"").decode(), set()).add(m.value)
+    assert set(by_task) == {parent, first, second}
+    assert all(len(values) == 1 for values in by_task.values()), "a task has two different results"
+    steps = fake_llm.stats()["completions_by_step"]
+    assert steps.get(f"{first}:answer") == 1 and steps.get(f"{second}:answer") == 1
+    assert steps.get(f"{parent}:synthesis") == 1
+    assert not any(key.startswith(f"{parent}:gather") for key in fake_llm.stats()["by_key"])  # no model call
+    # the synthesis (the parent's result) saw the children in the declared order
+    synthesis = fake_llm.last_request(f"{parent}:synthesis")
+    assert synthesis is not None
+    told = synthesis["messages"][-1]["content"]
+    assert told.index(first) < told.index(second)
+    # the second child finished first
+    completed = {(m.key or b"").decode(): json.loads(m.value or b"{}")["completed_at"] for m in results}
+    assert completed[second] < completed[first]
