@@ -19,6 +19,7 @@ from service.agents.kinds import (
 )
 from service.agents.prior_auth import prior_auth_agent
 from service.agents.review import review_agent
+from service.agents.review_panel import review_panel_agents
 from service.agents.tasks import TaskEvent, canonical_json, task_key
 from service.core.errors import PoisonError
 
@@ -73,6 +74,7 @@ def default_agents() -> AgentRegistry:
         Agent("summarize_long", SummarizeInput, (SummarizeLongStep(),)),
         prior_auth_agent(),
         review_agent(),
+        *review_panel_agents(),
     ])
 
 

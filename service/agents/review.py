@@ -51,7 +51,8 @@ class SynthesisOutput(_Output):
     recommendations: list[str] = Field(max_length=20)
 
 
-def _document(task_input: BaseModel) -> str:
+def document_prompt(task_input: BaseModel) -> str:
+    """The document and its audience, as every step of a review reads them."""
     assert isinstance(task_input, ReviewInput)
     return f"Audience: {task_input.audience}\n\nDocument:\n{task_input.document}"
 
@@ -61,7 +62,7 @@ class ResearchStep(Step):
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         return [system_message("List the document's factual claims and the questions it leaves open."),
-                user_message(_document(task_input))]
+                user_message(document_prompt(task_input))]
 
 
 class SummariseStep(Step):
@@ -69,7 +70,7 @@ class SummariseStep(Step):
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         return [system_message("Summarise the document for the audience in one paragraph."),
-                user_message(_document(task_input))]
+                user_message(document_prompt(task_input))]
 
 
 class CritiqueStep(Step):
@@ -77,7 +78,7 @@ class CritiqueStep(Step):
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         return [system_message("Name the document's strengths and weaknesses."),
-                user_message(_document(task_input))]
+                user_message(document_prompt(task_input))]
 
 
 class SynthesisStep(Step):
@@ -89,7 +90,7 @@ class SynthesisStep(Step):
         notes = "\n\n".join(f"{name}:\n{json.dumps(output, sort_keys=True)}" for name, output in previous.items())
         return [system_message("Write the review: an overall assessment and concrete recommendations, "
                                "from the research, the summary and the critique."),
-                user_message(f"{_document(task_input)}\n\n{notes}")]
+                user_message(f"{document_prompt(task_input)}\n\n{notes}")]
 
 
 def review_agent() -> Agent:

@@ -20,7 +20,8 @@ from service.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "docs" / "examples" / "kinds.toml"
-BUILT_IN = {"classify", "extract", "prior_auth", "review", "summarize", "summarize_long"}
+BUILT_IN = {"classify", "extract", "prior_auth", "review", "review_critique", "review_panel", "review_research",
+            "review_summary", "summarize", "summarize_long"}
 
 USER_MODULE = '''
 from typing import Any
