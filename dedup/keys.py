@@ -70,6 +70,11 @@ class Keys:
         """Hash: the task's tool calls, their decisions, approvals and undos (:mod:`dedup.effects`)."""
         return self._tagged(task_key, "tools")
 
+    def cancel(self, task_key: str) -> str:
+        """String: why the task's parent cancelled it (:meth:`dedup.children.Children.cancel`); a claim
+        of the task, not started yet, that finds it ends the task ``dead(cancelled)``."""
+        return self._tagged(task_key, "cancel")
+
     def audit(self, task_key: str) -> str:
         """List: the task's audit trail, one JSON entry per side effect or decision."""
         return self._tagged(task_key, "audit")

@@ -1,7 +1,8 @@
 """The dedup ledger: one record per unit of work, guarded by leases and fencing tokens.
 
 States: ``running(fence, lease_until, owner)`` -> ``succeeded(result, digest, fence)`` |
-``waiting_approval(waiting)`` -> ``resuming`` (claimable; :mod:`dedup.effects`) |
+``waiting_approval(waiting)`` | ``waiting_children(waiting)`` -> ``resuming`` (claimable;
+:mod:`dedup.effects`, :mod:`dedup.children`) |
 ``failed(error)`` (reclaimable) -> ``dead(reason)``: the table :data:`dedup.lifecycles.task.TASK`,
 which hands each script that moves a state the states its event starts from and the one it leads to.
 Who published an outcome is the fields ``published_by`` and ``published_how`` (:mod:`dedup.scripts`
@@ -13,7 +14,8 @@ task was under way died in it (or froze): that attempt is given back and the dea
 (``deaths``); the ``max_deaths``-th ends the task as ``dead(crashed)``. A task past its deadline
 while another worker holds it ends as ``dead(expired)`` under a higher fence (:meth:`Ledger.expire`). Every later write carries that fence and is refused
 when a newer claim exists: a stale worker can never overwrite a newer result, and the first
-completion wins. Redis errors are translated to :class:`LedgerUnavailable` here
+completion wins. A task never claimed whose parent cancelled it (a mark ``agent:{k}:cancel``) is
+not run: its claim ends it ``dead(cancelled)`` (decision ``cancelled``). Redis errors are translated to :class:`LedgerUnavailable` here
 (:func:`dedup.errors.translate`).
 
 This module knows nothing of Kafka or of models.
@@ -32,6 +34,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from dedup import scripts
 from dedup.batch import ScriptBatcher
+from dedup.children import Children
 from dedup.client import RedisClient
 from dedup.effects import Effects
 from dedup.errors import (
@@ -45,7 +48,7 @@ from dedup.errors import (
 )
 from dedup.keys import Keys
 from dedup.lifecycles.machine import Lifecycle
-from dedup.lifecycles.task import PARKED, TASK
+from dedup.lifecycles.task import PARKED, TASK, WAITING_CHILDREN
 from dedup.records import (
     HOWS,
     Attempt,
@@ -83,7 +86,8 @@ class Moves:
         return self._args.get(event, ("", ""))[0]
 
 
-_ANSWERS: dict[str, Decision] = {PARKED: "parked"}  # a claim finding a state it does not move from
+# a claim finding a state it does not move from
+_ANSWERS: dict[str, Decision] = {PARKED: "parked", WAITING_CHILDREN: "parked"}
 
 
 def _s(value: Any) -> str:
@@ -109,7 +113,7 @@ class Ledger:
         self.client = client
         # the table a task's state is moved by: each moving script is handed its sources and target
         self.moves = Moves(lifecycle)
-        self._claim_moves = self.moves("claim", "take_over", "crash")
+        self._claim_moves = [*self.moves("claim", "take_over", "crash", "cancel"), lifecycle.initial]
         self._done = self.moves.sources("publish")  # the states whose outcome is published: done
         self.max_deaths = max_deaths  # deaths of holders with a call under way that end a task `crashed`
         # this process's claims, apart from another's under the same worker id: a task this process
@@ -136,6 +140,7 @@ class Ledger:
         self._finished = client.register_script(scripts.FINISHED)
         self.batcher = ScriptBatcher(client)
         self.effects = Effects(self)
+        self.children = Children(self)
 
     async def redis_call(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation; a failure is raised as the ledger's error (:func:`translate`)."""
@@ -178,7 +183,10 @@ class Ledger:
         return bool(await self.redis_call(self.client.ping))
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
-        raw = await self.run_script(self._claim, self._both(task_key), [
+        """Claim the task: ``claimed`` with its fence, or what keeps it from running (``busy``,
+        ``conflict``, ``succeeded``, ``dead``, ``parked``, ``crashed``, ``cancelled``: never claimed
+        and marked cancelled by its parent, now ``dead(cancelled)``)."""
+        raw = await self.run_script(self._claim, [*self._both(task_key), self.keys.cancel(task_key)], [
             fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves])
         answer = _s(raw[0])
         by, how = publication(raw[4], raw[5])

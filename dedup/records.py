@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead", "parked", "crashed"]
+Decision = Literal["claimed", "succeeded", "busy", "conflict", "dead", "parked", "crashed", "cancelled"]
 Renewal = Literal["renewed", "done", "lost"]
 PublishedHow = Literal["staged", "acked"]
 HOWS: tuple[PublishedHow, ...] = ("staged", "acked")

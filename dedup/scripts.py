@@ -36,11 +36,14 @@ from dedup.quota_scripts import BUDGET_RESERVE, BUDGET_SETTLE, RATE, RATE_RECONC
 __all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "COMPLETE", "END", "EXPIRE", "FAIL",
            "FINISHED", "HEARTBEAT", "MARK", "NOW", "RATE", "RATE_RECONCILE", "REFUND", "REVIVE", "STEP", "TOUCH"]
 
-# KEYS[1] task hash, KEYS[2] steps hash
+# KEYS[1] task hash, KEYS[2] steps hash, KEYS[3] the task's cancel mark
 # ARGV fingerprint, owner, lease_ms, kind, ttl_s, max_deaths, holder (the claiming process's ledger),
-#      then from TASK: the sources and target of 'claim', of 'take_over' and of 'crash'
+#      then from TASK: the sources and target of 'claim', of 'take_over', of 'crash' and of
+#      'cancel', and the initial pseudo-state (a task without a hash)
 # -> {decision, fence, attempts, lease_remaining_ms, published_by, published_how} ('': not published,
 #    or not said). A task in a state no claim starts from is answered with its state (done, parked).
+# A task without a hash whose parent marked it cancelled (KEYS[3]) is not run: it is stored
+# dead(cancelled) under fence 1 with the mark's reason as its error, decision 'cancelled'.
 # A claim that takes over a running task whose lease ran out with calls under way (``open:<step>``)
 # from another owner gives those attempts back (the holder's death cut them short: not the task's
 # failure) and counts a death; the death that reaches max_deaths ends the task: dead(crashed),
@@ -50,6 +53,15 @@ CLAIM = NOW + AMONG + PUBLICATION + """
 local fp = ARGV[1]
 local lease = tonumber(ARGV[3])
 local state = redis.call('HGET', KEYS[1], 'state')
+local cancelled = not state and KEYS[3] and ARGV[15] ~= '' and among(ARGV[14], ARGV[16])
+  and redis.call('GET', KEYS[3])
+if cancelled then
+  redis.call('HSET', KEYS[1], 'state', ARGV[15], 'fence', 1, 'owner', ARGV[2], 'lease_until', 0,
+             'fingerprint', fp, 'kind', ARGV[4], 'attempts', 0, 'claims', 1, 'created_at', now,
+             'updated_at', now, 'holder', ARGV[7], 'dead_reason', 'cancelled', 'error', cancelled)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+  return {'cancelled', 1, 0, 0, '', ''}
+end
 if not state then
   redis.call('HSET', KEYS[1], 'state', ARGV[9], 'fence', 1, 'owner', ARGV[2],
              'lease_until', now + lease, 'fingerprint', fp, 'kind', ARGV[4],

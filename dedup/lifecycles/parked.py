@@ -1,10 +1,13 @@
-"""A task parked for a decision: waiting for an approval or a reconcile answer, decided, resuming.
+"""A task parked for a decision: waiting for an approval, a reconcile answer or the children it
+delegated to, decided, resuming.
 
 A parked task has had its Kafka offset committed: the ledger holds the obligation. In the ledger its
 state is ``waiting_approval`` (``waiting`` says what for) until a decision is recorded, once, by
 :data:`dedup.effects.RESOLVE`; then ``resuming`` (claimable) while its original record is produced
 again; a claim by the ordinary pipeline ends the wait (the task's own lifecycle goes on from there).
-The decisions are the events: which one a wait accepts is the table's to say.
+The decisions are the events: which one a wait accepts is the table's to say. A parent waiting for
+its children (``waiting_children``, its own ledger state) is decided by the fold of its last
+child's reply (:mod:`dedup.children`), or expired by the sweeper.
 
 The initial pseudo-state ``task`` is the task's own lifecycle (running under a claim, or ended and
 compensated). The ledger's state of each parked state is :data:`LEDGER_STATE`: ``decided`` and ``expired`` differ
@@ -26,6 +29,7 @@ PARKED = Lifecycle(
     states={
         "waiting_approval": "parked until a person approves or rejects the call it waits on",
         "waiting_reconcile": "parked until an operator says whether the call it waits on landed",
+        "waiting_children": "parked until every child of a delegating step has replied (its reply folded)",
         "decided": "a decision recorded, once; its record not produced again yet (listed for the sweeper)",
         "expired": "its deadline passed first: decided `expired`; its record not produced again yet",
         "resuming": "its record produced again: the next claim replays its journal and goes on",
@@ -35,6 +39,8 @@ PARKED = Lifecycle(
            "approval of the call is journaled (holder's fence)"),
         _T("task", "park_reconcile", "waiting_reconcile", "the downstream cannot tell whether an intended "
            "call landed (holder's fence)"),
+        _T("task", "park_children", "waiting_children", "a child of the step's plan has no folded reply "
+           "(holder's fence)"),
         _T("task", "rerun", "decided", "a compensated task that ended is set to run again as a new generation"),
         _T("waiting_approval", "approved", "decided", "a person, once"),
         _T("waiting_approval", "rejected", "decided", "a person, once"),
@@ -42,6 +48,8 @@ PARKED = Lifecycle(
         _T("waiting_reconcile", "landed", "decided", "an operator, once (with the call's result)"),
         _T("waiting_reconcile", "absent", "decided", "an operator, once: the call runs again with its key"),
         _T("waiting_reconcile", "expired", "expired", "the deadline passed (the sweeper)"),
+        _T("waiting_children", "children_ended", "decided", "the last child's reply folded, once"),
+        _T("waiting_children", "expired", "expired", "the deadline passed (the sweeper)"),
         _T("decided", "resume", "resuming", "its record produced (by the decision, else by the sweeper)"),
         _T("expired", "resume", "resuming", "its record produced (by the decision, else by the sweeper)"),
         _T("resuming", "resume", "resuming", "decided before: produced once more (its claim finds it running "
@@ -51,11 +59,11 @@ PARKED = Lifecycle(
 
 # each parked state as the ledger's task hash holds it (field ``state``)
 LEDGER_STATE = {"waiting_approval": "waiting_approval",
-                "waiting_reconcile": "waiting_approval", "decided": "resuming", "expired": "resuming",
+                "waiting_reconcile": "waiting_approval", "waiting_children": "waiting_children", "decided": "resuming", "expired": "resuming",
                 "resuming": "resuming"}
 
 # what a wait is for (``waiting.what``) -> its parked state
-WAITING = {"approval": "waiting_approval", "reconcile": "waiting_reconcile"}
+WAITING = {"approval": "waiting_approval", "reconcile": "waiting_reconcile", "children": "waiting_children"}
 
 # the decisions a wait accepts, in table order: the events out of its waiting state
 DECISIONS = {what: tuple(t.event for t in PARKED.transitions if t.source == state)
@@ -75,6 +83,8 @@ def parked_state(ledger_state: str, what: str | None = None, listed: bool = Fals
     moves lead on, so it is read as ``decided``)."""
     if ledger_state == "waiting_approval":
         return WAITING.get(what or "approval")
+    if ledger_state == LEDGER_STATE["waiting_children"]:
+        return "waiting_children"
     if ledger_state == "resuming":
         return "decided" if listed else "resuming"
     return None

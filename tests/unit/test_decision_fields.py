@@ -8,7 +8,7 @@ from dedup.lifecycles.parked import DECISIONS
 
 
 def test_the_tasks_busy_states_are_running_and_the_parked_ones() -> None:
-    assert set(BUSY) == {"running", "waiting_approval", "resuming"}
+    assert set(BUSY) == {"running", "waiting_approval", "waiting_children", "resuming"}
 
 
 def test_an_approval_and_a_reconcile_answer_have_a_field_each_and_old_records_read_as_before() -> None:
