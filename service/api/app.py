@@ -52,6 +52,7 @@ from service.core.errors import PoisonError
 from service.core.settings import KafkaSettings
 from service.pipeline import dlq
 from service.pipeline.parking import side_effects
+from service.pipeline.tree import task_tree
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,8 @@ async def get_task(
     record = await service.ledger.get(task_id)
     if record is None:
         raise HTTPException(404, "unknown task")
-    return TaskView.model_validate({**record.to_json(), **await side_effects(service.ledger, task_id)})
+    return TaskView.model_validate({**record.to_json(), **await side_effects(service.ledger, task_id),
+                                    **await task_tree(service.ledger, task_id, record.fields)})
 
 
 class WaitingRecord(BaseModel):

@@ -57,6 +57,7 @@ from service.pipeline import dlq
 from service.pipeline.base import utcnow
 from service.pipeline.parking import DECISIONS, NotDecidable, decide, side_effects
 from service.pipeline.tools import safe_text
+from service.pipeline.tree import task_tree
 
 __all__ = ["NO_SESSION", "SESSION_MAX_AGE_S", "RevokedInRedis", "Role", "Session", "Sessions", "install", "render",
            "role_for", "router", "session_key", "templates"]
@@ -280,11 +281,12 @@ async def task_detail(request: Request, task_id: str) -> Response:
         return render(request, "lookup.html", 404, query=task_id, error="no such task in the ledger")
     record = stored.to_json()
     effects = await side_effects(service.ledger, task_id)
+    tree = await task_tree(service.ledger, task_id, stored.fields)
     kind = record.get("kind") or ""
     agent = service.agents.get(kind) if kind in service.agents.kinds() else None
     versions = views.prompt_versions(agent)
     rows = views.step_rows(record, dict(agent.graph) if agent is not None else None)
-    return render(request, "task.html", task=record, effects=effects, rows=rows, versions=versions,
+    return render(request, "task.html", task=record, effects=effects, tree=tree, rows=rows, versions=versions,
                   published_by=stored.published_by,
                   max_depth=max((r["depth"] for r in rows), default=0))
 

@@ -61,7 +61,8 @@ class TaskView(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     task_id: str
-    state: str = Field(description="running, succeeded, failed, dead, waiting_approval or resuming")
+    state: str = Field(description="running, succeeded, failed, dead, waiting_approval, waiting_children or "
+                       "resuming")
     kind: str | None = None
     fence: int
     attempts: int
@@ -90,6 +91,12 @@ class TaskView(BaseModel):
     decisions: list[dict[str, Any]] = Field(default_factory=list, description="approvals and reconcile answers")
     undos: list[dict[str, Any]] = Field(default_factory=list, description="compensations of tool calls")
     audit: list[dict[str, Any]] = Field(default_factory=list, description="the audit trail, oldest first")
+    parent: dict[str, Any] | None = Field(None, description="the task that delegated this one: id, step; null for "
+                                          "a root")
+    children: list[dict[str, Any]] = Field(default_factory=list, description="the children of its delegating steps, "
+                                           "in declared order: step, n, id, kind, topic, state (succeeded or dead "
+                                           "once its reply is folded, with result or reason and error; else the "
+                                           "child's own state, or pending)")
 
 
 class DeadLetterCoordinates(BaseModel):

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry
 
 from consumers.producers import Publisher
+from dedup.client import close
 from dedup.keys import Keys, is_valid_task_key
 from dedup.ledger import Ledger
 from service.agents.loading import agents_from_settings
@@ -24,6 +25,7 @@ from service.core.settings import Settings
 from service.pipeline.base import utcnow
 from service.pipeline.dlq import peek, replay
 from service.pipeline.parking import Busy, Compensation, Decided, NotDecidable, compensate, decide, side_effects
+from service.pipeline.tree import task_tree
 
 T = TypeVar("T")
 
@@ -37,7 +39,7 @@ async def _ledger(settings: Settings) -> AsyncIterator[Ledger]:
         yield Ledger(client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
                      ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S)
     finally:
-        await client.aclose()
+        await close(client)  # with its connections: a pool left open warns once the loop has closed
 
 
 def task_show(settings: Settings, args: argparse.Namespace) -> int:
@@ -48,7 +50,10 @@ def task_show(settings: Settings, args: argparse.Namespace) -> int:
     async def show() -> dict[str, Any] | None:
         async with _ledger(settings) as ledger:
             record = await ledger.get(args.task_id)
-            return {**record.to_json(), **await side_effects(ledger, args.task_id)} if record is not None else None
+            if record is None:
+                return None
+            return {**record.to_json(), **await side_effects(ledger, args.task_id),
+                    **await task_tree(ledger, args.task_id, record.fields)}
 
     data = asyncio.run(show())
     if data is None:

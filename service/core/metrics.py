@@ -22,6 +22,9 @@ DLQ_REASONS = (
     "decode", "schema", "oversize", "conflict", "expired", "permanent", "exhausted", "invalid_output",
     "internal", "rejected", "unavailable", "budget", "crashed",
 )
+# why a record of the replies topic was skipped (``agent_replies_skipped_total``): a closed set
+REPLY_SKIP_REASONS = ("tombstone", "oversize", "encoding", "json", "schema", "task_key", "mismatch", "unknown_parent",
+                      "unplanned", "refused", "internal")
 LLM_OUTCOMES = (
     "ok", "timeout", "rate_limited", "server_error", "client_error", "connection_error",
     "truncated", "refused", "invalid_output",
@@ -43,6 +46,7 @@ class Metrics:
         self._endpoint(self.registry)
         self._tenancy(self.registry)
         self._tools_and_parking(self.registry)
+        self._delegation(self.registry)
         self._liveness(self.registry)
         self._label_children()
 
@@ -222,6 +226,29 @@ class Metrics:
             ["outcome"], registry=r,
         )
 
+    def _delegation(self, r: CollectorRegistry) -> None:
+        """Child tasks: started, fanned out, waited for, and the replies that end the waits."""
+        self.children_started = Counter(
+            "agent_children_started", "Child tasks produced, the first time per child id, by the child's kind.",
+            ["kind"], registry=r,
+        )
+        self.fanout = Histogram(
+            "agent_fanout", "Children per delegating step, by the delegating task's kind.", ["kind"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r,
+        )
+        self.waiting_parents = Gauge(
+            "agent_waiting_parents", "Parents parked until their children end (waiting_children).",
+            registry=r, multiprocess_mode="livemax",  # every worker reads the same count from Redis
+        )
+        self.replies = Counter(
+            "agent_replies", "Replies of children read from the replies topic, by what they were: succeeded or "
+            "dead (folded into the parent), duplicate (the child's reply was folded before).", ["state"], registry=r,
+        )
+        self.replies_skipped = Counter(
+            "agent_replies_skipped", "Records of the replies topic skipped without a fold, by reason: "
+            f"{', '.join(REPLY_SKIP_REASONS)}.", ["reason"], registry=r,
+        )
+
     def _liveness(self, r: CollectorRegistry) -> None:
         """Whether work moves: records in flight or waiting, partitions paused or assigned, lag, stalls."""
         self.waiting_records = Gauge(
@@ -261,6 +288,10 @@ class Metrics:
             self.shadow_runs.labels(outcome=outcome)
         for direction in ("input", "output"):
             self.llm_tokens.labels(direction=direction)
+        for state in ("succeeded", "dead", "duplicate"):
+            self.replies.labels(state=state)
+        for reason in REPLY_SKIP_REASONS:
+            self.replies_skipped.labels(reason=reason)
         # the children every task touches, looked up once: ``labels()`` validates and locks on each call
         self.task_outcome = {outcome: self.tasks.labels(outcome=outcome) for outcome in TASK_OUTCOMES}
         self.llm_outcome = {outcome: self.llm_requests.labels(outcome=outcome) for outcome in LLM_OUTCOMES}

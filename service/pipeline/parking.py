@@ -32,7 +32,7 @@ from consumers.producers import Headers
 from dedup.effects import BUSY, DECISION_PREFIX
 from dedup.ledger import Ledger, TaskRecord
 from dedup.lifecycles.machine import IllegalTransition
-from dedup.lifecycles.parked import DECISIONS, PARKED, WAITING, parked_state
+from dedup.lifecycles.parked import DECISIONS, LEDGER_STATE, PARKED, WAITING, parked_state
 from dedup.lifecycles.tool_call import TOOL_CALL, call_state
 from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[None]]
 
 __all__ = ["DECISIONS", "RESUME_RETRY_MS", "Busy", "Compensation", "Decided", "NotDecidable", "Send", "compensate",
-           "decide", "export_audit", "resume", "side_effects", "sweep"]
+           "decide", "export_audit", "resume", "side_effects", "sweep", "waiting_parents"]
 
 RESUME_RETRY_MS = 30_000
 
@@ -174,8 +174,10 @@ async def side_effects(ledger: Ledger, task_key: str) -> dict[str, Any]:
 
 
 async def sweep(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, audit_topic: str | None = None) -> int:
-    """Expire parked tasks past their deadline and resume decided ones not yet resumed; returns how
-    many it acted on. Safe on every replica at once: each decision is taken once by its script."""
+    """Expire parked tasks past their deadline (a parent waiting for its children too: decided
+    ``expired`` at ``w:<step>:0``, its record produced again, and the resumed parent dead-letters
+    ``expired``) and resume decided ones not yet resumed; returns how many it acted on. Safe on every
+    replica at once: each decision is taken once by its script."""
     acted = 0
     for task_key, _deadline in await ledger.effects.parked(limit=500, until_ms=now.timestamp() * 1000):
         record = await ledger.get(task_key)
@@ -192,7 +194,16 @@ async def sweep(ledger: Ledger, send: Send, metrics: Metrics, now: datetime, aud
         except NotDecidable:  # decided by someone else meanwhile
             continue
     metrics.parked_tasks.set(await ledger.effects.parked_count())
+    metrics.waiting_parents.set(await waiting_parents(ledger))
     return acted
+
+
+async def waiting_parents(ledger: Ledger, limit: int = 1000) -> int:
+    """How many of the listed tasks (the first ``limit``, earliest deadline first) are parents
+    waiting for their children."""
+    listed = await ledger.effects.parked(limit=limit)
+    records = await asyncio.gather(*(ledger.get(task_key) for task_key, _ in listed))
+    return sum(1 for r in records if r is not None and r.state == LEDGER_STATE["waiting_children"])
 
 
 # -- compensation ---------------------------------------------------------------------------------

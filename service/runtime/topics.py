@@ -29,7 +29,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0, *, create: bool |
     admin = AdminClient(k.common_config())
     metadata = admin.list_topics(timeout=timeout_s)
     existing = set(metadata.topics)
-    wanted = [k.input_topic, k.results_topic, k.dlq_topic, k.audit_topic, k.approvals_topic]
+    wanted = [k.input_topic, k.results_topic, k.dlq_topic, k.audit_topic, k.approvals_topic, k.replies_topic]
     if not (k.create_topics if create is None else create):
         return [t for t in wanted if t not in existing]
     configs: dict[str, dict[str, str]] = {}

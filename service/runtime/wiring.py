@@ -57,6 +57,7 @@ from service.runtime.front import Front, http_server, model_urls, wait_for_depen
 from service.runtime.limits import Limits, limits, log_limits
 from service.runtime.liveness import Dependencies, Liveness, Startup
 from service.runtime.parked import ApprovalsConsumer, approval_applier, sweep_forever
+from service.runtime.replies import start_replies
 from service.runtime.topics import FOREVER_S, ensure_topics, topic_retention_s
 
 __all__ = [
@@ -215,6 +216,7 @@ class Service:
         approvals = ApprovalsConsumer(self.settings, approval_applier(self.ledger, send, self.metrics, self.settings),
                                       asyncio.get_running_loop(), metrics=self.metrics)
         approvals.start()
+        replies = start_replies(self.ledger, send, self.metrics, self.settings)
         if serve_http:
             import uvicorn
 
@@ -235,6 +237,7 @@ class Service:
             if watcher is not None:
                 watcher.cancel()
             await asyncio.to_thread(approvals.stop)
+            await asyncio.to_thread(replies.stop)
             if server is not None:
                 server.should_exit = True
             if front is not None and front.server is not None:
