@@ -9,6 +9,10 @@ Two of the tasks are of the kind ``support_ticket``, an agent that acts: it file
 ticketing API (:mod:`service.devtools.downstream`) through a tool. A ticket with a refund above
 the threshold parks for approval; the demo approves it, as an operator would, and shows that every
 ticket was filed once however often its task was delivered.
+
+One task is of the kind ``review_panel``, which delegates: it hands a document to three kinds of
+their own (research, summary, critique), each a child task with its own id, waits for them parked,
+and writes the review from their outputs in declared order; the demo prints the tree.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ TICKETS: list[dict[str, Any]] = [
      "input": {"customer": "Ada", "message": "My order 2291 arrived with two broken cups."}},
     {"kind": "support_ticket", "task_id": "ticket-002",
      "input": {"customer": "Grace", "message": "I was charged twice for order 2307; please refund 450 EUR."}},
+]
+
+TREE: list[dict[str, Any]] = [
+    {"kind": "review_panel", "task_id": "panel-001",
+     "input": {"document": "Our service reads tasks from Kafka and keys every task to its work in Redis, so a "
+                           "task delivered twice is answered once. Agents may now hand parts of a task to other "
+                           "agents and wait for them without holding a partition.",
+               "audience": "an engineer new to the team"}},
 ]
 
 
@@ -121,6 +133,26 @@ async def _approve_parked(svc: Any, settings: Settings, started: float, timeout_
     return len(parked)
 
 
+async def _show_trees(svc: Any, roots: list[str], started: float, timeout_s: float) -> None:
+    """Wait for each delegating task to end, then print it with its children, in declared order."""
+    from service.pipeline.tree import task_tree
+
+    async def ended(task_key: str) -> bool:
+        record = await svc.ledger.get(task_key)
+        return record is not None and record.state in ("succeeded", "dead")
+
+    for root in roots:
+        while not await ended(root) and time.monotonic() - started < timeout_s:
+            await asyncio.sleep(0.2)
+        record = await svc.ledger.get(root)
+        if record is None:
+            continue
+        tree = await task_tree(svc.ledger, root, record.fields)
+        print(f"  {root} ({record.fields.get('kind')}): {record.state}, delegated to:", flush=True)
+        for child in tree["children"]:
+            print(f"    {child['id']:<22} {child['kind']:<16} {child['state']}", flush=True)
+
+
 async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
                downstream: Any = None, keep: bool = False, console: str = "", login: str = "") -> int:
     svc = build(settings, llm_base_url=base_url)
@@ -129,7 +161,7 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
     k = settings.kafka
     while not svc.runner.assignment and not serving.done():
         await asyncio.sleep(0.1)
-    tasks = _tasks(n) + TICKETS
+    tasks = _tasks(n) + TICKETS + TREE
     started, expected = await _produce_samples(settings, tasks)
     last = -1
     while _finished(svc) < expected and time.monotonic() - started < timeout_s and not serving.done():
@@ -138,6 +170,7 @@ async def _run(settings: Settings, base_url: str, n: int, timeout_s: float,
             print(f"  {last}/{expected} records finished", flush=True)
         await asyncio.sleep(0.5)
     parked = await _approve_parked(svc, settings, started, timeout_s)
+    await _show_trees(svc, [t["task_id"] for t in TREE], started, timeout_s)
     elapsed = time.monotonic() - started
     results = await asyncio.to_thread(_read, k.bootstrap_servers, k.results_topic)
     dead = await asyncio.to_thread(_read, k.bootstrap_servers, k.dlq_topic)
@@ -164,8 +197,8 @@ async def _produce_samples(settings: Settings, tasks: list[dict[str, Any]]) -> t
     records = [(t["task_id"].encode(), json.dumps(t).encode()) for t in tasks]
     conflicting = dict(tasks[0], input={**tasks[0]["input"], "text": "A different text under the same task id."})
     extra = [(b"poison-1", b"{this is not json"), (conflicting["task_id"].encode(), json.dumps(conflicting).encode())]
-    print(f"producing {len(tasks)} tasks ({len(TICKETS)} that file tickets), each twice (a redelivery), one poison "
-          "record and one conflicting task ...")
+    print(f"producing {len(tasks)} tasks ({len(TICKETS)} that file tickets, {len(TREE)} that delegates), each twice "
+          "(a redelivery), one poison record and one conflicting task ...")
     started = time.monotonic()
     k = settings.kafka
     await asyncio.to_thread(_produce, k.bootstrap_servers, k.input_topic, records + records + extra)
