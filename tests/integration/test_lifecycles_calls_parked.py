@@ -30,7 +30,7 @@ from service.agents.tools import FunctionTool, Reconciled, ToolCall, ToolError, 
 from service.core.metrics import Metrics
 from service.pipeline.base import Parked, ToDeadLetter, utcnow
 from service.pipeline.parking import Busy, Decided, NotDecidable, compensate, decide, sweep
-from service.pipeline.tools import ToolLoop
+from service.pipeline.tools import ToolLoop, source_of
 
 pytestmark = [pytest.mark.integration]
 
@@ -328,9 +328,45 @@ async def _parked_moves(ledger: Ledger) -> None:
     assert report.rerun and await w.state() == "resuming" and len(w.sent.records) == 1
 
 
+async def _children_moves(ledger: Ledger) -> None:
+    """A parent waiting for its children: parked by its holder, decided by the fold of its last
+    child's reply, or expired by the sweeper; the resumption produced by whoever decided it."""
+    sent = Sent()
+    record = Record("walk-in", 0, 9, b"parent", b"{}")
+    for parent, ends in (("kids-1", "replies"), ("kids-2", "deadline")):
+        claim = await ledger.claim(parent, "fp", "w-walk", KIND)
+        plan = [{"n": n, "id": f"{parent}/gather/{n}", "kind": "research", "topic": "walk-in"} for n in range(2)]
+        await ledger.children.plan(parent, claim.fence, "gather", plan, source=source_of(record))
+        now = int(utcnow().timestamp() * 1000)
+        wait = {"what": "children", "step": "gather", "since_ms": now, "deadline_ms": now + 1000,
+                "reason": "waiting for 2 children", "fence": claim.fence, "pending": [0, 1]}
+        assert await ledger.children.park(parent, claim.fence, "gather", wait) == "parked"
+        assert await Walk(ledger, parent).state() == "waiting_children"
+        if ends == "replies":
+            for n in (1, 0):
+                status, source = await ledger.children.fold(parent, "gather", n, {"task_id": f"{parent}/gather/{n}",
+                                                                                 "n": n, "state": "succeeded"})
+            assert status == "folded" and json.loads(source)["offset"] == 9
+            assert await ledger.effects.listed_at(parent) is not None  # decided: listed until produced
+            # nobody produced it (the replies consumer failed): the sweeper does, once it is due
+            assert await sweep(ledger, sent, Metrics(), utcnow() + timedelta(seconds=2)) == 1
+        else:  # its deadline passed: decided expired (the script the sweeper's decide runs), then produced
+            stored = await ledger.get(parent)
+            assert stored is not None
+            decided, _ = await ledger.effects.resolve(parent, stored.fields["waiting"], {
+                "decision": "expired", "by": "deadline"}, {"task_id": parent, "outcome": "children:expired"})
+            assert decided == "ok"
+            assert await sweep(ledger, sent, Metrics(), utcnow() + timedelta(seconds=2)) == 1
+            journal = await ledger.effects.journal(parent)
+            assert journal["w:gather:0"]["decision"] == "expired"
+        assert await Walk(ledger, parent).state() == "resuming" and await ledger.effects.listed_at(parent) is None
+    assert [key for _topic, key in sent.records] == [b"parent", b"parent"]
+
+
 def test_every_move_of_a_parked_tasks_table_is_made_by_the_code(
         redis_url: str, walked: dict[str, set[tuple[str, str]]]) -> None:
     _run(redis_url, _parked_moves)
+    _run(redis_url, _children_moves)
     assert walked[PARKED.name] == _all(PARKED)
 
 
@@ -367,6 +403,25 @@ async def _refused_parked(ledger: Ledger) -> None:
     assert await r.state() == "running" and await ledger.effects.listed_at("run-x") is None
     # a running task is not run again as a new generation
     assert await ledger.effects.rerun("run-x", 1) == ("not_ended", "running")
+    # a parent waiting for its children: no person's decision, no compensation, no second park
+    kids = Walk(ledger, "kids-x")
+    fence = await kids.claim()
+    await ledger.children.plan("kids-x", fence, "gather", [{"n": 0, "id": "kids-x/gather/0", "kind": "k",
+                                                            "topic": "t"}])
+    wait = {"what": "children", "step": "gather", "since_ms": 1, "deadline_ms": 2, "reason": "r", "pending": [0]}
+    assert await ledger.children.park("kids-x", fence, "gather", wait) == "parked"
+    record = await ledger.get("kids-x")
+    assert record is not None
+    for decision in ("approved", "landed", "resume"):
+        with pytest.raises(IllegalTransition):
+            await ledger.effects.resolve("kids-x", record.fields["waiting"], {"decision": decision}, {})
+    with pytest.raises(Busy):
+        await kids.compensate()
+    assert await ledger.children.park("kids-x", fence, "gather", wait) == "stale"
+    assert (await ledger.claim("kids-x", "fp", "w-walk", KIND)).decision == "parked"
+    assert await kids.state() == "waiting_children"
+    # a running parent's children all replied: it is not moved (it goes on under its holder)
+    assert await ledger.children.fold("run-x", "gather", 0, {"task_id": "run-x/gather/0"}) == ("unplanned", "")
 
 
 def test_a_parked_task_refuses_the_moves_its_table_does_not_list(redis_url: str) -> None:
