@@ -1,7 +1,8 @@
 """A task's place in its delegation tree, as ``task show``, ``GET /tasks/{id}`` and the console show it.
 
-``parent``: the task that delegated it (kept in its ledger hash from the child's headers: ``parent``,
-``parent_step``), or None for a root. ``children``: each delegating step's plan (``d:<step>`` in the
+``parent``: the task that delegated it (``parent``, ``parent_step`` in its ledger hash, from the
+child's headers, when they are kept there; else the task of this ledger whose journaled plan holds
+its id), or None for a root. ``children``: each delegating step's plan (``d:<step>`` in the
 task's tools hash), in declared order, each child with its state: the reply folded into the parent
 when there is one (``succeeded`` or ``dead``, with its result or reason), else the child's own state
 in the ledger (``running``, ``waiting_children``...), or ``pending`` when no worker has claimed it yet.
@@ -11,23 +12,47 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger
 
-__all__ = ["PLAN_PREFIX", "parent_of", "task_tree"]
+__all__ = ["PLAN_PREFIX", "parent_of", "planned_parent", "task_tree"]
 
 PLAN_PREFIX = "d:"
 _CHILD_FIELDS = ("n", "id", "kind", "topic")
 
 
 def parent_of(fields: dict[str, str]) -> dict[str, Any] | None:
-    """The task's parent from its ledger hash's fields, or None for a root."""
+    """The task's parent as its ledger hash's fields name it, or None."""
     parent = fields.get("parent")
     if not parent:
         return None
     return {"id": parent, "step": fields.get("parent_step") or None}
+
+
+def _candidates(task_key: str) -> list[tuple[str, str]]:
+    """The (parent, step) a child id ``<parent>/<step>/<n>`` or ``<parent>/g<g>/<step>/<n>`` may name."""
+    parts = task_key.split("/")
+    if len(parts) < 3 or not parts[-1].isdigit():
+        return []
+    found = [("/".join(parts[:-2]), parts[-2])]
+    if len(parts) >= 4 and re.fullmatch(r"g[0-9]+", parts[-3]):
+        found.append(("/".join(parts[:-3]), parts[-2]))
+    return found
+
+
+async def planned_parent(ledger: Ledger, task_key: str) -> dict[str, Any] | None:
+    """The parent whose journaled plan holds ``task_key`` as a child (a child whose parent is in this
+    ledger, when its own hash does not name it), or None."""
+    for parent, step in _candidates(task_key):
+        if not parent or not is_valid_task_key(parent):
+            continue
+        plan = _plans(await ledger.effects.journal(parent)).get(step, [])
+        if any(entry.get("id") == task_key for entry in plan):
+            return {"id": parent, "step": step}
+    return None
 
 
 def _plans(journal: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -64,4 +89,4 @@ async def task_tree(ledger: Ledger, task_key: str, fields: dict[str, str]) -> di
         folded = await ledger.children.outcomes(task_key, step)
         children += await asyncio.gather(*(_child(ledger, step, entry, folded.get(int(entry.get("n", -1))))
                                            for entry in plan))
-    return {"parent": parent_of(fields), "children": children}
+    return {"parent": parent_of(fields) or await planned_parent(ledger, task_key), "children": children}

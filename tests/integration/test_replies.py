@@ -350,6 +350,8 @@ def test_the_api_the_console_and_task_show_show_the_tree(make_settings: Any,
                     (2, ids[2], "research", "dead")]
                 assert view["children"][0]["result"] == {"answer": "child 0"}
                 assert view["children"][2]["reason"] == "expired"
+                child = (await http.get(f"/tasks/{ids[1]}", headers=AUTH)).json()
+                assert child["parent"] == {"id": "p-7", "step": STEP} and child["children"] == []
                 page = await http.get("/ui/login")
                 assert (await http.post("/ui/login", data={"csrf": csrf_of(page.text), "token": "s3cret"})
                         ).status_code == 303
@@ -358,6 +360,8 @@ def test_the_api_the_console_and_task_show_show_the_tree(make_settings: Any,
                 for child in ids:
                     assert f'href="/ui/tasks/{child}"' in html
                 assert html.count('class="child"') == 3
+                html = (await http.get(f"/ui/tasks/{ids[1]}")).text
+                assert 'id="parent"' in html and 'href="/ui/tasks/p-7"' in html
 
     asyncio.run(scenario())
     capsys.readouterr()
