@@ -51,6 +51,7 @@ from service.api.console_sessions import (
     secret_values,
     session_key,
 )
+from service.api.effects import PARKED_STATES
 from service.api.protocol import Served
 from service.core.metrics import DLQ_REASONS
 from service.pipeline import dlq
@@ -58,6 +59,8 @@ from service.pipeline.base import utcnow
 from service.pipeline.parking import DECISIONS, NotDecidable, decide, side_effects
 from service.pipeline.tools import safe_text
 from service.pipeline.tree import task_tree
+
+PERSONS = ("approved", "rejected", "landed", "absent")  # the decisions a person takes (expiry is the sweeper's)
 
 __all__ = ["NO_SESSION", "SESSION_MAX_AGE_S", "RevokedInRedis", "Role", "Session", "Sessions", "install", "render",
            "role_for", "router", "session_key", "templates"]
@@ -388,14 +391,14 @@ async def parked(request: Request) -> Response:
     rows = []
     for task_key, deadline in await service.ledger.effects.parked(limit=200):
         record = await service.ledger.get(task_key)
-        if record is None or record.state != "waiting_approval":
+        if record is None or record.state not in PARKED_STATES:
             continue
         waiting = json.loads(record.fields["waiting"]) if record.fields.get("waiting") else {}
         if isinstance(waiting.get("reason"), str):
             waiting["reason"] = safe_text(waiting["reason"])  # a reason stored before URLs were cut down
         what = waiting.get("what", "approval")
         rows.append({"task_id": task_key, "kind": record.fields.get("kind"), "waiting": waiting,
-                     "deadline_ms": deadline, "choices": [d for d in DECISIONS.get(what, ()) if d != "expired"]})
+                     "deadline_ms": deadline, "choices": [d for d in DECISIONS.get(what, ()) if d in PERSONS]})
     return render(request, "parked.html", rows=rows)
 
 
@@ -408,7 +411,7 @@ async def decision(request: Request, task_id: str) -> Response:
     if not is_valid_task_key(task_id):
         return _refuse(request, 400, "not a valid task id")
     choice = _one(form, "decision")
-    if choice not in ("approved", "rejected", "landed", "absent"):
+    if choice not in PERSONS:
         return _refuse(request, 400, "Choose a decision.")
     service = _service(request)
     try:

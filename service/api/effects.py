@@ -20,13 +20,15 @@ from service.pipeline.tools import safe_text
 log = logging.getLogger(__name__)
 router = APIRouter()
 TaskId = Annotated[str, Path(pattern=TASK_KEY_PATTERN, max_length=200)]
+PARKED_STATES = ("waiting_approval", "waiting_children")  # a person's decision, or its children's replies
 
 
 class ParkedTask(BaseModel):
     task_id: str
     kind: str | None
-    waiting: dict[str, Any] | None = Field(description="what the task waits for: what (approval or reconcile), "
-                                           "step, ordinal, tool, key, arguments, reason, since_ms, deadline_ms")
+    waiting: dict[str, Any] | None = Field(description="what the task waits for: what (approval, reconcile or "
+                                           "children), step, ordinal, tool, key, arguments, reason, since_ms, "
+                                           "deadline_ms; for children, the ids it waits on (children)")
     deadline_ms: float
 
 
@@ -78,7 +80,7 @@ async def list_parked(service: ServiceDep, limit: Annotated[int, Query(ge=1, le=
     out = []
     for task_key, deadline in await service.ledger.effects.parked(limit=limit):
         record = await service.ledger.get(task_key)
-        if record is None or record.state != "waiting_approval":
+        if record is None or record.state not in PARKED_STATES:
             continue
         raw = record.fields.get("waiting")
         waiting = json.loads(raw) if raw else None

@@ -350,6 +350,9 @@ def test_the_api_the_console_and_task_show_show_the_tree(make_settings: Any,
                     (2, ids[2], "research", "dead")]
                 assert view["children"][0]["result"] == {"answer": "child 0"}
                 assert view["children"][2]["reason"] == "expired"
+                parked = (await http.get("/parked", headers=AUTH)).json()
+                assert [(p["task_id"], p["waiting"]["what"], p["waiting"]["step"]) for p in parked] == [
+                    ("p-7", "children", STEP)]
                 child = (await http.get(f"/tasks/{ids[1]}", headers=AUTH)).json()
                 assert child["parent"] == {"id": "p-7", "step": STEP} and child["children"] == []
                 page = await http.get("/ui/login")
@@ -360,6 +363,9 @@ def test_the_api_the_console_and_task_show_show_the_tree(make_settings: Any,
                 for child in ids:
                     assert f'href="/ui/tasks/{child}"' in html
                 assert html.count('class="child"') == 3
+                html = (await http.get("/ui/parked")).text
+                assert 'href="/ui/tasks/p-7"' in html and "resumes when its children have replied" in html
+                assert 'name="decision"' not in html  # no person decides a wait for children
                 html = (await http.get(f"/ui/tasks/{ids[1]}")).text
                 assert 'id="parent"' in html and 'href="/ui/tasks/p-7"' in html
 
