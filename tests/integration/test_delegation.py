@@ -26,10 +26,10 @@ from service.api.app import create_app
 from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.devtools.fakellm import FakeLLM, FaultRule
-from service.runtime.wiring import Service
+from service.runtime.wiring import Service, ensure_topics
 from tests.support import Msg, produce, read_topic, task_value, wait_for
 from tests.support.delegation_kinds import fleet
-from tests.support.fleet import dead_reason, deployment, ledger_of, records, serving, states, wait_ended
+from tests.support.fleet import deployment, ending, ledger_of, records, serving, states, wait_ended
 
 pytestmark = pytest.mark.integration
 
@@ -210,6 +210,7 @@ def test_a_grandchild_reached_after_the_roots_deadline_expires_without_a_model_c
     root = "dl-root"
     leaf, middle, grandchild = ids(root)
     deadline = datetime.now(UTC) + timedelta(seconds=3)
+    ensure_topics(c)  # team C is deployed; its workers are behind
 
     async def scenario() -> None:
         async with serving(a, fake_llm.base_url, agents=kinds("dl_orchestrate", "dl_middle", "dl_leaf",
@@ -219,13 +220,12 @@ def test_a_grandchild_reached_after_the_roots_deadline_expires_without_a_model_c
             async with serving(c, fake_llm.base_url, agents=kinds("dl_leaf")), ledger_of(c) as at_c:
                 await wait_ended(at_c, [grandchild], what="team C to reach the grandchild")
                 (gc,) = (await records(at_c, [grandchild])).values()
-                assert gc is not None and (gc.state, dead_reason(gc)) == ("dead", "expired")
+                assert ending(gc) == "expired"
                 # its reply reaches A, whose parent had already expired: nothing resumes
                 await wait_for(lambda: asyncio.to_thread(lambda: len(replies(a, expect=3)) == 3), 90,
                                interval_s=1.0, what="the grandchild's reply")
             got = await records(sa.ledger, [root, leaf, middle])
-            assert {t: (r.state, dead_reason(r)) for t, r in got.items() if r is not None} == {
-                root: ("dead", "expired"), leaf: ("succeeded", None), middle: ("dead", "expired")}
+            assert {t: ending(r) for t, r in got.items()} == {root: "expired", leaf: "succeeded", middle: "expired"}
 
     asyncio.run(scenario())
     assert fake_llm.calls_for(grandchild) == 0
@@ -244,34 +244,34 @@ def test_a_grandchild_reached_after_the_roots_deadline_expires_without_a_model_c
     assert one_each(a, a.kafka.results_topic, expect=1).keys() == {leaf}
 
 
-def test_a_dead_lettered_parent_cancels_its_children_not_started(make_settings: Any, fake_llm: FakeLLM) -> None:
-    """The root's required leaf fails, so the root is dead-lettered; its middle waits in a second
-    lane of the same deployment (another input topic and group, the same ledger) that starts only
-    then: the middle ends ``cancelled`` without a model call and delegates nothing."""
+def test_an_expired_parent_cancels_its_children_not_started(make_settings: Any, fake_llm: FakeLLM) -> None:
+    """A root with a 3 s deadline: its leaf succeeds, its middle waits in a second lane of the same
+    deployment (another input topic and group, the same ledger) whose workers start only once the
+    root was dead-lettered ``expired``. The middle ends ``cancelled`` without a model call and
+    delegates nothing; the leaf that had finished keeps its result."""
     a = deployment(make_settings, "a")
     lane = deployment(make_settings, "lane", key_prefix=a.redis.key_prefix)
     root = "cx-root"
     leaf, middle, grandchild = ids(root)
-    fake_llm.add_fault(FaultRule("schema_violation", match=f"{leaf}:"))
+    ensure_topics(lane)  # the lane is deployed; its workers are not running yet
 
     async def scenario() -> None:
         async with serving(a, fake_llm.base_url, agents=kinds("dl_orchestrate", "dl_leaf",
                                                                topics={"dl_middle": lane.kafka.input_topic})) as sa:
-            produce_root(a, root)
+            produce_root(a, root, deadline=(datetime.now(UTC) + timedelta(seconds=3)).isoformat())
             await wait_ended(sa.ledger, [root, leaf], what="the root to be dead-lettered")
         async with serving(lane, fake_llm.base_url, agents=kinds("dl_middle", "dl_leaf")) as sl:
             await wait_ended(sl.ledger, [middle], what="the lane to reach the middle")
             got = await records(sl.ledger, [root, leaf, middle, grandchild])
-            assert {t: (r.state, dead_reason(r)) if r is not None else None for t, r in got.items()} == {
-                root: ("dead", "child"), leaf: ("dead", dead_reason(got[leaf])), middle: ("dead", "cancelled"),
-                grandchild: None}
+            assert {t: ending(r) for t, r in got.items()} == {
+                root: "expired", leaf: "succeeded", middle: "dead(cancelled)", grandchild: None}
 
     asyncio.run(scenario())
     assert fake_llm.calls_for(middle) == 0  # the middle, and any grandchild of it
-    assert fake_llm.calls_for(f"{root}:") == 0  # the root never reached its synthesis
-    (root_dead,) = [m for m in read_topic(a.kafka.bootstrap_servers, a.kafka.dlq_topic, expect=2) if m.key == b"cx-root"]
-    assert header(root_dead, "dlq.reason") == "child"
-    assert header(root_dead, "dlq.error").startswith(f"{leaf} (dl_leaf): ")
+    assert model_calls(fake_llm, root) == {f"{leaf}:answer": 1}  # the root never reached its synthesis
+    (root_dead,) = read_topic(a.kafka.bootstrap_servers, a.kafka.dlq_topic, expect=1)
+    assert (root_dead.key, header(root_dead, "dlq.reason")) == (root.encode(), "expired")
     (cancelled,) = read_topic(lane.kafka.bootstrap_servers, lane.kafka.dlq_topic, expect=1)
     assert (cancelled.key, header(cancelled, "dlq.reason")) == (middle.encode(), "cancelled")
     assert set(by_key(read_topic(lane.kafka.bootstrap_servers, lane.kafka.input_topic, expect=1))) == {middle}
+    assert replies(a, expect=2) == {(root, leaf, 0, "succeeded", None), (root, middle, 1, "dead", "cancelled")}

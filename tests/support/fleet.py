@@ -17,7 +17,9 @@ from service.core.settings import Settings
 from service.runtime.wiring import Service, build, ensure_topics
 from tests.support import wait_for
 
-ENDED = ("succeeded", "dead")
+# where a task ends: a task whose deadline passed before it started (or before its resumption) is
+# released ``failed`` with its dead letter ``expired``, so the same work sent again later may run
+ENDED = ("succeeded", "dead", "failed")
 
 
 def deployment(make_settings: Any, name: str, *, key_prefix: str | None = None, **overrides: Any) -> Settings:
@@ -70,8 +72,22 @@ async def wait_ended(ledger: Ledger, ids: list[str], timeout_s: float = 90.0, wh
     async def ended() -> bool:
         return all(state in ENDED for state in (await states(ledger, ids)).values())
 
-    await wait_for(ended, timeout_s, interval_s=0.2, what=what)
+    try:
+        await wait_for(ended, timeout_s, interval_s=0.2, what=what)
+    except AssertionError as exc:  # say where each task stands
+        raise AssertionError(f"{exc}: {await states(ledger, ids)}") from None
 
 
 def dead_reason(record: TaskRecord | None) -> str | None:
     return None if record is None else record.fields.get("dead_reason")
+
+
+def ending(record: TaskRecord | None) -> str | None:
+    """``succeeded``, ``dead(<reason>)``, ``expired`` (released ``failed`` past its deadline) or the state."""
+    if record is None:
+        return None
+    if record.state == "dead":
+        return f"dead({dead_reason(record)})"
+    if record.state == "failed" and "deadline passed" in (record.fields.get("error") or ""):
+        return "expired"
+    return record.state
