@@ -275,3 +275,37 @@ def test_an_expired_parent_cancels_its_children_not_started(make_settings: Any, 
     assert (cancelled.key, header(cancelled, "dlq.reason")) == (middle.encode(), "cancelled")
     assert set(by_key(read_topic(lane.kafka.bootstrap_servers, lane.kafka.input_topic, expect=1))) == {middle}
     assert replies(a, expect=2) == {(root, leaf, 0, "succeeded", None), (root, middle, 1, "dead", "cancelled")}
+
+
+def test_the_built_in_review_panel_delegates_and_writes_the_review_even_without_one_part(
+        make_settings: Any, fake_llm: FakeLLM) -> None:
+    """``review_panel`` as the service loads it: three children of kinds of their own, a synthesis
+    that reads them in declared order; a child that fails leaves the review degraded, not dead."""
+    a = deployment(make_settings, "rp")
+    document = {"document": "Kafka delivers at least once; the ledger makes each task run once.",
+                "audience": "an engineer"}
+    fake_llm.add_fault(FaultRule("schema_violation", match="rp-2/panel/2:"))  # rp-2's critique never answers well
+    tasks = ["rp-1", "rp-2"]
+    children = [f"{t}/panel/{n}" for t in tasks for n in range(3)]
+
+    async def scenario() -> None:
+        async with serving(a, fake_llm.base_url) as svc:  # the built-in kinds, loaded as usual
+            produce(a.kafka.bootstrap_servers, a.kafka.input_topic,
+                    [(t.encode(), task_value("review_panel", document, t)) for t in tasks])
+            await wait_ended(svc.ledger, tasks + children)
+            got = await records(svc.ledger, tasks + children)
+            assert {t: ending(r) for t, r in got.items()} == {
+                **dict.fromkeys(tasks + children, "succeeded"), "rp-2/panel/2": "dead(invalid_output)"}
+
+    asyncio.run(scenario())
+    results = one_each(a, a.kafka.results_topic, expect=7)
+    assert set(results) == set(tasks + children) - {"rp-2/panel/2"}
+    assert [results[f"rp-1/panel/{n}"]["kind"] for n in range(3)] == ["review_research", "review_summary",
+                                                                      "review_critique"]
+    assert set(results["rp-1"]["result"]) == {"assessment", "recommendations"}
+    assert not results["rp-1"].get("degraded") and results["rp-2"].get("degraded") is True
+    full, partial = prompt(fake_llm, "rp-1:synthesis"), prompt(fake_llm, "rp-2:synthesis")
+    research, summary, critique = (json.dumps(results[f"rp-1/panel/{n}"]["result"], sort_keys=True) for n in range(3))
+    assert full.endswith(f"research:\n{research}\n\nsummary:\n{summary}\n\ncritique:\n{critique}")
+    assert partial.endswith("critique: missing (invalid_output)")
+    assert fake_llm.stats()["by_step"]["rp-1/panel/0:research"] == 1
