@@ -241,7 +241,7 @@ def _report(svc: Any, tasks: int, expected: int, parked: int, elapsed: float,
     print("\nresults:")
     for m in results:
         body = json.loads(m.value())
-        print(f"  {body['task_id']:<10} {body['kind']:<10} fence={body['fence']} attempts={body['attempts']} "
+        print(f"  {body['task_id']:<18} {body['kind']:<15} fence={body['fence']} attempts={body['attempts']} "
               f"{json.dumps(body['result'])[:90]}")
     print("\ndead letters:")
     for m in dead:
