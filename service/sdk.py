@@ -22,7 +22,8 @@ The names, and nothing else:
 - ``Agent``: a kind of task, its input model and its steps; the result is the last step's output.
 - ``AgentRegistry``: the kinds a service runs, by name.
 - ``default_agents``: a registry of the built-in kinds (``extract``, ``classify``, ``summarize``,
-  ``summarize_long``, ``prior_auth``, ``review``).
+  ``summarize_long``, ``prior_auth``, ``review``, ``review_panel`` and the three kinds it
+  delegates to).
 - ``Step``: one model call: a versioned prompt, an output model, and the checks a schema cannot express.
 - ``DelegateStep``: a step that hands work to other kinds instead of calling the model, and waits
   for them (``mode`` required or optional, ``children(task_input, previous)``; docs/DELEGATION.md).
