@@ -118,6 +118,11 @@ class Children:
         """Journal the step's plan under the holder's ``fence``, unless one is journaled: returns
         what is. ``source`` (the record that carried the task) is kept once, for the fold that ends
         the wait to return. :class:`StaleFence` when ``fence`` does not hold the task."""
+        return (await self.plan_once(task_key, fence, step, plan, source=source))[1]
+
+    async def plan_once(self, task_key: str, fence: int, step: str, plan: Sequence[Mapping[str, Any]], *,
+                        source: Mapping[str, Any] | None = None) -> tuple[bool, list[dict[str, Any]]]:
+        """:meth:`plan`, and whether this call journaled it (False: a plan was journaled before)."""
         keys = self.ledger.keys
         held = self.ledger.moves.sources("park_children")  # a holder plans where it may park from
         raw = await self.ledger.run_script(self._plan, [keys.task(task_key), keys.tools(task_key)], [
@@ -125,7 +130,7 @@ class Children:
         if _s(raw[0]) == "stale":
             raise StaleFence(f"task {task_key}: the plan of step {step} refused for fence {fence}")
         recorded: list[dict[str, Any]] = json.loads(_s(raw[1]))
-        return recorded
+        return _s(raw[0]) == "ok", recorded
 
     async def outcomes(self, task_key: str, step: str) -> dict[int, dict[str, Any]]:
         """The step's folded replies, by child ``n``."""

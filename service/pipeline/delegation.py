@@ -7,7 +7,8 @@ A delegating step (docs/DELEGATION.md, "The parent's step"):
    of them, a depth past the limit, a kind already on the path from the root (a cycle), a child id
    too long for a task key;
 2. journals the plan (``ledger.children.plan``: first writer wins, so a crash re-sends the same ids
-   and a replay never re-plans);
+   and a replay never re-plans); the worker that journals it counts its children started and the
+   step's fan-out (so each child id is counted once, whatever the replays);
 3. once every child has a folded reply (``ledger.children.outcomes``), builds the output in the
    declared order: a ``required`` step with a dead child is the parent's dead letter ``child``, an
    ``optional`` one goes on ``degraded``;
@@ -39,6 +40,7 @@ from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger, StaleFence
 from service.agents.delegation import Delegate, DelegateOutput, DelegateStep
 from service.agents.tasks import DEFAULT_TENANT, TENANT_HEADER, Task, canonical_json, header
+from service.core.metrics import Metrics
 from service.pipeline.base import LostFence, Parked, ProcessorConfig, ToDeadLetter, iso
 from service.pipeline.tools import call_key, source_of
 
@@ -165,8 +167,9 @@ class Delegation:
     """The run of one delegating step of one task, under one claim (see the module docstring)."""
 
     def __init__(self, *, ledger: Ledger, send: Send, config: ProcessorConfig, clock: Callable[[], datetime],
-                 traceparent: str | None, task: Task, fence: int, record: Record | None, attempts: int) -> None:
-        self.ledger, self.send, self.config, self.clock = ledger, send, config, clock
+                 traceparent: str | None, task: Task, fence: int, record: Record | None, attempts: int,
+                 metrics: Metrics | None = None) -> None:
+        self.ledger, self.send, self.config, self.clock, self.metrics = ledger, send, config, clock, metrics
         self.traceparent, self.task, self.fence, self.record, self.attempts = traceparent, task, fence, record, attempts
 
     async def run(self, step: DelegateStep, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,9 +185,14 @@ class Delegation:
                   for n, (c, cid) in enumerate(zip(children, ids, strict=True))]
         source = parent_source(self.record) if self.record is not None else None
         try:
-            plan = await self.ledger.children.plan(task.key, self.fence, step.name, wanted, source=source)
+            journaled, plan = await self.ledger.children.plan_once(task.key, self.fence, step.name, wanted,
+                                                                   source=source)
         except StaleFence as exc:
             raise LostFence(str(exc)) from exc
+        if journaled and self.metrics is not None:  # once per plan, so once per child id
+            self.metrics.fanout.labels(task.kind).observe(len(plan))
+            for entry in plan:
+                self.metrics.children_started.labels(str(entry["kind"])).inc()
         if [(int(e["n"]), e["id"]) for e in plan] != [(e["n"], e["id"]) for e in wanted]:
             raise ToDeadLetter("delegation", f"step {step.name}: its children differ from those it planned", 0)
         for _ in range(2):  # a second pass when the last child ended before the parent parked

@@ -153,7 +153,7 @@ class GraphRun:
         output = await Delegation(
             ledger=calls.ledger, send=self.send, config=calls.config, clock=calls.clock,
             traceparent=calls.tracing.current_traceparent() or self.task.traceparent, task=self.task,
-            fence=self.claim.fence, record=self.record, attempts=self.attempts,
+            fence=self.claim.fence, record=self.record, attempts=self.attempts, metrics=calls.metrics,
         ).run(step, self.task_input, previous)
         if output.get("degraded"):  # flagged like a fallback's answer, journaled with the step
             self._answered[step.name] = self.degraded[step.name] = DEGRADED_BY

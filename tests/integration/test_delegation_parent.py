@@ -19,7 +19,7 @@ from service.devtools.fakellm import FakeLLM
 from service.devtools.fakellm.faults import FaultRule
 from service.runtime.replies import start_replies
 from service.sdk import Agent, Delegate, DelegateStep, Messages, Step, StrictInput, system_message, user_message
-from tests.support import produce, read_topic, running, task_value, wait_for
+from tests.support import metric, produce, read_topic, running, task_value, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -96,6 +96,11 @@ def test_a_parent_gets_both_children_in_declared_order_each_child_run_once(
                     (0, first, "dp_research", "succeeded"), (1, second, "dp_critique", "succeeded")]
                 assert gather["degraded"] is False
                 assert all(set(c["result"]) == {"answer"} for c in gather["children"])
+                # each child counted started once, the step's fan-out observed once
+                assert metric(svc, "agent_children_started_total", {"kind": "dp_research"}) == 1
+                assert metric(svc, "agent_children_started_total", {"kind": "dp_critique"}) == 1
+                assert metric(svc, "agent_fanout_count", {"kind": "dp_parent"}) == 1
+                assert metric(svc, "agent_fanout_sum", {"kind": "dp_parent"}) == 2
             finally:
                 await asyncio.to_thread(replies.stop)
 

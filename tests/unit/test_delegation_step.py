@@ -20,6 +20,7 @@ from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
 from service.agents.tasks import decode_task
 from service.cli.kinds import render
+from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.pipeline.base import Parked, ProcessorConfig, ToDeadLetter
 from service.pipeline.delegation import (
@@ -79,10 +80,11 @@ class Children:
         self.end_before_park: dict[int, dict[str, Any]] | None = None
         self.sources: dict[str, dict[str, Any] | None] = {}
 
-    async def plan(self, task_key: str, fence: int, step: str, plan: list[dict[str, Any]], *,
-                   source: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    async def plan_once(self, task_key: str, fence: int, step: str, plan: list[dict[str, Any]], *,
+                        source: dict[str, Any] | None = None) -> tuple[bool, list[dict[str, Any]]]:
         self.sources.setdefault(task_key, source)
-        return self.plans.setdefault((task_key, step), plan)
+        journaled = (task_key, step) not in self.plans
+        return journaled, self.plans.setdefault((task_key, step), plan)
 
     async def outcomes(self, task_key: str, step: str) -> dict[int, dict[str, Any]]:
         return dict(self.replies.get((task_key, step), {}))
@@ -133,6 +135,7 @@ class Run:
         self.ledger = Ledger()
         self.sent: list[tuple[str, bytes | None, Any, dict[str, Any]]] = []
         self.step = step or Gather()
+        self.metrics = Metrics()
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> None:
         self.sent.append((topic, key, json.loads(value or b"null"), dict(headers)))
@@ -143,7 +146,7 @@ class Run:
     async def delegate(self) -> dict[str, Any]:
         run = Delegation(ledger=self.ledger, send=self.send, config=CONFIG, clock=lambda: NOW,  # type: ignore[arg-type]
                          traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01", task=self.task, fence=5,
-                         record=self.record, attempts=1)
+                         record=self.record, attempts=1, metrics=self.metrics)
         return await run.run(self.step, In(question="why"), {})
 
 
@@ -235,6 +238,23 @@ def test_a_parent_without_a_deadline_waits_at_most_the_limit_and_a_replay_resend
     assert parked.value.waiting["deadline_ms"] == int((NOW + timedelta(seconds=86_400)).timestamp() * 1000)
     assert [s[1] for s in run.sent] == [b"t1/gather/0", b"t1/gather/1"] * 2
     assert all(s[2]["deadline"] is None for s in run.sent)
+
+
+def test_children_started_and_the_fanout_are_counted_once_per_plan_not_per_replay() -> None:
+    run = Run(step=Gather(("research", "critique", "research")))
+    for _ in range(2):  # the replay sends the same children again: they are not started again
+        with pytest.raises(Parked):
+            run()
+    assert len(run.sent) == 6
+    registry = run.metrics.registry
+    assert registry.get_sample_value("agent_children_started_total", {"kind": "research"}) == 2
+    assert registry.get_sample_value("agent_children_started_total", {"kind": "critique"}) == 1
+    assert registry.get_sample_value("agent_fanout_count", {"kind": "plan"}) == 1
+    assert registry.get_sample_value("agent_fanout_sum", {"kind": "plan"}) == 3
+    refused = Run(step=Gather(("a", "b", "c", "d")))
+    with pytest.raises(ToDeadLetter):
+        refused()
+    assert refused.metrics.registry.get_sample_value("agent_fanout_count", {"kind": "plan"}) is None
 
 
 def test_only_children_without_a_reply_are_produced_again() -> None:
