@@ -182,12 +182,15 @@ class Ledger:
     async def ping(self) -> bool:
         return bool(await self.redis_call(self.client.ping))
 
-    async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str) -> Claim:
+    async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str, *,
+                    parent: tuple[str, str, int] | None = None) -> Claim:
         """Claim the task: ``claimed`` with its fence, or what keeps it from running (``busy``,
         ``conflict``, ``succeeded``, ``dead``, ``parked``, ``crashed``, ``cancelled``: never claimed
-        and marked cancelled by its parent, now ``dead(cancelled)``)."""
+        and marked cancelled by its parent, now ``dead(cancelled)``). A child's ``parent`` (id, step,
+        n) is kept in its hash by the claim that creates it (``parent``, ``parent_step``, ``parent_n``)."""
         raw = await self.run_script(self._claim, [*self._both(task_key), self.keys.cancel(task_key)], [
-            fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves])
+            fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves,
+            *(parent or ("", "", ""))])
         answer = _s(raw[0])
         by, how = publication(raw[4], raw[5])
         return Claim(decision=_ANSWERS.get(answer, answer),  # type: ignore[arg-type]

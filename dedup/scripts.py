@@ -49,7 +49,14 @@ __all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "COMPLETE", "E
 # failure) and counts a death; the death that reaches max_deaths ends the task: dead(crashed),
 # decision 'crashed'. The same process claiming again (field holder) is alive (it retries the record
 # after a failure of its own code or an outage): its calls stay counted and no death is.
+# ARGV[17..19] (optional: a child task's parent id, step and n) are kept by the claim that creates
+# the hash (parent, parent_step, parent_n): a later claim changes nothing.
 CLAIM = NOW + AMONG + PUBLICATION + """
+local function lineage()
+  if ARGV[17] and ARGV[17] ~= '' then
+    redis.call('HSET', KEYS[1], 'parent', ARGV[17], 'parent_step', ARGV[18], 'parent_n', ARGV[19])
+  end
+end
 local fp = ARGV[1]
 local lease = tonumber(ARGV[3])
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -59,6 +66,7 @@ if cancelled then
   redis.call('HSET', KEYS[1], 'state', ARGV[15], 'fence', 1, 'owner', ARGV[2], 'lease_until', 0,
              'fingerprint', fp, 'kind', ARGV[4], 'attempts', 0, 'claims', 1, 'created_at', now,
              'updated_at', now, 'holder', ARGV[7], 'dead_reason', 'cancelled', 'error', cancelled)
+  lineage()
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
   return {'cancelled', 1, 0, 0, '', ''}
 end
@@ -67,6 +75,7 @@ if not state then
              'lease_until', now + lease, 'fingerprint', fp, 'kind', ARGV[4],
              'attempts', 0, 'claims', 1, 'created_at', now, 'updated_at', now,
              'holder', ARGV[7])
+  lineage()
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
   return {'claimed', 1, 0, lease, '', ''}
 end

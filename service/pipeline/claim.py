@@ -11,7 +11,9 @@
 - ``cancelled``: a child task whose parent ended dead before it started; the claim ended it
   ``dead(cancelled)``: dead-letter it, no model call.
 
-A child task (its record carries ``agent.reply_to``) sends its parent a reply inside the same
+A child task's first claim keeps its parent, step and place (headers ``agent.parent``,
+``agent.parent_step``, ``agent.child``) in its ledger hash. A child task (its record carries
+``agent.reply_to``) sends its parent a reply inside the same
 publishing block as each outcome here (:meth:`Outcomes.reply <service.pipeline.outcomes.Outcomes.reply>`).
 """
 
@@ -25,10 +27,12 @@ from datetime import datetime
 
 from consumers.producers import Outputs
 from consumers.records import Record
+from dedup.keys import is_valid_task_key
 from dedup.ledger import Claim, Ledger, LedgerUnavailable
-from service.agents.tasks import Task
+from service.agents.tasks import Task, header
 from service.core.metrics import Metrics
 from service.pipeline.base import ProcessorConfig, current_span, deadline_of
+from service.pipeline.delegation import CHILD, PARENT, PARENT_STEP
 from service.pipeline.outcomes import Outcomes
 from service.pipeline.screen import DuplicateShare
 
@@ -36,6 +40,15 @@ log = logging.getLogger(__name__)
 
 
 FINISHED = ("succeeded", "dead", "parked")  # the decisions of a task done before (or parked)
+
+
+def parent_of(record: Record) -> tuple[str, str, int] | None:
+    """A child task's parent (id, step, n) from its record's headers, kept in its ledger hash by its
+    first claim; None for a root or headers that do not name a valid parent and place."""
+    parent, step, n = header(record.headers, PARENT), header(record.headers, PARENT_STEP), header(record.headers, CHILD)
+    if not parent or not is_valid_task_key(parent) or not step or len(step) > 200 or not (n or "").isdigit():
+        return None
+    return parent, step, int(n or 0)
 
 
 class Claims:
@@ -59,7 +72,8 @@ class Claims:
         """The ledger's claim when this worker holds the task now; None when the record is done
         (the decision's outcome written and published)."""
         while True:
-            claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind)
+            claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind,
+                                            parent=parent_of(record))
             decision = claim.decision
             if decision != "busy":
                 self.duplicates.note(decision in FINISHED, 1)

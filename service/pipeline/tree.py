@@ -1,8 +1,8 @@
 """A task's place in its delegation tree, as ``task show``, ``GET /tasks/{id}`` and the console show it.
 
-``parent``: the task that delegated it (``parent``, ``parent_step`` in its ledger hash, from the
-child's headers, when they are kept there; else the task of this ledger whose journaled plan holds
-its id), or None for a root. ``children``: each delegating step's plan (``d:<step>`` in the
+``parent``: the task that delegated it (``parent``, ``parent_step``, ``parent_n`` in its ledger
+hash, kept by the child's first claim from its headers, wherever the parent's own ledger is; else
+the task of this ledger whose journaled plan holds its id), or None for a root. ``children``: each delegating step's plan (``d:<step>`` in the
 task's tools hash), in declared order, each child with its state: the reply folded into the parent
 when there is one (``succeeded`` or ``dead``, with its result or reason), else the child's own state
 in the ledger (``running``, ``waiting_children``...), or ``pending`` when no worker has claimed it yet.
@@ -29,7 +29,10 @@ def parent_of(fields: dict[str, str]) -> dict[str, Any] | None:
     parent = fields.get("parent")
     if not parent:
         return None
-    return {"id": parent, "step": fields.get("parent_step") or None}
+    named: dict[str, Any] = {"id": parent, "step": fields.get("parent_step") or None}
+    if (fields.get("parent_n") or "").isdigit():
+        named["n"] = int(fields["parent_n"])
+    return named
 
 
 def _candidates(task_key: str) -> list[tuple[str, str]]:

@@ -96,6 +96,12 @@ def test_a_parent_gets_both_children_in_declared_order_each_child_run_once(
                     (0, first, "dp_research", "succeeded"), (1, second, "dp_critique", "succeeded")]
                 assert gather["degraded"] is False
                 assert all(set(c["result"]) == {"answer"} for c in gather["children"])
+                # each child's hash names its parent, step and place, kept by its first claim
+                for n, cid in enumerate((first, second)):
+                    child = await svc.ledger.get(cid)
+                    assert child is not None
+                    assert (child.fields.get("parent"), child.fields.get("parent_step"),
+                            child.fields.get("parent_n")) == (parent, "gather", str(n))
                 # each child counted started once, the step's fan-out observed once
                 assert metric(svc, "agent_children_started_total", {"kind": "dp_research"}) == 1
                 assert metric(svc, "agent_children_started_total", {"kind": "dp_critique"}) == 1
