@@ -18,6 +18,9 @@ The file holds a list ``kinds``; each kind is::
                      before (none for the first); [] none (it runs at once)
       model          optional: the model to ask instead of the endpoint's default
       temperature    optional: 0..2
+    a step may delegate to other kinds instead (no prompt, system, output_schema, model or
+    temperature): ``delegate``, a list of children (kind, input, topic, budget_s), and ``mode``,
+    required or optional (:mod:`service.agents.declared_delegate`)
 
 A placeholder is ``{name}``: an input field (``properties`` of ``input_schema``) is its value, a
 string as it is and anything else as JSON (an absent optional field is empty); a step in the
@@ -35,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,61 +48,35 @@ import yaml
 from jsonschema import exceptions as schema_errors
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from service.agents.base import Agent, Messages, Step
+from service.agents.declared_delegate import (
+    MODEL_FIELDS,
+    DeclaredDelegateStep,
+    DelegateFieldError,
+    declared_delegate_step,
+)
 from service.agents.helpers import JSON_ONLY, system_message, user_message
 from service.agents.tasks import KIND_PATTERN, canonical_json, digest
+from service.agents.templates import STEP_NAME, DeclaredInput, Template, parse_template, render, unknown_placeholder
 from service.core.errors import AgentError, InvalidOutput, PoisonError
 from service.core.settings import UNAVAILABLE_POLICIES
 
-STEP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SCHEMA_NAME_MAX = 64  # a request's schema name is "<kind>_<step>" (see service.llm.client.ChatRequest)
 
 KIND_FIELDS = {"name", "version", "description", "input_schema", "steps", "rollout_share", "unavailable"}
 STEP_FIELDS = {"name", "prompt", "system", "output_schema", "needs", "model", "temperature"}
+DELEGATE_FIELDS = {"name", "needs", "delegate", "mode"}  # a step that delegates to other kinds
 
 
 class KindsFileError(AgentError):
     """A kinds file the service cannot run: the message names the file, the kind and the field."""
 
 
-class DeclaredInput(BaseModel):
-    """A declared kind's task input, validated against its input JSON Schema."""
-
-    model_config = ConfigDict(frozen=True)
-    data: dict[str, Any]
-
-
 class _Output(BaseModel):
     """Unused: a declared step validates its answer against its JSON Schema."""
-
-
-Template = tuple[tuple[str, str | None], ...]  # (literal text, then a placeholder or None)
-
-
-def parse_template(text: str) -> Template:
-    """The pieces of a template. Raises ``ValueError`` for unbalanced braces, an empty placeholder,
-    or anything but a bare name between braces (no ``!r``, ``:spec``, ``.attr`` or ``[index]``)."""
-    pieces: list[tuple[str, str | None]] = []
-    try:
-        parsed = list(string.Formatter().parse(text))
-    except ValueError as exc:  # a lone brace
-        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
-    for literal, name, spec, conversion in parsed:
-        if name is None:
-            pieces.append((literal, None))
-            continue
-        if not name or spec or conversion or not STEP_NAME.fullmatch(name):
-            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-            raise ValueError(f"placeholder {{{shown}}} is not a name (write {{{{ and }}}} for literal braces)")
-        pieces.append((literal, name))
-    return tuple(pieces)
-
-
-def placeholders(template: Template) -> list[str]:
-    return [name for _, name in template if name is not None]
 
 
 class DeclaredStep(Step):
@@ -136,17 +112,13 @@ class DeclaredStep(Step):
         return [system_message(self._render(self._system, task_input.data, previous)), user]
 
     def _render(self, template: Template, data: Mapping[str, Any], previous: Mapping[str, Any]) -> str:
-        out: list[str] = []
-        for literal, name in template:
-            out.append(literal)
-            if name is None:
-                continue
-            if name in self.fields:
-                value = data.get(name, "")
-                out.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
-            else:  # a needed step (the loader made sure it is one): the engine hands its output in
-                out.append(json.dumps(previous[name], ensure_ascii=False))
-        return "".join(out)
+        return render(template, self.fields, data, previous)
+
+    def definition(self) -> dict[str, Any]:
+        """What the kind's digest covers of this step."""
+        return {"name": self.name, "prompt": self.prompt, "system": self.system, "output_schema": self.output_schema,
+                "needs": None if self.needs is None else list(self.needs), "model": self.model,
+                "temperature": self.temperature}
 
     def parse(self, task_input: BaseModel, content: str) -> dict[str, Any]:
         try:
@@ -294,9 +266,7 @@ def _kind(path: Path, index: int, raw: Any) -> DeclaredAgent:
     steps = tuple(_step(at, j, s, version, names, fields) for j, s in enumerate(steps_raw))
     definition = {
         "name": name, "version": version, "input_schema": input_schema,
-        "steps": [{"name": s.name, "prompt": s.prompt, "system": s.system, "output_schema": s.output_schema,
-                   "needs": None if s.needs is None else list(s.needs), "model": s.model,
-                   "temperature": s.temperature} for s in steps],
+        "steps": [s.definition() for s in steps],
     }
     try:
         return DeclaredAgent(name, DeclaredInput, steps, version=version, input_schema=input_schema,
@@ -325,13 +295,17 @@ def _step_names(at: _Where, kind: str, steps: list[Any], fields: set[str]) -> li
     return names
 
 
-def _step(at: _Where, j: int, raw: dict[str, Any], version: str, names: list[str], fields: set[str]) -> DeclaredStep:
+def _step(at: _Where, j: int, raw: dict[str, Any], version: str, names: list[str],
+          fields: set[str]) -> DeclaredStep | DeclaredDelegateStep:
     here = f"steps[{j}]"
-    unknown = sorted(set(raw) - STEP_FIELDS)
+    unknown = sorted(set(raw) - STEP_FIELDS - DELEGATE_FIELDS)
     if unknown:
-        raise at.error(f"{here}.{unknown[0]}", f"unknown field (a step has {', '.join(sorted(STEP_FIELDS))})")
+        raise at.error(f"{here}.{unknown[0]}", f"unknown field (a step has {', '.join(sorted(STEP_FIELDS))}; "
+                                               f"one that delegates {', '.join(sorted(DELEGATE_FIELDS))})")
     needs = _needs(at, here, raw.get("needs"), names)
     readable = set(needs if needs is not None else names[j - 1:j] if j else ())
+    if "delegate" in raw or "mode" in raw:
+        return _delegating(at, here, raw, version, needs, names, fields, readable)
     templates = _templates(at, here, raw, names, fields, readable)
     output_schema = _schema(at, f"{here}.output_schema", raw.get("output_schema"))
     model = raw.get("model")
@@ -345,6 +319,23 @@ def _step(at: _Where, j: int, raw: dict[str, Any], version: str, names: list[str
     return DeclaredStep(name=raw["name"], version=version, prompt=templates["prompt"], system=templates.get("system"),
                         output_schema=output_schema, needs=needs, model=model, temperature=temperature,
                         fields=frozenset(fields))
+
+
+def _delegating(at: _Where, here: str, raw: dict[str, Any], version: str, needs: tuple[str, ...] | None,
+                names: list[str], fields: set[str], readable: set[str]) -> DeclaredDelegateStep:
+    """A step that delegates to other kinds (:mod:`service.agents.declared_delegate`)."""
+    if "delegate" not in raw:
+        raise at.error(f"{here}.mode", "only a step that delegates has a mode")
+    model_only = [f for f in MODEL_FIELDS if f in raw]
+    if model_only:
+        raise at.error(f"{here}.{model_only[0]}", f"a step that delegates has no {', '.join(MODEL_FIELDS[:-1])} "
+                                                  f"or {MODEL_FIELDS[-1]}")
+    try:
+        return declared_delegate_step(name=raw["name"], version=version, needs=needs, mode=raw.get("mode"),
+                                      fields=fields, delegate=raw["delegate"], readable=readable, steps=names,
+                                      here=here)
+    except DelegateFieldError as exc:
+        raise at.error(f"{here}.{exc.where}", exc.message) from None
 
 
 def _needs(at: _Where, here: str, raw: Any, names: list[str]) -> tuple[str, ...] | None:
@@ -374,11 +365,9 @@ def _templates(at: _Where, here: str, raw: dict[str, Any], names: list[str], fie
             template = parse_template(text)
         except ValueError as exc:
             raise at.error(f"{here}.{key}", str(exc)) from None
-        for name in placeholders(template):
-            if name not in fields and name not in readable:
-                hint = f" (add it to {here}.needs)" if name in names else ""
-                raise at.error(f"{here}.{key}", f"placeholder {{{name}}} is neither an input field nor a "
-                                                f"needed step{hint}")
+        problem = unknown_placeholder(template, fields, readable, names, here)
+        if problem is not None:
+            raise at.error(f"{here}.{key}", problem)
         templates[key] = text
     return templates
 

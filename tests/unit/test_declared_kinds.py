@@ -318,3 +318,121 @@ def test_the_guide_shows_the_example_file_as_it_is() -> None:
     guide = (REPO / "docs" / "AGENTS.md").read_text()
     shown = guide.split("```toml\n[[kinds]]", 1)[1].split("```", 1)[0]
     assert "[[kinds]]" + shown in EXAMPLE_TOML.read_text()
+
+
+# -- a declared step that delegates -----------------------------------------------------------------
+
+
+DELEGATING_TOML = '''
+[[kinds]]
+name = "panel"
+version = "v1"
+input_schema = { type = "object", required = ["question"], properties = { question = { type = "string" }, depth = { type = "integer" } } }
+
+[[kinds.steps]]
+name = "gather"
+needs = []
+mode = "optional"
+delegate = [
+  { kind = "research", input = { question = "{question}", depth = "{depth}", note = "Look into: {question}" } },
+  { kind = "critique", input = { text = "{question}", tags = ["{question}", 1] }, topic = "team-b.tasks", budget_s = 60 },
+]
+
+[[kinds.steps]]
+name = "review"
+prompt = "Write the review from {gather}"
+output_schema = { type = "object", properties = { review = { type = "string" } } }
+'''
+
+
+def test_a_declared_step_delegates_to_other_kinds_with_its_inputs_templated(tmp_path: Path) -> None:
+    from service.agents.delegation import Delegate, DelegateStep
+    from service.agents.templates import DeclaredInput
+
+    (agent,) = load_kinds_file(write(tmp_path, DELEGATING_TOML, "kinds.toml"))
+    gather, review = agent.steps
+    assert isinstance(gather, DelegateStep) and not isinstance(review, DelegateStep)
+    assert (gather.name, gather.mode, gather.prompt_version) == ("gather", "optional", "v1")
+    assert agent.graph == {"gather": (), "review": ("gather",)}
+    children = gather.children(DeclaredInput(data={"question": "why {x}?", "depth": 2}), {})
+    assert children == [
+        Delegate("research", {"question": "why {x}?", "depth": 2, "note": "Look into: why {x}?"}),
+        Delegate("critique", {"text": "why {x}?", "tags": ["why {x}?", 1]}, topic="team-b.tasks", budget_s=60.0),
+    ]
+    # an absent optional field is empty in a longer text, and absent (null) where it stands alone
+    alone = gather.children(DeclaredInput(data={"question": "q"}), {})[0]
+    assert alone.input == {"question": "q", "depth": None, "note": "Look into: q"}
+    # the children are part of the kind's definition: changing them changes its digest
+    (other,) = load_kinds_file(write(tmp_path, DELEGATING_TOML.replace('"critique"', '"critic"'), "kinds.toml"))
+    assert other.definition_digest != agent.definition_digest
+
+
+def test_a_delegating_step_reads_a_needed_steps_output() -> None:
+    from service.agents.declared_delegate import declared_delegate_step
+    from service.agents.templates import DeclaredInput
+
+    step = declared_delegate_step(
+        name="fan", version="v2", needs=("summary",), mode="required", fields=frozenset({"text"}),
+        delegate=[{"kind": "research", "input": {"about": "{summary}", "line": "Summary: {summary}"}}])
+    (child,) = step.children(DeclaredInput(data={"text": "t"}), {"summary": {"s": "short"}})
+    assert child.input == {"about": {"s": "short"}, "line": 'Summary: {"s": "short"}'}
+    assert step.mode == "required" and step.needs == ("summary",)
+
+
+GATHER = {"name": "gather", "needs": [], "delegate": [{"kind": "research", "input": {"q": "{text}"}}]}
+DELEGATE_ERRORS = [
+    ("delegate not a list", _set("steps.0.delegate", "research"), "steps[0].delegate: expected a non-empty list"),
+    ("delegate empty", _set("steps.0.delegate", []), "steps[0].delegate: expected a non-empty list"),
+    ("a child not a table", _set("steps.0.delegate", ["research"]), "steps[0].delegate[0]: expected a table"),
+    ("a child without kind", _set("steps.0.delegate.0.kind", ...), "steps[0].delegate[0].kind: None is not a kind"),
+    ("a child kind in capitals", _set("steps.0.delegate.0.kind", "Research"),
+     "steps[0].delegate[0].kind: 'Research' is not a kind name"),
+    ("a child input not a table", _set("steps.0.delegate.0.input", "q"),
+     "steps[0].delegate[0].input: expected a table"),
+    ("an unknown placeholder", _set("steps.0.delegate.0.input", {"q": "{nope}"}),
+     "steps[0].delegate[0].input.q: placeholder {nope} is neither an input field nor a needed step"),
+    ("a nested bad placeholder", _set("steps.0.delegate.0.input", {"q": {"r": ["{text!r}"]}}),
+     "steps[0].delegate[0].input.q.r.0: placeholder {text!r} is not a name"),
+    ("an unknown child field", _set("steps.0.delegate.0.budget", 3),
+     "steps[0].delegate[0].budget: unknown field (a child has budget_s, input, kind, topic)"),
+    ("a budget not positive", _set("steps.0.delegate.0.budget_s", 0),
+     "steps[0].delegate[0].budget_s: 0 is not a positive number of seconds"),
+    ("a budget that is a flag", _set("steps.0.delegate.0.budget_s", True), "steps[0].delegate[0].budget_s: True"),
+    ("an empty topic", _set("steps.0.delegate.0.topic", ""), "steps[0].delegate[0].topic: '' is not a topic name"),
+    ("an unknown mode", _set("steps.0.mode", "sometimes"),
+     "steps[0].mode: 'sometimes' is not one of required, optional"),
+    ("a mode without delegate", lambda kind: kind["steps"][1].update(mode="optional"),
+     "steps[1].mode: only a step that delegates has a mode"),
+    ("a prompt beside delegate", _set("steps.0.prompt", "Ask {text}"),
+     "steps[0].prompt: a step that delegates has no prompt, system, output_schema, model or temperature"),
+    ("an unknown field beside delegate", _set("steps.0.promt", "x"), "steps[0].promt: unknown field"),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "message"), DELEGATE_ERRORS, ids=[e[0] for e in DELEGATE_ERRORS])
+def test_a_malformed_delegating_step_is_refused_naming_the_field(
+    tmp_path: Path, case: str, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    def delegating(then: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        def edit_kind(kind: dict[str, Any]) -> None:
+            kind["steps"][0] = copy.deepcopy(GATHER)
+            kind["steps"][1]["prompt"] = "Label {gather}"
+            kind["steps"][1]["needs"] = ["gather"]
+            then(kind)
+        return edit_kind
+
+    assert load_kinds_file(write(tmp_path, changed(delegating(lambda kind: None))))  # as it is, it loads
+    path = write(tmp_path, changed(delegating(edit)))
+    with pytest.raises(KindsFileError) as err:
+        load_kinds_file(path)
+    assert str(err.value).startswith(str(path) + ": kind 'triage': ")
+    assert message in str(err.value)
+
+
+def test_the_guides_delegating_steps_load(tmp_path: Path) -> None:
+    guide = (REPO / "docs" / "AGENTS.md").read_text()
+    shown = guide.split("```toml\n[[kinds.steps]]\nname = \"gather\"", 1)[1].split("```", 1)[0]
+    head = ('[[kinds]]\nname = "panel"\nversion = "v1"\ninput_schema = { type = "object", properties = '
+            '{ question = { type = "string" } } }\n\n[[kinds.steps]]\nname = "gather"')
+    (agent,) = load_kinds_file(write(tmp_path, head + shown, "kinds.toml"))
+    assert [s.name for s in agent.steps] == ["gather", "review"]
