@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from service.agents.base import Agent
-from service.agents.declared import SCHEMA_NAME_MAX, STEP_NAME, DeclaredAgent, KindsFileError, load_kinds_file
+from service.agents.declared import SCHEMA_NAME_MAX, DeclaredAgent, KindsFileError, load_kinds_file
 from service.agents.registry import AgentRegistry, default_agents
 from service.agents.support import support_agent
 from service.agents.tasks import KIND_PATTERN
+from service.agents.templates import STEP_NAME
 from service.core.errors import AgentError
 from service.core.settings import Settings
 
