@@ -43,7 +43,19 @@ DLQ_FALLBACK_VALUE_BYTES = 1024
 
 class ProduceFailed(Exception):
     """The broker did not acknowledge a record: unreachable, timed out or failing. Transient:
-    the same record may be sent again later (callers retry it, without committing its offset)."""
+    the same record may be sent again later (callers retry it, without committing its offset).
+    ``code``: librdkafka's error code, when it said one (a caller that names the topic, as a
+    delegation to another deployment's, tells a topic that does not exist from an outage by it)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# the codes of a topic that cannot be written: it does not exist, or this client may not write it
+MISSING_TOPIC_CODES = frozenset({
+    KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+})
 
 
 class RecordRejected(Exception):
@@ -168,7 +180,7 @@ class Publisher:
                 if _rejected(err):
                     raise RecordRejected(f"produce to {topic} refused record of {size} bytes: {exc}") from exc
                 self._replace_if_fatal(exc, producer)
-                raise ProduceFailed(f"produce to {topic} refused: {exc}") from exc
+                raise ProduceFailed(f"produce to {topic} refused: {exc}", err.code() if err else None) from exc
         await future
 
     def flush(self, timeout_s: float = 10.0) -> int:
@@ -191,7 +203,7 @@ def _settle_all(batch: list[tuple[asyncio.Future[None], KafkaError | None]]) -> 
         elif _rejected(err):
             future.set_exception(RecordRejected(f"record refused: {err.str()}"))
         else:
-            future.set_exception(ProduceFailed(f"delivery failed: {err.str()}"))
+            future.set_exception(ProduceFailed(f"delivery failed: {err.str()}", err.code()))
 
 
 def _now_iso() -> str:

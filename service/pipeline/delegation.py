@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from consumers.producers import Headers
+from consumers.producers import MISSING_TOPIC_CODES, Headers, ProduceFailed, RecordRejected
 from consumers.records import Record
 from dedup.effects import decision_field
 from dedup.keys import is_valid_task_key
@@ -226,7 +226,21 @@ class Delegation:
             value = child_value(task, entry["id"], child, child_deadline(task.deadline, now, child.budget_s))
             headers = child_headers(task, self.record, step.name, n, lineage, self.config.replies_topic,
                                     self.traceparent)
-            await self.send(str(entry["topic"]), str(entry["id"]).encode(), value, headers)
+            await self._send(str(entry["topic"]), str(entry["id"]), value, headers)
+
+    async def _send(self, topic: str, child: str, value: bytes, headers: Headers) -> None:
+        """Send one child; a topic that cannot be written (it does not exist, or this service may not
+        write it) or a child the broker refuses for good is the parent's dead letter ``delegation``,
+        not an outage retried for ever with its partition held."""
+        try:
+            await self.send(topic, child.encode(), value, headers)
+        except RecordRejected as exc:
+            raise ToDeadLetter("delegation", f"child {child} refused by topic {topic}: {exc}"[:500], 0) from exc
+        except ProduceFailed as exc:
+            if exc.code not in MISSING_TOPIC_CODES:
+                raise
+            raise ToDeadLetter("delegation", f"child {child}: topic {topic} cannot be written: {exc}"[:500],
+                               0) from exc
 
     async def _park(self, step: DelegateStep, plan: list[dict[str, Any]], wait_until: datetime) -> None:
         """Park until every child has ended; returns when they all ended already (``ended``)."""

@@ -130,3 +130,42 @@ def test_a_parent_gets_both_children_in_declared_order_each_child_run_once(
     # the second child finished first
     completed = {(m.key or b"").decode(): json.loads(m.value or b"{}")["completed_at"] for m in results}
     assert completed[second] < completed[first]
+
+
+class Astray(DelegateStep):
+    name, needs, mode = "gather", (), "required"
+
+    def children(self, task_input: BaseModel, previous: Mapping[str, Any]) -> list[Delegate]:
+        return [Delegate("dp_research", {"text": _text(task_input)}),
+                Delegate("dp_research", {"text": _text(task_input)}, topic=_text(task_input))]
+
+
+def test_a_child_for_a_topic_that_does_not_exist_dead_letters_its_parent_and_holds_nothing(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    """The broker does not create topics here: the second child's topic never exists. The parent is
+    dead-lettered ``delegation`` naming it (not retried for ever as an outage, its partition held),
+    its first child, sent and unstarted or running, is cancelled or finishes, and the next record of
+    the same key runs."""
+    run = uuid.uuid4().hex[:8]
+    s = make_settings(kafka={"replies_topic": f"r-{run}.replies"})
+    parent, after = f"dp-astray-{run}", f"dp-after-{run}"
+    registry = AgentRegistry([Agent("dp_astray", Text, (Astray(),)), Agent("dp_research", Text, (Reply(),))])
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=registry) as svc:
+            produce(kafka_bootstrap, s.kafka.input_topic, [
+                (b"same-key", task_value("dp_astray", {"text": f"nowhere-{run}"}, parent)),
+                (b"same-key", task_value("dp_research", {"text": "after"}, after))])
+
+            async def both_ended() -> bool:
+                first, second = await svc.ledger.get(parent), await svc.ledger.get(after)
+                return (first is not None and first.state in ("dead", "failed")
+                        and second is not None and second.state == "succeeded")
+
+            await wait_for(both_ended, 120, what="the parent dead, the next record of its key done", service=svc)
+
+    asyncio.run(scenario())
+    dead = [m for m in read_topic(kafka_bootstrap, s.kafka.dlq_topic, expect=1, timeout_s=60)
+            if m.headers.get("dlq.task_id") == parent.encode()]
+    assert [m.headers["dlq.reason"] for m in dead] == [b"delegation"]
+    assert f"nowhere-{run}".encode() in dead[0].headers["dlq.error"]
