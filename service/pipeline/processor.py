@@ -133,7 +133,8 @@ class TaskProcessor:
         return cls(
             claims=Claims(ledger=ledger, outcomes=outcomes, outputs=outputs, metrics=metrics, config=config,
                           worker_id=worker_id, clock=clock),
-            steps=Steps(calls, outputs.publisher.send), outcomes=outcomes, capacity=capacity,
+            # the publisher is looked up when a child is sent: a processor built without one never delegates
+            steps=Steps(calls, lambda *record: outputs.publisher.send(*record)), outcomes=outcomes, capacity=capacity,
             shadow=Shadow(ledger=ledger, calls=calls, capacity=capacity, metrics=metrics, config=config),
             ledger=ledger, agents=agents, metrics=metrics, config=config, clock=clock, tracing=tracing,
         )
