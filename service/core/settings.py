@@ -293,6 +293,9 @@ class DelegationSettings(BaseModel):
     max_children: int = Field(32, ge=1)  # children of one delegating step
     max_depth: int = Field(5, ge=1)  # a root is at depth 0; its children at 1
     max_wait_s: float = Field(86_400.0, gt=0)  # the longest a parent without a deadline waits
+    # the replies topics of other deployments whose parents may delegate here: a child replies to
+    # its record's agent.reply_to only when it is this deployment's replies topic or one of these
+    reply_topics: tuple[str, ...] = ()
 
 
 class ToolsSettings(BaseModel):

@@ -62,6 +62,7 @@ class ProcessorConfig:
     max_depth: int = 5
     delegation_max_wait_s: float = 86_400.0
     replies_topic: str = "agent.replies"
+    reply_topics: tuple[str, ...] = ()  # other deployments' replies topics a child may reply to
     input_topic: str = "agent.tasks"
 
 

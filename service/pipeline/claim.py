@@ -32,7 +32,7 @@ from dedup.ledger import Claim, Ledger, LedgerUnavailable
 from service.agents.tasks import Task, header
 from service.core.metrics import Metrics
 from service.pipeline.base import ProcessorConfig, current_span, deadline_of
-from service.pipeline.delegation import CHILD, PARENT, PARENT_STEP
+from service.pipeline.delegation import CHILD, PARENT, PARENT_STEP, place_of
 from service.pipeline.outcomes import Outcomes
 from service.pipeline.screen import DuplicateShare
 
@@ -45,10 +45,11 @@ FINISHED = ("succeeded", "dead", "parked")  # the decisions of a task done befor
 def parent_of(record: Record) -> tuple[str, str, int] | None:
     """A child task's parent (id, step, n) from its record's headers, kept in its ledger hash by its
     first claim; None for a root or headers that do not name a valid parent and place."""
-    parent, step, n = header(record.headers, PARENT), header(record.headers, PARENT_STEP), header(record.headers, CHILD)
-    if not parent or not is_valid_task_key(parent) or not step or len(step) > 200 or not (n or "").isdigit():
+    parent, step = header(record.headers, PARENT), header(record.headers, PARENT_STEP)
+    n = place_of(header(record.headers, CHILD))
+    if not parent or not is_valid_task_key(parent) or not step or len(step) > 200 or n is None:
         return None
-    return parent, step, int(n or 0)
+    return parent, step, n
 
 
 class Claims:

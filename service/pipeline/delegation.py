@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,6 +45,8 @@ from service.agents.tasks import DEFAULT_TENANT, TENANT_HEADER, Task, canonical_
 from service.core.metrics import Metrics
 from service.pipeline.base import LostFence, Parked, ProcessorConfig, ToDeadLetter, iso
 from service.pipeline.tools import call_key, source_of
+
+log = logging.getLogger(__name__)
 
 Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[None]]
 
@@ -257,16 +261,32 @@ class Delegation:
             raise LostFence(f"task {self.task.key}: a newer fence holds it; not parked")
 
 
+_PLACE = re.compile(r"[0-9]{1,9}")  # a child's place: ASCII digits only (int() reads "²" and "٣" too)
+
+
+def place_of(text: str | None) -> int | None:
+    """A child's place ``n`` from its header, or None when it is no plain number."""
+    return int(text) if text is not None and _PLACE.fullmatch(text) else None
+
+
 def reply_of(record: Record, task_key: str | None, kind: str, state: str, *, result: Any = None,
-             reason: str | None = None, error: str | None = None) -> tuple[str, bytes, bytes] | None:
+             reason: str | None = None, error: str | None = None,
+             reply_topics: frozenset[str] = frozenset()) -> tuple[str, bytes, bytes] | None:
     """The reply a child task sends its parent when it ends: (topic, key, value), or None for a task
-    that is no child (no ``agent.reply_to``, or headers that do not name a parent and place)."""
+    that is no child (no ``agent.reply_to``, or headers that do not name a parent and place), or
+    whose ``agent.reply_to`` is none of ``reply_topics`` (this deployment's replies topic and the
+    ones ``AGENT_DELEGATION__REPLY_TOPICS`` allows): a record's header must not make the service
+    write to any topic it names."""
     headers = record.headers
     topic, parent, step, n = (header(headers, REPLY_TO), header(headers, PARENT), header(headers, PARENT_STEP),
-                              header(headers, CHILD))
-    if not topic or not parent or not step or n is None or not n.isdigit():
+                              place_of(header(headers, CHILD)))
+    if not topic or not parent or not step or n is None:
         return None
-    value: dict[str, Any] = {"parent": parent, "step": step, "n": int(n), "task_id": task_key, "kind": kind,
+    if topic not in reply_topics:
+        log.warning("task_id=%s: no reply to %r: not a replies topic this deployment may write "
+                    "(AGENT_DELEGATION__REPLY_TOPICS)", task_key, topic[:100])
+        return None
+    value: dict[str, Any] = {"parent": parent, "step": step, "n": n, "task_id": task_key, "kind": kind,
                              "state": "succeeded" if state == "succeeded" else "dead"}
     if state == "succeeded":
         value["result"] = result

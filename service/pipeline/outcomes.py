@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from consumers.producers import Headers, Outputs, dead_letter_id
+from consumers.producers import MISSING_TOPIC_CODES, Headers, Outputs, ProduceFailed, dead_letter_id
 from consumers.records import Record
 from consumers.transactions import Staged, stage
 from dedup.ledger import Ledger, LedgerUnavailable
@@ -178,15 +178,23 @@ class Outcomes:
                     reason: str | None = None, error: str | None = None) -> None:
         """A child task's reply to its parent (``agent.reply_to``), sent inside the ``publishing``
         block of its outcome (staged with it in a transaction); nothing for a task that is no child."""
-        reply = reply_of(record, task_key, kind, state, result=result, reason=reason, error=error)
+        reply = reply_of(record, task_key, kind, state, result=result, reason=reason, error=error,
+                         reply_topics=frozenset((self.config.replies_topic, *self.config.reply_topics)))
         if reply is None:
             return
         topic, key, value = reply
         headers: Headers = [("traceparent", tp.encode())] if (tp := self.tracing.current_traceparent()) else []
         if self.outputs.transactional:
             stage(Staged(topic, key, value, headers))
-        else:
+            return
+        try:
             await self.outputs.publisher.send(topic, key, value, headers)
+        except ProduceFailed as exc:
+            if exc.code not in MISSING_TOPIC_CODES:
+                raise  # an outage: the record is retried, its outcome and reply sent again
+            # an allowed replies topic that cannot be written is a deployment's mistake, not an
+            # outage: the parent waits until its deadline ends it, nothing here is held
+            log.error("task_id=%s: reply to %s not sent: %s", task_key, topic, exc)
 
     async def cancel_children(self, task_key: str) -> None:
         """Cancel the planned children of a task that ended dead and have no folded reply: one not

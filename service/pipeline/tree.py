@@ -17,6 +17,7 @@ from typing import Any
 
 from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger
+from service.pipeline.delegation import place_of
 
 __all__ = ["PLAN_PREFIX", "parent_of", "planned_parent", "task_tree"]
 
@@ -30,15 +31,16 @@ def parent_of(fields: dict[str, str]) -> dict[str, Any] | None:
     if not parent:
         return None
     named: dict[str, Any] = {"id": parent, "step": fields.get("parent_step") or None}
-    if (fields.get("parent_n") or "").isdigit():
-        named["n"] = int(fields["parent_n"])
+    n = place_of(fields.get("parent_n"))
+    if n is not None:
+        named["n"] = n
     return named
 
 
 def _candidates(task_key: str) -> list[tuple[str, str]]:
     """The (parent, step) a child id ``<parent>/<step>/<n>`` or ``<parent>/g<g>/<step>/<n>`` may name."""
     parts = task_key.split("/")
-    if len(parts) < 3 or not parts[-1].isdigit():
+    if len(parts) < 3 or place_of(parts[-1]) is None:
         return []
     found = [("/".join(parts[:-2]), parts[-2])]
     if len(parts) >= 4 and re.fullmatch(r"g[0-9]+", parts[-3]):

@@ -29,7 +29,7 @@ from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import Service, ensure_topics
 from tests.support import Msg, produce, read_topic, task_value, wait_for
 from tests.support.delegation_kinds import fleet
-from tests.support.fleet import deployment, ending, ledger_of, records, serving, states, wait_ended
+from tests.support.fleet import deployment, ending, ledger_of, records, replying_to, serving, states, wait_ended
 
 pytestmark = pytest.mark.integration
 
@@ -165,8 +165,8 @@ def test_two_deployments_delegate_across_each_on_its_own_topics_and_group(
         make_settings: Any, fake_llm: FakeLLM) -> None:
     """Team A's orchestrator delegates its middle to team B's topic; B's middle delegates its leaf
     back to A's. Each deployment folds the replies for its own parents from its own replies topic."""
-    a = deployment(make_settings, "a")
-    b = deployment(make_settings, "b")
+    team_a, team_b = deployment(make_settings, "a"), deployment(make_settings, "b")
+    a, b = replying_to(team_a, team_b), replying_to(team_b, team_a)  # each replies to the other's parents
     root = "x-root"
     leaf, middle, grandchild = ids(root)
 
@@ -206,7 +206,7 @@ def test_a_grandchild_reached_after_the_roots_deadline_expires_without_a_model_c
     once the root has given up). The deadline travelled two hops: C ends the grandchild ``expired``
     without calling the model, and the parents that waited for it expired at that deadline."""
     a = deployment(make_settings, "a")
-    c = deployment(make_settings, "c")
+    c = replying_to(deployment(make_settings, "c"), a)
     root = "dl-root"
     leaf, middle, grandchild = ids(root)
     deadline = datetime.now(UTC) + timedelta(seconds=3)
@@ -250,7 +250,7 @@ def test_an_expired_parent_cancels_its_children_not_started(make_settings: Any, 
     root was dead-lettered ``expired``. The middle ends ``cancelled`` without a model call and
     delegates nothing; the leaf that had finished keeps its result."""
     a = deployment(make_settings, "a")
-    lane = deployment(make_settings, "lane", key_prefix=a.redis.key_prefix)
+    lane = replying_to(deployment(make_settings, "lane", key_prefix=a.redis.key_prefix), a)
     root = "cx-root"
     leaf, middle, grandchild = ids(root)
     ensure_topics(lane)  # the lane is deployed; its workers are not running yet

@@ -35,6 +35,13 @@ def deployment(make_settings: Any, name: str, *, key_prefix: str | None = None, 
     return s
 
 
+def replying_to(s: Settings, *parents: Settings) -> Settings:
+    """``s`` allowed to reply to the parents' deployments (``AGENT_DELEGATION__REPLY_TOPICS``): a child
+    replies only to its own deployment's replies topic or one named there."""
+    topics = tuple(p.kafka.replies_topic for p in parents)
+    return s.model_copy(update={"delegation": s.delegation.model_copy(update={"reply_topics": topics})})
+
+
 @contextlib.asynccontextmanager
 async def serving(settings: Settings, llm_base_url: str, **kwargs: Any) -> AsyncIterator[Service]:
     """``Service.run`` in this process, as the CLI runs it, until the block ends (then it drains)."""

@@ -33,6 +33,7 @@ from service.pipeline.delegation import (
     child_id,
     lineage_of,
     parent_source,
+    place_of,
     reply_of,
 )
 from service.sdk import Delegate, DelegateStep, Messages, Step, StrictInput, system_message
@@ -322,12 +323,28 @@ def test_a_child_replies_to_its_parent_and_a_task_that_is_no_child_does_not() ->
     headers = child_headers(decode_task(parent_record().value, [], 1 << 20), None, "gather", 1, Lineage(0, ()),
                             "p.replies", None)
     child = Record("p.tasks", 0, 1, b"t1/gather/1", b"{}", [(k, v) for k, v in headers if isinstance(v, bytes)])
-    topic, key, value = reply_of(child, "t1/gather/1", "critique", "dead", reason="expired", error="late") or ("", b"", b"")
+    allowed = frozenset({"p.replies"})
+    topic, key, value = reply_of(child, "t1/gather/1", "critique", "dead", reason="expired", error="late",
+                                 reply_topics=allowed) or ("", b"", b"")
     assert (topic, key) == ("p.replies", b"t1")
     assert json.loads(value) == {"parent": "t1", "step": "gather", "n": 1, "task_id": "t1/gather/1",
                                  "kind": "critique", "state": "dead", "reason": "expired", "error": "late"}
-    _, _, ok = reply_of(child, "t1/gather/1", "critique", "succeeded", result={"a": 1}) or ("", b"", b"")
+    _, _, ok = reply_of(child, "t1/gather/1", "critique", "succeeded", result={"a": 1},
+                        reply_topics=allowed) or ("", b"", b"")
     assert json.loads(ok)["result"] == {"a": 1} and "reason" not in json.loads(ok)
+    # a record's header cannot make the service write to a topic it does not allow
+    assert reply_of(child, "t1/gather/1", "critique", "succeeded", result={}, reply_topics=frozenset()) is None
+
+
+def test_a_child_place_is_plain_ascii_digits() -> None:
+    """``int()`` reads a superscript or Arabic-Indic digit; a header carrying one names no place (it
+    raised in the claim and in the reply before)."""
+    assert [place_of(t) for t in ("0", "12", "²", "٣", "-1", "", None, "1" * 10)] == [0, 12, *[None] * 6]
+    headers = [("agent.parent", b"t1"), ("agent.parent_step", b"gather"), ("agent.child", "²".encode()),
+               ("agent.reply_to", b"p.replies")]
+    child = Record("p.tasks", 0, 1, b"t1/gather/1", b"{}", headers)
+    assert reply_of(child, "t1/gather/1", "critique", "succeeded", result={},
+                    reply_topics=frozenset({"p.replies"})) is None
 
 
 def test_the_resumption_source_drops_the_resumed_mark_and_keeps_the_lineage() -> None:
