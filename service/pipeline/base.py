@@ -122,3 +122,11 @@ def _json_size(value: Any) -> int:
         return len(orjson.dumps(value))
     except TypeError:  # orjson.JSONEncodeError
         return len(canonical_json(value))
+
+
+# a child task's place in its tree (service.pipeline.delegation): kept on every record that resumes
+# the task, so a child that parks (for an approval, a reconcile answer or its own children) still
+# replies to its parent, at its depth, once it resumes
+PARENT, PARENT_STEP, CHILD = "agent.parent", "agent.parent_step", "agent.child"
+REPLY_TO, DEPTH, PATH = "agent.reply_to", "agent.depth", "agent.path"
+LINEAGE_HEADERS = (PARENT, PARENT_STEP, CHILD, REPLY_TO, DEPTH, PATH)

@@ -31,8 +31,8 @@ from dedup.keys import is_valid_task_key
 from dedup.ledger import Claim, Ledger, LedgerUnavailable
 from service.agents.tasks import Task, header
 from service.core.metrics import Metrics
-from service.pipeline.base import ProcessorConfig, current_span, deadline_of
-from service.pipeline.delegation import CHILD, PARENT, PARENT_STEP, place_of
+from service.pipeline.base import CHILD, PARENT, PARENT_STEP, ProcessorConfig, current_span, deadline_of
+from service.pipeline.delegation import place_of
 from service.pipeline.outcomes import Outcomes
 from service.pipeline.screen import DuplicateShare
 

@@ -24,7 +24,6 @@ a parent whose wait the sweeper expired (its decision journaled at ``w:<step>:0`
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
@@ -43,16 +42,25 @@ from dedup.ledger import Ledger, StaleFence
 from service.agents.delegation import Delegate, DelegateOutput, DelegateStep
 from service.agents.tasks import DEFAULT_TENANT, TENANT_HEADER, Task, canonical_json, header
 from service.core.metrics import Metrics
-from service.pipeline.base import LostFence, Parked, ProcessorConfig, ToDeadLetter, iso
+from service.pipeline.base import (
+    CHILD,
+    DEPTH,
+    PARENT,
+    PARENT_STEP,
+    PATH,
+    REPLY_TO,
+    LostFence,
+    Parked,
+    ProcessorConfig,
+    ToDeadLetter,
+    iso,
+)
 from service.pipeline.tools import call_key, source_of
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[None]]
 
-PARENT, PARENT_STEP, CHILD = "agent.parent", "agent.parent_step", "agent.child"
-REPLY_TO, DEPTH, PATH = "agent.reply_to", "agent.depth", "agent.path"
-LINEAGE_HEADERS = (PARENT, PARENT_STEP, CHILD, REPLY_TO, DEPTH, PATH)
 DEGRADED_BY = ("delegation", "")  # (endpoint, model) of a step that went on without a failed child
 
 
@@ -161,10 +169,7 @@ def build_output(step: DelegateStep, plan: list[dict[str, Any]], replies: Mappin
 def parent_source(record: Record) -> dict[str, Any]:
     """The parent's record to produce again on resumption, its delegation headers kept (a child that
     delegated in turn must still reply to its own parent once resumed)."""
-    source = source_of(record)
-    source["headers"] += [[name, base64.b64encode(value).decode()] for name, value in record.headers
-                          if name in LINEAGE_HEADERS]
-    return source
+    return source_of(record)
 
 
 class Delegation:

@@ -42,7 +42,7 @@ from service.agents.tasks import Task, canonical_json, digest, loads
 from service.agents.tools import Reconciled, Tool, ToolCall, ToolError, ToolUnknown, run_bounded, scrub_urls
 from service.core.metrics import Metrics
 from service.llm.scrub import scrub
-from service.pipeline.base import LostFence, Parked, ToDeadLetter, iso
+from service.pipeline.base import LINEAGE_HEADERS, LostFence, Parked, ToDeadLetter, iso
 
 
 class Steps(Protocol):
@@ -76,11 +76,13 @@ def safe_text(text: str) -> str:
 
 
 def source_of(record: Record) -> dict[str, Any]:
-    """What is needed to put the task's record on its topic again (to resume it after a decision)."""
+    """What is needed to put the task's record on its topic again (to resume it after a decision):
+    its headers but the service's own marks (``agent.resumed``), a child's place in its tree kept."""
     return {
         "topic": record.topic, "partition": record.partition, "offset": record.offset,
         "key": _b64(record.key), "value": _b64(record.value),
-        "headers": [[name, _b64(value)] for name, value in record.headers if not name.startswith("agent.")],
+        "headers": [[name, _b64(value)] for name, value in record.headers
+                    if not name.startswith("agent.") or name in LINEAGE_HEADERS],
     }
 
 

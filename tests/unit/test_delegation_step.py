@@ -386,3 +386,16 @@ def test_delegation_settings_and_their_defaults(monkeypatch: pytest.MonkeyPatch)
 
 def test_check_plan_accepts_a_plan_within_the_limits() -> None:
     check_plan("plan", "gather", [Delegate("research", {})], Lineage(1, ("root",)), ["t1/gather/0"], CONFIG)
+
+
+def test_a_child_that_parks_for_a_tool_keeps_its_place_in_the_tree_when_it_resumes() -> None:
+    """The tool journal keeps the record that resumes a task parked for an approval or a reconcile
+    answer (``source_of``): a child's lineage must survive it, or the resumed child never replies
+    and its parent waits out its deadline."""
+    from service.pipeline.tools import source_of
+
+    lineage = [("agent.parent", b"t1"), ("agent.parent_step", b"gather"), ("agent.child", b"1"),
+               ("agent.reply_to", b"p.replies"), ("agent.depth", b"1"), ("agent.path", b"plan")]
+    record = Record("p.tasks", 0, 7, b"t1/gather/1", b"{}", [*lineage, ("agent.resumed", b"x"), ("tenant", b"acme")])
+    kept = [name for name, _ in source_of(record)["headers"]]
+    assert kept == [name for name, _ in lineage] + ["tenant"]
