@@ -428,7 +428,7 @@ def to_env(settings: BaseSettings) -> dict[str, str]:
             key = f"{prefix}{name.upper()}"
             if isinstance(value, BaseModel):
                 put(key + "__", value)
-            elif isinstance(value, list):
+            elif isinstance(value, list | tuple):
                 env[key] = json.dumps([v.to_json() if isinstance(v, FallbackEndpoint) else v for v in value])
             elif isinstance(value, dict):
                 env[key] = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else v

@@ -107,3 +107,15 @@ def test_own_agents_and_a_kinds_file_are_settings(monkeypatch: pytest.MonkeyPatc
     assert (s.agents, s.kinds_file) == ("mypkg.agents:all", Path("conf/kinds.toml"))
     env = to_env(s)  # what a spawned worker is started with
     assert (env["AGENT_AGENTS"], env["AGENT_KINDS_FILE"]) == ("mypkg.agents:all", "conf/kinds.toml")
+
+
+@pytest.mark.parametrize("topics", [(), ("team-a.replies", "team-b.replies")])
+def test_the_settings_a_worker_is_spawned_with_rebuild_a_tuple(monkeypatch: pytest.MonkeyPatch,
+                                                               topics: tuple[str, ...]) -> None:
+    """``to_env`` wrote a tuple as its ``str()`` ("()"), which the spawned worker could not read."""
+    from service.core.settings import to_env
+
+    env = to_env(Settings(delegation={"reply_topics": topics}))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().delegation.reply_topics == topics
