@@ -291,6 +291,8 @@ def reply_of(record: Record, task_key: str | None, kind: str, state: str, *, res
         log.warning("task_id=%s: no reply to %r: not a replies topic this deployment may write "
                     "(AGENT_DELEGATION__REPLY_TOPICS)", task_key, topic[:100])
         return None
+    if task_key is None:  # a record whose value does not decode: a child is keyed by its id
+        task_key = record.key.decode("utf-8", "replace") if record.key else f"{parent}/{step}/{n}"
     value: dict[str, Any] = {"parent": parent, "step": step, "n": n, "task_id": task_key, "kind": kind,
                              "state": "succeeded" if state == "succeeded" else "dead"}
     if state == "succeeded":

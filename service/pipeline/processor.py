@@ -247,8 +247,7 @@ class TaskProcessor:
                 raise InfrastructureError(str(exc)) from exc
             except RecordRejected as exc:  # the broker refuses this outcome for good: retrying cannot help
                 self.metrics.internal_errors.inc()
-                await self.outcomes.dead_letter(record, key_of(record, self.config.max_task_bytes), "internal",
-                                        f"the broker refused the outcome record: {str(exc)[:500]}", 0)
+                await self._internal(record, f"the broker refused the outcome record: {str(exc)[:500]}")
                 return
             except Exception as exc:  # noqa: BLE001 - a bug must end the record, never loop for ever
                 failures += 1
@@ -257,12 +256,22 @@ class TaskProcessor:
                 if failures > self.config.internal_retries:
                     log.error("%s: failed %d times in the service's own code; dead-lettering as internal",
                               record.coordinates, failures, exc_info=exc)
-                    await self.outcomes.dead_letter(record, key_of(record, self.config.max_task_bytes), "internal",
-                                            error, 0)
+                    await self._internal(record, error)
                     return
                 log.warning("%s: internal failure %d of %d (%s); retrying", record.coordinates, failures,
                             self.config.internal_retries + 1, error, exc_info=failures == 1)
                 await asyncio.sleep(self.config.internal_backoff_s * 2 ** (failures - 1) * random.uniform(0.5, 1.0))
+
+    async def _internal(self, record: Record, error: str) -> None:
+        """Dead-letter a record the service's own code could not end (``internal``), and reply to
+        its parent if it is a child: the parent must not wait out its deadline for it."""
+        task_key = key_of(record, self.config.max_task_bytes)
+        try:
+            await self.outcomes.dead_letter(record, task_key, "internal", error, 0)
+            await self.outcomes.reply(record, task_key, "", "dead", reason="internal", error=error)
+        except (LedgerUnavailable, ProduceFailed) as exc:
+            self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
+            raise InfrastructureError(str(exc)) from exc
 
     async def _process(self, record: Record) -> None:
         try:

@@ -169,3 +169,60 @@ def test_a_child_for_a_topic_that_does_not_exist_dead_letters_its_parent_and_hol
             if m.headers.get("dlq.task_id") == parent.encode()]
     assert [m.headers["dlq.reason"] for m in dead] == [b"delegation"]
     assert f"nowhere-{run}".encode() in dead[0].headers["dlq.error"]
+
+
+class Broken(Step):
+    """A child's step whose own code fails every time: the service dead-letters it ``internal``."""
+
+    name, prompt_version, output_model, needs = "answer", "dp-broken-v1", Answer, ()
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        raise ZeroDivisionError("a bug in the child's step")
+
+
+class Doomed(DelegateStep):
+    """Two children that end in the service's own code: one whose step has a bug, one whose input
+    is larger than the deployment takes (its value does not decode: the reply names it by its key)."""
+
+    name, needs, mode = "gather", (), "required"
+
+    def children(self, task_input: BaseModel, previous: Mapping[str, Any]) -> list[Delegate]:
+        if _text(task_input) == "bug":
+            return [Delegate("dp_broken", {"text": "anything"})]
+        return [Delegate("dp_research", {"text": "x" * 6000})]
+
+
+def test_a_child_that_ends_in_the_services_own_code_replies_and_its_parent_ends_before_its_deadline(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    """Neither parent has a deadline of its own: without a reply each would wait a day."""
+    run = uuid.uuid4().hex[:8]
+    s = make_settings(kafka={"replies_topic": f"r-{run}.replies"}, max_task_bytes=4096, internal_retries=1)
+    bug, big = f"dp-bug-{run}", f"dp-big-{run}"
+    registry = AgentRegistry([Agent("dp_doomed", Text, (Doomed(),)), Agent("dp_broken", Text, (Broken(),)),
+                              Agent("dp_research", Text, (Reply(),))])
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=registry) as svc:
+            replies = start_replies(svc.ledger, svc.publisher.send, svc.metrics, s)
+            try:
+                produce(kafka_bootstrap, s.kafka.input_topic, [
+                    (bug.encode(), task_value("dp_doomed", {"text": "bug"}, bug)),
+                    (big.encode(), task_value("dp_doomed", {"text": "big"}, big))])
+
+                async def both_dead() -> bool:
+                    records = [await svc.ledger.get(key) for key in (bug, big)]
+                    return all(r is not None and r.state == "dead" for r in records)
+
+                await wait_for(both_dead, 120, what="both parents dead", service=svc)
+            finally:
+                await asyncio.to_thread(replies.stop)
+
+    asyncio.run(scenario())
+    dead = {m.headers["dlq.task_id"]: m for m in read_topic(kafka_bootstrap, s.kafka.dlq_topic, expect=4,
+                                                              timeout_s=60) if "dlq.task_id" in m.headers}
+    assert dead[f"{bug}/gather/0".encode()].headers["dlq.reason"] == b"internal"
+    assert dead[bug.encode()].headers["dlq.reason"] == b"child"
+    assert b"internal" in dead[bug.encode()].headers["dlq.error"]
+    assert dead[big.encode()].headers["dlq.reason"] == b"child"
+    assert b"oversize" in dead[big.encode()].headers["dlq.error"]
+    assert not any(key.startswith(f"{big}/gather/0") for key in fake_llm.stats()["by_key"])  # never ran
