@@ -33,7 +33,7 @@ from redis.commands.core import AsyncScript
 
 from dedup import children_scripts
 from dedup.client import RedisClient
-from dedup.effects import PARK_MARGIN_S
+from dedup.effects import PARK_MARGIN_S, listing_score
 from dedup.errors import StaleFence
 from dedup.keys import Keys, is_valid_task_key
 from dedup.lifecycles.parked import PARKED, WAITING
@@ -161,7 +161,8 @@ class Children:
         parked = keys.parked()
         # listed first (as dedup.effects parks): a listed task that is not waiting is dropped by the
         # sweeper; a waiting task not listed would never expire
-        await self.ledger.redis_call(lambda: self.ledger.client.zadd(parked, {task_key: deadline}))
+        score = listing_score(deadline, fence)
+        await self.ledger.redis_call(lambda: self.ledger.client.zadd(parked, {task_key: score}))
         raw = await self.ledger.run_script(self._park, [
             keys.task(task_key), keys.steps(task_key), keys.tools(task_key), keys.audit(task_key)], [
             fence, step, _dumps(wait), keep_s, *self.ledger.moves(event)])

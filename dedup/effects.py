@@ -124,6 +124,14 @@ if score and tonumber(score) == tonumber(ARGV[2]) then return redis.call('ZREM',
 return 0
 """
 
+def listing_score(deadline_ms: float, fence: int) -> float:
+    """Where a wait is listed in ``agent:parked``: its deadline, plus a fraction of a millisecond
+    that the holder's fence sets (k/1024, exact in a double at today's epoch milliseconds). Two waits
+    of one task with one deadline (a parent parked again with its fixed deadline) are listed at two
+    scores, so the end of the first (:meth:`Effects.unlist_at`) never unlists the second."""
+    return float(deadline_ms) + (fence % 1023 + 1) / 1024
+
+
 # how much longer than its wait a parked task's keys live (the sweeper's turn, an outage of it)
 PARK_MARGIN_S = 24 * 3600
 
@@ -288,7 +296,8 @@ class Effects:
         keep_s = math.ceil(wait_s) + PARK_MARGIN_S
         # listed first: a listed task that is not waiting is skipped (and dropped) by the sweeper,
         # a waiting task that is not listed would never expire
-        await self.ledger.redis_call(lambda: self.ledger.client.zadd(keys.parked(), {task_key: deadline}))
+        score = listing_score(deadline, fence)
+        await self.ledger.redis_call(lambda: self.ledger.client.zadd(keys.parked(), {task_key: score}))
         raw = await self.ledger.run_script(self._park, [keys.task(task_key), keys.steps(task_key), keys.tools(task_key),
                                                      keys.audit(task_key)], [fence, _dumps(waiting), keep_s,
                                                                              state])

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from dedup.client import close, connect
+from dedup.effects import listing_score
 from dedup.errors import StaleFence
 from dedup.keys import Keys
 from dedup.ledger import Ledger
@@ -107,7 +108,7 @@ def test_a_parent_waits_listed_and_its_last_childs_reply_resumes_it(any_redis_ur
         assert stored is not None and stored.state == "waiting_children"
         shown = json.loads(stored.fields["waiting"])
         assert {k: shown[k] for k in wait} == wait and shown["fence"] == fence
-        assert await ledger.effects.listed_at(parent) == wait["deadline_ms"]
+        assert await ledger.effects.listed_at(parent) == listing_score(wait["deadline_ms"], fence)
         assert (await ledger.claim(parent, FP, "w2", "orchestrate")).decision == "parked"
         assert await ledger.renew(parent, fence) == "done"  # parked by its holder: nothing lost
         # replies in reverse order, one of them twice, and replies nobody planned
@@ -156,6 +157,32 @@ def test_replies_folded_before_the_parent_parks_end_its_wait_at_once(any_redis_u
         # a step that planned nothing cannot wait
         with pytest.raises(ValueError):
             await children.park(none, none_fence, "unplanned", waiting("unplanned"))
+
+    with_ledger(any_redis_url, body)
+
+
+def test_a_parent_parked_again_with_its_fixed_deadline_stays_listed_when_its_first_wait_ends(
+        any_redis_url: str) -> None:
+    """The resumption of the first wait unlists the listing it read before the fold; a parent that
+    ran on and parked for its next step meanwhile, with the same deadline, is listed at another
+    score and stays listed (else the sweeper could never expire its second wait)."""
+    async def body(ledger: Ledger) -> None:
+        children = ledger.children
+        parent, fence = await planned(ledger, 1)
+        wait = waiting(pending=[0])
+        assert await children.park(parent, fence, "gather", wait) == "parked"
+        listed_before_fold = await ledger.effects.listed_at(parent)
+        assert listed_before_fold is not None
+        status, _source = await children.fold(parent, "gather", 0, reply(parent, 0))
+        assert status == "folded"
+        claim = await ledger.claim(parent, FP, "w2", "orchestrate")
+        assert claim.decision == "claimed"
+        await children.plan(parent, claim.fence, "review", plan_of(parent, 1, "review"))
+        again = {**waiting("review", pending=[0]), "deadline_ms": wait["deadline_ms"]}  # the same deadline
+        assert await children.park(parent, claim.fence, "review", again) == "parked"
+        assert not await ledger.effects.unlist_at(parent, listed_before_fold)  # the first wait's end, late
+        assert await ledger.effects.listed_at(parent) == listing_score(wait["deadline_ms"], claim.fence)
+        assert int(await ledger.effects.listed_at(parent) or 0) == wait["deadline_ms"]  # within its millisecond
 
     with_ledger(any_redis_url, body)
 
