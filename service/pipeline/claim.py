@@ -121,11 +121,11 @@ class Claims:
 
     async def _ended(self, record: Record, task: Task, reason: str, error: str, attempts: int) -> None:
         """Dead-letter a task the ledger ended dead for ``reason`` (and reply to its parent)."""
+        if reason != "cancelled":  # before publishing: once published, a redelivery skips the task
+            await self.outcomes.cancel_children(task.key)
         async with self.outcomes.publishing(record, task.key, "dead"):
             await self.outcomes.dead_letter(record, task.key, reason, error, attempts)
             await self.outcomes.reply(record, task.key, task.kind, "dead", reason=reason, error=error)
-        if reason != "cancelled":
-            await self.outcomes.cancel_children(task.key)
 
     async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
         self.metrics.task_outcome["duplicate"].inc()
@@ -138,6 +138,8 @@ class Claims:
             raise LedgerUnavailable(f"task {task.key} vanished between claim and read")
         if state == "succeeded":  # stored by an attempt whose WAIT may have failed: replicas first
             await self.ledger.confirm_replicated(task.key)
+        else:  # ended dead by a worker that stopped before publishing (and perhaps before cancelling)
+            await self.outcomes.cancel_children(task.key)
         async with self.outcomes.publishing(record, task.key, state):
             if state == "succeeded" and stored.event is not None:
                 await self.outputs.result(record, task.key, stored.event, self.outcomes.traceparent(task.traceparent),

@@ -169,10 +169,10 @@ class Outcomes:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: dead-letter of fence %d refused: a newer fence holds the task", ctx, fence)
             return
+        await self.cancel_children(task.key)  # before publishing: a re-emit after a crash cancels again
         async with self.publishing(record, task.key, "dead"):
             await self.dead_letter(record, task.key, reason, error, attempts)
             await self.reply(record, task.key, task.kind, "dead", reason=reason, error=error)
-        await self.cancel_children(task.key)
 
     async def reply(self, record: Record, task_key: str | None, kind: str, state: str, *, result: Any = None,
                     reason: str | None = None, error: str | None = None) -> None:

@@ -293,9 +293,9 @@ class TaskProcessor:
             # released as failed, not dead: the same work sent again with a later deadline may run
             error = "deadline passed before the task started"
             if await self.ledger.fail(task.key, claim.fence, error):
+                await self.outcomes.cancel_children(task.key)
                 await self.outcomes.dead_letter(record, task.key, "expired", error, claim.attempts)
                 await self.outcomes.reply(record, task.key, task.kind, "dead", reason="expired", error=error)
-                await self.outcomes.cancel_children(task.key)
             return
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):

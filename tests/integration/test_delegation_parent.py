@@ -15,6 +15,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.agents.registry import AgentRegistry
+from service.agents.tasks import decode_task
 from service.devtools.fakellm import FakeLLM
 from service.devtools.fakellm.faults import FaultRule
 from service.runtime.replies import start_replies
@@ -226,3 +227,37 @@ def test_a_child_that_ends_in_the_services_own_code_replies_and_its_parent_ends_
     assert dead[big.encode()].headers["dlq.reason"] == b"child"
     assert b"oversize" in dead[big.encode()].headers["dlq.error"]
     assert not any(key.startswith(f"{big}/gather/0") for key in fake_llm.stats()["by_key"])  # never ran
+
+
+def test_a_parent_ended_dead_by_a_worker_that_stopped_before_publishing_cancels_its_children_when_read_again(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    """The ledger holds the parent ``dead`` with its plan journaled; the worker that ended it stopped
+    before it published, and before it cancelled anything. Its record read again re-emits the dead
+    letter and cancels the children not started: each then ends ``cancelled`` without a model call."""
+    run = uuid.uuid4().hex[:8]
+    s = make_settings(kafka={"replies_topic": f"r-{run}.replies"})
+    parent = f"dp-stopped-{run}"
+    value = task_value("dp_parent", {"text": "tides"}, parent)
+    children = [(f"{parent}/gather/{n}", kind) for n, kind in enumerate(("dp_research", "dp_critique"))]
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            fingerprint = decode_task(value, [], s.max_task_bytes).fingerprint
+            claim = await svc.ledger.claim(parent, fingerprint, "gone", "dp_parent")
+            await svc.ledger.children.plan(parent, claim.fence, "gather", [
+                {"n": n, "id": cid, "kind": kind, "topic": s.kafka.input_topic}
+                for n, (cid, kind) in enumerate(children)])
+            assert await svc.ledger.fail(parent, claim.fence, "the step failed", dead_reason="permanent")
+            produce(kafka_bootstrap, s.kafka.input_topic, [(parent.encode(), value)])
+            await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "permanent"}) == 1, 60,
+                           what="the parent's dead letter re-emitted", service=svc)
+            produce(kafka_bootstrap, s.kafka.input_topic,
+                    [(cid.encode(), task_value(kind, {"text": "late"}, cid)) for cid, kind in children])
+            await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "cancelled"}) == 2, 60,
+                           what="both children cancelled", service=svc)
+
+    asyncio.run(scenario())
+    assert not any(key.startswith(f"{parent}/") for key in fake_llm.stats()["by_key"])
+    reasons = {m.headers["dlq.task_id"]: m.headers["dlq.reason"]
+               for m in read_topic(kafka_bootstrap, s.kafka.dlq_topic, expect=3, timeout_s=60)}
+    assert reasons == {parent.encode(): b"permanent", **{cid.encode(): b"cancelled" for cid, _ in children}}
