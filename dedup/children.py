@@ -86,7 +86,7 @@ def _dumps(value: Any) -> str:
 
 def _checked(plan: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The plan as journaled: each child's ``n`` (distinct), ``id`` (a valid task key), ``kind`` and
-    ``topic``; ``ValueError`` otherwise."""
+    ``topic``, and when it was planned (``planned_ms``, optional); ``ValueError`` otherwise."""
     out: list[dict[str, Any]] = []
     for child in plan:
         missing = {"n", "id", "kind", "topic"} - set(child)
@@ -97,7 +97,13 @@ def _checked(plan: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"a planned child's n must be a whole number from 0, not {n!r}")
         if not isinstance(child_id, str) or not is_valid_task_key(child_id):
             raise ValueError(f"a planned child's id is no valid task key: {str(child_id)[:80]!r}")
-        out.append({"n": n, "id": child_id, "kind": str(child["kind"]), "topic": child["topic"]})
+        entry = {"n": n, "id": child_id, "kind": str(child["kind"]), "topic": child["topic"]}
+        planned = child.get("planned_ms")
+        if planned is not None:
+            if not isinstance(planned, int) or isinstance(planned, bool):
+                raise ValueError(f"a planned child's planned_ms must be whole milliseconds, not {planned!r}")
+            entry["planned_ms"] = planned
+        out.append(entry)
     if len({c["n"] for c in out}) != len(out):
         raise ValueError("two planned children share an n")
     return out

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.agents.delegation import DELEGATE_MODES, Delegate, DelegateStep
+from service.agents.delegation import DELEGATE_MODES, Delegate, DelegateStep, budget_problem
 from service.agents.tasks import KIND_PATTERN, canonical_json
 from service.agents.templates import DeclaredInput, Template, parse_template, render, unknown_placeholder
 
@@ -126,8 +126,8 @@ def _child(where: str, raw: Any, fields: set[str], readable: set[str], steps: Co
     if topic is not None and (not isinstance(topic, str) or not topic or len(topic) > 249):
         raise DelegateFieldError(f"{where}.topic", f"{topic!r} is not a topic name")
     budget = raw.get("budget_s")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0):
-        raise DelegateFieldError(f"{where}.budget_s", f"{budget!r} is not a positive number of seconds")
+    if budget is not None and (problem := budget_problem(budget)):
+        raise DelegateFieldError(f"{where}.budget_s", problem)
     filled = _templated(f"{where}.input", data, fields, readable, steps, here)
     return ChildTemplate(kind, filled, topic, float(budget) if budget is not None else None)
 

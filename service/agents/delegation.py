@@ -9,6 +9,7 @@ children's outcomes in the declared order, whatever order they finished in (docs
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,16 @@ from pydantic import BaseModel
 from service.agents.base import Messages, Step
 
 DELEGATE_MODES = ("required", "optional")
+MAX_BUDGET_S = 366 * 24 * 3600.0  # a child's own time: finite, at most a year
+
+
+def budget_problem(budget: Any) -> str | None:
+    """Why ``budget`` is no child's time in seconds (None: it is one)."""
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        return f"{budget!r} is not a number of seconds"
+    if not (math.isfinite(budget) and 0 < budget <= MAX_BUDGET_S):
+        return f"{budget!r} is not a positive number of seconds up to {MAX_BUDGET_S:.0f}"
+    return None
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # as service.agents.tasks.KIND_PATTERN
 
 
@@ -40,8 +51,8 @@ class Delegate:
             return f"child of kind {self.kind}: its input is not an object"
         if self.topic is not None and (not isinstance(self.topic, str) or not self.topic or len(self.topic) > 249):
             return f"child of kind {self.kind}: topic {str(self.topic)[:80]!r} is not a topic name"
-        if self.budget_s is not None and not self.budget_s > 0:
-            return f"child of kind {self.kind}: budget_s must be positive, not {self.budget_s}"
+        if self.budget_s is not None and (problem := budget_problem(self.budget_s)):
+            return f"child of kind {self.kind}: budget_s: {problem}"
         return None
 
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -83,6 +83,12 @@ def lineage_of(headers: list[tuple[str, bytes]] | None) -> Lineage:
         raise ToDeadLetter("delegation", f"header {DEPTH} is negative: {depth}", 0)
     path = tuple(p for p in (raw_path or "").split(",") if p)
     return Lineage(depth, path)
+
+
+def planned_at(plan: Sequence[Mapping[str, Any]], now: datetime) -> datetime:
+    """When the step first planned its children (``now`` for a plan journaled without the time)."""
+    stamps = [e["planned_ms"] for e in plan if isinstance(e.get("planned_ms"), int)]
+    return datetime.fromtimestamp(min(stamps) / 1000, UTC) if stamps else now
 
 
 def child_id(parent: str, generation: int, step: str, n: int) -> str:
@@ -189,8 +195,8 @@ class Delegation:
         generation = await self.ledger.generation(task.key)
         ids = [child_id(task.key, generation, step.name, n) for n in range(len(children))]
         check_plan(task.kind, step.name, children, lineage, ids, self.config)
-        wait_until = task.deadline or self.clock() + timedelta(seconds=self.config.delegation_max_wait_s)
-        wanted = [{"n": n, "id": cid, "kind": c.kind, "topic": c.topic or self.config.input_topic}
+        now_ms = int(self.clock().timestamp() * 1000)
+        wanted = [{"n": n, "id": cid, "kind": c.kind, "topic": c.topic or self.config.input_topic, "planned_ms": now_ms}
                   for n, (c, cid) in enumerate(zip(children, ids, strict=True))]
         source = parent_source(self.record) if self.record is not None else None
         try:
@@ -204,6 +210,10 @@ class Delegation:
                 self.metrics.children_started.labels(str(entry["kind"])).inc()
         if [(int(e["n"]), e["id"]) for e in plan] != [(e["n"], e["id"]) for e in wanted]:
             raise ToDeadLetter("delegation", f"step {step.name}: its children differ from those it planned", 0)
+        # the plan's time, not this run's: a parent taken over or read again waits no longer, and a
+        # child sent again has no more time, than when the step first planned them
+        planned = planned_at(plan, self.clock())
+        wait_until = task.deadline or planned + timedelta(seconds=self.config.delegation_max_wait_s)
         for _ in range(2):  # a second pass when the last child ended before the parent parked
             replies = await self.ledger.children.outcomes(task.key, step.name)
             if all(int(e["n"]) in replies for e in plan):
@@ -211,7 +221,7 @@ class Delegation:
             if await self._expired(step):
                 raise ToDeadLetter("expired", f"step {step.name}: its children had not all ended by the wait's "
                                    "deadline", self.attempts)
-            await self._produce(step, children, plan, replies, lineage)
+            await self._produce(step, children, plan, replies, lineage, planned)
             await self._park(step, plan, wait_until)
         raise ToDeadLetter("delegation", f"step {step.name}: the ledger said its children ended but not all "
                            "replies are folded", self.attempts)
@@ -224,15 +234,15 @@ class Delegation:
         return isinstance(decided, dict) and decided.get("decision") == "expired"
 
     async def _produce(self, step: DelegateStep, children: list[Delegate], plan: list[dict[str, Any]],
-                       replies: Mapping[int, Any], lineage: Lineage) -> None:
-        """Send every planned child without a reply yet (the same id every time)."""
-        task, now = self.task, self.clock()
+                       replies: Mapping[int, Any], lineage: Lineage, planned: datetime) -> None:
+        """Send every planned child without a reply yet (the same id and deadline every time)."""
+        task = self.task
         for entry in plan:
             n = int(entry["n"])
             if n in replies:
                 continue
             child = children[n]
-            value = child_value(task, entry["id"], child, child_deadline(task.deadline, now, child.budget_s))
+            value = child_value(task, entry["id"], child, child_deadline(task.deadline, planned, child.budget_s))
             headers = child_headers(task, self.record, step.name, n, lineage, self.config.replies_topic,
                                     self.traceparent)
             await self._send(str(entry["topic"]), str(entry["id"]), value, headers)

@@ -137,6 +137,7 @@ class Run:
         self.sent: list[tuple[str, bytes | None, Any, dict[str, Any]]] = []
         self.step = step or Gather()
         self.metrics = Metrics()
+        self.now = NOW
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> None:
         self.sent.append((topic, key, json.loads(value or b"null"), dict(headers)))
@@ -145,7 +146,7 @@ class Run:
         return asyncio.run(self.delegate())
 
     async def delegate(self) -> dict[str, Any]:
-        run = Delegation(ledger=self.ledger, send=self.send, config=CONFIG, clock=lambda: NOW,  # type: ignore[arg-type]
+        run = Delegation(ledger=self.ledger, send=self.send, config=CONFIG, clock=lambda: self.now,  # type: ignore[arg-type]
                          traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01", task=self.task, fence=5,
                          record=self.record, attempts=1, metrics=self.metrics)
         return await run.run(self.step, In(question="why"), {})
@@ -239,6 +240,29 @@ def test_a_parent_without_a_deadline_waits_at_most_the_limit_and_a_replay_resend
     assert parked.value.waiting["deadline_ms"] == int((NOW + timedelta(seconds=86_400)).timestamp() * 1000)
     assert [s[1] for s in run.sent] == [b"t1/gather/0", b"t1/gather/1"] * 2
     assert all(s[2]["deadline"] is None for s in run.sent)
+
+
+def test_a_parent_read_again_later_sends_its_children_the_deadline_planned_and_waits_no_longer() -> None:
+    """A budget and the parent's wait count from when the step planned its children, not from each
+    run: a parent taken over an hour later sends the same deadlines and keeps its wait's end."""
+    run = Run(step=Gather(budget_s=60))
+    with pytest.raises(Parked) as first:
+        run()
+    run.now = NOW + timedelta(hours=1)
+    with pytest.raises(Parked) as again:
+        run()
+    assert [s[2]["deadline"] for s in run.sent] == ["2026-01-02T03:05:05.000Z"] * 4  # NOW + 60 s
+    assert first.value.waiting["deadline_ms"] == again.value.waiting["deadline_ms"] == int(
+        (NOW + timedelta(seconds=86_400)).timestamp() * 1000)
+
+
+@pytest.mark.parametrize("budget", [0, -1, float("inf"), float("nan"), 1e300])
+def test_a_budget_that_is_no_finite_positive_time_is_refused(budget: float) -> None:
+    assert Delegate("research", {}, budget_s=budget).problem() is not None
+    run = Run(step=Gather(budget_s=budget))
+    with pytest.raises(ToDeadLetter) as refused:
+        run()
+    assert refused.value.reason == "delegation" and "budget_s" in refused.value.error and run.sent == []
 
 
 def test_children_started_and_the_fanout_are_counted_once_per_plan_not_per_replay() -> None:
