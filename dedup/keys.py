@@ -86,6 +86,17 @@ class Keys:
             raise ValueError(f"invalid topic {topic[:80]!r}")
         return f"{self.prefix}:dlq:{{{topic}:{int(partition)}}}:{int(offset)}"
 
+    def schedule(self, name: str) -> str:
+        """Hash: a schedule's ``last_ms``, ``last_fired_ms``, ``produced``, ``skipped``
+        (:mod:`dedup.schedules`). Its own hash tag ``{name}``; names are validated here too."""
+        if not is_valid_task_key(name):
+            raise ValueError(f"invalid schedule name {name[:80]!r}")
+        return f"{self.prefix}:schedule:{{{name}}}"
+
+    def schedule_lease(self, name: str) -> str:
+        """String: the id of the replica producing a schedule's slots, with a TTL (the schedule's slot)."""
+        return f"{self.schedule(name)}:lease"
+
     def parked(self) -> str:
         """Sorted set: tasks waiting for a person, by deadline (ms)."""
         return f"{self.prefix}:parked"

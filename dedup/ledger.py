@@ -60,6 +60,7 @@ from dedup.records import (
     TaskRecord,
     publication,
 )
+from dedup.schedules import Schedules
 
 __all__ = ["Attempt", "AttemptsExhausted", "Claim", "Completion", "Decision", "Ledger", "LedgerError",
            "LedgerRefused", "LedgerUnavailable", "PublishedHow", "Renewal", "StaleFence", "TaskRecord"]
@@ -141,6 +142,7 @@ class Ledger:
         self.batcher = ScriptBatcher(client)
         self.effects = Effects(self)
         self.children = Children(self)
+        self.schedules = Schedules(self)
 
     async def redis_call(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation; a failure is raised as the ledger's error (:func:`translate`)."""
