@@ -47,6 +47,7 @@ class Metrics:
         self._tenancy(self.registry)
         self._tools_and_parking(self.registry)
         self._delegation(self.registry)
+        self._schedules(self.registry)
         self._liveness(self.registry)
         self._label_children()
 
@@ -247,6 +248,30 @@ class Metrics:
         self.replies_skipped = Counter(
             "agent_replies_skipped", "Records of the replies topic skipped without a fold, by reason: "
             f"{', '.join(REPLY_SKIP_REASONS)}.", ["reason"], registry=r,
+        )
+
+    def _schedules(self, r: CollectorRegistry) -> None:
+        """Schedules: slots produced and skipped, how late, the newest slot and the next fire time."""
+        self.schedule_slots = Counter(
+            "agent_schedule_slots", "Slots of a schedule handled by this replica, by outcome: produced (a task), "
+            "skipped (missed, beyond the catch-up policy).", ["schedule", "outcome"], registry=r,
+        )
+        self.schedule_lag = Histogram(
+            "agent_schedule_lag_seconds", "How late after its fire time a slot was produced, by schedule.",
+            ["schedule"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600), registry=r,
+        )
+        self.schedule_last_slot = Gauge(
+            "agent_schedule_last_slot_timestamp_seconds", "The newest slot handled (produced or skipped), by "
+            "schedule, read from the ledger.", ["schedule"], registry=r, multiprocess_mode="livemax",
+        )
+        self.schedule_next_fire = Gauge(
+            "agent_schedule_next_fire_timestamp_seconds", "When the slot after the newest handled fires, by "
+            "schedule, read from the ledger: in the past, a slot is due and not produced yet.", ["schedule"],
+            registry=r, multiprocess_mode="livemin",
+        )
+        self.schedule_errors = Counter(
+            "agent_schedule_errors", "Ticks of a schedule that failed (Redis or the broker away, a bug): tried "
+            "again next tick.", ["schedule"], registry=r,
         )
 
     def _liveness(self, r: CollectorRegistry) -> None:
