@@ -11,6 +11,10 @@ produce the due slots, then :meth:`Schedules.advance`, which moves ``last_ms`` o
 holder and only from the value it read (one script): a slot produced is never lost by a crash before
 the advance (the next holder produces it again, the same task id), and never skipped by a race.
 Redis errors are the ledger's (:class:`dedup.errors.LedgerUnavailable`, ``LedgerRefused``).
+
+Beyond docs/SCHEDULES.md: :meth:`Schedules.holder` says who holds the lease, :meth:`Schedules.release`
+and :meth:`Schedules.start` answer whether they changed anything, and :meth:`Schedules.advance`
+refuses a move backwards or a negative count (``ValueError``) before it asks Redis.
 """
 
 from __future__ import annotations
