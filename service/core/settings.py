@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dedup.keys import is_valid_tenant
+from service.core.schedule_spec import SchedulerSettings
 
 EMBEDDED_BROKERS = ("noida", "tansu")  # what `agent-service run --embedded --broker` may start
 
@@ -395,6 +396,7 @@ class Settings(BaseSettings):
     tools: ToolsSettings = ToolsSettings()
     delegation: DelegationSettings = DelegationSettings()
     tenancy: TenancySettings = TenancySettings()
+    scheduler: SchedulerSettings = SchedulerSettings()  # AGENT_SCHEDULER__SCHEDULES: a JSON list
     max_task_bytes: int = Field(262_144, ge=64)
     max_in_flight: int = Field(256, ge=1)
     max_in_flight_per_partition: int | None = Field(None, ge=1)  # unset: max_in_flight
@@ -429,7 +431,8 @@ def to_env(settings: BaseSettings) -> dict[str, str]:
             if isinstance(value, BaseModel):
                 put(key + "__", value)
             elif isinstance(value, list | tuple):
-                env[key] = json.dumps([v.to_json() if isinstance(v, FallbackEndpoint) else v for v in value])
+                env[key] = json.dumps([v.to_json() if isinstance(v, FallbackEndpoint) else
+                                       v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value])
             elif isinstance(value, dict):
                 env[key] = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else v
                                        for k, v in value.items()})
