@@ -1,6 +1,7 @@
 """Kinds declared in a file, for teams that do not write Python: TOML (``.toml``) or YAML (``.yaml``, ``.yml``).
 
-The file holds a list ``kinds``; each kind is::
+The file holds a list ``kinds`` and, optionally, a list ``schedules`` (each a
+:class:`~service.core.schedule_spec.ScheduleSpec`, docs/SCHEDULES.md; :func:`load_schedules`); each kind is::
 
     name          the kind, as a task names it (lowercase letters, digits, _)
     version       required; every step's prompt version, recorded with every result
@@ -48,7 +49,7 @@ import yaml
 from jsonschema import exceptions as schema_errors
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from service.agents.base import Agent, Messages, Step
 from service.agents.declared_delegate import (
@@ -61,6 +62,7 @@ from service.agents.helpers import JSON_ONLY, system_message, user_message
 from service.agents.tasks import KIND_PATTERN, canonical_json, digest
 from service.agents.templates import STEP_NAME, DeclaredInput, Template, parse_template, render, unknown_placeholder
 from service.core.errors import AgentError, InvalidOutput, PoisonError
+from service.core.schedule_spec import ScheduleSpec, describe_errors
 from service.core.settings import UNAVAILABLE_POLICIES
 
 VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -190,8 +192,8 @@ def read_kinds_file(path: Path) -> Any:
 def load_kinds_file(path: Path) -> list[DeclaredAgent]:
     """The agents a kinds file declares, every field checked. Raises :class:`KindsFileError`."""
     data = read_kinds_file(path)
-    if not isinstance(data, dict) or set(data) != {"kinds"}:
-        raise KindsFileError(f"{path}: expected one top-level key, kinds (a list of kinds)")
+    _check_top_level(path, data)
+    _schedules(path, data.get("schedules", []))  # refused with the kinds, whoever loads the file
     kinds = data["kinds"]
     if not isinstance(kinds, list) or not kinds:
         raise KindsFileError(f"{path}: kinds: expected a non-empty list of kinds")
@@ -219,6 +221,39 @@ def load_kinds_file(path: Path) -> list[DeclaredAgent]:
                                  f"one ({current.version})")
         agents[kind] = dataclasses.replace(current, candidate=candidate, candidate_share=share)
     return list(agents.values())
+
+
+def load_schedules(path: Path) -> list[ScheduleSpec]:
+    """The schedules a kinds file declares beside its kinds (top-level ``schedules``, optional)."""
+    data = read_kinds_file(path)
+    _check_top_level(path, data)
+    return _schedules(path, data.get("schedules", []))
+
+
+def _check_top_level(path: Path, data: Any) -> None:
+    if not isinstance(data, dict) or "kinds" not in data or not set(data) <= {"kinds", "schedules"}:
+        raise KindsFileError(f"{path}: expected the top-level key kinds (a list of kinds) and, optionally, "
+                             "schedules (a list of schedules)")
+
+
+def _schedules(path: Path, raw: Any) -> list[ScheduleSpec]:
+    """Each entry of ``schedules`` validated; an error names ``schedules[i].<field>``."""
+    if not isinstance(raw, list):
+        raise KindsFileError(f"{path}: schedules: expected a list of schedules")
+    specs: list[ScheduleSpec] = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise KindsFileError(f"{path}: schedules[{i}]: expected a table of name, kind, cron or every_s, ...")
+        try:
+            spec = ScheduleSpec.model_validate(entry)
+        except ValidationError as exc:
+            raise KindsFileError(f"{path}: {describe_errors(exc, f'schedules[{i}]')}") from exc
+        twin = next((j for j, other in enumerate(specs) if other.name == spec.name), None)
+        if twin is not None:
+            raise KindsFileError(f"{path}: schedules[{i}].name: {spec.name!r} is declared twice "
+                                 f"(schedules[{twin}] and schedules[{i}])")
+        specs.append(spec)
+    return specs
 
 
 def _candidate(path: Path, agent: DeclaredAgent, share: Any,

@@ -11,6 +11,9 @@ An entry point or an attribute is an :class:`~service.agents.base.Agent`, an ite
 a callable (no arguments) returning either. Anything wrong (an import that fails, another type, a
 kind registered twice, an agent whose steps do not form a graph) raises :class:`AgentsNotLoaded`,
 whose message names the source, and the service does not start.
+
+The schedules (docs/SCHEDULES.md) come from ``AGENT_SCHEDULER__SCHEDULES`` and the kinds file, each
+of a kind the registry runs (:func:`schedules_from_settings`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from service.agents.base import Agent
-from service.agents.declared import SCHEMA_NAME_MAX, DeclaredAgent, KindsFileError, load_kinds_file
+from service.agents.declared import SCHEMA_NAME_MAX, DeclaredAgent, KindsFileError, load_kinds_file, load_schedules
 from service.agents.registry import AgentRegistry, default_agents
 from service.agents.support import support_agent
 from service.agents.tasks import KIND_PATTERN
 from service.agents.templates import STEP_NAME
 from service.core.errors import AgentError
+from service.core.schedule_spec import ScheduleSpec
 from service.core.settings import Settings
 
 ENTRY_POINT_GROUP = "agent_service.agents"
@@ -46,6 +50,39 @@ def agents_from_settings(settings: Settings) -> AgentRegistry:
         registry.register(support_agent(tools.tickets_url, tools.approval_above, tools.approval_timeout_s),
                           source="built-in (AGENT_TOOLS__TICKETS_URL)")
     return registry
+
+
+def schedules_from_settings(settings: Settings, registry: AgentRegistry) -> list[ScheduleSpec]:
+    """Every schedule of the deployment (the settings', then the kinds file's), each of a kind the
+    registry runs; anything else raises :class:`AgentsNotLoaded` and the service does not start."""
+    declared: list[ScheduleSpec] = []
+    if settings.kinds_file is not None:
+        try:
+            declared = load_schedules(settings.kinds_file)
+        except KindsFileError as exc:
+            raise AgentsNotLoaded(str(exc)) from exc
+    schedules = all_schedules(settings, declared)
+    kinds = set(registry.kinds())
+    for spec in schedules:
+        if spec.kind not in kinds:
+            raise AgentsNotLoaded(f"schedule {spec.name!r}: kind {spec.kind!r} is not a kind this deployment runs "
+                                  f"({', '.join(sorted(kinds))})")
+    return schedules
+
+
+def all_schedules(settings: Settings, kinds_file_schedules: Iterable[ScheduleSpec]) -> list[ScheduleSpec]:
+    """The schedules of ``AGENT_SCHEDULER__SCHEDULES`` and of the kinds file; a name declared twice
+    (in either, or in both) raises :class:`AgentsNotLoaded`."""
+    found: dict[str, str] = {}
+    schedules: list[ScheduleSpec] = []
+    sources = [("AGENT_SCHEDULER__SCHEDULES", spec) for spec in settings.scheduler.schedules]
+    sources += [(f"kinds file {settings.kinds_file}", spec) for spec in kinds_file_schedules]
+    for source, spec in sources:
+        if spec.name in found:
+            raise AgentsNotLoaded(f"schedule {spec.name!r} is declared twice ({found[spec.name]} and {source})")
+        found[spec.name] = source
+        schedules.append(spec)
+    return schedules
 
 
 def load_agents(*, spec: str | None = None, kinds_file: Path | None = None, entry_points: bool = True,

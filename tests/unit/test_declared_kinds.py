@@ -127,7 +127,7 @@ def test_each_error_names_the_file_the_kind_and_the_field(
     ("kinds.toml", "[[kinds]\nname = 1", "kinds.toml: not valid TOML: "),
     ("kinds.yaml", "kinds: [", "kinds.yaml: not valid YAML: "),
     ("kinds.json", "{}", "kinds.json: unknown format .json: name it .toml, .yaml or .yml"),
-    ("kinds.yaml", "kind: []", "kinds.yaml: expected one top-level key, kinds"),
+    ("kinds.yaml", "kind: []", "kinds.yaml: expected the top-level key kinds"),
     ("kinds.yaml", "kinds: []", "kinds.yaml: kinds: expected a non-empty list"),
     ("kinds.yaml", "kinds: [3]", "kinds.yaml: kinds[0]: kind: expected a table"),
 ])
