@@ -58,6 +58,7 @@ from service.runtime.limits import Limits, limits, log_limits
 from service.runtime.liveness import Dependencies, Liveness, Startup
 from service.runtime.parked import ApprovalsConsumer, approval_applier, sweep_forever
 from service.runtime.replies import start_replies
+from service.runtime.scheduler import Scheduler, scheduler_for
 from service.runtime.topics import FOREVER_S, ensure_topics, topic_retention_s
 
 __all__ = [
@@ -201,6 +202,7 @@ class Service:
         (it switches to this service's app once the preflight passed); ``startup``: what waited for
         the dependencies, asked again if one stops answering before the preflight is done."""
         await self.preflight_when_reachable(startup)
+        scheduler = load_scheduler(self)  # a schedule that cannot run here refuses the start
         serve_http = (self.settings.http.enabled if http is None else http) and front is None
         server = None
         tasks = [asyncio.create_task(self.runner.run(), name="consumer")]
@@ -213,6 +215,7 @@ class Service:
                 tasks.append(front.task)
         send = self.publisher.send
         sweeper = asyncio.create_task(sweep_forever(self.ledger, send, self.metrics, self.settings), name="sweeper")
+        scheduling = [asyncio.create_task(scheduler.run(), name="scheduler")] if scheduler is not None else []
         approvals = ApprovalsConsumer(self.settings, approval_applier(self.ledger, send, self.metrics, self.settings),
                                       asyncio.get_running_loop(), metrics=self.metrics)
         approvals.start()
@@ -234,6 +237,8 @@ class Service:
         finally:
             self.runner.stop()
             sweeper.cancel()
+            for background in scheduling:
+                background.cancel()
             if watcher is not None:
                 watcher.cancel()
             await asyncio.to_thread(approvals.stop)
@@ -242,7 +247,7 @@ class Service:
                 server.should_exit = True
             if front is not None and front.server is not None:
                 front.server.should_exit = True
-            await asyncio.gather(*tasks, sweeper, *([watcher] if watcher else []), return_exceptions=True)
+            await asyncio.gather(*tasks, sweeper, *scheduling, *([watcher] if watcher else []), return_exceptions=True)
             await self.aclose()
 
     async def aclose(self) -> None:
@@ -267,6 +272,14 @@ def load_registry(settings: Settings) -> AgentRegistry:
     for item in describe(agents):
         log.info("loaded %s", summary(item))
     return agents
+
+
+def load_scheduler(service: Service) -> Scheduler | None:
+    """:func:`scheduler_for` the service; :class:`StartupRefused` when a schedule cannot run here."""
+    try:
+        return scheduler_for(service.settings, service.agents, service.ledger, service.publisher.send, service.metrics)
+    except AgentsNotLoaded as exc:
+        raise StartupRefused(f"schedules not loaded: {exc}") from exc
 
 
 def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = None,
