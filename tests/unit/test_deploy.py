@@ -92,6 +92,7 @@ EXPECTED_ALERTS = frozenset(
         "AgentStaleFenceWrites",
         "AgentLLMErrorRatioHigh",
         "AgentTaskLatencyP95High",
+        "ScheduleNotFiring",
     }
 )
 
@@ -845,6 +846,9 @@ def test_dashboard_covers_the_service() -> None:
         "agent_inflight_tasks",
         "agent_paused_partitions",
         "agent_stale_fence_writes_total",
+        "agent_schedule_slots_total",
+        "agent_schedule_lag_seconds_bucket",
+        "agent_schedule_next_fire_timestamp_seconds",
     } <= referenced
     exprs = [expr for _, expr in dashboard_queries()]
     for quantile in ("0.5", "0.95"):
