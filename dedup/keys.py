@@ -97,6 +97,26 @@ class Keys:
         """String: the id of the replica producing a schedule's slots, with a TTL (the schedule's slot)."""
         return f"{self.schedule(name)}:lease"
 
+    def session(self, session_id: str) -> str:
+        """Hash: a session's ``kind``, ``version``, ``state``, ``summary``, its holder and each task's
+        ticket, fence and applied mark (:mod:`dedup.sessions`). Its own hash tag ``{id}``, shared by its
+        queue and turns (one slot); ids are validated here too."""
+        if not is_valid_task_key(session_id):
+            raise ValueError(f"invalid session id {session_id[:80]!r}")
+        return f"{self.prefix}:session:{{{session_id}}}"
+
+    def session_queue(self, session_id: str) -> str:
+        """Sorted set: the session's waiting tasks by ticket (arrival order), its head first."""
+        return f"{self.session(session_id)}:queue"
+
+    def session_turns(self, session_id: str) -> str:
+        """List: the session's turns, one JSON ``{task_id, input, result, at}`` each, in order."""
+        return f"{self.session(session_id)}:turns"
+
+    def sessions(self) -> str:
+        """Sorted set: session ids by their last change (ms), for listing; outside every session's slot."""
+        return f"{self.prefix}:sessions"
+
     def parked(self) -> str:
         """Sorted set: tasks waiting for a person, by deadline (ms)."""
         return f"{self.prefix}:parked"

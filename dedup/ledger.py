@@ -61,6 +61,7 @@ from dedup.records import (
     publication,
 )
 from dedup.schedules import Schedules
+from dedup.sessions import Sessions
 
 __all__ = ["Attempt", "AttemptsExhausted", "Claim", "Completion", "Decision", "Ledger", "LedgerError",
            "LedgerRefused", "LedgerUnavailable", "PublishedHow", "Renewal", "StaleFence", "TaskRecord"]
@@ -143,6 +144,7 @@ class Ledger:
         self.effects = Effects(self)
         self.children = Children(self)
         self.schedules = Schedules(self)
+        self.sessions = Sessions(self)
 
     async def redis_call(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation; a failure is raised as the ledger's error (:func:`translate`)."""

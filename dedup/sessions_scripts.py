@@ -1,0 +1,177 @@
+"""Lua scripts of a session's side of the ledger (:mod:`dedup.sessions`).
+
+Every script gets the session's three keys, which share the hash tag ``{<session id>}`` (one slot):
+``KEYS[1]`` the hash (``kind``, ``version``, ``state``, ``summary``, ``ttl``, ``next_ticket``,
+``holder``, ``holder_fence``, ``holder_until``, ``free_since``, ``passed``, and per task
+``t:<task>`` its ticket, ``f:<task>`` the newest fence it entered with, ``a:<task>`` ``turn`` or
+``left``), ``KEYS[2]`` the queue (zset: task by ticket) and ``KEYS[3]`` the turns (list of JSON).
+A script that writes refreshes the TTL of all three to the kind's (``ttl``). Times are the server's.
+"""
+
+from __future__ import annotations
+
+from dedup.lua import NOW
+
+__all__ = ["APPLY", "ENTER", "LEAVE", "PUT", "RENEW", "SUMMARIZE"]
+
+# the TTL of a session whose hash has none (never: ENTER writes it); dedup.sessions.DEFAULT_TTL_S
+_DEFAULT_TTL_S = 2_592_000
+
+# ``keep()``: every key of the session lives the kind's TTL from now
+_KEEP = f"""
+local function keep()
+  local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl')) or {_DEFAULT_TTL_S}
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+"""
+
+# ``free()``: nobody holds the session, free since now
+_FREE = """
+local function free()
+  redis.call('HSET', KEYS[1], 'holder', '', 'holder_fence', 0, 'holder_until', 0, 'free_since', now)
+end
+"""
+
+# ``waiting(task, ticket, head)``: the answer of a task that waits behind ``head``
+_WAITING = """
+local function waiting(task, ticket, head)
+  return {'waiting', head, redis.call('ZRANK', KEYS[2], task), ticket}
+end
+"""
+
+# KEYS hash, queue, turns; ARGV kind, task, fence, lease_ms, ttl_s, stall_ms
+# -> {'entered', version, state or '', summary or '', turns after the summary, their first index, ticket}
+#  | {'waiting', the holder or head it waits behind, how many are queued ahead, ticket}
+#  | {'applied', version} | {'wrong_kind', kind} | {'stale', the newest fence of the task}
+# The ticket is taken once per task id (arrival order); a task passed over keeps it and is queued
+# again at it. The head enters when no other task holds the session with a live lease; a head that
+# does not come for stall_ms after the session fell free (an apply, a leave, a lease run out, a
+# head passed) is passed over, one head per stall_ms. A newer run of the holder (its redelivery)
+# holds on at once, wherever its ticket stands.
+ENTER = NOW + _KEEP + _FREE + _WAITING + """
+local task, fence, stall = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
+local kind = redis.call('HGET', KEYS[1], 'kind')
+if not kind then
+  redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'version', 0, 'next_ticket', 0, 'passed', 0, 'free_since', now,
+             'holder', '', 'holder_fence', 0, 'holder_until', 0)
+elseif kind ~= ARGV[1] then
+  return {'wrong_kind', kind}
+end
+if redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn' then
+  return {'applied', redis.call('HGET', KEYS[1], 'version')}
+end
+local newest = tonumber(redis.call('HGET', KEYS[1], 'f:' .. task))
+if newest and newest > fence then return {'stale', tostring(newest)} end
+redis.call('HSET', KEYS[1], 'ttl', ARGV[5], 'f:' .. task, fence)
+local ticket = redis.call('HGET', KEYS[1], 't:' .. task)
+if not ticket then
+  ticket = redis.call('HINCRBY', KEYS[1], 'next_ticket', 1)
+  redis.call('HSET', KEYS[1], 't:' .. task, ticket)
+end
+redis.call('ZADD', KEYS[2], ticket, task)
+keep()
+local h = redis.call('HMGET', KEYS[1], 'holder', 'holder_until', 'free_since')
+local holder, held_until = h[1] or '', tonumber(h[2]) or 0
+if holder ~= '' and holder ~= task and held_until > now then return waiting(task, ticket, holder) end
+local since = math.max(tonumber(h[3]) or 0, held_until)
+while holder ~= task do  -- a newer run of the holder holds on; another task enters at the head
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if head == task then break end
+  if now < since + stall then return waiting(task, ticket, head) end
+  redis.call('ZREM', KEYS[2], head)
+  free()
+  redis.call('HINCRBY', KEYS[1], 'passed', 1)
+  since = now
+end
+redis.call('HSET', KEYS[1], 'holder', task, 'holder_fence', fence, 'holder_until', now + tonumber(ARGV[4]))
+local s = redis.call('HMGET', KEYS[1], 'version', 'state', 'summary')
+local upto = 0
+if s[3] then upto = tonumber(cjson.decode(s[3])['upto']) end
+return {'entered', s[1], s[2] or '', s[3] or '', redis.call('LRANGE', KEYS[3], upto, -1), upto, ticket}
+"""
+
+# KEYS hash, queue, turns; ARGV task, fence, lease_ms -> 1 (extended) | 0 (it does not hold the
+# session under this fence)
+RENEW = NOW + _KEEP + """
+local h = redis.call('HMGET', KEYS[1], 'holder', 'holder_fence')
+if h[1] ~= ARGV[1] or tonumber(h[2]) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'holder_until', now + tonumber(ARGV[3]))
+keep()
+return 1
+"""
+
+# KEYS hash, queue, turns; ARGV task, fence, read version, turn (JSON or ''), state (JSON or '')
+# -> {'ok' | 'again' | 'moved' | 'stale', the session's version}
+# Once per task id; 'stale' when a newer run of this task entered, or the session was erased.
+APPLY = NOW + _KEEP + _FREE + """
+local task = ARGV[1]
+local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if not version then return {'stale', 0} end
+if redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn' then return {'again', version} end
+local newest = tonumber(redis.call('HGET', KEYS[1], 'f:' .. task))
+if newest and newest > tonumber(ARGV[2]) then return {'stale', version} end
+if version ~= tonumber(ARGV[3]) then return {'moved', version} end
+if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[5]) end
+version = version + 1
+redis.call('HSET', KEYS[1], 'version', version, 'a:' .. task, 'turn')
+redis.call('HDEL', KEYS[1], 't:' .. task, 'f:' .. task)
+redis.call('ZREM', KEYS[2], task)
+if redis.call('HGET', KEYS[1], 'holder') == task then free() end
+keep()
+return {'ok', version}
+"""
+
+# KEYS hash, queue, turns; ARGV task, fence ('' for whichever run) -> 'left' | 'again' (applied, or
+# neither queued nor holding: nothing to leave) | 'stale' (a newer run of this task entered)
+LEAVE = NOW + _KEEP + _FREE + """
+local task = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'again' end
+if redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn' then return 'again' end
+if ARGV[2] ~= '' then
+  local newest = tonumber(redis.call('HGET', KEYS[1], 'f:' .. task))
+  if newest and newest > tonumber(ARGV[2]) then return 'stale' end
+end
+local holding = redis.call('HGET', KEYS[1], 'holder') == task
+local ticketed = redis.call('HDEL', KEYS[1], 't:' .. task) == 1
+local queued = redis.call('ZREM', KEYS[2], task) == 1
+if not (holding or ticketed or queued) then return 'again' end
+redis.call('HSET', KEYS[1], 'a:' .. task, 'left')
+if holding then free() end
+keep()
+return 'left'
+"""
+
+# KEYS hash, queue, turns; ARGV upto, summary (JSON {upto, text}), read version -> 1 | 0
+# Stored when the version is the one read and it covers more turns than the stored one, no more than there are.
+SUMMARIZE = _KEEP + """
+local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if not version or version ~= tonumber(ARGV[3]) then return 0 end
+local upto = tonumber(ARGV[1])
+if upto > redis.call('LLEN', KEYS[3]) then return 0 end
+local stored = redis.call('HGET', KEYS[1], 'summary')
+if stored and tonumber(cjson.decode(stored)['upto']) >= upto then return 0 end
+redis.call('HSET', KEYS[1], 'summary', ARGV[2])
+keep()
+return 1
+"""
+
+# KEYS hash, queue, turns; ARGV version, 'state' | 'turns', the state (JSON) or each turn (JSON)
+# -> {'ok' | 'conflict' | 'missing', the session's version}
+# The operator's correction: replacing the turns drops the summary (it summarised others).
+PUT = _KEEP + """
+local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if not version then return {'missing', 0} end
+if version ~= tonumber(ARGV[1]) then return {'conflict', version} end
+if ARGV[2] == 'state' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[3])
+else
+  redis.call('DEL', KEYS[3])
+  for i = 3, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+  redis.call('HDEL', KEYS[1], 'summary')
+end
+version = version + 1
+redis.call('HSET', KEYS[1], 'version', version)
+keep()
+return {'ok', version}
+"""
