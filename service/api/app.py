@@ -48,6 +48,7 @@ from service.api.schemas import (
     error_responses,
 )
 from service.api.security import Admin, Reader, RejectControlCharacters, ServiceDep
+from service.api.sessions import router as sessions_router
 from service.core.errors import PoisonError
 from service.core.settings import KafkaSettings
 from service.pipeline import dlq
@@ -333,6 +334,7 @@ def create_app(service: Served, *, registry: CollectorRegistry | None = None,
     app.state.broker_probe = BrokerProbe(service.settings.kafka)
     app.include_router(effects_router)  # before the catch-all /tasks/{task_id:path}
     app.include_router(router)
+    app.include_router(sessions_router)
     console.install(app)
     for exc_type in (LedgerUnavailable, KafkaException, ProduceFailed):
         app.add_exception_handler(exc_type, _unavailable)
