@@ -42,6 +42,9 @@ async def _ledger(settings: Settings) -> AsyncIterator[Ledger]:
         await close(client)  # with its connections: a pool left open warns once the loop has closed
 
 
+open_ledger = _ledger  # the settings' ledger, for the other commands (service.cli.sessions)
+
+
 def task_show(settings: Settings, args: argparse.Namespace) -> int:
     if not is_valid_task_key(args.task_id):
         print(f"{PROG}: invalid task id {args.task_id!r}", file=sys.stderr)

@@ -12,6 +12,7 @@ from service.cli.base import PROG
 from service.cli.kinds import kinds_command
 from service.cli.produce import produce_tasks
 from service.cli.serve import demo_command, run_command
+from service.cli.sessions import session_delete, session_list, session_show
 from service.core.metrics import DLQ_REASONS
 from service.core.settings import EMBEDDED_BROKERS
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     kinds.set_defaults(handler=kinds_command)
     _add_task(sub)
     _add_dlq(sub)
+    _add_session(sub)
     _add_demo(sub)
     return parser
 
@@ -120,6 +122,22 @@ def _add_dlq(sub: Commands[argparse.ArgumentParser]) -> None:
     replay.add_argument("--limit", type=positive_int, default=100)
     replay.add_argument("--json", action="store_true", help="print the report as JSON")
     replay.set_defaults(handler=dlq_replay)
+
+
+def _add_session(sub: Commands[argparse.ArgumentParser]) -> None:
+    session = sub.add_parser("session", help="the sessions: list them, show one with its turns, erase one")
+    session_sub = session.add_subparsers(dest="session_command", required=True, metavar="COMMAND")
+    listing = session_sub.add_parser("list", help="the most recently changed sessions, the last first")
+    listing.add_argument("--limit", type=positive_int, default=100)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=session_list)
+    show = session_sub.add_parser("show", help="one session: kind, version, state, summary, turns, holder, queue")
+    show.add_argument("session_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show.set_defaults(handler=session_show)
+    delete = session_sub.add_parser("delete", help="erase a session: its state, turns, queue and listing")
+    delete.add_argument("session_id", metavar="ID")
+    delete.set_defaults(handler=session_delete)
 
 
 def _add_demo(sub: Commands[argparse.ArgumentParser]) -> None:
