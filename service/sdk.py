@@ -41,6 +41,11 @@ The names, and nothing else:
 - ``StrictInput``: a base for input models that refuses unknown fields.
 - ``system_message``: a system prompt that asks for the step's JSON object and nothing else.
 - ``user_message``: a user message.
+- ``Session``: a kind's sessions (``Agent(..., session=Session())``): the turns, or a state and its
+  ``reduce``; docs/SESSIONS.md.
+- ``SESSION``: the key of the session in a step's ``previous``.
+- ``SessionView``: the session as a step sees it: its version, turns, state and summary.
+- ``session_messages``: ``session_messages(view)`` renders a view's summary and turns as chat messages.
 - ``TaskEvent``: the task as a producer writes it to the input topic.
 - ``AgentError``: the root of the service's own exceptions.
 - ``InvalidOutput``: raise it from ``Step.check`` to refuse an answer (retried, then dead-lettered).
@@ -53,6 +58,7 @@ from service.agents.base import Agent, Messages, Step
 from service.agents.delegation import Delegate, DelegateStep
 from service.agents.helpers import StrictInput, system_message, user_message
 from service.agents.registry import AgentRegistry, default_agents
+from service.agents.session import SESSION, Session, SessionView, session_messages
 from service.agents.tasks import TaskEvent
 from service.agents.tools import FunctionTool, HttpTool, Reconciled, Tool, ToolCall, ToolError, ToolUnknown
 from service.core.errors import AgentError, InvalidOutput, PoisonError
@@ -69,6 +75,9 @@ __all__ = [
     "Messages",
     "PoisonError",
     "Reconciled",
+    "SESSION",
+    "Session",
+    "SessionView",
     "Step",
     "StrictInput",
     "TaskEvent",
@@ -77,6 +86,7 @@ __all__ = [
     "ToolError",
     "ToolUnknown",
     "default_agents",
+    "session_messages",
     "system_message",
     "user_message",
 ]

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from service.agents.session import Session
 from service.agents.tasks import describe_validation
 from service.agents.tools import Tool, ToolCall
 from service.core.errors import InvalidOutput, PoisonError
@@ -114,6 +115,8 @@ class Agent:
     # for it, "fallback" to the first fallback endpoint that accepts (the result is flagged
     # degraded), or "fail_fast" (dead letter `unavailable`); None takes AGENT_LLM__UNAVAILABLE
     unavailable: str | None = None
+    # its tasks naming a session run one at a time per session and update its state (docs/SESSIONS.md)
+    session: Session | None = None
     # step name -> the names of the steps it reads, in its order (computed from the steps' ``needs``)
     graph: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 

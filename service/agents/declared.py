@@ -59,6 +59,7 @@ from service.agents.declared_delegate import (
     declared_delegate_step,
 )
 from service.agents.helpers import JSON_ONLY, system_message, user_message
+from service.agents.session import Session
 from service.agents.tasks import KIND_PATTERN, canonical_json, digest
 from service.agents.templates import STEP_NAME, DeclaredInput, Template, parse_template, render, unknown_placeholder
 from service.core.errors import AgentError, InvalidOutput, PoisonError
@@ -68,7 +69,8 @@ from service.core.settings import UNAVAILABLE_POLICIES
 VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SCHEMA_NAME_MAX = 64  # a request's schema name is "<kind>_<step>" (see service.llm.client.ChatRequest)
 
-KIND_FIELDS = {"name", "version", "description", "input_schema", "steps", "rollout_share", "unavailable"}
+KIND_FIELDS = {"name", "version", "description", "input_schema", "steps", "rollout_share", "unavailable", "session"}
+SESSION_FIELDS = {"ttl_s", "history_share"}  # a kinds file's session is the turns (a reducer is Python's)
 STEP_FIELDS = {"name", "prompt", "system", "output_schema", "needs", "model", "temperature"}
 DELEGATE_FIELDS = {"name", "needs", "delegate", "mode"}  # a step that delegates to other kinds
 
@@ -303,13 +305,30 @@ def _kind(path: Path, index: int, raw: Any) -> DeclaredAgent:
         "name": name, "version": version, "input_schema": input_schema,
         "steps": [s.definition() for s in steps],
     }
+    session = _session(at, raw.get("session"))
+    definition.update({"session": {"ttl_s": session.ttl_s, "history_share": session.history_share}} if session else {})
     try:
         return DeclaredAgent(name, DeclaredInput, steps, version=version, input_schema=input_schema,
                              definition_digest=digest(canonical_json(definition)), description=description,
-                             unavailable=unavailable)
+                             unavailable=unavailable, session=session)
     except ValueError as exc:  # a cycle: the agent model refuses it
         message = str(exc).removeprefix(f"agent {name!r}: ")
         raise at.error("needs", message) from None
+
+
+def _session(at: _Where, raw: Any) -> Session | None:
+    """``session = { ttl_s, history_share }`` (both optional): the kind keeps sessions of turns."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise at.error("session", "expected a table such as { ttl_s = 2592000, history_share = 0.5 }")
+    unknown = sorted(set(raw) - SESSION_FIELDS)
+    if unknown:
+        raise at.error(f"session.{unknown[0]}", f"unknown field (a session has {', '.join(sorted(SESSION_FIELDS))})")
+    try:
+        return Session(**raw)
+    except (TypeError, ValueError) as exc:
+        raise at.error("session", str(exc).removeprefix("Session: ")) from None
 
 
 def _step_names(at: _Where, kind: str, steps: list[Any], fields: set[str]) -> list[str]:

@@ -11,6 +11,11 @@ lone surrogate, bytes that are not UTF-8, a header that disagrees with the field
 fault: dead letter ``schema``. A task that names none belongs to the tenant ``default``. A named
 tenant (other than ``default``) is part of the work: it enters the fingerprint, so two tenants'
 identical inputs are two tasks, and one ``task_id`` sent under another tenant is a conflict.
+
+A task may name its **session** (docs/SESSIONS.md): the field ``session`` of the event, or else
+the record header ``agent.session``, either a task key (:data:`~dedup.keys.TASK_KEY_PATTERN`); both
+present and different, or a header that is no task key, is dead letter ``schema``. A named session
+enters the fingerprint (the same input in two sessions is two pieces of work).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from service.core.errors import PoisonError
 KIND_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 DEFAULT_TENANT = "default"  # the tenant of a task that names none
 TENANT_HEADER = "tenant"
+SESSION_HEADER = "agent.session"
 
 
 class TaskEvent(BaseModel):
@@ -45,6 +51,7 @@ class TaskEvent(BaseModel):
     deadline: AwareDatetime | None = None
     priority: Literal["interactive", "batch"] = "batch"
     tenant: str | None = Field(None, pattern=TENANT_PATTERN, max_length=TENANT_MAX_LEN)
+    session: str | None = Field(None, pattern=TASK_KEY_PATTERN)
 
 
 def canonical_json(value: Any) -> str:
@@ -81,18 +88,22 @@ def digest(text: str | bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def fingerprint(kind: str, task_input: dict[str, Any], tenant: str | None = None) -> str:
+def fingerprint(kind: str, task_input: dict[str, Any], tenant: str | None = None, session: str | None = None) -> str:
     """The digest of the work: its kind, its input and, when it names one, its tenant (the tenant
-    ``default`` is the same work as none, so tasks without a tenant keep their fingerprint)."""
-    if tenant is None or tenant == DEFAULT_TENANT:
-        return digest(canonical_json({"kind": kind, "input": task_input}))
-    return digest(canonical_json({"kind": kind, "input": task_input, "tenant": tenant}))
+    ``default`` is the same work as none, so tasks without a tenant keep their fingerprint) and its
+    session."""
+    work: dict[str, Any] = {"kind": kind, "input": task_input}
+    if tenant is not None and tenant != DEFAULT_TENANT:
+        work["tenant"] = tenant
+    if session is not None:
+        work["session"] = session
+    return digest(canonical_json(work))
 
 
 def task_key(event: TaskEvent) -> str:
     if event.task_id is not None:
         return event.task_id
-    return "auto-" + fingerprint(event.kind, event.input, event.tenant).removeprefix("sha256:")[:40]
+    return "auto-" + fingerprint(event.kind, event.input, event.tenant, event.session).removeprefix("sha256:")[:40]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +114,11 @@ class Task:
     deadline: datetime | None
     traceparent: str | None
     tenant: str = DEFAULT_TENANT
+
+    @property
+    def session(self) -> str | None:
+        """The session the task names (docs/SESSIONS.md), or None."""
+        return self.event.session
 
     @property
     def kind(self) -> str:
@@ -205,6 +221,7 @@ def _decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> Task:
     if data.get("deadline") is None and (hdr := header(headers, "deadline")):
         data["deadline"] = hdr
     _tenant_from_header(data, headers)
+    _session_from_header(data, headers)
     event = _plain_event(data)
     if event is None:  # anything but the plain case: pydantic validates it and says what is wrong
         try:
@@ -216,7 +233,7 @@ def _decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> Task:
     except (OverflowError, ValueError) as exc:
         raise PoisonError("schema", f"deadline: out of range once converted to UTC ({event.deadline})") from exc
     try:
-        print_ = fingerprint(event.kind, event.input, event.tenant)
+        print_ = fingerprint(event.kind, event.input, event.tenant, event.session)
     except UnicodeEncodeError as exc:
         raise PoisonError("decode", "input holds a lone surrogate escape: not valid Unicode text") from exc
     except (ValueError, OverflowError) as exc:
@@ -253,6 +270,27 @@ def _tenant_from_header(data: dict[str, Any], headers: list[tuple[str, bytes]] |
         raise PoisonError("schema", "tenant: the field and the header name different tenants")
 
 
+def _session_from_header(data: dict[str, Any], headers: list[tuple[str, bytes]] | None) -> None:
+    """The ``agent.session`` header when the event names no session; a header that is no task key,
+    or that names another session than the field, is refused."""
+    raw = next((value for key, value in headers or () if key == SESSION_HEADER and value is not None), None)
+    if raw is None:
+        return
+    if len(raw) > 1024:
+        raise PoisonError("schema", f"session: the header is {len(raw)} long")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as exc:
+        raise PoisonError("schema", "session: the header is not UTF-8") from exc
+    if not _TASK_ID_RE.fullmatch(text):
+        raise PoisonError("schema", f"session: the header is not a session id ({TASK_KEY_PATTERN})")
+    body = data.get("session")
+    if body is None:
+        data["session"] = text
+    elif body != text:
+        raise PoisonError("schema", "session: the field and the header name different sessions")
+
+
 _EVENT_FIELDS = frozenset(TaskEvent.model_fields)
 _KIND_RE = re.compile(KIND_PATTERN)
 _TASK_ID_RE = re.compile(TASK_KEY_PATTERN)
@@ -264,7 +302,8 @@ def _plain_event(data: dict[str, Any]) -> TaskEvent | None:
     object ``input``, no ``deadline``, a known ``priority``, no ``tenant``. None for anything else,
     which the model then validates (and explains when it is invalid): both accept and build exactly
     the same events."""
-    if not _EVENT_FIELDS.issuperset(data) or data.get("deadline") is not None or data.get("tenant") is not None:
+    if (not _EVENT_FIELDS.issuperset(data) or data.get("deadline") is not None or data.get("tenant") is not None
+            or data.get("session") is not None):
         return None
     kind, task_id, task_input = data.get("kind"), data.get("task_id"), data.get("input")
     priority = data.get("priority", "batch")
@@ -278,7 +317,8 @@ def _plain_event(data: dict[str, Any]) -> TaskEvent | None:
     # what model_construct does for this model, without its generic field loop (half the decode)
     event = _new_event(TaskEvent)
     _set(event, "__dict__", {"task_id": task_id, "kind": kind, "input": task_input, "deadline": None,
-                             "priority": "interactive" if priority == "interactive" else "batch", "tenant": None})
+                             "priority": "interactive" if priority == "interactive" else "batch", "tenant": None,
+                             "session": None})
     _set(event, "__pydantic_fields_set__", set(data))
     _set(event, "__pydantic_extra__", None)
     _set(event, "__pydantic_private__", None)

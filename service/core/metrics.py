@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 TASK_OUTCOMES = ("succeeded", "duplicate", "dead_lettered", "conflict", "parked")
 DLQ_REASONS = (
     "decode", "schema", "oversize", "conflict", "expired", "permanent", "exhausted", "invalid_output",
-    "internal", "rejected", "unavailable", "budget", "crashed",
+    "internal", "rejected", "unavailable", "budget", "crashed", "session_busy", "session",
 )
 # why a record of the replies topic was skipped (``agent_replies_skipped_total``): a closed set
 REPLY_SKIP_REASONS = ("tombstone", "oversize", "encoding", "json", "schema", "task_key", "mismatch", "unknown_parent",
@@ -48,6 +48,7 @@ class Metrics:
         self._tools_and_parking(self.registry)
         self._delegation(self.registry)
         self._schedules(self.registry)
+        self._sessions(self.registry)
         self._liveness(self.registry)
         self._label_children()
 
@@ -272,6 +273,21 @@ class Metrics:
         self.schedule_errors = Counter(
             "agent_schedule_errors", "Ticks of a schedule that failed (Redis or the broker away, a bug): tried "
             "again next tick.", ["schedule"], registry=r,
+        )
+
+    def _sessions(self, r: CollectorRegistry) -> None:
+        """Sessions (docs/SESSIONS.md): turns applied, conflicts reduced again, waits for a turn."""
+        self.session_turns = Counter(
+            "agent_session_turns", "Updates of a session applied (a turn or a reduced state), once per task, by "
+            "kind.", ["kind"], registry=r,
+        )
+        self.session_conflicts = Counter(
+            "agent_session_conflicts", "Applies that found the session's version moved (an operator's PUT, "
+            "another task's apply) and read and reduced again, by kind.", ["kind"], registry=r,
+        )
+        self.session_wait = Histogram(
+            "agent_session_wait_seconds", "How long a task waited for its session's turn, by kind.", ["kind"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=r,
         )
 
     def _liveness(self, r: CollectorRegistry) -> None:

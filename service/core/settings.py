@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dedup.keys import is_valid_tenant
 from service.core.schedule_spec import SchedulerSettings
+from service.core.sessions_settings import SessionsSettings
 
 EMBEDDED_BROKERS = ("noida", "tansu")  # what `agent-service run --embedded --broker` may start
 
@@ -397,6 +398,7 @@ class Settings(BaseSettings):
     delegation: DelegationSettings = DelegationSettings()
     tenancy: TenancySettings = TenancySettings()
     scheduler: SchedulerSettings = SchedulerSettings()  # AGENT_SCHEDULER__SCHEDULES: a JSON list
+    sessions: SessionsSettings = SessionsSettings()  # AGENT_SESSIONS__POLL_S, __MAX_WAIT_S, __STALL_S
     max_task_bytes: int = Field(262_144, ge=64)
     max_in_flight: int = Field(256, ge=1)
     max_in_flight_per_partition: int | None = Field(None, ge=1)  # unset: max_in_flight
