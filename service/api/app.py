@@ -36,6 +36,7 @@ from dedup.ledger import LedgerUnavailable
 from service.agents.registry import prepare_task
 from service.agents.tasks import TaskEvent, loads
 from service.api import console, peeking
+from service.api.console_session_pages import router as session_pages_router
 from service.api.effects import router as effects_router
 from service.api.protocol import Served
 from service.api.schemas import (
@@ -336,6 +337,7 @@ def create_app(service: Served, *, registry: CollectorRegistry | None = None,
     app.include_router(router)
     app.include_router(sessions_router)
     console.install(app)
+    app.include_router(session_pages_router)
     for exc_type in (LedgerUnavailable, KafkaException, ProduceFailed):
         app.add_exception_handler(exc_type, _unavailable)
     app.add_exception_handler(Exception, _internal)
