@@ -64,6 +64,11 @@ class ProcessorConfig:
     replies_topic: str = "agent.replies"
     reply_topics: tuple[str, ...] = ()  # other deployments' replies topics a child may reply to
     input_topic: str = "agent.tasks"
+    # sessions (docs/SESSIONS.md): a task's poll for its turn, its longest wait (then `session_busy`),
+    # and how long a free session's head may not come before it is passed over
+    session_poll_s: float = 0.5
+    session_max_wait_s: float = 300.0
+    session_stall_s: float = 120.0
 
 
 class ToDeadLetter(Exception):

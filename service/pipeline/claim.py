@@ -35,6 +35,7 @@ from service.pipeline.base import CHILD, PARENT, PARENT_STEP, ProcessorConfig, c
 from service.pipeline.delegation import place_of
 from service.pipeline.outcomes import Outcomes
 from service.pipeline.screen import DuplicateShare
+from service.pipeline.sessions import SessionGate
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ class Claims:
     Owns ``duplicates``: how many recent claims found their task done, which the replay screen reads."""
 
     def __init__(self, *, ledger: Ledger, outcomes: Outcomes, outputs: Outputs, metrics: Metrics,
-                 config: ProcessorConfig, worker_id: str, clock: Callable[[], datetime]) -> None:
+                 config: ProcessorConfig, worker_id: str, clock: Callable[[], datetime],
+                 sessions: SessionGate | None = None) -> None:
         self.ledger = ledger
+        self.sessions = sessions  # a session's update applied, or its queue left, by a stored outcome
         self.outcomes = outcomes
         self.outputs = outputs  # a stored outcome is re-emitted on it
         self.metrics = metrics
@@ -123,6 +126,8 @@ class Claims:
         """Dead-letter a task the ledger ended dead for ``reason`` (and reply to its parent)."""
         if reason != "cancelled":  # before publishing: once published, a redelivery skips the task
             await self.outcomes.cancel_children(task.key)
+        if self.sessions is not None:  # a dead end: out of its session's queue, before publishing
+            await self.sessions.leave(task)
         async with self.outcomes.publishing(record, task.key, "dead"):
             await self.outcomes.dead_letter(record, task.key, reason, error, attempts)
             await self.outcomes.reply(record, task.key, task.kind, "dead", reason=reason, error=error)
@@ -140,6 +145,7 @@ class Claims:
             await self.ledger.confirm_replicated(task.key)
         else:  # ended dead by a worker that stopped before publishing (and perhaps before cancelling)
             await self.outcomes.cancel_children(task.key)
+        await self._session(task, state, claim, stored.event)
         async with self.outcomes.publishing(record, task.key, state):
             if state == "succeeded" and stored.event is not None:
                 await self.outputs.result(record, task.key, stored.event, self.outcomes.traceparent(task.traceparent),
@@ -155,3 +161,13 @@ class Claims:
                 await self.outcomes.reply(record, task.key, task.kind, "dead", reason=reason,
                                           error=stored.fields.get("error", ""))
         log.info("%s: %s before; re-emitted the stored outcome", ctx, state)
+
+    async def _session(self, task: Task, state: str, claim: Claim, event: bytes | None) -> None:
+        """Before a stored outcome is re-emitted: a result's session update applied (once per task
+        id: a crash between the ledger's DONE and the apply), a dead end's session left."""
+        if self.sessions is None:
+            return
+        if state == "succeeded" and event is not None:
+            await self.sessions.apply(task, claim.fence, json.loads(event).get("result"))
+        elif state == "dead":
+            await self.sessions.leave(task)

@@ -25,6 +25,7 @@ from consumers.records import Record
 from dedup.ledger import Claim, StaleFence
 from service.agents.base import Agent, Messages, Step
 from service.agents.delegation import DelegateStep
+from service.agents.session import SESSION, SessionView
 from service.agents.tasks import Task, canonical_json, digest
 from service.pipeline.base import LostFence, ToDeadLetter, estimate_tokens
 from service.pipeline.calls import CallLoop
@@ -39,10 +40,11 @@ class GraphRun:
     Its model calls go through ``calls``, whose ledger, metrics and config it shares."""
 
     def __init__(self, calls: CallLoop, task: Task, agent: Agent, task_input: BaseModel, claim: Claim,
-                 record: Record | None, send: Send | None = None) -> None:
+                 record: Record | None, send: Send | None = None, session: SessionView | None = None) -> None:
         self.calls, self.task, self.agent, self.task_input, self.claim = calls, task, agent, task_input, claim
         self.record = record
         self.send = send  # produces a delegating step's children
+        self.session = session  # the task's session as it entered: every step sees it in previous[SESSION]
         self.journaled = agent.journaled
         self.journal: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}  # step -> its record (journaled or new)
@@ -95,6 +97,8 @@ class GraphRun:
                 raise ToDeadLetter("permanent", f"step {need}: recorded output does not match its digest",
                                    self.attempts)
             previous[need] = record["output"]
+        if self.session is not None:
+            previous[SESSION] = self.session
         if isinstance(step, DelegateStep):  # no model call: children, once each, and their outcomes
             output = await self._delegate(step, previous)
         elif step.fit == "map_reduce" and not self._fits(step, self.task_input, previous):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -82,14 +82,21 @@ class Outcomes:
         attempts: int,
         ctx: str,
         degraded: dict[str, tuple[str, str]] | None = None,
+        *,
+        session: Mapping[str, Any] | None = None,
+        applying: Callable[[Any], Awaitable[None]] | None = None,
     ) -> None:
-        """Write the result; ``degraded`` (step -> (endpoint, model)) names the steps a fallback
+        """Write the result; ``session`` the event's ``session`` field (what the task saw of its
+        session); ``applying`` the session's update, called with the stored result once the ledger
+        accepted it and before it is published (docs/SESSIONS.md); ``degraded`` (step -> (endpoint, model)) names the steps a fallback
         endpoint answered: the event and the ledger record are then flagged ``degraded`` and name
         the endpoint and model (of the first such step in the agent's order; ``answered_by`` has each)."""
         result = agent.result(outputs)
         result_text = canonical_json(result)
         result_digest = digest(result_text)
         fields, endpoint = self._result_fields(task, agent, fence, result, result_digest, attempts, degraded)
+        if session is not None:
+            fields["session"] = dict(session)
         event = canonical_json(fields).encode()
         done = await self.ledger.complete(
             task.key, fence, result=result_text, digest=result_digest, event=event,
@@ -107,6 +114,8 @@ class Outcomes:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: write with fence %d refused (%s; holder fence %d)", ctx, fence, done.status, done.fence)
             return
+        if applying is not None:  # part of completion: before the result is published
+            await applying(json.loads(event).get("result"))
         await self._publish_result(record, task, agent, event, result_digest, fence, attempts, endpoint, ctx)
 
     def _result_fields(
@@ -162,14 +171,18 @@ class Outcomes:
         return next((f.url for f in self.fallbacks if f.name == name), "")
 
     async def dead(
-        self, record: Record, task: Task, fence: int, reason: str, error: str, attempts: int, ctx: str
+        self, record: Record, task: Task, fence: int, reason: str, error: str, attempts: int, ctx: str,
+        ending: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """Fail the task dead under its fence, then ``ending`` (its session left) and the dead letter."""
         if not await self.ledger.fail(task.key, fence, error, dead_reason=reason):
             self.metrics.stale_fence_writes.inc()
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: dead-letter of fence %d refused: a newer fence holds the task", ctx, fence)
             return
         await self.cancel_children(task.key)  # before publishing: a re-emit after a crash cancels again
+        if ending is not None:
+            await ending()
         async with self.publishing(record, task.key, "dead"):
             await self.dead_letter(record, task.key, reason, error, attempts)
             await self.reply(record, task.key, task.kind, "dead", reason=reason, error=error)

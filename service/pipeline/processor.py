@@ -13,6 +13,7 @@ The processor is composed of collaborators, each a plain object owning its state
     calls      (:mod:`~service.pipeline.calls`)      one step's model calls: attempts, refunds, back-off
     capacity   (:mod:`~service.pipeline.capacity`)   budget, endpoint choice, window slot; the endpoints
     outcomes   (:mod:`~service.pipeline.outcomes`)   result or dead letter, published; a parking
+    sessions   (:mod:`~service.pipeline.sessions`)   a task's session: its turn, its lease, its update
     shadow     (:mod:`~service.pipeline.shadow`)     the sampled duplicates run again
 
 The processor itself owns the record's retries and ``outage`` (Redis or the broker did not answer).
@@ -36,6 +37,7 @@ from dedup.leases import LeaseKeeper
 from dedup.ledger import Claim, Ledger, LedgerUnavailable
 from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
+from service.agents.session import SessionView
 from service.agents.tasks import Task, header
 from service.core.errors import InfrastructureError, PoisonError
 from service.core.metrics import Metrics
@@ -61,11 +63,14 @@ from service.pipeline.claim import Claims
 from service.pipeline.decode import decode_record, key_of
 from service.pipeline.outcomes import Outcomes
 from service.pipeline.screen import ReplayScreen
+from service.pipeline.sessions import Replay, SessionGate
 from service.pipeline.shadow import Shadow
 from service.pipeline.steps import Steps
 from service.pipeline.waits import Waits
 
 log = logging.getLogger(__name__)
+
+NONE: dict[str, tuple[str, str]] = {}  # no step answered by a fallback
 
 
 class TaskProcessor:
@@ -78,8 +83,10 @@ class TaskProcessor:
 
     def __init__(self, *, claims: Claims, steps: Steps, outcomes: Outcomes, capacity: Capacity, shadow: Shadow,
                  ledger: Ledger, agents: AgentRegistry, metrics: Metrics, config: ProcessorConfig,
-                 clock: Callable[[], datetime], tracing: Tracing) -> None:
+                 clock: Callable[[], datetime], tracing: Tracing, sessions: SessionGate | None = None) -> None:
         self.claims = claims
+        self.sessions = sessions or SessionGate(ledger=ledger, agents=agents, metrics=metrics, config=config,
+                                                clock=clock)
         self.steps = steps
         self.outcomes = outcomes
         self.capacity = capacity
@@ -130,9 +137,10 @@ class TaskProcessor:
                             model_name=model_name, fallbacks=fallbacks, config=config)
         calls = CallLoop(ledger=ledger, capacity=capacity, waits=waits, metrics=metrics, config=config, clock=clock,
                          tracing=tracing, model_name=model_name, worker_id=worker_id, audit=outcomes.export_audit)
+        sessions = SessionGate(ledger=ledger, agents=agents, metrics=metrics, config=config, clock=clock)
         return cls(
             claims=Claims(ledger=ledger, outcomes=outcomes, outputs=outputs, metrics=metrics, config=config,
-                          worker_id=worker_id, clock=clock),
+                          worker_id=worker_id, clock=clock, sessions=sessions), sessions=sessions,
             # the publisher is looked up when a child is sent: a processor built without one never delegates
             steps=Steps(calls, lambda *record: outputs.publisher.send(*record)), outcomes=outcomes, capacity=capacity,
             shadow=Shadow(ledger=ledger, calls=calls, capacity=capacity, metrics=metrics, config=config),
@@ -148,7 +156,7 @@ class TaskProcessor:
     def config(self, config: ProcessorConfig) -> None:
         """New settings reach every collaborator at once."""
         self._config = config
-        for part in (self.claims, self.outcomes, self.capacity, self.shadow, self.steps.calls):
+        for part in (self.claims, self.outcomes, self.capacity, self.shadow, self.steps.calls, self.sessions):
             part.config = config
 
     @property
@@ -294,14 +302,22 @@ class TaskProcessor:
             error = "deadline passed before the task started"
             if await self.ledger.fail(task.key, claim.fence, error):
                 await self.outcomes.cancel_children(task.key)
+                await self.sessions.leave(task, claim.fence)  # an earlier run may have taken its ticket
                 await self.outcomes.dead_letter(record, task.key, "expired", error, claim.attempts)
                 await self.outcomes.reply(record, task.key, task.kind, "dead", reason="expired", error=error)
             return
+        entry: SessionView | Replay | None = None
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):
-                outputs, attempts, degraded = await self._run(task, agent, task_input, claim, record)
+                entry = await self.sessions.enter(task, agent, claim)  # its session's turn, before the steps
+                async with self.sessions.holding(task, claim.fence, entry):
+                    if isinstance(entry, Replay):
+                        outputs, attempts, degraded = self._replayed(entry, task, agent, claim), claim.attempts, NONE
+                    else:
+                        outputs, attempts, degraded = await self._run(task, agent, task_input, claim, record, entry)
         except ToDeadLetter as dl:
-            await self.outcomes.dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx)
+            await self.outcomes.dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx,
+                                     ending=lambda: self.sessions.leave(task, claim.fence))
             self.metrics.task_versions.labels(kind=task.kind, version=agent.prompt_version,
                                               outcome="dead_lettered").inc()
             return
@@ -313,13 +329,38 @@ class TaskProcessor:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: lost the task to a newer fence; the new holder finishes it", ctx)
             return
-        await self.outcomes.complete(record, task, agent, claim.fence, outputs, attempts, ctx, degraded)
+        await self._complete(record, task, agent, claim.fence, (outputs, attempts, degraded), ctx, entry)
+
+    async def _complete(self, record: Record, task: Task, agent: Agent, fence: int,
+                        ran: tuple[dict[str, dict[str, Any]], int, dict[str, tuple[str, str]]], ctx: str,
+                        entry: SessionView | Replay | None) -> None:
+        """Complete the task; a task of a session applies its update before the result is published."""
+        outputs, attempts, degraded = ran
+        if entry is None:
+            await self.outcomes.complete(record, task, agent, fence, outputs, attempts, ctx, degraded)
+            return
+        view = entry.view if isinstance(entry, Replay) else entry
+
+        async def applying(result: Any) -> None:
+            await self.sessions.apply(task, fence, result, view)
+
+        await self.outcomes.complete(record, task, agent, fence, outputs, attempts, ctx, degraded,
+                                     session=view.result_fields(), applying=applying)
+
+    @staticmethod
+    def _replayed(replay: Replay, task: Task, agent: Agent, claim: Claim) -> dict[str, dict[str, Any]]:
+        """The outputs of a task whose session applied its update before: its result kept in its turn."""
+        if not isinstance(replay.result, dict):
+            raise ToDeadLetter("session", f"session {task.session}: the update of task {task.key} was applied "
+                               "before and its result is not kept there", claim.attempts)
+        return {agent.steps[-1].name: replay.result}
 
     async def _run(
         self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, record: Record | None = None,
+        session: SessionView | None = None,
     ) -> tuple[dict[str, dict[str, Any]], int, dict[str, tuple[str, str]]]:
         """Run the agent's step graph (:meth:`Steps.run <service.pipeline.steps.Steps.run>`)."""
-        return await self.steps.run(task, agent, task_input, claim, record)
+        return await self.steps.run(task, agent, task_input, claim, record, session)
 
     async def _park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str) -> None:
         """Park the task in the ledger until a person decides; its offset may then be committed."""

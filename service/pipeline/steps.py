@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from consumers.records import Record
 from dedup.ledger import Claim
 from service.agents.base import Agent
+from service.agents.session import SessionView
 from service.agents.tasks import Task
 from service.pipeline.calls import CallLoop
 from service.pipeline.delegation import Send
@@ -31,8 +32,9 @@ class Steps:
 
     async def run(
         self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, record: Record | None = None,
+        session: SessionView | None = None,
     ) -> tuple[dict[str, dict[str, Any]], int, dict[str, tuple[str, str]]]:
-        """Run the agent's step graph; a multi-step agent journals each step and resumes from the journal.
+        """Run the agent's step graph (each step sees ``session`` in ``previous[SESSION]``); a multi-step agent journals each step and resumes from the journal.
 
         A step runs once every step it needs is journaled, and sees the task input and their
         recorded outputs, each checked against its digest, in the order it names them. Steps with no
@@ -44,6 +46,6 @@ class Steps:
         Returns the outputs, the task's attempts, and the steps a fallback endpoint answered (step ->
         (endpoint, model); empty when the primary answered every step).
         """
-        run = GraphRun(self.calls, task, agent, task_input, claim, record, self.send)
+        run = GraphRun(self.calls, task, agent, task_input, claim, record, self.send, session)
         await run.start()
         return run.outputs, run.attempts, run.degraded

@@ -282,6 +282,10 @@ def load_scheduler(service: Service) -> Scheduler | None:
         raise StartupRefused(f"schedules not loaded: {exc}") from exc
 
 
+def _session_config(s: Settings) -> dict[str, float]:  # AGENT_SESSIONS__* as the processor's session_*
+    return {f"session_{name}": value for name, value in s.sessions.model_dump().items()}
+
+
 def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = None,
           agents: AgentRegistry | None = None, metrics: Metrics | None = None,
           tracing: Tracing | None = None) -> Service:
@@ -319,7 +323,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             audit_topic=s.kafka.audit_topic, max_wait_s=s.llm.max_wait_s,
             max_children=s.delegation.max_children, max_depth=s.delegation.max_depth,
             delegation_max_wait_s=s.delegation.max_wait_s, replies_topic=s.kafka.replies_topic,
-            reply_topics=s.delegation.reply_topics, input_topic=s.kafka.input_topic,
+            reply_topics=s.delegation.reply_topics, input_topic=s.kafka.input_topic, **_session_config(s),
         ),
         worker_id=worker_id(s), model_name=s.llm.model,
         guard=EndpointGuard(llm_base_url, metrics, guard_config, redis=client, key_prefix=s.redis.key_prefix,

@@ -1,0 +1,250 @@
+"""Sessions end to end (docs/SESSIONS.md, "In the pipeline"), on the broker, Redis and the fake model:
+the turns of a session one at a time in arrival order, each applied once and shown to the next
+turn; a reduced state with no lost update under 100 concurrent tasks; a turn that fails for good
+leaves its session's queue and the next turn runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.agents.registry import AgentRegistry
+from service.devtools.fakellm import FakeLLM
+from service.devtools.fakellm.faults import FaultRule
+from service.runtime.wiring import Service
+from service.sdk import (
+    SESSION,
+    Agent,
+    Messages,
+    Session,
+    Step,
+    StrictInput,
+    session_messages,
+    system_message,
+    user_message,
+)
+from tests.support import metric, produce, read_topic, running, task_value, wait_for
+
+pytestmark = [pytest.mark.integration]
+
+
+class Text(StrictInput):
+    text: str = Field(min_length=1, max_length=500)
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    answer: str = Field(min_length=1)
+
+
+class Chat(Step):
+    name, prompt_version, output_model = "answer", "sess-chat-v1", Answer
+
+    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        assert isinstance(task_input, Text)
+        return [system_message("Answer the user."), *session_messages(previous.get(SESSION)),
+                user_message(task_input.text)]
+
+
+class Count(BaseModel):
+    n: int = 0
+    seen: list[str] = []
+
+
+def count(state: Count, task_input: Text, result: Any) -> Count:
+    return Count(n=state.n + 1, seen=[*state.seen, task_input.text])
+
+
+def kinds() -> AgentRegistry:
+    return AgentRegistry([
+        Agent("sess_chat", Text, (Chat(),), session=Session()),
+        Agent("sess_count", Text, (Chat(),), session=Session(state=Count, reduce=count)),
+    ])
+
+
+class Results:
+    """The results topic read as it grows (a user waiting for the answer): task id -> events."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self._stop = threading.Event()
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": f"watch-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest", "enable.auto.commit": False, "isolation.level": "read_committed"})
+        self._consumer.subscribe([topic])
+        self._thread = threading.Thread(target=self._run, name="results", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msg = self._consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            self.events.setdefault((msg.key() or b"").decode(), []).append(json.loads(msg.value() or b"{}"))
+
+    @contextmanager
+    def watching(self) -> Iterator[Results]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(30)
+            self._consumer.close()
+
+
+def _send(bootstrap: str, topic: str, kind: str, task_id: str, session: str, text: str) -> None:
+    produce(bootstrap, topic, [(task_id.encode(), task_value(kind, {"text": text}, task_id, session=session))])
+
+
+async def _turns(svc: Service, session: str) -> list[dict[str, Any]]:
+    record = await svc.ledger.sessions.get(session)
+    assert record is not None, f"session {session} not stored"
+    return record.turns
+
+
+def test_interleaved_turns_of_two_producers_each_once_in_order_and_shown_to_the_next(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    s = make_settings(sessions={"poll_s": 0.05})
+    sessions = [f"s-{uuid.uuid4().hex}", f"s-{uuid.uuid4().hex}"]
+    sent: dict[str, list[str]] = {"p1": [], "p2": []}  # producer -> its task ids, in its order
+    text_of: dict[str, str] = {}
+
+    async def producer(name: str, results: Results) -> None:
+        for i in range(4):
+            session = sessions[i % 2]
+            task_id = f"{uuid.uuid4().hex}"  # a random key: any partition
+            text_of[task_id] = f"{name} says {i} in {session[-6:]}"
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", task_id, session,
+                                    text_of[task_id])
+            sent[name].append(task_id)
+            await wait_for(lambda t=task_id: t in results.events, 60, what=f"the result of {name}'s turn {i}")
+
+    async def scenario(results: Results) -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            await asyncio.gather(producer("p1", results), producer("p2", results))
+            for session in sessions:
+                turns = await _turns(svc, session)
+                ids = [t["task_id"] for t in turns]
+                mine = [t for t in sent["p1"] + sent["p2"] if t in ids]
+                assert sorted(ids) == sorted(mine) and len(ids) == len(set(ids)) == 4, "each turn once"
+                for who in ("p1", "p2"):  # each producer's turns in its order
+                    theirs = [t for t in sent[who] if t in ids]
+                    assert [t for t in ids if t in theirs] == theirs
+                for k, turn in enumerate(turns):  # each turn's prompt shows every turn before it
+                    assert turn["input"] == {"text": text_of[turn["task_id"]]}
+                    request = fake_llm.last_request(f"{turn['task_id']}:answer")
+                    assert request is not None
+                    told = json.dumps(request["messages"])
+                    assert all(text_of[t["task_id"]] in told for t in turns[:k])
+                    assert all(text_of[t["task_id"]] not in told for t in turns[k + 1:])
+                    assert turn["result"] == results.events[turn["task_id"]][0]["result"]
+                    event = results.events[turn["task_id"]][0]
+                    assert event["session"] == {"id": session, "version": k, "turns_seen": k, "summarized": 0}
+            # a redelivered turn (the same task id produced again) is a duplicate: applied once
+            again = sent["p1"][0]
+            before = metric(svc, "agent_tasks_total", {"outcome": "duplicate"})
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", again, sessions[0],
+                                    text_of[again])
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "duplicate"}) > before, 60,
+                           what="the redelivered turn", service=svc)
+            assert [t["task_id"] for t in await _turns(svc, sessions[0])].count(again) == 1
+            assert metric(svc, "agent_session_turns_total", {"kind": "sess_chat"}) == 8
+            for session in sessions:
+                record = await svc.ledger.sessions.get(session)
+                assert record is not None and record.queue == [] and record.holder in (None, "")
+
+    with Results(kafka_bootstrap, s.kafka.results_topic).watching() as results:
+        asyncio.run(scenario(results))
+    assert all(fake_llm.stats()["completions_by_step"].get(f"{t}:answer") == 1 for t in sent["p1"] + sent["p2"])
+
+
+def test_a_reduced_count_loses_no_update_under_a_hundred_concurrent_tasks(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    s = make_settings(sessions={"poll_s": 0.05})
+    sessions = [f"c-{uuid.uuid4().hex}" for _ in range(5)]
+    tasks = [(uuid.uuid4().hex, random.choice(sessions)) for _ in range(100)]
+    records = [(task_id.encode(), task_value("sess_count", {"text": task_id}, task_id, session=session))
+               for task_id, session in tasks]
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            await asyncio.to_thread(produce, kafka_bootstrap, s.kafka.input_topic, records)
+
+            async def all_done() -> bool:
+                done = 0
+                for task_id, _ in tasks:
+                    record = await svc.ledger.get(task_id)
+                    done += record is not None and record.state == "succeeded" and record.published
+                return done == len(tasks)
+
+            await wait_for(all_done, 240, interval_s=0.5, what="100 results", service=svc)
+            for session in sessions:
+                mine = [task_id for task_id, sid in tasks if sid == session]
+                record = await svc.ledger.sessions.get(session)
+                if not mine:
+                    assert record is None
+                    continue
+                assert record is not None
+                assert record.state["n"] == len(mine) == record.version, session
+                assert sorted(record.state["seen"]) == sorted(mine)
+                assert record.queue == []
+
+    asyncio.run(scenario())
+    results = read_topic(kafka_bootstrap, s.kafka.results_topic, expect=100, timeout_s=60)
+    versions: dict[str, list[int]] = {}
+    for m in results:
+        event = json.loads(m.value or b"{}")
+        versions.setdefault(event["session"]["id"], []).append(event["session"]["version"])
+    # serialized: each task of a session saw a version of its own, one after another
+    for session, seen in versions.items():
+        assert sorted(seen) == list(range(len(seen))), session
+    assert sum(len(v) for v in versions.values()) == 100
+
+
+def test_a_turn_that_fails_for_good_leaves_the_queue_and_the_next_turn_runs(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    s = make_settings(sessions={"poll_s": 0.05, "max_wait_s": 120})
+    session = f"f-{uuid.uuid4().hex}"
+    first, failing, after = (uuid.uuid4().hex for _ in range(3))
+    fake_llm.add_fault(FaultRule("schema_violation", match=f"{failing}:", delay_s=1.0))  # every attempt
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", first, session, "hello")
+
+            async def succeeded(task_id: str) -> bool:
+                record = await svc.ledger.get(task_id)
+                return record is not None and record.state == "succeeded" and record.published
+
+            await wait_for(lambda: succeeded(first), 60, what="the first turn", service=svc)
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", failing, session, "boom")
+
+            async def holding() -> bool:  # the failing turn holds the session: the next one queues behind it
+                record = await svc.ledger.sessions.get(session)
+                return record is not None and record.holder == failing
+
+            await wait_for(holding, 60, what="the failing turn holding the session", service=svc)
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", after, session, "again")
+            await wait_for(lambda: succeeded(after), 90, what="the turn after the failing one", service=svc)
+            dead = await svc.ledger.get(failing)
+            assert dead is not None and dead.state == "dead"
+            record = await svc.ledger.sessions.get(session)
+            assert record is not None
+            assert [t["task_id"] for t in record.turns] == [first, after]
+            assert record.queue == []
+            told = json.dumps((fake_llm.last_request(f"{after}:answer") or {})["messages"])
+            assert "hello" in told and "boom" not in told
+
+    asyncio.run(scenario())
+    letters = read_topic(kafka_bootstrap, s.kafka.dlq_topic, expect=1, timeout_s=30)
+    assert [(m.key or b"").decode() for m in letters] == [failing]
