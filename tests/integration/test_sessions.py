@@ -18,7 +18,9 @@ import pytest
 from confluent_kafka import Consumer
 from pydantic import BaseModel, ConfigDict, Field
 
+from dedup.sessions import Entered
 from service.agents.registry import AgentRegistry
+from service.agents.tasks import canonical_json, digest, fingerprint
 from service.devtools.fakellm import FakeLLM
 from service.devtools.fakellm.faults import FaultRule
 from service.runtime.wiring import Service
@@ -248,3 +250,94 @@ def test_a_turn_that_fails_for_good_leaves_the_queue_and_the_next_turn_runs(
     asyncio.run(scenario())
     letters = read_topic(kafka_bootstrap, s.kafka.dlq_topic, expect=1, timeout_s=30)
     assert [(m.key or b"").decode() for m in letters] == [failing]
+
+
+def test_a_result_accepted_but_never_applied_is_applied_by_its_redelivery(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    """A worker that stopped between the ledger's DONE and the session's apply: the task's record
+    read again finds the result stored and unpublished, applies it once, then publishes it."""
+    s = make_settings(sessions={"poll_s": 0.05})
+    session, task_id = f"d-{uuid.uuid4().hex}", uuid.uuid4().hex
+    task_input, result = {"text": "remember me"}, {"answer": "stored before the stop"}
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            claim = await svc.ledger.claim(task_id, fingerprint("sess_chat", task_input, None, session), "gone",
+                                           "sess_chat")
+            entered = await svc.ledger.sessions.enter(session, "sess_chat", task_id, claim.fence, 3000)
+            assert isinstance(entered, Entered)
+            text = canonical_json(result)
+            event = canonical_json({"task_id": task_id, "kind": "sess_chat", "status": "succeeded", "result": result,
+                                    "session": {"id": session, "version": 0, "turns_seen": 0, "summarized": 0}})
+            done = await svc.ledger.complete(task_id, claim.fence, result=text, digest=digest(text),
+                                             event=event.encode(), model="fake", prompt_version="sess-chat-v1")
+            assert done.status == "ok"
+            assert await _turns(svc, session) == []  # stopped before the apply
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", task_id, session,
+                                    task_input["text"])
+
+            async def published() -> bool:
+                record = await svc.ledger.get(task_id)
+                return record is not None and record.published
+
+            await wait_for(published, 60, what="the redelivered result", service=svc)
+            turns = await _turns(svc, session)
+            assert [(t["task_id"], t["input"], t["result"]) for t in turns] == [(task_id, task_input, result)]
+            record = await svc.ledger.sessions.get(session)
+            assert record is not None and record.version == 1 and record.queue == [] and not record.holder
+
+    asyncio.run(scenario())
+    assert fake_llm.calls_for(task_id) == 0  # nothing ran again
+    (message,) = read_topic(kafka_bootstrap, s.kafka.results_topic, expect=1, timeout_s=30)
+    assert json.loads(message.value or b"{}")["result"] == result
+
+
+class Slow(Chat):
+    name, prompt_version = "answer", "sess-slow-v1"
+
+
+def test_a_task_of_another_kind_and_one_that_waits_too_long_are_dead_letters(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    """A session belongs to its first task's kind: another kind naming it is dead letter ``session``;
+    a task that waits past AGENT_SESSIONS__MAX_WAIT_S behind a holder is ``session_busy`` naming
+    it, and leaves the queue (the next turn runs once the holder is done)."""
+    s = make_settings(sessions={"poll_s": 0.05, "max_wait_s": 2})
+    session = f"k-{uuid.uuid4().hex}"
+    holder, other_kind, waiter, later = (uuid.uuid4().hex for _ in range(4))
+    fake_llm.add_fault(FaultRule("latency", match=f"{holder}:", delay_s=4.0, times=1))
+    registry = AgentRegistry([*kinds(), Agent("sess_other", Text, (Slow(),), session=Session())])
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=registry) as svc:
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", holder, session, "slow")
+
+            async def holding() -> bool:
+                record = await svc.ledger.sessions.get(session)
+                return record is not None and record.holder == holder
+
+            await wait_for(holding, 60, what="the first turn holding the session", service=svc)
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_other", other_kind, session,
+                                    "astray")
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", waiter, session, "wait")
+
+            async def ended(task_id: str, state: str) -> bool:
+                record = await svc.ledger.get(task_id)
+                return record is not None and record.state == state and record.published
+
+            await wait_for(lambda: ended(waiter, "dead"), 60, what="the waiter's dead letter", service=svc)
+            await wait_for(lambda: ended(other_kind, "dead"), 60, what="the other kind's dead letter", service=svc)
+            await wait_for(lambda: ended(holder, "succeeded"), 60, what="the slow turn", service=svc)
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sess_chat", later, session, "later")
+            await wait_for(lambda: ended(later, "succeeded"), 60, what="the turn after", service=svc)
+            assert [t["task_id"] for t in await _turns(svc, session)] == [holder, later]
+            record = await svc.ledger.sessions.get(session)
+            assert record is not None and record.kind == "sess_chat" and record.queue == []
+
+    asyncio.run(scenario())
+    letters = {(m.key or b"").decode(): m for m in read_topic(kafka_bootstrap, s.kafka.dlq_topic, expect=2,
+                                                                timeout_s=30)}
+    assert set(letters) == {other_kind, waiter}
+    assert letters[other_kind].headers.get("dlq.reason") == b"session"
+    assert letters[waiter].headers.get("dlq.reason") == b"session_busy"
+    assert holder in (letters[waiter].headers.get("dlq.error") or b"").decode()
+    assert fake_llm.calls_for(other_kind) == 0 and fake_llm.calls_for(waiter) == 0
