@@ -62,8 +62,8 @@ from service.pipeline.tree import task_tree
 
 PERSONS = ("approved", "rejected", "landed", "absent")  # the decisions a person takes (expiry is the sweeper's)
 
-__all__ = ["NO_SESSION", "SESSION_MAX_AGE_S", "RevokedInRedis", "Role", "Session", "Sessions", "install", "render",
-           "role_for", "router", "session_key", "templates"]
+__all__ = ["NO_SESSION", "SESSION_MAX_AGE_S", "RevokedInRedis", "Role", "Session", "Sessions", "install",
+           "login_unless_reader", "render", "role_for", "router", "session_key", "templates"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,11 @@ def _headers(response: Response) -> Response:
     response.headers["Referrer-Policy"] = "no-referrer"
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def login_unless_reader(request: Request) -> Response | None:
+    """None when the request may read; else the redirect to the login form (for pages of other modules)."""
+    return None if _may_read(request, _session(request)) else _to_login(request)
 
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> Response:
