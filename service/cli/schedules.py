@@ -10,40 +10,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-from dedup.client import close
-from dedup.keys import Keys
-from dedup.ledger import Ledger
 from service.agents.loading import AgentsNotLoaded, agents_from_settings, schedules_from_settings
 from service.api.schedules import ScheduleView, schedule_views
 from service.cli.admin import format_table
-from service.cli.base import PROG
+from service.cli.base import PROG, open_ledger
 from service.core.schedule_spec import ScheduleSpec
 from service.core.settings import Settings
 
 HEADER = ["NAME", "KIND", "WHEN", "CATCH_UP", "LAST", "PRODUCED", "SKIPPED", "NEXT_FIRE", "LATE_S", "HOLDER"]
 
 
-@contextlib.asynccontextmanager
-async def _ledger(settings: Settings) -> AsyncIterator[Ledger]:
-    from service.runtime.wiring import MIN_LEDGER_TTL_S, redis_client
-
-    client = redis_client(settings)
-    try:
-        yield Ledger(client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
-                     ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S)
-    finally:
-        await close(client)
-
-
 def _views(settings: Settings, specs: list[ScheduleSpec]) -> list[ScheduleView]:
     async def read() -> list[ScheduleView]:
-        async with _ledger(settings) as ledger:
+        async with open_ledger(settings) as ledger:
             return await schedule_views(ledger, specs, datetime.now(UTC))
 
     return asyncio.run(read())
