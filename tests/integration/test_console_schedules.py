@@ -9,30 +9,19 @@ Screenshots go to ``$AGENT_TEST_ARTIFACTS/console`` (the test's tmp_path without
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from service.api.app import create_app
 from service.core.schedule_spec import to_ms
 from service.devtools.fakellm import FakeLLM
-from service.runtime.wiring import Service, build, ensure_topics
-from tests.support import wait_for
-
-REQUIRED = os.environ.get("AGENT_TEST_REQUIRE_BROWSER") == "1"
-if REQUIRED:
-    import playwright.async_api as playwright_api
-else:
-    playwright_api = pytest.importorskip("playwright.async_api")
+from service.runtime.wiring import build, ensure_topics
+from tests.support.browser import CHROMIUM, REQUIRED, playwright_api, serve
 
 pytestmark = [pytest.mark.integration]
 
-CHROMIUM = os.environ.get("AGENT_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 READ_TOKEN = "r3ad-schedules"
 LABELS = ["ok", "broken"]
 SCHEDULES = [
@@ -41,24 +30,6 @@ SCHEDULES = [
     {"name": "nightly-report", "kind": "classify", "cron": "0 2 * * *", "timezone": "Europe/Paris",
      "jitter_s": 300, "tenant": "acme", "priority": "batch", "input": {"text": "day {slot_date}", "labels": LABELS}},
 ]
-
-
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Path:
-    root = os.environ.get("AGENT_TEST_ARTIFACTS")
-    folder = Path(root) / "console" if root else tmp_path / "console"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-async def serve(svc: Service) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    """The service's admin app on a free loopback port, in this event loop (the ledger's)."""
-    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    await wait_for(lambda: server.started or task.done(), 30, what="uvicorn")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.skipif(not REQUIRED and not Path(CHROMIUM).exists(),
