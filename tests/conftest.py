@@ -215,3 +215,13 @@ def make_cluster_settings(kafka_cluster: kraft.KafkaCluster, redis_url: str, fak
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    """Where a browser test's screenshots go: ``$AGENT_TEST_ARTIFACTS/console`` (the test's
+    tmp_path without it)."""
+    root = os.environ.get("AGENT_TEST_ARTIFACTS")
+    folder = Path(root) / "console" if root else tmp_path / "console"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

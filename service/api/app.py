@@ -35,10 +35,11 @@ from dedup.keys import TASK_KEY_PATTERN
 from dedup.ledger import LedgerUnavailable
 from service.agents.registry import prepare_task
 from service.agents.tasks import TaskEvent, loads
-from service.api import console, peeking
+from service.api import console, console_schedules, peeking
 from service.api.console_session_pages import router as session_pages_router
 from service.api.effects import router as effects_router
 from service.api.protocol import Served
+from service.api.schedules import router as schedules_router
 from service.api.schemas import (
     Health,
     Readiness,
@@ -336,8 +337,10 @@ def create_app(service: Served, *, registry: CollectorRegistry | None = None,
     app.include_router(effects_router)  # before the catch-all /tasks/{task_id:path}
     app.include_router(router)
     app.include_router(sessions_router)
+    app.include_router(schedules_router)
     console.install(app)
     app.include_router(session_pages_router)
+    app.include_router(console_schedules.router)
     for exc_type in (LedgerUnavailable, KafkaException, ProduceFailed):
         app.add_exception_handler(exc_type, _unavailable)
     app.add_exception_handler(Exception, _internal)

@@ -15,11 +15,10 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry
 
 from consumers.producers import Publisher
-from dedup.client import close
-from dedup.keys import Keys, is_valid_task_key
+from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger
 from service.agents.loading import agents_from_settings
-from service.cli.base import PROG
+from service.cli.base import PROG, open_ledger
 from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.pipeline.base import utcnow
@@ -30,28 +29,13 @@ from service.pipeline.tree import task_tree
 T = TypeVar("T")
 
 
-@contextlib.asynccontextmanager
-async def _ledger(settings: Settings) -> AsyncIterator[Ledger]:
-    from service.runtime.wiring import MIN_LEDGER_TTL_S, redis_client
-
-    client = redis_client(settings)
-    try:
-        yield Ledger(client, keys=Keys(settings.redis.key_prefix), lease_ms=settings.ledger.lease_ms,
-                     ttl_s=settings.ledger.result_ttl_s or MIN_LEDGER_TTL_S)
-    finally:
-        await close(client)  # with its connections: a pool left open warns once the loop has closed
-
-
-open_ledger = _ledger  # the settings' ledger, for the other commands (service.cli.sessions)
-
-
 def task_show(settings: Settings, args: argparse.Namespace) -> int:
     if not is_valid_task_key(args.task_id):
         print(f"{PROG}: invalid task id {args.task_id!r}", file=sys.stderr)
         return 1
 
     async def show() -> dict[str, Any] | None:
-        async with _ledger(settings) as ledger:
+        async with open_ledger(settings) as ledger:
             record = await ledger.get(args.task_id)
             if record is None:
                 return None
@@ -95,7 +79,7 @@ def dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 def dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> Any:
-        async with _ledger(settings) as ledger:
+        async with open_ledger(settings) as ledger:
             return await replay(settings.kafka, ledger, args.item, set(args.reason) if args.reason else None,
                                 args.limit)
 
@@ -117,7 +101,7 @@ async def _acting(settings: Settings) -> AsyncIterator[tuple[Ledger, Publisher]]
     """The ledger and a producer: a decision or a compensation resumes the task through its topic."""
     publisher = Publisher(settings.kafka.producer_config())
     try:
-        async with _ledger(settings) as ledger:
+        async with open_ledger(settings) as ledger:
             yield ledger, publisher
     finally:
         publisher.close()
@@ -183,7 +167,7 @@ def task_compensate(settings: Settings, args: argparse.Namespace) -> int:
 def task_parked(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> list[list[str]]:
         rows = []
-        async with _ledger(settings) as ledger:
+        async with open_ledger(settings) as ledger:
             for task_key, deadline in await ledger.effects.parked(limit=args.limit):
                 record = await ledger.get(task_key)
                 if record is None or record.state != "waiting_approval":

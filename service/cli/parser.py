@@ -11,6 +11,7 @@ from service.cli.admin import dlq_list, dlq_replay, task_compensate, task_decide
 from service.cli.base import PROG
 from service.cli.kinds import kinds_command
 from service.cli.produce import produce_tasks
+from service.cli.schedules import schedule_list, schedule_show
 from service.cli.serve import demo_command, run_command
 from service.cli.sessions import session_delete, session_list, session_show
 from service.core.metrics import DLQ_REASONS
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task(sub)
     _add_dlq(sub)
     _add_session(sub)
+    _add_schedule(sub)
     _add_demo(sub)
     return parser
 
@@ -138,6 +140,18 @@ def _add_session(sub: Commands[argparse.ArgumentParser]) -> None:
     delete = session_sub.add_parser("delete", help="erase a session: its state, turns, queue and listing")
     delete.add_argument("session_id", metavar="ID")
     delete.set_defaults(handler=session_delete)
+
+
+def _add_schedule(sub: Commands[argparse.ArgumentParser]) -> None:
+    schedule = sub.add_parser("schedule", help="the schedules: last and next slot, produced and skipped, lateness")
+    schedule_sub = schedule.add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
+    listing = schedule_sub.add_parser("list", help="every schedule of the deployment, as a table")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=schedule_list)
+    show = schedule_sub.add_parser("show", help="one schedule: its declaration and its state in the ledger")
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show.set_defaults(handler=schedule_show)
 
 
 def _add_demo(sub: Commands[argparse.ArgumentParser]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 from dedup.keys import is_valid_task_key
 from dedup.sessions import SessionRecord
 from service.api.sessions import ListedView, SessionView, listed_views, session_view
-from service.cli.admin import format_table, open_ledger
-from service.cli.base import PROG
+from service.cli.admin import format_table
+from service.cli.base import PROG, open_ledger
 from service.core.settings import Settings
 
 __all__ = ["session_delete", "session_list", "session_show"]

@@ -22,26 +22,23 @@ behind it. Redis or the broker not answering is retried with backoff, never skip
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
 import re
-import threading
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Message
 
-from consumers.producers import ProduceFailed
 from dedup.keys import is_valid_task_key
-from dedup.ledger import Ledger, LedgerUnavailable
+from dedup.ledger import Ledger
 from service.core.metrics import REPLY_SKIP_REASONS, Metrics
 from service.core.settings import Settings
 from service.pipeline.base import utcnow
 from service.pipeline.parking import RESUME_RETRY_MS, Send, resume
+from service.runtime.side_topics import SideTopicConsumer
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +48,6 @@ __all__ = ["MAX_REPLY_BYTES", "REPLY_SKIP_REASONS", "BadReply", "Folded", "Reply
 MAX_REPLY_BYTES = 1024 * 1024
 MAX_CHILD_N = 10_000  # far above any children limit: a larger n is no child of any plan
 _STATES = ("succeeded", "dead")
-_RETRY_S = 0.5
-_RETRY_MAX_S = 30.0
-_FAILURES_PER_RECORD = 3  # a record that failed the loop this often (unexpected errors) is skipped
-_SLICE_S = 0.5
-_CALL_S = 60.0
-_OUTAGES = (LedgerUnavailable, ProduceFailed, TimeoutError, OSError, KafkaException)
-
-T = TypeVar("T")
 
 
 class BadReply(ValueError):
@@ -205,168 +194,42 @@ class ReplyFolding:
             await self._ledger.effects.unlist_at(parent, folded.listed_at)
 
 
-class _Stopped(Exception):
-    """The consumer stops: the record in hand is left uncommitted."""
+class ReplyConsumer(SideTopicConsumer):
+    """Reads the replies topic (:class:`~service.runtime.side_topics.SideTopicConsumer`) and folds
+    each reply on the service's loop (see the module's docstring); a record that is no reply, or one
+    the ledger refuses, is counted (``agent_replies_skipped_total``) and skipped."""
 
-
-class ReplyConsumer:
-    """Reads the replies topic in its own thread and folds each reply on the service's loop (see the
-    module's docstring). The thread never ends on an error: an unexpected one restarts its loop after
-    a backoff, from the record that failed (skipped as ``internal`` once it failed the loop
-    :data:`_FAILURES_PER_RECORD` times)."""
+    retry_s = 0.5
 
     def __init__(self, settings: Settings, folding: ReplyFolding, loop: asyncio.AbstractEventLoop,
                  metrics: Metrics, *, max_bytes: int = MAX_REPLY_BYTES) -> None:
-        k = settings.kafka
-        self._consumer = Consumer({
-            **k.common_config(), "group.id": f"{k.group_id}.replies", "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "session.timeout.ms": k.session_timeout_ms,
-        })
-        self._topic: str = k.replies_topic
-        self._folding, self._loop, self._metrics, self._max_bytes = folding, loop, metrics, max_bytes
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="replies", daemon=True)
-        self._failing: tuple[int, int] | None = None  # the record that failed the loop, and how often
-        self._failures = 0
-        self.restarts = 0
+        super().__init__(settings, "replies", settings.kafka.replies_topic, loop)
+        self._folding, self._metrics, self._max_bytes = folding, metrics, max_bytes
 
-    def start(self) -> None:
-        self._consumer.subscribe([self._topic])
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-        self._consumer.close()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _run(self) -> None:
-        backoff = _RETRY_S
-        while not self._stop.is_set():
-            held: Message | None = None
-            try:
-                for message in self._messages():
-                    held = message
-                    self._handle_message(message)
-                    held, backoff = None, _RETRY_S
-                return
-            except _Stopped:
-                return
-            except Exception as exc:  # noqa: BLE001 - the loop goes on; the record is read again
-                self.restarts += 1
-                log.error("replies topic: consumer loop failed (%s: %s); restarting in %.1fs",
-                          type(exc).__name__, str(exc)[:300], backoff, exc_info=exc)
-                if held is not None:
-                    self._rewind(held)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, _RETRY_MAX_S)
-
-    def _messages(self) -> Iterator[Message]:
-        while not self._stop.is_set():
-            try:
-                message = self._consumer.poll(_SLICE_S)
-            except KafkaException as exc:
-                log.warning("replies topic: %s", exc)
-                continue
-            if message is None:
-                continue
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("replies topic: %s", error)
-                continue
-            yield message
-
-    def _handle_message(self, message: Message) -> None:
-        where = (message.partition() or 0, message.offset() or 0)
-        if self._failing == where and self._failures >= _FAILURES_PER_RECORD:
-            self._skip(message, "internal", f"failed the consumer {self._failures} times")
-        else:
-            try:
-                self._handle(message)
-            except _Stopped:
-                raise
-            except Exception:
-                self._failures = self._failures + 1 if self._failing == where else 1
-                self._failing = where
-                raise
-        self._failing, self._failures = None, 0
-        try:
-            self._consumer.commit(message=message, asynchronous=False)
-        except KafkaException as exc:  # read again after a rebalance: the ledger folds once
-            log.warning("replies topic: offset not committed: %s", exc)
-
-    def _rewind(self, message: Message) -> None:
-        """Read ``message`` again (its offset was not committed)."""
-        try:
-            self._consumer.seek(TopicPartition(message.topic() or self._topic, message.partition() or 0,
-                                               message.offset() or 0))
-        except KafkaException as exc:  # not assigned any more: its next owner reads it from the commit
-            log.warning("replies topic: cannot read partition %s offset %s again: %s",
-                        message.partition(), message.offset(), exc)
-
-    def _skip(self, message: Message, reason: str, detail: str) -> None:
-        log.warning("replies topic: record at partition %s offset %s skipped (%s): %s",
-                    message.partition(), message.offset(), reason, detail)
+    def count_skip(self, reason: str) -> None:
         self._metrics.replies_skipped.labels(reason=reason).inc()
 
-    def _handle(self, message: Message) -> None:
+    def handle(self, message: Message) -> None:
         """Fold the record's reply and resume its parent if that ended its wait, or skip the record;
-        raises :class:`_Stopped` when a stop comes first."""
+        raises :class:`~service.runtime.side_topics.Stopped` when a stop comes first."""
         try:
             reply = parse_reply(message.value(), self._max_bytes)
         except BadReply as exc:
-            self._skip(message, exc.reason, str(exc))
+            self.skip(message, exc.reason, str(exc))
             return
         what = f"parent {reply.parent} child {reply.n} ({reply.task_id})"
         try:
-            folded = self._retrying(lambda: self._folding.fold(reply), what)
+            folded = self.on_loop(lambda: self._folding.fold(reply), what)
         except (ValueError, TypeError) as exc:  # the ledger refused what the reply holds
-            self._skip(message, "refused", f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+            self.skip(message, "refused", f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
             return
         if folded.status in ("unplanned", "unknown_parent"):
-            self._skip(message, folded.status, f"{what}: no such child planned")
+            self.skip(message, folded.status, f"{what}: no such child planned")
             return
         self._metrics.replies.labels(state=reply.state if folded.status == "folded" else "duplicate").inc()
         if folded.source is not None:
-            self._retrying(lambda: self._folding.resume(reply.parent, folded), f"resuming parent {reply.parent}")
+            self.on_loop(lambda: self._folding.resume(reply.parent, folded), f"resuming parent {reply.parent}")
             log.info("task_id=%s: its children ended (the last: %s); resumed", reply.parent, reply.task_id)
-
-    def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run ``call()`` on the service's loop until it answers; Redis or the broker not answering is
-        retried with backoff, for as long as it takes (raises :class:`_Stopped` on a stop)."""
-        wait = _RETRY_S
-        while not self._stop.is_set():
-            try:
-                return self._run_on_loop(call)
-            except _OUTAGES as exc:
-                log.warning("replies topic: %s: retrying in %.1fs: %s: %s", what, wait, type(exc).__name__, exc)
-                self._stop.wait(wait)
-                wait = min(wait * 2, _RETRY_MAX_S)
-        raise _Stopped
-
-    def _run_on_loop(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run on the service's loop and wait for it, a slice at a time so a stop is heard."""
-        async def run() -> T:
-            return await call()
-
-        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
-        deadline = time.monotonic() + _CALL_S
-        while True:
-            try:
-                return future.result(timeout=_SLICE_S)
-            except concurrent.futures.TimeoutError:
-                if future.done():  # the call itself raised TimeoutError
-                    raise
-                if self._stop.is_set():
-                    future.cancel()
-                    raise _Stopped from None
-                if time.monotonic() >= deadline:
-                    future.cancel()
-                    raise TimeoutError(f"no answer in {_CALL_S:.0f}s") from None
 
 
 def start_replies(ledger: Ledger, send: Send, metrics: Metrics, settings: Settings) -> ReplyConsumer:

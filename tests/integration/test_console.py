@@ -7,31 +7,20 @@ Screenshots of every page go to ``$AGENT_TEST_ARTIFACTS/console`` (the test's tm
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from service.api.app import create_app
 from service.devtools.downstream import FakeDownstream
 from service.devtools.fakellm import FakeLLM, ToolArguments
 from service.runtime.wiring import Service
 from tests.support import metric, produce, running, task_value, wait_for
-
-# CI sets AGENT_TEST_REQUIRE_BROWSER=1: there a missing browser or Playwright fails instead of skipping
-REQUIRED = os.environ.get("AGENT_TEST_REQUIRE_BROWSER") == "1"
-if REQUIRED:
-    import playwright.async_api as playwright_api
-else:
-    playwright_api = pytest.importorskip("playwright.async_api")
+from tests.support.browser import CHROMIUM, REQUIRED, playwright_api, serve
 
 pytestmark = [pytest.mark.integration]
 
-CHROMIUM = os.environ.get("AGENT_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 READ_TOKEN, ADMIN_TOKEN = "r3ad-console", "adm1n-console"
 NO_REFUND = {"title": "Broken parcel", "priority": "normal", "refund": 0}
 BIG_REFUND = {"title": "Refund the order", "priority": "urgent", "refund": 500}
@@ -44,14 +33,6 @@ def downstream() -> Iterator[FakeDownstream]:
         yield api
 
 
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Path:
-    root = os.environ.get("AGENT_TEST_ARTIFACTS")
-    folder = Path(root) / "console" if root else tmp_path / "console"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def ticket(task_id: str, message: str) -> bytes:
     return task_value("support_ticket", {"customer": "Ada", "message": message}, task_id)
 
@@ -59,16 +40,6 @@ def ticket(task_id: str, message: str) -> bytes:
 async def state_of(svc: Service, task_id: str) -> str | None:
     record = await svc.ledger.get(task_id)
     return record.state if record is not None else None
-
-
-async def serve(svc: Service) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    """The service's admin app on a free loopback port, in this event loop (the ledger's)."""
-    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    await wait_for(lambda: server.started or task.done(), 30, what="uvicorn")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.skipif(not REQUIRED and not Path(CHROMIUM).exists(),

@@ -20,13 +20,10 @@ from dedup.sessions import Entered
 from service.api.sessions import TURNS_PAGE
 from service.devtools.fakellm import FakeLLM
 from service.runtime.wiring import build, ensure_topics
-from tests.integration import test_console as console_test
+from tests.support.browser import CHROMIUM, REQUIRED, playwright_api, serve
 
 pytestmark = [pytest.mark.integration]
 
-REQUIRED, CHROMIUM, serve = console_test.REQUIRED, console_test.CHROMIUM, console_test.serve
-playwright_api = pytest.importorskip("playwright.async_api")  # with AGENT_TEST_REQUIRE_BROWSER=1, test_console fails
-artifacts = console_test.artifacts  # the same fixture: where screenshots go
 READ_TOKEN = "r3ad-sessions"
 TURNS = TURNS_PAGE + 5  # two pages
 

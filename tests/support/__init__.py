@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from service.core.settings import Settings, to_env
 from service.devtools import local, processes
@@ -39,6 +39,7 @@ class Msg:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+    timestamp_ms: int | None = None  # the record's timestamp (the producer's create time), when it has one
 
     def json(self) -> Any:
         assert self.value is not None
@@ -107,8 +108,9 @@ def read_topic(bootstrap: str, topic: str, *, expect: int | None = None, timeout
             if msg.error():
                 continue
             last = now
+            kind, stamp = msg.timestamp()
             out.append(Msg(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
-                           dict(msg.headers() or [])))
+                           dict(msg.headers() or []), stamp if kind != TIMESTAMP_NOT_AVAILABLE else None))
     finally:
         consumer.close()
     return out

@@ -131,6 +131,12 @@ def test_jitter_stays_within_its_bound_and_spreads() -> None:
     assert min(delays) < 5_000 and max(delays) > 25_000
 
 
+def test_a_jitter_just_below_the_period_never_reaches_the_next_slot() -> None:
+    s = spec(every_s=1, jitter_s=0.9996)
+    slots = s.slots_between(T, T + timedelta(hours=1), 4000)
+    assert max((s.fire_time(x) - x) / timedelta(milliseconds=1) for x in slots) <= 999
+
+
 # --- the task --------------------------------------------------------------------------------------
 
 def test_the_task_event_carries_the_id_kind_rendered_input_and_a_deadline() -> None:
