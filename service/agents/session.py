@@ -7,9 +7,9 @@ completion. Without ``state`` and ``reduce`` the state is the **turns**: each ta
 computes the next state; it must be pure (it may run again after a conflict).
 
 A step sees the session in ``previous[SESSION]``: a :class:`SessionView`. The turns it carries are
-every turn after the stored summary (``summary`` covers the turns before them, ``summarized`` of
-them): fitting them into ``history_share`` of the window is the pipeline's summarisation, a later
-step; :func:`session_messages` renders what the view holds as chat messages.
+the turns that fit ``history_share`` of the window after the summary (``summary`` covers the turns
+before them, ``summarized`` of them; the pipeline's :mod:`~service.pipeline.history` folds the
+oldest into it when they do not fit); :func:`session_messages` renders the summary, then the turns.
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ class Session:
 class SessionView:
     """The session as a step sees it: its ``id``, the ``version`` read, the ``turns`` after the
     summary (each ``{task_id, input, result, at}``), the reduced ``state`` (None for the turns), the
-    ``summary`` text of the turns before them (None: none), ``seen`` turns shown in full and
-    ``summarized`` turns the summary covers."""
+    ``summary`` text of the turns before them (None: none), ``seen`` turns shown in full,
+    ``summarized`` turns the summary covers and ``omitted`` turns neither shown nor summarised (a
+    summary that failed for good: the result says so)."""
 
     id: str
     version: int
@@ -90,10 +91,12 @@ class SessionView:
     summary: str | None
     seen: int
     summarized: int
+    omitted: int = 0
 
     def result_fields(self) -> dict[str, Any]:
-        """What the result event says of the session the task saw."""
-        return {"id": self.id, "version": self.version, "turns_seen": self.seen, "summarized": self.summarized}
+        """What the result event says of the session the task saw (``omitted`` only when some were)."""
+        fields = {"id": self.id, "version": self.version, "turns_seen": self.seen, "summarized": self.summarized}
+        return fields | ({"omitted": self.omitted} if self.omitted else {})
 
 
 def _text(value: Any) -> str:

@@ -289,6 +289,10 @@ class Metrics:
             "agent_session_wait_seconds", "How long a task waited for its session's turn, by kind.", ["kind"],
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=r,
         )
+        self.session_summaries = Counter(
+            "agent_session_summaries", "Summaries of a session's oldest turns stored (its history outgrew "
+            "history_share of the window), by kind.", ["kind"], registry=r,
+        )
 
     def _liveness(self, r: CollectorRegistry) -> None:
         """Whether work moves: records in flight or waiting, partitions paused or assigned, lag, stalls."""

@@ -156,7 +156,7 @@ class CallLoop:
         return ChatRequest(
             messages=messages,
             schema=schema,
-            schema_name=f"{task.kind}_{step.name}",
+            schema_name=f"{task.kind}_{step.name.lstrip('@')}",  # a pseudo-step (@summary) too
             # one key per attempt (and tool round): a provider that honours it replays a lost answer
             # to the same attempt, never the first answer to every retry
             idempotency_key=f"{task.key}:{step.name}:{attempt}",

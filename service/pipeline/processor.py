@@ -313,7 +313,8 @@ class TaskProcessor:
                 async with self.sessions.holding(task, claim.fence, entry):
                     if isinstance(entry, Replay):
                         outputs, attempts, degraded = self._replayed(entry, task, agent, claim), claim.attempts, NONE
-                    else:
+                    else:  # the history that fits the kind's budget, the oldest turns summarised once
+                        entry = await self.sessions.fit(task, agent, task_input, claim, entry, self.steps.calls)
                         outputs, attempts, degraded = await self._run(task, agent, task_input, claim, record, entry)
         except ToDeadLetter as dl:
             await self.outcomes.dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx,

@@ -17,9 +17,10 @@ every dead end.
   path of a task that succeeded and was not published applies too (``again`` when it was).
 - **Leave** (:meth:`SessionGate.leave`): every dead end of a task that may have entered.
 
-The view a step sees (``previous[SESSION]``) carries every turn after the stored summary; fitting
-them into the kind's ``history_share`` (the summary of the oldest) is a later step's, and the result
-event's ``session`` field already says what the task saw (``turns_seen``, ``summarized``).
+- **Fit** (:meth:`SessionGate.fit`): before the steps, the view is fitted into the kind's history
+  budget, the oldest turns beyond it summarised once (:mod:`~service.pipeline.history`); the result
+  event's ``session`` field says what the task saw (``turns_seen``, ``summarized``, and ``omitted``
+  when a summary failed for good).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from datetime import datetime
 from time import monotonic
 from typing import Any
 
+from pydantic import BaseModel
+
 from dedup.errors import StaleFence
 from dedup.ledger import Claim, Ledger, LedgerUnavailable
 from dedup.sessions import Applied, Entered, WrongKind
@@ -43,6 +46,8 @@ from service.agents.tasks import Task
 from service.core.errors import PoisonError
 from service.core.metrics import Metrics
 from service.pipeline.base import LostFence, ProcessorConfig, ToDeadLetter, iso
+from service.pipeline.calls import CallLoop
+from service.pipeline.history import History
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,14 @@ class SessionGate:
                 raise ToDeadLetter("session_busy", f"session {session_id}: waited {waited:.0f}s for its turn behind "
                                    f"task {answer.head} ({answer.ahead} ahead)", claim.attempts)
             await asyncio.sleep(min(self.config.session_poll_s, limit - waited))
+
+    async def fit(self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, view: SessionView | None,
+                  calls: CallLoop) -> SessionView | None:
+        """The view fitted into the kind's history budget: the oldest turns that do not fit summarised
+        by the pseudo-step ``@summary`` (:mod:`~service.pipeline.history`), before the steps run."""
+        if view is None:
+            return None
+        return await History(calls, self.metrics).fit(task, agent, task_input, claim, view)
 
     async def _replay(self, session_id: str, task: Task, declared: Session, version: int) -> Replay:
         record = await self.ledger.sessions.get(session_id)
