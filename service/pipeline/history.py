@@ -72,8 +72,9 @@ def history_tokens(summary: str | None, turns: Sequence[Mapping[str, Any]]) -> i
 
 
 def _chars(turn: Mapping[str, Any]) -> int:
-    """A turn's share of the estimate's characters (its two messages)."""
-    return (history_tokens(None, [turn]) - 1) * 3
+    """A turn's share of the estimate's characters (its two messages, as the estimate counts them)."""
+    view = SessionView(id="", version=0, turns=[turn], state=None, summary=None, seen=1, summarized=0)
+    return sum(len(m["content"]) + 8 for m in session_messages(view))
 
 
 def to_fold(summary: str | None, turns: Sequence[Mapping[str, Any]], *, budget: int, room: int,

@@ -119,3 +119,16 @@ def test_a_view_that_omitted_turns_says_so_and_one_that_did_not_keeps_its_fields
     assert view.result_fields() == {"id": "s", "version": 4, "turns_seen": 0, "summarized": 0}
     cut = SessionView(id="s", version=4, turns=[], state=None, summary=None, seen=1, summarized=0, omitted=3)
     assert cut.result_fields() == {"id": "s", "version": 4, "turns_seen": 1, "summarized": 0, "omitted": 3}
+
+
+def test_the_kept_turns_are_counted_as_the_estimate_counts_them() -> None:
+    turns = [_turn(i, size=40 + i) for i in range(12)]
+    for half in range(1, 400, 7):
+        budget, room = 2 * half + 10, 10  # (budget - room) // 2 == half
+        fold = to_fold(None, turns, budget=budget, room=room, keep_turns=None)
+        if fold == 0:  # all fit the budget
+            assert history_tokens(None, turns) <= budget
+            continue
+        if fold < len(turns):
+            assert history_tokens(None, turns[fold:]) <= half
+        assert history_tokens(None, turns[fold - 1:]) > half
