@@ -23,6 +23,10 @@ shown fit ``history_share`` of the model's window; the oldest beyond it are summ
   not shown (``session.omitted``); the next turn tries again. Any other dead end of the call
   (``unavailable`` after waiting for the endpoint, ``budget``, ``expired``) ends the task as it
   would end any call.
+- **A summary request fits the window**: when the turns to fold do not (a history an operator put
+  in at once), the oldest half is folded, halved again until it fits; the turns after them are
+  shown, and the next turns fold more. (A single turn too large for a request is the call's
+  ``oversize``.)
 """
 
 from __future__ import annotations
@@ -124,6 +128,12 @@ class SummaryStep(Step):
                                 f"at most {self.max_chars}")
 
 
+def request_fits(step: SummaryStep, context_tokens: int, max_output_tokens: int) -> bool:
+    """Whether the summary request fits the model's window with its answer."""
+    probe = SummaryOut(summary="-")
+    return estimate_tokens(step.messages(probe, {}), step.schema(probe, {})) + max_output_tokens <= context_tokens
+
+
 class History:
     """Fits one task's view of its session into the kind's budget (see the module's doc)."""
 
@@ -141,9 +151,12 @@ class History:
         fold = to_fold(view.summary, view.turns, budget=budget, room=room, keep_turns=declared.keep_turns)
         if fold == 0:
             return view
-        folded, kept = list(view.turns[:fold]), tuple(view.turns[fold:])
+        step = SummaryStep(view.summary, view.turns[:fold], max_chars=room * 3)
+        while fold > 1 and not request_fits(step, cfg.context_tokens, cfg.max_output_tokens):
+            fold //= 2  # a summary request fits the window: the turns after it are folded by later turns
+            step = SummaryStep(view.summary, view.turns[:fold], max_chars=room * 3)
+        folded, kept = step.turns, tuple(view.turns[fold:])
         upto = view.summarized + fold
-        step = SummaryStep(view.summary, folded, max_chars=room * 3)
         input_digest = digest(canonical_json({"session": view.id, "from": view.summarized, "upto": upto,
                                               "summary": view.summary, "turns": folded}))
         try:

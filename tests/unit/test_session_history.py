@@ -20,6 +20,7 @@ from service.pipeline.history import (
     SummaryStep,
     budget_tokens,
     history_tokens,
+    request_fits,
     summary_room,
     to_fold,
 )
@@ -132,3 +133,11 @@ def test_the_kept_turns_are_counted_as_the_estimate_counts_them() -> None:
         if fold < len(turns):
             assert history_tokens(None, turns[fold:]) <= half
         assert history_tokens(None, turns[fold - 1:]) > half
+
+
+def test_a_summary_request_is_checked_against_the_window_with_its_answer() -> None:
+    turns = [_turn(i, size=100) for i in range(40)]
+    step = SummaryStep(None, turns, max_chars=300)
+    needed = estimate_tokens(step.messages(_Input(), {}), step.schema(_Input(), {}))
+    assert request_fits(step, needed + 512, 512)
+    assert not request_fits(step, needed + 511, 512)
