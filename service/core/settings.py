@@ -421,6 +421,15 @@ class Settings(BaseSettings):
     # kinds declared in a TOML (.toml) or YAML (.yaml, .yml) file (see docs/AGENTS.md)
     kinds_file: Path | None = None
 
+    @model_validator(mode="after")
+    def _session_stall_outlasts_a_lease(self) -> Self:
+        """A session's holder that stopped is redelivered once its lease ran out: a stall not longer
+        than the lease would pass it over before it can come back."""
+        if self.sessions.stall_s * 1000 <= self.ledger.lease_ms:
+            raise ValueError(f"sessions.stall_s={self.sessions.stall_s} must be longer than the lease "
+                             f"(ledger.lease_ms={self.ledger.lease_ms})")
+        return self
+
 
 def to_env(settings: BaseSettings) -> dict[str, str]:
     """The ``AGENT_*`` environment that rebuilds ``settings`` in another process (secrets included)."""
