@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dedup.keys import is_valid_tenant
 from service.core.schedule_spec import SchedulerSettings
-from service.core.sessions_settings import SessionsSettings
+from service.core.sessions_settings import SessionsSettings, stall_outlasts_lease
 
 EMBEDDED_BROKERS = ("noida", "tansu")  # what `agent-service run --embedded --broker` may start
 
@@ -420,15 +420,7 @@ class Settings(BaseSettings):
     agents: str | None = None
     # kinds declared in a TOML (.toml) or YAML (.yaml, .yml) file (see docs/AGENTS.md)
     kinds_file: Path | None = None
-
-    @model_validator(mode="after")
-    def _session_stall_outlasts_a_lease(self) -> Self:
-        """A session's holder that stopped is redelivered once its lease ran out: a stall not longer
-        than the lease would pass it over before it can come back."""
-        if self.sessions.stall_s * 1000 <= self.ledger.lease_ms:
-            raise ValueError(f"sessions.stall_s={self.sessions.stall_s} must be longer than the lease "
-                             f"(ledger.lease_ms={self.ledger.lease_ms})")
-        return self
+    _session_stall = model_validator(mode="after")(stall_outlasts_lease)  # AGENT_SESSIONS__STALL_S > the lease
 
 
 def to_env(settings: BaseSettings) -> dict[str, str]:
