@@ -33,6 +33,7 @@ write refreshes the TTL of all three to the kind's ``ttl_s`` (recorded by each :
   version CAS keeps every concurrent update.
 - **Leave** frees the queue without a turn (``left``, marks ``a:<task> = left``); ``again`` when the
   task applied or holds no place; with a fence, ``stale`` when a newer run of the task entered.
+  ``left`` forgets the task's ticket and fence: it comes back as a new arrival at any fence.
 - **Summaries** do not move the version (the turns and state are unchanged); one is stored when the
   version is the one read and it covers more turns than the stored one.
 - **Operators**: :meth:`~Sessions.put` (version CAS: ``conflict``, the API's 409; turns replaced drop

@@ -136,6 +136,9 @@ local holding = redis.call('HGET', KEYS[1], 'holder') == task
 local ticketed = redis.call('HDEL', KEYS[1], 't:' .. task) == 1
 local queued = redis.call('ZREM', KEYS[2], task) == 1
 if not (holding or ticketed or queued) then return 'again' end
+-- its fence too: a task that left comes back as a new arrival at any fence (its dead letter
+-- replayed after its ledger record expired claims again at fence 1)
+redis.call('HDEL', KEYS[1], 'f:' .. task)
 redis.call('HSET', KEYS[1], 'a:' .. task, 'left')
 if holding then free() end
 keep()

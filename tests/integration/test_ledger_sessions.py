@@ -179,6 +179,21 @@ def test_leave_frees_the_queue(any_redis_url: str) -> None:
     with_ledger(any_redis_url, body)
 
 
+def test_a_task_that_left_comes_back_at_any_fence_as_a_new_arrival(any_redis_url: str) -> None:
+    """A dead end's leave forgets the task's fence: its dead letter replayed after its ledger record
+    expired claims again at fence 1, and must queue as a new arrival, never be refused as stale."""
+    async def body(ledger: Ledger) -> None:
+        sessions = ledger.sessions
+        await entered(sessions, "s1", "h")
+        assert isinstance(await sessions.enter("s1", "support", "t", 2, 60_000), Waiting)
+        assert await sessions.leave("s1", "t", 2) == "left"  # session_busy: out of the queue
+        assert await sessions.enter("s1", "support", "t", 1, 60_000) == Waiting(head="h", ahead=1, ticket=3)
+        assert await sessions.apply("s1", "h", 1, 0, turn("h", "hi")) == "ok"
+        assert (await entered(sessions, "s1", "t", 1)).version == 1
+
+    with_ledger(any_redis_url, body)
+
+
 def test_summaries_grow_and_put_answers_conflict_for_a_stale_version(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         sessions = ledger.sessions
