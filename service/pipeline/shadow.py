@@ -3,7 +3,8 @@
 For a kind in rollout the shadow run is the version that did not answer (counted by
 ``agent_rollout_divergence``), so the two versions are compared on the same tasks; otherwise it is
 the same version again (``agent_shadow_runs``). Nothing is written: no ledger step, no result. One
-attempt per step, no retries.
+attempt per step, no retries. A kind with a session is never run in shadow: its steps saw the
+session as it stood at the task's turn, which later turns have moved on (docs/SESSIONS.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Shadow:
 
     async def maybe_run(self, task: Task, agent: Agent, task_input: BaseModel) -> None:
         """Re-run the duplicate ``task`` in shadow when it is sampled (see the module docstring)."""
+        if agent.session is not None:
+            return  # a kind with a session: what its steps saw of the session has moved on since
         if random.random() >= self.config.shadow_sample_rate or any(s.tools for s in agent.steps):
             return  # a step that acts cannot be run in shadow: its answers depend on its side effects
         stored = await self.ledger.get(task.key)
