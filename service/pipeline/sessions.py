@@ -15,6 +15,8 @@ every dead end.
   is published: the turn ``{task_id, input, result, at}`` or the reduced state under the version
   read; ``moved``: read again and reduce again, at most :data:`MAX_APPLY_TRIES` times. The duplicate
   path of a task that succeeded and was not published applies too (``again`` when it was).
+- A stored state that does not load into the kind's state model (an operator's correction, a model
+  changed by a deploy) is the entering task's dead letter ``session`` (and leave).
 - **Leave** (:meth:`SessionGate.leave`): every dead end of a task that may have entered.
 
 - **Fit** (:meth:`SessionGate.fit`): before the steps, the view is fitted into the kind's history
@@ -103,7 +105,7 @@ class SessionGate:
                 raise LostFence(str(exc)) from exc
             if isinstance(answer, Entered):
                 self.metrics.session_wait.labels(kind=task.kind).observe(monotonic() - started)
-                return _view(session_id, declared, answer)
+                return _view(session_id, declared, answer, claim.attempts)
             if isinstance(answer, WrongKind):
                 raise ToDeadLetter("session", f"session {session_id} belongs to kind {answer.kind}", claim.attempts)
             if isinstance(answer, Applied):
@@ -201,8 +203,16 @@ def _stored(state: Any) -> Any:
     return state.model_dump(mode="json") if hasattr(state, "model_dump") else state
 
 
-def _view(session_id: str, declared: Session, entered: Entered) -> SessionView:
+def _view(session_id: str, declared: Session, entered: Entered, attempts: int) -> SessionView:
+    """The view of the session the task entered; a state its kind's model refuses is the task's dead
+    letter ``session`` (the processor leaves the session on it)."""
     summary = entered.summary
+    try:
+        state = declared.load(entered.state)
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        model = declared.state.__name__ if declared.state is not None else "state"
+        raise ToDeadLetter("session", f"session {session_id}: its state does not load into {model}: "
+                           f"{str(exc)[:500]}", attempts) from exc
     return SessionView(id=session_id, version=entered.version, turns=tuple(entered.turns),
-                       state=declared.load(entered.state), summary=summary.text if summary else None,
+                       state=state, summary=summary.text if summary else None,
                        seen=len(entered.turns), summarized=entered.first_turn)

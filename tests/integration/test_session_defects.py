@@ -81,6 +81,41 @@ def _letters(bootstrap: str, topic: str, expect: int) -> dict[str, tuple[str, st
             for m in read_topic(bootstrap, topic, expect=expect, timeout_s=30)}
 
 
+def test_a_stored_state_that_does_not_load_is_the_tasks_dead_letter_and_leaves(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    """A state the kind's model refuses (an operator's PUT, a model changed by a deploy): the task
+    that enters is dead letter ``session`` saying so, not an internal error, and it leaves the
+    session: once the state is corrected, the next turn runs at once."""
+    s = make_settings(sessions={"poll_s": 0.05, "max_wait_s": 60})
+    session = f"l-{uuid.uuid4().hex}"
+    first, refused, after = (uuid.uuid4().hex for _ in range(3))
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", first, session, text="one")
+            await wait_for(lambda: _ended(svc, first, "succeeded"), 60, what="the first turn", service=svc)
+            assert await svc.ledger.sessions.put(session, 1, state={"n": "many", "texts": []}) == "ok"
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", refused, session,
+                                    text="two")
+            await wait_for(lambda: _ended(svc, refused, "dead"), 60, what="the refused turn", service=svc)
+            record = await svc.ledger.sessions.get(session)
+            assert record is not None and record.queue == [] and not record.holder
+            assert await svc.ledger.sessions.put(session, record.version, state={"n": 7, "texts": []}) == "ok"
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", after, session,
+                                    text="three")
+            await wait_for(lambda: _ended(svc, after, "succeeded"), 60, what="the turn after", service=svc)
+            record = await svc.ledger.sessions.get(session)
+            assert record is not None and record.state == {"n": 8, "texts": ["three"]}
+            assert metric(svc, "agent_internal_errors_total") == 0
+
+    asyncio.run(scenario())
+    letters = _letters(kafka_bootstrap, s.kafka.dlq_topic, 1)
+    assert list(letters) == [refused]
+    reason, error = letters[refused]
+    assert reason == "session" and "does not load" in error
+    assert fake_llm.calls_for(refused) == 0
+
+
 def test_a_duplicate_of_a_kind_with_a_session_is_not_run_in_shadow(
         make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
     """Shadow runs sample every duplicate here; a kind with a session is skipped (its steps need the
