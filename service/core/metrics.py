@@ -293,6 +293,11 @@ class Metrics:
             "agent_session_summaries", "Summaries of a session's oldest turns stored (its history outgrew "
             "history_share of the window), by kind.", ["kind"], registry=r,
         )
+        self.session_updates_dropped = Counter(
+            "agent_session_updates_dropped", "Updates of a session not applied after the task's result was "
+            "accepted: the state had moved and the kind's reduce refused it (or it kept moving), by kind.",
+            ["kind"], registry=r,
+        )
 
     def _liveness(self, r: CollectorRegistry) -> None:
         """Whether work moves: records in flight or waiting, partitions paused or assigned, lag, stalls."""

@@ -63,7 +63,7 @@ from service.pipeline.claim import Claims
 from service.pipeline.decode import decode_record, key_of
 from service.pipeline.outcomes import Outcomes
 from service.pipeline.screen import ReplayScreen
-from service.pipeline.sessions import Replay, SessionGate
+from service.pipeline.sessions import Replay, SessionGate, Update
 from service.pipeline.shadow import Shadow
 from service.pipeline.steps import Steps
 from service.pipeline.waits import Waits
@@ -307,6 +307,7 @@ class TaskProcessor:
                 await self.outcomes.reply(record, task.key, task.kind, "dead", reason="expired", error=error)
             return
         entry: SessionView | Replay | None = None
+        update: Update | None = None
         try:
             with self.leases.hold(task.key, claim.fence, self.config.lease_ms / 3000):
                 entry = await self.sessions.enter(task, agent, claim)  # its session's turn, before the steps
@@ -316,6 +317,8 @@ class TaskProcessor:
                     else:  # the history that fits the kind's budget, the oldest turns summarised once
                         entry = await self.sessions.fit(task, agent, task_input, claim, entry, self.steps.calls)
                         outputs, attempts, degraded = await self._run(task, agent, task_input, claim, record, entry)
+                    # the turn or reduced state, before the ledger's DONE: a reduce that fails is a dead end here
+                    update = self.sessions.update(task, agent, entry, outputs, attempts)
         except ToDeadLetter as dl:
             await self.outcomes.dead(record, task, claim.fence, dl.reason, dl.error, dl.attempts, ctx,
                                      ending=lambda: self.sessions.leave(task, claim.fence))
@@ -330,12 +333,13 @@ class TaskProcessor:
             self.metrics.tasks.labels(outcome="duplicate").inc()
             log.warning("%s: lost the task to a newer fence; the new holder finishes it", ctx)
             return
-        await self._complete(record, task, agent, claim.fence, (outputs, attempts, degraded), ctx, entry)
+        await self._complete(record, task, agent, claim.fence, (outputs, attempts, degraded), ctx, entry, update)
 
     async def _complete(self, record: Record, task: Task, agent: Agent, fence: int,
                         ran: tuple[dict[str, dict[str, Any]], int, dict[str, tuple[str, str]]], ctx: str,
-                        entry: SessionView | Replay | None) -> None:
-        """Complete the task; a task of a session applies its update before the result is published."""
+                        entry: SessionView | Replay | None, update: Update | None = None) -> None:
+        """Complete the task; a task of a session writes its ``update`` (computed before the ledger's
+        DONE) after DONE and before the result is published."""
         outputs, attempts, degraded = ran
         if entry is None:
             await self.outcomes.complete(record, task, agent, fence, outputs, attempts, ctx, degraded)
@@ -343,7 +347,7 @@ class TaskProcessor:
         view = entry.view if isinstance(entry, Replay) else entry
 
         async def applying(result: Any) -> None:
-            await self.sessions.apply(task, fence, result, view)
+            await self.sessions.apply(task, fence, result, update)
 
         await self.outcomes.complete(record, task, agent, fence, outputs, attempts, ctx, degraded,
                                      session=view.result_fields(), applying=applying)

@@ -11,10 +11,17 @@ every dead end.
 - **Hold** (:meth:`SessionGate.holding`): the session's lease is renewed at the task lease's pace
   (a third of ``lease_ms``) while the steps run; a renewal refused (the head passed over, a newer
   run took over) is logged, and the task's apply still counts (the ledger takes a late apply).
+- **Update** (:meth:`SessionGate.update`): after the steps, while the task still holds the session
+  and before the ledger's DONE: the turn ``{task_id, input, result, at}`` or the reduced state from
+  the state as read. A reduce that raises (or returns a state its model refuses) is the task's own
+  dead end: dead letter ``session`` (and leave), never a result the session cannot take.
 - **Apply** (:meth:`SessionGate.apply`): after the ledger's DONE accepted the result and before it
-  is published: the turn ``{task_id, input, result, at}`` or the reduced state under the version
-  read; ``moved``: read again and reduce again, at most :data:`MAX_APPLY_TRIES` times. The duplicate
-  path of a task that succeeded and was not published applies too (``again`` when it was).
+  is published, it only writes the update under the version read; ``moved``: read again and reduce
+  again, at most :data:`MAX_APPLY_TRIES` times. It never raises for the update itself (the result is
+  accepted and will be published): a reduce that refuses the moved state, or a version that keeps
+  moving, drops the update (``agent_session_updates_dropped_total``, an error logged), the state
+  stays as it is and the task leaves the session. The duplicate path of a task that succeeded and
+  was not published applies too (``again`` when it was), reading and reducing as after ``moved``.
 - A stored state that does not load into the kind's state model (an operator's correction, a model
   changed by a deploy) is the entering task's dead letter ``session`` (and leave).
 - **Leave** (:meth:`SessionGate.leave`): every dead end of a task that may have entered.
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -44,7 +52,7 @@ from dedup.sessions import Applied, Entered, WrongKind
 from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
 from service.agents.session import Session, SessionView
-from service.agents.tasks import Task
+from service.agents.tasks import Task, canonical_json
 from service.core.errors import PoisonError
 from service.core.metrics import Metrics
 from service.pipeline.base import LostFence, ProcessorConfig, ToDeadLetter, iso
@@ -63,6 +71,16 @@ class Replay:
 
     view: SessionView
     result: Any
+
+
+@dataclass(frozen=True)
+class Update:
+    """A task's update of its session, computed before the ledger's DONE: the turn (the turns) or
+    the reduced state (JSON data), under the ``version`` the task read."""
+
+    version: int
+    turn: dict[str, Any] | None
+    state: Any
 
 
 class SessionGate:
@@ -160,22 +178,45 @@ class SessionGate:
                             "is still applied once", task_key, session_id)
                 return
 
-    async def apply(self, task: Task, fence: int, result: Any, view: SessionView | None = None) -> None:
-        """Apply the task's update once (after the ledger's DONE, before publishing); ``view`` the
-        session as the task read it (None: read it now, the duplicate path)."""
+    def update(self, task: Task, agent: Agent, entry: SessionView | Replay | None,
+               outputs: dict[str, dict[str, Any]], attempts: int) -> Update | None:
+        """The task's update from the session as it read it, computed after its steps while it still
+        holds the session and before the ledger's DONE (None: no session, or a replay, whose update
+        was applied before). A reduce that fails is the task's own dead end: dead letter ``session``."""
+        declared, session_id = agent.session, task.session
+        if declared is None or session_id is None or not isinstance(entry, SessionView):
+            return None
+        result = json.loads(canonical_json(agent.result(outputs)))  # as the result is stored
+        if declared.turns:
+            return Update(entry.version, self._turn(task, result), None)
+        try:
+            return Update(entry.version, None, self._reduce(task, declared, _stored(entry.state), result))
+        except Exception as exc:  # noqa: BLE001 - the kind's own reduce (or its input model): any failure
+            raise ToDeadLetter("session", f"session {session_id}: the kind's reduce refused the result of task "
+                               f"{task.key}: {type(exc).__name__}: {str(exc)[:500]}", attempts) from exc
+
+    def _turn(self, task: Task, result: Any) -> dict[str, Any]:
+        return {"task_id": task.key, "input": task.event.input, "result": result, "at": iso(self.clock())}
+
+    def _reduce(self, task: Task, declared: Session, stored: Any, result: Any) -> Any:
+        return declared.next_state(stored, self.agents.get(task.kind).parse_input(task.event.input), result)
+
+    async def apply(self, task: Task, fence: int, result: Any, update: Update | None = None) -> None:
+        """Write the task's update once (after the ledger's DONE, before publishing): ``update`` as
+        computed before DONE (None: read the session and compute it now, the duplicate path);
+        ``moved``: read again and reduce again. Raises only when Redis does not answer: the result is
+        accepted, so an update that cannot be applied is dropped (:meth:`_drop`), never an error."""
         declared, session_id = self.declared(task), task.session
         if declared is None or session_id is None:
             return
-        task_input = self.agents.get(task.kind).parse_input(task.event.input) if not declared.turns else None
-        turn = None if not declared.turns else {
-            "task_id": task.key, "input": task.event.input, "result": result, "at": iso(self.clock())}
-        if view is not None and view.id == session_id:
-            version, state = view.version, _stored(view.state)
-        else:
-            version, state = await self._read(session_id)
+        turn = self._turn(task, result) if declared.turns else None
+        if update is None:
+            update = await self._reread(task, fence, declared, turn, result)
         for _ in range(MAX_APPLY_TRIES):
-            update = None if task_input is None else declared.next_state(state, task_input, result)
-            answer = await self.ledger.sessions.apply(session_id, task.key, fence, version, turn, update)
+            if update is None:  # dropped
+                return
+            answer = await self.ledger.sessions.apply(session_id, task.key, fence, update.version, update.turn,
+                                                      update.state)
             if answer == "ok":
                 self.metrics.session_turns.labels(kind=task.kind).inc()
                 return
@@ -183,12 +224,32 @@ class SessionGate:
                 log.info("task_id=%s: session %s update answered %s; nothing written", task.key, session_id, answer)
                 return
             self.metrics.session_conflicts.labels(kind=task.kind).inc()
-            version, state = await self._read(session_id)
-        raise RuntimeError(f"session {session_id}: the version moved under {MAX_APPLY_TRIES} applies of {task.key}")
+            update = await self._reread(task, fence, declared, update.turn, result)
+        await self._drop(task, fence, f"the version moved under {MAX_APPLY_TRIES} applies")
 
-    async def _read(self, session_id: str) -> tuple[int, Any]:
-        record = await self.ledger.sessions.get(session_id)
-        return (0, None) if record is None else (record.version, record.state)
+    async def _reread(self, task: Task, fence: int, declared: Session, turn: dict[str, Any] | None,
+                      result: Any) -> Update | None:
+        """The update from the session as it stands now (None: the reduce refused it, the update dropped)."""
+        assert task.session is not None
+        record = await self.ledger.sessions.get(task.session)
+        version, state = (0, None) if record is None else (record.version, record.state)
+        if declared.turns:
+            return Update(version, turn, None)
+        try:
+            return Update(version, None, self._reduce(task, declared, state, result))
+        except Exception as exc:  # noqa: BLE001 - the kind's own reduce, after the result was accepted
+            await self._drop(task, fence, f"the reduce refused the session's state as it stands now: "
+                             f"{type(exc).__name__}: {str(exc)[:500]}")
+            return None
+
+    async def _drop(self, task: Task, fence: int, why: str) -> None:
+        """An accepted result's update that cannot be applied: the session's state stays as it is (the
+        newer state someone else wrote is never overwritten), the task leaves the session so the next
+        turn enters at once, and the drop is counted and logged; the result is still published."""
+        self.metrics.session_updates_dropped.labels(kind=task.kind).inc()
+        log.error("task_id=%s: session %s: the update of its accepted result is dropped (%s); the state stays "
+                  "as it is", task.key, task.session, why)
+        await self.leave(task, fence)
 
     async def leave(self, task: Task, fence: int | None = None) -> None:
         """The task ended without an update: out of its session's queue (nothing for a task without one)."""

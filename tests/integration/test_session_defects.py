@@ -8,6 +8,7 @@ with a session is never run in shadow."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.agents.registry import AgentRegistry
 from service.devtools.fakellm import FakeLLM
+from service.devtools.fakellm.faults import FaultRule
 from service.runtime.wiring import Service
 from service.sdk import SESSION, Agent, Messages, Session, Step, StrictInput, system_message, user_message
 from tests.support import committed, metric, produce, read_topic, running, task_value, wait_for
@@ -79,6 +81,83 @@ def _letters(bootstrap: str, topic: str, expect: int) -> dict[str, tuple[str, st
     return {(m.key or b"").decode(): ((m.headers.get("dlq.reason") or b"").decode(),
                                       (m.headers.get("dlq.error") or b"").decode())
             for m in read_topic(bootstrap, topic, expect=expect, timeout_s=30)}
+
+
+def test_a_reduce_that_fails_is_the_tasks_dead_letter_and_the_next_turn_enters_at_once(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    """The reduced state is computed before the ledger's DONE: a reduce that raises ends the task as
+    dead letter ``session`` (one outcome, no result), the session is left, and the next turn enters
+    without waiting out the stall (120 s here, longer than the next turn may wait)."""
+    s = make_settings(sessions={"poll_s": 0.05, "max_wait_s": 60})
+    session = f"r-{uuid.uuid4().hex}"
+    first, boom, after = (uuid.uuid4().hex for _ in range(3))
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", first, session, text="one")
+            await wait_for(lambda: _ended(svc, first, "succeeded"), 60, what="the first turn", service=svc)
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", boom, session,
+                                    text="two", boom=True)
+            await wait_for(lambda: _ended(svc, boom, "dead"), 60, what="the failing reduce's dead end", service=svc)
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", after, session,
+                                    text="three")
+            await wait_for(lambda: _ended(svc, after, "succeeded"), 60, what="the turn after", service=svc)
+            record = await svc.ledger.sessions.get(session)
+            assert record is not None
+            assert record.state == {"n": 2, "texts": ["one", "three"]} and record.version == 2
+            assert record.queue == [] and not record.holder
+            assert metric(svc, "agent_internal_errors_total") == 0
+
+    asyncio.run(scenario())
+    letters = _letters(kafka_bootstrap, s.kafka.dlq_topic, 1)
+    assert list(letters) == [boom]
+    reason, error = letters[boom]
+    assert reason == "session" and "the tally refuses boom" in error
+    results = [json.loads(m.value or b"{}") for m in read_topic(kafka_bootstrap, s.kafka.results_topic, expect=2)]
+    assert sorted(e["task_id"] for e in results) == sorted([first, after])  # no result for the dead end
+
+
+def test_a_reduce_that_fails_on_a_state_moved_after_done_drops_the_update_and_publishes(
+        make_settings: Any, fake_llm: FakeLLM, kafka_bootstrap: str) -> None:
+    """An operator's PUT moves the version while the task runs; after the ledger's DONE the apply
+    reads the new state and reduces again, and the reduce refuses it: nothing is dead-lettered (the
+    ledger accepted the result, which is published), the update is dropped and counted, the state
+    stays the operator's, and the session is free for the next turn."""
+    s = make_settings(sessions={"poll_s": 0.05, "max_wait_s": 60})
+    session = f"m-{uuid.uuid4().hex}"
+    first, moved, after = (uuid.uuid4().hex for _ in range(3))
+    fake_llm.add_fault(FaultRule("latency", match=f"{moved}:", delay_s=3.0, times=1))
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url, agents=kinds()) as svc:
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", first, session, text="one")
+            await wait_for(lambda: _ended(svc, first, "succeeded"), 60, what="the first turn", service=svc)
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", moved, session, text="two")
+
+            async def holding() -> bool:
+                record = await svc.ledger.sessions.get(session)
+                return record is not None and record.holder == moved
+
+            await wait_for(holding, 60, what="the slow turn holding the session", service=svc)
+            assert await svc.ledger.sessions.put(session, 1, state={"n": FULL, "texts": ["operator"]}) == "ok"
+            await wait_for(lambda: _ended(svc, moved, "succeeded"), 60, what="the moved turn", service=svc)
+            assert metric(svc, "agent_session_updates_dropped_total", {"kind": "sd_tally"}) == 1
+            record = await svc.ledger.sessions.get(session)
+            assert record is not None and record.state == {"n": FULL, "texts": ["operator"]}
+            assert record.queue == [] and not record.holder
+            assert await svc.ledger.sessions.put(session, record.version, state={"n": 0, "texts": []}) == "ok"
+            await asyncio.to_thread(_send, kafka_bootstrap, s.kafka.input_topic, "sd_tally", after, session,
+                                    text="three")
+            await wait_for(lambda: _ended(svc, after, "succeeded"), 60, what="the turn after", service=svc)
+            record = await svc.ledger.sessions.get(session)
+            assert record is not None and record.state == {"n": 1, "texts": ["three"]}
+            assert metric(svc, "agent_internal_errors_total") == 0
+            assert metric(svc, "agent_dead_letters_total", {"reason": "internal"}) == 0
+
+    asyncio.run(scenario())
+    results = [json.loads(m.value or b"{}") for m in read_topic(kafka_bootstrap, s.kafka.results_topic, expect=3)]
+    assert sorted(e["task_id"] for e in results) == sorted([first, moved, after])
+    assert read_topic(kafka_bootstrap, s.kafka.dlq_topic, timeout_s=5) == []
 
 
 def test_a_stored_state_that_does_not_load_is_the_tasks_dead_letter_and_leaves(
