@@ -222,14 +222,16 @@ def one_result_each(s: Settings, ids: list[str]) -> dict[str, Any]:
     return {t: json.loads(next(iter(v)) or b"null") for t, v in values.items()}
 
 
-def model_calls(fake_llm: FakeLLM, ids: list[str], deaths: dict[str, int]) -> Counter[int]:
-    """Model calls per task (the distribution); more than one only where a worker running it died."""
+def model_calls(fake_llm: FakeLLM, ids: list[str], deaths: dict[str, int]) -> str:
+    """Model calls per task (the distribution, and the deaths of each task called more than once);
+    more than one only where a worker running it died."""
     calls = fake_llm.stats()["by_step"]
     per_task = {t: calls.get(f"{t}:answer", 0) for t in ids}
     assert all(n >= 1 for n in per_task.values()), "a task never asked the model"
     assert {t: n for t, n in per_task.items() if n > 1 and not deaths[t]} == {}, \
         "the model was asked twice for a task no worker death interrupted"
-    return Counter(per_task.values())
+    again = ", ".join(f"{n} calls after {deaths[t]} deaths" for t, n in per_task.items() if n > 1)
+    return f"{dict(sorted(Counter(per_task.values()).items()))} ({again or 'none called again'})"
 
 
 def describe(kills: list[Kill]) -> str:
@@ -327,7 +329,7 @@ def test_two_producers_interleaved_turns_under_sigkills_each_turn_once_in_order(
     print(f"\nsession chaos, turns (seed {SEED}): {len(ids)} turns of 2 producers over 2 sessions, {describe(kills)}; "
           f"{len(run.again)} finished turns produced again, none appended twice; {sum(1 for n in deaths.values() if n)} "
           f"tasks taken over from a killed worker; {passed} heads passed over; model calls per turn "
-          f"{dict(sorted(calls.items()))}; longest session wait {watch.longest_wait_s():.1f}s")
+          f"{calls}; longest session wait {watch.longest_wait_s():.1f}s")
 
 
 async def passed_over(s: Settings, sessions: list[str]) -> int:
@@ -400,4 +402,4 @@ def test_a_counting_reduce_under_sigkills_counts_each_task_once(
           f"({sorted(Counter(sid for _, sid in tasks).values())}), {describe(kills)}; "
           f"{sum(1 for n in deaths.values() if n)} tasks taken over from a killed worker; {passed} heads passed over; "
           f"{sum(n - 1 for n in seen.values())} tasks saw a version another task of their session saw too; model "
-          f"calls per task {dict(sorted(calls.items()))}; longest session wait {watch.longest_wait_s():.1f}s")
+          f"calls per task {calls}; longest session wait {watch.longest_wait_s():.1f}s")
