@@ -4,8 +4,11 @@ session, in each producer's order; a counting reduce that loses and doubles noth
 Three workers run the kinds of :mod:`tests.support.session_kinds` (``AGENT_AGENTS``). Each kill is
 aimed: at a worker whose task **holds** a session (its model call under way), one whose task
 **waits** for its turn, or one whose task is **between the ledger's DONE and the session's apply**
-(``sk_count``'s reducer pauses for a few tasks, so that window is wide enough to aim at;
-``sk_chat`` has no user code there and its window is a Redis round trip: no kill is aimed there). The victim is restarted at once. A kill that
+(a holder whose record succeeded and whose update is not applied yet). That window is the worker's
+loop latency: wide enough to aim at with hundreds of ``sk_count`` tasks in flight, whose reducer
+pauses (blocking the loop, long for a few tasks); whether a kill landed there is read after it
+(the apply still missing once the worker is dead). ``sk_chat``'s run has two tasks in flight: no
+kill is aimed there. The victim is restarted at once. A kill that
 finds no such moment within a while hits a random worker. The session lease is short
 (``lease_ms``), a free session's head that does not come is passed over quickly (``stall_s``), and
 no task waits long enough to be ``session_busy`` (``max_wait_s``).

@@ -2,10 +2,12 @@
 
 - ``sk_chat``: one model step whose prompt shows the session's turns (the default session: the turns).
 - ``sk_count``: the same step, its session a reduced :class:`Count` (no turns), each task named by
-  its text. Its reducer pauses (it stays pure: the same arguments give the same state), which
-  widens the window between the ledger's DONE and the session's apply, so that a SIGKILL can land
-  there: :data:`REDUCE_PAUSE_S`, or :data:`SLOW_PAUSE_S` for a task whose text starts with
-  :data:`SLOW_PREFIX` (the pause blocks the worker's loop: short, and for a few tasks only).
+  its text. Its reducer pauses (it stays pure: the same arguments give the same state):
+  :data:`REDUCE_PAUSE_S`, or :data:`SLOW_PAUSE_S` for a task whose text starts with
+  :data:`SLOW_PREFIX`. The reduce runs while the task holds its session, before the ledger's DONE
+  (and again in the duplicate path, before a late apply); the pause blocks the worker's loop, so
+  whatever that worker has between DONE and apply waits too, which gives a SIGKILL time to land
+  there. Short, and long for a few tasks only.
 
 A worker loads them with ``AGENT_AGENTS=tests.support.session_kinds:agents``.
 """
