@@ -14,7 +14,8 @@ identical inputs are two tasks, and one ``task_id`` sent under another tenant is
 
 A task may name its **session** (docs/SESSIONS.md): the field ``session`` of the event, or else
 the record header ``agent.session``, either a task key (:data:`~dedup.keys.TASK_KEY_PATTERN`); both
-present and different, or a header that is no task key, is dead letter ``schema``. A named session
+present and different, two headers naming different sessions, or a header that is no task key, is
+dead letter ``schema`` (the same session named twice is that session). A named session
 enters the fingerprint (the same input in two sessions is two pieces of work).
 """
 
@@ -272,10 +273,24 @@ def _tenant_from_header(data: dict[str, Any], headers: list[tuple[str, bytes]] |
 
 def _session_from_header(data: dict[str, Any], headers: list[tuple[str, bytes]] | None) -> None:
     """The ``agent.session`` header when the event names no session; a header that is no task key,
-    or that names another session than the field, is refused."""
-    raw = next((value for key, value in headers or () if key == SESSION_HEADER and value is not None), None)
-    if raw is None:
+    or headers (or a header and the field) that name different sessions, are refused: which session
+    a task belongs to must never be a guess. The same session named twice is that session."""
+    named = {_session_header_text(value) for key, value in headers or () if key == SESSION_HEADER and value is not None}
+    if not named:
         return
+    if len(named) > 1:
+        raise PoisonError("schema", "session: the agent.session headers name different sessions")
+    (text,) = named
+    body = data.get("session")
+    if body is None:
+        data["session"] = text
+    elif body != text:
+        raise PoisonError("schema", "session: the field and the header name different sessions")
+
+
+def _session_header_text(raw: bytes | str) -> str:
+    """One ``agent.session`` header's session id: its length checked first (a header may be
+    megabytes), then UTF-8 and the task key's pattern."""
     if len(raw) > 1024:
         raise PoisonError("schema", f"session: the header is {len(raw)} long")
     try:
@@ -284,11 +299,7 @@ def _session_from_header(data: dict[str, Any], headers: list[tuple[str, bytes]] 
         raise PoisonError("schema", "session: the header is not UTF-8") from exc
     if not _TASK_ID_RE.fullmatch(text):
         raise PoisonError("schema", f"session: the header is not a session id ({TASK_KEY_PATTERN})")
-    body = data.get("session")
-    if body is None:
-        data["session"] = text
-    elif body != text:
-        raise PoisonError("schema", "session: the field and the header name different sessions")
+    return text
 
 
 _EVENT_FIELDS = frozenset(TaskEvent.model_fields)
