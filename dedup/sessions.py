@@ -24,8 +24,9 @@ write refreshes the TTL of all three to the kind's ``ttl_s`` (recorded by each :
   ``stall_ms``, and the waiter's own deadline (the pipeline's ``session_busy``) bounds the rest.
   A head that holds with a live lease, renewed by a live worker, is never passed.
 - **Apply** is once per task id (``again``: applied before, nothing written) and under the version
-  read (``moved``: re-read and reduce again); ``stale`` when a newer run of the same task entered,
-  or the session was erased under it. It appends the turn and/or sets the state, bumps the version,
+  read (``moved``: re-read and reduce again); ``stale`` when a newer run of the same task entered
+  (nothing changes: that run goes on), or the session was erased since the task entered (it read
+  what was erased: nothing written, the task out of the queue, the session freed if it held it). It appends the turn and/or sets the state, bumps the version,
   marks the task applied, takes it out of the queue and frees the session if it held it. It does
   not require the task to hold the session: the task's result was accepted once by the task's own
   ledger (its fence), and an apply that comes late (a head passed over, the duplicate path of a
@@ -37,7 +38,16 @@ write refreshes the TTL of all three to the kind's ``ttl_s`` (recorded by each :
 - **Summaries** do not move the version (the turns and state are unchanged); one is stored when the
   version is the one read and it covers more turns than the stored one.
 - **Operators**: :meth:`~Sessions.put` (version CAS: ``conflict``, the API's 409; turns replaced drop
-  the summary), :meth:`~Sessions.delete` (every key and the listing), :meth:`~Sessions.list`.
+  the summary), :meth:`~Sessions.delete`, :meth:`~Sessions.list`.
+- **Erasure** (:meth:`~Sessions.delete`) erases the content (kind, state, summary, turns, applied
+  marks) and the listing, and moves the session's ``epoch`` on (the version too, never reset). It
+  keeps what orders the tasks: a live holder keeps its turn (its lease renews) and the waiters their
+  places, so a waiter polling right after does not enter beside the holder; each task records the
+  epoch it entered in, and an update read in an older epoch is ``stale`` (never written back into the
+  session that follows). The next ``enter`` finds no kind and begins the session again, empty, at a
+  higher version. Nobody holding or waiting: only a tombstone ``{epoch, version, erased_ms}`` stays
+  for the session's TTL. :meth:`~Sessions.get`, :meth:`~Sessions.put` and the listing treat a hash
+  without a kind as no session.
 
 The listing ``agent:sessions`` (id by last change, this process's clock) is outside the session's
 slot: written after the session's script, best effort (an outage there is logged; the next change
@@ -196,6 +206,7 @@ class Sessions:
         self._leave = client.register_script(scripts.LEAVE)
         self._summarize = client.register_script(scripts.SUMMARIZE)
         self._put = client.register_script(scripts.PUT)
+        self._delete = client.register_script(scripts.DELETE)
 
     def _keys(self, session_id: str) -> list[str]:
         keys = self.ledger.keys
@@ -313,12 +324,12 @@ class Sessions:
             queue=[_s(q) for q in queue], ttl_s=int(ttl))
 
     async def delete(self, session_id: str) -> bool:
-        """Erase the session: every key and its listing. Whether there was one."""
-        keys = self._keys(session_id)
+        """Erase the session: its content and its listing, the epoch moved on (see the module's doc).
+        Whether there was one."""
+        erased = await self.ledger.run_script(self._delete, self._keys(session_id), [])
         client = self.ledger.client
-        deleted = await self.ledger.redis_call(lambda: client.delete(*keys))
         await self.ledger.redis_call(lambda: client.zrem(self.ledger.keys.sessions(), session_id))
-        return int(deleted) > 0
+        return int(erased) == 1
 
     async def list(self, limit: int = 100) -> list[Listed]:
         """The most recently changed sessions, newest first (erased and expired ones dropped)."""
@@ -333,7 +344,7 @@ class Sessions:
         async def alive() -> list[Any]:
             async with client.pipeline(transaction=False) as pipe:
                 for entry in listed:
-                    pipe.exists(self.ledger.keys.session(entry.id))
+                    pipe.hexists(self.ledger.keys.session(entry.id), "kind")  # a tombstone is none
                 return await pipe.execute()
 
         flags = await self.ledger.redis_call(alive)

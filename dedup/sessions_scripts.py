@@ -1,18 +1,26 @@
 """Lua scripts of a session's side of the ledger (:mod:`dedup.sessions`).
 
 Every script gets the session's three keys, which share the hash tag ``{<session id>}`` (one slot):
-``KEYS[1]`` the hash (``kind``, ``version``, ``state``, ``summary``, ``ttl``, ``next_ticket``,
-``holder``, ``holder_fence``, ``holder_until``, ``free_since``, ``passed``, and per task
-``t:<task>`` its ticket, ``f:<task>`` the newest fence it entered with, ``a:<task>`` ``turn`` or
-``left``), ``KEYS[2]`` the queue (zset: task by ticket) and ``KEYS[3]`` the turns (list of JSON).
-A script that writes refreshes the TTL of all three to the kind's (``ttl``). Times are the server's.
+``KEYS[1]`` the hash (``kind``, ``version``, ``epoch``, ``state``, ``summary``, ``ttl``, ``next_ticket``,
+``holder``, ``holder_fence``, ``holder_until``, ``free_since``, ``passed``, ``erased_ms``, and per task
+``t:<task>`` its ticket, ``f:<task>`` the newest fence it entered with, ``e:<task>`` the epoch it
+entered (held) in, ``a:<task>`` ``turn`` or ``left``), ``KEYS[2]`` the queue (zset: task by ticket)
+and ``KEYS[3]`` the turns (list of JSON). A script that writes refreshes the TTL of all three to the
+kind's (``ttl``). Times are the server's.
+
+**Erasure** (:data:`DELETE`) moves the ``epoch`` on (from 1; a hash without one is at 1) and erases
+the content (``kind``, ``state``, ``summary``, the turns, the applied marks), the version moving on
+as ever; it keeps what orders the tasks (the holder and its lease, the queue, tickets, fences and
+epochs), so a live holder keeps its turn and the waiters their places. An update of a task that did
+not enter in the current epoch (``e:<task>``, 1 when absent) is ``stale``: it read what was erased.
+A session that nobody holds or waits for is left as a tombstone ``{epoch, version, erased_ms}``.
 """
 
 from __future__ import annotations
 
 from dedup.lua import NOW
 
-__all__ = ["APPLY", "ENTER", "LEAVE", "PUT", "RENEW", "SUMMARIZE"]
+__all__ = ["APPLY", "DELETE", "ENTER", "LEAVE", "PUT", "RENEW", "SUMMARIZE"]
 
 # the TTL of a session whose hash has none (never: ENTER writes it); dedup.sessions.DEFAULT_TTL_S
 _DEFAULT_TTL_S = 2_592_000
@@ -51,9 +59,12 @@ end
 ENTER = NOW + _KEEP + _FREE + _WAITING + """
 local task, fence, stall = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
 local kind = redis.call('HGET', KEYS[1], 'kind')
-if not kind then
-  redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'version', 0, 'next_ticket', 0, 'passed', 0, 'free_since', now,
-             'holder', '', 'holder_fence', 0, 'holder_until', 0)
+if not kind then  -- new, or erased: the holder, tickets and queue an erasure kept stay as they are
+  redis.call('HSET', KEYS[1], 'kind', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'erased_ms')
+  local fresh = {'version', 0, 'epoch', 1, 'next_ticket', 0, 'passed', 0, 'free_since', now, 'holder', '',
+                 'holder_fence', 0, 'holder_until', 0}
+  for i = 1, #fresh, 2 do redis.call('HSETNX', KEYS[1], fresh[i], fresh[i + 1]) end
 elseif kind ~= ARGV[1] then
   return {'wrong_kind', kind}
 end
@@ -83,8 +94,9 @@ while holder ~= task do  -- a newer run of the holder holds on; another task ent
   redis.call('HINCRBY', KEYS[1], 'passed', 1)
   since = now
 end
-redis.call('HSET', KEYS[1], 'holder', task, 'holder_fence', fence, 'holder_until', now + tonumber(ARGV[4]))
-local s = redis.call('HMGET', KEYS[1], 'version', 'state', 'summary')
+local s = redis.call('HMGET', KEYS[1], 'version', 'state', 'summary', 'epoch')
+redis.call('HSET', KEYS[1], 'holder', task, 'holder_fence', fence, 'holder_until', now + tonumber(ARGV[4]),
+           'e:' .. task, s[4] or 1)
 local upto = 0
 if s[3] then upto = tonumber(cjson.decode(s[3])['upto']) end
 return {'entered', s[1], s[2] or '', s[3] or '', redis.call('LRANGE', KEYS[3], upto, -1), upto, ticket}
@@ -102,7 +114,8 @@ return 1
 
 # KEYS hash, queue, turns; ARGV task, fence, read version, turn (JSON or ''), state (JSON or '')
 # -> {'ok' | 'again' | 'moved' | 'stale', the session's version}
-# Once per task id; 'stale' when a newer run of this task entered, or the session was erased.
+# Once per task id; 'stale' when a newer run of this task entered (nothing changed: that run goes on),
+# or the session was erased since the task entered (out of the queue, the session freed if it held it).
 APPLY = NOW + _KEEP + _FREE + """
 local task = ARGV[1]
 local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
@@ -110,12 +123,19 @@ if not version then return {'stale', 0} end
 if redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn' then return {'again', version} end
 local newest = tonumber(redis.call('HGET', KEYS[1], 'f:' .. task))
 if newest and newest > tonumber(ARGV[2]) then return {'stale', version} end
+local e = redis.call('HMGET', KEYS[1], 'epoch', 'e:' .. task)
+if (tonumber(e[2]) or 1) ~= (tonumber(e[1]) or 1) then  -- it read what was erased
+  redis.call('HDEL', KEYS[1], 't:' .. task, 'f:' .. task, 'e:' .. task)
+  redis.call('ZREM', KEYS[2], task)
+  if redis.call('HGET', KEYS[1], 'holder') == task then free() end
+  return {'stale', version}
+end
 if version ~= tonumber(ARGV[3]) then return {'moved', version} end
 if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[5]) end
 version = version + 1
 redis.call('HSET', KEYS[1], 'version', version, 'a:' .. task, 'turn')
-redis.call('HDEL', KEYS[1], 't:' .. task, 'f:' .. task)
+redis.call('HDEL', KEYS[1], 't:' .. task, 'f:' .. task, 'e:' .. task)
 redis.call('ZREM', KEYS[2], task)
 if redis.call('HGET', KEYS[1], 'holder') == task then free() end
 keep()
@@ -138,7 +158,7 @@ local queued = redis.call('ZREM', KEYS[2], task) == 1
 if not (holding or ticketed or queued) then return 'again' end
 -- its fence too: a task that left comes back as a new arrival at any fence (its dead letter
 -- replayed after its ledger record expired claims again at fence 1)
-redis.call('HDEL', KEYS[1], 'f:' .. task)
+redis.call('HDEL', KEYS[1], 'f:' .. task, 'e:' .. task)
 redis.call('HSET', KEYS[1], 'a:' .. task, 'left')
 if holding then free() end
 keep()
@@ -148,6 +168,7 @@ return 'left'
 # KEYS hash, queue, turns; ARGV upto, summary (JSON {upto, text}), read version -> 1 | 0
 # Stored when the version is the one read and it covers more turns than the stored one, no more than there are.
 SUMMARIZE = _KEEP + """
+if redis.call('HEXISTS', KEYS[1], 'kind') == 0 then return 0 end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
 if not version or version ~= tonumber(ARGV[3]) then return 0 end
 local upto = tonumber(ARGV[1])
@@ -164,7 +185,7 @@ return 1
 # The operator's correction: replacing the turns drops the summary (it summarised others).
 PUT = _KEEP + """
 local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
-if not version then return {'missing', 0} end
+if not version or redis.call('HEXISTS', KEYS[1], 'kind') == 0 then return {'missing', 0} end
 if version ~= tonumber(ARGV[1]) then return {'conflict', version} end
 if ARGV[2] == 'state' then
   redis.call('HSET', KEYS[1], 'state', ARGV[3])
@@ -177,4 +198,29 @@ version = version + 1
 redis.call('HSET', KEYS[1], 'version', version)
 keep()
 return {'ok', version}
+"""
+
+# KEYS hash, queue, turns -> 1 (erased) | 0 (no session: never created, expired, or erased already)
+# The erasure: the content goes (kind, tenant, state, summary, the turns, the applied marks), the
+# epoch and the version move on; the holder, its lease, the queue, tickets, fences and epochs stay
+# (the live holder keeps its turn, waiters their places). Nobody holding or queued: a tombstone
+# {epoch, version, erased_ms} with the session's TTL.
+DELETE = NOW + _KEEP + """
+local f = redis.call('HMGET', KEYS[1], 'kind', 'epoch', 'version', 'ttl', 'holder')
+if not f[1] then return 0 end
+local epoch, version = (tonumber(f[2]) or 1) + 1, (tonumber(f[3]) or 0) + 1
+redis.call('DEL', KEYS[3])
+if (f[5] or '') == '' and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'version', version, 'erased_ms', now)
+  redis.call('EXPIRE', KEYS[1], tonumber(f[4]) or """ + str(_DEFAULT_TTL_S) + """)
+  return 1
+end
+redis.call('HDEL', KEYS[1], 'kind', 'tenant', 'state', 'summary')
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 2) == 'a:' then redis.call('HDEL', KEYS[1], field) end
+end
+redis.call('HSET', KEYS[1], 'epoch', epoch, 'version', version, 'erased_ms', now)
+keep()
+return 1
 """

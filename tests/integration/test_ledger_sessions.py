@@ -2,8 +2,10 @@
 tickets in arrival order and only the queue's head enters; a holder's own redelivery takes over
 and a head that stalls is passed over; an update is applied once per task id, under a version CAS
 that loses no update among concurrent writers, and refused to a stale fence; ``leave`` frees the
-queue; an operator's ``put`` with a stale version changes nothing; ``delete`` erases every key and
-the listing; every write refreshes the kind's TTL on every key; Redis away is the ledger's outage."""
+queue; an operator's ``put`` with a stale version changes nothing; ``delete`` erases the content and
+the listing, moves the epoch on so no update read before it is written back, and keeps a live
+holder's turn and the waiters' places; every write refreshes the kind's TTL on every key; Redis
+away is the ledger's outage."""
 
 from __future__ import annotations
 
@@ -222,22 +224,82 @@ def test_summaries_grow_and_put_answers_conflict_for_a_stale_version(any_redis_u
     with_ledger(any_redis_url, body)
 
 
-def test_delete_erases_every_key_and_the_listing(any_redis_url: str) -> None:
+def test_delete_of_a_quiet_session_leaves_no_content_and_a_late_apply_writes_nothing(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         sessions, keys, client = ledger.sessions, ledger.keys, ledger.client
-        await entered(sessions, "s1", "t1")
-        await sessions.enter("s1", "support", "t2", 1, 60_000)
-        assert await sessions.apply("s1", "t1", 1, 0, turn("t1", "x")) == "ok"
+        await entered(sessions, "s1", "t1", ttl_s=5_000)
+        assert await sessions.apply("s1", "t1", 1, 0, turn("t1", "x"), {"n": 1}) == "ok"
         await entered(sessions, "s2", "u1")
         assert [entry.id for entry in await sessions.list(10)] == ["s2", "s1"]
         assert await sessions.delete("s1")
         assert not await sessions.delete("s1")
-        for key in (keys.session("s1"), keys.session_queue("s1"), keys.session_turns("s1")):
-            assert not await client.exists(key)
+        assert not await client.exists(keys.session_queue("s1"), keys.session_turns("s1"))
+        # a tombstone keeps the epoch and the version moving on, nothing of the content, for the kind's TTL
+        assert set(await client.hkeys(keys.session("s1"))) == {b"epoch", b"version", b"erased_ms"}
+        assert 4_900 < await client.ttl(keys.session("s1")) <= 5_000
         assert await sessions.get("s1") is None
+        assert await sessions.put("s1", 2, state={"n": 9}) == "missing"
         assert [entry.id for entry in await sessions.list(10)] == ["s2"]
-        assert await sessions.apply("s1", "t2", 1, 1, turn("t2", "late")) == "stale"  # erased under it
-        assert not await client.exists(keys.session("s1"))
+        # t1's duplicate path (it applied before the erasure) writes nothing back
+        assert await sessions.apply("s1", "t1", 1, 2, turn("t1", "x"), {"n": 1}) == "stale"
+        assert not await client.exists(keys.session_turns("s1"))
+        fresh = await entered(sessions, "s1", "t2")
+        assert (fresh.version, fresh.state, fresh.turns, fresh.summary, fresh.first_turn) == (2, None, [], None, 0)
+
+    with_ledger(any_redis_url, body)
+
+
+def test_an_erasure_under_a_holder_keeps_its_turn_and_refuses_its_update(any_redis_url: str) -> None:
+    """A waiter polling right after the erasure does not enter beside the live holder, and the holder's
+    update (read before the erasure) is never written into the session that follows."""
+    async def body(ledger: Ledger) -> None:
+        sessions, keys, client = ledger.sessions, ledger.keys, ledger.client
+        await entered(sessions, "s1", "t0")
+        assert await sessions.apply("s1", "t0", 1, 0, turn("t0", "old")) == "ok"
+        assert await sessions.summarize("s1", 1, "old turns", 1)
+        held = await entered(sessions, "s1", "h")
+        assert await sessions.enter("s1", "support", "w", 1, 60_000) == Waiting(head="h", ahead=1, ticket=3)
+        assert await sessions.delete("s1")
+        assert await sessions.get("s1") is None
+        assert await sessions.put("s1", held.version + 1, state={"x": 1}) == "missing"
+        assert not await client.exists(keys.session_turns("s1"))
+        # the waiter still waits behind the holder, at its place; the holder keeps its turn
+        assert await sessions.enter("s1", "support", "w", 1, 60_000) == Waiting(head="h", ahead=1, ticket=3)
+        assert await sessions.enter("s1", "support", "late", 1, 60_000) == Waiting(head="h", ahead=2, ticket=4)
+        assert await sessions.renew("s1", "h", 1, 60_000)
+        # the holder's update was read before the erasure: stale, nothing written, the session freed
+        assert await sessions.apply("s1", "h", 1, held.version, turn("h", "erased")) == "stale"
+        assert not await client.exists(keys.session_turns("s1"))
+        after = await entered(sessions, "s1", "w")
+        assert after.version > held.version
+        assert (after.state, after.turns, after.summary, after.first_turn) == (None, [], None, 0)
+        assert await sessions.apply("s1", "w", 1, after.version, turn("w", "new")) == "ok"
+        record = await sessions.get("s1")
+        assert record is not None
+        assert (record.turns, record.queue, record.summary) == ([turn("w", "new")], ["late"], None)
+
+    with_ledger(any_redis_url, body)
+
+
+def test_a_passed_over_heads_late_apply_after_an_erasure_is_stale(any_redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        sessions = ledger.sessions
+        await sessions.enter("s1", "support", "p", 1, 100)
+        await sessions.enter("s1", "support", "w", 1, 60_000)
+        await asyncio.sleep(0.2)
+        assert isinstance(await sessions.enter("s1", "support", "w", 1, 60_000, stall_ms=1), Entered)
+        assert await sessions.delete("s1")
+        assert await sessions.enter("s1", "support", "x", 1, 60_000) == Waiting(head="w", ahead=1, ticket=3)
+        assert await sessions.apply("s1", "w", 1, 0, turn("w", "erased")) == "stale"  # frees the session
+        fresh = await entered(sessions, "s1", "x")
+        assert await sessions.apply("s1", "x", 1, fresh.version, turn("x", "new")) == "ok"
+        # p's result was accepted before it stalled, but it read the erased session: never written back
+        record = await sessions.get("s1")
+        assert record is not None
+        assert await sessions.apply("s1", "p", 1, record.version, turn("p", "erased")) == "stale"
+        record = await sessions.get("s1")
+        assert record is not None
+        assert (record.turns, record.holder, record.queue) == ([turn("x", "new")], None, [])
 
     with_ledger(any_redis_url, body)
 
