@@ -8,13 +8,24 @@
   state or the turns when the session is still at ``version`` (the one read); otherwise 409 with the
   current version, and nothing changed. Replacing the turns drops the summary. A task applying its
   update after the correction re-reads the session and reduces again (the ledger answers it ``moved``).
+  The correction is checked against the session's kind (the one recorded in it) as this service's
+  registry declares it, before anything is stored (:func:`kind_checked`): a kind that keeps a state
+  (``Session(state=..., reduce=...)``) takes ``state``, which must load into its model
+  (``Session.load``); a kind of turns takes ``turns``, each ``{task_id, input, result, at}``. Anything
+  else is 422 with pydantic's errors (``loc`` under ``body``), nothing changed: stored, it would have
+  been the dead letter ``session`` of every later turn. A session whose kind is not loaded here (or
+  no longer declares a session) cannot be checked: 422 saying so, unless ``?force=true``, which
+  stores the body as given (only the kind's check is skipped, never the version's). The kind is read
+  with the version and the put is conditional on that version, so the check holds for the session
+  written (an erasure moves the version on too: a session begun again since, of whichever kind, is
+  never at the version read).
 - ``DELETE /sessions/{id}`` (the admin token): erasure, every key of the session and its listing.
 
 A session id is what the ledger's keys accept (``TASK_KEY_PATTERN``): anything else answers 422
 without echoing the id (it may be 10 kB, or hold a lone surrogate no response can encode). The
 body is read as the task contract reads JSON (no NaN or Infinity) and validated by
 :class:`Correction`: a string that is not valid Unicode, a non-finite number, a turn without a
-``task_id`` are 422. The state is not checked against a kind's own state model here.
+``task_id`` are 422; then against the kind, as above.
 
 :func:`session_view` and :func:`listed_views` are what the command line (``agent-service session``)
 and the console's Sessions page show too.
@@ -29,16 +40,18 @@ from typing import Annotated, Any, Self
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from dedup.keys import TASK_KEY_PATTERN, is_valid_task_key
 from dedup.ledger import Ledger
 from dedup.sessions import SessionRecord
+from service.agents.registry import AgentRegistry
 from service.agents.tasks import loads
 from service.api.schemas import ValidationErrorBody, error_responses
 from service.api.security import Admin, Reader, ServiceDep
 
-__all__ = ["Correction", "ListedView", "SessionView", "listed_views", "router", "session_view", "valid_session_id"]
+__all__ = ["Correction", "ListedView", "SessionView", "Turn", "kind_checked", "listed_views", "router", "session_view",
+           "valid_session_id"]
 
 router = APIRouter()
 
@@ -101,6 +114,60 @@ class Correction(BaseModel):
         return self
 
 
+class Turn(BaseModel):
+    """A turn as a kind of turns keeps it and shows it to its steps: each field present (other
+    fields are kept as given)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task_id: str = Field(pattern=TASK_KEY_PATTERN)
+    input: Any = Field(description="the task's input")
+    result: Any = Field(description="the task's result")
+    at: Any = Field(description="when the turn was applied")
+
+
+_TURNS = TypeAdapter(list[Turn])
+
+
+def _invalid(loc: tuple[str | int, ...], kind: str, msg: str) -> RequestValidationError:
+    return RequestValidationError([{"type": kind, "loc": ("body", *loc), "msg": msg}])
+
+
+def _refused(field: str, exc: ValidationError) -> RequestValidationError:
+    return RequestValidationError([
+        {"type": e["type"], "loc": ("body", field, *e["loc"]), "msg": e["msg"]}
+        for e in exc.errors(include_url=False, include_input=False, include_context=False)])
+
+
+def kind_checked(body: Correction, kind: str, agents: AgentRegistry, *, force: bool = False) -> None:
+    """Raise the 422 of a correction the session's ``kind`` would not load (see the module's doc);
+    ``force`` lets through the correction of a session whose kind is not loaded (or declares no
+    session), never one that a loaded kind refuses."""
+    agent = agents.get(kind) if kind in agents.kinds() else None
+    declared = agent.session if agent is not None else None
+    if declared is None:
+        if force:
+            return
+        why = "is not loaded here" if agent is None else "declares no session here"
+        raise _invalid((), "kind_not_loaded", f"the session's kind {kind!r} {why}: a correction cannot be checked "
+                       "against it; put it with ?force=true to store it as given")
+    if declared.turns and body.turns is None:
+        raise _invalid(("state",), "kind_keeps_turns", f"kind {kind!r} keeps the turns, not a state: put turns")
+    if not declared.turns and body.turns is not None:
+        raise _invalid(("turns",), "kind_keeps_state", f"kind {kind!r} keeps a state (its reduce's), not the "
+                       "turns: put a state")
+    field = "turns" if body.turns is not None else "state"
+    try:
+        if body.turns is not None:
+            _TURNS.validate_python(body.turns)
+        else:
+            declared.load(body.state)
+    except ValidationError as exc:
+        raise _refused(field, exc) from None
+    except (ValueError, TypeError) as exc:  # a model's own validator that raises past pydantic
+        raise _invalid((field,), "value_error", f"does not load: {type(exc).__name__}: {str(exc)[:500]}") from None
+
+
 class Corrected(BaseModel):
     id: str
     version: int = Field(description="the session's version after the correction")
@@ -149,6 +216,8 @@ SessionId = Annotated[str, Path(description=f"a session id, matching {TASK_KEY_P
 _CORRECTION_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": Correction.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
 _INVALID: dict[int | str, dict[str, Any]] = {422: {"model": ValidationErrorBody}}
+_FORCE = ("store the correction as given when the session's kind is not loaded here (or declares no session), "
+          "so it cannot be checked; a loaded kind's check is never skipped")
 
 
 async def _correction(request: Request) -> Correction:
@@ -189,16 +258,21 @@ async def get_session(service: ServiceDep, session_id: SessionId,
 @router.put("/sessions/{session_id:path}", response_model=Corrected, dependencies=Admin, tags=["sessions"],
             openapi_extra=_CORRECTION_BODY,
             responses={**error_responses(400, 401, 403, 404, 413, 503), 409: {"model": Conflict}, **_INVALID})
-async def put_session(request: Request, service: ServiceDep, session_id: SessionId) -> Corrected | JSONResponse:
-    """Replace the state or the turns when the session is at ``version``: 409 with the current version
-    otherwise (nothing changed), 404 when there is no such session."""
+async def put_session(request: Request, service: ServiceDep, session_id: SessionId,
+                      force: Annotated[bool, Query(description=_FORCE)] = False) -> Corrected | JSONResponse:
+    """Replace the state or the turns when the session is at ``version`` and its kind loads them:
+    409 with the current version otherwise (nothing changed), 422 when the kind refuses them (or is
+    not loaded here, unless ``force``), 404 when there is no such session."""
     sid = valid_session_id(session_id)
     body = await _correction(request)
     sessions = service.ledger.sessions
-    answer = await sessions.put(sid, body.version, state=body.state, turns=body.turns)
-    if answer == "ok":
-        return Corrected(id=sid, version=body.version + 1)
-    current = await sessions.get(sid) if answer == "conflict" else None
+    current = await sessions.get(sid)
+    if current is not None and current.version == body.version:
+        kind_checked(body, current.kind, service.agents, force=force)
+        answer = await sessions.put(sid, body.version, state=body.state, turns=body.turns)
+        if answer == "ok":
+            return Corrected(id=sid, version=body.version + 1)
+        current = await sessions.get(sid) if answer == "conflict" else None
     if current is None:
         raise HTTPException(404, "unknown session")
     return JSONResponse(Conflict(detail=f"the session is at version {current.version}, not {body.version}",
