@@ -25,6 +25,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from time import monotonic
 from typing import Any, Self
@@ -71,6 +72,15 @@ from service.pipeline.waits import Waits
 log = logging.getLogger(__name__)
 
 NONE: dict[str, tuple[str, str]] = {}  # no step answered by a fallback
+
+
+@dataclass
+class Held:
+    """The task a record claimed last, under which fence: the ``internal`` dead letter leaves its
+    session (a record that never claimed its task leaves nothing: another worker may hold it)."""
+
+    task: Task | None = None
+    fence: int = 0
 
 
 class TaskProcessor:
@@ -245,9 +255,10 @@ class TaskProcessor:
           good): retried ``internal_retries`` times, then dead-lettered as ``internal``.
         """
         failures = 0
+        held = Held()  # the task this record claimed last: the internal dead letter leaves its session
         while True:
             try:
-                await self._process(record)
+                await self._process(record, held)
                 self.outage = None
                 return
             except (LedgerUnavailable, ProduceFailed) as exc:
@@ -255,7 +266,7 @@ class TaskProcessor:
                 raise InfrastructureError(str(exc)) from exc
             except RecordRejected as exc:  # the broker refuses this outcome for good: retrying cannot help
                 self.metrics.internal_errors.inc()
-                await self._internal(record, f"the broker refused the outcome record: {str(exc)[:500]}")
+                await self._internal(record, f"the broker refused the outcome record: {str(exc)[:500]}", held)
                 return
             except Exception as exc:  # noqa: BLE001 - a bug must end the record, never loop for ever
                 failures += 1
@@ -264,24 +275,39 @@ class TaskProcessor:
                 if failures > self.config.internal_retries:
                     log.error("%s: failed %d times in the service's own code; dead-lettering as internal",
                               record.coordinates, failures, exc_info=exc)
-                    await self._internal(record, error)
+                    await self._internal(record, error, held)
                     return
                 log.warning("%s: internal failure %d of %d (%s); retrying", record.coordinates, failures,
                             self.config.internal_retries + 1, error, exc_info=failures == 1)
                 await asyncio.sleep(self.config.internal_backoff_s * 2 ** (failures - 1) * random.uniform(0.5, 1.0))
 
-    async def _internal(self, record: Record, error: str) -> None:
+    async def _internal(self, record: Record, error: str, held: Held | None = None) -> None:
         """Dead-letter a record the service's own code could not end (``internal``), and reply to
-        its parent if it is a child: the parent must not wait out its deadline for it."""
+        its parent if it is a child: the parent must not wait out its deadline for it. A task this
+        record claimed leaves its session first (under its fence: a newer run's hold stays), so the
+        next turn enters at once instead of after the stall."""
         task_key = key_of(record, self.config.max_task_bytes)
         try:
+            if held is not None and held.task is not None:
+                await self._leave_internal(held.task, held.fence)
             await self.outcomes.dead_letter(record, task_key, "internal", error, 0)
             await self.outcomes.reply(record, task_key, "", "dead", reason="internal", error=error)
         except (LedgerUnavailable, ProduceFailed) as exc:
             self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
             raise InfrastructureError(str(exc)) from exc
 
-    async def _process(self, record: Record) -> None:
+    async def _leave_internal(self, task: Task, fence: int) -> None:
+        """Leave the session of a task that ends ``internal``; a bug in leaving is logged (the head
+        is then passed over after the stall), never a second failure of the record."""
+        try:
+            await self.sessions.leave(task, fence)
+        except LedgerUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the record must still end as its dead letter
+            log.error("task_id=%s: ends internal and did not leave session %s: %s: %s", task.key, task.session,
+                      type(exc).__name__, str(exc)[:300])
+
+    async def _process(self, record: Record, held: Held | None = None) -> None:
         try:
             task, agent, task_input = decode_record(record, self.agents, self.config.max_task_bytes)
         except PoisonError as exc:
@@ -293,6 +319,8 @@ class TaskProcessor:
         span.set_task(task.key, task.kind)
         span.set_input_digest(task.fingerprint)
         claim = await self.claims.claim(record, task, ctx)  # before the deadline: a finished duplicate is no expiry
+        if held is not None and claim is not None:
+            held.task, held.fence = task, claim.fence
         if claim is None:
             if self.config.shadow_sample_rate:
                 await self.shadow.maybe_run(task, self.agents.get(task.kind), task_input)
@@ -326,7 +354,7 @@ class TaskProcessor:
                                               outcome="dead_lettered").inc()
             return
         except Parked as parked:
-            await self._park(task, claim.fence, parked.waiting, ctx)
+            await self._park(task, claim.fence, parked.waiting, ctx, entry)
             return
         except LostFence:
             self.metrics.stale_fence_writes.inc()
@@ -367,6 +395,9 @@ class TaskProcessor:
         """Run the agent's step graph (:meth:`Steps.run <service.pipeline.steps.Steps.run>`)."""
         return await self.steps.run(task, agent, task_input, claim, record, session)
 
-    async def _park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str) -> None:
-        """Park the task in the ledger until a person decides; its offset may then be committed."""
+    async def _park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str,
+                    entry: SessionView | Replay | None = None) -> None:
+        """Park the task in the ledger until a person decides; its offset may then be committed. A task
+        of a session keeps its turn until the park's deadline (:meth:`SessionGate.park`)."""
+        await self.sessions.park(task, fence, entry, waiting)
         await self.outcomes.park(task, fence, waiting, ctx)

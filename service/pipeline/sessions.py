@@ -4,13 +4,17 @@ every dead end.
 
 - **Enter** (:meth:`SessionGate.enter`): a kind that declares a session and a task that names one
   take the session's ticket and wait their turn: ``Waiting`` polls every ``session_poll_s`` for at
-  most ``session_max_wait_s`` (or until the task's deadline, if sooner), then dead letter
-  ``session_busy`` naming the head it waited behind; ``WrongKind`` is dead letter ``session``;
+  most ``session_max_wait_s``, then dead letter ``session_busy`` naming the head it waited behind
+  (``expired`` when the task's deadline came first; every wait observed); ``WrongKind`` is dead
+  letter ``session``;
   ``Applied`` (the task's update was applied before: its own ledger record expired, or was
   revived) runs nothing: the result stored in the session's turn is completed and re-emitted.
 - **Hold** (:meth:`SessionGate.holding`): the session's lease is renewed at the task lease's pace
   (a third of ``lease_ms``) while the steps run; a renewal refused (the head passed over, a newer
-  run took over) is logged, and the task's apply still counts (the ledger takes a late apply).
+  run took over) is logged and the task runs on: taken over, its DONE is refused by its fence;
+  passed over, its apply still counts and loses no other update (the version CAS: ``moved``).
+- **Park** (:meth:`SessionGate.park`): a task that parks keeps its turn: its hold is renewed once
+  to the park's own deadline (with ``lease_ms`` of margin); resumed, it enters again as the holder.
 - **Update** (:meth:`SessionGate.update`): after the steps, while the task still holds the session
   and before the ledger's DONE: the turn ``{task_id, input, result, at}`` or the reduced state from
   the state as read. A reduce that raises (or returns a state its model refuses) is the task's own
@@ -38,7 +42,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from time import monotonic
@@ -48,7 +52,7 @@ from pydantic import BaseModel
 
 from dedup.errors import StaleFence
 from dedup.ledger import Claim, Ledger, LedgerUnavailable
-from dedup.sessions import Applied, Entered, WrongKind
+from dedup.sessions import Applied, Entered, Waiting, WrongKind
 from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
 from service.agents.session import Session, SessionView
@@ -111,6 +115,7 @@ class SessionGate:
             return None
         limit = self.config.session_max_wait_s
         remaining = task.remaining_s(self.clock())
+        by_deadline = remaining is not None and remaining < limit  # the task's deadline ends the wait first
         if remaining is not None:
             limit = min(limit, max(remaining, 0.0))
         started = monotonic()
@@ -130,9 +135,20 @@ class SessionGate:
                 return await self._replay(session_id, task, declared, answer.version)
             waited = monotonic() - started
             if waited >= limit:
-                raise ToDeadLetter("session_busy", f"session {session_id}: waited {waited:.0f}s for its turn behind "
-                                   f"task {answer.head} ({answer.ahead} ahead)", claim.attempts)
+                raise self._waited_out(task, session_id, answer, waited, by_deadline, claim.attempts)
             await asyncio.sleep(min(self.config.session_poll_s, limit - waited))
+
+    def _waited_out(self, task: Task, session_id: str, answer: Waiting, waited: float, by_deadline: bool,
+                    attempts: int) -> ToDeadLetter:
+        """The dead end of a wait for the task's turn that ran out (observed like an entered wait):
+        ``expired`` when the task's deadline ended it, else ``session_busy`` (replayable)."""
+        self.metrics.session_wait.labels(kind=task.kind).observe(waited)
+        behind = f"behind task {answer.head} ({answer.ahead} ahead)"
+        if by_deadline:
+            return ToDeadLetter("expired", f"deadline passed waiting for its turn in session {session_id} "
+                                f"({waited:.0f}s {behind})", attempts)
+        return ToDeadLetter("session_busy", f"session {session_id}: waited {waited:.0f}s for its turn {behind}",
+                            attempts)
 
     async def fit(self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, view: SessionView | None,
                   calls: CallLoop) -> SessionView | None:
@@ -177,6 +193,24 @@ class SessionGate:
                 log.warning("task_id=%s: no longer holds session %s (passed over or taken over); its result "
                             "is still applied once", task_key, session_id)
                 return
+
+    async def park(self, task: Task, fence: int, entry: SessionView | Replay | None,
+                   waiting: Mapping[str, Any]) -> None:
+        """A task that parks (an approval, a reconcile answer, its children) keeps its turn: its
+        session is held until the park's own deadline (``waiting["deadline_ms"]``), with ``lease_ms``
+        of margin, as one renewal (nothing renews it while no worker runs the task). Resumed (a
+        decision, or the deadline's ``expired``), the task enters again as the holder; a park that
+        ends dead leaves on that dead end. Refused (taken over, passed over): logged."""
+        if not isinstance(entry, SessionView):
+            return
+        now_ms = self.clock().timestamp() * 1000
+        lease_ms = max(0, int(float(waiting.get("deadline_ms", 0)) - now_ms)) + self.config.lease_ms
+        if not await self.ledger.sessions.renew(entry.id, task.key, fence, lease_ms):
+            log.warning("task_id=%s: parks and no longer holds session %s (passed over or taken over)", task.key,
+                        entry.id)
+            return
+        log.info("task_id=%s: parked; holds session %s for %.0fs, until its park's deadline", task.key, entry.id,
+                 lease_ms / 1000)
 
     def update(self, task: Task, agent: Agent, entry: SessionView | Replay | None,
                outputs: dict[str, dict[str, Any]], attempts: int) -> Update | None:
