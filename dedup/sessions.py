@@ -4,8 +4,10 @@ A session's keys share the hash tag ``{<session id>}`` (one slot): the hash, the
 (:meth:`dedup.keys.Keys.session`, the scripts' fields in :mod:`dedup.sessions_scripts`). Every
 write refreshes the TTL of all three to the kind's ``ttl_s`` (recorded by each :meth:`Sessions.enter`).
 
-- **Kind.** The first :meth:`~Sessions.enter` records the session's kind; a task of another kind is
-  answered :class:`WrongKind` and nothing is written.
+- **Kind and tenant.** The first :meth:`~Sessions.enter` records the session's kind and its task's
+  tenant; a task of another tenant is answered :class:`WrongTenant` (before the kind is compared: it
+  learns nothing of the session's kind), a task of another kind :class:`WrongKind`, and nothing is
+  written. A session recorded without a tenant takes the tenant of its next enter.
 - **Tickets.** A task takes its ticket once per task id, at first sight: its redelivery and each
   poll find the same one, so the queue is arrival order. A task that left (:meth:`~Sessions.leave`)
   gave its ticket back: seen again (its dead letter replayed, the task revived), it is a new arrival.
@@ -69,12 +71,13 @@ from redis.commands.core import AsyncScript
 from dedup import sessions_scripts as scripts
 from dedup.client import RedisClient
 from dedup.errors import LedgerUnavailable, StaleFence
-from dedup.keys import Keys, is_valid_task_key
+from dedup.keys import Keys, is_valid_task_key, is_valid_tenant
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 2_592_000  # 30 days, the Session declaration's default
+DEFAULT_TENANT = "default"  # the tenant of a task that names none (service.agents.tasks.DEFAULT_TENANT)
 DEFAULT_STALL_MS = 120_000  # a free session's head that does not come for this long is passed over
 LISTING_MAX = 100_000  # the listing keeps the most recently changed sessions
 
@@ -82,8 +85,8 @@ Applying = Literal["ok", "again", "moved", "stale"]
 Leaving = Literal["left", "again", "stale"]
 Putting = Literal["ok", "conflict", "missing"]
 
-__all__ = ["DEFAULT_STALL_MS", "DEFAULT_TTL_S", "LISTING_MAX", "Applied", "Applying", "Entered", "Leaving",
-           "Listed", "Putting", "SessionRecord", "Sessions", "Summary", "Waiting", "WrongKind"]
+__all__ = ["DEFAULT_STALL_MS", "DEFAULT_TENANT", "DEFAULT_TTL_S", "LISTING_MAX", "Applied", "Applying", "Entered", "Leaving",
+           "Listed", "Putting", "SessionRecord", "Sessions", "Summary", "Waiting", "WrongKind", "WrongTenant"]
 
 
 class Ledger(Protocol):
@@ -142,6 +145,13 @@ class WrongKind:
 
 
 @dataclass(frozen=True)
+class WrongTenant:
+    """The session belongs to ``tenant``."""
+
+    tenant: str
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     """A session as stored: ``holder`` None when nobody holds it; ``queue`` head first; ``ttl_s`` left."""
 
@@ -156,6 +166,7 @@ class SessionRecord:
     holder_until_ms: int
     queue: list[str]
     ttl_s: int
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)
@@ -229,14 +240,19 @@ class Sessions:
             log.warning("session %s not listed: %s", session_id, exc)
 
     async def enter(self, session_id: str, kind: str, task_id: str, fence: int, lease_ms: int, *,
-                    ttl_s: int = DEFAULT_TTL_S, stall_ms: int = DEFAULT_STALL_MS) -> Entered | Waiting | Applied | WrongKind:
+                    ttl_s: int = DEFAULT_TTL_S, stall_ms: int = DEFAULT_STALL_MS,
+                    tenant: str = DEFAULT_TENANT) -> Entered | Waiting | Applied | WrongKind | WrongTenant:
         """Take the task's ticket (once per task id) and hold the session when it is its turn (see the
         module's doc). :class:`StaleFence` when a newer fence of this task entered."""
         keys = self._keys(session_id)
+        if not is_valid_tenant(tenant):
+            raise ValueError(f"invalid tenant {tenant[:80]!r}")
         raw = await self.ledger.run_script(self._enter, keys, [
             kind, _task(task_id), _whole("fence", fence, 0), _whole("lease_ms", lease_ms, 1),
-            _whole("ttl_s", ttl_s, 1), _whole("stall_ms", stall_ms, 0)])
+            _whole("ttl_s", ttl_s, 1), _whole("stall_ms", stall_ms, 0), tenant])
         answer = _s(raw[0])
+        if answer == "wrong_tenant":
+            return WrongTenant(tenant=_s(raw[1]))
         if answer == "wrong_kind":
             return WrongKind(kind=_s(raw[1]))
         if answer == "applied":
@@ -321,7 +337,7 @@ class Sessions:
             state=json.loads(state) if state else None, summary=_summary(fields.get("summary")),
             turns=[json.loads(_s(t)) for t in turns], holder=fields.get("holder") or None,
             holder_fence=int(fields.get("holder_fence", 0)), holder_until_ms=int(fields.get("holder_until", 0)),
-            queue=[_s(q) for q in queue], ttl_s=int(ttl))
+            queue=[_s(q) for q in queue], ttl_s=int(ttl), tenant=fields.get("tenant") or DEFAULT_TENANT)
 
     async def delete(self, session_id: str) -> bool:
         """Erase the session: its content and its listing, the epoch moved on (see the module's doc).

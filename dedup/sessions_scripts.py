@@ -47,10 +47,13 @@ local function waiting(task, ticket, head)
 end
 """
 
-# KEYS hash, queue, turns; ARGV kind, task, fence, lease_ms, ttl_s, stall_ms
+# KEYS hash, queue, turns; ARGV kind, task, fence, lease_ms, ttl_s, stall_ms, tenant
 # -> {'entered', version, state or '', summary or '', turns after the summary, their first index, ticket}
 #  | {'waiting', the holder or head it waits behind, how many are queued ahead, ticket}
-#  | {'applied', version} | {'wrong_kind', kind} | {'stale', the newest fence of the task}
+#  | {'applied', version} | {'wrong_tenant', tenant} | {'wrong_kind', kind} | {'stale', the newest fence of the task}
+# The first enter records the kind and the tenant; another tenant is refused before the kind is
+# compared (it learns nothing of the session's kind); nothing is written for either. A session
+# recorded before tenants were kept takes the tenant of its next enter.
 # The ticket is taken once per task id (arrival order); a task passed over keeps it and is queued
 # again at it. The head enters when no other task holds the session with a live lease; a head that
 # does not come for stall_ms after the session fell free (an apply, a leave, a lease run out, a
@@ -60,13 +63,16 @@ ENTER = NOW + _KEEP + _FREE + _WAITING + """
 local task, fence, stall = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
 local kind = redis.call('HGET', KEYS[1], 'kind')
 if not kind then  -- new, or erased: the holder, tickets and queue an erasure kept stay as they are
-  redis.call('HSET', KEYS[1], 'kind', ARGV[1])
+  redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'tenant', ARGV[7])
   redis.call('HDEL', KEYS[1], 'erased_ms')
   local fresh = {'version', 0, 'epoch', 1, 'next_ticket', 0, 'passed', 0, 'free_since', now, 'holder', '',
                  'holder_fence', 0, 'holder_until', 0}
   for i = 1, #fresh, 2 do redis.call('HSETNX', KEYS[1], fresh[i], fresh[i + 1]) end
-elseif kind ~= ARGV[1] then
-  return {'wrong_kind', kind}
+else
+  local tenant = redis.call('HGET', KEYS[1], 'tenant')
+  if tenant and tenant ~= ARGV[7] then return {'wrong_tenant', tenant} end
+  if kind ~= ARGV[1] then return {'wrong_kind', kind} end
+  if not tenant then redis.call('HSET', KEYS[1], 'tenant', ARGV[7]) end
 end
 if redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn' then
   return {'applied', redis.call('HGET', KEYS[1], 'version')}

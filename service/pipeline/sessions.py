@@ -5,8 +5,8 @@ every dead end.
 - **Enter** (:meth:`SessionGate.enter`): a kind that declares a session and a task that names one
   take the session's ticket and wait their turn: ``Waiting`` polls every ``session_poll_s`` for at
   most ``session_max_wait_s``, then dead letter ``session_busy`` naming the head it waited behind
-  (``expired`` when the task's deadline came first; every wait observed); ``WrongKind`` is dead
-  letter ``session``;
+  (``expired`` when the task's deadline came first; every wait observed); ``WrongKind`` and
+  ``WrongTenant`` (the session belongs to another tenant) are dead letter ``session``;
   ``Applied`` (the task's update was applied before: its own ledger record expired, or was
   revived) runs nothing: the result stored in the session's turn is completed and re-emitted.
 - **Hold** (:meth:`SessionGate.holding`): the session's lease is renewed at the task lease's pace
@@ -52,7 +52,7 @@ from pydantic import BaseModel
 
 from dedup.errors import StaleFence
 from dedup.ledger import Claim, Ledger, LedgerUnavailable
-from dedup.sessions import Applied, Entered, Waiting, WrongKind
+from dedup.sessions import Applied, Entered, Waiting, WrongKind, WrongTenant
 from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
 from service.agents.session import Session, SessionView
@@ -123,12 +123,15 @@ class SessionGate:
             try:
                 answer = await self.ledger.sessions.enter(
                     session_id, task.kind, task.key, claim.fence, self.config.lease_ms, ttl_s=declared.ttl_s,
-                    stall_ms=int(self.config.session_stall_s * 1000))
+                    stall_ms=int(self.config.session_stall_s * 1000), tenant=task.tenant)
             except StaleFence as exc:
                 raise LostFence(str(exc)) from exc
             if isinstance(answer, Entered):
                 self.metrics.session_wait.labels(kind=task.kind).observe(monotonic() - started)
                 return _view(session_id, declared, answer, claim.attempts)
+            if isinstance(answer, WrongTenant):
+                raise ToDeadLetter("session", f"session {session_id} belongs to tenant {answer.tenant}",
+                                   claim.attempts)
             if isinstance(answer, WrongKind):
                 raise ToDeadLetter("session", f"session {session_id} belongs to kind {answer.kind}", claim.attempts)
             if isinstance(answer, Applied):

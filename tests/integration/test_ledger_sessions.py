@@ -20,7 +20,7 @@ import pytest
 from dedup.client import close, connect
 from dedup.keys import Keys
 from dedup.ledger import Ledger, LedgerUnavailable, StaleFence
-from dedup.sessions import Applied, Entered, Sessions, Summary, Waiting, WrongKind
+from dedup.sessions import Applied, Entered, Sessions, Summary, Waiting, WrongKind, WrongTenant
 from service.devtools import local
 
 pytestmark = pytest.mark.integration
@@ -66,6 +66,31 @@ def test_tickets_follow_arrival_and_only_the_head_enters(any_redis_url: str) -> 
         assert (record.kind, record.holder, record.holder_fence, record.queue) == ("support", "t2", 2, ["t2", "t3"])
         assert await sessions.enter("s1", "planner", "t9", 1, 60_000) == WrongKind(kind="support")
         assert (await sessions.get("s1")).queue == ["t2", "t3"]  # type: ignore[union-attr]  # no ticket taken
+
+    with_ledger(any_redis_url, body)
+
+
+def test_a_session_belongs_to_the_tenant_of_its_first_task(any_redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        sessions, keys, client = ledger.sessions, ledger.keys, ledger.client
+        await entered(sessions, "s1", "t1", tenant="acme")
+        before = await client.hgetall(keys.session("s1"))
+        assert await sessions.enter("s1", "support", "x1", 1, 60_000, tenant="globex") == WrongTenant(tenant="acme")
+        # another tenant learns nothing of the session's kind, and nothing is written
+        assert await sessions.enter("s1", "planner", "x2", 1, 60_000, tenant="globex") == WrongTenant(tenant="acme")
+        assert await sessions.enter("s1", "support", "x3", 1, 60_000) == WrongTenant(tenant="acme")
+        assert await client.hgetall(keys.session("s1")) == before
+        assert await sessions.enter("s1", "support", "t2", 1, 60_000, tenant="acme") == Waiting("t1", 1, 2)
+        record = await sessions.get("s1")
+        assert record is not None and (record.tenant, record.queue) == ("acme", ["t1", "t2"])
+        # a task that names no tenant is the tenant default's
+        await entered(sessions, "s2", "d1")
+        assert await sessions.enter("s2", "support", "a1", 1, 60_000, tenant="acme") == WrongTenant(tenant="default")
+        # an erased session begins again with the tenant of its next first task
+        assert await sessions.apply("s2", "d1", 1, 0, turn("d1", "x")) == "ok"
+        assert await sessions.delete("s2")
+        await entered(sessions, "s2", "a1", tenant="acme")
+        assert (await sessions.get("s2")).tenant == "acme"  # type: ignore[union-attr]
 
     with_ledger(any_redis_url, body)
 
