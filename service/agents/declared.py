@@ -59,7 +59,7 @@ from service.agents.declared_delegate import (
     declared_delegate_step,
 )
 from service.agents.helpers import JSON_ONLY, system_message, user_message
-from service.agents.session import Session
+from service.agents.session import SESSION, Session, session_messages
 from service.agents.tasks import KIND_PATTERN, canonical_json, digest
 from service.agents.templates import STEP_NAME, DeclaredInput, Template, parse_template, render, unknown_placeholder
 from service.core.errors import AgentError, InvalidOutput, PoisonError
@@ -109,11 +109,14 @@ class DeclaredStep(Step):
         return self.output_schema
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+        """The system message, the session's history when the task has one (its summary and the
+        turns that fit the kind's budget, as ``session_messages`` renders them), the prompt."""
         assert isinstance(task_input, DeclaredInput)
         user = user_message(self._render(self._prompt, task_input.data, previous))
+        history = session_messages(previous.get(SESSION))
         if self._system is None:
-            return [{"role": "system", "content": JSON_ONLY}, user]
-        return [system_message(self._render(self._system, task_input.data, previous)), user]
+            return [{"role": "system", "content": JSON_ONLY}, *history, user]
+        return [system_message(self._render(self._system, task_input.data, previous)), *history, user]
 
     def _render(self, template: Template, data: Mapping[str, Any], previous: Mapping[str, Any]) -> str:
         return render(template, self.fields, data, previous)

@@ -128,6 +128,22 @@ def test_a_kinds_file_declares_a_session_of_turns(tmp_path: Path) -> None:
     assert default.session == Session()
 
 
+def test_a_kinds_file_step_shows_the_model_its_session(tmp_path: Path) -> None:
+    """A declared kind's steps put the session's summary and turns between the system message and
+    the prompt, as a Python kind does with session_messages; a task without a session sends none."""
+    (agent,) = load_kinds_file(_kinds(tmp_path, {}))
+    (step,) = agent.steps
+    task_input = agent.parse_input({"text": "and now?"})
+    view = SessionView(id="s", version=2, state=None, summary="they asked about a refund", seen=1, summarized=3,
+                       turns=({"task_id": "t1", "input": {"text": "where is it"}, "result": {"answer": "shipped"},
+                               "at": "2026-01-01T00:00:00Z"},))
+    messages = step.messages(task_input, {SESSION: view})
+    assert [m["role"] for m in messages] == ["system", "system", "user", "assistant", "user"]
+    assert "refund" in messages[1]["content"] and "where is it" in messages[2]["content"]
+    assert "shipped" in messages[3]["content"] and messages[4]["content"] == "Answer: and now?"
+    assert [m["role"] for m in step.messages(task_input, {})] == ["system", "user"]
+
+
 @pytest.mark.parametrize("session, says", [
     ("yes", "session: expected a table"),
     ({"reduce": "add"}, "session.reduce: unknown field"),
