@@ -113,6 +113,11 @@ class Keys:
         """List: the session's turns, one JSON ``{task_id, input, result, at}`` each, in order."""
         return f"{self.session(session_id)}:turns"
 
+    def session_applied(self, session_id: str) -> str:
+        """Sorted set: the tasks whose update the session applied, by the version the apply made (the
+        newest :data:`dedup.sessions_scripts.MARKS_MAX` kept)."""
+        return f"{self.session(session_id)}:applied"
+
     def sessions(self) -> str:
         """Sorted set: session ids by their last change (ms), for listing; outside every session's slot."""
         return f"{self.prefix}:sessions"

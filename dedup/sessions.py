@@ -1,8 +1,8 @@
 """A session's side of the ledger: its tasks one at a time in arrival order, its state updated once per task.
 
-A session's keys share the hash tag ``{<session id>}`` (one slot): the hash, the queue and the turns
-(:meth:`dedup.keys.Keys.session`, the scripts' fields in :mod:`dedup.sessions_scripts`). Every
-write refreshes the TTL of all three to the kind's ``ttl_s`` (recorded by each :meth:`Sessions.enter`).
+A session's keys share the hash tag ``{<session id>}`` (one slot): the hash, the queue, the turns and
+the applied marks (:meth:`dedup.keys.Keys.session`, the scripts' fields in :mod:`dedup.sessions_scripts`).
+Every write refreshes the TTL of all four to the kind's ``ttl_s`` (recorded by each :meth:`Sessions.enter`).
 
 - **Kind and tenant.** The first :meth:`~Sessions.enter` records the session's kind and its task's
   tenant; a task of another tenant is answered :class:`WrongTenant` (before the kind is compared: it
@@ -29,12 +29,14 @@ write refreshes the TTL of all three to the kind's ``ttl_s`` (recorded by each :
   read (``moved``: re-read and reduce again); ``stale`` when a newer run of the same task entered
   (nothing changes: that run goes on), or the session was erased since the task entered (it read
   what was erased: nothing written, the task out of the queue, the session freed if it held it). It appends the turn and/or sets the state, bumps the version,
-  marks the task applied, takes it out of the queue and frees the session if it held it. It does
+  marks the task applied (the session's ``applied`` zset, the newest :data:`MARKS_MAX` kept: a replay
+  of a task applied before those runs as a new arrival, as past the ledger's retention), takes it
+  out of the queue and frees the session if it held it. It does
   not require the task to hold the session: the task's result was accepted once by the task's own
   ledger (its fence), and an apply that comes late (a head passed over, the duplicate path of a
   task that completed but crashed before applying) is the only way that update is not lost; the
   version CAS keeps every concurrent update.
-- **Leave** frees the queue without a turn (``left``, marks ``a:<task> = left``); ``again`` when the
+- **Leave** frees the queue without a turn (``left``, no mark kept); ``again`` when the
   task applied or holds no place; with a fence, ``stale`` when a newer run of the task entered.
   ``left`` forgets the task's ticket and fence: it comes back as a new arrival at any fence.
 - **Summaries** do not move the version (the turns and state are unchanged); one is stored when the
@@ -72,6 +74,7 @@ from dedup import sessions_scripts as scripts
 from dedup.client import RedisClient
 from dedup.errors import LedgerUnavailable, StaleFence
 from dedup.keys import Keys, is_valid_task_key, is_valid_tenant
+from dedup.sessions_scripts import MARKS_MAX
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ Applying = Literal["ok", "again", "moved", "stale"]
 Leaving = Literal["left", "again", "stale"]
 Putting = Literal["ok", "conflict", "missing"]
 
-__all__ = ["DEFAULT_STALL_MS", "DEFAULT_TENANT", "DEFAULT_TTL_S", "LISTING_MAX", "Applied", "Applying", "Entered", "Leaving",
+__all__ = ["DEFAULT_STALL_MS", "DEFAULT_TENANT", "DEFAULT_TTL_S", "LISTING_MAX", "MARKS_MAX", "Applied", "Applying", "Entered", "Leaving",
            "Listed", "Putting", "SessionRecord", "Sessions", "Summary", "Waiting", "WrongKind", "WrongTenant"]
 
 
@@ -206,7 +209,10 @@ def _task(task_id: str) -> str:
 
 
 class Sessions:
-    """The sessions of a ledger (its client, keys and error translation)."""
+    """The sessions of a ledger (its client, keys and error translation). ``marks_max``: the applied
+    marks kept per session (the newest; a replay of a task applied before them runs as a new arrival)."""
+
+    marks_max: int = MARKS_MAX
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -221,7 +227,8 @@ class Sessions:
 
     def _keys(self, session_id: str) -> list[str]:
         keys = self.ledger.keys
-        return [keys.session(session_id), keys.session_queue(session_id), keys.session_turns(session_id)]
+        return [keys.session(session_id), keys.session_queue(session_id), keys.session_turns(session_id),
+                keys.session_applied(session_id)]
 
     async def _listed(self, session_id: str) -> None:
         """List the session as changed now: best effort (the session's own write is done)."""
@@ -280,7 +287,8 @@ class Sessions:
             raise ValueError("an update is a turn or a state, or both")
         raw = await self.ledger.run_script(self._apply, self._keys(session_id), [
             _task(task_id), _whole("fence", fence, 0), _whole("read_version", read_version, 0),
-            _dumps(dict(turn)) if turn is not None else "", _dumps(state) if state is not None else ""])
+            _dumps(dict(turn)) if turn is not None else "", _dumps(state) if state is not None else "",
+            _whole("marks_max", self.marks_max, 1)])
         answer: Applying = _s(raw[0])  # type: ignore[assignment]
         if answer == "ok":
             await self._listed(session_id)

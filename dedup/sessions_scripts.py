@@ -1,12 +1,15 @@
 """Lua scripts of a session's side of the ledger (:mod:`dedup.sessions`).
 
-Every script gets the session's three keys, which share the hash tag ``{<session id>}`` (one slot):
+Every script gets the session's four keys, which share the hash tag ``{<session id>}`` (one slot):
 ``KEYS[1]`` the hash (``kind``, ``version``, ``epoch``, ``state``, ``summary``, ``ttl``, ``next_ticket``,
 ``holder``, ``holder_fence``, ``holder_until``, ``free_since``, ``passed``, ``erased_ms``, and per task
 ``t:<task>`` its ticket, ``f:<task>`` the newest fence it entered with, ``e:<task>`` the epoch it
-entered (held) in, ``a:<task>`` ``turn`` or ``left``), ``KEYS[2]`` the queue (zset: task by ticket)
-and ``KEYS[3]`` the turns (list of JSON). A script that writes refreshes the TTL of all three to the
-kind's (``ttl``). Times are the server's.
+entered (held) in), ``KEYS[2]`` the queue (zset: task by ticket), ``KEYS[3]`` the turns (list of
+JSON) and ``KEYS[4]`` the applied marks (zset: task by the version its apply made, the newest
+:data:`MARKS_MAX` kept: a replay older than those runs as a new arrival, as a task past the ledger's
+retention does). A session stored before the zset keeps its marks as hash fields ``a:<task>`` =
+``turn``: still read, and erased by ``leave`` and ``delete``; ``left`` marks are no longer written.
+A script that writes refreshes the TTL of all four to the kind's (``ttl``). Times are the server's.
 
 **Erasure** (:data:`DELETE`) moves the ``epoch`` on (from 1; a hash without one is at 1) and erases
 the content (``kind``, ``state``, ``summary``, the turns, the applied marks), the version moving on
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 from dedup.lua import NOW
 
-__all__ = ["APPLY", "DELETE", "ENTER", "LEAVE", "PUT", "RENEW", "SUMMARIZE"]
+__all__ = ["APPLY", "DELETE", "ENTER", "LEAVE", "MARKS_MAX", "PUT", "RENEW", "SUMMARIZE"]
+
+MARKS_MAX = 10_000  # applied marks kept per session, the newest (dedup.sessions.Sessions.marks_max)
 
 # the TTL of a session whose hash has none (never: ENTER writes it); dedup.sessions.DEFAULT_TTL_S
 _DEFAULT_TTL_S = 2_592_000
@@ -29,7 +34,7 @@ _DEFAULT_TTL_S = 2_592_000
 _KEEP = f"""
 local function keep()
   local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl')) or {_DEFAULT_TTL_S}
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 """
 
@@ -40,6 +45,14 @@ local function free()
 end
 """
 
+# ``applied(task)``: whether the session applied the task's update (a mark of the zset, or a hash
+# field ``a:<task>`` = ``turn`` of a session stored before the zset)
+_APPLIED = """
+local function applied(task)
+  return redis.call('ZSCORE', KEYS[4], task) or redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn'
+end
+"""
+
 # ``waiting(task, ticket, head)``: the answer of a task that waits behind ``head``
 _WAITING = """
 local function waiting(task, ticket, head)
@@ -47,7 +60,7 @@ local function waiting(task, ticket, head)
 end
 """
 
-# KEYS hash, queue, turns; ARGV kind, task, fence, lease_ms, ttl_s, stall_ms, tenant
+# KEYS hash, queue, turns, applied; ARGV kind, task, fence, lease_ms, ttl_s, stall_ms, tenant
 # -> {'entered', version, state or '', summary or '', turns after the summary, their first index, ticket}
 #  | {'waiting', the holder or head it waits behind, how many are queued ahead, ticket}
 #  | {'applied', version} | {'wrong_tenant', tenant} | {'wrong_kind', kind} | {'stale', the newest fence of the task}
@@ -59,7 +72,7 @@ end
 # does not come for stall_ms after the session fell free (an apply, a leave, a lease run out, a
 # head passed) is passed over, one head per stall_ms. A newer run of the holder (its redelivery)
 # holds on at once, wherever its ticket stands.
-ENTER = NOW + _KEEP + _FREE + _WAITING + """
+ENTER = NOW + _KEEP + _FREE + _APPLIED + _WAITING + """
 local task, fence, stall = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
 local kind = redis.call('HGET', KEYS[1], 'kind')
 if not kind then  -- new, or erased: the holder, tickets and queue an erasure kept stay as they are
@@ -74,9 +87,7 @@ else
   if kind ~= ARGV[1] then return {'wrong_kind', kind} end
   if not tenant then redis.call('HSET', KEYS[1], 'tenant', ARGV[7]) end
 end
-if redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn' then
-  return {'applied', redis.call('HGET', KEYS[1], 'version')}
-end
+if applied(task) then return {'applied', redis.call('HGET', KEYS[1], 'version')} end
 local newest = tonumber(redis.call('HGET', KEYS[1], 'f:' .. task))
 if newest and newest > fence then return {'stale', tostring(newest)} end
 redis.call('HSET', KEYS[1], 'ttl', ARGV[5], 'f:' .. task, fence)
@@ -108,7 +119,7 @@ if s[3] then upto = tonumber(cjson.decode(s[3])['upto']) end
 return {'entered', s[1], s[2] or '', s[3] or '', redis.call('LRANGE', KEYS[3], upto, -1), upto, ticket}
 """
 
-# KEYS hash, queue, turns; ARGV task, fence, lease_ms -> 1 (extended) | 0 (it does not hold the
+# KEYS hash, queue, turns, applied; ARGV task, fence, lease_ms -> 1 (extended) | 0 (it does not hold the
 # session under this fence)
 RENEW = NOW + _KEEP + """
 local h = redis.call('HMGET', KEYS[1], 'holder', 'holder_fence')
@@ -118,15 +129,16 @@ keep()
 return 1
 """
 
-# KEYS hash, queue, turns; ARGV task, fence, read version, turn (JSON or ''), state (JSON or '')
+# KEYS hash, queue, turns, applied; ARGV task, fence, read version, turn (JSON or ''), state (JSON or ''),
+# how many applied marks to keep
 # -> {'ok' | 'again' | 'moved' | 'stale', the session's version}
 # Once per task id; 'stale' when a newer run of this task entered (nothing changed: that run goes on),
 # or the session was erased since the task entered (out of the queue, the session freed if it held it).
-APPLY = NOW + _KEEP + _FREE + """
+APPLY = NOW + _KEEP + _FREE + _APPLIED + """
 local task = ARGV[1]
 local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
 if not version then return {'stale', 0} end
-if redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn' then return {'again', version} end
+if applied(task) then return {'again', version} end
 local newest = tonumber(redis.call('HGET', KEYS[1], 'f:' .. task))
 if newest and newest > tonumber(ARGV[2]) then return {'stale', version} end
 local e = redis.call('HMGET', KEYS[1], 'epoch', 'e:' .. task)
@@ -140,20 +152,22 @@ if version ~= tonumber(ARGV[3]) then return {'moved', version} end
 if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[5]) end
 version = version + 1
-redis.call('HSET', KEYS[1], 'version', version, 'a:' .. task, 'turn')
-redis.call('HDEL', KEYS[1], 't:' .. task, 'f:' .. task, 'e:' .. task)
+redis.call('HSET', KEYS[1], 'version', version)
+redis.call('HDEL', KEYS[1], 't:' .. task, 'f:' .. task, 'e:' .. task, 'a:' .. task)
+redis.call('ZADD', KEYS[4], version, task)
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[6]) - 1)
 redis.call('ZREM', KEYS[2], task)
 if redis.call('HGET', KEYS[1], 'holder') == task then free() end
 keep()
 return {'ok', version}
 """
 
-# KEYS hash, queue, turns; ARGV task, fence ('' for whichever run) -> 'left' | 'again' (applied, or
+# KEYS hash, queue, turns, applied; ARGV task, fence ('' for whichever run) -> 'left' | 'again' (applied, or
 # neither queued nor holding: nothing to leave) | 'stale' (a newer run of this task entered)
-LEAVE = NOW + _KEEP + _FREE + """
+LEAVE = NOW + _KEEP + _FREE + _APPLIED + """
 local task = ARGV[1]
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'again' end
-if redis.call('HGET', KEYS[1], 'a:' .. task) == 'turn' then return 'again' end
+if applied(task) then return 'again' end
 if ARGV[2] ~= '' then
   local newest = tonumber(redis.call('HGET', KEYS[1], 'f:' .. task))
   if newest and newest > tonumber(ARGV[2]) then return 'stale' end
@@ -164,14 +178,13 @@ local queued = redis.call('ZREM', KEYS[2], task) == 1
 if not (holding or ticketed or queued) then return 'again' end
 -- its fence too: a task that left comes back as a new arrival at any fence (its dead letter
 -- replayed after its ledger record expired claims again at fence 1)
-redis.call('HDEL', KEYS[1], 'f:' .. task, 'e:' .. task)
-redis.call('HSET', KEYS[1], 'a:' .. task, 'left')
+redis.call('HDEL', KEYS[1], 'f:' .. task, 'e:' .. task, 'a:' .. task)  -- no mark: it holds no place
 if holding then free() end
 keep()
 return 'left'
 """
 
-# KEYS hash, queue, turns; ARGV upto, summary (JSON {upto, text}), read version -> 1 | 0
+# KEYS hash, queue, turns, applied; ARGV upto, summary (JSON {upto, text}), read version -> 1 | 0
 # Stored when the version is the one read and it covers more turns than the stored one, no more than there are.
 SUMMARIZE = _KEEP + """
 if redis.call('HEXISTS', KEYS[1], 'kind') == 0 then return 0 end
@@ -186,7 +199,7 @@ keep()
 return 1
 """
 
-# KEYS hash, queue, turns; ARGV version, 'state' | 'turns', the state (JSON) or each turn (JSON)
+# KEYS hash, queue, turns, applied; ARGV version, 'state' | 'turns', the state (JSON) or each turn (JSON)
 # -> {'ok' | 'conflict' | 'missing', the session's version}
 # The operator's correction: replacing the turns drops the summary (it summarised others).
 PUT = _KEEP + """
@@ -206,7 +219,7 @@ keep()
 return {'ok', version}
 """
 
-# KEYS hash, queue, turns -> 1 (erased) | 0 (no session: never created, expired, or erased already)
+# KEYS hash, queue, turns, applied -> 1 (erased) | 0 (no session: never created, expired, or erased already)
 # The erasure: the content goes (kind, tenant, state, summary, the turns, the applied marks), the
 # epoch and the version move on; the holder, its lease, the queue, tickets, fences and epochs stay
 # (the live holder keeps its turn, waiters their places). Nobody holding or queued: a tombstone
@@ -215,7 +228,7 @@ DELETE = NOW + _KEEP + """
 local f = redis.call('HMGET', KEYS[1], 'kind', 'epoch', 'version', 'ttl', 'holder')
 if not f[1] then return 0 end
 local epoch, version = (tonumber(f[2]) or 1) + 1, (tonumber(f[3]) or 0) + 1
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[3], KEYS[4])
 if (f[5] or '') == '' and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'version', version, 'erased_ms', now)

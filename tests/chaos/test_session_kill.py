@@ -153,11 +153,10 @@ async def stopped(stop: asyncio.Event, seconds: float) -> bool:
 
 def aimed(aim: str, task: str, holder: str, fields: dict[str, str], record: TaskRecord) -> bool:
     """Whether ``task`` (queued in, or holding, its session) is at the moment ``aim`` names."""
-    applied = fields.get(f"a:{task}") == "turn"
     if aim == "holding":
         return task == holder and record.state == "running"
-    if aim == "applying":
-        return task == holder and record.state == "succeeded" and not applied
+    if aim == "applying":  # an apply frees its holder in the same script: a holder has not applied yet
+        return task == holder and record.state == "succeeded"
     return task != holder and record.state == "running"  # waiting
 
 
@@ -191,8 +190,7 @@ async def kill_throughout(fleet: Fleet, ledger: Ledger, watch: Watch, aims: list
         index, sid, task = found
         kill = Kill(aim, await asyncio.to_thread(fleet.kill, index), task)
         if aim == "applying":  # the worker is dead: no apply comes from it any more
-            mark = await ledger.client.hget(ledger.keys.session(sid), f"a:{task}")
-            kill.landed = mark is None or _s(mark) != "turn"
+            kill.landed = await ledger.client.zscore(ledger.keys.session_applied(sid), task) is None
         kills.append(kill)
     return kills
 

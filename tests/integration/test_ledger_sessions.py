@@ -161,6 +161,46 @@ def test_an_update_is_applied_once_per_task_id(any_redis_url: str) -> None:
     with_ledger(any_redis_url, body)
 
 
+def test_applied_marks_are_capped_and_leaving_marks_nothing(any_redis_url: str) -> None:
+    """Applied marks live in the session's ``applied`` zset (task -> version), the newest kept; a
+    replay older than the cap runs as a new arrival; ``leave`` leaves no mark behind."""
+    async def body(ledger: Ledger) -> None:
+        sessions, keys, client = ledger.sessions, ledger.keys, ledger.client
+        sessions.marks_max = 3
+        for n in range(5):
+            await entered(sessions, "s1", f"t{n}")
+            assert await sessions.apply("s1", f"t{n}", 1, n, turn(f"t{n}", str(n))) == "ok"
+        assert await client.zrange(keys.session_applied("s1"), 0, -1, withscores=True) == [
+            (b"t2", 3.0), (b"t3", 4.0), (b"t4", 5.0)]
+        assert await sessions.enter("s1", "support", "t2", 2, 60_000) == Applied(version=5)
+        assert await sessions.apply("s1", "t3", 1, 5, turn("t3", "again")) == "again"
+        assert await sessions.enter("s1", "support", "gone", 1, 60_000) != Applied(version=5)
+        assert await sessions.leave("s1", "gone") == "left"
+        # t0 applied longer ago than the marks keep: its replay is a new arrival, as past the ledger's retention
+        assert (await entered(sessions, "s1", "t0", 2)).version == 5
+        fields = [f.decode() if isinstance(f, bytes) else f for f in await client.hkeys(keys.session("s1"))]
+        assert not [f for f in fields if f.startswith("a:")], fields
+
+    with_ledger(any_redis_url, body)
+
+
+def test_applied_marks_of_a_session_stored_before_the_zset_still_count(any_redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        sessions, keys, client = ledger.sessions, ledger.keys, ledger.client
+        await entered(sessions, "s1", "t1")
+        assert await sessions.apply("s1", "t1", 1, 0, turn("t1", "x")) == "ok"
+        await client.hset(keys.session("s1"), mapping={"a:old": "turn", "a:gone": "left"})  # as stored before
+        assert await sessions.enter("s1", "support", "old", 1, 60_000) == Applied(version=1)
+        assert await sessions.apply("s1", "old", 1, 1, turn("old", "twice")) == "again"
+        assert isinstance(await sessions.enter("s1", "support", "gone", 1, 60_000), Entered)
+        assert await sessions.leave("s1", "gone") == "left"
+        assert not await client.hexists(keys.session("s1"), "a:gone")
+        assert await sessions.delete("s1")
+        assert not await client.exists(keys.session_applied("s1"))
+
+    with_ledger(any_redis_url, body)
+
+
 def test_concurrent_writers_reducing_a_counter_lose_no_update(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         sessions = ledger.sessions
@@ -258,7 +298,7 @@ def test_delete_of_a_quiet_session_leaves_no_content_and_a_late_apply_writes_not
         assert [entry.id for entry in await sessions.list(10)] == ["s2", "s1"]
         assert await sessions.delete("s1")
         assert not await sessions.delete("s1")
-        assert not await client.exists(keys.session_queue("s1"), keys.session_turns("s1"))
+        assert not await client.exists(keys.session_queue("s1"), keys.session_turns("s1"), keys.session_applied("s1"))
         # a tombstone keeps the epoch and the version moving on, nothing of the content, for the kind's TTL
         assert set(await client.hkeys(keys.session("s1"))) == {b"epoch", b"version", b"erased_ms"}
         assert 4_900 < await client.ttl(keys.session("s1")) <= 5_000
@@ -332,7 +372,7 @@ def test_a_passed_over_heads_late_apply_after_an_erasure_is_stale(any_redis_url:
 def test_every_write_refreshes_the_kinds_ttl_on_every_key(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         sessions, keys, client = ledger.sessions, ledger.keys, ledger.client
-        every = (keys.session("s1"), keys.session_queue("s1"), keys.session_turns("s1"))
+        every = (keys.session("s1"), keys.session_queue("s1"), keys.session_turns("s1"), keys.session_applied("s1"))
         await entered(sessions, "s1", "t1", ttl_s=5_000)
         await sessions.enter("s1", "support", "t2", 1, 60_000, ttl_s=5_000)
         assert await sessions.apply("s1", "t1", 1, 0, turn("t1", "x")) == "ok"

@@ -283,7 +283,7 @@ def test_delete_erases_every_key(make_settings: Any, fake_llm: FakeLLM) -> None:
             async def keys_of(sid: str) -> list[str]:
                 return sorted([k.decode() async for k in ledger.client.scan_iter(match=f"*{{{sid}}}*")])
 
-            assert len(await keys_of("gone")) == 3  # the hash, the queue, the turns
+            assert len(await keys_of("gone")) == 4  # the hash, the queue, the turns, the applied marks
             assert (await client.delete("/sessions/gone")).status_code == 401
             r = await client.delete("/sessions/gone", headers=WRITE)
             assert r.status_code == 200, r.text
