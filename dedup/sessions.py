@@ -74,7 +74,7 @@ from dedup import sessions_scripts as scripts
 from dedup.client import RedisClient
 from dedup.errors import LedgerUnavailable, StaleFence
 from dedup.keys import Keys, is_valid_task_key, is_valid_tenant
-from dedup.sessions_scripts import MARKS_MAX
+from dedup.sessions_scripts import MARKS_MAX, TURNS_MAX
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ Applying = Literal["ok", "again", "moved", "stale"]
 Leaving = Literal["left", "again", "stale"]
 Putting = Literal["ok", "conflict", "missing"]
 
-__all__ = ["DEFAULT_STALL_MS", "DEFAULT_TENANT", "DEFAULT_TTL_S", "LISTING_MAX", "MARKS_MAX", "Applied", "Applying", "Entered", "Leaving",
+__all__ = ["DEFAULT_STALL_MS", "DEFAULT_TENANT", "DEFAULT_TTL_S", "LISTING_MAX", "MARKS_MAX", "TURNS_MAX", "Applied", "Applying", "Entered", "Leaving",
            "Listed", "Putting", "SessionRecord", "Sessions", "Summary", "Waiting", "WrongKind", "WrongTenant"]
 
 
@@ -156,7 +156,8 @@ class WrongTenant:
 
 @dataclass(frozen=True)
 class SessionRecord:
-    """A session as stored: ``holder`` None when nobody holds it; ``queue`` head first; ``ttl_s`` left."""
+    """A session as stored: ``holder`` None when nobody holds it; ``queue`` head first; ``ttl_s`` left;
+    ``turns[i]`` is turn ``first_turn + i`` (the turns before it were summarised and dropped)."""
 
     id: str
     kind: str
@@ -170,6 +171,7 @@ class SessionRecord:
     queue: list[str]
     ttl_s: int
     tenant: str = DEFAULT_TENANT
+    first_turn: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,11 @@ def _task(task_id: str) -> str:
 
 class Sessions:
     """The sessions of a ledger (its client, keys and error translation). ``marks_max``: the applied
-    marks kept per session (the newest; a replay of a task applied before them runs as a new arrival)."""
+    marks kept per session (the newest; a replay of a task applied before them runs as a new arrival);
+    ``turns_max``: the turns a summary covers that stay stored (the newest; the turns after it always stay)."""
 
     marks_max: int = MARKS_MAX
+    turns_max: int = TURNS_MAX
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -306,7 +310,7 @@ class Sessions:
         """Store the summary of turns ``[0, upto)`` if it covers more than the stored one: whether it did."""
         summary = _dumps({"upto": _whole("upto", upto, 1), "text": text})
         raw = await self.ledger.run_script(self._summarize, self._keys(session_id), [
-            upto, summary, _whole("read_version", read_version, 0)])
+            upto, summary, _whole("read_version", read_version, 0), _whole("turns_max", self.turns_max, 0)])
         return int(raw) == 1
 
     async def put(self, session_id: str, version: int, *, state: Any = None,
@@ -345,7 +349,8 @@ class Sessions:
             state=json.loads(state) if state else None, summary=_summary(fields.get("summary")),
             turns=[json.loads(_s(t)) for t in turns], holder=fields.get("holder") or None,
             holder_fence=int(fields.get("holder_fence", 0)), holder_until_ms=int(fields.get("holder_until", 0)),
-            queue=[_s(q) for q in queue], ttl_s=int(ttl), tenant=fields.get("tenant") or DEFAULT_TENANT)
+            queue=[_s(q) for q in queue], ttl_s=int(ttl), tenant=fields.get("tenant") or DEFAULT_TENANT,
+            first_turn=int(fields.get("base") or 0))
 
     async def delete(self, session_id: str) -> bool:
         """Erase the session: its content and its listing, the epoch moved on (see the module's doc).

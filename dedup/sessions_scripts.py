@@ -2,7 +2,8 @@
 
 Every script gets the session's four keys, which share the hash tag ``{<session id>}`` (one slot):
 ``KEYS[1]`` the hash (``kind``, ``version``, ``epoch``, ``state``, ``summary``, ``ttl``, ``next_ticket``,
-``holder``, ``holder_fence``, ``holder_until``, ``free_since``, ``passed``, ``erased_ms``, and per task
+``holder``, ``holder_fence``, ``holder_until``, ``free_since``, ``passed``, ``erased_ms``, ``base``
+(how many turns were dropped from the head of the list), and per task
 ``t:<task>`` its ticket, ``f:<task>`` the newest fence it entered with, ``e:<task>`` the epoch it
 entered (held) in), ``KEYS[2]`` the queue (zset: task by ticket), ``KEYS[3]`` the turns (list of
 JSON) and ``KEYS[4]`` the applied marks (zset: task by the version its apply made, the newest
@@ -10,6 +11,10 @@ JSON) and ``KEYS[4]`` the applied marks (zset: task by the version its apply mad
 retention does). A session stored before the zset keeps its marks as hash fields ``a:<task>`` =
 ``turn``: still read, and erased by ``leave`` and ``delete``; ``left`` marks are no longer written.
 A script that writes refreshes the TTL of all four to the kind's (``ttl``). Times are the server's.
+
+**Turn indices are absolute** (a summary's ``upto``, an entered view's first turn): the stored list
+begins at turn ``base``. A summary that covers more turns drops the oldest of those it covers beyond
+:data:`TURNS_MAX` (``base`` moves on); the turns after the summary are never dropped.
 
 **Erasure** (:data:`DELETE`) moves the ``epoch`` on (from 1; a hash without one is at 1) and erases
 the content (``kind``, ``state``, ``summary``, the turns, the applied marks), the version moving on
@@ -23,9 +28,10 @@ from __future__ import annotations
 
 from dedup.lua import NOW
 
-__all__ = ["APPLY", "DELETE", "ENTER", "LEAVE", "MARKS_MAX", "PUT", "RENEW", "SUMMARIZE"]
+__all__ = ["APPLY", "DELETE", "ENTER", "LEAVE", "MARKS_MAX", "PUT", "RENEW", "SUMMARIZE", "TURNS_MAX"]
 
 MARKS_MAX = 10_000  # applied marks kept per session, the newest (dedup.sessions.Sessions.marks_max)
+TURNS_MAX = 1_000  # summarised turns kept per session, the newest (dedup.sessions.Sessions.turns_max)
 
 # the TTL of a session whose hash has none (never: ENTER writes it); dedup.sessions.DEFAULT_TTL_S
 _DEFAULT_TTL_S = 2_592_000
@@ -111,12 +117,13 @@ while holder ~= task do  -- a newer run of the holder holds on; another task ent
   redis.call('HINCRBY', KEYS[1], 'passed', 1)
   since = now
 end
-local s = redis.call('HMGET', KEYS[1], 'version', 'state', 'summary', 'epoch')
+local s = redis.call('HMGET', KEYS[1], 'version', 'state', 'summary', 'epoch', 'base')
 redis.call('HSET', KEYS[1], 'holder', task, 'holder_fence', fence, 'holder_until', now + tonumber(ARGV[4]),
            'e:' .. task, s[4] or 1)
-local upto = 0
+local base, upto = tonumber(s[5]) or 0, 0
 if s[3] then upto = tonumber(cjson.decode(s[3])['upto']) end
-return {'entered', s[1], s[2] or '', s[3] or '', redis.call('LRANGE', KEYS[3], upto, -1), upto, ticket}
+upto = math.max(upto, base)
+return {'entered', s[1], s[2] or '', s[3] or '', redis.call('LRANGE', KEYS[3], upto - base, -1), upto, ticket}
 """
 
 # KEYS hash, queue, turns, applied; ARGV task, fence, lease_ms -> 1 (extended) | 0 (it does not hold the
@@ -184,17 +191,24 @@ keep()
 return 'left'
 """
 
-# KEYS hash, queue, turns, applied; ARGV upto, summary (JSON {upto, text}), read version -> 1 | 0
-# Stored when the version is the one read and it covers more turns than the stored one, no more than there are.
+# KEYS hash, queue, turns, applied; ARGV upto, summary (JSON {upto, text}), read version, turns kept -> 1 | 0
+# Stored when the version is the one read and it covers more turns than the stored one, no more than there are;
+# of the turns it covers, the newest ARGV[4] stay stored (base moves on past those dropped).
 SUMMARIZE = _KEEP + """
 if redis.call('HEXISTS', KEYS[1], 'kind') == 0 then return 0 end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
 if not version or version ~= tonumber(ARGV[3]) then return 0 end
 local upto = tonumber(ARGV[1])
-if upto > redis.call('LLEN', KEYS[3]) then return 0 end
+local base = tonumber(redis.call('HGET', KEYS[1], 'base')) or 0
+if upto > base + redis.call('LLEN', KEYS[3]) then return 0 end
 local stored = redis.call('HGET', KEYS[1], 'summary')
 if stored and tonumber(cjson.decode(stored)['upto']) >= upto then return 0 end
 redis.call('HSET', KEYS[1], 'summary', ARGV[2])
+local drop = upto - base - tonumber(ARGV[4])
+if drop > 0 then
+  redis.call('LTRIM', KEYS[3], drop, -1)
+  redis.call('HSET', KEYS[1], 'base', base + drop)
+end
 keep()
 return 1
 """
@@ -211,7 +225,7 @@ if ARGV[2] == 'state' then
 else
   redis.call('DEL', KEYS[3])
   for i = 3, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-  redis.call('HDEL', KEYS[1], 'summary')
+  redis.call('HDEL', KEYS[1], 'summary', 'base')  -- the operator's turns are the whole history
 end
 version = version + 1
 redis.call('HSET', KEYS[1], 'version', version)
@@ -235,7 +249,7 @@ if (f[5] or '') == '' and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('EXPIRE', KEYS[1], tonumber(f[4]) or """ + str(_DEFAULT_TTL_S) + """)
   return 1
 end
-redis.call('HDEL', KEYS[1], 'kind', 'tenant', 'state', 'summary')
+redis.call('HDEL', KEYS[1], 'kind', 'tenant', 'state', 'summary', 'base')
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(field, 1, 2) == 'a:' then redis.call('HDEL', KEYS[1], field) end
 end

@@ -289,6 +289,38 @@ def test_summaries_grow_and_put_answers_conflict_for_a_stale_version(any_redis_u
     with_ledger(any_redis_url, body)
 
 
+def test_turns_the_summary_covers_are_trimmed_to_a_cap_and_indices_stay_absolute(any_redis_url: str) -> None:
+    async def body(ledger: Ledger) -> None:
+        sessions = ledger.sessions
+        sessions.turns_max = 2
+        for n in range(6):
+            await entered(sessions, "s1", f"t{n}")
+            assert await sessions.apply("s1", f"t{n}", 1, n, turn(f"t{n}", str(n))) == "ok"
+        record = await sessions.get("s1")
+        assert record is not None and (record.first_turn, len(record.turns)) == (0, 6)  # nothing summarised
+        assert await sessions.summarize("s1", 5, "five turns", 6)
+        # the newest 2 of the 5 summarised turns stay, and every turn after the summary
+        record = await sessions.get("s1")
+        assert record is not None
+        assert (record.first_turn, [t["task_id"] for t in record.turns]) == (3, ["t3", "t4", "t5"])
+        view = await entered(sessions, "s1", "t6")
+        assert (view.summary, view.first_turn, view.turns, view.version) == (
+            Summary(upto=5, text="five turns"), 5, [turn("t5", "5")], 6)
+        assert not await sessions.summarize("s1", 7, "too far", 6)  # six turns in all, three of them dropped
+        assert await sessions.summarize("s1", 6, "six turns", 6)
+        record = await sessions.get("s1")
+        assert record is not None
+        assert (record.first_turn, [t["task_id"] for t in record.turns]) == (4, ["t4", "t5"])
+        assert await sessions.apply("s1", "t6", 1, 6, turn("t6", "6")) == "ok"
+        assert (await entered(sessions, "s1", "t7")).turns == [turn("t6", "6")]
+        assert await sessions.put("s1", 7, turns=[turn("x", "edited")]) == "ok"  # the whole history, from 0
+        record = await sessions.get("s1")
+        assert record is not None and (record.first_turn, record.turns, record.summary) == (
+            0, [turn("x", "edited")], None)
+
+    with_ledger(any_redis_url, body)
+
+
 def test_delete_of_a_quiet_session_leaves_no_content_and_a_late_apply_writes_nothing(any_redis_url: str) -> None:
     async def body(ledger: Ledger) -> None:
         sessions, keys, client = ledger.sessions, ledger.keys, ledger.client
