@@ -73,7 +73,9 @@ class SessionView(BaseModel):
     version: int = Field(description="moves with every update and correction; a PUT names the one it read")
     state: Any = Field(description="the state a reducer keeps (null for a session of turns only)")
     summary: SummaryView | None = Field(description="the summary of the oldest turns, shown to steps in their place")
-    turns_total: int
+    turns_total: int = Field(description="the turns the session has had, the dropped ones included")
+    turns_first: int = Field(description="the first turn still stored: older ones, covered by the summary, "
+                                         "were dropped (TURNS_MAX)")
     turns_offset: int
     turns: list[dict[str, Any]] = Field(description="turns[i] is turn turns_offset + i: {task_id, input, result, at}")
     holder: str | None = Field(description="the task that holds the session now, or null")
@@ -189,12 +191,17 @@ def iso_ms(ms: int) -> str:
 
 
 def session_view(record: SessionRecord, offset: int = 0, limit: int | None = None) -> SessionView:
-    """``record`` with its turns ``[offset, offset + limit)`` (all from ``offset`` when ``limit`` is None)."""
-    end = None if limit is None else offset + limit
+    """``record`` with its turns ``[offset, offset + limit)`` (all from ``offset`` when ``limit`` is None);
+    turn numbers are absolute: an offset before the first turn still stored starts at it."""
+    first = record.first_turn
+    offset = max(offset, first)
+    start = offset - first
+    end = None if limit is None else start + limit
     summary = SummaryView(upto=record.summary.upto, text=record.summary.text) if record.summary else None
     return SessionView(
         id=record.id, kind=record.kind, version=record.version, state=record.state, summary=summary,
-        turns_total=len(record.turns), turns_offset=offset, turns=record.turns[offset:end], holder=record.holder,
+        turns_total=first + len(record.turns), turns_first=first, turns_offset=offset, turns=record.turns[start:end],
+        holder=record.holder,
         holder_fence=record.holder_fence, queue=record.queue, ttl_s=record.ttl_s,
         holder_until=iso_ms(record.holder_until_ms) if record.holder is not None and record.holder_until_ms else None)
 
