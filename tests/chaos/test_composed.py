@@ -193,8 +193,15 @@ def test_every_record_ends_within_its_bound_whatever_fails_at_once(
     letter_reasons = {(m.key or b"").decode(): m.headers["dlq.reason"].decode() for m in letters}
     for t in healthy + poison:
         assert t in result_keys or t in letter_reasons, f"{t} has neither a result nor a dead letter"
+    letter_errors = {(m.key or b"").decode(): m.headers.get("dlq.error", b"").decode() for m in letters}
     for t in poison:
-        assert letter_reasons.get(t) in ("exhausted", "crashed"), (t, letter_reasons.get(t))
+        # A task that fails every time ends exhausted (its attempts spent), crashed (its workers'
+        # deaths spent), or unavailable: its next retry waited the longest wait allowed, because the
+        # retry budget (retries at most a share of first calls) had nothing to grow on while Redis
+        # was down and no first call was made. Each is a bounded end whose error says why.
+        assert letter_reasons.get(t) in ("exhausted", "crashed", "unavailable"), (t, letter_reasons.get(t))
+        if letter_reasons[t] == "unavailable":
+            assert "waited" in (letter_errors.get(t) or ""), (t, letter_errors.get(t))
     stats = fake_llm.stats()
     calls: Counter[str] = Counter()
     for key, n in stats["by_key"].items():  # model calls per task, 429s (refused before any work) apart
@@ -208,5 +215,6 @@ def test_every_record_ends_within_its_bound_whatever_fails_at_once(
         "longest_stall_s": round(longest_stall, 1),
         "most_calls_of_a_task": max(calls[t] for t in healthy + poison),
         "poison_calls": {t: calls[t] for t in poison},
+        "unavailable_errors": {t: letter_errors[t] for t in poison if letter_reasons[t] == "unavailable"},
     }
     print("\ncomposed faults:", json.dumps(figures, sort_keys=True))
