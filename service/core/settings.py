@@ -1,4 +1,4 @@
-"""Service settings: one model, read from ``AGENT_*`` environment variables.
+"""Service settings: one model, read from ``AGENT_*`` environment variables (and ``AGENT_CONFIG_FILE``).
 
 Nested groups use ``__``: ``AGENT_KAFKA__BOOTSTRAP_SERVERS``, ``AGENT_LLM__MODEL``.
 Built once in the entry point (:func:`service.runtime.wiring.build`), never at import time.
@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from dedup.keys import is_valid_tenant
 from service.core.kafka_config import Client, ClientConfig, check_oidc, client_properties, security_properties
 from service.core.schedule_spec import SchedulerSettings
+from service.core.settings_sources import CheckedSettings
 
 EMBEDDED_BROKERS = ("noida", "tansu")  # what `agent-service run --embedded --broker` may start
 
@@ -90,9 +91,8 @@ class KafkaSettings(BaseModel):
 
     def common_config(self, client: Client | None = None) -> dict[str, Any]:
         """librdkafka settings shared by the consumer, producers and admin client (and ``client``'s own)."""
-        own = {"consumer": self.consumer_extra, "producer": self.producer_extra, "admin": self.admin_extra}
         conf = {"bootstrap.servers": self.bootstrap_servers, "client.id": self.client_id, **security_properties(self)}
-        return {**conf, **client_properties(self.config, own[client] if client else {})}
+        return {**conf, **client_properties(self.config, getattr(self, f"{client}_extra") if client else {})}
 
     def consumer_config(self) -> dict[str, Any]:
         conf: dict[str, Any] = {
@@ -385,7 +385,7 @@ class TenancySettings(BaseModel):
         return self
 
 
-class Settings(BaseSettings):
+class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; unknown names refused
     model_config = SettingsConfigDict(
         env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
     )
