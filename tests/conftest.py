@@ -109,6 +109,19 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kraft.Ka
 
 
 @pytest.fixture(scope="session")
+def secured_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A second Apache Kafka node with a SASL_SSL listener (SCRAM-SHA-512, a certificate made by the
+    test) beside its PLAINTEXT one: see tests/support/secured_kafka.py."""
+    from tests.support.secured_kafka import start_secured_kafka
+
+    kafka = start_secured_kafka(tmp_path_factory.mktemp("secured-kafka"))
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
+
+
+@pytest.fixture(scope="session")
 def kafka_bootstrap(broker: Broker) -> str:
     return broker.bootstrap
 

@@ -89,7 +89,7 @@ class BrokerProbe:
     def _probe(self) -> bool:
         try:
             if self._admin is None:
-                self._admin = AdminClient(self._kafka.common_config())
+                self._admin = AdminClient(self._kafka.common_config("admin"))
             self._admin.list_topics(timeout=self._timeout_s)
             return True
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"

@@ -27,6 +27,7 @@ from service.cli.base import PROG, Handler, Unreachable
 from service.cli.parser import parse_args
 from service.core.errors import EmbeddedError
 from service.core.settings import Settings
+from service.core.settings_sources import SettingsRefused
 from service.pipeline.dlq import KAFKA_LOGGER
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
     except ValidationError as exc:
         print(f"{PROG}: invalid settings: {describe_validation(exc)}", file=sys.stderr)
+        return 2
+    except SettingsRefused as exc:  # an unknown AGENT_* name, or a file of settings that cannot be read
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     level = settings.log_level
     if args.command == "demo" and "AGENT_LOG_LEVEL" not in os.environ:

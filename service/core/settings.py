@@ -1,4 +1,4 @@
-"""Service settings: one model, read from ``AGENT_*`` environment variables.
+"""Service settings: one model, read from ``AGENT_*`` environment variables (and ``AGENT_CONFIG_FILE``).
 
 Nested groups use ``__``: ``AGENT_KAFKA__BOOTSTRAP_SERVERS``, ``AGENT_LLM__MODEL``.
 Built once in the entry point (:func:`service.runtime.wiring.build`), never at import time.
@@ -14,12 +14,14 @@ import socket
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dedup.keys import is_valid_tenant
+from service.core.kafka_config import Client, ClientConfig, check_oidc, client_properties, security_properties
 from service.core.schedule_spec import SchedulerSettings
 from service.core.sessions_settings import SessionsSettings, stall_outlasts_lease
+from service.core.settings_sources import CheckedSettings
 
 EMBEDDED_BROKERS = ("noida", "tansu")  # what `agent-service run --embedded --broker` may start
 
@@ -60,6 +62,17 @@ class KafkaSettings(BaseModel):
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
     ssl_key_password: SecretStr | None = None
+    sasl_oauthbearer_method: Literal["default", "oidc"] = "default"  # "oidc": tokens from the token endpoint
+    sasl_oauthbearer_client_id: str | None = None
+    sasl_oauthbearer_client_secret: SecretStr | None = None
+    sasl_oauthbearer_token_endpoint_url: str | None = None
+    sasl_oauthbearer_scope: str | None = None
+    sasl_oauthbearer_extensions: str | None = None  # "key=value,key=value"
+    # any other librdkafka property, as a JSON object: for every client, and per client (overriding)
+    config: ClientConfig = Field(default_factory=dict)
+    consumer_extra: ClientConfig = Field(default_factory=dict, validation_alias=AliasChoices("consumer_config", "consumer_extra"))
+    producer_extra: ClientConfig = Field(default_factory=dict, validation_alias=AliasChoices("producer_config", "producer_extra"))
+    admin_extra: ClientConfig = Field(default_factory=dict, validation_alias=AliasChoices("admin_config", "admin_extra"))
     # exactly-once output: each outcome and the offset of the record that produced it are written
     # in one Kafka transaction (read the output topics with isolation.level=read_committed)
     transactional: bool = False
@@ -73,35 +86,23 @@ class KafkaSettings(BaseModel):
     topic_partitions: int = Field(6, ge=1)
     topic_replication_factor: int = Field(1, ge=1)
 
-    def common_config(self) -> dict[str, Any]:
-        """librdkafka settings shared by the consumer, producers and admin client."""
-        conf: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "client.id": self.client_id,
-            "security.protocol": self.security_protocol,
-        }
-        optional = {
-            "sasl.mechanism": self.sasl_mechanism,
-            "sasl.username": self.sasl_username,
-            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
-            "ssl.ca.location": self.ssl_ca_location,
-            "ssl.certificate.location": self.ssl_certificate_location,
-            "ssl.key.location": self.ssl_key_location,
-            "ssl.key.password": self.ssl_key_password.get_secret_value() if self.ssl_key_password else None,
-        }
-        conf.update({k: v for k, v in optional.items() if v is not None})
-        return conf
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Self:
+        return check_oidc(self)
+
+    def common_config(self, client: Client | None = None) -> dict[str, Any]:
+        """librdkafka settings shared by the consumer, producers and admin client (and ``client``'s own)."""
+        conf = {"bootstrap.servers": self.bootstrap_servers, "client.id": self.client_id, **security_properties(self)}
+        return {**conf, **client_properties(self.config, getattr(self, f"{client}_extra") if client else {})}
 
     def consumer_config(self) -> dict[str, Any]:
         conf: dict[str, Any] = {
-            **self.common_config(),
+            **self.common_config("consumer"),
             "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
+            "enable.auto.commit": False, "enable.auto.offset.store": False,
             "auto.offset.reset": self.auto_offset_reset,
             "max.poll.interval.ms": self.max_poll_interval_ms,
-            "queued.max.messages.kbytes": self.prefetch_kbytes,
-            "queued.min.messages": self.prefetch_messages,
+            "queued.max.messages.kbytes": self.prefetch_kbytes, "queued.min.messages": self.prefetch_messages,
             "fetch.max.bytes": self.fetch_max_bytes,
         }
         if self.group_protocol == "consumer":  # librdkafka refuses the classic-only settings with it
@@ -116,11 +117,10 @@ class KafkaSettings(BaseModel):
 
     def producer_config(self) -> dict[str, Any]:
         return {
-            **self.common_config(),
+            **self.common_config("producer"),
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 5,
-            "compression.type": "lz4",
+            "linger.ms": 5, "compression.type": "lz4",
         }
 
     def transactional_producer_config(self) -> dict[str, Any]:
@@ -383,7 +383,7 @@ class TenancySettings(BaseModel):
         return self
 
 
-class Settings(BaseSettings):
+class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; unknown names refused
     model_config = SettingsConfigDict(
         env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
     )
@@ -437,8 +437,8 @@ def to_env(settings: BaseSettings) -> dict[str, str]:
                 env[key] = json.dumps([v.to_json() if isinstance(v, FallbackEndpoint) else
                                        v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value])
             elif isinstance(value, dict):
-                env[key] = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else v
-                                       for k, v in value.items()})
+                env[key] = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else
+                                       v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in value.items()})
             elif isinstance(value, SecretStr):
                 env[key] = value.get_secret_value()
             elif isinstance(value, bool):

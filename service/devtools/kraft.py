@@ -122,16 +122,23 @@ def _wait_for_metadata(node: KafkaNode, brokers: int, deadline: float) -> None:
 
 def node_properties(node_id: int, port: int, controller_port: int, log_dir: Path, bootstrap_controllers: str,
                     replication: int, auto_create_topics: bool = False,
-                    overrides: Mapping[str, object] | None = None) -> dict[str, str]:
-    """``server.properties`` of one combined node (``replication`` 1 for a single node, 3 for a cluster)."""
+                    overrides: Mapping[str, object] | None = None,
+                    extra_listeners: Mapping[str, int] | None = None) -> dict[str, str]:
+    """``server.properties`` of one combined node (``replication`` 1 for a single node, 3 for a cluster).
+
+    ``extra_listeners`` adds listeners named by their security protocol (``{"SASL_SSL": port}``);
+    their SASL and TLS settings come in ``overrides``. Brokers talk to each other over PLAINTEXT."""
     min_isr = min(2, replication)
+    listeners = {"PLAINTEXT": port, "CONTROLLER": controller_port, **(extra_listeners or {})}
+    urls = ",".join(f"{name}://127.0.0.1:{p}" for name, p in listeners.items())
     props: dict[str, object] = {
         "process.roles": "broker,controller",
         "node.id": node_id,
         "controller.quorum.bootstrap.servers": bootstrap_controllers,
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listeners": urls,
+        "advertised.listeners": urls,
+        "listener.security.protocol.map": ",".join(
+            f"{name}:{'PLAINTEXT' if name == 'CONTROLLER' else name}" for name in listeners),
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": log_dir,
@@ -230,12 +237,13 @@ class _Plan:
 
 def _prepare(plan: _Plan, libs: Path, heap: str, cluster_id: str, bootstrap_controllers: str,
              quorum_args: list[str], replication: int, auto_create_topics: bool, log_level: str,
-             overrides: Mapping[str, object] | None, jvm_flags: Sequence[str]) -> KafkaNode:
+             overrides: Mapping[str, object] | None, jvm_flags: Sequence[str],
+             extra_listeners: Mapping[str, int] | None = None) -> KafkaNode:
     """Write the node's files and format its storage (once: a formatted directory is kept as it is)."""
     plan.directory.mkdir(parents=True, exist_ok=True)
     plan.log4j2.write_text(LOG4J2.format(level=log_level))
     props = node_properties(plan.node_id, plan.port, plan.controller_port, plan.log_dir, bootstrap_controllers,
-                            replication, auto_create_topics, overrides)
+                            replication, auto_create_topics, overrides, extra_listeners)
     _write_properties(plan.config, props)
     if not (plan.log_dir / "meta.properties").exists():
         _format(libs, heap, plan.log4j2, plan.config, cluster_id, quorum_args, plan.log_path, jvm_flags)
@@ -249,16 +257,18 @@ def _prepare(plan: _Plan, libs: Path, heap: str, cluster_id: str, bootstrap_cont
 
 def start_kafka(data_dir: Path, *, heap: str = SINGLE_HEAP, auto_create_topics: bool = False,
                 log_level: str = "WARN", overrides: Mapping[str, object] | None = None,
-                jvm_flags: Sequence[str] = JVM_FLAGS, ready_timeout_s: float = 90.0) -> KafkaNode:
+                jvm_flags: Sequence[str] = JVM_FLAGS, ready_timeout_s: float = 90.0,
+                extra_listeners: Mapping[str, int] | None = None) -> KafkaNode:
     """One combined broker+controller node (node id 1) in ``data_dir``, ready to serve when returned.
 
-    ``overrides`` are extra or replacing ``server.properties`` entries. Starting again on a
-    ``data_dir`` that holds a formatted node reuses its data and its ports (no new format).
+    ``overrides`` are extra or replacing ``server.properties`` entries; ``extra_listeners`` more
+    listeners besides PLAINTEXT (see :func:`node_properties`). Starting again on a ``data_dir`` that
+    holds a formatted node reuses its data and its ports (no new format).
     """
     libs = kafka_libs()
     plan = _Plan.load(1, data_dir)
     node = _prepare(plan, libs, heap, random_uuid(), f"127.0.0.1:{plan.controller_port}", ["--standalone"],
-                    1, auto_create_topics, log_level, overrides, jvm_flags)
+                    1, auto_create_topics, log_level, overrides, jvm_flags, extra_listeners)
     try:
         node.wait_ready(ready_timeout_s)
     except BaseException:

@@ -136,7 +136,7 @@ class _Reader:
     def __init__(self, kafka: KafkaSettings, *, reset: str = "earliest") -> None:
         self.topic = kafka.dlq_topic
         self._consumer = Consumer({
-            **kafka.common_config(),
+            **kafka.common_config("consumer"),
             "group.id": f"agent-dlq-peek-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,

@@ -66,7 +66,7 @@ class Dependencies:
 
     def _metadata(self) -> Any:
         if self._admin is None:
-            self._admin = AdminClient(self.settings.kafka.common_config())
+            self._admin = AdminClient(self.settings.kafka.common_config("admin"))
         return self._admin.list_topics(timeout=PROBE_TIMEOUT_S)
 
     async def broker_answers(self) -> bool:

@@ -55,7 +55,7 @@ class SideTopicConsumer:
     def __init__(self, settings: Settings, name: str, topic: str, loop: asyncio.AbstractEventLoop) -> None:
         k = settings.kafka
         self._consumer = Consumer({
-            **k.common_config(), "group.id": f"{k.group_id}.{name}", "enable.auto.commit": False,
+            **k.common_config("consumer"), "group.id": f"{k.group_id}.{name}", "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "session.timeout.ms": k.session_timeout_ms,
         })
         self._name, self._topic, self._loop = name, topic, loop

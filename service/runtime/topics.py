@@ -26,7 +26,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0, *, create: bool |
     broker's default, plus 64 KiB for the ``dlq.*`` headers), so that an input record dead-letters
     whole wherever the producer allows."""
     k = settings.kafka
-    admin = AdminClient(k.common_config())
+    admin = AdminClient(k.common_config("admin"))
     metadata = admin.list_topics(timeout=timeout_s)
     existing = set(metadata.topics)
     wanted = [k.input_topic, k.results_topic, k.dlq_topic, k.audit_topic, k.approvals_topic, k.replies_topic]
@@ -72,7 +72,7 @@ def topic_retention_s(settings: Settings, timeout_s: float = 10.0) -> int | None
     """The input topic's ``retention.ms`` in seconds (``FOREVER_S`` for -1), or None if unreadable."""
     from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
 
-    admin = AdminClient(settings.kafka.common_config())
+    admin = AdminClient(settings.kafka.common_config("admin"))
     resource = ConfigResource("topic", settings.kafka.input_topic)
     try:
         configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(timeout_s)

@@ -363,7 +363,7 @@ def outputs_of(settings: Settings, closers: list[Any]) -> tuple[Publisher, Outpu
     ``AGENT_KAFKA__TRANSACTIONAL`` the transactional producer the runner commits with."""
     # A record batch must fit the output topics' max.message.bytes: the broker refuses an oversized
     # batch whole, which would condemn every record in it along with the one that is too large.
-    admin = AdminClient(settings.kafka.common_config())
+    admin = AdminClient(settings.kafka.common_config("admin"))
     dlq_limit = topic_max_message_bytes(admin, settings.kafka.dlq_topic)
     sizes = [n for n in (dlq_limit, topic_max_message_bytes(admin, settings.kafka.results_topic)) if n]
     batch = {"batch.size": min(sizes + [DEFAULT_BATCH_BYTES]) - RECORD_OVERHEAD_BYTES}

@@ -133,24 +133,11 @@ def interpolate_default(value: Any) -> str:
 
 
 def settings_env_names() -> set[str]:
-    """Every environment variable service.core.settings.Settings reads."""
-    from pydantic import BaseModel
-
+    """Every environment variable service.core.settings.Settings reads (under every name a field takes)."""
     from service.core.settings import Settings
+    from service.core.settings_sources import setting_names
 
-    names: set[str] = set()
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for field_name, field in model.model_fields.items():
-            ann = field.annotation
-            env = f"{prefix}{field_name.upper()}"
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, env + "__")
-            else:
-                names.add(env)
-
-    walk(Settings, "AGENT_")
-    return names
+    return setting_names(Settings)
 
 
 def build_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
