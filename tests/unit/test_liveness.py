@@ -80,7 +80,7 @@ def test_an_outage_whose_records_lost_their_partitions_ends_when_the_dependencie
         metrics = Metrics()
         proc = processor(metrics)
 
-        async def process(record: Record) -> None:
+        async def process(record: Record, held: object = None) -> None:
             if not redis_up:
                 raise LedgerUnavailable("redis: connection refused")
 
