@@ -1,6 +1,7 @@
 # install: system servers and tools (redis-server, prometheus, kcat, a JDK, Maven, and chromium for the
 #          console's browser tests: Playwright drives it, no browser is downloaded), the package with its
-#          dev and local-llm extras, and Apache Kafka's jars from Maven (kafka-jars).
+#          dev and local-llm extras, Apache Kafka's jars from Maven (kafka-jars), and helm and kubeconform
+#          built from their Go modules into .tools/bin (helm-tools).
 # test:    the whole suite (unit, integration and chaos on Apache Kafka, the core on both stand-ins), after install.
 # demo:    the service on embedded servers, processing sample tasks.
 PYTHON ?= python3
@@ -12,9 +13,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install system-deps python-deps kafka-jars pc-jars lint test test-unit test-integration chaos demo run bench
+.PHONY: install system-deps python-deps kafka-jars helm-tools pc-jars lint test test-unit test-integration chaos demo run bench
 
-install: system-deps python-deps kafka-jars
+install: system-deps python-deps kafka-jars helm-tools
 
 system-deps:
 	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v kcat >/dev/null \
@@ -78,4 +79,23 @@ pc-jars: $(PC_STAMP)
 $(PC_STAMP): benchmarks/parallel_consumer/pom.xml
 	rm -rf $(PC_LIBS)
 	mvn -q -B -f benchmarks/parallel_consumer/pom.xml dependency:copy-dependencies -DoutputDirectory=$(PC_LIBS)
+	touch $@
+
+# helm and kubeconform for the chart's render checks (tests/unit/test_helm_chart.py), built from their Go
+# modules into .tools/bin; the stamps name the pinned versions, so a bumped one is built again.
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+TOOLS_BIN := $(CURDIR)/.tools/bin
+HELM_VERSION := v4.3.2
+KUBECONFORM_VERSION := v0.8.0
+
+helm-tools: $(TOOLS_BIN)/.helm-$(HELM_VERSION) $(TOOLS_BIN)/.kubeconform-$(KUBECONFORM_VERSION)
+
+$(TOOLS_BIN)/.helm-$(HELM_VERSION):
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) $(GO) install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+	touch $@
+
+$(TOOLS_BIN)/.kubeconform-$(KUBECONFORM_VERSION):
+	mkdir -p $(TOOLS_BIN)
+	GOBIN=$(TOOLS_BIN) $(GO) install github.com/yannh/kubeconform/cmd/kubeconform@$(KUBECONFORM_VERSION)
 	touch $@
