@@ -82,13 +82,25 @@ $(PC_STAMP): benchmarks/parallel_consumer/pom.xml
 	touch $@
 
 # helm and kubeconform for the chart's render checks (tests/unit/test_helm_chart.py), built from their Go
-# modules into .tools/bin; the stamps name the pinned versions, so a bumped one is built again.
+# modules into .tools/bin; the stamps name the pinned versions, so a bumped one is built again. The CRD
+# kinds' schemas come from cloudcoil's models of those CRDs, in a virtual environment of their own
+# (cloudcoil brings a pytest plugin that does not belong in the project's environment).
 GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 TOOLS_BIN := $(CURDIR)/.tools/bin
 HELM_VERSION := v4.3.2
 KUBECONFORM_VERSION := v0.8.0
+CRD_MODELS := cloudcoil-models-prometheus-operator==0.80.1.0 cloudcoil-models-keda==2.16.1.0
+CRD_VENV := $(CURDIR)/.tools/crd-venv
+CRD_SCHEMAS := $(CURDIR)/.tools/crd-schemas
 
-helm-tools: $(TOOLS_BIN)/.helm-$(HELM_VERSION) $(TOOLS_BIN)/.kubeconform-$(KUBECONFORM_VERSION)
+helm-tools: $(TOOLS_BIN)/.helm-$(HELM_VERSION) $(TOOLS_BIN)/.kubeconform-$(KUBECONFORM_VERSION) $(CRD_SCHEMAS)/.stamp
+
+$(CRD_SCHEMAS)/.stamp: deploy/helm/crd_schemas.py
+	rm -rf $(CRD_VENV) $(CRD_SCHEMAS)
+	$(PYTHON) -m venv $(CRD_VENV)
+	$(CRD_VENV)/bin/python -m pip install -q $(CRD_MODELS)
+	$(CRD_VENV)/bin/python deploy/helm/crd_schemas.py $(CRD_SCHEMAS)
+	touch $@
 
 $(TOOLS_BIN)/.helm-$(HELM_VERSION):
 	mkdir -p $(TOOLS_BIN)
