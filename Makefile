@@ -1,7 +1,8 @@
-# install: system servers and tools (redis-server, prometheus, kcat, a JDK, Maven, and chromium for the
-#          console's browser tests: Playwright drives it, no browser is downloaded), the package with its
-#          dev and local-llm extras, Apache Kafka's jars from Maven (kafka-jars), and helm and kubeconform
-#          built from their Go modules into .tools/bin (helm-tools).
+# install: system servers and tools (redis-server, prometheus, kcat, a JDK, Maven, nginx to check the
+#          compose gateway's config, and chromium for the console's browser tests: Playwright drives it,
+#          no browser is downloaded), the package with its dev and local-llm extras, Apache Kafka's jars
+#          from Maven (kafka-jars), and helm and kubeconform built from their Go modules into .tools/bin
+#          (helm-tools).
 # test:    the whole suite (unit, integration and chaos on Apache Kafka, the core on both stand-ins), after install.
 # demo:    the service on embedded servers, processing sample tasks.
 PYTHON ?= python3
@@ -19,12 +20,14 @@ install: system-deps python-deps kafka-jars helm-tools
 
 system-deps:
 	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v kcat >/dev/null \
-		|| ! command -v java >/dev/null || ! command -v mvn >/dev/null || ! command -v chromium >/dev/null; then \
+		|| ! command -v java >/dev/null || ! command -v mvn >/dev/null || ! command -v chromium >/dev/null \
+		|| ! [ -x /usr/sbin/nginx ]; then \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			redis-server prometheus kcat openjdk-17-jre-headless maven chromium; \
+			redis-server prometheus kcat openjdk-17-jre-headless maven chromium nginx-light; \
 	fi
 	@# the packages start system services: the tests start their own servers on free ports
-	@-$(SUDO) service redis-server stop >/dev/null 2>&1; $(SUDO) service prometheus stop >/dev/null 2>&1; true
+	@-$(SUDO) service redis-server stop >/dev/null 2>&1; $(SUDO) service prometheus stop >/dev/null 2>&1; \
+		$(SUDO) service nginx stop >/dev/null 2>&1; true
 
 python-deps:
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev,local-llm]'

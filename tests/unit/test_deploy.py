@@ -430,6 +430,7 @@ def test_redis_cluster_override_runs_the_ledger_on_six_nodes(monkeypatch: pytest
 def test_compose_has_the_stack() -> None:
     services = compose()["services"]
     assert {"kafka", "kafka-init", "redis", SERVICE, "prometheus", "grafana"} <= set(services)
+    assert {"api", "fake-model", "local-model", "otel-collector", "jaeger"} <= set(services)
     for name, spec in services.items():
         assert "image" in spec or "build" in spec, f"{name}: neither image nor build"
         image = spec.get("image", "")
@@ -514,8 +515,14 @@ def test_compose_agent_service() -> None:
     assert grace.endswith("s") and int(grace[:-1]) >= 30, "SIGTERM needs time to drain"
 
 
+# OpenTelemetry's own variables, read by service.core.tracing: where the spans go
+TRACING_ENV = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"})
+
+
 def test_compose_agent_env_names_are_known_settings() -> None:
     env = compose_env(SERVICE)
+    assert set(env) & TRACING_ENV == TRACING_ENV, "the compose stack exports traces"
+    env = {k: v for k, v in env.items() if k not in TRACING_ENV}
     unknown = set(env) - DEPLOY_ENV
     assert not unknown, f"not agent-service settings: {sorted(unknown)}"
     not_read = set(env) - settings_env_names()
@@ -541,7 +548,7 @@ def test_compose_agent_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.http.host == "0.0.0.0"
     assert settings.http.port == HTTP_PORT
     assert settings.log_format == "json"
-    assert settings.llm.base_url == "http://host.docker.internal:8080/v1"
+    assert settings.llm.base_url == "http://fake-model:8080/v1"
 
 
 def test_compose_host_gateway_for_default_llm_url() -> None:
