@@ -144,7 +144,7 @@ class TrialRun:
     error: str | None
     attempts: int
     steps: list[StepRun]
-    tool_calls: list[dict[str, Any]]  # the journal's record of each call, in order, each with its outcome
+    tool_calls: list[dict[str, Any]]  # the journal's record of each call, in order, with its step and outcome
     audit: list[dict[str, Any]]  # the audit entries, as the audit topic would get them
     waiting: dict[str, Any] | None = None
 
@@ -229,7 +229,8 @@ async def run_trial(agent: Agent, task_input: Mapping[str, Any], chat: Chat, *, 
         outcome.update(status="parked", waiting=parked.waiting, error=str(parked))
     journal = await ledger.effects.journal(task.key)
     # a call refused before it ran (invalid, over the limit) is journaled with its outcome as its state
-    calls = sorted(({"outcome": v["state"], **v} for k, v in journal.items() if k.startswith("c:")),
+    calls = sorted(({"step": k[2:].rpartition(":")[0], "outcome": v["state"], **v}
+                    for k, v in journal.items() if k.startswith("c:")),
                    key=lambda c: c.get("seq", 0))
     return TrialRun(
         kind=agent.kind, task_id=task.key, fingerprint=task.fingerprint, attempts=ledger.tasks[task.key].attempts,
