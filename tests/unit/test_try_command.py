@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -86,3 +87,14 @@ def test_render_shows_each_tool_call_under_its_step() -> None:
         '  output {"reply": "Filed as T-1.", "status": "filed"}',
         'succeeded: {"reply": "Filed as T-1.", "status": "filed"}',
     ]
+
+
+def test_try_loads_a_kinds_file(fake_model: str) -> None:
+    kinds = str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "kinds.toml")
+
+    done = agent_service("try", "support_reply", "--kinds", kinds, "--model", fake_model, "--input",
+                         '{"customer": "Ana", "product": "kettle", "message": "The lid is cracked."}')
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["facts", "reply"]
