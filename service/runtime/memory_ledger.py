@@ -52,9 +52,10 @@ class MemoryEffects:
         if field in task.tools:
             return "had", copy.deepcopy(task.tools[field])
         recorded = copy.deepcopy(value)
-        if field.startswith("c:"):
+        if field.startswith("c:"):  # the journal counts its calls, as the Redis hash does (field ``seq``)
             task.seq += 1
             recorded["seq"] = task.seq
+            task.tools["seq"] = str(task.seq)
         task.tools[field] = recorded
         if source is not None:
             task.tools.setdefault("source", copy.deepcopy(source))
