@@ -24,6 +24,8 @@ The names:
 - ``StepRun``: one step of a run: its name, input digest, output and attempts.
 - ``TrialRefused``: the kind cannot run in-process (it has sessions, or a step that delegates).
 - ``ScriptExhausted``: the scripted model was asked more often than it has answers.
+- ``ChatRequest``: one request the model is sent (``messages``, ``schema``, ``tools``, ``tool_choice``):
+  what a scripting function is given, and what ``ScriptedModel.requests`` keeps.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 from service.agents.base import Agent
 from service.agents.registry import AgentRegistry, default_agents
 from service.agents.tools import Tool, ToolCall
+from service.llm.client import ChatRequest
 from service.llm.endpoints import Chat
 from service.runtime.trial import (
     TRIAL_CONFIG,
@@ -50,7 +53,7 @@ from service.runtime.trial import (
     with_tools,
 )
 
-__all__ = ["ScriptExhausted", "ScriptedModel", "StepRun", "ToolRequest", "TrialRefused", "TrialRun", "arun", "run",
+__all__ = ["ChatRequest", "ScriptExhausted", "ScriptedModel", "StepRun", "ToolRequest", "TrialRefused", "TrialRun", "arun", "run",
            "tool_call"]
 
 

@@ -5,6 +5,7 @@ it refuses."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -227,3 +228,12 @@ def test_kinds_with_sessions_or_delegation_are_refused_with_the_reason() -> None
         run(Agent("chat", _Text, (_Answer(),), session=Session()), {"text": "hi"}, model=ScriptedModel([]))
     with pytest.raises(TrialRefused, match="step 'fan' delegates to other kinds"):
         run(Agent("fan_out", _Text, (_Fan(),)), {"text": "hi"}, model=ScriptedModel([]))
+
+
+
+def test_every_exported_name_is_there_and_documented() -> None:
+    import service.sdk.testing as testing
+
+    assert [name for name in testing.__all__ if not hasattr(testing, name)] == []
+    documented = set(re.findall(r"^- ``(\w+)``: \S", testing.__doc__ or "", flags=re.M))
+    assert documented == set(testing.__all__)
