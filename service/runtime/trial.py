@@ -147,6 +147,7 @@ class TrialRun:
     tool_calls: list[dict[str, Any]]  # the journal's record of each call, in order, with its step and outcome
     audit: list[dict[str, Any]]  # the audit entries, as the audit topic would get them
     waiting: dict[str, Any] | None = None
+    exception: Exception | None = None  # what the kind's code raised, for an `internal` dead letter
 
     @property
     def ok(self) -> bool:
@@ -218,15 +219,7 @@ async def run_trial(agent: Agent, task_input: Mapping[str, Any], chat: Chat, *, 
     claim = Claim(decision="claimed", fence=ledger.claim(task.key), attempts=0,
                   lease_remaining_ms=config.lease_ms, published_by=None)
     run = GraphRun(_calls(ledger, agents, chat, config, model_name), task, agent, parsed, claim, record)
-    outcome: dict[str, Any] = {"status": "succeeded", "result": None, "reason": None, "error": None,
-                               "waiting": None}
-    try:
-        await run.start()
-        outcome["result"] = agent.result(run.outputs)
-    except ToDeadLetter as dl:
-        outcome.update(status="dead_lettered", reason=dl.reason, error=dl.error)
-    except Parked as parked:
-        outcome.update(status="parked", waiting=parked.waiting, error=str(parked))
+    outcome = await _outcome(run, agent)
     journal = await ledger.effects.journal(task.key)
     # a call refused before it ran (invalid, over the limit) is journaled with its outcome as its state
     calls = sorted(({"step": k[2:].rpartition(":")[0], "outcome": v["state"], **v}
@@ -236,6 +229,28 @@ async def run_trial(agent: Agent, task_input: Mapping[str, Any], chat: Chat, *, 
         kind=agent.kind, task_id=task.key, fingerprint=task.fingerprint, attempts=ledger.tasks[task.key].attempts,
         steps=_steps(agent, run, ledger, task.key), tool_calls=calls, audit=await ledger.effects.audit(task.key),
         **outcome)
+
+
+async def _outcome(run: GraphRun, agent: Agent) -> dict[str, Any]:
+    """The run to its end, as the processor ends a task: its result, its dead letter, or its parking.
+
+    An exception of the kind's own code is the service's ``internal`` dead letter at once (the
+    service tries the record ``internal_retries`` more times first), kept in ``exception``."""
+    outcome: dict[str, Any] = {"status": "succeeded", "result": None, "reason": None, "error": None,
+                               "waiting": None, "exception": None}
+    try:
+        await run.start()
+        outcome["result"] = agent.result(run.outputs)
+    except ToDeadLetter as dl:
+        outcome.update(status="dead_lettered", reason=dl.reason, error=dl.error)
+    except Parked as parked:
+        outcome.update(status="parked", waiting=parked.waiting, error=str(parked))
+    except ScriptExhausted:
+        raise  # the test's script, not the kind, is short
+    except Exception as exc:  # noqa: BLE001 - as the processor: a bug ends the task as `internal`
+        outcome.update(status="dead_lettered", reason="internal", error=f"{type(exc).__name__}: {str(exc)[:500]}",
+                       exception=exc)
+    return outcome
 
 
 def _calls(ledger: MemoryLedger, agents: AgentRegistry, chat: Chat, config: ProcessorConfig,

@@ -237,3 +237,18 @@ def test_every_exported_name_is_there_and_documented() -> None:
     assert [name for name in testing.__all__ if not hasattr(testing, name)] == []
     documented = set(re.findall(r"^- ``(\w+)``: \S", testing.__doc__ or "", flags=re.M))
     assert documented == set(testing.__all__)
+
+
+class _Broken(Step):
+    name, output_model = "broken", SummarizeOutput
+
+    def messages(self, task_input: Any, previous: Any) -> list[dict[str, str]]:
+        raise KeyError("no such field")
+
+
+def test_a_bug_in_the_kinds_code_is_the_internal_dead_letter_with_its_exception() -> None:
+    outcome = run(Agent("broken", _Text, (_Broken(),)), {"text": "hi"}, model=ScriptedModel([]))
+
+    assert (outcome.status, outcome.reason) == ("dead_lettered", "internal")
+    assert outcome.error == "KeyError: 'no such field'"
+    assert isinstance(outcome.exception, KeyError)
