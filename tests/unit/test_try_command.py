@@ -5,6 +5,7 @@ the rendering of a run's tool calls."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -98,3 +99,12 @@ def test_try_loads_a_kinds_file(fake_model: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in steps] == ["facts", "reply"]
+
+
+def test_try_starts_the_fake_model_by_default() -> None:
+    done = agent_service("try", "classify", "--input", '{"text": "It crashes", "labels": ["bug", "question"]}')
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0] == "step classify  attempts 1"
+    assert re.fullmatch(r'succeeded: \{"confidence": [0-9.e-]+, "label": "(bug|question)"\}',
+                        done.stdout.splitlines()[-1]), done.stdout
