@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     level = settings.log_level
-    if args.command == "demo" and "AGENT_LOG_LEVEL" not in os.environ:
-        level = "WARNING"  # the demo prints its own story; AGENT_LOG_LEVEL=INFO shows every record
+    if args.command in ("demo", "try") and "AGENT_LOG_LEVEL" not in os.environ:
+        level = "WARNING"  # the demo and try print their own story; AGENT_LOG_LEVEL=INFO shows every record
     configure_logging(level, settings.log_format, quiet_kafka=args.command != "run")
     handler: Handler = args.handler
     try:

@@ -14,6 +14,7 @@ from service.cli.produce import produce_tasks
 from service.cli.schedules import schedule_list, schedule_show
 from service.cli.serve import demo_command, run_command
 from service.cli.sessions import session_delete, session_list, session_show
+from service.cli.trying import try_command
 from service.core.metrics import DLQ_REASONS
 from service.core.settings import EMBEDDED_BROKERS
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_session(sub)
     _add_schedule(sub)
     _add_demo(sub)
+    _add_try(sub)
     return parser
 
 
@@ -161,6 +163,16 @@ def _add_demo(sub: Commands[argparse.ArgumentParser]) -> None:
     demo.add_argument("--data-dir", type=Path)
     demo.add_argument("--fake-llm", action="store_true", help="answer with a fake model instead of the local one")
     demo.set_defaults(handler=demo_command)
+
+
+def _add_try(sub: Commands[argparse.ArgumentParser]) -> None:
+    trial = sub.add_parser("try", help="run one task of a kind in-process (no Kafka, no Redis) and print each step")
+    trial.add_argument("kind", metavar="KIND")
+    trial.add_argument("--input", dest="task_input", required=True, metavar="JSON", help="the task's input")
+    trial.add_argument("--model", default="fake", metavar="fake|local|URL",
+                       help="the fake model (default), the local one, or an OpenAI-compatible base URL")
+    trial.add_argument("--kinds", type=Path, metavar="FILE", help="a kinds file (TOML or YAML) to load as well")
+    trial.set_defaults(handler=try_command)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
