@@ -298,6 +298,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         agents = load_registry(settings)
     metrics = metrics or Metrics()
     tracing = tracing or Tracing.from_env()
+    tracing.name_group(settings.kafka.group_id)
     bounds = limits(settings, agents)
     log_limits(bounds)
     client = redis_client(settings, bounds.redis_connections)
