@@ -131,7 +131,8 @@ class CallLoop:
         cfg = self.config
         messages = conversation if conversation is not None else step.messages(task_input, previous)
         schema = step.schema(task_input, previous)
-        needed = estimate_tokens(messages, schema, [t.spec() for t in step.tools]) + cfg.max_output_tokens
+        needed = estimate_tokens(messages, schema, [t.spec() for t in step.tools], cfg.count_tokens)
+        needed += cfg.max_output_tokens
         if needed > cfg.context_tokens:
             raise ToDeadLetter("oversize", f"step {step.name}: about {needed} tokens with the answer, "
                                f"the model's window is {cfg.context_tokens}", attempts)
