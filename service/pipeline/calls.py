@@ -169,6 +169,7 @@ class CallLoop:
             # but the model is told to answer
             tools=tuple(t.spec() for t in step.tools),
             tool_choice=("auto" if offer_tools else "none") if step.tools else None,
+            kind=task.kind,
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Failure, endpoint: Endpoint,

@@ -138,6 +138,7 @@ class TaskProcessor:
         ``fallback`` calls while the primary (``llm``, ``guard``, ``limiter``, ``window`` at
         ``primary_url``) is unavailable; ``unavailable``: the policy of a kind that sets none."""
         tracing = tracing or Tracing.disabled()
+        metrics.name_models(agents.kinds(), (PRIMARY, *(f.name for f in fallbacks)))  # the latency's labels
         waits = Waits()  # every record that waits here, why and until when
         capacity = Capacity(
             primary=Endpoint(PRIMARY, primary_url, llm, guard, limiter, window=window), fallbacks=fallbacks,
