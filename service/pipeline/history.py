@@ -99,12 +99,15 @@ class SummaryOut(BaseModel):
 
 class SummaryStep(Step):
     """The pseudo-step ``@summary``: the stored summary and the turns it folds, summarised in at most
-    ``max_chars`` characters."""
+    ``max_chars`` characters and, as ``count`` counts them, ``room_tokens`` tokens (the room the budget
+    keeps for it: a longer summary would outgrow the budget by itself)."""
 
     name, prompt_version, output_model = SUMMARY_STEP, SUMMARY_PROMPT_VERSION, SummaryOut
 
-    def __init__(self, summary: str | None, turns: Sequence[Mapping[str, Any]], *, max_chars: int) -> None:
+    def __init__(self, summary: str | None, turns: Sequence[Mapping[str, Any]], *, max_chars: int,
+                 room_tokens: int | None = None, count: TokenCounter = utf8_bytes) -> None:
         self.summary, self.turns, self.max_chars = summary, list(turns), max_chars
+        self.room_tokens, self.count = room_tokens, count
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         told = {"summary_so_far": self.summary or "",
@@ -121,6 +124,8 @@ class SummaryStep(Step):
         if len(output.summary) > self.max_chars:
             raise InvalidOutput("schema", f"{self.name}: a summary of {len(output.summary)} characters, "
                                 f"at most {self.max_chars}")
+        if self.room_tokens is not None and (tokens := self.count(output.summary)) > self.room_tokens:
+            raise InvalidOutput("schema", f"{self.name}: a summary of about {tokens} tokens, at most {self.room_tokens}")
 
 
 def request_fits(step: SummaryStep, context_tokens: int, max_output_tokens: int,
@@ -149,10 +154,10 @@ class History:
                        counter=cfg.count_tokens)
         if fold == 0:
             return view
-        step = SummaryStep(view.summary, view.turns[:fold], max_chars=room * 3)
+        step = SummaryStep(view.summary, view.turns[:fold], max_chars=room, room_tokens=room, count=cfg.count_tokens)
         while fold > 1 and not request_fits(step, cfg.context_tokens, cfg.max_output_tokens, cfg.count_tokens):
             fold //= 2  # a summary request fits the window: the turns after it are folded by later turns
-            step = SummaryStep(view.summary, view.turns[:fold], max_chars=room * 3)
+            step = SummaryStep(view.summary, view.turns[:fold], max_chars=room, room_tokens=room, count=cfg.count_tokens)
         folded, kept = step.turns, tuple(view.turns[fold:])
         upto = view.summarized + fold
         input_digest = digest(canonical_json({"session": view.id, "from": view.summarized, "upto": upto,

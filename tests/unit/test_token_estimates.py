@@ -15,13 +15,14 @@ from pydantic import BaseModel
 
 from service.agents.base import Agent, Step
 from service.agents.registry import AgentRegistry
+from service.core.errors import InvalidOutput
 from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.devtools.embedded import with_local_model
 from service.devtools.local import local_model_path
 from service.llm.tokens import prompt_counter, utf8_bytes
 from service.pipeline.base import MESSAGE_OVERHEAD_TOKENS, ProcessorConfig, ToDeadLetter, estimate_tokens
-from service.pipeline.history import budget_tokens, history_tokens, summary_room, to_fold
+from service.pipeline.history import SummaryOut, SummaryStep, budget_tokens, history_tokens, summary_room, to_fold
 from service.pipeline.processor import TaskProcessor
 
 # a real tokenizer gives about one token per character of these, and up to three for a rare one
@@ -132,3 +133,11 @@ def test_an_english_request_that_fits_the_local_window_is_not_oversize_by_its_by
     assert needed <= 2048
     with pytest.raises(ToDeadLetter):
         request_size(text, 2048, 512)  # in bytes it would not fit
+
+
+def test_a_summary_is_held_to_its_room_as_the_estimate_counts_it() -> None:
+    step = SummaryStep(None, [], max_chars=12, room_tokens=12)
+    assert step.schema(SummaryOut(summary="-"), {})["properties"]["summary"]["maxLength"] == 12
+    step.check(SummaryOut(summary="-"), SummaryOut(summary="twelve chars"))  # 12 bytes: fits
+    with pytest.raises(InvalidOutput, match="tokens"):
+        step.check(SummaryOut(summary="-"), SummaryOut(summary="東京都の天気は晴れ"))  # 9 characters, 27 bytes
