@@ -53,6 +53,7 @@ class ToolCall:
     tool: str
     arguments: dict[str, Any]
     fence: int  # the claim that runs it; a downstream that knows fences may refuse an older one
+    traceparent: str | None = None  # the task's W3C trace context, sent on (HttpTool: the header)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +242,7 @@ class HttpTool(Tool):
     """A webhook or REST call as a tool.
 
     ``url`` receives the arguments as a JSON body (``method`` POST by default) with the headers
-    ``Idempotency-Key`` (the call's key), ``X-Task-Id`` and ``X-Fence``. A 2xx answer is the result
+    ``Idempotency-Key`` (the call's key), ``X-Task-Id``, ``X-Fence`` and the task's ``traceparent``. A 2xx answer is the result
     (its JSON, or ``{"status": n}`` without a body); 408, 409, 425, 429 and 5xx, a timeout or a
     dropped connection leave the outcome unknown; another status is a refusal the model is told of.
 
@@ -278,6 +279,8 @@ class HttpTool(Tool):
 
     async def _send(self, method: str, url: str, key: str, call: ToolCall, body: Any) -> tuple[int, Any]:
         headers = {"Idempotency-Key": key, "X-Task-Id": call.task_id, "X-Fence": str(call.fence)}
+        if call.traceparent:
+            headers["traceparent"] = call.traceparent
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, connect=min(5.0, self.timeout_s))
         try:
             async with self._client().request(method, url, json=body, headers=headers, timeout=timeout,

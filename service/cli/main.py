@@ -9,12 +9,9 @@ exits 2 only for a configuration it refuses.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
-from datetime import UTC, datetime
-from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from pydantic import ValidationError
@@ -26,6 +23,7 @@ from service.agents.tasks import describe_validation
 from service.cli.base import PROG, Handler, Unreachable
 from service.cli.parser import parse_args
 from service.core.errors import EmbeddedError
+from service.core.log_context import TaskFields, json_formatter
 from service.core.settings import Settings
 from service.core.settings_sources import SettingsRefused
 from service.pipeline.dlq import KAFKA_LOGGER
@@ -33,29 +31,17 @@ from service.pipeline.dlq import KAFKA_LOGGER
 log = logging.getLogger(__name__)
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, ensure_ascii=False)
-
-
 def configure_logging(level: str, fmt: str, *, quiet_kafka: bool = False) -> None:
-    """Log lines to stderr, as text or JSON. ``quiet_kafka`` hides librdkafka's connection chatter
+    """Log lines to stderr, as text or JSON (with the fields of :mod:`service.core.log_context`). ``quiet_kafka`` hides librdkafka's connection chatter
     (below DEBUG): a short command reports an unreachable broker in one line of its own."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            JsonFormatter() if fmt == "json"
+            json_formatter() if fmt == "json"
             else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         )
+        handler.addFilter(TaskFields())  # the task's fields and its trace on each line handling it
         root.addHandler(handler)
     root.setLevel(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
     if quiet_kafka and root.level > logging.DEBUG:

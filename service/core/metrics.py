@@ -13,6 +13,7 @@ written by a live worker (the one that owns it now).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -119,7 +120,8 @@ class Metrics:
             "agent_llm_tokens", "LLM tokens reported by the endpoint.", ["direction"], registry=r
         )
         self.llm_latency = Histogram(
-            "agent_llm_latency_seconds", "Latency of one LLM HTTP attempt.",
+            "agent_llm_latency_seconds", "Latency of one LLM HTTP attempt, by kind and endpoint (the loaded "
+            "kinds and the configured endpoints; any other is other).", ["kind", "endpoint"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
         )
         self.retries = Counter("agent_retries", "LLM calls retried after a failure.", registry=r)
@@ -348,6 +350,22 @@ class Metrics:
         self.tokens_in = self.llm_tokens.labels(direction="input")
         self.tokens_out = self.llm_tokens.labels(direction="output")
         self._versions: dict[tuple[str, str, str], Any] = {}
+        self._model_kinds: frozenset[str] = frozenset()
+        self._endpoints: frozenset[str] = frozenset()
+        self._latencies: dict[tuple[str, str], Any] = {}
+
+    def name_models(self, kinds: Iterable[str], endpoints: Iterable[str]) -> None:
+        """The kinds and endpoints ``agent_llm_latency_seconds`` names; any other is ``other``."""
+        self._model_kinds, self._endpoints = frozenset(kinds), frozenset(endpoints)
+        self._latencies.clear()
+
+    def model_latency(self, kind: str | None, endpoint: str) -> Any:
+        """``llm_latency`` for a call of a task of ``kind`` to ``endpoint`` (bounded labels)."""
+        key = (kind if kind in self._model_kinds else "other", endpoint if endpoint in self._endpoints else "other")
+        child = self._latencies.get(key)
+        if child is None:
+            child = self._latencies[key] = self.llm_latency.labels(kind=key[0], endpoint=key[1])
+        return child
 
     def task_version(self, kind: str, version: str, outcome: str) -> Any:
         """``task_versions`` for one kind, prompt version and outcome (bounded: the loaded kinds)."""

@@ -183,8 +183,7 @@ class LLMSettings(BaseModel):
     response_format: Literal["json_schema", "json_object"] = "json_object"
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(512, ge=1)
-    # the model's context window: a prompt that would not fit with room for the answer is
-    # dead-lettered as oversize, never truncated (the embedded model runs with 2048)
+    # the model's window: a prompt not fitting with its answer is dead-lettered oversize, never cut (embedded: 2048)
     context_tokens: int = Field(8192, ge=256)
     max_attempts: int = Field(4, ge=1)
     backoff_base_s: float = Field(0.5, ge=0)
@@ -216,6 +215,7 @@ class LLMSettings(BaseModel):
     window_ramp_s: float = Field(0.1, ge=0)
     shadow_sample_rate: float = Field(0.0, ge=0, le=1)  # duplicates re-run in shadow to measure divergence
     local_gguf: str | None = None  # path to a GGUF file for the embedded model
+    tokenizer_gguf: str | None = None  # a GGUF whose vocabulary counts prompts (service.llm.tokens)
     # the most of a response body read from the endpoint: a larger 2xx answer is invalid output
     max_response_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     # endpoints tried in order while the primary is unavailable, by kinds whose policy is `fallback`:

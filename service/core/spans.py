@@ -17,11 +17,19 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+# Attribute names: OpenTelemetry semantic conventions v1.44.0 (the registry of the
+# opentelemetry-semantic-conventions package 0.66b2): messaging (Kafka) and GenAI, both "development"
+# status there. They replace messaging.kafka.destination.partition (an int; now the partition id as a
+# string), messaging.kafka.message.offset and gen_ai.system; v1.45.0 renames the Kafka ones again
+# (messaging.system.name, kafka.offset), not followed here until the messaging conventions settle.
 # attributes of the task span
 MESSAGING_SYSTEM: Final = "messaging.system"
 MESSAGING_DESTINATION: Final = "messaging.destination.name"
-MESSAGING_PARTITION: Final = "messaging.kafka.destination.partition"
-MESSAGING_OFFSET: Final = "messaging.kafka.message.offset"
+MESSAGING_PARTITION: Final = "messaging.destination.partition.id"
+MESSAGING_OFFSET: Final = "messaging.kafka.offset"
+MESSAGING_GROUP: Final = "messaging.consumer.group.name"
+MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
+MESSAGING_OPERATION_NAME: Final = "messaging.operation.name"
 TASK_KEY: Final = "agent.task.key"
 TASK_KIND: Final = "agent.task.kind"
 LEDGER_DECISION: Final = "agent.ledger.decision"
@@ -32,7 +40,7 @@ TASK_RESULT_DIGEST: Final = "agent.task.result_digest"
 TASK_OUTCOME: Final = "agent.task.outcome"
 # attributes of the LLM span (GenAI semantic conventions)
 GEN_AI_OPERATION: Final = "gen_ai.operation.name"
-GEN_AI_SYSTEM: Final = "gen_ai.system"
+GEN_AI_PROVIDER: Final = "gen_ai.provider.name"
 GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
 GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
 GEN_AI_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"

@@ -43,10 +43,13 @@ from service.core.spans import (
     AGENT_ATTEMPT,
     AGENT_STEP,
     GEN_AI_OPERATION,
+    GEN_AI_PROVIDER,
     GEN_AI_REQUEST_MODEL,
-    GEN_AI_SYSTEM,
     MESSAGING_DESTINATION,
+    MESSAGING_GROUP,
     MESSAGING_OFFSET,
+    MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE,
     MESSAGING_PARTITION,
     MESSAGING_SYSTEM,
     NOOP_LLM_SPAN,
@@ -159,12 +162,14 @@ class TracingConfig:
 
 
 class Tracing:
-    """The pipeline's tracer. ``Tracing(provider)`` traces with that provider; ``Tracing()`` is off."""
+    """The pipeline's tracer. ``Tracing(provider)`` traces with that provider; ``Tracing()`` is off.
+    ``consumer_group``: the group the task spans name (``messaging.consumer.group.name``)."""
 
-    __slots__ = ("_provider", "_shut", "_tracer")
+    __slots__ = ("_group", "_provider", "_shut", "_tracer")
 
-    def __init__(self, provider: TracerProvider | None = None) -> None:
+    def __init__(self, provider: TracerProvider | None = None, *, consumer_group: str | None = None) -> None:
         self._provider = provider
+        self._group = consumer_group
         self._tracer: Tracer | None = provider.get_tracer(__name__) if provider is not None else None
         self._shut = False
 
@@ -198,6 +203,10 @@ class Tracing:
         log.info("tracing on: service %s, exporters %s, endpoint %s",
                  config.service_name, ",".join(config.exporters), config.endpoint)
         return cls(provider)
+
+    def name_group(self, consumer_group: str) -> None:
+        """The consumer group the task spans name, when it was not known at construction."""
+        self._group = self._group or consumer_group
 
     @property
     def enabled(self) -> bool:
@@ -255,12 +264,16 @@ class Tracing:
         tracer = self._tracer
         if tracer is None:
             return NOOP_TASK_SPAN
-        attributes: dict[str, str | int] = {MESSAGING_SYSTEM: "kafka"}
+        attributes: dict[str, str | int] = {
+            MESSAGING_SYSTEM: "kafka", MESSAGING_OPERATION_TYPE: "process", MESSAGING_OPERATION_NAME: "process",
+        }
         if record_coordinates is not None:
             topic, partition, offset = record_coordinates
             attributes[MESSAGING_DESTINATION] = topic
-            attributes[MESSAGING_PARTITION] = partition
+            attributes[MESSAGING_PARTITION] = str(partition)
             attributes[MESSAGING_OFFSET] = offset
+        if self._group:
+            attributes[MESSAGING_GROUP] = self._group
         if task_key:
             attributes[TASK_KEY] = task_key
         if kind:
@@ -278,7 +291,7 @@ class Tracing:
             return NOOP_LLM_SPAN
         attributes: dict[str, str | int] = {
             GEN_AI_OPERATION: operation,
-            GEN_AI_SYSTEM: "openai",
+            GEN_AI_PROVIDER: "openai",  # the API spoken; llama.cpp's server speaks it too
             GEN_AI_REQUEST_MODEL: model,
         }
         if step is not None:

@@ -29,10 +29,12 @@ def run_embedded(settings: Settings, *, embedded: bool, data_dir: Path | None = 
 
 
 def with_local_model(settings: Settings) -> Settings:
-    """The embedded model's name and window."""
+    """The embedded model's name, window and tokenizer."""
     llm = settings.llm.model_copy(update={
         "model": "smollm2", "context_tokens": min(settings.llm.context_tokens, local.LOCAL_MODEL_CONTEXT),
         "response_format": "json_object",
+        # its own vocabulary counts the prompts: exact, where bytes would count English 4x over its 2048
+        "tokenizer_gguf": settings.llm.tokenizer_gguf or settings.llm.local_gguf or str(local.local_model_path()),
     })
     return settings.model_copy(update={"llm": llm})
 

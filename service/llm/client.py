@@ -83,6 +83,7 @@ class ChatRequest:
     temperature: float | None = None  # overrides settings.temperature
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI function-calling tool specs offered to the model
     tool_choice: str | None = None  # "auto", "none", "required" (None: the endpoint's default)
+    kind: str | None = None  # the task's kind: a label of the latency metric, never sent
 
     def __post_init__(self) -> None:
         if not _SCHEMA_NAME.fullmatch(self.schema_name):
@@ -122,11 +123,13 @@ class LLMClient:
     CPU at a few hundred requests a second.
     """
 
-    def __init__(self, settings: LLMSettings, base_url: str, metrics: Metrics, *, max_open: int | None = None) -> None:
+    def __init__(self, settings: LLMSettings, base_url: str, metrics: Metrics, *, max_open: int | None = None,
+                 endpoint: str = "primary") -> None:
         """``max_open``: the calls open at once (the wiring derives it from the in-flight window, see
         :mod:`service.runtime.limits`); None takes ``settings.max_concurrency``, and when that is unset
-        too the caller's own concurrency is the only bound."""
+        too the caller's own concurrency is the only bound. ``endpoint``: its name in the metrics."""
         self._settings = settings
+        self._endpoint = endpoint
         self._metrics = metrics
         self._url = f"{base_url.rstrip('/')}/chat/completions"
         self.max_open = max_open if max_open is not None else settings.max_concurrency
@@ -180,7 +183,7 @@ class LLMClient:
             request.schema_name, request.idempotency_key, timeout_s,
         )
         response, latency = await self._exchange(payload, headers, request, timeout_s)
-        self._metrics.llm_latency.observe(latency)
+        self._metrics.model_latency(request.kind, self._endpoint).observe(latency)
         try:
             result = self._interpret(response, latency)
         except AgentError as exc:
@@ -209,7 +212,7 @@ class LLMClient:
                 response = await self._post(payload, headers, timeout_s)
             except TimeoutError as exc:  # aiohttp's own timeouts subclass it too
                 latency = time.perf_counter() - started
-                self._metrics.llm_latency.observe(latency)
+                self._metrics.model_latency(request.kind, self._endpoint).observe(latency)
                 self._count("timeout")
                 logger.debug(
                     "LLM request timed out schema=%s idempotency_key=%s after %.3fs (%s)",
@@ -220,7 +223,7 @@ class LLMClient:
                     "the outcome is unknown: the endpoint may have completed it"
                 ) from exc
             except AgentError as exc:  # the body was over max_response_bytes
-                self._metrics.llm_latency.observe(time.perf_counter() - started)
+                self._metrics.model_latency(request.kind, self._endpoint).observe(time.perf_counter() - started)
                 self._count(outcome_of(exc))
                 raise
             except (aiohttp.ClientConnectorError, ConnectionRefusedError, socket.gaierror) as exc:

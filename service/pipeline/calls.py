@@ -131,7 +131,8 @@ class CallLoop:
         cfg = self.config
         messages = conversation if conversation is not None else step.messages(task_input, previous)
         schema = step.schema(task_input, previous)
-        needed = estimate_tokens(messages, schema, [t.spec() for t in step.tools]) + cfg.max_output_tokens
+        needed = estimate_tokens(messages, schema, [t.spec() for t in step.tools], cfg.count_tokens)
+        needed += cfg.max_output_tokens
         if needed > cfg.context_tokens:
             raise ToDeadLetter("oversize", f"step {step.name}: about {needed} tokens with the answer, "
                                f"the model's window is {cfg.context_tokens}", attempts)
@@ -168,6 +169,7 @@ class CallLoop:
             # but the model is told to answer
             tools=tuple(t.spec() for t in step.tools),
             tool_choice=("auto" if offer_tools else "none") if step.tools else None,
+            kind=task.kind,
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Failure, endpoint: Endpoint,

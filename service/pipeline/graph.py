@@ -183,7 +183,8 @@ class GraphRun:
 
     def _fits(self, step: Step, task_input: BaseModel, previous: dict[str, Any]) -> bool:
         cfg = self.calls.config
-        needed = estimate_tokens(step.messages(task_input, previous), step.schema(task_input, previous))
+        needed = estimate_tokens(step.messages(task_input, previous), step.schema(task_input, previous),
+                                count=cfg.count_tokens)
         return needed + cfg.max_output_tokens <= cfg.context_tokens
 
     async def _map_reduce(self, step: Step, previous: dict[str, Any], input_digest: str) -> dict[str, Any]:

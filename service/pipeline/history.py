@@ -45,6 +45,7 @@ from service.agents.session import SessionView, session_messages
 from service.agents.tasks import Task, canonical_json, digest
 from service.core.errors import InvalidOutput
 from service.core.metrics import Metrics
+from service.llm.tokens import TokenCounter, utf8_bytes
 from service.pipeline.base import LostFence, ToDeadLetter, estimate_tokens
 from service.pipeline.calls import CallLoop
 
@@ -69,29 +70,23 @@ def summary_room(budget: int, max_output_tokens: int) -> int:
     return max(1, min(max_output_tokens, budget // 4))
 
 
-def history_tokens(summary: str | None, turns: Sequence[Mapping[str, Any]]) -> int:
+def history_tokens(summary: str | None, turns: Sequence[Mapping[str, Any]], counter: TokenCounter = utf8_bytes) -> int:
     """The token estimate of the history as a step renders it."""
     view = SessionView(id="", version=0, turns=turns, state=None, summary=summary, seen=len(turns), summarized=0)
-    return estimate_tokens(session_messages(view), None)
-
-
-def _chars(turn: Mapping[str, Any]) -> int:
-    """A turn's share of the estimate's characters (its two messages, as the estimate counts them)."""
-    view = SessionView(id="", version=0, turns=[turn], state=None, summary=None, seen=1, summarized=0)
-    return sum(len(m["content"]) + 8 for m in session_messages(view))
+    return estimate_tokens(session_messages(view), None, count=counter)
 
 
 def to_fold(summary: str | None, turns: Sequence[Mapping[str, Any]], *, budget: int, room: int,
-            keep_turns: int | None) -> int:
+            keep_turns: int | None, counter: TokenCounter = utf8_bytes) -> int:
     """How many of the oldest ``turns`` to fold into a new summary: 0 when the history fits."""
     count = len(turns)
-    if count == 0 or (history_tokens(summary, turns) <= budget and (keep_turns is None or count <= keep_turns)):
+    if count == 0 or (history_tokens(summary, turns, counter) <= budget and (keep_turns is None or count <= keep_turns)):
         return 0
     half = (budget - room) // 2  # the kept turns' share: the other half waits for the turns to come
-    kept, chars = 0, 0
+    kept, tokens = 0, 0
     for turn in reversed(turns):
-        chars += _chars(turn)
-        if (keep_turns is not None and kept >= keep_turns) or chars // 3 + 1 > half:
+        tokens += history_tokens(None, [turn], counter)  # the estimate adds up a message at a time
+        if (keep_turns is not None and kept >= keep_turns) or tokens > half:
             break
         kept += 1
     return max(1, count - kept)
@@ -104,12 +99,15 @@ class SummaryOut(BaseModel):
 
 class SummaryStep(Step):
     """The pseudo-step ``@summary``: the stored summary and the turns it folds, summarised in at most
-    ``max_chars`` characters."""
+    ``max_chars`` characters and, as ``count`` counts them, ``room_tokens`` tokens (the room the budget
+    keeps for it: a longer summary would outgrow the budget by itself)."""
 
     name, prompt_version, output_model = SUMMARY_STEP, SUMMARY_PROMPT_VERSION, SummaryOut
 
-    def __init__(self, summary: str | None, turns: Sequence[Mapping[str, Any]], *, max_chars: int) -> None:
+    def __init__(self, summary: str | None, turns: Sequence[Mapping[str, Any]], *, max_chars: int,
+                 room_tokens: int | None = None, count: TokenCounter = utf8_bytes) -> None:
         self.summary, self.turns, self.max_chars = summary, list(turns), max_chars
+        self.room_tokens, self.count = room_tokens, count
 
     def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
         told = {"summary_so_far": self.summary or "",
@@ -126,12 +124,16 @@ class SummaryStep(Step):
         if len(output.summary) > self.max_chars:
             raise InvalidOutput("schema", f"{self.name}: a summary of {len(output.summary)} characters, "
                                 f"at most {self.max_chars}")
+        if self.room_tokens is not None and (tokens := self.count(output.summary)) > self.room_tokens:
+            raise InvalidOutput("schema", f"{self.name}: a summary of about {tokens} tokens, at most {self.room_tokens}")
 
 
-def request_fits(step: SummaryStep, context_tokens: int, max_output_tokens: int) -> bool:
+def request_fits(step: SummaryStep, context_tokens: int, max_output_tokens: int,
+                 counter: TokenCounter = utf8_bytes) -> bool:
     """Whether the summary request fits the model's window with its answer."""
     probe = SummaryOut(summary="-")
-    return estimate_tokens(step.messages(probe, {}), step.schema(probe, {})) + max_output_tokens <= context_tokens
+    needed = estimate_tokens(step.messages(probe, {}), step.schema(probe, {}), count=counter)
+    return needed + max_output_tokens <= context_tokens
 
 
 class History:
@@ -148,13 +150,14 @@ class History:
             return view
         budget = budget_tokens(declared.history_share, cfg.context_tokens)
         room = summary_room(budget, cfg.max_output_tokens)
-        fold = to_fold(view.summary, view.turns, budget=budget, room=room, keep_turns=declared.keep_turns)
+        fold = to_fold(view.summary, view.turns, budget=budget, room=room, keep_turns=declared.keep_turns,
+                       counter=cfg.count_tokens)
         if fold == 0:
             return view
-        step = SummaryStep(view.summary, view.turns[:fold], max_chars=room * 3)
-        while fold > 1 and not request_fits(step, cfg.context_tokens, cfg.max_output_tokens):
+        step = SummaryStep(view.summary, view.turns[:fold], max_chars=room, room_tokens=room, count=cfg.count_tokens)
+        while fold > 1 and not request_fits(step, cfg.context_tokens, cfg.max_output_tokens, cfg.count_tokens):
             fold //= 2  # a summary request fits the window: the turns after it are folded by later turns
-            step = SummaryStep(view.summary, view.turns[:fold], max_chars=room * 3)
+            step = SummaryStep(view.summary, view.turns[:fold], max_chars=room, room_tokens=room, count=cfg.count_tokens)
         folded, kept = step.turns, tuple(view.turns[fold:])
         upto = view.summarized + fold
         input_digest = digest(canonical_json({"session": view.id, "from": view.summarized, "upto": upto,

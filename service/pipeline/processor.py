@@ -41,6 +41,7 @@ from service.agents.registry import AgentRegistry
 from service.agents.session import SessionView
 from service.agents.tasks import Task, header
 from service.core.errors import InfrastructureError, PoisonError
+from service.core.log_context import bind_task, enter_record, leave_record
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.endpoints import PRIMARY, Endpoint
@@ -137,6 +138,7 @@ class TaskProcessor:
         ``fallback`` calls while the primary (``llm``, ``guard``, ``limiter``, ``window`` at
         ``primary_url``) is unavailable; ``unavailable``: the policy of a kind that sets none."""
         tracing = tracing or Tracing.disabled()
+        metrics.name_models(agents.kinds(), (PRIMARY, *(f.name for f in fallbacks)))  # the latency's labels
         waits = Waits()  # every record that waits here, why and until when
         capacity = Capacity(
             primary=Endpoint(PRIMARY, primary_url, llm, guard, limiter, window=window), fallbacks=fallbacks,
@@ -198,9 +200,11 @@ class TaskProcessor:
         coordinates = (record.topic, record.partition, record.offset)
         with self.tracing.task_span(None, None, coordinates, header(record.headers, "traceparent")) as span:
             token = set_record_span(span)  # what record_span() does, without a generator per record
+            fields = enter_record(*coordinates)  # every log line while the record is handled names it
             try:
                 await self._process_bounded(record)
             finally:
+                leave_record(fields)
                 reset_record_span(token)
         # Only once the outcome is durable, from the record's receipt by this process: a try that
         # raised (Redis or the broker did not answer) is retried by the runner with the same record,
@@ -315,6 +319,7 @@ class TaskProcessor:
             await self.outcomes.reply(record, exc.task_key, "", "dead", reason=exc.reason, error=str(exc))
             return
         ctx = f"task_id={task.key} {record.coordinates}"
+        bind_task(task.key, task.kind)
         span = current_span()
         span.set_task(task.key, task.kind)
         span.set_input_digest(task.fingerprint)

@@ -82,7 +82,7 @@ class Shadow:
             step = agent.step(name)
             previous = {need: outputs[need] for need in agent.graph[name]}
             messages, schema = step.messages(task_input, previous), step.schema(task_input, previous)
-            needed = estimate_tokens(messages, schema) + self.config.max_output_tokens
+            needed = estimate_tokens(messages, schema, count=self.config.count_tokens) + self.config.max_output_tokens
             # a shadow call is a call: the breaker, the rate limits, Retry-After, the window and
             # the tenant's budget hold for it too
             primary = self.capacity.primary

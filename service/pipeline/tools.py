@@ -42,7 +42,7 @@ from service.agents.tasks import Task, canonical_json, digest, loads
 from service.agents.tools import Reconciled, Tool, ToolCall, ToolError, ToolUnknown, run_bounded, scrub_urls
 from service.core.metrics import Metrics
 from service.llm.scrub import scrub
-from service.pipeline.base import LINEAGE_HEADERS, LostFence, Parked, ToDeadLetter, iso
+from service.pipeline.base import LINEAGE_HEADERS, LostFence, Parked, ToDeadLetter, current_span, iso
 
 
 class Steps(Protocol):
@@ -214,7 +214,8 @@ class ToolLoop:
             arguments = None
         return ToolCall(key=call_key(self.task.key, self.generation, self.step.name, ordinal),
                         task_id=self.task.key, step=self.step.name, ordinal=ordinal, tool=asked["name"],
-                        arguments=arguments if isinstance(arguments, dict) else {}, fence=self.fence)
+                        arguments=arguments if isinstance(arguments, dict) else {}, fence=self.fence,
+                        traceparent=current_span().traceparent or self.task.traceparent)
 
     def _refusal(self, tool: Tool | None, call: ToolCall, asked: dict[str, str], ordinal: int) -> tuple[str, str] | None:
         """Why the call must not run (outcome, what the model is told), or None."""

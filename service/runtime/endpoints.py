@@ -52,7 +52,7 @@ def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient,
         assert fallback.name is not None  # named by the settings
         own = llm.model_copy(update={"api_key": fallback.api_key, "model": fallback.model,
                                      "timeout_s": fallback.timeout_s or llm.timeout_s, "fallbacks": []})
-        client = LLMClient(own, fallback.base_url, metrics, max_open=max_open)
+        client = LLMClient(own, fallback.base_url, metrics, max_open=max_open, endpoint=fallback.name)
         closers.append(client.aclose)
         endpoints.append(Endpoint(
             fallback.name, public_url(fallback.base_url), client,

@@ -49,6 +49,7 @@ from service.llm.client import LLMClient
 from service.llm.endpoints import PRIMARY, public_url
 from service.llm.guard import EndpointGuard, GuardConfig, RateLimiter, chat_probe
 from service.llm.tenancy import TenantBudgets
+from service.llm.tokens import prompt_counter
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
 from service.runtime.connections import redis_client
@@ -294,12 +295,11 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     Without ``agents``, the registry is the built-in kinds, the entry points, ``AGENT_AGENTS`` and
     ``AGENT_KINDS_FILE`` (:mod:`service.agents.loading`); one that cannot load refuses the start.
     """
-    if agents is None:
-        agents = load_registry(settings)
+    agents = agents if agents is not None else load_registry(settings)
     metrics = metrics or Metrics()
     tracing = tracing or Tracing.from_env()
-    bounds = limits(settings, agents)
-    log_limits(bounds)
+    tracing.name_group(settings.kafka.group_id)
+    log_limits(bounds := limits(settings, agents))
     client = redis_client(settings, bounds.redis_connections)
     ledger = ledger_of(settings, client)
     closers: list[Any] = [lambda: asyncio.to_thread(tracing.shutdown)]
@@ -318,7 +318,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             max_task_bytes=s.max_task_bytes, max_attempts=s.llm.max_attempts,
             backoff_base_s=s.llm.backoff_base_s, backoff_max_s=s.llm.backoff_max_s,
             llm_timeout_s=s.llm.timeout_s, busy_poll_s=s.ledger.busy_poll_s, lease_ms=s.ledger.lease_ms,
-            context_tokens=s.llm.context_tokens, max_output_tokens=s.llm.max_tokens,
+            context_tokens=s.llm.context_tokens, max_output_tokens=s.llm.max_tokens, count_tokens=prompt_counter(s.llm),
             shadow_sample_rate=s.llm.shadow_sample_rate, internal_retries=s.internal_retries,
             audit_topic=s.kafka.audit_topic, max_wait_s=s.llm.max_wait_s,
             max_children=s.delegation.max_children, max_depth=s.delegation.max_depth,

@@ -121,7 +121,8 @@ def test_a_document_too_long_for_the_window_is_summarised_in_journaled_pieces_ac
     worker re-uses pieces 1-10 from the journal, then combines all 20 in order."""
     from service.agents.kinds import SummarizeInput, SummarizeLongStep
 
-    s: Settings = make_settings(ledger={"lease_ms": 2000}, llm={"timeout_s": 60, "context_tokens": 1024,
+    # a paragraph (about 2,200 bytes with the prompt) fits with the answer, two do not
+    s: Settings = make_settings(ledger={"lease_ms": 2000}, llm={"timeout_s": 60, "context_tokens": 3072,
                                                                   "max_tokens": 256})
     paragraphs = [f"Paragraph {i}. " + " ".join(f"w{i}x{j}" for j in range(250)) for i in range(1, 21)]
     task_input = {"text": "\n\n".join(paragraphs), "max_words": 50}

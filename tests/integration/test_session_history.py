@@ -38,7 +38,7 @@ from tests.support import metric, produce, read_topic, running, task_value, wait
 
 pytestmark = [pytest.mark.integration]
 
-SHARE, WINDOW, ANSWER_LIMIT = 0.1, 4096, 512  # a budget of 409 tokens: about five turns of ~75
+SHARE, WINDOW, ANSWER_LIMIT = 0.1, 12288, 512  # a budget of 1,228 tokens: about five turns of ~225 bytes
 KIND = "hist_chat"
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -10,6 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from service.core.log_context import TaskFields, json_formatter
 from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.devtools.fakellm import FakeLLM
@@ -21,7 +25,31 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 INCOMING = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
-def test_task_and_llm_spans_join_the_producers_trace(make_settings: Any, fake_llm: FakeLLM) -> None:
+class Lines(logging.Handler):
+    """The JSON log lines the service writes (its ``configure_logging`` handler's formatter and filter)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(json_formatter())
+        self.addFilter(TaskFields())
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Lines]:
+    handler, client_log = Lines(), logging.getLogger("service.llm.client")
+    logging.getLogger().addHandler(handler)
+    level = client_log.level
+    client_log.setLevel(logging.DEBUG)  # its line per model call, made inside the call's span
+    yield handler
+    client_log.setLevel(level)
+    logging.getLogger().removeHandler(handler)
+
+
+def test_task_and_llm_spans_join_the_producers_trace(make_settings: Any, fake_llm: FakeLLM, log_lines: Lines) -> None:
     s: Settings = make_settings()
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -48,6 +76,14 @@ def test_task_and_llm_spans_join_the_producers_trace(make_settings: Any, fake_ll
     assert llm.parent is not None and llm.parent.span_id == task.context.span_id
     assert llm.attributes is not None and llm.attributes["gen_ai.usage.output_tokens"] > 0
     assert list(llm.attributes["gen_ai.response.finish_reasons"]) == ["stop"]
+    assert llm.attributes["gen_ai.provider.name"] == "openai"
+    assert task.attributes["messaging.consumer.group.name"] == s.kafka.group_id
+    assert task.attributes["messaging.destination.name"] == s.kafka.input_topic
+    assert isinstance(task.attributes["messaging.destination.partition.id"], str)
+    # the log line of the model call names the task and joins the exported trace at the call's span
+    (line,) = [line for line in log_lines.lines if line["msg"].startswith("LLM request ok")]
+    assert line["task_id"] == "tr-1" and line["kind"] == "classify" and line["topic"] == s.kafka.input_topic
+    assert line["trace_id"] == TRACE_ID and line["span_id"] == format(llm.context.span_id, "016x")
     result = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)[0]
     carried = result.headers["traceparent"].decode()
     assert carried.split("-")[1] == TRACE_ID and carried.split("-")[2] == format(task.context.span_id, "016x")

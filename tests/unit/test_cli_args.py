@@ -13,10 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.agents.tasks import TaskEvent
-from service.cli.main import JsonFormatter, main
+from service.cli.main import main
 from service.cli.parser import parse_args
 from service.cli.produce import Progress
 from service.cli.reading import read_tasks
+from service.core.log_context import json_formatter
 
 
 def lines_of(text: str) -> list[tuple[int, TaskEvent | str]]:
@@ -253,6 +254,6 @@ def test_progress_without_a_total_counts() -> None:
 
 def test_json_log_lines() -> None:
     record = logging.LogRecord("service.x", logging.WARNING, __file__, 1, "task_id=%s failed", ("t-1",), None)
-    data = json.loads(JsonFormatter().format(record))
+    data = json.loads(json_formatter().format(record))
     assert data["level"] == "WARNING" and data["logger"] == "service.x" and data["msg"] == "task_id=t-1 failed"
     assert data["ts"].endswith("+00:00")

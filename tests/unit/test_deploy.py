@@ -849,6 +849,8 @@ def test_dashboard_covers_the_service() -> None:
         assert any(f"histogram_quantile({quantile}," in e and "agent_llm_latency_seconds_bucket" in e for e in exprs), (
             f"no LLM latency p{quantile[2:]} panel"
         )
+    for label in ("endpoint", "kind"):  # a fallback's latency, and a kind's, seen apart
+        assert any(f"sum by (le, {label})" in e and "agent_llm_latency_seconds_bucket" in e for e in exprs), label
 
 
 # --------------------------------------------------------------------------------------

@@ -47,14 +47,16 @@ def test_the_history_is_counted_as_it_is_rendered() -> None:
     turns = [_turn(i) for i in range(3)]
     view = SessionView(id="s", version=3, turns=turns, state=None, summary="earlier", seen=3, summarized=2)
     assert history_tokens("earlier", turns) == estimate_tokens(session_messages(view), None)
-    assert history_tokens(None, []) == 1
+    assert history_tokens(None, []) == 0
 
 
 def test_turns_that_fit_fold_nothing() -> None:
     turns = [_turn(i) for i in range(5)]
     budget = history_tokens(None, turns)
     assert to_fold(None, turns, budget=budget, room=10, keep_turns=None) == 0
-    assert to_fold("a summary", turns, budget=budget + 20, room=10, keep_turns=None) == 0
+    with_summary = history_tokens("a summary", turns)
+    assert to_fold("a summary", turns, budget=with_summary, room=10, keep_turns=None) == 0
+    assert to_fold("a summary", turns, budget=with_summary - 1, room=10, keep_turns=None) > 0
     assert to_fold(None, [], budget=1, room=1, keep_turns=None) == 0
 
 

@@ -312,9 +312,27 @@ def tokens(metrics: Metrics, direction: str) -> float:
 
 
 def latency_count(metrics: Metrics) -> float:
-    value = metrics.registry.get_sample_value("agent_llm_latency_seconds_count")
-    assert value is not None
-    return value
+    """Latency observations, over every kind and endpoint."""
+    return sum(sample.value for family in metrics.registry.collect() for sample in family.samples
+               if sample.name == "agent_llm_latency_seconds_count")
+
+
+def test_latency_is_labelled_by_kind_and_endpoint_and_an_unknown_one_is_other() -> None:
+    metrics = Metrics()
+    metrics.name_models(kinds=["classify", "extract"], endpoints=["primary", "fallback-1"])
+
+    async def main() -> None:
+        async with http_server(ok_handler) as base_url:
+            for endpoint, kind in (("fallback-1", "classify"), ("fallback-1", "nope"), ("elsewhere", None)):
+                async with LLMClient(make_settings(), base_url, metrics, endpoint=endpoint) as client:
+                    await client.chat(make_request(kind=kind))
+
+    asyncio.run(main())
+    count = "agent_llm_latency_seconds_count"
+    assert metrics.registry.get_sample_value(count, {"kind": "classify", "endpoint": "fallback-1"}) == 1
+    assert metrics.registry.get_sample_value(count, {"kind": "other", "endpoint": "fallback-1"}) == 1
+    assert metrics.registry.get_sample_value(count, {"kind": "other", "endpoint": "other"}) == 1
+    assert latency_count(metrics) == 3
 
 
 # -- request shape ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from consumers.records import Record
+from service.agents.registry import AgentRegistry
 from service.core.errors import InfrastructureError
 from service.core.metrics import Metrics
 from service.pipeline.processor import TaskProcessor
@@ -28,7 +29,7 @@ class Outage(TaskProcessor):
 
 
 def outage(failures: int) -> Outage:
-    p = Outage.build(ledger=SimpleNamespace(), agents=SimpleNamespace(), llm=SimpleNamespace(),  # type: ignore[arg-type]
+    p = Outage.build(ledger=SimpleNamespace(), agents=AgentRegistry([]), llm=SimpleNamespace(),  # type: ignore[arg-type]
                      outputs=SimpleNamespace(transactional=False), metrics=Metrics(),  # type: ignore[arg-type]
                      config=SimpleNamespace(shadow_sample_rate=0.0),  # type: ignore[arg-type]
                      worker_id="w", model_name="m")

@@ -33,7 +33,7 @@ def tracing(exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
     provider = TracerProvider(sampler=ALWAYS_ON, shutdown_on_exit=False)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    t = Tracing(provider=provider)
+    t = Tracing(provider=provider, consumer_group="workers")
     yield t
     t.shutdown()
 
@@ -71,8 +71,11 @@ def test_task_span_has_its_name_kind_and_attributes(tracing: Tracing, exporter: 
     assert dict(task.attributes or {}) == {
         "messaging.system": "kafka",
         "messaging.destination.name": "agent.tasks",
-        "messaging.kafka.destination.partition": 3,
-        "messaging.kafka.message.offset": 42,
+        "messaging.destination.partition.id": "3",
+        "messaging.kafka.offset": 42,
+        "messaging.consumer.group.name": "workers",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
         "agent.task.key": "t-1",
         "agent.task.kind": "summarize",
         "agent.ledger.decision": "claimed",
@@ -109,7 +112,7 @@ def test_llm_span_is_a_client_child_of_the_task_span(tracing: Tracing, exporter:
     assert f"{llm.parent.span_id:016x}" == ids(task)[1]
     assert dict(llm.attributes or {}) == {
         "gen_ai.operation.name": "chat",
-        "gen_ai.system": "openai",
+        "gen_ai.provider.name": "openai",
         "gen_ai.request.model": "smollm2",
         "gen_ai.response.model": "smollm2-q4",
         "gen_ai.response.finish_reasons": ("stop",),
@@ -125,7 +128,7 @@ def test_none_values_are_left_out(tracing: Tracing, exporter: InMemorySpanExport
         call.set_response(None, None, None, None)
     spans = exporter.get_finished_spans()
     llm = only(spans, "text_completion m")
-    assert set(llm.attributes or {}) == {"gen_ai.operation.name", "gen_ai.system", "gen_ai.request.model"}
+    assert set(llm.attributes or {}) == {"gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model"}
     task = only(spans, "agent.task summarize")
     assert "messaging.destination.name" not in (task.attributes or {})
 
