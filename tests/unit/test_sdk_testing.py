@@ -119,7 +119,7 @@ def test_summarize_long_runs_its_pieces_and_the_reduce() -> None:
     text = "\n\n".join(f"Paragraph {n}. " + "words " * 150 for n in range(4))
     model = ScriptedModel(lambda request: {"summary": f"part of {len(request.messages[-1]['content'])} chars"})
 
-    outcome = run("summarize_long", {"text": text, "max_words": 10}, model=model, context_tokens=1200)
+    outcome = run("summarize_long", {"text": text, "max_words": 10}, model=model, context_tokens=3600)  # tokens counted as UTF-8 bytes: a paragraph is ~900
 
     assert outcome.ok, outcome.error
     pieces = [s.name for s in outcome.steps if s.name.startswith("summarize-part-")]
