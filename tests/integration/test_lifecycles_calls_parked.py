@@ -147,7 +147,7 @@ class Walk:
 
     async def run(self, fence: int | None = None) -> Any:
         fence = fence if fence is not None else await self.claim()
-        task = SimpleNamespace(key=self.task_id, deadline=None, kind=KIND)
+        task = SimpleNamespace(key=self.task_id, deadline=None, kind=KIND, traceparent=None)
         record = Record("walk-in", 0, 7, self.task_id.encode(), b"{}")
         loop = ToolLoop(Model(self.ledger, self.arguments), task, self.step, In(), {}, fence, 0,  # type: ignore[arg-type]
                         record)
@@ -446,7 +446,7 @@ async def _refused_calls(ledger: Ledger) -> None:
     assert await w.call() == "executed"
     assert (await ledger.effects.audit("call-x"))[-1]["accepted"] is False
     # the loop itself: a call only asked cannot land, an executed one cannot run again
-    loop = ToolLoop(Model(ledger, w.arguments), SimpleNamespace(key="call-x", deadline=None),  # type: ignore[arg-type]
+    loop = ToolLoop(Model(ledger, w.arguments), SimpleNamespace(key="call-x", deadline=None, traceparent=None),  # type: ignore[arg-type]
                     w.step, In(), {}, fence, 0, None)
     with pytest.raises(IllegalTransition):
         loop._move("c:act:2", "land")
