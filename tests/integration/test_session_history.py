@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
 
 from service.agents.registry import AgentRegistry
 from service.core.settings import Settings
@@ -23,18 +21,9 @@ from service.devtools.fakellm.faults import FaultRule
 from service.pipeline import dlq
 from service.pipeline.history import SUMMARY_SYSTEM, budget_tokens, summary_room, to_fold
 from service.runtime.wiring import Service
-from service.sdk import (
-    SESSION,
-    Agent,
-    Messages,
-    Session,
-    Step,
-    StrictInput,
-    session_messages,
-    system_message,
-    user_message,
-)
-from tests.support import metric, produce, read_topic, running, task_value, wait_for
+from service.sdk import Agent, Session
+from tests.support import metric, produce, read_topic, running, session_kinds, task_value, wait_for
+from tests.support.session_kinds import Text
 
 pytestmark = [pytest.mark.integration]
 
@@ -42,22 +31,8 @@ SHARE, WINDOW, ANSWER_LIMIT = 0.1, 12288, 512  # a budget of 1,228 tokens: about
 KIND = "hist_chat"
 
 
-class Text(StrictInput):
-    text: str = Field(min_length=1, max_length=500)
-
-
-class Answer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    answer: str = Field(min_length=1)
-
-
-class Chat(Step):
-    name, prompt_version, output_model = "answer", "hist-chat-v1", Answer
-
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, Text)
-        return [system_message("Answer the user."), *session_messages(previous.get(SESSION)),
-                user_message(task_input.text)]
+class Chat(session_kinds.Chat):
+    prompt_version = "hist-chat-v1"
 
 
 def kinds() -> AgentRegistry:

@@ -6,46 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
 
 from service.agents.registry import AgentRegistry
 from service.devtools.fakellm import FakeLLM
-from service.sdk import (
-    SESSION,
-    Agent,
-    Messages,
-    Session,
-    Step,
-    StrictInput,
-    session_messages,
-    system_message,
-    user_message,
-)
-from tests.support import produce, read_topic, running, task_value, wait_for
+from service.sdk import Agent, Session
+from tests.support import produce, read_topic, running, session_kinds, task_value, wait_for
+from tests.support.session_kinds import Text
 
 pytestmark = [pytest.mark.integration]
 
 
-class Text(StrictInput):
-    text: str = Field(min_length=1, max_length=500)
-
-
-class Answer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    answer: str = Field(min_length=1)
-
-
-class Chat(Step):
-    name, prompt_version, output_model = "answer", "sess-tenant-chat-v1", Answer
-
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, Text)
-        return [system_message("Answer the user."), *session_messages(previous.get(SESSION)),
-                user_message(task_input.text)]
+class Chat(session_kinds.Chat):
+    prompt_version = "sess-tenant-chat-v1"
 
 
 def test_a_task_of_another_tenant_naming_a_session_is_a_dead_letter(

@@ -10,13 +10,13 @@ import json
 import random
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from dedup.sessions import Entered
 from service.agents.registry import AgentRegistry
@@ -24,38 +24,15 @@ from service.agents.tasks import canonical_json, digest, fingerprint
 from service.devtools.fakellm import FakeLLM
 from service.devtools.fakellm.faults import FaultRule
 from service.runtime.wiring import Service
-from service.sdk import (
-    SESSION,
-    Agent,
-    Messages,
-    Session,
-    Step,
-    StrictInput,
-    session_messages,
-    system_message,
-    user_message,
-)
-from tests.support import metric, produce, read_topic, running, task_value, wait_for
+from service.sdk import Agent, Session
+from tests.support import metric, produce, read_topic, running, session_kinds, task_value, wait_for
+from tests.support.session_kinds import Text
 
 pytestmark = [pytest.mark.integration]
 
 
-class Text(StrictInput):
-    text: str = Field(min_length=1, max_length=500)
-
-
-class Answer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    answer: str = Field(min_length=1)
-
-
-class Chat(Step):
-    name, prompt_version, output_model = "answer", "sess-chat-v1", Answer
-
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, Text)
-        return [system_message("Answer the user."), *session_messages(previous.get(SESSION)),
-                user_message(task_input.text)]
+class Chat(session_kinds.Chat):
+    prompt_version = "sess-chat-v1"
 
 
 class Count(BaseModel):
