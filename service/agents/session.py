@@ -27,6 +27,8 @@ MAX_TTL_S = 10 * 365 * 86_400
 
 Reduce = Callable[[Any, Any, Any], Any]  # (state, task_input, result) -> state: typed as the kind types them
 
+SUMMARY_PREFIX = "Summary of the conversation so far: "  # how a stored summary opens its message
+
 
 @dataclass(frozen=True)
 class Session:
@@ -110,7 +112,7 @@ def session_messages(view: SessionView | None) -> list[dict[str, str]]:
         return []
     messages: list[dict[str, str]] = []
     if view.summary:
-        messages.append({"role": "system", "content": f"Summary of the conversation so far: {view.summary}"})
+        messages.append({"role": "system", "content": SUMMARY_PREFIX + view.summary})
     for turn in view.turns:
         messages.append({"role": "user", "content": _text(turn.get("input"))})
         messages.append({"role": "assistant", "content": _text(turn.get("result"))})
