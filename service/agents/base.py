@@ -37,9 +37,11 @@ from service.core.settings import UNAVAILABLE_POLICIES
 
 Messages = list[dict[str, str]]
 
-InputT = TypeVar("InputT", bound=BaseModel, default=Any)
+# a step's input is only ever passed in: a step written for a base model runs on its subclasses
+InputT = TypeVar("InputT", bound=BaseModel, default=Any, contravariant=True)
 OutputT = TypeVar("OutputT", bound=BaseModel, default=Any)
 _Out = TypeVar("_Out", bound=BaseModel)
+AgentInputT = TypeVar("AgentInputT", bound=BaseModel, default=Any)
 _Default = TypeVar("_Default")
 
 
@@ -164,18 +166,18 @@ def _check_tools(kind: str, step: Step) -> None:
 
 
 @dataclass(frozen=True)
-class Agent:
+class Agent(Generic[AgentInputT]):
     """A kind of task: its input model and its steps; the result is the last step's output.
 
     Made with an unknown step in a ``needs``, a step named twice or a cycle, it raises ``ValueError``.
     """
 
     kind: str
-    input_model: type[BaseModel]
-    steps: tuple[Step, ...]
+    input_model: type[AgentInputT]
+    steps: tuple[Step[AgentInputT, Any], ...]  # typed steps must take this input model (or a base of it)
     # a rollout: this share of task keys (a stable hash of the key, so a redelivery takes the same
     # version) runs ``candidate``, a new version of the same kind; the rest run this one
-    candidate: Agent | None = None
+    candidate: Agent[AgentInputT] | None = None
     candidate_share: float = 0.0
     # while the primary model endpoint is unavailable (its breaker open, or it is degraded): "wait"
     # for it, "fallback" to the first fallback endpoint that accepts (the result is flagged
@@ -235,14 +237,14 @@ class Agent:
             raise ValueError(f"agent {self.kind!r}: the candidate has the same prompt versions "
                              f"({self.prompt_version}); give the changed steps a new version")
 
-    def version_for(self, task_key: str) -> Agent:
+    def version_for(self, task_key: str) -> Agent[AgentInputT]:
         """The version that runs the task ``task_key``: the candidate for a stable share of keys."""
         if self.candidate is None or not self.candidate_share:
             return self
         bucket = int.from_bytes(hashlib.sha256(f"{self.kind}\0{task_key}".encode()).digest()[:8], "big") / 2**64
         return self.candidate if bucket < self.candidate_share else self
 
-    def other_version(self, prompt_version: str) -> Agent | None:
+    def other_version(self, prompt_version: str) -> Agent[AgentInputT] | None:
         """In a rollout, the version that did not answer with ``prompt_version`` (None without one)."""
         if self.candidate is None:
             return None
@@ -273,7 +275,7 @@ class Agent:
     def step(self, name: str) -> Step:
         return self._by_name[name]
 
-    def parse_input(self, raw: dict[str, Any]) -> BaseModel:
+    def parse_input(self, raw: dict[str, Any]) -> AgentInputT:
         try:
             return self.input_model.model_validate(raw)
         except ValidationError as exc:

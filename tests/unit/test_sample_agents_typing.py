@@ -5,6 +5,7 @@ output, and the service ships ``py.typed`` so a user's mypy reads its annotation
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -15,10 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "tests" / "agents_pkg" / "sample_agents"
 
 
-def strict_mypy(target: Path, cache: Path) -> subprocess.CompletedProcess[str]:
-    # from the repository's root: its pyproject's mypy settings (the pydantic plugin) and this service
+def strict_mypy(target: Path, cache: Path, path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    # from the repository's root: its pyproject's mypy settings (the pydantic plugin) and this service;
+    # ``path`` is where mypy looks for the modules ``target`` imports (MYPYPATH)
+    env = {**os.environ, "MYPYPATH": str(path)} if path is not None else None
     return subprocess.run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(cache), str(target)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False, env=env)
 
 
 def test_the_sample_package_passes_strict_mypy_and_a_typing_mistake_fails_it(tmp_path: Path) -> None:
@@ -35,6 +38,29 @@ def test_the_sample_package_passes_strict_mypy_and_a_typing_mistake_fails_it(tmp
     done = strict_mypy(wrong, tmp_path / "cache")
     assert done.returncode == 1, done.stdout
     assert '"Summary" has no attribute "queue"' in done.stdout
+
+
+MISMATCH = """
+from sample_agents import Route, Summarize, Ticket
+from sample_agents.filing import Complaint, Understand
+from service.sdk import Agent
+
+right = Agent("ticket_triage", Ticket, (Summarize(), Route()))
+also_right: Agent[Complaint] = Agent("ticket_filing", Complaint, (Understand(),))
+wrong = Agent("mixed", Complaint, (Understand(), Summarize()))  # Summarize reads a Ticket
+"""
+
+
+def test_an_agent_whose_steps_take_another_input_fails_strict_mypy(tmp_path: Path) -> None:
+    shutil.copytree(PACKAGE, tmp_path / "pkg" / "sample_agents")
+    probe = tmp_path / "pkg" / "probe.py"
+    probe.write_text(MISMATCH)
+
+    done = strict_mypy(probe, tmp_path / "cache", path=tmp_path / "pkg")
+
+    assert done.returncode == 1, done.stdout
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"{probe}:8: error:"), done.stdout
 
 
 def test_the_sample_package_needs_no_cast_assert_or_ignore() -> None:
