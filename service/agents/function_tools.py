@@ -38,7 +38,11 @@ class _Signature:
     """What a function's signature says of its tool: where the call goes, and the arguments' model."""
 
     def __init__(self, function: ToolFunction, name: str) -> None:
-        hints = typing.get_type_hints(function, include_extras=True)
+        try:
+            hints = typing.get_type_hints(function, include_extras=True)
+        except NameError as exc:  # an annotation naming a class local to a function
+            raise ValueError(f"tool {name}: its annotations cannot be resolved ({exc}); "
+                             "define the types it names at module level") from None
         self.call_param: str | None = None
         fields: dict[str, Any] = {}
         for param in inspect.signature(function).parameters.values():

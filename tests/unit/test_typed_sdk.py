@@ -140,8 +140,12 @@ def test_signatures_that_cannot_be_a_tool_are_refused() -> None:
 
     def two_calls(a: ToolCall, b: ToolCall) -> None: ...
 
+    def unresolved(order: Missing) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
     with pytest.raises(ValueError, match="can be named"):
         function_tool(star)
+    with pytest.raises(ValueError, match="tool unresolved: its annotations cannot be resolved"):
+        function_tool(unresolved)
     with pytest.raises(ValueError, match="only one parameter may take the ToolCall"):
         function_tool(two_calls)
 
