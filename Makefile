@@ -37,6 +37,8 @@ python-deps:
 lint:
 	ruff check service consumers dedup tests
 	mypy
+	@# a user's package, written against the typed service.sdk: strict, with no casts or asserts for types
+	mypy --strict tests/agents_pkg/sample_agents
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -9,6 +9,11 @@ default it reads the step declared before it, so a plain list of steps is a chai
 dependency between them run concurrently, and a step that needs several starts once all of them
 are journaled and sees their outputs in the order it names them. An agent with an unknown step
 name or a cycle is refused when it is made, not when a task runs.
+
+A step is generic in its input and output model, ``Step[TicketInput, Summary]``: its hooks get the
+task's input as that model, and :class:`Previous` hands the outputs of the steps it reads back as
+their models (``previous.get(Summarize)`` is a ``Summary``) or, by name, as the JSON data the
+journal holds (``previous["summarize"]``). A bare ``Step`` is ``Step[Any, Any]``: the older form.
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
-from typing import Any
+from typing import Any, Generic, overload
 
 from pydantic import BaseModel, ValidationError
+from typing_extensions import TypeVar
 
-from service.agents.session import Session
+from service.agents.session import SESSION, Session, SessionView
 from service.agents.tasks import describe_validation
 from service.agents.tools import Tool, ToolCall
 from service.core.errors import InvalidOutput, PoisonError
@@ -31,13 +37,75 @@ from service.core.settings import UNAVAILABLE_POLICIES
 
 Messages = list[dict[str, str]]
 
+# a step's input is only ever passed in: a step written for a base model runs on its subclasses
+InputT = TypeVar("InputT", bound=BaseModel, default=Any, contravariant=True)
+OutputT = TypeVar("OutputT", bound=BaseModel, default=Any)
+_Out = TypeVar("_Out", bound=BaseModel)
+AgentInputT = TypeVar("AgentInputT", bound=BaseModel, default=Any)
+_Default = TypeVar("_Default")
 
-class Step:
-    """One model call. Subclasses set ``name``, ``prompt_version`` and ``output_model``."""
+
+class Previous(Mapping[str, Any]):
+    """What a step reads: the recorded outputs of the steps it needs, by step name as JSON data
+    (``previous["summarize"]``), or by step as its output model (``previous.get(Summarize)`` or
+    ``previous[Summarize]``, a class or an instance); the task's session view under ``SESSION``."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._data: dict[str, Any] = dict(data or {})
+
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+    @overload
+    def __getitem__(self, key: type[Step[Any, _Out]] | Step[Any, _Out]) -> _Out: ...
+
+    def __getitem__(self, key: str | type[Step[Any, Any]] | Step[Any, Any]) -> Any:
+        if isinstance(key, str):
+            return self._data[key]
+        if key.name not in self._data:
+            raise KeyError(f"step {key.name!r} is not among the steps this one reads (its needs)")
+        return key.output_model.model_validate(self._data[key.name])
+
+    @overload
+    def get(self, key: str, /) -> Any: ...
+    @overload
+    def get(self, key: str, default: _Default, /) -> Any | _Default: ...
+    @overload
+    def get(self, key: type[Step[Any, _Out]] | Step[Any, _Out], /) -> _Out: ...
+
+    def get(self, key: Any, default: Any = None, /) -> Any:
+        """By name: the JSON data, or ``default``. By step: its output as its model (``KeyError`` when
+        the step is not among those this one reads: its ``needs`` say which)."""
+        if isinstance(key, str):
+            return self._data.get(key, default)
+        return self[key]
+
+    @property
+    def session(self) -> SessionView | None:
+        """The task's session as it entered (None for a kind without sessions)."""
+        view = self._data.get(SESSION)
+        return view if isinstance(view, SessionView) else None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Previous({self._data!r})"
+
+
+class Step(Generic[InputT, OutputT]):
+    """One model call. Subclasses set ``name``, ``prompt_version`` and ``output_model``.
+
+    ``Step[In, Out]``: the task's input is an ``In`` (the agent's input model) and the answer an
+    ``Out`` (``output_model``); the hooks below are typed with them."""
 
     name: str = "answer"
     prompt_version: str = "v1"
-    output_model: type[BaseModel]
+    output_model: type[OutputT]
     # the steps whose outputs this one reads, in the order it sees them: None is the step declared
     # before it (none for the first), () none at all (a root that runs at once)
     needs: tuple[str, ...] | None = None
@@ -55,25 +123,25 @@ class Step:
     max_tool_calls: int = 8
     approval_timeout_s: float = 24 * 3600.0  # a call waiting for approval longer is dead-lettered `expired`
 
-    def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
+    def schema(self, task_input: InputT, previous: Previous) -> dict[str, Any]:
         return self.output_model.model_json_schema()
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: InputT, previous: Previous) -> Messages:
         raise NotImplementedError
 
-    def check(self, task_input: BaseModel, output: BaseModel) -> None:
+    def check(self, task_input: InputT, output: OutputT) -> None:
         """Checks the schema cannot express. Raise :class:`InvalidOutput` to refuse."""
 
-    def approval(self, task_input: BaseModel, call: ToolCall) -> str | None:
+    def approval(self, task_input: InputT, call: ToolCall) -> str | None:
         """Why ``call`` needs a person's approval before it runs (None: it runs at once). The task
         parks in the ledger until an approval, a rejection or :attr:`approval_timeout_s` decides."""
         return None
 
-    def reduce_messages(self, task_input: BaseModel, partials: list[dict[str, Any]]) -> Messages:
+    def reduce_messages(self, task_input: InputT, partials: list[dict[str, Any]]) -> Messages:
         """For ``fit = "map_reduce"``: the request that combines the outputs of the pieces, in order."""
         raise NotImplementedError(f"step {self.name} has fit={self.fit!r} but no reduce_messages")
 
-    def parse(self, task_input: BaseModel, content: str) -> dict[str, Any]:
+    def parse(self, task_input: InputT, content: str) -> dict[str, Any]:
         """Validate a model answer and return it as plain JSON data."""
         try:
             data = json.loads(content)
@@ -98,18 +166,18 @@ def _check_tools(kind: str, step: Step) -> None:
 
 
 @dataclass(frozen=True)
-class Agent:
+class Agent(Generic[AgentInputT]):
     """A kind of task: its input model and its steps; the result is the last step's output.
 
     Made with an unknown step in a ``needs``, a step named twice or a cycle, it raises ``ValueError``.
     """
 
     kind: str
-    input_model: type[BaseModel]
-    steps: tuple[Step, ...]
+    input_model: type[AgentInputT]
+    steps: tuple[Step[AgentInputT, Any], ...]  # typed steps must take this input model (or a base of it)
     # a rollout: this share of task keys (a stable hash of the key, so a redelivery takes the same
     # version) runs ``candidate``, a new version of the same kind; the rest run this one
-    candidate: Agent | None = None
+    candidate: Agent[AgentInputT] | None = None
     candidate_share: float = 0.0
     # while the primary model endpoint is unavailable (its breaker open, or it is degraded): "wait"
     # for it, "fallback" to the first fallback endpoint that accepts (the result is flagged
@@ -169,14 +237,14 @@ class Agent:
             raise ValueError(f"agent {self.kind!r}: the candidate has the same prompt versions "
                              f"({self.prompt_version}); give the changed steps a new version")
 
-    def version_for(self, task_key: str) -> Agent:
+    def version_for(self, task_key: str) -> Agent[AgentInputT]:
         """The version that runs the task ``task_key``: the candidate for a stable share of keys."""
         if self.candidate is None or not self.candidate_share:
             return self
         bucket = int.from_bytes(hashlib.sha256(f"{self.kind}\0{task_key}".encode()).digest()[:8], "big") / 2**64
         return self.candidate if bucket < self.candidate_share else self
 
-    def other_version(self, prompt_version: str) -> Agent | None:
+    def other_version(self, prompt_version: str) -> Agent[AgentInputT] | None:
         """In a rollout, the version that did not answer with ``prompt_version`` (None without one)."""
         if self.candidate is None:
             return None
@@ -207,7 +275,7 @@ class Agent:
     def step(self, name: str) -> Step:
         return self._by_name[name]
 
-    def parse_input(self, raw: dict[str, Any]) -> BaseModel:
+    def parse_input(self, raw: dict[str, Any]) -> AgentInputT:
         try:
             return self.input_model.model_validate(raw)
         except ValidationError as exc:

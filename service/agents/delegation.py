@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from service.agents.base import Messages, Step
+from service.agents.base import InputT, Messages, Previous, Step
 
 DELEGATE_MODES = ("required", "optional")
 MAX_BUDGET_S = 366 * 24 * 3600.0  # a child's own time: finite, at most a year
@@ -76,7 +75,7 @@ class DelegateOutput(BaseModel):
     degraded: bool = False
 
 
-class DelegateStep(Step):
+class DelegateStep(Step[InputT, DelegateOutput]):
     """A step that delegates: subclasses set ``name``, ``mode`` and :meth:`children`.
 
     ``mode``: ``"required"`` (a child's failure fails the step, with the child's reason in the
@@ -84,7 +83,7 @@ class DelegateStep(Step):
 
     name: str = "delegate"
     prompt_version: str = "delegate-v1"  # no prompt: the version of what the step hands out
-    output_model: type[BaseModel] = DelegateOutput
+    output_model: type[DelegateOutput] = DelegateOutput
     mode: str = "required"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -93,9 +92,9 @@ class DelegateStep(Step):
             raise ValueError(f"delegating step {cls.__name__}: mode must be one of {', '.join(DELEGATE_MODES)}, "
                              f"not {cls.mode!r}")
 
-    def children(self, task_input: BaseModel, previous: Mapping[str, Any]) -> list[Delegate]:
+    def children(self, task_input: InputT, previous: Previous) -> list[Delegate]:
         """The child tasks, in the order their outcomes appear in the step's output."""
         raise NotImplementedError(f"delegating step {self.name} has no children()")
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: InputT, previous: Previous) -> Messages:
         raise TypeError(f"step {self.name} delegates: it sends no prompt to the model")

@@ -1,14 +1,13 @@
-"""The built-in kinds: ``extract``, ``classify`` and ``summarize``, one step each."""
+"""The built-in kinds: ``extract``, ``classify`` and ``summarize``, one step each, in the typed form."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.agents.base import Messages, Step
+from service.agents.base import Messages, Previous, Step
 from service.agents.helpers import StrictInput, system_message, user_message
 from service.core.errors import InvalidOutput
 
@@ -69,13 +68,12 @@ class SummarizeOutput(BaseModel):
 
 # ----------------------------------------------------------------------------- steps
 
-class ExtractStep(Step):
+class ExtractStep(Step[ExtractInput, ExtractOutput]):
     name = "extract"
     prompt_version = "extract-v1"
     output_model = ExtractOutput
 
-    def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
-        assert isinstance(task_input, ExtractInput)
+    def schema(self, task_input: ExtractInput, previous: Previous) -> dict[str, Any]:
         props = {name: {"type": ["string", "null"]} for name in task_input.fields}
         return {
             "type": "object",
@@ -89,28 +87,25 @@ class ExtractStep(Step):
             "additionalProperties": False,
         }
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, ExtractInput)
+    def messages(self, task_input: ExtractInput, previous: Previous) -> Messages:
         return [
             system_message("Extract the named fields from the document. Use null when a field is absent."),
             user_message(f"Fields: {json.dumps(task_input.fields)}\n\nDocument:\n{task_input.document}"),
         ]
 
-    def check(self, task_input: BaseModel, output: BaseModel) -> None:
-        assert isinstance(task_input, ExtractInput) and isinstance(output, ExtractOutput)
+    def check(self, task_input: ExtractInput, output: ExtractOutput) -> None:
         if set(output.fields) != set(task_input.fields):
             missing = sorted(set(task_input.fields) - set(output.fields))
             extra = sorted(set(output.fields) - set(task_input.fields))
             raise InvalidOutput("schema", f"extract: fields differ (missing {missing}, extra {extra})")
 
 
-class ClassifyStep(Step):
+class ClassifyStep(Step[ClassifyInput, ClassifyOutput]):
     name = "classify"
     prompt_version = "classify-v1"
     output_model = ClassifyOutput
 
-    def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
-        assert isinstance(task_input, ClassifyInput)
+    def schema(self, task_input: ClassifyInput, previous: Previous) -> dict[str, Any]:
         return {
             "type": "object",
             "properties": {
@@ -121,33 +116,29 @@ class ClassifyStep(Step):
             "additionalProperties": False,
         }
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, ClassifyInput)
+    def messages(self, task_input: ClassifyInput, previous: Previous) -> Messages:
         return [
             system_message("Classify the text with exactly one of the labels and a confidence from 0 to 1."),
             user_message(f"Labels: {json.dumps(task_input.labels)}\n\nText:\n{task_input.text}"),
         ]
 
-    def check(self, task_input: BaseModel, output: BaseModel) -> None:
-        assert isinstance(task_input, ClassifyInput) and isinstance(output, ClassifyOutput)
+    def check(self, task_input: ClassifyInput, output: ClassifyOutput) -> None:
         if output.label not in task_input.labels:
             raise InvalidOutput("schema", f"classify: label {output.label[:64]!r} is not one of the labels")
 
 
-class SummarizeStep(Step):
+class SummarizeStep(Step[SummarizeInput, SummarizeOutput]):
     name = "summarize"
     prompt_version = "summarize-v1"
     output_model = SummarizeOutput
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, SummarizeInput)
+    def messages(self, task_input: SummarizeInput, previous: Previous) -> Messages:
         return [
             system_message(f"Summarize the text in at most {task_input.max_words} words."),
             user_message(task_input.text),
         ]
 
-    def check(self, task_input: BaseModel, output: BaseModel) -> None:
-        assert isinstance(task_input, SummarizeInput) and isinstance(output, SummarizeOutput)
+    def check(self, task_input: SummarizeInput, output: SummarizeOutput) -> None:
         words = len(output.summary.split())
         if words == 0 or words > task_input.max_words:
             raise InvalidOutput("schema", f"summarize: {words} words, limit {task_input.max_words}")
@@ -161,8 +152,7 @@ class SummarizeLongStep(SummarizeStep):
     fit = "map_reduce"
     chunk_field = "text"
 
-    def reduce_messages(self, task_input: BaseModel, partials: list[dict[str, Any]]) -> Messages:
-        assert isinstance(task_input, SummarizeInput)
+    def reduce_messages(self, task_input: SummarizeInput, partials: list[dict[str, Any]]) -> Messages:
         parts = "\n\n".join(f"Part {i}: {p['summary']}" for i, p in enumerate(partials, 1))
         return [
             system_message(f"These are summaries of consecutive parts of one text. Combine them into one "

@@ -177,7 +177,8 @@ def input_schema(agent: Agent) -> dict[str, Any]:
     """The JSON Schema of a task's input for this agent."""
     if isinstance(agent, DeclaredAgent):
         return agent.input_schema
-    return agent.input_model.model_json_schema()
+    schema: dict[str, Any] = agent.input_model.model_json_schema()
+    return schema
 
 
 def describe(registry: AgentRegistry) -> list[dict[str, Any]]:

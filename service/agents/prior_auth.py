@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.agents.base import Agent, Messages, Step
+from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.helpers import StrictInput, system_message, user_message
 from service.core.errors import InvalidOutput
 
@@ -67,18 +67,16 @@ def _previous(previous: Mapping[str, Any], name: str) -> str:
     return json.dumps(previous[name], sort_keys=True)
 
 
-def _case(task_input: BaseModel) -> str:
-    assert isinstance(task_input, PriorAuthInput)
+def _case(task_input: PriorAuthInput) -> str:
     return f"Payer: {task_input.payer}\nRequested drug: {task_input.drug}"
 
 
-class ExtractCase(Step):
+class ExtractCase(Step[PriorAuthInput, Extracted]):
     name = "extract"
     prompt_version = "pa-extract-v1"
     output_model = Extracted
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, PriorAuthInput)
+    def messages(self, task_input: PriorAuthInput, previous: Previous) -> Messages:
         return [
             system_message("From the clinical note, extract the patient, diagnosis, prescriber, drug and dose. "
                     "Use null for anything the note does not say."),
@@ -86,48 +84,48 @@ class ExtractCase(Step):
         ]
 
 
-class CheckBenefit(Step):
+class CheckBenefit(Step[PriorAuthInput, BenefitCheck]):
     name = "benefit_check"
     prompt_version = "pa-benefit-v1"
     output_model = BenefitCheck
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: PriorAuthInput, previous: Previous) -> Messages:
         return [
             system_message("Decide whether the payer covers the drug and whether it needs prior authorization."),
             user_message(f"{_case(task_input)}\n\nExtracted case:\n{_previous(previous, 'extract')}"),
         ]
 
 
-class MatchPolicy(Step):
+class MatchPolicy(Step[PriorAuthInput, PolicyMatch]):
     name = "policy_match"
     prompt_version = "pa-policy-v1"
     output_model = PolicyMatch
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: PriorAuthInput, previous: Previous) -> Messages:
         return [
             system_message("List the payer's medical-necessity criteria for the drug and whether the case meets each."),
             user_message(f"{_case(task_input)}\n\nBenefit check:\n{_previous(previous, 'benefit_check')}"),
         ]
 
 
-class DraftLetter(Step):
+class DraftLetter(Step[PriorAuthInput, Draft]):
     name = "draft"
     prompt_version = "pa-draft-v1"
     output_model = Draft
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: PriorAuthInput, previous: Previous) -> Messages:
         return [
             system_message("Draft a short prior-authorization request letter from the matched criteria."),
             user_message(f"{_case(task_input)}\n\nCriteria:\n{_previous(previous, 'policy_match')}"),
         ]
 
 
-class ReviewLetter(Step):
+class ReviewLetter(Step[PriorAuthInput, Review]):
     name = "review"
     prompt_version = "pa-review-v1"
     output_model = Review
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: PriorAuthInput, previous: Previous) -> Messages:
         return [
             system_message("Review the letter: submit it, ask for more information, or flag a likely denial."),
             user_message(f"{_case(task_input)}\n\nLetter:\n{_previous(previous, 'draft')}"),

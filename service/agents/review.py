@@ -14,12 +14,10 @@ three and starts once each is journaled. A crash after two branches resumes with
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.agents.base import Agent, Messages, Step
+from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.helpers import StrictInput, system_message, user_message
 
 
@@ -51,41 +49,40 @@ class SynthesisOutput(_Output):
     recommendations: list[str] = Field(max_length=20)
 
 
-def document_prompt(task_input: BaseModel) -> str:
+def document_prompt(task_input: ReviewInput) -> str:
     """The document and its audience, as every step of a review reads them."""
-    assert isinstance(task_input, ReviewInput)
     return f"Audience: {task_input.audience}\n\nDocument:\n{task_input.document}"
 
 
-class ResearchStep(Step):
+class ResearchStep(Step[ReviewInput, ResearchOutput]):
     name, prompt_version, output_model, needs = "research", "research-v1", ResearchOutput, ()
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: ReviewInput, previous: Previous) -> Messages:
         return [system_message("List the document's factual claims and the questions it leaves open."),
                 user_message(document_prompt(task_input))]
 
 
-class SummariseStep(Step):
+class SummariseStep(Step[ReviewInput, SummaryOutput]):
     name, prompt_version, output_model, needs = "summarise", "summarise-v1", SummaryOutput, ()
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: ReviewInput, previous: Previous) -> Messages:
         return [system_message("Summarise the document for the audience in one paragraph."),
                 user_message(document_prompt(task_input))]
 
 
-class CritiqueStep(Step):
+class CritiqueStep(Step[ReviewInput, CritiqueOutput]):
     name, prompt_version, output_model, needs = "critique", "critique-v1", CritiqueOutput, ()
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: ReviewInput, previous: Previous) -> Messages:
         return [system_message("Name the document's strengths and weaknesses."),
                 user_message(document_prompt(task_input))]
 
 
-class SynthesisStep(Step):
+class SynthesisStep(Step[ReviewInput, SynthesisOutput]):
     name, prompt_version, output_model = "synthesis", "synthesis-v1", SynthesisOutput
     needs = ("research", "summarise", "critique")
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: ReviewInput, previous: Previous) -> Messages:
         # ``previous`` holds the three outputs in the order ``needs`` names them
         notes = "\n\n".join(f"{name}:\n{json.dumps(output, sort_keys=True)}" for name, output in previous.items())
         return [system_message("Write the review: an overall assessment and concrete recommendations, "

@@ -21,9 +21,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel
-
-from service.agents.base import Agent, Messages, Step
+from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.delegation import Delegate, DelegateStep
 from service.agents.helpers import system_message, user_message
 from service.agents.review import (
@@ -39,11 +37,10 @@ from service.agents.review import (
 PANEL = (("review_research", "research"), ("review_summary", "summary"), ("review_critique", "critique"))
 
 
-class PanelStep(DelegateStep):
+class PanelStep(DelegateStep[ReviewInput]):
     name, prompt_version, needs, mode = "panel", "panel-v1", (), "optional"
 
-    def children(self, task_input: BaseModel, previous: Mapping[str, Any]) -> list[Delegate]:
-        assert isinstance(task_input, ReviewInput)
+    def children(self, task_input: ReviewInput, previous: Previous) -> list[Delegate]:
         return [Delegate(kind, task_input.model_dump()) for kind, _ in PANEL]
 
 
@@ -60,10 +57,10 @@ def panel_notes(panel: Mapping[str, Any]) -> str:
     return "\n\n".join(notes)
 
 
-class PanelSynthesisStep(Step):
+class PanelSynthesisStep(Step[ReviewInput, SynthesisOutput]):
     name, prompt_version, output_model, needs = "synthesis", "panel-synthesis-v1", SynthesisOutput, ("panel",)
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: ReviewInput, previous: Previous) -> Messages:
         return [system_message("Write the review: an overall assessment and concrete recommendations, from the "
                                "research, the summary and the critique that follow (any that is missing, "
                                "leave out)."),

@@ -33,6 +33,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 from jsonschema.validators import validator_for
+from pydantic import BaseModel
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # a URL, without the punctuation that may follow it in a sentence
@@ -40,6 +41,19 @@ _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{0,15}://[^\s'\"<>]*[^\s'\"<>:.,;)\]
 # what a status answer may say of a call the downstream has not finished
 PENDING_WORDS = frozenset({"pending", "running", "in_progress", "in-progress", "processing", "queued", "accepted"})
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+# a tool's parameters: a JSON Schema, or a pydantic model whose schema it is
+Parameters = Mapping[str, Any] | type[BaseModel]
+
+
+def parameters_schema(parameters: Parameters | None) -> dict[str, Any]:
+    """The JSON Schema of a tool's arguments: as given, made from a pydantic model, or none at all."""
+    if parameters is None:
+        return dict(_NO_PARAMETERS)
+    if isinstance(parameters, type) and issubclass(parameters, BaseModel):
+        schema = parameters.model_json_schema()
+        schema.pop("title", None)
+        return schema
+    return dict(parameters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,27 +213,29 @@ Handler = Callable[[ToolCall], Any | Awaitable[Any]]
 
 class FunctionTool(Tool):
     """A Python callable as a tool: ``run(call)``, and optionally ``reconcile(call)`` and ``undo(call, result)``.
+    ``parameters``: a JSON Schema or a pydantic model (its schema); ``@function_tool`` makes one from a
+    typed function's signature (function_tools.py).
 
     Each may be a plain function or a coroutine function. Without ``reconcile``, a call that died
     between its intent and its result parks the task: only the function's owner knows whether it ran.
     """
 
-    def __init__(self, name: str, run: Handler, *, parameters: Mapping[str, Any] | None = None,
+    def __init__(self, name: str, run: Handler, *, parameters: Parameters | None = None,
                  description: str = "", reconcile: Callable[[ToolCall], Any] | None = None,
                  undo: Callable[[ToolCall, Any], Any] | None = None, timeout_s: float = 10.0,
                  settle_s: float | None = None) -> None:
         self.name, self.description, self.timeout_s, self.settle_s = name, description, timeout_s, settle_s
-        self.parameters = dict(parameters) if parameters is not None else _NO_PARAMETERS
+        self.parameters = parameters_schema(parameters)
         self._run, self._reconcile, self._undo = run, reconcile, undo
         check_tool(self)
 
     async def run(self, call: ToolCall) -> Any:
-        return await _maybe_await(self._run(call))
+        return await maybe_await(self._run(call))
 
     async def reconcile(self, call: ToolCall) -> Reconciled:
         if self._reconcile is None:
             return await super().reconcile(call)
-        answer = await _maybe_await(self._reconcile(call))
+        answer = await maybe_await(self._reconcile(call))
         if not isinstance(answer, Reconciled):
             raise TypeError(f"tool {self.name}: reconcile must return a Reconciled, not {type(answer).__name__}")
         return answer
@@ -227,14 +243,14 @@ class FunctionTool(Tool):
     async def undo(self, call: ToolCall, result: Any) -> Any:
         if self._undo is None:
             raise NotImplementedError
-        return await _maybe_await(self._undo(call, result))
+        return await maybe_await(self._undo(call, result))
 
     @property
     def can_undo(self) -> bool:
         return self._undo is not None
 
 
-async def _maybe_await(value: Any) -> Any:
+async def maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
@@ -254,13 +270,13 @@ class HttpTool(Tool):
     called with ``undo_method`` and the key ``<key>/undo`` to compensate the call.
     """
 
-    def __init__(self, name: str, url: str, *, parameters: Mapping[str, Any] | None = None,
+    def __init__(self, name: str, url: str, *, parameters: Parameters | None = None,
                  description: str = "", method: str = "POST", status_url: str | None = None,
                  undo_url: str | None = None, undo_method: str = "POST",
                  headers: Mapping[str, str] | None = None, timeout_s: float = 10.0,
                  settle_s: float | None = None) -> None:
         self.name, self.description, self.timeout_s, self.settle_s = name, description, timeout_s, settle_s
-        self.parameters = dict(parameters) if parameters is not None else _NO_PARAMETERS
+        self.parameters = parameters_schema(parameters)
         self.url, self.method, self.status_url = url, method.upper(), status_url
         self.undo_url, self.undo_method = undo_url, undo_method.upper()
         self.headers = dict(headers or {})

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dedup.ledger import Attempt, AttemptsExhausted, Ledger, StaleFence
-from service.agents.base import Step
+from service.agents.base import Previous, Step
 from service.agents.tasks import Task
 from service.core.errors import EndpointFault, InvalidOutput, LLMRateLimited, LLMTimeout, PermanentError, RetryableError
 from service.core.metrics import Metrics
@@ -70,7 +70,7 @@ class CallLoop:
         task: Task,
         step: Step,
         task_input: BaseModel,
-        previous: dict[str, dict[str, Any]],
+        previous: Previous,
         fence: int,
         attempts: int,
         *,
@@ -123,7 +123,7 @@ class CallLoop:
             waits_until = monotonic() + self.config.max_wait_s  # an attempt spent: the next may wait again
 
     def request_size(
-        self, step: Step, task_input: BaseModel, previous: dict[str, dict[str, Any]], attempts: int,
+        self, step: Step, task_input: BaseModel, previous: Previous, attempts: int,
         conversation: list[dict[str, Any]] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
         """The step's messages and schema, and the tokens they need with the answer: never more than

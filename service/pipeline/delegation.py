@@ -39,6 +39,7 @@ from consumers.records import Record
 from dedup.effects import decision_field
 from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger, StaleFence
+from service.agents.base import Previous
 from service.agents.delegation import Delegate, DelegateOutput, DelegateStep
 from service.agents.tasks import DEFAULT_TENANT, TENANT_HEADER, Task, canonical_json, header
 from service.core.metrics import Metrics
@@ -187,7 +188,7 @@ class Delegation:
         self.ledger, self.send, self.config, self.clock, self.metrics = ledger, send, config, clock, metrics
         self.traceparent, self.task, self.fence, self.record, self.attempts = traceparent, task, fence, record, attempts
 
-    async def run(self, step: DelegateStep, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
+    async def run(self, step: DelegateStep, task_input: BaseModel, previous: Previous) -> dict[str, Any]:
         """The step's output once every child has ended; raises :class:`Parked` while they run."""
         task = self.task
         lineage = lineage_of(self.record.headers if self.record is not None else None)

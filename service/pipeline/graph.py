@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from graphlib import TopologicalSorter
 from typing import Any
 
@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from consumers.records import Record
 from dedup.ledger import Claim, StaleFence
-from service.agents.base import Agent, Messages, Step
+from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.delegation import DelegateStep
 from service.agents.session import SESSION, SessionView
 from service.agents.tasks import Task, canonical_json, digest
@@ -90,15 +90,16 @@ class GraphRun:
         if recorded is not None:
             self.outputs[name], self.records[name] = recorded["output"], recorded
             return name
-        previous: dict[str, Any] = {}
+        read: dict[str, Any] = {}
         for need in needs:  # in the order the step names them, never in the order they finished
             record = self.records[need]
             if record.get("digest") != digest(canonical_json(record.get("output"))):
                 raise ToDeadLetter("permanent", f"step {need}: recorded output does not match its digest",
                                    self.attempts)
-            previous[need] = record["output"]
+            read[need] = record["output"]
         if self.session is not None:
-            previous[SESSION] = self.session
+            read[SESSION] = self.session
+        previous = Previous(read)
         if isinstance(step, DelegateStep):  # no model call: children, once each, and their outcomes
             output = await self._delegate(step, previous)
         elif step.fit == "map_reduce" and not self._fits(step, self.task_input, previous):
@@ -126,7 +127,7 @@ class GraphRun:
             self.degraded[step.name] = (str(endpoint), str(recorded.get("model", "")))
         return recorded
 
-    async def _call(self, step: Step, task_input: BaseModel, previous: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, step: Step, task_input: BaseModel, previous: Previous) -> dict[str, Any]:
         answered: list[tuple[str, str]] = []
         try:
             if step.tools:
@@ -149,7 +150,7 @@ class GraphRun:
                 if by[0] != "primary":
                     self.degraded[step.name] = by
 
-    async def _delegate(self, step: DelegateStep, previous: dict[str, Any]) -> dict[str, Any]:
+    async def _delegate(self, step: DelegateStep, previous: Previous) -> dict[str, Any]:
         """A delegating step's output (:mod:`~service.pipeline.delegation`); raises Parked while it waits."""
         if self.send is None:
             raise RuntimeError(f"step {step.name} delegates and this run has no producer for its children")
@@ -181,13 +182,13 @@ class GraphRun:
                 raise LostFence(str(exc)) from exc
         return record
 
-    def _fits(self, step: Step, task_input: BaseModel, previous: dict[str, Any]) -> bool:
+    def _fits(self, step: Step, task_input: BaseModel, previous: Previous) -> bool:
         cfg = self.calls.config
         needed = estimate_tokens(step.messages(task_input, previous), step.schema(task_input, previous),
                                 count=cfg.count_tokens)
         return needed + cfg.max_output_tokens <= cfg.context_tokens
 
-    async def _map_reduce(self, step: Step, previous: dict[str, Any], input_digest: str) -> dict[str, Any]:
+    async def _map_reduce(self, step: Step, previous: Previous, input_digest: str) -> dict[str, Any]:
         """The step over pieces of its input that each fit the window, then the reduce of their outputs.
 
         Each piece is journaled as ``<step>-part-NNN`` (its input digest covers the piece's text), so
@@ -203,12 +204,12 @@ class GraphRun:
             partials.append(await self._journaled_call(part, piece_input, previous,
                                                        digest(canonical_json([input_digest, text]))))
         reduce = _Piece(step, step.name, lambda task_input, _previous: step.reduce_messages(task_input, partials))
-        if not self._fits(reduce, self.task_input, {}):
+        if not self._fits(reduce, self.task_input, Previous()):
             raise ToDeadLetter("oversize", f"step {step.name}: the outputs of its {len(pieces)} pieces do not fit "
                                "the model's window together", self.attempts)
-        return await self._call(reduce, self.task_input, {})
+        return await self._call(reduce, self.task_input, Previous())
 
-    def _pieces(self, step: Step, previous: dict[str, Any]) -> list[str]:
+    def _pieces(self, step: Step, previous: Previous) -> list[str]:
         """The step's ``chunk_field`` split on blank lines and packed, in order, into pieces that fit."""
         field = step.chunk_field
         assert field is not None
@@ -234,7 +235,7 @@ class GraphRun:
             pieces.append(current)
         return pieces
 
-    async def _journaled_call(self, step: Step, task_input: BaseModel, previous: dict[str, Any],
+    async def _journaled_call(self, step: Step, task_input: BaseModel, previous: Previous,
                               input_digest: str) -> dict[str, Any]:
         """One call of ``step`` (a piece), re-used from the journal when it is there and current."""
         recorded = self._reusable(step, input_digest)
@@ -258,15 +259,15 @@ class _Piece(Step):
     """A piece of a ``map_reduce`` step, or its reduce: the step's schema, checks and versions under a
     name of its own (its journal entry and attempt budget), with the messages given."""
 
-    def __init__(self, step: Step, name: str, messages: Callable[[BaseModel, Mapping[str, Any]], Messages]) -> None:
+    def __init__(self, step: Step, name: str, messages: Callable[[BaseModel, Previous], Messages]) -> None:
         self.step, self.name, self._messages = step, name, messages
         self.prompt_version, self.output_model = step.prompt_version, step.output_model
         self.model, self.temperature = step.model, step.temperature
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: BaseModel, previous: Previous) -> Messages:
         return self._messages(task_input, previous)
 
-    def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
+    def schema(self, task_input: BaseModel, previous: Previous) -> dict[str, Any]:
         return self.step.schema(task_input, previous)
 
     def check(self, task_input: BaseModel, output: BaseModel) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from dedup.ledger import Claim, StaleFence
-from service.agents.base import Agent, Messages, Step
+from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.session import SessionView, session_messages
 from service.agents.tasks import Task, canonical_json, digest
 from service.core.errors import InvalidOutput
@@ -132,7 +132,7 @@ def request_fits(step: SummaryStep, context_tokens: int, max_output_tokens: int,
                  counter: TokenCounter = utf8_bytes) -> bool:
     """Whether the summary request fits the model's window with its answer."""
     probe = SummaryOut(summary="-")
-    needed = estimate_tokens(step.messages(probe, {}), step.schema(probe, {}), count=counter)
+    needed = estimate_tokens(step.messages(probe, Previous()), step.schema(probe, Previous()), count=counter)
     return needed + max_output_tokens <= context_tokens
 
 
@@ -186,7 +186,7 @@ class History:
                 and recorded.get("digest") == digest(canonical_json(recorded.get("output")))):
             self.metrics.steps_reused.inc()
             return str(recorded["output"]["summary"])
-        output, attempts = await self.calls.call_step(task, step, task_input, {}, claim.fence, claim.attempts)
+        output, attempts = await self.calls.call_step(task, step, task_input, Previous(), claim.fence, claim.attempts)
         assert isinstance(output, dict)
         record = {"output": output, "digest": digest(canonical_json(output)), "input_digest": input_digest,
                   "prompt_version": SUMMARY_PROMPT_VERSION, "fence": claim.fence, "attempt": attempts}

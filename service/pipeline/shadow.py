@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dedup.ledger import Ledger
-from service.agents.base import Agent
+from service.agents.base import Agent, Previous
 from service.agents.tasks import Task, canonical_json, digest
 from service.core.errors import EndpointFault, InvalidOutput, PermanentError, PoisonError, RetryableError
 from service.core.metrics import Metrics
@@ -80,7 +80,7 @@ class Shadow:
         outputs: dict[str, dict[str, Any]] = {}
         for name in TopologicalSorter(agent.graph).static_order():
             step = agent.step(name)
-            previous = {need: outputs[need] for need in agent.graph[name]}
+            previous = Previous({need: outputs[need] for need in agent.graph[name]})
             messages, schema = step.messages(task_input, previous), step.schema(task_input, previous)
             needed = estimate_tokens(messages, schema, count=self.config.count_tokens) + self.config.max_output_tokens
             # a shadow call is a call: the breaker, the rate limits, Retry-After, the window and

@@ -37,7 +37,7 @@ from consumers.records import Record
 from dedup.effects import answer_of, approval_of
 from dedup.ledger import Ledger
 from dedup.lifecycles.tool_call import OUTCOME_EVENT, TOOL_CALL, call_state
-from service.agents.base import Step
+from service.agents.base import Previous, Step
 from service.agents.tasks import Task, canonical_json, digest, loads
 from service.agents.tools import Reconciled, Tool, ToolCall, ToolError, ToolUnknown, run_bounded, scrub_urls
 from service.core.metrics import Metrics
@@ -54,7 +54,7 @@ class Steps(Protocol):
     clock: Callable[[], datetime]
     worker_id: str
 
-    async def call_step(self, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
+    async def call_step(self, task: Task, step: Step, task_input: BaseModel, previous: Previous,
                         fence: int, attempts: int, *, conversation: list[dict[str, Any]] | None = None,
                         offer_tools: bool = False,
                         answered: list[tuple[str, str]] | None = None) -> tuple[Any, int]: ...
@@ -102,7 +102,7 @@ def call_key(task_key: str, generation: int, step: str, ordinal: int) -> str:
 class ToolLoop:
     """The model's tool-call loop for one step of one task, under one claim."""
 
-    def __init__(self, steps: Steps, task: Task, step: Step, task_input: BaseModel, previous: dict[str, Any],
+    def __init__(self, steps: Steps, task: Task, step: Step, task_input: BaseModel, previous: Previous,
                  fence: int, attempts: int, record: Record | None,
                  answered: list[tuple[str, str]] | None = None) -> None:
         self.steps, self.task, self.step, self.task_input = steps, task, step, task_input

@@ -4,15 +4,15 @@ A kind is an :class:`Agent`: a name, an input model and one or more steps, each 
 call; the steps form a graph (``Step.needs``). The service loads your agents at start from the entry
 point group ``agent_service.agents`` or ``AGENT_AGENTS=package.module:attribute`` (docs/AGENTS.md)::
 
-    from service.sdk import Agent, Messages, Step, StrictInput, system_message, user_message
+    from service.sdk import Agent, Messages, Previous, Step, StrictInput, system_message, user_message
 
     class TicketInput(StrictInput):
         text: str
 
-    class Triage(Step):
+    class Triage(Step[TicketInput, TriageOutput]):  # typed: task_input is a TicketInput
         name, prompt_version, output_model = "triage", "triage-v1", TriageOutput
 
-        def messages(self, task_input, previous) -> Messages:
+        def messages(self, task_input: TicketInput, previous: Previous) -> Messages:
             return [system_message("Triage the ticket."), user_message(task_input.text)]
 
     agents = [Agent("triage", TicketInput, (Triage(),))]  # AGENT_AGENTS=mypkg.triage:agents
@@ -24,14 +24,20 @@ The names, and nothing else:
 - ``default_agents``: a registry of the built-in kinds (``extract``, ``classify``, ``summarize``,
   ``summarize_long``, ``prior_auth``, ``review``, ``review_panel`` and the three kinds it
   delegates to).
-- ``Step``: one model call: a versioned prompt, an output model, and the checks a schema cannot express.
+- ``Step``: one model call: a versioned prompt, an output model, and the checks a schema cannot express;
+  ``Step[Input, Output]`` types its hooks with the kind's input model and the step's output model.
+- ``Previous``: what a step reads of the steps before it: ``previous.get(Summarize)`` is that step's
+  output as its model, ``previous["summarize"]`` the JSON data, ``previous.session`` the session view.
 - ``DelegateStep``: a step that hands work to other kinds instead of calling the model, and waits
   for them (``mode`` required or optional, ``children(task_input, previous)``; docs/DELEGATION.md).
 - ``Delegate``: one child task of a ``DelegateStep``: its kind, input, and optionally another
   deployment's ``topic`` and a time ``budget_s``.
 - ``Tool``: a side effect a step may offer the model (``Step.tools``, OpenAI function calling);
   each call runs once by construction (docs/AGENTS.md, "Agents that act").
-- ``FunctionTool``: a Python callable as a tool, with an optional reconcile and undo.
+- ``FunctionTool``: a Python callable as a tool, with an optional reconcile and undo; its
+  ``parameters`` a JSON Schema or a pydantic model.
+- ``function_tool``: ``@function_tool`` makes a ``FunctionTool`` of a typed function: the parameters'
+  schema from its signature, the description from its docstring, a ``ToolCall`` parameter gets the call.
 - ``HttpTool``: a webhook or REST call as a tool: sends the call's key as ``Idempotency-Key``.
 - ``ToolCall``: one call as a tool sees it: its idempotency ``key``, arguments, task, step, ordinal, fence.
 - ``Reconciled``: a tool's answer to "did the call with this key land?": landed, absent or unknown.
@@ -54,8 +60,9 @@ The names, and nothing else:
 Everything else in ``service`` is the service's own and may change without notice.
 """
 
-from service.agents.base import Agent, Messages, Step
+from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.delegation import Delegate, DelegateStep
+from service.agents.function_tools import function_tool
 from service.agents.helpers import StrictInput, system_message, user_message
 from service.agents.registry import AgentRegistry, default_agents
 from service.agents.session import SESSION, Session, SessionView, session_messages
@@ -74,6 +81,7 @@ __all__ = [
     "InvalidOutput",
     "Messages",
     "PoisonError",
+    "Previous",
     "Reconciled",
     "SESSION",
     "Session",
@@ -86,6 +94,7 @@ __all__ = [
     "ToolError",
     "ToolUnknown",
     "default_agents",
+    "function_tool",
     "session_messages",
     "system_message",
     "user_message",

@@ -1,17 +1,18 @@
 """``ticket_triage``: a support ticket summarised, then routed to a queue. Two steps, a chain.
 
-Written against :mod:`service.sdk` only, and registered through the entry point group
-``agent_service.agents`` (see ``pyproject.toml``): the service finds it once this package is installed.
+Written against :mod:`service.sdk` only, in its typed form (``mypy --strict`` checks this package:
+``make lint``), and registered through the entry point group ``agent_service.agents`` (see
+``pyproject.toml``): the service finds it once this package is installed. ``sample_agents.filing``
+is a kind that acts, through a tool made from a typed function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.sdk import Agent, InvalidOutput, Messages, Step, StrictInput, system_message, user_message
+from service.sdk import Agent, InvalidOutput, Messages, Previous, Step, StrictInput, system_message, user_message
 
 QUEUES = ("billing", "technical", "account", "other")
 
@@ -32,28 +33,26 @@ class Routing(BaseModel):
     urgent: bool
 
 
-class Summarize(Step):
+class Summarize(Step[Ticket, Summary]):
     name, prompt_version, output_model = "summarize", "triage-summarize-v1", Summary
     needs = ()  # the first step: it reads no other
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, Ticket)
+    def messages(self, task_input: Ticket, previous: Previous) -> Messages:
         return [system_message("Summarise the support ticket in one or two sentences."),
                 user_message(f"Subject: {task_input.subject}\n\n{task_input.body}")]
 
 
-class Route(Step):
+class Route(Step[Ticket, Routing]):
     name, prompt_version, output_model = "route", "triage-route-v1", Routing
     needs = ("summarize",)  # reads the summary
     temperature = 0.0  # the same ticket, the same queue
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        summary = previous["summarize"]["summary"]
+    def messages(self, task_input: Ticket, previous: Previous) -> Messages:
+        summary = previous.get(Summarize)  # a Summary, as the step before answered it
         return [system_message(f"Route the ticket to one queue of {', '.join(QUEUES)}; say if it is urgent."),
-                user_message(summary)]
+                user_message(summary.summary)]
 
-    def check(self, task_input: BaseModel, output: BaseModel) -> None:
-        assert isinstance(output, Routing)
+    def check(self, task_input: Ticket, output: Routing) -> None:
         if output.queue not in QUEUES:  # the output model says so already: a check shows the hook
             raise InvalidOutput("schema", f"route: unknown queue {output.queue!r}")
 
