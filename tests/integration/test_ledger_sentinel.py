@@ -120,13 +120,14 @@ def _kill_master(sentinels: SentinelSet, events: list[str]) -> None:
 def _sentinel_failover(sentinels: SentinelSet, events: list[str]) -> None:
     """``SENTINEL FAILOVER``: the replica is promoted and the master, alive, demoted to a replica."""
     old = sentinels.master_port()
+    started = time.monotonic()
     client = redis.Redis(port=sentinels.sentinels[0].port, socket_timeout=5)
     try:
         client.sentinel_failover(sentinels.service)
     finally:
         client.close()
     new = _wait_for_new_master(sentinels, old)
-    events.append(f"master {old} demoted, {new} promoted")
+    events.append(f"master {old} demoted, {new} promoted after {time.monotonic() - started:.1f} s")
 
 
 async def _failover_run(sentinels: SentinelSet, fault: Any, wait_replicas: int) -> dict[str, int]:
