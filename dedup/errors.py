@@ -7,7 +7,16 @@ An outage (Redis did not answer, or answered that it cannot serve anyone now) is
 
 from __future__ import annotations
 
-from redis.exceptions import ClusterError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 
 class LedgerError(Exception):
@@ -39,11 +48,19 @@ OUTAGE_REPLIES = frozenset({"OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", 
                             "NOREPLICAS", "MISCONF", "NOSCRIPT", "MOVED", "ASK"})
 
 
+# redis-py raises these for their codes, with the code cut from the message
+OUTAGE_CLASSES = (ReadOnlyError, BusyLoadingError, OutOfMemoryError, NoScriptError)
+
+
 def is_outage_reply(exc: ResponseError) -> bool:
-    """An error reply that says the node cannot serve this now (it will, or another node will)."""
+    """An error reply that says the node cannot serve this now (it will, or another node will):
+    ``READONLY`` from a master demoted by a failover, ``LOADING`` from one restarting, ..."""
+    if isinstance(exc, OUTAGE_CLASSES):
+        return True
     text = str(exc)
+    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
     # WAIT on a primary demoted by a failover, sent there on a slot map not yet reloaded
-    return text.split(" ", 1)[0] in OUTAGE_REPLIES or "cannot be used with replica instances" in text
+    return code in OUTAGE_REPLIES or "cannot be used with replica instances" in text
 
 
 def _raised_inside_redis(exc: BaseException) -> bool:

@@ -28,6 +28,7 @@ import pytest
 
 from service.core.settings import EMBEDDED_BROKERS, Settings
 from service.devtools import kraft, local
+from service.devtools.redis_sentinel import SentinelSet, start_sentinel_set
 from tests import support
 from tests.support import Broker
 
@@ -153,6 +154,16 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Re
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    """Redis Sentinel: a master, a replica and three sentinels (quorum 2), each a redis-server."""
+    sentinel_set = start_sentinel_set(tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        yield sentinel_set
+    finally:
+        sentinel_set.stop()
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])

@@ -136,13 +136,15 @@ class RedisSettings(BaseModel):
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     username: str | None = None
     password: SecretStr | None = None
+    # a redis+sentinel:// URL's sentinels' own ACL user and password (username/password: the master's)
+    sentinel_username: str | None = None
+    sentinel_password: SecretStr | None = None
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     socket_timeout_s: float = Field(5.0, gt=0)
-    # the ledger's connection pool (per node on a cluster). Unset: it follows the model calls a
-    # worker may have open (each waits on at most one Redis call at a time) plus a few for the
-    # lease renewals, the endpoint guard and the admin API; set, it is a cap
+    # the ledger's connection pool (per node on a cluster). Unset: it follows the model calls a worker may
+    # have open (one Redis call each at a time) plus a few for lease renewals, the guard and the API; set, a cap
     max_connections: int | None = Field(None, ge=2)
     key_prefix: str = Field("agent", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
@@ -384,9 +386,7 @@ class TenancySettings(BaseModel):
 
 
 class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; unknown names refused
-    model_config = SettingsConfigDict(
-        env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
-    )
+    model_config = SettingsConfigDict(env_prefix="AGENT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False)
 
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()

@@ -11,9 +11,10 @@ from service.runtime.limits import limits
 
 
 def redis_client(settings: Settings, max_connections: int | None = None) -> RedisClient:
-    """One server, or a Redis Cluster for ``redis+cluster://`` URLs (see :mod:`dedup.client`), with a
-    pool of ``max_connections`` (unset: ``AGENT_REDIS__MAX_CONNECTIONS``, else what
-    :mod:`service.runtime.limits` derives from the in-flight window with the built-in kinds)."""
+    """One server, a Redis Cluster for ``redis+cluster://`` URLs or the master sentinels name for
+    ``redis+sentinel://`` ones (see :mod:`dedup.client`), with a pool of ``max_connections`` (unset:
+    ``AGENT_REDIS__MAX_CONNECTIONS``, else what :mod:`service.runtime.limits` derives from the
+    in-flight window with the built-in kinds)."""
     r = settings.redis
     if max_connections is None:
         max_connections = r.max_connections or limits(settings, AgentRegistry()).redis_connections
@@ -26,6 +27,10 @@ def redis_client(settings: Settings, max_connections: int | None = None) -> Redi
         kwargs["username"] = r.username
     if r.password is not None:
         kwargs["password"] = r.password.get_secret_value()
+    if r.sentinel_username:
+        kwargs["sentinel_username"] = r.sentinel_username
+    if r.sentinel_password is not None:
+        kwargs["sentinel_password"] = r.sentinel_password.get_secret_value()
     if r.ssl_ca_certs:
         kwargs["ssl_ca_certs"] = r.ssl_ca_certs
     if r.ssl_certfile:
