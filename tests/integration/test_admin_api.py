@@ -17,7 +17,7 @@ from service.api.security import READS_DISABLED
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import Service, build, ensure_topics
-from tests.support import classify, metric, read_topic, running, wait_for
+from tests.support import classify, metric, read_topic, running, succeeded, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ def test_admin_token_guards_writes_and_tasks_read_back(make_settings: Any, fake_
     assert record["result"]["label"] in LABELS
     assert record["result_digest"].startswith("sha256:")
     assert fake_llm.calls_for("api-1") == 1
-    results = [m for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2) if m.key == b"api-1"]
+    results = [m for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2)) if m.key == b"api-1"]
     assert len(results) == 1 and results[0].headers["traceparent"] == TRACEPARENT.encode()
 
 

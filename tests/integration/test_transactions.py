@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
-from tests.support import classify, committed, metric, produce, read_topic, running, task_value, wait_for
+from tests.support import classify, committed, metric, produce, read_topic, running, succeeded, task_value, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka_only]
 
@@ -63,7 +63,7 @@ def test_each_result_and_dead_letter_is_read_committed_exactly_once(make_setting
                     "duplicates": metric(svc, "agent_tasks_total", {"outcome": "duplicate"})}
 
     figures = asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n, idle_s=2)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n, idle_s=2))
     per_task = Counter((m.key or b"").decode() for m in results)
     assert set(per_task) == {k.decode() for k, _ in tasks}
     assert set(per_task.values()) == {1}, [k for k, c in per_task.items() if c > 1]
@@ -97,7 +97,7 @@ def test_a_result_too_large_for_its_topic_is_dead_lettered_inside_the_transactio
             assert svc.runner.transactions is not None and svc.runner.transactions.aborts >= 1
 
     asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=10, idle_s=2)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=10, idle_s=2))
     assert sorted((m.key or b"").decode() for m in results) == sorted(k.decode() for k, _ in small)
     dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1, idle_s=2)
     assert [(m.key, m.headers["dlq.reason"]) for m in dead] == [(b"tx-big", b"internal")]
