@@ -272,8 +272,7 @@ class Ledger:
     async def note_dead_letter(self, topic: str, partition: int, offset: int, dlq_id: str) -> None:
         """Note that the record at these coordinates was dead-lettered (acknowledged by the broker):
         the record read again (its offset not committed before a crash) sends no second one.
-        ``dlq_id`` is the letter's ``dlq.id``, optionally followed by the partition and offset it was
-        written at (space-separated), by which the task's ``failed`` event is sent again."""
+        ``dlq_id``: the letter's ``dlq.id``, then where it was written (for the ``failed`` event)."""
         key = self.keys.dead_letter(topic, partition, offset)
         await self.redis_call(lambda: self.client.set(key, dlq_id, ex=self.ttl_s))
 
