@@ -359,8 +359,8 @@ class Outputs:
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
         self.dlq_limit: int | None = None  # the DLQ topic's max.message.bytes, when known
-        # (record, task key) -> the ``failed`` event of a task whose result the broker refused for good
-        self.announce_refused: Callable[[Record, str], Announce | None] | None = None
+        # (record, task key, error) -> the ``failed`` event of a task whose result the broker refused for good
+        self.announce_refused: Callable[[Record, str, str], Announce | None] | None = None
 
     def set_dlq_limit(self, nbytes: int | None) -> None:
         """The dead-letter topic's ``max.message.bytes`` (None: unknown, the producer's limit rules)."""
@@ -388,9 +388,9 @@ class Outputs:
         """
         await self.publisher.send(self.results_topic, task_key.encode(), event, result_headers(traceparent, deadline))
 
-    def announcing(self, record: Record, task_key: str) -> Announce | None:
+    def announcing(self, record: Record, task_key: str, error: str) -> Announce | None:
         """The ``failed`` event of a task whose result the broker refused (set by the pipeline)."""
-        return self.announce_refused(record, task_key) if self.announce_refused is not None else None
+        return self.announce_refused(record, task_key, error) if self.announce_refused is not None else None
 
     async def dead_letter(
         self, record: Record, *, reason: str, error: str, attempts: int, task_id: str | None,

@@ -271,9 +271,9 @@ class TransactionalOutputs(Outputs):
             raise RecordRejected(f"result of {size} bytes exceeds the producer's limit")
 
         def instead(why: str) -> Staged | None:
-            return self._dead_letter_item(record, reason="internal", error=f"the broker refused the outcome record: {why}",
-                                          attempts=0, task_id=task_key, traceparent=traceparent,
-                                          announce=self.announcing(record, task_key))
+            error = f"the broker refused the outcome record: {why}"
+            return self._dead_letter_item(record, reason="internal", error=error, attempts=0, task_id=task_key,
+                                          traceparent=traceparent, announce=self.announcing(record, task_key, error))
 
         stage(Staged(self.results_topic, task_key.encode(), event, result_headers(traceparent, deadline),
                      fallback=instead))
