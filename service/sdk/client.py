@@ -22,6 +22,8 @@ earlier) and keeps the latest event of each task id: that is the task's outcome 
 replayed that then succeeds has a second event, ``succeeded``). The HTTP client needs the submit
 token to submit and the read token to await (``AGENT_SUBMIT_TOKEN``, ``AGENT_READ_TOKEN``; the
 admin token does both); its outcomes come from the ledger and name no dead letter's place.
+Either raises :class:`ClientError` (a task not accepted, an answer not readable) or its subclass
+:class:`ResultTimeout`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from typing import Any, Literal, Self
 import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from pydantic import BaseModel
+
+__all__ = ["ClientError", "HttpClient", "Outcome", "ResultTimeout", "TopicClient", "task_event"]
 
 Headers = Mapping[str, str]
 
@@ -75,8 +79,19 @@ class Outcome(BaseModel):
                    attempts=record.get("attempts"), event=dict(record))
 
 
-class ResultTimeout(TimeoutError):
+class ClientError(Exception):
+    """The root of the client's errors: a task not accepted, an outcome not readable."""
+
+
+class ResultTimeout(ClientError, TimeoutError):
     """The task had not ended when the wait ran out (it may still end: ask again)."""
+
+
+def _checked(answer: httpx.Response) -> httpx.Response:
+    """The answer, or :class:`ClientError` saying its status and body."""
+    if answer.is_error:
+        raise ClientError(f"{answer.request.method} {answer.request.url.path}: {answer.status_code} {answer.text[:300]}")
+    return answer
 
 
 def task_event(kind: str, task_input: Any, task_id: str, *, deadline: str | None, priority: int | None,
@@ -115,7 +130,7 @@ class TopicClient:
     def _assign(self) -> None:
         topic = self._consumer.list_topics(self.results_topic, timeout=30).topics.get(self.results_topic)
         if topic is None or topic.error is not None:
-            raise RuntimeError(f"results topic {self.results_topic} not readable: {topic.error if topic else 'absent'}")
+            raise ClientError(f"results topic {self.results_topic} not readable: {topic.error if topic else 'absent'}")
         wanted = [TopicPartition(self.results_topic, p, self._since_ms) for p in sorted(topic.partitions)]
         starts = self._consumer.offsets_for_times(wanted, timeout=30)
         # no record at or after the time: the partition's end now (not "the end" when the fetch
@@ -159,7 +174,7 @@ class TopicClient:
                                headers=[(k, v.encode()) for k, v in (headers or {}).items()],
                                on_delivery=lambda err, _msg: failures.append(err.str()) if err else None)
         if self._producer.flush(30) or failures:
-            raise RuntimeError(f"task {task_id} not acknowledged: {failures or 'timed out'}")
+            raise ClientError(f"task {task_id} not acknowledged: {failures or 'timed out'}")
         return task_id
 
     def result(self, task_id: str, timeout: float = 60.0) -> Outcome:
@@ -168,7 +183,7 @@ class TopicClient:
         with self._changed:
             while (event := self._latest.get(task_id)) is None:
                 if self._error is not None:
-                    raise RuntimeError(f"reading {self.results_topic} failed") from self._error
+                    raise ClientError(f"reading {self.results_topic} failed") from self._error
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ResultTimeout(f"task {task_id}: no outcome in {timeout:.0f}s")
@@ -242,8 +257,7 @@ class HttpClient:
         with httpx.Client(timeout=self._timeout) as http:
             answer = http.post(f"{self.base_url}/tasks", json=self._event(kind, task_input, task_id, options),
                                headers={**self._submit, **options.get("headers", {})})
-        answer.raise_for_status()
-        return str(answer.json()["task_id"])
+        return str(_checked(answer).json()["task_id"])
 
     def result(self, task_id: str, timeout: float = 60.0) -> Outcome:
         deadline = time.monotonic() + timeout
@@ -254,7 +268,7 @@ class HttpClient:
                 if answer.status_code == 200 and answer.json().get("outcome"):
                     return Outcome.from_record(answer.json())
                 if answer.status_code not in (202, 404):  # 404: not claimed yet
-                    answer.raise_for_status()
+                    _checked(answer)
                 if answer.status_code == 404:
                     time.sleep(min(0.2, max(left, 0)))
         raise ResultTimeout(f"task {task_id}: no outcome in {timeout:.0f}s")
@@ -263,8 +277,7 @@ class HttpClient:
         async with httpx.AsyncClient(timeout=self._timeout) as http:
             answer = await http.post(f"{self.base_url}/tasks", json=self._event(kind, task_input, task_id, options),
                                      headers={**self._submit, **options.get("headers", {})})
-        answer.raise_for_status()
-        return str(answer.json()["task_id"])
+        return str(_checked(answer).json()["task_id"])
 
     async def aresult(self, task_id: str, timeout: float = 60.0) -> Outcome:
         deadline = time.monotonic() + timeout
@@ -275,7 +288,7 @@ class HttpClient:
                 if answer.status_code == 200 and answer.json().get("outcome"):
                     return Outcome.from_record(answer.json())
                 if answer.status_code not in (202, 404):
-                    answer.raise_for_status()
+                    _checked(answer)
                 if answer.status_code == 404:
                     await asyncio.sleep(min(0.2, max(left, 0)))
         raise ResultTimeout(f"task {task_id}: no outcome in {timeout:.0f}s")
