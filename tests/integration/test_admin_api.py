@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Producer
 
 from service.api.app import create_app
-from service.api.security import READS_DISABLED
+from service.api.security import READS_DISABLED, SUBMIT_DISABLED
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import Service, build, ensure_topics
@@ -175,7 +175,7 @@ def test_writes_and_reads_are_refused_when_no_token_is_configured(make_settings:
                 for headers in ({}, AUTH, {"Authorization": "Bearer "}):
                     r = await client.post("/tasks", json=task, headers=headers)
                     assert r.status_code == 403
-                    assert r.json() == {"detail": "admin writes are disabled: set AGENT_ADMIN_TOKEN"}
+                    assert r.json() == {"detail": SUBMIT_DISABLED}  # producing takes the submit token too
                 r = await client.post("/dlq/replay", json={"reason": "exhausted"}, headers=AUTH)
                 assert r.status_code == 403
                 for path in ("/dlq", "/tasks/some-task"):  # reads are refused too
