@@ -14,6 +14,7 @@ import hashlib
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,11 @@ from consumers.records import Record
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str | bytes | None]]
+Placed = tuple[int, int]  # where the broker wrote a record: (partition, offset)
+# a task's ``failed`` event for the results topic, given where its dead letter was written (topic, placed)
+Announce = Callable[[str, Placed], bytes]
+# a delivery report handed to the loop: the record's future, the broker's error, where it was written
+Ack = tuple["asyncio.Future[Placed]", KafkaError | None, Placed | None]
 DLQ_HEADER_PREFIX = "dlq."
 
 
@@ -101,7 +107,7 @@ class Publisher:
         self._config = dict(config)
         self._producer = Producer(config)
         self._swap = threading.Lock()
-        self._outstanding: set[asyncio.Future[None]] = set()  # sent, not yet acknowledged
+        self._outstanding: set[asyncio.Future[Placed]] = set()  # sent, not yet acknowledged
         self.replacements = 0
         # the largest record the producer accepts (librdkafka refuses larger ones in produce())
         self.max_message_bytes = int(config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
@@ -110,7 +116,7 @@ class Publisher:
         self._closed = threading.Event()
         self._poll_interval_s = poll_interval_s
         # (future, error) of acknowledged records, appended by delivery callbacks on any thread
-        self._acks: deque[tuple[asyncio.Future[None], KafkaError | None]] = deque()
+        self._acks: deque[Ack] = deque()
         self._thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
         self._thread.start()
 
@@ -137,11 +143,11 @@ class Publisher:
             self.replacements += 1
         log.error("producer failed for good (%s): replaced by a new one; %d unacknowledged records are retried",
                   err.str(), len(lost))
-        self._acks.extend((future, err) for future in lost)
+        self._acks.extend((future, err, None) for future in lost)
 
     def _hand_over(self) -> None:
         """Settle the acknowledged records' futures: one loop wake-up per loop, not per record."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], KafkaError | None]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[Ack]] = {}
         acks = self._acks
         while acks:
             ack = acks.popleft()
@@ -153,12 +159,16 @@ class Publisher:
                 log.debug("dropped %d acknowledgements for a closed event loop", len(batch))
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self.send_at(topic, key, value, headers)
+
+    async def send_at(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> Placed:
+        """Send one record; once the broker acknowledged it, where it was written: (partition, offset)."""
+        future: asyncio.Future[Placed] = asyncio.get_running_loop().create_future()
         acks = self._acks
 
-        def delivered(err: KafkaError | None, _msg: Any) -> None:
+        def delivered(err: KafkaError | None, msg: Any) -> None:
             outstanding.discard(future)
-            acks.append((future, err))
+            acks.append((future, err, _placed(msg) if err is None else None))
 
         size = record_size(key, value, headers)
         if size > self.queue_max_bytes:
@@ -181,7 +191,7 @@ class Publisher:
                     raise RecordRejected(f"produce to {topic} refused record of {size} bytes: {exc}") from exc
                 self._replace_if_fatal(exc, producer)
                 raise ProduceFailed(f"produce to {topic} refused: {exc}", err.code() if err else None) from exc
-        await future
+        return await future
 
     def flush(self, timeout_s: float = 10.0) -> int:
         return int(self._producer.flush(timeout_s))
@@ -194,12 +204,21 @@ class Publisher:
         self._thread.join(timeout=2)
 
 
-def _settle_all(batch: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
-    for future, err in batch:
+def _placed(msg: Any) -> Placed:
+    """The (partition, offset) a delivered message was written at ((-1, -1) when not reported)."""
+    try:
+        partition, offset = msg.partition(), msg.offset()
+    except AttributeError:
+        return (-1, -1)
+    return (int(partition) if partition is not None else -1, int(offset) if offset is not None else -1)
+
+
+def _settle_all(batch: list[Ack]) -> None:
+    for future, err, placed in batch:
         if future.done():
             continue
         if err is None:
-            future.set_result(None)
+            future.set_result(placed or (-1, -1))
         elif _rejected(err):
             future.set_exception(RecordRejected(f"record refused: {err.str()}"))
         else:
@@ -340,6 +359,8 @@ class Outputs:
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
         self.dlq_limit: int | None = None  # the DLQ topic's max.message.bytes, when known
+        # (record, task key, error) -> the ``failed`` event of a task whose result the broker refused for good
+        self.announce_refused: Callable[[Record, str, str], Announce | None] | None = None
 
     def set_dlq_limit(self, nbytes: int | None) -> None:
         """The dead-letter topic's ``max.message.bytes`` (None: unknown, the producer's limit rules)."""
@@ -367,22 +388,34 @@ class Outputs:
         """
         await self.publisher.send(self.results_topic, task_key.encode(), event, result_headers(traceparent, deadline))
 
+    def announcing(self, record: Record, task_key: str, error: str) -> Announce | None:
+        """The ``failed`` event of a task whose result the broker refused (set by the pipeline)."""
+        return self.announce_refused(record, task_key, error) if self.announce_refused is not None else None
+
     async def dead_letter(
         self, record: Record, *, reason: str, error: str, attempts: int, task_id: str | None,
-        traceparent: str | None = None,
-    ) -> None:
+        traceparent: str | None = None, announce: Announce | None = None,
+    ) -> Placed | None:
         """Always fits: cut to the size limits (see :func:`fit_dead_letter`). Should the broker still
         refuse it, it is sent once more cut to 4 KiB (1 KiB of the value at most) with only the ``dlq.*``
         headers and ``traceparent``; a second refusal raises :class:`RecordRejected`. Raises
-        :class:`ProduceFailed` when the broker cannot be reached."""
+        :class:`ProduceFailed` when the broker cannot be reached.
+
+        Returns where the dead letter was written (partition, offset). With ``announce`` and a
+        ``task_id``, the task's ``failed`` event (``announce`` given the dead letter's topic and
+        place) follows it on the results topic, keyed by the task id."""
         headers = dead_letter_headers(record, reason=reason, error=error, attempts=attempts, task_id=task_id,
                                       traceparent=traceparent)
         try:
-            await self.publisher.send(self.dlq_topic, *self._fitted(record, headers))
+            placed = await self.publisher.send_at(self.dlq_topic, *self._fitted(record, headers))
         except RecordRejected as exc:
             log.warning("dead letter for %s refused (%s): sending it cut to %d bytes",
                         record.coordinates, exc, self._fallback_budget)
-            await self.publisher.send(self.dlq_topic, *self._cut(record, headers))
+            placed = await self.publisher.send_at(self.dlq_topic, *self._cut(record, headers))
+        if announce is not None and task_id is not None:
+            await self.publisher.send(self.results_topic, task_id.encode(), announce(self.dlq_topic, placed),
+                                      result_headers(traceparent, None))
+        return placed
 
     def _fitted(self, record: Record, headers: Headers) -> tuple[bytes | None, bytes | None, Headers]:
         return fit_dead_letter(record.key, record.value, headers, self.dlq_budget)

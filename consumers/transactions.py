@@ -41,8 +41,10 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from consumers.producers import (
     REJECTED_CODES,
+    Announce,
     Headers,
     Outputs,
+    Placed,
     RecordRejected,
     dead_letter_headers,
     record_size,
@@ -71,6 +73,9 @@ class Staged:
     headers: Headers
     fallback: Callable[[str], Staged | None] | None = None
     dropped: bool = False
+    # a record written after this one, in the same transaction, that names where this one was
+    # written (a task's ``failed`` event naming its dead letter); kept when this one falls back
+    then: Callable[[Placed], Staged] | None = None
 
     def fall_back(self, reason: str) -> None:
         """Become this outcome's fallback; with none left, be dropped (logged)."""
@@ -83,6 +88,7 @@ class Staged:
         log.warning("outcome for %s refused by the broker (%s); its fallback is written instead", self.topic, reason)
         self.topic, self.key, self.value = replacement.topic, replacement.key, replacement.value
         self.headers, self.fallback = replacement.headers, replacement.fallback
+        self.then = replacement.then or self.then
 
 
 _staging: ContextVar[list[Staged] | None] = ContextVar("staging", default=None)
@@ -158,7 +164,8 @@ class TransactionalProducer:
         refused: dict[int, str] = {}
         try:
             producer.begin_transaction()
-            self._produce_all(producer, items, refused)
+            placed = self._produce_all(producer, items, refused)
+            self._produce_then(producer, items, placed, refused)
             if offsets:
                 producer.send_offsets_to_transaction(offsets, group_metadata, self._timeout_s)
             self._commit_transaction(producer)
@@ -170,12 +177,16 @@ class TransactionalProducer:
                 items[index].fall_back(reason)
         self.transactions += 1
 
-    def _produce_all(self, producer: Producer, items: list[Staged], refused: dict[int, str]) -> None:
+    def _produce_all(self, producer: Producer, items: list[Staged], refused: dict[int, str]) -> dict[int, Placed]:
+        """Produce every item; where each was written fills in as the broker acknowledges it."""
+        placed: dict[int, Placed] = {}
         for index, item in enumerate(items):
 
-            def delivered(err: KafkaError | None, _msg: Any, index: int = index) -> None:
+            def delivered(err: KafkaError | None, msg: Any, index: int = index) -> None:
                 if err is not None and err.code() in REJECTED_CODES and not err.fatal():
                     refused[index] = err.str()
+                elif err is None:
+                    placed[index] = (int(msg.partition()), int(msg.offset()))
 
             while not item.dropped:
                 try:
@@ -189,6 +200,20 @@ class TransactionalProducer:
                     if err is None or err.code() not in REJECTED_CODES:
                         raise
                     item.fall_back(err.str())  # refused before it left: its fallback goes instead
+        return placed
+
+    def _produce_then(self, producer: Producer, items: list[Staged], placed: dict[int, Placed],
+                      refused: dict[int, str]) -> None:
+        """The records that name where an item was written, once the broker said it (same transaction)."""
+        if not any(item.then is not None and not item.dropped for item in items):
+            return
+        if producer.flush(self._timeout_s) > 0:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "staged outcomes not acknowledged in time"))
+        for index, item in enumerate(items):
+            if item.then is None or item.dropped or index in refused or index not in placed:
+                continue  # a refused item falls back and names itself in the transaction tried again
+            follow = item.then(placed[index])
+            producer.produce(follow.topic, value=follow.value, key=follow.key, headers=follow.headers)
 
     def _commit_transaction(self, producer: Producer) -> None:
         for attempt in range(COMMIT_RETRIES + 1):
@@ -246,21 +271,25 @@ class TransactionalOutputs(Outputs):
             raise RecordRejected(f"result of {size} bytes exceeds the producer's limit")
 
         def instead(why: str) -> Staged | None:
-            return self._dead_letter_item(record, reason="internal", error=f"the broker refused the outcome record: {why}",
-                                          attempts=0, task_id=task_key, traceparent=traceparent)
+            error = f"the broker refused the outcome record: {why}"
+            return self._dead_letter_item(record, reason="internal", error=error, attempts=0, task_id=task_key,
+                                          traceparent=traceparent, announce=self.announcing(record, task_key, error))
 
         stage(Staged(self.results_topic, task_key.encode(), event, result_headers(traceparent, deadline),
                      fallback=instead))
 
     async def dead_letter(
         self, record: Record, *, reason: str, error: str, attempts: int, task_id: str | None,
-        traceparent: str | None = None,
-    ) -> None:
+        traceparent: str | None = None, announce: Announce | None = None,
+    ) -> Placed | None:
+        """Staged; ``announce``'s event follows it on the results topic in the same transaction."""
         stage(self._dead_letter_item(record, reason=reason, error=error, attempts=attempts, task_id=task_id,
-                                     traceparent=traceparent))
+                                     traceparent=traceparent, announce=announce))
+        return None
 
     def _dead_letter_item(
         self, record: Record, *, reason: str, error: str, attempts: int, task_id: str | None, traceparent: str | None,
+        announce: Announce | None = None,
     ) -> Staged:
         headers = dead_letter_headers(record, reason=reason, error=error, attempts=attempts, task_id=task_id,
                                       traceparent=traceparent)
@@ -268,4 +297,10 @@ class TransactionalOutputs(Outputs):
         def cut(_why: str) -> Staged:
             return Staged(self.dlq_topic, *self._cut(record, headers))
 
-        return Staged(self.dlq_topic, *self._fitted(record, headers), fallback=cut)
+        def then(placed: Placed) -> Staged:
+            assert announce is not None and task_id is not None
+            return Staged(self.results_topic, task_id.encode(), announce(self.dlq_topic, placed),
+                          result_headers(traceparent, None))
+
+        return Staged(self.dlq_topic, *self._fitted(record, headers), fallback=cut,
+                      then=then if announce is not None and task_id is not None else None)

@@ -264,14 +264,15 @@ class Ledger:
         self._check_replicated(acked)
 
     async def dead_lettered(self, topic: str, partition: int, offset: int) -> str | None:
-        """The ``dlq.id`` of the dead letter the record at these coordinates was given, once the broker
-        acknowledged it (:meth:`note_dead_letter`), or None."""
+        """The note of the dead letter the record at these coordinates was given, once the broker
+        acknowledged it (:meth:`note_dead_letter`: its ``dlq.id``, then where it was written), or None."""
         raw = await self.redis_call(lambda: self.client.get(self.keys.dead_letter(topic, partition, offset)))
         return _s(raw) if raw is not None else None
 
     async def note_dead_letter(self, topic: str, partition: int, offset: int, dlq_id: str) -> None:
         """Note that the record at these coordinates was dead-lettered (acknowledged by the broker):
-        the record read again (its offset not committed before a crash) sends no second one."""
+        the record read again (its offset not committed before a crash) sends no second one.
+        ``dlq_id``: the letter's ``dlq.id``, then where it was written (for the ``failed`` event)."""
         key = self.keys.dead_letter(topic, partition, offset)
         await self.redis_call(lambda: self.client.set(key, dlq_id, ex=self.ttl_s))
 

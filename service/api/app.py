@@ -4,7 +4,10 @@
 (``GET /tasks/{id}``: model output; ``GET /dlq``: raw task payloads) need
 ``Authorization: Bearer <AGENT_READ_TOKEN or AGENT_ADMIN_TOKEN>``, answer 403 when neither token
 is set, and are open to anyone only with ``AGENT_READS_OPEN=true``. Writes (producing a task,
-replaying dead letters) need ``Bearer <AGENT_ADMIN_TOKEN>`` and answer 403 when it is not set.
+replaying dead letters) need ``Bearer <AGENT_ADMIN_TOKEN>`` and answer 403 when it is not set;
+producing a task (``POST /tasks``) takes ``AGENT_SUBMIT_TOKEN`` too, which opens nothing else.
+``?wait=`` on ``POST /tasks`` and ``GET /tasks/{id}`` answers once the task ended (200) or
+after that many seconds (202); see :mod:`service.api.waiting`.
 A wrong or missing token answers 401 with ``WWW-Authenticate: Bearer``.
 
 ``GET /dlq`` reads the dead-letter topic with a consumer of its own: one peek at a time per
@@ -24,9 +27,10 @@ from typing import Annotated, Literal, cast
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
@@ -35,7 +39,7 @@ from dedup.keys import TASK_KEY_PATTERN
 from dedup.ledger import LedgerUnavailable
 from service.agents.registry import prepare_task
 from service.agents.tasks import TaskEvent, loads
-from service.api import console, console_schedules, peeking
+from service.api import console, console_schedules, peeking, waiting
 from service.api.console_session_pages import router as session_pages_router
 from service.api.effects import router as effects_router
 from service.api.protocol import Served
@@ -49,13 +53,11 @@ from service.api.schemas import (
     ValidationErrorBody,
     error_responses,
 )
-from service.api.security import Admin, Reader, RejectControlCharacters, ServiceDep
+from service.api.security import Admin, Reader, RejectControlCharacters, ServiceDep, Submitter, bearer, may_read
 from service.api.sessions import router as sessions_router
 from service.core.errors import PoisonError
 from service.core.settings import KafkaSettings
 from service.pipeline import dlq
-from service.pipeline.parking import side_effects
-from service.pipeline.tree import task_tree
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +165,35 @@ _TASK_BODY = {
 }
 
 
+WaitQuery = Annotated[float, Query(ge=0, le=waiting.MAX_WAIT_S, description="seconds to wait for the task to end "
+                                    "(succeeded or dead): 200 with its record when it did, 202 when not yet")]
+
+
 @router.post(
-    "/tasks", status_code=202, response_model=TaskAccepted, dependencies=Admin, tags=["tasks"],
-    openapi_extra=_TASK_BODY, responses={**error_responses(401, 403, 413, 503), 422: {"model": ValidationErrorBody}},
+    "/tasks", status_code=202, response_model=TaskAccepted, dependencies=Submitter, tags=["tasks"],
+    openapi_extra=_TASK_BODY,
+    responses={**error_responses(401, 403, 413, 503), 200: {"model": TaskView, "description": "ended (wait)"},
+               422: {"model": ValidationErrorBody}},
 )
-async def produce_task(request: Request, service: ServiceDep) -> TaskAccepted:
+async def produce_task(
+    request: Request, service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], wait: WaitQuery = 0,
+) -> Response | TaskAccepted:
+    """Produce a task (the submit or the admin token). With ``wait``, answer when it ended: that
+    needs a token that may read too (its record is model output)."""
+    if wait and not may_read(service.settings, credentials):
+        raise HTTPException(403, "waiting for a task's outcome reads its record: use the read or admin token")
+    accepted = await _produce(request, service)
+    if not wait:
+        return accepted
+    record = await waiting.wait_ended(service.ledger, accepted.task_id, wait)
+    if record is None or waiting.outcome_of(record.state) is None:
+        return JSONResponse(accepted.model_dump(), 202)
+    return JSONResponse(TaskView.model_validate(await waiting.view_of(service.ledger, accepted.task_id, record))
+                        .model_dump(mode="json"), 200)
+
+
+async def _produce(request: Request, service: Served) -> TaskAccepted:
     settings = service.settings
     body = await _read_body(request, settings.max_task_bytes)
     try:
@@ -188,17 +214,20 @@ async def produce_task(request: Request, service: ServiceDep) -> TaskAccepted:
 
 @router.get(
     "/tasks/{task_id:path}", response_model=TaskView, dependencies=Reader, tags=["tasks"],
-    responses=error_responses(400, 401, 403, 404, 503),
+    responses={**error_responses(400, 401, 403, 404, 503), 202: {"model": TaskView, "description": "not ended (wait)"}},
 )
 async def get_task(
     service: ServiceDep,
     task_id: Annotated[str, Path(pattern=TASK_KEY_PATTERN, max_length=200)],
-) -> TaskView:
-    record = await service.ledger.get(task_id)
+    wait: WaitQuery = 0,
+) -> Response | TaskView:
+    record = await (waiting.wait_ended(service.ledger, task_id, wait) if wait else service.ledger.get(task_id))
     if record is None:
         raise HTTPException(404, "unknown task")
-    return TaskView.model_validate({**record.to_json(), **await side_effects(service.ledger, task_id),
-                                    **await task_tree(service.ledger, task_id, record.fields)})
+    view = TaskView.model_validate(await waiting.view_of(service.ledger, task_id, record))
+    if wait and waiting.outcome_of(record.state) is None:
+        return JSONResponse(view.model_dump(mode="json"), 202)
+    return view
 
 
 class WaitingRecord(BaseModel):

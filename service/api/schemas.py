@@ -63,6 +63,8 @@ class TaskView(BaseModel):
     task_id: str
     state: str = Field(description="running, succeeded, failed, dead, waiting_approval, waiting_children or "
                        "resuming")
+    outcome: Literal["succeeded", "failed"] | None = Field(None, description="how the task ended: succeeded, "
+                                                           "or failed (dead); null while it may still run")
     kind: str | None = None
     fence: int
     attempts: int

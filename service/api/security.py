@@ -1,4 +1,5 @@
-"""Who may call what: the admin token for writes, the read token (or the admin one) for reads.
+"""Who may call what: the admin token for writes, the read token (or the admin one) for reads,
+the submit token (or the admin one) for producing tasks (``POST /tasks``) and nothing else.
 
 Tokens are compared in constant time, every accepted one each time, so the timing says nothing
 about which matched; a request path with a control character is refused before any route.
@@ -13,10 +14,12 @@ from typing import Annotated, Any, cast
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from service.api.protocol import Served
 
 ADMIN_DISABLED = "admin writes are disabled: set AGENT_ADMIN_TOKEN"
+SUBMIT_DISABLED = "producing tasks is disabled: set AGENT_SUBMIT_TOKEN or AGENT_ADMIN_TOKEN"
 READS_DISABLED = (
     "reads of results and payloads are disabled: set AGENT_READ_TOKEN, or AGENT_READS_OPEN=true to open them"
 )
@@ -29,7 +32,8 @@ def get_service(request: Request) -> Served:
 ServiceDep = Annotated[Served, Depends(get_service)]
 bearer = HTTPBearer(
     auto_error=False,
-    description="Writes: AGENT_ADMIN_TOKEN. Reads of tasks and dead letters: AGENT_READ_TOKEN or AGENT_ADMIN_TOKEN.",
+    description="Writes: AGENT_ADMIN_TOKEN. Reads of tasks and dead letters: AGENT_READ_TOKEN or AGENT_ADMIN_TOKEN. "
+                "Producing tasks (POST /tasks): AGENT_SUBMIT_TOKEN or AGENT_ADMIN_TOKEN.",
 )
 
 
@@ -46,6 +50,23 @@ async def require_admin(
         raise HTTPException(401, "missing or invalid admin token", headers={"WWW-Authenticate": "Bearer"})
 
 
+def _secrets(*tokens: SecretStr | None) -> list[str]:
+    return [secret for token in tokens if token is not None and (secret := token.get_secret_value())]
+
+
+def _matches(credentials: HTTPAuthorizationCredentials | None, accepted: list[str]) -> bool:
+    given = (credentials.credentials if credentials is not None else "").encode()
+    matched = False
+    for expected in accepted:  # compare with every token, so the timing says nothing about which
+        matched |= hmac.compare_digest(given, expected.encode())
+    return bool(given) and matched
+
+
+def may_read(settings: Any, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """Whether these credentials may read task records (reads open, the read or the admin token)."""
+    return bool(settings.reads_open) or _matches(credentials, _secrets(settings.read_token, settings.admin_token))
+
+
 async def require_read(
     service: ServiceDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -54,22 +75,28 @@ async def require_read(
     settings = service.settings
     if settings.reads_open:
         return
-    accepted = [
-        secret for token in (settings.read_token, settings.admin_token)
-        if token is not None and (secret := token.get_secret_value())
-    ]
+    accepted = _secrets(settings.read_token, settings.admin_token)
     if not accepted:
         raise HTTPException(403, READS_DISABLED)
-    given = (credentials.credentials if credentials is not None else "").encode()
-    matched = False
-    for expected in accepted:  # compare with every token, so the timing says nothing about which
-        matched |= hmac.compare_digest(given, expected.encode())
-    if not given or not matched:
+    if not _matches(credentials, accepted):
         raise HTTPException(401, "missing or invalid read token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_submit(
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """Producing a task: the submit token or the admin token."""
+    accepted = _secrets(service.settings.submit_token, service.settings.admin_token)
+    if not accepted:
+        raise HTTPException(403, SUBMIT_DISABLED)
+    if not _matches(credentials, accepted):
+        raise HTTPException(401, "missing or invalid submit token", headers={"WWW-Authenticate": "Bearer"})
 
 
 Admin = [Depends(require_admin)]
 Reader = [Depends(require_read)]
+Submitter = [Depends(require_submit)]
 
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")

@@ -407,10 +407,10 @@ class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; u
     # a failure of the service's own code on one record: retried this many times, then `internal`
     internal_retries: int = Field(3, ge=0)
     admin_token: SecretStr | None = None
-    # reads of task records and dead letters (model output, raw payloads): this token or the admin
-    # token; refused when neither is set, unless reads_open
+    # reads of task records and dead letters (model output, raw payloads): this or the admin token, unless reads_open
     read_token: SecretStr | None = None
     reads_open: bool = False
+    submit_token: SecretStr | None = None  # POST /tasks only: producers need no admin rights nor reads
     worker_id: str | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"

@@ -226,7 +226,8 @@ def _report(svc: Any, tasks: int, expected: int, parked: int, elapsed: float,
     print(f"{'distinct tasks':<28}{tasks + 1}  (+1 poison)")
     print(f"{'LLM calls':<28}{_sum(svc, 'agent_llm_requests_total', 'outcome', LLM_OUTCOMES)}"
           f"  (retries {val('agent_retries_total')})")
-    print(f"{'results published':<28}{len(results)}")
+    print(f"{'results published':<28}{len(results)}  "
+          f"(failed {sum(json.loads(m.value()).get('outcome') == 'failed' for m in results)})")
     print(f"{'duplicates skipped':<28}{val('agent_tasks_total', outcome='duplicate')}")
     print(f"{'dead letters':<28}{len(dead)}  " + ", ".join(
         f"{r}={val('agent_dead_letters_total', reason=r)}" for r in DLQ_REASONS
@@ -241,6 +242,12 @@ def _report(svc: Any, tasks: int, expected: int, parked: int, elapsed: float,
     print("\nresults:")
     for m in results:
         body = json.loads(m.value())
+        if body.get("outcome", "succeeded") == "failed":  # its dead letter is listed below
+            letter = body.get("dead_letter") or {}
+            print(f"  {body['task_id']:<18} {body.get('kind') or '-':<15} failed ({body['reason']}) "
+                  f"attempts={body['attempts']} dead letter {letter.get('topic')}[{letter.get('partition')}]"
+                  f"@{letter.get('offset')}")
+            continue
         print(f"  {body['task_id']:<18} {body['kind']:<15} fence={body['fence']} attempts={body['attempts']} "
               f"{json.dumps(body['result'])[:90]}")
     print("\ndead letters:")

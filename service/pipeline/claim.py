@@ -92,7 +92,7 @@ class Claims:
                 await self.outcomes.dead_letter(
                     record, task.key, "conflict",
                     f"task {task.key} exists with another input (fingerprint {task.fingerprint} differs)",
-                    claim.attempts, count_outcome=False,
+                    claim.attempts, count_outcome=False, announced=False,
                 )
                 return None
             if decision == "parked":  # waits for a person: the ledger holds it, this record is done
@@ -129,7 +129,7 @@ class Claims:
         if self.sessions is not None:  # a dead end: out of its session's queue, before publishing
             await self.sessions.leave(task)
         async with self.outcomes.publishing(record, task.key, "dead"):
-            await self.outcomes.dead_letter(record, task.key, reason, error, attempts)
+            await self.outcomes.dead_letter(record, task.key, reason, error, attempts, kind=task.kind)
             await self.outcomes.reply(record, task.key, task.kind, "dead", reason=reason, error=error)
 
     async def _duplicate(self, record: Record, task: Task, state: str, claim: Claim, ctx: str) -> None:
@@ -156,7 +156,7 @@ class Claims:
             elif state == "dead":
                 reason = stored.fields.get("dead_reason", "permanent")
                 if await self.outcomes.send_dead_letter(record, task.key, reason, stored.fields.get("error", ""),
-                                                        stored.attempts, traceparent=None):
+                                                        stored.attempts, traceparent=None, kind=task.kind):
                     self.metrics.dead_letters.labels(reason=reason).inc()
                 await self.outcomes.reply(record, task.key, task.kind, "dead", reason=reason,
                                           error=stored.fields.get("error", ""))

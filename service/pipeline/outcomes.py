@@ -18,9 +18,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from consumers.producers import MISSING_TOPIC_CODES, Headers, Outputs, ProduceFailed, dead_letter_id
+from consumers.producers import (
+    MISSING_TOPIC_CODES,
+    Announce,
+    Headers,
+    Outputs,
+    Placed,
+    ProduceFailed,
+    dead_letter_id,
+)
 from consumers.records import Record
 from consumers.transactions import Staged, stage
+from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger, LedgerUnavailable
 from service.agents.base import Agent
 from service.agents.tasks import Task, canonical_json, digest
@@ -32,6 +41,20 @@ from service.pipeline.delegation import reply_of
 from service.pipeline.parking import export_audit
 
 log = logging.getLogger(__name__)
+
+
+def noted(letter_id: str, placed: Placed | None) -> str:
+    """The ledger's note of a dead letter: its ``dlq.id`` and where it was written."""
+    return f"{letter_id} {placed[0]} {placed[1]}" if placed is not None else letter_id
+
+
+def placed_of(note: str) -> Placed:
+    """Where a noted dead letter was written ((-1, -1): a note from before it was kept)."""
+    parts = note.split()
+    try:
+        return (int(parts[1]), int(parts[2]))
+    except (IndexError, ValueError):
+        return (-1, -1)
 
 
 class Outcomes:
@@ -51,6 +74,9 @@ class Outcomes:
         self.model_name = model_name
         self.fallbacks = fallbacks  # a degraded result names its fallback's URL
         self.config = config
+        if outputs is not None:  # absent in pipelines built without outputs (a test's)
+            outputs.announce_refused = lambda record, task_key, error: self.announce(
+                record, task_key, None, "internal", error, 0)
 
     @contextlib.asynccontextmanager
     async def publishing(self, record: Record, task_key: str, state: str) -> AsyncIterator[None]:
@@ -126,6 +152,7 @@ class Outcomes:
         fields: dict[str, Any] = {
             "task_id": task.key,
             "kind": task.kind,
+            "outcome": "succeeded",
             "status": "succeeded",
             "result": result,
             "result_digest": result_digest,
@@ -184,7 +211,7 @@ class Outcomes:
         if ending is not None:
             await ending()
         async with self.publishing(record, task.key, "dead"):
-            await self.dead_letter(record, task.key, reason, error, attempts)
+            await self.dead_letter(record, task.key, reason, error, attempts, kind=task.kind)
             await self.reply(record, task.key, task.kind, "dead", reason=reason, error=error)
 
     async def reply(self, record: Record, task_key: str | None, kind: str, state: str, *, result: Any = None,
@@ -233,9 +260,14 @@ class Outcomes:
         attempts: int,
         *,
         count_outcome: bool = True,
+        kind: str | None = None,
+        announced: bool = True,
     ) -> None:
+        """Dead-letter the record; its task's ``failed`` event follows on the results topic unless
+        not ``announced`` (a ``conflict``: the task id belongs to another task, whose outcome stands)."""
         sent = await self.send_dead_letter(record, task_key, reason, error, attempts,
-                                            traceparent=self.tracing.current_traceparent())
+                                            traceparent=self.tracing.current_traceparent(), kind=kind,
+                                            announced=announced)
         if not sent:
             current_span().set_outcome(f"dead_lettered:{reason}")
             return
@@ -247,11 +279,14 @@ class Outcomes:
 
     async def send_dead_letter(
         self, record: Record, task_key: str | None, reason: str, error: str, attempts: int, *,
-        traceparent: str | None,
+        traceparent: str | None, kind: str | None = None, announced: bool = True,
     ) -> bool:
         """Send the record's dead letter unless the ledger notes it was sent and acknowledged before
         (False then); note it once acknowledged. The ledger unreachable, it is sent anyway: a copy
-        carries the same ``dlq.id``."""
+        carries the same ``dlq.id``. A record with a task id is followed by the task's ``failed``
+        event on the results topic (:meth:`announce`), sent again when the dead letter was noted
+        before: a crash may have come between the two."""
+        announce = self.announce(record, task_key, kind, reason, error, attempts) if announced else None
         noting = not self.outputs.transactional
         if noting:
             try:
@@ -261,18 +296,40 @@ class Outcomes:
                 before = None
             if before is not None:
                 log.info("task_id=%s %s: dead-lettered before (dlq.id %s); not sent again",
-                         task_key or "-", record.coordinates, before)
+                         task_key or "-", record.coordinates, before.split(" ")[0])
+                if announce is not None and task_key is not None:
+                    await self.outputs.result(record, task_key, announce(self.outputs.dlq_topic, placed_of(before)),
+                                              traceparent)
                 return False
-        await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts, task_id=task_key,
-                                       traceparent=traceparent)
+        placed = await self.outputs.dead_letter(record, reason=reason, error=error, attempts=attempts,
+                                                task_id=task_key, traceparent=traceparent, announce=announce)
         if noting:
             try:
                 await self.ledger.note_dead_letter(record.topic, record.partition, record.offset,
-                                                   dead_letter_id(record, reason))
+                                                   noted(dead_letter_id(record, reason), placed))
             except LedgerUnavailable as exc:
                 log.warning("%s: dead letter sent but not noted (%s): a redelivery may send a copy (same dlq.id)",
                             record.coordinates, exc)
         return True
+
+    def announce(self, record: Record, task_key: str | None, kind: str | None, reason: str, error: str,
+                 attempts: int) -> Announce | None:
+        """The task's ``failed`` event, given where its dead letter was written; None for a record
+        without a (valid) task id: it has no results event, its dead letter is its only outcome."""
+        if task_key is None or not is_valid_task_key(task_key):
+            return None
+        letter_id = dead_letter_id(record, reason)
+        failed_at = iso(self.clock())
+
+        def event(topic: str, placed: Placed) -> bytes:
+            partition, offset = placed
+            return canonical_json({
+                "task_id": task_key, "kind": kind, "outcome": "failed", "status": "failed",
+                "reason": reason, "error": error, "attempts": attempts, "failed_at": failed_at,
+                "dead_letter": {"topic": topic, "partition": partition if partition >= 0 else None,
+                                "offset": offset if offset >= 0 else None, "id": letter_id},
+            }).encode()
+        return event
 
     async def park(self, task: Task, fence: int, waiting: dict[str, Any], ctx: str) -> None:
         """Park the task in the ledger until a person decides; its offset may then be committed.

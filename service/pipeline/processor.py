@@ -336,7 +336,7 @@ class TaskProcessor:
             if await self.ledger.fail(task.key, claim.fence, error):
                 await self.outcomes.cancel_children(task.key)
                 await self.sessions.leave(task, claim.fence)  # an earlier run may have taken its ticket
-                await self.outcomes.dead_letter(record, task.key, "expired", error, claim.attempts)
+                await self.outcomes.dead_letter(record, task.key, "expired", error, claim.attempts, kind=task.kind)
                 await self.outcomes.reply(record, task.key, task.kind, "dead", reason="expired", error=error)
             return
         entry: SessionView | Replay | None = None

@@ -12,7 +12,7 @@ import pytest
 from service.core.settings import Settings
 from service.devtools import kraft
 from service.devtools.fakellm import FakeLLM
-from tests.support import classify, committed, produce, read_topic, running, wait_for
+from tests.support import classify, committed, produce, read_topic, running, succeeded, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -45,7 +45,7 @@ def test_broker_restart_loses_nothing(make_settings: Any, fake_llm: FakeLLM, tmp
 
         asyncio.run(scenario())
         values: dict[bytes | None, set[bytes | None]] = defaultdict(set)
-        for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n):
+        for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n)):
             values[m.key].add(m.value)
         assert len(values) == n and all(len(v) == 1 for v in values.values())
         calls = fake_llm.stats()["by_step"]

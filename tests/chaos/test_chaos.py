@@ -25,7 +25,17 @@ from dedup.ledger import Ledger
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import ensure_topics
-from tests.support import Broker, classify, kill_worker, produce, read_topic, spawn_worker, stop_workers, task_value
+from tests.support import (
+    Broker,
+    classify,
+    kill_worker,
+    produce,
+    read_topic,
+    spawn_worker,
+    stop_workers,
+    succeeded,
+    task_value,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -110,7 +120,7 @@ def _check(s: Settings, tasks: dict[str, bytes], poison: dict[bytes, bytes], sta
            fake: FakeLLM) -> dict[str, Any]:
     unfinished = {k: v for k, v in states.items() if k.startswith("c-") and v not in ("succeeded", "dead")}
     assert not unfinished, f"tasks never finished: {list(unfinished.items())[:10]}"
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(tasks), idle_s=3)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(tasks), idle_s=3))
     dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=3, idle_s=3)
     values: dict[str, set[bytes | None]] = defaultdict(set)
     for m in results:

@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from service.devtools.kraft import KafkaCluster, KafkaNode
-from tests.support import assert_one_result_each, classify, committed, metric, produce, running, wait_for
+from tests.support import assert_one_result_each, classify, committed, metric, produce, running, succeeded, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -197,9 +197,9 @@ def test_workers_sigkilled_on_the_cluster_and_the_results_read_committed(
               240, "committed offsets at the end of every partition")
     finally:
         stop_workers(workers, grace_s=30)  # SIGTERM, SIGKILL after 30 s, and every one reaped
-    read = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=TASKS, timeout_s=120, idle_s=3)
-    everything = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=TASKS, timeout_s=120, idle_s=3,
-                            isolation="read_uncommitted")
+    read = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=TASKS, timeout_s=120, idle_s=3))
+    everything = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=TASKS, timeout_s=120, idle_s=3,
+                            isolation="read_uncommitted"))
     copies: dict[str, int] = {}
     values: dict[str, set[bytes | None]] = {}
     for m in read:

@@ -29,7 +29,7 @@ from service.devtools import local
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.limits import record_bound
 from service.runtime.wiring import ensure_topics
-from tests.support import classify, committed, kill_worker, produce, read_topic, spawn_worker, stop_workers
+from tests.support import classify, committed, kill_worker, produce, read_topic, spawn_worker, stop_workers, succeeded
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -187,7 +187,7 @@ def test_every_record_ends_within_its_bound_whatever_fails_at_once(
         stop_workers(workers, grace_s=30)
         redis.stop()
 
-    results = read_topic(base.kafka.bootstrap_servers, base.kafka.results_topic, expect=len(healthy), idle_s=3)
+    results = succeeded(read_topic(base.kafka.bootstrap_servers, base.kafka.results_topic, expect=len(healthy), idle_s=3))
     letters = read_topic(base.kafka.bootstrap_servers, base.kafka.dlq_topic, expect=len(poison), idle_s=3)
     result_keys = {(m.key or b"").decode() for m in results}
     letter_reasons = {(m.key or b"").decode(): m.headers["dlq.reason"].decode() for m in letters}

@@ -26,7 +26,7 @@ from dedup.records import TaskRecord
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import ensure_topics
-from tests.support import kill_worker, produce, read_topic, spawn_worker, stop_workers, task_value
+from tests.support import kill_worker, produce, read_topic, spawn_worker, stop_workers, succeeded, task_value
 from tests.support.delegation_kinds import children_lines
 from tests.support.fleet import deployment, ledger_of, records, wait_ended
 
@@ -126,7 +126,7 @@ def test_three_levels_under_sigkills_one_result_per_task_children_once_in_declar
 
     # exactly one result per task (a re-emission of the same bytes after a crash is the same result)
     values: dict[str, set[bytes | None]] = {}
-    for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids), timeout_s=90, idle_s=3):
+    for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids), timeout_s=90, idle_s=3)):
         values.setdefault((m.key or b"").decode(), set()).add(m.value)
     assert set(values) == set(ids), "a task has no result, or a result under an id nobody planned"
     assert {t: len(v) for t, v in values.items() if len(v) > 1} == {}, "a task has two different results"

@@ -25,7 +25,7 @@ import redis
 from service.core.settings import Settings
 from service.devtools import local
 from service.devtools.fakellm import FakeLLM
-from tests.support import classify, committed, metric, produce, read_topic, running, wait_for
+from tests.support import classify, committed, metric, produce, read_topic, running, succeeded, wait_for
 
 # see _collect_dropped_sockets: a socket redis-py dropped may still be collected in a later test here
 pytestmark = [pytest.mark.integration, pytest.mark.chaos,
@@ -136,7 +136,7 @@ def _run(settings: Settings, fake_llm: FakeLLM, cluster: local.RedisCluster, fau
     asyncio.run(scenario())
     figures["calls"] = fake_llm.stats()["requests"]
     values: dict[bytes | None, set[bytes | None]] = defaultdict(set)
-    for m in read_topic(settings.kafka.bootstrap_servers, settings.kafka.results_topic, expect=TASKS, timeout_s=90):
+    for m in succeeded(read_topic(settings.kafka.bootstrap_servers, settings.kafka.results_topic, expect=TASKS, timeout_s=90)):
         values[m.key].add(m.value)
     figures["tasks_with_results"] = len(values)
     figures["tasks_with_two_results"] = sum(1 for v in values.values() if len(v) > 1)

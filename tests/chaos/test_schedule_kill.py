@@ -30,7 +30,7 @@ from service.core.schedule_spec import ScheduleSpec, from_ms, parse_slot, to_ms
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from service.runtime.wiring import ensure_topics
-from tests.support import Msg, kill_worker, read_topic, spawn_worker, stop_workers, wait_for
+from tests.support import Msg, kill_worker, read_topic, spawn_worker, stop_workers, succeeded, wait_for
 from tests.support.fleet import deployment, ledger_of, records, wait_ended
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -232,8 +232,8 @@ def first_stamps(tasks: list[Msg]) -> dict[str, int]:
 def one_result_each(s: Settings, window: list[str]) -> dict[str, set[bytes | None]]:
     by_id: dict[str, set[bytes | None]] = {}
     wanted = set(window)
-    for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(window), timeout_s=90,
-                        idle_s=3):
+    for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(window), timeout_s=90,
+                        idle_s=3)):
         key = (m.key or b"").decode()
         if key in wanted:
             by_id.setdefault(key, set()).add(m.value)

@@ -39,7 +39,17 @@ from dedup.records import TaskRecord
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from service.runtime.wiring import ensure_topics
-from tests.support import committed, kill_worker, produce, read_topic, spawn_worker, stop_workers, task_value, wait_for
+from tests.support import (
+    committed,
+    kill_worker,
+    produce,
+    read_topic,
+    spawn_worker,
+    stop_workers,
+    succeeded,
+    task_value,
+    wait_for,
+)
 from tests.support.fleet import deployment, ledger_of, records
 from tests.support.session_kinds import SLOW_PREFIX
 
@@ -216,7 +226,7 @@ async def published(ledger: Ledger, task_id: str) -> bool:
 def one_result_each(s: Settings, ids: list[str]) -> dict[str, Any]:
     """Every task has one distinct result event on the results topic: the events, by task."""
     values: dict[str, set[bytes | None]] = {}
-    for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids), timeout_s=120, idle_s=3):
+    for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids), timeout_s=120, idle_s=3)):
         values.setdefault((m.key or b"").decode(), set()).add(m.value)
     assert set(values) == set(ids), "a task has no result, or a result under an id nobody sent"
     assert {t: len(v) for t, v in values.items() if len(v) > 1} == {}, "a task has two different results"

@@ -33,7 +33,7 @@ from service.devtools.fakellm import FakeLLM, FaultRule, ToolArguments
 from service.pipeline.base import utcnow
 from service.pipeline.parking import compensate, side_effects
 from service.runtime.wiring import ensure_topics
-from tests.support import kill_worker, produce, read_topic, running, spawn_worker, task_value, wait_for
+from tests.support import kill_worker, produce, read_topic, running, spawn_worker, succeeded, task_value, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -135,7 +135,7 @@ def test_a_kill_at_each_point_of_a_tool_call_leaves_one_effect(
                        "pt-result": "executed"}
     assert fences == {"pt-pre": 2, "pt-intent": 2, "pt-call": 2, "pt-result": 1}
     # pt-result's result was journaled by the dead worker (fence 1) and replayed, not called again
-    got = {m.key for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids))}
+    got = {m.key for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids)))}
     assert got == {t.encode() for t in ids}
 
 
@@ -178,7 +178,7 @@ def test_tool_calls_under_repeated_sigkills_have_one_effect_each_and_compensate_
     assert duplicates == {}
     assert set(stats["effects_by_key"]) == {key_of(t) for t in ids}
     values: dict[bytes | None, set[bytes | None]] = {}
-    for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids)):
+    for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids))):
         values.setdefault(m.key, set()).add(m.value)
     assert set(values) == {t.encode() for t in ids}
     assert all(len(v) == 1 for v in values.values()), "a task has two different results"

@@ -12,7 +12,7 @@ import pytest
 
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import Broker, classify, kill_worker, produce, read_topic, running, spawn_worker, wait_for
+from tests.support import Broker, classify, kill_worker, produce, read_topic, running, spawn_worker, succeeded, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -57,7 +57,7 @@ def test_killed_worker_leaves_its_task_to_be_finished_once_by_another(
     crash = asyncio.run(take_over())
     assert crash["fence"] == 2 and crash["state"] == "succeeded"
     assert fake_llm.calls_for("crash-1") == 2  # the dead worker's call, and the one that landed
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + 1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + 1))
     values: dict[bytes | None, set[bytes | None]] = {}
     for m in results:
         values.setdefault(m.key, set()).add(m.value)
@@ -91,6 +91,6 @@ def test_sigterm_drains_in_flight_work_and_commits(make_settings: Any, fake_llm:
         assert worker.wait(30) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     finally:
         kill_worker(worker)
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(records))
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(records)))
     assert sorted(m.key for m in results) == sorted(k for k, _ in records)
     assert committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, 1)[0] == len(records)

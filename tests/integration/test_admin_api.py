@@ -13,11 +13,11 @@ import pytest
 from confluent_kafka import Producer
 
 from service.api.app import create_app
-from service.api.security import READS_DISABLED
+from service.api.security import READS_DISABLED, SUBMIT_DISABLED
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import Service, build, ensure_topics
-from tests.support import classify, metric, read_topic, running, wait_for
+from tests.support import classify, metric, read_topic, running, succeeded, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ def test_admin_token_guards_writes_and_tasks_read_back(make_settings: Any, fake_
     assert record["result"]["label"] in LABELS
     assert record["result_digest"].startswith("sha256:")
     assert fake_llm.calls_for("api-1") == 1
-    results = [m for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2) if m.key == b"api-1"]
+    results = [m for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2)) if m.key == b"api-1"]
     assert len(results) == 1 and results[0].headers["traceparent"] == TRACEPARENT.encode()
 
 
@@ -175,7 +175,7 @@ def test_writes_and_reads_are_refused_when_no_token_is_configured(make_settings:
                 for headers in ({}, AUTH, {"Authorization": "Bearer "}):
                     r = await client.post("/tasks", json=task, headers=headers)
                     assert r.status_code == 403
-                    assert r.json() == {"detail": "admin writes are disabled: set AGENT_ADMIN_TOKEN"}
+                    assert r.json() == {"detail": SUBMIT_DISABLED}  # producing takes the submit token too
                 r = await client.post("/dlq/replay", json={"reason": "exhausted"}, headers=AUTH)
                 assert r.status_code == 403
                 for path in ("/dlq", "/tasks/some-task"):  # reads are refused too

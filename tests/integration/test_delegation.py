@@ -27,7 +27,7 @@ from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.runtime.wiring import Service, ensure_topics
-from tests.support import Msg, produce, read_topic, task_value, wait_for
+from tests.support import Msg, produce, read_topic, succeeded, task_value, wait_for
 from tests.support.delegation_kinds import fleet
 from tests.support.fleet import deployment, ending, ledger_of, records, replying_to, serving, states, wait_ended
 
@@ -61,8 +61,10 @@ def by_key(messages: list[Msg]) -> dict[str, list[Msg]]:
 
 
 def one_each(s: Settings, topic: str, expect: int) -> dict[str, dict[str, Any]]:
-    """The records of ``topic`` by key; a key with two different values fails."""
-    found = by_key(read_topic(s.kafka.bootstrap_servers, topic, expect=expect))
+    """The records of ``topic`` by key (of the results topic: the ``succeeded`` events); a key with
+    two different values fails."""
+    messages = read_topic(s.kafka.bootstrap_servers, topic, expect=expect)
+    found = by_key(succeeded(messages) if topic == s.kafka.results_topic else messages)
     assert all(len({m.value for m in ms}) == 1 for ms in found.values()), "a task has two different outcomes"
     return {k: ms[0].json() for k, ms in found.items()}
 

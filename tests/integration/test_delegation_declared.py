@@ -29,7 +29,7 @@ from service.devtools import local
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.pipeline.parking import NotDecidable, decide
 from service.runtime.wiring import Service, ensure_topics
-from tests.support import Msg, produce, read_topic, spawn_worker, stop_workers, task_value, wait_for
+from tests.support import Msg, produce, read_topic, spawn_worker, stop_workers, succeeded, task_value, wait_for
 from tests.support.delegation_kinds import fleet
 from tests.support.fleet import deployment, ending, ledger_of, records, replying_to, serving, wait_ended
 
@@ -170,7 +170,7 @@ def test_a_declared_kind_delegates_to_declared_kinds_in_a_worker_process(
         tree, child = show(port, brief), show(port, critique)
     finally:
         stop_workers([worker])
-    results = by_key(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=4))
+    results = by_key(succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=4)))
     assert set(results) == {brief, research, critique, f"{unknown}/gather/0"}
     first, second = results[research].json(), results[critique].json()
     assert second["completed_at"] < first["completed_at"], "the children did not finish reversed"

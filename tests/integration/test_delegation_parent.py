@@ -20,7 +20,7 @@ from service.devtools.fakellm import FakeLLM
 from service.devtools.fakellm.faults import FaultRule
 from service.runtime.replies import start_replies
 from service.sdk import Agent, Delegate, DelegateStep, Messages, Step, StrictInput, system_message, user_message
-from tests.support import metric, produce, read_topic, running, task_value, wait_for
+from tests.support import metric, produce, read_topic, running, succeeded, task_value, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -113,7 +113,7 @@ def test_a_parent_gets_both_children_in_declared_order_each_child_run_once(
 
     asyncio.run(scenario())
 
-    results = read_topic(kafka_bootstrap, s.kafka.results_topic, expect=3, timeout_s=60)
+    results = succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=3, timeout_s=60))
     by_task: dict[str, set[bytes | None]] = {}
     for m in results:
         by_task.setdefault((m.key or b"").decode(), set()).add(m.value)

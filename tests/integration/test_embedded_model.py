@@ -11,7 +11,7 @@ import pytest
 
 from service.core.settings import Settings
 from service.devtools import local
-from tests.support import classify, metric, produce, read_topic, running, task_value, wait_for
+from tests.support import classify, metric, produce, read_topic, running, succeeded, task_value, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.embedded_llm]
 
@@ -43,7 +43,7 @@ def test_a_task_runs_through_the_embedded_model(make_settings: Any, local_model:
 
     tokens = asyncio.run(scenario())
     assert tokens > 0
-    results = {m.key: m.json() for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)}
+    results = {m.key: m.json() for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))}
     dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=0, idle_s=0.5, timeout_s=3)
     assert len(results) + len(dead) == 2
     for m in dead:  # a wrong answer from a small model is refused, never written

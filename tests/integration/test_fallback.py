@@ -19,7 +19,7 @@ from service.agents.registry import AgentRegistry, default_agents
 from service.api.app import create_app
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import metric, produce, read_topic, running, task_value, wait_for
+from tests.support import metric, produce, read_topic, running, succeeded, task_value, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -91,8 +91,8 @@ def test_primary_down_fallback_kinds_answer_degraded_and_wait_kinds_wait(
     assert (seen["degraded_classify"], seen["degraded_review"], seen["degraded_wait"]) == (len(fb_ids), 1, 0)
     # a call per classify task, and one per review step, each sent to the fallback
     assert seen["fallbacks"] >= len(fb_ids) + len(agents.get("review_fb").steps)
-    results = {m.json()["task_id"]: m.json() for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic,
-                                                                 expect=len(fb_ids) + len(wait_ids) + 1)}
+    results = {m.json()["task_id"]: m.json() for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic,
+                                                                 expect=len(fb_ids) + len(wait_ids) + 1))}
     assert set(results) == set(fb_ids + wait_ids + review_ids)
     for t in fb_ids + review_ids:
         event = results[t]

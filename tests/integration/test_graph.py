@@ -15,7 +15,17 @@ from dedup.ledger import Ledger
 from service.agents.review import ReviewInput, SynthesisStep
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import kill_worker, metric, produce, read_topic, running, spawn_worker, task_value, wait_for
+from tests.support import (
+    kill_worker,
+    metric,
+    produce,
+    read_topic,
+    running,
+    spawn_worker,
+    succeeded,
+    task_value,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -45,8 +55,8 @@ def test_branches_finish_in_any_order_and_the_join_reads_them_in_its_own(make_se
                 journals[t] = await svc.ledger.steps(t)
 
     asyncio.run(scenario())
-    results = {m.key.decode(): m.json() for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic,
-                                                            expect=len(ids)) if m.key is not None}
+    results = {m.key.decode(): m.json() for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic,
+                                                            expect=len(ids))) if m.key is not None}
     for t in ids:
         journal = journals[t]
         assert set(journal) == {*BRANCHES, "synthesis"}
@@ -109,7 +119,7 @@ def test_a_crash_after_two_of_three_branches_resumes_with_the_third(make_setting
     after = {step: fake_llm.calls_for(f"crash-rev:{step}") for step in (*BRANCHES, "synthesis")}
     assert after == {"research": 1, "summarise": 1, "critique": 2, "synthesis": 1}
     assert record["state"] == "succeeded" and record["fence"] == 2
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert len(results) == 1 and results[0].json()["result"] == record["result"]
 
 
@@ -160,5 +170,5 @@ def test_a_document_too_long_for_the_window_is_summarised_in_journaled_pieces_ac
                                                    [journal[p]["output"] for p in parts])
     sent = fake_llm.last_request("md-1:summarize")
     assert sent is not None and sent["messages"] == expected  # the pieces combined in document order
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert len(results) == 1 and results[0].json()["result"] == journal["summarize"]["output"]

@@ -19,7 +19,7 @@ import pytest
 from service.api.app import create_app
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import classify, committed, metric, produce, read_topic, running, wait_for
+from tests.support import classify, committed, metric, produce, read_topic, running, succeeded, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.standins]  # the embedded mode runs on the stand-ins
 
@@ -128,7 +128,7 @@ def test_hostile_corpus_never_blocks_a_partition(make_settings: Any, fake_llm: F
     for m in dead:  # the original coordinates travel with every dead letter
         assert m.headers["dlq.original.topic"] == s.kafka.input_topic.encode()
         assert int(m.headers["dlq.original.offset"]) >= 0
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=expected_ok)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=expected_ok))
     assert len({m.json()["task_id"] for m in results}) == expected_ok
 
 
@@ -203,6 +203,6 @@ def test_revoked_api_key_dead_letters_nothing_and_every_task_succeeds_after(
     assert seen["dead_during"] == 0 and seen["dead_after"] == 0
     assert seen["paused"] >= 1, "consumption was not paused while the endpoint was unusable"
     assert seen["readyz_after"][1]["status"] == "ok"
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n))
     assert len({m.json()["task_id"] for m in results}) == n
     assert all(m.json()["attempts"] == 1 for m in results), "a revoked key cost a task an attempt"

@@ -15,7 +15,7 @@ import pytest
 from service.core.settings import Settings
 from service.devtools import kafka_jars
 from service.devtools.fakellm import FakeLLM
-from tests.support import classify, metric, produce, read_topic, running, wait_for
+from tests.support import classify, metric, produce, read_topic, running, succeeded, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka_only]
 
@@ -85,7 +85,7 @@ def test_kcat_produces_tasks_and_kafkas_console_consumer_reads_the_dead_letters(
                            what="two results and two dead letters")
 
     asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2))
     assert sorted(m.json()["task_id"] for m in results) == ["kc-1", "kc-2"]
 
     out = kafka_jars.kafka_tool(

@@ -21,7 +21,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from service.core.settings import Settings
-from tests.support import classify, produce, read_topic, settings_env, spawn_worker, stop_workers
+from tests.support import classify, produce, read_topic, settings_env, spawn_worker, stop_workers, succeeded
 from tests.support.secured_kafka import MECHANISM, PASSWORD, USERNAME, SecuredKafka
 
 pytestmark = pytest.mark.integration
@@ -93,7 +93,7 @@ def test_the_service_runs_over_sasl_ssl_with_scram(secured_kafka: SecuredKafka, 
         _wait_for_topic(secured_kafka, s.kafka.input_topic, worker, log)
         produce(secured_kafka.plaintext, s.kafka.input_topic,
                 [(b"sec-1", classify("sec-1")), (b"bad-1", b"\xff not json")])
-        results = read_topic(secured_kafka.plaintext, s.kafka.results_topic, expect=1, timeout_s=120)
+        results = succeeded(read_topic(secured_kafka.plaintext, s.kafka.results_topic, expect=1, timeout_s=120))
         dead = read_topic(secured_kafka.plaintext, s.kafka.dlq_topic, expect=1, timeout_s=120)
         listed = subprocess.run([sys.executable, "-m", "service.cli", "dlq", "list", "--json"], cwd=REPO,
                                 env={**{k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}, **env},

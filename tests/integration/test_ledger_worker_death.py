@@ -11,7 +11,7 @@ import pytest
 
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import classify, kill_worker, produce, read_topic, running, spawn_worker, wait_for
+from tests.support import classify, kill_worker, produce, read_topic, running, spawn_worker, succeeded, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -55,4 +55,4 @@ def test_a_call_cut_short_by_a_sigkill_leaves_the_task_its_attempt(
     assert (ended["attempts"], ended["deaths"]) == (1, 1)  # the call that landed; the death apart
     assert fake_llm.calls_for("death-1") == 2
     assert read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=0, timeout_s=3) == []
-    assert len(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)) == 1
+    assert len(succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))) == 1

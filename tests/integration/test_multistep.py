@@ -10,7 +10,7 @@ import pytest
 from service.agents.tasks import canonical_json, digest
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import metric, produce, read_topic, running, task_value, wait_for
+from tests.support import metric, produce, read_topic, running, succeeded, task_value, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,5 +65,5 @@ def test_prior_auth_resumes_from_its_journal(make_settings: Any, fake_llm: FakeL
     result = done["result"]
     assert result["decision"] == done["steps"]["review"]["output"]["decision"]
     assert result["letter"] == done["steps"]["draft"]["output"]["letter"]
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert len(results) == 1 and results[0].json()["prompt_version"].startswith("extract@pa-extract-v1+")

@@ -12,7 +12,18 @@ import pytest
 
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
-from tests.support import classify, committed, metric, produce, read_topic, running, task_value, wait_for
+from tests.support import (
+    classify,
+    committed,
+    failed,
+    metric,
+    produce,
+    read_topic,
+    running,
+    succeeded,
+    task_value,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.standins]  # the embedded mode runs on the stand-ins
 
@@ -38,7 +49,7 @@ def test_same_task_delivered_many_times_runs_the_model_once(
             assert metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == 1
 
     asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert len(results) == 1
     assert results[0].key == b"order-1"
     body = results[0].json()
@@ -67,7 +78,7 @@ def test_retry_after_slow_success_keeps_one_result(make_settings: Any, fake_llm:
     stored = asyncio.run(scenario())
     stats = fake_llm.stats()
     assert stats["completions_by_step"]["slow-1:classify"] == 2  # the model answered twice...
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert len(results) == 1  # ...but exactly one answer landed
     assert results[0].json()["result"] == stored["result"]
     assert stored["attempts"] == 2 and stored["state"] == "succeeded"
@@ -94,7 +105,7 @@ def test_stale_worker_write_is_refused_by_its_fence(make_settings: Any, fake_llm
                 assert record is not None and record.fence == 2 and record.state == "succeeded"
 
     asyncio.run(scenario())
-    results = read_topic(s_a.kafka.bootstrap_servers, s_a.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s_a.kafka.bootstrap_servers, s_a.kafka.results_topic, expect=1))
     assert [r.json()["fence"] for r in results] == [2]
 
 
@@ -116,7 +127,7 @@ def test_same_task_id_with_other_input_is_a_conflict(make_settings: Any, fake_ll
     dlq = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)
     assert len(dlq) == 1 and dlq[0].headers["dlq.reason"] == b"conflict"
     assert json.loads(dlq[0].value or b"{}")["input"]["text"] == "other text"
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert len(results) == 1 and results[0].json()["result"] == first["result"]
     assert fake_llm.calls_for("dup-1") == 1
 
@@ -171,9 +182,24 @@ def test_every_poison_kind_is_dead_lettered_and_the_partition_keeps_flowing(
     assert by_key[b"exhaust-1"].headers["dlq.attempts"] == b"3"
     assert by_key[b"perm-1"].headers["dlq.attempts"] == b"1"
     assert by_key[b"exhaust-1"].headers["dlq.task_id"] == b"exhaust-1"
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2)
+    events = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=2 + 6)
+    results = succeeded(events)
     assert sorted(r.key for r in results) == [b"ok-1", b"ok-2"]
     assert fake_llm.calls_for("exhaust-1") == 3 and fake_llm.calls_for("perm-1") == 1
+    # every dead letter of a task id is its task's failed event too, naming where the letter is; a
+    # record without a task id has none, and a conflict none (the task id is the first input's)
+    announced = {m.headers["dlq.task_id"].decode(): m for m in dlq
+                 if m.headers["dlq.task_id"] and m.headers["dlq.reason"] != b"conflict"}
+    assert {"perm-1", "invalid-1", "exhaust-1", "late-1", "kind-1", "input-1"} <= set(announced)
+    failures = {m.json()["task_id"]: m.json() for m in failed(events)}
+    assert len(failed(events)) == len(failures) == len(announced)
+    for task_id, letter in announced.items():
+        event = failures[task_id]
+        assert (event["outcome"], event["reason"]) == ("failed", letter.headers["dlq.reason"].decode())
+        assert event["attempts"] == int(letter.headers["dlq.attempts"])
+        assert event["dead_letter"] == {"topic": s.kafka.dlq_topic, "partition": letter.partition,
+                                        "offset": letter.offset, "id": letter.headers["dlq.id"].decode()}
+    assert failures["exhaust-1"]["kind"] == "classify"
 
 
 def test_no_offset_is_committed_ahead_of_an_unfinished_record(make_settings: Any, fake_llm: FakeLLM) -> None:
@@ -226,7 +252,7 @@ def test_after_a_restart_nothing_is_lost_and_nothing_is_rerun(
 
     asyncio.run(replay_run())
     assert fake_llm.stats()["requests"] == calls
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n))
     assert len(results) == n and len({r.key for r in results}) == n
 
 
@@ -270,7 +296,7 @@ def test_a_replay_is_screened_in_batches_yet_conflicts_poison_and_unpublished_ou
     assert seen["succeeded"] == 0
     assert n / 2 <= seen["screened"] < n  # most records screened; s-5 (unpublished) went to the handler
     assert fake_llm.stats()["requests"] == calls
-    results = results_by_task(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + 1))
+    results = results_by_task(succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + 1)))
     assert len(results["s-5"]) == 2 and results["s-5"][0] == results["s-5"][1]  # re-emitted, byte for byte
     assert sum(len(v) for v in results.values()) == n + 1
     dlq = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=2)
@@ -295,5 +321,5 @@ def test_context_budget_and_deadline_pass_through(make_settings: Any, fake_llm: 
     assert fake_llm.calls_for("long-1") == 0  # rejected before any call, never truncated
     dlq = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)
     assert dlq[0].key == b"long-1" and b"window" in dlq[0].headers["dlq.error"]
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert results[0].headers["deadline"] == b"2099-01-01T00:00:00.000Z"  # the budget travels on

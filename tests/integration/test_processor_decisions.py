@@ -15,7 +15,7 @@ from service.agents.kinds import ClassifyInput, ClassifyStep
 from service.agents.registry import AgentRegistry, default_agents
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
-from tests.support import classify, metric, produce, read_topic, running, wait_for
+from tests.support import classify, metric, produce, read_topic, running, succeeded, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_a_complete_whose_reply_was_lost_is_ours_not_stale(make_settings: Any, f
             assert stored.published_how == "acked"  # marked after the broker acknowledged it
 
     asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert [m.value for m in results] == [b'{"task_id":"lost-1"}']  # the stored event, byte for byte
 
 
@@ -157,9 +157,15 @@ def test_a_task_busy_past_its_deadline_ends_as_one_expired_dead_letter_and_no_re
             assert metric(svc, "agent_stale_fence_writes_total") >= 1
 
     asyncio.run(scenario())
-    assert read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=0, timeout_s=5) == []
+    events = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
     dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)
     assert [m.headers["dlq.reason"] for m in dead] == [b"expired"]
+    # its one outcome event: failed, naming the dead letter where it was written
+    assert [m.json() | {"failed_at": None} for m in events] == [{
+        "task_id": "bx-1", "kind": "classify", "outcome": "failed", "status": "failed", "reason": "expired",
+        "error": "deadline passed while another worker held the task", "attempts": events[0].json()["attempts"],
+        "failed_at": None, "dead_letter": {"topic": s.kafka.dlq_topic, "partition": dead[0].partition,
+                                           "offset": dead[0].offset, "id": dead[0].headers["dlq.id"].decode()}}]
     assert fake_llm.calls_for("bx-1") == 0
 
 

@@ -14,7 +14,7 @@ from service.agents.kinds import ClassifyInput, ClassifyStep
 from service.agents.registry import AgentRegistry
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
-from tests.support import classify, metric, produce, read_topic, running, wait_for
+from tests.support import classify, metric, produce, read_topic, running, succeeded, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -46,7 +46,7 @@ def test_half_the_keys_run_the_candidate_and_duplicates_compare_the_versions(mak
                     for v in ("classify@classify-v1", "classify@classify-v2")}
 
     by_version = asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids))
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(ids)))
     answered = {m.json()["task_id"]: m.json()["prompt_version"] for m in results}
     assert answered == {t: agent.version_for(t).prompt_version for t in ids}  # the stable hash decided
     counts = Counter(answered.values())

@@ -25,7 +25,7 @@ from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from service.runtime.scheduler import Scheduler
 from service.runtime.wiring import Service
-from tests.support import read_topic
+from tests.support import read_topic, succeeded
 from tests.support.fleet import deployment, serving, wait_ended
 
 pytestmark = pytest.mark.integration
@@ -124,7 +124,7 @@ def test_after_the_fleet_was_down_each_policy_catches_up_as_declared(
     sent = Counter((m.key or b"").decode() for m in tasks)
     assert {name: sorted(t for t in sent if t.startswith(name + "@")) for name in expected} == expected
     assert {t: n for t, n in sent.items() if n > 1} == {}, "a slot was produced twice"
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(produced), timeout_s=60)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=len(produced), timeout_s=60))
     values: dict[str, set[bytes | None]] = {}
     for m in results:
         values.setdefault((m.key or b"").decode(), set()).add(m.value)

@@ -17,7 +17,7 @@ import pytest
 from service.core.settings import Settings
 from service.devtools import local
 from service.devtools.fakellm import FakeLLM
-from tests.support import metric, read_topic, wait_for
+from tests.support import metric, read_topic, succeeded, wait_for
 from tests.support.fleet import deployment, serving
 
 pytestmark = pytest.mark.integration
@@ -84,7 +84,7 @@ def test_each_slot_is_produced_once_in_order_and_a_redis_outage_loses_none(
     assert slots == [slots[0] + timedelta(seconds=n) for n in range(len(slots))], "a slot is missing"
     assert len(slots) >= count
     # each slot's task ran and has exactly one result (the same bytes if emitted twice)
-    results = read_topic(kafka_bootstrap, s.kafka.results_topic, expect=len(slots), timeout_s=90)
+    results = succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=len(slots), timeout_s=90))
     by_id: dict[str, set[bytes | None]] = defaultdict(set)
     for m in results:
         assert m.key is not None

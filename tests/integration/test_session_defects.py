@@ -21,7 +21,7 @@ from service.devtools.fakellm import FakeLLM
 from service.devtools.fakellm.faults import FaultRule
 from service.runtime.wiring import Service
 from service.sdk import SESSION, Agent, Messages, Session, Step, StrictInput, system_message, user_message
-from tests.support import committed, metric, produce, read_topic, running, task_value, wait_for
+from tests.support import committed, metric, produce, read_topic, running, succeeded, task_value, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -113,7 +113,7 @@ def test_a_reduce_that_fails_is_the_tasks_dead_letter_and_the_next_turn_enters_a
     assert list(letters) == [boom]
     reason, error = letters[boom]
     assert reason == "session" and "the tally refuses boom" in error
-    results = [json.loads(m.value or b"{}") for m in read_topic(kafka_bootstrap, s.kafka.results_topic, expect=2)]
+    results = [json.loads(m.value or b"{}") for m in succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=2))]
     assert sorted(e["task_id"] for e in results) == sorted([first, after])  # no result for the dead end
 
 
@@ -155,7 +155,7 @@ def test_a_reduce_that_fails_on_a_state_moved_after_done_drops_the_update_and_pu
             assert metric(svc, "agent_dead_letters_total", {"reason": "internal"}) == 0
 
     asyncio.run(scenario())
-    results = [json.loads(m.value or b"{}") for m in read_topic(kafka_bootstrap, s.kafka.results_topic, expect=3)]
+    results = [json.loads(m.value or b"{}") for m in succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=3))]
     assert sorted(e["task_id"] for e in results) == sorted([first, moved, after])
     assert read_topic(kafka_bootstrap, s.kafka.dlq_topic, timeout_s=5) == []
 

@@ -34,7 +34,7 @@ from service.sdk import (
     system_message,
     user_message,
 )
-from tests.support import metric, produce, read_topic, running, task_value, wait_for
+from tests.support import metric, produce, read_topic, running, succeeded, task_value, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -145,7 +145,7 @@ def test_a_parked_task_keeps_its_turn_and_its_turn_lands_first(
 
     asyncio.run(scenario())
     results = {e["task_id"]: e for e in (json.loads(m.value or b"{}") for m in
-                                         read_topic(kafka_bootstrap, s.kafka.results_topic, expect=2))}
+                                         succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=2)))}
     assert set(results) == {first, second}
     assert results[second]["session"]["version"] == 1 and results[second]["session"]["turns_seen"] == 1
 

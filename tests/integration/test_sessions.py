@@ -25,7 +25,7 @@ from service.devtools.fakellm import FakeLLM
 from service.devtools.fakellm.faults import FaultRule
 from service.runtime.wiring import Service
 from service.sdk import Agent, Session
-from tests.support import metric, produce, read_topic, running, session_kinds, task_value, wait_for
+from tests.support import metric, produce, read_topic, running, session_kinds, succeeded, task_value, wait_for
 from tests.support.session_kinds import Text
 
 pytestmark = [pytest.mark.integration]
@@ -179,7 +179,7 @@ def test_a_reduced_count_loses_no_update_under_a_hundred_concurrent_tasks(
                 assert record.queue == []
 
     asyncio.run(scenario())
-    results = read_topic(kafka_bootstrap, s.kafka.results_topic, expect=100, timeout_s=60)
+    results = succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=100, timeout_s=60))
     versions: dict[str, list[int]] = {}
     for m in results:
         event = json.loads(m.value or b"{}")
@@ -265,7 +265,7 @@ def test_a_result_accepted_but_never_applied_is_applied_by_its_redelivery(
 
     asyncio.run(scenario())
     assert fake_llm.calls_for(task_id) == 0  # nothing ran again
-    (message,) = read_topic(kafka_bootstrap, s.kafka.results_topic, expect=1, timeout_s=30)
+    (message,) = succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=1, timeout_s=30))
     assert json.loads(message.value or b"{}")["result"] == result
 
 

@@ -25,7 +25,7 @@ from service.core.settings import Settings
 from service.devtools import local
 from service.devtools.fakellm import FakeLLM
 from service.runtime.wiring import ensure_topics
-from tests.support import classify, kill_worker, produce, read_topic, spawn_worker
+from tests.support import classify, kill_worker, produce, read_topic, spawn_worker, succeeded
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +92,7 @@ def test_a_service_started_while_redis_is_down_waits_unready_and_starts_when_red
 
         task_id = f"t-{uuid.uuid4().hex[:8]}"
         produce(kafka_bootstrap, s.kafka.input_topic, [(task_id.encode(), classify(task_id))])
-        results = read_topic(kafka_bootstrap, s.kafka.results_topic, expect=1, timeout_s=90)
+        results = succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=1, timeout_s=90))
         assert [m.key for m in results] == [task_id.encode()]
         assert fake_llm.calls_for(task_id) == 1
         assert stop(proc) == 0, log.read_text()[-4000:]
@@ -126,7 +126,7 @@ def test_create_topics_false_waits_for_the_topics_and_never_creates_them(
         until(lambda: get(base + "/readyz")[0] == 200, 90, "/readyz to answer 200", proc, log)
         task_id = f"t-{uuid.uuid4().hex[:8]}"
         produce(kafka_bootstrap, s.kafka.input_topic, [(task_id.encode(), classify(task_id))])
-        assert [m.key for m in read_topic(kafka_bootstrap, s.kafka.results_topic, expect=1, timeout_s=90)] == [
+        assert [m.key for m in succeeded(read_topic(kafka_bootstrap, s.kafka.results_topic, expect=1, timeout_s=90))] == [
             task_id.encode()]
         assert stop(proc) == 0, log.read_text()[-4000:]
     finally:
@@ -174,7 +174,7 @@ def test_a_service_started_while_the_broker_is_down_waits_unready_and_starts_whe
         assert log.read_text().count("kafka reachable again after") == 1
         task_id = f"t-{uuid.uuid4().hex[:8]}"
         produce(node.address, s.kafka.input_topic, [(task_id.encode(), classify(task_id))])
-        assert [m.key for m in read_topic(node.address, s.kafka.results_topic, expect=1, timeout_s=90)] == [
+        assert [m.key for m in succeeded(read_topic(node.address, s.kafka.results_topic, expect=1, timeout_s=90))] == [
             task_id.encode()]
         assert stop(proc) == 0, log.read_text()[-4000:]
     finally:

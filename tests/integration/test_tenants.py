@@ -16,7 +16,7 @@ from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from service.llm.guard import endpoint_tag
 from service.runtime.wiring import Service
-from tests.support import classify, metric, produce, read_topic, running, wait_for
+from tests.support import classify, metric, produce, read_topic, running, succeeded, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_a_budget_is_enforced_exactly_under_concurrency_and_over_it_is_dead_lett
 
     used, cost, calls = asyncio.run(scenario())
     letters = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1, timeout_s=20)
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1, timeout_s=20)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1, timeout_s=20))
     assert letters and {m.headers["dlq.reason"] for m in letters} == {b"budget"}
     assert len(letters) + len(results) == n and calls == len(results)
     overshoot = used - 2000
@@ -137,7 +137,7 @@ def test_over_budget_with_the_wait_policy_waits_for_the_next_period(make_setting
             assert metric(svc, "agent_dead_letters_total", {"reason": "budget"}) == 0
 
     asyncio.run(scenario())
-    results = [m.json() for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n)]
+    results = [m.json() for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n))]
     assert len({r["task_id"] for r in results}) == n
     # 600 tokens a period hold about four calls' estimates: the eight went in at least two periods
     periods = Counter(int(datetime.fromisoformat(r["completed_at"].replace("Z", "+00:00")).timestamp()) // 3

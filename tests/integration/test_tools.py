@@ -33,6 +33,7 @@ from tests.support import (
     read_topic,
     running,
     spawn_worker,
+    succeeded,
     task_value,
     wait_for,
 )
@@ -72,7 +73,7 @@ def settings_for(make_settings: Any, downstream: FakeDownstream, tools: dict[str
 
 def results(s: Settings, expect: int) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
-    for m in read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=expect):
+    for m in succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=expect)):
         if m.key is not None:
             out.setdefault(m.key.decode(), []).append(m.json())
     return out

@@ -17,7 +17,7 @@ from service.core.log_context import TaskFields, json_formatter
 from service.core.settings import Settings
 from service.core.tracing import Tracing
 from service.devtools.fakellm import FakeLLM
-from tests.support import classify, metric, produce, read_topic, running, wait_for
+from tests.support import classify, metric, produce, read_topic, running, succeeded, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def test_task_and_llm_spans_join_the_producers_trace(make_settings: Any, fake_ll
     (line,) = [line for line in log_lines.lines if line["msg"].startswith("LLM request ok")]
     assert line["task_id"] == "tr-1" and line["kind"] == "classify" and line["topic"] == s.kafka.input_topic
     assert line["trace_id"] == TRACE_ID and line["span_id"] == format(llm.context.span_id, "016x")
-    result = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)[0]
+    result = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))[0]
     carried = result.headers["traceparent"].decode()
     assert carried.split("-")[1] == TRACE_ID and carried.split("-")[2] == format(task.context.span_id, "016x")
     dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1)[0]

@@ -15,8 +15,19 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from service.core.settings import Settings
-from service.devtools.fakellm import FakeLLM
-from tests.support import classify, committed, metric, produce, read_topic, running, task_value, wait_for
+from service.devtools.fakellm import FakeLLM, FaultRule
+from tests.support import (
+    classify,
+    committed,
+    failed,
+    metric,
+    produce,
+    read_topic,
+    running,
+    succeeded,
+    task_value,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka_only]
 
@@ -42,7 +53,9 @@ def test_each_result_and_dead_letter_is_read_committed_exactly_once(make_setting
     n = 150
     tasks = [(f"tx-{i}".encode(), classify(f"tx-{i}", f"text {i}")) for i in range(n)]
     repeats = tasks[:30]  # the same tasks again: their results were published already
-    poison = [(b"tx-bad-json", b"{nope"), (b"tx-bad-schema", task_value("classify", {"text": "x"}, "tx-bad-schema"))]
+    poison = [(b"tx-bad-json", b"{nope"), (b"tx-bad-schema", task_value("classify", {"text": "x"}, "tx-bad-schema")),
+              (b"tx-fail-1", classify("tx-fail-1"))]
+    fake_llm.add_fault(FaultRule("error", match="tx-fail-1", status=400))  # permanent: its dead letter
 
     async def scenario() -> dict[str, float]:
         async with running(s, fake_llm.base_url) as svc:
@@ -63,14 +76,21 @@ def test_each_result_and_dead_letter_is_read_committed_exactly_once(make_setting
                     "duplicates": metric(svc, "agent_tasks_total", {"outcome": "duplicate"})}
 
     figures = asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n, idle_s=2)
-    per_task = Counter((m.key or b"").decode() for m in results)
+    events = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + 2, idle_s=2)
+    per_task = Counter((m.key or b"").decode() for m in succeeded(events))
     assert set(per_task) == {k.decode() for k, _ in tasks}
     assert set(per_task.values()) == {1}, [k for k, c in per_task.items() if c > 1]
-    dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=2, idle_s=2)
-    assert sorted(m.headers["dlq.reason"] for m in dead) == [b"decode", b"schema"]
+    dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=3, idle_s=2)
+    assert sorted(m.headers["dlq.reason"] for m in dead) == [b"decode", b"permanent", b"schema"]
+    # each dead letter of a task id and its failed event committed together, once: the event names it
+    letters = {m.headers["dlq.task_id"].decode(): m for m in dead if m.headers["dlq.task_id"]}
+    failures = {m.json()["task_id"]: m.json() for m in failed(events)}
+    assert len(failed(events)) == 2 and set(failures) == set(letters) == {"tx-bad-schema", "tx-fail-1"}
+    for task_id, letter in letters.items():
+        assert failures[task_id]["dead_letter"] == {"topic": s.kafka.dlq_topic, "partition": letter.partition,
+                                                    "offset": letter.offset, "id": letter.headers["dlq.id"].decode()}
     assert figures["duplicates"] == len(repeats) and figures["transactions"] >= 1
-    assert sum(fake_llm.stats()["by_key"].values()) == n
+    assert sum(fake_llm.stats()["by_key"].values()) == n + 1
 
 
 def test_a_result_too_large_for_its_topic_is_dead_lettered_inside_the_transaction(
@@ -97,8 +117,14 @@ def test_a_result_too_large_for_its_topic_is_dead_lettered_inside_the_transactio
             assert svc.runner.transactions is not None and svc.runner.transactions.aborts >= 1
 
     asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=10, idle_s=2)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=10, idle_s=2))
     assert sorted((m.key or b"").decode() for m in results) == sorted(k.decode() for k, _ in small)
     dead = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=1, idle_s=2)
     assert [(m.key, m.headers["dlq.reason"]) for m in dead] == [(b"tx-big", b"internal")]
     assert b"refused the outcome record" in dead[0].headers["dlq.error"]
+    # the task's outcome is still one event on the results topic: failed, naming that dead letter
+    (event,) = [m.json() for m in failed(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=11))]
+    assert (event["task_id"], event["reason"], event["error"]) == ("tx-big", "internal",
+                                                                   dead[0].headers["dlq.error"].decode())
+    assert event["dead_letter"] == {"topic": s.kafka.dlq_topic, "partition": 0, "offset": dead[0].offset,
+                                    "id": dead[0].headers["dlq.id"].decode()}

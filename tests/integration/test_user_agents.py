@@ -18,7 +18,7 @@ from service.agents.declared import DeclaredAgent
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from service.runtime.wiring import StartupRefused, build, ensure_topics
-from tests.support import metric, produce, read_topic, running, task_value, wait_for
+from tests.support import metric, produce, read_topic, running, succeeded, task_value, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def run_one(s: Settings, fake_llm: FakeLLM, task_id: str, kind: str, task_input:
             assert metric(svc, "agent_dead_letters_total") == 0
 
     asyncio.run(scenario())
-    results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=1))
     assert len(results) == 1 and results[0].key == task_id.encode()
     body: dict[str, Any] = results[0].json()
     assert body["status"] == "succeeded" and body["kind"] == kind and body["task_id"] == task_id

@@ -32,6 +32,7 @@ from tests.support import (
     read_topic,
     running,
     spawn_worker,
+    succeeded,
     wait_for,
 )
 
@@ -347,7 +348,7 @@ def run_fleet(settings: Settings, fake: FakeLLM, tmp_path: Path, tasks: int, win
         for n in range(3):
             replica = s.model_copy(update={"worker_id": f"{s.worker_id}-{name}-{n}"})
             workers.append(spawn_worker(replica, str(tmp_path / f"{name}-{n}.log")))
-        read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=tasks, timeout_s=240, idle_s=0.5)
+        succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=tasks, timeout_s=240, idle_s=0.5))
         elapsed = time.monotonic() - started
     finally:
         for worker in workers:

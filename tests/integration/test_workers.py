@@ -21,7 +21,7 @@ from service.core.settings import Settings
 from service.devtools import local
 from service.devtools.fakellm import FakeLLM
 from service.runtime.wiring import ensure_topics
-from tests.support import classify, committed, kill_worker, produce, read_topic, spawn_worker
+from tests.support import classify, committed, kill_worker, produce, read_topic, spawn_worker, succeeded
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def test_two_workers_run_every_task_once_and_one_scrape_adds_them_up_and_sigterm
         until(fleet.ready, 90, "both workers ready", log)
         assert len(fleet.workers()) == 2
         produce(s.kafka.bootstrap_servers, s.kafka.input_topic, [(t.encode(), classify(t)) for t in ids])
-        results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n, timeout_s=90)
+        results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n, timeout_s=90))
         by_key: dict[bytes | None, set[bytes | None]] = defaultdict(set)
         for m in results:
             by_key[m.key].add(m.value)
@@ -149,7 +149,7 @@ def test_two_workers_run_every_task_once_and_one_scrape_adds_them_up_and_sigterm
         assert not [pid for pid in fleet.seen if os.path.exists(f"/proc/{pid}")], "a worker outlived the drain"
     finally:
         fleet.kill()
-    done = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + 20, timeout_s=30)
+    done = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + 20, timeout_s=30))
     finished_late = {m.key.decode() for m in done if m.key is not None} & set(more)
     offsets = committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic, 4)
     # what was in flight at the signal finished and was committed; nothing committed past a record
@@ -175,7 +175,7 @@ def test_a_killed_worker_is_restarted_and_every_task_gets_exactly_one_result(
         until(lambda: fake_llm.stats()["requests"] >= 20, 30, "tasks under way", log)
         os.kill(first[0], signal.SIGKILL)
         until(lambda: len(fleet.workers()) == 2 and first[0] not in fleet.workers(), 30, "a restarted worker", log)
-        results = read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n, timeout_s=120)
+        results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n, timeout_s=120))
         by_key: dict[bytes | None, set[bytes | None]] = defaultdict(set)
         for m in results:
             by_key[m.key].add(m.value)

@@ -116,13 +116,29 @@ def read_topic(bootstrap: str, topic: str, *, expect: int | None = None, timeout
     return out
 
 
+def outcome_of(m: Msg) -> str:
+    """A results event's outcome (``succeeded`` or ``failed``)."""
+    body = json.loads(m.value or b"{}")
+    return str(body.get("outcome", "succeeded"))
+
+
+def succeeded(messages: list[Msg]) -> list[Msg]:
+    """The ``succeeded`` events of the results topic (a task that failed has a ``failed`` one)."""
+    return [m for m in messages if outcome_of(m) == "succeeded"]
+
+
+def failed(messages: list[Msg]) -> list[Msg]:
+    """The ``failed`` events of the results topic, each naming its task's dead letter."""
+    return [m for m in messages if outcome_of(m) == "failed"]
+
+
 def assert_one_result_each(bootstrap: str, topic: str, task_ids: list[str], model_calls: dict[str, int],
                            kind: str = "classify") -> list[Msg]:
     """Every task has a result on ``topic``, none has two different ones, and none ran the model twice.
 
     A re-emission of the same bytes (after a crash, before the offset was committed) is allowed.
     """
-    results = read_topic(bootstrap, topic, expect=len(task_ids), timeout_s=90)
+    results = succeeded(read_topic(bootstrap, topic, expect=len(task_ids), timeout_s=90))
     by_key: dict[bytes | None, set[bytes | None]] = defaultdict(set)
     for m in results:
         by_key[m.key].add(m.value)

@@ -115,7 +115,8 @@ def test_delivery_errors_settle_as_what_they_are() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         rejected, failed = loop.create_future(), loop.create_future()
-        _settle_all([(rejected, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)), (failed, KafkaError(KafkaError._MSG_TIMED_OUT))])
+        _settle_all([(rejected, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None),
+                     (failed, KafkaError(KafkaError._MSG_TIMED_OUT), None)])
         with pytest.raises(RecordRejected):
             await rejected
         with pytest.raises(ProduceFailed):
@@ -155,10 +156,42 @@ class FakePublisher:
         self.sent: list[tuple[str, bytes | None, bytes | None, Headers]] = []
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        await self.send_at(topic, key, value, headers)
+
+    async def send_at(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> tuple[int, int]:
         self.sent.append((topic, key, value, headers))
         if self.refusals:
             self.refusals -= 1
             raise RecordRejected("Broker: Message size too large")
+        return (3, 40 + len(self.sent))
+
+
+def test_a_delivered_record_settles_as_where_it_was_written() -> None:
+    async def main() -> None:
+        future = asyncio.get_running_loop().create_future()
+        _settle_all([(future, None, (2, 17))])
+        assert await future == (2, 17)
+
+    asyncio.run(main())
+
+
+def test_a_dead_letter_of_a_task_is_followed_by_its_failed_event_naming_it() -> None:
+    fake = FakePublisher(refusals=1)  # refused whole, written cut: the event names the cut one
+    outputs = Outputs(fake, "results", "dlq")  # type: ignore[arg-type]
+    named: list[tuple[str, tuple[int, int]]] = []
+
+    def announce(topic: str, placed: tuple[int, int]) -> bytes:
+        named.append((topic, placed))
+        return b'{"outcome":"failed"}'
+
+    placed = asyncio.run(outputs.dead_letter(rec(b"v"), reason="permanent", error="e", attempts=2, task_id="t-1",
+                                             announce=announce))
+    assert placed == (3, 42) and named == [("dlq", (3, 42))]
+    assert [(topic, key, value) for topic, key, value, _ in fake.sent[1:]] == [
+        ("dlq", b"k", b"v"), ("results", b"t-1", b'{"outcome":"failed"}')]
+    fake.sent.clear()
+    asyncio.run(outputs.dead_letter(rec(b"v"), reason="poison", error="e", attempts=0, task_id=None, announce=announce))
+    assert [topic for topic, *_ in fake.sent] == ["dlq"]  # no task id: no results event
 
 
 def test_dead_letter_fits_the_dlq_topic_limit() -> None:
