@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from service.agents.registry import AgentRegistry
+from service.agents.session import SUMMARY_PREFIX
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from service.devtools.fakellm.faults import FaultRule
-from service.agents.session import SUMMARY_PREFIX
 from service.pipeline import dlq
 from service.pipeline.history import SUMMARY_SYSTEM, budget_tokens, summary_room, to_fold
 from service.runtime.wiring import Service
