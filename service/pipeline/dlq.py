@@ -38,6 +38,9 @@ KAFKA_LOGGER = "librdkafka"
 
 MAX_VALUE_CHARS = 64 * 1024
 REPLAYED_FROM = "dlq.replayed_from"
+# a partition whose leader is still being elected (a topic just created, a broker just gone)
+_ELECTING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                       KafkaError.UNKNOWN_TOPIC_OR_PART})
 Coordinates = tuple[int, int]
 Decision = Literal["replayed", "already_succeeded", "not_found", "failed"]
 
@@ -161,10 +164,19 @@ class _Reader:
         return sorted(topic.partitions)
 
     def watermarks(self, partition: int, timeout_s: float) -> tuple[int, int]:
-        low, high = self._consumer.get_watermark_offsets(
-            TopicPartition(self.topic, partition), timeout=timeout_s, cached=False
-        )
-        return int(low), int(high)
+        """The partition's low and high offsets, asked again while its leader is being elected (a
+        topic just created answers NOT_LEADER_FOR_PARTITION for a moment), until ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), timeout=max(0.1, deadline - time.monotonic()), cached=False
+                )
+                return int(low), int(high)
+            except KafkaException as exc:
+                if exc.args[0].code() not in _ELECTING or time.monotonic() + 0.05 >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def read(self, partition: int, start: int, deadline: float, stop_at: int | None = None) -> Iterator[Message]:
         """Records of one partition from ``start`` on, until its end, ``stop_at`` or the deadline."""

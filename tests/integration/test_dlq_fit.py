@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import uuid
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from consumers.producers import (
 from consumers.records import Record
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
+from service.pipeline import dlq
 from service.runtime.wiring import build, ensure_topics
 from tests.support import Broker, read_topic
 
@@ -118,3 +120,14 @@ def test_ensure_topics_gives_the_dlq_topic_room_and_build_learns_it(make_setting
             await service.aclose()
 
     asyncio.run(main())
+
+
+def test_dead_letters_of_topics_just_made_read_at_once(make_settings: Any) -> None:
+    """GET /dlq's peek straight after ensure_topics finds no dead letter, where its watermark read
+    could answer NOT_LEADER_FOR_PARTITION while the new partitions' leaders were being elected."""
+    for attempt in range(5):
+        run = uuid.uuid4().hex[:8]
+        s: Settings = make_settings(kafka={f"{name}_topic": f"fresh-{attempt}-{run}.{name}"
+                                           for name in ("input", "results", "dlq", "audit", "approvals")})
+        ensure_topics(s)
+        assert dlq.peek(s.kafka, limit=10) == []
