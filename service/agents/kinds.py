@@ -68,9 +68,20 @@ class SummarizeOutput(BaseModel):
 
 # ----------------------------------------------------------------------------- steps
 
+# A worked example rather than a template: a small model copies placeholders such as "{{ date }}"
+# into its answer, but follows an example's shape with the document's own values.
+EXTRACT_PROMPT = (
+    "Extract the named fields from the document. Copy each value as it is written in the document; "
+    "use null when a field is absent.\n\n"
+    'Example. Fields: ["city", "date", "phone"]\n'
+    "Document: Meet me in Oslo on 2025-03-04.\n"
+    'Answer: {"fields": {"city": "Oslo", "date": "2025-03-04", "phone": null}}\n\n'
+    "Now the fields and the document below."
+)
+
 class ExtractStep(Step[ExtractInput, ExtractOutput]):
     name = "extract"
-    prompt_version = "extract-v1"
+    prompt_version = "extract-v2"
     output_model = ExtractOutput
 
     def schema(self, task_input: ExtractInput, previous: Previous) -> dict[str, Any]:
@@ -88,10 +99,8 @@ class ExtractStep(Step[ExtractInput, ExtractOutput]):
         }
 
     def messages(self, task_input: ExtractInput, previous: Previous) -> Messages:
-        return [
-            system_message("Extract the named fields from the document. Use null when a field is absent."),
-            user_message(f"Fields: {json.dumps(task_input.fields)}\n\nDocument:\n{task_input.document}"),
-        ]
+        return [system_message(EXTRACT_PROMPT),
+                user_message(f"Fields: {json.dumps(task_input.fields)}\n\nDocument:\n{task_input.document}")]
 
     def check(self, task_input: ExtractInput, output: ExtractOutput) -> None:
         if set(output.fields) != set(task_input.fields):
