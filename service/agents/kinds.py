@@ -78,6 +78,12 @@ EXTRACT_PROMPT = (
     'Answer: {"fields": {"city": "Oslo", "date": "2025-03-04", "phone": null}}\n\n'
     "Now the fields and the document below."
 )
+SUMMARIZE_EXAMPLE = (
+    "Example. Text: The train to Bergen is cancelled today because of snow; buses replace it from the "
+    "station at noon.\n"
+    'Answer: {"summary": "Snow cancelled the Bergen train; buses leave the station at noon."}\n\n'
+    "Now the text below."
+)
 
 class ExtractStep(Step[ExtractInput, ExtractOutput]):
     name = "extract"
@@ -138,14 +144,13 @@ class ClassifyStep(Step[ClassifyInput, ClassifyOutput]):
 
 class SummarizeStep(Step[SummarizeInput, SummarizeOutput]):
     name = "summarize"
-    prompt_version = "summarize-v1"
+    prompt_version = "summarize-v2"
     output_model = SummarizeOutput
 
     def messages(self, task_input: SummarizeInput, previous: Previous) -> Messages:
-        return [
-            system_message(f"Summarize the text in at most {task_input.max_words} words."),
-            user_message(task_input.text),
-        ]
+        return [system_message(f"Summarize the text in at most {task_input.max_words} words, in your own "
+                               f"sentence.\n\n{SUMMARIZE_EXAMPLE}"),
+                user_message(task_input.text)]
 
     def check(self, task_input: SummarizeInput, output: SummarizeOutput) -> None:
         words = len(output.summary.split())
@@ -157,7 +162,7 @@ class SummarizeLongStep(SummarizeStep):
     """``summarize_long``: a text of any length, summarised in pieces that fit the model's window
     (split on paragraph boundaries, each piece journaled), then the partial summaries combined."""
 
-    prompt_version = "summarize-long-v1"
+    prompt_version = "summarize-long-v2"  # its pieces are summarised with SummarizeStep's prompt
     fit = "map_reduce"
     chunk_field = "text"
 

@@ -7,7 +7,15 @@ import json
 import re
 
 from service.agents.base import Previous
-from service.agents.kinds import ExtractInput, ExtractOutput, ExtractStep
+from service.agents.kinds import (
+    ExtractInput,
+    ExtractOutput,
+    ExtractStep,
+    SummarizeInput,
+    SummarizeLongStep,
+    SummarizeOutput,
+    SummarizeStep,
+)
 
 
 def _system_prompt() -> str:
@@ -32,3 +40,15 @@ def test_extract_prompt_shows_an_example_answer_not_a_template() -> None:
 
 def test_a_changed_prompt_has_a_new_version() -> None:
     assert ExtractStep.prompt_version == "extract-v2"
+
+
+def test_summarize_prompt_shows_an_example_summary_within_the_limit() -> None:
+    task = SummarizeInput(text="A long text about the weather.", max_words=12)
+    prompt = str(SummarizeStep().messages(task, Previous({}))[0]["content"])
+    assert "at most 12 words" in prompt
+    answer = re.search(r"^Answer: (\{.*\})$", prompt, re.MULTILINE)
+    assert answer is not None, prompt
+    example = SummarizeOutput.model_validate_json(answer.group(1))
+    assert 0 < len(example.summary.split()) <= 12
+    # the map step of summarize_long shares the prompt: both versions change with it
+    assert (SummarizeStep.prompt_version, SummarizeLongStep.prompt_version) == ("summarize-v2", "summarize-long-v2")
