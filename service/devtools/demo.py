@@ -2,13 +2,16 @@
 
 Starts a local broker, redis-server and the embedded model (or the fake one with ``--fake-llm``),
 runs the service, produces sample tasks (every one of them twice, as a redelivery would, plus a
-poison record and a conflicting one) and prints what happened: model calls, results, duplicates
-skipped and dead letters, read back from the topics and the ledger.
+poison record and a conflicting one), waits (until ``--timeout``) for every task's outcome on the
+results or dead-letter topic, and prints what happened: model calls, results, duplicates skipped
+and dead letters, read back from the topics and the ledger.
 
-Two of the tasks are of the kind ``support_ticket``, an agent that acts: it files tickets in a fake
-ticketing API (:mod:`service.devtools.downstream`) through a tool. A ticket with a refund above
-the threshold parks for approval; the demo approves it, as an operator would, and shows that every
-ticket was filed once however often its task was delivered.
+Two of the tasks are of the kind ``support_ticket``, an agent that acts: it files tickets in a
+ticketing API (``AGENT_TOOLS__TICKETS_URL``, else the fake one of :mod:`service.devtools.downstream`)
+through a tool. A ticket with a refund above the threshold parks for approval; the demo approves
+it, as an operator would, and lists the tickets the API recorded: every ticket filed once however
+often its task was delivered. The embedded local model does not call tools, so with it these tasks
+run afterwards on the fake model, scripted to call the tool, and the output says so.
 
 One task is of the kind ``review_panel``, which delegates: it hands a document to three kinds of
 their own (research, summary, critique), each a child task with its own id, waits for them parked,
