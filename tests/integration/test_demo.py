@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.devtools import local
-from service.devtools.downstream import FakeDownstream
+from service.devtools.downstream import DownstreamFault, FakeDownstream
 
 pytestmark = [pytest.mark.integration]
 
@@ -38,12 +38,12 @@ def sections(output: str) -> dict[str, list[str]]:
     return found
 
 
-def run_demo(tmp_path: Path, api: FakeDownstream, *options: str) -> subprocess.CompletedProcess[str]:
+def run_demo(tmp_path: Path, api: FakeDownstream, *options: str, timeout_s: float = 400) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "AGENT_TOOLS__TICKETS_URL": api.base_url, "AGENT_HTTP__PORT": str(local.free_port())}
     env.pop("AGENT_LLM__BASE_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "service.cli.main", "demo", "--data-dir", str(tmp_path / "demo"),
-         "--timeout", "400", *options],
+         "--timeout", str(timeout_s), *options],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=900, check=False)
 
 
@@ -85,3 +85,13 @@ def test_the_demo_on_the_local_model_runs_the_acting_agent_on_the_fake_one_and_s
     assert "(the local model, SmolLM2-135M)" in proc.stdout
     lines = found["the agent that acts (support_ticket, on the fake model, scripted to call open_ticket):"]
     assert any("does not call tools reliably" in line for line in lines)
+
+
+def test_a_task_still_running_at_the_deadline_is_named_and_the_demo_fails(tmp_path: Path) -> None:
+    with FakeDownstream() as api:
+        api.add_fault(DownstreamFault("delay", match="ticket-001", delay_s=30.0))  # beyond the tool's timeout
+        proc = run_demo(tmp_path, api, "--fake-llm", timeout_s=8)
+    assert proc.returncode == 1, proc.stdout
+    deadline = [line for line in proc.stdout.splitlines() if line.startswith("the deadline (8s, --timeout) passed")]
+    assert len(deadline) == 1 and "ticket-001" in deadline[0], proc.stdout
+    assert "results:" in sections(proc.stdout)  # what did end is still printed
