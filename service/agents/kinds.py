@@ -68,9 +68,26 @@ class SummarizeOutput(BaseModel):
 
 # ----------------------------------------------------------------------------- steps
 
+# A worked example rather than a template: a small model copies placeholders such as "{{ date }}"
+# into its answer, but follows an example's shape with the document's own values.
+EXTRACT_PROMPT = (
+    "Extract the named fields from the document. Copy each value as it is written in the document; "
+    "use null when a field is absent.\n\n"
+    'Example. Fields: ["city", "date", "phone"]\n'
+    "Document: Meet me in Oslo on 2025-03-04.\n"
+    'Answer: {"fields": {"city": "Oslo", "date": "2025-03-04", "phone": null}}\n\n'
+    "Now the fields and the document below."
+)
+SUMMARIZE_EXAMPLE = (
+    "Example. Text: The train to Bergen is cancelled today because of snow; buses replace it from the "
+    "station at noon.\n"
+    'Answer: {"summary": "Snow cancelled the Bergen train; buses leave the station at noon."}\n\n'
+    "Now the text below."
+)
+
 class ExtractStep(Step[ExtractInput, ExtractOutput]):
     name = "extract"
-    prompt_version = "extract-v1"
+    prompt_version = "extract-v2"
     output_model = ExtractOutput
 
     def schema(self, task_input: ExtractInput, previous: Previous) -> dict[str, Any]:
@@ -88,10 +105,8 @@ class ExtractStep(Step[ExtractInput, ExtractOutput]):
         }
 
     def messages(self, task_input: ExtractInput, previous: Previous) -> Messages:
-        return [
-            system_message("Extract the named fields from the document. Use null when a field is absent."),
-            user_message(f"Fields: {json.dumps(task_input.fields)}\n\nDocument:\n{task_input.document}"),
-        ]
+        return [system_message(EXTRACT_PROMPT),
+                user_message(f"Fields: {json.dumps(task_input.fields)}\n\nDocument:\n{task_input.document}")]
 
     def check(self, task_input: ExtractInput, output: ExtractOutput) -> None:
         if set(output.fields) != set(task_input.fields):
@@ -129,14 +144,13 @@ class ClassifyStep(Step[ClassifyInput, ClassifyOutput]):
 
 class SummarizeStep(Step[SummarizeInput, SummarizeOutput]):
     name = "summarize"
-    prompt_version = "summarize-v1"
+    prompt_version = "summarize-v2"
     output_model = SummarizeOutput
 
     def messages(self, task_input: SummarizeInput, previous: Previous) -> Messages:
-        return [
-            system_message(f"Summarize the text in at most {task_input.max_words} words."),
-            user_message(task_input.text),
-        ]
+        return [system_message(f"Summarize the text in at most {task_input.max_words} words, in your own "
+                               f"sentence.\n\n{SUMMARIZE_EXAMPLE}"),
+                user_message(task_input.text)]
 
     def check(self, task_input: SummarizeInput, output: SummarizeOutput) -> None:
         words = len(output.summary.split())
@@ -148,7 +162,7 @@ class SummarizeLongStep(SummarizeStep):
     """``summarize_long``: a text of any length, summarised in pieces that fit the model's window
     (split on paragraph boundaries, each piece journaled), then the partial summaries combined."""
 
-    prompt_version = "summarize-long-v1"
+    prompt_version = "summarize-long-v2"  # its pieces are summarised with SummarizeStep's prompt
     fit = "map_reduce"
     chunk_field = "text"
 

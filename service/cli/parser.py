@@ -162,6 +162,8 @@ def _add_demo(sub: Commands[argparse.ArgumentParser]) -> None:
     demo.add_argument("--broker", choices=EMBEDDED_BROKERS, default="noida")
     demo.add_argument("--data-dir", type=Path)
     demo.add_argument("--fake-llm", action="store_true", help="answer with a fake model instead of the local one")
+    demo.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                      help="how long to wait for every task to end before printing what there is")
     demo.set_defaults(handler=demo_command)
 
 

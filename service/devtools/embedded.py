@@ -35,6 +35,9 @@ def with_local_model(settings: Settings) -> Settings:
         "response_format": "json_object",
         # its own vocabulary counts the prompts: exact, where bytes would count English 4x over its 2048
         "tokenizer_gguf": settings.llm.tokenizer_gguf or settings.llm.local_gguf or str(local.local_model_path()),
+        # greedy unless set: sampling makes a 135M model drift from the document it should copy from
+        # (the cost: a retry after an invalid answer asks again with the same odds of the same answer)
+        "temperature": settings.llm.temperature if "temperature" in settings.llm.model_fields_set else 0.0,
     })
     return settings.model_copy(update={"llm": llm})
 
