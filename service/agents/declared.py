@@ -51,7 +51,7 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 from pydantic import BaseModel, ValidationError
 
-from service.agents.base import Agent, Messages, Step
+from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.declared_delegate import (
     MODEL_FIELDS,
     DeclaredDelegateStep,
@@ -83,8 +83,9 @@ class _Output(BaseModel):
     """Unused: a declared step validates its answer against its JSON Schema."""
 
 
-class DeclaredStep(Step):
-    """A step declared in a file: a prompt template, an optional system template, an output JSON Schema."""
+class DeclaredStep(Step[DeclaredInput, Any]):
+    """A step declared in a file: a prompt template, an optional system template, an output JSON Schema:
+    made at run time, so its output is typed ``Any``, JSON data read by name (``previous["step"]``)."""
 
     output_model = _Output
 
@@ -105,13 +106,12 @@ class DeclaredStep(Step):
         self._system = parse_template(system) if system is not None else None
         self._validator: Validator = validator_for(output_schema)(output_schema)
 
-    def schema(self, task_input: BaseModel, previous: Mapping[str, Any]) -> dict[str, Any]:
+    def schema(self, task_input: DeclaredInput, previous: Previous) -> dict[str, Any]:
         return self.output_schema
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
+    def messages(self, task_input: DeclaredInput, previous: Previous) -> Messages:
         """The system message, the session's history when the task has one (its summary and the
         turns that fit the kind's budget, as ``session_messages`` renders them), the prompt."""
-        assert isinstance(task_input, DeclaredInput)
         user = user_message(self._render(self._prompt, task_input.data, previous))
         history = session_messages(previous.get(SESSION))
         if self._system is None:
@@ -127,7 +127,7 @@ class DeclaredStep(Step):
                 "needs": None if self.needs is None else list(self.needs), "model": self.model,
                 "temperature": self.temperature}
 
-    def parse(self, task_input: BaseModel, content: str) -> dict[str, Any]:
+    def parse(self, task_input: DeclaredInput, content: str) -> dict[str, Any]:
         try:
             data = json.loads(content)
         except ValueError as exc:
@@ -141,7 +141,7 @@ class DeclaredStep(Step):
 
 
 @dataclass(frozen=True)
-class DeclaredAgent(Agent):
+class DeclaredAgent(Agent[DeclaredInput]):
     """A kind declared in a file: its input is checked against ``input_schema``."""
 
     version: str = field(kw_only=True)
@@ -149,7 +149,7 @@ class DeclaredAgent(Agent):
     definition_digest: str = field(kw_only=True)  # of everything the kind does (not its description)
     description: str | None = field(default=None, kw_only=True, compare=False)
 
-    def parse_input(self, raw: dict[str, Any]) -> BaseModel:
+    def parse_input(self, raw: dict[str, Any]) -> DeclaredInput:
         validator = validator_for(self.input_schema)(self.input_schema)
         error = schema_errors.best_match(validator.iter_errors(raw))
         if error is not None:

@@ -28,8 +28,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
-
+from service.agents.base import Previous
 from service.agents.delegation import DELEGATE_MODES, Delegate, DelegateStep, budget_problem
 from service.agents.tasks import KIND_PATTERN, canonical_json
 from service.agents.templates import DeclaredInput, Template, parse_template, render, unknown_placeholder
@@ -56,17 +55,17 @@ class ChildTemplate:
     budget_s: float | None
 
 
-class DeclaredDelegateStep(DelegateStep):
+class DeclaredDelegateStep(DelegateStep[DeclaredInput]):
     """A declared step that delegates: its children's inputs filled from the task's input and the
-    outputs of the steps it needs."""
+    outputs of the steps it needs. Its output is a :class:`DelegateOutput`, as every delegating
+    step's; the steps it reads are declared ones, whose outputs are JSON data (read by name)."""
 
     def __init__(self, *, name: str, version: str, needs: tuple[str, ...] | None, mode: str,
                  children: tuple[ChildTemplate, ...], fields: frozenset[str], declared: list[Any]) -> None:
         self.name, self.prompt_version, self.needs, self.mode = name, version, needs, mode
         self.templates, self.fields, self.declared = children, fields, declared
 
-    def children(self, task_input: BaseModel, previous: Mapping[str, Any]) -> list[Delegate]:
-        assert isinstance(task_input, DeclaredInput)
+    def children(self, task_input: DeclaredInput, previous: Previous) -> list[Delegate]:
         return [Delegate(c.kind, self._fill(c.input, task_input.data, previous), topic=c.topic, budget_s=c.budget_s)
                 for c in self.templates]
 

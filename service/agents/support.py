@@ -10,12 +10,11 @@ journaled, and cancelling the ticket is its undo, run by ``agent-service task co
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.agents.base import Agent, Messages, Step
+from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.helpers import StrictInput, system_message, user_message
 from service.agents.tools import HttpTool, ToolCall
 
@@ -53,7 +52,7 @@ def ticket_tool(base_url: str) -> HttpTool:
     )
 
 
-class FileTicket(Step):
+class FileTicket(Step[SupportInput, SupportOutput]):
     name, prompt_version, output_model = "file", "support-file-v1", SupportOutput
     max_tool_rounds, max_tool_calls = 2, 2
 
@@ -61,19 +60,19 @@ class FileTicket(Step):
         self.tools = (tool,)
         self.approval_above, self.approval_timeout_s = approval_above, approval_timeout_s
 
-    def messages(self, task_input: BaseModel, previous: Mapping[str, Any]) -> Messages:
-        assert isinstance(task_input, SupportInput)
+    def messages(self, task_input: SupportInput, previous: Previous) -> Messages:
         return [system_message("You handle customer messages for a support team. File one ticket with the "
                                "open_ticket tool when the message needs follow-up, then write the reply."),
                 user_message(f"Customer: {task_input.customer}\n\n{task_input.message}")]
 
-    def approval(self, task_input: BaseModel, call: ToolCall) -> str | None:
+    def approval(self, task_input: SupportInput, call: ToolCall) -> str | None:
         refund = call.arguments.get("refund", 0)
         if isinstance(refund, int | float) and refund > self.approval_above:
             return f"a refund of {refund:g} is above {self.approval_above:g}"
         return None
 
 
-def support_agent(tickets_url: str, approval_above: float = 100.0, approval_timeout_s: float = 24 * 3600.0) -> Agent:
+def support_agent(tickets_url: str, approval_above: float = 100.0,
+                  approval_timeout_s: float = 24 * 3600.0) -> Agent[SupportInput]:
     return Agent("support_ticket", SupportInput,
                  (FileTicket(ticket_tool(tickets_url), approval_above, approval_timeout_s),))

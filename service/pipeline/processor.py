@@ -288,17 +288,44 @@ class TaskProcessor:
     async def _internal(self, record: Record, error: str, held: Held | None = None) -> None:
         """Dead-letter a record the service's own code could not end (``internal``), and reply to
         its parent if it is a child: the parent must not wait out its deadline for it. A task this
-        record claimed leaves its session first (under its fence: a newer run's hold stays), so the
-        next turn enters at once instead of after the stall."""
+        record claimed ends ``dead`` in the ledger first, as for every other reason (a wait on it
+        answers at once), and leaves its session (under its fence: a newer run's hold stays), so
+        the next turn enters at once instead of after the stall."""
         task_key = key_of(record, self.config.max_task_bytes)
+        task = held.task if held is not None else None
         try:
-            if held is not None and held.task is not None:
-                await self._leave_internal(held.task, held.fence)
-            await self.outcomes.dead_letter(record, task_key, "internal", error, 0)
-            await self.outcomes.reply(record, task_key, "", "dead", reason="internal", error=error)
+            if held is not None and task is not None:
+                ended = await self._end_internal(task, held.fence, error)
+                await self._leave_internal(task, held.fence)
+                if ended:  # published as the other dead ends are: a redelivery re-emits, never twice
+                    async with self.outcomes.publishing(record, task.key, "dead"):
+                        await self._letter_internal(record, task.key, task.kind, error)
+                    return
+            await self._letter_internal(record, task_key, task.kind if task is not None else None, error)
         except (LedgerUnavailable, ProduceFailed) as exc:
             self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
             raise InfrastructureError(str(exc)) from exc
+
+    async def _letter_internal(self, record: Record, task_key: str | None, kind: str | None, error: str) -> None:
+        await self.outcomes.dead_letter(record, task_key, "internal", error, 0, kind=kind)
+        await self.outcomes.reply(record, task_key, kind or "", "dead", reason="internal", error=error)
+
+    async def _end_internal(self, task: Task, fence: int, error: str) -> bool:
+        """End the task ``dead`` (reason ``internal``) under the record's fence, and cancel its
+        children not started. False when the ledger refuses (a newer fence holds the task, or it is
+        no longer running): the record's dead letter is sent all the same, the ledger left as it is."""
+        if not await self.ledger.fail(task.key, fence, error, dead_reason="internal"):
+            log.warning("task_id=%s: ends internal; the ledger refused fence %d (a newer fence holds the task, "
+                        "or it ended): dead-lettered without ending it", task.key, fence)
+            return False
+        try:
+            await self.outcomes.cancel_children(task.key)
+        except LedgerUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the record must still end as its dead letter
+            log.error("task_id=%s: ends internal and did not cancel its children: %s: %s", task.key,
+                      type(exc).__name__, str(exc)[:300])
+        return True
 
     async def _leave_internal(self, task: Task, fence: int) -> None:
         """Leave the session of a task that ends ``internal``; a bug in leaving is logged (the head

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,13 +15,16 @@ import httpx
 import pytest
 import uvicorn
 
+from service.agents.base import Agent, Messages, Previous
+from service.agents.kinds import ClassifyInput, ClassifyStep
+from service.agents.registry import AgentRegistry, default_agents
 from service.api.app import create_app
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM, FaultRule
 from service.pipeline import dlq
 from service.runtime.wiring import Service
 from service.sdk.client import HttpClient, Outcome, ResultTimeout, TopicClient
-from tests.support import failed, read_topic, running, wait_for
+from tests.support import failed, metric, produce, read_topic, running, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -200,3 +204,49 @@ async def waits(url: str) -> None:
         assert r.status_code == 202 and r.json()["task_id"] == "hp-wait-slow-3"  # not ended yet
         r = await http.get("/tasks/hp-wait-slow-3", params={"wait": 30}, headers=admin)
         assert r.status_code == 200 and r.json()["outcome"] == "succeeded"
+
+
+class _BuggyStep(ClassifyStep):
+    """A step whose own code raises what no step should: a bug of the service, dead letter ``internal``."""
+
+    def messages(self, task_input: ClassifyInput, previous: Previous) -> Messages:
+        raise ZeroDivisionError("a bug in the step")
+
+
+def test_an_internal_failure_ends_the_task_so_a_wait_answers_at_once_with_it(
+    make_settings: Any, fake_llm: FakeLLM
+) -> None:
+    """The ``internal`` dead letter moves the ledger record to ``dead`` as every other reason does:
+    ``GET /tasks/{id}?wait=`` answers 200 with the failure, not 202 with the record left ``running``
+    (each internal retry waits out the record's own lease first: a few seconds here)."""
+    s: Settings = make_settings(admin_token=ADMIN)
+    agents = default_agents()
+    buggy = AgentRegistry([Agent("buggy", ClassifyInput, (_BuggyStep(),)), *(agents.get(k) for k in agents.kinds())])
+    k = s.kafka
+
+    async def scenario() -> tuple[httpx.Response, Outcome]:
+        async with running(s, fake_llm.base_url, agents=buggy) as svc, served(svc) as url, TopicClient(
+                k.bootstrap_servers, input_topic=k.input_topic, results_topic=k.results_topic) as client:
+            svc.processor.config = dataclasses.replace(svc.processor.config, internal_backoff_s=0.01)
+            produce(k.bootstrap_servers, k.input_topic,
+                    [(b"bug-1", json.dumps({"task_id": "bug-1", "kind": "buggy",
+                                            "input": {"text": "t", "labels": LABELS}}).encode())])
+            await wait_for(lambda: metric(svc, "agent_dead_letters_total", {"reason": "internal"}) == 1, 120,
+                           what="the internal dead letter")
+            async with httpx.AsyncClient(base_url=url, timeout=60,
+                                         headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+                response = await http.get("/tasks/bug-1", params={"wait": 10})
+            assert metric(svc, "agent_internal_errors_total") == svc.processor.config.internal_retries + 1
+            return response, await client.aresult("bug-1", 60)
+
+    response, outcome = asyncio.run(scenario())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["state"], body["outcome"], body["dead_reason"]) == ("dead", "failed", "internal"), body
+    assert "ZeroDivisionError" in body["error"]
+    assert (outcome.outcome, outcome.reason, outcome.kind) == ("failed", "internal", "buggy")
+    events = [m.json() for m in read_topic(k.bootstrap_servers, k.results_topic, expect=1)]
+    assert [(e["task_id"], e["outcome"], e["reason"]) for e in events] == [("bug-1", "failed", "internal")]
+    letters = read_topic(k.bootstrap_servers, k.dlq_topic, expect=1)
+    assert [(m.headers["dlq.task_id"], m.headers["dlq.reason"]) for m in letters] == [(b"bug-1", b"internal")]
+    assert outcome.dead_letter is not None and outcome.dead_letter["offset"] == letters[0].offset

@@ -77,11 +77,12 @@ DEPLOY_ENV = frozenset(
         "AGENT_HTTP__PORT",
         "AGENT_ADMIN_TOKEN",
         "AGENT_READ_TOKEN",
+        "AGENT_SUBMIT_TOKEN",
         "AGENT_MAX_IN_FLIGHT",
         "AGENT_LOG_FORMAT",
     }
 )
-SECRET_ENV = frozenset({"AGENT_ADMIN_TOKEN", "AGENT_READ_TOKEN", "AGENT_LLM__API_KEY"})
+SECRET_ENV = frozenset({"AGENT_ADMIN_TOKEN", "AGENT_READ_TOKEN", "AGENT_SUBMIT_TOKEN", "AGENT_LLM__API_KEY"})
 
 EXPECTED_ALERTS = frozenset(
     {
@@ -537,6 +538,7 @@ def test_compose_agent_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
     assert raw["AGENT_HTTP__PORT"] == str(HTTP_PORT)
     assert raw["AGENT_LOG_FORMAT"] == "json"
     assert raw["AGENT_ADMIN_TOKEN"] == "${AGENT_ADMIN_TOKEN:-}"
+    assert raw["AGENT_SUBMIT_TOKEN"] == "${AGENT_SUBMIT_TOKEN:-}"
     assert raw["AGENT_LLM__BASE_URL"].startswith("${AGENT_LLM__BASE_URL:-http")
     # with nothing set in the shell, the defaults must make valid settings
     settings = build_settings({k: interpolate_default(v) for k, v in raw.items()}, monkeypatch)
@@ -1004,6 +1006,11 @@ def test_k8s_env_comes_from_configmap_and_secret(monkeypatch: pytest.MonkeyPatch
     from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e}
     assert set(from_secret) == SECRET_ENV
     assert len({ref["name"] for ref in from_secret.values()}) == 1
+    assert (from_secret["AGENT_ADMIN_TOKEN"]["key"], from_secret["AGENT_ADMIN_TOKEN"].get("optional", False)) == (
+        "admin-token", False)
+    # producers' token: optional, unset only the admin token submits
+    assert (from_secret["AGENT_SUBMIT_TOKEN"]["key"], from_secret["AGENT_SUBMIT_TOKEN"].get("optional")) == (
+        "submit-token", True)
 
     data = configmap_data()
     assert not set(data) & SECRET_ENV, "secrets do not belong in the ConfigMap"

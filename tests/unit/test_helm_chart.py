@@ -80,6 +80,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "secrets": {
             "adminToken": "admin-secret-value",
             "readToken": "read-secret-value",
+            "submitToken": "submit-secret-value",
             "llmApiKey": "llm-secret-value",
             "redisUrl": "rediss://:redis-secret-value@redis.example:6380/0",
             "kafkaOauthClientSecret": "oauth-secret-value",
@@ -88,7 +89,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "extraEnv": {"AGENT_LEDGER__LEASE_MS": 45000},
     },
 }
-SECRET_VALUES = ("admin", "read", "llm", "redis", "oauth", "fb")  # each "<word>-secret-value" above
+SECRET_VALUES = ("admin", "read", "submit", "llm", "redis", "oauth", "fb")  # each "<word>-secret-value" above
 
 
 # --------------------------------------------------------------------------------------
@@ -372,9 +373,11 @@ def test_secret_values_land_in_the_secret() -> None:
     secret = one(rendered("secured"), "Secret")["data"]
     decoded = {k: base64.b64decode(v).decode() for k, v in secret.items()}
     assert decoded["admin-token"] == "admin-secret-value"
+    assert decoded["submit-token"] == "submit-secret-value"
     assert decoded["redis-url"].startswith("rediss://")
     assert json.loads(decoded["llm-fallbacks"])[0]["model"] == "small"
     assert len(base64.b64decode(one(rendered("default"), "Secret")["data"]["admin-token"])) >= 32
+    assert "submit-token" not in one(rendered("default"), "Secret")["data"], "unset: only the admin token submits"
 
 
 def test_deployment_by_default_statefulset_when_transactional(monkeypatch: pytest.MonkeyPatch) -> None:

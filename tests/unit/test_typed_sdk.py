@@ -232,3 +232,27 @@ def test_typed_and_untyped_steps_run_in_one_agent() -> None:
 
     assert outcome.ok, outcome.error
     assert model.requests[1].messages[-1]["content"] == "s / s"
+
+
+def test_every_built_in_step_is_written_in_the_typed_form() -> None:
+    """The built-in kinds are the examples users copy: each step class names its input and output
+    (``Step[In, Out]``, ``DelegateStep[In]``), and none casts its input back with ``assert isinstance``."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import service.agents
+    from service.agents.delegation import DelegateStep
+
+    generic = (Step, DelegateStep)
+    untyped, asserting = [], []
+    for info in pkgutil.iter_modules(service.agents.__path__):
+        module = importlib.import_module(f"service.agents.{info.name}")
+        if "assert isinstance" in inspect.getsource(module):
+            asserting.append(module.__name__)
+        for cls in vars(module).values():
+            if (isinstance(cls, type) and issubclass(cls, Step) and cls.__module__ == module.__name__
+                    and cls not in generic and any(base in generic for base in cls.__bases__)
+                    and "__orig_bases__" not in cls.__dict__):  # a bare Step base: no type parameters
+                untyped.append(f"{module.__name__}.{cls.__name__}")
+    assert untyped == [] and asserting == [], (untyped, asserting)
