@@ -17,7 +17,7 @@ import pytest
 
 from service.agents.tasks import decode_task
 from service.core.errors import PoisonError
-from service.sdk import SESSION, AgentRegistry, SessionView
+from service.sdk import SESSION, AgentRegistry, Previous, SessionView
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,12 +67,12 @@ def test_the_chat_step_puts_the_summary_and_the_turns_before_the_question(exampl
               "result": {"answer": "It ships tomorrow."}, "at": "2026-12-06T10:00:00.000Z"},
              {"task_id": "chat-118-2", "input": {"text": "Which carrier?"},
               "result": {"answer": "DHL."}, "at": "2026-12-06T10:01:00.000Z"})
-    messages = step.messages(question, {SESSION: view(turns=turns, summary="The customer ordered a lamp.")})
+    messages = step.messages(question, Previous({SESSION: view(turns=turns, summary="The customer ordered a lamp.")}))
     assert [m["role"] for m in messages] == ["system", "system", "user", "assistant", "user", "assistant", "user"]
     assert "ordered a lamp" in messages[1]["content"]
     assert "Where is my order?" in messages[2]["content"] and "DHL." in messages[5]["content"]
     assert messages[-1]["content"] == "And can I change the delivery address?"
-    alone = step.messages(question, {})  # a task that names no session
+    alone = step.messages(question, Previous())  # a task that names no session
     assert [m["role"] for m in alone] == ["system", "user"]
 
 
@@ -86,9 +86,9 @@ def test_the_board_reduces_and_its_step_sees_the_board(example: types.ModuleType
     assert again == example.Board(cards={"login page": 5, "search": 8}, total=13)  # a card sized again
 
     (step,) = agent.steps
-    messages = step.messages(example.Card(card="billing"), {SESSION: view(state=session.load(stored))})
+    messages = step.messages(example.Card(card="billing"), Previous({SESSION: view(state=session.load(stored))}))
     assert '"total":8' in messages[-1]["content"] and "billing" in messages[-1]["content"]
-    assert '"total":0' in step.messages(example.Card(card="billing"), {})[-1]["content"]
+    assert '"total":0' in step.messages(example.Card(card="billing"), Previous())[-1]["content"]
 
 
 def test_the_task_shown_names_its_session_as_the_decoder_reads_it() -> None:
