@@ -7,6 +7,7 @@ import json
 from benchmarks.env import task_record
 from benchmarks.naive import Pass, figures
 from benchmarks.naive_consumer import request_body
+from service.agents.base import Previous
 from service.agents.registry import default_agents
 
 
@@ -17,8 +18,8 @@ def test_the_naive_consumer_asks_the_model_what_the_service_asks() -> None:
     step = agent.steps[0]
     task_input = agent.parse_input(task["input"])
     body = request_body(task)
-    assert body["messages"] == step.messages(task_input, {})
-    assert body["response_format"]["schema"] == step.schema(task_input, {})
+    assert body["messages"] == step.messages(task_input, Previous())
+    assert body["response_format"]["schema"] == step.schema(task_input, Previous())
 
 
 def test_figures_put_the_service_beside_the_naive_consumer_with_the_ratios() -> None:
