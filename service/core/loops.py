@@ -22,3 +22,8 @@ def run_loop(main: Coroutine[Any, Any, T], loop: EventLoop) -> T:
 
         return uvloop.run(main)
     return asyncio.run(main)
+
+
+def loop_kind() -> str:
+    """``uvloop`` or ``asyncio``: the kind of the running event loop (for the log line of the start)."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"

@@ -8,7 +8,7 @@ import pytest
 import uvloop
 from pydantic import ValidationError
 
-from service.core.loops import run_loop
+from service.core.loops import loop_kind, run_loop
 from service.core.settings import Settings
 
 
@@ -34,3 +34,12 @@ def test_the_setting_defaults_to_asyncio_and_reads_the_environment(monkeypatch: 
     monkeypatch.setenv("AGENT_EVENT_LOOP", "trio")
     with pytest.raises(ValidationError):
         Settings()
+
+
+async def _kind() -> str:
+    return loop_kind()
+
+
+def test_loop_kind_names_the_running_loop() -> None:
+    assert run_loop(_kind(), "uvloop") == "uvloop"
+    assert run_loop(_kind(), "asyncio") == "asyncio"
