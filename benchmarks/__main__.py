@@ -8,6 +8,7 @@ stderr, the table to stdout.
     python -m benchmarks --quick              # scaled-down sizes: a smoke check of a few minutes
     python -m benchmarks --only e2e,replay --broker tansu --json figures.json
     python -m benchmarks --broker kafka       # on Apache Kafka (one KRaft node from make kafka-jars)
+    python -m benchmarks --broker kafka --only naive --tasks 1000   # the service beside a naive consumer
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import backlog, e2e, latency, parallel, replay, workers
+from benchmarks import backlog, e2e, latency, naive, parallel, replay, workers
 from benchmarks.env import REPO, Env, progress
 from benchmarks.report import Figure, Report
 
 BENCHMARKS: dict[str, Callable[[Env, bool], list[Figure]]] = {
     "e2e": e2e.run,
+    "naive": naive.run,
     "parallel_consumer": parallel.run,
     "latency_bound": latency.run,
     "replay": replay.run,
@@ -43,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="scaled-down sizes (a smoke check)")
+    parser.add_argument("--tasks", type=int, default=None,
+                        help="task count of the benchmarks that take one (naive), instead of their default")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--broker", choices=("kafka", "noida", "tansu"), default="noida",
                         help="broker: Apache Kafka from `make kafka-jars`, or a PyPI stand-in (default noida)")
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     started = time.monotonic()
     with Env(args.broker) as env:
+        env.tasks = args.tasks
         for name in args.names:
             t0 = time.monotonic()
             progress(f"=== {name}")

@@ -111,6 +111,7 @@ class Env:
         self.broker: local.Server | None = None
         self.redis: local.Server | None = None
         self._fakes: list[FakeModel] = []
+        self.tasks: int | None = None  # --tasks: the count of the benchmarks that take one
 
     def __enter__(self) -> Env:
         try:

@@ -103,6 +103,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", choices=("kafka", "noida", "tansu"), default="kafka")
     parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio", help="AGENT_EVENT_LOOP")
+    parser.add_argument("--partitions", type=int, default=6, help="of the input topic (the naive benchmark's: 4)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--replay", action="store_true", help="profile a replay of the processed topic")
@@ -119,8 +121,9 @@ def main() -> int:
     with Env(args.broker) as env:
         fake = env.fake_model(0.0)
         names = env.names("profile")
-        settings = env.settings(names, fake.base_url, partitions=6,
-                                http={"enabled": True, "host": "127.0.0.1", "port": local.free_port()})
+        settings = env.settings(names, fake.base_url, partitions=args.partitions,
+                                http={"enabled": True, "host": "127.0.0.1", "port": local.free_port()},
+                                event_loop=args.event_loop)
         from service.runtime.wiring import ensure_topics
 
         ensure_topics(settings)
@@ -157,7 +160,7 @@ def main() -> int:
                  f"{stats['requests']:,} model calls")
         header = (f"py-spy record --rate {args.rate} --gil (the thread holding the GIL) on `agent-service run` ({args.broker} broker, "
                   f"{'replay of ' if args.replay else ''}{n:,} classify tasks, zero-latency fake model, "
-                  f"6 partitions); {n / watch.processing_s:,.0f} tasks/s from the first record; "
+                  f"{args.partitions} partitions, {args.event_loop} event loop); {n / watch.processing_s:,.0f} tasks/s from the first record; "
                   f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine)\n\n")
         if args.raw is not None:
             shutil.copyfile(raw, args.raw)

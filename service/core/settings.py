@@ -414,9 +414,9 @@ class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; u
     worker_id: str | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"  # "uvloop": less interpreter time per task (core/loops.py)
     # a user's own agents besides the built-in kinds and the `agent_service.agents` entry points:
-    # "package.module:attribute" (an Agent, an iterable of Agents, or a callable returning either);
-    # several separated by commas
+    # "package.module:attribute" (an Agent, an iterable of Agents, or a callable returning either), comma-separated
     agents: str | None = None
     # kinds declared in a TOML (.toml) or YAML (.yaml, .yml) file (see docs/AGENTS.md)
     kinds_file: Path | None = None

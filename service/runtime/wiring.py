@@ -42,6 +42,7 @@ from service.agents.declared import DeclaredAgent
 from service.agents.loading import AgentsNotLoaded, agents_from_settings, describe, summary
 from service.agents.registry import AgentRegistry
 from service.api.app import create_app
+from service.core.loops import loop_kind, run_loop
 from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.core.tracing import Tracing
@@ -392,7 +393,7 @@ def runner_of(s: Settings, processor: TaskProcessor, bounds: Limits, metrics: Me
     consumer_conf = s.kafka.consumer_config()
     # A fetch must hold the largest task the service accepts.
     consumer_conf["fetch.max.bytes"] = max(s.kafka.fetch_max_bytes, s.max_task_bytes * 4)
-    runner = Runner(
+    return Runner(
         consumer_conf, processor,
         RunnerConfig(
             topic=s.kafka.input_topic, max_in_flight=s.max_in_flight,
@@ -405,7 +406,6 @@ def runner_of(s: Settings, processor: TaskProcessor, bounds: Limits, metrics: Me
         screen=processor.screen(),
         progress=Progress(stall_s=s.liveness.stall_s, restart_s=s.liveness.restart_s),
     )
-    return runner
 
 
 def install_signal_handlers(service: Service) -> None:
@@ -427,10 +427,10 @@ def install_signal_handlers(service: Service) -> None:
 
 
 def serve(settings: Settings, *, llm_base_url: str) -> None:
-    """``agent-service run`` on configured servers: load the agents (before any server is asked, so
-    an agent that cannot load says so at once), serve ``/healthz`` and ``/readyz`` while waiting for
-    Redis, the broker (creating the topics unless told not to) and the model endpoint, then serve
-    until signalled. Only a configuration the service refuses ends the start."""
+    """``agent-service run`` on configured servers, on the event loop of ``AGENT_EVENT_LOOP``: load the agents
+    (before any server is asked, so an agent that cannot load says so at once), serve ``/healthz`` and ``/readyz``
+    while waiting for Redis, the broker (creating the topics unless told not to) and the model endpoint, then
+    serve until signalled. Only a configuration the service refuses ends the start."""
     agents = load_registry(settings)
 
     async def main() -> None:
@@ -440,11 +440,11 @@ def serve(settings: Settings, *, llm_base_url: str) -> None:
         startup, front = started
         service = build(settings, llm_base_url=llm_base_url, agents=agents)
         install_signal_handlers(service)
-        log.info("serving: input=%s group=%s http=%s:%d llm=%s", settings.kafka.input_topic,
-                 settings.kafka.group_id, settings.http.host, settings.http.port, llm_base_url)
+        log.info("serving: input=%s group=%s http=%s:%d llm=%s loop=%s", settings.kafka.input_topic, settings.kafka.group_id,
+                 settings.http.host, settings.http.port, llm_base_url, loop_kind())
         try:
             await service.run(front=front, startup=startup)
         finally:
             await front.stop()
 
-    asyncio.run(main())
+    run_loop(main(), settings.event_loop)

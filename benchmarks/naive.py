@@ -1,0 +1,173 @@
+"""``naive``: CPU per task and tasks/s of the service beside the plain asyncio consumer a team would write.
+
+One workload (``classify`` tasks produced first to 4 partitions; 20,000, 2,000 with ``--quick``,
+``--tasks N`` to choose) on the same broker, redis-server and zero-latency fake model, each consumer
+on topics, group and Redis keys of its own: first :mod:`benchmarks.naive_consumer` (one ``SET NX``
+and one aiohttp call per task, 256 at once, produce, flush, commit), then the service as a user runs
+it (``agent-service run``) on asyncio's event loop, then on uvloop's (``AGENT_EVENT_LOOP=uvloop``).
+Each runs in a child process, measured from outside the same way: CPU is the process's user +
+system time from ``/proc/PID/stat`` between its first record and its last outcome (never wall
+time), tasks/s over that same span.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.child import ChildService
+from benchmarks.env import REPO, Env, FakeModel, progress, task_records
+from benchmarks.inproc import CpuMeter
+from benchmarks.report import Figure
+from service.devtools import local, processes
+
+BENCH = "naive"
+PARTITIONS = 4
+BATCH = 256
+
+
+@dataclass
+class Pass:
+    """One consumer's run over the workload."""
+
+    seconds: float  # from its first record to its last outcome
+    cpu: dict[str, float]  # CPU seconds over that span: "consumer", then the servers it used
+    results: int  # result events on its results topic
+    note: str = ""
+
+    def rate(self, n: int) -> float:
+        return n / self.seconds
+
+    def cpu_ms(self, n: int) -> float:
+        return 1000 * self.cpu["consumer"] / n
+
+    def others(self, n: int) -> str:
+        return ", ".join(f"{k} {1000 * v / n:.3f}" for k, v in self.cpu.items() if k != "consumer")
+
+
+def _servers(env: Env, fake: FakeModel) -> dict[str, int | list[int] | None]:
+    return {"fake model": fake.proc.pid, "broker": env.broker.proc.pid if env.broker else None,
+            "redis": env.redis.proc.pid if env.redis else None}
+
+
+def _read_lines(proc: subprocess.Popen[bytes], out: queue.Queue[dict[str, Any] | None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(b"{"):
+            out.put(json.loads(line))
+    out.put(None)  # end of output: the child exited
+
+
+def naive_pass(env: Env, fake: FakeModel, n: int, timeout_s: float = 1800) -> Pass:
+    """:mod:`benchmarks.naive_consumer` in a child process over ``n`` tasks produced before it starts."""
+    names = env.names(f"{BENCH}c")
+    env.create_topics([names.input_topic, names.results_topic], PARTITIONS)
+    env.produce(names.input_topic, task_records(names.run, n), what="tasks")
+    progress(f"naive: the naive consumer on {n:,} tasks")
+    args = ["--bootstrap", env.bootstrap, "--topic", names.input_topic, "--results", names.results_topic,
+            "--group", names.group, "--redis", env.redis_url, "--prefix", names.prefix,
+            "--model-url", fake.base_url, "--tasks", str(n), "--batch", str(BATCH)]
+    with open(env.dir / f"naive-{names.run}.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.naive_consumer", *args], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(proc, lines), name="naive-stdout", daemon=True)
+    reader.start()
+    meter = CpuMeter({"consumer": proc.pid, **_servers(env, fake)})
+    first: float | None = None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            event = lines.get(timeout=max(deadline - time.monotonic(), 0.001))
+            if event is None:
+                raise RuntimeError(f"the naive consumer exited with {proc.wait(30)} before its last task")
+            if event["event"] == "first":
+                meter.start()
+                first = time.monotonic()
+            elif event["event"] == "done":
+                meter.stop()
+                seconds = time.monotonic() - (first or 0.0)
+                break
+        proc.wait(60)
+    except queue.Empty:
+        raise RuntimeError(f"the naive consumer did not finish {n:,} tasks in {timeout_s:.0f}s") from None
+    finally:
+        processes.kill(proc)
+        reader.join(60)
+    results = env.count(names.results_topic)
+    fake.reset()
+    return Pass(seconds, meter.used, results, note=f"{event['claimed']:,} claimed")
+
+
+def service_pass(env: Env, fake: FakeModel, n: int, event_loop: str = "asyncio") -> Pass:
+    """``agent-service run`` (default settings but ``AGENT_EVENT_LOOP``) in a child process over ``n`` tasks
+    produced before it starts."""
+    from service.runtime.wiring import ensure_topics
+
+    names = env.names(f"{BENCH}s")
+    settings = env.settings(names, fake.base_url, partitions=PARTITIONS,
+                            http={"enabled": True, "host": "127.0.0.1", "port": local.free_port()},
+                            event_loop=event_loop)
+    ensure_topics(settings)
+    env.wait_for_topics([names.input_topic, names.results_topic, names.dlq_topic])
+    env.produce(names.input_topic, task_records(names.run, n), what="tasks")
+    progress(f"naive: the service on {n:,} tasks (agent-service run, {event_loop} event loop)")
+    with ChildService(settings, env.dir / f"naive-{names.run}.log") as svc:
+        meter = CpuMeter({"consumer": svc.pid, **_servers(env, fake)})
+        watch = svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n, on_first=meter.start)
+        meter.stop()
+    results = env.count(names.results_topic)
+    fake.reset()
+    return Pass(watch.processing_s, meter.used, results,
+                note=f"{watch.counts['succeeded']:,.0f} succeeded, {watch.counts['dead_lettered']:,.0f} dead letters")
+
+
+def task_count(env: Env, quick: bool) -> int:
+    return env.tasks or (2_000 if quick else 20_000)
+
+
+def run(env: Env, quick: bool) -> list[Figure]:
+    n = task_count(env, quick)
+    fake = env.fake_model(0.0)
+    try:
+        naive = naive_pass(env, fake, n)
+        progress(f"  naive: {naive.rate(n):,.0f} tasks/s, {naive.cpu_ms(n):.3f} ms CPU per task")
+        service = service_pass(env, fake, n)
+        progress(f"  service: {service.rate(n):,.0f} tasks/s, {service.cpu_ms(n):.3f} ms CPU per task")
+        on_uvloop = service_pass(env, fake, n, "uvloop")
+        progress(f"  service on uvloop: {on_uvloop.rate(n):,.0f} tasks/s, {on_uvloop.cpu_ms(n):.3f} ms CPU per task")
+    finally:
+        env.release(fake)
+    return figures(n, naive, service) + figures(n, naive, on_uvloop, "service on uvloop", naive_rows=False)
+
+
+def figures(n: int, naive: Pass, service: Pass, what: str = "service", naive_rows: bool = True) -> list[Figure]:
+    """The service's figures of one pass (``what``), each beside the naive consumer's from the same run,
+    after the naive consumer's own (``naive_rows``)."""
+    workload = f"{n:,} classify tasks on {PARTITIONS} partitions, zero-latency fake model"
+    cpu_base = f"naive {naive.cpu_ms(n):.3f} ms"
+    rate_base = f"naive {naive.rate(n):,.0f}/s"
+    own = [
+        Figure(BENCH, "naive consumer, CPU per task", naive.cpu_ms(n), "ms",
+               detail=f"{workload}; {n:,} in {naive.seconds:.2f}s from the first record; {naive.note}, "
+                      f"{naive.results:,} result events; other processes' CPU ms per task: {naive.others(n)}"),
+        Figure(BENCH, "naive consumer, throughput", naive.rate(n), "tasks/s"),
+    ]
+    return (own if naive_rows else []) + [
+        Figure(BENCH, f"{what}, CPU per task", service.cpu_ms(n), "ms", baseline=cpu_base,
+               target=("<=", naive.cpu_ms(n)),
+               detail=f"{workload}; {n:,} in {service.seconds:.2f}s from the first record; {service.note}, "
+                      f"{service.results:,} result events; other processes' CPU ms per task: {service.others(n)}"),
+        Figure(BENCH, f"{what}, throughput", service.rate(n), "tasks/s", baseline=rate_base,
+               target=(">=", naive.rate(n))),
+        Figure(BENCH, f"CPU per task, {what} / naive", service.cpu_ms(n) / naive.cpu_ms(n), "x",
+               baseline=cpu_base, target=("<=", 1.0)),
+        Figure(BENCH, f"throughput, {what} / naive", service.rate(n) / naive.rate(n), "x",
+               baseline=rate_base, target=(">=", 1.0)),
+    ]

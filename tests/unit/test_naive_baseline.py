@@ -1,0 +1,38 @@
+"""The naive baseline of ``python -m benchmarks --only naive``: the same work as the service, figures beside it."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.env import task_record
+from benchmarks.naive import Pass, figures
+from benchmarks.naive_consumer import request_body
+from service.agents.base import Previous
+from service.agents.registry import default_agents
+
+
+def test_the_naive_consumer_asks_the_model_what_the_service_asks() -> None:
+    _key, value = task_record("t-1")
+    task = json.loads(value)
+    agent = default_agents().get("classify")
+    step = agent.steps[0]
+    task_input = agent.parse_input(task["input"])
+    body = request_body(task)
+    assert body["messages"] == step.messages(task_input, Previous())
+    assert body["response_format"]["schema"] == step.schema(task_input, Previous())
+
+
+def test_figures_put_the_service_beside_the_naive_consumer_with_the_ratios() -> None:
+    naive = Pass(seconds=2.0, cpu={"consumer": 0.6, "redis": 0.1}, results=1000)
+    service = Pass(seconds=4.0, cpu={"consumer": 0.9, "redis": 0.2}, results=1000)
+    by_name = {f.name: f for f in figures(1000, naive, service)}
+    assert by_name["naive consumer, CPU per task"].value == 0.6
+    assert by_name["service, CPU per task"].value == 0.9
+    assert by_name["service, throughput"].value == 250
+    cpu_ratio = by_name["CPU per task, service / naive"]
+    assert cpu_ratio.value == 1.5 and cpu_ratio.status == "MISSED"
+    rate_ratio = by_name["throughput, service / naive"]
+    assert rate_ratio.value == 0.5 and rate_ratio.status == "MISSED"
+    faster = {f.name: f for f in figures(1000, naive, Pass(1.0, {"consumer": 0.3}, 1000))}
+    assert faster["CPU per task, service / naive"].status == "ok"
+    assert faster["throughput, service / naive"].status == "ok"
