@@ -278,7 +278,7 @@ class CallLoop:
         if answer.tool_calls:
             if request.tool_choice == "auto":
                 if answered is not None:
-                    answered.append((endpoint.name, answer.model))
+                    answered.append((endpoint.answers_as, answer.model))
                 return ToolCalls(answer.tool_calls)
             return Failure(InvalidOutput("schema", f"{step.name}: asked for tools when told to answer"))
         try:
@@ -286,7 +286,7 @@ class CallLoop:
         except InvalidOutput as exc:
             return Failure(exc)
         if answered is not None:
-            answered.append((endpoint.name, answer.model))
+            answered.append((endpoint.answers_as, answer.model))
         return Answer(output)
 
 

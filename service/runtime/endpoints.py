@@ -90,5 +90,6 @@ def replica_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient, 
                         interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix,
                         half_life_s=settings.tenancy.fair_half_life_s),
             window=adaptive_window(settings, redis, replica.base_url, metrics, replica.name, llm.timeout_s, closers),
+            replica=True,
         ))
     return tuple(endpoints)

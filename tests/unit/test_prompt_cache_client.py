@@ -66,3 +66,16 @@ def test_missing_or_odd_cached_counts_are_zero_and_never_over_the_prompt() -> No
             usage["prompt_tokens_details"] = details
         result = call(cached_handler(usage), make_request(kind="classify"), Metrics())
         assert result.cached_tokens == expected, json.dumps(details)
+
+
+def test_the_console_overview_shows_the_cache_hit_ratio_per_kind_and_endpoint() -> None:
+    from service.api import console_views as views
+
+    metrics = Metrics()
+    metrics.name_models(kinds=["classify", "review"], endpoints=["primary", "replica-1"])
+    for kind, endpoint, prompt, cached in (("classify", "replica-1", 1000, 750), ("review", "primary", 400, 0)):
+        p, c = metrics.prompt_tokens(kind, endpoint)
+        p.inc(prompt)
+        c.inc(cached)
+    rows = views.overview_figures(views.samples(metrics.registry))["prompt_cache"]
+    assert rows == [("classify", "replica-1", 1000.0, 750.0), ("review", "primary", 400.0, 0.0)]

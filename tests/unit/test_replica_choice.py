@@ -75,3 +75,10 @@ def test_with_every_endpoint_down_a_wait_kind_waits_for_its_own() -> None:
         endpoint.guard.endpoint_fault("unreachable", "refused")
     assert not c.home(KEYS[0]).available
     assert c.home(KEYS[0]).name == rendezvous(NAMES, KEYS[0])[0]
+
+
+def test_a_replica_answers_as_the_primary_and_a_fallback_as_itself() -> None:
+    replica = Endpoint("replica-1", "http://r/v1", client=None, replica=True)  # type: ignore[arg-type]
+    fallback = Endpoint("fallback-1", "http://f/v1", client=None)  # type: ignore[arg-type]
+    assert (replica.answers_as, replica.fallback) == ("primary", False)
+    assert (fallback.answers_as, fallback.fallback) == ("fallback-1", True)
