@@ -82,3 +82,19 @@ def test_a_replica_answers_as_the_primary_and_a_fallback_as_itself() -> None:
     fallback = Endpoint("fallback-1", "http://f/v1", client=None)  # type: ignore[arg-type]
     assert (replica.answers_as, replica.fallback) == ("primary", False)
     assert (fallback.answers_as, fallback.fallback) == ("fallback-1", True)
+
+
+class FullWindow:
+    full = True  # this worker's calls wait for a slot on it
+
+
+def test_a_full_window_sends_the_call_to_the_next_endpoint_and_a_full_fleet_to_its_own() -> None:
+    c = capacity(Clock())
+    key = KEYS[0]
+    first, second, third = rendezvous(NAMES, key)
+    by_name = {e.name: e for e in (c.primary, *c.replicas)}
+    object.__setattr__(by_name[first], "window", FullWindow())
+    assert c.home(key).name == second
+    for name in (second, third):
+        object.__setattr__(by_name[name], "window", FullWindow())
+    assert c.home(key).name == first  # every window full: it waits for its own
