@@ -98,3 +98,15 @@ def test_a_full_window_sends_the_call_to_the_next_endpoint_and_a_full_fleet_to_i
     for name in (second, third):
         object.__setattr__(by_name[name], "window", FullWindow())
     assert c.home(key).name == first  # every window full: it waits for its own
+
+
+def test_consumption_goes_on_while_one_endpoint_of_the_model_accepts() -> None:
+    c = capacity(Clock())
+    peers = (c.primary, *c.replicas)
+    for endpoint in peers[:-1]:
+        assert endpoint.guard is not None
+        endpoint.guard.endpoint_fault("auth", "401")
+    assert c.accepting()  # a wait kind is still served by the last one
+    assert peers[-1].guard is not None
+    peers[-1].guard.endpoint_fault("auth", "401")
+    assert not c.accepting()
