@@ -140,7 +140,7 @@ async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
             stalled = progress.holding()
     ready = all(checks.values())
     processor = service.processor
-    guards = [e.guard for e in (processor.primary, *processor.fallbacks) if e.guard is not None]
+    guards = [e.guard for e in (processor.primary, *processor.capacity.replicas, *processor.fallbacks) if e.guard is not None]
     degraded = {guard.label: guard.degraded for guard in guards if guard.degraded}
     status: Literal["ok", "degraded", "unready"] = "unready" if not ready else "degraded" if degraded else "ok"
     body = Readiness(ready=ready, status=status, checks=checks, degraded=degraded, stalled=stalled,

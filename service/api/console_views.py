@@ -59,8 +59,17 @@ def overview_figures(found: Samples) -> dict[str, Any]:
         "outcomes": outcomes, "inflight": total(found, "agent_inflight_tasks"),
         "paused": total(found, "agent_paused_partitions"), "assigned": total(found, "agent_assigned_partitions"),
         "lag": lag, "breakers": breakers, "degraded": degraded, "parked_gauge": total(found, "agent_parked_tasks"),
-        "published": total(found, "agent_results_published_total"),
+        "published": total(found, "agent_results_published_total"), "prompt_cache": prompt_cache(found),
     }
+
+
+def prompt_cache(found: Samples) -> list[tuple[str, str, float, float]]:
+    """Per kind and endpoint with prompt tokens: the prompt tokens, the cached ones and their ratio."""
+    cached = {(lab.get("kind", ""), lab.get("endpoint", "")): v
+              for lab, v in found.get("agent_llm_cached_prompt_tokens_total", [])}
+    return sorted((lab.get("kind", ""), lab.get("endpoint", ""), v,
+                   cached.get((lab.get("kind", ""), lab.get("endpoint", "")), 0.0))
+                  for lab, v in found.get("agent_llm_prompt_tokens_total", []) if v)
 
 
 def prompt_versions(agent: Agent | None) -> dict[str, str]:

@@ -124,6 +124,14 @@ class Metrics:
             "kinds and the configured endpoints; any other is other).", ["kind", "endpoint"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
         )
+        self.llm_prompt_tokens = Counter(
+            "agent_llm_prompt_tokens", "Prompt tokens the endpoint reported, by kind and endpoint (bounded as "
+            "the latency's labels).", ["kind", "endpoint"], registry=r,
+        )
+        self.llm_cached_prompt_tokens = Counter(
+            "agent_llm_cached_prompt_tokens", "Of the prompt tokens, those the endpoint read from its prompt cache "
+            "(usage.prompt_tokens_details.cached_tokens), by kind and endpoint.", ["kind", "endpoint"], registry=r,
+        )
         self.retries = Counter("agent_retries", "LLM calls retried after a failure.", registry=r)
         self.fallbacks = Counter(
             "agent_fallbacks",
@@ -353,11 +361,13 @@ class Metrics:
         self._model_kinds: frozenset[str] = frozenset()
         self._endpoints: frozenset[str] = frozenset()
         self._latencies: dict[tuple[str, str], Any] = {}
+        self._prompts: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def name_models(self, kinds: Iterable[str], endpoints: Iterable[str]) -> None:
         """The kinds and endpoints ``agent_llm_latency_seconds`` names; any other is ``other``."""
         self._model_kinds, self._endpoints = frozenset(kinds), frozenset(endpoints)
         self._latencies.clear()
+        self._prompts.clear()
 
     def model_latency(self, kind: str | None, endpoint: str) -> Any:
         """``llm_latency`` for a call of a task of ``kind`` to ``endpoint`` (bounded labels)."""
@@ -366,6 +376,16 @@ class Metrics:
         if child is None:
             child = self._latencies[key] = self.llm_latency.labels(kind=key[0], endpoint=key[1])
         return child
+
+    def prompt_tokens(self, kind: str | None, endpoint: str) -> tuple[Any, Any]:
+        """``llm_prompt_tokens`` and ``llm_cached_prompt_tokens`` for ``kind`` and ``endpoint`` (bounded labels)."""
+        key = (kind if kind in self._model_kinds else "other", endpoint if endpoint in self._endpoints else "other")
+        children = self._prompts.get(key)
+        if children is None:
+            labels = {"kind": key[0], "endpoint": key[1]}
+            children = self._prompts[key] = (self.llm_prompt_tokens.labels(**labels),
+                                             self.llm_cached_prompt_tokens.labels(**labels))
+        return children
 
     def task_version(self, kind: str, version: str, outcome: str) -> Any:
         """``task_versions`` for one kind, prompt version and outcome (bounded: the loaded kinds)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -18,6 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dedup.keys import is_valid_tenant
+from service.core.endpoint_settings import FallbackEndpoint, OtherEndpoint, ReplicaEndpoint
 from service.core.kafka_config import Client, ClientConfig, check_oidc, client_properties, security_properties
 from service.core.schedule_spec import SchedulerSettings
 from service.core.sessions_settings import SessionsSettings, stall_outlasts_lease
@@ -151,30 +151,6 @@ class RedisSettings(BaseModel):
 
 UnavailablePolicy = Literal["wait", "fallback", "fail_fast"]
 UNAVAILABLE_POLICIES: tuple[str, ...] = ("wait", "fallback", "fail_fast")
-ENDPOINT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-
-
-class FallbackEndpoint(BaseModel):
-    """An OpenAI-compatible endpoint tried, in order, by kinds whose policy is ``fallback`` while the
-    primary (``AGENT_LLM__BASE_URL``) is unavailable. It has its own client, breaker, Retry-After
-    and rate limits; the other model settings (format, temperature, retries) are the primary's."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # a metric label and what a degraded result names (unset: "fallback-<position>", from 1)
-    name: str | None = Field(None, pattern=ENDPOINT_NAME.pattern)
-    base_url: str = Field(min_length=1)
-    api_key: SecretStr = SecretStr("not-needed")
-    model: str = Field(min_length=1)
-    timeout_s: float | None = Field(None, gt=0)  # unset: AGENT_LLM__TIMEOUT_S
-    rpm: int = Field(0, ge=0)  # requests per minute across replicas (0: no limit)
-    tpm: int = Field(0, ge=0)  # tokens per minute across replicas (0: no limit)
-
-    def to_json(self) -> dict[str, Any]:
-        """As the environment spells it, the key included (for a spawned worker)."""
-        data = self.model_dump(exclude_none=True)
-        data["api_key"] = self.api_key.get_secret_value()
-        return data
 
 
 class LLMSettings(BaseModel):
@@ -223,20 +199,26 @@ class LLMSettings(BaseModel):
     # endpoints tried in order while the primary is unavailable, by kinds whose policy is `fallback`:
     # a JSON list of {"base_url", "api_key", "model", "timeout_s"?, "rpm"?, "tpm"?, "name"?}
     fallbacks: list[FallbackEndpoint] = Field(default_factory=list)
+    # more endpoints serving `model`: a JSON list of {"base_url", "api_key"?, "rpm"?, "tpm"?, "name"?,
+    # "prompt_cache_key"?}; each step's calls go to the one its prompt cache key prefers (see ReplicaEndpoint)
+    replicas: list[ReplicaEndpoint] = Field(default_factory=list)
+    # send each step's prompt cache key (OpenAI's `prompt_cache_key`); off for a server refusing unknown fields
+    prompt_cache_key: bool = True
     # what a kind does while the primary's breaker is open or it is degraded, unless the kind says:
     # wait (for it), fallback (to the first fallback that accepts), fail_fast (dead letter `unavailable`)
     unavailable: UnavailablePolicy = "wait"
 
     @model_validator(mode="after")
     def _name_fallbacks(self) -> Self:
-        """Each fallback gets a name (its position unless set); two with one name are refused."""
+        """Each fallback and replica gets a name (its position unless set); two with one name are refused."""
         names: list[str] = []
-        for i, fallback in enumerate(self.fallbacks, 1):
-            if fallback.name is None:
-                fallback.name = f"fallback-{i}"
-            if fallback.name in names or fallback.name == "primary":
-                raise ValueError(f"llm.fallbacks: the name {fallback.name!r} is used twice (the primary is 'primary')")
-            names.append(fallback.name)
+        for role, others in (("fallback", self.fallbacks), ("replica", self.replicas)):
+            for i, other in enumerate(others, 1):
+                if other.name is None:
+                    other.name = f"{role}-{i}"
+                if other.name in names or other.name == "primary":
+                    raise ValueError(f"llm.{role}s: the name {other.name!r} is used twice (the primary is 'primary')")
+                names.append(other.name)
         return self
 
     @model_validator(mode="after")
@@ -434,7 +416,7 @@ def to_env(settings: BaseSettings) -> dict[str, str]:
             if isinstance(value, BaseModel):
                 put(key + "__", value)
             elif isinstance(value, list | tuple):
-                env[key] = json.dumps([v.to_json() if isinstance(v, FallbackEndpoint) else
+                env[key] = json.dumps([v.to_json() if isinstance(v, OtherEndpoint) else
                                        v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value])
             elif isinstance(value, dict):
                 env[key] = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else

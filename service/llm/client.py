@@ -84,6 +84,9 @@ class ChatRequest:
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI function-calling tool specs offered to the model
     tool_choice: str | None = None  # "auto", "none", "required" (None: the endpoint's default)
     kind: str | None = None  # the task's kind: a label of the latency metric, never sent
+    # the prefix the request shares with the step's others (service.llm.affinity), sent as OpenAI's
+    # prompt_cache_key where the endpoint takes it
+    cache_key: str | None = None
 
     def __post_init__(self) -> None:
         if not _SCHEMA_NAME.fullmatch(self.schema_name):
@@ -109,6 +112,7 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
+    cached_tokens: int = 0  # of prompt_tokens, those the endpoint read from its prompt cache
     # the tools the model asked to call instead of answering: {"id", "name", "arguments"}, arguments
     # as the model wrote them (a JSON text, checked by the caller)
     tool_calls: tuple[dict[str, str], ...] = ()
@@ -185,7 +189,7 @@ class LLMClient:
         response, latency = await self._exchange(payload, headers, request, timeout_s)
         self._metrics.model_latency(request.kind, self._endpoint).observe(latency)
         try:
-            result = self._interpret(response, latency)
+            result = self._interpret(response, latency, request.kind)
         except AgentError as exc:
             self._count(outcome_of(exc))
             logger.debug(
@@ -283,15 +287,11 @@ class LLMClient:
     # -- request ------------------------------------------------------------------------------
 
     def _payload(self, request: ChatRequest) -> dict[str, Any]:
+        """The body, its stable parts first (the model, the tools, the schema, then the messages,
+        which a step orders system prompt, session summary and history, the task's own last) and the
+        per-call values after: a server that caches a prefix of the request text keeps the most."""
         settings = self._settings
-        payload: dict[str, Any] = {
-            "model": request.model or settings.model,
-            "messages": request.messages,
-            "temperature": settings.temperature if request.temperature is None else request.temperature,
-            "max_tokens": (
-                request.max_tokens if request.max_tokens is not None else settings.max_tokens
-            ),
-        }
+        payload: dict[str, Any] = {"model": request.model or settings.model}
         if request.tools:
             payload["tools"] = list(request.tools)
             if request.tool_choice is not None:
@@ -308,6 +308,11 @@ class LLMClient:
                 }
             else:
                 payload["response_format"] = {"type": "json_object", "schema": request.schema}
+        payload["messages"] = request.messages
+        payload["temperature"] = settings.temperature if request.temperature is None else request.temperature
+        payload["max_tokens"] = request.max_tokens if request.max_tokens is not None else settings.max_tokens
+        if request.cache_key is not None and settings.prompt_cache_key:
+            payload["prompt_cache_key"] = request.cache_key
         return payload
 
     def _headers(self, request: ChatRequest) -> dict[str, str]:
@@ -321,11 +326,11 @@ class LLMClient:
 
     # -- response -----------------------------------------------------------------------------
 
-    def _interpret(self, response: HTTPResponse, latency: float) -> ChatResult:
+    def _interpret(self, response: HTTPResponse, latency: float, kind: str | None = None) -> ChatResult:
         """Turn one HTTP response into a result, or raise the matching error."""
         raise_for_status(response)
         body = json_object(response)
-        prompt_tokens, completion_tokens = self._count_tokens(body.get("usage"))
+        prompt_tokens, completion_tokens, cached_tokens = self._count_tokens(body.get("usage"), kind)
         choice, message = first_choice(body, response.status)
         model = body.get("model")
         content, finish_reason, tool_calls = answer(choice, message, response.status, completion_tokens)
@@ -336,20 +341,28 @@ class LLMClient:
             model=model if isinstance(model, str) and model else self._settings.model,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
             latency_s=latency,
         )
 
-    def _count_tokens(self, usage: object) -> tuple[int, int]:
-        """Record the tokens the endpoint reports spending; missing counts are zero."""
+    def _count_tokens(self, usage: object, kind: str | None) -> tuple[int, int, int]:
+        """Record the tokens the endpoint reports spending, and of the prompt's those it read from its
+        cache (``usage.prompt_tokens_details.cached_tokens``); missing counts are zero."""
         if not isinstance(usage, dict):
-            return 0, 0
+            return 0, 0, 0
         prompt_tokens = token_count(usage.get("prompt_tokens"))
         completion_tokens = token_count(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        cached = min(prompt_tokens, token_count(details.get("cached_tokens"))) if isinstance(details, dict) else 0
         if prompt_tokens:
             self._metrics.tokens_in.inc(prompt_tokens)
+            prompt, cached_counter = self._metrics.prompt_tokens(kind, self._endpoint)
+            prompt.inc(prompt_tokens)
+            if cached:
+                cached_counter.inc(cached)
         if completion_tokens:
             self._metrics.tokens_out.inc(completion_tokens)
-        return prompt_tokens, completion_tokens
+        return prompt_tokens, completion_tokens, cached
 
     def _count(self, outcome: str) -> None:
         child = self._metrics.llm_outcome.get(outcome)

@@ -4,7 +4,9 @@ window of open calls (:mod:`service.llm.window`).
 
 Which one a step calls is the pipeline's choice (:meth:`service.pipeline.capacity.Capacity.endpoint`):
 the primary unless it is unavailable and the kind's policy says ``fallback``. An answer from a
-fallback is a degraded answer, and says so wherever it goes.
+fallback is a degraded answer, and says so wherever it goes. Replicas (``AGENT_LLM__REPLICAS``) serve
+the primary's model: which of them a step calls is its prompt cache key's (:mod:`service.llm.affinity`),
+and their answers are the primary's.
 """
 
 from __future__ import annotations
@@ -34,10 +36,16 @@ class Endpoint:
     model: str | None = None  # a fallback's model (None: the request's, or the client's default)
     timeout_s: float | None = None  # a fallback's own call timeout (None: AGENT_LLM__TIMEOUT_S)
     window: AdaptiveWindow | None = None  # the fleet's calls open on it (None: only the worker's own cap)
+    replica: bool = False  # serves the primary's model (AGENT_LLM__REPLICAS): its answers are the primary's
 
     @property
     def fallback(self) -> bool:
-        return self.name != PRIMARY
+        return self.name != PRIMARY and not self.replica
+
+    @property
+    def answers_as(self) -> str:
+        """The endpoint an answer from it is recorded as: a replica's as the primary's (not degraded)."""
+        return PRIMARY if self.replica else self.name
 
     @property
     def available(self) -> bool:

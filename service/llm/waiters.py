@@ -36,6 +36,11 @@ class Waiters:
         self._freed = asyncio.Event()  # a slot of this process was given back or kept
         self.ramp_at: float | None = None  # (loop time) when a slow start without room may ramp again
 
+    @property
+    def waiting(self) -> bool:
+        """Calls of this process wait in line for a slot: the window is full as far as it knows."""
+        return self._head.locked() or self._urgent_head.locked()
+
     def freed(self) -> None:
         """A slot of this process was given back or kept: the heads ask again."""
         self._freed.set()

@@ -238,6 +238,11 @@ class AdaptiveWindow:
         self.size = float(initial)  # the window as this process last saw it
         self._size_gauge.set(initial)
 
+    @property
+    def full(self) -> bool:
+        """Calls of this process wait for a slot now (a caller with another endpoint may go there)."""
+        return self._waiters.waiting
+
     async def acquire(self, priority: str = "batch") -> Slot:
         """Wait for a slot in the fleet's window; the caller must :meth:`release` it. While calls of
         this process wait, ``interactive`` ones get the slots before ``batch`` ones."""

@@ -26,6 +26,7 @@ from service.agents.tasks import Task
 from service.core.errors import EndpointFault, InvalidOutput, LLMRateLimited, LLMTimeout, PermanentError, RetryableError
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
+from service.llm.affinity import prompt_cache_key
 from service.llm.client import ChatRequest, ChatResult
 from service.llm.endpoints import Endpoint
 from service.llm.guard import EndpointGuard
@@ -94,13 +95,14 @@ class CallLoop:
         waits_until = monotonic() + self.config.max_wait_s
         guard = self.capacity.guard
         why_endpoint = guard.why_waiting if guard is not None else None
+        cache_key = prompt_cache_key(task.kind, step.name, step.prompt_version)  # its endpoint, with replicas
         while True:
             spend = await self.capacity.reserve(task, needed, attempts, waits_until)  # or dead letter `budget`
             outcome: CallOutcome | None = None
             try:
                 with self.waits.waiting(task.key, "endpoint", waits_until, why_endpoint):
                     endpoint = await self.capacity.endpoint(task, needed, retry=retry, attempts=attempts,
-                                                            until=waits_until)
+                                                            until=waits_until, cache_key=cache_key)
                 remaining = self.capacity.time_left(task, attempts)  # after any wait for the endpoint
                 attempt = await self._begin_attempt(task, step, fence)
                 attempts = attempt.total
@@ -170,6 +172,7 @@ class CallLoop:
             tools=tuple(t.spec() for t in step.tools),
             tool_choice=("auto" if offer_tools else "none") if step.tools else None,
             kind=task.kind,
+            cache_key=prompt_cache_key(task.kind, step.name, step.prompt_version),
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Failure, endpoint: Endpoint,
@@ -275,7 +278,7 @@ class CallLoop:
         if answer.tool_calls:
             if request.tool_choice == "auto":
                 if answered is not None:
-                    answered.append((endpoint.name, answer.model))
+                    answered.append((endpoint.answers_as, answer.model))
                 return ToolCalls(answer.tool_calls)
             return Failure(InvalidOutput("schema", f"{step.name}: asked for tools when told to answer"))
         try:
@@ -283,7 +286,7 @@ class CallLoop:
         except InvalidOutput as exc:
             return Failure(exc)
         if answered is not None:
-            answered.append((endpoint.name, answer.model))
+            answered.append((endpoint.answers_as, answer.model))
         return Answer(output)
 
 

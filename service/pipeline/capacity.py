@@ -21,6 +21,7 @@ from service.agents.registry import AgentRegistry
 from service.agents.tasks import Task
 from service.core.errors import EndpointFault, LLMRateLimited, PoisonError
 from service.core.metrics import Metrics
+from service.llm.affinity import rendezvous
 from service.llm.client import ChatRequest, ChatResult
 from service.llm.endpoints import Endpoint
 from service.llm.guard import EndpointGuard, EndpointUnavailable
@@ -60,8 +61,11 @@ class Capacity:
 
     def __init__(self, *, primary: Endpoint, fallbacks: tuple[Endpoint, ...], agents: AgentRegistry,
                  default_unavailable: str, tenancy: Tenancy, budgets: TenantBudgets | None, waits: Waits,
-                 metrics: Metrics, config: ProcessorConfig, clock: Callable[[], datetime], model_name: str) -> None:
+                 metrics: Metrics, config: ProcessorConfig, clock: Callable[[], datetime], model_name: str,
+                 replicas: tuple[Endpoint, ...] = ()) -> None:
         self.primary = primary  # llm, guard, limiter and window of AGENT_LLM__*, as an endpoint
+        self.replicas = replicas  # AGENT_LLM__REPLICAS: the primary's model at other endpoints
+        self._peers = {e.name: e for e in (primary, *replicas)}
         self.fallbacks = fallbacks  # AGENT_LLM__FALLBACKS, in order
         self.agents = agents
         self.default_unavailable = default_unavailable  # AGENT_LLM__UNAVAILABLE: for a kind that names none
@@ -81,8 +85,7 @@ class Capacity:
     def accepting(self) -> bool:
         """Whether some loaded kind can do without the primary, or it accepts (see
         :attr:`service.pipeline.processor.TaskProcessor.accepting`)."""
-        guard = self.primary.guard
-        if guard is None or guard.accepting:
+        if any(peer.accepting for peer in self._peers.values()):
             return True
         policies = {agent.unavailable or self.default_unavailable for agent in self.agents}
         return "fail_fast" in policies or (
@@ -90,7 +93,7 @@ class Capacity:
 
     def holding(self) -> str | None:
         """What an endpoint holds back now: a degraded endpoint, an open breaker, a half-open probe out."""
-        for endpoint in (self.primary, *self.fallbacks):
+        for endpoint in (self.primary, *self.replicas, *self.fallbacks):
             guard = endpoint.guard
             if guard is None:
                 continue
@@ -117,8 +120,21 @@ class Capacity:
             return self.default_unavailable
         return agent.unavailable or self.default_unavailable
 
+    def home(self, cache_key: str | None) -> Endpoint:
+        """The endpoint serving the primary's model that a call with ``cache_key`` goes to: the first,
+        in the key's rendezvous order, that is available (its breaker closed, no probe out) and whose
+        window has room; else the first available; else the first (which the call waits for). With no
+        replica, or no key, the primary."""
+        if not self.replicas or cache_key is None:
+            return self.primary
+        order = [self._peers[name] for name in rendezvous(self._peers, cache_key)]
+        ready = [e for e in order if e.available]
+        roomy = [e for e in ready if e.window is None or not e.window.full]
+        return (roomy or ready or order)[0]
+
     async def endpoint(self, task: Task, tokens: int, *, retry: bool, attempts: int = 0,
-                       primary_only: bool = False, until: float | None = None) -> Endpoint:
+                       primary_only: bool = False, until: float | None = None,
+                       cache_key: str | None = None) -> Endpoint:
         """Choose the endpoint to call and wait until it may be called (breaker, retry budget,
         Retry-After, rate limits); returns it.
 
@@ -126,14 +142,16 @@ class Capacity:
         policy says otherwise: ``fail_fast`` dead-letters the task as ``unavailable`` at once;
         ``fallback`` takes the first fallback endpoint that is available, and while none is (nor
         the primary) it waits, within the task's deadline. With no fallback configured, a
-        ``fallback`` kind waits for the primary as a ``wait`` kind does.
+        ``fallback`` kind waits for the primary as a ``wait`` kind does. With replicas, "the primary"
+        is the call's :meth:`home` by its prompt cache key.
         """
         limit = self.config.max_wait_s if until is None else until - monotonic()
         try:
             if limit <= 0:
                 raise TimeoutError
             async with asyncio.timeout(limit):
-                return await self._choose(task, tokens, retry=retry, attempts=attempts, primary_only=primary_only)
+                return await self._choose(task, tokens, retry=retry, attempts=attempts, primary_only=primary_only,
+                                          cache_key=cache_key)
         except EndpointUnavailable as exc:
             raise ToDeadLetter("unavailable", f"{exc} after {attempts} attempts", attempts) from exc
         except TimeoutError:
@@ -141,11 +159,12 @@ class Capacity:
             raise ToDeadLetter("unavailable", f"waited {self.config.max_wait_s:.0f} s for the model endpoint "
                                f"({why or 'rate limits'}) after {attempts} attempts", attempts) from None
 
-    async def _choose(self, task: Task, tokens: int, *, retry: bool, attempts: int, primary_only: bool) -> Endpoint:
-        primary = self.primary
+    async def _choose(self, task: Task, tokens: int, *, retry: bool, attempts: int, primary_only: bool,
+                      cache_key: str | None) -> Endpoint:
         policy = "wait" if primary_only else self.policy(task)
         fallbacks = self.fallbacks
         while True:
+            primary = self.home(cache_key)
             if policy == "wait" or primary.available or (policy == "fallback" and not fallbacks):
                 return await self._acquire(primary, task, tokens, retry)
             if policy == "fail_fast":

@@ -132,19 +132,22 @@ class TaskProcessor:
         primary_url: str = "",
         fallbacks: tuple[Endpoint, ...] = (),
         unavailable: str = "wait",
+        replicas: tuple[Endpoint, ...] = (),
         window: AdaptiveWindow | None = None,
     ) -> Self:
         """The processor and its collaborators. ``fallbacks``: the endpoints a kind whose policy is
         ``fallback`` calls while the primary (``llm``, ``guard``, ``limiter``, ``window`` at
-        ``primary_url``) is unavailable; ``unavailable``: the policy of a kind that sets none."""
+        ``primary_url``) is unavailable; ``unavailable``: the policy of a kind that sets none; ``replicas``:
+        the primary's model at other endpoints (a step's calls go where its prompt cache key says)."""
         tracing = tracing or Tracing.disabled()
-        metrics.name_models(agents.kinds(), (PRIMARY, *(f.name for f in fallbacks)))  # the latency's labels
+        metrics.name_models(agents.kinds(), (PRIMARY, *(e.name for e in (*replicas, *fallbacks))))  # the latency's labels
         waits = Waits()  # every record that waits here, why and until when
         capacity = Capacity(
             primary=Endpoint(PRIMARY, primary_url, llm, guard, limiter, window=window), fallbacks=fallbacks,
             agents=agents, default_unavailable=unavailable,
             tenancy=tenancy or Tenancy(),  # the tenants' weights, budgets, labels and prices
-            budgets=budgets, waits=waits, metrics=metrics, config=config, clock=clock, model_name=model_name)
+            budgets=budgets, waits=waits, metrics=metrics, config=config, clock=clock, model_name=model_name,
+            replicas=replicas)
         outcomes = Outcomes(ledger=ledger, outputs=outputs, metrics=metrics, tracing=tracing, clock=clock,
                             model_name=model_name, fallbacks=fallbacks, config=config)
         calls = CallLoop(ledger=ledger, capacity=capacity, waits=waits, metrics=metrics, config=config, clock=clock,

@@ -1,4 +1,4 @@
-"""The model endpoints beyond the primary, the fleet's windows of open calls, and the tenants'
+"""The model endpoints beyond the primary (replicas and fallbacks), the fleet's windows of open calls, and the tenants'
 policy: what the processor's model calls are built from, each from the settings."""
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient,
     for fallback in llm.fallbacks:
         assert fallback.name is not None  # named by the settings
         own = llm.model_copy(update={"api_key": fallback.api_key, "model": fallback.model,
-                                     "timeout_s": fallback.timeout_s or llm.timeout_s, "fallbacks": []})
+                                     "timeout_s": fallback.timeout_s or llm.timeout_s, "fallbacks": [], "replicas": [],
+                                     "prompt_cache_key": fallback.prompt_cache_key})
         client = LLMClient(own, fallback.base_url, metrics, max_open=max_open, endpoint=fallback.name)
         closers.append(client.aclose)
         endpoints.append(Endpoint(
@@ -66,4 +67,29 @@ def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient,
                                    fallback.timeout_s or llm.timeout_s, closers),
         ))
         metrics.fallbacks.labels(endpoint=fallback.name)  # a series from the start, at 0
+    return tuple(endpoints)
+
+
+def replica_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient, guard_config: GuardConfig,
+                      max_open: int, closers: list[Any]) -> tuple[Endpoint, ...]:
+    """``AGENT_LLM__REPLICAS``: the primary's model at other URLs, each with its own client (its key;
+    the primary's other model settings), breaker, rate limits and window."""
+    llm = settings.llm
+    endpoints: list[Endpoint] = []
+    for replica in llm.replicas:
+        assert replica.name is not None  # named by the settings
+        own = llm.model_copy(update={"api_key": replica.api_key, "fallbacks": [], "replicas": [],
+                                     "prompt_cache_key": replica.prompt_cache_key})
+        client = LLMClient(own, replica.base_url, metrics, max_open=max_open, endpoint=replica.name)
+        closers.append(client.aclose)
+        endpoints.append(Endpoint(
+            replica.name, public_url(replica.base_url), client,
+            EndpointGuard(replica.base_url, metrics, guard_config, redis=redis, key_prefix=settings.redis.key_prefix,
+                          probe=chat_probe(client, llm.timeout_s)),
+            RateLimiter(redis, replica.base_url, metrics, rpm=replica.rpm, tpm=replica.tpm,
+                        interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix,
+                        half_life_s=settings.tenancy.fair_half_life_s),
+            window=adaptive_window(settings, redis, replica.base_url, metrics, replica.name, llm.timeout_s, closers),
+            replica=True,
+        ))
     return tuple(endpoints)

@@ -54,7 +54,7 @@ from service.llm.tokens import prompt_counter
 from service.pipeline.base import ChatClient, ProcessorConfig
 from service.pipeline.processor import TaskProcessor
 from service.runtime.connections import redis_client
-from service.runtime.endpoints import adaptive_window, fallback_endpoints, tenants
+from service.runtime.endpoints import adaptive_window, fallback_endpoints, replica_endpoints, tenants
 from service.runtime.front import Front, http_server, model_urls, wait_for_dependencies
 from service.runtime.limits import Limits, limits, log_limits
 from service.runtime.liveness import Dependencies, Liveness, Startup
@@ -312,6 +312,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     s = settings
     guard_config = guard_config_of(s)
     fallbacks = fallback_endpoints(s, metrics, client, guard_config, bounds.model_calls, closers)
+    replicas = replica_endpoints(s, metrics, client, guard_config, bounds.model_calls, closers)
     tenancy = tenants(s, metrics)
     processor = TaskProcessor.build(
         ledger=ledger, agents=agents, llm=llm, outputs=outputs, metrics=metrics,
@@ -329,18 +330,17 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         worker_id=worker_id(s), model_name=s.llm.model,
         guard=EndpointGuard(llm_base_url, metrics, guard_config, redis=client, key_prefix=s.redis.key_prefix,
                             probe=chat_probe(llm, s.llm.timeout_s)),
-        tracing=tracing,
-        tenancy=tenancy, budgets=TenantBudgets(client, tenancy, key_prefix=s.redis.key_prefix),
+        tracing=tracing, tenancy=tenancy, budgets=TenantBudgets(client, tenancy, key_prefix=s.redis.key_prefix),
         limiter=RateLimiter(
             client, llm_base_url, metrics, rpm=s.llm.rpm, tpm=s.llm.tpm,
             interactive_reserve=s.llm.interactive_reserve, key_prefix=s.redis.key_prefix,
             half_life_s=s.tenancy.fair_half_life_s,
         ),
-        primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable,
+        primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable, replicas=replicas,
         window=adaptive_window(s, client, llm_base_url, metrics, PRIMARY, s.llm.timeout_s, closers),
     )
     # the guards' own probes end before the clients they call are closed
-    closers[:0] = [e.guard.aclose for e in (processor.primary, *fallbacks) if e.guard is not None]
+    closers[:0] = [e.guard.aclose for e in (processor.primary, *replicas, *fallbacks) if e.guard is not None]
     runner = runner_of(s, processor, bounds, metrics, transactions)
     dependencies = Dependencies(s, client)
     liveness = Liveness(runner, processor, metrics,

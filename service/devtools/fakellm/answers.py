@@ -80,5 +80,7 @@ def _body(request: ChatRequest, message: dict[str, Any], finish_reason: str, gen
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
+            # as OpenAI reports a prompt cache hit: the longest prefix this server saw before
+            "prompt_tokens_details": {"cached_tokens": min(prompt_tokens, request.cached_chars // 4)},
         },
     })

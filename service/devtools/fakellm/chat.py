@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from service.devtools.fakellm.prefixes import Marks, prefix_marks
+
 MODEL_NAME: Final = "fake"  # what a request without a model asks for, and /models lists
 _TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOOL_CHOICES: Final = frozenset({"auto", "none", "required"})
@@ -36,6 +38,8 @@ class ChatRequest:
     tools: tuple[Tool, ...]
     tool_choice: str | Tool  # "auto", "none", "required", or the one tool the client forces
     tool_rounds: int  # assistant messages with tool calls already in the conversation
+    prefix: Marks = ()  # the digests of the prompt's prefixes (service.devtools.fakellm.prefixes)
+    cached_chars: int = 0  # of the prompt's content, the longest prefix the server saw before
 
     @property
     def offers_tools(self) -> bool:
@@ -59,8 +63,10 @@ def parse_chat(body: bytes) -> ChatRequest:
         raise BadRequest("'messages' must be a non-empty array", "messages")
     chars, rounds = _conversation(messages)
     tools = _tools(data.get("tools"))
-    return ChatRequest(model, schema_of(data.get("response_format")), chars, tools,
-                       _tool_choice(data.get("tool_choice"), tools), rounds)
+    schema = schema_of(data.get("response_format"))
+    sizes = [_chars(m.get("content"), "") for m in messages]
+    return ChatRequest(model, schema, chars, tools, _tool_choice(data.get("tool_choice"), tools), rounds,
+                       prefix_marks(data.get("tools"), schema, messages, sizes))
 
 
 def schema_of(response_format: Any) -> Mapping[str, Any] | None:

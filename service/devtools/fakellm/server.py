@@ -29,6 +29,7 @@ from service.devtools.fakellm.http import (
     read_body,
     respond,
 )
+from service.devtools.fakellm.prefixes import PrefixCache
 from service.devtools.fakellm.scalars import SchemaError
 from service.devtools.fakellm.serving import Serving
 from service.devtools.fakellm.stats import Statistics
@@ -73,6 +74,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         self._stored: dict[str, bytes] = {}
         self._open = 0  # chat requests being answered now
         self._stats = Statistics()
+        self._prefixes = PrefixCache()  # the prompt prefixes seen: reported as cached tokens
         self._routes: dict[str, dict[str, Handler]] = {
             "/_stats": {"GET": self._get_stats},
             "/_faults": {"GET": self._get_faults, "POST": self._post_faults, "DELETE": self._delete_faults},
@@ -146,6 +148,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
             self._rules = []
             self._stored = {}
             self._stats = Statistics(self._open)
+        self._prefixes.clear()
 
     @property
     def max_concurrency(self) -> int:
@@ -276,6 +279,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         except BadRequest as exc:
             await self._bad_request(send, str(exc), exc.param)
             return
+        request = replace(request, cached_chars=self._prefixes.seen(request.prefix))
         rule = self._pick_rule(key, body)
         await self._sleep(self._latency())
         fault = rule.fault if rule is not None else None
