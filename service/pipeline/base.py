@@ -3,6 +3,7 @@ calls, the two ways a stage ends a task early, and the trace span of the record 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -72,6 +73,8 @@ class ProcessorConfig:
     session_stall_s: float = 120.0
     # how a prompt's tokens are counted (service.llm.tokens): the model's tokenizer, else UTF-8 bytes
     count_tokens: TokenCounter = utf8_bytes
+    # the input topic's values when written through a Schema Registry (None: plain JSON)
+    read_value: Callable[[bytes], Any] | None = None
 
 
 class ToDeadLetter(Exception):

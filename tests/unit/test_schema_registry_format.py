@@ -1,0 +1,80 @@
+"""The input topic's value format through a Schema Registry: its settings, and whose fault each
+failure of the reader is (the record's: ``decode``; the registry's: an outage, never a verdict)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from service.agents.tasks import decode_task
+from service.core.errors import InfrastructureError, PoisonError
+from service.core.schema_registry import RegistryUnavailable, SchemaRegistrySettings, ValueReader
+from service.core.settings import Settings
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unreachable(fmt: str = "avro") -> ValueReader:
+    settings = SchemaRegistrySettings(url=f"http://127.0.0.1:{closed_port()}", input_format=fmt,  # type: ignore[arg-type]
+                                      timeout_s=1)
+    return ValueReader(settings, "t")
+
+
+def test_a_registry_format_needs_a_url_and_json_needs_no_reader() -> None:
+    with pytest.raises(ValidationError, match="input_format avro needs a url"):
+        SchemaRegistrySettings(input_format="avro")
+    with pytest.raises(ValidationError, match="user:password"):
+        SchemaRegistrySettings(url="http://r", input_format="avro", basic_auth="nocolon")  # type: ignore[arg-type]
+    assert SchemaRegistrySettings().reader("t") is None
+    assert isinstance(SchemaRegistrySettings(url="http://r", input_format="jsonschema").reader("t"), ValueReader)
+
+
+def test_settings_read_from_the_environment_with_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_SCHEMA_REGISTRY__URL", "http://registry:8081")
+    monkeypatch.setenv("AGENT_SCHEMA_REGISTRY__INPUT_FORMAT", "avro")
+    monkeypatch.setenv("AGENT_SCHEMA_REGISTRY__BASIC_AUTH", "svc:pw")
+    s = Settings()
+    assert s.schema_registry.input_format == "avro"
+    conf = s.schema_registry.client_conf()
+    assert conf["url"] == "http://registry:8081" and conf["basic.auth.user.info"] == "svc:pw"
+    assert "pw" not in repr(s.schema_registry)  # a secret
+
+
+def test_the_registry_unreachable_is_an_outage_not_the_records_fault() -> None:
+    value = b"\x00" + (1).to_bytes(4, "big") + b"\x02k"
+    with pytest.raises(RegistryUnavailable, match="unreachable"):
+        unreachable()(value)
+    # through the decoder too: never turned into a dead letter's PoisonError
+    with pytest.raises(InfrastructureError):
+        decode_task(value, None, 1024, unreachable())
+
+
+@pytest.mark.parametrize("fmt", ["avro", "jsonschema"])
+@pytest.mark.parametrize(("value", "words"), [
+    (b"\x07\x00\x00\x00\x01{}", "framing"),
+    (b"{\"kind\": \"classify\"}", "framing"),  # plain JSON on a registry topic
+    (b"\x00\x00", "framing"),
+])
+def test_a_value_without_the_registrys_framing_is_a_decode_dead_letter(fmt: str, value: bytes, words: str) -> None:
+    with pytest.raises(PoisonError, match=words) as caught:
+        decode_task(value, None, 1024, unreachable(fmt))  # refused before the registry is asked
+    assert caught.value.reason == "decode"
+
+
+def test_what_the_reader_returns_is_decoded_as_a_task_event() -> None:
+    def read(_value: bytes) -> Any:
+        return {"task_id": "t-1", "kind": "classify", "input": {"text": "hi", "labels": ["a"]}, "deadline": None}
+
+    task = decode_task(b"\x00\x00\x00\x00\x01", None, 1024, read)
+    assert (task.key, task.kind) == ("t-1", "classify")
+    with pytest.raises(PoisonError, match="must be an object") as caught:
+        decode_task(b"\x00\x00\x00\x00\x01", None, 1024, lambda _v: ["not", "an", "object"])
+    assert caught.value.reason == "schema"
