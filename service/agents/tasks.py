@@ -169,9 +169,10 @@ def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, ma
                 read: Callable[[bytes], Any] | None = None) -> Task:
     """Turn a record value into a :class:`Task`, or raise :class:`PoisonError` with its reason.
 
-    ``read`` turns the bytes into the event's object when they are not plain JSON (a Schema
-    Registry's format, :class:`~service.core.schema_registry.ValueReader`); its
-    :class:`InfrastructureError` (the registry did not answer) is no fault of the record's.
+    ``read`` turns the bytes into the event's object when they are framed by a Schema Registry
+    (:class:`~service.core.schema_registry.ValueReader`; a value not starting with its zero magic
+    byte is read as JSON); its :class:`InfrastructureError` (the registry did not answer) is no
+    fault of the record's.
 
     The size limit is checked before any parsing. Whatever a producer sends, this raises nothing
     but :class:`PoisonError`: invalid UTF-8 or Unicode (a lone surrogate escape such as
@@ -192,7 +193,8 @@ def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, ma
     except UnicodeError as exc:
         raise PoisonError("decode", f"value is not valid Unicode: {_reason(exc)}") from exc
     except (ValueError, RecursionError) as exc:
-        raise PoisonError("decode", f"value is not JSON: {_reason(exc)}") from exc
+        what = "JSON" if read is None else "JSON, nor framed by a Schema Registry (a zero magic byte)"
+        raise PoisonError("decode", f"value is not {what}: {_reason(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - anything raised by a record's bytes is the record's fault
         raise PoisonError("schema", f"task cannot be read: {_reason(exc)}") from exc
 
@@ -222,7 +224,9 @@ _DIGITS = b"0123456789"
 
 
 def _decode(value: bytes, headers: list[tuple[str, bytes]] | None, read: Callable[[bytes], Any] | None) -> Task:
-    data = _parse(value) if read is None else read(value)
+    # beside the registry's values, the service's own (children, schedules, the API's submissions) are JSON:
+    # no JSON text starts with the registry's zero magic byte
+    data = read(value) if read is not None and value.startswith(b"\x00") else _parse(value)
     if not isinstance(data, dict):
         raise PoisonError("schema", f"task must be an object, got {type(data).__name__}")
     if data.get("deadline") is None and (hdr := header(headers, "deadline")):

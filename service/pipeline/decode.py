@@ -47,6 +47,8 @@ def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tupl
 
 def key_of(record: Record, max_bytes: int) -> str | None:
     """The task key of a record, or None when even the envelope does not decode."""
+    if isinstance(record.memo, Task):
+        return record.memo.key
     try:
         return decode_task(record.value, record.headers, max_bytes).key
     except PoisonError:

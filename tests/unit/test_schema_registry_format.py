@@ -59,8 +59,8 @@ def test_the_registry_unreachable_is_an_outage_not_the_records_fault() -> None:
 
 @pytest.mark.parametrize("fmt", ["avro", "jsonschema"])
 @pytest.mark.parametrize(("value", "words"), [
-    (b"\x07\x00\x00\x00\x01{}", "framing"),
-    (b"{\"kind\": \"classify\"}", "framing"),  # plain JSON on a registry topic
+    (b"\x07\x00\x00\x00\x01{}", "nor framed by a Schema Registry"),
+    (b"{\"kind\": ", "nor framed by a Schema Registry"),
     (b"\x00\x00", "framing"),
 ])
 def test_a_value_without_the_registrys_framing_is_a_decode_dead_letter(fmt: str, value: bytes, words: str) -> None:
@@ -78,3 +78,10 @@ def test_what_the_reader_returns_is_decoded_as_a_task_event() -> None:
     with pytest.raises(PoisonError, match="must be an object") as caught:
         decode_task(b"\x00\x00\x00\x00\x01", None, 1024, lambda _v: ["not", "an", "object"])
     assert caught.value.reason == "schema"
+
+
+def test_plain_json_beside_the_registrys_values_is_read_as_json() -> None:
+    """The service's own producers (children, schedules, the API) write JSON to the input topic."""
+    value = b'{"task_id": "t-2", "kind": "classify", "input": {"text": "hi", "labels": ["a"]}}'
+    task = decode_task(value, None, 1024, unreachable())  # the registry is never asked
+    assert (task.key, task.kind) == ("t-2", "classify")
