@@ -15,7 +15,10 @@ Whose fault a failure is (blame by breadth):
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal, Self
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, Self, TypeVar
 
 # registry_http: the HTTP client the registry client uses (httpx, or httpx2 where installed)
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
@@ -29,6 +32,7 @@ from service.core.errors import InfrastructureError, PoisonError
 
 ValueFormat = Literal["json", "avro", "jsonschema"]
 PROBE_TIMEOUT_S = 5.0
+T = TypeVar("T")
 FRAME_BYTES = 5  # magic byte 0, then the schema id (big-endian)
 
 
@@ -75,6 +79,8 @@ class ValueReader:
 
     def __init__(self, settings: SchemaRegistrySettings, topic: str) -> None:
         self.format = settings.input_format
+        # threads of its own: a registry that hangs holds these, never the loop's default executor
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="schema-registry")
         self.client = SchemaRegistryClient(settings.client_conf())
         self._context = SerializationContext(topic, MessageField.VALUE)
         self._deserialize: AvroDeserializer | JSONDeserializer
@@ -83,10 +89,14 @@ class ValueReader:
         else:
             self._deserialize = JSONDeserializer(None, schema_registry_client=self.client)
 
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the reader's threads (a call that may ask the registry)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
     async def answers(self) -> bool:
         """The registry answers (a probe: any failure means no)."""
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.client.get_subjects), PROBE_TIMEOUT_S)
+            await asyncio.wait_for(self.off_loop(self.client.get_subjects), PROBE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - any failure means "not answering"
             return False
         return True

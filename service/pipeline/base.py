@@ -3,7 +3,6 @@ calls, the two ways a stage ends a task early, and the trace span of the record 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,6 +11,7 @@ from typing import Any, Protocol
 import orjson
 
 from service.agents.tasks import Task, canonical_json
+from service.core.schema_registry import ValueReader
 from service.core.spans import TaskSpan
 from service.llm.client import ChatRequest, ChatResult
 from service.llm.tokens import TokenCounter, utf8_bytes
@@ -74,7 +74,7 @@ class ProcessorConfig:
     # how a prompt's tokens are counted (service.llm.tokens): the model's tokenizer, else UTF-8 bytes
     count_tokens: TokenCounter = utf8_bytes
     # the input topic's values when written through a Schema Registry (None: plain JSON)
-    read_value: Callable[[bytes], Any] | None = None
+    read_value: ValueReader | None = None
 
 
 class ToDeadLetter(Exception):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import Any
-
 from pydantic import BaseModel
 
 from consumers.records import Record
@@ -13,16 +9,17 @@ from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
 from service.agents.tasks import Task, decode_task
 from service.core.errors import PoisonError
+from service.core.schema_registry import ValueReader
 
 
-async def read_task(record: Record, max_bytes: int, read: Callable[[bytes], Any] | None) -> None:
+async def read_task(record: Record, max_bytes: int, read: ValueReader | None) -> None:
     """Decode a record written through a Schema Registry off the event loop (the first value of each
     schema id asks the registry, which may be slow to answer): the task rides on ``record.memo``.
 
     Raises :class:`PoisonError` for the record's fault and
     :class:`~service.core.schema_registry.RegistryUnavailable` when the registry does not answer."""
     if read is not None and not isinstance(record.memo, Task):
-        record.memo = await asyncio.to_thread(decode_task, record.value, record.headers, max_bytes, read)
+        record.memo = await read.off_loop(decode_task, record.value, record.headers, max_bytes, read)
 
 
 def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tuple[Task, Agent, BaseModel]:

@@ -97,11 +97,11 @@ class Dependencies:
                 self.last_error["model"] = f"{host}:{port}: {type(exc).__name__}: {exc}"[:300]
         return False
 
-    def outage_probes(self, read_value: object = None) -> dict[str, Probe]:
+    def outage_probes(self, read_value: ValueReader | None = None) -> dict[str, Probe]:
         """What must answer before an outage is over: Redis, the broker, and the Schema Registry
         when the input topic's values are read through one."""
         probes: dict[str, Probe] = {"redis": self.redis_answers, "kafka": self.broker_answers}
-        if isinstance(read_value, ValueReader):
+        if read_value is not None:
             probes["schema_registry"] = read_value.answers
         return probes
 

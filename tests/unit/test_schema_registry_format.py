@@ -3,6 +3,7 @@ failure of the reader is (the record's: ``decode``; the registry's: an outage, n
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
@@ -85,3 +86,11 @@ def test_plain_json_beside_the_registrys_values_is_read_as_json() -> None:
     value = b'{"task_id": "t-2", "kind": "classify", "input": {"text": "hi", "labels": ["a"]}}'
     task = decode_task(value, None, 1024, unreachable())  # the registry is never asked
     assert (task.key, task.kind) == ("t-2", "classify")
+
+
+def test_the_outage_probe_says_no_while_nothing_answers() -> None:
+    reader = unreachable()
+    try:
+        assert asyncio.run(reader.answers()) is False
+    finally:
+        reader.executor.shutdown(wait=True)
