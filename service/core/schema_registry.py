@@ -6,10 +6,11 @@ deserializers into the same object a JSON task event holds, and the decoder take
 
 Whose fault a failure is (blame by breadth):
 
-- the record's: a wrong magic byte, a schema id the registry does not know (404), a body that does
+- the record's: a wrong magic byte, a schema id the registry does not know (40403), a body that does
   not match its schema: :class:`PoisonError` ``decode``, with the registry's own words;
-- the registry's: nothing answers, a time-out, a 5xx: :class:`RegistryUnavailable`, an outage of
-  every record alike, waited out like one of Redis or the broker and never a dead letter.
+- the registry's (or its settings'): nothing answers, a time-out, 5xx, 429, refused credentials, any
+  other error of the registry's: :class:`RegistryUnavailable`, an outage of every record alike,
+  waited out like one of Redis or the broker and never a dead letter.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from service.core.errors import InfrastructureError, PoisonError
 ValueFormat = Literal["json", "avro", "jsonschema"]
 PROBE_TIMEOUT_S = 5.0
 T = TypeVar("T")
+SCHEMA_NOT_FOUND = 40403  # Confluent's error code for an unknown schema id
 FRAME_BYTES = 5  # magic byte 0, then the schema id (big-endian)
 
 
@@ -108,9 +110,10 @@ class ValueReader:
         try:
             return self._deserialize(value, self._context)
         except SchemaRegistryError as exc:
-            if exc.http_status_code >= 500 or exc.http_status_code < 0:
-                raise RegistryUnavailable(f"schema registry: {exc}") from exc
-            raise PoisonError("decode", f"schema registry: {exc}") from exc
+            if exc.error_code == SCHEMA_NOT_FOUND:  # this record names a schema the registry never had
+                raise PoisonError("decode", f"schema registry: {exc}") from exc
+            # anything else fails every record alike: refused credentials, a wrong URL, 429, 5xx
+            raise RegistryUnavailable(f"schema registry: {exc}") from exc
         except (registry_http.TransportError, OSError) as exc:
             raise RegistryUnavailable(f"schema registry unreachable: {type(exc).__name__}: {exc}") from exc
         except SerializationError as exc:

@@ -4,7 +4,11 @@ failure of the reader is (the record's: ``decode``; the registry's: an outage, n
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -92,5 +96,48 @@ def test_the_outage_probe_says_no_while_nothing_answers() -> None:
     reader = unreachable()
     try:
         assert asyncio.run(reader.answers()) is False
+    finally:
+        reader.executor.shutdown(wait=True)
+
+
+class Answering(http.server.BaseHTTPRequestHandler):
+    """A registry that refuses the credentials for schema id 8 and knows nothing else (no schema id 7,
+    none of the topic associations the client asks for first)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+        status, body = ((401, {"error_code": 40101, "message": "Unauthorized"}) if "/ids/8" in self.path
+                        else (404, {"error_code": 40403, "message": "Schema not found"}))
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def answering_registry() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
+
+
+def test_an_unknown_schema_id_is_the_records_fault_refused_credentials_are_not(answering_registry: str) -> None:
+    reader = ValueReader(SchemaRegistrySettings(url=answering_registry, input_format="avro", timeout_s=2), "t")
+    try:
+        with pytest.raises(PoisonError, match="40403") as caught:
+            reader(b"\x00" + (7).to_bytes(4, "big") + b"\x02k")
+        assert caught.value.reason == "decode"
+        with pytest.raises(RegistryUnavailable, match="40101"):  # every record would fail alike: an outage
+            reader(b"\x00" + (8).to_bytes(4, "big") + b"\x02k")
     finally:
         reader.executor.shutdown(wait=True)
