@@ -189,14 +189,17 @@ def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, ma
     except (PoisonError, InfrastructureError):
         raise
     except UnicodeDecodeError as exc:
-        raise PoisonError("decode", f"value is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+        raise PoisonError("decode", f"value is not UTF-8{_unframed(read)}: {exc.reason} at byte {exc.start}") from exc
     except UnicodeError as exc:
         raise PoisonError("decode", f"value is not valid Unicode: {_reason(exc)}") from exc
     except (ValueError, RecursionError) as exc:
-        what = "JSON" if read is None else "JSON, nor framed by a Schema Registry (a zero magic byte)"
-        raise PoisonError("decode", f"value is not {what}: {_reason(exc)}") from exc
+        raise PoisonError("decode", f"value is not JSON{_unframed(read)}: {_reason(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - anything raised by a record's bytes is the record's fault
         raise PoisonError("schema", f"task cannot be read: {_reason(exc)}") from exc
+
+
+def _unframed(read: Callable[[bytes], Any] | None) -> str:
+    return "" if read is None else ", nor framed by a Schema Registry (a zero magic byte)"
 
 
 def _reason(exc: BaseException) -> str:

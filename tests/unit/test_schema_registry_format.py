@@ -67,6 +67,7 @@ def test_the_registry_unreachable_is_an_outage_not_the_records_fault() -> None:
     (b"\x07\x00\x00\x00\x01{}", "nor framed by a Schema Registry"),
     (b"{\"kind\": ", "nor framed by a Schema Registry"),
     (b"\x00\x00", "framing"),
+    (b"\x07\xff\xfe", "not UTF-8, nor framed by a Schema Registry"),
 ])
 def test_a_value_without_the_registrys_framing_is_a_decode_dead_letter(fmt: str, value: bytes, words: str) -> None:
     with pytest.raises(PoisonError, match=words) as caught:
