@@ -51,6 +51,8 @@ def test_settings_read_from_the_environment_with_auth(monkeypatch: pytest.Monkey
     conf = s.schema_registry.client_conf()
     assert conf["url"] == "http://registry:8081" and conf["basic.auth.user.info"] == "svc:pw"
     assert "pw" not in repr(s.schema_registry)  # a secret
+    monkeypatch.setenv("AGENT_SCHEMA_REGISTRY_HOME", "/opt/registry")  # the dev tools' own, not a setting
+    assert Settings().schema_registry.url == "http://registry:8081"
 
 
 def test_the_registry_unreachable_is_an_outage_not_the_records_fault() -> None:
