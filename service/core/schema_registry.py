@@ -103,6 +103,12 @@ class ValueReader:
             return False
         return True
 
+    async def aclose(self) -> None:
+        """Close the registry client's connections; a read still waiting on a hung registry is left to
+        its time-out."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
     def __call__(self, value: bytes) -> Any:
         if len(value) < FRAME_BYTES or value[0] != 0:  # the record's fault whether or not the registry answers
             raise PoisonError("decode", f"{self.format} value: no Schema Registry framing (a zero magic byte and "

@@ -338,6 +338,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable,
         window=adaptive_window(s, client, llm_base_url, metrics, PRIMARY, s.llm.timeout_s, closers),
     )
+    closers.extend([processor.config.read_value.aclose] if processor.config.read_value is not None else [])
     # the guards' own probes end before the clients they call are closed
     closers[:0] = [e.guard.aclose for e in (processor.primary, *fallbacks) if e.guard is not None]
     runner = runner_of(s, processor, bounds, metrics, transactions)

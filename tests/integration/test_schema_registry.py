@@ -51,10 +51,10 @@ def task(task_id: str) -> dict[str, Any]:
 
 def encoded(url: str, fmt: str, topic: str, ids: list[str]) -> list[tuple[bytes, bytes]]:
     """The tasks as a producer writes them through the registry (registering the schema)."""
-    client = SchemaRegistryClient({"url": url})
-    serialize = (AvroSerializer(client, AVRO_TASK) if fmt == "avro" else JSONSerializer(JSON_SCHEMA_TASK, client))
-    ctx = SerializationContext(topic, MessageField.VALUE)
-    return [(i.encode(), serialize(task(i), ctx)) for i in ids]
+    with SchemaRegistryClient({"url": url}) as client:
+        serialize = (AvroSerializer(client, AVRO_TASK) if fmt == "avro" else JSONSerializer(JSON_SCHEMA_TASK, client))
+        ctx = SerializationContext(topic, MessageField.VALUE)
+        return [(i.encode(), serialize(task(i), ctx)) for i in ids]
 
 
 def settings_for(make_settings: Any, url: str, fmt: str) -> Settings:

@@ -100,7 +100,7 @@ def test_the_outage_probe_says_no_while_nothing_answers() -> None:
     try:
         assert asyncio.run(reader.answers()) is False
     finally:
-        reader.executor.shutdown(wait=True)
+        asyncio.run(reader.aclose())
 
 
 class Answering(http.server.BaseHTTPRequestHandler):
@@ -143,4 +143,4 @@ def test_an_unknown_schema_id_is_the_records_fault_refused_credentials_are_not(a
         with pytest.raises(RegistryUnavailable, match="40101"):  # every record would fail alike: an outage
             reader(b"\x00" + (8).to_bytes(4, "big") + b"\x02k")
     finally:
-        reader.executor.shutdown(wait=True)
+        asyncio.run(reader.aclose())
