@@ -1,8 +1,8 @@
 # install: system servers and tools (redis-server, prometheus, kcat, a JDK, Maven, nginx to check the
 #          compose gateway's config, and chromium for the console's browser tests: Playwright drives it,
 #          no browser is downloaded), the package with its dev and local-llm extras, Apache Kafka's jars
-#          from Maven (kafka-jars), and helm and kubeconform built from their Go modules into .tools/bin
-#          (helm-tools).
+#          from Maven (kafka-jars), a Schema Registry (Apicurio's, built from Maven: schema-registry), and
+#          helm and kubeconform built from their Go modules into .tools/bin (helm-tools).
 # test:    the whole suite (unit, integration and chaos on Apache Kafka, the core on both stand-ins), after install.
 # demo:    the service on embedded servers, processing sample tasks.
 PYTHON ?= python3
@@ -14,9 +14,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install system-deps python-deps kafka-jars helm-tools pc-jars lint test test-unit test-integration chaos demo run bench
+.PHONY: install system-deps python-deps kafka-jars schema-registry helm-tools pc-jars lint test test-unit test-integration chaos demo run bench
 
-install: system-deps python-deps kafka-jars helm-tools
+install: system-deps python-deps kafka-jars schema-registry helm-tools
 
 system-deps:
 	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v kcat >/dev/null \
@@ -72,6 +72,22 @@ kafka-jars: $(KAFKA_STAMP)
 $(KAFKA_STAMP): deploy/kafka/pom.xml
 	rm -rf $(KAFKA_LIBS)
 	mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(KAFKA_LIBS)
+	touch $@
+
+# A Schema Registry speaking Confluent's API (Apicurio Registry's application from Maven, built by
+# deploy/schema-registry/pom.xml) into .kafka/schema-registry, for service/devtools/schema_registry.py.
+REGISTRY_HOME := $(CURDIR)/.kafka/schema-registry
+REGISTRY_SRC := deploy/schema-registry
+REGISTRY_STAMP := $(REGISTRY_HOME)/.stamp
+
+schema-registry: $(REGISTRY_STAMP)
+
+$(REGISTRY_STAMP): $(REGISTRY_SRC)/pom.xml $(REGISTRY_SRC)/src/main/resources/application.properties
+	rm -rf $(REGISTRY_HOME) $(REGISTRY_SRC)/target
+	mvn -q -B -f $(REGISTRY_SRC)/pom.xml package
+	mkdir -p $(REGISTRY_HOME)
+	cp -r $(REGISTRY_SRC)/target/lib $(REGISTRY_SRC)/target/*-runner.jar $(REGISTRY_HOME)/
+	rm -rf $(REGISTRY_SRC)/target
 	touch $@
 
 # Confluent's Parallel Consumer (benchmarks/parallel_consumer/pom.xml) into .kafka/pc-libs, for the

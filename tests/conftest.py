@@ -9,7 +9,8 @@ Which brokers the integration and chaos tests run on:
 - ``AGENT_TEST_BROKERS=tansu`` (or any comma list of ``kafka``, ``tansu``, ``noida``) runs every test
   on exactly the brokers named;
 - ``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` point every test at servers started elsewhere (Apache Kafka
-  from docker-compose, say).
+  from docker-compose, say); ``SCHEMA_REGISTRY_URL`` a registry speaking Confluent's API (else
+  Apicurio Registry from ``make schema-registry``, started by the tests that ask for it).
 
 The three-node cluster (``kafka_cluster``) is started only by the tests that ask for it. A missing
 server binary or jar fails the session; it never skips.
@@ -120,6 +121,21 @@ def secured_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield kafka
     finally:
         kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of a Schema Registry's Confluent API (``SchemaRegistryClient({"url": ...})``)."""
+    if os.environ.get("SCHEMA_REGISTRY_URL"):
+        yield os.environ["SCHEMA_REGISTRY_URL"]
+        return
+    from service.devtools.schema_registry import start_schema_registry
+
+    registry = start_schema_registry(tmp_path_factory.mktemp("schema-registry"))
+    try:
+        yield registry.url
+    finally:
+        registry.stop()
 
 
 @pytest.fixture(scope="session")

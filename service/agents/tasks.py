@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,7 +34,7 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from dedup.keys import TASK_KEY_PATTERN, TENANT_MAX_LEN, TENANT_PATTERN, is_valid_tenant
-from service.core.errors import PoisonError
+from service.core.errors import InfrastructureError, PoisonError
 
 KIND_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 DEFAULT_TENANT = "default"  # the tenant of a task that names none
@@ -164,8 +165,14 @@ def loads(text: str | bytes) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
-def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, max_bytes: int) -> Task:
+def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, max_bytes: int,
+                read: Callable[[bytes], Any] | None = None) -> Task:
     """Turn a record value into a :class:`Task`, or raise :class:`PoisonError` with its reason.
+
+    ``read`` turns the bytes into the event's object when they are framed by a Schema Registry
+    (:class:`~service.core.schema_registry.ValueReader`; a value not starting with its zero magic
+    byte is read as JSON); its :class:`InfrastructureError` (the registry did not answer) is no
+    fault of the record's.
 
     The size limit is checked before any parsing. Whatever a producer sends, this raises nothing
     but :class:`PoisonError`: invalid UTF-8 or Unicode (a lone surrogate escape such as
@@ -178,17 +185,21 @@ def decode_task(value: bytes | None, headers: list[tuple[str, bytes]] | None, ma
     if len(value) > max_bytes:
         raise PoisonError("oversize", f"value is {len(value)} bytes, limit is {max_bytes}")
     try:
-        return _decode(value, headers)
-    except PoisonError:
+        return _decode(value, headers, read)
+    except (PoisonError, InfrastructureError):
         raise
     except UnicodeDecodeError as exc:
-        raise PoisonError("decode", f"value is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+        raise PoisonError("decode", f"value is not UTF-8{_unframed(read)}: {exc.reason} at byte {exc.start}") from exc
     except UnicodeError as exc:
         raise PoisonError("decode", f"value is not valid Unicode: {_reason(exc)}") from exc
     except (ValueError, RecursionError) as exc:
-        raise PoisonError("decode", f"value is not JSON: {_reason(exc)}") from exc
+        raise PoisonError("decode", f"value is not JSON{_unframed(read)}: {_reason(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - anything raised by a record's bytes is the record's fault
         raise PoisonError("schema", f"task cannot be read: {_reason(exc)}") from exc
+
+
+def _unframed(read: Callable[[bytes], Any] | None) -> str:
+    return "" if read is None else ", nor framed by a Schema Registry (a zero magic byte)"
 
 
 def _reason(exc: BaseException) -> str:
@@ -215,10 +226,12 @@ _LONG_DIGITS = re.compile(rb"[0-9]{19}")  # searched only when the value holds 1
 _DIGITS = b"0123456789"
 
 
-def _decode(value: bytes, headers: list[tuple[str, bytes]] | None) -> Task:
-    data = _parse(value)
+def _decode(value: bytes, headers: list[tuple[str, bytes]] | None, read: Callable[[bytes], Any] | None) -> Task:
+    # beside the registry's values, the service's own (children, schedules, the API's submissions) are JSON:
+    # no JSON text starts with the registry's zero magic byte
+    data = read(value) if read is not None and value.startswith(b"\x00") else _parse(value)
     if not isinstance(data, dict):
-        raise PoisonError("schema", f"task must be a JSON object, got {type(data).__name__}")
+        raise PoisonError("schema", f"task must be an object, got {type(data).__name__}")
     if data.get("deadline") is None and (hdr := header(headers, "deadline")):
         data["deadline"] = hdr
     _tenant_from_header(data, headers)

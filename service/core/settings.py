@@ -20,6 +20,7 @@ from dedup.keys import is_valid_tenant
 from service.core.endpoint_settings import FallbackEndpoint, OtherEndpoint, ReplicaEndpoint
 from service.core.kafka_config import Client, ClientConfig, check_oidc, client_properties, security_properties
 from service.core.schedule_spec import SchedulerSettings
+from service.core.schema_registry import SchemaRegistrySettings
 from service.core.sessions_settings import SessionsSettings, stall_outlasts_lease
 from service.core.settings_sources import CheckedSettings
 
@@ -285,8 +286,7 @@ class DelegationSettings(BaseModel):
 
 
 class ToolsSettings(BaseModel):
-    # how often each replica looks for parked tasks past their deadline (and decisions whose
-    # resumption was not yet produced)
+    # how often each replica looks for parked tasks past their deadline (and decisions not yet resumed)
     sweep_interval_s: float = Field(5.0, gt=0)
     # the ticketing API behind the built-in kind `support_ticket` (unset: the kind is not offered)
     tickets_url: str | None = None
@@ -381,6 +381,7 @@ class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; u
     tenancy: TenancySettings = TenancySettings()
     scheduler: SchedulerSettings = SchedulerSettings()  # AGENT_SCHEDULER__SCHEDULES: a JSON list
     sessions: SessionsSettings = SessionsSettings()  # AGENT_SESSIONS__POLL_S, __MAX_WAIT_S, __STALL_S
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()  # AGENT_SCHEMA_REGISTRY__URL, __INPUT_FORMAT
     max_task_bytes: int = Field(262_144, ge=64)
     max_in_flight: int = Field(256, ge=1)
     max_in_flight_per_partition: int | None = Field(None, ge=1)  # unset: max_in_flight
@@ -397,8 +398,8 @@ class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; u
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"  # "uvloop": less interpreter time per task (core/loops.py)
-    # a user's own agents besides the built-in kinds and the `agent_service.agents` entry points:
-    # "package.module:attribute" (an Agent, an iterable of Agents, or a callable returning either), comma-separated
+    # a user's own agents besides the built-in kinds and the `agent_service.agents` entry points, comma-separated:
+    # "package.module:attribute" (an Agent, an iterable of Agents, or a callable returning either)
     agents: str | None = None
     # kinds declared in a TOML (.toml) or YAML (.yaml, .yml) file (see docs/AGENTS.md)
     kinds_file: Path | None = None

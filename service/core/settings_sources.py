@@ -42,6 +42,7 @@ NOT_SETTINGS: tuple[str, ...] = (
     CONFIG_FILE,  # this file of settings
     "AGENT_SERVICE_SUPERVISOR_PID",  # set by `agent-service run --workers` in each worker's environment
     "AGENT_KAFKA_LIBS",  # where the development tools find Apache Kafka's jars
+    "AGENT_SCHEMA_REGISTRY_HOME",  # where the development tools find the Schema Registry they run
     "AGENT_LOCAL_DIR",  # where `agent-service local` keeps its servers' data
 )
 NOT_SETTINGS_PREFIXES: tuple[str, ...] = ("AGENT_TEST_",)  # the test suite's own switches

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import orjson
 
 from service.agents.tasks import Task, canonical_json
+from service.core.schema_registry import ValueReader
 from service.core.spans import TaskSpan
 from service.llm.client import ChatRequest, ChatResult
 from service.llm.tokens import TokenCounter, utf8_bytes
@@ -72,6 +73,8 @@ class ProcessorConfig:
     session_stall_s: float = 120.0
     # how a prompt's tokens are counted (service.llm.tokens): the model's tokenizer, else UTF-8 bytes
     count_tokens: TokenCounter = utf8_bytes
+    # the input topic's values when written through a Schema Registry (None: plain JSON)
+    read_value: ValueReader | None = None
 
 
 class ToDeadLetter(Exception):

@@ -9,6 +9,17 @@ from service.agents.base import Agent
 from service.agents.registry import AgentRegistry
 from service.agents.tasks import Task, decode_task
 from service.core.errors import PoisonError
+from service.core.schema_registry import ValueReader
+
+
+async def read_task(record: Record, max_bytes: int, read: ValueReader | None) -> None:
+    """Decode a record written through a Schema Registry off the event loop (the first value of each
+    schema id asks the registry, which may be slow to answer): the task rides on ``record.memo``.
+
+    Raises :class:`PoisonError` for the record's fault and
+    :class:`~service.core.schema_registry.RegistryUnavailable` when the registry does not answer."""
+    if read is not None and not isinstance(record.memo, Task):
+        record.memo = await read.off_loop(decode_task, record.value, record.headers, max_bytes, read)
 
 
 def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tuple[Task, Agent, BaseModel]:
@@ -33,6 +44,8 @@ def decode_record(record: Record, agents: AgentRegistry, max_bytes: int) -> tupl
 
 def key_of(record: Record, max_bytes: int) -> str | None:
     """The task key of a record, or None when even the envelope does not decode."""
+    if isinstance(record.memo, Task):
+        return record.memo.key
     try:
         return decode_task(record.value, record.headers, max_bytes).key
     except PoisonError:

@@ -43,6 +43,7 @@ from service.agents.tasks import Task, header
 from service.core.errors import InfrastructureError, PoisonError
 from service.core.log_context import bind_task, enter_record, leave_record
 from service.core.metrics import Metrics
+from service.core.schema_registry import RegistryUnavailable
 from service.core.tracing import Tracing
 from service.llm.endpoints import PRIMARY, Endpoint
 from service.llm.guard import EndpointGuard, RateLimiter
@@ -62,7 +63,7 @@ from service.pipeline.base import (
 from service.pipeline.calls import CallLoop
 from service.pipeline.capacity import Capacity
 from service.pipeline.claim import Claims
-from service.pipeline.decode import decode_record, key_of
+from service.pipeline.decode import decode_record, key_of, read_task
 from service.pipeline.outcomes import Outcomes
 from service.pipeline.screen import ReplayScreen
 from service.pipeline.sessions import Replay, SessionGate, Update
@@ -238,7 +239,8 @@ class TaskProcessor:
         """What holds records back now, by the name of its mechanism (never an error text): an
         outage of Redis or the broker, a degraded endpoint, an open breaker, a half-open probe out."""
         if self.outage is not None:
-            return "broker outage" if self.outage.startswith(ProduceFailed.__name__) else "redis outage"
+            names = {ProduceFailed.__name__: "broker outage", RegistryUnavailable.__name__: "schema registry outage"}
+            return names.get(self.outage.partition(":")[0], "redis outage")
         return self.capacity.holding()
 
     def outage_over(self) -> None:
@@ -256,7 +258,7 @@ class TaskProcessor:
           :meth:`CallLoop.call_step <service.pipeline.calls.CallLoop.call_step>`; the endpoint's
           (auth, unknown model, unreachable, 429): the breaker and Retry-After wait it out, no
           attempt is spent;
-        - Redis or the broker did not answer: raised as :class:`InfrastructureError`; the runner
+        - Redis, the broker or the Schema Registry did not answer: an :class:`InfrastructureError`; the runner
           retries the record without limit;
         - anything else is a bug of the service's own code (or a record a dependency refuses for
           good): retried ``internal_retries`` times, then dead-lettered as ``internal``.
@@ -271,6 +273,9 @@ class TaskProcessor:
             except (LedgerUnavailable, ProduceFailed) as exc:
                 self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
                 raise InfrastructureError(str(exc)) from exc
+            except RegistryUnavailable as exc:  # no record's fault: every record waits for the registry
+                self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
+                raise
             except RecordRejected as exc:  # the broker refuses this outcome for good: retrying cannot help
                 self.metrics.internal_errors.inc()
                 await self._internal(record, f"the broker refused the outcome record: {str(exc)[:500]}", held)
@@ -343,6 +348,7 @@ class TaskProcessor:
 
     async def _process(self, record: Record, held: Held | None = None) -> None:
         try:
+            await read_task(record, self.config.max_task_bytes, self.config.read_value)
             task, agent, task_input = decode_record(record, self.agents, self.config.max_task_bytes)
         except PoisonError as exc:
             await self.outcomes.dead_letter(record, exc.task_key, exc.reason, str(exc), 0)

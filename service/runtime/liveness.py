@@ -33,6 +33,7 @@ from prometheus_client import Counter
 from consumers.runner import Runner
 from dedup.client import RedisClient
 from service.core.metrics import Metrics
+from service.core.schema_registry import ValueReader
 from service.core.settings import LivenessSettings, Settings
 from service.pipeline.processor import TaskProcessor
 from service.pipeline.waits import WHY
@@ -95,6 +96,14 @@ class Dependencies:
             except Exception as exc:  # noqa: BLE001 - any failure means "not answering"
                 self.last_error["model"] = f"{host}:{port}: {type(exc).__name__}: {exc}"[:300]
         return False
+
+    def outage_probes(self, read_value: ValueReader | None = None) -> dict[str, Probe]:
+        """What must answer before an outage is over: Redis, the broker, and the Schema Registry
+        when the input topic's values are read through one."""
+        probes: dict[str, Probe] = {"redis": self.redis_answers, "kafka": self.broker_answers}
+        if read_value is not None:
+            probes["schema_registry"] = read_value.answers
+        return probes
 
     def close(self) -> None:
         self._admin = None

@@ -309,8 +309,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         closers.append(real.aclose)
         llm = real
     publisher, outputs, transactions = outputs_of(settings, closers)
-    s = settings
-    guard_config = guard_config_of(s)
+    s, guard_config = settings, guard_config_of(settings)
     fallbacks = fallback_endpoints(s, metrics, client, guard_config, bounds.model_calls, closers)
     replicas = replica_endpoints(s, metrics, client, guard_config, bounds.model_calls, closers)
     tenancy = tenants(s, metrics)
@@ -326,11 +325,12 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
             max_children=s.delegation.max_children, max_depth=s.delegation.max_depth,
             delegation_max_wait_s=s.delegation.max_wait_s, replies_topic=s.kafka.replies_topic,
             reply_topics=s.delegation.reply_topics, input_topic=s.kafka.input_topic, **_session_config(s),
+            read_value=s.schema_registry.reader(s.kafka.input_topic),
         ),
-        worker_id=worker_id(s), model_name=s.llm.model,
+        worker_id=worker_id(s), model_name=s.llm.model, tracing=tracing,
         guard=EndpointGuard(llm_base_url, metrics, guard_config, redis=client, key_prefix=s.redis.key_prefix,
                             probe=chat_probe(llm, s.llm.timeout_s)),
-        tracing=tracing, tenancy=tenancy, budgets=TenantBudgets(client, tenancy, key_prefix=s.redis.key_prefix),
+        tenancy=tenancy, budgets=TenantBudgets(client, tenancy, key_prefix=s.redis.key_prefix),
         limiter=RateLimiter(
             client, llm_base_url, metrics, rpm=s.llm.rpm, tpm=s.llm.tpm,
             interactive_reserve=s.llm.interactive_reserve, key_prefix=s.redis.key_prefix,
@@ -339,12 +339,12 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
         primary_url=public_url(llm_base_url), fallbacks=fallbacks, unavailable=s.llm.unavailable, replicas=replicas,
         window=adaptive_window(s, client, llm_base_url, metrics, PRIMARY, s.llm.timeout_s, closers),
     )
+    closers.extend([processor.config.read_value.aclose] if processor.config.read_value is not None else [])
     # the guards' own probes end before the clients they call are closed
     closers[:0] = [e.guard.aclose for e in (processor.primary, *replicas, *fallbacks) if e.guard is not None]
     runner = runner_of(s, processor, bounds, metrics, transactions)
     dependencies = Dependencies(s, client)
-    liveness = Liveness(runner, processor, metrics,
-                        {"redis": dependencies.redis_answers, "kafka": dependencies.broker_answers}, s.liveness)
+    liveness = Liveness(runner, processor, metrics, dependencies.outage_probes(processor.config.read_value), s.liveness)
     return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
                    llm_base_url, closers, liveness)
 
