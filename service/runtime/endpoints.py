@@ -3,9 +3,11 @@ policy: what the processor's model calls are built from, each from the settings.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from dedup.client import RedisClient
+from service.core.endpoint_settings import OtherEndpoint
 from service.core.metrics import Metrics
 from service.core.settings import Settings
 from service.llm.client import LLMClient
@@ -46,50 +48,52 @@ def fallback_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient,
                        max_open: int, closers: list[Any]) -> tuple[Endpoint, ...]:
     """``AGENT_LLM__FALLBACKS``, each with its own client (its key, model and timeout; the primary's
     other model settings), breaker and shared Retry-After (keyed by its URL) and rate limits."""
-    llm = settings.llm
-    endpoints: list[Endpoint] = []
-    for fallback in llm.fallbacks:
-        assert fallback.name is not None  # named by the settings
-        own = llm.model_copy(update={"api_key": fallback.api_key, "model": fallback.model,
-                                     "timeout_s": fallback.timeout_s or llm.timeout_s, "fallbacks": [], "replicas": [],
-                                     "prompt_cache_key": fallback.prompt_cache_key})
-        client = LLMClient(own, fallback.base_url, metrics, max_open=max_open, endpoint=fallback.name)
-        closers.append(client.aclose)
-        endpoints.append(Endpoint(
-            fallback.name, public_url(fallback.base_url), client,
-            EndpointGuard(fallback.base_url, metrics, guard_config, redis=redis, key_prefix=settings.redis.key_prefix,
-                          probe=chat_probe(client, fallback.timeout_s or llm.timeout_s, fallback.model)),
-            RateLimiter(redis, fallback.base_url, metrics, rpm=fallback.rpm, tpm=fallback.tpm,
-                        interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix,
-                        half_life_s=settings.tenancy.fair_half_life_s),
-            model=fallback.model, timeout_s=fallback.timeout_s or llm.timeout_s,
-            window=adaptive_window(settings, redis, fallback.base_url, metrics, fallback.name,
-                                   fallback.timeout_s or llm.timeout_s, closers),
-        ))
-        metrics.fallbacks.labels(endpoint=fallback.name)  # a series from the start, at 0
-    return tuple(endpoints)
+    parts = _Parts(settings, metrics, redis, guard_config, max_open, closers)
+    endpoints = tuple(parts.endpoint(f, model=f.model, timeout_s=f.timeout_s) for f in settings.llm.fallbacks)
+    for endpoint in endpoints:
+        metrics.fallbacks.labels(endpoint=endpoint.name)  # a series from the start, at 0
+    return endpoints
 
 
 def replica_endpoints(settings: Settings, metrics: Metrics, redis: RedisClient, guard_config: GuardConfig,
                       max_open: int, closers: list[Any]) -> tuple[Endpoint, ...]:
     """``AGENT_LLM__REPLICAS``: the primary's model at other URLs, each with its own client (its key;
     the primary's other model settings), breaker, rate limits and window."""
-    llm = settings.llm
-    endpoints: list[Endpoint] = []
-    for replica in llm.replicas:
-        assert replica.name is not None  # named by the settings
-        own = llm.model_copy(update={"api_key": replica.api_key, "fallbacks": [], "replicas": [],
-                                     "prompt_cache_key": replica.prompt_cache_key})
-        client = LLMClient(own, replica.base_url, metrics, max_open=max_open, endpoint=replica.name)
-        closers.append(client.aclose)
-        endpoints.append(Endpoint(
-            replica.name, public_url(replica.base_url), client,
-            EndpointGuard(replica.base_url, metrics, guard_config, redis=redis, key_prefix=settings.redis.key_prefix,
-                          probe=chat_probe(client, llm.timeout_s)),
-            RateLimiter(redis, replica.base_url, metrics, rpm=replica.rpm, tpm=replica.tpm,
-                        interactive_reserve=llm.interactive_reserve, key_prefix=settings.redis.key_prefix,
-                        half_life_s=settings.tenancy.fair_half_life_s),
-            window=adaptive_window(settings, redis, replica.base_url, metrics, replica.name, llm.timeout_s, closers),
-            replica=True,
-        ))
-    return tuple(endpoints)
+    parts = _Parts(settings, metrics, redis, guard_config, max_open, closers)
+    return tuple(parts.endpoint(r, replica=True) for r in settings.llm.replicas)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What an endpoint beside the primary is built from: the settings, and where its client's and
+    window's closers go."""
+
+    settings: Settings
+    metrics: Metrics
+    redis: RedisClient
+    guard_config: GuardConfig
+    max_open: int
+    closers: list[Any]
+
+    def endpoint(self, other: OtherEndpoint, *, model: str | None = None, timeout_s: float | None = None,
+                 replica: bool = False) -> Endpoint:
+        """``other`` with its own client (its key, and ``model``/``timeout_s`` when set; the primary's
+        other model settings), breaker, shared Retry-After (keyed by its URL), rate limits and window."""
+        s, llm = self.settings, self.settings.llm
+        assert other.name is not None  # named by the settings
+        timeout = timeout_s or llm.timeout_s
+        own = llm.model_copy(update={"api_key": other.api_key, "timeout_s": timeout, "fallbacks": [], "replicas": [],
+                                     "prompt_cache_key": other.prompt_cache_key, **({"model": model} if model else {})})
+        client = LLMClient(own, other.base_url, self.metrics, max_open=self.max_open, endpoint=other.name)
+        self.closers.append(client.aclose)
+        return Endpoint(
+            other.name, public_url(other.base_url), client,
+            EndpointGuard(other.base_url, self.metrics, self.guard_config, redis=self.redis,
+                          key_prefix=s.redis.key_prefix, probe=chat_probe(client, timeout, model)),
+            RateLimiter(self.redis, other.base_url, self.metrics, rpm=other.rpm, tpm=other.tpm,
+                        interactive_reserve=llm.interactive_reserve, key_prefix=s.redis.key_prefix,
+                        half_life_s=s.tenancy.fair_half_life_s),
+            model=model, timeout_s=None if replica else timeout,  # a replica: the primary's, as the request has it
+            window=adaptive_window(s, self.redis, other.base_url, self.metrics, other.name, timeout, self.closers),
+            replica=replica,
+        )
