@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from consumers.producers import DLQ_HEADER_PREFIX, Headers
 from consumers.records import Record
+from consumers.watermarks import watermarks
 from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger
 from service.core.settings import KafkaSettings
@@ -38,9 +39,6 @@ KAFKA_LOGGER = "librdkafka"
 
 MAX_VALUE_CHARS = 64 * 1024
 REPLAYED_FROM = "dlq.replayed_from"
-# a partition whose leader is still being elected (a topic just created, a broker just gone)
-_ELECTING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-                       KafkaError.UNKNOWN_TOPIC_OR_PART})
 Coordinates = tuple[int, int]
 Decision = Literal["replayed", "already_succeeded", "not_found", "failed"]
 
@@ -164,19 +162,8 @@ class _Reader:
         return sorted(topic.partitions)
 
     def watermarks(self, partition: int, timeout_s: float) -> tuple[int, int]:
-        """The partition's low and high offsets, asked again while its leader is being elected (a
-        topic just created answers NOT_LEADER_FOR_PARTITION for a moment), until ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, partition), timeout=max(0.1, deadline - time.monotonic()), cached=False
-                )
-                return int(low), int(high)
-            except KafkaException as exc:
-                if exc.args[0].code() not in _ELECTING or time.monotonic() + 0.05 >= deadline:
-                    raise
-                time.sleep(0.05)
+        """The partition's low and high offsets (through a leader election: :mod:`consumers.watermarks`)."""
+        return watermarks(self._consumer, TopicPartition(self.topic, partition), timeout_s)
 
     def read(self, partition: int, start: int, deadline: float, stop_at: int | None = None) -> Iterator[Message]:
         """Records of one partition from ``start`` on, until its end, ``stop_at`` or the deadline."""

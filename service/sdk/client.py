@@ -41,6 +41,8 @@ import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from pydantic import BaseModel
 
+from consumers.watermarks import watermarks
+
 __all__ = ["ClientError", "HttpClient", "Outcome", "ResultTimeout", "TopicClient", "task_event"]
 
 Headers = Mapping[str, str]
@@ -136,7 +138,7 @@ class TopicClient:
         # no record at or after the time: the partition's end now (not "the end" when the fetch
         # starts, which could pass over an outcome written meanwhile)
         self._consumer.assign([TopicPartition(self.results_topic, tp.partition, tp.offset if tp.offset >= 0 else
-                                              self._consumer.get_watermark_offsets(tp, timeout=30)[1])
+                                              watermarks(self._consumer, tp, 30)[1])
                                for tp in starts])
 
     def _read(self) -> None:
