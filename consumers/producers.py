@@ -20,6 +20,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from consumers.encoding import Encoding
 from consumers.records import Record
 
 log = logging.getLogger(__name__)
@@ -351,8 +352,9 @@ def broker_message_max_bytes(admin: Any, metadata: Any, timeout_s: float) -> int
     return KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 
-class Outputs:
-    """Where the pipeline writes outcomes: the results topic and the dead-letter topic."""
+class Outputs(Encoding):
+    """Where the pipeline writes outcomes: the results topic (through its :class:`Encoding`) and
+    the dead-letter topic."""
 
     def __init__(self, publisher: Publisher, results_topic: str, dlq_topic: str) -> None:
         self.publisher = publisher
@@ -386,7 +388,9 @@ class Outputs:
         Raises :class:`RecordRejected` when the broker refuses this result for good (the caller
         dead-letters the task) and :class:`ProduceFailed` when it cannot be reached.
         """
-        await self.publisher.send(self.results_topic, task_key.encode(), event, result_headers(traceparent, deadline))
+        await self.ready_to_encode()
+        await self.publisher.send(self.results_topic, task_key.encode(), self.encoded(event),
+                                  result_headers(traceparent, deadline))
 
     def announcing(self, record: Record, task_key: str, error: str) -> Announce | None:
         """The ``failed`` event of a task whose result the broker refused (set by the pipeline)."""
@@ -406,6 +410,8 @@ class Outputs:
         place) follows it on the results topic, keyed by the task id."""
         headers = dead_letter_headers(record, reason=reason, error=error, attempts=attempts, task_id=task_id,
                                       traceparent=traceparent)
+        if announce is not None and task_id is not None:
+            await self.ready_to_encode()  # before the dead letter: none is written without its event
         try:
             placed = await self.publisher.send_at(self.dlq_topic, *self._fitted(record, headers))
         except RecordRejected as exc:
@@ -413,7 +419,7 @@ class Outputs:
                         record.coordinates, exc, self._fallback_budget)
             placed = await self.publisher.send_at(self.dlq_topic, *self._cut(record, headers))
         if announce is not None and task_id is not None:
-            await self.publisher.send(self.results_topic, task_id.encode(), announce(self.dlq_topic, placed),
+            await self.publisher.send(self.results_topic, task_id.encode(), self.encoded(announce(self.dlq_topic, placed)),
                                       result_headers(traceparent, None))
         return placed
 

@@ -266,6 +266,8 @@ class TransactionalOutputs(Outputs):
     async def result(
         self, record: Record, task_key: str, event: bytes, traceparent: str | None, deadline: str | None = None,
     ) -> None:
+        await self.ready_to_encode()
+        event = self.encoded(event)
         size = record_size(task_key.encode(), event, [])
         if size > min(self.publisher.max_message_bytes, self.publisher.queue_max_bytes):
             raise RecordRejected(f"result of {size} bytes exceeds the producer's limit")
@@ -283,6 +285,8 @@ class TransactionalOutputs(Outputs):
         traceparent: str | None = None, announce: Announce | None = None,
     ) -> Placed | None:
         """Staged; ``announce``'s event follows it on the results topic in the same transaction."""
+        if announce is not None and task_id is not None:
+            await self.ready_to_encode()
         stage(self._dead_letter_item(record, reason=reason, error=error, attempts=attempts, task_id=task_id,
                                      traceparent=traceparent, announce=announce))
         return None
@@ -299,7 +303,7 @@ class TransactionalOutputs(Outputs):
 
         def then(placed: Placed) -> Staged:
             assert announce is not None and task_id is not None
-            return Staged(self.results_topic, task_id.encode(), announce(self.dlq_topic, placed),
+            return Staged(self.results_topic, task_id.encode(), self.encoded(announce(self.dlq_topic, placed)),
                           result_headers(traceparent, None))
 
         return Staged(self.dlq_topic, *self._fitted(record, headers), fallback=cut,

@@ -1,4 +1,5 @@
-"""Task events written through a Schema Registry: the input topic's value format and its reader.
+"""Task events written through a Schema Registry: the input topic's value format and its reader
+(the results topic's is in :mod:`service.core.result_events`).
 
 A value in ``avro`` or ``jsonschema`` carries the registry's framing (a zero magic byte, the
 writer's schema id, the body); :class:`ValueReader` reads it with ``confluent_kafka.schema_registry``'s
@@ -36,6 +37,7 @@ PROBE_TIMEOUT_S = 5.0
 T = TypeVar("T")
 SCHEMA_NOT_FOUND = 40403  # Confluent's error code for an unknown schema id
 FRAME_BYTES = 5  # magic byte 0, then the schema id (big-endian)
+TRANSPORT_ERRORS = (registry_http.TransportError, OSError)  # the registry not reached at all
 
 
 class SchemaRegistrySettings(BaseModel):
@@ -46,11 +48,16 @@ class SchemaRegistrySettings(BaseModel):
     bearer_token: SecretStr | None = None
     timeout_s: float = Field(10.0, gt=0)
     input_format: ValueFormat = "json"  # the input topic's values: plain JSON, or through the registry
+    results_format: ValueFormat = "json"  # the results topic's values (result and failed events)
+    # the result event's schema registered under "<results topic>-value" on first use; off: a team
+    # registers it (service/core/result_events.py) and the service only looks its id up
+    auto_register: bool = True
 
     @model_validator(mode="after")
     def _url_when_used(self) -> Self:
-        if self.input_format != "json" and not self.url:
-            raise ValueError(f"schema_registry: input_format {self.input_format} needs a url")
+        for name, fmt in (("input_format", self.input_format), ("results_format", self.results_format)):
+            if fmt != "json" and not self.url:
+                raise ValueError(f"schema_registry: {name} {fmt} needs a url")
         if self.basic_auth is not None and ":" not in self.basic_auth.get_secret_value():
             raise ValueError("schema_registry: basic_auth is 'user:password'")
         return self
@@ -73,23 +80,14 @@ class RegistryUnavailable(InfrastructureError):
     """The Schema Registry did not answer (or answered 5xx): every record waits, none is blamed."""
 
 
-class ValueReader:
-    """Reads one topic's registry-framed values into plain objects (a dict for a task event).
-
-    Blocking: the first value of each schema id asks the registry (the client caches the answer);
-    callers run it off the event loop."""
+class RegistryUser:
+    """A registry client with threads of its own to ask it in: a registry that hangs holds these,
+    never the loop's default executor."""
 
     def __init__(self, settings: SchemaRegistrySettings, topic: str) -> None:
-        self.format = settings.input_format
-        # threads of its own: a registry that hangs holds these, never the loop's default executor
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="schema-registry")
         self.client = SchemaRegistryClient(settings.client_conf())
-        self._context = SerializationContext(topic, MessageField.VALUE)
-        self._deserialize: AvroDeserializer | JSONDeserializer
-        if self.format == "avro":
-            self._deserialize = AvroDeserializer(self.client)
-        else:
-            self._deserialize = JSONDeserializer(None, schema_registry_client=self.client)
+        self.context = SerializationContext(topic, MessageField.VALUE)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the reader's threads (a call that may ask the registry)."""
@@ -109,18 +107,34 @@ class ValueReader:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
+
+class ValueReader(RegistryUser):
+    """Reads one topic's registry-framed values into plain objects (a dict for a task event).
+
+    Blocking: the first value of each schema id asks the registry (the client caches the answer);
+    callers run it off the event loop."""
+
+    def __init__(self, settings: SchemaRegistrySettings, topic: str) -> None:
+        super().__init__(settings, topic)
+        self.format = settings.input_format
+        self._deserialize: AvroDeserializer | JSONDeserializer
+        if self.format == "avro":
+            self._deserialize = AvroDeserializer(self.client)
+        else:
+            self._deserialize = JSONDeserializer(None, schema_registry_client=self.client)
+
     def __call__(self, value: bytes) -> Any:
         if len(value) < FRAME_BYTES or value[0] != 0:  # the record's fault whether or not the registry answers
             raise PoisonError("decode", f"{self.format} value: no Schema Registry framing (a zero magic byte and "
                               f"a 4-byte schema id), starts {value[:FRAME_BYTES]!r}")
         try:
-            return self._deserialize(value, self._context)
+            return self._deserialize(value, self.context)
         except SchemaRegistryError as exc:
             if exc.error_code == SCHEMA_NOT_FOUND:  # this record names a schema the registry never had
                 raise PoisonError("decode", f"schema registry: {exc}") from exc
             # anything else fails every record alike: refused credentials, a wrong URL, 429, 5xx
             raise RegistryUnavailable(f"schema registry: {exc}") from exc
-        except (registry_http.TransportError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise RegistryUnavailable(f"schema registry unreachable: {type(exc).__name__}: {exc}") from exc
         except SerializationError as exc:
             raise PoisonError("decode", f"{self.format} value: {exc}") from exc

@@ -310,7 +310,7 @@ class TaskProcessor:
                         await self._letter_internal(record, task.key, task.kind, error)
                     return
             await self._letter_internal(record, task_key, task.kind if task is not None else None, error)
-        except (LedgerUnavailable, ProduceFailed) as exc:
+        except (LedgerUnavailable, ProduceFailed, RegistryUnavailable) as exc:
             self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
             raise InfrastructureError(str(exc)) from exc
 

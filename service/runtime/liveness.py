@@ -33,7 +33,7 @@ from prometheus_client import Counter
 from consumers.runner import Runner
 from dedup.client import RedisClient
 from service.core.metrics import Metrics
-from service.core.schema_registry import ValueReader
+from service.core.schema_registry import RegistryUser
 from service.core.settings import LivenessSettings, Settings
 from service.pipeline.processor import TaskProcessor
 from service.pipeline.waits import WHY
@@ -97,12 +97,13 @@ class Dependencies:
                 self.last_error["model"] = f"{host}:{port}: {type(exc).__name__}: {exc}"[:300]
         return False
 
-    def outage_probes(self, read_value: ValueReader | None = None) -> dict[str, Probe]:
+    def outage_probes(self, *registry_users: object) -> dict[str, Probe]:
         """What must answer before an outage is over: Redis, the broker, and the Schema Registry
-        when the input topic's values are read through one."""
+        when the input topic's values are read or the results written through one."""
         probes: dict[str, Probe] = {"redis": self.redis_answers, "kafka": self.broker_answers}
-        if read_value is not None:
-            probes["schema_registry"] = read_value.answers
+        users = [user for user in registry_users if isinstance(user, RegistryUser)]
+        if users:  # one registry for both
+            probes["schema_registry"] = users[0].answers
         return probes
 
     def close(self) -> None:

@@ -22,19 +22,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka.admin import AdminClient
-
 from consumers.partitions import RunnerConfig, RunnerMetrics
-from consumers.producers import (
-    DEFAULT_BATCH_BYTES,
-    RECORD_OVERHEAD_BYTES,
-    Outputs,
-    Publisher,
-    topic_max_message_bytes,
-)
+from consumers.producers import Outputs, Publisher
 from consumers.progress import Progress
 from consumers.runner import Runner
-from consumers.transactions import TransactionalOutputs, TransactionalProducer
+from consumers.transactions import TransactionalProducer
 from dedup.client import RedisClient, close
 from dedup.keys import Keys
 from dedup.ledger import Ledger
@@ -58,6 +50,7 @@ from service.runtime.endpoints import adaptive_window, fallback_endpoints, repli
 from service.runtime.front import Front, http_server, model_urls, wait_for_dependencies
 from service.runtime.limits import Limits, limits, log_limits
 from service.runtime.liveness import Dependencies, Liveness, Startup
+from service.runtime.outputs import outputs_of
 from service.runtime.parked import ApprovalsConsumer, approval_applier, sweep_forever
 from service.runtime.replies import start_replies
 from service.runtime.scheduler import Scheduler, scheduler_for
@@ -344,7 +337,7 @@ def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = Non
     closers[:0] = [e.guard.aclose for e in (processor.primary, *replicas, *fallbacks) if e.guard is not None]
     runner = runner_of(s, processor, bounds, metrics, transactions)
     dependencies = Dependencies(s, client)
-    liveness = Liveness(runner, processor, metrics, dependencies.outage_probes(processor.config.read_value), s.liveness)
+    liveness = Liveness(runner, processor, metrics, dependencies.outage_probes(processor.config.read_value, outputs.encoder), s.liveness)
     return Service(s, metrics, client, ledger, llm, publisher, outputs, agents, processor, runner,
                    llm_base_url, closers, liveness)
 
@@ -357,28 +350,6 @@ def ledger_of(settings: Settings, client: RedisClient) -> Ledger:
         wait_replicas=settings.ledger.wait_replicas, wait_aof=settings.ledger.wait_aof,
         wait_timeout_ms=settings.ledger.wait_timeout_ms, max_deaths=settings.ledger.max_deaths,
     )
-
-
-def outputs_of(settings: Settings, closers: list[Any]) -> tuple[Publisher, Outputs, TransactionalProducer | None]:
-    """The producer of results and dead letters, the outputs written through it, and with
-    ``AGENT_KAFKA__TRANSACTIONAL`` the transactional producer the runner commits with."""
-    # A record batch must fit the output topics' max.message.bytes: the broker refuses an oversized
-    # batch whole, which would condemn every record in it along with the one that is too large.
-    admin = AdminClient(settings.kafka.common_config("admin"))
-    dlq_limit = topic_max_message_bytes(admin, settings.kafka.dlq_topic)
-    sizes = [n for n in (dlq_limit, topic_max_message_bytes(admin, settings.kafka.results_topic)) if n]
-    batch = {"batch.size": min(sizes + [DEFAULT_BATCH_BYTES]) - RECORD_OVERHEAD_BYTES}
-    publisher = Publisher({**settings.kafka.producer_config(), **batch})
-    transactions: TransactionalProducer | None = None
-    if settings.kafka.transactional:
-        # outcomes are staged and written with their offsets in one transaction per commit
-        transactions = txn = TransactionalProducer({**settings.kafka.transactional_producer_config(), **batch})
-        closers.append(lambda: asyncio.to_thread(txn.close))
-        outputs: Outputs = TransactionalOutputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
-    else:
-        outputs = Outputs(publisher, settings.kafka.results_topic, settings.kafka.dlq_topic)
-    outputs.set_dlq_limit(dlq_limit)  # dead letters are cut to the DLQ topic's limit too, when known
-    return publisher, outputs, transactions
 
 
 def guard_config_of(s: Settings) -> GuardConfig:

@@ -17,7 +17,10 @@ read from the results topic) and :class:`HttpClient` (the service's HTTP API: ``
     async with TopicClient("localhost:9092") as client:  # the same, awaited
         outcome = await client.aresult(await client.asubmit("classify", {...}), timeout=60)
 
-The topic client reads the results topic from the moment it was made (``since_ms`` to start
+With ``schema_registry`` (a ``SchemaRegistryClient`` configuration, ``{"url": ...}``) the topic
+client reads results written through a Schema Registry too (``AGENT_SCHEMA_REGISTRY__RESULTS_FORMAT``
+``avro`` or ``jsonschema``), into the same events; while the registry does not answer, the outcomes
+wait for it. The topic client reads the results topic from the moment it was made (``since_ms`` to start
 earlier) and keeps the latest event of each task id: that is the task's outcome (a dead letter
 replayed that then succeeds has a second event, ``succeeded``). The HTTP client needs the submit
 token to submit and the read token to await (``AGENT_SUBMIT_TOKEN``, ``AGENT_READ_TOKEN``; the
@@ -42,10 +45,14 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from pydantic import BaseModel
 
 from consumers.watermarks import watermarks
+from service.core.errors import PoisonError
+from service.core.result_events import ResultReader
+from service.core.schema_registry import RegistryUnavailable
 
 __all__ = ["ClientError", "HttpClient", "Outcome", "ResultTimeout", "TopicClient", "task_event"]
 
 Headers = Mapping[str, str]
+REGISTRY_RETRY_S = 1.0
 
 
 class Outcome(BaseModel):
@@ -108,13 +115,15 @@ def task_event(kind: str, task_input: Any, task_id: str, *, deadline: str | None
 class TopicClient:
     """Tasks to the input topic, outcomes from the results topic (read by one background thread).
 
-    ``config`` is added to the librdkafka settings of both (security settings, for instance)."""
+    ``config`` is added to the librdkafka settings of both (security settings, for instance);
+    ``schema_registry`` configures the registry client that reads results written through one."""
 
     def __init__(self, bootstrap_servers: str, *, input_topic: str = "agent.tasks",
                  results_topic: str = "agent.results", config: Mapping[str, Any] | None = None,
-                 since_ms: int | None = None) -> None:
+                 since_ms: int | None = None, schema_registry: Mapping[str, Any] | None = None) -> None:
         common = {"bootstrap.servers": bootstrap_servers, **(config or {})}
         self.input_topic, self.results_topic = input_topic, results_topic
+        self._read_value = ResultReader(schema_registry, results_topic)
         self._producer = Producer({**common, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
         self._consumer = Consumer({**common, "group.id": f"agent-client-{uuid.uuid4().hex}",
                                    "enable.auto.commit": False, "isolation.level": "read_committed",
@@ -152,12 +161,24 @@ class TopicClient:
             with self._changed:
                 self._changed.notify_all()
 
+    def _event_of(self, value: bytes | None) -> dict[str, Any] | None:
+        """The outcome event ``value`` holds, or None (not one); waits while the registry is down."""
+        while not self._stop.is_set():
+            try:
+                event = self._read_value(value or b"")
+                str(event["task_id"])
+                return event
+            except RegistryUnavailable:
+                self._stop.wait(REGISTRY_RETRY_S)  # this outcome, and those after it, wait for the registry
+            except (PoisonError, KeyError, TypeError):
+                return None
+        return None
+
     def _note(self, value: bytes | None) -> None:
-        try:
-            event = json.loads(value or b"")
-            task_id = str(event["task_id"])
-        except (ValueError, KeyError, TypeError):
+        event = self._event_of(value)
+        if event is None:
             return  # not an outcome event
+        task_id = str(event["task_id"])
         with self._changed:
             self._latest[task_id] = event
             futures = self._waiters.pop(task_id, [])
@@ -219,6 +240,7 @@ class TopicClient:
         self._thread.join(10)
         self._consumer.close()
         self._producer.flush(10)
+        self._read_value.close()
 
     def __enter__(self) -> Self:
         return self
