@@ -61,13 +61,8 @@ class Pass:
 def run(env: Env, quick: bool) -> list[Figure]:
     warm, burst = (1_000, 600) if quick else (4_000, 2_000)
     bound = ALLOWED / LATENCY_S
-    fake = env.fake_model(LATENCY_S)
-    try:
-        fake.configure(max_concurrency=ALLOWED)
-        off = _pass(env, fake, 0.0, warm, burst)
-        on = _pass(env, fake, 3600.0, warm, burst)
-    finally:
-        env.release(fake)
+    off = _pass(env, 0.0, warm, burst)
+    on = _pass(env, 3600.0, warm, burst)
     label = f"{burst:,} tasks after idle, {LATENCY_S * 1000:.0f} ms model, {ALLOWED} calls allowed"
     return [
         Figure(BENCH, f"share of Little's bound, memory off, {label}", 100 * off.rate / bound, "%",
@@ -85,7 +80,17 @@ def _settings(env: Env, names: Names, fake: FakeModel, memory_s: float) -> Setti
                         llm={"window_memory_s": memory_s, "max_attempts": 8})
 
 
-def _pass(env: Env, fake: FakeModel, memory_s: float, warm: int, burst: int) -> Pass:
+def _pass(env: Env, memory_s: float, warm: int, burst: int) -> Pass:
+    """One pass, with a fake model of its own (nothing of the other pass's left in it)."""
+    fake = env.fake_model(LATENCY_S)
+    try:
+        fake.configure(max_concurrency=ALLOWED)
+        return _measure(env, fake, memory_s, warm, burst)
+    finally:
+        env.release(fake)
+
+
+def _measure(env: Env, fake: FakeModel, memory_s: float, warm: int, burst: int) -> Pass:
     names = env.names(BENCH)
     settings = _settings(env, names, fake, memory_s)
     from service.runtime.wiring import ensure_topics

@@ -46,7 +46,8 @@ end
 # most slots open at once over the last 5 s, which says whether the window is in use. A refusal adds
 # the process to KEYS[3]. Returns {slots granted, cwnd as a string, open slots, now ms, 1 when another
 # process was refused a slot in the last second, when the window was last cut, ms until the slow start
-# may ramp again when it had no room (-1: not in a ramp)}.
+# may ramp again when it had no room (-1: not in a ramp)}. A cut the processes must act on (``told``) is every
+# cut but a failed probe one slot above the memory.
 ACQUIRE = _MEMORY + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -105,26 +106,27 @@ local others = redis.call('ZCARD', KEYS[3])
 if redis.call('ZSCORE', KEYS[3], ARGV[6]) then others = others - 1 end
 local contended = 0
 if others > 0 then contended = 1 end
-return {granted, tostring(cwnd), open, now, contended, redis.call('HGET', KEYS[1], 'cut') or '0', due}
+return {granted, tostring(cwnd), open, now, contended, redis.call('HGET', KEYS[1], 'told') or '0', due}
 """
 
 # ARGV: outcome (ok|cut|reset|none), when the call that brings it started (ms, Redis time), answered
 # calls to count, initial, ceiling, floor, backoff, idle ms, the process, memory fresh ms, then the
 # slots handed back. Answers grow the window one by one, as if released one at a time. Returns
 # {cwnd as a string, 1 when this call cut it, now ms, 1 when another process was refused a slot in
-# the last second, when the window was last cut}.
+# the last second, when the window was last cut (``told``)}.
 SETTLE = _MEMORY + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local open = redis.call('ZCARD', KEYS[2])
 for i = 11, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
-local h = redis.call('HMGET', KEYS[1], 'peak', 'peak_ms', 'cwnd', 'ssthresh', 'cut')
+local h = redis.call('HMGET', KEYS[1], 'peak', 'peak_ms', 'cwnd', 'ssthresh', 'cut', 'told')
 local peak, peak_ms = tonumber(h[1]) or 0, tonumber(h[2]) or 0
 local initial, ceiling, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local fresh, answered = tonumber(ARGV[10]), tonumber(ARGV[3])
 local cwnd = tonumber(h[3]) or initial
 local ssthresh = tonumber(h[4]) or ceiling
 local cut = tonumber(h[5]) or 0
+local told = tonumber(h[6]) or 0
 if open > peak or now - peak_ms > 5000 then
   peak = open
   redis.call('HSET', KEYS[1], 'peak', open, 'peak_ms', now)
@@ -140,13 +142,16 @@ end
 if (outcome == 'cut' or outcome == 'reset') and tonumber(ARGV[2]) > cut then
   local memo = trusted(now, fresh)
   if outcome == 'cut' and memo > 0 and math.floor(cwnd) > memo then
-    -- the probe above the remembered window failed: back to it, the memory stands
+    -- the probe above the remembered window failed: back to it, the memory stands. One slot back
+    -- is not news the processes must act on (hand back their kept slots); more is
+    if math.floor(cwnd) > memo + 1 then told = now end
     ssthresh = math.max(math.min(memo, ceiling), floor)
     cwnd = ssthresh
   else
     ssthresh = math.max(math.floor(cwnd * tonumber(ARGV[7])), floor)
     if outcome == 'cut' then cwnd = ssthresh else cwnd = math.min(initial, ssthresh) end
     if outcome == 'cut' and memo > 0 then remember(ssthresh, now, fresh) end
+    told = now
   end
   if fresh > 0 then
     redis.call('HSET', KEYS[4], 'n', 0)
@@ -161,7 +166,7 @@ elseif fresh > 0 and answered > 0 and outcome ~= 'cut' and outcome ~= 'reset' an
   end
   redis.call('PEXPIRE', KEYS[4], fresh * 10)
 end
-redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'ssthresh', ssthresh, 'cut', cut)
+redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'ssthresh', ssthresh, 'cut', cut, 'told', told)
 if changed == 1 then redis.call('HSET', KEYS[1], 'base', tostring(cwnd)) end
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
@@ -170,5 +175,5 @@ local others = redis.call('ZCARD', KEYS[3])
 if redis.call('ZSCORE', KEYS[3], ARGV[9]) then others = others - 1 end
 local contended = 0
 if others > 0 then contended = 1 end
-return {tostring(cwnd), changed, now, contended, tostring(cut)}
+return {tostring(cwnd), changed, now, contended, tostring(told)}
 """
