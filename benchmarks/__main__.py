@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import backlog, e2e, latency, naive, parallel, replay, workers
+from benchmarks import backlog, burst, e2e, latency, naive, parallel, replay, workers
 from benchmarks.env import REPO, Env, progress
 from benchmarks.report import Figure, Report
 
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Env, bool], list[Figure]]] = {
     "naive": naive.run,
     "parallel_consumer": parallel.run,
     "latency_bound": latency.run,
+    "cold_burst": burst.run,
     "replay": replay.run,
     "backlog_rss": backlog.run,
     "workers": workers.run,

@@ -91,6 +91,10 @@ class FakeModel:
     def set_latency(self, latency_s: float) -> None:
         self._request("POST", "/_latency", {"latency_s": latency_s})
 
+    def configure(self, **values: Any) -> None:
+        """Change the server's configuration (``/_config``), e.g. ``max_concurrency=200``."""
+        self._request("POST", "/_config", values)
+
     def stop(self) -> None:
         try:
             processes.stop(self.proc, grace_s=10)

@@ -192,6 +192,10 @@ class LLMSettings(BaseModel):
     # timeout comes back (0: only answers grow it): a provider refuses at once above its limit, so a
     # 2 s model need not take 2 s per doubling
     window_ramp_s: float = Field(0.1, ge=0)
+    # the largest window that ran a round trip full without a 429 or a timeout is remembered in Redis
+    # per endpoint: a cold window (after idle, a restart, a new worker) opens at it, and a 429 above it
+    # cuts back to it. Trusted whole for window_memory_s, then halved per window_memory_s (0: no memory)
+    window_memory_s: float = Field(3600.0, ge=0)
     shadow_sample_rate: float = Field(0.0, ge=0, le=1)  # duplicates re-run in shadow to measure divergence
     local_gguf: str | None = None  # path to a GGUF file for the embedded model
     tokenizer_gguf: str | None = None  # a GGUF whose vocabulary counts prompts (service.llm.tokens)

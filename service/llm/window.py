@@ -21,6 +21,11 @@ frees its slots when their leases run out):
 - **after an outage** (the breaker opened, or the endpoint cannot serve: a revoked key, nothing
   listening) the window starts over at ``initial``, below a ``ssthresh`` of half its size, so a
   fleet coming back ramps up instead of opening every slot at once;
+- **memory**: the largest window that ran a round trip full without a 429 or a timeout is kept
+  apart (``...:memory``, with when it last did) for ``memory_s`` and longer, so a cold window (a
+  fleet back from idle, a restart) opens at it instead of at ``initial``, and a 429 above it cuts
+  back to it; a memory older than ``memory_s`` halves per ``memory_s`` and is slow-started back
+  to. See :mod:`service.llm.window_scripts` for the rules;
 - a window grows only while it is at least half used (the most calls open at once over the last
   5 s), so a quiet hour does not leave a window
   of thousands that a sudden backlog would open all at once.
@@ -67,118 +72,13 @@ from service.core.metrics import Metrics
 from service.llm.slots import Batch, KeptSlots, Slot
 from service.llm.tags import endpoint_tag
 from service.llm.waiters import Linger, Waiters
+from service.llm.window_scripts import ACQUIRE, SETTLE
 
 __all__ = ["ACQUIRE", "NO_CEILING", "SETTLE", "AdaptiveWindow", "Outcome", "Slot"]
 
 log = logging.getLogger(__name__)
 
 NO_CEILING = 1_000_000
-
-# KEYS[1] window hash, KEYS[2] slots, KEYS[3] the processes refused a slot in the last second (a
-# sorted set scored by when); ARGV: slots' id prefix, lease ms, initial, ceiling, idle ms, the
-# asking process, slots wanted, ramp ms. Grants what the window has room for, as ``<prefix>:1`` and
-# on; in slow start a window without room for them grows to twice what the last ramp (or cut) left if
-# ``ramp`` has passed since then: answers in between count towards that doubling, not on top of it. Keeps
-# ``peak``, the most slots open at once over the last 5 s, which says whether the window is in use.
-# A refusal adds the process to KEYS[3]. Returns {slots granted, cwnd as a string, open slots, now
-# ms, 1 when another process was refused a slot in the last second, when the window was last cut,
-# ms until the slow start may ramp again when it had no room (-1: not in a ramp)}.
-ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local cwnd = tonumber(redis.call('HGET', KEYS[1], 'cwnd'))
-if not cwnd then
-  cwnd = tonumber(ARGV[3])
-  redis.call('HSET', KEYS[1], 'cwnd', cwnd, 'ssthresh', ARGV[4], 'cut', 0, 'grown', now, 'base', cwnd)
-end
-local open = redis.call('ZCARD', KEYS[2])
-local wanted = tonumber(ARGV[7])
-local ramp = tonumber(ARGV[8])
-local due = -1
-if open + wanted > math.floor(cwnd) and ramp > 0 then
-  local h = redis.call('HMGET', KEYS[1], 'ssthresh', 'cut', 'grown', 'base')
-  local ssthresh, cut, grown = tonumber(h[1]) or tonumber(ARGV[4]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
-  if cwnd < ssthresh then
-    if now - math.max(cut, grown) >= ramp then
-      -- at least double since the last ramp; answers counted meanwhile are part of it, not added on top
-      local base = math.max(math.min(tonumber(h[4]) or cwnd, cwnd) * 2, cwnd)
-      cwnd = math.min(base, ssthresh, tonumber(ARGV[4]))
-      redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'grown', now, 'base', cwnd)
-      due = ramp
-    else
-      due = ramp - (now - math.max(cut, grown))
-    end
-  end
-end
-local granted = math.max(0, math.min(wanted, math.floor(cwnd) - open))
-for i = 1, granted do
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1] .. ':' .. i)
-end
-open = open + granted
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 1000)
-if granted < wanted then
-  redis.call('ZADD', KEYS[3], now, ARGV[6])
-end
-local peak = tonumber(redis.call('HGET', KEYS[1], 'peak')) or 0
-local peak_ms = tonumber(redis.call('HGET', KEYS[1], 'peak_ms')) or 0
-if open > peak or now - peak_ms > 5000 then
-  redis.call('HSET', KEYS[1], 'peak', open, 'peak_ms', now)
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PEXPIRE', KEYS[3], 2000)
-local others = redis.call('ZCARD', KEYS[3])
-if redis.call('ZSCORE', KEYS[3], ARGV[6]) then others = others - 1 end
-local contended = 0
-if others > 0 then contended = 1 end
-return {granted, tostring(cwnd), open, now, contended, redis.call('HGET', KEYS[1], 'cut') or '0', due}
-"""
-
-# KEYS as above; ARGV: outcome (ok|cut|reset|none), when the call that brings it started (ms, Redis
-# time), answered calls to count, initial, ceiling, floor, backoff, idle ms, the process, then the
-# slots handed back. Answers grow the window one by one, as if released one at a time. Returns
-# {cwnd as a string, 1 when this call cut it, now ms, 1 when another process was refused a slot in
-# the last second, when the window was last cut}.
-SETTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local open = redis.call('ZCARD', KEYS[2])
-for i = 10, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
-local h = redis.call('HMGET', KEYS[1], 'peak', 'peak_ms', 'cwnd', 'ssthresh', 'cut')
-local peak, peak_ms = tonumber(h[1]) or 0, tonumber(h[2]) or 0
-local initial, ceiling, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local cwnd = tonumber(h[3]) or initial
-local ssthresh = tonumber(h[4]) or ceiling
-local cut = tonumber(h[5]) or 0
-if open > peak or now - peak_ms > 5000 then
-  peak = open
-  redis.call('HSET', KEYS[1], 'peak', open, 'peak_ms', now)
-end
-local outcome = ARGV[1]
-local changed = 0
-for _ = 1, tonumber(ARGV[3]) do
-  if peak * 2 < math.floor(cwnd) then break end
-  if cwnd < ssthresh then cwnd = cwnd + 1 else cwnd = cwnd + 1 / cwnd end
-  if cwnd >= ceiling then cwnd = ceiling break end
-end
-if (outcome == 'cut' or outcome == 'reset') and tonumber(ARGV[2]) > cut then
-  ssthresh = math.max(math.floor(cwnd * tonumber(ARGV[7])), floor)
-  if outcome == 'cut' then cwnd = ssthresh else cwnd = math.min(initial, ssthresh) end
-  cut = now
-  changed = 1
-end
-redis.call('HSET', KEYS[1], 'cwnd', tostring(cwnd), 'ssthresh', ssthresh, 'cut', cut)
-if changed == 1 then redis.call('HSET', KEYS[1], 'base', tostring(cwnd)) end
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('PEXPIRE', KEYS[2], ARGV[8])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 1000)
-local others = redis.call('ZCARD', KEYS[3])
-if redis.call('ZSCORE', KEYS[3], ARGV[9]) then others = others - 1 end
-local contended = 0
-if others > 0 then contended = 1 end
-return {tostring(cwnd), changed, now, contended, tostring(cut)}
-"""
 
 Outcome = Literal["ok", "rate_limited", "timeout", "outage", "none"]
 _SCRIPT_OUTCOME = {"ok": "ok", "rate_limited": "cut", "timeout": "cut", "outage": "reset", "none": "none"}
@@ -207,6 +107,7 @@ class AdaptiveWindow:
         idle_s: float = 600.0,
         linger_s: float = 0.02,
         ramp_s: float = 0.1,
+        memory_s: float = 0.0,
         key_prefix: str = "agent",
     ) -> None:
         self.redis = redis
@@ -219,9 +120,11 @@ class AdaptiveWindow:
         self.idle_ms = max(self.lease_ms, int(idle_s * 1000))
         self.linger_s = linger_s
         self.ramp_ms = int(ramp_s * 1000)
+        self.memory_ms = int(memory_s * 1000)  # how long the remembered window is trusted whole (0: off)
         keys = Keys(key_prefix)
         tag = endpoint_tag(endpoint)
-        self.keys = [keys.endpoint(tag, "window"), keys.endpoint(tag, "slots"), keys.endpoint(tag, "waiters")]
+        self.keys = [keys.endpoint(tag, "window"), keys.endpoint(tag, "slots"), keys.endpoint(tag, "waiters"),
+                     keys.endpoint(tag, "memory")]
         self._acquire = redis.register_script(ACQUIRE)
         self._settle = redis.register_script(SETTLE)
         # the children every call updates, looked up once (labels() validates and locks on each call)
@@ -277,7 +180,7 @@ class AdaptiveWindow:
         try:
             granted, size, _open, now_ms, contended, cut, due = await self._acquire(keys=self.keys, args=[
                 prefix, self.lease_ms, self.initial, self.ceiling, self.idle_ms, self._me, batch.wanted,
-                self.ramp_ms])
+                self.ramp_ms, self.memory_ms])
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
             batch.fail(LedgerUnavailable(f"adaptive window: {exc}") if isinstance(exc, RedisError) else exc)
             return
@@ -337,7 +240,7 @@ class AdaptiveWindow:
         try:
             size, changed, now_ms, contended, cut = await self._settle(keys=self.keys, args=[
                 _SCRIPT_OUTCOME[outcome], slot.started_ms if slot is not None else 0, answered, self.initial, self.ceiling, 1,
-                self.backoff, self.idle_ms, self._me, *ids])
+                self.backoff, self.idle_ms, self._me, self.memory_ms, *ids])
         except RedisError as exc:  # the leases free the slots in time; the answers are told next time
             self._answered += answered
             log.debug("window slots not handed back: %s", exc)

@@ -28,6 +28,7 @@ def adaptive_window(settings: Settings, redis: RedisClient, base_url: str, metri
         return None
     window = AdaptiveWindow(redis, base_url, metrics, label=name, initial=llm.window_initial,
                             maximum=llm.window_max, backoff=llm.window_backoff, ramp_s=llm.window_ramp_s,
+                            memory_s=llm.window_memory_s,
                             lease_s=2 * (timeout_s + 10),
                             key_prefix=settings.redis.key_prefix)
     closers.append(window.aclose)
