@@ -5,7 +5,8 @@ A group is the calls that may share a provider batch (one endpoint and model); i
 hash tag (``agent:batch:{<group>}:...``), so every script below runs unchanged on Redis Cluster:
 
 - ``open`` (zset): the calls waiting for a batch, ``custom_id -> queued at (ms)``;
-- ``lines`` (hash): ``custom_id -> {"task", "line"}``: the task it belongs to and its JSONL request;
+- ``lines`` (hash): ``custom_id -> {"task", "step", "line"}``: the call's task and step, and its JSONL
+  request;
 - ``where`` (hash): ``custom_id -> n``: the batch a sealed call went into (a call queued again after a
   crash finds its batch, and is not queued twice);
 - ``sealed`` (hash): ``n -> {"ids", "state", "batch_id", "file_id", "sealed_ms", "left"}``: batch ``n``
@@ -166,12 +167,13 @@ class Batches:
     def _groups(self) -> str:
         return f"{self.ledger.keys.prefix}:batch:groups"
 
-    async def enqueue(self, group: str, custom_id: str, task_key: str, line: str, now_ms: int) -> tuple[str, int]:
+    async def enqueue(self, group: str, custom_id: str, task_key: str, step: str, line: str,
+                      now_ms: int) -> tuple[str, int]:
         """Queue a call for the group's next batch: ('queued'|'had', 0) or ('sealed', n) when a batch
         holds it already (queued before a crash)."""
         await self.ledger.redis_call(lambda: self.ledger.client.sadd(self._groups(), group))
         raw = await self.ledger.run_script(self._enqueue, [self._key(group, s) for s in ("open", "lines", "where")],
-                                           [custom_id, json.dumps({"task": task_key, "line": line}), now_ms, KEEP_S])
+                                           [custom_id, json.dumps({"task": task_key, "step": step, "line": line}), now_ms, KEEP_S])
         status, n = _s(raw[0]), _s(raw[1])
         return status, int(n) if n else 0
 
@@ -198,7 +200,7 @@ class Batches:
                       int(b["sealed_ms"]), _list(b["left"]))
 
     async def lines(self, group: str, ids: tuple[str, ...]) -> dict[str, dict[str, str]]:
-        """The queued entries (``task``, ``line``) of ``ids`` still held."""
+        """The queued entries (``task``, ``step``, ``line``) of ``ids`` still held."""
         if not ids:
             return {}
         raw = await self.ledger.redis_call(lambda: self.ledger.client.hmget(self._key(group, "lines"), list(ids)))
