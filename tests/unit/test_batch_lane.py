@@ -75,3 +75,12 @@ def test_the_lane_is_configured_from_the_environment(monkeypatch: Any) -> None:
     monkeypatch.setenv("AGENT_BATCH__MAX_SIZE", "7")
     settings = Settings().batch
     assert settings.priority and settings.max_size == 7 and settings.enabled
+
+
+def test_a_batch_kind_tried_in_process_answers_online() -> None:
+    from service.sdk.testing import ScriptedModel, run
+
+    kind = dataclasses.replace(default_agents().get("classify"), batch=True)
+    outcome = run(kind, {"text": "x", "labels": ["a", "b"]}, model=ScriptedModel([{"label": "a", "confidence": 0.9}]))
+    assert outcome.ok, outcome.error
+    assert outcome.result == {"label": "a", "confidence": 0.9}
