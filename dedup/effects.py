@@ -212,7 +212,7 @@ JOURNAL_STATE = {"intended": "intent", "unknown": "intent"}
 # the field of a decision, by what the call waited for (``waiting.what``); a parent's wait for its
 # children is decided by the fold of the last reply (:mod:`dedup.children`) or, past its deadline,
 # ``expired`` at ``w:<step>:0``
-DECISION_PREFIX = {"approval": "a:", "reconcile": "o:", "children": "w:"}
+DECISION_PREFIX = {"approval": "a:", "reconcile": "o:", "children": "w:", "batch": "b:"}
 
 
 def decision_field(what: str, step: str, ordinal: int) -> str:
@@ -355,7 +355,7 @@ class Effects:
         out: dict[str, Any] = {}
         for k, v in raw.items():
             name, text = _s(k), _s(v)
-            out[name] = json.loads(text) if name[:2] in ("r:", "c:", "a:", "o:", "u:", "w:") or name == "source" else text
+            out[name] = json.loads(text) if name[:2] in ("r:", "c:", "a:", "o:", "u:", "w:", "b:") or name == "source" else text
         return out
 
     async def audit(self, task_key: str, start: int = 0) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ PARKED = Lifecycle(
         "waiting_approval": "parked until a person approves or rejects the call it waits on",
         "waiting_reconcile": "parked until an operator says whether the call it waits on landed",
         "waiting_children": "parked until every child of a delegating step has replied (its reply folded)",
+        "waiting_batch": "parked until the provider's batch holding its model call has ended (the batch lane)",
         "decided": "a decision recorded, once; its record not produced again yet (listed for the sweeper)",
         "expired": "its deadline passed first: decided `expired`; its record not produced again yet",
         "resuming": "its record produced again: the next claim replays its journal and goes on",
@@ -41,6 +42,8 @@ PARKED = Lifecycle(
            "call landed (holder's fence)"),
         _T("task", "park_children", "waiting_children", "a child of the step's plan has no folded reply "
            "(holder's fence)"),
+        _T("task", "park_batch", "waiting_batch", "the step's call is queued for the batch lane (holder's "
+           "fence)"),
         _T("task", "rerun", "decided", "a compensated task that ended is set to run again as a new generation"),
         _T("waiting_approval", "approved", "decided", "a person, once"),
         _T("waiting_approval", "rejected", "decided", "a person, once"),
@@ -49,6 +52,11 @@ PARKED = Lifecycle(
         _T("waiting_reconcile", "absent", "decided", "an operator, once: the call runs again with its key"),
         _T("waiting_reconcile", "expired", "expired", "the deadline passed (the sweeper)"),
         _T("waiting_children", "children_ended", "decided", "the last child's reply folded, once"),
+        _T("waiting_batch", "batch_done", "decided", "its batch completed with a line for the call (the "
+           "poller, once)"),
+        _T("waiting_batch", "batch_failed", "decided", "its batch failed, expired or was cancelled, or has no "
+           "line for the call: the call goes online (the poller, once)"),
+        _T("waiting_batch", "expired", "expired", "its share of the deadline passed (the sweeper): online"),
         _T("waiting_children", "expired", "expired", "the deadline passed (the sweeper)"),
         _T("decided", "resume", "resuming", "its record produced (by the decision, else by the sweeper)"),
         _T("expired", "resume", "resuming", "its record produced (by the decision, else by the sweeper)"),
@@ -59,11 +67,13 @@ PARKED = Lifecycle(
 
 # each parked state as the ledger's task hash holds it (field ``state``)
 LEDGER_STATE = {"waiting_approval": "waiting_approval",
-                "waiting_reconcile": "waiting_approval", "waiting_children": "waiting_children", "decided": "resuming", "expired": "resuming",
+                "waiting_reconcile": "waiting_approval", "waiting_children": "waiting_children",
+                "waiting_batch": "waiting_approval", "decided": "resuming", "expired": "resuming",
                 "resuming": "resuming"}
 
 # what a wait is for (``waiting.what``) -> its parked state
-WAITING = {"approval": "waiting_approval", "reconcile": "waiting_reconcile", "children": "waiting_children"}
+WAITING = {"approval": "waiting_approval", "reconcile": "waiting_reconcile", "children": "waiting_children",
+           "batch": "waiting_batch"}
 
 # the decisions a wait accepts, in table order: the events out of its waiting state
 DECISIONS = {what: tuple(t.event for t in PARKED.transitions if t.source == state)

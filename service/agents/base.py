@@ -185,6 +185,9 @@ class Agent(Generic[AgentInputT]):
     unavailable: str | None = None
     # its tasks naming a session run one at a time per session and update its state (docs/SESSIONS.md)
     session: Session | None = None
+    # its tasks can wait: each model call of a step without tools goes through the provider's Batch
+    # API at its lower price (service.pipeline.batch_lane), unless the task is `priority: interactive`
+    batch: bool = False
     # step name -> the names of the steps it reads, in its order (computed from the steps' ``needs``)
     graph: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 

@@ -238,6 +238,17 @@ class Metrics:
             ["outcome"], registry=r,
         )
 
+    def _batch_lane(self, r: CollectorRegistry) -> None:
+        """The batch lane (service.pipeline.batch_lane): its calls by state, its batches by end, their age."""
+        self.batch_tasks = Counter(
+            "agent_batch_tasks", "Model calls of the batch lane, by state: queued (parked for a batch), done "
+            "(answered by their batch), invalid (their line failed the schema: online), online (the batch failed, "
+            "expired or passed the task's share of its deadline).", ["state"], registry=r)
+        self.batches = Counter("agent_batches", "Batches of the batch lane, by how they ended at the provider "
+                               "(submitted, completed, failed, expired, cancelled).", ["status"], registry=r)
+        self.batch_age = Gauge("agent_batch_age_seconds", "Age of the oldest batch not ended, as this worker's "
+                               "poller last saw it.", registry=r, multiprocess_mode="livemax")
+
     def _delegation(self, r: CollectorRegistry) -> None:
         """Child tasks: started, fanned out, waited for, and the replies that end the waits."""
         self.children_started = Counter(
@@ -256,6 +267,7 @@ class Metrics:
             "agent_replies", "Replies of children read from the replies topic, by what they were: succeeded or "
             "dead (folded into the parent), duplicate (the child's reply was folded before).", ["state"], registry=r,
         )
+        self._batch_lane(r)
         self.replies_skipped = Counter(
             "agent_replies_skipped", "Records of the replies topic skipped without a fold, by reason: "
             f"{', '.join(REPLY_SKIP_REASONS)}.", ["reason"], registry=r,

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dedup.keys import is_valid_tenant
+from service.core.batch_settings import BatchSettings
 from service.core.endpoint_settings import FallbackEndpoint, OtherEndpoint, ReplicaEndpoint
 from service.core.kafka_config import Client, ClientConfig, check_oidc, client_properties, security_properties
 from service.core.schedule_spec import SchedulerSettings
@@ -385,6 +386,7 @@ class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; u
     tenancy: TenancySettings = TenancySettings()
     scheduler: SchedulerSettings = SchedulerSettings()  # AGENT_SCHEDULER__SCHEDULES: a JSON list
     sessions: SessionsSettings = SessionsSettings()  # AGENT_SESSIONS__POLL_S, __MAX_WAIT_S, __STALL_S
+    batch: BatchSettings = BatchSettings()  # AGENT_BATCH__ENABLED, __PRIORITY, __MAX_SIZE, __MAX_AGE_S...
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()  # AGENT_SCHEMA_REGISTRY__URL, __INPUT_FORMAT
     max_task_bytes: int = Field(262_144, ge=64)
     max_in_flight: int = Field(256, ge=1)

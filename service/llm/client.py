@@ -315,6 +315,22 @@ class LLMClient:
             payload["prompt_cache_key"] = request.cache_key
         return payload
 
+    def payload(self, request: ChatRequest) -> dict[str, Any]:
+        """The body :meth:`chat` would send for ``request``: a batch lane's request line carries it."""
+        return self._payload(request)
+
+    def read_answer(self, body: dict[str, Any], kind: str | None = None) -> ChatResult:
+        """A chat completion's body answered through a batch (a line of its output), read as
+        :meth:`chat` reads an answer: tokens counted, a truncated, refused or empty answer raised."""
+        prompt_tokens, completion_tokens, cached_tokens = self._count_tokens(body.get("usage"), kind)
+        choice, message = first_choice(body, 200)
+        content, finish_reason, tool_calls = answer(choice, message, 200, completion_tokens)
+        model = body.get("model")
+        return ChatResult(content=content, finish_reason=finish_reason, tool_calls=tool_calls,
+                          model=model if isinstance(model, str) and model else self._settings.model,
+                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          cached_tokens=cached_tokens, latency_s=0.0)
+
     def _headers(self, request: ChatRequest) -> dict[str, str]:
         headers = {
             "Authorization": f"Bearer {self._settings.api_key.get_secret_value()}",

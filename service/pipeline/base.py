@@ -4,13 +4,14 @@ calls, the two ways a stage ends a task early, and the trace span of the record 
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 
 from service.agents.tasks import Task, canonical_json
+from service.core.batch_settings import BatchSettings
 from service.core.schema_registry import ValueReader
 from service.core.spans import TaskSpan
 from service.llm.client import ChatRequest, ChatResult
@@ -73,6 +74,7 @@ class ProcessorConfig:
     session_stall_s: float = 120.0
     # how a prompt's tokens are counted (service.llm.tokens): the model's tokenizer, else UTF-8 bytes
     count_tokens: TokenCounter = utf8_bytes
+    batch: BatchSettings = field(default_factory=BatchSettings)  # the batch lane (service.pipeline.batch_lane)
     # the input topic's values when written through a Schema Registry (None: plain JSON)
     read_value: ValueReader | None = None
 

@@ -28,6 +28,7 @@ from service.agents.delegation import DelegateStep
 from service.agents.session import SESSION, SessionView
 from service.agents.tasks import Task, canonical_json, digest
 from service.pipeline.base import LostFence, ToDeadLetter, estimate_tokens
+from service.pipeline.batch_lane import batched, wants_batch
 from service.pipeline.calls import CallLoop
 from service.pipeline.delegation import DEGRADED_BY, Delegation, Send
 from service.pipeline.tools import ToolLoop
@@ -137,6 +138,11 @@ class GraphRun:
                     return await loop.run()
                 finally:
                     self.attempts = max(self.attempts, loop.attempts)
+            if wants_batch(self.calls.config.batch, self.agent, self.task):  # parked until its batch ends
+                from_batch = await batched(self.calls, self.task, step, task_input, previous, self.claim.fence,
+                                           self.attempts, self.record, answered)
+                if from_batch is not None:
+                    return from_batch
             output, attempts = await self.calls.call_step(self.task, step, task_input, previous, self.claim.fence,
                                                           self.attempts, answered=answered)
             self.attempts = max(self.attempts, attempts)

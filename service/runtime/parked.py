@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +17,9 @@ from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger
 from service.core.metrics import Metrics
 from service.core.settings import Settings
+from service.llm.batch_api import BatchAPI
 from service.pipeline.base import utcnow
+from service.pipeline.batch_poller import BatchPoller
 from service.pipeline.parking import NotDecidable, Send, decide, sweep
 from service.runtime.side_topics import SideTopicConsumer
 
@@ -23,15 +27,35 @@ log = logging.getLogger(__name__)
 
 
 async def sweep_forever(ledger: Ledger, send: Send, metrics: Metrics, settings: Settings) -> None:
-    """Sweep the parked list every ``tools.sweep_interval_s`` until cancelled; failures wait a turn."""
-    while True:
-        try:
-            acted = await sweep(ledger, send, metrics, utcnow(), settings.kafka.audit_topic)
-            if acted:
-                log.info("parked tasks: %d expired or resumed", acted)
-        except Exception as exc:  # noqa: BLE001 - Redis or the broker away: the next turn tries again
-            log.warning("parked tasks not swept: %s: %s", type(exc).__name__, exc)
-        await asyncio.sleep(settings.tools.sweep_interval_s)
+    """Sweep the parked list every ``tools.sweep_interval_s`` until cancelled, and take the batch
+    lane's turn (its waits are parked waits); failures wait a turn."""
+    poller = batch_poller(ledger, send, metrics, settings)
+    try:
+        while True:
+            try:
+                acted = await sweep(ledger, send, metrics, utcnow(), settings.kafka.audit_topic)
+                if acted:
+                    log.info("parked tasks: %d expired or resumed", acted)
+            except Exception as exc:  # noqa: BLE001 - Redis or the broker away: the next turn tries again
+                log.warning("parked tasks not swept: %s: %s", type(exc).__name__, exc)
+            try:
+                if poller is not None:
+                    await poller.turn(utcnow())
+            except Exception as exc:  # noqa: BLE001 - Redis, the broker or the Batch API away: next turn
+                log.warning("batch lane: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(settings.tools.sweep_interval_s)
+    finally:
+        if poller is not None:
+            await poller.api.aclose()
+
+
+def batch_poller(ledger: Ledger, send: Send, metrics: Metrics, settings: Settings) -> BatchPoller | None:
+    """The batch lane's poller: None when the lane is off or the model is the embedded one (no Batch API)."""
+    if not settings.batch.enabled or settings.llm.base_url is None:
+        return None
+    api = BatchAPI(settings.llm.base_url, settings.llm.api_key.get_secret_value(), settings.llm.timeout_s)
+    owner = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    return BatchPoller(ledger, send, metrics, settings.batch, api, owner, settings.kafka.audit_topic)
 
 
 MAX_APPROVAL_BYTES = 64 * 1024

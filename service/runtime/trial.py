@@ -28,6 +28,7 @@ from service.agents.delegation import DelegateStep
 from service.agents.registry import AgentRegistry
 from service.agents.tasks import TaskEvent
 from service.agents.tools import FunctionTool, Tool, ToolCall
+from service.core.batch_settings import BatchSettings
 from service.core.errors import PoisonError
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
@@ -43,7 +44,8 @@ from service.pipeline.waits import Waits
 from service.runtime.memory_ledger import MemoryLedger
 
 # retries at once: a test waits for nothing (the retry itself, its count and its outcome are the service's)
-TRIAL_CONFIG = ProcessorConfig(backoff_base_s=0.0, backoff_max_s=0.0, max_wait_s=30.0)
+TRIAL_CONFIG = ProcessorConfig(backoff_base_s=0.0, backoff_max_s=0.0, max_wait_s=30.0,
+                               batch=BatchSettings(enabled=False))  # in process: no Batch API, no parking
 TRIAL_TOPIC = "agent.tasks"
 
 

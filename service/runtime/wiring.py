@@ -277,8 +277,8 @@ def load_scheduler(service: Service) -> Scheduler | None:
         raise StartupRefused(f"schedules not loaded: {exc}") from exc
 
 
-def _session_config(s: Settings) -> dict[str, float]:  # AGENT_SESSIONS__* as the processor's session_*
-    return {f"session_{name}": value for name, value in s.sessions.model_dump().items()}
+def _session_config(s: Settings) -> dict[str, Any]:  # AGENT_SESSIONS__* as the processor's session_*, and batch
+    return {f"session_{name}": value for name, value in s.sessions.model_dump().items()} | {"batch": s.batch}
 
 
 def build(settings: Settings, *, llm_base_url: str, llm: ChatClient | None = None,

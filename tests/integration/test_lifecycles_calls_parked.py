@@ -363,10 +363,37 @@ async def _children_moves(ledger: Ledger) -> None:
     assert [key for _topic, key in sent.records] == [b"parent", b"parent"]
 
 
+async def _batch_moves(ledger: Ledger) -> None:
+    """A call waiting for its batch: parked by its holder, decided by the batch lane's poller (done or
+    failed) or expired by the sweeper; each resumes the task with its record."""
+    sent = Sent()
+    record = Record("walk-in", 0, 11, b"batched", b"{}")
+    for task_id, ends in (("batch-1", "batch_done"), ("batch-2", "batch_failed"), ("batch-3", "expired")):
+        claim = await ledger.claim(task_id, "fp", "w-walk", KIND)
+        assert (await ledger.effects.first(task_id, claim.fence, "q:answer:0", {"custom_id": "c"},
+                                           source_of(record)))[0] == "ok"
+        now = int(utcnow().timestamp() * 1000)
+        wait = {"what": "batch", "step": "answer", "ordinal": 0, "key": "c", "tool": "", "reason": "its batch",
+                "since_ms": now, "deadline_ms": now + 1000}
+        assert await ledger.effects.park(task_id, claim.fence, wait)
+        assert await Walk(ledger, task_id).state() == "waiting_approval"
+        if ends == "expired":
+            assert await sweep(ledger, sent, Metrics(), utcnow() + timedelta(seconds=2)) == 1
+        else:
+            line = {"status": 200, "body": {}} if ends == "batch_done" else None
+            assert (await decide(ledger, sent, Metrics(), utcnow(), task_id, ends, by="batch b-1",
+                                 result=line)).status == "decided"
+        journal = await ledger.effects.journal(task_id)
+        assert journal["b:answer:0"]["decision"] == ends
+        assert await Walk(ledger, task_id).state() == "resuming"
+    assert [key for _topic, key in sent.records] == [b"batched"] * 3
+
+
 def test_every_move_of_a_parked_tasks_table_is_made_by_the_code(
         redis_url: str, walked: dict[str, set[tuple[str, str]]]) -> None:
     _run(redis_url, _parked_moves)
     _run(redis_url, _children_moves)
+    _run(redis_url, _batch_moves)
     assert walked[PARKED.name] == _all(PARKED)
 
 

@@ -67,8 +67,9 @@ def test_a_parked_tasks_paths() -> None:
 
 def test_the_decisions_a_wait_accepts_come_from_the_table() -> None:
     assert DECISIONS == {"approval": ("approved", "rejected", "expired"), "reconcile": ("landed", "absent", "expired"),
-                         "children": ("children_ended", "expired")}
-    assert set(WAITING.values()) == {"waiting_approval", "waiting_reconcile", "waiting_children"}
+                         "children": ("children_ended", "expired"),
+                         "batch": ("batch_done", "batch_failed", "expired")}
+    assert set(WAITING.values()) == {"waiting_approval", "waiting_reconcile", "waiting_children", "waiting_batch"}
 
 
 def test_the_ledgers_states_of_the_parked_states() -> None:
@@ -78,6 +79,7 @@ def test_the_ledgers_states_of_the_parked_states() -> None:
     assert parked_state("waiting_children") == parked_state("waiting_children", "children") == "waiting_children"
     assert LEDGER_STATE[PARKED.target("approved")] == "resuming"
     assert parked_state("waiting_approval", "reconcile") == "waiting_reconcile"
+    assert parked_state("waiting_approval", "batch") == "waiting_batch"
     assert parked_state("waiting_approval") == "waiting_approval"
     assert parked_state("resuming", listed=True) == "decided"
     assert parked_state("resuming") == "resuming"
@@ -89,7 +91,8 @@ def test_the_parked_moves_agree_with_the_tasks_table() -> None:
     children_ended, rerun (a resumption leaves the ledger's state as it is)."""
     from dedup.lifecycles.task import TASK
 
-    task_event = {"park_approval": "park", "park_reconcile": "park", "park_children": "park_children",
+    task_event = {"park_approval": "park", "park_reconcile": "park", "park_batch": "park",
+                  "park_children": "park_children", "batch_done": "decide", "batch_failed": "decide",
                   "children_ended": "children_ended", "rerun": "rerun",
                   **{d: "decide" for d in ("approved", "rejected", "landed", "absent", "expired")}}
     for t in PARKED.transitions:

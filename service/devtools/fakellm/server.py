@@ -14,6 +14,8 @@ from dataclasses import replace
 from typing import Any, ClassVar, Final
 
 from service.devtools.fakellm.answers import completion, content, faulty_content, tool_completion
+from service.devtools.fakellm.batches import PATHS as BATCH_PATHS
+from service.devtools.fakellm.batches import FakeBatches
 from service.devtools.fakellm.chat import MODEL_NAME, BadRequest, ChatRequest, parse_chat
 from service.devtools.fakellm.config import Config, count, rules, seconds
 from service.devtools.fakellm.faults import TOOL_FAULTS, Armed, FaultRule, FaultRules, as_rule, take
@@ -82,7 +84,9 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
             "/_latency": {"POST": self._post_latency},
             "/_config": {"GET": self._get_config, "POST": self._post_config},
             "/health": {"GET": self._get_health},
+            "/_batch_faults": {"POST": self._post_batch_faults},
         }
+        self.batches = FakeBatches(self._batch_answer)  # the Batch API, answered as chat calls are
         for path in _MODELS_PATHS:
             self._routes[path] = {"GET": self._get_models}
 
@@ -149,6 +153,7 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
             self._stored = {}
             self._stats = Statistics(self._open)
         self._prefixes.clear()
+        self.batches.reset()
 
     @property
     def max_concurrency(self) -> int:
@@ -206,6 +211,9 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
                 await self._chat(scope, receive, send)
             else:
                 await respond(send, 405, error_body(405, f"{method} is not allowed on {path}"))
+            return
+        if path.startswith(BATCH_PATHS):
+            await self.batches.handle(scope, receive, send)
             return
         route = self._routes.get(path.rstrip("/") or "/")
         if route is None and path.startswith("/v1/"):  # control endpoints also answer below the base URL
@@ -431,4 +439,12 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
 
     async def _get_health(self, body: bytes) -> tuple[int, Any]:
         return 200, {"status": "ok"}
+
+    def _batch_answer(self, body: bytes, invalid: bool) -> bytes:
+        request = parse_chat(body)
+        return self._faulty_answer("schema_violation", request, None) if invalid else self._answer(request, None)[0]
+
+    async def _post_batch_faults(self, body: bytes) -> tuple[int, Any]:
+        self.batches.set_faults(**json_body(body))
+        return 200, {"ok": True}
 
