@@ -48,6 +48,7 @@ SCHEMA_VERSION = "v1.37.0"
 CREDENTIAL_ENV = SECRET_ENV | {
     "AGENT_REDIS__URL",
     "AGENT_LLM__FALLBACKS",
+    "AGENT_LLM__REPLICAS",
     "AGENT_KAFKA__SASL_PASSWORD",
     "AGENT_KAFKA__SASL_OAUTHBEARER_CLIENT_SECRET",
 }
@@ -85,11 +86,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "redisUrl": "rediss://:redis-secret-value@redis.example:6380/0",
             "kafkaOauthClientSecret": "oauth-secret-value",
             "llmFallbacks": [{"base_url": "http://fallback.example/v1", "api_key": "fb-secret-value", "model": "small"}],
+            "llmReplicas": [{"base_url": "http://replica.example/v1", "api_key": "rep-secret-value", "name": "east"}],
         },
         "extraEnv": {"AGENT_LEDGER__LEASE_MS": 45000},
     },
 }
-SECRET_VALUES = ("admin", "read", "submit", "llm", "redis", "oauth", "fb")  # each "<word>-secret-value" above
+SECRET_VALUES = ("admin", "read", "submit", "llm", "redis", "oauth", "fb", "rep")  # each "<word>-secret-value" above
 
 
 # --------------------------------------------------------------------------------------
@@ -311,6 +313,8 @@ def pod_env(name: str) -> dict[str, str]:
             env[item["name"]] = pod_name
         elif item["name"] == "AGENT_LLM__FALLBACKS":
             env[item["name"]] = json.dumps([{"base_url": "http://f/v1", "model": "m"}])
+        elif item["name"] == "AGENT_LLM__REPLICAS":
+            env[item["name"]] = json.dumps([{"base_url": "http://r/v1"}])
         elif item["name"] == "AGENT_REDIS__URL":
             env[item["name"]] = "redis://redis:6379/0"
         else:
@@ -342,6 +346,7 @@ def test_secured_values_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> N
     config = json.loads(one(docs, "ConfigMap")["data"]["AGENT_KAFKA__CONFIG"])
     assert config == {"client.rack": "use1-az1", "socket.keepalive.enable": True}
     assert len(settings.llm.fallbacks) == 1
+    assert len(settings.llm.replicas) == 1
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -376,6 +381,7 @@ def test_secret_values_land_in_the_secret() -> None:
     assert decoded["submit-token"] == "submit-secret-value"
     assert decoded["redis-url"].startswith("rediss://")
     assert json.loads(decoded["llm-fallbacks"])[0]["model"] == "small"
+    assert json.loads(decoded["llm-replicas"])[0]["name"] == "east"
     assert len(base64.b64decode(one(rendered("default"), "Secret")["data"]["admin-token"])) >= 32
     assert "submit-token" not in one(rendered("default"), "Secret")["data"], "unset: only the admin token submits"
 

@@ -40,7 +40,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* AGENT_* variables read from the Secret: name, key, whether the key may be absent */}}
 {{- define "agent-service.secretEnv" -}}
 {{- $secret := include "agent-service.secretName" . -}}
-{{- range list (list "AGENT_ADMIN_TOKEN" "admin-token" false) (list "AGENT_READ_TOKEN" "read-token" true) (list "AGENT_SUBMIT_TOKEN" "submit-token" true) (list "AGENT_LLM__API_KEY" "llm-api-key" true) (list "AGENT_LLM__FALLBACKS" "llm-fallbacks" true) (list "AGENT_REDIS__URL" "redis-url" false) (list "AGENT_KAFKA__SASL_PASSWORD" "kafka-sasl-password" true) (list "AGENT_KAFKA__SASL_OAUTHBEARER_CLIENT_SECRET" "kafka-oauth-client-secret" true) }}
+{{- range list (list "AGENT_ADMIN_TOKEN" "admin-token" false) (list "AGENT_READ_TOKEN" "read-token" true) (list "AGENT_SUBMIT_TOKEN" "submit-token" true) (list "AGENT_LLM__API_KEY" "llm-api-key" true) (list "AGENT_LLM__FALLBACKS" "llm-fallbacks" true) (list "AGENT_LLM__REPLICAS" "llm-replicas" true) (list "AGENT_REDIS__URL" "redis-url" false) (list "AGENT_KAFKA__SASL_PASSWORD" "kafka-sasl-password" true) (list "AGENT_KAFKA__SASL_OAUTHBEARER_CLIENT_SECRET" "kafka-oauth-client-secret" true) }}
 - name: {{ index . 0 }}
   valueFrom:
     secretKeyRef:
