@@ -18,7 +18,9 @@ handler. A task the screen decoded in full rides along on the record (``Record.m
 handler does not decode it again.
 
 It screens only while replays are happening: while at least a quarter of recent claims found
-their task done before (:class:`DuplicateShare`). New work then pays nothing for it.
+their task done before (:class:`DuplicateShare`), and from a start until the first claims tell
+(a replay after a restart is screened from its first batch; new work pays for one or two
+screened batches, then nothing).
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ class ReplayScreen:
         self.chunk = chunk  # records per ledger read: the next chunk is decoded while Redis reads one
 
     def wanted(self) -> bool:
-        return self.share.seen >= self.MIN_SEEN and self.share.share() >= self.THRESHOLD
+        """While the share is unknown (a start: fewer than ``MIN_SEEN`` claims seen), and while at
+        least ``THRESHOLD`` of recent claims found their task done."""
+        return self.share.seen < self.MIN_SEEN or self.share.share() >= self.THRESHOLD
 
     async def __call__(self, records: Sequence[Record]) -> Sequence[bool]:
         reads: list[tuple[list[int], asyncio.Task[list[bool]]]] = []
