@@ -326,6 +326,23 @@ def _plain_event(data: dict[str, Any]) -> TaskEvent | None:
     object ``input``, no ``deadline``, a known ``priority``, no ``tenant``. None for anything else,
     which the model then validates (and explains when it is invalid): both accept and build exactly
     the same events."""
+    fields = _plain_fields(data)
+    if fields is None:
+        return None
+    kind, task_id, task_input, priority = fields
+    # what model_construct does for this model, without its generic field loop (half the decode)
+    event = _new_event(TaskEvent)
+    _set(event, "__dict__", {"task_id": task_id, "kind": kind, "input": task_input, "deadline": None,
+                             "priority": "interactive" if priority == "interactive" else "batch", "tenant": None,
+                             "session": None})
+    _set(event, "__pydantic_fields_set__", set(data))
+    _set(event, "__pydantic_extra__", None)
+    _set(event, "__pydantic_private__", None)
+    return event
+
+
+def _plain_fields(data: dict[str, Any]) -> tuple[str, str | None, dict[str, Any], str] | None:
+    """``(kind, task_id, input, priority)`` of an event of the plain case (see :func:`_plain_event`)."""
     if (not _EVENT_FIELDS.issuperset(data) or data.get("deadline") is not None or data.get("tenant") is not None
             or data.get("session") is not None):
         return None
@@ -338,15 +355,30 @@ def _plain_event(data: dict[str, Any]) -> TaskEvent | None:
         or type(priority) is not str or priority not in ("interactive", "batch")
     ):
         return None
-    # what model_construct does for this model, without its generic field loop (half the decode)
-    event = _new_event(TaskEvent)
-    _set(event, "__dict__", {"task_id": task_id, "kind": kind, "input": task_input, "deadline": None,
-                             "priority": "interactive" if priority == "interactive" else "batch", "tenant": None,
-                             "session": None})
-    _set(event, "__pydantic_fields_set__", set(data))
-    _set(event, "__pydantic_extra__", None)
-    _set(event, "__pydantic_private__", None)
-    return event
+    return kind, task_id, task_input, priority
+
+
+# the headers decode_task reads into the event: a record with any of them takes the full decode
+_EVENT_HEADERS = frozenset({"deadline", TENANT_HEADER, SESSION_HEADER})
+
+
+def screen_key(value: bytes | None, headers: list[tuple[str, bytes]] | None, max_bytes: int) -> tuple[str, str] | None:
+    """``(task key, fingerprint)`` of a record of the plain case (see :func:`_plain_event`; no
+    header the event reads), exactly as :func:`decode_task` finds them, without building its task:
+    what the replay screen asks the ledger about. None for anything else, a record that does not
+    decode too: :func:`decode_task` then decides, and words what is wrong."""
+    if value is None or len(value) > max_bytes or (headers and any(k in _EVENT_HEADERS for k, _v in headers)):
+        return None
+    try:
+        data = _parse(value)
+        fields = _plain_fields(data) if type(data) is dict else None
+        if fields is None:
+            return None
+        kind, task_id, task_input, _priority = fields
+        print_ = fingerprint(kind, task_input)
+    except Exception:  # noqa: BLE001 - whatever it is, decode_task says it
+        return None
+    return (task_id if task_id is not None else "auto-" + print_.removeprefix("sha256:")[:40]), print_
 
 
 _new_event = TaskEvent.__new__

@@ -301,6 +301,13 @@ def test_a_replay_is_screened_in_batches_yet_conflicts_poison_and_unpublished_ou
     assert sum(len(v) for v in results.values()) == n + 1
     dlq = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=2)
     assert sorted(m.headers["dlq.reason"] for m in dlq) == [b"conflict", b"decode"]
+    # the conflict's dead letter names the record that carried the other input
+    (other,) = [m for m in read_topic(s.kafka.bootstrap_servers, s.kafka.input_topic, expect=n + 2)
+                if m.key == b"s-7" and b"another text" in (m.value or b"")]
+    (conflict,) = [m for m in dlq if m.headers["dlq.reason"] == b"conflict"]
+    assert (conflict.headers["dlq.original.topic"], conflict.headers["dlq.original.partition"],
+            conflict.headers["dlq.original.offset"]) == (
+        s.kafka.input_topic.encode(), str(other.partition).encode(), str(other.offset).encode())
 
 
 def test_context_budget_and_deadline_pass_through(make_settings: Any, fake_llm: FakeLLM) -> None:

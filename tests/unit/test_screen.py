@@ -12,14 +12,17 @@ def screen(share: DuplicateShare) -> ReplayScreen:
     return ReplayScreen(nothing, nothing, share, max_bytes=1024, transactional=False)
 
 
-def test_a_replay_turns_the_screen_on_after_a_few_duplicates_and_new_work_turns_it_off() -> None:
+def test_a_replay_keeps_the_screen_on_and_new_work_turns_it_off() -> None:
     share = DuplicateShare(span=512)
     s = screen(share)
-    assert not s.wanted()  # nothing seen yet
+    assert s.wanted()  # nothing seen yet: a replay after a start is screened from its first batch
     for _ in range(ReplayScreen.MIN_SEEN - 1):
+        share.note(0, 1)
+    assert s.wanted()  # too few claims to tell
+    share.note(0, 1)
+    assert not s.wanted()  # new work: it pays for the screen of its first batches only
+    for _ in range(ReplayScreen.MIN_SEEN):
         share.note(1, 1)
-    assert not s.wanted()  # too few claims to tell
-    share.note(1, 1)
     assert s.wanted()
     for _ in range(5_000):  # a long run of new work: the replay is over
         share.note(0, 1)
