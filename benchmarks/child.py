@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,22 +75,24 @@ class Watch:
 class ChildService:
     """``with ChildService(settings, log, "--workers", "2") as svc: watch = svc.wait(n)``.
 
-    ``settings`` must enable the HTTP server on a port of its own (``/metrics`` is how it is watched).
+    ``settings`` must enable the HTTP server on a port of its own (``/metrics`` is how it is watched);
+    ``launcher`` goes before the command (``taskset -c 0``: it execs the service, whose pid stays ``pid``).
     """
 
-    def __init__(self, settings: Settings, log: Path, *args: str) -> None:
+    def __init__(self, settings: Settings, log: Path, *args: str, launcher: Sequence[str] = ()) -> None:
         assert settings.http.enabled and settings.http.port, "the child is watched through /metrics"
         self.settings = settings
         self.url = f"http://{settings.http.host}:{settings.http.port}/metrics"
         self.log = log
         self.args = args
+        self.launcher = list(launcher)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ChildService:
         env = child_env(self.settings)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "run", *self.args], env=env, cwd=REPO,
+            self.proc = subprocess.Popen([*self.launcher, sys.executable, "-m", "service.cli", "run", *self.args], env=env, cwd=REPO,
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         return self
