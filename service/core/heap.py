@@ -1,14 +1,14 @@
 """The cyclic garbage collector of a long-lived service (``AGENT_GC_FREEZE``, ``AGENT_GC_GEN0_THRESHOLD``).
 
-Python's collector, left as it is, costs a record-at-a-time service a fifth of its CPU: it runs the
+Python's collector, left as it is, costs a record-at-a-time service much of its CPU: it runs the
 youngest generation every 700 net allocations of containers (a few records' worth), so the objects
 of the records in flight are walked again and again and end in the oldest generation, whose full
-collections then walk everything the start made too (modules, the service's objects: a million
-objects, 0.1 s a collection, on the parallel_consumer benchmark). :func:`settle`, called once the
-service is built, collects the start's garbage, moves what is left out of the collector's sight
-(:func:`gc.freeze`: none of it is ever garbage) and runs the youngest generation every
-``gen0_threshold`` allocations instead. Memory held by cyclic garbage stays bounded by that many
-allocations; reference counting frees everything else at once, as before.
+collections then walk everything the start made too (modules and the service's objects, some
+130,000). On the parallel_consumer benchmark's workload about a fifth of the service's CPU went to
+collections. :func:`settle`, called once the service is built, collects the start's garbage, moves
+what is left out of the collector's sight (:func:`gc.freeze`: none of it is ever garbage) and runs
+the youngest generation every ``gen0_threshold`` allocations instead. Memory held by cyclic garbage
+stays bounded by that many allocations; reference counting frees everything else at once, as before.
 """
 
 from __future__ import annotations
