@@ -29,6 +29,17 @@ COUNTED = {
 }
 
 
+def scrape_interval(elapsed_s: float | None, done: float, total: int, *, fine_s: float,
+                    coarse_s: float | None) -> float:
+    """How long to wait before the next scrape: ``fine_s`` until the first record (``elapsed_s`` is
+    None) and once the rate so far says the end is within three coarse scrapes, ``coarse_s`` in
+    between (each scrape costs the service an exposition of every metric)."""
+    if coarse_s is None or elapsed_s is None or done <= 0 or elapsed_s <= 0:
+        return fine_s
+    left_s = (total - done) / (done / elapsed_s)
+    return coarse_s if left_s > 3 * coarse_s else fine_s
+
+
 def status_kb(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
@@ -128,10 +139,13 @@ class ChildService:
 
     def wait(self, done: Callable[[dict[str, float]], bool], *, total: int, progress_key: str = "succeeded",
              interval_s: float = 0.1, stall_s: float = 90.0, timeout_s: float = 3600.0,
-             sample: Callable[[], None] | None = None, on_first: Callable[[], None] | None = None) -> Watch:
+             sample: Callable[[], None] | None = None, on_first: Callable[[], None] | None = None,
+             coarse_s: float | None = None) -> Watch:
         """Scrape until ``done(counts)``; raise when ``progress_key`` stops moving or the child exits.
 
-        ``sample`` is called at every scrape, ``on_first`` once, when the first record was consumed."""
+        ``sample`` is called at every scrape, ``on_first`` once, when the first record was consumed.
+        With ``coarse_s`` the scrapes between the first record and the last stretch are that far
+        apart (:func:`scrape_interval`); the first record and the end are still seen within ``interval_s``."""
         assert self.proc is not None
         watch = Watch(started=time.monotonic())
         last_value, last_move = -1.0, time.monotonic()
@@ -163,7 +177,9 @@ class ChildService:
                     next_report = now + 10
             if now - watch.started > timeout_s:
                 raise RuntimeError(f"not done after {timeout_s:.0f}s ({c})")
-            time.sleep(interval_s)
+            elapsed = None if watch.first is None else now - watch.first
+            time.sleep(scrape_interval(elapsed, c[progress_key] if c is not None else 0, total,
+                                       fine_s=interval_s, coarse_s=coarse_s))
 
     def _sample_rss(self, watch: Watch) -> None:
         pids = [self.pid, *children(self.pid)]

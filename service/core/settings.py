@@ -404,6 +404,10 @@ class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; u
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"  # "uvloop": less interpreter time per task (core/loops.py)
+    # the cyclic garbage collector (service/core/heap.py): freeze what the start made out of its sight, and
+    # collect the youngest generation every gc_gen0_threshold allocations (0: as Python sets it, 700)
+    gc_freeze: bool = True
+    gc_gen0_threshold: int = Field(50_000, ge=0)
     # a user's own agents besides the built-in kinds and the `agent_service.agents` entry points, comma-separated:
     # "package.module:attribute" (an Agent, an iterable of Agents, or a callable returning either)
     agents: str | None = None

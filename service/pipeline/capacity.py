@@ -201,8 +201,9 @@ class Capacity:
         with self.waits.waiting(task_key, "window", monotonic() + max_wait_s):
             started = monotonic()
             limit = max_wait_s if deadline_s is None else min(deadline_s, max_wait_s)
-            try:
-                slot = await asyncio.wait_for(window.acquire(priority), max(limit, 0.0))
+            try:  # a timeout scope, not wait_for: no task of its own per call (a free slot never suspends)
+                async with asyncio.timeout(max(limit, 0.0)):
+                    slot = await window.acquire(priority)
             except TimeoutError:
                 if deadline_s is not None and deadline_s <= max_wait_s:
                     raise ToDeadLetter("expired", "deadline passed waiting for the endpoint after "

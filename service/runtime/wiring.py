@@ -34,6 +34,7 @@ from service.agents.declared import DeclaredAgent
 from service.agents.loading import AgentsNotLoaded, agents_from_settings, describe, summary
 from service.agents.registry import AgentRegistry
 from service.api.app import create_app
+from service.core import heap
 from service.core.loops import loop_kind, run_loop
 from service.core.metrics import Metrics
 from service.core.settings import Settings
@@ -411,8 +412,9 @@ def serve(settings: Settings, *, llm_base_url: str) -> None:
         startup, front = started
         service = build(settings, llm_base_url=llm_base_url, agents=agents)
         install_signal_handlers(service)
-        log.info("serving: input=%s group=%s http=%s:%d llm=%s loop=%s", settings.kafka.input_topic, settings.kafka.group_id,
-                 settings.http.host, settings.http.port, llm_base_url, loop_kind())
+        collector = heap.settle(freeze=settings.gc_freeze, gen0_threshold=settings.gc_gen0_threshold)
+        log.info("serving: input=%s group=%s http=%s:%d llm=%s loop=%s gc=%s", settings.kafka.input_topic,
+                 settings.kafka.group_id, settings.http.host, settings.http.port, llm_base_url, loop_kind(), collector)
         try:
             await service.run(front=front, startup=startup)
         finally:
