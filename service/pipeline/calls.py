@@ -96,6 +96,7 @@ class CallLoop:
         guard = self.capacity.guard
         why_endpoint = guard.why_waiting if guard is not None else None
         cache_key = prompt_cache_key(task.kind, step.name, step.prompt_version)  # its endpoint, with replicas
+        refused = 0  # calls the endpoint refused in a row
         while True:
             spend = await self.capacity.reserve(task, needed, attempts, waits_until)  # or dead letter `budget`
             outcome: CallOutcome | None = None
@@ -115,12 +116,13 @@ class CallLoop:
             if not isinstance(outcome, Failure):
                 return (outcome.output if isinstance(outcome, Answer) else outcome), attempts
             if outcome.endpoints_fault:
+                refused += 1
                 with self.waits.waiting(task.key, "refused", waits_until, why_endpoint):
-                    await self._give_attempt_back(task, step, fence, outcome, endpoint, waits_until)
+                    await self._give_attempt_back(task, step, fence, outcome, endpoint, waits_until, refused)
                 attempts -= 1
                 retry = False  # the next call is not a retry of the task's
                 continue
-            retry = True
+            retry, refused = True, 0
             await self._spent_attempt(task, step, fence, attempt.step, attempts, outcome)
             waits_until = monotonic() + self.config.max_wait_s  # an attempt spent: the next may wait again
 
@@ -176,17 +178,21 @@ class CallLoop:
         )
 
     async def _give_attempt_back(self, task: Task, step: Step, fence: int, failure: Failure, endpoint: Endpoint,
-                                 waits_until: float) -> None:
-        """The endpoint failed, not the task: refund the attempt and wait for the endpoint, until
-        ``waits_until`` at most (past it, the next :meth:`Capacity.endpoint` dead-letters the task)."""
+                                 waits_until: float, refused: int = 1) -> None:
+        """The endpoint failed, not the task (its ``refused``-th refusal in a row): refund the attempt
+        and wait for the endpoint (:func:`refusal_wait`), until ``waits_until`` at most (past it, the
+        next :meth:`Capacity.endpoint` dead-letters the task)."""
         if not await self.ledger.refund_attempt(task.key, fence, step.name):
             raise LostFence(f"task {task.key}: fence {fence} no longer holds the task")
         log.info("task_id=%s step=%s: the endpoint %s failed (%s); no attempt spent",
                  task.key, step.name, endpoint.name, failure.error)
         left = waits_until - monotonic()
         if left > 0 and endpoint.accepting and (endpoint.available or self.capacity.policy(task) == "wait"):
-            delay = failure.delay
-            await asyncio.sleep(min(left, delay if delay is not None else min(self.config.backoff_max_s, 1.0)))
+            cfg = self.config
+            delay = refusal_wait(failure.delay, refused, windowed=endpoint.window is not None,
+                                 base_s=cfg.backoff_base_s, max_s=cfg.backoff_max_s)
+            if delay > 0:
+                await asyncio.sleep(min(left, delay))
 
     async def _spent_attempt(self, task: Task, step: Step, fence: int, step_attempt: int, attempts: int,
                              failure: Failure) -> None:
@@ -288,6 +294,24 @@ class CallLoop:
         if answered is not None:
             answered.append((endpoint.answers_as, answer.model))
         return Answer(output)
+
+
+def refusal_wait(asked: float | None, refused: int, *, windowed: bool, base_s: float, max_s: float,
+                 rng: random.Random | None = None) -> float:
+    """How long a task waits after the endpoint refused its ``refused``-th call in a row, before it asks
+    for the endpoint again: the delay the endpoint asked for (Retry-After), else a full-jitter back-off
+    growing with the refusals in a row (up to ``base_s``, twice that, ... at most ``max_s`` and 1 s).
+
+    Behind the fleet's window (``windowed``) the first refusal waits nothing: the 429 cut the window, and
+    the retry waits for a slot of it like any call. A 429 of the window's probe one slot above the
+    provider's limit so costs its task no sleep, and a burst's last tasks no tail of back-offs; a task
+    refused again backs off as without a window."""
+    if asked is not None:
+        return asked
+    n = refused - 1 if windowed else refused
+    if n <= 0:
+        return 0.0
+    return (rng or random).uniform(0, min(max_s, 1.0, base_s * 2 ** (n - 1)))
 
 
 def _endpoint_answered(guard: EndpointGuard | None, task_key: str | None = None) -> None:
