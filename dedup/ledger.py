@@ -46,9 +46,11 @@ from dedup.errors import (
     is_outage_reply,
     translate,
 )
+from dedup.first_attempts import FirstAttempts
 from dedup.keys import Keys
 from dedup.lifecycles.machine import Lifecycle
 from dedup.lifecycles.task import PARKED, TASK, WAITING_CHILDREN
+from dedup.moves import Moves
 from dedup.records import (
     HOWS,
     Attempt,
@@ -67,25 +69,6 @@ __all__ = ["Attempt", "AttemptsExhausted", "Claim", "Completion", "Decision", "L
            "LedgerRefused", "LedgerUnavailable", "PublishedHow", "Renewal", "StaleFence", "TaskRecord"]
 
 T = TypeVar("T")
-
-
-class Moves:
-    """A moving script's arguments, read from a lifecycle table once: for an event, the states it
-    may start from (space-joined) and the state it leads to (``''`` for an event that leaves the
-    state as it is, ``publish``). An event the table does not list starts from no state: refused."""
-
-    def __init__(self, lifecycle: Lifecycle) -> None:
-        self.lifecycle = lifecycle
-        self._args: dict[str, tuple[str, str]] = {}
-        for event in lifecycle.events:
-            targets = {t.target for t in lifecycle.transitions if t.event == event}
-            self._args[event] = (" ".join(lifecycle.sources(event)), targets.pop() if len(targets) == 1 else "")
-
-    def __call__(self, *events: str) -> list[str]:
-        return [arg for event in events for arg in self._args.get(event, ("", ""))]
-
-    def sources(self, event: str) -> str:
-        return self._args.get(event, ("", ""))[0]
 
 
 # a claim finding a state it does not move from
@@ -128,6 +111,8 @@ class Ledger:
         self.lease_ms = lease_ms
         self.ttl_s = ttl_s
         self._claim = client.register_script(scripts.CLAIM)
+        self._claim_attempt = client.register_script(scripts.CLAIM_ATTEMPT)
+        self.first_attempts = FirstAttempts(lease_ms)  # counted by a claim, not taken by a call yet
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
         self._attempt = client.register_script(scripts.ATTEMPT)
         self._step = client.register_script(scripts.STEP)
@@ -187,15 +172,21 @@ class Ledger:
         return bool(await self.redis_call(self.client.ping))
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str, *,
-                    parent: tuple[str, str, int] | None = None) -> Claim:
+                    parent: tuple[str, str, int] | None = None, first_attempt: tuple[str, int] | None = None) -> Claim:
         """Claim the task: ``claimed`` with its fence, or what keeps it from running (``busy``,
         ``conflict``, ``succeeded``, ``dead``, ``parked``, ``crashed``, ``cancelled``: never claimed
         and marked cancelled by its parent, now ``dead(cancelled)``). A child's ``parent`` (id, step,
-        n) is kept in its hash by the claim that creates it (``parent``, ``parent_step``, ``parent_n``)."""
-        raw = await self.run_script(self._claim, [*self._both(task_key), self.keys.cancel(task_key)], [
-            fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves,
-            *(parent or ("", "", ""))])
+        n) is kept in its hash by the claim that creates it (``parent``, ``parent_step``, ``parent_n``).
+        ``first_attempt`` (step, max attempts): a claim that holds the task counts the step's first
+        attempt with it, which the step's first :meth:`begin_attempt` takes (:mod:`dedup.first_attempts`)."""
+        args = [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves,
+                *(parent or ("", "", ""))]
+        script = self._claim if first_attempt is None else self._claim_attempt
+        raw = await self.run_script(script, [*self._both(task_key), self.keys.cancel(task_key)],
+                                    args if first_attempt is None else [*args, *first_attempt])
         answer = _s(raw[0])
+        if first_attempt is not None and len(raw) > 7:
+            self.first_attempts.keep(task_key, int(raw[1]), first_attempt[0], int(raw[6]), int(raw[7]))
         by, how = publication(raw[4], raw[5])
         return Claim(decision=_ANSWERS.get(answer, answer),  # type: ignore[arg-type]
                      fence=int(raw[1]), attempts=int(raw[2]), lease_remaining_ms=int(raw[3]),
@@ -222,10 +213,14 @@ class Ledger:
         Raises :class:`StaleFence` when a newer claim holds the task, and :class:`AttemptsExhausted`
         when the step already used ``max_attempts`` (then nothing is counted).
         """
-        raw = await self.run_script(
-            self._attempt, [self.keys.task(task_key)], [fence, self.lease_ms, step, max_attempts]
-        )
-        step_attempts, total = int(raw[0]), int(raw[1])
+        kept = self.first_attempts.take(task_key, fence, step)
+        if kept is not None and self.first_attempts.fresh(kept):
+            step_attempts, total = kept.step_attempts, kept.total
+        else:
+            if kept is not None and kept.step_attempts > 0:  # the lease may be lost since: count anew
+                await self.refund_attempt(task_key, fence, step)
+            raw = await self.run_script(self._attempt, [self.keys.task(task_key)], [fence, self.lease_ms, step, max_attempts])
+            step_attempts, total = int(raw[0]), int(raw[1])
         if step_attempts == -1:
             raise StaleFence(f"task {task_key}: fence {fence} no longer holds the task")
         if step_attempts == -2:
@@ -237,6 +232,11 @@ class Ledger:
         second refund of the same call gives nothing back). False when the fence is stale."""
         raw = await self.run_script(self._refund, [self.keys.task(task_key)], [fence, step])
         return int(raw) == 1
+
+    async def give_back_first_attempt(self, task_key: str, fence: int) -> None:
+        """Give back the attempt the claim under ``fence`` counted, when no call took it."""
+        if (kept := self.first_attempts.drop(task_key, fence)) is not None:
+            await self.refund_attempt(task_key, fence, kept.step)
 
     async def end_attempt(self, task_key: str, fence: int, step: str) -> bool:
         """The step's call failed by the task's own fault (its outcome is known): the attempt stays
