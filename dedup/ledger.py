@@ -30,12 +30,12 @@ from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from dedup import scripts
 from dedup.batch import ScriptBatcher
 from dedup.children import Children
-from dedup.client import RedisClient
+from dedup.client import RedisClient, eviction_risk
 from dedup.effects import Effects
 from dedup.errors import (
     AttemptsExhausted,
@@ -302,11 +302,13 @@ class Ledger:
         model: str,
         prompt_version: str,
         endpoint: str | None = None,
+        staged_by: str | None = None,
     ) -> Completion:
         """First writer wins; a write under an older fence is refused (``stale``).
 
         ``endpoint``: the fallback endpoint that answered (``model`` is then its model); the record
-        is marked ``degraded`` with it.
+        is marked ``degraded`` with it. ``staged_by``: the coordinates of the record whose transaction
+        stages the outcome: a result written is marked published by it, staged, in the same script.
 
         With ``wait_replicas`` (and ``wait_aof``) it returns only once replicas (and AOFs) hold the
         write; too few acknowledgements within ``wait_timeout_ms`` raise :class:`LedgerUnavailable`:
@@ -314,13 +316,15 @@ class Ledger:
         claim finds the stored result and re-emits it, byte for byte).
         """
         keys = self._both(task_key)
-        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or "", *self.moves("complete")]
-        if not self.durable:
-            raw = await self.run_script(self._complete, keys, args)
-            return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
-        raw, acked = await self.redis_call(lambda: self._then_wait(self._complete, keys, args))
-        done = Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
-        if done.status == "ok" or (done.status == "already" and done.fence == fence):
+        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or "", *self.moves("complete"),
+                staged_by or ""]
+        if self.durable:
+            raw, acked = await self.redis_call(lambda: self._then_wait(self._complete, keys, args))
+        else:
+            raw, acked = await self.run_script(self._complete, keys, args), None
+        done = Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]),  # type: ignore[arg-type]
+                          marked=len(raw) > 3 and int(raw[3]) == 1)
+        if self.durable and (done.status == "ok" or (done.status == "already" and done.fence == fence)):
             self._check_replicated(acked)
         return done
 
@@ -366,25 +370,8 @@ class Ledger:
                                     f"within {self.wait_timeout_ms} ms")
 
     async def check_durability(self) -> str | None:
-        """Why Redis may lose ledger keys on its own, or None. ``noeviction`` is the only safe policy."""
-        client = self.client
-        try:
-            if isinstance(client, RedisCluster):  # every node: a replica may be promoted tomorrow
-                replies = [(n.name, await client.config_get("maxmemory-policy", target_nodes=n))
-                           for n in client.get_nodes()]
-            else:
-                replies = [("redis", await client.config_get("maxmemory-policy"))]
-        except ResponseError:  # CONFIG disabled (a managed Redis): the operator must vouch for it
-            return None
-        except RedisError as exc:
-            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-        for node, raw in replies:
-            policy = _s(raw.get("maxmemory-policy", "noeviction")) if isinstance(raw, dict) else "noeviction"
-            if policy != "noeviction":
-                where = "" if node == "redis" else f" on cluster node {node}"
-                return (f"Redis maxmemory-policy is {policy!r}{where}: it can evict ledger keys, and an evicted key "
-                        "lets a redelivered task run the model again. Set maxmemory-policy noeviction.")
-        return None
+        """Why Redis may lose ledger keys on its own, or None (:func:`dedup.client.eviction_risk`)."""
+        return await eviction_risk(self.client)
 
     async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:
         """Release the claim as ``failed`` (reclaimable) or, with a reason, mark it ``dead``."""

@@ -258,8 +258,11 @@ return 'ok'
 
 # KEYS[1] task, KEYS[2] steps
 # ARGV fence, result, digest, event, model, prompt_version, ttl_s, endpoint ('' = the primary),
-#      the sources and target of 'complete'
-# -> {'ok'|'stale'|'already', current fence, current digest}
+#      the sources and target of 'complete', and (optional) the coordinates of the record that stages
+#      the outcome in a Kafka transaction
+# -> {'ok'|'stale'|'already', current fence, current digest, 1 marked | 0}
+# Given the coordinates, a result written ('ok') is marked published by that record, staged, as MARK
+# would mark it right after: in a transaction the mark comes before the send (only then).
 COMPLETE = NOW + AMONG + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'fence', 'result_digest')
 if not h[1] then
@@ -290,7 +293,11 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
 end
-return {'ok', tonumber(ARGV[1]), ARGV[3]}
+if ARGV[11] and ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'published_by', ARGV[11], 'published', ARGV[11], 'published_how', 'staged')
+  return {'ok', tonumber(ARGV[1]), ARGV[3], 1}
+end
+return {'ok', tonumber(ARGV[1]), ARGV[3], 0}
 """
 
 # KEYS[1] task; ARGV fence, error, dead_reason ('' = failed and reclaimable), the sources and target
