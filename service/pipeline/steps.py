@@ -36,13 +36,15 @@ class Steps:
         """The step whose first attempt the task's claim counts with it (one ledger round trip for
         both, :meth:`Ledger.claim <dedup.ledger.Ledger.claim>`), with its max attempts: the agent's one
         step when its call follows the claim without a wait of its own (no session, tools, batch lane,
-        pieces or children; no tenant budget; the primary endpoint available). None: counted apart."""
+        pieces or children; no tenant budget or rate limits; the primary endpoint available). None:
+        counted apart, right before the call."""
         if task.session is not None or len(agent.steps) != 1:
             return None
         step, capacity = agent.steps[0], self.calls.capacity
         if isinstance(step, DelegateStep) or step.tools or step.fit == "map_reduce" or not capacity.primary.available:
             return None
-        if wants_batch(self.calls.config.batch, agent, task) or (
+        limiter = capacity.primary.limiter
+        if wants_batch(self.calls.config.batch, agent, task) or (limiter is not None and limiter.enabled) or (
                 capacity.budgets is not None and capacity.budgets.applies(task.tenant)):
             return None
         return step.name, self.calls.config.max_attempts

@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import redis.asyncio
 from pydantic import BaseModel
 
 from service.agents.base import Agent, Step
@@ -18,6 +19,7 @@ from service.core.batch_settings import BatchSettings
 from service.core.metrics import Metrics
 from service.llm.endpoints import Endpoint
 from service.llm.guard import EndpointGuard, GuardConfig
+from service.llm.rates import RateLimiter
 from service.llm.tenancy import Tenancy
 from service.pipeline.base import ProcessorConfig
 from service.pipeline.calls import CallLoop
@@ -50,11 +52,11 @@ class WithTools(Step):
     tools = (Lookup(),)
 
 
-def steps(config: ProcessorConfig | None = None) -> Steps:
+def steps(config: ProcessorConfig | None = None, limiter: RateLimiter | None = None) -> Steps:
     config = config or ProcessorConfig(max_attempts=4)
     metrics = Metrics()
     primary = Endpoint("primary", "http://p/v1", client=None,  # type: ignore[arg-type]
-                       guard=EndpointGuard("http://p/v1", metrics, GuardConfig(open_s=5)))
+                       guard=EndpointGuard("http://p/v1", metrics, GuardConfig(open_s=5)), limiter=limiter)
     capacity = Capacity(primary=primary, fallbacks=(), agents=AgentRegistry([]), default_unavailable="wait",
                         tenancy=Tenancy(), budgets=None, waits=Waits(), metrics=metrics, config=config,
                         clock=lambda: datetime.now(UTC), model_name="m")
@@ -91,3 +93,11 @@ def test_no_first_attempt_while_the_primary_is_unavailable() -> None:
 def test_the_batch_lane_off_leaves_a_batch_kind_online() -> None:
     config = replace(ProcessorConfig(max_attempts=2), batch=BatchSettings(enabled=False))
     assert steps(config).first_attempt(task("k"), Agent("k", Out, (One(),), batch=True)) == ("one", 2)
+
+
+def test_no_first_attempt_under_rate_limits() -> None:
+    client = redis.asyncio.Redis()  # never connected: the limiter only registers its scripts here
+    limited = steps(limiter=RateLimiter(client, "http://p/v1", Metrics(), rpm=60))
+    assert limited.first_attempt(task("k"), Agent("k", Out, (One(),))) is None  # its call may wait for the quota
+    unlimited = steps(limiter=RateLimiter(client, "http://p/v1", Metrics()))  # no limits set
+    assert unlimited.first_attempt(task("k"), Agent("k", Out, (One(),))) == ("one", 4)
