@@ -32,11 +32,11 @@ from consumers.transactions import Staged, stage
 from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger, LedgerUnavailable
 from service.agents.base import Agent
-from service.agents.tasks import Task, canonical_json, digest
+from service.agents.tasks import Task, canonical_json, digest, header
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.endpoints import Endpoint
-from service.pipeline.base import ProcessorConfig, current_span, deadline_of, iso
+from service.pipeline.base import REPLY_TO, ProcessorConfig, current_span, deadline_of, iso
 from service.pipeline.delegation import reply_of
 from service.pipeline.parking import export_audit
 
@@ -186,7 +186,8 @@ class Outcomes:
         span.set_output_digest(result_digest)
         async with self.publishing(record, task.key, "succeeded", marked):
             await self.outputs.result(record, task.key, event, self.traceparent(task.traceparent), deadline_of(task))
-            await self.reply(record, task.key, task.kind, "succeeded", result=json.loads(event).get("result"))
+            if header(record.headers, REPLY_TO):  # a child's reply carries its result: read back only then
+                await self.reply(record, task.key, task.kind, "succeeded", result=json.loads(event).get("result"))
         self.metrics.results_published.inc()
         self.metrics.task_outcome["succeeded"].inc()
         if endpoint is not None:
