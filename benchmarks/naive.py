@@ -7,7 +7,8 @@ and one aiohttp call per task, 256 at once, produce, flush, commit), then the se
 it (``agent-service run``) on asyncio's event loop, then on uvloop's (``AGENT_EVENT_LOOP=uvloop``).
 Each runs in a child process, measured from outside the same way: CPU is the process's user +
 system time from ``/proc/PID/stat`` between its first record and its last outcome (never wall
-time), tasks/s over that same span.
+time), tasks/s over that same span. Redis commands per task are the redis-server's own counts
+(``INFO commandstats``, reset before each pass) over the whole pass, by command.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import redis
 
 from benchmarks.child import ChildService
 from benchmarks.env import REPO, Env, FakeModel, progress, task_records
@@ -40,6 +43,14 @@ class Pass:
     cpu: dict[str, float]  # CPU seconds over that span: "consumer", then the servers it used
     results: int  # result events on its results topic
     note: str = ""
+    redis_calls: dict[str, int] = field(default_factory=dict)  # command -> calls over the pass
+
+    def redis_per_task(self, n: int) -> float:
+        return sum(self.redis_calls.values()) / n
+
+    def redis_detail(self, n: int) -> str:
+        top = sorted(self.redis_calls.items(), key=lambda kv: -kv[1])[:6]
+        return ", ".join(f"{cmd} {calls / n:.2f}" for cmd, calls in top)
 
     def rate(self, n: int) -> float:
         return n / self.seconds
@@ -56,6 +67,21 @@ def _servers(env: Env, fake: FakeModel) -> dict[str, int | list[int] | None]:
             "redis": env.redis.proc.pid if env.redis else None}
 
 
+def reset_redis_stats(url: str) -> None:
+    """Zero the redis-server's command counts (``CONFIG RESETSTAT``)."""
+    with redis.Redis.from_url(url) as client:
+        client.config_resetstat()
+
+
+def redis_calls(url: str) -> dict[str, int]:
+    """The redis-server's command counts since they were last reset, by command (lower case), without
+    the commands that read and reset them."""
+    with redis.Redis.from_url(url) as client:
+        stats: dict[str, Any] = client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_").lower(): int(v["calls"]) for name, v in stats.items()}
+    return {cmd: n for cmd, n in calls.items() if cmd not in ("info", "config", "config|resetstat", "info|commandstats")}
+
+
 def _read_lines(proc: subprocess.Popen[bytes], out: queue.Queue[dict[str, Any] | None]) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -70,6 +96,7 @@ def naive_pass(env: Env, fake: FakeModel, n: int, timeout_s: float = 1800) -> Pa
     env.create_topics([names.input_topic, names.results_topic], PARTITIONS)
     env.produce(names.input_topic, task_records(names.run, n), what="tasks")
     progress(f"naive: the naive consumer on {n:,} tasks")
+    reset_redis_stats(env.redis_url)
     args = ["--bootstrap", env.bootstrap, "--topic", names.input_topic, "--results", names.results_topic,
             "--group", names.group, "--redis", env.redis_url, "--prefix", names.prefix,
             "--model-url", fake.base_url, "--tasks", str(n), "--batch", str(BATCH)]
@@ -102,7 +129,7 @@ def naive_pass(env: Env, fake: FakeModel, n: int, timeout_s: float = 1800) -> Pa
         reader.join(60)
     results = env.count(names.results_topic)
     fake.reset()
-    return Pass(seconds, meter.used, results, note=f"{event['claimed']:,} claimed")
+    return Pass(seconds, meter.used, results, note=f"{event['claimed']:,} claimed", redis_calls=redis_calls(env.redis_url))
 
 
 def service_pass(env: Env, fake: FakeModel, n: int, event_loop: str = "asyncio") -> Pass:
@@ -118,13 +145,15 @@ def service_pass(env: Env, fake: FakeModel, n: int, event_loop: str = "asyncio")
     env.wait_for_topics([names.input_topic, names.results_topic, names.dlq_topic])
     env.produce(names.input_topic, task_records(names.run, n), what="tasks")
     progress(f"naive: the service on {n:,} tasks (agent-service run, {event_loop} event loop)")
+    reset_redis_stats(env.redis_url)
     with ChildService(settings, env.dir / f"naive-{names.run}.log") as svc:
         meter = CpuMeter({"consumer": svc.pid, **_servers(env, fake)})
         watch = svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n, on_first=meter.start)
         meter.stop()
+    calls = redis_calls(env.redis_url)  # the service stopped: its pass's commands, its start's too
     results = env.count(names.results_topic)
     fake.reset()
-    return Pass(watch.processing_s, meter.used, results,
+    return Pass(watch.processing_s, meter.used, results, redis_calls=calls,
                 note=f"{watch.counts['succeeded']:,.0f} succeeded, {watch.counts['dead_lettered']:,.0f} dead letters")
 
 
@@ -159,7 +188,13 @@ def figures(n: int, naive: Pass, service: Pass, what: str = "service", naive_row
                       f"{naive.results:,} result events; other processes' CPU ms per task: {naive.others(n)}"),
         Figure(BENCH, "naive consumer, throughput", naive.rate(n), "tasks/s"),
     ]
-    return (own if naive_rows else []) + [
+    redis_rows = [
+        *([Figure(BENCH, "naive consumer, Redis commands per task", naive.redis_per_task(n), "",
+                  detail=naive.redis_detail(n))] if naive_rows else []),
+        Figure(BENCH, f"{what}, Redis commands per task", service.redis_per_task(n), "",
+               baseline=f"naive {naive.redis_per_task(n):.2f}", detail=service.redis_detail(n)),
+    ] if naive.redis_calls and service.redis_calls else []
+    return (own if naive_rows else []) + redis_rows + [
         Figure(BENCH, f"{what}, CPU per task", service.cpu_ms(n), "ms", baseline=cpu_base,
                target=("<=", naive.cpu_ms(n)),
                detail=f"{workload}; {n:,} in {service.seconds:.2f}s from the first record; {service.note}, "

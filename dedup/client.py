@@ -18,7 +18,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import ConnectionError, RedisError
+from redis.exceptions import ConnectionError, RedisError, ResponseError
+
+from dedup.errors import LedgerUnavailable
 
 RedisClient = aioredis.Redis | RedisCluster
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
@@ -207,3 +209,25 @@ async def close(client: RedisClient) -> None:
         await client.aclose()
     else:
         await client.aclose(close_connection_pool=True)
+
+
+async def eviction_risk(client: RedisClient) -> str | None:
+    """Why Redis may lose ledger keys on its own, or None. ``noeviction`` is the only safe policy."""
+    try:
+        if isinstance(client, RedisCluster):  # every node: a replica may be promoted tomorrow
+            replies = [(n.name, await client.config_get("maxmemory-policy", target_nodes=n))
+                       for n in client.get_nodes()]
+        else:
+            replies = [("redis", await client.config_get("maxmemory-policy"))]
+    except ResponseError:  # CONFIG disabled (a managed Redis): the operator must vouch for it
+        return None
+    except RedisError as exc:
+        raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+    for node, raw in replies:
+        policy = raw.get("maxmemory-policy", "noeviction") if isinstance(raw, dict) else "noeviction"
+        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy != "noeviction":
+            where = "" if node == "redis" else f" on cluster node {node}"
+            return (f"Redis maxmemory-policy is {policy!r}{where}: it can evict ledger keys, and an evicted key "
+                    "lets a redelivered task run the model again. Set maxmemory-policy noeviction.")
+    return None

@@ -30,12 +30,12 @@ from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from dedup import scripts
 from dedup.batch import ScriptBatcher
 from dedup.children import Children
-from dedup.client import RedisClient
+from dedup.client import RedisClient, eviction_risk
 from dedup.effects import Effects
 from dedup.errors import (
     AttemptsExhausted,
@@ -46,9 +46,11 @@ from dedup.errors import (
     is_outage_reply,
     translate,
 )
+from dedup.first_attempts import FirstAttempts
 from dedup.keys import Keys
 from dedup.lifecycles.machine import Lifecycle
 from dedup.lifecycles.task import PARKED, TASK, WAITING_CHILDREN
+from dedup.moves import Moves
 from dedup.records import (
     HOWS,
     Attempt,
@@ -67,25 +69,6 @@ __all__ = ["Attempt", "AttemptsExhausted", "Claim", "Completion", "Decision", "L
            "LedgerRefused", "LedgerUnavailable", "PublishedHow", "Renewal", "StaleFence", "TaskRecord"]
 
 T = TypeVar("T")
-
-
-class Moves:
-    """A moving script's arguments, read from a lifecycle table once: for an event, the states it
-    may start from (space-joined) and the state it leads to (``''`` for an event that leaves the
-    state as it is, ``publish``). An event the table does not list starts from no state: refused."""
-
-    def __init__(self, lifecycle: Lifecycle) -> None:
-        self.lifecycle = lifecycle
-        self._args: dict[str, tuple[str, str]] = {}
-        for event in lifecycle.events:
-            targets = {t.target for t in lifecycle.transitions if t.event == event}
-            self._args[event] = (" ".join(lifecycle.sources(event)), targets.pop() if len(targets) == 1 else "")
-
-    def __call__(self, *events: str) -> list[str]:
-        return [arg for event in events for arg in self._args.get(event, ("", ""))]
-
-    def sources(self, event: str) -> str:
-        return self._args.get(event, ("", ""))[0]
 
 
 # a claim finding a state it does not move from
@@ -128,6 +111,8 @@ class Ledger:
         self.lease_ms = lease_ms
         self.ttl_s = ttl_s
         self._claim = client.register_script(scripts.CLAIM)
+        self._claim_attempt = client.register_script(scripts.CLAIM_ATTEMPT)
+        self.first_attempts = FirstAttempts(lease_ms)  # counted by a claim, not taken by a call yet
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
         self._attempt = client.register_script(scripts.ATTEMPT)
         self._step = client.register_script(scripts.STEP)
@@ -187,15 +172,21 @@ class Ledger:
         return bool(await self.redis_call(self.client.ping))
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str, *,
-                    parent: tuple[str, str, int] | None = None) -> Claim:
+                    parent: tuple[str, str, int] | None = None, first_attempt: tuple[str, int] | None = None) -> Claim:
         """Claim the task: ``claimed`` with its fence, or what keeps it from running (``busy``,
         ``conflict``, ``succeeded``, ``dead``, ``parked``, ``crashed``, ``cancelled``: never claimed
         and marked cancelled by its parent, now ``dead(cancelled)``). A child's ``parent`` (id, step,
-        n) is kept in its hash by the claim that creates it (``parent``, ``parent_step``, ``parent_n``)."""
-        raw = await self.run_script(self._claim, [*self._both(task_key), self.keys.cancel(task_key)], [
-            fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves,
-            *(parent or ("", "", ""))])
+        n) is kept in its hash by the claim that creates it (``parent``, ``parent_step``, ``parent_n``).
+        ``first_attempt`` (step, max attempts): a claim that holds the task counts the step's first
+        attempt with it, which the step's first :meth:`begin_attempt` takes (:mod:`dedup.first_attempts`)."""
+        args = [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves,
+                *(parent or ("", "", ""))]
+        script = self._claim if first_attempt is None else self._claim_attempt
+        raw = await self.run_script(script, [*self._both(task_key), self.keys.cancel(task_key)],
+                                    args if first_attempt is None else [*args, *first_attempt])
         answer = _s(raw[0])
+        if first_attempt is not None and len(raw) > 7:
+            self.first_attempts.keep(task_key, int(raw[1]), first_attempt[0], int(raw[6]), int(raw[7]))
         by, how = publication(raw[4], raw[5])
         return Claim(decision=_ANSWERS.get(answer, answer),  # type: ignore[arg-type]
                      fence=int(raw[1]), attempts=int(raw[2]), lease_remaining_ms=int(raw[3]),
@@ -222,10 +213,14 @@ class Ledger:
         Raises :class:`StaleFence` when a newer claim holds the task, and :class:`AttemptsExhausted`
         when the step already used ``max_attempts`` (then nothing is counted).
         """
-        raw = await self.run_script(
-            self._attempt, [self.keys.task(task_key)], [fence, self.lease_ms, step, max_attempts]
-        )
-        step_attempts, total = int(raw[0]), int(raw[1])
+        kept = self.first_attempts.take(task_key, fence, step)
+        if kept is not None and self.first_attempts.fresh(kept):
+            step_attempts, total = kept.step_attempts, kept.total
+        else:
+            if kept is not None and kept.step_attempts > 0:  # the lease may be lost since: count anew
+                await self.refund_attempt(task_key, fence, step)
+            raw = await self.run_script(self._attempt, [self.keys.task(task_key)], [fence, self.lease_ms, step, max_attempts])
+            step_attempts, total = int(raw[0]), int(raw[1])
         if step_attempts == -1:
             raise StaleFence(f"task {task_key}: fence {fence} no longer holds the task")
         if step_attempts == -2:
@@ -237,6 +232,11 @@ class Ledger:
         second refund of the same call gives nothing back). False when the fence is stale."""
         raw = await self.run_script(self._refund, [self.keys.task(task_key)], [fence, step])
         return int(raw) == 1
+
+    async def give_back_first_attempt(self, task_key: str, fence: int) -> None:
+        """Give back the attempt the claim under ``fence`` counted, when no call took it."""
+        if (kept := self.first_attempts.drop(task_key, fence)) is not None:
+            await self.refund_attempt(task_key, fence, kept.step)
 
     async def end_attempt(self, task_key: str, fence: int, step: str) -> bool:
         """The step's call failed by the task's own fault (its outcome is known): the attempt stays
@@ -302,11 +302,13 @@ class Ledger:
         model: str,
         prompt_version: str,
         endpoint: str | None = None,
+        staged_by: str | None = None,
     ) -> Completion:
         """First writer wins; a write under an older fence is refused (``stale``).
 
         ``endpoint``: the fallback endpoint that answered (``model`` is then its model); the record
-        is marked ``degraded`` with it.
+        is marked ``degraded`` with it. ``staged_by``: the coordinates of the record whose transaction
+        stages the outcome: a result written is marked published by it, staged, in the same script.
 
         With ``wait_replicas`` (and ``wait_aof``) it returns only once replicas (and AOFs) hold the
         write; too few acknowledgements within ``wait_timeout_ms`` raise :class:`LedgerUnavailable`:
@@ -314,13 +316,15 @@ class Ledger:
         claim finds the stored result and re-emits it, byte for byte).
         """
         keys = self._both(task_key)
-        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or "", *self.moves("complete")]
-        if not self.durable:
-            raw = await self.run_script(self._complete, keys, args)
-            return Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
-        raw, acked = await self.redis_call(lambda: self._then_wait(self._complete, keys, args))
-        done = Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]))  # type: ignore[arg-type]
-        if done.status == "ok" or (done.status == "already" and done.fence == fence):
+        args = [fence, result, digest, event, model, prompt_version, self.ttl_s, endpoint or "", *self.moves("complete"),
+                staged_by or ""]
+        if self.durable:
+            raw, acked = await self.redis_call(lambda: self._then_wait(self._complete, keys, args))
+        else:
+            raw, acked = await self.run_script(self._complete, keys, args), None
+        done = Completion(status=_s(raw[0]), fence=int(raw[1]), digest=_s(raw[2]),  # type: ignore[arg-type]
+                          marked=len(raw) > 3 and int(raw[3]) == 1)
+        if self.durable and (done.status == "ok" or (done.status == "already" and done.fence == fence)):
             self._check_replicated(acked)
         return done
 
@@ -366,25 +370,8 @@ class Ledger:
                                     f"within {self.wait_timeout_ms} ms")
 
     async def check_durability(self) -> str | None:
-        """Why Redis may lose ledger keys on its own, or None. ``noeviction`` is the only safe policy."""
-        client = self.client
-        try:
-            if isinstance(client, RedisCluster):  # every node: a replica may be promoted tomorrow
-                replies = [(n.name, await client.config_get("maxmemory-policy", target_nodes=n))
-                           for n in client.get_nodes()]
-            else:
-                replies = [("redis", await client.config_get("maxmemory-policy"))]
-        except ResponseError:  # CONFIG disabled (a managed Redis): the operator must vouch for it
-            return None
-        except RedisError as exc:
-            raise LedgerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-        for node, raw in replies:
-            policy = _s(raw.get("maxmemory-policy", "noeviction")) if isinstance(raw, dict) else "noeviction"
-            if policy != "noeviction":
-                where = "" if node == "redis" else f" on cluster node {node}"
-                return (f"Redis maxmemory-policy is {policy!r}{where}: it can evict ledger keys, and an evicted key "
-                        "lets a redelivered task run the model again. Set maxmemory-policy noeviction.")
-        return None
+        """Why Redis may lose ledger keys on its own, or None (:func:`dedup.client.eviction_risk`)."""
+        return await eviction_risk(self.client)
 
     async def fail(self, task_key: str, fence: int, error: str, dead_reason: str = "") -> bool:
         """Release the claim as ``failed`` (reclaimable) or, with a reason, mark it ``dead``."""

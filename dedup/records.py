@@ -68,6 +68,7 @@ class Completion:
     status: Literal["ok", "stale", "already"]
     fence: int
     digest: str
+    marked: bool = False  # published (staged) by the record named with the result, in the same script
 
 
 @dataclass(slots=True)

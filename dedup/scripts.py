@@ -33,7 +33,7 @@ from __future__ import annotations
 from dedup.lua import AMONG, NOW, PUBLICATION, UNPUBLISH
 from dedup.quota_scripts import BUDGET_RESERVE, BUDGET_SETTLE, RATE, RATE_RECONCILE
 
-__all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "COMPLETE", "END", "EXPIRE", "FAIL",
+__all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "CLAIM_ATTEMPT", "COMPLETE", "END", "EXPIRE", "FAIL",
            "FINISHED", "HEARTBEAT", "MARK", "NOW", "RATE", "RATE_RECONCILE", "REFUND", "REVIVE", "STEP", "TOUCH"]
 
 # KEYS[1] task hash, KEYS[2] steps hash, KEYS[3] the task's cancel mark
@@ -51,7 +51,7 @@ __all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "COMPLETE", "E
 # after a failure of its own code or an outage): its calls stay counted and no death is.
 # ARGV[17..19] (optional: a child task's parent id, step and n) are kept by the claim that creates
 # the hash (parent, parent_step, parent_n): a later claim changes nothing.
-CLAIM = NOW + AMONG + PUBLICATION + """
+_CLAIM = """
 local function lineage()
   if ARGV[17] and ARGV[17] ~= '' then
     redis.call('HSET', KEYS[1], 'parent', ARGV[17], 'parent_step', ARGV[18], 'parent_n', ARGV[19])
@@ -130,6 +130,27 @@ redis.call('HSET', KEYS[1], 'state', target, 'fence', fence, 'owner', ARGV[2],
 redis.call('HINCRBY', KEYS[1], 'claims', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {'claimed', fence, attempts, lease, by, how}
+"""
+CLAIM = NOW + AMONG + PUBLICATION + _CLAIM
+
+# KEYS and ARGV[1..19] as CLAIM's; ARGV[20] a step, ARGV[21] its max attempts
+# -> CLAIM's answer; when claimed, with {step attempts, task attempts} after it (as ATTEMPT's
+#    answer; -2 when the step used all of its attempts: nothing is counted then).
+# The claim and the first call's attempt in one round trip: a claim that holds the task counts one
+# call of the step at once, open until its outcome is known, as ATTEMPT does under the new fence
+# (the claim just set the lease). A claim that does not hold the task counts nothing.
+CLAIM_ATTEMPT = NOW + AMONG + PUBLICATION + "local function claim()\n" + _CLAIM + """end
+local r = claim()
+if r[1] ~= 'claimed' then return r end
+local h = redis.call('HMGET', KEYS[1], 'attempts:' .. ARGV[20], 'attempts')
+if (tonumber(h[1]) or 0) >= tonumber(ARGV[21]) then
+  r[7], r[8] = -2, tonumber(h[2]) or 0
+  return r
+end
+redis.call('HSET', KEYS[1], 'open:' .. ARGV[20], 1)
+r[8] = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+r[7] = redis.call('HINCRBY', KEYS[1], 'attempts:' .. ARGV[20], 1)
+return r
 """
 
 # KEYS[1] task; ARGV fence, lease_ms -> 1 extended, 0 lost (a newer fence holds it, or it is gone),
@@ -237,8 +258,11 @@ return 'ok'
 
 # KEYS[1] task, KEYS[2] steps
 # ARGV fence, result, digest, event, model, prompt_version, ttl_s, endpoint ('' = the primary),
-#      the sources and target of 'complete'
-# -> {'ok'|'stale'|'already', current fence, current digest}
+#      the sources and target of 'complete', and (optional) the coordinates of the record that stages
+#      the outcome in a Kafka transaction
+# -> {'ok'|'stale'|'already', current fence, current digest, 1 marked | 0}
+# Given the coordinates, a result written ('ok') is marked published by that record, staged, as MARK
+# would mark it right after: in a transaction the mark comes before the send (only then).
 COMPLETE = NOW + AMONG + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'fence', 'result_digest')
 if not h[1] then
@@ -269,7 +293,11 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
 end
-return {'ok', tonumber(ARGV[1]), ARGV[3]}
+if ARGV[11] and ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'published_by', ARGV[11], 'published', ARGV[11], 'published_how', 'staged')
+  return {'ok', tonumber(ARGV[1]), ARGV[3], 1}
+end
+return {'ok', tonumber(ARGV[1]), ARGV[3], 0}
 """
 
 # KEYS[1] task; ARGV fence, error, dead_reason ('' = failed and reclaimable), the sources and target

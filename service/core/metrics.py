@@ -374,6 +374,7 @@ class Metrics:
         self._endpoints: frozenset[str] = frozenset()
         self._latencies: dict[tuple[str, str], Any] = {}
         self._prompts: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._tenant_tokens: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def name_models(self, kinds: Iterable[str], endpoints: Iterable[str]) -> None:
         """The kinds and endpoints ``agent_llm_latency_seconds`` names; any other is ``other``."""
@@ -397,6 +398,15 @@ class Metrics:
             labels = {"kind": key[0], "endpoint": key[1]}
             children = self._prompts[key] = (self.llm_prompt_tokens.labels(**labels),
                                              self.llm_cached_prompt_tokens.labels(**labels))
+        return children
+
+    def tenant_tokens_of(self, tenant: str, kind: str) -> tuple[Any, Any]:
+        """``tenant_tokens`` input and output for a tenant's label and a kind (both bounded)."""
+        children = self._tenant_tokens.get((tenant, kind))
+        if children is None:
+            children = self._tenant_tokens[(tenant, kind)] = (
+                self.tenant_tokens.labels(tenant=tenant, kind=kind, direction="input"),
+                self.tenant_tokens.labels(tenant=tenant, kind=kind, direction="output"))
         return children
 
     def task_version(self, kind: str, version: str, outcome: str) -> Any:

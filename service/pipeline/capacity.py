@@ -277,9 +277,9 @@ class Capacity:
     def _spent(self, spend: Spend, prompt: int, completion: int, answered_by: str | None, asked: str | None) -> None:
         """Count the call's tokens, and its cost by the price table, for its tenant and kind."""
         spend.tokens = prompt + completion
-        tokens = self.metrics.tenant_tokens
-        tokens.labels(tenant=spend.label, kind=spend.kind, direction="input").inc(prompt)
-        tokens.labels(tenant=spend.label, kind=spend.kind, direction="output").inc(completion)
+        tokens_in, tokens_out = self.metrics.tenant_tokens_of(spend.label, spend.kind)
+        tokens_in.inc(prompt)
+        tokens_out.inc(completion)
         cost = self.tenancy.cost(answered_by, prompt, completion)
         if cost is None:
             cost = self.tenancy.cost(asked, prompt, completion)

@@ -72,12 +72,14 @@ class Claims:
         self.clock = clock
         self.duplicates = DuplicateShare()
 
-    async def claim(self, record: Record, task: Task, ctx: str) -> Claim | None:
+    async def claim(self, record: Record, task: Task, ctx: str,
+                    first_attempt: tuple[str, int] | None = None) -> Claim | None:
         """The ledger's claim when this worker holds the task now; None when the record is done
-        (the decision's outcome written and published)."""
+        (the decision's outcome written and published). ``first_attempt`` (step, max attempts): the
+        claim counts that step's first attempt with it (:meth:`Ledger.claim <dedup.ledger.Ledger.claim>`)."""
         while True:
             claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind,
-                                            parent=parent_of(record))
+                                            parent=parent_of(record), first_attempt=first_attempt)
             decision = claim.decision
             if decision != "busy":
                 self.duplicates.note(decision in FINISHED, 1)

@@ -32,11 +32,11 @@ from consumers.transactions import Staged, stage
 from dedup.keys import is_valid_task_key
 from dedup.ledger import Ledger, LedgerUnavailable
 from service.agents.base import Agent
-from service.agents.tasks import Task, canonical_json, digest
+from service.agents.tasks import Task, canonical_json, digest, header
 from service.core.metrics import Metrics
 from service.core.tracing import Tracing
 from service.llm.endpoints import Endpoint
-from service.pipeline.base import ProcessorConfig, current_span, deadline_of, iso
+from service.pipeline.base import REPLY_TO, ProcessorConfig, current_span, deadline_of, iso
 from service.pipeline.delegation import reply_of
 from service.pipeline.parking import export_audit
 
@@ -79,7 +79,7 @@ class Outcomes:
                 record, task_key, None, "internal", error, 0)
 
     @contextlib.asynccontextmanager
-    async def publishing(self, record: Record, task_key: str, state: str) -> AsyncIterator[None]:
+    async def publishing(self, record: Record, task_key: str, state: str, marked: bool = False) -> AsyncIterator[None]:
         """Publish a task's outcome (the block) and mark it published by this record.
 
         Sent directly, the mark follows the broker's acknowledgement: a later record of the same
@@ -87,9 +87,11 @@ class Outcomes:
         first: a later record of the same task skips, this record read again (its transaction did
         not commit, or it would not be read again) stages the outcome anew. Either way the outcome
         is published, because the marking record's offset commits only with (or after) it.
+        ``marked``: staged by this record already, by the script that stored the outcome.
         """
         if self.outputs.transactional:
-            await self.ledger.mark_published(task_key, state, record.coordinates, "staged")
+            if not marked:
+                await self.ledger.mark_published(task_key, state, record.coordinates, "staged")
             yield
         else:
             yield
@@ -124,9 +126,12 @@ class Outcomes:
         if session is not None:
             fields["session"] = dict(session)
         event = canonical_json(fields).encode()
+        # staged in a transaction, the mark comes before the send: with the result, in one script
+        # (not past a session's update, which comes between them)
+        staged_by = record.coordinates if self.outputs.transactional and applying is None else None
         done = await self.ledger.complete(
             task.key, fence, result=result_text, digest=result_digest, event=event,
-            model=fields["model"], prompt_version=agent.prompt_version, endpoint=endpoint,
+            model=fields["model"], prompt_version=agent.prompt_version, endpoint=endpoint, staged_by=staged_by,
         )
         if done.status == "already" and done.fence == fence:
             # our own COMPLETE landed but its reply was lost: publish what is stored, byte for byte
@@ -142,7 +147,8 @@ class Outcomes:
             return
         if applying is not None:  # part of completion: before the result is published
             await applying(json.loads(event).get("result"))
-        await self._publish_result(record, task, agent, event, result_digest, fence, attempts, endpoint, ctx)
+        await self._publish_result(record, task, agent, event, result_digest, fence, attempts, endpoint, ctx,
+                                   done.marked)
 
     def _result_fields(
         self, task: Task, agent: Agent, fence: int, result: Any, result_digest: str, attempts: int,
@@ -173,14 +179,15 @@ class Outcomes:
         return fields, endpoint
 
     async def _publish_result(self, record: Record, task: Task, agent: Agent, event: bytes, result_digest: str,
-                              fence: int, attempts: int, endpoint: str | None, ctx: str) -> None:
-        """Publish the completed result and count it."""
+                              fence: int, attempts: int, endpoint: str | None, ctx: str, marked: bool = False) -> None:
+        """Publish the completed result and count it (``marked``: staged by this record already)."""
         span = current_span()
         span.set_attempts(attempts)
         span.set_output_digest(result_digest)
-        async with self.publishing(record, task.key, "succeeded"):
+        async with self.publishing(record, task.key, "succeeded", marked):
             await self.outputs.result(record, task.key, event, self.traceparent(task.traceparent), deadline_of(task))
-            await self.reply(record, task.key, task.kind, "succeeded", result=json.loads(event).get("result"))
+            if header(record.headers, REPLY_TO):  # a child's reply carries its result: read back only then
+                await self.reply(record, task.key, task.kind, "succeeded", result=json.loads(event).get("result"))
         self.metrics.results_published.inc()
         self.metrics.task_outcome["succeeded"].inc()
         if endpoint is not None:

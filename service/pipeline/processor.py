@@ -359,7 +359,8 @@ class TaskProcessor:
         span = current_span()
         span.set_task(task.key, task.kind)
         span.set_input_digest(task.fingerprint)
-        claim = await self.claims.claim(record, task, ctx)  # before the deadline: a finished duplicate is no expiry
+        # before the deadline: a finished duplicate is no expiry
+        claim = await self.claims.claim(record, task, ctx, self.steps.first_attempt(task, agent))
         if held is not None and claim is not None:
             held.task, held.fence = task, claim.fence
         if claim is None:
@@ -369,6 +370,7 @@ class TaskProcessor:
         if task.expired(self.clock()):
             # released as failed, not dead: the same work sent again with a later deadline may run
             error = "deadline passed before the task started"
+            await self.ledger.give_back_first_attempt(task.key, claim.fence)
             if await self.ledger.fail(task.key, claim.fence, error):
                 await self.outcomes.cancel_children(task.key)
                 await self.sessions.leave(task, claim.fence)  # an earlier run may have taken its ticket

@@ -15,8 +15,10 @@ from pydantic import BaseModel
 from consumers.records import Record
 from dedup.ledger import Claim
 from service.agents.base import Agent
+from service.agents.delegation import DelegateStep
 from service.agents.session import SessionView
 from service.agents.tasks import Task
+from service.pipeline.batch_lane import wants_batch
 from service.pipeline.calls import CallLoop
 from service.pipeline.delegation import Send
 from service.pipeline.graph import GraphRun
@@ -29,6 +31,23 @@ class Steps:
     def __init__(self, calls: CallLoop, send: Send | None = None) -> None:
         self.calls = calls
         self.send = send  # produces the children of a delegating step
+
+    def first_attempt(self, task: Task, agent: Agent) -> tuple[str, int] | None:
+        """The step whose first attempt the task's claim counts with it (one ledger round trip for
+        both, :meth:`Ledger.claim <dedup.ledger.Ledger.claim>`), with its max attempts: the agent's one
+        step when its call follows the claim without a wait of its own (no session, tools, batch lane,
+        pieces or children; no tenant budget or rate limits; the primary endpoint available). None:
+        counted apart, right before the call."""
+        if task.session is not None or len(agent.steps) != 1:
+            return None
+        step, capacity = agent.steps[0], self.calls.capacity
+        if isinstance(step, DelegateStep) or step.tools or step.fit == "map_reduce" or not capacity.primary.available:
+            return None
+        limiter = capacity.primary.limiter
+        if wants_batch(self.calls.config.batch, agent, task) or (limiter is not None and limiter.enabled) or (
+                capacity.budgets is not None and capacity.budgets.applies(task.tenant)):
+            return None
+        return step.name, self.calls.config.max_attempts
 
     async def run(
         self, task: Task, agent: Agent, task_input: BaseModel, claim: Claim, record: Record | None = None,
@@ -47,5 +66,8 @@ class Steps:
         (endpoint, model); empty when the primary answered every step).
         """
         run = GraphRun(self.calls, task, agent, task_input, claim, record, self.send, session)
-        await run.start()
+        try:
+            await run.start()
+        finally:  # counted by the claim, taken by no call (ended, parked or re-used before it): given back
+            await self.calls.ledger.give_back_first_attempt(task.key, claim.fence)
         return run.outputs, run.attempts, run.degraded

@@ -63,7 +63,7 @@ class One(Step):
 class LoggingClaims:
     """Stands in for the ledger's claim: logs one line, as the claim does, and finds the task done."""
 
-    async def claim(self, record: Record, task: object, ctx: str) -> None:
+    async def claim(self, record: Record, task: object, ctx: str, first_attempt: object = None) -> None:
         logging.getLogger(CLAIM_LOGGER).info("already done")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.env import task_record
-from benchmarks.naive import Pass, figures
+from benchmarks.naive import Pass, figures, redis_calls, reset_redis_stats
 from benchmarks.naive_consumer import request_body
 from service.agents.base import Previous
 from service.agents.registry import default_agents
@@ -36,3 +36,31 @@ def test_figures_put_the_service_beside_the_naive_consumer_with_the_ratios() -> 
     faster = {f.name: f for f in figures(1000, naive, Pass(1.0, {"consumer": 0.3}, 1000))}
     assert faster["CPU per task, service / naive"].status == "ok"
     assert faster["throughput, service / naive"].status == "ok"
+
+
+def test_redis_commands_per_task_stand_beside_each_other() -> None:
+    naive = Pass(seconds=2.0, cpu={"consumer": 0.6}, results=1000, redis_calls={"set": 1000})
+    service = Pass(seconds=4.0, cpu={"consumer": 0.9}, results=1000, redis_calls={"evalsha": 3000, "hget": 500})
+    by_name = {f.name: f for f in figures(1000, naive, service)}
+    assert by_name["naive consumer, Redis commands per task"].value == 1.0
+    mine = by_name["service, Redis commands per task"]
+    assert mine.value == 3.5 and mine.baseline == "naive 1.00"
+    assert "evalsha 3.00" in mine.detail and "hget 0.50" in mine.detail
+    assert "service, Redis commands per task" not in {f.name for f in figures(1000, naive, Pass(1.0, {"consumer": 0.3}, 1000))}
+
+
+def test_the_redis_commands_of_a_pass_are_counted_from_the_servers_own_stats(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        reset_redis_stats(redis_url)
+        for i in range(3):
+            client.set(f"naive-stats-{i}", 1)
+        client.get("naive-stats-0")
+        calls = redis_calls(redis_url)
+        assert (calls["set"], calls["get"]) == (3, 1)
+        assert "info" not in calls and "config" not in calls  # the counting's own commands are left out
+    finally:
+        client.delete(*(f"naive-stats-{i}" for i in range(3)))
+        client.close()
