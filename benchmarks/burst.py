@@ -90,24 +90,30 @@ def _pass(env: Env, memory_s: float, warm: int, burst: int) -> Pass:
         env.release(fake)
 
 
-def _measure(env: Env, fake: FakeModel, memory_s: float, warm: int, burst: int) -> Pass:
+def warm_up(env: Env, fake: FakeModel, memory_s: float, warm: int, label: str) -> tuple[Any, int]:
+    """A warm-up of ``warm`` tasks, then the window dropped as after an idle period; returns the run's
+    names and the window the fleet remembers (0: none)."""
     names = env.names(BENCH)
     settings = _settings(env, names, fake, memory_s)
     from service.runtime.wiring import ensure_topics
 
     ensure_topics(settings)
     env.wait_for_topics([names.input_topic])
-    progress(f"cold_burst: memory {'off' if not memory_s else f'{memory_s:.0f}s'}: warm-up of {warm:,} tasks")
+    progress(f"{label}: memory {'off' if not memory_s else f'{memory_s:.0f}s'}: warm-up of {warm:,} tasks")
     env.produce(names.input_topic, task_records(f"{names.run}-warm", warm), what="tasks")
-    with ChildService(settings, env.dir / f"burst-{names.run}-warm.log") as svc:
+    with ChildService(settings, env.dir / f"{label}-{names.run}-warm.log") as svc:
         svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= warm, total=warm, stall_s=60)
     redis = _redis(env)
     keys, tag = Keys(names.prefix), endpoint_tag(fake.base_url)
     try:
         redis.delete(keys.endpoint(tag, "window"), keys.endpoint(tag, "slots"))  # as after idle_s
-        remembered = int(float(redis.hget(keys.endpoint(tag, "memory"), "safe") or 0))
+        return names, int(float(redis.hget(keys.endpoint(tag, "memory"), "safe") or 0))
     finally:
         redis.close()
+
+
+def _measure(env: Env, fake: FakeModel, memory_s: float, warm: int, burst: int) -> Pass:
+    names, remembered = warm_up(env, fake, memory_s, warm, "cold_burst")
     fake.reset()
     env.produce(names.input_topic, task_records(f"{names.run}-burst", burst), what="tasks")
     again = _settings(env, names, fake, memory_s)  # a new process: its own metrics port

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchmarks import burst
 from benchmarks.child import ChildService, cpu_seconds
-from benchmarks.env import REPO, Env, FakeModel, progress, task_records
+from benchmarks.env import REPO, Env, FakeModel, task_records
 from dedup.keys import Keys
 from service.devtools import local, processes
 from service.llm.tags import endpoint_tag
@@ -141,19 +141,9 @@ def run_pass(env: Env, memory_s: float, warm: int, n: int) -> Trace:
     fake = TracedModel(env.dir, burst.LATENCY_S, env.dir / f"calls-{time.time():.0f}.log")
     try:
         fake.configure(max_concurrency=burst.ALLOWED)
-        names = env.names(burst.BENCH)
-        settings = burst._settings(env, names, fake, memory_s)
-        from service.runtime.wiring import ensure_topics
-
-        ensure_topics(settings)
-        env.wait_for_topics([names.input_topic])
-        progress(f"burst_trace: warm-up of {warm:,} tasks")
-        env.produce(names.input_topic, task_records(f"{names.run}-warm", warm), what="tasks")
-        with ChildService(settings, env.dir / f"trace-{names.run}-warm.log") as svc:
-            svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= warm, total=warm, stall_s=60)
+        names, _ = burst.warm_up(env, fake, memory_s, warm, "burst_trace")
         redis = burst._redis(env)
         keys, tag = Keys(names.prefix), endpoint_tag(fake.base_url)
-        redis.delete(keys.endpoint(tag, "window"), keys.endpoint(tag, "slots"))
         since = time.time()
         env.produce(names.input_topic, task_records(f"{names.run}-burst", n), what="tasks")
         again = burst._settings(env, names, fake, memory_s)
