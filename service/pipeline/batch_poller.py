@@ -108,13 +108,19 @@ class BatchPoller:
         if isinstance(waiting, dict) and waiting.get("what") == "batch":
             if waiting.get("key") != cid:
                 return True  # waits on another call now
-            ok = remote.status == "completed" and line is not None and line.get("status") == 200
-            with contextlib.suppress(NotDecidable):  # decided meanwhile (the sweeper's expiry)
-                await decide(self.ledger, self.send, self.metrics, now, task_key, "batch_done" if ok else "batch_failed",
-                             by=f"batch {remote.id}", reason=remote.status, result=line if ok else None,
-                             audit_topic=self.audit_topic)
+            await self._resolve(task_key, remote, line, now)
             return True
         if record.state in ("running", "resuming"):
             journal = await self.ledger.effects.journal(task_key)
-            return decision_field("batch", entry["step"], 0) in journal  # else: not parked yet
+            if decision_field("batch", entry["step"], 0) not in journal:
+                return False  # not parked yet
+            if record.state == "resuming":  # decided, perhaps by a turn that stopped before producing it
+                await self._resolve(task_key, remote, line, now)  # produces it again (a duplicate is skipped)
         return True
+
+    async def _resolve(self, task_key: str, remote: RemoteBatch, line: dict[str, Any] | None, now: datetime) -> None:
+        ok = remote.status == "completed" and line is not None and line.get("status") == 200
+        with contextlib.suppress(NotDecidable):  # decided meanwhile (the sweeper's expiry)
+            await decide(self.ledger, self.send, self.metrics, now, task_key, "batch_done" if ok else "batch_failed",
+                         by=f"batch {remote.id}", reason=remote.status, result=line if ok else None,
+                         audit_topic=self.audit_topic)

@@ -171,3 +171,42 @@ def test_a_worker_dead_between_the_providers_answer_and_the_journal_does_not_sub
     stats = fake_llm.batches.stats()
     assert lost and stats["batches"] == 1 and list(stats["created_by_name"].values()) == [1], stats
     assert fake_llm.stats()["requests"] == 0
+
+
+def test_a_poller_dead_between_a_decision_and_its_resumption_has_the_task_resumed_by_the_next_turn(
+        make_settings: Any, fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision is recorded, then the worker dies before the task's record is produced again (so
+    neither the produce nor the relist after a failed produce happens): the next poller turn finds
+    the call decided and must produce the task's record, not take the decision for its resumption."""
+    from dedup.effects import Effects
+    from service.pipeline import parking
+
+    s = batch_settings(make_settings)
+    produce_again, relist = parking.resume, Effects.relist
+    died: list[str] = []
+
+    async def dies_once(send: Any, source: dict[str, Any], why: str) -> None:
+        if not died:
+            died.append(why)
+            raise ConnectionError("the worker died here")
+        await produce_again(send, source, why)
+
+    async def lost_with_the_worker(self: Effects, task_key: str, at_ms: float, *, keep: bool = False) -> None:
+        if len(died) == 1 and not keep:
+            died.append("relist lost")
+            return
+        await relist(self, task_key, at_ms, keep=keep)
+
+    monkeypatch.setattr(parking, "resume", dies_once)
+    monkeypatch.setattr(Effects, "relist", lost_with_the_worker)
+    ids = [f"r-{i}" for i in range(3)]
+
+    async def main() -> None:
+        async with lane(s, fake_llm) as svc:
+            tasks(s, ids)
+            await wait_for(lambda: all_ended(svc, ids), 60, what="every task succeeded", service=svc)
+
+    asyncio.run(main())
+    assert died == ["batch_done", "relist lost"]
+    one_result_each(s, ids)
+    assert fake_llm.stats()["requests"] == 0, "a call went online"
