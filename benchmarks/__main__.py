@@ -9,6 +9,7 @@ stderr, the table to stdout.
     python -m benchmarks --only e2e,replay --broker tansu --json figures.json
     python -m benchmarks --broker kafka       # on Apache Kafka (one KRaft node from make kafka-jars)
     python -m benchmarks --broker kafka --only naive --tasks 1000   # the service beside a naive consumer
+    python -m benchmarks --broker kafka --only batch_lane           # cost per task, online and batched
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import backlog, burst, e2e, latency, naive, parallel, replay, workers
+from benchmarks import backlog, batch_lane, burst, e2e, latency, naive, parallel, replay, workers
 from benchmarks.env import REPO, Env, progress
 from benchmarks.report import Figure, Report
 
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Callable[[Env, bool], list[Figure]]] = {
     "replay": replay.run,
     "backlog_rss": backlog.run,
     "workers": workers.run,
+    "batch_lane": batch_lane.run,
 }
 
 
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="scaled-down sizes (a smoke check)")
     parser.add_argument("--tasks", type=int, default=None,
-                        help="task count of the benchmarks that take one (naive), instead of their default")
+                        help="task count of the benchmarks that take one (naive, batch_lane), instead of their default")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--broker", choices=("kafka", "noida", "tansu"), default="noida",
                         help="broker: Apache Kafka from `make kafka-jars`, or a PyPI stand-in (default noida)")

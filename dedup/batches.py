@@ -187,6 +187,15 @@ class Batches:
         keys = [self._key(group, s) for s in ("open", "where", "sealed", "pending", "seq")]
         return int(await self.ledger.run_script(self._seal, keys, [max_size, max_age_ms, now_ms, KEEP_S]))
 
+    async def queued(self, group: str) -> int:
+        """The group's calls not sealed into a batch yet."""
+        return int(await self.ledger.redis_call(lambda: self.ledger.client.zcard(self._key(group, "open"))))
+
+    async def where(self, group: str, custom_id: str) -> int:
+        """The batch a call was sealed into; 0 while it is queued (or unknown)."""
+        raw = await self.ledger.redis_call(lambda: self.ledger.client.hget(self._key(group, "where"), custom_id))
+        return int(_s(raw)) if raw is not None else 0
+
     async def pending(self, group: str) -> list[int]:
         raw = await self.ledger.redis_call(lambda: self.ledger.client.smembers(self._key(group, "pending")))
         return sorted(int(_s(n)) for n in raw)

@@ -9,6 +9,8 @@ The file holds a list ``kinds`` and, optionally, a list ``schedules`` (each a
     unavailable   optional: wait, fallback or fail_fast, what a task does while the primary model
                   endpoint is unavailable (absent: AGENT_LLM__UNAVAILABLE); not part of the
                   definition's digest, so it changes without a new version
+    batch         optional: true sends the calls of its steps without tools through the provider's
+                  Batch API at its lower price (service.pipeline.batch_lane); outside the digest too
     input_schema  the JSON Schema of a task's input: an object
     steps         one or more steps, each one model call:
       name           [A-Za-z0-9_-], unique in the kind, not the name of an input field
@@ -39,17 +41,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonschema import exceptions as schema_errors
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from service.agents.base import Agent, Messages, Previous, Step
 from service.agents.declared_delegate import (
@@ -59,24 +59,23 @@ from service.agents.declared_delegate import (
     declared_delegate_step,
 )
 from service.agents.helpers import JSON_ONLY, system_message, user_message
+from service.agents.kinds_file import KindsFileError as KindsFileError
+from service.agents.kinds_file import check_top_level, read_kinds_file, schedules_of
+from service.agents.kinds_file import load_schedules as load_schedules
 from service.agents.session import SESSION, Session, session_messages
 from service.agents.tasks import KIND_PATTERN, canonical_json, digest
 from service.agents.templates import STEP_NAME, DeclaredInput, Template, parse_template, render, unknown_placeholder
-from service.core.errors import AgentError, InvalidOutput, PoisonError
-from service.core.schedule_spec import ScheduleSpec, describe_errors
+from service.core.errors import InvalidOutput, PoisonError
 from service.core.settings import UNAVAILABLE_POLICIES
 
 VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SCHEMA_NAME_MAX = 64  # a request's schema name is "<kind>_<step>" (see service.llm.client.ChatRequest)
 
-KIND_FIELDS = {"name", "version", "description", "input_schema", "steps", "rollout_share", "unavailable", "session"}
+KIND_FIELDS = {"name", "version", "description", "input_schema", "steps", "rollout_share", "unavailable", "session",
+               "batch"}
 SESSION_FIELDS = {"ttl_s", "history_share"}  # a kinds file's session is the turns (a reducer is Python's)
 STEP_FIELDS = {"name", "prompt", "system", "output_schema", "needs", "model", "temperature"}
 DELEGATE_FIELDS = {"name", "needs", "delegate", "mode"}  # a step that delegates to other kinds
-
-
-class KindsFileError(AgentError):
-    """A kinds file the service cannot run: the message names the file, the kind and the field."""
 
 
 class _Output(BaseModel):
@@ -175,30 +174,11 @@ class _Where:
         return KindsFileError(f"{self.path}: {self.kind}: {where}: {message}")
 
 
-def read_kinds_file(path: Path) -> Any:
-    """The file's data, parsed as TOML or YAML by its suffix."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KindsFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise KindsFileError(f"{path}: not UTF-8: {exc.reason}") from exc
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            return tomllib.loads(text)
-        if suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise KindsFileError(f"{path}: not valid {'TOML' if suffix == '.toml' else 'YAML'}: {exc}") from exc
-    raise KindsFileError(f"{path}: unknown format {suffix or '(no suffix)'}: name it .toml, .yaml or .yml")
-
-
 def load_kinds_file(path: Path) -> list[DeclaredAgent]:
     """The agents a kinds file declares, every field checked. Raises :class:`KindsFileError`."""
     data = read_kinds_file(path)
-    _check_top_level(path, data)
-    _schedules(path, data.get("schedules", []))  # refused with the kinds, whoever loads the file
+    check_top_level(path, data)
+    schedules_of(path, data.get("schedules", []))  # refused with the kinds, whoever loads the file
     kinds = data["kinds"]
     if not isinstance(kinds, list) or not kinds:
         raise KindsFileError(f"{path}: kinds: expected a non-empty list of kinds")
@@ -226,39 +206,6 @@ def load_kinds_file(path: Path) -> list[DeclaredAgent]:
                                  f"one ({current.version})")
         agents[kind] = dataclasses.replace(current, candidate=candidate, candidate_share=share)
     return list(agents.values())
-
-
-def load_schedules(path: Path) -> list[ScheduleSpec]:
-    """The schedules a kinds file declares beside its kinds (top-level ``schedules``, optional)."""
-    data = read_kinds_file(path)
-    _check_top_level(path, data)
-    return _schedules(path, data.get("schedules", []))
-
-
-def _check_top_level(path: Path, data: Any) -> None:
-    if not isinstance(data, dict) or "kinds" not in data or not set(data) <= {"kinds", "schedules"}:
-        raise KindsFileError(f"{path}: expected the top-level key kinds (a list of kinds) and, optionally, "
-                             "schedules (a list of schedules)")
-
-
-def _schedules(path: Path, raw: Any) -> list[ScheduleSpec]:
-    """Each entry of ``schedules`` validated; an error names ``schedules[i].<field>``."""
-    if not isinstance(raw, list):
-        raise KindsFileError(f"{path}: schedules: expected a list of schedules")
-    specs: list[ScheduleSpec] = []
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, dict):
-            raise KindsFileError(f"{path}: schedules[{i}]: expected a table of name, kind, cron or every_s, ...")
-        try:
-            spec = ScheduleSpec.model_validate(entry)
-        except ValidationError as exc:
-            raise KindsFileError(f"{path}: {describe_errors(exc, f'schedules[{i}]')}") from exc
-        twin = next((j for j, other in enumerate(specs) if other.name == spec.name), None)
-        if twin is not None:
-            raise KindsFileError(f"{path}: schedules[{i}].name: {spec.name!r} is declared twice "
-                                 f"(schedules[{twin}] and schedules[{i}])")
-        specs.append(spec)
-    return specs
 
 
 def _candidate(path: Path, agent: DeclaredAgent, share: Any,
@@ -291,12 +238,7 @@ def _kind(path: Path, index: int, raw: Any) -> DeclaredAgent:
     if not isinstance(version, str) or not VERSION.fullmatch(version):
         raise at.error("version", f"{version!r} is not a version (a string of letters, digits, '.', '_', '-', "
                                   "such as \"v1\")")
-    description = raw.get("description")
-    if description is not None and not isinstance(description, str):
-        raise at.error("description", "expected a string")
-    unavailable = raw.get("unavailable")
-    if unavailable is not None and unavailable not in UNAVAILABLE_POLICIES:
-        raise at.error("unavailable", f"{unavailable!r} is not one of {', '.join(UNAVAILABLE_POLICIES)}")
+    options = _options(at, raw)
     input_schema = _schema(at, "input_schema", raw.get("input_schema"))
     fields = set(input_schema.get("properties", {}))
     steps_raw = raw.get("steps")
@@ -312,11 +254,22 @@ def _kind(path: Path, index: int, raw: Any) -> DeclaredAgent:
     definition.update({"session": {"ttl_s": session.ttl_s, "history_share": session.history_share}} if session else {})
     try:
         return DeclaredAgent(name, DeclaredInput, steps, version=version, input_schema=input_schema,
-                             definition_digest=digest(canonical_json(definition)), description=description,
-                             unavailable=unavailable, session=session)
+                             definition_digest=digest(canonical_json(definition)), session=session, **options)
     except ValueError as exc:  # a cycle: the agent model refuses it
         message = str(exc).removeprefix(f"agent {name!r}: ")
         raise at.error("needs", message) from None
+
+
+def _options(at: _Where, raw: dict[str, Any]) -> dict[str, Any]:
+    """The kind's fields outside its digest: ``description``, ``unavailable`` and ``batch``."""
+    description, unavailable, batch = raw.get("description"), raw.get("unavailable"), raw.get("batch", False)
+    if description is not None and not isinstance(description, str):
+        raise at.error("description", "expected a string")
+    if unavailable is not None and unavailable not in UNAVAILABLE_POLICIES:
+        raise at.error("unavailable", f"{unavailable!r} is not one of {', '.join(UNAVAILABLE_POLICIES)}")
+    if not isinstance(batch, bool):
+        raise at.error("batch", f"expected true or false, not {batch!r}")
+    return {"description": description, "unavailable": unavailable, "batch": batch}
 
 
 def _session(at: _Where, raw: Any) -> Session | None:

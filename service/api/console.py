@@ -40,6 +40,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from dedup.keys import is_valid_task_key
 from service.api import console_views as views
 from service.api import peeking
+from service.api.console_batches import batch_of, batches_waiting
 from service.api.console_sessions import (
     NO_SESSION,
     SESSION_MAX_AGE_S,
@@ -403,8 +404,9 @@ async def parked(request: Request) -> Response:
             waiting["reason"] = safe_text(waiting["reason"])  # a reason stored before URLs were cut down
         what = waiting.get("what", "approval")
         rows.append({"task_id": task_key, "kind": record.fields.get("kind"), "waiting": waiting,
-                     "deadline_ms": deadline, "choices": [d for d in DECISIONS.get(what, ()) if d in PERSONS]})
-    return render(request, "parked.html", rows=rows)
+                     "deadline_ms": deadline, "choices": [d for d in DECISIONS.get(what, ()) if d in PERSONS],
+                     "batch": await batch_of(service.ledger, waiting) if what == "batch" else None})
+    return render(request, "parked.html", rows=rows, batches=await batches_waiting(service.ledger))
 
 
 @router.post("/tasks/{task_id:path}/decision")

@@ -1,7 +1,10 @@
 """The batch lane's poller, a turn of every replica's sweeper: seal the groups that are due, submit
 each sealed batch once, poll it, and decide the waits of its calls once it ended.
 
-One worker at a time holds a batch (its lease, :meth:`dedup.batches.Batches.lease`). Submitting is
+One worker at a time holds a batch (its lease, :meth:`dedup.batches.Batches.lease`), renewed every
+third of ``lease_s`` while the worker acts on it, so a large upload or download slower than the lease
+does not let a second worker take the batch meanwhile; a worker whose renewal was refused (Redis away
+longer than the lease) does not make the batch it uploaded, and leaves it to the holder. Submitting is
 made safe against a crash at any point:
 
 - before the upload, or between the upload and the batch: nothing is journaled; the next holder
@@ -18,15 +21,18 @@ next turn, and one whose wait was decided otherwise (``expired`` by the sweeper)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from dedup.batches import Batches, Sealed
 from dedup.effects import decision_field
-from dedup.ledger import Ledger
+from dedup.ledger import Ledger, LedgerUnavailable
 from service.core.batch_settings import BatchSettings
 from service.core.metrics import Metrics
 from service.llm.batch_api import BatchAPI, RemoteBatch, read_output
@@ -34,6 +40,14 @@ from service.pipeline.batch_lane import CHAT_URL, journal_of
 from service.pipeline.parking import NotDecidable, Send, decide
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Hold:
+    """This worker's hold on one batch while it acts on it."""
+
+    lost: bool = False  # a renewal was refused: another worker holds the batch now
+    ended: bool = False  # every call of the batch is decided: the lease is released
 
 
 class BatchPoller:
@@ -58,13 +72,42 @@ class BatchPoller:
                     continue
                 oldest = min(oldest, sealed.sealed_ms)
                 if await self.journal.lease(group, n, self.owner, int(self.settings.lease_s * 1000)):
-                    acted += await self._one(sealed, now)
+                    async with self._holding(sealed) as hold:
+                        acted += await self._one(sealed, now, hold)
+                    if hold.ended:
+                        await self.journal.release(group, n, self.owner)
         self.metrics.batch_age.set(max(0.0, (now_ms - oldest) / 1000))
         return acted
 
-    async def _one(self, sealed: Sealed, now: datetime) -> int:
+    @contextlib.asynccontextmanager
+    async def _holding(self, sealed: Sealed) -> AsyncIterator[_Hold]:
+        """Renew the batch's lease while the body runs."""
+        hold = _Hold()
+        renewer = asyncio.get_running_loop().create_task(self._renew(sealed, hold), name=f"batch-lease:{sealed.name}")
+        try:
+            yield hold
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _renew(self, sealed: Sealed, hold: _Hold) -> None:
+        ttl_ms = int(self.settings.lease_s * 1000)
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            try:
+                held = await self.journal.lease(sealed.group, sealed.n, self.owner, ttl_ms)
+            except LedgerUnavailable as exc:
+                log.debug("batch %s: lease not renewed this turn: %s", sealed.name, exc)
+                continue
+            if not held:
+                hold.lost = True
+                log.warning("batch %s: another worker holds it now; this one leaves it", sealed.name)
+                return
+
+    async def _one(self, sealed: Sealed, now: datetime, hold: _Hold) -> int:
         if not sealed.batch_id:
-            await self._submit(sealed)
+            await self._submit(sealed, hold)
             return 1
         remote = await self.api.get(sealed.batch_id)
         if not remote.ended:
@@ -79,17 +122,20 @@ class BatchPoller:
         left = await self.journal.decided(sealed.group, sealed.n, decided)
         if left == 0:
             self.metrics.batches.labels(status=remote.status).inc()
-            await self.journal.release(sealed.group, sealed.n, self.owner)
+            hold.ended = True
             log.info("batch %s (%s) %s: its %d calls decided", sealed.name, remote.id, remote.status, len(sealed.ids))
         return 1
 
-    async def _submit(self, sealed: Sealed) -> None:
+    async def _submit(self, sealed: Sealed, hold: _Hold) -> None:
         remote = await self.api.find(sealed.name)  # made before a crash, not journaled
         file_id = ""
         if remote is None:
             entries = await self.journal.lines(sealed.group, sealed.ids)
             lines = [entries[cid]["line"] for cid in sealed.ids if cid in entries]
             file_id = await self.api.upload(sealed.name.replace(":", "-"), lines)
+            if hold.lost:  # its holder now finds no batch, and makes one of its own upload
+                log.warning("batch %s: lease lost during the upload; file %s left unused", sealed.name, file_id)
+                return
             remote = await self.api.create(file_id, CHAT_URL, sealed.name)
             self.metrics.batches.labels(status="submitted").inc()
         journaled = await self.journal.submitted(sealed.group, sealed.n, remote.id, file_id)

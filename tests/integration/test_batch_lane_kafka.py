@@ -2,21 +2,25 @@
 parked (offsets committed), answered by one batch submitted once, and each published once through
 the normal completion path without a chat call; a failed, expired or cancelled batch, a line
 invalid for the schema, and a wait past the task's share of its deadline send the call online; a
-worker that dies between the provider's answer and the journal does not submit the batch twice."""
+worker that dies between the provider's answer and the journal does not submit the batch twice; the
+console shows the tasks waiting for a batch, and the batches waiting."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 
 from dedup.batches import Batches
+from service.api.app import create_app
 from service.core.settings import Settings
 from service.devtools.fakellm import FakeLLM
 from service.pipeline.base import iso, utcnow
@@ -171,6 +175,45 @@ def test_a_worker_dead_between_the_providers_answer_and_the_journal_does_not_sub
     stats = fake_llm.batches.stats()
     assert lost and stats["batches"] == 1 and list(stats["created_by_name"].values()) == [1], stats
     assert fake_llm.stats()["requests"] == 0
+
+
+def test_the_console_shows_the_tasks_waiting_for_a_batch_and_the_batch(make_settings: Any,
+                                                                      fake_llm: FakeLLM) -> None:
+    s = batch_settings(make_settings, max_size=3, max_age_s=30)  # one batch, sealed when full
+    fake_llm.batches.set_faults(delay_s=600)  # submitted, in progress for the whole test
+    ids = [f"c-{i}" for i in range(3)]
+
+    async def main() -> None:
+        async with lane(s, fake_llm) as svc:
+            tasks(s, ids)
+            await wait_for(lambda: metric(svc, "agent_batches_total", {"status": "submitted"}) == 1, 60,
+                           what="the batch submitted", service=svc)
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "parked"}) == len(ids), 60,
+                           what="every task parked", service=svc)
+            (name,) = fake_llm.batches.stats()["created_by_name"]
+            group = name.rsplit(":", 1)[0]
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
+                                         base_url="http://t") as http:
+                page = await http.get("/ui/login")
+                csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+                assert csrf is not None
+                login = await http.post("/ui/login", data={"csrf": csrf.group(1), "token": "s3cret"})
+                assert login.status_code == 303
+                html = (await http.get("/ui/parked")).text
+        for t in ids:
+            assert f'href="/ui/tasks/{t}"' in html
+        assert html.count('class="batch"') == len(ids)
+        assert html.count(f"<code>{group}</code> batch 1 <code>batch-") == len(ids), html
+        assert "(submitted)" in html and "resumes when its batch has answered" in html
+        assert 'name="decision"' not in html  # no person decides a batch's wait
+        table = html.split('id="batches"', 1)[1]
+        row = re.search(r'<tr id="batch-1">(.*?)</tr>', table, re.S)
+        assert row is not None
+        cells = re.findall(r"<td>(.*?)</td>", row.group(1), re.S)
+        assert cells[0] == f"<code>{group}</code>" and cells[1] == "1" and cells[3] == "submitted"
+        assert (cells[4], cells[5]) == (str(len(ids)), str(len(ids)))
+
+    asyncio.run(main())
 
 
 def test_a_poller_dead_between_a_decision_and_its_resumption_has_the_task_resumed_by_the_next_turn(

@@ -440,3 +440,14 @@ def test_the_guides_delegating_steps_load(tmp_path: Path) -> None:
             '{ question = { type = "string" } } }\n\n[[kinds.steps]]\nname = "gather"')
     (agent,) = load_kinds_file(write(tmp_path, head + shown, "kinds.toml"))
     assert [s.name for s in agent.steps] == ["gather", "review"]
+
+
+def test_a_kind_sends_its_calls_through_the_batch_lane_when_it_says_batch(tmp_path: Path) -> None:
+    (base,) = load_kinds_file(write(tmp_path, VALID, "a.yaml"))
+    (waits,) = load_kinds_file(write(tmp_path, changed(_set("batch", True)), "b.yaml"))
+    in_toml = VALID_TOML.replace('version = "v1"\n', 'version = "v1"\nbatch = true\n', 1)
+    (toml,) = load_kinds_file(write(tmp_path, in_toml, "c.toml"))
+    assert (base.batch, waits.batch, toml.batch) == (False, True, True)
+    assert waits.definition_digest == base.definition_digest  # where its calls go, not what the kind answers
+    with pytest.raises(KindsFileError, match=r"kind 'triage': batch: expected true or false, not 'yes'"):
+        load_kinds_file(write(tmp_path, changed(_set("batch", "yes")), "d.yaml"))

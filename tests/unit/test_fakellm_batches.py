@@ -1,5 +1,5 @@
 """The fake model's Batch API, read through the service's Batch API client: lines answered as chat
-calls are, each batch counted by name, and its faults (failed, expired, slow, invalid lines)."""
+calls are, each batch counted by name, and its faults (failed, expired, slow, invalid lines, slow uploads)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,26 @@ def test_a_slow_batch_is_in_progress_until_its_delay_and_invalid_lines_break_the
 def test_faults_are_refused_when_unknown(fake_llm: Any) -> None:
     with pytest.raises(ValueError):
         fake_llm.batches.set_faults(mode="explode")
+    with pytest.raises(ValueError):
+        fake_llm.batches.set_faults(upload_delay_s=-1)
+
+
+def test_a_slow_upload_is_answered_after_its_delay_and_counted_once(fake_llm: Any) -> None:
+    fake_llm.batches.set_faults(upload_delay_s=2.0)
+
+    async def run() -> tuple[bool, int, str]:
+        api = BatchAPI(fake_llm.base_url, "k")
+        try:
+            upload = asyncio.create_task(api.upload("slow", [request_line("c0", "/v1/chat/completions", body("x"))]))
+            await asyncio.sleep(0.3)
+            waiting, seen = not upload.done(), fake_llm.batches.stats()["uploads"]
+            return waiting, seen, await upload
+        finally:
+            await api.aclose()
+
+    waiting, seen, file_id = asyncio.run(run())
+    assert waiting and seen == 0, "the upload was answered before its delay"
+    assert file_id and fake_llm.batches.stats()["uploads"] == 1
 
 
 def test_output_lines_that_cannot_be_read_are_left_out() -> None:

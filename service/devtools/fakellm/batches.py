@@ -7,12 +7,15 @@ once the batch's delay has passed and a client reads it. Faults, for the batches
 (``POST /_batch_faults`` or :meth:`FakeBatches.set_faults`): ``mode`` ``fail`` | ``expire`` |
 ``cancel`` (the batch ends so, without output), ``delay_s`` (it completes that long after it was
 made: a slow batch), ``invalid`` (that many of its lines, the first ones, answer content that is not
-valid for the schema). :meth:`FakeBatches.stats` counts the batches made, by name, and the lines
-answered, by custom id: a test checks that each batch was submitted once and each call answered once.
+valid for the schema), ``upload_delay_s`` (each upload is answered that long after it arrived: a large
+file on a slow link). :meth:`FakeBatches.stats` counts the uploads, the batches made, by name, and the
+lines answered, by custom id: a test checks that each batch was submitted once and each call answered
+once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
@@ -52,15 +55,18 @@ class FakeBatches:
         self._ids = itertools.count(1)
         self._files: dict[str, tuple[str, bytes]] = {}
         self._batches: dict[str, dict[str, Any]] = {}
-        self._faults: dict[str, Any] = {"mode": None, "delay_s": 0.0, "invalid": 0}
+        self._faults: dict[str, Any] = {"mode": None, "delay_s": 0.0, "invalid": 0, "upload_delay_s": 0.0}
+        self._uploads = 0
         self._created: Counter[str] = Counter()  # batches made, by the name in their metadata
         self._answered: Counter[str] = Counter()  # lines answered, by custom id
 
-    def set_faults(self, mode: str | None = None, delay_s: float = 0.0, invalid: int = 0) -> None:
-        if mode not in MODES or delay_s < 0 or invalid < 0:
-            raise ValueError(f"batch faults: mode one of {MODES}, delay_s and invalid not negative")
+    def set_faults(self, mode: str | None = None, delay_s: float = 0.0, invalid: int = 0,
+                   upload_delay_s: float = 0.0) -> None:
+        if mode not in MODES or delay_s < 0 or invalid < 0 or upload_delay_s < 0:
+            raise ValueError(f"batch faults: mode one of {MODES}, delay_s, invalid and upload_delay_s not negative")
         with self._lock:
-            self._faults = {"mode": mode, "delay_s": float(delay_s), "invalid": int(invalid)}
+            self._faults = {"mode": mode, "delay_s": float(delay_s), "invalid": int(invalid),
+                            "upload_delay_s": float(upload_delay_s)}
 
     def reset(self) -> None:
         with self._lock:
@@ -68,11 +74,12 @@ class FakeBatches:
             self._batches.clear()
             self._created.clear()
             self._answered.clear()
-            self._faults = {"mode": None, "delay_s": 0.0, "invalid": 0}
+            self._uploads = 0
+            self._faults = {"mode": None, "delay_s": 0.0, "invalid": 0, "upload_delay_s": 0.0}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"batches": len(self._batches), "created_by_name": dict(self._created),
+            return {"uploads": self._uploads, "batches": len(self._batches), "created_by_name": dict(self._created),
                     "answered_by_id": dict(self._answered),
                     "statuses": dict(Counter(b["status"] for b in self._batches.values()))}
 
@@ -86,6 +93,8 @@ class FakeBatches:
         if body is None:
             return
         parts = path.strip("/").split("/")
+        if parts == ["files"] and method == "POST" and self._faults["upload_delay_s"]:
+            await asyncio.sleep(self._faults["upload_delay_s"])
         try:
             status, payload = self._route(method, parts, body, header(scope, b"content-type") or "", scope)
         except (ValueError, KeyError, TypeError) as exc:
@@ -125,6 +134,7 @@ class FakeBatches:
         file_id = self._new_id("file")
         with self._lock:
             self._files[file_id] = found
+            self._uploads += 1
         return 200, {"id": file_id, "object": "file", "bytes": len(found[1]), "filename": found[0],
                      "purpose": "batch"}
 
