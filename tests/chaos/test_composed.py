@@ -101,6 +101,15 @@ def status(port: int) -> tuple[int, float]:
         return code, 0.0
 
 
+def log_tails(logs: Path, lines: int = 15) -> str:
+    """The last lines of each worker's log, for a failure's message (the logs go with the tmp dir)."""
+    return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+                     for log in sorted(logs.glob("*.log")))
+
+
+# the test's own deadlines (the faults ~35 s, the record bound, the session timeout, readiness 90 s)
+# fire before pytest's, so a failure names the partitions that stopped and what the workers said
+@pytest.mark.timeout(900)
 @pytest.mark.evicts_killed_members
 def test_every_record_ends_within_its_bound_whatever_fails_at_once(
     make_settings: Any, fake_llm: FakeLLM, tmp_path: Path
@@ -167,7 +176,8 @@ def test_every_record_ends_within_its_bound_whatever_fails_at_once(
                 time.sleep(1)
             settled_after = time.monotonic() - faults_stopped
             assert sum(max(v, 0) for v in ends.values()) == len(records), (
-                f"not every partition reached its end {limit:.0f} s after the faults stopped: {ends}")
+                f"not every partition reached its end {limit:.0f} s after the faults stopped: {ends}\n"
+                f"{log_tails(logs)}")
             # every worker turns ready once the work is done (a restarted one after it joined the group)
             ready_by = time.monotonic() + 90
             while time.monotonic() < ready_by and any(
