@@ -24,15 +24,15 @@ from typing import Any
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.json_schema import JSONDeserializer, JSONSerializer
-from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
+from confluent_kafka.serialization import MessageField, SerializationContext
 
 from service.core.errors import PoisonError
 from service.core.schema_registry import (
-    SCHEMA_NOT_FOUND,
     TRANSPORT_ERRORS,
     RegistryUnavailable,
     RegistryUser,
     SchemaRegistrySettings,
+    registry_faults,
 )
 
 JSON_TEXT_FIELDS = frozenset({"result", "answered_by", "session"})  # free-form: JSON text in Avro
@@ -183,20 +183,12 @@ class ResultReader:
             if not isinstance(event, dict):
                 raise PoisonError("decode", "results value: not an object")
             return event
-        try:
+        with registry_faults("results value"):
             schema = self.client.get_schema(int.from_bytes(value[1:5], "big"))
             if schema.schema_type == "AVRO" and self._avro is not None:
                 return from_avro(self._avro(value, self.context))
             if self._json is not None:
                 return dict(self._json(value, self.context))
-        except SchemaRegistryError as exc:
-            if exc.error_code == SCHEMA_NOT_FOUND:
-                raise PoisonError("decode", f"schema registry: {exc}") from exc
-            raise RegistryUnavailable(f"schema registry: {exc}") from exc
-        except TRANSPORT_ERRORS as exc:
-            raise RegistryUnavailable(f"schema registry unreachable: {type(exc).__name__}: {exc}") from exc
-        except SerializationError as exc:
-            raise PoisonError("decode", f"results value: {exc}") from exc
         raise PoisonError("decode", f"results value: schema type {schema.schema_type} not read")
 
     def close(self) -> None:

@@ -17,8 +17,9 @@ Whose fault a failure is (blame by breadth):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Self, TypeVar
 
@@ -38,6 +39,23 @@ T = TypeVar("T")
 SCHEMA_NOT_FOUND = 40403  # Confluent's error code for an unknown schema id
 FRAME_BYTES = 5  # magic byte 0, then the schema id (big-endian)
 TRANSPORT_ERRORS = (registry_http.TransportError, OSError)  # the registry not reached at all
+
+
+@contextlib.contextmanager
+def registry_faults(what: str) -> Iterator[None]:
+    """Whose fault a registry call's failure is: the record's (``decode``: a schema id the registry
+    never had, a body its schema cannot read) or every record's alike (:class:`RegistryUnavailable`:
+    unreachable, refused credentials, a wrong URL, 429, 5xx)."""
+    try:
+        yield
+    except SchemaRegistryError as exc:
+        if exc.error_code == SCHEMA_NOT_FOUND:  # this record names a schema the registry never had
+            raise PoisonError("decode", f"schema registry: {exc}") from exc
+        raise RegistryUnavailable(f"schema registry: {exc}") from exc
+    except TRANSPORT_ERRORS as exc:
+        raise RegistryUnavailable(f"schema registry unreachable: {type(exc).__name__}: {exc}") from exc
+    except SerializationError as exc:
+        raise PoisonError("decode", f"{what}: {exc}") from exc
 
 
 class SchemaRegistrySettings(BaseModel):
@@ -127,15 +145,6 @@ class ValueReader(RegistryUser):
         if len(value) < FRAME_BYTES or value[0] != 0:  # the record's fault whether or not the registry answers
             raise PoisonError("decode", f"{self.format} value: no Schema Registry framing (a zero magic byte and "
                               f"a 4-byte schema id), starts {value[:FRAME_BYTES]!r}")
-        try:
+        with registry_faults(f"{self.format} value"):
             return self._deserialize(value, self.context)
-        except SchemaRegistryError as exc:
-            if exc.error_code == SCHEMA_NOT_FOUND:  # this record names a schema the registry never had
-                raise PoisonError("decode", f"schema registry: {exc}") from exc
-            # anything else fails every record alike: refused credentials, a wrong URL, 429, 5xx
-            raise RegistryUnavailable(f"schema registry: {exc}") from exc
-        except TRANSPORT_ERRORS as exc:
-            raise RegistryUnavailable(f"schema registry unreachable: {type(exc).__name__}: {exc}") from exc
-        except SerializationError as exc:
-            raise PoisonError("decode", f"{self.format} value: {exc}") from exc
 
