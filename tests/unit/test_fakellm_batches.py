@@ -133,3 +133,28 @@ def test_output_lines_that_cannot_be_read_are_left_out() -> None:
     text = '{"custom_id": "a", "response": {"status_code": 200, "body": {"x": 1}}}\nnot json\n' \
            '{"custom_id": "b", "response": null, "error": {"code": "e"}}\n[1]\n'
     assert read_output(text) == {"a": {"status": 200, "body": {"x": 1}}, "b": {"status": 0, "error": {"code": "e"}}}
+
+
+def test_a_batchs_lines_report_the_prompt_prefix_they_share_as_cached(fake_llm: Any) -> None:
+    """A provider reports cached prompt tokens in a batch's usage too: the lines after the first share
+    the system prompt, which the first line put in the fake model's prompt cache."""
+    system = {"role": "system", "content": "You sort parcels. " * 50}  # 900 characters: 225 tokens
+
+    def line(i: int) -> dict[str, Any]:
+        return request_line(f"g:c/t{i}", "/v1/chat/completions",
+                            {**body(f"task {i}"), "messages": [system, {"role": "user", "content": f"task {i}"}]})
+
+    async def run() -> dict[str, Any]:
+        api = BatchAPI(fake_llm.base_url, "k")
+        try:
+            made = await api.create(await api.upload("g:c", [line(i) for i in range(3)]), "/v1/chat/completions", "g:c")
+            ended = await until_ended(api, made.id)
+            return read_output(await api.content(ended.output_file_id or ""))
+        finally:
+            await api.aclose()
+
+    fake_llm.reset()
+    out = asyncio.run(run())
+    cached = {custom_id: answer["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for custom_id, answer in out.items()}
+    assert cached == {"g:c/t0": 0, "g:c/t1": len(system["content"]) // 4, "g:c/t2": len(system["content"]) // 4}

@@ -2,8 +2,9 @@
 ``GET /v1/batches`` (by creation, newest first), ``GET /v1/batches/{id}``, ``POST
 /v1/batches/{id}/cancel`` and ``GET /v1/files/{id}/content``.
 
-Each request line is answered by the chat server's own answer (the same content a chat call gets),
-once the batch's delay has passed and a client reads it. Faults, for the batches made from now on
+Each request line is answered by the chat server's own answer (the same content a chat call gets,
+and the same prompt cache: a line whose prompt starts as one seen before reports cached tokens in its
+usage, as a provider's batch does), once the batch's delay has passed and a client reads it. Faults, for the batches made from now on
 (``POST /_batch_faults`` or :meth:`FakeBatches.set_faults`): ``mode`` ``fail`` | ``expire`` |
 ``cancel`` (the batch ends so, without output), ``delay_s`` (it completes that long after it was
 made: a slow batch), ``invalid`` (that many of its lines, the first ones, answer content that is not

@@ -441,7 +441,10 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         return 200, {"status": "ok"}
 
     def _batch_answer(self, body: bytes, invalid: bool) -> bytes:
+        # a batch's lines read the same prompt cache as chat calls: a provider reports cached prompt
+        # tokens in a batch's usage too, and bills them at the batch share of the cached price
         request = parse_chat(body)
+        request = replace(request, cached_chars=self._prefixes.seen(request.prefix))
         return self._faulty_answer("schema_violation", request, None) if invalid else self._answer(request, None)[0]
 
     async def _post_batch_faults(self, body: bytes) -> tuple[int, Any]:
