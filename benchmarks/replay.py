@@ -68,7 +68,7 @@ def run(env: Env, quick: bool) -> list[Figure]:
                   f"join before); {c['duplicate']:,.0f} duplicates, {c['succeeded']:,.0f} run again; "
                   f"result events {results_before:,} before, {results_after:,} after; first pass "
                   f"{prep.processing_s:.1f}s, {calls_before:,} model calls; {meter.per_item_ms(n)}; "
-                  "`agent-service run` in a child process, scraped every 50 ms")
+                  "`agent-service run` in a child process")
         return [
             Figure(BENCH, "replay throughput", rate, "tasks/s", baseline=f"pipe {pipe_rate:,.0f}/s",
                    target=(">=", pipe_rate / 2), detail=detail),
