@@ -37,15 +37,12 @@ FIRST_AT = "agent_first_record_timestamp_seconds"
 LAST_AT = "agent_last_finish_timestamp_seconds"
 
 
-def scrape_interval(elapsed_s: float | None, done: float, total: int, *, fine_s: float,
-                    coarse_s: float | None) -> float:
-    """How long to wait before the next scrape: ``fine_s`` until the first record (``elapsed_s`` is
-    None) and once the rate so far says the end is within three coarse scrapes, ``coarse_s`` in
-    between (each scrape costs the service an exposition of every metric)."""
-    if coarse_s is None or elapsed_s is None or done <= 0 or elapsed_s <= 0:
-        return fine_s
-    left_s = (total - done) / (done / elapsed_s)
-    return coarse_s if left_s > 3 * coarse_s else fine_s
+def scrape_interval(first_seen: bool, *, fine_s: float, coarse_s: float | None) -> float:
+    """How long to wait before the next scrape: ``fine_s`` until the first record, ``coarse_s`` (when
+    given) after it. Each scrape costs the service an exposition of every metric, and once the first
+    record is seen only the end is left to notice: the service clocks it itself (``last_at``), so a
+    late scrape ends the watch later without changing the time it reports."""
+    return coarse_s if coarse_s is not None and first_seen else fine_s
 
 
 def read_counts(text: str) -> dict[str, float]:
@@ -170,8 +167,7 @@ class ChildService:
         """Scrape until ``done(counts)``; raise when ``progress_key`` stops moving or the child exits.
 
         ``sample`` is called at every scrape, ``on_first`` once, when the first record was consumed.
-        With ``coarse_s`` the scrapes between the first record and the last stretch are that far
-        apart (:func:`scrape_interval`); the first record and the end are still seen within ``interval_s``."""
+        With ``coarse_s`` the scrapes after the first record are that far apart (:func:`scrape_interval`)."""
         assert self.proc is not None
         watch = Watch(started=time.monotonic())
         last_value, last_move = -1.0, time.monotonic()
@@ -203,9 +199,7 @@ class ChildService:
                     next_report = now + 10
             if now - watch.started > timeout_s:
                 raise RuntimeError(f"not done after {timeout_s:.0f}s ({c})")
-            elapsed = None if watch.first is None else now - watch.first
-            time.sleep(scrape_interval(elapsed, c[progress_key] if c is not None else 0, total,
-                                       fine_s=interval_s, coarse_s=coarse_s))
+            time.sleep(scrape_interval(watch.first is not None, fine_s=interval_s, coarse_s=coarse_s))
 
     def _sample_rss(self, watch: Watch) -> None:
         pids = [self.pid, *children(self.pid)]
