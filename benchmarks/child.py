@@ -1,7 +1,11 @@
 """The service as a user runs it: ``agent-service run`` in a child process, watched from outside.
 
-Progress comes from its own ``/metrics`` (scraped every few tens of milliseconds): when the first
-record was consumed and when the expected number of outcomes was reached. Memory comes from
+Progress comes from its own ``/metrics`` (scraped every few tens of milliseconds) until the expected
+number of outcomes is reached. The time it took comes from that last scrape too, as exact as an
+in-process timer: the service's own clock readings of its first fetched record
+(``agent_first_record_timestamp_seconds``, the earliest over workers) and of its latest finished
+record (``agent_last_finish_timestamp_seconds``), so the scrape interval neither adds to nor blurs
+it. Memory comes from
 ``/proc/PID/status`` (``VmHWM``: the kernel's record of the peak resident set), summed over the
 process and its children when it runs several workers.
 """
@@ -27,17 +31,38 @@ COUNTED = {
     'agent_tasks_total{outcome="duplicate"}': "duplicate",
     'agent_tasks_total{outcome="dead_lettered"}': "dead_lettered",
 }
+# the service's clock readings (Unix time) of its first fetched record and its latest finished one:
+# one series per worker for the first (the earliest counts), one for the latest
+FIRST_AT = "agent_first_record_timestamp_seconds"
+LAST_AT = "agent_last_finish_timestamp_seconds"
 
 
-def scrape_interval(elapsed_s: float | None, done: float, total: int, *, fine_s: float,
-                    coarse_s: float | None) -> float:
-    """How long to wait before the next scrape: ``fine_s`` until the first record (``elapsed_s`` is
-    None) and once the rate so far says the end is within three coarse scrapes, ``coarse_s`` in
-    between (each scrape costs the service an exposition of every metric)."""
-    if coarse_s is None or elapsed_s is None or done <= 0 or elapsed_s <= 0:
-        return fine_s
-    left_s = (total - done) / (done / elapsed_s)
-    return coarse_s if left_s > 3 * coarse_s else fine_s
+def scrape_interval(first_seen: bool, *, fine_s: float, coarse_s: float | None) -> float:
+    """How long to wait before the next scrape: ``fine_s`` until the first record, ``coarse_s`` (when
+    given) after it. Each scrape costs the service an exposition of every metric, and once the first
+    record is seen only the end is left to notice: the service clocks it itself (``last_at``), so a
+    late scrape ends the watch later without changing the time it reports."""
+    return coarse_s if coarse_s is not None and first_seen else fine_s
+
+
+def read_counts(text: str) -> dict[str, float]:
+    """The counters of :data:`COUNTED` in an exposition, summed over its series, and ``first_at``
+    and ``last_at`` (0 while the service has not said)."""
+    found = dict.fromkeys(COUNTED.values(), 0.0)
+    firsts: list[float] = []
+    found["last_at"] = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        if name in COUNTED:
+            found[COUNTED[name]] += float(value)
+        elif name.partition("{")[0] == FIRST_AT and float(value) > 0:
+            firsts.append(float(value))
+        elif name == LAST_AT:
+            found["last_at"] = float(value)
+    found["first_at"] = min(firsts, default=0.0)
+    return found
 
 
 def status_kb(pid: int) -> dict[str, int]:
@@ -79,6 +104,11 @@ class Watch:
 
     @property
     def processing_s(self) -> float:
+        """From the first record fetched to the last outcome, by the service's own clock (see the
+        module docstring); by the scrapes that first saw each for a service that does not say."""
+        first_at, last_at = self.counts.get("first_at", 0.0), self.counts.get("last_at", 0.0)
+        if 0 < first_at <= last_at:
+            return last_at - first_at
         assert self.done is not None and self.first is not None
         return self.done - self.first
 
@@ -128,14 +158,7 @@ class ChildService:
                 text = resp.read().decode()
         except OSError:
             return None
-        found = dict.fromkeys(COUNTED.values(), 0.0)
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            name, _, value = line.rpartition(" ")
-            if name in COUNTED:
-                found[COUNTED[name]] += float(value)
-        return found
+        return read_counts(text)
 
     def wait(self, done: Callable[[dict[str, float]], bool], *, total: int, progress_key: str = "succeeded",
              interval_s: float = 0.1, stall_s: float = 90.0, timeout_s: float = 3600.0,
@@ -144,8 +167,7 @@ class ChildService:
         """Scrape until ``done(counts)``; raise when ``progress_key`` stops moving or the child exits.
 
         ``sample`` is called at every scrape, ``on_first`` once, when the first record was consumed.
-        With ``coarse_s`` the scrapes between the first record and the last stretch are that far
-        apart (:func:`scrape_interval`); the first record and the end are still seen within ``interval_s``."""
+        With ``coarse_s`` the scrapes after the first record are that far apart (:func:`scrape_interval`)."""
         assert self.proc is not None
         watch = Watch(started=time.monotonic())
         last_value, last_move = -1.0, time.monotonic()
@@ -177,9 +199,7 @@ class ChildService:
                     next_report = now + 10
             if now - watch.started > timeout_s:
                 raise RuntimeError(f"not done after {timeout_s:.0f}s ({c})")
-            elapsed = None if watch.first is None else now - watch.first
-            time.sleep(scrape_interval(elapsed, c[progress_key] if c is not None else 0, total,
-                                       fine_s=interval_s, coarse_s=coarse_s))
+            time.sleep(scrape_interval(watch.first is not None, fine_s=interval_s, coarse_s=coarse_s))
 
     def _sample_rss(self, watch: Watch) -> None:
         pids = [self.pid, *children(self.pid)]

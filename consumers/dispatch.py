@@ -70,7 +70,7 @@ class Dispatcher:
 
         ``owners``: the partitions' states when the records were fetched; a record whose partition
         was revoked (or revoked and assigned again) since is dropped: the new owner reads it again."""
-        consumed = 0
+        consumed = screened = 0
         for i, record in enumerate(records):
             tp = (record.topic, record.partition)
             part = self._partitions.get(tp)
@@ -85,9 +85,12 @@ class Dispatcher:
             if done is not None and done[i]:
                 # its outcome is durable: nothing to wait for, whatever runs before it on its key
                 part.tracker.finish(record.offset)
-                self._progress.finished()
+                screened += 1
                 continue
             self._enqueue((tp, record.key if record.key is not None else record.offset), record, part)
+        if screened:
+            self._progress.finished()
+            self._metrics.finished(screened)
         if consumed:
             self._metrics.consumed(consumed)
             self._metrics.inflight(self._window.held)
@@ -180,6 +183,7 @@ class Dispatcher:
             part.staged[record.offset] = staged
         part.tracker.finish(record.offset)
         self._progress.finished()
+        self._metrics.finished(1)
         if took is not None:
             self._window.took(took)
 

@@ -92,6 +92,7 @@ class Runner:
         self.metrics = metrics or RunnerMetrics()
         self.started = asyncio.Event()
         self.last_error: str | None = None
+        self._read_any = False  # whether a fetch returned a record yet
         self._stopping = asyncio.Event()
         # told of every finished record; asked whether the runner makes progress, and why not
         self._progress = progress or Progress()
@@ -229,6 +230,9 @@ class Runner:
             return False
         msgs = await self._thread.call(self._fetch, min(room, self.config.max_batch))
         records = self._records(msgs)
+        if records and not self._read_any:
+            self._read_any = True
+            self.metrics.first_record()
         # as fetched: a rebalance while the batch is screened drops its records
         owners = dict(self._partitions) if self._screen is not None else None
         self._dispatcher.dispatch(records, await self._screened(records), owners)

@@ -21,6 +21,16 @@ local function among(states, state)
 end
 """
 
+# ``among_set(states)``: the space-joined states of :data:`AMONG` as a set (``set[state]`` true), for a
+# script that asks about many tasks: split once, not once per task
+AMONG_SET = """
+local function among_set(states)
+  local set = {}
+  for s in string.gmatch(states, '%S+') do set[s] = true end
+  return set
+end
+"""
+
 # ``published(by, how, legacy)``: who published the outcome and how, from the fields published_by,
 # published_how and the previous version's published ('0' or absent: not published; else who).
 # This version writes published beside published_by with the same value; where they differ, a

@@ -30,7 +30,7 @@ A move into ``succeeded`` or ``dead`` clears all three: the new outcome is not p
 
 from __future__ import annotations
 
-from dedup.lua import AMONG, NOW, PUBLICATION, UNPUBLISH
+from dedup.lua import AMONG, AMONG_SET, NOW, PUBLICATION, UNPUBLISH
 from dedup.quota_scripts import BUDGET_RESERVE, BUDGET_SETTLE, RATE, RATE_RECONCILE
 
 __all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "CLAIM_ATTEMPT", "COMPLETE", "END", "EXPIRE", "FAIL",
@@ -324,15 +324,17 @@ return 'ok'
 # 'publish' starts from) -> per task 1 when it is done (succeeded or dead) with that fingerprint and
 # its outcome was published by another record, else 0.
 # Read-only: a replay's batch asks once for all of its tasks (see Ledger.finished).
-FINISHED = AMONG + PUBLICATION + """
+FINISHED = AMONG_SET + PUBLICATION + """
 local fps, coords = {}, {}
 for fp in string.gmatch(ARGV[1], '%S+') do fps[#fps + 1] = fp end
 for c in string.gmatch(ARGV[2], '%S+') do coords[#coords + 1] = c end
+local done = among_set(ARGV[3])
 local out = {}
 for i = 1, #KEYS do
-  local h = redis.call('HMGET', KEYS[i], 'state', 'fingerprint', 'published_by', 'published_how', 'published')
-  local by = published(h[3], h[4], h[5])
-  if among(ARGV[3], h[1]) and h[2] == fps[i] and by ~= '' and by ~= coords[i] then
+  -- not published_how: who published is all this asks
+  local h = redis.call('HMGET', KEYS[i], 'state', 'fingerprint', 'published_by', 'published')
+  local by = published(h[3], nil, h[4])
+  if h[1] and done[h[1]] and h[2] == fps[i] and by ~= '' and by ~= coords[i] then
     out[i] = 1
   else
     out[i] = 0

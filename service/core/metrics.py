@@ -341,6 +341,16 @@ class Metrics:
             "agent_assigned_partitions", "Partitions assigned to this worker.", registry=r,
             multiprocess_mode="livesum",
         )
+        # when records began and last ended, to the microsecond (a rate over a short run needs no
+        # scrape at its ends): each worker's own first record, the latest finish over all of them
+        self.first_record_time = Gauge(
+            "agent_first_record_timestamp_seconds", "Unix time this worker read its first record (0 before).",
+            registry=r, multiprocess_mode="liveall",
+        )
+        self.last_finish_time = Gauge(
+            "agent_last_finish_timestamp_seconds", "Unix time a record last finished: its outcome durable, or "
+            "found durable before (0 before).", registry=r, multiprocess_mode="max",
+        )
         self.consumer_lag = Gauge(
             "agent_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"],
             registry=r, multiprocess_mode="livemostrecent",

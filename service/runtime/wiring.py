@@ -86,8 +86,14 @@ class _RunnerMetrics(RunnerMetrics):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
+    def first_record(self) -> None:
+        self.m.first_record_time.set_to_current_time()
+
     def consumed(self, n: int) -> None:
         self.m.messages_consumed.inc(n)
+
+    def finished(self, n: int) -> None:
+        self.m.last_finish_time.set_to_current_time()
 
     def inflight(self, n: int) -> None:
         self.m.inflight.set(n)

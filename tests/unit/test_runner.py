@@ -102,9 +102,10 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
 
 async def make_runner(handler: Callable[[Record], Awaitable[None]], partitions: list[int],
                       gate: Callable[[], bool] | None = None, screen: Any = None,
-                      progress: Progress | None = None, **cfg: Any) -> tuple[Runner, FakeConsumer]:
+                      progress: Progress | None = None, metrics: RunnerMetrics | None = None,
+                      **cfg: Any) -> tuple[Runner, FakeConsumer]:
     config = RunnerConfig(topic=TOPIC, retry_base_s=0.005, retry_max_s=0.01, **cfg)
-    runner = Runner({}, handler, config, gate=gate, screen=screen, progress=progress)
+    runner = Runner({}, handler, config, metrics=metrics, gate=gate, screen=screen, progress=progress)
     fake = FakeConsumer()
     runner._thread.consumer = fake  # type: ignore[assignment]
     runner._thread.bind(asyncio.get_running_loop())
