@@ -13,8 +13,8 @@ window, which expires when idle, and every worker and restart reads it:
   calls open at once over the last 5 s) with no cut meanwhile: the memory becomes that window, now;
 - a 429 or a timeout on a window above the trusted memory cuts it back to the memory (the probe above
   it failed, the memory stands); one at the memory while it is fresh (trusted whole) steps the
-  window back one slot below it, the memory standing too (it ran a round trip full a moment ago,
-  and a provider counts a call until its answer has left, a moment longer than the caller does);
+  window back one slot below it, the memory standing too (it ran a round trip full a moment ago:
+  one 429 there says the window is at the limit, not that the memory is wrong);
   below the memory, or at a stale one, it is an ordinary cut, and the memory becomes the window
   after the cut. Every cut starts the count of the next proof over.
 
