@@ -70,6 +70,12 @@ from consumers.transactions import Staged, TransactionalProducer
 
 log = logging.getLogger(__name__)
 
+# Records of one fetch started per turn of the loop. A fetch of hundreds started at once moves through
+# each await of the handler (decoding, the ledger's claim, the window) in lockstep: the first of them
+# reaches the model only once all have passed each step before it. Started a piece per turn, the
+# first pieces' calls leave while later pieces are still being claimed.
+DISPATCH_PIECE = 32
+
 
 class Runner:
     """Consume a topic with a handler per record; see the module docstring."""
@@ -233,9 +239,14 @@ class Runner:
         if records and not self._read_any:
             self._read_any = True
             self.metrics.first_record()
-        # as fetched: a rebalance while the batch is screened drops its records
-        owners = dict(self._partitions) if self._screen is not None else None
-        self._dispatcher.dispatch(records, await self._screened(records), owners)
+        # as fetched: a rebalance while the batch is screened or handed over drops its records
+        owners = dict(self._partitions)
+        done = await self._screened(records)
+        for start in range(0, len(records), DISPATCH_PIECE):
+            if start:  # the records started so far take their first steps before the next piece starts
+                await asyncio.sleep(0)
+            piece = slice(start, start + DISPATCH_PIECE)
+            self._dispatcher.dispatch(records[piece], done[piece] if done is not None else None, owners)
         return bool(msgs)
 
     def _fetch(self, n: int) -> list[Any]:

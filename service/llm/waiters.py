@@ -3,7 +3,7 @@
 - :class:`Waiters` owns the queues: once the window is full the calls of the process wait in line
   and only the first asks Redis again (when a slot of the process is freed, or after a short,
   growing pause), so a full window costs one Redis call per freed slot or poll, not one per waiting
-  task. Interactive calls queue apart and go first: a batch call asks only while no interactive call
+  task; each slot freed wakes one waiter at once, so a wave of answers starts a wave of calls. Interactive calls queue apart and go first: a batch call asks only while no interactive call
   of the process waits.
 - :class:`Linger` owns the timer that settles the window every ``linger_s`` while there is anything
   to tell, and the background tasks (batches asking Redis, settles) the window awaits at close.
@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -22,61 +24,87 @@ from service.llm.slots import Slot
 Attempt = Callable[[], Awaitable[Slot | None]]  # a kept slot, or one from Redis if the window has room
 
 
+class _Waiter:
+    """A call waiting in line; ``woken`` is done when a freed slot is for it to try."""
+
+    __slots__ = ("woken",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.woken: asyncio.Future[None] = loop.create_future()
+
+
 class Waiters:
     """The lines of calls waiting here for a slot: one for interactive calls, one for batch calls,
-    each with one head that asks Redis (``attempt``) while the others wait behind it."""
+    each with one head that asks Redis (``attempt``) while the others wait behind it.
+
+    Each slot of this process freed (given back or kept) wakes one waiter in the same turn of the
+    loop: the head first, then the next in line not yet woken. Slots freed together (the answers of
+    a wave of calls) so reach as many waiters at once, instead of one per turn of the loop as a
+    lock handed down the line would; waiters woken at once that find no kept slot ask Redis in one
+    call (the window's batch)."""
 
     def __init__(self, attempt: Attempt, waits: Counter) -> None:
         self._attempt = attempt
         self._waits = waits  # the window's waits counter, for this endpoint
-        self._head = asyncio.Lock()  # the one batch waiter in this process that asks Redis
-        self._urgent_head = asyncio.Lock()  # the one interactive waiter that asks Redis
-        self._urgent = 0  # interactive calls waiting here: batch waiters let them go first
-        self._no_urgent = asyncio.Event()
-        self._freed = asyncio.Event()  # a slot of this process was given back or kept
+        self._lines: tuple[deque[_Waiter], deque[_Waiter]] = (deque(), deque())  # interactive, batch
+        self._freed = asyncio.Event()  # a slot of this process was given back or kept: the head asks again
         self.ramp_at: float | None = None  # (loop time) when a slow start without room may ramp again
 
     @property
     def waiting(self) -> bool:
         """Calls of this process wait in line for a slot: the window is full as far as it knows."""
-        return self._head.locked() or self._urgent_head.locked()
+        return bool(self._lines[0] or self._lines[1])
 
     def freed(self) -> None:
-        """A slot of this process was given back or kept: the heads ask again."""
-        self._freed.set()
+        """A slot of this process was given back or kept: the head asks again, or, when it was woken
+        already, the next waiter not yet woken (an interactive one while any waits)."""
+        if not self._freed.is_set():
+            self._freed.set()
+            return
+        line = self._lines[0] or self._lines[1]
+        for waiter in itertools.islice(line, 1, None):
+            if not waiter.woken.done():
+                waiter.woken.set_result(None)
+                return
 
     async def acquire(self, priority: str) -> Slot:
         """A slot for a call; while calls of this process wait, ``interactive`` ones get the slots
         before ``batch`` ones."""
-        if priority == "interactive":
-            if not self._urgent_head.locked():  # no other interactive call waits: ask at once
-                slot = await self._attempt()
-                if slot is not None:
-                    return slot
-            self._urgent += 1
-            try:
-                async with self._urgent_head:
-                    return await self._poll(urgent=True)
-            finally:
-                self._urgent -= 1
-                if not self._urgent:
-                    self._no_urgent.set()
-        if not self._head.locked() and not self._urgent:  # nobody here waits: ask at once
+        urgent = priority == "interactive"
+        line = self._lines[0 if urgent else 1]
+        if not line and (urgent or not self._lines[0]):  # nobody here waits before it: ask at once
             slot = await self._attempt()
             if slot is not None:
                 return slot
-        async with self._head:
-            return await self._poll(urgent=False)
+        me = _Waiter(asyncio.get_running_loop())
+        line.append(me)
+        try:
+            return await self._wait(me, line, urgent)
+        except asyncio.CancelledError:
+            if me.woken.done():  # woken for a freed slot, and gone before it tried: the next waiter's
+                self.freed()
+            raise
+        finally:
+            line.remove(me)
+            for other in self._lines:  # the heads now, the batch one too once no interactive call waits
+                if other and not other[0].woken.done():
+                    other[0].woken.set_result(None)
 
-    async def _poll(self, *, urgent: bool) -> Slot:
-        """Ask Redis when a slot of this process is freed, or after a short, growing pause (at most
-        200 ms); in slow start, also when the window may ramp again, so a full window doubles every
-        ``ramp_s``, not at the next poll after it."""
+    async def _wait(self, me: _Waiter, line: deque[_Waiter], urgent: bool) -> Slot:
+        """Behind the head: try when woken. The head: ask Redis when a slot of this process is freed,
+        or after a short, growing pause (at most 200 ms); in slow start, also when the window may
+        ramp again, so a full window doubles every ``ramp_s``, not at the next poll after it."""
         pause = 0.005
         while True:
-            while not urgent and self._urgent:
-                self._no_urgent.clear()
-                await self._no_urgent.wait()
+            if line[0] is not me or not (urgent or not self._lines[0]):
+                await me.woken
+                me.woken = asyncio.get_running_loop().create_future()
+                if line[0] is me or (not urgent and self._lines[0]):
+                    continue  # the head now (it asks below), or interactive calls go first
+                slot = await self._attempt()
+                if slot is not None:
+                    return slot
+                continue
             self._freed.clear()
             slot = await self._attempt()
             if slot is not None:

@@ -12,8 +12,11 @@ window, which expires when idle, and every worker and restart reads it:
 - a window proves itself when as many answers as its size come back while it was full (the most
   calls open at once over the last 5 s) with no cut meanwhile: the memory becomes that window, now;
 - a 429 or a timeout on a window above the trusted memory cuts it back to the memory (the probe above
-  it failed, the memory stands); at or below the memory it is an ordinary cut, and the memory
-  becomes the window after the cut. Every cut starts the count of the next proof over.
+  it failed, the memory stands); one at the memory while it is fresh (trusted whole) steps the
+  window back one slot below it, the memory standing too (it ran a round trip full a moment ago:
+  one 429 there says the window is at the limit, not that the memory is wrong);
+  below the memory, or at a stale one, it is an ordinary cut, and the memory becomes the window
+  after the cut. Every cut starts the count of the next proof over.
 
 ``fresh`` 0 turns the memory off: the scripts then neither read nor write ``KEYS[4]``.
 """
@@ -22,16 +25,17 @@ from __future__ import annotations
 
 __all__ = ["ACQUIRE", "SETTLE"]
 
-# the remembered window as trusted at ``now`` (0: nothing remembered, or the memory is off), and
-# remembering ``safe`` as proven at ``now``; the memory is kept for ten ``fresh`` periods
+# the remembered window as trusted at ``now`` (0: nothing remembered, or the memory is off) and
+# whether it is fresh (trusted whole), and remembering ``safe`` as proven at ``now``; the memory is
+# kept for ten ``fresh`` periods
 _MEMORY = """
 local function trusted(now, fresh)
-  if fresh <= 0 then return 0 end
+  if fresh <= 0 then return 0, false end
   local m = redis.call('HMGET', KEYS[4], 'safe', 'at')
   local safe, at = tonumber(m[1]) or 0, tonumber(m[2]) or now
   local age = now - at
-  if age <= fresh then return safe end
-  return math.floor(safe * 0.5 ^ ((age - fresh) / fresh))
+  if age <= fresh then return safe, true end
+  return math.floor(safe * 0.5 ^ ((age - fresh) / fresh)), false
 end
 local function remember(safe, now, fresh)
   redis.call('HSET', KEYS[4], 'safe', safe, 'at', now, 'n', 0)
@@ -140,12 +144,17 @@ for _ = 1, answered do
   if cwnd >= ceiling then cwnd = ceiling break end
 end
 if (outcome == 'cut' or outcome == 'reset') and tonumber(ARGV[2]) > cut then
-  local memo = trusted(now, fresh)
+  local memo, whole = trusted(now, fresh)
   if outcome == 'cut' and memo > 0 and math.floor(cwnd) > memo then
     -- the probe above the remembered window failed: back to it, the memory stands. One slot back
     -- is not news the processes must act on (hand back their kept slots); more is
     if math.floor(cwnd) > memo + 1 then told = now end
     ssthresh = math.max(math.min(memo, ceiling), floor)
+    cwnd = ssthresh
+  elseif outcome == 'cut' and whole and math.floor(cwnd) == memo and memo > floor then
+    -- at the fresh memory: one slot back, then a slot per round trip up to it again; the memory
+    -- stands, and a 429 below it is an ordinary cut
+    ssthresh = memo - 1
     cwnd = ssthresh
   else
     ssthresh = math.max(math.floor(cwnd * tonumber(ARGV[7])), floor)

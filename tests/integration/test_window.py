@@ -196,6 +196,27 @@ def test_waiters_in_one_process_get_a_slot_as_soon_as_one_is_released(redis_url:
     with_windows(redis_url, body, initial=1)
 
 
+def test_slots_freed_together_reach_as_many_waiters_at_once(redis_url: str) -> None:
+    """The answers of a wave of calls start the calls waiting behind them in the same turns of the
+    loop, not one waiter per turn."""
+    n = 12
+
+    async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
+        held = await granted(a, n)
+        assert len(held) == n
+        waiters = [asyncio.create_task(a.acquire()) for _ in range(n)]
+        await asyncio.sleep(0.3)  # refused by Redis: they wait in line
+        assert a.full and not any(w.done() for w in waiters)
+        for slot in held:  # answered: each kept for the process's next call, in one turn
+            await a.release(slot, "ok")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert sum(w.done() for w in waiters) >= n - 1  # the head may be asking Redis meanwhile
+        await asyncio.wait_for(asyncio.gather(*waiters), 5)
+
+    with_windows(redis_url, body, initial=n, maximum=n, linger_s=5)
+
+
 def test_interactive_calls_waiting_here_get_freed_slots_before_batch_ones(redis_url: str) -> None:
     async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
         (held,) = await granted(a, 1)

@@ -18,14 +18,14 @@ from service.llm.window import AdaptiveWindow, Slot
 URL = "http://llm:8080/v1"
 
 
-Body = Callable[[Callable[[], AdaptiveWindow], Callable[[], Awaitable[None]], Callable[[], Awaitable[int]]],
+Body = Callable[[Callable[[], AdaptiveWindow], Callable[..., Awaitable[None]], Callable[[], Awaitable[int]]],
                Awaitable[None]]
 
 
 def run(redis_url: str, body: Body, **options: Any) -> None:
     """``body`` gets a factory of windows on one endpoint (each as a new worker holds it), a coroutine
-    that forgets the window as its idle expiry does (the memory stays), and one that reads the
-    remembered window. Answers reach the window one by one (``linger_s=0``) and only answers grow it
+    that forgets the window as its idle expiry does (the memory stays; ``idle(s)`` ages it by ``s``
+    seconds as well, an idle period that long), and one that reads the remembered window. Answers reach the window one by one (``linger_s=0``) and only answers grow it
     (``ramp_s=0``)."""
     options.setdefault("linger_s", 0)
     options.setdefault("ramp_s", 0)
@@ -39,8 +39,10 @@ def run(redis_url: str, body: Body, **options: Any) -> None:
         def window() -> AdaptiveWindow:
             return AdaptiveWindow(client, URL, Metrics(), label="primary", key_prefix=prefix, **options)
 
-        async def idle() -> None:
+        async def idle(aged_s: float = 0.0) -> None:
             await client.delete(keys.endpoint(tag, "window"), keys.endpoint(tag, "slots"))
+            if aged_s:
+                await client.hincrby(keys.endpoint(tag, "memory"), "at", -int(aged_s * 1000))
 
         async def memory() -> int:
             return int(await client.hget(keys.endpoint(tag, "memory"), "safe") or 0)
@@ -112,7 +114,8 @@ def test_without_memory_a_cold_window_starts_small(redis_url: str) -> None:
     run(redis_url, body, initial=4, backoff=0.7, memory_s=0)
 
 
-def test_a_429_above_the_memory_cuts_back_to_it_and_one_at_or_below_it_cuts_as_ever(redis_url: str) -> None:
+def test_a_429_above_the_memory_cuts_back_to_it_at_it_steps_back_one_slot_and_below_it_cuts_as_ever(
+        redis_url: str) -> None:
     async def body(window: Callable[[], AdaptiveWindow], _idle: Callable[[], Awaitable[None]],
                    memory: Callable[[], Awaitable[int]]) -> None:
         w = window()
@@ -129,9 +132,30 @@ def test_a_429_above_the_memory_cuts_back_to_it_and_one_at_or_below_it_cuts_as_e
         assert await memory() == remembered
         await asyncio.sleep(0.01)  # a call that starts after the cut (in Redis ms) may cut again
         (probe,) = await take(w, 1)
-        await w.release(probe, "rate_limited")  # refused at the remembered window: it was wrong
-        assert w.size == int(remembered * 0.7)  # an ordinary cut
-        assert await memory() == int(remembered * 0.7)  # and the memory goes down with it
+        await w.release(probe, "rate_limited")  # refused at the window that ran a moment ago: one slot back
+        assert w.size == remembered - 1
+        assert await memory() == remembered  # the memory stands
+        await asyncio.sleep(0.01)
+        (probe,) = await take(w, 1)
+        await w.release(probe, "rate_limited")  # refused below it: the memory was wrong
+        assert w.size == int((remembered - 1) * 0.7)  # an ordinary cut
+        assert await memory() == int((remembered - 1) * 0.7)  # and the memory goes down with it
+
+    run(redis_url, body, initial=4, backoff=0.7, memory_s=60)
+
+
+def test_a_429_at_a_stale_memory_is_an_ordinary_cut(redis_url: str) -> None:
+    async def body(window: Callable[[], AdaptiveWindow], idle: Callable[[float], Awaitable[None]],
+                   memory: Callable[[], Awaitable[int]]) -> None:
+        await learn(window(), rounds=3)
+        remembered = await memory()
+        await idle(90)  # half as long again as memory_s: trusted at 0.5 ** 0.5 of it
+        w = window()
+        slots = await take(w, 1000)
+        assert len(slots) == int(remembered * 0.5 ** 0.5) < remembered
+        await w.release(slots[0], "rate_limited")  # at the window it trusts, but not a fresh one
+        assert w.size == int(len(slots) * 0.7)
+        assert await memory() == int(len(slots) * 0.7)
 
     run(redis_url, body, initial=4, backoff=0.7, memory_s=60)
 
