@@ -41,6 +41,11 @@ class Waiters:
         """Calls of this process wait in line for a slot: the window is full as far as it knows."""
         return self._head.locked() or self._urgent_head.locked()
 
+    @property
+    def idle(self) -> bool:
+        """No call of this process waits in line, of either priority: a call asks at once."""
+        return not self._urgent and not self._head.locked() and not self._urgent_head.locked()
+
     def freed(self) -> None:
         """A slot of this process was given back or kept: the heads ask again."""
         self._freed.set()
