@@ -4,7 +4,8 @@ One workload (``classify`` tasks produced first to 4 partitions; 20,000, 2,000 w
 ``--tasks N`` to choose) on the same broker, redis-server and zero-latency fake model, each consumer
 on topics, group and Redis keys of its own: first :mod:`benchmarks.naive_consumer` (one ``SET NX``
 and one aiohttp call per task, 256 at once, produce, flush, commit), then the service as a user runs
-it (``agent-service run``) on asyncio's event loop, then on uvloop's (``AGENT_EVENT_LOOP=uvloop``).
+it (``agent-service run``) on asyncio's event loop (``AGENT_EVENT_LOOP=asyncio``, the fallback where uvloop
+cannot be imported), then on uvloop's (``AGENT_EVENT_LOOP=uvloop``, which the default ``auto`` picks).
 Each runs in a child process, measured from outside the same way: CPU is the process's user +
 system time from ``/proc/PID/stat`` between its first record and its last outcome (never wall
 time), tasks/s over that same span. Redis commands per task are the redis-server's own counts

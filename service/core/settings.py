@@ -403,7 +403,8 @@ class Settings(CheckedSettings):  # AGENT_* variables, then AGENT_CONFIG_FILE; u
     worker_id: str | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
-    event_loop: Literal["asyncio", "uvloop"] = "asyncio"  # "uvloop": less interpreter time per task (core/loops.py)
+    # "auto": uvloop when installed (less interpreter time per task), else asyncio's (core/loops.py)
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     # the cyclic garbage collector (service/core/heap.py): freeze what the start made out of its sight, and
     # collect the youngest generation every gc_gen0_threshold allocations (0: as Python sets it, 700)
     gc_freeze: bool = True

@@ -256,6 +256,18 @@ class EndpointGuard:
         self._probe_started = now
         log.info("endpoint %s half-open: probing", self.label)
 
+    def acquire_now(self, *, retry: bool, task: str | None = None) -> bool:
+        """:meth:`acquire` for a call that would not wait: a first call (a retry asks the retry
+        budget), no shared Retry-After due to be read from Redis, none in force, the breaker closed,
+        no probe wanted or out. True once the call is counted (as :meth:`decide` counts it); False
+        changes nothing, and the caller waits in :meth:`acquire`."""
+        now = self.clock()
+        if retry or now < self._blocked_until or self.is_open or self._probe_out(now) or self._needs_probe:
+            return False
+        if self.redis is not None and now - self._shared_checked >= self.config.shared_refresh_s:
+            return False
+        return self.decide(retry=False, task=task).delay <= 0
+
     async def acquire(self, *, retry: bool, task: str | None = None) -> None:
         """Wait until a call may be made: no shared Retry-After, breaker not open, budget left.
         Raises :class:`EndpointUnavailable` after ``max_wait_s`` of waiting."""

@@ -55,6 +55,11 @@ class Waiters:
         """Calls of this process wait in line for a slot: the window is full as far as it knows."""
         return bool(self._lines[0] or self._lines[1])
 
+    @property
+    def idle(self) -> bool:
+        """No call of this process waits in line, of either priority: a call asks at once."""
+        return not self._urgent and not self._head.locked() and not self._urgent_head.locked()
+
     def freed(self) -> None:
         """A slot of this process was given back or kept: the head asks again, or, when it was woken
         already, the next waiter not yet woken (an interactive one while any waits)."""

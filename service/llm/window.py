@@ -151,6 +151,11 @@ class AdaptiveWindow:
         this process wait, ``interactive`` ones get the slots before ``batch`` ones."""
         return await self._waiters.acquire(priority)
 
+    def kept_slot(self) -> Slot | None:
+        """A kept slot at once, the one :meth:`acquire` would hand out first while no call of this
+        process waits in line; None: :meth:`acquire` asks Redis or waits."""
+        return self._reuse() if self._waiters.idle else None
+
     async def _try(self) -> Slot | None:
         """A kept slot if there is one, else one from Redis if the window has room. The calls of
         the process that ask at the same moment share one call to Redis."""

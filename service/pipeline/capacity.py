@@ -26,7 +26,7 @@ from service.llm.client import ChatRequest, ChatResult
 from service.llm.endpoints import Endpoint
 from service.llm.guard import EndpointGuard, EndpointUnavailable
 from service.llm.tenancy import OverBudget, Reservation, Tenancy, TenantBudgets
-from service.llm.window import Slot
+from service.llm.window import AdaptiveWindow, Slot
 from service.pipeline.base import ProcessorConfig, ToDeadLetter
 from service.pipeline.call_outcome import CallOutcome, Failure
 from service.pipeline.waits import Waits
@@ -146,6 +146,8 @@ class Capacity:
         is the call's :meth:`home` by its prompt cache key.
         """
         limit = self.config.max_wait_s if until is None else until - monotonic()
+        if limit > 0 and (at_once := self._at_once(task, retry, cache_key)) is not None:
+            return at_once  # nothing to wait for: no timeout scope (a timer made and cancelled per call)
         try:
             if limit <= 0:
                 raise TimeoutError
@@ -158,6 +160,17 @@ class Capacity:
             why = self.primary.guard.why_waiting() if self.primary.guard is not None else None
             raise ToDeadLetter("unavailable", f"waited {self.config.max_wait_s:.0f} s for the model endpoint "
                                f"({why or 'rate limits'}) after {attempts} attempts", attempts) from None
+
+    def _at_once(self, task: Task, retry: bool, cache_key: str | None) -> Endpoint | None:
+        """The endpoint :meth:`_choose` would return without waiting: the call's home while it is
+        available (whatever the kind's policy), with no rate limits of its own, its guard letting the
+        call go now (:meth:`EndpointGuard.acquire_now`); else None, and the call goes the long way."""
+        home = self.home(cache_key)
+        limiter = home.limiter
+        if not home.available or (limiter is not None and limiter.enabled):
+            return None
+        guard = home.guard
+        return home if guard is None or guard.acquire_now(retry=retry, task=task.key) else None
 
     async def _choose(self, task: Task, tokens: int, *, retry: bool, attempts: int, primary_only: bool,
                       cache_key: str | None) -> Endpoint:
@@ -197,25 +210,34 @@ class Capacity:
         window = endpoint.window
         if window is None:
             return None, request
-        max_wait_s = self.config.max_wait_s if waits_until is None else waits_until - monotonic()
-        with self.waits.waiting(task_key, "window", monotonic() + max_wait_s):
-            started = monotonic()
-            limit = max_wait_s if deadline_s is None else min(deadline_s, max_wait_s)
-            try:  # a timeout scope, not wait_for: no task of its own per call (a free slot never suspends)
-                async with asyncio.timeout(max(limit, 0.0)):
-                    slot = await window.acquire(priority)
-            except TimeoutError:
-                if deadline_s is not None and deadline_s <= max_wait_s:
-                    raise ToDeadLetter("expired", "deadline passed waiting for the endpoint after "
-                                       f"{attempts} attempts", attempts) from None
-                raise ToDeadLetter("unavailable", "waited the longest wait allowed (AGENT_LLM__MAX_WAIT_S) for a "
-                                   f"slot in the endpoint's window after {attempts} attempts", attempts) from None
+        started = monotonic()
+        slot = window.kept_slot()  # a slot the process kept: no wait, so no timeout scope
+        if slot is None:
+            slot = await self._wait_for_slot(window, task_key=task_key, deadline_s=deadline_s, attempts=attempts,
+                                             priority=priority, waits_until=waits_until)
         if deadline_s is None:
             return slot, request
         left = deadline_s - (monotonic() - started)
         if request.timeout_s is None or left < request.timeout_s:
             request = dataclasses.replace(request, timeout_s=max(0.05, left))
         return slot, request
+
+    async def _wait_for_slot(self, window: AdaptiveWindow, *, task_key: str, deadline_s: float | None, attempts: int,
+                             priority: str, waits_until: float | None) -> Slot:
+        """A slot of ``window`` from Redis or the line of this process's calls, within the task's
+        deadline and until ``waits_until`` at most; past either, the task is dead-lettered."""
+        max_wait_s = self.config.max_wait_s if waits_until is None else waits_until - monotonic()
+        with self.waits.waiting(task_key, "window", monotonic() + max_wait_s):
+            limit = max_wait_s if deadline_s is None else min(deadline_s, max_wait_s)
+            try:  # a timeout scope, not wait_for: no task of its own per call (a free slot never suspends)
+                async with asyncio.timeout(max(limit, 0.0)):
+                    return await window.acquire(priority)
+            except TimeoutError:
+                if deadline_s is not None and deadline_s <= max_wait_s:
+                    raise ToDeadLetter("expired", "deadline passed waiting for the endpoint after "
+                                       f"{attempts} attempts", attempts) from None
+                raise ToDeadLetter("unavailable", "waited the longest wait allowed (AGENT_LLM__MAX_WAIT_S) for a "
+                                   f"slot in the endpoint's window after {attempts} attempts", attempts) from None
 
     async def reserve(self, task: Task, tokens: int, attempts: int, until: float | None = None) -> Spend:
         """Reserve the call's estimated tokens of its tenant's budget, across replicas, before the

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from dedup.client import close, connect
 from dedup.keys import Keys
@@ -146,6 +147,37 @@ def test_finished_names_only_done_published_tasks_of_the_same_input(any_redis_ur
             await ledger.mark_published(key, "succeeded", "t[2]@0")
         assert await ledger.finished(many) == [i % 3 == 0 and i > 0 for i in range(300)]
         assert await ledger.finished([]) == []
+
+    with_ledger(any_redis_url, body)
+
+
+def test_marks_asked_in_one_turn_each_mark_their_own_task(any_redis_url: str) -> None:
+    """One script for the turn's marks on one server (one per task on a cluster), each checked alone."""
+
+    async def body(ledger: Ledger) -> None:
+        for key in ("a", "b", "c", "d"):
+            assert (await ledger.claim(key, FP, "w1", "classify")).fence == 1
+        await complete(ledger, "a", 1)
+        await complete(ledger, "b", 1)
+        assert await ledger.fail("c", 1, "no", dead_reason="permanent")
+        scripts = ledger.batcher.calls
+        marked = await asyncio.gather(
+            ledger.mark_published("a", "succeeded", "t[0]@1", "acked"),
+            ledger.mark_published("b", "succeeded", "t[0]@2"),
+            ledger.mark_published("c", "dead", "t[0]@3", "staged"),
+            ledger.mark_published("d", "succeeded", "t[0]@4", "acked"),  # still running: not marked
+            ledger.mark_published("c", "succeeded", "t[0]@5", "acked"),  # dead, not succeeded: not marked
+        )
+        assert marked == [True, True, True, False, False]
+        grouped = not isinstance(ledger.client, RedisCluster)
+        assert ledger.batcher.calls - scripts == (1 if grouped else 5)
+        published = {}
+        for key in ("a", "b", "c"):
+            claim = await ledger.claim(key, FP, "w2", "classify")
+            published[key] = (claim.published_by, claim.published_how)
+        assert published == {"a": ("t[0]@1", "acked"), "b": ("t[0]@2", None), "c": ("t[0]@3", "staged")}
+        assert await ledger.client.hget(ledger.keys.task("d"), "published_by") is None
+        assert await ledger.mark_published("d", "running") is False  # alone: the one-task script, same answer
 
     with_ledger(any_redis_url, body)
 

@@ -313,6 +313,25 @@ def test_a_replica_keeps_no_slot_while_another_waits_for_one(redis_url: str) -> 
     with_windows(redis_url, body, initial=2, maximum=2, linger_s=1.0)
 
 
+def test_a_kept_slot_is_handed_out_at_once_unless_a_call_of_the_process_waits_in_line(redis_url: str) -> None:
+    async def body(a: AdaptiveWindow, _b: AdaptiveWindow) -> None:
+        assert a.kept_slot() is None  # nothing kept: a call asks Redis
+        first, second = await granted(a, 2)
+        await a.release(first, "ok")  # kept for the next call
+        kept = a.kept_slot()
+        assert kept is not None and kept.id == first.id
+        waiting = asyncio.create_task(a.acquire())  # the window is full: this call waits in line
+        await asyncio.sleep(0.05)
+        await a.release(kept, "ok")  # kept again, and wanted by the call in line
+        assert a.kept_slot() is None  # the line goes first
+        got = await asyncio.wait_for(waiting, 2)
+        assert got.id == first.id
+        for slot in (got, second):
+            await a.release(slot, "none")
+
+    with_windows(redis_url, body, initial=2, maximum=2, linger_s=1.0)
+
+
 def test_a_busy_replica_lets_a_waiting_one_in(redis_url: str) -> None:
     """A replica whose calls never stop would reuse its kept slots for ever; once it hears that
     another waits (within a tick of its linger) it stops keeping them."""

@@ -1,4 +1,5 @@
-"""``AGENT_EVENT_LOOP``: the service's event loop, asyncio's own (the default) or uvloop's."""
+"""``AGENT_EVENT_LOOP``: the service's event loop, uvloop's when installed (``auto``, the default), or
+asyncio's own or uvloop's by name."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import uvloop
 from pydantic import ValidationError
 
-from service.core.loops import loop_kind, run_loop
+from service.core import loops
+from service.core.loops import loop_kind, resolve, run_loop
 from service.core.settings import Settings
 
 
@@ -27,7 +29,9 @@ def test_asyncio_runs_it_on_asyncio_own_loop() -> None:
     assert issubclass(loop_type, asyncio.BaseEventLoop)
 
 
-def test_the_setting_defaults_to_asyncio_and_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_setting_defaults_to_auto_and_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().event_loop == "auto"
+    monkeypatch.setenv("AGENT_EVENT_LOOP", "asyncio")
     assert Settings().event_loop == "asyncio"
     monkeypatch.setenv("AGENT_EVENT_LOOP", "uvloop")
     assert Settings().event_loop == "uvloop"
@@ -43,3 +47,15 @@ async def _kind() -> str:
 def test_loop_kind_names_the_running_loop() -> None:
     assert run_loop(_kind(), "uvloop") == "uvloop"
     assert run_loop(_kind(), "asyncio") == "asyncio"
+
+
+def test_auto_runs_on_uvloop_when_it_is_installed() -> None:
+    assert resolve("auto") == "uvloop"
+    assert run_loop(_kind(), "auto") == "uvloop"
+
+
+def test_auto_falls_back_to_asyncio_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loops.importlib.util, "find_spec", lambda name: None)  # as if uvloop were not installed
+    assert resolve("auto") == "asyncio"
+    assert run_loop(_kind(), "auto") == "asyncio"
+    assert resolve("uvloop") == "uvloop"  # named, it is never replaced

@@ -292,3 +292,20 @@ def test_every_wait_for_the_endpoint_ends(clock: Clock) -> None:
 
     exc = asyncio.run(scenario())
     assert exc.why == "degraded:auth" and exc.waited_s >= 0.5
+
+
+def test_acquire_now_lets_a_first_call_go_only_when_acquire_would_not_wait(clock: Clock) -> None:
+    g, m = make(clock, failure_threshold=1, open_s=5)
+    assert g.acquire_now(retry=False, task="t1")
+    assert len(g._calls) == 1  # counted as acquire counts it
+    assert not g.acquire_now(retry=True, task="t1")  # a retry asks the retry budget in acquire
+    asyncio.run(g.retry_after(0.3))
+    assert not g.acquire_now(retry=False, task="t2")  # a Retry-After in force
+    clock.now += 1
+    g.failure("t2")
+    assert not g.acquire_now(retry=False, task="t3")  # open
+    clock.now += 5.1
+    assert not g.acquire_now(retry=False, task="t3")  # half-open: acquire takes the probe
+    assert not g._probing  # refusing took nothing, counted nothing
+    assert len(g._calls) == 1
+    assert m.registry.get_sample_value("agent_retry_budget_refusals_total") == 0

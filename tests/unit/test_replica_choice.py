@@ -110,3 +110,13 @@ def test_consumption_goes_on_while_one_endpoint_of_the_model_accepts() -> None:
     assert peers[-1].guard is not None
     peers[-1].guard.endpoint_fault("auth", "401")
     assert not c.accepting()
+
+
+def test_a_call_let_go_at_once_is_counted_once_and_a_retry_still_asks_the_retry_budget() -> None:
+    c = capacity(Clock())
+    guard = c.primary.guard
+    assert guard is not None
+    assert asyncio.run(c.endpoint(task("classify"), 10, retry=False)) is c.primary
+    assert len(guard._calls) == 1 and not guard._retries
+    assert asyncio.run(c.endpoint(task("classify"), 10, retry=True)) is c.primary
+    assert len(guard._calls) == 1 and len(guard._retries) == 1
