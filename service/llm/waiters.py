@@ -58,7 +58,7 @@ class Waiters:
     @property
     def idle(self) -> bool:
         """No call of this process waits in line, of either priority: a call asks at once."""
-        return not self._urgent and not self._head.locked() and not self._urgent_head.locked()
+        return not self.waiting
 
     def freed(self) -> None:
         """A slot of this process was given back or kept: the head asks again, or, when it was woken
