@@ -434,16 +434,13 @@ class FakeLLM(Serving, FaultRules[FaultRule]):
         return await self._get_config(body)
 
     async def _get_models(self, body: bytes) -> tuple[int, Any]:
-        model = {"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "fakellm"}
-        return 200, {"object": "list", "data": [model]}
+        return 200, {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "fakellm"}]}
 
     async def _get_health(self, body: bytes) -> tuple[int, Any]:
         return 200, {"status": "ok"}
 
     def _batch_answer(self, body: bytes, invalid: bool) -> bytes:
-        # a batch's lines read the same prompt cache as chat calls: a provider reports cached prompt
-        # tokens in a batch's usage too, and bills them at the batch share of the cached price
-        request = parse_chat(body)
+        request = parse_chat(body)  # its lines read the prompt cache too, as a provider's batch does
         request = replace(request, cached_chars=self._prefixes.seen(request.prefix))
         return self._faulty_answer("schema_violation", request, None) if invalid else self._answer(request, None)[0]
 
