@@ -3,8 +3,9 @@
 - :class:`Waiters` owns the queues: once the window is full the calls of the process wait in line
   and only the first asks Redis again (when a slot of the process is freed, or after a short,
   growing pause), so a full window costs one Redis call per freed slot or poll, not one per waiting
-  task; each slot freed wakes one waiter at once, so a wave of answers starts a wave of calls. Interactive calls queue apart and go first: a batch call asks only while no interactive call
-  of the process waits.
+  task; each slot freed wakes one waiter at once, so a wave of answers starts a wave of calls.
+  Interactive calls queue apart and go first: a batch call asks only while no interactive call of
+  the process waits.
 - :class:`Linger` owns the timer that settles the window every ``linger_s`` while there is anything
   to tell, and the background tasks (batches asking Redis, settles) the window awaits at close.
 """
@@ -54,11 +55,6 @@ class Waiters:
     def waiting(self) -> bool:
         """Calls of this process wait in line for a slot: the window is full as far as it knows."""
         return bool(self._lines[0] or self._lines[1])
-
-    @property
-    def idle(self) -> bool:
-        """No call of this process waits in line, of either priority: a call asks at once."""
-        return not self.waiting
 
     def freed(self) -> None:
         """A slot of this process was given back or kept: the head asks again, or, when it was woken

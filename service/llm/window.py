@@ -154,7 +154,7 @@ class AdaptiveWindow:
     def kept_slot(self) -> Slot | None:
         """A kept slot at once, the one :meth:`acquire` would hand out first while no call of this
         process waits in line; None: :meth:`acquire` asks Redis or waits."""
-        return self._reuse() if self._waiters.idle else None
+        return None if self._waiters.waiting else self._reuse()
 
     async def _try(self) -> Slot | None:
         """A kept slot if there is one, else one from Redis if the window has room. The calls of
