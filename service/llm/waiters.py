@@ -50,23 +50,43 @@ class Waiters:
         self._lines: tuple[deque[_Waiter], deque[_Waiter]] = (deque(), deque())  # interactive, batch
         self._freed = asyncio.Event()  # a slot of this process was given back or kept: the head asks again
         self.ramp_at: float | None = None  # (loop time) when a slow start without room may ramp again
+        self._behind: list[asyncio.Future[None]] = []  # callers of behind_woken at this turn of the loop
 
     @property
     def waiting(self) -> bool:
         """Calls of this process wait in line for a slot: the window is full as far as it knows."""
         return bool(self._lines[0] or self._lines[1])
 
-    def freed(self) -> None:
+    def freed(self) -> bool:
         """A slot of this process was given back or kept: the head asks again, or, when it was woken
-        already, the next waiter not yet woken (an interactive one while any waits)."""
+        already, the next waiter not yet woken (an interactive one while any waits). True when it woke
+        a call."""
         if not self._freed.is_set():
             self._freed.set()
-            return
+            return self.waiting
         line = self._lines[0] or self._lines[1]
         for waiter in itertools.islice(line, 1, None):
             if not waiter.woken.done():
                 waiter.woken.set_result(None)
-                return
+                return True
+        return False
+
+    async def behind_woken(self) -> None:
+        """Return once the calls woken so far had their turn: two turns of the loop from the first
+        caller of this turn. The woken calls run at the next turn, each up to its request's write
+        (aiohttp writes it from a task of its own, at the turn after); the callers go on after those
+        writes. A process whose answers and next calls share one loop so sends a wave's next calls
+        before the answered calls' own work (the ledger, the result, the commit) runs."""
+        loop = asyncio.get_running_loop()
+        if not self._behind:
+            loop.call_soon(self._pass_behind)
+        me: asyncio.Future[None] = loop.create_future()
+        self._behind.append(me)
+        await me
+
+    def _pass_behind(self) -> None:
+        behind, self._behind = self._behind, []
+        asyncio.get_running_loop().call_soon(_go_on, behind)
 
     async def acquire(self, priority: str) -> Slot:
         """A slot for a call; while calls of this process wait, ``interactive`` ones get the slots
@@ -118,6 +138,12 @@ class Waiters:
                 await asyncio.wait_for(self._freed.wait(), wait)
             except TimeoutError:
                 pause = min(pause * 2, 0.2)
+
+
+def _go_on(behind: list[asyncio.Future[None]]) -> None:
+    for caller in behind:
+        if not caller.done():  # not cancelled meanwhile
+            caller.set_result(None)
 
 
 class Linger:

@@ -195,11 +195,13 @@ class AdaptiveWindow:
         if orphans:  # their callers were cancelled meanwhile
             self._keep(orphans)
 
-    def _keep(self, slots: list[Slot]) -> None:
-        """Keep ``slots`` for the next calls of the process (handed back when the linger ends)."""
-        if self._slots.keep(slots, asyncio.get_running_loop().time()):
-            self._waiters.freed()
-            self._linger.arm()
+    def _keep(self, slots: list[Slot]) -> bool:
+        """Keep ``slots`` for the next calls of the process (handed back when the linger ends); True
+        when that woke a call waiting in line."""
+        if not self._slots.keep(slots, asyncio.get_running_loop().time()):
+            return False
+        self._linger.arm()
+        return self._waiters.freed()
 
     def _reuse(self) -> Slot | None:
         """A kept slot whose lease is still young, as a new call's: its start is now, in Redis time."""
@@ -220,11 +222,14 @@ class AdaptiveWindow:
         (start over), ``none`` (the call never reached the endpoint's judgement).
 
         After an answer the slot is kept for the next call of this process (see the module
-        docstring) unless another replica waits; every other outcome reaches the window at once."""
+        docstring) unless another replica waits; when it wakes a call waiting in line, this returns
+        after that call went out (:meth:`Waiters.behind_woken`). Every other outcome reaches the
+        window at once."""
         if outcome == "ok":
             self._answered += 1
             if self.linger_s > 0 and not self._contended and slot.started_ms > self._last_cut:
-                self._keep([slot])
+                if self._keep([slot]):  # the call it woke goes first, the rest of this one's task after
+                    await self._waiters.behind_woken()
                 return
         await self.settle(outcome, slot)
 
