@@ -48,7 +48,8 @@ class Waiters:
         self._attempt = attempt
         self._waits = waits  # the window's waits counter, for this endpoint
         self._lines: tuple[deque[_Waiter], deque[_Waiter]] = (deque(), deque())  # interactive, batch
-        self._freed = asyncio.Event()  # a slot of this process was given back or kept: the head asks again
+        self._freed = False  # a slot of this process was given back or kept: the head asks again
+        self._heads: list[asyncio.Future[None]] = []  # the heads waiting for a freed slot or their pause's end
         self.ramp_at: float | None = None  # (loop time) when a slow start without room may ramp again
         self._behind: list[asyncio.Future[None]] = []  # callers of behind_woken at this turn of the loop
 
@@ -61,8 +62,11 @@ class Waiters:
         """A slot of this process was given back or kept: the head asks again, or, when it was woken
         already, the next waiter not yet woken (an interactive one while any waits). True when it woke
         a call."""
-        if not self._freed.is_set():
-            self._freed.set()
+        if not self._freed:
+            self._freed = True
+            for head in self._heads:
+                if not head.done():
+                    head.set_result(None)
             return self.waiting
         line = self._lines[0] or self._lines[1]
         for waiter in itertools.islice(line, 1, None):
@@ -126,7 +130,7 @@ class Waiters:
                 if slot is not None:
                     return slot
                 continue
-            self._freed.clear()
+            self._freed = False
             slot = await self._attempt()
             if slot is not None:
                 return slot
@@ -134,10 +138,25 @@ class Waiters:
             wait = pause
             if self.ramp_at is not None:
                 wait = min(wait, max(self.ramp_at - asyncio.get_running_loop().time(), 0.001))
-            try:
-                await asyncio.wait_for(self._freed.wait(), wait)
-            except TimeoutError:
+            if not await self._freed_within(wait):
                 pause = min(pause * 2, 0.2)
+
+    async def _freed_within(self, wait: float) -> bool:
+        """Whether a slot of this process was freed, waited for ``wait`` seconds at most. Woken by
+        :meth:`freed` itself, at the next turn of the loop (``wait_for`` would wait in a task of its
+        own, two turns later, behind the answered calls that freed the slots)."""
+        if self._freed:
+            return True
+        loop = asyncio.get_running_loop()
+        head: asyncio.Future[None] = loop.create_future()
+        self._heads.append(head)
+        timer = loop.call_later(wait, _go_on, [head])
+        try:
+            await head
+        finally:
+            timer.cancel()
+            self._heads.remove(head)
+        return self._freed
 
 
 def _go_on(behind: list[asyncio.Future[None]]) -> None:
