@@ -136,7 +136,7 @@ class ScriptBatcher:
         grouped = self._grouped.get(script.sha) if self._grouped is not None else None
         if grouped is None:
             source = script.script
-            grouped = AsyncScript(self._client, grouped_source(source.decode() if isinstance(source, bytes) else source))
+            grouped = AsyncScript(self._client, grouped_source(source if isinstance(source, str) else bytes(source).decode()))
             if self._grouped is not None:
                 self._grouped[script.sha] = grouped
         keys = [k for call in calls for k in call.keys]
