@@ -6,6 +6,12 @@ one turn of the event loop go to Redis as one non-transactional pipeline of ``EV
 (each script stays atomic on its own; no call waits for another's result). A lone call costs one
 extra loop turn.
 
+On one Redis server (or a Sentinel's master) the calls of one script in a turn go further, as one
+``EVALSHA`` of a wrapper around it (:func:`grouped_source`): each call runs the script's own body with
+its own ``KEYS`` and ``ARGV`` (checked and fenced as on its own) and gets its own answer; an error of
+one call is that call's answer. Redis packs, sends, parses and answers one command instead of many. A
+Redis Cluster keeps one command per call: one script may not touch keys of several hash slots there.
+
 A script Redis does not know (after a restart or ``SCRIPT FLUSH``) is loaded and the call sent
 again on its own. An error of one call fails only that call; a lost connection fails the batch.
 """
@@ -24,6 +30,7 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     NoScriptError,
+    ResponseError,
     TimeoutError,
     TryAgainError,
 )
@@ -34,6 +41,35 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 REFRESH_INTERVAL_S = 0.5
+
+# ARGV[1] the calls n, ARGV[2..2n+1] each call's count of keys and of arguments, then every call's
+# arguments in order; KEYS every call's keys in order -> each call's answer (an error as an error)
+_GROUPED = """
+local function one(KEYS, ARGV)
+%s
+end
+local n = tonumber(ARGV[1])
+local out = {}
+local k, a = 1, 2 + 2 * n
+for i = 1, n do
+  local keys, args = {}, {}
+  for j = 1, tonumber(ARGV[2 * i]) do keys[j] = KEYS[k]; k = k + 1 end
+  for j = 1, tonumber(ARGV[2 * i + 1]) do args[j] = ARGV[a]; a = a + 1 end
+  local ok, r = pcall(one, keys, args)
+  if not ok then
+    if type(r) ~= 'table' then r = {err = tostring(r)} end
+  elseif r == nil then
+    r = false
+  end
+  out[i] = r
+end
+return out
+"""
+
+
+def grouped_source(source: str) -> str:
+    """The script that runs ``source`` once per call it carries (see the module docstring)."""
+    return _GROUPED % source
 
 
 @dataclass(slots=True)
@@ -51,16 +87,18 @@ class ScriptBatcher:
     def __init__(self, client: RedisClient, max_batch: int = MAX_BATCH) -> None:
         self._client = client
         self._max_batch = max_batch
+        self._grouped: dict[str, AsyncScript] | None = None if isinstance(client, RedisCluster) else {}
         self._queue: list[_Call] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
         self._refreshed_at = float("-inf")
-        self.batches = 0  # pipelines sent, for tests and benchmarks
-        self.calls = 0
+        self.batches = 0  # pipelines (or lone commands) sent, for tests and benchmarks
+        self.calls = 0  # scripts run for callers, each call of a grouped script counted
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         loop = asyncio.get_running_loop()
         call = _Call(script, keys, args, loop.create_future())
+        self.calls += 1
         self._queue.append(call)
         if not self._scheduled:
             self._scheduled = True
@@ -70,14 +108,48 @@ class ScriptBatcher:
     def _flush(self) -> None:
         self._scheduled = False
         queue, self._queue = self._queue, []
+        if self._grouped is not None and len(queue) > 1:
+            try:
+                queue = self._group(queue)
+            except Exception as exc:  # noqa: BLE001 - no grouped script made: every call goes on its own
+                log.warning("ledger scripts not grouped: %r", exc)
         for start in range(0, len(queue), self._max_batch):
             task = asyncio.get_running_loop().create_task(self._send(queue[start:start + self._max_batch]))
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
 
+    def _group(self, queue: list[_Call]) -> list[_Call]:
+        """The calls of one script, at most ``max_batch`` at once, as one call of its grouped script
+        whose answer (every call's answer) is handed to each call."""
+        by_script: dict[str, list[_Call]] = {}
+        for call in queue:
+            by_script.setdefault(call.script.sha, []).append(call)
+        out: list[_Call] = []
+        for calls in by_script.values():
+            for start in range(0, len(calls), self._max_batch):
+                chunk = calls[start:start + self._max_batch]
+                out.append(chunk[0] if len(chunk) == 1 else self._together(chunk))
+        return out
+
+    def _together(self, calls: list[_Call]) -> _Call:
+        script = calls[0].script
+        grouped = self._grouped.get(script.sha) if self._grouped is not None else None
+        if grouped is None:
+            source = script.script
+            grouped = AsyncScript(self._client, grouped_source(source if isinstance(source, str) else bytes(source).decode()))
+            if self._grouped is not None:
+                self._grouped[script.sha] = grouped
+        keys = [k for call in calls for k in call.keys]
+        args: list[Any] = [len(calls)]
+        for call in calls:
+            args += (len(call.keys), len(call.args))
+        args += [a for call in calls for a in call.args]
+        together = _Call(grouped, keys, args, asyncio.get_running_loop().create_future())
+        together.future.add_done_callback(lambda done: _hand_out(done, calls))
+        return together
+
     async def _send(self, calls: list[_Call]) -> None:
         self.batches += 1
-        self.calls += len(calls)
         try:
             if len(calls) == 1:
                 results: list[Any] = [await _evalsha(self._client, calls[0])]
@@ -136,6 +208,26 @@ class ScriptBatcher:
 
 async def _evalsha(client: RedisClient, call: _Call) -> Any:
     return await client.execute_command(*call.command())
+
+
+def _hand_out(done: asyncio.Future[Any], calls: list[_Call]) -> None:
+    """A grouped call's answer to the calls it carried: each its own, or the failure to them all."""
+    if done.cancelled():
+        for call in calls:
+            call.future.cancel()
+        return
+    exc = done.exception()
+    if exc is None and not (isinstance(answers := done.result(), list) and len(answers) == len(calls)):
+        exc = ResponseError(f"a grouped script answered {answers!r} for {len(calls)} calls")
+    if exc is not None:
+        for call in calls:
+            _settle(call.future, exc=exc)
+        return
+    for call, answer in zip(calls, answers, strict=True):
+        if isinstance(answer, Exception):
+            _settle(call.future, exc=answer)
+        else:
+            _settle(call.future, result=answer)
 
 
 def _settle(future: asyncio.Future[Any], *, result: Any = None, exc: BaseException | None = None) -> None:

@@ -99,7 +99,7 @@ class Ledger:
         self.client = client
         # the table a task's state is moved by: each moving script is handed its sources and target
         self.moves = Moves(lifecycle)
-        self._claim_moves = [*self.moves("claim", "take_over", "crash", "cancel"), lifecycle.initial]
+        claim_moves = [*self.moves("claim", "take_over", "crash", "cancel"), lifecycle.initial]  # baked in
         self._done = self.moves.sources("publish")  # the states whose outcome is published: done
         self.max_deaths = max_deaths  # deaths of holders with a call under way that end a task `crashed`
         # this process's claims, apart from another's under the same worker id: a task this process
@@ -111,8 +111,8 @@ class Ledger:
         self.keys = keys or Keys()
         self.lease_ms = lease_ms
         self.ttl_s = ttl_s
-        self._claim = client.register_script(scripts.CLAIM)
-        self._claim_attempt = client.register_script(scripts.CLAIM_ATTEMPT)
+        self._claim = client.register_script(scripts.claim_script(scripts.CLAIM, claim_moves))
+        self._claim_attempt = client.register_script(scripts.claim_script(scripts.CLAIM_ATTEMPT, claim_moves))
         self.first_attempts = FirstAttempts(lease_ms)  # counted by a claim, not taken by a call yet
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
         self._attempt = client.register_script(scripts.ATTEMPT)
@@ -181,11 +181,10 @@ class Ledger:
         n) is kept in its hash by the claim that creates it (``parent``, ``parent_step``, ``parent_n``).
         ``first_attempt`` (step, max attempts): a claim that holds the task counts the step's first
         attempt with it, which the step's first :meth:`begin_attempt` takes (:mod:`dedup.first_attempts`)."""
-        args = [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder, *self._claim_moves,
-                *(parent or ("", "", ""))]
+        args = [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder,
+                *(first_attempt or ()), *(parent or ())]
         script = self._claim if first_attempt is None else self._claim_attempt
-        raw = await self.run_script(script, [*self._both(task_key), self.keys.cancel(task_key)],
-                                    args if first_attempt is None else [*args, *first_attempt])
+        raw = await self.run_script(script, [*self._both(task_key), self.keys.cancel(task_key)], args)
         answer = _s(raw[0])
         if first_attempt is not None and len(raw) > 7:
             self.first_attempts.keep(task_key, int(raw[1]), first_attempt[0], int(raw[6]), int(raw[7]))

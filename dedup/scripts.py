@@ -30,16 +30,20 @@ A move into ``succeeded`` or ``dead`` clears all three: the new outcome is not p
 
 from __future__ import annotations
 
+import re
+
 from dedup.lua import AMONG, AMONG_SET, NOW, PUBLICATION, UNPUBLISH
 from dedup.quota_scripts import BUDGET_RESERVE, BUDGET_SETTLE, RATE, RATE_RECONCILE
 
 __all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "CLAIM_ATTEMPT", "COMPLETE", "END", "EXPIRE", "FAIL",
-           "FINISHED", "HEARTBEAT", "MARK", "NOW", "RATE", "RATE_RECONCILE", "REFUND", "REVIVE", "STEP", "TOUCH"]
+           "FINISHED", "HEARTBEAT", "MARK", "NOW", "RATE", "RATE_RECONCILE", "REFUND", "REVIVE", "STEP", "TOUCH",
+           "claim_script"]
 
 # KEYS[1] task hash, KEYS[2] steps hash, KEYS[3] the task's cancel mark
-# ARGV fingerprint, owner, lease_ms, kind, ttl_s, max_deaths, holder (the claiming process's ledger),
-#      then from TASK: the sources and target of 'claim', of 'take_over', of 'crash' and of
-#      'cancel', and the initial pseudo-state (a task without a hash)
+# ARGV fingerprint, owner, lease_ms, kind, ttl_s, max_deaths, holder (the claiming process's ledger)
+# M (baked into the source by :func:`claim_script`, not sent with every claim): from TASK, the
+#   sources and target of 'claim', of 'take_over', of 'crash' and of 'cancel', and the initial
+#   pseudo-state (a task without a hash)
 # -> {decision, fence, attempts, lease_remaining_ms, published_by, published_how} ('': not published,
 #    or not said). A task in a state no claim starts from is answered with its state (done, parked).
 # A task without a hash whose parent marked it cancelled (KEYS[3]) is not run: it is stored
@@ -49,21 +53,21 @@ __all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "CLAIM_ATTEMPT
 # failure) and counts a death; the death that reaches max_deaths ends the task: dead(crashed),
 # decision 'crashed'. The same process claiming again (field holder) is alive (it retries the record
 # after a failure of its own code or an outage): its calls stay counted and no death is.
-# ARGV[17..19] (optional: a child task's parent id, step and n) are kept by the claim that creates
-# the hash (parent, parent_step, parent_n): a later claim changes nothing.
+# ARGV[P..P+2] (optional: a child task's parent id, step and n; P is 8 in CLAIM) are kept by the
+# claim that creates the hash (parent, parent_step, parent_n): a later claim changes nothing.
 _CLAIM = """
 local function lineage()
-  if ARGV[17] and ARGV[17] ~= '' then
-    redis.call('HSET', KEYS[1], 'parent', ARGV[17], 'parent_step', ARGV[18], 'parent_n', ARGV[19])
+  if ARGV[P] and ARGV[P] ~= '' then
+    redis.call('HSET', KEYS[1], 'parent', ARGV[P], 'parent_step', ARGV[P + 1], 'parent_n', ARGV[P + 2])
   end
 end
 local fp = ARGV[1]
 local lease = tonumber(ARGV[3])
 local state = redis.call('HGET', KEYS[1], 'state')
-local cancelled = not state and KEYS[3] and ARGV[15] ~= '' and among(ARGV[14], ARGV[16])
+local cancelled = not state and KEYS[3] and M[8] ~= '' and among(M[7], M[9])
   and redis.call('GET', KEYS[3])
 if cancelled then
-  redis.call('HSET', KEYS[1], 'state', ARGV[15], 'fence', 1, 'owner', ARGV[2], 'lease_until', 0,
+  redis.call('HSET', KEYS[1], 'state', M[8], 'fence', 1, 'owner', ARGV[2], 'lease_until', 0,
              'fingerprint', fp, 'kind', ARGV[4], 'attempts', 0, 'claims', 1, 'created_at', now,
              'updated_at', now, 'holder', ARGV[7], 'dead_reason', 'cancelled', 'error', cancelled)
   lineage()
@@ -71,7 +75,7 @@ if cancelled then
   return {'cancelled', 1, 0, 0, '', ''}
 end
 if not state then
-  redis.call('HSET', KEYS[1], 'state', ARGV[9], 'fence', 1, 'owner', ARGV[2],
+  redis.call('HSET', KEYS[1], 'state', M[2], 'fence', 1, 'owner', ARGV[2],
              'lease_until', now + lease, 'fingerprint', fp, 'kind', ARGV[4],
              'attempts', 0, 'claims', 1, 'created_at', now, 'updated_at', now,
              'holder', ARGV[7])
@@ -87,8 +91,8 @@ local by, how = published(h[6], h[7], h[8])
 if h[1] ~= fp then
   return {'conflict', fence, attempts, 0, by, how}
 end
-local taken_over = among(ARGV[10], state)
-if not taken_over and not among(ARGV[8], state) then
+local taken_over = among(M[3], state)
+if not taken_over and not among(M[1], state) then
   return {state, fence, attempts, 0, by, how}
 end
 local lease_until = tonumber(h[4]) or 0
@@ -112,8 +116,8 @@ if #open > 0 then
     end
     redis.call('HSET', KEYS[1], 'attempts', attempts)
     local deaths = redis.call('HINCRBY', KEYS[1], 'deaths', 1)
-    if deaths >= tonumber(ARGV[6]) and among(ARGV[12], state) then
-      redis.call('HSET', KEYS[1], 'state', ARGV[13], 'fence', fence, 'owner', ARGV[2], 'lease_until', 0,
+    if deaths >= tonumber(ARGV[6]) and among(M[5], state) then
+      redis.call('HSET', KEYS[1], 'state', M[6], 'fence', fence, 'owner', ARGV[2], 'lease_until', 0,
                  'dead_reason', 'crashed', 'updated_at', now,
                  'error', 'the workers holding the task stopped ' .. deaths .. ' times with a call of it under way')
 """ + UNPUBLISH + """
@@ -123,35 +127,46 @@ if #open > 0 then
     end
   end
 end
-local target = ARGV[9]
-if taken_over then target = ARGV[11] end
+local target = M[2]
+if taken_over then target = M[4] end
 redis.call('HSET', KEYS[1], 'state', target, 'fence', fence, 'owner', ARGV[2],
            'lease_until', now + lease, 'updated_at', now, 'holder', ARGV[7])
 redis.call('HINCRBY', KEYS[1], 'claims', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {'claimed', fence, attempts, lease, by, how}
 """
-CLAIM = NOW + AMONG + PUBLICATION + _CLAIM
+CLAIM = NOW + AMONG + PUBLICATION + "local P = 8\n" + _CLAIM
 
-# KEYS and ARGV[1..19] as CLAIM's; ARGV[20] a step, ARGV[21] its max attempts
+# KEYS, M and ARGV[1..7] as CLAIM's; ARGV[8] a step, ARGV[9] its max attempts, ARGV[10..12] the parent
 # -> CLAIM's answer; when claimed, with {step attempts, task attempts} after it (as ATTEMPT's
 #    answer; -2 when the step used all of its attempts: nothing is counted then).
 # The claim and the first call's attempt in one round trip: a claim that holds the task counts one
 # call of the step at once, open until its outcome is known, as ATTEMPT does under the new fence
 # (the claim just set the lease). A claim that does not hold the task counts nothing.
-CLAIM_ATTEMPT = NOW + AMONG + PUBLICATION + "local function claim()\n" + _CLAIM + """end
+CLAIM_ATTEMPT = NOW + AMONG + PUBLICATION + "local P = 10\nlocal function claim()\n" + _CLAIM + """end
 local r = claim()
 if r[1] ~= 'claimed' then return r end
-local h = redis.call('HMGET', KEYS[1], 'attempts:' .. ARGV[20], 'attempts')
-if (tonumber(h[1]) or 0) >= tonumber(ARGV[21]) then
+local h = redis.call('HMGET', KEYS[1], 'attempts:' .. ARGV[8], 'attempts')
+if (tonumber(h[1]) or 0) >= tonumber(ARGV[9]) then
   r[7], r[8] = -2, tonumber(h[2]) or 0
   return r
 end
-redis.call('HSET', KEYS[1], 'open:' .. ARGV[20], 1)
+redis.call('HSET', KEYS[1], 'open:' .. ARGV[8], 1)
 r[8] = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-r[7] = redis.call('HINCRBY', KEYS[1], 'attempts:' .. ARGV[20], 1)
+r[7] = redis.call('HINCRBY', KEYS[1], 'attempts:' .. ARGV[8], 1)
 return r
 """
+
+_STATES = re.compile(r"[A-Za-z0-9_ ]*")
+
+
+def claim_script(source: str, moves: list[str]) -> str:
+    """``source`` (CLAIM or CLAIM_ATTEMPT) with a lifecycle's claim moves baked in as its ``M``: the
+    same table for every claim of a ledger, not packed, sent and read with each one."""
+    if not all(_STATES.fullmatch(m) for m in moves):
+        raise ValueError(f"states must be words: {moves!r}")
+    return "local M = {" + ", ".join(f"'{m}'" for m in moves) + "}\n" + source
+
 
 # KEYS[1] task; ARGV fence, lease_ms -> 1 extended, 0 lost (a newer fence holds it, or it is gone),
 # 2 no longer running under this very fence (its holder completed, failed or parked it)

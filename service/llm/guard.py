@@ -137,7 +137,8 @@ class EndpointGuard:
         self._retries: deque[float] = deque()
         self._degraded: str | None = None  # the EndpointFault reason while the endpoint is unusable
         self._extend_block = redis.register_script(EXTEND_BLOCK) if redis is not None else None
-        self.metrics.breaker_open.labels(endpoint=self.label).set(0)
+        self._breaker_open = self.metrics.breaker_open.labels(endpoint=self.label)  # set at every success
+        self._breaker_open.set(0)
 
     # ------------------------------------------------------------------ state
 
@@ -339,7 +340,7 @@ class EndpointGuard:
         self._streak.clear()
         self._probing = None
         self._open_until = 0.0
-        self.metrics.breaker_open.labels(endpoint=self.label).set(0)
+        self._breaker_open.set(0)
 
     def failure(self, task: str | None = None) -> bool:
         """A retryable failure (timeout, 5xx, connection) of ``task``'s call. True when it opened
@@ -383,7 +384,7 @@ class EndpointGuard:
         self._open_until = self.clock() + self.config.open_s
         self._probing = None
         self.metrics.breaker_opens.inc()
-        self.metrics.breaker_open.labels(endpoint=self.label).set(1)
+        self._breaker_open.set(1)
 
     async def retry_after(self, delay_s: float) -> None:
         """The endpoint asked every caller to wait ``delay_s``: remember it here and in Redis."""

@@ -85,6 +85,7 @@ log = logging.getLogger(__name__)
 class _RunnerMetrics(RunnerMetrics):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
+        self._finish_due = False  # the last finish time is set once per loop turn, not per record
 
     def first_record(self) -> None:
         self.m.first_record_time.set_to_current_time()
@@ -93,6 +94,18 @@ class _RunnerMetrics(RunnerMetrics):
         self.m.messages_consumed.inc(n)
 
     def finished(self, n: int) -> None:
+        if self._finish_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.m.last_finish_time.set_to_current_time()
+            return
+        self._finish_due = True
+        loop.call_soon(self._set_finish_time)
+
+    def _set_finish_time(self) -> None:
+        self._finish_due = False
         self.m.last_finish_time.set_to_current_time()
 
     def inflight(self, n: int) -> None:

@@ -1,0 +1,78 @@
+"""The calls of one ledger script issued in one turn of the event loop, on one Redis server: sent as
+one grouped script, each call still answered on its own (its result, its nil, its error), and as
+one command per call on a Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from redis.exceptions import ResponseError
+
+from dedup.batch import ScriptBatcher
+from dedup.client import close, connect
+
+pytestmark = pytest.mark.integration
+
+# KEYS[1] a counter; ARGV[1] 'nil', 'error' or a step -> the counter after INCRBY, nil or an error
+SCRIPT = """
+if ARGV[1] == 'nil' then return nil end
+if ARGV[1] == 'error' then return redis.call('HGET', KEYS[1], 'no') end
+return redis.call('INCRBY', KEYS[1], ARGV[1])
+"""
+
+
+def run_together(url: str, calls: list[tuple[str, str]], *, count: bool = False) -> tuple[list[Any], int, int]:
+    """Run every call in one turn, twice (the first loads the scripts); -> each call's outcome the
+    second time, the scripts Redis ran then (with ``count``), the batcher's round trips then."""
+    async def main() -> tuple[list[Any], int, int]:
+        client = connect(url)
+        try:
+            script = client.register_script(SCRIPT)
+            batcher = ScriptBatcher(client)
+
+            async def turn() -> list[Any]:
+                return await asyncio.wait_for(asyncio.gather(
+                    *(batcher.run(script, [key], [arg]) for key, arg in calls), return_exceptions=True), 10)
+
+            await turn()
+            before, sent = await _scripts_run(client) if count else 0, batcher.batches
+            outcomes = await turn()
+            assert batcher.calls == 2 * len(calls)
+            return outcomes, (await _scripts_run(client) if count else 0) - before, batcher.batches - sent
+        finally:
+            await close(client)
+
+    return asyncio.run(main())
+
+
+async def _scripts_run(client: Any) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def test_one_scripts_calls_in_one_turn_go_as_one_command_each_answered_on_its_own(redis_url: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    async def prepare() -> None:
+        client = connect(redis_url)
+        try:
+            await client.set(f"{{g}}{tag}:string", "x")  # HGET on a string: WRONGTYPE
+        finally:
+            await close(client)
+
+    asyncio.run(prepare())
+    calls = [(f"{{g}}{tag}:a", "2"), (f"{{g}}{tag}:a", "3"), (f"{{g}}{tag}:b", "nil"),
+             (f"{{g}}{tag}:string", "error"), (f"{{g}}{tag}:b", "5")]
+    outcomes, commands, sent = run_together(redis_url, calls, count=True)
+    assert outcomes[:3] == [7, 10, None] and outcomes[4] == 10, outcomes
+    assert isinstance(outcomes[3], ResponseError) and "WRONGTYPE" in str(outcomes[3]), outcomes
+    assert sent == 1, "one round trip"
+    assert commands == 1, "one grouped script for five calls"
+
+
+def test_a_cluster_keeps_one_command_per_call(redis_cluster: Any) -> None:
+    outcomes, _commands, sent = run_together(redis_cluster.url, [("{g}c1", "1"), ("{h}c2", "1"), ("{i}c3", "nil")])
+    assert outcomes[0] >= 2 and outcomes[1] >= 2 and outcomes[2] is None, outcomes
+    assert sent == 1, "one pipeline of three commands"
