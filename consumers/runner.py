@@ -260,15 +260,18 @@ class Runner:
             else:
                 await self._backpressure.wait_for_room()
             return False
+        screening = self._screen is not None and self._screen.wanted()
+        # while screening, a fetch takes half the window: the next batch then fits beside this one
+        most = min(self.config.max_batch, max(1, self.config.max_in_flight // 2)) if screening else self.config.max_batch
         # with a batch being screened, take only what is ready: it must not wait for a fetch's timeout
-        msgs = await self._thread.call(self._fetch, min(room, self.config.max_batch), waiting is None)
+        msgs = await self._thread.call(self._fetch, min(room, most), waiting is None)
         records = self._records(msgs)
         if records and not self._read_any:
             self._read_any = True
             self.metrics.first_record()
         # as fetched: a rebalance while the batch is screened or handed over drops its records
         batch = Screening(records, dict(self._partitions))
-        if records and self._screen is not None and self._screen.wanted():
+        if records and screening:
             batch.done = asyncio.ensure_future(self._screened(records))
         await self._hand_over()  # the batch before, in offset order, as this one is screened
         if batch.done is not None:

@@ -63,31 +63,38 @@ class Answering(ValueScreen):
 def test_the_next_batch_is_fetched_and_screened_while_the_one_before_waits_for_its_answer() -> None:
     async def test() -> None:
         handled: list[int] = []
+        release = asyncio.Event()
 
         async def handler(r: Record) -> None:
             handled.append(r.offset)
+            if r.offset == 1:
+                await release.wait()
 
         screen = Answering()
-        runner, _fake = await make_runner(handler, [0], screen=screen, max_in_flight=4)
+        runner, _fake = await make_runner(handler, [0], screen=screen, max_in_flight=6)
         fetching = runner._thread.consumer = Fetching([  # type: ignore[assignment]
             [FakeMsg(0, 0, b"a", b"done"), FakeMsg(0, 1, b"b", b"new"), FakeMsg(0, 2, b"c", b"done")],
-            [FakeMsg(0, 3, b"d", b"new")],
+            [FakeMsg(0, 3, b"d", b"new"), FakeMsg(0, 4, b"e", b"done"), FakeMsg(0, 5, b"f", b"done")],
         ])
         tracker = runner._partitions[(TOPIC, 0)].tracker
         assert await runner._poll()
         assert handled == [] and tracker.committable() is None  # being screened: not yet taken
         second = asyncio.create_task(runner._poll())
-        await until(lambda: screen.batches == [[0, 1, 2], [3]], "the second batch's screen")
-        # the window of 4 had room for one more record beside the three being screened; a fetch
-        # while a batch is screened does not wait for records to arrive
-        assert fetching.asked == [(4, 0), (1, 0)]
+        await until(lambda: screen.batches == [[0, 1, 2], [3, 4, 5]], "the second batch's screen")
         assert not second.done() and tracker.committable() is None
         screen.answer.set()
         assert await second
         await until(lambda: handled == [1], "the first batch's new record")
+        assert tracker.committable() == 1  # offset 1 runs: nothing after it commits
         assert not await runner._poll()  # nothing more: the second batch is handed over
-        await until(lambda: handled == [1, 3] and runner.in_flight == 0, "the second batch")
-        assert tracker.committable() == 4
+        # a fetch while screening takes half the window, less what is held (offset 1) and what is
+        # being screened (the second batch); with a batch being screened it does not wait
+        assert fetching.asked == [(3, 0), (3, 0), (2, 0)]
+        await until(lambda: handled == [1, 3] and runner.in_flight == 1, "the second batch")
+        assert tracker.committable() == 1
+        release.set()
+        await until(lambda: runner.in_flight == 0, "offset 1")
+        assert tracker.committable() == 6
         await close(runner)
 
     run(test)
