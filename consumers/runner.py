@@ -62,7 +62,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from consumers.backpressure import Backpressure
 from consumers.commits import Commits
 from consumers.dispatch import Dispatcher
-from consumers.partitions import TP, Handler, Partitions, PartitionState, RunnerConfig, RunnerMetrics, Screen, fmt
+from consumers.partitions import TP, Handler, Partitions, RunnerConfig, RunnerMetrics, Screen, fmt
 from consumers.progress import Progress
 from consumers.records import Record
 from consumers.thread import ConsumerThread
@@ -75,18 +75,6 @@ log = logging.getLogger(__name__)
 # reaches the model only once all have passed each step before it. Started a piece per turn, the
 # first pieces' calls leave while later pieces are still being claimed.
 DISPATCH_PIECE = 32
-
-
-class Screening:
-    """A fetched batch on its way to the dispatcher: the partitions' states when it was fetched (a
-    record whose partition changed since is dropped) and, while the screen looks at it, its flags."""
-
-    __slots__ = ("records", "owners", "done")
-
-    def __init__(self, records: list[Record], owners: dict[TP, PartitionState]) -> None:
-        self.records = records
-        self.owners = owners
-        self.done: asyncio.Future[Sequence[bool] | None] | None = None
 
 
 class Runner:
@@ -105,7 +93,6 @@ class Runner:
     ) -> None:
         self._conf = dict(consumer_config)
         self._screen = screen
-        self._screening: Screening | None = None  # the batch being screened while the next is fetched
         self.transactions = transactions
         self.config = config
         self.metrics = metrics or RunnerMetrics()
@@ -238,63 +225,31 @@ class Runner:
                 self._progress.observe(self.pending)
                 if not fetched:
                     await asyncio.sleep(0)
-            await self._hand_over()  # stopping: what was fetched and screened runs, as it would have
         finally:
-            if self._screening is not None and self._screening.done is not None:
-                self._screening.done.cancel()  # not handed over: never tracked, so never committed
-            self._screening = None
             await self._drain()
 
     async def _poll(self) -> bool:
-        """Take what the window has room for (pausing and resuming first); False if nothing came.
-
-        A batch the screen looks at is handed over one turn later: its screen runs while the next
-        batch is fetched and screened, and the window's room counts it until then."""
+        """Take what the window has room for (pausing and resuming first); False if nothing came."""
         room = await self._backpressure.room()
-        waiting = self._screening
-        if waiting is not None:
-            room -= len(waiting.records)
         if room <= 0:  # full, not yet paused: wait for room, keeping librdkafka's prefetched records
-            if waiting is not None:
-                await self._hand_over()
-            else:
-                await self._backpressure.wait_for_room()
+            await self._backpressure.wait_for_room()
             return False
-        screening = self._screen is not None and self._screen.wanted()
-        # while screening, a fetch takes half the window: the next batch then fits beside this one
-        most = min(self.config.max_batch, max(1, self.config.max_in_flight // 2)) if screening else self.config.max_batch
-        # with a batch being screened, take only what is ready: it must not wait for a fetch's timeout
-        msgs = await self._thread.call(self._fetch, min(room, most), waiting is None)
+        msgs = await self._thread.call(self._fetch, min(room, self.config.max_batch))
         records = self._records(msgs)
         if records and not self._read_any:
             self._read_any = True
             self.metrics.first_record()
         # as fetched: a rebalance while the batch is screened or handed over drops its records
-        batch = Screening(records, dict(self._partitions))
-        if records and screening:
-            batch.done = asyncio.ensure_future(self._screened(records))
-        await self._hand_over()  # the batch before, in offset order, as this one is screened
-        if batch.done is not None:
-            self._screening = batch
-        elif records:
-            await self._dispatch_batch(batch, None)
-        return bool(msgs)
-
-    async def _hand_over(self) -> None:
-        """Dispatch the batch being screened, with the screen's flags, once they are known."""
-        batch, self._screening = self._screening, None
-        if batch is not None and batch.done is not None:
-            await self._dispatch_batch(batch, await batch.done)
-
-    async def _dispatch_batch(self, batch: Screening, done: Sequence[bool] | None) -> None:
-        records = batch.records
+        owners = dict(self._partitions)
+        done = await self._screened(records)
         for start in range(0, len(records), DISPATCH_PIECE):
             if start:  # the records started so far take their first steps before the next piece starts
                 await asyncio.sleep(0)
             piece = slice(start, start + DISPATCH_PIECE)
-            self._dispatcher.dispatch(records[piece], done[piece] if done is not None else None, batch.owners)
+            self._dispatcher.dispatch(records[piece], done[piece] if done is not None else None, owners)
+        return bool(msgs)
 
-    def _fetch(self, n: int, wait: bool = True) -> list[Any]:
+    def _fetch(self, n: int) -> list[Any]:
         """Up to ``n`` records: what is ready at once, else wait (``poll_timeout_s``) for the first.
 
         ``consume(n, timeout)`` alone would wait the whole timeout whenever fewer than ``n`` are
@@ -303,7 +258,7 @@ class Runner:
         consumer = self._thread.consumer
         assert consumer is not None
         msgs: list[Any] = consumer.consume(n, 0)
-        if msgs or not wait:
+        if msgs:
             return msgs
         msgs = consumer.consume(1, self.config.poll_timeout_s)
         if msgs and n > 1:
