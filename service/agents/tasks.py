@@ -66,13 +66,26 @@ def canonical_json(value: Any) -> str:
     float (``null`` there, an error here), an integer beyond 64 bits or a key that is not a string
     (refused there): its text is kept only when none of those can be in it, otherwise the standard
     library writes it (tests/unit/test_tasks.py checks the two agree on arbitrary JSON data)."""
+    fast = _orjson_canonical(value)
+    return _canonical_stdlib(value) if fast is None else fast.decode()
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """:func:`canonical_json`'s text in UTF-8, what digests hash: orjson's own bytes when they are
+    that text (no decoding and encoding again)."""
+    fast = _orjson_canonical(value)
+    return _canonical_stdlib(value).encode() if fast is None else fast
+
+
+def _orjson_canonical(value: Any) -> bytes | None:
+    """orjson's text of ``value`` when it is the standard library's, else None."""
     try:
         fast = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # orjson.JSONEncodeError: big integers, non-string keys, surrogates, other types
-        return _canonical_stdlib(value)
+        return None
     if fast[:1] not in b'{["' or _NOT_PLAIN.search(fast):
-        return _canonical_stdlib(value)
-    return fast.decode()
+        return None
+    return fast
 
 
 # a value orjson may write otherwise than the standard library, where a value starts (after a colon,
@@ -99,7 +112,7 @@ def fingerprint(kind: str, task_input: dict[str, Any], tenant: str | None = None
         work["tenant"] = tenant
     if session is not None:
         work["session"] = session
-    return digest(canonical_json(work))
+    return digest(canonical_bytes(work))
 
 
 def task_key(event: TaskEvent) -> str:

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.agents.registry import default_agents
-from service.agents.tasks import _parse, canonical_json, decode_task, fingerprint, loads, task_key
+from service.agents.tasks import _parse, canonical_bytes, canonical_json, decode_task, fingerprint, loads, task_key
 from service.core.errors import PoisonError
 
 LIMIT = 262_144
@@ -117,6 +117,7 @@ def test_canonical_json_is_the_standard_librarys_text_byte_for_byte(data: object
     """Digests stored in the ledger depend on this text: the fast path must never change it."""
     expected = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     assert canonical_json(data) == expected
+    assert canonical_bytes(data) == expected.encode()  # what fingerprints hash
 
 
 @pytest.mark.parametrize("data", [1e16, 1e-05, -1.5e-07, 1.2345678901234568e17, 5e-324, 2**64, {"x": [0.00001]}])
@@ -132,6 +133,8 @@ def test_canonical_json_refuses_non_finite_floats(data: object) -> None:
 
 def test_canonical_json_writes_a_lone_surrogate_as_the_standard_library_does() -> None:
     assert canonical_json("\ud800") == json.dumps("\ud800", ensure_ascii=False)  # text; encoding it fails later
+    with pytest.raises(UnicodeEncodeError):
+        canonical_bytes("\ud800")
 
 
 def _same(a: object, b: object) -> bool:
