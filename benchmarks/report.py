@@ -61,7 +61,7 @@ def fmt(value: float, unit: str) -> str:
     if math.isnan(value) or math.isinf(value):
         return f"{value} {unit}".strip()
     if unit == "%":
-        return f"{value:.0f}%" if abs(value) >= 10 else f"{value:.1f}%"
+        return f"{value:.1f}%"  # 94.7% shown as 95% beside a 95% target read as met
     if unit == "x":
         return f"{value:.2f}x"
     if unit == "s":
