@@ -9,7 +9,8 @@ extra loop turn.
 On one Redis server (or a Sentinel's master) the calls of one script in a turn go further, as one
 ``EVALSHA`` of a wrapper around it (:func:`grouped_source`): each call runs the script's own body with
 its own ``KEYS`` and ``ARGV`` (checked and fenced as on its own) and gets its own answer; an error of
-one call is that call's answer. Redis packs, sends, parses and answers one command instead of many. A
+one call is that call's answer, except READONLY (the server follows another master now), which fails
+the whole command so that a Sentinel-managed connection drops itself and finds the new master. Redis packs, sends, parses and answers one command instead of many. A
 Redis Cluster keeps one command per call: one script may not touch keys of several hash slots there.
 
 A script Redis does not know (after a restart or ``SCRIPT FLUSH``) is loaded and the call sent
@@ -43,7 +44,10 @@ MAX_BATCH = 256
 REFRESH_INTERVAL_S = 0.5
 
 # ARGV[1] the calls n, ARGV[2..2n+1] each call's count of keys and of arguments, then every call's
-# arguments in order; KEYS every call's keys in order -> each call's answer (an error as an error)
+# arguments in order; KEYS every call's keys in order -> each call's answer (an error as an error).
+# READONLY is the server's answer, not a call's (it follows another master now): it fails the whole
+# command at the top, where a Sentinel-managed connection drops itself and asks for the new master,
+# as it does for an ungrouped call
 _GROUPED = """
 local function one(KEYS, ARGV)
 %s
@@ -58,6 +62,7 @@ for i = 1, n do
   local ok, r = pcall(one, keys, args)
   if not ok then
     if type(r) ~= 'table' then r = {err = tostring(r)} end
+    if type(r.err) == 'string' and string.sub(r.err, 1, 9) == 'READONLY ' then return r end
   elseif r == nil then
     r = false
   end

@@ -1,18 +1,22 @@
 """The calls of one ledger script issued in one turn of the event loop, on one Redis server: sent as
 one grouped script, each call still answered on its own (its result, its nil, its error), and as
-one command per call on a Redis Cluster."""
+one command per call on a Redis Cluster. A replica's READONLY fails the whole grouped command, as it
+fails an ungrouped call: a Sentinel-managed connection acts on it only at the top of a reply."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 
-from dedup.batch import ScriptBatcher
+from dedup.batch import ScriptBatcher, grouped_source
 from dedup.client import close, connect
+from service.devtools import local
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +80,29 @@ def test_a_cluster_keeps_one_command_per_call(redis_cluster: Any) -> None:
     outcomes, _commands, sent = run_together(redis_cluster.url, [("{g}c1", "1"), ("{h}c2", "1"), ("{i}c3", "nil")])
     assert outcomes[0] >= 2 and outcomes[1] >= 2 and outcomes[2] is None, outcomes
     assert sent == 1, "one pipeline of three commands"
+
+
+def test_a_replicas_readonly_fails_the_whole_grouped_command_as_it_fails_one_call(redis_url: str,
+                                                                                  tmp_path: Path) -> None:
+    master = urlsplit(redis_url)
+    replica = local.start_redis(tmp_path / "replica", None, "--replicaof", master.hostname or "127.0.0.1",
+                                str(master.port))
+    try:
+        url = f"redis://{replica.address}/0"
+        outcomes, _commands, _sent = run_together(url, [("{g}r1", "1"), ("{g}r2", "2"), ("{g}r3", "nil")])
+        # the server's answer, not a call's: every call of the command fails with it, the one that
+        # wrote nothing too, as every call of a pipeline on a replica's dropped connection would
+        assert all(isinstance(o, ReadOnlyError) for o in outcomes), [type(o).__mro__ for o in outcomes]
+
+        async def grouped_directly() -> Any:
+            client = connect(url)
+            try:
+                wrapper = client.register_script(grouped_source(SCRIPT))
+                return await wrapper(keys=["{g}r1", "{g}r2"], args=[2, 1, 1, 1, 1, "1", "2"])
+            finally:
+                await close(client)
+
+        with pytest.raises(ReadOnlyError):  # at the top of the reply, not one error per call in a list
+            asyncio.run(grouped_directly())
+    finally:
+        replica.stop()
