@@ -174,19 +174,26 @@ class ScriptBatcher:
                 raise
             await self._refresh_on(exc)
             return
-        await self._refresh_on(*results)
-        for call, result in zip(calls, results, strict=False):
-            if isinstance(result, NoScriptError):
-                try:
-                    result = await call.script(keys=list(call.keys), args=list(call.args))  # loads it
-                except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    _settle(call.future, exc=as_redis_error(exc))
-                    await self._refresh_on(exc)
-                    continue
-            if isinstance(result, Exception):
-                _settle(call.future, exc=result)
-            else:
-                _settle(call.future, result=result)
+        try:
+            await self._refresh_on(*results)
+            for call, result in zip(calls, results, strict=False):
+                await self._answer(call, result)
+        finally:  # cancelled while it reloaded a script, or answered short: no caller is left waiting
+            for call in calls:
+                _settle(call.future, exc=ConnectionError("the ledger's batch ended without this call's answer"))
+
+    async def _answer(self, call: _Call, result: Any) -> None:
+        if isinstance(result, NoScriptError):
+            try:
+                result = await call.script(keys=list(call.keys), args=list(call.args))  # loads it
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                _settle(call.future, exc=as_redis_error(exc))
+                await self._refresh_on(exc)
+                return
+        if isinstance(result, Exception):
+            _settle(call.future, exc=result)
+        else:
+            _settle(call.future, result=result)
 
 
     async def _refresh_on(self, *outcomes: Any) -> None:

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from redis.exceptions import ConnectionError
+from redis.exceptions import ConnectionError, NoScriptError
 
 from dedup.batch import ScriptBatcher
 
@@ -57,3 +57,51 @@ def test_the_ledger_calls_a_failure_inside_redis_an_outage_and_leaves_others_alo
     expected: type[Exception] = LedgerUnavailable if outage else AttributeError
     with pytest.raises(expected):
         asyncio.run(ledger.steps("task-1"))
+
+
+class _ForgettingPipeline:
+    """Answers NOSCRIPT to every command, as Redis does after a restart or ``SCRIPT FLUSH``."""
+
+    def __init__(self) -> None:
+        self.commands = 0
+
+    async def __aenter__(self) -> _ForgettingPipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def execute_command(self, *args: Any) -> None:
+        self.commands += 1
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        return [NoScriptError("NOSCRIPT") for _ in range(self.commands)]
+
+
+class ForgettingClient:
+    def pipeline(self, transaction: bool = False) -> _ForgettingPipeline:
+        return _ForgettingPipeline()
+
+
+class StuckLoad:
+    """A script whose load (after NOSCRIPT) never ends, until cancelled."""
+
+    sha = "1" * 40
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        await asyncio.Event().wait()
+
+
+def test_a_batch_cancelled_while_it_loads_a_script_leaves_no_caller_waiting() -> None:
+    async def scenario() -> list[BaseException | Any]:
+        batcher = ScriptBatcher(ForgettingClient())  # type: ignore[arg-type]
+        runs = [asyncio.ensure_future(batcher.run(StuckLoad(), [f"k{i}"], [1])) for i in range(3)]  # type: ignore[arg-type]
+        while not batcher._flushes:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)  # the batch now waits on the first call's load
+        for flush in list(batcher._flushes):
+            flush.cancel()
+        return await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 5)
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, ConnectionError) for o in outcomes), outcomes
