@@ -174,6 +174,11 @@ class Runner:
     # ------------------------------------------------------------------ consumer thread
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            # librdkafka keeps the pause an application put on a partition through its revoke (or
+            # loss) and its return: paused by a full window or a closed gate when it left, it would
+            # come back paused, under a new state here that believes it open, and never be fetched.
+            consumer.resume(partitions)
         self._thread.on_loop(self._assigned(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

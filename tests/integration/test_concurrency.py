@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections import defaultdict
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from consumers.partitions import RunnerConfig, RunnerMetrics
@@ -51,12 +53,14 @@ class Gauges(RunnerMetrics):
     def __init__(self) -> None:
         self.max_inflight = 0
         self.max_paused = 0
+        self.now_paused = 0
 
     def inflight(self, n: int) -> None:
         self.max_inflight = max(self.max_inflight, n)
 
     def paused(self, n: int) -> None:
         self.max_paused = max(self.max_paused, n)
+        self.now_paused = n
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -120,6 +124,59 @@ def test_full_window_pauses_and_resumes_with_bounded_memory(broker: Broker) -> N
     assert len(done) == n
     assert gauges.max_paused >= 1  # the window filled and partitions were paused
     assert gauges.max_inflight <= 20  # never more records held than the window allows
+
+
+def test_a_partition_paused_when_it_left_is_fetched_again_when_it_returns(broker: Broker) -> None:
+    """Both partitions paused by a full window; another member joins (taking one of them) and leaves
+    (giving it back). librdkafka keeps an application's pause through a revoke: the runner must open
+    the returned partition itself, or its records are never fetched and its offset never moves."""
+    topic = new_topic(broker.bootstrap, 2)
+    per_partition = 40
+    for partition in (0, 1):
+        produce(broker.bootstrap, topic, [(f"k{i}".encode(), b"x") for i in range(per_partition)], partition=partition)
+    conf = consumer_conf(broker)
+    gauges = Gauges()
+    release = asyncio.Event()
+    done: set[tuple[int, int]] = set()
+
+    async def handler(record: Record) -> None:  # held until the partition has left and come back
+        await release.wait()
+        done.add((record.partition, record.offset))
+
+    def visit() -> list[int]:
+        """A second member: joins, polls until it holds a partition, leaves without committing."""
+        member = Consumer(conf)
+        member.subscribe([topic])
+        try:
+            deadline = time.monotonic() + 60
+            while not member.assignment() and time.monotonic() < deadline:
+                member.poll(0.1)
+            return [tp.partition for tp in member.assignment()]
+        finally:
+            member.close()
+
+    async def scenario() -> None:
+        runner = Runner(conf, handler, RunnerConfig(topic=topic, max_in_flight=10, max_in_flight_per_partition=10,
+                                                    pause_after_s=0.05), gauges)
+        task = asyncio.create_task(runner.run())
+        try:
+            await wait_for(lambda: gauges.now_paused == 2, 60, what="both partitions paused by the full window")
+            taken = await asyncio.to_thread(visit)
+            assert taken, "the second member never held a partition"
+            await wait_for(lambda: sorted(p for _t, p in runner.assignment) == [0, 1], 60,
+                           what="both partitions back with the runner")
+            release.set()
+            await wait_for(lambda: len(done) == 2 * per_partition, 60, what="every record of both partitions")
+            await wait_for(lambda: committed(broker.bootstrap, conf["group.id"], topic, 2) == {0: per_partition,
+                                                                                               1: per_partition},
+                           60, interval_s=0.5, what="both partitions committed to the end")
+        finally:
+            release.set()
+            runner.stop()
+            await task
+
+    asyncio.run(scenario())
+    assert done == {(p, o) for p in (0, 1) for o in range(per_partition)}
 
 
 @pytest.mark.parametrize("protocol", ["classic", pytest.param("consumer", marks=pytest.mark.kafka_only)])
