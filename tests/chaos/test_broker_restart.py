@@ -41,7 +41,7 @@ def test_broker_restart_loses_nothing(make_settings: Any, fake_llm: FakeLLM, tmp
                 await wait_for(all_done, 90, interval_s=0.5, what="every task published", service=svc)
                 await wait_for(lambda: sum(committed(s.kafka.bootstrap_servers, s.kafka.group_id,
                                                      s.kafka.input_topic, 2).values()) == n, 60,
-                               interval_s=0.5, what="offsets committed to the end")
+                               interval_s=0.5, what="offsets committed to the end", service=svc)
 
         asyncio.run(scenario())
         values: dict[bytes | None, set[bytes | None]] = defaultdict(set)
