@@ -99,6 +99,7 @@ class ScriptBatcher:
         self._refreshed_at = float("-inf")
         self.batches = 0  # pipelines (or lone commands) sent, for tests and benchmarks
         self.calls = 0  # scripts run for callers, each call of a grouped script counted
+        self.commands = 0  # EVALSHA commands sent, a grouped script's counted once
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -155,6 +156,7 @@ class ScriptBatcher:
 
     async def _send(self, calls: list[_Call]) -> None:
         self.batches += 1
+        self.commands += len(calls)
         try:
             if len(calls) == 1:
                 results: list[Any] = [await _evalsha(self._client, calls[0])]
@@ -194,7 +196,6 @@ class ScriptBatcher:
             _settle(call.future, exc=result)
         else:
             _settle(call.future, result=result)
-
 
     async def _refresh_on(self, *outcomes: Any) -> None:
         """A cluster client learns of a failover only by asking again: it does not when the pipeline

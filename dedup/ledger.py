@@ -50,7 +50,6 @@ from dedup.first_attempts import FirstAttempts
 from dedup.keys import Keys
 from dedup.lifecycles.machine import Lifecycle
 from dedup.lifecycles.task import PARKED, TASK, WAITING_CHILDREN
-from dedup.marks import MARK_MANY, Marks
 from dedup.moves import Moves
 from dedup.records import (
     HOWS,
@@ -119,8 +118,7 @@ class Ledger:
         self._step = client.register_script(scripts.STEP)
         self._complete = client.register_script(scripts.COMPLETE)
         self._fail = client.register_script(scripts.FAIL)
-        self._marks = Marks(self.run_script, client.register_script(scripts.MARK), client.register_script(MARK_MANY),
-                            self._done, grouped=not isinstance(client, RedisCluster))  # one script per turn's marks
+        self._mark = client.register_script(scripts.MARK)
         self._refund = client.register_script(scripts.REFUND)
         self._end = client.register_script(scripts.END)
         self._expire = client.register_script(scripts.EXPIRE)
@@ -388,7 +386,8 @@ class Ledger:
         the task is not in ``state``, or ``state`` is none whose outcome is published."""
         if how is not None and how not in HOWS:
             raise ValueError(f"published how: {how!r} is none of {HOWS}")
-        return await self._marks.mark(self.keys.task(task_key), state, by, how or "")
+        raw = await self.run_script(self._mark, [self.keys.task(task_key)], [state, by, how or "", self._done])
+        return int(raw) == 1
 
     async def finished(self, tasks: Sequence[tuple[str, str, str]]) -> list[bool]:
         """For each ``(task key, fingerprint, coordinates)``: whether the task is done (succeeded or
