@@ -4,8 +4,10 @@ A full window first waits for room before it pauses, so librdkafka keeps what it
 ``pause_after_s``, or twice the time records have recently been taking when that is longer (a
 window of 2 s model calls is full for 2 s at a time while perfectly healthy; pausing it then would
 throw the prefetch away and refill the window only at half, every turn); a partition over its own
-limit pauses at once while others have room; a closed gate pauses every partition. Paused
-partitions resume below the low-water mark.
+limit pauses at once while others have room; a closed gate pauses every partition. A partition
+paused at its own limit resumes below its own low-water mark, whatever the others hold (else
+partitions with a backlog, refilling every freed slot, would keep it paused while they last); one
+paused for the window or the gate resumes once the window, too, is below its low-water mark.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class Backpressure:
         gate_closed = not self._gate_open()
         room = self._config.max_in_flight - self._held
         full_too_long = self._full_too_long(room)
-        to_pause, to_resume, open_partitions = self._plan_pauses(gate_closed or full_too_long, gate_closed, room)
+        to_pause, to_resume, open_partitions = self._plan_pauses(gate_closed or full_too_long, room)
         await self._apply_pauses(to_pause, to_resume)
         if room > 0 and (open_partitions or not self._partitions):
             return room
@@ -148,8 +150,7 @@ class Backpressure:
         full_for = 0.0 if self._full_since is None else now - self._full_since
         return room <= 0 and full_for >= self.pause_after_s()
 
-    def _plan_pauses(self, pause_all: bool, gate_closed: bool, room: int,
-                     ) -> tuple[list[TopicPartition], list[TopicPartition], int]:
+    def _plan_pauses(self, pause_all: bool, room: int) -> tuple[list[TopicPartition], list[TopicPartition], int]:
         """Mark the partitions to pause and to resume; also counts those still open for records."""
         cfg = self._config
         low_total = int(cfg.max_in_flight * cfg.resume_ratio)
@@ -159,10 +160,11 @@ class Backpressure:
         for (topic, partition), part in self._partitions.items():
             part_full = part.held >= cfg.max_in_flight_per_partition
             if (pause_all or (part_full and room > 0)) and not part.paused:
-                part.paused = True
+                part.paused, part.capped = True, not pause_all
                 to_pause.append(TopicPartition(topic, partition))
-            elif part.paused and not gate_closed and self._held <= low_total and part.held <= low_part:
-                part.paused = False
+            elif (part.paused and not pause_all and part.held <= low_part
+                  and (part.capped or self._held <= low_total)):
+                part.paused = part.capped = False
                 to_resume.append(TopicPartition(topic, partition))
             if not part.paused and not part_full:
                 open_partitions += 1

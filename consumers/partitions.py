@@ -65,7 +65,7 @@ class PartitionState:
 
     - ``tracker``: the dispatcher adds and finishes offsets; commits confirm them.
     - ``held``: the dispatcher (records taken and not released).
-    - ``paused``: the backpressure.
+    - ``paused`` and ``capped``: the backpressure.
     - ``revoked``: :class:`Partitions`, when the partition is revoked or lost.
     - ``staged``: the dispatcher stages, commits take (and put back after an abort).
     - ``lag``: commits, as last reported.
@@ -74,6 +74,9 @@ class PartitionState:
     tracker: OffsetTracker = field(default_factory=OffsetTracker)
     held: int = 0
     paused: bool = False
+    # paused at its own limit while the window had room (not by a full window or the gate): it
+    # resumes below its own low-water mark, whatever the other partitions hold
+    capped: bool = False
     revoked: bool = False
     # transactions on: outcomes staged by finished records, by offset, until their transaction
     staged: dict[int, list[Staged]] = field(default_factory=dict)

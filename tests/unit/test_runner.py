@@ -276,6 +276,57 @@ def test_the_gate_pauses_and_resumes_every_partition() -> None:
     run(test)
 
 
+def test_a_partition_paused_at_its_own_limit_resumes_while_the_others_keep_the_window_busy() -> None:
+    """Other partitions with a backlog refill every slot freed: the window never falls to its own
+    low-water mark, and a partition paused at its own limit must not wait for it to."""
+    async def test() -> None:
+        release = {p: asyncio.Event() for p in (0, 1, 2)}
+
+        async def handler(r: Record) -> None:
+            await release[r.partition].wait()
+
+        runner, fake = await make_runner(handler, [0, 1, 2], max_in_flight=10, max_in_flight_per_partition=4)
+        runner._dispatch([FakeMsg(0, i, f"a{i}".encode()) for i in range(4)])
+        await runner._backpressure.room()
+        assert fake.paused == {(TOPIC, 0)}  # at its own limit while the window has room
+        runner._dispatch([FakeMsg(1, i, f"b{i}".encode()) for i in range(4)]
+                         + [FakeMsg(2, i, f"c{i}".encode()) for i in range(2)])
+        release[0].set()
+        await until(lambda: runner._partitions[(TOPIC, 0)].held == 0, "partition 0's records")
+        assert runner.in_flight == 6  # above the window's low-water mark (5)
+        await runner._backpressure.room()
+        assert fake.paused == {(TOPIC, 1)}  # partition 0 open again; 1 is now at its own limit
+        for event in release.values():
+            event.set()
+        await until(lambda: runner.in_flight == 0, "records")
+        await close(runner)
+
+    run(test)
+
+
+def test_a_partition_paused_for_the_full_window_waits_for_the_window() -> None:
+    async def test() -> None:
+        release = asyncio.Event()
+
+        async def handler(r: Record) -> None:
+            if r.partition == 1:
+                await release.wait()
+
+        runner, fake = await make_runner(handler, [0, 1], max_in_flight=4, pause_after_s=0.0)
+        runner._dispatch([FakeMsg(1, i, f"b{i}".encode()) for i in range(4)])
+        await runner._backpressure.room()
+        assert fake.paused == {(TOPIC, 0), (TOPIC, 1)}  # the window full: every partition paused
+        await runner._backpressure.room()
+        assert fake.paused == {(TOPIC, 0), (TOPIC, 1)}  # partition 0 holds nothing, the window is still full
+        release.set()
+        await until(lambda: runner.in_flight == 0, "records")
+        await runner._backpressure.room()
+        assert fake.paused == set()
+        await close(runner)
+
+    run(test)
+
+
 def test_the_gate_waits_for_the_window_to_resume() -> None:
     async def test() -> None:
         usable = False
