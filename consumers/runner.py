@@ -57,7 +57,7 @@ from collections.abc import Callable, Sequence
 from time import monotonic
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumers.backpressure import Backpressure
 from consumers.commits import Commits
@@ -280,6 +280,8 @@ class Runner:
         for msg in msgs:
             try:
                 record = self._record_of(msg)
+            except KafkaException:  # the consumer is unusable: see _record_of
+                raise
             except Exception:  # noqa: BLE001 - one odd record must not stop the run loop
                 log.exception("cannot read a fetched record; skipped")
                 continue
@@ -288,8 +290,15 @@ class Runner:
         return records
 
     def _record_of(self, msg: Any) -> Record | None:
-        """The record of a fetched message, or None for an error event (logged)."""
+        """The record of a fetched message, or None for an error event (logged).
+
+        A fatal error (a static member fenced by another with its ``group.instance.id``, say) leaves
+        the consumer unusable: librdkafka has dropped its partitions and polling it fetches nothing
+        again. It is raised, so the run ends and the process exits for its platform to restart it,
+        rather than polling on, alive and idle."""
         err = msg.error()
+        if isinstance(err, KafkaError) and err.fatal():
+            raise KafkaException(err)
         if err is not None:
             code = err.code() if hasattr(err, "code") else None
             if code != KafkaError._PARTITION_EOF:

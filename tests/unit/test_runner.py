@@ -327,6 +327,32 @@ def test_a_partition_paused_for_the_full_window_waits_for_the_window() -> None:
     run(test)
 
 
+class ErrorMsg(FakeMsg):
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(0, -1, None)
+        self._error = error
+
+    def error(self) -> Any:
+        return self._error
+
+
+def test_a_fatal_consumer_error_ends_the_run_and_a_passing_one_does_not() -> None:
+    async def test() -> None:
+        async def handler(r: Record) -> None:
+            return None
+
+        runner, _fake = await make_runner(handler, [0])
+        passing = ErrorMsg(KafkaError(KafkaError._TRANSPORT, "broker down"))
+        assert runner._records([passing, FakeMsg(0, 1, b"k")])[0].offset == 1  # logged, skipped
+        fenced = ErrorMsg(KafkaError(KafkaError._FENCED, "fenced by another static member", fatal=True))
+        with pytest.raises(KafkaException) as raised:
+            runner._records([FakeMsg(0, 2, b"k"), fenced])
+        assert raised.value.args[0].code() == KafkaError._FENCED
+        await close(runner)
+
+    run(test)
+
+
 def test_the_gate_waits_for_the_window_to_resume() -> None:
     async def test() -> None:
         usable = False
