@@ -9,6 +9,7 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumers.partitions import TP, Partitions, PartitionState, RunnerMetrics, fmt
+from consumers.progress import Progress
 from consumers.thread import ConsumerThread
 from consumers.transactions import Staged, TransactionalProducer, TransactionFailed
 
@@ -23,16 +24,20 @@ class Commits:
     Owns no state of its own: an offset's commit mark lives in its partition's tracker (taken,
     then confirmed only once the broker accepted it), staged outcomes in the partition's
     ``staged`` until their transaction. Writes each partition's ``lag``. Calls the consumer only
-    through the consumer thread; ``note_error`` is told of every failed commit.
+    through the consumer thread; ``note_error`` is told of every failed commit, ``progress`` of
+    every transaction that made staged outcomes durable. ``failing``: the last transaction failed.
     """
 
     def __init__(self, partitions: Partitions, thread: ConsumerThread, metrics: RunnerMetrics,
-                 note_error: Callable[[str], None], transactions: TransactionalProducer | None = None) -> None:
+                 note_error: Callable[[str], None], transactions: TransactionalProducer | None = None,
+                 progress: Progress | None = None) -> None:
         self._partitions = partitions
         self._thread = thread
         self._metrics = metrics
         self._note_error = note_error
         self._transactions = transactions
+        self._progress = progress or Progress()
+        self.failing = False
 
     def commit_now(self, consumer: Consumer, offsets: list[TopicPartition], why: str) -> list[TopicPartition]:
         """Commit synchronously; returns the offsets the broker accepted (the rest are retried later)."""
@@ -97,6 +102,7 @@ class Commits:
         return [(part, tp, part.take_staged(tp.offset)) for part, tp in self._partitions.commit_marks()]
 
     async def _settle_transaction(self, taken: Taken, ok: bool) -> None:
+        self.failing = not ok
         if not ok:
             for part, _tp, staged in taken:  # aborted: written again at the next commit
                 if not part.revoked:
@@ -104,6 +110,8 @@ class Commits:
             return
         for part, tp, _staged in taken:
             part.tracker.committed(tp.offset)
+        if any(staged for _part, _tp, staged in taken):
+            self._progress.finished()
 
     def transact(self, consumer: Consumer, items: list[Staged], offsets: list[TopicPartition], why: str) -> bool:
         """On the consumer thread: one transaction; False when it was aborted (nothing is visible)."""

@@ -179,10 +179,11 @@ class Dispatcher:
         """The record's outcome is durable: finish its offset (keeping what it staged).
 
         ``took``: how long it took, when it succeeded at its first attempt (the window learns)."""
-        if staged:
+        if staged:  # durable with its transaction: progress is told then (consumers.commits)
             part.staged[record.offset] = staged
+        else:
+            self._progress.finished()
         part.tracker.finish(record.offset)
-        self._progress.finished()
         self._metrics.finished(1)
         if took is not None:
             self._window.took(took)

@@ -108,7 +108,8 @@ class Runner:
         self._backpressure = Backpressure(config, self._partitions, self._thread, self.metrics, gate)
         self._dispatcher = Dispatcher(handler, config, self._partitions, self._backpressure, self._progress,
                                       self.metrics, self._note_error, stage=transactions is not None)
-        self._commits = Commits(self._partitions, self._thread, self.metrics, self._note_error, transactions)
+        self._commits = Commits(self._partitions, self._thread, self.metrics, self._note_error, transactions,
+                                self._progress)
 
     def _note_error(self, text: str) -> None:
         self.last_error = text
@@ -154,8 +155,10 @@ class Runner:
 
     @property
     def pending(self) -> bool:
-        """Work waits: records taken and not finished, or a paused partition with lag."""
-        return self._backpressure.held > 0 or any(p.paused and (p.lag or 0) > 0 for p in self._partitions.values())
+        """Work waits: records taken and not finished, outcomes staged for a transaction, or a paused
+        partition with lag."""
+        return self._backpressure.held > 0 or any((p.paused and (p.lag or 0) > 0) or p.staged
+                                                  for p in self._partitions.values())
 
     async def commit(self) -> None:
         """Commit what finished; an offset is marked committed only once the broker accepted it."""
@@ -167,6 +170,8 @@ class Runner:
             return "paused"
         if self._dispatcher.retrying:
             return "retrying"
+        if self._commits.failing:
+            return "transactions failing"
         if self._partitions and all(p.paused for p in self._partitions.values()):
             return "paused"
         return None
