@@ -40,6 +40,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from consumers.producers import (
+    MISSING_TOPIC_CODES,
     REJECTED_CODES,
     Announce,
     Headers,
@@ -72,6 +73,10 @@ class Staged:
     value: bytes | None
     headers: Headers
     fallback: Callable[[str], Staged | None] | None = None
+    # a topic that does not exist or may not be written refuses this record for good, as too
+    # large a record would (a child's reply to an allowed replies topic: a deployment's mistake);
+    # else it fails the transaction, to be tried again as an outage
+    missing_ok: bool = False
     dropped: bool = False
     # a record written after this one, in the same transaction, that names where this one was
     # written (a task's ``failed`` event naming its dead letter); kept when this one falls back
@@ -115,6 +120,11 @@ def stage(item: Staged) -> None:
 class TransactionFailed(Exception):
     """The transaction did not commit (it was aborted, or the producer is being replaced): nothing
     of it is visible to ``read_committed`` readers; its outcomes and offsets must be written again."""
+
+
+def _refuses(item: Staged, err: KafkaError) -> bool:
+    """Whether ``err`` refuses this record for good (it falls back), rather than failing the transaction."""
+    return not err.fatal() and (err.code() in REJECTED_CODES or (item.missing_ok and err.code() in MISSING_TOPIC_CODES))
 
 
 def _error_of(exc: KafkaException) -> KafkaError | None:
@@ -182,8 +192,8 @@ class TransactionalProducer:
         placed: dict[int, Placed] = {}
         for index, item in enumerate(items):
 
-            def delivered(err: KafkaError | None, msg: Any, index: int = index) -> None:
-                if err is not None and err.code() in REJECTED_CODES and not err.fatal():
+            def delivered(err: KafkaError | None, msg: Any, index: int = index, item: Staged = item) -> None:
+                if err is not None and _refuses(item, err):
                     refused[index] = err.str()
                 elif err is None:
                     placed[index] = (int(msg.partition()), int(msg.offset()))
@@ -197,7 +207,7 @@ class TransactionalProducer:
                     producer.poll(0.05)
                 except KafkaException as exc:
                     err = _error_of(exc)
-                    if err is None or err.code() not in REJECTED_CODES:
+                    if err is None or not _refuses(item, err):
                         raise
                     item.fall_back(err.str())  # refused before it left: its fallback goes instead
         return placed

@@ -231,8 +231,8 @@ class Outcomes:
             return
         topic, key, value = reply
         headers: Headers = [("traceparent", tp.encode())] if (tp := self.tracing.current_traceparent()) else []
-        if self.outputs.transactional:
-            stage(Staged(topic, key, value, headers))
+        if self.outputs.transactional:  # a replies topic missing: dropped, as below, not every transaction failed
+            stage(Staged(topic, key, value, headers, missing_ok=True))
             return
         try:
             await self.outputs.publisher.send(topic, key, value, headers)

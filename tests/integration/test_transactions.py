@@ -128,3 +128,28 @@ def test_a_result_too_large_for_its_topic_is_dead_lettered_inside_the_transactio
                                                                    dead[0].headers["dlq.error"].decode())
     assert event["dead_letter"] == {"topic": s.kafka.dlq_topic, "partition": 0, "offset": dead[0].offset,
                                     "id": dead[0].headers["dlq.id"].decode()}
+
+
+def test_a_reply_to_an_allowed_replies_topic_that_does_not_exist_is_dropped_not_every_transaction(
+    make_settings: Any, fake_llm: FakeLLM
+) -> None:
+    """A child names a replies topic this deployment may write (AGENT_DELEGATION__REPLY_TOPICS) that
+    does not exist: a deployment's mistake. As without transactions, its reply is dropped (the
+    parent's deadline ends the parent); it must not fail every transaction of the worker."""
+    missing = f"replies-missing-{uuid.uuid4().hex[:8]}"
+    s = _transactional(make_settings, kafka={"topic_partitions": 1}, delegation={"reply_topics": [missing]})
+    child = (b"tx-child", classify("tx-child"), [("agent.reply_to", missing.encode()), ("agent.parent", b"tx-parent"),
+                                                 ("agent.parent_step", b"ask"), ("agent.child", b"0")])
+    others = [(f"tx-o{i}".encode(), classify(f"tx-o{i}")) for i in range(6)]
+
+    async def scenario() -> None:
+        async with running(s, fake_llm.base_url):
+            await asyncio.to_thread(produce, s.kafka.bootstrap_servers, s.kafka.input_topic,
+                                    [*others[:3], child, *others[3:]])
+            ends = await asyncio.to_thread(_end_offsets, s.kafka.bootstrap_servers, s.kafka.input_topic, 1)
+            await wait_for(lambda: committed(s.kafka.bootstrap_servers, s.kafka.group_id, s.kafka.input_topic,
+                                             1) == ends, 120, interval_s=0.5, what="every offset committed")
+
+    asyncio.run(scenario())
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=7, idle_s=2))
+    assert sorted((m.key or b"").decode() for m in results) == sorted(["tx-child", *(f"tx-o{i}" for i in range(6))])
