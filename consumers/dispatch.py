@@ -145,15 +145,20 @@ class Dispatcher:
                 staged: list[Staged] = []
                 try:
                     await self._attempt(record, staged)
-                except asyncio.CancelledError:
-                    raise
+                    failure: BaseException | None = None
+                except asyncio.CancelledError as exc:
+                    if _stopping():
+                        raise
+                    failure = exc  # a future it awaited was cancelled by another party: a failed attempt
                 except Exception as exc:  # noqa: BLE001 - the handler could not make the outcome durable
-                    self._note_error(f"{type(exc).__name__}: {exc}")
+                    failure = exc
+                if failure is not None:
+                    self._note_error(f"{type(failure).__name__}: {failure}")
                     if not retrying:
                         retrying = True
                         self._retrying += 1
                     wait = delay * random.uniform(0.5, 1.0)
-                    log.warning("record %s not finished, retrying in %.1fs: %s", record.coordinates, wait, exc)
+                    log.warning("record %s not finished, retrying in %.1fs: %s", record.coordinates, wait, failure)
                     await asyncio.sleep(wait)
                     delay = min(delay * 2, self._config.retry_max_s)
                     continue
@@ -200,3 +205,10 @@ class Dispatcher:
                 del self._keys[key]
         part.held -= 1
         self._window.release(1)
+
+
+def _stopping() -> bool:
+    """Whether the running task itself was asked to stop (a cancel not yet uncancelled), as opposed
+    to a CancelledError raised by a future it awaited that another party cancelled."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

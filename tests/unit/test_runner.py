@@ -327,6 +327,29 @@ def test_a_partition_paused_for_the_full_window_waits_for_the_window() -> None:
     run(test)
 
 
+def test_a_cancelled_error_the_record_did_not_ask_for_is_a_failed_attempt_not_a_lost_slot() -> None:
+    """The handler awaited a future another party cancelled: the record is tried again and finishes,
+    rather than leaving its window slot, its key and its partition's commit mark held for good."""
+    async def test() -> None:
+        attempts = 0
+
+        async def handler(r: Record) -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                elsewhere: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().call_soon(elsewhere.cancel)
+                await elsewhere
+
+        runner, _fake = await make_runner(handler, [0])
+        runner._dispatch([FakeMsg(0, 0, b"k"), FakeMsg(0, 1, b"k")])
+        await until(lambda: runner.in_flight == 0, "both records of the key")
+        assert attempts == 3 and runner._partitions[(TOPIC, 0)].tracker.committable() == 2
+        await close(runner)
+
+    run(test)
+
+
 class ErrorMsg(FakeMsg):
     def __init__(self, error: KafkaError) -> None:
         super().__init__(0, -1, None)
