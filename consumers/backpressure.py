@@ -45,6 +45,7 @@ class Backpressure:
         self._gate_closed = False  # the gate said no at the last check: every partition is paused
         self._held = 0
         self._room = asyncio.Event()  # set whenever a record leaves the window
+        self._woken = False  # the runner is stopping: no more waits for room
         self._idle = asyncio.Event()
         self._idle.set()
         self._full_since: float | None = None
@@ -76,7 +77,8 @@ class Backpressure:
             self._idle.set()
 
     def wake(self) -> None:
-        """End a wait for room now (the runner is stopping)."""
+        """End a wait for room now, and every later one (the runner is stopping)."""
+        self._woken = True
         self._room.set()
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -96,6 +98,8 @@ class Backpressure:
         self._record_s = seconds if not self._record_s else self._record_s + (seconds - self._record_s) / 64
 
     async def wait_for_room(self) -> None:
+        if self._woken:  # a wake that came before this wait (while pauses were applied) is not lost
+            return
         self._room.clear()
         since = self._full_since if self._full_since is not None else monotonic()
         timeout = max(0.0, since + self.pause_after_s() - monotonic()) + 0.001

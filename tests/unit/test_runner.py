@@ -350,6 +350,27 @@ def test_a_cancelled_error_the_record_did_not_ask_for_is_a_failed_attempt_not_a_
     run(test)
 
 
+def test_a_stop_before_the_wait_for_room_ends_that_wait() -> None:
+    """stop() while the runner applied pauses, just before it waits for room: the wait must not
+    clear that wake and sit out its whole pause delay."""
+    async def test() -> None:
+        release = asyncio.Event()
+
+        async def handler(r: Record) -> None:
+            await release.wait()
+
+        runner, _fake = await make_runner(handler, [0], max_in_flight=1, pause_after_s=60.0)
+        runner._dispatch([FakeMsg(0, 0, b"k")])
+        assert await runner._backpressure.room() == 0  # full, not paused yet: the runner would wait
+        runner.stop()
+        await asyncio.wait_for(runner._backpressure.wait_for_room(), 5)  # not the 60 s pause delay
+        release.set()
+        await until(lambda: runner.in_flight == 0, "the record")
+        await close(runner)
+
+    run(test)
+
+
 class ErrorMsg(FakeMsg):
     def __init__(self, error: KafkaError) -> None:
         super().__init__(0, -1, None)
