@@ -304,29 +304,6 @@ def test_a_partition_paused_at_its_own_limit_resumes_while_the_others_keep_the_w
     run(test)
 
 
-def test_a_partition_paused_for_the_full_window_waits_for_the_window() -> None:
-    async def test() -> None:
-        release = asyncio.Event()
-
-        async def handler(r: Record) -> None:
-            if r.partition == 1:
-                await release.wait()
-
-        runner, fake = await make_runner(handler, [0, 1], max_in_flight=4, pause_after_s=0.0)
-        runner._dispatch([FakeMsg(1, i, f"b{i}".encode()) for i in range(4)])
-        await runner._backpressure.room()
-        assert fake.paused == {(TOPIC, 0), (TOPIC, 1)}  # the window full: every partition paused
-        await runner._backpressure.room()
-        assert fake.paused == {(TOPIC, 0), (TOPIC, 1)}  # partition 0 holds nothing, the window is still full
-        release.set()
-        await until(lambda: runner.in_flight == 0, "records")
-        await runner._backpressure.room()
-        assert fake.paused == set()
-        await close(runner)
-
-    run(test)
-
-
 def test_a_cancelled_error_the_record_did_not_ask_for_is_a_failed_attempt_not_a_lost_slot() -> None:
     """The handler awaited a future another party cancelled: the record is tried again and finishes,
     rather than leaving its window slot, its key and its partition's commit mark held for good."""
@@ -397,21 +374,23 @@ def test_a_fatal_consumer_error_ends_the_run_and_a_passing_one_does_not() -> Non
     run(test)
 
 
-def test_the_gate_waits_for_the_window_to_resume() -> None:
+@pytest.mark.parametrize("why", ["gate", "full window"])
+def test_partitions_paused_for_the_gate_or_a_full_window_wait_for_the_window_to_resume(why: str) -> None:
     async def test() -> None:
-        usable = False
+        usable = why != "gate"
         release = asyncio.Event()
 
         async def handler(r: Record) -> None:
             await release.wait()
 
-        runner, fake = await make_runner(handler, [0], gate=lambda: usable, max_in_flight=4)
-        runner._dispatch([FakeMsg(0, i, str(i).encode()) for i in range(4)])
+        runner, fake = await make_runner(handler, [0, 1], gate=lambda: usable, max_in_flight=4,
+                                         pause_after_s=0.0 if why == "full window" else 60.0)
+        runner._dispatch([FakeMsg(1, i, str(i).encode()) for i in range(4)])
         await runner._backpressure.room()
-        assert fake.paused == {(TOPIC, 0)}
+        assert fake.paused == {(TOPIC, 0), (TOPIC, 1)}
         usable = True
         await runner._backpressure.room()
-        assert fake.paused == {(TOPIC, 0)}  # window still above its low-water mark
+        assert fake.paused == {(TOPIC, 0), (TOPIC, 1)}  # partition 0 holds nothing; the window is still full
         release.set()
         await until(lambda: runner.in_flight == 0, "records")
         await runner._backpressure.room()
