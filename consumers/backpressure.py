@@ -163,6 +163,8 @@ class Backpressure:
         open_partitions = 0
         for (topic, partition), part in self._partitions.items():
             part_full = part.held >= cfg.max_in_flight_per_partition
+            if pause_all and part.paused:  # held now by the window or the gate, whatever paused it first
+                part.capped = False
             if (pause_all or (part_full and room > 0)) and not part.paused:
                 part.paused, part.capped = True, not pause_all
                 to_pause.append(TopicPartition(topic, partition))

@@ -25,7 +25,8 @@ class Commits:
     then confirmed only once the broker accepted it), staged outcomes in the partition's
     ``staged`` until their transaction. Writes each partition's ``lag``. Calls the consumer only
     through the consumer thread; ``note_error`` is told of every failed commit, ``progress`` of
-    every transaction that made staged outcomes durable. ``failing``: the last transaction failed.
+    every transaction that made staged outcomes durable. ``failing``: the last transaction failed
+    (a record that stages its outcomes meanwhile is no progress, see :class:`Dispatcher`).
     """
 
     def __init__(self, partitions: Partitions, thread: ConsumerThread, metrics: RunnerMetrics,

@@ -41,12 +41,14 @@ class Dispatcher:
     how many records are between failed attempts. Finishes offsets in the partitions' trackers,
     counts records in and out of the backpressure's window, tells ``progress`` of every finished
     record and ``note_error`` of every failed attempt. With ``stage`` on, the handler's outcomes
-    are staged (see :mod:`consumers.transactions`) into the record's partition state.
+    are staged (see :mod:`consumers.transactions`) into the record's partition state; while
+    ``failing`` says the last transaction failed, a record that staged its outcomes is no progress.
     """
 
     def __init__(self, handler: Handler, config: RunnerConfig, partitions: Partitions,
                  backpressure: Backpressure, progress: Progress, metrics: RunnerMetrics,
-                 note_error: Callable[[str], None], stage: bool = False) -> None:
+                 note_error: Callable[[str], None], stage: bool = False,
+                 failing: Callable[[], bool] = lambda: False) -> None:
         self._handler = handler
         self._config = config
         self._partitions = partitions
@@ -55,6 +57,7 @@ class Dispatcher:
         self._metrics = metrics
         self._note_error = note_error
         self._stage = stage
+        self._failing = failing
         self._keys: dict[Key, deque[tuple[Record, PartitionState]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._retrying = 0
@@ -184,9 +187,9 @@ class Dispatcher:
         """The record's outcome is durable: finish its offset (keeping what it staged).
 
         ``took``: how long it took, when it succeeded at its first attempt (the window learns)."""
-        if staged:  # durable with its transaction: progress is told then (consumers.commits)
+        if staged:  # durable with its transaction; while transactions fail, no progress
             part.staged[record.offset] = staged
-        else:
+        if not (staged and self._failing()):
             self._progress.finished()
         part.tracker.finish(record.offset)
         self._metrics.finished(1)

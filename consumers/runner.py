@@ -106,10 +106,11 @@ class Runner:
         self._thread = ConsumerThread()
         self._partitions = Partitions(self.metrics)
         self._backpressure = Backpressure(config, self._partitions, self._thread, self.metrics, gate)
-        self._dispatcher = Dispatcher(handler, config, self._partitions, self._backpressure, self._progress,
-                                      self.metrics, self._note_error, stage=transactions is not None)
         self._commits = Commits(self._partitions, self._thread, self.metrics, self._note_error, transactions,
                                 self._progress)
+        self._dispatcher = Dispatcher(handler, config, self._partitions, self._backpressure, self._progress,
+                                      self.metrics, self._note_error, stage=transactions is not None,
+                                      failing=lambda: self._commits.failing)
 
     def _note_error(self, text: str) -> None:
         self.last_error = text
@@ -170,7 +171,7 @@ class Runner:
             return "paused"
         if self._dispatcher.retrying:
             return "retrying"
-        if self._commits.failing:
+        if self._commits.failing and any(p.staged for p in self._partitions.values()):
             return "transactions failing"
         if self._partitions and all(p.paused for p in self._partitions.values()):
             return "paused"
@@ -302,7 +303,8 @@ class Runner:
         again. It is raised, so the run ends and the process exits for its platform to restart it,
         rather than polling on, alive and idle."""
         err = msg.error()
-        if isinstance(err, KafkaError) and err.fatal():
+        # confluent-kafka hands a consumer's fatal error over as the code _FATAL, its flag unset
+        if isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL):
             raise KafkaException(err)
         if err is not None:
             code = err.code() if hasattr(err, "code") else None

@@ -251,7 +251,8 @@ class HttpSettings(BaseModel):
 
 
 class LivenessSettings(BaseModel):
-    # with work pending (records in flight, or paused partitions with lag) and no record finished
+    # with work pending (records in flight, paused partitions with lag, or outcomes staged for a
+    # transaction; while transactions fail, staging one is not finishing it) and no record finished
     # for stall_s seconds, /readyz answers 503 naming what holds the work; after restart_s, /healthz
     # fails too so the platform restarts the process (0: never)
     stall_s: float = Field(120.0, gt=0)

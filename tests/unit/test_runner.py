@@ -126,6 +126,16 @@ async def close(runner: Runner) -> None:
     runner._thread.shutdown(wait=True)
 
 
+async def all_open_once_released(runner: Runner, fake: FakeConsumer, *release: asyncio.Event) -> None:
+    """Release the held records; once they finished, every partition is resumed. Closes the runner."""
+    for event in release:
+        event.set()
+    await until(lambda: runner.in_flight == 0, "records")
+    await runner._backpressure.room()
+    assert fake.paused == set()
+    await close(runner)
+
+
 def test_a_failing_record_holds_only_its_key_and_its_partitions_commit_mark() -> None:
     async def test() -> None:
         done: list[tuple[int, int]] = []
@@ -365,11 +375,40 @@ def test_a_fatal_consumer_error_ends_the_run_and_a_passing_one_does_not() -> Non
         runner, _fake = await make_runner(handler, [0])
         passing = ErrorMsg(KafkaError(KafkaError._TRANSPORT, "broker down"))
         assert runner._records([passing, FakeMsg(0, 1, b"k")])[0].offset == 1  # logged, skipped
-        fenced = ErrorMsg(KafkaError(KafkaError._FENCED, "fenced by another static member", fatal=True))
+        # as a consumer hands it over: the code _FATAL (librdkafka's fencing reason in the text), the flag unset
+        fenced = ErrorMsg(KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced by other consumer"))
         with pytest.raises(KafkaException) as raised:
             runner._records([FakeMsg(0, 2, b"k"), fenced])
-        assert raised.value.args[0].code() == KafkaError._FENCED
+        assert raised.value.args[0].code() == KafkaError._FATAL
+        with pytest.raises(KafkaException):  # and one flagged fatal, whatever its code
+            runner._records([ErrorMsg(KafkaError(KafkaError._FENCED, "fenced", fatal=True))])
         await close(runner)
+
+    run(test)
+
+
+def test_a_partition_capped_then_paused_with_the_full_window_waits_for_the_window() -> None:
+    """Paused at its own limit first, then held with every partition by the full window: it waits for
+    the window like the others, rather than jumping ahead of partitions paused by the same window."""
+    async def test() -> None:
+        release = {p: asyncio.Event() for p in (0, 1, 2)}
+
+        async def handler(r: Record) -> None:
+            await release[r.partition].wait()
+
+        runner, fake = await make_runner(handler, [0, 1, 2], max_in_flight=10, max_in_flight_per_partition=4,
+                                         pause_after_s=0.0)
+        runner._dispatch([FakeMsg(0, i, f"a{i}".encode()) for i in range(4)])
+        await runner._backpressure.room()
+        assert fake.paused == {(TOPIC, 0)}
+        runner._dispatch([FakeMsg(1, i, f"b{i}".encode()) for i in range(4)]
+                         + [FakeMsg(2, i, f"c{i}".encode()) for i in range(2)])
+        await runner._backpressure.room()  # the window full: every partition paused
+        release[0].set()
+        await until(lambda: runner.in_flight == 6, "partition 0's records")
+        await runner._backpressure.room()
+        assert fake.paused == {(TOPIC, 0), (TOPIC, 1), (TOPIC, 2)}  # the window still above its low-water mark
+        await all_open_once_released(runner, fake, *release.values())
 
     run(test)
 
@@ -391,11 +430,7 @@ def test_partitions_paused_for_the_gate_or_a_full_window_wait_for_the_window_to_
         usable = True
         await runner._backpressure.room()
         assert fake.paused == {(TOPIC, 0), (TOPIC, 1)}  # partition 0 holds nothing; the window is still full
-        release.set()
-        await until(lambda: runner.in_flight == 0, "records")
-        await runner._backpressure.room()
-        assert fake.paused == set()
-        await close(runner)
+        await all_open_once_released(runner, fake, release)
 
     run(test)
 
