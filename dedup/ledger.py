@@ -63,6 +63,7 @@ from dedup.records import (
     publication,
 )
 from dedup.schedules import Schedules
+from dedup.seen import Seen
 from dedup.sessions import Sessions
 
 __all__ = ["Attempt", "AttemptsExhausted", "Claim", "Completion", "Decision", "Ledger", "LedgerError",
@@ -99,7 +100,7 @@ class Ledger:
         # the table a task's state is moved by: each moving script is handed its sources and target
         self.moves = Moves(lifecycle)
         claim_moves = [*self.moves("claim", "take_over", "crash", "cancel"), lifecycle.initial]  # baked in
-        self._done = self.moves.sources("publish")  # the states whose outcome is published: done
+        self.done_states = self._done = self.moves.sources("publish")  # whose outcome is published: done
         self.max_deaths = max_deaths  # deaths of holders with a call under way that end a task `crashed`
         # this process's claims, apart from another's under the same worker id: a task this process
         # claims again (it retries the record) did not lose its holder
@@ -130,6 +131,7 @@ class Ledger:
         self.children = Children(self)
         self.schedules = Schedules(self)
         self.sessions = Sessions(self)
+        self.seen = Seen(self)  # which task a record's bytes name (:mod:`dedup.seen`)
 
     async def redis_call(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation; a failure is raised as the ledger's error (:func:`translate`)."""
@@ -172,17 +174,21 @@ class Ledger:
         return bool(await self.redis_call(self.client.ping))
 
     async def claim(self, task_key: str, fingerprint: str, owner: str, kind: str, *,
-                    parent: tuple[str, str, int] | None = None, first_attempt: tuple[str, int] | None = None) -> Claim:
+                    parent: tuple[str, str, int] | None = None, first_attempt: tuple[str, int] | None = None,
+                    seen: str | None = None) -> Claim:
         """Claim the task: ``claimed`` with its fence, or what keeps it from running (``busy``,
         ``conflict``, ``succeeded``, ``dead``, ``parked``, ``crashed``, ``cancelled``: never claimed
         and marked cancelled by its parent, now ``dead(cancelled)``). A child's ``parent`` (id, step,
         n) is kept in its hash by the claim that creates it (``parent``, ``parent_step``, ``parent_n``).
         ``first_attempt`` (step, max attempts): a claim that holds the task counts the step's first
-        attempt with it, which the step's first :meth:`begin_attempt` takes (:mod:`dedup.first_attempts`)."""
+        attempt with it, which the step's first :meth:`begin_attempt` takes (:mod:`dedup.first_attempts`).
+        ``seen``: the mark of the record that asks (:meth:`Seen.key <dedup.seen.Seen.key>`), which the
+        claim keeps: a replay of the record then finds its task without decoding it."""
         args = [fingerprint, owner, self.lease_ms, kind, self.ttl_s, self.max_deaths, self.holder,
                 *(first_attempt or ()), *(parent or ())]
         script = self._claim if first_attempt is None else self._claim_attempt
-        raw = await self.run_script(script, [*self._both(task_key), self.keys.cancel(task_key)], args)
+        keys = [*self._both(task_key), self.keys.cancel(task_key)]
+        raw = await self.run_script(script, keys if seen is None else [*keys, seen], args)
         answer = _s(raw[0])
         if first_attempt is not None and len(raw) > 7:
             self.first_attempts.keep(task_key, int(raw[1]), first_attempt[0], int(raw[6]), int(raw[7]))

@@ -39,7 +39,8 @@ __all__ = ["ATTEMPT", "BUDGET_RESERVE", "BUDGET_SETTLE", "CLAIM", "CLAIM_ATTEMPT
            "FINISHED", "HEARTBEAT", "MARK", "NOW", "RATE", "RATE_RECONCILE", "REFUND", "REVIVE", "STEP", "TOUCH",
            "claim_script"]
 
-# KEYS[1] task hash, KEYS[2] steps hash, KEYS[3] the task's cancel mark
+# KEYS[1] task hash, KEYS[2] steps hash, KEYS[3] the task's cancel mark, KEYS[4] (optional) the asking
+#   record's mark (dedup.seen), set to the fingerprint and KEYS[1] for ttl_s, whatever the decision
 # ARGV fingerprint, owner, lease_ms, kind, ttl_s, max_deaths, holder (the claiming process's ledger)
 # M (baked into the source by :func:`claim_script`, not sent with every claim): from TASK, the
 #   sources and target of 'claim', of 'take_over', of 'crash' and of 'cancel', and the initial
@@ -63,6 +64,10 @@ local function lineage()
 end
 local fp = ARGV[1]
 local lease = tonumber(ARGV[3])
+if KEYS[4] then
+  -- the asking record's mark (dedup.seen): its bytes name this task with this fingerprint
+  redis.call('SET', KEYS[4], fp .. ' ' .. KEYS[1], 'EX', tonumber(ARGV[5]))
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 local cancelled = not state and KEYS[3] and M[8] ~= '' and among(M[7], M[9])
   and redis.call('GET', KEYS[3])

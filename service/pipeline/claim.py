@@ -77,9 +77,10 @@ class Claims:
         """The ledger's claim when this worker holds the task now; None when the record is done
         (the decision's outcome written and published). ``first_attempt`` (step, max attempts): the
         claim counts that step's first attempt with it (:meth:`Ledger.claim <dedup.ledger.Ledger.claim>`)."""
+        seen = self.ledger.seen.key(record.value, record.headers)  # a replay of it then needs no decoding
         while True:
             claim = await self.ledger.claim(task.key, task.fingerprint, self.worker_id, task.kind,
-                                            parent=parent_of(record), first_attempt=first_attempt)
+                                            parent=parent_of(record), first_attempt=first_attempt, seen=seen)
             decision = claim.decision
             if decision != "busy":
                 self.duplicates.note(decision in FINISHED, 1)

@@ -3,9 +3,14 @@
 A record whose task is done (succeeded or dead, same fingerprint) and whose outcome was published
 needs nothing: the handler would claim it, find it done and skip it. Replaying a processed topic
 is a stream of such records, and taking each through the handler (a task, a future, a claim
-script, a log line) costs about as much as the claim of new work. The screen decodes the batch
-with the handler's own decoder, asks the ledger about its tasks in a few reads
-(:meth:`~dedup.ledger.Ledger.finished`), and names the records the runner may finish at once.
+script, a log line) costs about as much as the claim of new work. The screen asks the ledger about
+the batch's tasks in a few reads and names the records the runner may finish at once.
+
+Most records need no decoding: the claim that first decoded a record kept a mark of which task
+its bytes name (:mod:`dedup.seen`), and one script per batch answers each marked record from its
+mark and its task's hash. Only records with no mark (never claimed, or on a Redis Cluster, where
+there are no marks) are decoded here, with the handler's own decoder, and asked about in
+:meth:`~dedup.ledger.Ledger.finished`'s reads.
 
 A plain record (see :func:`~service.agents.tasks.screen_key`) is keyed straight from its bytes,
 without building its task; the batch is asked about in chunks, each chunk's read under way while
@@ -31,6 +36,7 @@ from collections.abc import Sequence
 
 from consumers.records import Record
 from dedup.ledger import Ledger
+from dedup.seen import FINISHED, UNKNOWN, record_digest
 from service.agents.tasks import decode_task, screen_key
 from service.core.errors import PoisonError
 from service.core.metrics import Metrics
@@ -65,6 +71,7 @@ class ReplayScreen:
 
     MIN_SEEN = 16  # claims to see before the share means anything
     THRESHOLD = 0.25
+    MARKS_PER_READ = 512  # records' marks per script (one fetched batch, at the runner's default)
 
     def __init__(self, ledger: Ledger, metrics: Metrics, share: DuplicateShare, *, max_bytes: int,
                  transactional: bool, chunk: int = 64) -> None:
@@ -81,15 +88,16 @@ class ReplayScreen:
         return self.share.seen < self.MIN_SEEN or self.share.share() >= self.THRESHOLD
 
     async def __call__(self, records: Sequence[Record]) -> Sequence[bool]:
+        done = [False] * len(records)
+        left = await self._marked(records, done)
+        finished = sum(done)
         reads: list[tuple[list[int], asyncio.Task[list[bool]]]] = []
         try:
-            for lo in range(0, len(records), self.chunk):
-                at, tasks = self._keys(records, lo, min(lo + self.chunk, len(records)))
+            for lo in range(0, len(left), self.chunk):
+                at, tasks = self._keys(records, left[lo:lo + self.chunk])
                 if tasks:
                     reads.append((at, asyncio.ensure_future(self.ledger.finished(tasks))))
                     await asyncio.sleep(0)  # the read goes out; this chunk's answer comes while the next decodes
-            done = [False] * len(records)
-            finished = 0
             for at, read in reads:
                 for i, flag in zip(at, await read, strict=True):
                     if flag:
@@ -108,13 +116,41 @@ class ReplayScreen:
         log.debug("screened %d records: %d finished before", len(records), finished)
         return done
 
-    def _keys(self, records: Sequence[Record], lo: int, hi: int) -> tuple[list[int], list[tuple[str, str, str]]]:
-        """The indexes of ``records[lo:hi]`` that decode and the ledger's question about each: a plain
-        record's key and fingerprint straight from its bytes, any other's from its decoded task,
+    async def _marked(self, records: Sequence[Record], done: list[bool]) -> list[int]:
+        """Answer from the records' marks (:mod:`dedup.seen`) what they can, into ``done``; the
+        indexes of the records left to key the slow way: those with no mark (all, on a cluster). A
+        record with no value or too large is neither: it never claimed, and the handler dead-letters it."""
+        seen = self.ledger.seen
+        if not seen.enabled:
+            return list(range(len(records)))
+        at: list[int] = []
+        digests: list[str] = []
+        for i, record in enumerate(records):
+            value = record.value
+            if value is not None and len(value) <= self.max_bytes:
+                at.append(i)
+                digests.append(record_digest(value, record.headers))
+        left: list[int] = []
+        for lo in range(0, len(at), self.MARKS_PER_READ):
+            part = at[lo:lo + self.MARKS_PER_READ]
+            # inside a transaction, the record that published the outcome is read again only
+            # because that transaction did not commit: it must stage the outcome anew
+            coords = [records[i].coordinates for i in part] if self.transactional else None
+            flags = await seen.finished(digests[lo:lo + self.MARKS_PER_READ], coords)
+            for i, flag in zip(part, flags, strict=True):
+                if flag == FINISHED:
+                    done[i] = True
+                elif flag == UNKNOWN:
+                    left.append(i)
+        return left
+
+    def _keys(self, records: Sequence[Record], indexes: Sequence[int]) -> tuple[list[int], list[tuple[str, str, str]]]:
+        """Which of ``records[i]`` (``i`` in ``indexes``) decode, and the ledger's question about each: a
+        plain record's key and fingerprint straight from its bytes, any other's from its decoded task,
         which then rides on the record (``Record.memo``) so that the handler does not decode it again."""
         at: list[int] = []
         tasks: list[tuple[str, str, str]] = []
-        for i in range(lo, hi):
+        for i in indexes:
             record = records[i]
             found = screen_key(record.value, record.headers, self.max_bytes)
             if found is None:
@@ -125,7 +161,5 @@ class ReplayScreen:
                 record.memo = task
                 found = task.key, task.fingerprint
             at.append(i)
-            # inside a transaction, the record that published the outcome is read again only
-            # because that transaction did not commit: it must stage the outcome anew
             tasks.append((found[0], found[1], record.coordinates if self.transactional else ""))
         return at, tasks
