@@ -55,7 +55,7 @@ class CpuMeter:
     def per_item_ms(self, n: int) -> str:
         if not self.used or n <= 0:
             return ""
-        parts = [f"{name} {secs * 1000 / n:.2f}" for name, secs in self.used.items() if secs == secs]
+        parts = [f"{name} {secs * 1000 / n:.3f}" for name, secs in self.used.items() if secs == secs]
         return "CPU ms per task: " + ", ".join(parts)
 
 

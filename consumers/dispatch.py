@@ -80,15 +80,15 @@ class Dispatcher:
             if part is None or (owners is not None and owners.get(tp) is not part):
                 continue  # a record fetched before its partition was revoked
             consumed += 1
+            finished = done is not None and done[i]
             try:
+                if finished:  # its outcome is durable: nothing to wait for, whatever runs before it on its key
+                    part.tracker.add_finished(record.offset)
+                    screened += 1
+                    continue
                 part.tracker.add(record.offset)
             except ValueError:  # already held: a re-fetch after a position reset
                 log.warning("record %s is already in flight; not started twice", record.coordinates)
-                continue
-            if done is not None and done[i]:
-                # its outcome is durable: nothing to wait for, whatever runs before it on its key
-                part.tracker.finish(record.offset)
-                screened += 1
                 continue
             self._enqueue((tp, record.key if record.key is not None else record.offset), record, part)
         if screened:

@@ -34,6 +34,17 @@ class OffsetTracker:
             raise ValueError(f"offset {offset} is below the finished mark {self._low}")
         self._pending.append(offset)
 
+    def add_finished(self, offset: int) -> None:
+        """:meth:`add` and :meth:`finish` at once, for a record done as it arrives (a screened replay):
+        with nothing pending it only moves the mark, without a round through the queue."""
+        if self._pending:
+            self.add(offset)
+            self.finish(offset)
+            return
+        if self._low is not None and offset < self._low:
+            raise ValueError(f"offset {offset} is below the finished mark {self._low}")
+        self._low = offset + 1
+
     def finish(self, offset: int) -> None:
         self._finished.add(offset)
         pending, finished = self._pending, self._finished

@@ -115,6 +115,9 @@ class Partitions(Mapping[TP, PartitionState]):
     def __getitem__(self, tp: TP) -> PartitionState:
         return self._states[tp]
 
+    def get(self, tp: TP, default: PartitionState | None = None) -> PartitionState | None:  # type: ignore[override]
+        return self._states.get(tp, default)  # once per record: the dict's own, not Mapping's through __getitem__
+
     def __iter__(self) -> Iterator[TP]:
         return iter(self._states)
 

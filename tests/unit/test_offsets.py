@@ -85,3 +85,31 @@ def test_offsets_out_of_order_are_refused() -> None:
     t.finish(10)
     with pytest.raises(ValueError):
         t.add(3)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(1, 3), st.booleans(), st.booleans()), min_size=1, max_size=60))
+def test_a_record_finished_as_it_arrives_moves_the_mark_as_adding_and_finishing_it_would(
+        steps: list[tuple[int, bool, bool]]) -> None:
+    """Screened records (finished on arrival) between records that run, some finishing at once:
+    ``add_finished`` leaves the tracker where ``add`` then ``finish`` would, at every step."""
+    fast, slow = OffsetTracker(), OffsetTracker()
+    running: list[int] = []
+    offset = 0
+    for gap, screened, finish_one in steps:
+        offset += gap
+        if screened:
+            fast.add_finished(offset)
+            slow.add(offset)
+            slow.finish(offset)
+        else:
+            fast.add(offset)
+            slow.add(offset)
+            running.append(offset)
+        if finish_one and running:
+            o = running.pop(0)
+            fast.finish(o)
+            slow.finish(o)
+        assert (fast.committable(), len(fast)) == (slow.committable(), len(slow))
+    with pytest.raises(ValueError):
+        fast.add_finished(offset)  # not twice, nor below what it passed
