@@ -253,6 +253,9 @@ class Runner:
         # as fetched: a rebalance while the batch is screened or handed over drops its records
         owners = dict(self._partitions)
         done = await self._screened(records)
+        if done is not None and all(done):  # nothing starts: a replay's batch finishes in one call
+            self._dispatcher.dispatch(records, done, owners)
+            return bool(msgs)
         for start in range(0, len(records), DISPATCH_PIECE):
             if start:  # the records started so far take their first steps before the next piece starts
                 await asyncio.sleep(0)

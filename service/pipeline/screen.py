@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterator, Sequence
+from typing import TypeVar
 
 from consumers.records import Record
 from dedup.ledger import Ledger
@@ -42,6 +43,8 @@ from service.core.errors import PoisonError
 from service.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DuplicateShare:
@@ -71,7 +74,9 @@ class ReplayScreen:
 
     MIN_SEEN = 16  # claims to see before the share means anything
     THRESHOLD = 0.25
-    MARKS_PER_READ = 512  # records' marks per script (one fetched batch, at the runner's default)
+    # records' marks per script: a whole fetched batch at the runner's default. The script's cost is
+    # the ledger's reads, so smaller reads under way while the next are made only add calls
+    MARKS_PER_READ = 512
 
     def __init__(self, ledger: Ledger, metrics: Metrics, share: DuplicateShare, *, max_bytes: int,
                  transactional: bool, chunk: int = 64) -> None:
@@ -89,26 +94,17 @@ class ReplayScreen:
 
     async def __call__(self, records: Sequence[Record]) -> Sequence[bool]:
         done = [False] * len(records)
-        left = await self._marked(records, done)
+        left: Sequence[int] = range(len(records))
+        if self.ledger.seen.enabled:
+            left = []
+            for i, flag in await self._chunked(self._marks(records)):
+                if flag == FINISHED:
+                    done[i] = True
+                elif flag == UNKNOWN:  # no mark: keyed the slow way below
+                    left.append(i)
+        for i, finished_before in await self._chunked(self._keyed(records, left)):
+            done[i] = finished_before
         finished = sum(done)
-        reads: list[tuple[list[int], asyncio.Task[list[bool]]]] = []
-        try:
-            for lo in range(0, len(left), self.chunk):
-                at, tasks = self._keys(records, left[lo:lo + self.chunk])
-                if tasks:
-                    reads.append((at, asyncio.ensure_future(self.ledger.finished(tasks))))
-                    await asyncio.sleep(0)  # the read goes out; this chunk's answer comes while the next decodes
-            for at, read in reads:
-                for i, flag in zip(at, await read, strict=True):
-                    if flag:
-                        done[i] = True
-                        finished += 1
-        finally:  # a read left behind (another failed, or the runner gave up) is not left running
-            for _at, read in reads:
-                if not read.done():
-                    read.cancel()
-                elif not read.cancelled():
-                    read.exception()  # seen: not logged as never retrieved
         if finished:
             self.share.note(finished, finished)
             self.metrics.task_outcome["duplicate"].inc(finished)
@@ -116,13 +112,26 @@ class ReplayScreen:
         log.debug("screened %d records: %d finished before", len(records), finished)
         return done
 
-    async def _marked(self, records: Sequence[Record], done: list[bool]) -> list[int]:
-        """Answer from the records' marks (:mod:`dedup.seen`) what they can, into ``done``; the
-        indexes of the records left to key the slow way: those with no mark (all, on a cluster). A
-        record with no value or too large is neither: it never claimed, and the handler dead-letters it."""
-        seen = self.ledger.seen
-        if not seen.enabled:
-            return list(range(len(records)))
+    @staticmethod
+    async def _chunked(chunks: Iterator[tuple[list[int], Awaitable[list[T]]]]) -> list[tuple[int, T]]:
+        """Each chunk's read sent as soon as it is made, and answered while the next chunk is made
+        (``chunks`` makes each on demand); the answers by record index."""
+        reads: list[tuple[list[int], asyncio.Future[list[T]]]] = []
+        try:
+            for at, read in chunks:
+                reads.append((at, asyncio.ensure_future(read)))
+                await asyncio.sleep(0)  # the read goes out before the next chunk is made
+            return [answer for at, read in reads for answer in zip(at, await read, strict=True)]
+        finally:  # a read left behind (another failed, or the runner gave up) is not left running
+            for _at, read in reads:
+                if not read.done():
+                    read.cancel()
+                elif not read.cancelled():
+                    read.exception()  # seen: not logged as never retrieved
+
+    def _marks(self, records: Sequence[Record]) -> Iterator[tuple[list[int], Awaitable[list[int]]]]:
+        """Per chunk, the records' indexes and the read of their marks (:mod:`dedup.seen`). A record
+        with no value or too large has none to read: it never claimed, the handler dead-letters it."""
         at: list[int] = []
         digests: list[str] = []
         for i, record in enumerate(records):
@@ -130,19 +139,19 @@ class ReplayScreen:
             if value is not None and len(value) <= self.max_bytes:
                 at.append(i)
                 digests.append(record_digest(value, record.headers))
-        left: list[int] = []
-        for lo in range(0, len(at), self.MARKS_PER_READ):
-            part = at[lo:lo + self.MARKS_PER_READ]
-            # inside a transaction, the record that published the outcome is read again only
-            # because that transaction did not commit: it must stage the outcome anew
-            coords = [records[i].coordinates for i in part] if self.transactional else None
-            flags = await seen.finished(digests[lo:lo + self.MARKS_PER_READ], coords)
-            for i, flag in zip(part, flags, strict=True):
-                if flag == FINISHED:
-                    done[i] = True
-                elif flag == UNKNOWN:
-                    left.append(i)
-        return left
+            if len(at) == self.MARKS_PER_READ or (i == len(records) - 1 and at):
+                # inside a transaction, the record that published the outcome is read again only
+                # because that transaction did not commit: it must stage the outcome anew
+                coords = [records[j].coordinates for j in at] if self.transactional else None
+                yield at, self.ledger.seen.finished(digests, coords)
+                at, digests = [], []
+
+    def _keyed(self, records: Sequence[Record], indexes: Sequence[int]) -> Iterator[tuple[list[int], Awaitable[list[bool]]]]:
+        """Per chunk of ``indexes``, those of records that decode and the read of whether their tasks finished."""
+        for lo in range(0, len(indexes), self.chunk):
+            at, tasks = self._keys(records, indexes[lo:lo + self.chunk])
+            if tasks:
+                yield at, self.ledger.finished(tasks)
 
     def _keys(self, records: Sequence[Record], indexes: Sequence[int]) -> tuple[list[int], list[tuple[str, str, str]]]:
         """Which of ``records[i]`` (``i`` in ``indexes``) decode, and the ledger's question about each: a

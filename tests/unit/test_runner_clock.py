@@ -8,7 +8,7 @@ from typing import Any
 
 from consumers.partitions import RunnerMetrics
 from consumers.records import Record
-from tests.unit.test_runner import FakeMsg, ValueScreen, close, make_runner, run, until
+from tests.unit.test_runner import TOPIC, FakeMsg, ValueScreen, close, make_runner, run, until
 
 
 class Clock(RunnerMetrics):
@@ -54,6 +54,28 @@ def test_the_first_fetched_record_is_told_once_and_every_finish_screened_or_hand
         await until(lambda: handled == [1, 3] and runner.in_flight == 0, "the records not screened out")
         assert clock.firsts == 1  # the first record only
         assert clock.finished_n == [2, 1, 1]  # and each handled record as its outcome is durable
+        await close(runner)
+
+    run(test)
+
+
+def test_a_batch_screened_whole_finishes_in_one_word_and_moves_the_commit_mark_past_it() -> None:
+    async def test() -> None:
+        handled: list[int] = []
+
+        async def handler(r: Record) -> None:
+            handled.append(r.offset)
+
+        clock = Clock()
+        runner, fake = await make_runner(handler, [0, 1], screen=ValueScreen(), metrics=clock, poll_timeout_s=0.01)
+        runner._thread.consumer = Fetching([  # type: ignore[assignment]
+            [FakeMsg(0, 4, b"a", b"done"), FakeMsg(1, 9, b"a", b"done"), FakeMsg(0, 5, None, b"done")],
+        ])
+        runner._thread.consumer.commit = fake.commit  # type: ignore[attr-defined]
+        assert await runner._poll()
+        assert clock.finished_n == [3] and handled == [] and runner.in_flight == 0
+        await runner.commit()
+        assert sorted(fake.commits[-1]) == [(TOPIC, 0, 6), (TOPIC, 1, 10)]
         await close(runner)
 
     run(test)
