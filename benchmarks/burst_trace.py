@@ -191,10 +191,16 @@ def report(trace: Trace, allowed: int) -> None:
     print("   t(s) consumed inflight   done start  ok 429  open window  w:window refused backoff")
     t = t0
     while t < t_done:
-        last = [s for s in trace.samples if s.at < t + BUCKET_S][-1]  # the latest sample by the bucket's end
+        sampled = [s for s in trace.samples if s.at < t + BUCKET_S]  # the latest sample by the bucket's end
         started = [c for c in calls if t <= c.start < t + BUCKET_S]
         ended = [c for c in ok if t <= c.end < t + BUCKET_S]
         mean_open = sum(open_at(calls, t + i * BUCKET_S / 10) for i in range(10)) / 10
+        if not sampled:  # scraped less often than a bucket: the model's columns only
+            print(f"  {t - t0:5.2f} {'-':>8} {'-':>8} {'-':>6} {len(started):5d} {len(ended):3d} "
+                  f"{sum(c.status == 429 for c in started):3d} {mean_open:5.0f}")
+            t += BUCKET_S
+            continue
+        last = sampled[-1]
         v = last.values
         print(f"  {t - t0:5.2f} {v['consumed']:8.0f} {v['inflight']:8.0f} {v['done']:6.0f} {len(started):5d} "
               f"{len(ended):3d} {sum(c.status == 429 for c in started):3d} {mean_open:5.0f} {last.window:6.0f} "
