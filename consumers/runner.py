@@ -17,7 +17,9 @@
   would otherwise keep arriving).
 - An optional :class:`~consumers.partitions.Screen` looks at each fetched batch first and names
   the records whose outcome is durable already (a replay): those finish at once, without a
-  handler call (a task, a future, a ledger script) each.
+  handler call (a task, a future, a ledger script) each. While batches are screened whole, a
+  batch's screen runs while the next is fetched (:mod:`consumers.screening`); batches are handed
+  over in the order fetched.
 - On revoke it stops starting that partition's records and commits what finished; records still
   running finish under their ledger fences, and the new owner takes what is left.
 - ``stop()`` drains: no new records, in-flight ones finish (bounded by ``drain_timeout_s``), final
@@ -45,6 +47,7 @@ The runner composes collaborators, each owning its state and handed what it need
 - :class:`~consumers.backpressure.Backpressure`: the in-flight window, pauses and resumes, the gate.
 - :class:`~consumers.dispatch.Dispatcher`: key queues, handler tasks, retries.
 - :class:`~consumers.commits.Commits`: offset commits, transaction rounds, lag reports.
+- :class:`~consumers.screening.Screening`: the fetched batch whose screen is under way.
 
 The runner itself keeps the poll loop, the screen, the rebalance callbacks and the drain.
 """
@@ -53,7 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from time import monotonic
 from typing import Any
 
@@ -62,9 +65,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from consumers.backpressure import Backpressure
 from consumers.commits import Commits
 from consumers.dispatch import Dispatcher
-from consumers.partitions import TP, Handler, Partitions, RunnerConfig, RunnerMetrics, Screen, fmt
+from consumers.partitions import TP, Handler, Partitions, PartitionState, RunnerConfig, RunnerMetrics, Screen, fmt
 from consumers.progress import Progress
 from consumers.records import Record
+from consumers.screening import Screening
 from consumers.thread import ConsumerThread
 from consumers.transactions import Staged, TransactionalProducer
 
@@ -108,6 +112,7 @@ class Runner:
         self._backpressure = Backpressure(config, self._partitions, self._thread, self.metrics, gate)
         self._commits = Commits(self._partitions, self._thread, self.metrics, self._note_error, transactions,
                                 self._progress)
+        self._screening = Screening()  # a fetched batch whose screen is under way
         self._dispatcher = Dispatcher(handler, config, self._partitions, self._backpressure, self._progress,
                                       self.metrics, self._note_error, stage=transactions is not None,
                                       failing=lambda: self._commits.failing)
@@ -240,31 +245,60 @@ class Runner:
             await self._drain()
 
     async def _poll(self) -> bool:
-        """Take what the window has room for (pausing and resuming first); False if nothing came."""
-        room = await self._backpressure.room()
+        """Take what the window has room for (pausing and resuming first); False if nothing came.
+
+        While batches are screened whole (a replay), a batch's screen runs while the next batch is
+        fetched, read and its own screen started (:mod:`consumers.screening`); each batch is handed
+        over before the next."""
+        screening = self._screening
+        room = await self._backpressure.room()  # a batch held takes none: see consumers.screening
         if room <= 0:  # full, not yet paused: wait for room, keeping librdkafka's prefetched records
+            if await self._hand_over_screened():  # the batch held takes its room first
+                return True
             await self._backpressure.wait_for_room()
             return False
-        msgs = await self._thread.call(self._fetch, min(room, self.config.max_batch))
+        # with a batch held, only what is ready at once: that batch is not kept waiting for more
+        msgs = await self._thread.call(self._fetch, min(room, self.config.max_batch), not screening.held)
         records = self._records(msgs)
         if records and not self._read_any:
             self._read_any = True
             self.metrics.first_record()
         # as fetched: a rebalance while the batch is screened or handed over drops its records
         owners = dict(self._partitions)
-        done = await self._screened(records)
+        if records and screening.whole and self._screen is not None and self._screen.wanted():
+            screening.start(records, owners, self._screened(records))  # its read queued behind the last one's
+            if screening.batches > 1:
+                await self._hand_over_screened()
+            return True
+        while await self._hand_over_screened():  # every batch held, oldest first
+            pass
+        if records:
+            done = await self._screened(records)
+            screening.whole = done is not None and all(done)
+            await self._hand_over(records, done, owners)
+        return bool(msgs)
+
+    async def _hand_over_screened(self) -> bool:
+        """Hand the batch held over once its screen answered; False when none was held."""
+        batch = await self._screening.take()
+        if batch is None:
+            return False
+        await self._hand_over(batch.records, batch.done, batch.owners)
+        return True
+
+    async def _hand_over(self, records: list[Record], done: Sequence[bool] | None,
+                         owners: Mapping[TP, PartitionState]) -> None:
         if done is not None and all(done):  # nothing starts: a replay's batch finishes in one call
             self._dispatcher.dispatch(records, done, owners)
-            return bool(msgs)
+            return
         for start in range(0, len(records), DISPATCH_PIECE):
             if start:  # the records started so far take their first steps before the next piece starts
                 await asyncio.sleep(0)
             piece = slice(start, start + DISPATCH_PIECE)
             self._dispatcher.dispatch(records[piece], done[piece] if done is not None else None, owners)
-        return bool(msgs)
 
-    def _fetch(self, n: int) -> list[Any]:
-        """Up to ``n`` records: what is ready at once, else wait (``poll_timeout_s``) for the first.
+    def _fetch(self, n: int, wait: bool = True) -> list[Any]:
+        """Up to ``n`` records: what is ready at once, else (``wait``) wait ``poll_timeout_s`` for the first.
 
         ``consume(n, timeout)`` alone would wait the whole timeout whenever fewer than ``n`` are
         ready; this returns as soon as there is anything to start.
@@ -272,7 +306,7 @@ class Runner:
         consumer = self._thread.consumer
         assert consumer is not None
         msgs: list[Any] = consumer.consume(n, 0)
-        if msgs:
+        if msgs or not wait:
             return msgs
         msgs = consumer.consume(1, self.config.poll_timeout_s)
         if msgs and n > 1:
@@ -337,6 +371,7 @@ class Runner:
     # ------------------------------------------------------------------ shutdown
 
     async def _drain(self) -> None:
+        self._screening.drop()  # never tracked: the group reads it again
         consumer = self._thread.consumer
         if consumer is None:
             return
