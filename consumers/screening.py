@@ -10,9 +10,11 @@ they are handed over oldest first, so records reach the dispatcher in the order 
 
 A held batch takes no room in the window: batches are held only while the batches before were
 screened whole, and their records are expected to finish at once too. When one does not (the replay
-ended), the records of the held batches that did not finish before take their room as they are
-handed over, so the window runs over by at most those of two batches, once, and the runner screens
-each batch before the next again until one is screened whole. A batch dropped (a stop) was never
+reached new work), the records of the held batches that did not finish before take their room as
+they are handed over: each such switch can run the window over by at most those of the two batches
+(each fetched within the room the window had), and the runner screens each batch before the next
+again until one is screened whole. Held records are not in :attr:`Runner.pending
+<consumers.runner.Runner.pending>` either: they are handed over within the next poll. A batch dropped (a stop) was never
 tracked: its offsets are not committed and the group reads it again.
 """
 

@@ -14,7 +14,14 @@ script still reads the task's hash for its state, fingerprint and publisher, exa
 by another input, therefore answers "not finished" whatever the mark says, and a record with no mark
 (its bytes never claimed, or claimed before marks existed, or the mark expired: it lives as long as
 the claim's retention) is answered "unknown", and the screen keys it the slow way. The ``1`` in the
-key is the version of the decoding the marks record; a change to how a record is keyed raises it.
+key is the version of the decoding the marks record; a change to how a record is keyed raises it
+(``tests/unit/test_seen_marks.py`` pins what a mark caches). A record read through a Schema
+Registry is marked from the task the registry's schema decoded; the slow path cannot decode such a
+record and leaves it to the handler, whose claim finds the same finished task.
+
+A mark is a string of about 200 bytes (its key, the fingerprint and the task hash's key), one per
+record claimed, for the claim's retention; the ledger's Redis evicts nothing (the service refuses
+to start otherwise), so marks never push task hashes out.
 
 A single Redis server (or a Sentinel's master) only: the mark's key carries no task's hash tag (the
 reader knows only the digest), so on a Redis Cluster it could not sit in the task's slot, where the

@@ -13,7 +13,6 @@ from consumers.records import Record
 from dedup.client import close, connect
 from dedup.keys import Keys
 from dedup.ledger import Ledger
-from dedup.seen import record_digest
 from service.agents.tasks import decode_task
 from service.core.errors import PoisonError
 from service.core.metrics import Metrics
@@ -159,12 +158,3 @@ def test_a_mark_never_outlives_what_its_task_became(redis_url: str) -> None:
     assert after == want
     assert other == want
 
-
-def test_the_digest_tells_apart_every_part_of_a_record() -> None:
-    base = record_digest(b"ab", [("k", b"v")])
-    variants = [record_digest(b"a", [("bk", b"v")]), record_digest(b"ab", [("k", b"")]),
-                record_digest(b"ab", [("kv", b"")]), record_digest(b"ab", []),
-                record_digest(b"ab", [("k", b"v"), ("k", b"v")]), record_digest(b"ab", [("k", None)]),
-                record_digest(b"abk", [("", b"v")]), record_digest(b"ab", [("\ud800", b"v")])]
-    assert len({base, *variants}) == len(variants) + 1
-    assert record_digest(b"ab", []) == record_digest(b"ab", None)  # no headers is no headers
