@@ -25,7 +25,9 @@ from tests.support import (
     committed,
     metric,
     produce,
+    read_topic,
     running,
+    succeeded,
     task_value,
     wait_for,
 )
@@ -245,3 +247,56 @@ def test_model_calls_open_follow_max_in_flight(
 
     asyncio.run(scenario())
     assert fake_llm.stats()["peak_open"] == peak
+
+
+def test_a_replay_while_a_worker_joins_and_leaves_reaches_new_work_and_ends_each_record_once(
+    make_settings: Any, fake_llm: FakeLLM
+) -> None:
+    """A new group replays a processed topic in small fetches (its batches screened whole, the next
+    read queued before the last one's answer), a second worker joins and leaves meanwhile, and the
+    topic ends in new work, another input under a finished id and a record that does not decode:
+    no finished task runs or publishes again, each new task runs once, both bad records are dead
+    letters, and the group commits to the end."""
+    s: Settings = make_settings(kafka={"topic_partitions": 6}, max_in_flight=32)
+    n, m = 3000, 60
+    first = [(f"rp-{i}".encode(), classify(f"rp-{i}", f"text {i}")) for i in range(n)]
+    later = [(f"rn-{i}".encode(), classify(f"rn-{i}", f"new {i}")) for i in range(m)]
+    bad = [(b"rp-7", classify("rp-7", "another text")),
+           (b"rp-bad", b'{"task_id": "rp-bad", "kind": "classify", "input": {"text": "\\ud800"}}')]
+
+    async def first_run() -> None:
+        async with running(s, fake_llm.base_url) as svc:
+            await asyncio.to_thread(produce, s.kafka.bootstrap_servers, s.kafka.input_topic, first)
+            await wait_for(lambda: metric(svc, "agent_tasks_total", {"outcome": "succeeded"}) == n, 120,
+                           what="the first pass", service=svc)
+
+    asyncio.run(first_run())
+    produce(s.kafka.bootstrap_servers, s.kafka.input_topic, later + bad)
+    fake_llm.latency_s = 0.2  # the new work at the end keeps the group busy while the members move
+    replay = s.model_copy(update={"kafka": s.kafka.model_copy(update={"group_id": s.kafka.group_id + "-replay"})})
+    screened: list[float] = []
+
+    async def replay_run() -> None:
+        async with running(replay, fake_llm.base_url) as a:
+            async with running(replay.model_copy(update={"worker_id": "worker-b"}), fake_llm.base_url) as b:
+                await wait_for(lambda: b.runner.assignment, 60, what="B holding partitions")
+                await asyncio.sleep(0.5)
+                screened.append(metric(b, "agent_replay_screened_total"))
+            # B left: its partitions go back to A
+            await wait_for(lambda: sum(max(o, 0) for o in committed(
+                s.kafka.bootstrap_servers, replay.kafka.group_id, s.kafka.input_topic, 6).values()) == n + m + 2,
+                120, interval_s=0.5, what="the replay group's commits to the end", service=a)
+            screened.append(metric(a, "agent_replay_screened_total"))
+
+    asyncio.run(replay_run())
+    calls = fake_llm.stats()["by_step"]
+    assert all(calls.get(f"rp-{i}:classify") == 1 for i in range(n)), "a finished task ran again"
+    assert_one_result_each(s.kafka.bootstrap_servers, s.kafka.results_topic,
+                           [f"rp-{i}" for i in range(n)] + [f"rn-{i}" for i in range(m)], calls)
+    results = succeeded(read_topic(s.kafka.bootstrap_servers, s.kafka.results_topic, expect=n + m))
+    assert len(results) == n + m  # every finished task's result was published once, and not again
+    assert sum(screened) >= n / 2  # most of the replay was screened, not claimed record by record
+    dlq = read_topic(s.kafka.bootstrap_servers, s.kafka.dlq_topic, expect=2)
+    assert {m.headers["dlq.reason"] for m in dlq} == {b"conflict", b"decode"}
+    # a record dead-lettered twice (read again after a rebalance) is the same record both times
+    assert len({(m.headers["dlq.original.partition"], m.headers["dlq.original.offset"]) for m in dlq}) == 2
