@@ -47,7 +47,7 @@ The runner composes collaborators, each owning its state and handed what it need
 - :class:`~consumers.backpressure.Backpressure`: the in-flight window, pauses and resumes, the gate.
 - :class:`~consumers.dispatch.Dispatcher`: key queues, handler tasks, retries.
 - :class:`~consumers.commits.Commits`: offset commits, transaction rounds, lag reports.
-- :class:`~consumers.screening.Screening`: the fetched batch whose screen is under way.
+- :class:`~consumers.screening.Screening`: the fetched batches whose screens are under way (a replay).
 
 The runner itself keeps the poll loop, the screen, the rebalance callbacks and the drain.
 """
@@ -112,7 +112,7 @@ class Runner:
         self._backpressure = Backpressure(config, self._partitions, self._thread, self.metrics, gate)
         self._commits = Commits(self._partitions, self._thread, self.metrics, self._note_error, transactions,
                                 self._progress)
-        self._screening = Screening()  # a fetched batch whose screen is under way
+        self._screening = Screening()  # fetched batches whose screens are under way (a replay)
         self._dispatcher = Dispatcher(handler, config, self._partitions, self._backpressure, self._progress,
                                       self.metrics, self._note_error, stage=transactions is not None,
                                       failing=lambda: self._commits.failing)
@@ -253,11 +253,11 @@ class Runner:
         screening = self._screening
         room = await self._backpressure.room()  # a batch held takes none: see consumers.screening
         if room <= 0:  # full, not yet paused: wait for room, keeping librdkafka's prefetched records
-            if await self._hand_over_screened():  # the batch held takes its room first
+            if await self._hand_over_screened():  # a batch held takes its room first
                 return True
             await self._backpressure.wait_for_room()
             return False
-        # with a batch held, only what is ready at once: that batch is not kept waiting for more
+        # with a batch held, only what is ready at once: that batch is not kept waiting for more records
         msgs = await self._thread.call(self._fetch, min(room, self.config.max_batch), not screening.held)
         records = self._records(msgs)
         if records and not self._read_any:
@@ -279,7 +279,7 @@ class Runner:
         return bool(msgs)
 
     async def _hand_over_screened(self) -> bool:
-        """Hand the batch held over once its screen answered; False when none was held."""
+        """Hand the oldest batch held over once its screen answered; False when none was held."""
         batch = await self._screening.take()
         if batch is None:
             return False
@@ -371,7 +371,7 @@ class Runner:
     # ------------------------------------------------------------------ shutdown
 
     async def _drain(self) -> None:
-        self._screening.drop()  # never tracked: the group reads it again
+        self._screening.drop()  # never tracked: the group reads them again
         consumer = self._thread.consumer
         if consumer is None:
             return

@@ -14,8 +14,8 @@ reached new work), the records of the held batches that did not finish before ta
 they are handed over: each such switch can run the window over by at most those of the two batches
 (each fetched within the room the window had), and the runner screens each batch before the next
 again until one is screened whole. Held records are not in :attr:`Runner.pending
-<consumers.runner.Runner.pending>` either: they are handed over within the next poll. A batch dropped (a stop) was never
-tracked: its offsets are not committed and the group reads it again.
+<consumers.runner.Runner.pending>` either: they are handed over within the next poll. A batch
+dropped (a stop) was never tracked: its offsets are not committed and the group reads it again.
 """
 
 from __future__ import annotations
