@@ -30,16 +30,17 @@ claim's script writes. There no marks are written and the screen keys every reco
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from hashlib import blake2b as _blake2b
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 
+from dedup.client import RedisClient
+from dedup.keys import Keys
 from dedup.lua import AMONG_SET, PUBLICATION
 
-if TYPE_CHECKING:
-    from dedup.ledger import Ledger
+T = TypeVar("T")
 
 __all__ = ["FINISHED", "NOT_FINISHED", "UNKNOWN", "Seen", "record_digest"]
 
@@ -102,6 +103,16 @@ def record_digest(value: bytes, headers: Sequence[tuple[str, bytes | None]] | No
             h.update(len(data).to_bytes(4, "big"))
             h.update(data)
     return h.hexdigest()
+
+
+class Ledger(Protocol):
+    """What the marks use of :class:`dedup.ledger.Ledger`."""
+
+    client: RedisClient
+    keys: Keys
+    done_states: str
+
+    async def redis_call(self, op: Callable[[], Awaitable[T]]) -> T: ...
 
 
 class Seen:
