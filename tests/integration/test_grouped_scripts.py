@@ -12,9 +12,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError, ReadOnlyError, ResponseError
 
-from dedup.batch import ScriptBatcher, grouped_source
+from dedup.batch import ScriptBatcher, grouped_argument, grouped_source, pack_call
 from dedup.client import close, connect
 from service.devtools import local
 
@@ -98,7 +99,8 @@ def test_a_replicas_readonly_fails_the_whole_grouped_command_as_it_fails_one_cal
             client = connect(url)
             try:
                 wrapper = client.register_script(grouped_source(SCRIPT))
-                return await wrapper(keys=["{g}r1", "{g}r2"], args=[2, 1, 1, 1, 1, "1", "2"])
+                calls = [pack_call(["{g}r1"], ["1"]), pack_call(["{g}r2"], ["2"])]
+                return await wrapper(args=[grouped_argument(calls)])
             finally:
                 await close(client)
 
@@ -106,3 +108,56 @@ def test_a_replicas_readonly_fails_the_whole_grouped_command_as_it_fails_one_cal
             asyncio.run(grouped_directly())
     finally:
         replica.stop()
+
+
+# every key and argument back as the script received it
+ECHO = "local out = {} for i = 1, #KEYS do out[#out + 1] = KEYS[i] end out[#out + 1] = '|' " \
+       "for i = 1, #ARGV do out[#out + 1] = ARGV[i] end return out"
+
+ODD_ARGS: list[list[Any]] = [
+    ["é€😀", "", "\x00nul", "x" * 70_000],
+    [b"\xff\xfe\x00 not UTF-8", b""],
+    [0, -1, 2**63 - 1, 10**30, 0.1, 1e16, -2.5e-8],
+    ["{braces}", "a b\r\n", "1"],
+]
+
+
+def test_a_grouped_call_gets_its_keys_and_arguments_as_a_lone_call_does(redis_url: str) -> None:
+    async def main() -> tuple[list[Any], list[Any], int]:
+        client = connect(redis_url)
+        try:
+            script = client.register_script(ECHO)
+            batcher = ScriptBatcher(client)
+            keys = [[f"{{g}}k{i}", f"{{g}}odd:{i}:é"] for i in range(len(ODD_ARGS))]
+            alone = [await script(keys=k, args=a) for k, a in zip(keys, ODD_ARGS, strict=True)]
+            sent = batcher.batches
+            grouped = await asyncio.gather(*(batcher.run(script, k, a) for k, a in zip(keys, ODD_ARGS, strict=True)))
+            return alone, list(grouped), batcher.batches - sent
+        finally:
+            await close(client)
+
+    alone, grouped, sent = asyncio.run(main())
+    assert sent == 1, "one grouped command"
+    assert grouped == alone
+    assert alone[1][3:] == [b"\xff\xfe\x00 not UTF-8", b""] and alone[2][3:5] == [b"0", b"-1"], alone
+
+
+def test_a_call_whose_arguments_cannot_be_sent_fails_alone(redis_url: str) -> None:
+    async def main() -> list[Any]:
+        client = connect(redis_url)
+        try:
+            script = client.register_script(ECHO)
+            batcher = ScriptBatcher(client)
+            return await asyncio.gather(
+                batcher.run(script, ["{g}a"], ["fine"]),
+                batcher.run(script, ["{g}b"], ["lone \udc80 surrogate"]),  # no UTF-8 for it: redis-py refuses it too
+                batcher.run(script, ["{g}c"], [True]),  # nor does redis-py send a bool
+                batcher.run(script, ["{g}d"], [7]),
+                return_exceptions=True)
+        finally:
+            await close(client)
+
+    outcomes = asyncio.run(main())
+    assert outcomes[0] == [b"{g}a", b"|", b"fine"] and outcomes[3] == [b"{g}d", b"|", b"7"], outcomes
+    # as redis-py fails them on their own: a library failure is a connection's, a bool the caller's
+    assert isinstance(outcomes[1], RedisConnectionError) and isinstance(outcomes[2], DataError), outcomes
