@@ -51,6 +51,9 @@ from dedup.client import RedisClient, as_redis_error
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
+# a grouped script's one argument stays well under Redis's largest bulk string (proto-max-bulk-len,
+# 512 MB by default): a larger group is cut in two, a larger call goes alone
+GROUP_BYTES = 8 * 1024 * 1024
 REFRESH_INTERVAL_S = 0.5
 
 # ARGV[1] a MessagePack array of the calls, each an array: its count of keys, its keys, its arguments
@@ -135,21 +138,39 @@ class ScriptBatcher:
             task.add_done_callback(self._flushes.discard)
 
     def _group(self, queue: list[_Call]) -> list[_Call]:
-        """The calls of one script, at most ``max_batch`` at once, as one call of its grouped script
-        whose answer (every call's answer) is handed to each call."""
+        """The calls of one script, at most ``max_batch`` and :data:`GROUP_BYTES` at once, as one call
+        of its grouped script whose answer (every call's answer) is handed to each call."""
         by_script: dict[str, list[_Call]] = {}
         for call in queue:
             by_script.setdefault(call.script.sha, []).append(call)
         out: list[_Call] = []
         for calls in by_script.values():
-            for start in range(0, len(calls), self._max_batch):
-                chunk = calls[start:start + self._max_batch]
-                together = chunk[0] if len(chunk) == 1 else self._together(chunk)
-                if together is not None:
-                    out.append(together)
+            if len(calls) == 1:
+                out += calls
+                continue
+            chunk: list[tuple[_Call, bytes]] = []
+            size = 0
+            for call in calls:
+                try:
+                    packed = pack_call(call.keys, call.args)
+                except Exception as exc:  # noqa: BLE001 - this call alone, as redis-py would have failed it
+                    _settle(call.future, exc=as_redis_error(exc))
+                    continue
+                if chunk and (len(chunk) == self._max_batch or size + len(packed) > GROUP_BYTES):
+                    out.append(self._together(chunk))
+                    chunk, size = [], 0
+                chunk.append((call, packed))
+                size += len(packed)
+            if chunk:
+                out.append(self._together(chunk))
         return out
 
-    def _together(self, calls: list[_Call]) -> _Call | None:
+    def _together(self, chunk: list[tuple[_Call, bytes]]) -> _Call:
+        """The calls of ``chunk`` (each with its :func:`pack_call`) as one call of their script's
+        grouped script; a chunk of one goes as itself."""
+        calls = [call for call, _ in chunk]
+        if len(calls) == 1:
+            return calls[0]
         script = calls[0].script
         grouped = self._grouped.get(script.sha) if self._grouped is not None else None
         if grouped is None:
@@ -157,19 +178,8 @@ class ScriptBatcher:
             grouped = AsyncScript(self._client, grouped_source(source if isinstance(source, str) else bytes(source).decode()))
             if self._grouped is not None:
                 self._grouped[script.sha] = grouped
-        packed: list[bytes] = []
-        carried: list[_Call] = []
-        for call in calls:
-            try:
-                packed.append(pack_call(call.keys, call.args))
-            except Exception as exc:  # noqa: BLE001 - this call alone, as redis-py would have failed it
-                _settle(call.future, exc=as_redis_error(exc))
-                continue
-            carried.append(call)
-        if not carried:
-            return None
-        calls = carried
-        together = _Call(grouped, (), (grouped_argument(packed),), asyncio.get_running_loop().create_future())
+        argument = grouped_argument([packed for _, packed in chunk])
+        together = _Call(grouped, (), (argument,), asyncio.get_running_loop().create_future())
         together.future.add_done_callback(lambda done: _hand_out(done, calls))
         return together
 

@@ -15,6 +15,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ReadOnlyError, ResponseError
 
+from dedup import batch
 from dedup.batch import ScriptBatcher, grouped_argument, grouped_source, pack_call
 from dedup.client import close, connect
 from service.devtools import local
@@ -161,3 +162,24 @@ def test_a_call_whose_arguments_cannot_be_sent_fails_alone(redis_url: str) -> No
     assert outcomes[0] == [b"{g}a", b"|", b"fine"] and outcomes[3] == [b"{g}d", b"|", b"7"], outcomes
     # as redis-py fails them on their own: a library failure is a connection's, a bool the caller's
     assert isinstance(outcomes[1], RedisConnectionError) and isinstance(outcomes[2], DataError), outcomes
+
+
+def test_a_group_larger_than_its_byte_cap_is_cut_and_each_call_still_answered(redis_url: str,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch, "GROUP_BYTES", 1000)
+    args = [[f"{i}" * 400] for i in range(5)]  # two calls fit under the cap, not three
+
+    async def main() -> tuple[list[Any], int, int]:
+        client = connect(redis_url)
+        try:
+            script = client.register_script(ECHO)
+            batcher = ScriptBatcher(client)
+            await script(keys=["{g}warm"], args=["x"])
+            answers = await asyncio.gather(*(batcher.run(script, [f"{{g}}cap{i}"], a) for i, a in enumerate(args)))
+            return list(answers), batcher.commands, batcher.batches
+        finally:
+            await close(client)
+
+    answers, commands, batches = asyncio.run(main())
+    assert answers == [[f"{{g}}cap{i}".encode(), b"|", a[0].encode()] for i, a in enumerate(args)]
+    assert (commands, batches) == (3, 1), "two groups of two and the last call alone, in one round trip"
