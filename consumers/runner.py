@@ -161,10 +161,10 @@ class Runner:
 
     @property
     def pending(self) -> bool:
-        """Work waits: records taken and not finished, outcomes staged for a transaction, or a paused
-        partition with lag."""
-        return self._backpressure.held > 0 or any((p.paused and (p.lag or 0) > 0) or p.staged
-                                                  for p in self._partitions.values())
+        """Work waits: records taken and not finished, records fetched and held for their screen's
+        answer, outcomes staged for a transaction, or a paused partition with lag."""
+        return self._backpressure.held > 0 or self._screening.batches > 0 or any(
+            (p.paused and (p.lag or 0) > 0) or p.staged for p in self._partitions.values())
 
     async def commit(self) -> None:
         """Commit what finished; an offset is marked committed only once the broker accepted it."""
@@ -180,6 +180,8 @@ class Runner:
             return "transactions failing"
         if self._partitions and all(p.paused for p in self._partitions.values()):
             return "paused"
+        if self._screening.batches:
+            return "screening"  # fetched records wait for the ledger's read of them
         return None
 
     # ------------------------------------------------------------------ consumer thread

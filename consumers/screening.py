@@ -13,9 +13,10 @@ screened whole, and their records are expected to finish at once too. When one d
 reached new work), the records of the held batches that did not finish before take their room as
 they are handed over: each such switch can run the window over by at most those of the two batches
 (each fetched within the room the window had), and the runner screens each batch before the next
-again until one is screened whole. Held records are not in :attr:`Runner.pending
-<consumers.runner.Runner.pending>` either: they are handed over within the next poll. A batch
-dropped (a stop) was never tracked: its offsets are not committed and the group reads it again.
+again until one is screened whole. Held batches count as work waiting (:attr:`Runner.pending
+<consumers.runner.Runner.pending>`), so a screen that never answers is a stall the liveness check
+sees. A batch dropped (a stop) was never tracked: its offsets are not committed and the group reads
+it again.
 """
 
 from __future__ import annotations

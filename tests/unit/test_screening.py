@@ -64,6 +64,7 @@ def test_batches_screened_whole_overlap_the_next_fetch_and_reach_the_handler_in_
         assert runner._screening.held == 0 and runner._screening.whole
         assert await runner._poll()  # the batch before was screened whole: this one is held
         assert runner._screening.held == 2
+        assert runner.pending, "a held batch is work waiting"
         assert await runner._poll()  # starts the next one's screen, then hands the held batch over
         assert runner._screening.held == 2 and fetching.asked[2] == 8  # a held batch takes no room
         assert await runner._poll()
@@ -119,5 +120,23 @@ def test_a_stop_drops_the_held_batch_uncommitted() -> None:
         assert runner._screening.held == 0
         assert handled == [] and runner._partitions[(TOPIC, 0)].tracker.committable() == 1
         assert fetching.commits[-1] == [(TOPIC, 0, 1)]  # the group reads the held batch again
+
+    run(test)
+
+
+def test_a_held_batch_whose_read_is_out_is_work_waiting_that_names_the_screen() -> None:
+    async def test() -> None:
+        handled: list[int] = []
+        runner, _fetching, screen = await started(8, [[done(0, 0)], [done(0, 1)]], handled)
+        assert await runner._poll()  # screened whole and handed over: finished at once
+        await until(lambda: runner.in_flight == 0, "the screened record")
+        assert not runner.pending and runner._holding() is None
+        screen.hang = True  # the ledger never answers the next read
+        assert await runner._poll()  # held while its read is out
+        assert runner._screening.held == 1
+        # work waits, so a screen that never answers is a stall the liveness check sees, and says why
+        assert runner.pending and runner._holding() == "screening"
+        await runner._drain()  # the read is cancelled, the batch dropped uncommitted
+        assert not runner.pending and handled == []
 
     run(test)
