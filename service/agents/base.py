@@ -288,8 +288,10 @@ class Agent(Generic[AgentInputT]):
         """The task's result: the last step's output."""
         return outputs[self.steps[-1].name]
 
-    @property
+    @functools.cached_property
     def prompt_version(self) -> str:
+        """Each step's name and prompt version: read several times a task, made once (the steps
+        of an agent are fixed when it is made)."""
         return "+".join(f"{s.name}@{s.prompt_version}" for s in self.steps)
 
 
