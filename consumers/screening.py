@@ -14,9 +14,10 @@ reached new work), the records of the held batches that did not finish before ta
 they are handed over: each such switch can run the window over by at most those of the two batches
 (each fetched within the room the window had), and the runner screens each batch before the next
 again until one is screened whole. Held batches count as work waiting (:attr:`Runner.pending
-<consumers.runner.Runner.pending>`), so a screen that never answers is a stall the liveness check
-sees. A batch dropped (a stop) was never tracked: its offsets are not committed and the group reads
-it again.
+<consumers.runner.Runner.pending>`, the cause ``screening``): a run loop held up by their reads
+(each at most ``screen_timeout_s``, again and again while the ledger is slow) and finishing nothing
+is a stall the liveness check sees. A batch dropped (a stop) was never tracked: its offsets are not
+committed and the group reads it again.
 """
 
 from __future__ import annotations

@@ -13,13 +13,16 @@ one call is that call's answer, except READONLY (the server follows another mast
 the whole command so that a Sentinel-managed connection drops itself and finds the new master. Redis packs, sends, parses and answers one command instead of many. A
 Redis Cluster keeps one command per call: one script may not touch keys of several hash slots there.
 
-The grouped command carries its calls as one argument, a MessagePack array of each call's keys and
-arguments, which the wrapper reads with the ``cmsgpack`` library Redis gives every script: packed
-in C on both sides instead of redis-py encoding every key and argument of every call in Python (a
-dozen a call, most of the ledger's client CPU). Each argument reaches the script as the string
-redis-py would have sent (an integer or a float as its ``repr``, a ``str`` as UTF-8, bytes as
-they are; msgpack's raw type for both, since Redis's ``cmsgpack`` reads no ``bin``). A call whose
-arguments cannot be packed fails alone, as a connection failure, as it would have on its own.
+The grouped command declares every call's keys, in order, as its ``KEYS``, and carries the calls'
+arguments as one argument: a MessagePack array of each call's count of keys and its arguments, which
+the wrapper reads with the ``cmsgpack`` library Redis gives every script. They are packed in C on
+both sides instead of redis-py encoding every argument of every call in Python (a dozen a call). Each
+argument reaches the script as the string redis-py would have sent, by the client's own encoder (an
+integer or a float as its ``repr``, a ``str`` in the client's encoding, bytes as they are; msgpack's
+raw type for both, since Redis's ``cmsgpack`` reads no ``bin``). A call of a group whose arguments
+cannot be encoded fails alone, with the error redis-py gives it (a ``DataError`` for a type it does
+not send; a connection failure for a string it cannot encode, as for any failure inside the client
+library); the others of its group go on.
 
 A script Redis does not know (after a restart or ``SCRIPT FLUSH``) is loaded and the call sent
 again on its own. An error of one call fails only that call; a lost connection fails the batch.
@@ -28,13 +31,13 @@ again on its own. An error of one call fails only that call; a lost connection f
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from redis._parsers.encoders import Encoder
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
@@ -56,22 +59,22 @@ MAX_BATCH = 256
 GROUP_BYTES = 8 * 1024 * 1024
 REFRESH_INTERVAL_S = 0.5
 
-# ARGV[1] a MessagePack array of the calls, each an array: its count of keys, its keys, its arguments
-# -> each call's answer (an error as an error). READONLY is the server's answer, not a call's (it
-# follows another master now): it fails the whole command at the top, where a Sentinel-managed
-# connection drops itself and asks for the new master, as it does for an ungrouped call
+# KEYS every call's keys in order; ARGV[1] a MessagePack array of the calls, each an array: its count
+# of keys, then its arguments -> each call's answer (an error as an error). READONLY is the server's
+# answer, not a call's (it follows another master now): it fails the whole command at the top, where
+# a Sentinel-managed connection drops itself and asks for the new master, as for an ungrouped call
 _GROUPED = """
 local function one(KEYS, ARGV)
 %s
 end
 local calls = cmsgpack.unpack(ARGV[1])
 local out = {}
+local k = 1
 for i = 1, #calls do
   local call = calls[i]
-  local n = call[1]
   local keys, args = {}, {}
-  for j = 1, n do keys[j] = call[j + 1] end
-  for j = n + 2, #call do args[j - n - 1] = call[j] end
+  for j = 1, call[1] do keys[j] = KEYS[k]; k = k + 1 end
+  for j = 2, #call do args[j - 1] = call[j] end
   local ok, r = pcall(one, keys, args)
   if not ok then
     if type(r) ~= 'table' then r = {err = tostring(r)} end
@@ -106,6 +109,7 @@ class ScriptBatcher:
         self._client = client
         self._max_batch = max_batch
         self._grouped: dict[str, AsyncScript] | None = None if isinstance(client, RedisCluster) else {}
+        self._packer: Packer | None = None  # made at the first group, from the client's encoder
         self._queue: list[_Call] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
@@ -132,6 +136,7 @@ class ScriptBatcher:
                 queue = self._group(queue)
             except Exception as exc:  # noqa: BLE001 - no grouped script made: every call goes on its own
                 log.warning("ledger scripts not grouped: %r", exc)
+                queue = [call for call in queue if not call.future.done()]  # but those failed already
         for start in range(0, len(queue), self._max_batch):
             task = asyncio.get_running_loop().create_task(self._send(queue[start:start + self._max_batch]))
             self._flushes.add(task)
@@ -144,6 +149,7 @@ class ScriptBatcher:
         for call in queue:
             by_script.setdefault(call.script.sha, []).append(call)
         out: list[_Call] = []
+        packer = self._packer = self._packer or Packer(self._client.get_encoder())
         for calls in by_script.values():
             if len(calls) == 1:
                 out += calls
@@ -152,20 +158,20 @@ class ScriptBatcher:
             size = 0
             for call in calls:
                 try:
-                    packed = pack_call(call.keys, call.args)
+                    packed = packer.call(len(call.keys), call.args)
                 except Exception as exc:  # noqa: BLE001 - this call alone, as redis-py would have failed it
                     _settle(call.future, exc=as_redis_error(exc))
                     continue
                 if chunk and (len(chunk) == self._max_batch or size + len(packed) > GROUP_BYTES):
-                    out.append(self._together(chunk))
+                    out.append(self._together(chunk, packer))
                     chunk, size = [], 0
                 chunk.append((call, packed))
                 size += len(packed)
             if chunk:
-                out.append(self._together(chunk))
+                out.append(self._together(chunk, packer))
         return out
 
-    def _together(self, chunk: list[tuple[_Call, bytes]]) -> _Call:
+    def _together(self, chunk: list[tuple[_Call, bytes]], packer: Packer) -> _Call:
         """The calls of ``chunk`` (each with its :func:`pack_call`) as one call of their script's
         grouped script; a chunk of one goes as itself."""
         calls = [call for call, _ in chunk]
@@ -178,8 +184,9 @@ class ScriptBatcher:
             grouped = AsyncScript(self._client, grouped_source(source if isinstance(source, str) else bytes(source).decode()))
             if self._grouped is not None:
                 self._grouped[script.sha] = grouped
-        argument = grouped_argument([packed for _, packed in chunk])
-        together = _Call(grouped, (), (argument,), asyncio.get_running_loop().create_future())
+        keys = [key for call in calls for key in call.keys]
+        argument = packer.group([packed for _, packed in chunk])
+        together = _Call(grouped, keys, (argument,), asyncio.get_running_loop().create_future())
         together.future.add_done_callback(lambda done: _hand_out(done, calls))
         return together
 
@@ -248,24 +255,25 @@ class ScriptBatcher:
             log.debug("cluster slot map not reloaded: %s", exc)
 
 
-_ARRAY = msgpack.Packer(use_bin_type=False)
-_PLAIN = (str, bytes)
-# redis-py's own encoder, as the ledger's client sets it (UTF-8, strict)
-_encode: Callable[[Any], bytes] = Encoder("utf-8", "strict", decode_responses=False).encode  # type: ignore[no-untyped-call]
+class Packer:
+    """The arguments of grouped calls as the client's encoder would send them (the module docstring)."""
 
+    def __init__(self, encoder: Any) -> None:
+        self._encode: Callable[[Any], bytes] = encoder.encode
+        utf8 = codecs.lookup(encoder.encoding).name == "utf-8" and encoder.encoding_errors == "strict"
+        self._plain: tuple[type, ...] = (str, bytes) if utf8 else (bytes,)  # what msgpack writes as the encoder would
+        self._array = msgpack.Packer(use_bin_type=False)
 
-def pack_call(keys: Sequence[str], args: Sequence[Any]) -> bytes:
-    """One call of a grouped script: its count of keys, its keys, its arguments, each argument as
-    redis-py's encoder would send it (MessagePack raw strings; see the module docstring)."""
-    plain = [a if type(a) in _PLAIN else _encode(a) for a in args]
-    packed: bytes = msgpack.packb([len(keys), *keys, *plain], use_bin_type=False)
-    return packed
+    def call(self, keys: int, args: Sequence[Any]) -> bytes:
+        """One call of a grouped script: its count of keys, then its arguments."""
+        plain = self._plain
+        packed: bytes = self._array.pack([keys, *[a if type(a) in plain else self._encode(a) for a in args]])
+        return packed
 
-
-def grouped_argument(packed: list[bytes]) -> bytes:
-    """The one argument of a grouped script: the array of its calls, each from :func:`pack_call`."""
-    header: bytes = _ARRAY.pack_array_header(len(packed))
-    return header + b"".join(packed)
+    def group(self, packed: list[bytes]) -> bytes:
+        """The one argument of a grouped script: the array of its calls, each from :meth:`call`."""
+        header: bytes = self._array.pack_array_header(len(packed))
+        return header + b"".join(packed)
 
 
 async def _evalsha(client: RedisClient, call: _Call) -> Any:

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ReadOnlyError, ResponseError
 
 from dedup import batch
-from dedup.batch import ScriptBatcher, grouped_argument, grouped_source, pack_call
+from dedup.batch import Packer, ScriptBatcher, grouped_source
 from dedup.client import close, connect
 from service.devtools import local
 
@@ -100,8 +100,9 @@ def test_a_replicas_readonly_fails_the_whole_grouped_command_as_it_fails_one_cal
             client = connect(url)
             try:
                 wrapper = client.register_script(grouped_source(SCRIPT))
-                calls = [pack_call(["{g}r1"], ["1"]), pack_call(["{g}r2"], ["2"])]
-                return await wrapper(args=[grouped_argument(calls)])
+                packer = Packer(client.get_encoder())
+                return await wrapper(keys=["{g}r1", "{g}r2"],
+                                     args=[packer.group([packer.call(1, ["1"]), packer.call(1, ["2"])])])
             finally:
                 await close(client)
 
@@ -123,16 +124,19 @@ ODD_ARGS: list[list[Any]] = [
 ]
 
 
-def test_a_grouped_call_gets_its_keys_and_arguments_as_a_lone_call_does(redis_url: str) -> None:
+@pytest.mark.parametrize("options", ["", "?encoding=latin-1"])
+def test_a_grouped_call_gets_its_keys_and_arguments_as_a_lone_call_does(redis_url: str, options: str) -> None:
     async def main() -> tuple[list[Any], list[Any], int]:
-        client = connect(redis_url)
+        client = connect(redis_url + options)
         try:
             script = client.register_script(ECHO)
             batcher = ScriptBatcher(client)
-            keys = [[f"{{g}}k{i}", f"{{g}}odd:{i}:é"] for i in range(len(ODD_ARGS))]
-            alone = [await script(keys=k, args=a) for k, a in zip(keys, ODD_ARGS, strict=True)]
+            keys = [[f"{{g}}k{i}:{j}:é" for j in range(i)] for i in range(len(ODD_ARGS))]  # 0 to 3 keys a call
+            args = [[a for a in group if not (options and isinstance(a, str) and max(a, default="a") > "\xff")]
+                    for group in ODD_ARGS]  # what the client's encoding can write
+            alone = [await script(keys=k, args=a) for k, a in zip(keys, args, strict=True)]
             sent = batcher.batches
-            grouped = await asyncio.gather(*(batcher.run(script, k, a) for k, a in zip(keys, ODD_ARGS, strict=True)))
+            grouped = await asyncio.gather(*(batcher.run(script, k, a) for k, a in zip(keys, args, strict=True)))
             return alone, list(grouped), batcher.batches - sent
         finally:
             await close(client)
@@ -140,7 +144,9 @@ def test_a_grouped_call_gets_its_keys_and_arguments_as_a_lone_call_does(redis_ur
     alone, grouped, sent = asyncio.run(main())
     assert sent == 1, "one grouped command"
     assert grouped == alone
-    assert alone[1][3:] == [b"\xff\xfe\x00 not UTF-8", b""] and alone[2][3:5] == [b"0", b"-1"], alone
+    assert alone[1] == [b"{g}k1:0:" + "é".encode(options and "latin-1" or "utf-8"), b"|",
+                        b"\xff\xfe\x00 not UTF-8", b""], alone
+    assert alone[2][3:5] == [b"0", b"-1"], alone
 
 
 def test_a_call_whose_arguments_cannot_be_sent_fails_alone(redis_url: str) -> None:

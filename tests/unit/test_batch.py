@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 from typing import Any
 
+import msgpack
 import pytest
+from redis._parsers.encoders import Encoder
 from redis.exceptions import ConnectionError, NoScriptError
 
-from dedup.batch import ScriptBatcher
+from dedup.batch import Packer, ScriptBatcher
 
 
 class BrokenClient:
@@ -105,3 +108,27 @@ def test_a_batch_cancelled_while_it_loads_a_script_leaves_no_caller_waiting() ->
 
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, ConnectionError) for o in outcomes), outcomes
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Name(enum.StrEnum):
+    ADA = "ada"
+
+
+@pytest.mark.parametrize("value", ["é€", "", b"\xff\x00", 0, -(2**70), 1e16, 0.1, memoryview(b"mv"), Color.RED,
+                                   Name.ADA, True, None, bytearray(b"x"), object(), "lone \udc80"])
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_grouped_argument_is_what_redis_py_would_send_or_fails_as_it_would(value: Any, encoding: str) -> None:
+    encoder = Encoder(encoding, "strict", False)  # type: ignore[no-untyped-call]
+    try:
+        expected: Any = bytes(encoder.encode(value))
+    except Exception as exc:  # noqa: BLE001 - the packer must fail the same way
+        with pytest.raises(type(exc)):
+            Packer(encoder).call(0, [value])
+        return
+    packer = Packer(encoder)
+    group = msgpack.unpackb(packer.group([packer.call(2, [value]), packer.call(0, ["x"])]), raw=True)
+    assert group == [[2, expected], [0, b"x"]]
