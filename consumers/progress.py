@@ -3,11 +3,12 @@
 The runner tells it when a record finishes and, on every turn of its loop, whether work is pending
 (records taken and not finished, records fetched and held for their screen's read, paused partitions
 with lag, or outcomes staged for a transaction; while transactions fail, a record that stages its
-outcomes does not count as finished, and a transaction that commits staged outcomes does). Work pending and no record finished
-for ``stall_s`` is a stall: ``/readyz`` answers 503 naming what holds the work (the first of the
-``causes`` that answers), and after ``restart_s`` ``/healthz`` fails too, so the platform restarts
-the process. The causes are questions other parts answer (the processor: an outage, a breaker, a
-degraded endpoint; the runner: paused, retrying, screening), asked only when someone wants to know.
+outcomes does not count as finished, and a transaction that commits staged outcomes does). Work
+pending and no record finished for ``stall_s`` is a stall: ``/readyz`` answers 503 naming what holds
+the work (the first of the ``causes`` that answers), and after ``restart_s`` ``/healthz`` fails too,
+so the platform restarts the process. The causes are questions other parts answer (the processor:
+an outage, a breaker, a degraded endpoint; the runner: paused, retrying, screening), asked only when
+someone wants to know.
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ class ScriptBatcher:
         return out
 
     def _together(self, chunk: list[tuple[_Call, bytes]], packer: Packer) -> _Call:
-        """The calls of ``chunk`` (each with its :func:`pack_call`) as one call of their script's
+        """The calls of ``chunk`` (each with its :meth:`Packer.call`) as one call of their script's
         grouped script; a chunk of one goes as itself."""
         calls = [call for call, _ in chunk]
         if len(calls) == 1:
@@ -261,7 +261,8 @@ class Packer:
     def __init__(self, encoder: Any) -> None:
         self._encode: Callable[[Any], bytes] = encoder.encode
         utf8 = codecs.lookup(encoder.encoding).name == "utf-8" and encoder.encoding_errors == "strict"
-        self._plain: tuple[type, ...] = (str, bytes) if utf8 else (bytes,)  # what msgpack writes as the encoder would
+        # the types msgpack writes as the encoder would; any other goes through the encoder first
+        self._plain: tuple[type, ...] = (str, bytes) if utf8 else (bytes,)
         self._array = msgpack.Packer(use_bin_type=False)
 
     def call(self, keys: int, args: Sequence[Any]) -> bytes:
