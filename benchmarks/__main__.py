@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="scaled-down sizes (a smoke check)")
     parser.add_argument("--tasks", type=int, default=None,
                         help="task count of the benchmarks that take one (naive, batch_lane), instead of their default")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="passes of the naive benchmark, each consumer in turn; its figures are the medians")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--broker", choices=("kafka", "noida", "tansu"), default="noida",
                         help="broker: Apache Kafka from `make kafka-jars`, or a PyPI stand-in (default noida)")
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with Env(args.broker) as env:
         env.tasks = args.tasks
+        env.rounds = max(1, args.rounds)
         for name in args.names:
             t0 = time.monotonic()
             progress(f"=== {name}")

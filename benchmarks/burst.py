@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.child import ChildService
+from benchmarks.child import AFTER_FIRST_S, ChildService
 from benchmarks.env import Env, FakeModel, Names, progress, task_records
 from benchmarks.report import Figure
 from dedup.keys import Keys
@@ -36,10 +36,6 @@ LATENCY_S = 0.5
 ALLOWED = 200  # the model's concurrent calls; one more is answered 429
 IN_FLIGHT = 400
 TARGET = 0.95
-# the burst's scrapes of /metrics, once its first record is seen: the service clocks its first record
-# and its last outcome itself (benchmarks.child), so a scrape only has to notice the end, and each one
-# costs the loop under measure an exposition of every metric
-SCRAPE_S = 0.5
 
 
 @dataclass
@@ -124,7 +120,7 @@ def _measure(env: Env, fake: FakeModel, memory_s: float, warm: int, burst: int) 
     again = _settings(env, names, fake, memory_s)  # a new process: its own metrics port
     with ChildService(again, env.dir / f"burst-{names.run}.log") as svc:
         watch = svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= burst, total=burst, stall_s=60,
-                         coarse_s=SCRAPE_S)
+                         coarse_s=AFTER_FIRST_S)
     stats = fake.stats()
     result = Pass(memory_s, burst, watch.processing_s, remembered, int(stats["over_concurrency"]),
                   int(stats["peak_open"]), int(watch.counts["dead_lettered"]))

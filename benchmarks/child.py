@@ -33,6 +33,12 @@ COUNTED = {
 }
 # the service's clock readings (Unix time) of its first fetched record and its latest finished one:
 # one series per worker for the first (the earliest counts), one for the latest
+# the scrapes once the first record is seen (``coarse_s``): a Prometheus scrapes every 15 s or more,
+# and each scrape costs the service an exposition of every metric (about 3 ms of its loop on a 2-core
+# machine), which a consumer without metrics never pays; only the end is left to notice by then
+AFTER_FIRST_S = 0.5
+# the scrapes until the first record: the CPU meters of the benchmarks start at the one that sees it
+BEFORE_FIRST_S = 0.02
 FIRST_AT = "agent_first_record_timestamp_seconds"
 LAST_AT = "agent_last_finish_timestamp_seconds"
 

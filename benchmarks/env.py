@@ -116,6 +116,7 @@ class Env:
         self.redis: local.Server | None = None
         self._fakes: list[FakeModel] = []
         self.tasks: int | None = None  # --tasks: the count of the benchmarks that take one
+        self.rounds = 1  # --rounds: the naive benchmark's passes of each consumer
 
     def __enter__(self) -> Env:
         try:

@@ -11,7 +11,7 @@ child process.
 
 from __future__ import annotations
 
-from benchmarks.child import ChildService
+from benchmarks.child import AFTER_FIRST_S, BEFORE_FIRST_S, ChildService
 from benchmarks.e2e import pipe
 from benchmarks.env import Env, progress, task_records
 from benchmarks.inproc import CpuMeter
@@ -56,7 +56,7 @@ def run(env: Env, quick: bool) -> list[Figure]:
         with ChildService(replay_settings, env.dir / f"replay-{names.run}.log") as svc:
             meter = CpuMeter({"service": svc.pid, "redis": env.redis.proc.pid if env.redis else None})
             watch = svc.wait(lambda c: c["duplicate"] + c["succeeded"] + c["dead_lettered"] >= n, total=n,
-                             progress_key="duplicate", interval_s=0.05, coarse_s=0.5,
+                             progress_key="duplicate", interval_s=BEFORE_FIRST_S, coarse_s=AFTER_FIRST_S,
                              on_first=meter.start)
             meter.stop()
         rate = n / watch.processing_s

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.env import task_record
-from benchmarks.naive import Pass, figures, redis_calls, reset_redis_stats
+from benchmarks.naive import Pass, figures, median_pass, redis_calls, reset_redis_stats, rounds_figure
 from benchmarks.naive_consumer import request_body
 from service.agents.base import Previous
 from service.agents.registry import default_agents
@@ -64,3 +64,18 @@ def test_the_redis_commands_of_a_pass_are_counted_from_the_servers_own_stats(red
     finally:
         client.delete(*(f"naive-stats-{i}" for i in range(3)))
         client.close()
+
+
+def test_rounds_report_each_consumers_median_pass_and_the_spread_of_their_ratios() -> None:
+    def run(cpu: float) -> Pass:
+        return Pass(seconds=1.0, cpu={"consumer": cpu}, results=1000)
+
+    naive = [run(0.40), run(0.30), run(0.35)]
+    service = [run(0.60), run(0.40), run(0.70)]
+    assert median_pass(naive, 1000).cpu_ms(1000) == 0.35
+    assert median_pass(service, 1000).cpu_ms(1000) == 0.6
+    assert median_pass([run(0.5), run(0.2)], 1000).cpu_ms(1000) == 0.2  # the lower middle of an even count
+    spread = rounds_figure(1000, {"naive": naive, "service": service, "service on uvloop": service})
+    assert spread.value == 2.0  # round 3: 0.70 / 0.35; rounds 1 and 2: 1.5x and 1.33x
+    assert spread.baseline == "lowest 1.33x"
+    assert "naive 0.400 / 0.300 / 0.350 ms" in spread.detail
