@@ -31,14 +31,14 @@ COUNTED = {
     'agent_tasks_total{outcome="duplicate"}': "duplicate",
     'agent_tasks_total{outcome="dead_lettered"}': "dead_lettered",
 }
-# the service's clock readings (Unix time) of its first fetched record and its latest finished one:
-# one series per worker for the first (the earliest counts), one for the latest
 # the scrapes once the first record is seen (``coarse_s``): a Prometheus scrapes every 15 s or more,
-# and each scrape costs the service an exposition of every metric (about 3 ms of its loop on a 2-core
-# machine), which a consumer without metrics never pays; only the end is left to notice by then
+# and each scrape costs the service an exposition of every metric (2.5 ms of its CPU, 27 kB of text,
+# after 2,000 tasks), which a consumer without metrics never pays; only the end is left to notice by then
 AFTER_FIRST_S = 0.5
 # the scrapes until the first record: the CPU meters of the benchmarks start at the one that sees it
 BEFORE_FIRST_S = 0.02
+# the service's clock readings (Unix time) of its first fetched record and its latest finished one:
+# one series per worker for the first (the earliest counts), one for the latest
 FIRST_AT = "agent_first_record_timestamp_seconds"
 LAST_AT = "agent_last_finish_timestamp_seconds"
 

@@ -10,7 +10,7 @@ Each runs in a child process, measured from outside the same way: CPU is the pro
 system time from ``/proc/PID/stat`` between its first record and its last outcome (never wall
 time), tasks/s over that same span. The service's ``/metrics`` is read every 20 ms until its first
 record and every 0.5 s after (:data:`benchmarks.child.AFTER_FIRST_S`): read every 100 ms, as before,
-the expositions cost it about 3 % of its CPU, a cost no Prometheus scraping every 15 s imposes and
+the expositions cost it about 2.5 % of its CPU, a cost no Prometheus scraping every 15 s imposes and
 the naive consumer, without metrics, never paid. Redis commands per task are the redis-server's own counts
 (``INFO commandstats``, reset before each pass) over the whole pass, by command.
 
