@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=None,
                         help="task count of the benchmarks that take one (naive, batch_lane), instead of their default")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="passes of the naive benchmark, each consumer in turn; its figures are the medians")
+                        help="rounds of the naive and cold_burst benchmarks' passes, in turn; their figures are the medians")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--broker", choices=("kafka", "noida", "tansu"), default="noida",
                         help="broker: Apache Kafka from `make kafka-jars`, or a PyPI stand-in (default noida)")

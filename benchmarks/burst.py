@@ -15,7 +15,9 @@ prefix of its own:
    (:mod:`benchmarks.child`), scraped twice a second meanwhile.
 
 Both passes run in one invocation: memory off (the window starts at ``AGENT_LLM__WINDOW_INITIAL``,
-as before the memory) and memory on.
+as before the memory) and memory on. One burst varies by a point or two from run to run on a
+shared machine: ``--rounds N`` runs both passes N times in turn and reports each one's median burst,
+with the range of the memory-on bursts in a row of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from benchmarks.child import AFTER_FIRST_S, ChildService
 from benchmarks.env import Env, FakeModel, Names, progress, task_records
-from benchmarks.report import Figure
+from benchmarks.report import Figure, median_of
 from dedup.keys import Keys
 from service.core.settings import Settings
 from service.devtools import local
@@ -62,9 +64,27 @@ class Pass:
 def run(env: Env, quick: bool) -> list[Figure]:
     warm, burst = (1_000, 600) if quick else (4_000, 2_000)
     bound = ALLOWED / LATENCY_S
-    off = _pass(env, 0.0, warm, burst)
-    on = _pass(env, 3600.0, warm, burst)
+    offs: list[Pass] = []
+    ons: list[Pass] = []
+    for _ in range(env.rounds):  # the two passes in turn, each round's after the last
+        offs.append(_pass(env, 0.0, warm, burst))
+        ons.append(_pass(env, 3600.0, warm, burst))
+    off, on = median_of(offs, lambda p: p.rate), median_of(ons, lambda p: p.rate)
     label = f"{burst:,} tasks after idle, {LATENCY_S * 1000:.0f} ms model, {ALLOWED} calls allowed"
+    return figures(bound, label, off, on) + ([rounds_figure(bound, offs, ons)] if env.rounds > 1 else [])
+
+
+def rounds_figure(bound: float, offs: list[Pass], ons: list[Pass]) -> Figure:
+    """The spread behind the medians (``--rounds``): every round's share of the bound, each way."""
+    shares = sorted(100 * p.rate / bound for p in ons)
+    by_round = "; ".join(f"memory {way} " + " / ".join(f"{100 * p.rate / bound:.1f}%" for p in passes)
+                         for way, passes in (("off", offs), ("on", ons)))
+    return Figure(BENCH, f"share of Little's bound, memory on, range over {len(ons)} rounds", shares[-1], "%",
+                  baseline=f"lowest {shares[0]:.1f}%", detail=f"by round: {by_round}")
+
+
+def figures(bound: float, label: str, off: Pass, on: Pass) -> list[Figure]:
+    """The figures of a memory-off and a memory-on pass."""
     return [
         Figure(BENCH, f"share of Little's bound, memory off, {label}", 100 * off.rate / bound, "%",
                baseline=f"bound {bound:,.0f}/s", detail=off.detail(bound)),

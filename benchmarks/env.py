@@ -116,7 +116,7 @@ class Env:
         self.redis: local.Server | None = None
         self._fakes: list[FakeModel] = []
         self.tasks: int | None = None  # --tasks: the count of the benchmarks that take one
-        self.rounds = 1  # --rounds: the naive benchmark's passes of each consumer
+        self.rounds = 1  # --rounds: how many times the naive and cold_burst benchmarks run their passes
 
     def __enter__(self) -> Env:
         try:

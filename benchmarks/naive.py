@@ -35,7 +35,7 @@ import redis
 from benchmarks.child import AFTER_FIRST_S, BEFORE_FIRST_S, ChildService
 from benchmarks.env import REPO, Env, FakeModel, progress, task_records
 from benchmarks.inproc import CpuMeter
-from benchmarks.report import Figure
+from benchmarks.report import Figure, median_of
 from service.devtools import local, processes
 
 BENCH = "naive"
@@ -191,8 +191,8 @@ def run(env: Env, quick: bool) -> list[Figure]:
 
 
 def median_pass(passes: list[Pass], n: int) -> Pass:
-    """The pass of median CPU per task (the lower middle one of an even count)."""
-    return sorted(passes, key=lambda p: p.cpu_ms(n))[(len(passes) - 1) // 2]
+    """The pass of median CPU per task."""
+    return median_of(passes, lambda p: p.cpu_ms(n))
 
 
 def rounds_figure(n: int, rounds: dict[str, list[Pass]]) -> Figure:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 Status = Literal["ok", "MISSED", "info", "unavailable", "failed"]
 
@@ -55,6 +58,12 @@ class Figure:
         data["target"] = None if self.target is None else {"op": self.target[0], "value": self.target[1]}
         data["status"] = self.status
         return data
+
+
+def median_of(items: Sequence[T], key: Callable[[T], float]) -> T:
+    """The item of median ``key`` (the lower middle one of an even count): a run's figure of
+    ``--rounds`` passes, one actual pass rather than a blend of several."""
+    return sorted(items, key=key)[(len(items) - 1) // 2]
 
 
 def fmt(value: float, unit: str) -> str:
