@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker", choices=("kafka", "noida", "tansu"), default="noida",
                         help="broker: Apache Kafka from `make kafka-jars`, or a PyPI stand-in (default noida)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with Env(args.broker) as env:
         env.tasks = args.tasks
-        env.rounds = max(1, args.rounds)
+        env.rounds = args.rounds
         for name in args.names:
             t0 = time.monotonic()
             progress(f"=== {name}")

@@ -1,12 +1,13 @@
 """The service as a user runs it: ``agent-service run`` in a child process, watched from outside.
 
-Progress comes from its own ``/metrics`` (scraped every few tens of milliseconds) until the expected
-number of outcomes is reached. The time it took comes from that last scrape too, as exact as an
-in-process timer: the service's own clock readings of its first fetched record
-(``agent_first_record_timestamp_seconds``, the earliest over workers) and of its latest finished
-record (``agent_last_finish_timestamp_seconds``), so the scrape interval neither adds to nor blurs
-it. Memory comes from
-``/proc/PID/status`` (``VmHWM``: the kernel's record of the peak resident set), summed over the
+Progress comes from its own ``/metrics`` (scraped every ``interval_s`` until the first record and
+every ``coarse_s`` after, see :data:`AFTER_FIRST_S`) until the expected number of outcomes is
+reached. The time it took comes from that last scrape too, as exact as an in-process timer: the
+service's own clock readings of its first fetched record (``agent_first_record_timestamp_seconds``,
+the earliest over workers) and of its latest finished record
+(``agent_last_finish_timestamp_seconds``), so the scrape interval neither adds to nor blurs it.
+Memory comes from ``/proc/PID/status`` (``VmHWM``: the kernel's record of the peak resident set),
+summed over the
 process and its children when it runs several workers.
 """
 

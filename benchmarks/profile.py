@@ -91,7 +91,8 @@ def _cpu_only(env: Env, settings: Any, fake: Any, n: int, key: str) -> int:
     with ChildService(settings, env.dir / "service.log") as svc:
         start: list[float] = []
         watch = svc.wait(lambda c: c[key] + c["dead_lettered"] >= n, total=n, progress_key=key,
-                         interval_s=BEFORE_FIRST_S, coarse_s=AFTER_FIRST_S, on_first=lambda: start.extend([cpu_seconds(svc.pid), cpu_seconds(fake.proc.pid)]))
+                         interval_s=BEFORE_FIRST_S, coarse_s=AFTER_FIRST_S,
+                         on_first=lambda: start.extend([cpu_seconds(svc.pid), cpu_seconds(fake.proc.pid)]))
         used = cpu_seconds(svc.pid) - start[0], cpu_seconds(fake.proc.pid) - start[1]
     print(f"{n:,} tasks in {watch.processing_s:.2f}s from the first record ({n / watch.processing_s:,.0f}/s); "
           f"CPU ms per task: service {1000 * used[0] / n:.3f}, fake model {1000 * used[1] / n:.3f}; "
