@@ -7,8 +7,7 @@ service's own clock readings of its first fetched record (``agent_first_record_t
 the earliest over workers) and of its latest finished record
 (``agent_last_finish_timestamp_seconds``), so the scrape interval neither adds to nor blurs it.
 Memory comes from ``/proc/PID/status`` (``VmHWM``: the kernel's record of the peak resident set),
-summed over the
-process and its children when it runs several workers.
+summed over the process and its children when it runs several workers.
 """
 
 from __future__ import annotations
