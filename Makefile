@@ -35,7 +35,7 @@ python-deps:
 	$(PIP) install -q --no-deps -e tests/agents_pkg
 
 lint:
-	ruff check service consumers dedup tests
+	ruff check service consumers dedup tests benchmarks
 	mypy
 	@# a user's package, written against the typed service.sdk: strict, with no casts or asserts for types
 	mypy --strict tests/agents_pkg/sample_agents

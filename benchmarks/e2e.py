@@ -87,14 +87,15 @@ def pipe(env: Env, topic: str, out_topic: str, n: int, group: str) -> tuple[floa
 
 async def _fake_ceiling(fake: FakeModel, total: int, connections: int) -> float:
     """Requests/s the fake model answers over raw keep-alive HTTP/1.1 (no client library)."""
+    from service.agents.base import Previous
     from service.agents.registry import default_agents
 
     agent = default_agents().get("classify")
     step = agent.steps[0]
     task_input = agent.parse_input({"text": "parcel arrived broken", "labels": ["complaint", "praise"]})
     body = json.dumps({
-        "model": "fake", "messages": step.messages(task_input, {}), "temperature": 0.7, "max_tokens": 512,
-        "response_format": {"type": "json_object", "schema": step.schema(task_input, {})},
+        "model": "fake", "messages": step.messages(task_input, Previous()), "temperature": 0.7, "max_tokens": 512,
+        "response_format": {"type": "json_object", "schema": step.schema(task_input, Previous())},
     }).encode()
     host, port = fake.base_url.split("//")[1].split("/")[0].split(":")
     per_conn = max(1, total // connections)

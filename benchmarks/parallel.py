@@ -295,7 +295,7 @@ def run_service(env: Env, names_run: str, quick: bool) -> tuple[float, str]:
         env.release(fake)
     wall = watch.processing_s
     return wall, (f"{RECORDS:,} classify tasks, 1 partition, {KEYS:,} keys, fake model waiting 0-5 ms; "
-                  f"{RECORDS / wall:,.0f}/s from the first record ({watch.first - watch.started:.2f}s start and "
+                  f"{RECORDS / wall:,.0f}/s from the first record ({(watch.first or watch.started) - watch.started:.2f}s start and "
                   f"group join before); {watch.counts['succeeded']:,.0f} succeeded, {stats['requests']:,} model "
                   f"calls; CPU ms per task: service {1000 * cpu[0] / RECORDS:.2f}, fake model "
                   f"{1000 * cpu[1] / RECORDS:.2f}; `agent-service run` in a child process, default settings")

@@ -63,7 +63,7 @@ def summarize(raw: Path, top: int) -> str:
 def thread_cpu(pid: int) -> str:
     """CPU seconds of each thread of a process so far (from /proc), largest first."""
     tick = os.sysconf("SC_CLK_TCK")
-    rows: collections.Counter[str] = collections.Counter()
+    rows: collections.defaultdict[str, float] = collections.defaultdict(float)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
@@ -74,7 +74,7 @@ def thread_cpu(pid: int) -> str:
         rows[re.sub(r"\d+$", "N", name)] += (int(fields[11]) + int(fields[12])) / tick
     total = sum(rows.values())
     lines = [f"CPU by thread (seconds, the process's whole life): total {total:.1f}"]
-    lines += [f"  {secs:7.1f}  {name}" for name, secs in rows.most_common(12)]
+    lines += [f"  {secs:7.1f}  {name}" for name, secs in sorted(rows.items(), key=lambda kv: -kv[1])[:12]]
     return "\n".join(lines) + "\n"
 
 

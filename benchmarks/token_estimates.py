@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from service.agents.base import Previous
 from service.agents.delegation import DelegateStep
 from service.agents.registry import default_agents
 from service.agents.support import support_agent
@@ -54,7 +55,7 @@ def main() -> None:
         agent = registry.get(name.split(" ")[0])
         task_input = agent.parse_input(raw)
         step = next(s for s in agent.steps if not isinstance(s, DelegateStep))
-        messages, schema = step.messages(task_input, {}), step.schema(task_input, {})
+        messages, schema = step.messages(task_input, Previous()), step.schema(task_input, Previous())
         tools = [t.spec() for t in step.tools]
         real = counted(messages, schema, tools)
         now = estimate_tokens(messages, schema, tools)
