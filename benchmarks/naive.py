@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import queue
+import statistics
 import subprocess
 import sys
 import threading
@@ -214,7 +215,7 @@ def rounds_figure(n: int, rounds: dict[str, list[Pass]]) -> Figure:
     detail = "; ".join(f"{what} " + " / ".join(f"{p.cpu_ms(n):.3f}" for p in passes) + " ms"
                        for what, passes in rounds.items())
     return Figure(BENCH, f"CPU per task, service on uvloop / naive, median of {len(ratios)} rounds' ratios",
-                  median_of(ratios, float), "x", baseline=f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x",
+                  statistics.median(ratios), "x", baseline=f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x",
                   detail=f"CPU per task by round: {detail}")
 
 

@@ -79,3 +79,11 @@ def test_rounds_report_each_consumers_median_pass_and_the_median_of_the_rounds_o
     assert round(ratios.value, 6) == 1.5  # the rounds' own ratios: 1.5x, 1.33x, 2.0x (0.70 / 0.35)
     assert ratios.baseline == "range 1.33-2.00x"
     assert "naive 0.400 / 0.300 / 0.350 ms" in ratios.detail
+
+
+def test_the_median_of_an_even_count_of_rounds_ratios_is_the_mean_of_the_middle_two() -> None:
+    naive = [Pass(1.0, {"consumer": 0.4}, 1000), Pass(1.0, {"consumer": 0.4}, 1000)]
+    service = [Pass(1.0, {"consumer": 0.6}, 1000), Pass(1.0, {"consumer": 0.8}, 1000)]
+    ratios = rounds_figure(1000, {"naive": naive, "service": service, "service on uvloop": service})
+    assert round(ratios.value, 6) == 1.75  # 1.5x and 2.0x: neither round's alone
+    assert ratios.baseline == "range 1.50-2.00x"
