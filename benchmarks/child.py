@@ -123,23 +123,27 @@ class ChildService:
     """``with ChildService(settings, log, "--workers", "2") as svc: watch = svc.wait(n)``.
 
     ``settings`` must enable the HTTP server on a port of its own (``/metrics`` is how it is watched);
-    ``launcher`` goes before the command (``taskset -c 0``: it execs the service, whose pid stays ``pid``).
+    ``launcher`` goes before the command (``taskset -c 0``: it execs the service, whose pid stays ``pid``);
+    ``python_args`` between the interpreter and ``-m service.cli`` (``-m cProfile -o FILE``).
     """
 
-    def __init__(self, settings: Settings, log: Path, *args: str, launcher: Sequence[str] = ()) -> None:
+    def __init__(self, settings: Settings, log: Path, *args: str, launcher: Sequence[str] = (),
+                 python_args: Sequence[str] = ()) -> None:
         assert settings.http.enabled and settings.http.port, "the child is watched through /metrics"
         self.settings = settings
         self.url = f"http://{settings.http.host}:{settings.http.port}/metrics"
         self.log = log
         self.args = args
         self.launcher = list(launcher)
+        self.python_args = list(python_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ChildService:
         env = child_env(self.settings)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([*self.launcher, sys.executable, "-m", "service.cli", "run", *self.args], env=env, cwd=REPO,
+            self.proc = subprocess.Popen([*self.launcher, sys.executable, *self.python_args, "-m", "service.cli", "run",
+                                          *self.args], env=env, cwd=REPO,
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         return self

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,8 +106,9 @@ def _read_lines(proc: subprocess.Popen[bytes], out: queue.Queue[dict[str, Any] |
     out.put(None)  # end of output: the child exited
 
 
-def naive_pass(env: Env, fake: FakeModel, n: int, timeout_s: float = 1800) -> Pass:
-    """:mod:`benchmarks.naive_consumer` in a child process over ``n`` tasks produced before it starts."""
+def naive_pass(env: Env, fake: FakeModel, n: int, timeout_s: float = 1800, python_args: Sequence[str] = ()) -> Pass:
+    """:mod:`benchmarks.naive_consumer` in a child process over ``n`` tasks produced before it starts;
+    ``python_args`` go between the interpreter and ``-m`` (``-m cProfile -o FILE``)."""
     names = env.names(f"{BENCH}c")
     env.create_topics([names.input_topic, names.results_topic], PARTITIONS)
     env.produce(names.input_topic, task_records(names.run, n), what="tasks")
@@ -117,7 +118,7 @@ def naive_pass(env: Env, fake: FakeModel, n: int, timeout_s: float = 1800) -> Pa
             "--group", names.group, "--redis", env.redis_url, "--prefix", names.prefix,
             "--model-url", fake.base_url, "--tasks", str(n), "--batch", str(BATCH)]
     with open(env.dir / f"naive-{names.run}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.naive_consumer", *args], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, *python_args, "-m", "benchmarks.naive_consumer", *args], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc, lines), name="naive-stdout", daemon=True)
@@ -148,9 +149,9 @@ def naive_pass(env: Env, fake: FakeModel, n: int, timeout_s: float = 1800) -> Pa
     return Pass(seconds, meter.used, results, note=f"{event['claimed']:,} claimed", redis_calls=redis_calls(env.redis_url))
 
 
-def service_pass(env: Env, fake: FakeModel, n: int, event_loop: str = "asyncio") -> Pass:
+def service_pass(env: Env, fake: FakeModel, n: int, event_loop: str = "asyncio", python_args: Sequence[str] = ()) -> Pass:
     """``agent-service run`` (default settings but ``AGENT_EVENT_LOOP``) in a child process over ``n`` tasks
-    produced before it starts."""
+    produced before it starts; ``python_args`` as for :func:`naive_pass`."""
     from service.runtime.wiring import ensure_topics
 
     names = env.names(f"{BENCH}s")
@@ -162,7 +163,7 @@ def service_pass(env: Env, fake: FakeModel, n: int, event_loop: str = "asyncio")
     env.produce(names.input_topic, task_records(names.run, n), what="tasks")
     progress(f"naive: the service on {n:,} tasks (agent-service run, {event_loop} event loop)")
     reset_redis_stats(env.redis_url)
-    with ChildService(settings, env.dir / f"naive-{names.run}.log") as svc:
+    with ChildService(settings, env.dir / f"naive-{names.run}.log", python_args=python_args) as svc:
         meter = CpuMeter({"consumer": svc.pid, **_servers(env, fake)})
         watch = svc.wait(lambda c: c["succeeded"] + c["dead_lettered"] >= n, total=n, on_first=meter.start,
                          interval_s=BEFORE_FIRST_S, coarse_s=AFTER_FIRST_S)
