@@ -82,11 +82,11 @@ def table(naive: Mapping[str, float], service: Mapping[str, float], least: float
     if rest:
         rows.append((f"{len(rest)} other places", sum(naive.get(p, 0.0) for p in rest),
                      sum(service.get(p, 0.0) for p in rest)))
-    lines = [f"{'where':30s} {'naive':>9s} {'service':>9s} {'service - naive':>16s}"]
-    lines += [f"{p:30s} {a:9.1f} {b:9.1f} {b - a:16.1f}" for p, a, b in rows]
+    lines = [f"{'where':38s} {'naive':>9s} {'service':>9s} {'service - naive':>16s}"]
+    lines += [f"{p:38s} {a:9.1f} {b:9.1f} {b - a:16.1f}" for p, a, b in rows]
     for label, keep in (("all calls", lambda p: True), ("calls of Python functions", lambda p: p != BUILTINS)):
         a, b = _total(naive, keep), _total(service, keep)
-        lines.append(f"{label:30s} {a:9.1f} {b:9.1f} {b - a:16.1f}   {b / a:.2f}x" if a else f"{label:30s} -")
+        lines.append(f"{label:38s} {a:9.1f} {b:9.1f} {b - a:16.1f}   {b / a:.2f}x" if a else f"{label:38s} -")
     return "\n".join(lines)
 
 

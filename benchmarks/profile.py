@@ -144,7 +144,7 @@ def main() -> int:
             return _cpu_only(env, settings, fake, n, key)
         with ChildService(settings, env.dir / "service.log") as svc:
             spy = subprocess.Popen([pyspy, "record", "--pid", str(svc.pid), "--rate", str(args.rate),
-                                    "--format", "raw", "--output", str(raw), "--gil"],
+                                    "--format", "raw", "--output", str(raw), "--gil", "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 t0 = time.monotonic()
