@@ -9,12 +9,17 @@ the two runs' counts, over ``--tasks``, is the count per task without the start 
 
 Counts are summed by where each function lives: a package (``aiohttp``, ``redis``), a standard
 library module (``stdlib asyncio``), a package of this repository (``service/pipeline``, ``dedup``),
-or a builtin written in C (``builtins (C)``: ``isinstance``, ``dict.get``, ``len``); prometheus_client's
+or, for a function written in C, its module (``C: builtins`` for ``isinstance``, ``len`` and the
+methods of ``dict`` or ``str``; ``C: uvloop``, ``C: orjson``, ``C: _asyncio``). prometheus_client's
 are split into the metrics' updates and the benchmark's reads of ``/metrics`` (every
 :data:`benchmarks.child.AFTER_FIRST_S` after the first record, so more of them in the longer run:
-a cost per second, like the service's timers, not per task). Under cProfile
-each call is several times slower, which makes a consumer's batches a little larger than at full
-speed: the figures are calls per task at that pace.
+a cost per second, like the service's timers, not per task).
+
+cProfile sees the thread it started in, the main one: the naive consumer does all its work there;
+the service's consumer thread (librdkafka's calls: fetch, commit, rebalance) and its producer's poll
+thread are left out, a few per cent of its CPU. Under cProfile each call is several times slower,
+which makes a consumer's batches a little larger than at full speed: the figures are calls per
+task at that pace.
 
     python -m benchmarks.calls --broker kafka                 # 2,000 and 4,000 tasks
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import pstats
+import re
 import sysconfig
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -32,22 +38,29 @@ from pathlib import Path
 from benchmarks.env import REPO, Env, progress
 from benchmarks.naive import naive_pass, service_pass
 
-BUILTINS = "builtins (C)"
+C_PREFIX = "C: "  # a function written in C, by its module: "C: builtins" (len, dict.get), "C: uvloop"
 _STDLIB = Path(sysconfig.get_paths()["stdlib"])
-# prometheus_client's functions a metric's update runs; the others there are reads of /metrics (the
-# benchmark's, every AFTER_FIRST_S: a cost per second, not per task, that the longer run has more of)
-_METRIC_UPDATES = frozenset({"inc", "dec", "set", "observe", "labels", "set_to_current_time",
-                             "_is_observable", "_raise_if_not_observable"})
+_C_OWNER = re.compile(r"^<(?:built-in method (?P<module>[\w.]+?)\.\w+>|(?:built-in )?method .*? of '?(?P<owner>[\w.]+)'? "
+                      r"(?:objects|object at .*)>)$")
+# prometheus_client's reading side (the benchmark's reads of /metrics, every AFTER_FIRST_S: a cost per
+# second, not per task, that the longer run has more of); every other function there is an update's
+_METRIC_READ_FILES = frozenset({"exposition.py", "registry.py", "metrics_core.py", "samples.py", "validation.py"})
+_METRIC_READS = frozenset({"collect", "describe", "_samples", "_multi_samples", "_child_samples", "get",
+                           "_get_metric"})
 
 
 def where(path: str, name: str = "") -> str:
     """Where the function ``name`` of cProfile's stats lives (see the module docstring)."""
     if path == "~":
-        return BUILTINS
+        return C_PREFIX + _c_module(name)
+    if path.startswith("<frozen "):
+        return "stdlib " + path.removeprefix("<frozen ").removesuffix(">").split(".", 1)[0]
     if "/site-packages/" in path:
-        place = path.split("/site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+        place, _, rest = path.split("/site-packages/", 1)[1].partition("/")
+        place = place.removesuffix(".py")
         if place == "prometheus_client":
-            return f"{place} ({'updates' if name in _METRIC_UPDATES else 'reads of /metrics'})"
+            read = rest.rsplit("/", 1)[-1] in _METRIC_READ_FILES or rest.startswith("openmetrics/") or name in _METRIC_READS
+            return f"{place} ({'reads of /metrics' if read else 'updates'})"
         return place
     file = Path(path)
     if file.is_relative_to(REPO):
@@ -56,6 +69,19 @@ def where(path: str, name: str = "") -> str:
     if file.is_relative_to(_STDLIB):
         return "stdlib " + file.relative_to(_STDLIB).parts[0].removesuffix(".py")
     return "other"
+
+
+def _c_module(name: str) -> str:
+    """The module of a C function as cProfile names it: ``<built-in method orjson.dumps>`` is orjson's,
+    ``<method 'call_soon' of 'uvloop.loop.Loop' objects>`` uvloop's, ``<method 'get' of 'dict' objects>``
+    and ``<built-in method __new__ of type object at 0x...>`` the builtins'."""
+    m = _C_OWNER.match(name)
+    if m is None:
+        return "builtins"
+    if m["module"]:
+        return str(m["module"]).split(".", 1)[0]
+    owner = str(m["owner"])
+    return owner.split(".", 1)[0] if "." in owner else "builtins"  # a builtin type: dict, str, type
 
 
 def by_place(stats: Mapping[tuple[str, int, str], tuple[int, int, float, float, object]]) -> Counter[str]:
@@ -72,22 +98,30 @@ def per_task(small: Counter[str], large: Counter[str], extra_tasks: int) -> dict
 
 
 def table(naive: Mapping[str, float], service: Mapping[str, float], least: float = 1.0) -> str:
-    """The places, most calls in the service first, with a row of every place below ``least`` calls
-    per task in both, then the totals of all calls and of the calls of Python functions, with the
-    service's over the naive consumer's."""
-    places = sorted(naive.keys() | service.keys(), key=lambda p: (-service.get(p, 0.0), p))
-    shown = [p for p in places if max(naive.get(p, 0.0), service.get(p, 0.0)) >= least]
+    """The places, most calls in the service first, with one row for the places under ``least`` calls
+    per task (either way) in both, then the totals of all calls and of the calls of Python functions,
+    with the service's over the naive consumer's. Places at 0.0 in both are left out."""
+    places = sorted((p for p in naive.keys() | service.keys() if _r(naive.get(p, 0.0)) or _r(service.get(p, 0.0))),
+                    key=lambda p: (-service.get(p, 0.0), p))
+    shown = [p for p in places if max(abs(naive.get(p, 0.0)), abs(service.get(p, 0.0))) >= least]
     rest = [p for p in places if p not in shown]
     rows = [(p, naive.get(p, 0.0), service.get(p, 0.0)) for p in shown]
     if rest:
         rows.append((f"{len(rest)} other places", sum(naive.get(p, 0.0) for p in rest),
                      sum(service.get(p, 0.0) for p in rest)))
-    lines = [f"{'where':38s} {'naive':>9s} {'service':>9s} {'service - naive':>16s}"]
-    lines += [f"{p:38s} {a:9.1f} {b:9.1f} {b - a:16.1f}" for p, a, b in rows]
-    for label, keep in (("all calls", lambda p: True), ("calls of Python functions", lambda p: p != BUILTINS)):
+    lines = [f"{'where':38s} {'naive':>9s} {'service':>9s} {'service - naive':>16s} {'service / naive':>16s}"]
+    lines += [f"{p:38s} {_r(a):9.1f} {_r(b):9.1f} {_r(b - a):16.1f}" for p, a, b in rows]
+    for label, keep in (("all calls", lambda p: True),
+                        ("calls of Python functions", lambda p: not p.startswith(C_PREFIX))):
         a, b = _total(naive, keep), _total(service, keep)
-        lines.append(f"{label:38s} {a:9.1f} {b:9.1f} {b - a:16.1f}   {b / a:.2f}x" if a else f"{label:38s} -")
+        ratio = f"{b / a:15.2f}x" if a > 0 else f"{'-':>16s}"
+        lines.append(f"{label:38s} {_r(a):9.1f} {_r(b):9.1f} {_r(b - a):16.1f} {ratio}")
     return "\n".join(lines)
+
+
+def _r(value: float) -> float:
+    """``value`` to the tenth shown, never -0.0."""
+    return round(value, 1) + 0.0
 
 
 def _total(calls: Mapping[str, float], keep: Callable[[str], bool]) -> float:
