@@ -3,11 +3,11 @@
 The e2e workload (small ``classify`` tasks produced first, zero-latency fake model, 6 partitions), run
 by the service as a user runs it: ``agent-service run`` in a child process, sampled by ``py-spy
 record`` (the thread holding the GIL, native frames off) from its start until every task succeeded.
-py-spy reads the process without pausing it (``--nonblocking``): with the process paused for each
-sample, lines that make a system call took several times their share of the samples (on CPython
-3.11 every ``asyncio.get_running_loop()`` calls ``getpid()``): ``ScriptBatcher.run``, most of whose
-own samples fell on its first line (``loop = asyncio.get_running_loop()``), had 4.5 % of the samples
-as its own paused and 1.5 % not. The samples
+py-spy reads the process without pausing it (``--nonblocking``): in one pair of runs with the process
+paused for each sample, lines that make a system call took several times their share of the samples
+(on CPython 3.11 every ``asyncio.get_running_loop()`` calls ``getpid()``): ``ScriptBatcher.run``, most
+of whose own samples fell on its first line (``loop = asyncio.get_running_loop()``), had 4.5 % of the
+samples as its own paused and 1.5 % not. The samples
 are summed by function: self time (the function on top of the stack) and total time (anywhere on
 it), printed as two top lists. ``--replay`` profiles a second pass over the same topic with a new
 group instead: every task is then a duplicate.
